@@ -1,0 +1,29 @@
+# Every target makes its own virtual environment; nothing relies on what was installed by hand.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench models clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/jaccli inspect sample_models/mlp_classifier.onnx
+	$(BIN)/jaccli input sample_models/mlp_classifier.onnx sample_models/mlp_classifier.npy -o out/J.npy
+	$(BIN)/jaccli params sample_models/regression_mlp.onnx sample_models/regression_mlp.npy -o out/G.npy
+	$(BIN)/jaccli check sample_models/cnn.onnx sample_models/cnn.npy
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Rebuild the committed sample models and data (deterministic; no PyTorch needed).
+models: $(STAMP)
+	$(BIN)/python sample_models/make_models.py
+
+clean:
+	rm -rf $(VENV) out

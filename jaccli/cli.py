@@ -1,0 +1,269 @@
+"""The command line: parse, call the library, render. Nothing else."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import click
+
+from . import __version__
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class JaccliGroup(click.Group):
+    """Turns library errors into one `Error:` line (exit 1) unless --debug; Ctrl-C exits 130."""
+
+    def invoke(self, ctx):
+        from .errors import JaccliError
+
+        try:
+            return super().invoke(ctx)
+        except JaccliError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+        except MemoryError:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise click.ClickException("out of memory; lower --max-memory or use fewer samples") from None
+
+
+@click.group(cls=JaccliGroup, context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="jaccli")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@click.pass_context
+def main(ctx, debug):
+    """Jacobians of ONNX models: input Jacobians and per-sample parameter Jacobians.
+
+    \b
+    Examples:
+      jaccli inspect model.onnx
+      jaccli input model.onnx data.npy -o J.npy
+      jaccli params model.onnx data.npy -o G.npy
+      jaccli check model.onnx data.npy
+      cat data.npy | jaccli input model.onnx - -o - > J.npy
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _memory(value):
+    """'2GiB', '512M', '1e9' -> bytes."""
+    s = str(value).strip().upper().replace(" ", "")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    for suffix in ("IB", "B"):
+        if s.endswith(suffix) and len(s) > len(suffix):
+            s = s[: -len(suffix)]
+            break
+    mult = 1
+    if s and s[-1] in units:
+        mult, s = units[s[-1]], s[:-1]
+    try:
+        n = float(s) * mult
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size like 2GiB, 512MiB or 1e9") from None
+    if n <= 0:
+        raise click.BadParameter("must be positive")
+    return int(n)
+
+
+def _common(f):
+    options = [
+        click.argument("model", type=click.Path(dir_okay=False)),
+        click.argument("data", type=click.Path(dir_okay=False, allow_dash=True)),
+        click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True),
+                     help="Where to write the Jacobian (.npy, .npz, .csv; '-' for stdout). Without it, only the summary."),
+        click.option("--format", "fmt", type=click.Choice(["npy", "npz", "csv"]), help="Output format; overrides the extension."),
+        click.option("--of", help="Model output to differentiate (default: the first)."),
+        click.option("--outputs", "outputs_slice", metavar="SLICE",
+                     help="Only these elements of the flattened per-sample output, e.g. 0:5."),
+        click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+                     help="Precision of the computation and the result."),
+        click.option("--max-memory", default="2GiB", show_default=True, callback=lambda c, p, v: _memory(v),
+                     help="Cap on working memory; work is chunked over samples and directions to fit."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of tables."),
+        click.option("-q", "--quiet", is_flag=True, help="Print no summary."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def _console(to_stdout_data):
+    from rich.console import Console
+
+    return Console(stderr=True) if to_stdout_data else Console()
+
+
+def _run(kind, model, data, output, fmt, as_json, quiet, compute):
+    """Read data, compute into a sink, commit atomically, summarize."""
+    from . import io as jio
+    from .model import load
+    from .summary import summarize
+
+    if output == "-" and fmt in (None, "npy", "npz") and sys.stdout.isatty():
+        raise click.UsageError("refusing to write binary data to a terminal; redirect stdout or use --format csv")
+    fmt = jio.output_format(output, fmt) if output else None
+    m = load(model)
+    x = jio.read_data(data)
+    x = jio.shape_csv_rows(x, m)
+    sink = jio.Sink(output, fmt) if output else None
+    try:
+        result = compute(m, x, sink.allocate if sink else None)
+        if sink:
+            sink.commit(result)
+    except BaseException:
+        if sink:
+            sink.abort()
+        raise
+    if not quiet:
+        d = summarize(result)
+        console = _console(output == "-")
+        if as_json:
+            console.print_json(json.dumps(d)) if output != "-" else click.echo(json.dumps(d), err=True)
+        else:
+            from .report import render_summary
+
+            render_summary(console, d)
+            if output and output != "-":
+                console.print(f"wrote {output} ({fmt})" + (f" and {jio.columns_path(output)}" if kind == "params" and fmt in ("npy", "csv") else ""))
+
+
+@main.command("input", context_settings=CONTEXT)
+@_common
+@click.option("--wrt", help="Model input to differentiate with respect to (default: the first float input).")
+@click.option("--mode", type=click.Choice(["auto", "forward", "reverse"]), default="auto", show_default=True,
+              help="Forward (one pass per input element) or reverse (one per output element); auto picks the cheaper.")
+@click.option("--flat", is_flag=True, help="Shape (N, n_out, n_in) instead of (N, *out_shape, *in_shape).")
+def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as_json, quiet, wrt, mode, flat):
+    """Input Jacobian dy/dx for every sample: shape (N, *out_shape, *in_shape).
+
+    DATA is .npy (N, *input_shape) or one sample, .npz (one array per model input), or
+    .csv (one row of flattened features per sample); '-' reads stdin.
+
+    \b
+    Examples:
+      jaccli input model.onnx x.npy -o J.npy
+      jaccli input model.onnx x.csv -o J.csv --of logits --outputs 0:3
+      cat x.npy | jaccli input model.onnx - -o - | python -c "import numpy,sys; print(numpy.load(sys.stdin.buffer).shape)"
+    """
+    from .drivers import input_jacobian
+
+    _run("input", model, data, output, fmt, as_json, quiet,
+         lambda m, x, out: input_jacobian(m, x, wrt=wrt, of=of, mode=mode, dtype=dtype, outputs=outputs_slice,
+                                          flat=flat, max_memory=max_memory, out=out, return_result=True))
+
+
+@main.command("params", context_settings=CONTEXT)
+@_common
+@click.option("--param", "params", multiple=True, metavar="GLOB",
+              help="Only parameters whose name matches (repeatable), e.g. --param 'fc2.*'.")
+def params_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as_json, quiet, params):
+    """Per-sample parameter Jacobian dy/dθ: shape (N, *out_shape, P).
+
+    Columns follow the model's initializer order, each tensor flattened in C order. A
+    column map (name, shape, offset, size) is written beside the output as
+    NAME.columns.json (inside the archive for .npz).
+
+    \b
+    Examples:
+      jaccli params model.onnx x.npy -o G.npy
+      jaccli params model.onnx x.npy -o G.npz --param 'fc*.weight'
+    """
+    from .drivers import param_jacobian
+
+    _run("params", model, data, output, fmt, as_json, quiet,
+         lambda m, x, out: param_jacobian(m, x, params=params or None, of=of, dtype=dtype, outputs=outputs_slice,
+                                          max_memory=max_memory, out=out, return_result=True))
+
+
+@main.command("inspect", context_settings=CONTEXT)
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect_cmd(model, as_json):
+    """Inputs, outputs, parameters and operators of MODEL, and which operators are supported.
+
+    Exits 1 if an operator that an output depends on is unsupported.
+
+    \b
+    Example:
+      jaccli inspect model.onnx
+    """
+    from .inspect import describe
+
+    info = describe(model)
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+    else:
+        from rich.console import Console
+
+        from .report import render_inspect
+
+        render_inspect(Console(), info)
+    if not all(op["supported"] for op in info["operators"]):
+        sys.exit(1)
+
+
+@main.command("check", context_settings=CONTEXT)
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--params", "params", is_flag=True, help="Check the parameter Jacobian instead of the input Jacobian.")
+@click.option("--samples", default=3, show_default=True, help="How many samples to check.")
+@click.option("--entries", default=64, show_default=True, help="Input elements or parameter entries sampled per check.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--tolerance", type=float, help="Relative error allowed (default 1e-3 in float32, 1e-6 in float64).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def check_cmd(model, data, params, samples, entries, dtype, tolerance, as_json):
+    """Our Jacobian against onnxruntime central differences on a few samples; exit 1 above tolerance.
+
+    \b
+    Examples:
+      jaccli check model.onnx x.npy
+      jaccli check model.onnx x.npy --params --dtype float64
+    """
+    from . import io as jio
+    from .check import check
+    from .model import load
+
+    m = load(model)
+    x = jio.shape_csv_rows(jio.read_data(data), m)
+    d = check(model, x, params=params, samples=samples, entries=entries, dtype=dtype, tolerance=tolerance)
+    if as_json:
+        click.echo(json.dumps(d, indent=1))
+    else:
+        from rich.console import Console
+
+        from .report import render_check
+
+        render_check(Console(), d)
+    if not d["ok"]:
+        sys.exit(1)
+
+
+@main.command("ops", context_settings=CONTEXT)
+def ops_cmd():
+    """List the supported operators with their domains and opset ranges."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .rules import all_rules
+
+    t = Table(title="Supported operators")
+    t.add_column("domain")
+    t.add_column("operator")
+    t.add_column("rules from opset")
+    t.add_column("derivatives")
+    for domain, op, sinces, diff in all_rules():
+        t.add_row(domain or "ai.onnx", op, ", ".join(map(str, sinces)), "yes" if diff else "no (constant)")
+    Console().print(t)

@@ -1,0 +1,304 @@
+"""Drivers: seed basis directions, choose the mode, chunk samples and directions, fill the result."""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import walk
+from .errors import DataError, MemoryBudgetError, UsageError
+from .model import Model, load
+from .plan import Plan
+
+DEFAULT_MAX_MEMORY = 2 << 30
+
+
+@dataclass
+class Result:
+    """What a run produced: the Jacobian (flat per sample: (N, n_out, n_cols)) and how."""
+
+    J: np.ndarray  # (N, n_sel, n_cols), possibly a memory map
+    shape: tuple  # the shape the user asked for
+    kind: str  # "input" or "params"
+    of: str
+    wrt: str | list
+    mode: str
+    out_shape: tuple  # per-sample shape of the output
+    in_shape: tuple  # per-sample shape of the input (input Jacobian)
+    selection: np.ndarray  # flat output indices that the rows are
+    columns: list = field(default_factory=list)  # params: [{name, shape, offset, size}]
+    outputs: np.ndarray | None = None  # model outputs (N, *out_shape)
+    seconds: float = 0.0
+    chunks: tuple = (0, 0)  # samples per chunk, directions per chunk
+    estimate: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    @property
+    def value(self):
+        return self.J.reshape(self.shape)
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+
+def prepare_feeds(model: Model, x, dtype, source="data"):
+    """Arrays for every model input, samples on axis 0: {name: array}, and N."""
+    if isinstance(x, dict):
+        arrays = dict(x)
+        unknown = [k for k in arrays if k not in {v.name for v in model.inputs}]
+        if unknown:
+            raise DataError(f"{source}: array '{unknown[0]}' matches no model input ({', '.join(v.name for v in model.inputs)})")
+        missing = [v.name for v in model.inputs if v.name not in arrays]
+        if missing:
+            raise DataError(f"{source}: no array for model input '{missing[0]}' (an .npz needs one array per input)")
+    else:
+        if len(model.inputs) != 1:
+            names = ", ".join(v.name for v in model.inputs)
+            raise DataError(f"{source}: the model has {len(model.inputs)} inputs ({names}); give an .npz with one array per input")
+        arrays = {model.inputs[0].name: x}
+    feeds, n = {}, None
+    for v in model.inputs:
+        a = np.asarray(arrays[v.name])
+        if a.dtype == object or a.dtype.kind not in "biuf":
+            raise DataError(f"{source}: array for '{v.name}' has dtype {a.dtype}; expected numbers")
+        shape = v.shape
+        if shape is not None and a.ndim == len(shape) - 1:
+            a = a[None]  # one sample of the input's own shape
+        if shape is not None and a.ndim != len(shape):
+            raise DataError(f"{source}: '{v.name}' expects shape {v.describe()} (samples on axis 0); got {a.shape}")
+        if shape is not None:
+            for k, (want, got) in enumerate(zip(shape[1:], a.shape[1:]), start=1):
+                if isinstance(want, int) and want > 0 and want != got:
+                    raise DataError(f"{source}: '{v.name}' expects shape {v.describe()}; axis {k} is {got}, not {want}")
+        if v.is_float:
+            a = a.astype(dtype, copy=False)
+        elif v.elem_type:
+            from onnx import helper
+
+            a = a.astype(helper.tensor_dtype_to_np_dtype(v.elem_type), copy=False)
+        if n is None:
+            n = a.shape[0] if a.ndim else 1
+        elif a.ndim and a.shape[0] != n:
+            raise DataError(f"{source}: '{v.name}' has {a.shape[0]} samples but another input has {n}")
+        feeds[v.name] = a
+    if not n:
+        raise DataError(f"{source}: no samples")
+    return feeds, n
+
+
+def parse_outputs(spec, n_out):
+    """Flat output indices from a slice like '0:5', '3' or '::2' (None: all)."""
+    if spec is None:
+        return np.arange(n_out)
+    try:
+        parts = [int(p) if p.strip() else None for p in str(spec).split(":")]
+        if len(parts) == 1:
+            i = parts[0] + n_out if parts[0] < 0 else parts[0]
+            if not 0 <= i < n_out:
+                raise IndexError
+            return np.array([i])
+        sel = np.arange(n_out)[slice(*parts)]
+    except (ValueError, TypeError, IndexError):
+        raise UsageError(f"--outputs {spec!r}: expected an index or a slice start:stop[:step] within 0..{n_out - 1}") from None
+    if sel.size == 0:
+        raise UsageError(f"--outputs {spec!r} selects no output element (the output has {n_out})")
+    return sel
+
+
+def _slice_samples(feeds, a, b):
+    return {k: (v[a:b] if v.ndim else v) for k, v in feeds.items()}
+
+
+# ---- chunking ---------------------------------------------------------------------------------
+
+
+def choose_chunks(N, T, est, max_memory, extra_per_sd=0.0):
+    """Samples and directions per chunk so that one chunk's working set fits max_memory bytes."""
+    b_s = est["bytes_primal"]
+    b_sd = est["bytes_per_direction"] + extra_per_sd
+    budget = max_memory
+    if b_s + b_sd > budget:
+        raise MemoryBudgetError(
+            f"one sample and one direction need about {(b_s + b_sd) / 2**20:.1f} MiB, over --max-memory "
+            f"({budget / 2**20:.0f} MiB)"
+        )
+    n_c = int(budget // (b_s + T * b_sd))
+    if n_c >= 1:
+        return min(N, n_c), T
+    return 1, max(1, min(T, int((budget - b_s) // b_sd)))
+
+
+def _measure(plan, feeds):
+    env = walk.primal(plan, _slice_samples(feeds, 0, 1))
+    return plan.estimate(env, 1)
+
+
+# ---- input Jacobian ---------------------------------------------------------------------------
+
+
+def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, outputs=None, flat=False,
+                   max_memory=DEFAULT_MAX_MEMORY, out=None, return_result=False, progress=None):
+    """Jacobian of output `of` with respect to input `wrt` for every sample.
+
+    Shape (N, *out_shape, *in_shape), or (N, n_out, n_in) with `flat`; with `outputs`
+    (a slice of the flattened per-sample output) the output axes become one of that size.
+    `out(shape, dtype)` may supply the array to fill (a memory-mapped file).
+    """
+    t0 = time.perf_counter()
+    model = load(model)
+    dtype = np.dtype(dtype)
+    wrt_v = model.input(wrt) if wrt is not None else _first_float(model)
+    if not wrt_v.is_float:
+        raise UsageError(f"input '{wrt_v.name}' is not a float tensor; it cannot be differentiated")
+    of_v = model.output(of)
+    feeds, N = prepare_feeds(model, x, dtype)
+    plan = Plan(model, of_v.name, [wrt_v.name], dtype)
+    est = _measure(plan, feeds)
+    y1 = walk.primal(plan, _slice_samples(feeds, 0, 1))[of_v.name]
+    out_shape, in_shape = y1.shape[1:], feeds[wrt_v.name].shape[1:]
+    _check_sample_axis(y1, 1, of_v.name)
+    n_out, n_in = int(np.prod(out_shape)), int(np.prod(in_shape))
+    sel = parse_outputs(outputs, n_out)
+    n_sel = sel.size
+    if mode == "auto":
+        mode = "forward" if n_in < n_sel else "reverse"
+    if mode not in ("forward", "reverse"):
+        raise UsageError(f"mode must be auto, forward or reverse, not {mode!r}")
+    T = n_in if mode == "forward" else n_sel
+    n_c, t_c = choose_chunks(N, T, est, max_memory, extra_per_sd=(n_sel if mode == "forward" else n_in) * dtype.itemsize)
+
+    if outputs is None and not flat:
+        shape = (N, *out_shape, *in_shape)
+    else:
+        shape = (N, n_sel, *in_shape) if not flat else (N, n_sel, n_in)
+    J = out(shape, dtype) if out is not None else np.empty(shape, dtype)
+    Jf = J.reshape(N, n_sel, n_in)
+    Y = np.empty((N, *out_shape), dtype)
+    notes = []
+    if not plan.depends:
+        notes.append(f"output '{of_v.name}' does not depend on input '{wrt_v.name}': the Jacobian is zero")
+
+    for a in range(0, N, n_c):
+        b = min(N, a + n_c)
+        env = walk.primal(plan, _slice_samples(feeds, a, b))
+        y = env[of_v.name]
+        _check_sample_axis(y, b - a, of_v.name)
+        Y[a:b] = y
+        for s in range(0, T, t_c):
+            e = min(T, s + t_c)
+            if mode == "forward":
+                seed = np.zeros((e - s, b - a, n_in), dtype)
+                seed[np.arange(e - s), :, np.arange(s, e)] = 1
+                D = walk.jvp(plan, env, {wrt_v.name: seed.reshape((e - s, b - a) + in_shape)})
+                if D is None:
+                    Jf[a:b, :, s:e] = 0
+                else:
+                    D = D.reshape(e - s, b - a, n_out)[:, :, sel]
+                    Jf[a:b, :, s:e] = D.transpose(1, 2, 0)
+            else:
+                seed = np.zeros((e - s, b - a, n_out), dtype)
+                seed[np.arange(e - s), :, sel[s:e]] = 1
+                bars = walk.vjp(plan, env, seed.reshape((e - s, b - a) + out_shape), [wrt_v.name])
+                G = bars[wrt_v.name]
+                if G is None:
+                    Jf[a:b, s:e, :] = 0
+                else:
+                    Jf[a:b, s:e, :] = G.reshape(e - s, b - a, n_in).transpose(1, 0, 2)
+        if progress:
+            progress(b, N)
+    res = Result(J, shape, "input", of_v.name, wrt_v.name, mode, out_shape, in_shape, sel, outputs=Y,
+                 seconds=time.perf_counter() - t0, chunks=(n_c, t_c), estimate=est, notes=notes)
+    return res if return_result else res.value
+
+
+def _first_float(model):
+    for v in model.inputs:
+        if v.is_float:
+            return v
+    raise UsageError("the model has no float input to differentiate with respect to")
+
+
+def _check_sample_axis(y, n, name):
+    if y.ndim == 0 or y.shape[0] != n:
+        raise DataError(
+            f"output '{name}' has shape {y.shape} for {n} sample(s): its axis 0 is not the sample axis, "
+            f"so per-sample Jacobians cannot be paired with the input's samples"
+        )
+
+
+# ---- per-sample parameter Jacobian ------------------------------------------------------------
+
+
+def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=None, max_memory=DEFAULT_MAX_MEMORY,
+                   out=None, return_result=False, progress=None):
+    """Per-sample Jacobian of output `of` with respect to the parameters: (N, *out_shape, P).
+
+    Columns follow the model's initializer order, each tensor flattened in C order;
+    `params` (glob patterns) selects tensors by name. Returns (array, column map).
+    """
+    t0 = time.perf_counter()
+    model = load(model)
+    dtype = np.dtype(dtype)
+    of_v = model.output(of)
+    names = model.parameters(of_v.name)
+    if params:
+        pats = [params] if isinstance(params, str) else list(params)
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+        if not names:
+            raise UsageError(f"no parameter matches {', '.join(pats)} (see `jaccli inspect` for their names)")
+    if not names:
+        raise UsageError(f"output '{of_v.name}' depends on no float parameter")
+    feeds, N = prepare_feeds(model, x, dtype)
+    plan = Plan(model, of_v.name, names, dtype, per_sample=True)
+    est = _measure(plan, feeds)
+    y1 = walk.primal(plan, _slice_samples(feeds, 0, 1))[of_v.name]
+    _check_sample_axis(y1, 1, of_v.name)
+    if of_v.name not in plan.batched:
+        raise DataError(f"output '{of_v.name}' does not depend on the input samples")
+    out_shape = y1.shape[1:]
+    n_out = int(np.prod(out_shape))
+    sel = parse_outputs(outputs, n_out)
+    n_sel = sel.size
+
+    columns, off = [], 0
+    for n in names:
+        p = plan.params[n]
+        columns.append({"name": n, "shape": list(p.shape), "offset": off, "size": int(p.size)})
+        off += int(p.size)
+    P = off
+    T = n_sel
+    n_c, t_c = choose_chunks(N, T, est, max_memory, extra_per_sd=P * dtype.itemsize)
+    shape = (N, *out_shape, P) if outputs is None else (N, n_sel, P)
+    J = out(shape, dtype) if out is not None else np.empty(shape, dtype)
+    Jf = J.reshape(N, n_sel, P)
+    Y = np.empty((N, *out_shape), dtype)
+    notes = []
+    for a in range(0, N, n_c):
+        b = min(N, a + n_c)
+        env = walk.primal(plan, _slice_samples(feeds, a, b))
+        y = env[of_v.name]
+        _check_sample_axis(y, b - a, of_v.name)
+        Y[a:b] = y
+        for s in range(0, T, t_c):
+            e = min(T, s + t_c)
+            seed = np.zeros((e - s, b - a, n_out), dtype)
+            seed[np.arange(e - s), :, sel[s:e]] = 1
+            bars = walk.vjp(plan, env, seed.reshape((e - s, b - a) + out_shape), names)
+            for col in columns:
+                G = bars[col["name"]]
+                dst = Jf[a:b, s:e, col["offset"] : col["offset"] + col["size"]]
+                if G is None:
+                    dst[...] = 0
+                else:
+                    dst[...] = G.reshape(e - s, b - a, col["size"]).transpose(1, 0, 2)
+        if progress:
+            progress(b, N)
+    zero = [c["name"] for c in columns if c["name"] not in plan.active]
+    if zero:
+        notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")
+    res = Result(J, shape, "params", of_v.name, names, "reverse", out_shape, (), sel, columns, Y,
+                 time.perf_counter() - t0, (n_c, t_c), est, notes)
+    return res if return_result else (res.value, columns)

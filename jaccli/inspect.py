@@ -1,0 +1,44 @@
+"""What `jaccli inspect` reports: names, shapes, parameters, operators and their support."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .errors import UnsupportedOpError
+from .model import load
+from .rules import lookup
+
+
+def describe(path):
+    model = load(path)
+    counts = Counter((n.domain, n.op_type, n.opset) for n in model.nodes)
+    first = {}
+    for n in model.nodes:
+        first.setdefault((n.domain, n.op_type, n.opset), n.name)
+    ops = []
+    for (domain, op, opset), c in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        try:
+            lookup(op, opset, domain)
+            ok = True
+        except UnsupportedOpError:
+            ok = False
+        ops.append({"op": f"{domain}.{op}" if domain else op, "opset": opset, "count": c, "supported": ok,
+                    "first_node": first[(domain, op, opset)]})
+    params = []
+    seen = set()
+    for out in model.outputs:
+        for name in model.parameters(out.name):
+            if name not in seen:
+                seen.add(name)
+                a = model.initializers[name]
+                params.append({"name": name, "shape": list(a.shape), "size": int(a.size)})
+    return {
+        "path": str(path),
+        "producer": model.producer,
+        "opsets": {k or "ai.onnx": v for k, v in model.opsets.items()},
+        "inputs": [{"name": v.name, "type": v.describe()} for v in model.inputs],
+        "outputs": [{"name": v.name, "type": v.describe()} for v in model.outputs],
+        "parameters": params,
+        "n_parameters": sum(p["size"] for p in params),
+        "operators": ops,
+    }

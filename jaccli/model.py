@@ -1,0 +1,272 @@
+"""Load and validate an ONNX model: opsets, attribute defaults from the schema, names, parameters."""
+
+from __future__ import annotations
+
+import heapq
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import ModelError
+
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    op_type: str
+    domain: str
+    inputs: tuple  # '' marks an absent optional input
+    outputs: tuple
+    attrs: dict  # explicit attributes and schema defaults, as python / numpy values
+    explicit: frozenset  # names of the attributes the file sets itself
+    opset: int
+
+
+@dataclass(frozen=True)
+class ValueInfo:
+    name: str
+    elem_type: int
+    shape: tuple | None  # ints, or None / str for a dimension the file leaves open
+
+    @property
+    def is_float(self):
+        return self.elem_type in FLOAT_TYPES
+
+    def describe(self):
+        dims = "?" if self.shape is None else "×".join(str(d) if isinstance(d, int) else (d or "?") for d in self.shape)
+        return f"{helper.tensor_dtype_to_np_dtype(self.elem_type).name if self.elem_type else '?'}[{dims}]"
+
+
+@dataclass
+class Model:
+    """A loaded, validated model; `nodes` are in topological order."""
+
+    path: str | None
+    opsets: dict
+    nodes: list
+    initializers: dict  # name -> numpy array
+    inputs: list  # ValueInfo of real inputs (initializers listed as inputs excluded)
+    outputs: list
+    value_info: dict = field(default_factory=dict)  # name -> ValueInfo from shape inference
+    producer: str = ""
+
+    def input(self, name):
+        return _pick(self.inputs, name, "input")
+
+    def output(self, name):
+        return _pick(self.outputs, name, "output")
+
+    def float_inputs(self):
+        return [v for v in self.inputs if v.is_float]
+
+    def ancestors(self, targets):
+        """Nodes (topological order) that the values `targets` depend on."""
+        producer = {o: i for i, n in enumerate(self.nodes) for o in n.outputs}
+        keep, stack = set(), [producer[t] for t in targets if t in producer]
+        while stack:
+            i = stack.pop()
+            if i in keep:
+                continue
+            keep.add(i)
+            stack.extend(producer[v] for v in self.nodes[i].inputs if v in producer)
+        return [self.nodes[i] for i in sorted(keep)]
+
+    def parameters(self, of):
+        """Float initializers that reach output `of` through a differentiable input slot, in file order."""
+        from .rules import lookup
+
+        reach = set()
+        for node in self.ancestors([of]):
+            try:
+                nondiff = lookup(node.op_type, node.opset, node.domain, node.name).nondiff
+            except Exception:
+                nondiff = frozenset()
+            reach.update(v for k, v in enumerate(node.inputs) if v and k not in nondiff)
+        return [n for n, a in self.initializers.items() if n in reach and np.issubdtype(a.dtype, np.floating)]
+
+
+def _pick(items, name, kind):
+    from .errors import UsageError
+
+    if name is None:
+        return items[0]
+    for v in items:
+        if v.name == name:
+            return v
+    raise UsageError(f"the model has no {kind} named '{name}' (it has: {', '.join(v.name for v in items)})")
+
+
+def load(source) -> Model:
+    """A Model from a path, raw bytes or an onnx.ModelProto; ModelError on anything malformed."""
+    path = None
+    if isinstance(source, Model):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        proto = source
+    else:
+        try:
+            if isinstance(source, (bytes, bytearray)):
+                proto = onnx.load_from_string(bytes(source))
+            else:
+                path = os.fspath(source)
+                if not os.path.isfile(path):
+                    raise ModelError(f"{path}: no such model file")
+                proto = onnx.load(path, load_external_data=False)
+        except ModelError:
+            raise
+        except Exception as e:
+            raise ModelError(f"{path or 'model'}: not a readable ONNX file ({_first_line(e)})") from None
+        if path is not None:
+            _load_external_data(proto, os.path.dirname(os.path.abspath(path)), path)
+    if not proto.graph.node and not proto.graph.output:
+        raise ModelError(f"{path or 'model'}: not an ONNX model (no graph)")
+    return _build(proto, path)
+
+
+def _first_line(e):
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def _load_external_data(proto, base, path):
+    """Load tensors stored beside the model, refusing any location outside the model's folder."""
+    from onnx import external_data_helper as ext
+
+    base_real = os.path.realpath(base)
+    for tensor in ext._get_all_tensors(proto):
+        if not ext.uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        loc = info.get("location", "")
+        full = os.path.realpath(os.path.join(base_real, loc))
+        if os.path.isabs(loc) or os.path.commonpath([base_real, full]) != base_real:
+            raise ModelError(f"{path}: tensor '{tensor.name}' points outside the model's folder ({loc!r}); refused")
+        if not os.path.isfile(full):
+            raise ModelError(f"{path}: external data file {loc!r} of tensor '{tensor.name}' is missing")
+    try:
+        ext.load_external_data_for_model(proto, base_real)
+    except Exception as e:
+        raise ModelError(f"{path}: cannot load external data ({_first_line(e)})") from None
+
+
+def _attr_value(a):
+    v = helper.get_attribute_value(a)
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, onnx.TensorProto):
+        return numpy_helper.to_array(v)
+    if isinstance(v, list):
+        return [x.decode("utf-8", "replace") if isinstance(x, bytes) else x for x in v]
+    return v
+
+
+def _defaults(op_type, opset, domain):
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, domain)
+    except Exception:
+        return {}
+    return {k: _attr_value(a.default_value) for k, a in schema.attributes.items() if a.default_value.type}
+
+
+def _value_info(v) -> ValueInfo:
+    t = v.type.tensor_type
+    shape = None
+    if t.HasField("shape"):
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+    return ValueInfo(v.name, t.elem_type, shape)
+
+
+def _build(proto, path) -> Model:
+    where = path or "model"
+    g = proto.graph
+    opsets = {}
+    for o in proto.opset_import:
+        opsets[o.domain if o.domain != "ai.onnx" else ""] = o.version
+    if "" not in opsets and any(n.domain in ("", "ai.onnx") for n in g.node):
+        raise ModelError(f"{where}: the model imports no default ONNX opset")
+
+    try:
+        initializers = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    except Exception as e:
+        raise ModelError(f"{where}: an initializer cannot be read ({_first_line(e)})") from None
+    for c in getattr(g, "sparse_initializer", []):
+        raise ModelError(f"{where}: sparse initializer '{c.values.name}' is not supported")
+
+    inputs = [_value_info(v) for v in g.input if v.name not in initializers]
+    outputs = [_value_info(v) for v in g.output]
+
+    nodes = []
+    for k, n in enumerate(g.node):
+        domain = "" if n.domain == "ai.onnx" else n.domain
+        if domain not in opsets:
+            raise ModelError(f"{where}: node '{n.name or k}' uses domain '{domain}', which the model does not import")
+        opset = opsets[domain]
+        attrs = _defaults(n.op_type, opset, domain)
+        for a in n.attribute:
+            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                attrs[a.name] = None  # sub-graphs: the rule lookup refuses these ops
+                continue
+            try:
+                attrs[a.name] = _attr_value(a)
+            except Exception as e:
+                raise ModelError(f"{where}: attribute '{a.name}' of node '{n.name or k}' is unreadable ({_first_line(e)})") from None
+        name = n.name or f"{n.op_type}_{k}"
+        nodes.append(Node(name, n.op_type, domain, tuple(n.input), tuple(n.output), attrs, frozenset(a.name for a in n.attribute), opset))
+
+    nodes = _toposort(nodes, set(initializers) | {v.name for v in inputs}, where)
+    produced = {o for n in nodes for o in n.outputs} | set(initializers) | {v.name for v in inputs}
+    for v in outputs:
+        if v.name not in produced:
+            raise ModelError(f"{where}: graph output '{v.name}' is produced by no node")
+
+    value_info = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+        for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+            value_info[v.name] = _value_info(v)
+    except Exception:
+        pass  # shape inference is advisory: costs fall back to measured shapes
+    return Model(path, opsets, nodes, initializers, inputs, outputs, value_info, proto.producer_name)
+
+
+def _toposort(nodes, available, where):
+    """Kahn's order; a cycle or an input produced by nothing is a ModelError naming the node."""
+    producer = {}
+    for i, n in enumerate(nodes):
+        for o in n.outputs:
+            if o:
+                producer[o] = i
+    deps = []
+    for n in nodes:
+        d = set()
+        for v in n.inputs:
+            if not v or v in available:
+                continue
+            if v not in producer:
+                raise ModelError(f"{where}: node '{n.name}' ({n.op_type}) reads '{v}', which no node, input or initializer provides")
+            d.add(producer[v])
+        deps.append(d)
+    users = [[] for _ in nodes]
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    count = [len(d) for d in deps]
+    ready = [i for i, c in enumerate(count) if c == 0]  # a heap: ties keep the file's order
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            count[u] -= 1
+            if count[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        stuck = next(nodes[i].name for i in range(len(nodes)) if count[i] > 0)
+        raise ModelError(f"{where}: the graph has a cycle through node '{stuck}'")
+    return [nodes[i] for i in order]

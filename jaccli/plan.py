@@ -1,0 +1,232 @@
+"""The symbolic step: order, rule lookup, constant folding, activity, costs and memory.
+
+Nothing here computes a derivative. A Plan says which nodes run, which are active (depend
+on what we differentiate with respect to and reach the output of interest), which values
+carry the sample axis, and what one sample and one direction cost in flops and bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import helper
+
+from .errors import JaccliError, ModelError, UnsupportedOpError
+from .model import FLOAT_TYPES, Model
+from .rules import lookup
+
+
+@dataclass
+class Step:
+    node: object
+    rule: type
+    attrs: dict
+    inputs: tuple
+    outputs: tuple
+    active: bool = False
+    diff_in: tuple = ()  # input k is active and differentiable
+    keep: tuple = ()  # input k needs a per-sample cotangent (parameter into a batched node)
+
+
+class Plan:
+    """How to evaluate output `of` and differentiate it with respect to the values in `wrt`.
+
+    `per_sample` asks for per-sample cotangents of values without a sample axis (the
+    per-sample parameter Jacobian); otherwise `wrt` are data inputs.
+    """
+
+    def __init__(self, model: Model, of: str, wrt, dtype=np.float32, per_sample=False):
+        self.model, self.of, self.wrt, self.dtype = model, of, tuple(wrt), np.dtype(dtype)
+        self.per_sample = per_sample
+        data_inputs = {v.name for v in model.inputs}
+        nodes = model.ancestors([of])
+        self._lookup_all(nodes)
+
+        wrt_set = set(self.wrt)
+        self.consts = {
+            k: _as_compute(v, self.dtype) for k, v in model.initializers.items() if k not in wrt_set
+        }
+        self.params = {k: _as_compute(model.initializers[k], self.dtype) for k in self.wrt if k in model.initializers}
+        steps = []
+        for node in nodes:
+            rule = lookup(node.op_type, node.opset, node.domain, node.name)
+            step = Step(node, rule, self._attrs(node, rule), node.inputs, node.outputs)
+            if all((not v) or v in self.consts for v in node.inputs):
+                self._fold(step)
+            else:
+                steps.append(step)
+        self.steps = steps
+
+        # values with the sample axis: graph inputs and all that depends on them (shapes too)
+        batched = set(data_inputs)
+        for s in steps:
+            if any(v in batched for v in s.inputs if v):
+                batched.update(s.outputs)
+        self.batched = batched
+
+        # activity: forward from wrt through differentiable slots, backward from `of`
+        fwd = set(wrt_set)
+        for s in steps:
+            if any(v in fwd for k, v in enumerate(s.inputs) if v and k not in s.rule.nondiff):
+                fwd.update(s.outputs)
+        bwd = {of}
+        for s in reversed(steps):
+            if any(o in bwd for o in s.outputs):
+                bwd.update(v for k, v in enumerate(s.inputs) if v and k not in s.rule.nondiff)
+        self.active = (fwd & bwd) | ({of} & fwd)
+        for s in steps:
+            s.active = any(o in self.active for o in s.outputs)
+            s.diff_in = tuple(bool(v) and v in self.active and k not in s.rule.nondiff for k, v in enumerate(s.inputs))
+            s.keep = tuple(
+                d and per_sample and v not in batched and s.outputs[0] in batched for d, v in zip(s.diff_in, s.inputs)
+            )
+            if s.active and not s.rule.differentiable:
+                raise UnsupportedOpError(
+                    f"node '{s.node.name}': {s.node.op_type} (opset {s.node.opset}) has no derivative rule, "
+                    f"but lies between the output and what is differentiated"
+                )
+            if any(s.keep) and not getattr(s.rule, "keeps", False):
+                raise UnsupportedOpError(
+                    f"node '{s.node.name}': per-sample parameter cotangents through {s.node.op_type} are not supported"
+                )
+        self.active_steps = [s for s in steps if s.active]
+        self.depends = of in fwd  # False: the output does not depend on wrt at all
+        self._liveness()
+
+    # ---- construction helpers ----------------------------------------------------------------
+
+    def _lookup_all(self, nodes):
+        missing = []
+        for node in nodes:
+            try:
+                lookup(node.op_type, node.opset, node.domain, node.name)
+            except UnsupportedOpError as e:
+                missing.append(e)
+        if missing:
+            more = f" (and {len(missing) - 1} more unsupported node(s); see `jaccli inspect`)" if len(missing) > 1 else ""
+            raise UnsupportedOpError(f"{missing[0]}{more}")
+
+    def _attrs(self, node, rule):
+        attrs = dict(node.attrs)
+        if node.op_type == "Cast" and attrs.get("to") in FLOAT_TYPES:
+            attrs["to"] = helper.np_dtype_to_tensor_dtype(self.dtype)
+        if rule.attrs is None:
+            return attrs
+        unknown = sorted(k for k in node.explicit if k not in rule.attrs and attrs.get(k) is not None)
+        if unknown:
+            raise UnsupportedOpError(
+                f"node '{node.name}': attribute '{unknown[0]}' of {node.op_type} (opset {node.opset}) is not supported"
+            )
+        return {k: v for k, v in attrs.items() if k in rule.attrs}
+
+    def _fold(self, step):
+        """Evaluate a node whose inputs are all constants, once, now."""
+        args = [self.consts[v] if v else None for v in step.inputs]
+        try:
+            out = run_forward(step, args)
+        except JaccliError:
+            raise
+        except Exception as e:
+            raise ModelError(f"node '{step.node.name}' ({step.node.op_type}) fails on its constant inputs: {e}") from None
+        for name, value in zip(step.outputs, out):
+            if name:
+                self.consts[name] = _as_compute(value, self.dtype)
+
+    def _liveness(self):
+        """Index of the last active step that reads each value (for freeing (co)tangents)."""
+        last = {}
+        for i, s in enumerate(self.active_steps):
+            for v in s.inputs:
+                if v:
+                    last[v] = i
+        self.last_use = last
+        needed = {v for s in self.active_steps for v in s.inputs + s.outputs if v} | {self.of}
+        last_fwd = {}
+        for i, s in enumerate(self.steps):
+            for v in s.inputs:
+                if v:
+                    last_fwd[v] = i
+        self.free_after = [
+            [v for v, j in last_fwd.items() if j == i and v not in needed and v not in self.consts] for i in range(len(self.steps))
+        ]
+
+    # ---- estimates from one measured primal pass ----------------------------------------------
+
+    def estimate(self, env, n):
+        """Per-sample figures from a primal pass `env` over n samples.
+
+        Returns dict(bytes_primal, bytes_per_direction, flops_per_direction), each per sample:
+        bytes of the kept intermediates, peak bytes of live (co)tangents for one direction,
+        and multiply-adds for one direction.
+        """
+        item = self.dtype.itemsize
+
+        def per_sample(v):
+            a = env.get(v)
+            if a is None or not hasattr(a, "size"):
+                return 0
+            return a.size / n if v in self.batched else a.size  # unbatched cotangents are per sample
+
+        primal = sum(a.size for k, a in env.items() if k in self.batched and hasattr(a, "size")) * item / n
+        live_end = {}
+        for i, s in enumerate(self.active_steps):
+            for o in s.outputs:
+                if o in self.active:
+                    live_end.setdefault(o, i)
+        peak, flops = 0.0, 0.0
+        for i, s in enumerate(self.active_steps):
+            live = sum(per_sample(v) for v, j in self.last_use.items() if j >= i and v in self.active)
+            work = sum(per_sample(o) for o in s.outputs) + _workspace(s, env, n)
+            peak = max(peak, live + work)
+            flops += _flops(s, env, n)
+        return {"bytes_primal": primal, "bytes_per_direction": peak * item, "flops_per_direction": flops}
+
+
+def run_forward(step, args):
+    """The forward kernel of a step as a tuple of outputs."""
+    out = step.rule.forward(*_trim(args), **step.attrs)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _trim(args):
+    """Drop trailing absent optional inputs, so rules see their own defaults."""
+    args = list(args)
+    while args and args[-1] is None:
+        args.pop()
+    return args
+
+
+def _as_compute(a, dtype):
+    a = np.asarray(a)
+    return a.astype(dtype) if np.issubdtype(a.dtype, np.floating) and a.dtype != dtype else a
+
+
+def _workspace(s, env, n):
+    """Transient elements per sample and direction beyond the outputs (im2col windows)."""
+    if s.node.op_type == "Conv" and len(s.inputs) > 1:
+        W = env.get(s.inputs[1])
+        Y = env.get(s.outputs[0])
+        if W is not None and Y is not None:
+            return (Y.size / n) / W.shape[0] * W[0].size
+    return 0
+
+
+def _flops(s, env, n):
+    """Multiply-adds per sample and direction of a step (matrix products dominate)."""
+    Y = env.get(s.outputs[0])
+    if Y is None or not hasattr(Y, "size"):
+        return 0
+    out = Y.size / n
+    op = s.node.op_type
+    if op in ("Gemm", "MatMul"):
+        B = env.get(s.inputs[1])
+        A = env.get(s.inputs[0])
+        k = A.shape[-1] if A is not None and A.ndim else 1
+        if op == "Gemm" and s.attrs.get("transA"):
+            k = A.shape[0]
+        return out * k
+    if op == "Conv":
+        W = env.get(s.inputs[1])
+        return out * (W[0].size if W is not None else 1)
+    return out

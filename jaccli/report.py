@@ -1,0 +1,107 @@
+"""Rendering of summaries as rich tables. The library computes; only this module draws."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(x):
+    if x == float("inf"):
+        return "∞"
+    return f"{x:.4g}"
+
+
+def _shape(s):
+    return "(" + ", ".join(str(d) for d in s) + ")"
+
+
+def render_summary(console: Console, d: dict):
+    kind = "Input Jacobian" if d["kind"] == "input" else "Per-sample parameter Jacobian"
+    head = Table(title=f"{kind}: ∂{d['output']}/∂{d['wrt'] if d['kind'] == 'input' else 'θ'}", show_header=False, box=None)
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("jacobian shape", f"{_shape(d['jacobian_shape'])} {d['dtype']}")
+    head.add_row("per sample", f"{d['rows_per_sample']} outputs × {d['columns_per_sample']} "
+                 + ("inputs" if d["kind"] == "input" else "parameters"))
+    head.add_row("mode", d["mode"] + (" (chunks: %d samples × %d directions)" % (d["chunk_samples"], d["chunk_directions"])))
+    head.add_row("time", f"{d['seconds']:.3f} s")
+    head.add_row("exact zeros", f"{100 * d['zero_share']:.1f} % of entries")
+    console.print(head)
+
+    if d["stats"]:
+        t = Table(title=f"Per-sample statistics over {d['samples']} samples (units of output per unit of "
+                  + ("input)" if d["kind"] == "input" else "parameter)"))
+        t.add_column("statistic")
+        for col in ("mean", "min", "median", "max"):
+            t.add_column(col, justify="right")
+        labels = {"frobenius_norm": "Frobenius norm ‖J‖_F", "spectral_norm": "spectral norm σ_max",
+                  "smallest_singular_value": "smallest singular value σ_min", "condition_number": "condition number σ_max/σ_min"}
+        for k, v in d["stats"].items():
+            t.add_row(labels[k], *(_fmt(v[c]) for c in ("mean", "min", "median", "max")))
+        console.print(t)
+
+    if d["kind"] == "input":
+        t = Table(title="Most influential input elements (mean |∂y/∂x| over samples and outputs)")
+        t.add_column("input element")
+        t.add_column("mean |J|", justify="right")
+        t.add_column("share of Σ|J|", justify="right")
+        for e in d["top_inputs"]:
+            t.add_row(f"{d['wrt']}[{', '.join(map(str, e['index']))}]", _fmt(e["mean_abs"]), f"{100 * e['share']:.1f} %")
+        console.print(t)
+    else:
+        t = Table(title="Parameter tensors: share of the squared gradient norm ‖∂y/∂θ‖²")
+        t.add_column("parameter")
+        t.add_column("shape")
+        t.add_column("entries", justify="right")
+        t.add_column("share", justify="right")
+        for p in sorted(d["parameters"], key=lambda p: -p["grad_norm_share"]):
+            t.add_row(p["name"], _shape(p["shape"]), str(p["size"]), f"{100 * p['grad_norm_share']:.1f} %")
+        console.print(t)
+    for note in d["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+
+def render_inspect(console: Console, info: dict):
+    t = Table(title=f"Model {info['path']}  (producer {info['producer'] or '?'}, opsets {info['opsets']})")
+    t.add_column("kind")
+    t.add_column("name")
+    t.add_column("type and shape")
+    for v in info["inputs"]:
+        t.add_row("input", v["name"], v["type"])
+    for v in info["outputs"]:
+        t.add_row("output", v["name"], v["type"])
+    console.print(t)
+    p = Table(title=f"Parameters: {len(info['parameters'])} tensors, {info['n_parameters']} entries")
+    p.add_column("name")
+    p.add_column("shape")
+    p.add_column("entries", justify="right")
+    for q in info["parameters"]:
+        p.add_row(q["name"], _shape(q["shape"]), str(q["size"]))
+    console.print(p)
+    o = Table(title="Operators")
+    o.add_column("operator")
+    o.add_column("opset", justify="right")
+    o.add_column("nodes", justify="right")
+    o.add_column("status")
+    for op in info["operators"]:
+        o.add_row(op["op"], str(op["opset"]), str(op["count"]),
+                  "[green]supported[/green]" if op["supported"] else f"[red]unsupported[/red] ({op['first_node']})")
+    console.print(o)
+
+
+def render_check(console: Console, d: dict):
+    t = Table(title=f"Check of the {d['kind']} Jacobian against onnxruntime central differences "
+              f"({d['samples']} samples, step {d['step']:.1e}, {d['oracle_dtype']})")
+    t.add_column("output")
+    t.add_column("max |J - J_fd|", justify="right")
+    t.add_column("max |J_fd|", justify="right")
+    t.add_column("relative error", justify="right")
+    t.add_column("forward max |y - y_ort|", justify="right")
+    t.add_column("verdict")
+    for r in d["rows"]:
+        ok = r["relative_error"] <= d["tolerance"]
+        t.add_row(r["output"], _fmt(r["max_abs_error"]), _fmt(r["max_abs"]), _fmt(r["relative_error"]),
+                  _fmt(r["forward_error"]), "[green]pass[/green]" if ok else "[red]FAIL[/red]")
+    console.print(t)
+    console.print(f"tolerance: relative error ≤ {d['tolerance']:.0e} (max |J - J_fd| / max |J_fd|)")

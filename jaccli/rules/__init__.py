@@ -1,0 +1,112 @@
+"""The rule registry: one entry per (domain, op_type, since), newest rule with since <= opset wins.
+
+A rule is a class whose functions are called on the class itself (no `self`):
+
+    forward(*inputs, **attrs)      -> array, or tuple of arrays for several outputs
+    jvp(cx, *Xdots, **attrs)       -> output tangent(s); Xdot is None where inactive
+    vjp(cx, *Ybars, **attrs)       -> one cotangent per input, None where not needed
+
+`cx` carries the primal inputs `cx.x`, outputs `cx.y`, which input cotangents are
+needed (`cx.need`) and which must keep the sample axis (`cx.keep`, for per-sample
+parameter cotangents). Tangents and cotangents carry leading axes before the primal
+axes: `(T,)` for values with a sample axis, `(T, N)` for per-sample cotangents of
+values without one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from ..errors import UnsupportedOpError
+
+
+class RuleKey(NamedTuple):
+    domain: str
+    op_type: str
+    since: int
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What a derivative rule may know of its node: primal inputs and outputs, and the asks."""
+
+    x: tuple
+    y: tuple
+    need: tuple = ()
+    keep: tuple = ()
+    rule: type | None = None
+
+    def lead(self, G, i=0):
+        """Number of leading (direction / sample) axes of a tangent or cotangent of output i."""
+        return G.ndim - self.y[i].ndim
+
+
+_REGISTRY: dict[tuple[str, str], list[tuple[int, type]]] = {}
+_KEYS: set[RuleKey] = set()
+
+
+def _attr_names(fn):
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None  # accepts every attribute
+    return frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+
+
+def rule(op_type: str, since: int, domain: str = ""):
+    """Register a rule class for `op_type` in `domain`, valid from opset `since` on."""
+
+    def register(cls):
+        key = RuleKey(domain, op_type, since)
+        if key in _KEYS:
+            raise RuntimeError(f"rule {key} registered twice")
+        _KEYS.add(key)
+        cls.key = key
+        cls.attrs = _attr_names(cls.forward)
+        cls.nondiff = frozenset(getattr(cls, "nondiff", ()))
+        cls.differentiable = hasattr(cls, "vjp") or hasattr(cls, "jvp")
+        entries = _REGISTRY.setdefault((domain, op_type), [])
+        entries.append((since, cls))
+        entries.sort(key=lambda e: e[0])
+        return cls
+
+    return register
+
+
+def lookup(op_type: str, opset: int, domain: str = "", node: str = "?"):
+    """The newest rule for op_type whose `since` is <= opset; UnsupportedOpError if none."""
+    _load_families()
+    entries = _REGISTRY.get((domain, op_type))
+    if entries:
+        for since, cls in reversed(entries):
+            if since <= opset:
+                return cls
+        lo = entries[0][0]
+        raise UnsupportedOpError(
+            f"node '{node}': {_qual(domain, op_type)} at opset {opset} is older than jaccli supports (from opset {lo})"
+        )
+    raise UnsupportedOpError(f"node '{node}': operator {_qual(domain, op_type)} (opset {opset}) is not supported")
+
+
+def _qual(domain, op_type):
+    return f"{domain}.{op_type}" if domain else op_type
+
+
+def all_rules():
+    """[(domain, op_type, [since, ...], differentiable)] for `jaccli ops`."""
+    _load_families()
+    out = []
+    for (domain, op_type), entries in sorted(_REGISTRY.items()):
+        out.append((domain, op_type, [s for s, _ in entries], all(c.differentiable for _, c in entries)))
+    return out
+
+
+_loaded = False
+
+
+def _load_families():
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from . import conv, elementwise, linalg, norm, pool, reduce, shape  # noqa: F401

@@ -1,0 +1,146 @@
+"""Helpers shared by the rule families: broadcasting, axes, windows (im2col) and their adjoints."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..errors import UnsupportedOpError
+
+
+def unbroadcast(G, shape, lead=1, keep=False):
+    """Sum G, shaped (*lead_axes, *b) with b a broadcast of `shape`, down to (*lead_axes, *shape).
+
+    With `keep`, the sample axis (the first primal axis of G) is not summed and stays
+    in front of `shape`: the result is (*lead_axes, N, *shape), a per-sample cotangent.
+    """
+    shape = tuple(shape)
+    lead_shape, prim = G.shape[:lead], G.shape[lead:]
+    extra = len(prim) - len(shape)
+    aligned = (None,) * extra + shape
+    axes = tuple(
+        lead + i
+        for i, (g, s) in enumerate(zip(prim, aligned))
+        if (s is None or (s == 1 and g != 1)) and not (keep and i == 0)
+    )
+    if axes:
+        G = G.sum(axis=axes, keepdims=True)
+    if keep:
+        return G.reshape(*lead_shape, prim[0], *shape)
+    return G.reshape(*lead_shape, *shape)
+
+
+def expand(D, x, y, lead):
+    """Broadcast tangent D, shaped (*lead_axes, *x.shape), to (*lead_axes, *y.shape)."""
+    if D is None:
+        return None
+    pad = y.ndim - x.ndim
+    if pad:
+        D = D.reshape(D.shape[:lead] + (1,) * pad + D.shape[lead:])
+    return np.broadcast_to(D, D.shape[:lead] + y.shape)
+
+
+def add(*terms):
+    """Sum of the terms that are not None (None when all are)."""
+    out = None
+    for t in terms:
+        if t is not None:
+            out = t if out is None else out + t
+    return out
+
+
+def neg_axis(axis, ndim):
+    """Axis counted from the end, so it stays right when leading axes are added."""
+    return axis - ndim if axis >= 0 else axis
+
+
+def lead_flat(D, core_ndim):
+    """Fold every axis before the last `core_ndim` into one: returns (flat, leading shape)."""
+    head = D.shape[: D.ndim - core_ndim]
+    return D.reshape((-1,) + D.shape[D.ndim - core_ndim :]), head
+
+
+def need_no_keep(cx, op):
+    """Raise when a per-sample cotangent is asked of a rule that cannot give one."""
+    if any(cx.keep):
+        raise UnsupportedOpError(f"{op}: per-sample parameter cotangents through this operator are not supported")
+
+
+# ---- windows: the im2col view behind Conv and the pools -------------------------------------
+
+
+def spatial_pads(in_sp, kernel, strides, dilations, pads, auto_pad, ceil_mode=0):
+    """Begin and end pads per spatial axis, from explicit pads or auto_pad (and ceil_mode)."""
+    nd = len(in_sp)
+    ext = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for n, e, s in zip(in_sp, ext, strides):
+            out = -(-n // s)
+            total = max(0, (out - 1) * s + e - n)
+            small, big = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else big)
+            end.append(big if auto_pad == "SAME_UPPER" else small)
+    elif auto_pad == "VALID":
+        begin, end = [0] * nd, [0] * nd
+    else:
+        pads = list(pads) if pads else [0] * (2 * nd)
+        begin, end = pads[:nd], pads[nd:]
+    extra = [0] * nd
+    if ceil_mode:
+        for i, (n, e, s) in enumerate(zip(in_sp, ext, strides)):
+            span = n + begin[i] + end[i] - e
+            out = -(-span // s) + 1
+            if (out - 1) * s >= n + begin[i]:  # last window would start in the end padding
+                out -= 1
+            extra[i] = max(0, (out - 1) * s + e - (n + begin[i] + end[i]))
+    return begin, end, extra
+
+
+def pad_spatial(X, begin, end, value=0.0):
+    nd = len(begin)
+    if not any(begin) and not any(end):
+        return X
+    width = [(0, 0)] * (X.ndim - nd) + list(zip(begin, end))
+    return np.pad(X, width, constant_values=value)
+
+
+def windows(Xp, kernel, strides, dilations):
+    """View of padded Xp (..., C, *sp) as windows (..., C, *out, *kernel); no copy."""
+    nd = len(kernel)
+    ext = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))
+    V = sliding_window_view(Xp, ext, axis=tuple(range(Xp.ndim - nd, Xp.ndim)))
+    return V[(Ellipsis,) + tuple(slice(None, None, s) for s in strides) + tuple(slice(None, None, d) for d in dilations)]
+
+
+def window_slices(offset, strides, dilations, out):
+    """The slice of the padded input that kernel position `offset` reads, over all outputs."""
+    return (Ellipsis,) + tuple(
+        slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in zip(offset, dilations, strides, out)
+    )
+
+
+def windows_adjoint(G, padded_sp, kernel, strides, dilations):
+    """Adjoint of `windows`: scatter-add G (..., C, *out, *kernel) back to (..., C, *padded_sp)."""
+    nd = len(kernel)
+    out = G.shape[G.ndim - 2 * nd : G.ndim - nd]
+    Xb = np.zeros(G.shape[: G.ndim - 2 * nd] + tuple(padded_sp), dtype=G.dtype)
+    for off in np.ndindex(*kernel):
+        Xb[window_slices(off, strides, dilations, out)] += G[(Ellipsis,) + off]
+    return Xb
+
+
+def unpad(Xp, begin, end):
+    nd = len(begin)
+    sl = tuple(slice(b, Xp.shape[Xp.ndim - nd + i] - e) for i, (b, e) in enumerate(zip(begin, end)))
+    return Xp[(Ellipsis,) + sl]
+
+
+def conv_geometry(x_shape, kernel, strides, dilations, pads, auto_pad, ceil_mode=0):
+    """Filled-in strides, dilations and (begin, end) pads for an N-d window op."""
+    nd = len(kernel)
+    strides = list(strides) if strides else [1] * nd
+    dilations = list(dilations) if dilations else [1] * nd
+    begin, end, extra = spatial_pads(x_shape[-nd:], kernel, strides, dilations, pads, auto_pad, ceil_mode)
+    end = [e + x for e, x in zip(end, extra)]
+    return strides, dilations, begin, end, extra

@@ -1,0 +1,147 @@
+"""Pooling in 1-D, 2-D and 3-D over the window view; derivatives loop over kernel offsets only."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import rule
+from ._util import conv_geometry, lead_flat, need_no_keep, pad_spatial, unpad, window_slices, windows, windows_adjoint
+
+
+def _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode):
+    return conv_geometry(X.shape, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+
+
+def _argmax(X, kernel_shape, s, d, begin, end):
+    """Index (into the flattened kernel) of each window's maximum: (N, C, *out)."""
+    V = windows(pad_spatial(X, begin, end, -np.inf), kernel_shape, s, d)
+    nd = len(kernel_shape)
+    return V.reshape(V.shape[: V.ndim - nd] + (-1,)).argmax(axis=-1)
+
+
+
+@rule("MaxPool", since=1)
+class MaxPool:
+    """Y = max over each window of X (N, C, *sp); padding never wins."""
+
+
+    def forward(X, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, storage_order=0, strides=None):
+        s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        V = windows(pad_spatial(X, begin, end, -np.inf), kernel_shape, s, d)
+        return V.max(axis=tuple(range(V.ndim - len(kernel_shape), V.ndim)))
+
+    def jvp(cx, Xdot, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, storage_order=0, strides=None):
+        X = cx.x[0]
+        s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        idx = _argmax(X, kernel_shape, s, d, begin, end)
+        Dp = pad_spatial(Xdot, begin, end)
+        out = idx.shape[2:]
+        Ydot = np.zeros(Xdot.shape[: Xdot.ndim - len(out)] + out, dtype=Xdot.dtype)
+        for k, off in enumerate(np.ndindex(*kernel_shape)):
+            Ydot += np.where(idx == k, Dp[window_slices(off, s, d, out)], 0)
+        return Ydot
+
+    def vjp(cx, Ybar, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, storage_order=0, strides=None):
+        need_no_keep(cx, "MaxPool")
+        X = cx.x[0]
+        s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        idx = _argmax(X, kernel_shape, s, d, begin, end)
+        nd = len(kernel_shape)
+        out = idx.shape[2:]
+        padded = tuple(n + b + e for n, b, e in zip(X.shape[2:], begin, end))
+        Xb = np.zeros(Ybar.shape[: Ybar.ndim - nd] + padded, dtype=Ybar.dtype)
+        for k, off in enumerate(np.ndindex(*kernel_shape)):
+            Xb[window_slices(off, s, d, out)] += np.where(idx == k, Ybar, 0)
+        return (unpad(Xb, begin, end),)
+
+
+def _avg_count(X, kernel_shape, s, d, begin, end, extra, count_include_pad):
+    """Number of elements each window averages over: (*out,)."""
+    nd = len(kernel_shape)
+    sp = X.shape[2:]
+    ones = np.ones(sp, dtype=X.dtype)
+    if count_include_pad:
+        ones = np.pad(ones, [(b, e - x) for b, e, x in zip(begin, end, extra)], constant_values=1)
+        ones = np.pad(ones, [(0, x) for x in extra])
+    else:
+        ones = np.pad(ones, list(zip(begin, end)))
+    V = windows(ones, kernel_shape, s, d)
+    return V.sum(axis=tuple(range(nd, 2 * nd)))
+
+
+@rule("AveragePool", since=1)
+class AveragePool:
+    """Y = mean over each window of X (N, C, *sp), pads counted if count_include_pad."""
+
+    def forward(X, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None, pads=None, strides=None):
+        s, d, begin, end, extra = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        return _avg(X, X.ndim - 1, kernel_shape, s, d, begin, end, extra, count_include_pad)
+
+    def jvp(cx, Xdot, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None, pads=None, strides=None):
+        X = cx.x[0]
+        s, d, begin, end, extra = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        flat, head = lead_flat(Xdot, X.ndim - 1)
+        Y = _avg(flat, X.ndim - 1, kernel_shape, s, d, begin, end, extra, count_include_pad, like=X)
+        return Y.reshape(head + Y.shape[1:])
+
+    def vjp(cx, Ybar, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None, pads=None, strides=None):
+        need_no_keep(cx, "AveragePool")
+        X = cx.x[0]
+        nd = len(kernel_shape)
+        s, d, begin, end, extra = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        count = _avg_count(X, kernel_shape, s, d, begin, end, extra, count_include_pad)
+        G = (Ybar / count)[(Ellipsis,) + (None,) * nd]
+        G = np.broadcast_to(G, G.shape[: G.ndim - nd] + tuple(kernel_shape))
+        padded = tuple(n + b + e for n, b, e in zip(X.shape[2:], begin, end))
+        return (unpad(windows_adjoint(G, padded, kernel_shape, s, d), begin, end),)
+
+
+def _avg(X, core, kernel_shape, s, d, begin, end, extra, count_include_pad, like=None):
+    nd = len(kernel_shape)
+    V = windows(pad_spatial(X, begin, end), kernel_shape, s, d)
+    total = V.sum(axis=tuple(range(V.ndim - nd, V.ndim)))
+    return total / _avg_count(X if like is None else like, kernel_shape, s, d, begin, end, extra, count_include_pad)
+
+
+@rule("GlobalAveragePool", since=1)
+class GlobalAveragePool:
+    """Y = mean of X (N, C, *sp) over the spatial axes, kept as size 1."""
+
+    def forward(X):
+        return X.mean(axis=tuple(range(2, X.ndim)), keepdims=True)
+
+    def jvp(cx, Xdot):
+        nd = cx.x[0].ndim - 2
+        return Xdot.mean(axis=tuple(range(Xdot.ndim - nd, Xdot.ndim)), keepdims=True)
+
+    def vjp(cx, Ybar):
+        need_no_keep(cx, "GlobalAveragePool")
+        X = cx.x[0]
+        size = int(np.prod(X.shape[2:]))
+        lead = cx.lead(Ybar)
+        return (np.broadcast_to(Ybar / size, Ybar.shape[:lead] + X.shape),)
+
+
+@rule("GlobalMaxPool", since=1)
+class GlobalMaxPool:
+    """Y = max of X (N, C, *sp) over the spatial axes, kept as size 1."""
+
+    def forward(X):
+        return X.max(axis=tuple(range(2, X.ndim)), keepdims=True)
+
+    def jvp(cx, Xdot):
+        mask = _first_max(cx.x[0], cx.y[0])
+        nd = cx.x[0].ndim - 2
+        return (mask * Xdot).sum(axis=tuple(range(Xdot.ndim - nd, Xdot.ndim)), keepdims=True)
+
+    def vjp(cx, Ybar):
+        need_no_keep(cx, "GlobalMaxPool")
+        return (_first_max(cx.x[0], cx.y[0]) * Ybar,)
+
+
+def _first_max(X, Y):
+    """1 at the first maximum of each (N, C) plane, 0 elsewhere."""
+    flat = X.reshape(X.shape[:2] + (-1,))
+    mask = np.zeros_like(flat)
+    np.put_along_axis(mask, flat.argmax(axis=-1)[..., None], 1, axis=-1)
+    return mask.reshape(X.shape)

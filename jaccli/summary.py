@@ -1,0 +1,101 @@
+"""Per-sample statistics of a Jacobian, accumulated chunk by chunk, aggregated over samples."""
+
+from __future__ import annotations
+
+import numpy as np
+
+SVD_LIMIT = 4096  # the smaller side above which singular values are skipped
+
+
+class Summary:
+    """Norms, singular values, zeros, and who dominates, from chunks of J (n, n_rows, n_cols)."""
+
+    def __init__(self, result):
+        self.result = result
+        self.fro, self.smax, self.smin, self.cond = [], [], [], []
+        self.zeros = 0
+        self.total = 0
+        self.col_abs = None
+        self.finite = True
+
+    def update(self, Jc):
+        Jc = np.asarray(Jc, dtype=np.float64)
+        n, r, c = Jc.shape
+        self.zeros += int(np.count_nonzero(Jc == 0))
+        self.total += Jc.size
+        if not np.isfinite(Jc).all():
+            self.finite = False
+            Jc = np.nan_to_num(Jc)
+        self.fro += list(np.sqrt((Jc * Jc).sum(axis=(1, 2))))
+        if min(r, c) <= SVD_LIMIT:
+            G = Jc @ Jc.transpose(0, 2, 1) if r <= c else Jc.transpose(0, 2, 1) @ Jc  # Gram of the smaller side
+            ev = np.clip(np.linalg.eigvalsh(G), 0, None)
+            s = np.sqrt(ev)
+            self.smax += list(s[:, -1])
+            self.smin += list(s[:, 0])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                self.cond += list(np.where(s[:, 0] > 0, s[:, -1] / s[:, 0], np.inf))
+        a = np.abs(Jc).sum(axis=(0, 1)) if self.result.kind == "input" else (Jc * Jc).sum(axis=(0, 1))
+        self.col_abs = a if self.col_abs is None else self.col_abs + a
+
+    def finish(self, top=5):
+        """A plain dict (JSON-ready) of the statistics."""
+        r = self.result
+        N = r.J.shape[0]
+        d = {
+            "kind": r.kind,
+            "output": r.of,
+            "output_shape": list(r.out_shape),
+            "wrt": r.wrt if r.kind == "input" else f"{len(r.columns)} parameter tensors",
+            "jacobian_shape": list(r.shape),
+            "samples": N,
+            "rows_per_sample": int(r.J.shape[1]),
+            "columns_per_sample": int(r.J.shape[2]),
+            "mode": r.mode,
+            "dtype": str(r.J.dtype),
+            "seconds": round(r.seconds, 4),
+            "chunk_samples": r.chunks[0],
+            "chunk_directions": r.chunks[1],
+            "zero_share": self.zeros / max(1, self.total),
+            "finite": self.finite,
+            "notes": list(r.notes),
+        }
+        d["stats"] = {
+            name: _agg(vals)
+            for name, vals in (("frobenius_norm", self.fro), ("spectral_norm", self.smax),
+                               ("smallest_singular_value", self.smin), ("condition_number", self.cond))
+            if vals
+        }
+        if not self.smax:
+            d["notes"].append(f"singular values skipped: each per-sample matrix is larger than {SVD_LIMIT} on both sides")
+        if r.kind == "input":
+            share = self.col_abs / max(self.col_abs.sum(), 1e-300)
+            idx = np.argsort(-self.col_abs)[:top]
+            d["top_inputs"] = [
+                {"index": [int(i) for i in np.unravel_index(k, r.in_shape)] if r.in_shape else [],
+                 "mean_abs": float(self.col_abs[k] / (N * r.J.shape[1])), "share": float(share[k])}
+                for k in idx
+            ]
+        else:
+            total = max(self.col_abs.sum(), 1e-300)
+            d["parameters"] = [
+                {"name": c["name"], "shape": c["shape"], "size": c["size"],
+                 "grad_norm_share": float(self.col_abs[c["offset"] : c["offset"] + c["size"]].sum() / total)}
+                for c in r.columns
+            ]
+        return d
+
+
+def _agg(vals):
+    v = np.asarray(vals, dtype=np.float64)
+    fin = v[np.isfinite(v)]
+    if fin.size == 0:
+        return {"mean": float("inf"), "min": float("inf"), "median": float("inf"), "max": float("inf")}
+    return {"mean": float(fin.mean()), "min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
+
+
+def summarize(result, chunk=256):
+    s = Summary(result)
+    for a in range(0, result.J.shape[0], chunk):
+        s.update(result.J[a : a + chunk])
+    return s.finish()

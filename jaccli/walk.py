@@ -1,0 +1,69 @@
+"""The numeric walkers: primal, forward (JVP) and reverse (VJP). They know no operator."""
+
+from __future__ import annotations
+
+from .errors import JaccliError, ModelError
+from .plan import Plan, _trim, run_forward
+from .rules import Ctx
+
+
+def primal(plan: Plan, feeds: dict) -> dict:
+    """Evaluate every step of the plan; returns the environment of values the walkers need."""
+    env = dict(plan.consts)
+    env.update(plan.params)
+    env.update(feeds)
+    for i, step in enumerate(plan.steps):
+        args = [env[v] if v else None for v in step.inputs]
+        try:
+            outs = run_forward(step, args)
+        except JaccliError:
+            raise
+        except Exception as e:
+            raise ModelError(
+                f"node '{step.node.name}' ({step.node.op_type}) failed on inputs of shape "
+                f"{[getattr(a, 'shape', None) for a in args]}: {e}"
+            ) from None
+        for name, value in zip(step.outputs, outs):
+            if name:
+                env[name] = value
+        for v in plan.free_after[i]:
+            env.pop(v, None)
+    return env
+
+
+def _ctx(step, env, need=(), keep=()):
+    x = tuple(env[v] if v else None for v in _trim(step.inputs))
+    y = tuple(env.get(o) for o in step.outputs)
+    return Ctx(x, y, need, keep, step.rule)
+
+
+def jvp(plan: Plan, env: dict, seeds: dict):
+    """Push tangents `seeds` {name: (T, *shape)} forward; returns the tangent of plan.of (or None)."""
+    tan = dict(seeds)
+    for i, step in enumerate(plan.active_steps):
+        ins = [tan.get(v) if d else None for v, d in zip(step.inputs, step.diff_in)]
+        if any(t is not None for t in ins):
+            out = step.rule.jvp(_ctx(step, env), *_trim(ins), **step.attrs)
+            out = out if isinstance(out, tuple) else (out,)
+            for name, t in zip(step.outputs, out):
+                if t is not None and name in plan.active:
+                    tan[name] = t
+        for v in step.inputs:
+            if v and plan.last_use.get(v) == i and v != plan.of:
+                tan.pop(v, None)
+    return tan.get(plan.of)
+
+
+def vjp(plan: Plan, env: dict, Ybar, wrt):
+    """Pull cotangent Ybar of plan.of back; returns {name: cotangent or None} for names in wrt."""
+    cot = {plan.of: Ybar}
+    for step in reversed(plan.active_steps):
+        bars = [cot.pop(o, None) for o in step.outputs]
+        if all(b is None for b in bars):
+            continue
+        n_diff = getattr(step.rule, "n_diff_outputs", 1)
+        res = step.rule.vjp(_ctx(step, env, step.diff_in, step.keep), *bars[:n_diff], **step.attrs)
+        for name, b, d in zip(step.inputs, res, step.diff_in):
+            if d and b is not None:
+                cot[name] = cot[name] + b if name in cot else b
+    return {w: cot.get(w) for w in wrt}
