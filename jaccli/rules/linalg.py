@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import rule
+from ..errors import UnsupportedOpError
 from ._util import add, expand, unbroadcast
 
 
@@ -92,11 +93,28 @@ class MatMul:
         Abar = Bbar = None
         if cx.need[0]:
             G = Yb @ _t(B2)  # (*lead, *batch, M, K)
-            Abar = unbroadcast(G, A2.shape, lead, cx.keep[0]).reshape(Ybar.shape[:lead] + ((Ybar.shape[lead],) if cx.keep[0] else ()) + A.shape)
+            Abar = _fit(G, A, A2, lead, cx.keep[0], B2, Yb, side=0)
         if cx.need[1]:
-            G = _t(A2) @ Yb  # (*lead, *batch, K, N)
-            Bbar = unbroadcast(G, B2.shape, lead, cx.keep[1]).reshape(Ybar.shape[:lead] + ((Ybar.shape[lead],) if cx.keep[1] else ()) + B.shape)
+            G = None if (cx.keep[1] and A2.ndim == 2) else _t(A2) @ Yb  # (*lead, *batch, K, N)
+            Bbar = _fit(G, B, B2, lead, cx.keep[1], A2, Yb, side=1)
         return Abar, Bbar
+
+
+def _fit(G, X, X2, lead, keep, other, Yb, side):
+    """Reduce a MatMul operand cotangent G to X's shape; per sample when `keep`.
+
+    When the batched operand is a plain matrix, its rows are the samples and a per-sample
+    cotangent is an outer product per row (as in Gemm); otherwise the samples are the first
+    batch axis and unbroadcast keeps it.
+    """
+    head = Yb.shape[:lead]
+    if keep and other.ndim == 2:
+        if side == 0:  # A @ B with B a batched matrix contracts over the samples
+            raise UnsupportedOpError("MatMul: a parameter times a batched matrix mixes samples; no per-sample cotangent")
+        G = np.einsum("mk,...mn->...mkn", other, Yb)  # A rows are samples: Bbar[m] = outer(A[m], Ybar[m])
+        return G.reshape(head + (G.shape[lead],) + X.shape)
+    R = unbroadcast(G, X2.shape, lead, keep)
+    return R.reshape(head + ((R.shape[lead],) if keep else ()) + X.shape)
 
 
 def _mm(A, B, a_tan=False, b_tan=False):
