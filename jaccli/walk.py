@@ -41,9 +41,10 @@ def jvp(plan: Plan, env: dict, seeds: dict):
     """Push tangents `seeds` {name: (T, *shape)} forward; returns the tangent of plan.of (or None)."""
     tan = dict(seeds)
     for i, step in enumerate(plan.active_steps):
-        ins = [tan.get(v) if d else None for v, d in zip(step.inputs, step.diff_in)]
+        present = len(_trim(step.inputs))
+        ins = [tan.get(v) if d else None for v, d in zip(step.inputs[:present], step.diff_in)]
         if any(t is not None for t in ins):
-            out = step.rule.jvp(_ctx(step, env), *_trim(ins), **step.attrs)
+            out = step.rule.jvp(_ctx(step, env), *ins, **step.attrs)
             out = out if isinstance(out, tuple) else (out,)
             for name, t in zip(step.outputs, out):
                 if t is not None and name in plan.active:

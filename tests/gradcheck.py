@@ -1,0 +1,123 @@
+"""One generic checker for every rule: single-node models, float64 central differences of our
+own forward for JVP (forward mode), VJP (reverse mode) and per-sample parameter cotangents,
+and onnxruntime for the forward kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+N = 3  # samples
+
+
+class Case:
+    """One operator case. `inputs` is a list of (kind, spec):
+
+    - ("x", shape)  a graph input with a sample axis in front: (N, *shape)
+    - ("p", shape)  a float initializer (a parameter)
+    - ("c", array)  a constant initializer (not differentiated)
+    - ("", None)    an absent optional input
+    """
+
+    def __init__(self, op, inputs, attrs=None, opset=17, data="normal", outputs=1, id=None, domain=""):
+        self.op, self.inputs, self.attrs, self.opset = op, inputs, attrs or {}, opset
+        self.data, self.outputs, self.domain = data, outputs, domain
+        self.id = id or f"{op}-{opset}"
+
+    def __repr__(self):
+        return self.id
+
+
+def _sample(shape, how, rng):
+    if how == "positive":
+        return rng.uniform(0.5, 2.0, shape)
+    if how == "distinct":  # no ties (MaxPool), no kinks
+        n = int(np.prod(shape))
+        return (rng.permutation(n).reshape(shape) / n * 4 - 2) + rng.uniform(0, 1e-3, shape)
+    if how == "away":  # |x| >= 0.1: away from kinks at 0
+        x = rng.standard_normal(shape)
+        return np.where(np.abs(x) < 0.1, np.sign(x + 1e-12) * 0.1 + x, x)
+    return rng.standard_normal(shape)
+
+
+def build(case, rng=None):
+    """The single-node model and its data {name: float64 array}."""
+    rng = rng or np.random.default_rng(0)
+    names, graph_inputs, inits, feeds = [], [], [], {}
+    for k, (kind, spec) in enumerate(case.inputs):
+        name = f"in{k}"
+        if kind == "":
+            names.append("")
+            continue
+        names.append(name)
+        if kind == "x":
+            feeds[name] = _sample((N, *spec), case.data, rng)
+            graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *spec]))
+        elif kind == "p":
+            inits.append(numpy_helper.from_array(_sample(spec, case.data, rng).astype(np.float32), name))
+        else:
+            inits.append(numpy_helper.from_array(np.asarray(spec), name))
+    outs = [f"out{j}" for j in range(case.outputs)]
+    node = helper.make_node(case.op, names, outs, domain=case.domain, **case.attrs)
+    g = helper.make_graph([node], case.id, graph_inputs,
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs[:1]], inits)
+    opsets = [helper.make_opsetid("", case.opset)]
+    if case.domain:
+        opsets.append(helper.make_opsetid(case.domain, 1 if case.domain == "ai.onnx.ml" else case.opset))
+    m = helper.make_model(g, opset_imports=opsets)
+    m.ir_version = 8
+    return m, feeds
+
+
+def ort_forward(model, feeds):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {k: v.astype(np.float32) for k, v in feeds.items()})[0]
+
+
+def our_forward(model, feeds, dtype=np.float64, params=None):
+    from jaccli import walk
+    from jaccli.model import load
+    from jaccli.plan import Plan
+
+    m = load(model)
+    plan = Plan(m, m.outputs[0].name, [], dtype)
+    plan.consts.update(params or {})
+    return walk.primal(plan, {k: v.astype(dtype) for k, v in feeds.items()})[m.outputs[0].name]
+
+
+def fd_input_jacobian(model, feeds, wrt, eps=1e-6):
+    """(N, n_out, n_in) by central differences of our float64 forward."""
+    x = feeds[wrt]
+    n_in = x[0].size
+    cols = []
+    for j in range(n_in):
+        d = np.zeros(n_in)
+        d[j] = eps
+        d = np.broadcast_to(d.reshape(x.shape[1:]), x.shape)
+        yp = our_forward(model, {**feeds, wrt: x + d})
+        ym = our_forward(model, {**feeds, wrt: x - d})
+        cols.append(((yp - ym) / (2 * eps)).reshape(N, -1))
+    return np.stack(cols, axis=-1)
+
+
+def fd_param_jacobian(model, feeds, names, inits, eps=1e-6):
+    """(N, n_out, P) by central differences over the parameters, per sample."""
+    cols = []
+    for n in names:
+        base = inits[n].astype(np.float64)
+        for j in range(base.size):
+            p, q = base.copy().ravel(), base.copy().ravel()
+            p[j] += eps
+            q[j] -= eps
+            yp = our_forward(model, feeds, params={n: p.reshape(base.shape)})
+            ym = our_forward(model, feeds, params={n: q.reshape(base.shape)})
+            cols.append(((yp - ym) / (2 * eps)).reshape(N, -1))
+    return np.stack(cols, axis=-1)
+
+
+def rel_err(a, b):
+    scale = max(np.abs(b).max(), 1e-12)
+    return np.abs(a - b).max() / scale
