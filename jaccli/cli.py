@@ -156,7 +156,7 @@ def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as
     Examples:
       jaccli input model.onnx x.npy -o J.npy
       jaccli input model.onnx x.csv -o J.csv --of logits --outputs 0:3
-      cat x.npy | jaccli input model.onnx - -o - | python -c "import numpy,sys; print(numpy.load(sys.stdin.buffer).shape)"
+      cat x.npy | jaccli input model.onnx - -o - > J.npy
     """
     from .drivers import input_jacobian
 

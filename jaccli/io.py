@@ -212,17 +212,22 @@ def write_columns(path, result):
     os.replace(tmp, path)
 
 
+def element_names(name, shape):
+    """'x[0][3]' for every element of a tensor in C order (no commas, so CSV needs no quoting)."""
+    if not shape:
+        return [name]
+    return [name + "".join(f"[{i}]" for i in ix) for ix in np.ndindex(*shape)]
+
+
 def write_csv(f, result):
     """One row per sample and output element; one column per input element or parameter entry."""
     J = result.J  # (N, n_sel, n_cols)
     if result.kind == "input":
-        cols = [f"{result.wrt}[{','.join(map(str, ix))}]" for ix in np.ndindex(*result.in_shape)] if result.in_shape else [result.wrt]
+        cols = element_names(result.wrt, result.in_shape)
     else:
-        cols = []
-        for c in result.columns:
-            cols += [f"{c['name']}[{','.join(map(str, ix))}]" for ix in np.ndindex(*c["shape"])] if c["shape"] else [c["name"]]
-    out_names = [f"{result.of}[{','.join(map(str, np.unravel_index(i, result.out_shape)))}]" if result.out_shape else result.of
-                 for i in result.selection]
+        cols = [n for c in result.columns for n in element_names(c["name"], c["shape"])]
+    out_all = element_names(result.of, result.out_shape)
+    out_names = [out_all[i] for i in result.selection]
     w = csv.writer(f)
     w.writerow(["sample", "output"] + cols)
     for n in range(J.shape[0]):

@@ -1,0 +1,266 @@
+"""Whole models through the CLI, against central differences that onnxruntime computes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+import jaccli
+from jaccli.cli import main
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS = os.path.join(os.path.dirname(HERE), "sample_models")
+NAMES = ["mlp_classifier", "regression_mlp", "cnn"]
+
+
+def paths(name):
+    return os.path.join(MODELS, f"{name}.onnx"), os.path.join(MODELS, f"{name}.npy")
+
+
+def ort_input_fd(model_path, x, h=1e-3):
+    """Central differences of onnxruntime's float32 forward: (N, n_out, n_in), at steps h and h/4."""
+    s = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    n_in = x[0].size
+    out = []
+    for step in (h, h / 4):
+        cols = []
+        for j in range(n_in):
+            d = np.zeros(n_in, np.float32)
+            d[j] = step
+            d = d.reshape(x.shape[1:])
+            yp = s.run(None, {name: (x + d).astype(np.float32)})[0].astype(np.float64)
+            ym = s.run(None, {name: (x - d).astype(np.float32)})[0].astype(np.float64)
+            cols.append(((yp - ym) / (2 * step)).reshape(len(x), -1))
+        out.append(np.stack(cols, axis=-1))
+    return out
+
+
+def close_to_fd(J, fds, tol):
+    err = np.minimum(*(np.abs(J - fd) for fd in fds))
+    return err.max() / np.abs(fds[0]).max() < tol
+
+
+def run(args, input=None):
+    r = CliRunner().invoke(main, args, input=input, catch_exceptions=False)
+    return r
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_input_jacobian_cli_matches_onnxruntime_differences(name, tmp_path):
+    model, data = paths(name)
+    out = tmp_path / "J.npy"
+    r = run(["input", model, data, "-o", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    J = np.load(out)
+    x = np.load(data)
+    y = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert J.shape == (len(x), *y.shape[1:], *x.shape[1:])
+    fds = ort_input_fd(model, x[:4].astype(np.float64))
+    assert close_to_fd(J[:4].reshape(4, y[0].size, -1), fds, 1e-3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float64_jacobian_matches_within_1e6(name, tmp_path):
+    model, data = paths(name)
+    x = np.load(data)[:3].astype(np.float64)
+    J64 = jaccli.input_jacobian(model, x, dtype="float64", flat=True)
+    # float64 differences of our own forward, which test_rules checks against onnxruntime
+    from gradcheck import our_forward
+    import onnx
+
+    m = onnx.load(model)
+    n_in = x[0].size
+    fd = np.stack([(our_forward(m, {"x": x + e}) - our_forward(m, {"x": x - e})).reshape(3, -1) / 2e-6
+                   for e in (np.eye(n_in)[j].reshape(x.shape[1:]) * 1e-6 for j in range(n_in))], axis=-1)
+    assert np.abs(J64 - fd).max() / np.abs(fd).max() < 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_params_cli_writes_column_map_and_matches_api(name, tmp_path):
+    model, data = paths(name)
+    out = tmp_path / "G.npy"
+    r = run(["params", model, data, "-o", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    G = np.load(out)
+    cols = json.loads((tmp_path / "G.columns.json").read_text())["columns"]
+    G2, cols2 = jaccli.param_jacobian(model, np.load(data))
+    np.testing.assert_array_equal(G, G2)
+    assert cols == cols2
+    assert G.shape[-1] == sum(c["size"] for c in cols)
+    assert [c["offset"] for c in cols] == list(np.cumsum([0] + [c["size"] for c in cols])[:-1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_check_command_passes_and_can_fail(name):
+    model, data = paths(name)
+    for extra in ([], ["--params"]):
+        r = run(["check", model, data, *extra])
+        assert r.exit_code == 0, r.output
+        assert "pass" in r.output
+    r = run(["check", model, data, "--tolerance", "1e-12"])
+    assert r.exit_code == 1
+
+
+def test_modes_agree_and_flat_and_outputs(tmp_path):
+    model, data = paths("cnn")
+    x = np.load(data)
+    Jf = jaccli.input_jacobian(model, x, mode="forward")
+    Jr = jaccli.input_jacobian(model, x, mode="reverse")
+    np.testing.assert_allclose(Jf, Jr, rtol=1e-4, atol=1e-6)
+    assert Jf.shape == (16, 3, 1, 12, 12)
+    flat = jaccli.input_jacobian(model, x, flat=True)
+    assert flat.shape == (16, 3, 144)
+    sub = jaccli.input_jacobian(model, x, outputs="1:3")
+    np.testing.assert_allclose(sub, Jr[:, 1:3], rtol=1e-5, atol=1e-7)
+    G, cols = jaccli.param_jacobian(model, x, outputs="2")
+    Gall, _ = jaccli.param_jacobian(model, x)
+    np.testing.assert_allclose(G[:, 0], Gall[:, 2], rtol=1e-5, atol=1e-7)
+
+
+def test_param_glob_selects_tensors():
+    model, data = paths("mlp_classifier")
+    G, cols = jaccli.param_jacobian(model, np.load(data), params=["fc3.*"])
+    assert [c["name"] for c in cols] == ["fc3.weight", "fc3.bias"]
+    Gall, allcols = jaccli.param_jacobian(model, np.load(data))
+    off = next(c["offset"] for c in allcols if c["name"] == "fc3.weight")
+    np.testing.assert_array_equal(G, Gall[..., off: off + G.shape[-1]])
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_tiny_memory_budget_gives_the_same_result(dtype, rtol):
+    # chunks change BLAS blocking, so float32 agrees to rounding, float64 to 1e-12
+    model, data = paths("cnn")
+    x = np.load(data)
+    r_full = jaccli.input_jacobian(model, x, dtype=dtype, return_result=True)
+    r_small = jaccli.input_jacobian(model, x, dtype=dtype, max_memory=200_000, return_result=True)
+    assert r_small.chunks[0] < r_full.chunks[0]
+    np.testing.assert_allclose(r_small.value, r_full.value, rtol=rtol, atol=rtol * 1e-2)
+    G = jaccli.param_jacobian(model, x, dtype=dtype, return_result=True)
+    G2 = jaccli.param_jacobian(model, x, dtype=dtype, max_memory=300_000, return_result=True)
+    assert G2.chunks < G.chunks
+    np.testing.assert_allclose(G2.value, G.value, rtol=rtol, atol=rtol * 1e-2)
+
+
+# ---- formats ----------------------------------------------------------------------------------
+
+
+def test_output_formats_round_trip(tmp_path):
+    model, data = paths("mlp_classifier")
+    ref = jaccli.input_jacobian(model, np.load(data))
+    for fmt in ("npy", "npz", "csv"):
+        out = tmp_path / f"J.{fmt}"
+        assert run(["input", model, data, "-o", str(out), "-q"]).exit_code == 0
+        if fmt == "npy":
+            got = np.load(out)
+        elif fmt == "npz":
+            z = np.load(out)
+            got = z["jacobian"]
+            assert z["outputs"].shape == (32, 4)
+        else:
+            lines = out.read_text().splitlines()
+            header = lines[0].split(",")
+            assert header[:3] == ["sample", "output", "x[0]"]
+            assert len(lines) == 1 + 32 * 4
+            got = np.array([[float(v) for v in ln.split(",")[2:]] for ln in lines[1:]]).reshape(ref.shape)
+        np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+def test_params_npz_holds_column_map(tmp_path):
+    model, data = paths("regression_mlp")
+    out = tmp_path / "G.npz"
+    assert run(["params", model, data, "-o", str(out), "-q"]).exit_code == 0
+    z = np.load(out)
+    cols = json.loads(bytes(z["columns"]).decode())
+    assert [c["name"] for c in cols][:2] == ["l1.weight_t", "l1.bias"]
+    assert z["jacobian"].shape == (64, 1, sum(c["size"] for c in cols))
+
+
+def test_params_csv_names_parameter_entries(tmp_path):
+    model, data = paths("regression_mlp")
+    out = tmp_path / "G.csv"
+    assert run(["params", model, data, "-o", str(out), "-q", "--param", "l3.*"]).exit_code == 0
+    header = out.read_text().splitlines()[0].split(",")
+    assert header[:4] == ["sample", "output", "l3.weight_t[0][0]", "l3.weight_t[1][0]"]
+    assert header[-1] == "l3.bias[0]" and len(header) == 2 + 33
+
+
+def test_input_formats(tmp_path):
+    model, data = paths("cnn")
+    x = np.load(data)[:5]
+    ref = jaccli.input_jacobian(model, x)
+    np.savez(tmp_path / "x.npz", x=x)
+    np.savetxt(tmp_path / "x.csv", x.reshape(5, -1), delimiter=",", header=",".join(f"f{i}" for i in range(144)), comments="")
+    np.savetxt(tmp_path / "xh.csv", x.reshape(5, -1), delimiter=",")
+    np.save(tmp_path / "one.npy", x[0])
+    for src in ("x.npz", "x.csv", "xh.csv"):
+        out = tmp_path / f"J-{src}.npy"
+        r = run(["input", model, str(tmp_path / src), "-o", str(out), "-q"])
+        assert r.exit_code == 0, r.output
+        np.testing.assert_allclose(np.load(out), ref, rtol=1e-5, atol=1e-7)
+    out = tmp_path / "one.out.npy"
+    assert run(["input", model, str(tmp_path / "one.npy"), "-o", str(out), "-q"]).exit_code == 0
+    np.testing.assert_allclose(np.load(out), ref[:1], rtol=1e-6)
+
+
+def test_stdin_and_stdout_with_runner(tmp_path):
+    model, data = paths("mlp_classifier")
+    with open(data, "rb") as f:
+        raw = f.read()
+    r = CliRunner().invoke(main, ["input", model, "-", "-o", "-", "-q"], input=raw)
+    assert r.exit_code == 0
+    import io
+
+    J = np.load(io.BytesIO(r.stdout_bytes))
+    np.testing.assert_allclose(J, jaccli.input_jacobian(model, np.load(data)), rtol=1e-6)
+
+
+def test_real_pipeline_through_subprocess(tmp_path):
+    model, data = paths("regression_mlp")
+    jaccli_bin = os.path.join(os.path.dirname(sys.executable), "jaccli")
+    cmd = (f"cat {data} | {jaccli_bin} input {model} - -o - | "
+           f"{sys.executable} -c \"import io,numpy,sys; J=numpy.load(io.BytesIO(sys.stdin.buffer.read())); print(J.shape, float(abs(J).sum()))\"")
+    p = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    ref = jaccli.input_jacobian(model, np.load(data))
+    shape, total = p.stdout.strip().rsplit(" ", 1)
+    assert shape == str(ref.shape)
+    assert abs(float(total) - float(np.abs(ref).sum())) < 1e-3
+    assert "Input Jacobian" in p.stderr  # the summary went to stderr, the data to stdout
+
+
+def test_json_summary(tmp_path):
+    model, data = paths("regression_mlp")
+    r = run(["params", model, data, "--json"])
+    d = json.loads(r.output)
+    assert d["jacobian_shape"] == [64, 1, 6 * 32 + 32 + 32 * 32 + 32 + 32 + 1]
+    assert abs(sum(p["grad_norm_share"] for p in d["parameters"]) - 1) < 1e-9
+    assert d["stats"]["frobenius_norm"]["min"] > 0
+
+
+def test_inspect_and_ops():
+    model, _ = paths("cnn")
+    r = run(["inspect", model])
+    assert r.exit_code == 0
+    for word in ("conv1.weight", "MaxPool", "supported", "float32[N×1×12×12]"):
+        assert word in r.output
+    r = run(["ops"])
+    assert "Conv" in r.output and "BatchNormalization" in r.output
+
+
+def test_errors_are_one_line(tmp_path):
+    model, data = paths("mlp_classifier")
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((3, 5), np.float32))
+    r = CliRunner().invoke(main, ["input", model, str(bad), "-o", str(tmp_path / "J.npy")])
+    assert r.exit_code == 1
+    assert r.output.startswith("Error:") and "axis 1 is 5, not 8" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "J.npy").exists()
+    r = CliRunner().invoke(main, ["input", model, data, "--wrt", "nope"])
+    assert r.exit_code == 1 and "no input named 'nope'" in r.output
