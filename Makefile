@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	mkdir -p out
 	$(BIN)/jaccli inspect sample_models/mlp_classifier.onnx
 	$(BIN)/jaccli input sample_models/mlp_classifier.onnx sample_models/mlp_classifier.npy -o out/J.npy
 	$(BIN)/jaccli params sample_models/regression_mlp.onnx sample_models/regression_mlp.npy -o out/G.npy

@@ -28,10 +28,23 @@ class JaccliGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
         except MemoryError:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             raise click.ClickException("out of memory; lower --max-memory or use fewer samples") from None
+        except OSError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
+        except Exception as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise click.ClickException(
+                f"internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                "run with --debug for the traceback and please report it"
+            ) from None
 
 
 @click.group(cls=JaccliGroup, context_settings=CONTEXT)

@@ -117,6 +117,13 @@ def shape_csv_rows(x, model):
 
 
 def output_format(path, fmt):
+    """The output format, from --format or the extension; the target folder must exist."""
+    if path != "-":
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise UsageError(f"{path}: the folder {folder} does not exist")
+        if os.path.isdir(path):
+            raise UsageError(f"{path} is a folder; give a file name")
     if fmt:
         return fmt
     if path == "-":
