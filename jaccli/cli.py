@@ -24,10 +24,18 @@ class JaccliGroup(click.Group):
         except JaccliError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            raise click.ClickException(str(e)) from None
+            err = click.ClickException(str(e))
+            err.exit_code = getattr(e, "exit_code", 1)
+            raise err from None
         except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
-            sys.exit(130)
+            click.echo("Interrupted; no output was written.", err=True)
+            sys.exit(143 if _terminated else 130)
+        except BrokenPipeError:
+            # the reader went away (| head): not an error of ours; silence the final flush too
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except MemoryError:
@@ -67,7 +75,12 @@ def main(ctx, debug):
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+_terminated = False
+
+
 def _on_sigterm(signum, frame):
+    global _terminated
+    _terminated = True
     raise KeyboardInterrupt
 
 
@@ -107,6 +120,7 @@ def _common(f):
                      help="Cap on working memory; work is chunked over samples and directions to fit."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of tables."),
         click.option("-q", "--quiet", is_flag=True, help="Print no summary."),
+        click.option("--strict", is_flag=True, help="Refuse data with NaN or Inf values instead of warning."),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -119,18 +133,34 @@ def _console(to_stdout_data):
     return Console(stderr=True) if to_stdout_data else Console()
 
 
-def _run(kind, model, data, output, fmt, as_json, quiet, compute):
+def _read(model, data, max_memory, strict):
+    """Load the model and the data, with the data's NaN / Inf count checked."""
+    from . import io as jio
+    from .errors import DataError
+    from .model import load
+
+    m = load(model, max_bytes=max_memory)
+    x = jio.shape_csv_rows(jio.read_data(data), m)
+    bad = jio.nonfinite_count(x)
+    if bad:
+        where = "stdin" if data == "-" else data
+        if strict:
+            raise DataError(f"{where}: {bad} NaN or Inf value(s); refused (--strict)")
+        click.echo(f"warning: {where}: {bad} NaN or Inf value(s); their Jacobians will be NaN too", err=True)
+    return m, x
+
+
+def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, compute):
     """Read data, compute into a sink, commit atomically, summarize."""
     from . import io as jio
-    from .model import load
     from .summary import summarize
 
     if output == "-" and fmt in (None, "npy", "npz") and sys.stdout.isatty():
-        raise click.UsageError("refusing to write binary data to a terminal; redirect stdout or use --format csv")
+        from .errors import UsageError
+
+        raise UsageError("refusing to write binary data to a terminal; redirect stdout (> J.npy) or use --format csv")
     fmt = jio.output_format(output, fmt) if output else None
-    m = load(model)
-    x = jio.read_data(data)
-    x = jio.shape_csv_rows(x, m)
+    m, x = _read(model, data, max_memory, strict)
     sink = jio.Sink(output, fmt) if output else None
     try:
         result = compute(m, x, sink.allocate if sink else None)
@@ -159,7 +189,7 @@ def _run(kind, model, data, output, fmt, as_json, quiet, compute):
 @click.option("--mode", type=click.Choice(["auto", "forward", "reverse"]), default="auto", show_default=True,
               help="Forward (one pass per input element) or reverse (one per output element); auto picks the cheaper.")
 @click.option("--flat", is_flag=True, help="Shape (N, n_out, n_in) instead of (N, *out_shape, *in_shape).")
-def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as_json, quiet, wrt, mode, flat):
+def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as_json, quiet, strict, wrt, mode, flat):
     """Input Jacobian dy/dx for every sample: shape (N, *out_shape, *in_shape).
 
     DATA is .npy (N, *input_shape) or one sample, .npz (one array per model input), or
@@ -173,7 +203,7 @@ def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as
     """
     from .drivers import input_jacobian
 
-    _run("input", model, data, output, fmt, as_json, quiet,
+    _run("input", model, data, output, fmt, as_json, quiet, strict, max_memory,
          lambda m, x, out: input_jacobian(m, x, wrt=wrt, of=of, mode=mode, dtype=dtype, outputs=outputs_slice,
                                           flat=flat, max_memory=max_memory, out=out, return_result=True))
 
@@ -182,7 +212,7 @@ def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as
 @_common
 @click.option("--param", "params", multiple=True, metavar="GLOB",
               help="Only parameters whose name matches (repeatable), e.g. --param 'fc2.*'.")
-def params_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as_json, quiet, params):
+def params_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as_json, quiet, strict, params):
     """Per-sample parameter Jacobian dy/dθ: shape (N, *out_shape, P).
 
     Columns follow the model's initializer order, each tensor flattened in C order. A
@@ -196,7 +226,7 @@ def params_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, a
     """
     from .drivers import param_jacobian
 
-    _run("params", model, data, output, fmt, as_json, quiet,
+    _run("params", model, data, output, fmt, as_json, quiet, strict, max_memory,
          lambda m, x, out: param_jacobian(m, x, params=params or None, of=of, dtype=dtype, outputs=outputs_slice,
                                           max_memory=max_memory, out=out, return_result=True))
 
@@ -245,12 +275,9 @@ def check_cmd(model, data, params, samples, entries, dtype, tolerance, as_json):
       jaccli check model.onnx x.npy
       jaccli check model.onnx x.npy --params --dtype float64
     """
-    from . import io as jio
     from .check import check
-    from .model import load
 
-    m = load(model)
-    x = jio.shape_csv_rows(jio.read_data(data), m)
+    _, x = _read(model, data, None, True)
     d = check(model, x, params=params, samples=samples, entries=entries, dtype=dtype, tolerance=tolerance)
     if as_json:
         click.echo(json.dumps(d, indent=1))

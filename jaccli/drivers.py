@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ from . import walk
 from .errors import DataError, MemoryBudgetError, UsageError
 from .model import Model, load
 from .plan import Plan
+from .rules._util import memory_limit
 
 DEFAULT_MAX_MEMORY = 2 << 30
 
@@ -131,14 +133,29 @@ def choose_chunks(N, T, est, max_memory, extra_per_sd=0.0):
     return 1, max(1, min(T, int((budget - b_s) // b_sd)))
 
 
-def _measure(plan, feeds):
+def _measure(plan, feeds, of):
+    """Estimates from a primal pass over the first sample, and that sample's output."""
     env = walk.primal(plan, _slice_samples(feeds, 0, 1))
-    return plan.estimate(env, 1)
+    y1 = env[of]
+    _check_sample_axis(y1, 1, of)
+    return plan.estimate(env, 1), y1
+
+
+def _within_budget(fn):
+    """Run a driver with its max_memory as the allocation limit of the rules."""
+
+    @functools.wraps(fn)
+    def run(*args, max_memory=DEFAULT_MAX_MEMORY, **kwargs):
+        with memory_limit(max_memory):
+            return fn(*args, max_memory=max_memory, **kwargs)
+
+    return run
 
 
 # ---- input Jacobian ---------------------------------------------------------------------------
 
 
+@_within_budget
 def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, outputs=None, flat=False,
                    max_memory=DEFAULT_MAX_MEMORY, out=None, return_result=False, progress=None):
     """Jacobian of output `of` with respect to input `wrt` for every sample.
@@ -148,7 +165,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     `out(shape, dtype)` may supply the array to fill (a memory-mapped file).
     """
     t0 = time.perf_counter()
-    model = load(model)
+    model = load(model, max_bytes=max_memory)
     dtype = np.dtype(dtype)
     wrt_v = model.input(wrt) if wrt is not None else _first_float(model)
     if not wrt_v.is_float:
@@ -156,10 +173,8 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     of_v = model.output(of)
     feeds, N = prepare_feeds(model, x, dtype)
     plan = Plan(model, of_v.name, [wrt_v.name], dtype)
-    est = _measure(plan, feeds)
-    y1 = walk.primal(plan, _slice_samples(feeds, 0, 1))[of_v.name]
+    est, y1 = _measure(plan, feeds, of_v.name)
     out_shape, in_shape = y1.shape[1:], feeds[wrt_v.name].shape[1:]
-    _check_sample_axis(y1, 1, of_v.name)
     n_out, n_in = int(np.prod(out_shape)), int(np.prod(in_shape))
     sel = parse_outputs(outputs, n_out)
     n_sel = sel.size
@@ -232,6 +247,7 @@ def _check_sample_axis(y, n, name):
 # ---- per-sample parameter Jacobian ------------------------------------------------------------
 
 
+@_within_budget
 def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=None, max_memory=DEFAULT_MAX_MEMORY,
                    out=None, return_result=False, progress=None):
     """Per-sample Jacobian of output `of` with respect to the parameters: (N, *out_shape, P).
@@ -240,7 +256,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     `params` (glob patterns) selects tensors by name. Returns (array, column map).
     """
     t0 = time.perf_counter()
-    model = load(model)
+    model = load(model, max_bytes=max_memory)
     dtype = np.dtype(dtype)
     of_v = model.output(of)
     names = model.parameters(of_v.name)
@@ -253,9 +269,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
         raise UsageError(f"output '{of_v.name}' depends on no float parameter")
     feeds, N = prepare_feeds(model, x, dtype)
     plan = Plan(model, of_v.name, names, dtype, per_sample=True)
-    est = _measure(plan, feeds)
-    y1 = walk.primal(plan, _slice_samples(feeds, 0, 1))[of_v.name]
-    _check_sample_axis(y1, 1, of_v.name)
+    est, y1 = _measure(plan, feeds, of_v.name)
     if of_v.name not in plan.batched:
         raise DataError(f"output '{of_v.name}' does not depend on the input samples")
     out_shape = y1.shape[1:]

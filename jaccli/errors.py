@@ -18,7 +18,9 @@ class DataError(JaccliError):
 
 
 class UsageError(JaccliError):
-    """A request that makes no sense for this model (unknown input name, bad slice ...)."""
+    """A request that makes no sense for this model (unknown input name, bad slice ...); exit 2."""
+
+    exit_code = 2
 
 
 class MemoryBudgetError(JaccliError):

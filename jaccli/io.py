@@ -97,6 +97,12 @@ def _numeric(row):
     return all(_is_float(c) for c in row)
 
 
+def nonfinite_count(x):
+    """How many NaN or Inf values the float arrays of x hold."""
+    arrays = x.values() if isinstance(x, dict) else [x]
+    return sum(int(np.size(a) - np.count_nonzero(np.isfinite(a))) for a in arrays if np.asarray(a).dtype.kind == "f")
+
+
 def shape_csv_rows(x, model):
     """CSV rows are flattened samples: reshape them to the (single) input's per-sample shape."""
     if isinstance(x, dict) or x.ndim != 2 or len(model.inputs) != 1:

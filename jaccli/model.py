@@ -101,11 +101,16 @@ def _pick(items, name, kind):
     raise UsageError(f"the model has no {kind} named '{name}' (it has: {', '.join(v.name for v in items)})")
 
 
-def load(source) -> Model:
-    """A Model from a path, raw bytes or an onnx.ModelProto; ModelError on anything malformed."""
-    path = None
+def load(source, max_bytes=None) -> Model:
+    """A Model from a path, raw bytes or an onnx.ModelProto; ModelError on anything malformed.
+
+    Tensors in external data are memory-mapped from files inside the model's folder (any
+    location that leaves it is refused); an inline tensor that declares more than
+    `max_bytes` is refused before it is allocated.
+    """
     if isinstance(source, Model):
         return source
+    path = None
     if isinstance(source, onnx.ModelProto):
         proto = source
     else:
@@ -121,11 +126,10 @@ def load(source) -> Model:
             raise
         except Exception as e:
             raise ModelError(f"{path or 'model'}: not a readable ONNX file ({_first_line(e)})") from None
-        if path is not None:
-            _load_external_data(proto, os.path.dirname(os.path.abspath(path)), path)
     if not proto.graph.node and not proto.graph.output:
         raise ModelError(f"{path or 'model'}: not an ONNX model (no graph)")
-    return _build(proto, path)
+    base = os.path.dirname(os.path.abspath(path)) if path else None
+    return _build(proto, path, base, max_bytes)
 
 
 def _first_line(e):
@@ -133,28 +137,61 @@ def _first_line(e):
     return text[0][:200] if text else type(e).__name__
 
 
-def _load_external_data(proto, base, path):
-    """Load tensors stored beside the model, refusing any location outside the model's folder."""
-    from onnx import external_data_helper as ext
-
-    base_real = os.path.realpath(base)
-    for tensor in ext._get_all_tensors(proto):
-        if not ext.uses_external_data(tensor):
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        loc = info.get("location", "")
-        full = os.path.realpath(os.path.join(base_real, loc))
-        if os.path.isabs(loc) or os.path.commonpath([base_real, full]) != base_real:
-            raise ModelError(f"{path}: tensor '{tensor.name}' points outside the model's folder ({loc!r}); refused")
-        if not os.path.isfile(full):
-            raise ModelError(f"{path}: external data file {loc!r} of tensor '{tensor.name}' is missing")
+def tensor_array(t, where, base=None, max_bytes=None):
+    """A TensorProto as a numpy array, checked: known type, sane dims, data that fits its shape."""
+    name = t.name or "<unnamed>"
     try:
-        ext.load_external_data_for_model(proto, base_real)
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    except Exception:
+        raise ModelError(f"{where}: tensor '{name}' has unknown data type {t.data_type}") from None
+    dims = tuple(int(d) for d in t.dims)
+    if any(d < 0 for d in dims):
+        raise ModelError(f"{where}: tensor '{name}' declares negative dimensions {dims}")
+    nbytes = int(np.prod(dims, dtype=object)) * dtype.itemsize if dims else dtype.itemsize
+    if t.data_location == TensorProto.EXTERNAL:
+        return _external(t, name, dims, dtype, nbytes, where, base)
+    if max_bytes is not None and nbytes > max_bytes:
+        from .errors import MemoryBudgetError
+
+        raise MemoryBudgetError(
+            f"{where}: tensor '{name}' declares shape {dims} ({nbytes / 2**30:.2f} GiB), over --max-memory; refused"
+        )
+    try:
+        return numpy_helper.to_array(t)
     except Exception as e:
-        raise ModelError(f"{path}: cannot load external data ({_first_line(e)})") from None
+        raise ModelError(f"{where}: tensor '{name}' cannot be read ({_first_line(e)})") from None
 
 
-def _attr_value(a):
+def _external(t, name, dims, dtype, nbytes, where, base):
+    """Memory-map a tensor stored beside the model; refuse locations outside the model's folder."""
+    if base is None:
+        raise ModelError(f"{where}: tensor '{name}' uses external data, which needs the model loaded from a file")
+    info = {e.key: e.value for e in t.external_data}
+    loc = info.get("location", "")
+    base_real = os.path.realpath(base)
+    full = os.path.realpath(os.path.join(base_real, loc))
+    if not loc or os.path.isabs(loc) or os.path.commonpath([base_real, full]) != base_real:
+        raise ModelError(f"{where}: tensor '{name}' points outside the model's folder ({loc!r}); refused")
+    if not os.path.isfile(full):
+        raise ModelError(f"{where}: external data file {loc!r} of tensor '{name}' is missing")
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", nbytes))
+    except ValueError:
+        raise ModelError(f"{where}: tensor '{name}' has a malformed external-data offset or length") from None
+    size = os.path.getsize(full)
+    if offset < 0 or length != nbytes or offset + length > size:
+        raise ModelError(
+            f"{where}: tensor '{name}' needs {nbytes} bytes at offset {offset} of {loc!r}, which holds {size}"
+        )
+    if nbytes == 0:
+        return np.zeros(dims, dtype)
+    return np.memmap(full, dtype=dtype.newbyteorder("<"), mode="r", offset=offset, shape=dims)
+
+
+def _attr_value(a, where="model"):
+    if a.type == onnx.AttributeProto.TENSOR:
+        return tensor_array(a.t, where)
     v = helper.get_attribute_value(a)
     if isinstance(v, bytes):
         return v.decode("utf-8", "replace")
@@ -181,7 +218,7 @@ def _value_info(v) -> ValueInfo:
     return ValueInfo(v.name, t.elem_type, shape)
 
 
-def _build(proto, path) -> Model:
+def _build(proto, path, base=None, max_bytes=None) -> Model:
     where = path or "model"
     g = proto.graph
     opsets = {}
@@ -190,10 +227,7 @@ def _build(proto, path) -> Model:
     if "" not in opsets and any(n.domain in ("", "ai.onnx") for n in g.node):
         raise ModelError(f"{where}: the model imports no default ONNX opset")
 
-    try:
-        initializers = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    except Exception as e:
-        raise ModelError(f"{where}: an initializer cannot be read ({_first_line(e)})") from None
+    initializers = {t.name: tensor_array(t, where, base, max_bytes) for t in g.initializer}
     for c in getattr(g, "sparse_initializer", []):
         raise ModelError(f"{where}: sparse initializer '{c.values.name}' is not supported")
 
@@ -212,7 +246,7 @@ def _build(proto, path) -> Model:
                 attrs[a.name] = None  # sub-graphs: the rule lookup refuses these ops
                 continue
             try:
-                attrs[a.name] = _attr_value(a)
+                attrs[a.name] = _attr_value(a, where)
             except Exception as e:
                 raise ModelError(f"{where}: attribute '{a.name}' of node '{n.name or k}' is unreadable ({_first_line(e)})") from None
         name = n.name or f"{n.op_type}_{k}"

@@ -108,7 +108,7 @@ class Plan:
             raise UnsupportedOpError(f"{missing[0]}{more}")
 
     def _attrs(self, node, rule):
-        attrs = dict(node.attrs)
+        attrs = {k: _as_compute(v, self.dtype) if isinstance(v, np.ndarray) else v for k, v in node.attrs.items()}
         if node.op_type == "Cast" and attrs.get("to") in FLOAT_TYPES:
             attrs["to"] = helper.np_dtype_to_tensor_dtype(self.dtype)
         if rule.attrs is None:

@@ -7,6 +7,18 @@ from .plan import Plan, _trim, run_forward
 from .rules import Ctx
 
 
+def _guarded(step, what, args, fn, *fn_args, **fn_kwargs):
+    """fn(*fn_args, **fn_kwargs) for a rule; anything but a JaccliError becomes one line naming the node."""
+    try:
+        return fn(*fn_args, **fn_kwargs)
+    except JaccliError:
+        raise
+    except Exception as e:
+        shapes = [getattr(a, "shape", None) for a in args]
+        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise ModelError(f"node '{step.node.name}' ({step.node.op_type}): {what} failed on inputs of shape {shapes}: {msg}") from None
+
+
 def primal(plan: Plan, feeds: dict) -> dict:
     """Evaluate every step of the plan; returns the environment of values the walkers need."""
     env = dict(plan.consts)
@@ -14,15 +26,7 @@ def primal(plan: Plan, feeds: dict) -> dict:
     env.update(feeds)
     for i, step in enumerate(plan.steps):
         args = [env[v] if v else None for v in step.inputs]
-        try:
-            outs = run_forward(step, args)
-        except JaccliError:
-            raise
-        except Exception as e:
-            raise ModelError(
-                f"node '{step.node.name}' ({step.node.op_type}) failed on inputs of shape "
-                f"{[getattr(a, 'shape', None) for a in args]}: {e}"
-            ) from None
+        outs = _guarded(step, "the forward kernel", args, run_forward, step, args)
         for name, value in zip(step.outputs, outs):
             if name:
                 env[name] = value
@@ -44,7 +48,8 @@ def jvp(plan: Plan, env: dict, seeds: dict):
         present = len(_trim(step.inputs))
         ins = [tan.get(v) if d else None for v, d in zip(step.inputs[:present], step.diff_in)]
         if any(t is not None for t in ins):
-            out = step.rule.jvp(_ctx(step, env), *ins, **step.attrs)
+            cx = _ctx(step, env)
+            out = _guarded(step, "the JVP rule", cx.x, step.rule.jvp, cx, *ins, **step.attrs)
             out = out if isinstance(out, tuple) else (out,)
             for name, t in zip(step.outputs, out):
                 if t is not None and name in plan.active:
@@ -63,7 +68,8 @@ def vjp(plan: Plan, env: dict, Ybar, wrt):
         if all(b is None for b in bars):
             continue
         n_diff = getattr(step.rule, "n_diff_outputs", 1)
-        res = step.rule.vjp(_ctx(step, env, step.diff_in, step.keep), *bars[:n_diff], **step.attrs)
+        cx = _ctx(step, env, step.diff_in, step.keep)
+        res = _guarded(step, "the VJP rule", cx.x, step.rule.vjp, cx, *bars[:n_diff], **step.attrs)
         for name, b, d in zip(step.inputs, res, step.diff_in):
             if d and b is not None:
                 cot[name] = cot[name] + b if name in cot else b

@@ -263,4 +263,4 @@ def test_errors_are_one_line(tmp_path):
     assert len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "J.npy").exists()
     r = CliRunner().invoke(main, ["input", model, data, "--wrt", "nope"])
-    assert r.exit_code == 1 and "no input named 'nope'" in r.output
+    assert r.exit_code == 2 and "no input named 'nope'" in r.output  # a usage error

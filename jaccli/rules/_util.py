@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..errors import UnsupportedOpError
+from ..errors import MemoryBudgetError, ModelError, UnsupportedOpError
 
 
 def unbroadcast(G, shape, lead=1, keep=False):
@@ -144,3 +147,30 @@ def conv_geometry(x_shape, kernel, strides, dilations, pads, auto_pad, ceil_mode
     begin, end, extra = spatial_pads(x_shape[-nd:], kernel, strides, dilations, pads, auto_pad, ceil_mode)
     end = [e + x for e, x in zip(end, extra)]
     return strides, dilations, begin, end, extra
+
+
+# ---- allocation guard: outputs whose size comes from data values (ConstantOfShape, Expand ...) ----
+
+_MAX_BYTES = contextvars.ContextVar("jaccli_max_bytes", default=None)
+
+
+@contextlib.contextmanager
+def memory_limit(max_bytes):
+    """Within this block, check_alloc refuses single allocations above max_bytes."""
+    token = _MAX_BYTES.set(max_bytes)
+    try:
+        yield
+    finally:
+        _MAX_BYTES.reset(token)
+
+
+def check_alloc(shape, dtype, op):
+    """Refuse, before allocating, an output of `shape` that would exceed the memory budget."""
+    limit = _MAX_BYTES.get()
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise ModelError(f"{op}: negative dimension in requested shape {shape}")
+    nbytes = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+    if limit is not None and nbytes > limit:
+        raise MemoryBudgetError(f"{op}: an output of shape {shape} would need {nbytes / 2**30:.2f} GiB, over --max-memory; refused")
+    return shape

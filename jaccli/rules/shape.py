@@ -7,7 +7,7 @@ from onnx import TensorProto, helper
 
 from . import rule
 from ..errors import UnsupportedOpError
-from ._util import lead_flat, need_no_keep, neg_axis
+from ._util import check_alloc, need_no_keep, neg_axis
 
 
 def _to_shape(D, cx, lead=None):
@@ -255,3 +255,15 @@ class Constant:
             if v is not None:
                 return np.asarray(v)
         raise UnsupportedOpError("Constant node without a value")
+
+
+@rule("ConstantOfShape", since=9)
+class ConstantOfShape:
+    """Y = a tensor of the given shape filled with `value` (a one-element tensor, default float 0)."""
+
+    nondiff = (0,)
+
+    def forward(input, *, value=None):
+        v = np.zeros(1, np.float32) if value is None else np.asarray(value).ravel()
+        shape = check_alloc(np.ravel(input), v.dtype, "ConstantOfShape")
+        return np.full(shape, v[0], dtype=v.dtype)
