@@ -133,24 +133,28 @@ def _console(to_stdout_data):
     return Console(stderr=True) if to_stdout_data else Console()
 
 
-def _read(model, data, max_memory, strict):
-    """Load the model and the data, with the data's NaN / Inf count checked."""
+def _read(model, data, max_memory, strict, dtype="float64", of=None):
+    """Load the model, check its operators, then read the data, checked against the model's inputs."""
     from . import io as jio
+    from .drivers import prepare_feeds
     from .errors import DataError
     from .model import load
+    from .plan import require_rules
 
     m = load(model, max_bytes=max_memory)
+    require_rules(m.ancestors([m.output(of).name]))
+    where = "stdin" if data == "-" else data
     x = jio.shape_csv_rows(jio.read_data(data), m)
+    x, _ = prepare_feeds(m, x, dtype, source=where)
     bad = jio.nonfinite_count(x)
     if bad:
-        where = "stdin" if data == "-" else data
         if strict:
             raise DataError(f"{where}: {bad} NaN or Inf value(s); refused (--strict)")
         click.echo(f"warning: {where}: {bad} NaN or Inf value(s); their Jacobians will be NaN too", err=True)
     return m, x
 
 
-def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, compute):
+def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute):
     """Read data, compute into a sink, commit atomically, summarize."""
     from . import io as jio
     from .summary import summarize
@@ -160,7 +164,7 @@ def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, com
 
         raise UsageError("refusing to write binary data to a terminal; redirect stdout (> J.npy) or use --format csv")
     fmt = jio.output_format(output, fmt) if output else None
-    m, x = _read(model, data, max_memory, strict)
+    m, x = _read(model, data, max_memory, strict, dtype, of)
     sink = jio.Sink(output, fmt) if output else None
     try:
         result = compute(m, x, sink.allocate if sink else None)
@@ -203,7 +207,7 @@ def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as
     """
     from .drivers import input_jacobian
 
-    _run("input", model, data, output, fmt, as_json, quiet, strict, max_memory,
+    _run("input", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of,
          lambda m, x, out: input_jacobian(m, x, wrt=wrt, of=of, mode=mode, dtype=dtype, outputs=outputs_slice,
                                           flat=flat, max_memory=max_memory, out=out, return_result=True))
 
@@ -226,7 +230,7 @@ def params_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, a
     """
     from .drivers import param_jacobian
 
-    _run("params", model, data, output, fmt, as_json, quiet, strict, max_memory,
+    _run("params", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of,
          lambda m, x, out: param_jacobian(m, x, params=params or None, of=of, dtype=dtype, outputs=outputs_slice,
                                           max_memory=max_memory, out=out, return_result=True))
 

@@ -41,7 +41,7 @@ class Plan:
         self.per_sample = per_sample
         data_inputs = {v.name for v in model.inputs}
         nodes = model.ancestors([of])
-        self._lookup_all(nodes)
+        require_rules(nodes)
 
         wrt_set = set(self.wrt)
         self.consts = {
@@ -95,17 +95,6 @@ class Plan:
         self._liveness()
 
     # ---- construction helpers ----------------------------------------------------------------
-
-    def _lookup_all(self, nodes):
-        missing = []
-        for node in nodes:
-            try:
-                lookup(node.op_type, node.opset, node.domain, node.name)
-            except UnsupportedOpError as e:
-                missing.append(e)
-        if missing:
-            more = f" (and {len(missing) - 1} more unsupported node(s); see `jaccli inspect`)" if len(missing) > 1 else ""
-            raise UnsupportedOpError(f"{missing[0]}{more}")
 
     def _attrs(self, node, rule):
         attrs = {k: _as_compute(v, self.dtype) if isinstance(v, np.ndarray) else v for k, v in node.attrs.items()}
@@ -181,6 +170,19 @@ class Plan:
             peak = max(peak, live + work)
             flops += _flops(s, env, n)
         return {"bytes_primal": primal, "bytes_per_direction": peak * item, "flops_per_direction": flops}
+
+
+def require_rules(nodes):
+    """Look up the rule of every node; UnsupportedOpError naming the first that has none."""
+    missing = []
+    for node in nodes:
+        try:
+            lookup(node.op_type, node.opset, node.domain, node.name)
+        except UnsupportedOpError as e:
+            missing.append(e)
+    if missing:
+        more = f" (and {len(missing) - 1} more unsupported node(s); see `jaccli inspect`)" if len(missing) > 1 else ""
+        raise UnsupportedOpError(f"{missing[0]}{more}")
 
 
 def run_forward(step, args):
