@@ -8,7 +8,6 @@ import json
 import os
 import sys
 import tempfile
-import zipfile
 
 import numpy as np
 
@@ -52,7 +51,9 @@ def read_data(path, stdin=None):
         if "pickle" in str(e).lower() or "object" in str(e).lower():
             raise DataError(f"{name}: holds Python objects (pickled); jaccli reads numeric arrays only") from None
         raise DataError(f"{name}: not a readable .{kind} file ({_first(e)})") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    except MemoryError:
+        raise DataError(f"{name}: its header declares an array too large to load") from None
+    except Exception as e:  # numpy's header parser raises SyntaxError, zipfile its own, etc.
         raise DataError(f"{name}: truncated or corrupt .{kind} file ({_first(e)})") from None
     return _read_csv(raw, name)
 
@@ -67,7 +68,11 @@ def _read_csv(raw, name):
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise DataError(f"{name}: neither .npy, .npz nor UTF-8 CSV text") from None
-    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        rows = [r for r in reader if r and any(c.strip() for c in r)]
+    except csv.Error as e:
+        raise DataError(f"{name}: malformed CSV at line {reader.line_num} ({e})") from None
     if rows and not _numeric(rows[0]):
         rows = rows[1:]  # a header
     if not rows:

@@ -202,12 +202,31 @@ def _attr_value(a, where="model"):
     return v
 
 
-def _defaults(op_type, opset, domain):
+def _schema(op_type, opset, domain):
     try:
-        schema = onnx.defs.get_schema(op_type, opset, domain)
+        return onnx.defs.get_schema(op_type, opset, domain)
     except Exception:
+        return None  # unknown to onnx: the rule lookup decides
+
+
+def _defaults(schema):
+    if schema is None:
         return {}
     return {k: _attr_value(a.default_value) for k, a in schema.attributes.items() if a.default_value.type}
+
+
+def _check_arity(schema, n, name, where):
+    """Inputs and outputs within what the operator's schema allows."""
+    if schema is None:
+        return
+    n_in = len(n.input)
+    if n_in > schema.max_input or sum(1 for v in n.input if v) < schema.min_input:
+        raise ModelError(
+            f"{where}: node '{name}' ({n.op_type}, opset {schema.since_version}) has {n_in} inputs; "
+            f"the operator takes {schema.min_input} to {schema.max_input}"
+        )
+    if len(n.output) > schema.max_output or len(n.output) < 1:
+        raise ModelError(f"{where}: node '{name}' ({n.op_type}) has {len(n.output)} outputs; the operator gives at most {schema.max_output}")
 
 
 def _value_info(v) -> ValueInfo:
@@ -240,7 +259,10 @@ def _build(proto, path, base=None, max_bytes=None) -> Model:
         if domain not in opsets:
             raise ModelError(f"{where}: node '{n.name or k}' uses domain '{domain}', which the model does not import")
         opset = opsets[domain]
-        attrs = _defaults(n.op_type, opset, domain)
+        name = n.name or f"{n.op_type}_{k}"
+        schema = _schema(n.op_type, opset, domain)
+        _check_arity(schema, n, name, where)
+        attrs = _defaults(schema)
         for a in n.attribute:
             if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
                 attrs[a.name] = None  # sub-graphs: the rule lookup refuses these ops
@@ -249,7 +271,6 @@ def _build(proto, path, base=None, max_bytes=None) -> Model:
                 attrs[a.name] = _attr_value(a, where)
             except Exception as e:
                 raise ModelError(f"{where}: attribute '{a.name}' of node '{n.name or k}' is unreadable ({_first_line(e)})") from None
-        name = n.name or f"{n.op_type}_{k}"
         nodes.append(Node(name, n.op_type, domain, tuple(n.input), tuple(n.output), attrs, frozenset(a.name for a in n.attribute), opset))
 
     nodes = _toposort(nodes, set(initializers) | {v.name for v in inputs}, where)

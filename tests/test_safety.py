@@ -153,7 +153,8 @@ def test_not_an_onnx_file(tmp_path):
 
 def test_truncated_protobuf(tmp_path):
     f = tmp_path / "m.onnx"
-    f.write_bytes(open(MLP, "rb").read()[:700])
+    with open(MLP, "rb") as m:
+        f.write_bytes(m.read()[:700])
     one_error_line(cli("input", f, MLP_X), 1, str(f))
 
 

@@ -19,12 +19,22 @@ def _reduce_rule(name, since, mean, axes_input):
     def axes_of(X, axes_in, attrs_axes, noop):
         return _norm_axes(axes_in if axes_input else attrs_axes, X.ndim, noop)
 
-    def forward(data, axes_in=None, *, keepdims=1, noop_with_empty_axes=0, **attrs):
+    def reduce(data, axes_in, keepdims, noop_with_empty_axes, attrs):
         ax = axes_of(data, axes_in, attrs.get("axes"), noop_with_empty_axes)
         if not ax:
             return data
         f = np.mean if mean else np.sum
         return f(data, axis=ax, keepdims=bool(keepdims)).astype(data.dtype)
+
+    if axes_input:
+
+        def forward(data, axes=None, *, keepdims=1, noop_with_empty_axes=0):
+            return reduce(data, axes, keepdims, noop_with_empty_axes, {})
+
+    else:
+
+        def forward(data, *, keepdims=1, noop_with_empty_axes=0, axes=None):
+            return reduce(data, None, keepdims, noop_with_empty_axes, {"axes": axes})
 
     def jvp(cx, Xdot, *_, keepdims=1, noop_with_empty_axes=0, **attrs):
         X = cx.x[0]
