@@ -220,7 +220,7 @@ def _check_arity(schema, n, name, where):
     if schema is None:
         return
     n_in = len(n.input)
-    if n_in > schema.max_input or sum(1 for v in n.input if v) < schema.min_input:
+    if n_in > schema.max_input or n_in < schema.min_input:  # '' counts: exporters pass it for unused inputs
         raise ModelError(
             f"{where}: node '{name}' ({n.op_type}, opset {schema.since_version}) has {n_in} inputs; "
             f"the operator takes {schema.min_input} to {schema.max_input}"

@@ -102,6 +102,8 @@ class Plan:
             attrs["to"] = helper.np_dtype_to_tensor_dtype(self.dtype)
         if rule.attrs is None:
             return attrs
+        if "n_outputs" in rule.attrs:  # a few ops (Split) depend on how many outputs the node has
+            attrs["n_outputs"] = len(node.outputs)
         unknown = sorted(k for k in node.explicit if k not in rule.attrs and attrs.get(k) is not None)
         if unknown:
             raise UnsupportedOpError(

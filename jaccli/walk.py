@@ -67,9 +67,9 @@ def vjp(plan: Plan, env: dict, Ybar, wrt):
         bars = [cot.pop(o, None) for o in step.outputs]
         if all(b is None for b in bars):
             continue
-        n_diff = getattr(step.rule, "n_diff_outputs", 1)
+        n_diff = step.rule.n_diff_outputs
         cx = _ctx(step, env, step.diff_in, step.keep)
-        res = _guarded(step, "the VJP rule", cx.x, step.rule.vjp, cx, *bars[:n_diff], **step.attrs)
+        res = _guarded(step, "the VJP rule", cx.x, step.rule.vjp, cx, *(bars if n_diff is None else bars[:n_diff]), **step.attrs)
         for name, b, d in zip(step.inputs, res, step.diff_in):
             if d and b is not None:
                 cot[name] = cot[name] + b if name in cot else b

@@ -66,6 +66,7 @@ def rule(op_type: str, since: int, domain: str = ""):
         cls.attrs = _attr_names(cls.forward)
         cls.nondiff = frozenset(getattr(cls, "nondiff", ()))
         cls.differentiable = hasattr(cls, "vjp") or hasattr(cls, "jvp")
+        cls.n_diff_outputs = getattr(cls, "n_diff_outputs", 1)  # None: every output
         entries = _REGISTRY.setdefault((domain, op_type), [])
         entries.append((since, cls))
         entries.sort(key=lambda e: e[0])
@@ -109,4 +110,4 @@ def _load_families():
     global _loaded
     if not _loaded:
         _loaded = True
-        from . import conv, elementwise, linalg, norm, pool, reduce, shape  # noqa: F401
+        from . import conv, elementwise, linalg, ml, norm, pool, reduce, resize, shape  # noqa: F401

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import rule
+from ..errors import UnsupportedOpError
 from ._util import add, conv_geometry, lead_flat, pad_spatial, unpad, windows, windows_adjoint
 
 
@@ -143,3 +144,121 @@ def _weight_cotangent(Ybar, cols, W, group, lead, keep):
     Yf = Yg.reshape((-1, N, g, M // g, O))
     Wb = np.einsum("lngmo,ngok->lgmk", Yf, P, optimize=True)
     return Wb.reshape(head + W.shape)
+
+
+# ---- ConvTranspose: the adjoint of Conv in X, with its own geometry -----------------------------
+
+
+def _tconv_geometry(x_shape, W, strides, dilations, pads, output_padding, output_shape, auto_pad):
+    """strides, dilations, output_padding, pad begins and ends, and the full canvas size."""
+    nd = W.ndim - 2
+    kernel = W.shape[2:]
+    strides = list(strides) if strides else [1] * nd
+    dilations = list(dilations) if dilations else [1] * nd
+    output_padding = list(output_padding) if output_padding else [0] * nd
+    sp = x_shape[-nd:]
+    ext = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    full = [s * (n - 1) + op + e for s, n, op, e in zip(strides, sp, output_padding, ext)]
+    if output_shape or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        target = list(output_shape)[-nd:] if output_shape else [n * s for n, s in zip(sp, strides)]
+        total = [f - t for f, t in zip(full, target)]
+        if auto_pad == "SAME_UPPER":
+            begin, end = [t // 2 for t in total], [t - t // 2 for t in total]
+        else:
+            begin, end = [t - t // 2 for t in total], [t // 2 for t in total]
+    elif auto_pad == "VALID" or not pads:
+        begin, end = [0] * nd, [0] * nd
+    else:
+        begin, end = list(pads[:nd]), list(pads[nd:])
+    return strides, dilations, begin, end, full
+
+
+def _tconv(X, W, group, s, d, begin, end, full):
+    """(B, C_in, *sp) with kernel (C_in, C_out/g, *k) -> (B, C_out, *out)."""
+    nd = W.ndim - 2
+    B, Ci = X.shape[:2]
+    g = group
+    k = W.shape[2:]
+    Cog = W.shape[1]
+    Xg = X.reshape(B, g, Ci // g, -1)  # (B, g, Cig, S)
+    Wg = W.reshape(g, Ci // g, -1)  # (g, Cig, Cog*k)
+    G = np.swapaxes(Xg, -1, -2) @ Wg  # (B, g, S, Cog*k)
+    G = G.reshape(B, g, *X.shape[2:], Cog, *k)
+    G = np.moveaxis(G, 2 + nd, 2).reshape(B, g * Cog, *X.shape[2:], *k)  # (B, C_out, *sp, *k)
+    canvas = windows_adjoint(G, full, k, s, d)
+    sl = tuple(slice(b, f - e) for b, e, f in zip(begin, end, full))
+    return canvas[(Ellipsis,) + sl]
+
+
+def _tconv_windows(Yb, full, begin, end, kernel, s, d, sp):
+    """Windows of the cotangent placed back on the canvas: (B, C_out, *sp, *k)."""
+    nd = len(kernel)
+    width = [(0, 0)] * (Yb.ndim - nd) + [(b, e) for b, e in zip(begin, end)]
+    canvas = np.pad(Yb, width)
+    V = windows(canvas, kernel, s, d)
+    return V[(Ellipsis,) + tuple(slice(0, n) for n in sp) + (slice(None),) * nd]
+
+
+@rule("ConvTranspose", since=1)
+class ConvTranspose:
+    """Y = the transpose of a convolution of X with W (C_in, C_out/group, *kernel), plus B."""
+
+    keeps = True
+
+    def forward(X, W, B=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None, output_padding=None,
+                output_shape=None, pads=None, strides=None):
+        s, d, begin, end, full = _tconv_geometry(X.shape, W, strides, dilations, pads, output_padding, output_shape, auto_pad)
+        Y = _tconv(X, W, group, s, d, begin, end, full)
+        if B is not None:
+            Y = Y + B.reshape((-1,) + (1,) * (W.ndim - 2))
+        return Y
+
+    def jvp(cx, Xdot, Wdot, Bdot=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
+            output_padding=None, output_shape=None, pads=None, strides=None):
+        X, W = cx.x[0], cx.x[1]
+        s, d, begin, end, full = _tconv_geometry(X.shape, W, strides, dilations, pads, output_padding, output_shape, auto_pad)
+        terms = []
+        if Xdot is not None:
+            flat, head = lead_flat(Xdot, X.ndim - 1)
+            Y = _tconv(flat, W, group, s, d, begin, end, full)
+            terms.append(Y.reshape(head + Y.shape[1:]))
+        if Wdot is not None:
+            flat, head = lead_flat(Wdot, W.ndim)
+            raise UnsupportedOpError("ConvTranspose: a kernel that depends on the input is not supported")
+        if Bdot is not None:
+            terms.append(_bias_tangent(Bdot, cx.y[0]))
+        return add(*terms)
+
+    def vjp(cx, Ybar, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None, output_padding=None,
+            output_shape=None, pads=None, strides=None):
+        X, W = cx.x[0], cx.x[1]
+        nd = W.ndim - 2
+        s, d, begin, end, full = _tconv_geometry(X.shape, W, strides, dilations, pads, output_padding, output_shape, auto_pad)
+        lead = cx.lead(Ybar)
+        flat, head = lead_flat(Ybar, X.ndim - 1)  # (L, C_out, *out)
+        V = _tconv_windows(flat, full, begin, end, W.shape[2:], s, d, X.shape[2:])  # (L, C_out, *sp, *k)
+        g = group
+        Ci, Cog = W.shape[0], W.shape[1]
+        L = flat.shape[0]
+        S = int(np.prod(X.shape[2:]))
+        Vg = np.moveaxis(V.reshape(L, g, Cog, *X.shape[2:], *W.shape[2:]), 2, 2 + nd).reshape(L, g, S, -1)  # (L, g, S, Cog*k)
+        Xbar = Wbar = Bbar = None
+        if cx.need[0]:
+            Wg = W.reshape(g, Ci // g, -1)  # (g, Cig, Cog*k)
+            Xb = Vg @ np.swapaxes(Wg, -1, -2)  # (L, g, S, Cig)
+            Xbar = np.swapaxes(Xb, -1, -2).reshape(head + X.shape[1:])
+        if cx.need[1]:
+            N = X.shape[0]
+            Xg = X.reshape(N, g, Ci // g, S)
+            Vn = Vg.reshape(Ybar.shape[:lead] + (N, g, S, -1))
+            if cx.keep[1]:
+                Wb = Xg @ Vn  # (*lead, N, g, Cig, Cog*k)
+                Wbar = Wb.reshape(Ybar.shape[:lead] + (N,) + W.shape)
+            else:
+                Wb = np.einsum("ngcs,lngsk->lgck", Xg, Vn.reshape((-1, N, g, S, Vn.shape[-1])), optimize=True)
+                Wbar = Wb.reshape(Ybar.shape[:lead] + W.shape)
+        if len(cx.x) > 2 and cx.x[2] is not None and cx.need[2]:
+            Bbar = Ybar.sum(axis=tuple(range(Ybar.ndim - nd, Ybar.ndim)))
+            if not cx.keep[2]:
+                Bbar = Bbar.sum(axis=lead)
+        return Xbar, Wbar, Bbar

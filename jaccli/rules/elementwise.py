@@ -281,3 +281,407 @@ class Pow(_Binary):
         dA = B * np.power(A, B - 1) if na else None
         dB = Y * np.log(np.where(A > 0, A, 1)) if nb else None
         return dA, dB
+
+
+@elementwise("Abs", since=6)
+class Abs:
+    """Y = |X|"""
+
+    def forward(X):
+        return np.abs(X)
+
+    def deriv(X, Y):
+        return np.sign(X)
+
+
+@elementwise("Reciprocal", since=6)
+class Reciprocal:
+    """Y = 1 / X"""
+
+    def forward(X):
+        return 1 / X
+
+    def deriv(X, Y):
+        return -Y * Y
+
+
+@elementwise("Sin", since=7)
+class Sin:
+    """Y = sin(X)"""
+
+    def forward(X):
+        return np.sin(X)
+
+    def deriv(X, Y):
+        return np.cos(X)
+
+
+@elementwise("Cos", since=7)
+class Cos:
+    """Y = cos(X)"""
+
+    def forward(X):
+        return np.cos(X)
+
+    def deriv(X, Y):
+        return -np.sin(X)
+
+
+@elementwise("HardSigmoid", since=6)
+class HardSigmoid:
+    """Y = max(0, min(1, alpha * X + beta))"""
+
+    def forward(X, *, alpha, beta):
+        return np.clip(X * X.dtype.type(alpha) + X.dtype.type(beta), 0, 1)
+
+    def deriv(X, Y, *, alpha, beta):
+        return np.where((Y > 0) & (Y < 1), alpha, 0).astype(X.dtype)
+
+
+@elementwise("HardSwish", since=14)
+class HardSwish:
+    """Y = X * max(0, min(1, X / 6 + 1 / 2))"""
+
+    def forward(X):
+        return X * np.clip(X / 6 + 0.5, 0, 1)
+
+    def deriv(X, Y):
+        return np.where(X <= -3, 0, np.where(X >= 3, 1, X / 3 + 0.5)).astype(X.dtype)
+
+
+@elementwise("Selu", since=6)
+class Selu:
+    """Y = gamma * (X if X > 0 else alpha * (exp(X) - 1))"""
+
+    def forward(X, *, alpha, gamma):
+        return X.dtype.type(gamma) * np.where(X > 0, X, X.dtype.type(alpha) * np.expm1(np.minimum(X, 0)))
+
+    def deriv(X, Y, *, alpha, gamma):
+        return np.where(X > 0, gamma, Y + gamma * alpha).astype(X.dtype)
+
+
+@elementwise("Gelu", since=20)
+class Gelu:
+    """Y = X * Phi(X) (approximate='none'), or its tanh approximation."""
+
+    def forward(X, *, approximate="none"):
+        if approximate == "tanh":
+            return 0.5 * X * (1 + np.tanh(_GELU_C * (X + 0.044715 * X**3)))
+        return 0.5 * X * (1 + _erf(X / math.sqrt(2)).astype(X.dtype))
+
+    def deriv(X, Y, *, approximate="none"):
+        if approximate == "tanh":
+            t = np.tanh(_GELU_C * (X + 0.044715 * X**3))
+            return 0.5 * (1 + t) + 0.5 * X * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * X * X)
+        cdf = 0.5 * (1 + _erf(X / math.sqrt(2)).astype(X.dtype))
+        return cdf + X * np.exp(-0.5 * X * X) / math.sqrt(2 * math.pi)
+
+
+_GELU_C = math.sqrt(2 / math.pi)
+
+
+@elementwise("Shrink", since=9)
+class Shrink:
+    """Y = X - bias if X > lambd, X + bias if X < -lambd, else 0."""
+
+    def forward(input, *, bias, lambd):
+        X = input
+        return np.where(X > lambd, X - bias, np.where(X < -lambd, X + bias, 0)).astype(X.dtype)
+
+    def deriv(X, Y, *, bias, lambd):
+        return (np.abs(X) > lambd).astype(X.dtype)
+
+
+@elementwise("ThresholdedRelu", since=10)
+class ThresholdedRelu:
+    """Y = X if X > alpha else 0"""
+
+    def forward(X, *, alpha):
+        return np.where(X > alpha, X, 0).astype(X.dtype)
+
+    def deriv(X, Y, *, alpha):
+        return (X > alpha).astype(X.dtype)
+
+
+@elementwise("Softsign", since=1)
+class Softsign:
+    """Y = X / (1 + |X|)"""
+
+    def forward(input):
+        return input / (1 + np.abs(input))
+
+    def deriv(X, Y):
+        return 1 / (1 + np.abs(X)) ** 2
+
+
+@elementwise("Mish", since=18)
+class Mish:
+    """Y = X * tanh(softplus(X))"""
+
+    def forward(X):
+        return X * np.tanh(np.logaddexp(0, X)).astype(X.dtype)
+
+    def deriv(X, Y):
+        t = np.tanh(np.logaddexp(0, X))
+        return (t + X * (1 - t * t) * _sigmoid(X)).astype(X.dtype)
+
+
+# ---- piecewise constant, comparisons and logic: no derivative flows through them --------------
+
+
+def _constant_op(op_type, since, fn, doc, n_inputs=1):
+    cls = type(op_type, (), {"__doc__": doc, "nondiff": tuple(range(n_inputs)), "forward": fn})
+    return rule(op_type, since)(cls)
+
+
+def _floor(X):
+    return np.floor(X)
+
+
+def _ceil(X):
+    return np.ceil(X)
+
+
+def _round(X):
+    return np.round(X)  # half to even, as the spec
+
+
+def _sign(input):
+    return np.sign(input)
+
+
+def _equal(A, B):
+    return np.equal(A, B)
+
+
+def _less(A, B):
+    return np.less(A, B)
+
+
+def _less_equal(A, B):
+    return np.less_equal(A, B)
+
+
+def _greater(A, B):
+    return np.greater(A, B)
+
+
+def _greater_equal(A, B):
+    return np.greater_equal(A, B)
+
+
+def _not(X):
+    return np.logical_not(X)
+
+
+def _and(A, B):
+    return np.logical_and(A, B)
+
+
+def _or(A, B):
+    return np.logical_or(A, B)
+
+
+def _xor(A, B):
+    return np.logical_xor(A, B)
+
+
+def _isnan(X):
+    return np.isnan(X)
+
+
+def _isinf(X, *, detect_negative=1, detect_positive=1):
+    return (np.isposinf(X) & bool(detect_positive)) | (np.isneginf(X) & bool(detect_negative))
+
+
+for _op, _since, _fn, _doc, _n in (
+    ("Floor", 6, _floor, "Y = floor(X); derivative zero", 1),
+    ("Ceil", 6, _ceil, "Y = ceil(X); derivative zero", 1),
+    ("Round", 11, _round, "Y = round(X), half to even; derivative zero", 1),
+    ("Sign", 9, _sign, "Y = sign(X); derivative zero", 1),
+    ("Equal", 7, _equal, "C = (A == B)", 2),
+    ("Less", 7, _less, "C = (A < B)", 2),
+    ("LessOrEqual", 12, _less_equal, "C = (A <= B)", 2),
+    ("Greater", 7, _greater, "C = (A > B)", 2),
+    ("GreaterOrEqual", 12, _greater_equal, "C = (A >= B)", 2),
+    ("Not", 1, _not, "Y = not X", 1),
+    ("And", 7, _and, "C = A and B", 2),
+    ("Or", 7, _or, "C = A or B", 2),
+    ("Xor", 7, _xor, "C = A xor B", 2),
+    ("IsNaN", 9, _isnan, "Y = isnan(X)", 1),
+    ("IsInf", 10, _isinf, "Y = isinf(X) for the signs asked", 1),
+):
+    _constant_op(_op, _since, _fn, _doc, _n)
+
+
+@rule("Where", since=9)
+class Where:
+    """output = X where condition else Y (broadcast); condition is not differentiated."""
+
+    nondiff = (0,)
+    keeps = True
+
+    def forward(condition, X, Y):
+        return np.where(condition, X, Y)
+
+    def jvp(cx, _, Xdot, Ydot):
+        C, X, Y = cx.x
+        out = cx.y[0]
+        lead = (Xdot if Xdot is not None else Ydot).ndim - (X if Xdot is not None else Y).ndim
+        parts = []
+        for D, v, take in ((Xdot, X, True), (Ydot, Y, False)):
+            if D is not None:
+                parts.append(np.where(C if take else ~C, expand(D, v, out, lead), 0))
+        return add(*parts)
+
+    def vjp(cx, Ybar):
+        C, X, Y = cx.x
+        lead = cx.lead(Ybar)
+        zero = Ybar.dtype.type(0)
+        return (
+            None,
+            unbroadcast(np.where(C, Ybar, zero), X.shape, lead, cx.keep[1]) if cx.need[1] else None,
+            unbroadcast(np.where(C, zero, Ybar), Y.shape, lead, cx.keep[2]) if cx.need[2] else None,
+        )
+
+
+@rule("PRelu", since=7)
+class PRelu(_Binary):
+    """Y = X if X > 0 else slope * X (slope broadcast to X)."""
+
+    def forward(X, slope):
+        return np.where(X > 0, X, X * slope)
+
+    def partials(A, B, Y, na, nb):
+        pos = A > 0
+        return (np.where(pos, 1, B).astype(A.dtype) if na else None), (np.where(pos, 0, A) if nb else None)
+
+
+# ---- variadic: Sum, Mean, Max, Min over broadcast inputs -------------------------------------
+
+
+class _Variadic:
+    keeps = True
+
+    def jvp(cx, *Xdots):
+        Y = cx.y[0]
+        w = cx.rule.weights(cx.x, Y)
+        lead = next(D.ndim - x.ndim for D, x in zip(Xdots, cx.x) if D is not None)
+        return add(*(expand(_times(wi, D), x, Y, lead) for wi, D, x in zip(w, Xdots, cx.x) if D is not None))
+
+    def vjp(cx, Ybar):
+        w = cx.rule.weights(cx.x, cx.y[0])
+        lead = cx.lead(Ybar)
+        return tuple(
+            unbroadcast(_times(wi, Ybar), x.shape, lead, k) if n else None for wi, x, n, k in zip(w, cx.x, cx.need, cx.keep)
+        )
+
+
+@rule("Sum", since=6)
+class Sum(_Variadic):
+    """sum = data_0 + data_1 + ... (broadcast from opset 8)"""
+
+    def forward(*data_0):
+        return _fold(np.add, data_0)
+
+    def weights(xs, Y):
+        return [1] * len(xs)
+
+
+@rule("Mean", since=6)
+class Mean(_Variadic):
+    """mean = (data_0 + data_1 + ...) / n"""
+
+    def forward(*data_0):
+        return _fold(np.add, data_0) / len(data_0)
+
+    def weights(xs, Y):
+        return [1 / len(xs)] * len(xs)
+
+
+def _first_hit(xs, Y):
+    """For Max / Min: 1 for the first input equal to the result, so ties share no gradient twice."""
+    taken = np.zeros(Y.shape, bool)
+    out = []
+    for x in xs:
+        hit = (np.broadcast_to(x, Y.shape) == Y) & ~taken
+        taken |= hit
+        out.append(hit.astype(Y.dtype))
+    return out
+
+
+@rule("Max", since=6)
+class Max(_Variadic):
+    """max = elementwise maximum of the inputs (gradient to the first that attains it)."""
+
+    def forward(*data_0):
+        return _fold(np.maximum, data_0)
+
+    weights = _first_hit
+
+
+@rule("Min", since=6)
+class Min(_Variadic):
+    """min = elementwise minimum of the inputs (gradient to the first that attains it)."""
+
+    def forward(*data_0):
+        return _fold(np.minimum, data_0)
+
+    weights = _first_hit
+
+
+def _fold(f, xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = f(out, x)
+    return out
+
+
+# ---- opset 1 to 6 binaries: `broadcast` and `axis` attributes ---------------------------------
+
+
+def _legacy_binary(modern, op_type):
+    """The opset 1-6 form of a binary op: B broadcast to A from `axis` when `broadcast` is set."""
+
+    def align(A, B, broadcast, axis):
+        if not broadcast or B.ndim == A.ndim:
+            return B
+        ax = A.ndim - B.ndim if axis is None else axis % A.ndim
+        return B.reshape(B.shape + (1,) * (A.ndim - ax - B.ndim))
+
+    def forward(A, B, *, broadcast=0, axis=None, consumed_inputs=None):
+        return modern.forward(A, align(A, B, broadcast, axis))
+
+    def jvp(cx, Adot, Bdot, *, broadcast=0, axis=None, consumed_inputs=None):
+        A, B = cx.x
+        B2 = align(A, B, broadcast, axis)
+        if Bdot is not None:
+            lead = Bdot.ndim - B.ndim
+            Bdot = Bdot.reshape(Bdot.shape[:lead] + B2.shape)
+        return modern.jvp(_Realigned(cx, (A, B2)), Adot, Bdot)
+
+    def vjp(cx, Ybar, *, broadcast=0, axis=None, consumed_inputs=None):
+        A, B = cx.x
+        B2 = align(A, B, broadcast, axis)
+        Abar, Bbar = modern.vjp(_Realigned(cx, (A, B2)), Ybar)
+        if Bbar is not None:
+            Bbar = Bbar.reshape(Bbar.shape[: Bbar.ndim - B2.ndim] + B.shape)
+        return Abar, Bbar
+
+    cls = type(op_type, (), {"__doc__": (modern.__doc__ or "") + " (opset 1-6: broadcast from axis)",
+                             "forward": forward, "jvp": jvp, "vjp": vjp, "keeps": True, "partials": modern.partials})
+    return rule(op_type, 1)(cls)
+
+
+class _Realigned:
+    """A Ctx whose inputs are replaced (B aligned to A) for the modern rule."""
+
+    def __init__(self, cx, x):
+        self.x, self.y, self.need, self.keep, self.rule = x, cx.y, cx.need, cx.keep, cx.rule
+
+    def lead(self, G, i=0):
+        return G.ndim - self.y[i].ndim
+
+
+for _modern in (Add, Sub, Mul, Div, Pow):
+    _legacy_binary(_modern, _modern.key.op_type)

@@ -6,7 +6,7 @@ import numpy as np
 
 from . import rule
 from ..errors import UnsupportedOpError
-from ._util import add, expand, unbroadcast
+from ._util import add, expand, lead_flat, unbroadcast
 
 
 def _t(M, flag=True):
@@ -124,3 +124,96 @@ def _mm(A, B, a_tan=False, b_tan=False):
     if a_tan and B.ndim == 1:
         return (A @ B[:, None])[..., 0]
     return A @ B
+
+
+# ---- Einsum --------------------------------------------------------------------------------------
+
+
+def _parse_einsum(equation, operands):
+    """Input subscripts (list) and output subscripts of an equation, made explicit."""
+    eq = equation.replace(" ", "")
+    if "->" in eq:
+        lhs, out = eq.split("->")
+    else:
+        lhs = eq
+        letters = [c for c in lhs.replace("...", "") if c.isalpha()]
+        out = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    subs = lhs.split(",")
+    if len(subs) != len(operands):
+        raise ValueError(f"equation {equation!r} names {len(subs)} operands, the node has {len(operands)}")
+    return subs, out
+
+
+def _fresh(equation, k=1):
+    used = set(equation)
+    free = [c for c in "ZYXWVUTSRQPONMLKJIHGFEDCBAzyxwvutsrqponmlkjihgfedcba" if c not in used]
+    return free[:k]
+
+
+@rule("Einsum", since=12)
+class Einsum:
+    """Output = the Einstein summation `equation` of the inputs."""
+
+    keeps = True
+
+    def forward(*Inputs, equation):
+        return np.einsum(equation, *Inputs, optimize=len(Inputs) > 2)
+
+    def jvp(cx, *Xdots, equation):
+        subs, out = _parse_einsum(equation, cx.x)
+        (t,) = _fresh(equation)
+        terms = []
+        for i, D in enumerate(Xdots):
+            if D is None:
+                continue
+            flat, head = lead_flat(D, cx.x[i].ndim)
+            s = list(subs)
+            s[i] = t + s[i]
+            ops = list(cx.x)
+            ops[i] = flat
+            R = np.einsum(",".join(s) + "->" + t + out, *ops, optimize=True)
+            terms.append(R.reshape(head + R.shape[1:]))
+        return add(*terms)
+
+    def vjp(cx, Ybar, *, equation):
+        subs, out = _parse_einsum(equation, cx.x)
+        t = _fresh(equation)[0]
+        flat, head = lead_flat(Ybar, cx.y[0].ndim)
+        bars = []
+        for i, X in enumerate(cx.x):
+            bars.append(_einsum_cotangent(cx, i, X, subs, out, t, flat, head) if cx.need[i] else None)
+        return tuple(bars)
+
+
+def _einsum_cotangent(cx, i, X, subs, out, t, flat, head):
+    """d/dX_i of <Ybar, einsum(...)>: Ybar summed against the other operands, in X_i's layout."""
+    target = subs[i]
+    before, dots, after = target.partition("...")
+    letters = before + after
+    if len(set(letters)) != len(letters):
+        raise UnsupportedOpError(f"Einsum: the derivative through a repeated index in {target!r} is not supported")
+    sample = ""
+    if cx.keep[i]:
+        if not out or not out[0].isalpha():
+            raise UnsupportedOpError("Einsum: per-sample cotangents need the output's first axis to be a named index")
+        sample = out[0]
+    others = [s for j, s in enumerate(subs) if j != i]
+    avail = set(out + "".join(others))
+    kept = "".join(c for c in letters if c in avail)
+    R = np.einsum(",".join([t + out] + others) + "->" + t + sample + dots + kept,
+                  flat, *(x for j, x in enumerate(cx.x) if j != i), optimize=True)
+    pre = 1 + len(sample)
+    n_dots = X.ndim - len(letters)
+    ell = X.shape[len(before): len(before) + n_dots]
+    size = dict(zip(before, X.shape)) | dict(zip(after, X.shape[len(before) + n_dots:]))
+    R = unbroadcast(R, ell + tuple(size[c] for c in kept), pre)  # sums ellipsis dims X broadcast
+    # R: (L, [N], *ellipsis, *kept) -> X's layout, with size 1 for letters only X carries
+    axis = {c: pre + n_dots + k for k, c in enumerate(kept)}
+    order = [axis[c] for c in before if c in axis] + list(range(pre, pre + n_dots)) + [axis[c] for c in after if c in axis]
+    R = R.transpose(list(range(pre)) + order)
+    shape = R.shape[:pre] + tuple(
+        [X.shape[k] if c in axis else 1 for k, c in enumerate(before)] + list(ell)
+        + [X.shape[len(before) + n_dots + k] if c in axis else 1 for k, c in enumerate(after)]
+    )
+    R = np.broadcast_to(R.reshape(shape), R.shape[:pre] + X.shape)
+    return R.reshape(head + R.shape[1:])

@@ -6,7 +6,7 @@ import numpy as np
 
 from . import rule
 from ..errors import UnsupportedOpError
-from ._util import neg_axis
+from ._util import add, expand, neg_axis, unbroadcast
 
 
 def _channel(v, ndim):
@@ -118,3 +118,208 @@ Softmax1 = _softmax_rule("Softmax", 1, coerced=True, log=False)
 Softmax13 = _softmax_rule("Softmax", 13, coerced=False, log=False)
 LogSoftmax1 = _softmax_rule("LogSoftmax", 1, coerced=True, log=True)
 LogSoftmax13 = _softmax_rule("LogSoftmax", 13, coerced=False, log=True)
+
+
+# ---- normalisations over a group of axes ---------------------------------------------------------
+
+
+def _standardize(X, axes, epsilon):
+    """xhat = (X - mean) * r over `axes` (negative), with r = 1/sqrt(var + epsilon)."""
+    mu = X.mean(axis=axes, keepdims=True)
+    Xc = X - mu
+    r = 1 / np.sqrt((Xc * Xc).mean(axis=axes, keepdims=True) + X.dtype.type(epsilon))
+    return Xc * r, mu, r
+
+
+def _xhat_tangent(Xdot, xhat, r, axes):
+    """Tangent of xhat: r * (Xdot - mean(Xdot) - xhat * mean(Xdot * xhat))."""
+    return r * (Xdot - Xdot.mean(axis=axes, keepdims=True) - xhat * (Xdot * xhat).mean(axis=axes, keepdims=True))
+
+
+# the adjoint of _xhat_tangent is the same map: it is symmetric
+_xhat_cotangent = _xhat_tangent
+
+
+@rule("LayerNormalization", since=17)
+class LayerNormalization:
+    """Y = (X - mean) / sqrt(var + epsilon) * Scale + B, statistics over axes [axis:]."""
+
+    keeps = True
+
+    def forward(X, Scale, B=None, *, axis, epsilon, stash_type=1):
+        axes = tuple(range(neg_axis(axis, X.ndim), 0))
+        xhat, mu, r = _standardize(X, axes, epsilon)
+        Y = xhat * Scale if B is None else xhat * Scale + B
+        return Y, mu, r
+
+    def jvp(cx, Xdot, Sdot, Bdot=None, *, axis, epsilon, stash_type=1):
+        X, S = cx.x[0], cx.x[1]
+        Y = cx.y[0]
+        axes = tuple(range(neg_axis(axis, X.ndim), 0))
+        xhat, _, r = _standardize(X, axes, epsilon)  # the node may not expose Mean and InvStdDev
+        parts = []
+        if Xdot is not None:
+            parts.append(_xhat_tangent(Xdot, xhat, r, axes) * S)
+        lead = next(D.ndim - x.ndim for D, x in zip((Xdot, Sdot, Bdot), cx.x) if D is not None)
+        if Sdot is not None:
+            parts.append(expand(Sdot, S, Y, lead) * xhat)
+        if Bdot is not None:
+            parts.append(expand(Bdot, cx.x[2], Y, lead))
+        return add(*parts), None, None
+
+    def vjp(cx, Ybar, *, axis, epsilon, stash_type=1):
+        X, S = cx.x[0], cx.x[1]
+        lead = cx.lead(Ybar)
+        axes = tuple(range(neg_axis(axis, X.ndim), 0))
+        xhat, _, r = _standardize(X, axes, epsilon)
+        Xbar = _xhat_cotangent(Ybar * S, xhat, r, axes) if cx.need[0] else None
+        Sbar = unbroadcast(Ybar * xhat, S.shape, lead, cx.keep[1]) if cx.need[1] else None
+        Bbar = None
+        if len(cx.x) > 2 and cx.x[2] is not None and cx.need[2]:
+            Bbar = unbroadcast(Ybar, cx.x[2].shape, lead, cx.keep[2])
+        return Xbar, Sbar, Bbar
+
+
+@rule("InstanceNormalization", since=6)
+class InstanceNormalization:
+    """Y = scale * (X - mean) / sqrt(var + epsilon) + B, statistics per sample and channel."""
+
+    keeps = True
+
+    def forward(input, scale, B, *, epsilon):
+        X = input
+        xhat, _, _ = _standardize(X, tuple(range(2 - X.ndim, 0)), epsilon)
+        return xhat * _channel(scale, X.ndim) + _channel(B, X.ndim)
+
+    def jvp(cx, Xdot, sdot, Bdot, *, epsilon):
+        X, scale, B = cx.x
+        axes = tuple(range(2 - X.ndim, 0))
+        xhat, _, r = _standardize(X, axes, epsilon)
+        out = None if Xdot is None else _xhat_tangent(Xdot, xhat, r, axes) * _channel(scale, X.ndim)
+        if sdot is not None:
+            out = add(out, _channel_tangent(sdot, X) * xhat)
+        if Bdot is not None:
+            out = add(out, np.broadcast_to(_channel_tangent(Bdot, X), Bdot.shape[:-1] + X.shape))
+        return out
+
+    def vjp(cx, Ybar, *, epsilon):
+        X, scale, B = cx.x
+        lead = cx.lead(Ybar)
+        axes = tuple(range(2 - X.ndim, 0))
+        xhat, _, r = _standardize(X, axes, epsilon)
+        Xbar = _xhat_cotangent(Ybar * _channel(scale, X.ndim), xhat, r, axes) if cx.need[0] else None
+        spatial = tuple(range(lead + 2, Ybar.ndim))
+        sbar = _per_channel(Ybar * xhat, spatial, lead, cx.keep[1]) if cx.need[1] else None
+        Bbar = _per_channel(Ybar, spatial, lead, cx.keep[2]) if cx.need[2] else None
+        return Xbar, sbar, Bbar
+
+
+class _GroupNorm:
+    """Y = per-channel affine of X standardised over (channels of a group, spatial axes)."""
+
+    keeps = True
+
+    def forward(X, scale, bias, *, epsilon, num_groups, stash_type=1):
+        N, C = X.shape[:2]
+        G = X.reshape(N, num_groups, -1)
+        xhat, _, _ = _standardize(G, (-1,), epsilon)
+        return xhat.reshape(X.shape) * _affine(scale, X, num_groups) + _affine(bias, X, num_groups)
+
+    def jvp(cx, Xdot, sdot, bdot, *, epsilon, num_groups, stash_type=1):
+        X, scale, bias = cx.x
+        N, C = X.shape[:2]
+        xhat, _, r = _standardize(X.reshape(N, num_groups, -1), (-1,), epsilon)
+        out = None
+        if Xdot is not None:
+            lead = Xdot.shape[: Xdot.ndim - X.ndim]
+            D = _xhat_tangent(Xdot.reshape(lead + (N, num_groups, -1)), xhat, r, (-1,))
+            out = D.reshape(Xdot.shape) * _affine(scale, X, num_groups)
+        xh = xhat.reshape(X.shape)
+        for D, base in ((sdot, xh), (bdot, None)):
+            if D is not None:
+                T = _affine_tangent(D, X, num_groups)
+                out = add(out, T * base if base is not None else np.broadcast_to(T, D.shape[:-1] + X.shape))
+        return out
+
+    def vjp(cx, Ybar, *, epsilon, num_groups, stash_type=1):
+        X, scale, bias = cx.x
+        N, C = X.shape[:2]
+        lead = cx.lead(Ybar)
+        head = Ybar.shape[:lead]
+        xhat, _, r = _standardize(X.reshape(N, num_groups, -1), (-1,), epsilon)
+        Xbar = None
+        if cx.need[0]:
+            G = (Ybar * _affine(scale, X, num_groups)).reshape(head + (N, num_groups, -1))
+            Xbar = _xhat_cotangent(G, xhat, r, (-1,)).reshape(Ybar.shape)
+        spatial = tuple(range(lead + 2, Ybar.ndim))
+        xh = xhat.reshape(X.shape)
+        sbar = _affine_back(_per_channel(Ybar * xh, spatial, lead, cx.keep[1]), scale) if cx.need[1] else None
+        bbar = _affine_back(_per_channel(Ybar, spatial, lead, cx.keep[2]), bias) if cx.need[2] else None
+        return Xbar, sbar, bbar
+
+
+def _affine(v, X, num_groups):
+    """Scale or bias, per group (opset 18) or per channel (opset 21), spread over X."""
+    C = X.shape[1]
+    if v.size == num_groups and num_groups != C:
+        v = np.repeat(v, C // num_groups)
+    return _channel(v, X.ndim)
+
+
+def _affine_tangent(D, X, num_groups):
+    C = X.shape[1]
+    if D.shape[-1] == num_groups and num_groups != C:
+        D = np.repeat(D, C // num_groups, axis=-1)
+    return _channel_tangent(D, X)
+
+
+def _affine_back(G, v):
+    """Channel cotangent (*lead, C) summed back to v's size (groups) when v is per group."""
+    C = G.shape[-1]
+    if v.size != C:
+        G = G.reshape(G.shape[:-1] + (v.size, C // v.size)).sum(axis=-1)
+    return G
+
+
+@rule("GroupNormalization", since=18)
+class GroupNormalization(_GroupNorm):
+    """Y = scale * (X - mean) / sqrt(var + epsilon) + bias, statistics per sample and group."""
+
+
+@rule("LRN", since=1)
+class LRN:
+    """Y = X / (bias + alpha / size * sum of X^2 over a window of `size` channels) ^ beta"""
+
+    def forward(X, *, size, alpha=1e-4, beta=0.75, bias=1.0):
+        d = _lrn_denominator(X, size, alpha, bias)
+        return X * d ** X.dtype.type(-beta)
+
+    def jvp(cx, Xdot, *, size, alpha=1e-4, beta=0.75, bias=1.0):
+        X = cx.x[0]
+        d = _lrn_denominator(X, size, alpha, bias)
+        dsq = _channel_window(2 * X * Xdot, X.ndim, size)
+        return Xdot * d ** -beta - (beta * alpha / size) * X * d ** (-beta - 1) * dsq
+
+    def vjp(cx, Ybar, *, size, alpha=1e-4, beta=0.75, bias=1.0):
+        X = cx.x[0]
+        d = _lrn_denominator(X, size, alpha, bias)
+        G = -(beta * alpha / size) * Ybar * X * d ** (-beta - 1)
+        return (Ybar * d ** -beta + 2 * X * _channel_window(G, X.ndim, size, adjoint=True),)
+
+
+def _lrn_denominator(X, size, alpha, bias):
+    return X.dtype.type(bias) + X.dtype.type(alpha / size) * _channel_window(X * X, X.ndim, size)
+
+
+def _channel_window(S, ndim, size, adjoint=False):
+    """Sum over channels c - floor((size-1)/2) .. c + ceil((size-1)/2) (axis 1 of an ndim-rank
+    primal, counted from the end so leading axes pass through); `adjoint` sums the mirrored window."""
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+    if adjoint:
+        lo, hi = hi, lo
+    ax = S.ndim - ndim + 1
+    width = [(0, 0)] * S.ndim
+    width[ax] = (lo + 1, hi)  # one extra zero in front for the cumulative-sum difference
+    cs = np.cumsum(np.pad(S, width), axis=ax)
+    C = S.shape[ax]
+    return np.take(cs, np.arange(size, size + C), axis=ax) - np.take(cs, np.arange(C), axis=ax)

@@ -1,0 +1,201 @@
+"""ai.onnx.ml operators that scikit-learn exports (skl2onnx) use for regression and class scores."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import rule
+from .elementwise import _erf, _sigmoid
+from ..errors import UnsupportedOpError
+
+ML = "ai.onnx.ml"
+
+
+@rule("Scaler", since=1, domain=ML)
+class Scaler:
+    """Y = (X - offset) * scale, per feature (the last axis)."""
+
+    def forward(X, *, offset=None, scale=None):
+        off = np.asarray(offset if offset is not None else [0.0], X.dtype if X.dtype.kind == "f" else np.float32)
+        sc = np.asarray(scale if scale is not None else [1.0], off.dtype)
+        return (X.astype(off.dtype) - off) * sc
+
+    def jvp(cx, Xdot, *, offset=None, scale=None):
+        return Xdot * np.asarray(scale if scale is not None else [1.0], Xdot.dtype)
+
+    def vjp(cx, Ybar, *, offset=None, scale=None):
+        return (Ybar * np.asarray(scale if scale is not None else [1.0], Ybar.dtype),)
+
+
+@rule("Normalizer", since=1, domain=ML)
+class Normalizer:
+    """Y = each row of X divided by its MAX, L1 or L2 norm."""
+
+    def forward(X, *, norm="MAX"):
+        return X / _row_norm(X, norm)
+
+    def jvp(cx, Xdot, *, norm="MAX"):
+        X, Y = cx.x[0], cx.y[0]
+        n = _row_norm(X, norm)
+        return Xdot / n - Y * (_norm_partial(X, n, norm) * Xdot).sum(axis=-1, keepdims=True) / n
+
+    def vjp(cx, Ybar, *, norm="MAX"):
+        X, Y = cx.x[0], cx.y[0]
+        n = _row_norm(X, norm)
+        return (Ybar / n - _norm_partial(X, n, norm) * (Ybar * Y).sum(axis=-1, keepdims=True) / n,)
+
+
+def _row_norm(X, norm):
+    if norm == "MAX":
+        return X.max(axis=-1, keepdims=True)
+    if norm == "L1":
+        return np.abs(X).sum(axis=-1, keepdims=True)
+    if norm == "L2":
+        return np.sqrt((X * X).sum(axis=-1, keepdims=True))
+    raise UnsupportedOpError(f"Normalizer norm {norm!r} is not supported")
+
+
+def _norm_partial(X, n, norm):
+    """d norm / dX per element of a row."""
+    if norm == "MAX":
+        first = np.zeros_like(X)
+        np.put_along_axis(first, X.argmax(axis=-1)[..., None], 1, axis=-1)
+        return first
+    if norm == "L1":
+        return np.sign(X)
+    return X / n
+
+
+def _post(Z, post_transform):
+    """The score transform of the linear models (NONE, LOGISTIC, SOFTMAX, SOFTMAX_ZERO, PROBIT)."""
+    if post_transform == "NONE":
+        return Z
+    if post_transform == "LOGISTIC":
+        return _sigmoid(Z)
+    if post_transform in ("SOFTMAX", "SOFTMAX_ZERO"):
+        E = np.exp(Z - Z.max(axis=-1, keepdims=True))
+        if post_transform == "SOFTMAX_ZERO":
+            E = np.where(Z == 0, 0, E)
+        return E / E.sum(axis=-1, keepdims=True)
+    if post_transform == "PROBIT":
+        return (math.sqrt(2) * _erfinv(2 * Z - 1)).astype(Z.dtype)
+    raise UnsupportedOpError(f"post_transform {post_transform!r} is not supported")
+
+
+def _post_tangent(Z, S, Zdot, post_transform):
+    if post_transform == "NONE":
+        return Zdot
+    if post_transform == "LOGISTIC":
+        return S * (1 - S) * Zdot
+    if post_transform in ("SOFTMAX", "SOFTMAX_ZERO"):
+        return S * (Zdot - (S * Zdot).sum(axis=-1, keepdims=True))
+    raise UnsupportedOpError(f"derivative of post_transform {post_transform!r} is not supported")
+
+
+def _post_cotangent(Z, S, Sbar, post_transform):
+    if post_transform == "NONE":
+        return Sbar
+    if post_transform == "LOGISTIC":
+        return S * (1 - S) * Sbar
+    if post_transform in ("SOFTMAX", "SOFTMAX_ZERO"):
+        return S * (Sbar - (S * Sbar).sum(axis=-1, keepdims=True))
+    raise UnsupportedOpError(f"derivative of post_transform {post_transform!r} is not supported")
+
+
+def _erfinv(y):
+    """Inverse error function by Newton steps from a close start (PROBIT only)."""
+    y = np.clip(y, -1 + 1e-12, 1 - 1e-12)
+    x = np.sign(y) * np.sqrt(-np.log((1 - y) * (1 + y)))
+    for _ in range(30):
+        x = x - (_erf(x).astype(np.float64) - y) / (2 / math.sqrt(math.pi) * np.exp(-x * x))
+    return x
+
+
+def _linear(X, coefficients, intercepts, n):
+    """Z = X @ W^T + b with W (n, n_features) from the flat coefficients."""
+    X2 = X.reshape(X.shape[0], -1) if X.ndim != 2 else X
+    W = np.asarray(coefficients, X.dtype).reshape(n, -1)
+    b = np.asarray(intercepts if intercepts is not None else np.zeros(n), X.dtype)
+    return X2 @ W.T + b, W
+
+
+@rule("LinearRegressor", since=1, domain=ML)
+class LinearRegressor:
+    """Y = post_transform(X @ coefficients^T + intercepts), `targets` outputs."""
+
+    def forward(X, *, coefficients, intercepts=None, post_transform="NONE", targets=1):
+        Z, _ = _linear(X.astype(np.result_type(X.dtype, np.float32)), coefficients, intercepts, targets)
+        return _post(Z, post_transform)
+
+    def jvp(cx, Xdot, *, coefficients, intercepts=None, post_transform="NONE", targets=1):
+        X = cx.x[0]
+        Z, W = _linear(X, coefficients, intercepts, targets)
+        return _post_tangent(Z, cx.y[0], Xdot @ W.T.astype(Xdot.dtype), post_transform)
+
+    def vjp(cx, Ybar, *, coefficients, intercepts=None, post_transform="NONE", targets=1):
+        X = cx.x[0]
+        Z, W = _linear(X, coefficients, intercepts, targets)
+        return (_post_cotangent(Z, cx.y[0], Ybar, post_transform) @ W.astype(Ybar.dtype),)
+
+
+@rule("LinearClassifier", since=1, domain=ML)
+class LinearClassifier:
+    """(label, scores): scores = post_transform(X @ coefficients^T + intercepts); label not differentiated."""
+
+    n_diff_outputs = 2
+
+    def forward(X, *, coefficients, classlabels_ints=None, classlabels_strings=None, intercepts=None,
+                multi_class=0, post_transform="NONE"):
+        labels = classlabels_ints if classlabels_ints is not None else classlabels_strings
+        n = len(labels)
+        Xf = X.astype(np.result_type(X.dtype, np.float32))
+        W = np.asarray(coefficients).reshape(-1, Xf.shape[-1])
+        Z, _ = _linear(Xf, coefficients, intercepts, W.shape[0])
+        S = _post(Z, post_transform)
+        if W.shape[0] == 1 and n == 2:  # binary: one column of scores, the other derived
+            if post_transform == "NONE":
+                S2 = np.concatenate([-S, S], axis=-1)
+            else:
+                S2 = np.concatenate([1 - S, S], axis=-1)
+            winner = (S2[:, 1] > (0 if post_transform == "NONE" else 0.5)).astype(int)
+            S = S2
+        else:
+            winner = S.argmax(axis=-1)
+        label = np.asarray(labels)[winner]
+        return label, S
+
+    def jvp(cx, Xdot, **attrs):
+        return None, _scores_tangent(cx, Xdot, attrs)
+
+    def vjp(cx, Lbar, Sbar, **attrs):
+        if Sbar is None:
+            return (None,)
+        return (_scores_cotangent(cx, Sbar, attrs),)
+
+
+def _scores_matrix(cx, attrs):
+    X = cx.x[0]
+    W = np.asarray(attrs["coefficients"], X.dtype).reshape(-1, X.shape[-1])
+    Z, _ = _linear(X, attrs["coefficients"], attrs.get("intercepts"), W.shape[0])
+    return Z, W
+
+
+def _scores_tangent(cx, Xdot, attrs):
+    Z, W = _scores_matrix(cx, attrs)
+    post = attrs.get("post_transform", "NONE")
+    S1 = _post(Z, post)
+    D = _post_tangent(Z, S1, Xdot @ W.T.astype(Xdot.dtype), post)
+    if W.shape[0] == 1 and cx.y[1].shape[-1] == 2:
+        D = np.concatenate([-D, D], axis=-1)
+    return D
+
+
+def _scores_cotangent(cx, Sbar, attrs):
+    Z, W = _scores_matrix(cx, attrs)
+    post = attrs.get("post_transform", "NONE")
+    S1 = _post(Z, post)
+    if W.shape[0] == 1 and cx.y[1].shape[-1] == 2:
+        Sbar = Sbar[..., 1:] - Sbar[..., :1]
+    return _post_cotangent(Z, S1, Sbar, post) @ W.astype(Sbar.dtype)

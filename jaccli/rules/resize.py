@@ -1,0 +1,186 @@
+"""Resize and Upsample as separable interpolation: one (out x in) matrix per resized axis.
+
+Linear in X, so the JVP applies the same matrices to the tangent and the VJP their transposes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import rule
+from ..errors import UnsupportedOpError
+from ._util import check_alloc
+
+
+def _source_coords(n_in, n_out, scale, mode, roi=None):
+    """Input coordinate of every output index, as the spec's coordinate_transformation_mode."""
+    x = np.arange(n_out, dtype=np.float64)
+    if mode == "half_pixel":
+        return (x + 0.5) / scale - 0.5
+    if mode == "half_pixel_symmetric":
+        adjustment = n_out / (n_in * scale)
+        return n_in / 2 * (1 - adjustment) + (x + 0.5) / scale - 0.5
+    if mode == "pytorch_half_pixel":
+        return (x + 0.5) / scale - 0.5 if n_out > 1 else np.zeros_like(x)
+    if mode == "align_corners":
+        return x * (n_in - 1) / (n_out - 1) if n_out > 1 else np.zeros_like(x)
+    if mode == "asymmetric":
+        return x / scale
+    if mode == "tf_half_pixel_for_nn":
+        return (x + 0.5) / scale
+    raise UnsupportedOpError(f"Resize coordinate_transformation_mode {mode!r} is not supported")
+
+
+def _nearest_index(c, nearest_mode):
+    if nearest_mode == "round_prefer_floor":
+        return np.where(c - np.floor(c) == 0.5, np.floor(c), np.round(c))
+    if nearest_mode == "round_prefer_ceil":
+        return np.where(c - np.floor(c) == 0.5, np.ceil(c), np.round(c))
+    if nearest_mode == "floor":
+        return np.floor(c)
+    if nearest_mode == "ceil":
+        return np.ceil(c)
+    raise UnsupportedOpError(f"Resize nearest_mode {nearest_mode!r} is not supported")
+
+
+def _cubic_weights(t, a):
+    """Keys' cubic convolution weights for taps at offsets -1, 0, 1, 2 from floor(c)."""
+    d = np.stack([1 + t, t, 1 - t, 2 - t], axis=-1)
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return np.where(d <= 1, near, np.where(d < 2, far, 0))
+
+
+def interpolation_matrix(n_in, n_out, scale, mode, ctm, nearest_mode, cubic_coeff_a, exclude_outside):
+    """(n_out, n_in) matrix M with y = M @ x along one axis."""
+    M = np.zeros((n_out, n_in))
+    rows = np.arange(n_out)
+    c = _source_coords(n_in, n_out, scale, ctm)
+    if mode == "nearest":
+        M[rows, np.clip(_nearest_index(c, nearest_mode), 0, n_in - 1).astype(int)] = 1
+    elif mode == "linear":
+        c = np.clip(c, 0, n_in - 1)
+        x0 = np.floor(c).astype(int)
+        x1 = np.minimum(x0 + 1, n_in - 1)
+        w = c - x0
+        np.add.at(M, (rows, x0), 1 - w)
+        np.add.at(M, (rows, x1), w)
+    elif mode == "cubic":
+        x0 = np.floor(c).astype(int)
+        W = _cubic_weights(c - x0, cubic_coeff_a)
+        for k, off in enumerate((-1, 0, 1, 2)):
+            idx = x0 + off
+            inside = (idx >= 0) & (idx < n_in)
+            w = W[:, k] * (inside if exclude_outside else 1)
+            np.add.at(M, (rows, np.clip(idx, 0, n_in - 1)), w)
+        if exclude_outside:
+            M /= M.sum(axis=1, keepdims=True)
+    else:
+        raise UnsupportedOpError(f"Resize mode {mode!r} is not supported")
+    return M
+
+
+def _apply(X, mats, ndim):
+    """Apply per-axis matrices {axis: M} along the primal axes (counted from the end)."""
+    for ax, M in mats.items():
+        a = X.ndim - ndim + ax
+        X = np.moveaxis(np.tensordot(X, M.astype(X.dtype), axes=([a], [1])), -1, a)
+    return X
+
+
+class _ResizeBase:
+    """Shared derivative: the interpolation is linear in X."""
+
+    nondiff = (1, 2, 3)
+
+    def jvp(cx, Xdot, *_, **attrs):
+        return _apply(Xdot, cx.rule.matrices(cx.x, attrs), cx.x[0].ndim)
+
+    def vjp(cx, Ybar, **attrs):
+        mats = {a: M.T for a, M in cx.rule.matrices(cx.x, attrs).items()}
+        return (_apply(Ybar, mats, cx.x[0].ndim),) + (None,) * (len(cx.x) - 1)
+
+
+def _plan(shape, scales, sizes, axes=None):
+    """Output size and scale per axis from either scales or sizes."""
+    nd = len(shape)
+    axes = list(range(nd)) if axes is None or np.size(axes) == 0 else [int(a) % nd for a in np.ravel(axes)]
+    out, sc = list(shape), [1.0] * nd
+    if sizes is not None and np.size(sizes):
+        for a, n in zip(axes, np.ravel(sizes)):
+            out[a], sc[a] = int(n), int(n) / shape[a]
+    elif scales is not None and np.size(scales):
+        for a, s in zip(axes, np.ravel(scales)):
+            out[a], sc[a] = int(np.floor(shape[a] * float(s))), float(s)
+    return out, sc
+
+
+def _matrices(shape, out, sc, mode, ctm, nearest_mode, a, exclude):
+    return {
+        ax: interpolation_matrix(n, m, s, mode, ctm, nearest_mode, a, exclude)
+        for ax, (n, m, s) in enumerate(zip(shape, out, sc))
+        if m != n or s != 1.0
+    }
+
+
+@rule("Resize", since=10)
+class Resize10(_ResizeBase):
+    """Y = X resized by `scales` (nearest or linear, asymmetric coordinates as in opset 10)."""
+
+    def forward(X, scales, *, mode="nearest"):
+        return _apply(X, Resize10.matrices((X, scales), {"mode": mode}), X.ndim)
+
+    def matrices(x, attrs):
+        X, scales = x[0], x[1]
+        out, sc = _plan(X.shape, scales, None)
+        check_alloc(out, X.dtype, "Resize")
+        return _matrices(X.shape, out, sc, attrs.get("mode", "nearest"), "asymmetric", "floor", -0.75, 0)
+
+
+@rule("Resize", since=11)
+class Resize11(_ResizeBase):
+    """Y = X resized to `sizes` or by `scales` (nearest, linear or cubic), as the spec's modes."""
+
+    def forward(X, roi=None, scales=None, sizes=None, *, antialias=0, axes=None, coordinate_transformation_mode="half_pixel",
+                cubic_coeff_a=-0.75, exclude_outside=0, extrapolation_value=0.0, keep_aspect_ratio_policy="stretch",
+                mode="nearest", nearest_mode="round_prefer_floor"):
+        attrs = dict(antialias=antialias, axes=axes, coordinate_transformation_mode=coordinate_transformation_mode,
+                     cubic_coeff_a=cubic_coeff_a, exclude_outside=exclude_outside,
+                     keep_aspect_ratio_policy=keep_aspect_ratio_policy, mode=mode, nearest_mode=nearest_mode)
+        return _apply(X, Resize11.matrices((X, roi, scales, sizes), attrs), X.ndim)
+
+    def matrices(x, attrs):
+        x = list(x) + [None] * (4 - len(x))
+        X, roi, scales, sizes = x
+        if attrs.get("antialias"):
+            raise UnsupportedOpError("Resize with antialias=1 is not supported")
+        if attrs.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+            raise UnsupportedOpError("Resize keep_aspect_ratio_policy other than 'stretch' is not supported")
+        out, sc = _plan(X.shape, scales, sizes, attrs.get("axes"))
+        check_alloc(out, X.dtype, "Resize")
+        return _matrices(X.shape, out, sc, attrs.get("mode", "nearest"),
+                         attrs.get("coordinate_transformation_mode", "half_pixel"),
+                         attrs.get("nearest_mode", "round_prefer_floor"), attrs.get("cubic_coeff_a", -0.75),
+                         attrs.get("exclude_outside", 0))
+
+
+@rule("Upsample", since=7)
+class Upsample7(_ResizeBase):
+    """Y = X upsampled by the `scales` attribute (nearest or linear, asymmetric coordinates)."""
+
+    def forward(X, *, scales, mode="nearest"):
+        return _apply(X, Upsample7.matrices((X,), {"scales": scales, "mode": mode}), X.ndim)
+
+    def matrices(x, attrs):
+        return Resize10.matrices((x[0], np.asarray(attrs["scales"])), attrs)
+
+
+@rule("Upsample", since=9)
+class Upsample9(_ResizeBase):
+    """Y = X upsampled by input `scales` (nearest or linear, asymmetric coordinates)."""
+
+    def forward(X, scales, *, mode="nearest"):
+        return _apply(X, Resize10.matrices((X, scales), {"mode": mode}), X.ndim)
+
+    def matrices(x, attrs):
+        return Resize10.matrices(x, attrs)
