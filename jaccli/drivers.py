@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import walk
-from .errors import DataError, MemoryBudgetError, UsageError
+from .errors import DataError, JaccliError, MemoryBudgetError, UsageError
 from .model import Model, load
 from .plan import Plan
 from .rules._util import memory_limit
@@ -133,12 +133,56 @@ def choose_chunks(N, T, est, max_memory, extra_per_sd=0.0):
     return 1, max(1, min(T, int((budget - b_s) // b_sd)))
 
 
-def _measure(plan, feeds, of):
-    """Estimates from a primal pass over the first sample, and that sample's output."""
+def _measure(plan, model, feeds, of, N):
+    """Estimates from a primal pass over the first sample, that sample's output, and the most
+    samples one run may take: N, or 1 for a model whose declared batch is fixed at 1."""
     env = walk.primal(plan, _slice_samples(feeds, 0, 1))
-    y1 = env[of]
-    _check_sample_axis(y1, 1, of)
-    return plan.estimate(env, 1), y1
+    y0 = env[of]
+    _check_sample_axis(y0, 1, of)
+    return plan.estimate(env, 1), y0, _samples_per_run(plan, model, feeds, of, N, y0)
+
+
+def _samples_per_run(plan, model, feeds, of, N, y0):
+    """Probe samples 0 and 1 together and alone: each output must depend on its own sample only.
+
+    Seeding every sample with the same direction is right only then; a graph that mixes
+    samples (a reduction or softmax over axis 0, BatchNormalization in training mode) would
+    silently sum cross-sample blocks. A model exported with a batch fixed at 1 runs one sample
+    at a time.
+    """
+    if N < 2:
+        return N
+    fixed = any(v.shape and v.shape[0] == 1 for v in model.inputs)
+    try:
+        y01 = walk.primal(plan, _slice_samples(feeds, 0, 2))[of]
+        paired = y01.ndim > 0 and y01.shape[0] == 2 and y01.shape[1:] == y0.shape[1:]
+    except JaccliError:
+        if not fixed:
+            raise
+        paired = False
+    if not paired:
+        if fixed:
+            return 1
+        _check_sample_axis(y01, 2, of)
+        raise DataError(f"output '{of}' changes shape with the number of samples; it cannot be paired with them")
+    y1 = walk.primal(plan, _slice_samples(feeds, 1, 2))[of]
+    for k, alone in ((0, y0[0]), (1, y1[0])):
+        if not _same(y01[k], alone):
+            if fixed:
+                return 1
+            raise DataError(
+                f"output '{of}' of sample {k} changes when another sample is in the same batch: the model "
+                f"mixes samples (an operation over axis 0, or BatchNormalization in training mode), so "
+                f"per-sample Jacobians are not defined for it"
+            )
+    return N
+
+
+def _same(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    finite = np.abs(b[np.isfinite(b)])
+    scale = max(float(finite.max()) if finite.size else 0.0, 1e-30)
+    return a.shape == b.shape and bool(np.all((np.abs(a - b) <= 1e-4 * scale) | (np.isnan(a) & np.isnan(b))))
 
 
 def _within_budget(fn):
@@ -173,7 +217,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     of_v = model.output(of)
     feeds, N = prepare_feeds(model, x, dtype)
     plan = Plan(model, of_v.name, [wrt_v.name], dtype)
-    est, y1 = _measure(plan, feeds, of_v.name)
+    est, y1, per_run = _measure(plan, model, feeds, of_v.name, N)
     out_shape, in_shape = y1.shape[1:], feeds[wrt_v.name].shape[1:]
     n_out, n_in = int(np.prod(out_shape)), int(np.prod(in_shape))
     sel = parse_outputs(outputs, n_out)
@@ -183,7 +227,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     if mode not in ("forward", "reverse"):
         raise UsageError(f"mode must be auto, forward or reverse, not {mode!r}")
     T = n_in if mode == "forward" else n_sel
-    n_c, t_c = choose_chunks(N, T, est, max_memory, extra_per_sd=(n_sel if mode == "forward" else n_in) * dtype.itemsize)
+    n_c, t_c = choose_chunks(per_run, T, est, max_memory, extra_per_sd=(n_sel if mode == "forward" else n_in) * dtype.itemsize)
 
     if outputs is None and not flat:
         shape = (N, *out_shape, *in_shape)
@@ -269,7 +313,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
         raise UsageError(f"output '{of_v.name}' depends on no float parameter")
     feeds, N = prepare_feeds(model, x, dtype)
     plan = Plan(model, of_v.name, names, dtype, per_sample=True)
-    est, y1 = _measure(plan, feeds, of_v.name)
+    est, y1, per_run = _measure(plan, model, feeds, of_v.name, N)
     if of_v.name not in plan.batched:
         raise DataError(f"output '{of_v.name}' does not depend on the input samples")
     out_shape = y1.shape[1:]
@@ -284,7 +328,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
         off += int(p.size)
     P = off
     T = n_sel
-    n_c, t_c = choose_chunks(N, T, est, max_memory, extra_per_sd=P * dtype.itemsize)
+    n_c, t_c = choose_chunks(per_run, T, est, max_memory, extra_per_sd=P * dtype.itemsize)
     shape = (N, *out_shape, P) if outputs is None else (N, n_sel, P)
     J = out(shape, dtype) if out is not None else np.empty(shape, dtype)
     Jf = J.reshape(N, n_sel, P)
