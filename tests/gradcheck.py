@@ -106,14 +106,26 @@ def ort_forward(model, feeds):
 
 
 def our_forward(model, feeds, dtype=np.float64, params=None):
+    """Our forward in `dtype`; `params` replace initializers in a copy of the model (so constant
+    folding cannot keep a stale copy of them)."""
     from jaccli import walk
     from jaccli.model import load
     from jaccli.plan import Plan
 
+    if params:
+        model = _replace_initializers(model, params)
     m = load(model)
     plan = Plan(m, m.outputs[0].name, [], dtype)
-    plan.consts.update(params or {})
     return walk.primal(plan, {k: (v.astype(dtype) if v.dtype.kind == "f" else v) for k, v in feeds.items()})[m.outputs[0].name]
+
+
+def _replace_initializers(model, params):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.name in params:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(params[t.name], np.float64), t.name))
+    return m
 
 
 def fd_input_jacobian(model, feeds, wrt, eps=1e-6):

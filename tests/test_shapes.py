@@ -112,10 +112,13 @@ def test_identity_wired_shared_weights_constants_and_initializers_listed_as_inpu
     eps = 1e-6
     from gradcheck import our_forward
 
+    def with_weight(Wnew):  # a new model, so that the tied copy moves with W
+        return model(nodes, [x, w_in], [y], [init("W", Wnew)])
+
     fd = np.zeros((3, 4, 16))
     for j in range(16):
         d = np.zeros(16)
         d[j] = eps
-        fd[:, :, j] = (our_forward(m, {"x": xv}, params={"W": Wv + d.reshape(4, 4)}) -
-                       our_forward(m, {"x": xv}, params={"W": Wv - d.reshape(4, 4)})) / (2 * eps)
+        fd[:, :, j] = (our_forward(with_weight(Wv + d.reshape(4, 4)), {"x": xv}) -
+                       our_forward(with_weight(Wv - d.reshape(4, 4)), {"x": xv})) / (2 * eps)
     np.testing.assert_allclose(G, fd, rtol=1e-6, atol=1e-9)
