@@ -16,7 +16,7 @@ def __getattr__(name):  # heavy modules load on first use, so `jaccli --help` st
 
         return getattr(drivers, name)
     if name == "check":
-        from .check import check
+        from .oracle import check
 
         return check
     if name == "load":

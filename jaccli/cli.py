@@ -270,8 +270,10 @@ def inspect_cmd(model, as_json):
 @click.option("--entries", default=64, show_default=True, help="Input elements or parameter entries sampled per check.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--tolerance", type=float, help="Relative error allowed (default 1e-3 in float32, 1e-6 in float64).")
+@click.option("--outputs", "outputs_slice", metavar="SLICE", help="Only these elements of the flattened per-sample output, e.g. 0:5.")
+@click.option("--of", help="Only this model output (default: every float output).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def check_cmd(model, data, params, samples, entries, dtype, tolerance, as_json):
+def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_slice, of, as_json):
     """Our Jacobian against onnxruntime central differences on a few samples; exit 1 above tolerance.
 
     \b
@@ -279,10 +281,11 @@ def check_cmd(model, data, params, samples, entries, dtype, tolerance, as_json):
       jaccli check model.onnx x.npy
       jaccli check model.onnx x.npy --params --dtype float64
     """
-    from .check import check
+    from .oracle import check
 
     _, x = _read(model, data, None, True)
-    d = check(model, x, params=params, samples=samples, entries=entries, dtype=dtype, tolerance=tolerance)
+    d = check(model, x, params=params, samples=samples, entries=entries, dtype=dtype, tolerance=tolerance,
+              outputs=outputs_slice, of=of)
     if as_json:
         click.echo(json.dumps(d, indent=1))
     else:

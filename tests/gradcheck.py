@@ -88,15 +88,9 @@ def ort_forward(model, feeds):
         if "NOT_IMPLEMENTED" not in str(e):
             raise
     try:
-        fixed = onnx.ModelProto()
-        fixed.CopyFrom(model)
-        for v in fixed.graph.input:  # the converter wants concrete dimensions
-            if v.name in feeds:
-                for d, n in zip(v.type.tensor_type.shape.dim, feeds[v.name].shape):
-                    d.Clear()
-                    d.dim_value = n
-        up = onnx.version_converter.convert_version(fixed, 11)
-        del up.graph.value_info[:]  # the converter leaves untyped entries that onnxruntime rejects
+        from jaccli.oracle import upgraded
+
+        up = upgraded(model, feeds)
         s = ort.InferenceSession(up.SerializeToString(), providers=["CPUExecutionProvider"])
         return s.run(None, cast)[0], "onnxruntime (upgraded to opset 11)"
     except Exception:

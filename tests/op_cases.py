@@ -191,3 +191,17 @@ CASES += [
     Case("Normalizer", [("x", (4,))], {"norm": "MAX"}, domain=ML, data="distinct", id="ml-Normalizer-MAX"),
     Case("LinearRegressor", [("x", (3,))], {"coefficients": [0.5, -1.0, 2.0, 1.0, 0.0, -0.5], "intercepts": [0.1, 0.2], "targets": 2}, domain=ML, id="ml-LinearRegressor"),
 ]
+
+# recurrent networks: W, R, B, initial_h (and initial_c, P) as parameters; the sample axis is the
+# batch axis of X, so X is (seq, N, I) with layout 0: the cases use layout 1 (batch first)
+H = 3
+CASES += [
+    Case("RNN", [("x", (4, 2)), ("p", (1, H, 2)), ("p", (1, H, H)), ("p", (1, 2 * H))], {"hidden_size": H, "layout": 1}, opset=14, id="RNN-layout1"),
+    Case("RNN", [("x", (4, 2)), ("p", (2, H, 2)), ("p", (2, H, H)), ("p", (2, 2 * H))], {"hidden_size": H, "layout": 1, "direction": "bidirectional"}, opset=14, id="RNN-bidirectional"),
+    Case("GRU", [("x", (4, 2)), ("p", (1, 3 * H, 2)), ("p", (1, 3 * H, H)), ("p", (1, 6 * H))], {"hidden_size": H, "layout": 1}, opset=14, id="GRU-layout1"),
+    Case("GRU", [("x", (4, 2)), ("p", (1, 3 * H, 2)), ("p", (1, 3 * H, H)), ("p", (1, 6 * H))], {"hidden_size": H, "layout": 1, "linear_before_reset": 1, "direction": "reverse"}, opset=14, id="GRU-reverse-linear-before-reset"),
+    Case("LSTM", [("x", (4, 2)), ("p", (1, 4 * H, 2)), ("p", (1, 4 * H, H)), ("p", (1, 8 * H))], {"hidden_size": H, "layout": 1}, opset=14, id="LSTM-layout1"),
+    Case("LSTM", [("x", (4, 2)), ("p", (2, 4 * H, 2)), ("p", (2, 4 * H, H)), ("p", (2, 8 * H)), ("", None), ("", None), ("", None), ("p", (2, 3 * H))],
+         {"hidden_size": H, "layout": 1, "direction": "bidirectional"}, opset=14, id="LSTM-bidirectional-peepholes"),
+    Case("LSTM", [("x", (4, 2)), ("p", (1, 4 * H, 2)), ("p", (1, 4 * H, H))], {"hidden_size": H, "layout": 1, "clip": 0.8}, opset=14, data="away", id="LSTM-clip"),
+]

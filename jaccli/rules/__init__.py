@@ -110,4 +110,4 @@ def _load_families():
     global _loaded
     if not _loaded:
         _loaded = True
-        from . import conv, elementwise, linalg, ml, norm, pool, reduce, resize, shape  # noqa: F401
+        from . import conv, elementwise, linalg, ml, norm, pool, recurrent, reduce, resize, shape  # noqa: F401

@@ -640,37 +640,45 @@ def _fold(f, xs):
 # ---- opset 1 to 6 binaries: `broadcast` and `axis` attributes ---------------------------------
 
 
-def _legacy_binary(modern, op_type):
-    """The opset 1-6 form of a binary op: B broadcast to A from `axis` when `broadcast` is set."""
+def _axis_align(A, B, broadcast=0, axis=None, **_):
+    """Opset 1-6 binaries: with `broadcast`, B lines up with A from `axis` (default: the end)."""
+    if not broadcast or B.ndim == A.ndim:
+        return B
+    ax = A.ndim - B.ndim if axis is None else axis % A.ndim
+    return B.reshape(B.shape + (1,) * (A.ndim - ax - B.ndim))
 
-    def align(A, B, broadcast, axis):
-        if not broadcast or B.ndim == A.ndim:
-            return B
-        ax = A.ndim - B.ndim if axis is None else axis % A.ndim
-        return B.reshape(B.shape + (1,) * (A.ndim - ax - B.ndim))
+
+def _channel_align(A, B, **_):
+    """Opset 1-6 PRelu: a 1-D slope of size C applies along the channel axis 1."""
+    if B.ndim == 1 and A.ndim > 2 and B.size == A.shape[1] and B.size > 1:
+        return B.reshape((-1,) + (1,) * (A.ndim - 2))
+    return B
+
+
+def _realigned_binary(modern, op_type, since, align, doc):
+    """An older form of a binary op: B realigned to A by `align`, then the modern rule."""
 
     def forward(A, B, *, broadcast=0, axis=None, consumed_inputs=None):
-        return modern.forward(A, align(A, B, broadcast, axis))
+        return modern.forward(A, align(A, B, broadcast=broadcast, axis=axis))
 
     def jvp(cx, Adot, Bdot, *, broadcast=0, axis=None, consumed_inputs=None):
         A, B = cx.x
-        B2 = align(A, B, broadcast, axis)
+        B2 = align(A, B, broadcast=broadcast, axis=axis)
         if Bdot is not None:
-            lead = Bdot.ndim - B.ndim
-            Bdot = Bdot.reshape(Bdot.shape[:lead] + B2.shape)
+            Bdot = Bdot.reshape(Bdot.shape[: Bdot.ndim - B.ndim] + B2.shape)
         return modern.jvp(_Realigned(cx, (A, B2)), Adot, Bdot)
 
     def vjp(cx, Ybar, *, broadcast=0, axis=None, consumed_inputs=None):
         A, B = cx.x
-        B2 = align(A, B, broadcast, axis)
+        B2 = align(A, B, broadcast=broadcast, axis=axis)
         Abar, Bbar = modern.vjp(_Realigned(cx, (A, B2)), Ybar)
         if Bbar is not None:
             Bbar = Bbar.reshape(Bbar.shape[: Bbar.ndim - B2.ndim] + B.shape)
         return Abar, Bbar
 
-    cls = type(op_type, (), {"__doc__": (modern.__doc__ or "") + " (opset 1-6: broadcast from axis)",
-                             "forward": forward, "jvp": jvp, "vjp": vjp, "keeps": True, "partials": modern.partials})
-    return rule(op_type, 1)(cls)
+    cls = type(op_type, (), {"__doc__": (modern.__doc__ or "") + doc, "forward": forward, "jvp": jvp, "vjp": vjp,
+                             "keeps": True, "partials": modern.partials})
+    return rule(op_type, since)(cls)
 
 
 class _Realigned:
@@ -684,4 +692,5 @@ class _Realigned:
 
 
 for _modern in (Add, Sub, Mul, Div, Pow):
-    _legacy_binary(_modern, _modern.key.op_type)
+    _realigned_binary(_modern, _modern.key.op_type, 1, _axis_align, " (opset 1-6: broadcast from axis)")
+_realigned_binary(PRelu, "PRelu", 1, _channel_align, " (opset 1-6: a 1-D slope runs along channels)")

@@ -64,6 +64,20 @@ class Gemm:
         return Abar, Bbar, Cbar
 
 
+@rule("Gemm", since=1)
+class Gemm1(Gemm):
+    """Gemm of opsets 1-6: C required, `broadcast` says whether it broadcasts (numpy does either way)."""
+
+    def forward(A, B, C, *, alpha=1.0, beta=1.0, broadcast=0, transA=0, transB=0):
+        return Gemm.forward(A, B, C, alpha=alpha, beta=beta, transA=transA, transB=transB)
+
+    def jvp(cx, Adot, Bdot, Cdot=None, *, alpha=1.0, beta=1.0, broadcast=0, transA=0, transB=0):
+        return Gemm.jvp(cx, Adot, Bdot, Cdot, alpha=alpha, beta=beta, transA=transA, transB=transB)
+
+    def vjp(cx, Ybar, *, alpha=1.0, beta=1.0, broadcast=0, transA=0, transB=0):
+        return Gemm.vjp(cx, Ybar, alpha=alpha, beta=beta, transA=transA, transB=transB)
+
+
 @rule("MatMul", since=1)
 class MatMul:
     """Y = A @ B with numpy semantics (batched, broadcasting, 1-D operands promoted)."""

@@ -154,11 +154,8 @@ class LinearClassifier:
         W = np.asarray(coefficients).reshape(-1, Xf.shape[-1])
         Z, _ = _linear(Xf, coefficients, intercepts, W.shape[0])
         S = _post(Z, post_transform)
-        if W.shape[0] == 1 and n == 2:  # binary: one column of scores, the other derived
-            if post_transform == "NONE":
-                S2 = np.concatenate([-S, S], axis=-1)
-            else:
-                S2 = np.concatenate([1 - S, S], axis=-1)
+        if W.shape[0] == 1 and n == 2:  # binary: one column of scores s, reported as [1 - s, s]
+            S2 = np.concatenate([1 - S, S], axis=-1)
             winner = (S2[:, 1] > (0 if post_transform == "NONE" else 0.5)).astype(int)
             S = S2
         else:

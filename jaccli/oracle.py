@@ -1,0 +1,304 @@
+"""Our Jacobians against central finite differences computed by onnxruntime, the independent oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from .drivers import input_jacobian, param_jacobian, prepare_feeds
+from .errors import JaccliError, ModelError
+from .model import load
+
+TOLERANCE = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
+
+
+def _to_double(proto):
+    """A copy of the model computing in float64 (None if that cannot be built)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    g = m.graph
+    for t in g.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+    for v in list(g.input) + list(g.output) + list(g.value_info):
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.DOUBLE
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
+    return m
+
+
+def _params_as_inputs(proto, names):
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    g = m.graph
+    existing = {v.name for v in g.input}
+    for t in g.initializer:
+        if t.name in names and t.name not in existing:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return m
+
+
+_ORT_FLOATS = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
+
+
+class Oracle:
+    """An onnxruntime session over the model, computing in `dtype` (float64 or float32)."""
+
+    def __init__(self, proto, dtype):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.dtype = np.dtype(dtype)
+        m = _to_double(proto) if self.dtype == np.float64 else proto
+        self.session = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        inputs = list(self.session.get_inputs()) + list(self.session.get_overridable_initializers())
+        self.types = {i.name: _ORT_FLOATS.get(i.type) for i in inputs}
+
+    def run(self, feeds, outputs):
+        """Run on feeds cast to each input's declared float type (a double model stays double)."""
+        cast = {}
+        for k, v in feeds.items():
+            want = self.types.get(k)
+            cast[k] = v.astype(want) if want is not None and np.issubdtype(v.dtype, np.floating) else v
+        return self.session.run(outputs, cast)
+
+
+def upgraded(proto, feeds, opset=11):
+    """The model converted to `opset` by onnx's version converter, for opsets onnxruntime has no
+    kernels for (input dimensions pinned to the data, as the converter needs)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    for v in m.graph.input:
+        if v.name in feeds:
+            for d, n in zip(v.type.tensor_type.shape.dim, np.shape(feeds[v.name])):
+                d.Clear()
+                d.dim_value = n
+    up = onnx.version_converter.convert_version(m, opset)
+    del up.graph.value_info[:]  # the converter leaves untyped entries that onnxruntime rejects
+    _channel_slopes(up)
+    return up
+
+
+def _channel_slopes(m):
+    """The converter keeps an opset-6 PRelu slope of shape (C,), which then broadcasts along the
+    last axis; the old semantics put it on the channel axis 1: reshape it to (C, 1, ..., 1)."""
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in list(onnx.shape_inference.infer_shapes(m).graph.value_info) + list(m.graph.input)}
+    inits = {t.name: t for t in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "PRelu" and n.input[1] in inits and ranks.get(n.input[0], 0) > 2:
+            t = inits[n.input[1]]
+            if len(t.dims) == 1 and t.dims[0] > 1:
+                a = numpy_helper.to_array(t).reshape((-1,) + (1,) * (ranks[n.input[0]] - 2))
+                t.CopyFrom(numpy_helper.from_array(a, t.name))
+                for v in m.graph.input:  # old exports list initializers among the inputs too
+                    if v.name == t.name:
+                        v.type.tensor_type.shape.ClearField("dim")
+                        for d in a.shape:
+                            v.type.tensor_type.shape.dim.add().dim_value = d
+
+
+def _oracle(proto, feeds, out_names, extra=None, model=None):
+    """An oracle that runs on one sample: float64 where onnxruntime has the kernels, else float32;
+    a model of an opset onnxruntime lacks kernels for is upgraded first.
+
+    A float64 session counts as float64 only if, at a slightly jittered sample, its output agrees
+    with our float64 forward of `model` to 1e-9: some onnxruntime kernels accept doubles but
+    compute in float, which exact test values (integers) would hide.
+    """
+    probe = _first(feeds)
+    rng = np.random.default_rng(1)
+    jitter = {k: (v * (1 + 1e-3 * rng.standard_normal(v.shape)) if np.issubdtype(v.dtype, np.floating) else v)
+              for k, v in probe.items()}
+    reference = None if model is None else _forward(model, jitter, out_names[0], np.float64, extra)
+    probe.update(extra or {})
+    last = None
+    for m in _candidates(proto, feeds):
+        for dtype in (np.float64, np.float32):
+            try:
+                o = Oracle(m, dtype)
+                o.run(probe, out_names)
+                y = o.run({**jitter, **(extra or {})}, out_names)[0]
+            except Exception as e:
+                last = e
+                continue
+            if dtype == np.float64 and reference is not None and not _agrees(y, reference, 1e-9):
+                continue  # not truly double precision: use its float32 session with float32 steps
+            return o
+    raise ModelError(f"onnxruntime cannot run this model: {str(last).splitlines()[0][:200]}")
+
+
+def _agrees(a, b, rtol):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    fin = np.isfinite(b)
+    scale = max(float(np.abs(b[fin]).max()) if fin.any() else 0.0, 1e-300)
+    return a.shape == b.shape and bool(np.all(np.isfinite(a) == fin)) and float(np.abs(a[fin] - b[fin]).max(initial=0)) <= rtol * scale
+
+
+def _candidates(proto, feeds):
+    """The model as it is, then (only if asked for) upgraded to a newer opset."""
+    yield proto
+    try:
+        yield upgraded(proto, feeds)
+    except Exception:
+        return
+
+
+def _step(dtype):
+    """Relative step of the central differences: small enough in float32 to rarely cross a
+    ReLU kink, large enough that rounding stays near 1e-4 of the derivative."""
+    return 1e-3 if np.dtype(dtype) == np.float32 else float(np.finfo(np.float64).eps) ** (1 / 3)
+
+
+def _central(evaluate, base, pick, h):
+    """Central differences of evaluate (a (m, n) batch of vectors -> (m, k, n_out)) at entries `pick`.
+
+    Returns (k, n_out, len(pick)). Each entry's step is h * max(1, |base|).
+    """
+    m = pick.size
+    steps = h * np.maximum(1.0, np.abs(base[pick]))
+    batch = np.repeat(base[None], 2 * m, axis=0)
+    batch[np.arange(m), pick] += steps
+    batch[m + np.arange(m), pick] -= steps
+    ys = evaluate(batch)  # (2m, k, n_out)
+    return ((ys[:m] - ys[m:]) / (2 * steps[:, None, None])).transpose(1, 2, 0)
+
+
+def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, seed=0, tolerance=None, of=None,
+          outputs=None):
+    """Compare our Jacobian with onnxruntime central differences on a few samples.
+
+    Columns (input elements or parameter entries) are sampled when there are more than
+    `entries`. An entry counts as wrong only if it disagrees with the differences at both
+    step h and h/4: a kink inside one step spoils one of them, a wrong derivative both.
+    `outputs` (a slice of the flattened per-sample output) restricts the check to those
+    elements. Returns a JSON-ready dict with one row per checked float output.
+    """
+    model = load(model_path)
+    dtype = np.dtype(dtype)
+    proto = model_path if isinstance(model_path, onnx.ModelProto) else onnx.load(model_path)
+    feeds, N = prepare_feeds(model, x, np.float64)
+    k = min(samples, N)
+    feeds = {n: (v[:k] if v.ndim else v) for n, v in feeds.items()}
+    rng = np.random.default_rng(seed)
+    outs = [v.name for v in model.outputs if v.is_float] if of is None else [of]
+    rows, oracle_dtype = [], None
+    for name in outs:
+        if params:
+            ours, fds, y_ort, oracle = _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs)
+        else:
+            ours, fds, y_ort, oracle = _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs)
+        oracle_dtype = oracle.dtype
+        y_ours = _forward(model, feeds, name, dtype)
+        rows.append(_row(name, ours, fds, y_ours, y_ort))
+    tol = tolerance if tolerance is not None else max(TOLERANCE[dtype], TOLERANCE[oracle_dtype])
+    return {"kind": "parameter" if params else "input", "samples": k, "step": _step(oracle_dtype),
+            "oracle_dtype": oracle_dtype.name, "tolerance": tol, "rows": rows,
+            "ok": all(r["relative_error"] <= tol for r in rows)}
+
+
+def _pick(n, entries, rng):
+    return np.arange(n) if n <= entries else np.sort(rng.choice(n, entries, replace=False))
+
+
+def _with_largest(pick, J):
+    """The sampled columns plus, for each sample, the column of our largest entry: it is then
+    checked too, and the differences' own maximum is a fair scale for the relative error."""
+    largest = np.abs(np.nan_to_num(J)).max(axis=1).argmax(axis=-1)  # (samples,)
+    return np.union1d(pick, largest)
+
+
+def _first(feeds):
+    return {k: (v[:1] if np.ndim(v) else v) for k, v in feeds.items()}
+
+
+def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs):
+    wrt = next(v.name for v in model.inputs if v.is_float)
+    r = input_jacobian(model, feeds, wrt=wrt, of=name, dtype=dtype, flat=True, outputs=outputs, return_result=True)
+    J, sel = r.value, r.selection
+    oracle = _oracle(proto, feeds, [name], model=model)
+    x0 = feeds[wrt]
+    pick = _with_largest(_pick(x0[0].size, entries, rng), J)
+    h = _step(oracle.dtype)
+    fds = []
+    for step in (h, h / 4):
+        per = []
+        for i in range(k):
+            def evaluate(batch, i=i):
+                m = batch.shape[0]
+                f = {n: np.repeat(v[i:i + 1], m, axis=0) for n, v in feeds.items() if n != wrt}
+                f[wrt] = batch.reshape((m,) + x0.shape[1:])
+                return _run_batched(oracle, f, name).reshape(m, 1, -1)[:, :, sel]
+
+            per.append(_central(evaluate, x0[i].ravel(), pick, step))
+        fds.append(np.concatenate(per))
+    return J[:, :, pick], fds, _run_batched(oracle, feeds, name).reshape(k, -1), oracle
+
+
+def _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs):
+    r = param_jacobian(model, feeds, of=name, dtype=dtype, outputs=outputs, return_result=True)
+    G, cols, sel = r.value, r.columns, r.selection
+    names = [c["name"] for c in cols]
+    theta = {n: model.initializers[n] for n in names}
+    oracle = _oracle(_params_as_inputs(proto, set(names)), feeds, [name], theta)
+    base = np.concatenate([theta[n].astype(np.float64).ravel() for n in names])
+
+    def evaluate(thetas):
+        out = []
+        for th in thetas:
+            vals = {c["name"]: th[c["offset"]: c["offset"] + c["size"]].reshape(c["shape"]) for c in cols}
+            out.append(oracle.run({**feeds, **vals}, [name])[0].reshape(k, -1)[:, sel])
+        return np.asarray(out, dtype=np.float64)
+
+    pick = _with_largest(_pick(base.size, entries, rng), G.reshape(k, -1, base.size))
+    h = _step(oracle.dtype)
+    fds = [_central(evaluate, base, pick, step) for step in (h, h / 4)]
+    y_ort = oracle.run({**feeds, **theta}, [name])[0].reshape(k, -1).astype(np.float64)
+    return G.reshape(k, -1, base.size)[:, :, pick], fds, y_ort, oracle
+
+
+def _run_batched(oracle, feeds, name):
+    """Run the oracle on all samples at once, or one by one if the model's batch is fixed."""
+    try:
+        return oracle.run(feeds, [name])[0].astype(np.float64)
+    except Exception:
+        n = next(iter(feeds.values())).shape[0]
+        parts = [oracle.run({k: v[i:i + 1] for k, v in feeds.items()}, [name])[0] for i in range(n)]
+        return np.concatenate(parts).astype(np.float64)
+
+
+def _forward(model, feeds, name, dtype, params=None):
+    """Our forward, flat per sample; `params` replace parameters (as the oracle feeds them)."""
+    from . import walk
+    from .plan import Plan
+
+    plan = Plan(model, name, list(params or ()), dtype)
+    plan.params.update({k: np.asarray(v, dtype) for k, v in (params or {}).items()})
+    cast = {k: (v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v) for k, v in feeds.items()}
+    return walk.primal(plan, cast)[name].reshape(next(iter(feeds.values())).shape[0], -1)
+
+
+def _row(name, ours, fds, y_ours, y_ort):
+    """Errors over the checked entries: an entry is wrong only if it disagrees with the
+    differences at both steps. Not judged: entries whose differences are not finite, and every
+    entry of a sample whose output is not finite (there IEEE's 0 * NaN = NaN spreads NaN through
+    structurally zero entries, in jaccli as in every autodiff system); they are counted."""
+    ours = np.asarray(ours, np.float64)
+    sample_ok = np.isfinite(np.asarray(y_ort, np.float64).reshape(len(ours), -1)).all(axis=1)
+    finite = np.isfinite(fds[0]) & np.isfinite(fds[1]) & sample_ok[:, None, None]
+    with np.errstate(invalid="ignore"):
+        err = np.where(finite, np.minimum(*(np.abs(ours - fd) for fd in fds)), 0.0)
+    err = np.where(finite & ~np.isfinite(ours), np.inf, err)
+    scale = float(np.abs(np.where(finite, fds[0], 0)).max()) if err.size else 0.0
+    max_err = float(err.max()) if err.size else 0.0
+    return {"output": name, "max_abs_error": max_err, "max_abs": scale,
+            "relative_error": max_err / scale if scale > 0 else max_err,
+            "nan_entries": int((~finite).sum()),
+            "forward_error": float(np.nanmax(np.abs(y_ours.astype(np.float64) - y_ort), initial=0.0))}

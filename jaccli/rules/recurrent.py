@@ -1,0 +1,501 @@
+"""LSTM, GRU and RNN: forward, reverse and bidirectional, layout 0 (time major) and 1 (batch first).
+
+The loop over time is in Python; everything within a step is batched over samples and directions.
+The JVP runs the recurrence forward with tangents; the VJP runs it backwards through time and
+keeps the sample axis for per-sample weight cotangents. Shapes in the comments are canonical:
+X (S, N, I), states (N, H), W (G*H, I), R (G*H, H) per direction, L leading tangent axes folded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import rule
+from ..errors import UnsupportedOpError
+from .elementwise import _sigmoid
+
+
+# ---- activations: value and derivative from (pre-activation, value) ---------------------------------
+
+
+def _tanh(a):
+    return np.tanh(a)
+
+
+def _dtanh(a, y):
+    return 1 - y * y
+
+
+def _dsigmoid(a, y):
+    return y * (1 - y)
+
+
+def _relu(a):
+    return np.maximum(a, 0)
+
+
+def _drelu(a, y):
+    return (a > 0).astype(a.dtype)
+
+
+def _softsign(a):
+    return a / (1 + np.abs(a))
+
+
+def _dsoftsign(a, y):
+    return 1 / (1 + np.abs(a)) ** 2
+
+
+def _softplus(a):
+    return np.logaddexp(0, a).astype(a.dtype)
+
+
+def _dsoftplus(a, y):
+    return _sigmoid(a)
+
+
+def _hardsigmoid(a):
+    return np.clip(0.2 * a + 0.5, 0, 1)
+
+
+def _dhardsigmoid(a, y):
+    return np.where((y > 0) & (y < 1), 0.2, 0).astype(a.dtype)
+
+
+ACTIVATIONS = {
+    "sigmoid": (_sigmoid, _dsigmoid),
+    "tanh": (_tanh, _dtanh),
+    "relu": (_relu, _drelu),
+    "softsign": (_softsign, _dsoftsign),
+    "softplus": (_softplus, _dsoftplus),
+    "hardsigmoid": (_hardsigmoid, _dhardsigmoid),
+}
+
+
+def _activations(names, defaults, D, alpha, beta):
+    if alpha or beta:
+        raise UnsupportedOpError("recurrent activation_alpha / activation_beta are not supported")
+    names = list(names) if names else list(defaults) * D
+    if len(names) == len(defaults):
+        names = names * D
+    try:
+        acts = [ACTIVATIONS[n.lower()] for n in names]
+    except KeyError as e:
+        raise UnsupportedOpError(f"recurrent activation {e.args[0]!r} is not supported") from None
+    k = len(defaults)
+    return [acts[d * k:(d + 1) * k] for d in range(D)]
+
+
+# ---- layout and directions ----------------------------------------------------------------------
+
+
+def _x_canonical(X, layout, lead):
+    """Layout 1 (N, S, I) -> canonical (S, N, I); `lead` leading axes are left alone."""
+    return np.swapaxes(X, lead, lead + 1) if layout else X
+
+
+_state_canonical = _x_canonical  # layout 1 (N, D, H) <-> canonical (D, N, H): the same swap
+
+
+def _y_to_layout(Y, layout, lead):
+    """Canonical (S, D, N, H) -> layout 1 (N, S, D, H)."""
+    return np.moveaxis(Y, lead + 2, lead) if layout else Y
+
+
+def _y_from_layout(Y, layout, lead):
+    return np.moveaxis(Y, lead, lead + 2) if layout else Y
+
+
+SLOTS = ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P")
+
+
+def _slots(values):
+    """Inputs (or tangents, or flags) by name; absent trailing ones are None."""
+    values = list(values) + [None] * (len(SLOTS) - len(values))
+    return dict(zip(SLOTS, values))
+
+
+class _Setup:
+    """Geometry of one call: layout, sizes, directions, activations, clip."""
+
+    def __init__(self, cell, inputs, attrs):
+        v = _slots(inputs)
+        self.layout = attrs.get("layout", 0)
+        X = _x_canonical(v["X"], self.layout, 0)
+        self.S, self.N, _ = X.shape
+        self.X = X
+        self.H = attrs["hidden_size"]
+        self.reverse = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[attrs.get("direction", "forward")]
+        seq = v["sequence_lens"]
+        if seq is not None and np.any(np.asarray(seq) != self.S):
+            raise UnsupportedOpError(f"{cell.__name__}: sequence_lens shorter than the sequence are not supported")
+        if attrs.get("input_forget"):
+            raise UnsupportedOpError("LSTM with input_forget=1 is not supported")
+        self.acts = _activations(attrs.get("activations"), cell.default_acts, len(self.reverse),
+                                 attrs.get("activation_alpha"), attrs.get("activation_beta"))
+        self.clip = attrs.get("clip")
+        self.linear_before_reset = attrs.get("linear_before_reset", 0)
+
+
+def _clipped(a, clip):
+    """Clip a pre-activation; returns it and the derivative mask (None without clip)."""
+    if clip is None:
+        return a, None
+    return np.clip(a, -clip, clip), (np.abs(a) < clip).astype(a.dtype)
+
+
+def _masked(D, m):
+    return D if m is None else D * m
+
+
+class _Grads:
+    """Weight cotangents of one direction: per sample (keep) or summed over samples."""
+
+    def __init__(self, shapes, need, keep, L, N, dtype):
+        self.keep = keep
+        self.g = {k: np.zeros((L,) + ((N,) if keep[k] else ()) + shp, dtype) for k, shp in shapes.items() if need[k]}
+
+    def outer(self, key, rows, G, V):
+        """Add the outer products G (L, N, r) x V (N, c) (or (L, N, c)) to rows of `key`."""
+        if key in self.g:
+            spec = ("lnh,ni" if V.ndim == 2 else "lnh,lni") + ("->lnhi" if self.keep[key] else "->lhi")
+            self.g[key][..., rows, :] += np.einsum(spec, G, V)
+
+    def vec(self, key, sl, G):
+        """Add G (L, N, k) to the entries `sl` of the vector `key`."""
+        if key in self.g:
+            self.g[key][..., sl] += G if self.keep[key] else G.sum(axis=1)
+
+
+class _Recurrent:
+    """Shared driver for the three cells: directions, layouts, outputs and the walks in time."""
+
+    keeps = True
+    n_diff_outputs = None
+
+    @classmethod
+    def _run(cls, inputs, attrs):
+        """Outputs in the node's layout, and per direction (reverse?, weights, [(t, cache)])."""
+        st = _Setup(cls, inputs, attrs)
+        v = _slots(inputs)
+        S, N, H, D = st.S, st.N, st.H, len(st.reverse)
+        dt = st.X.dtype
+        h0 = None if v["initial_h"] is None else _state_canonical(v["initial_h"], st.layout, 0)
+        c0 = None if v["initial_c"] is None else _state_canonical(v["initial_c"], st.layout, 0)
+        Y = np.zeros((S, D, N, H), dt)
+        Yh, Yc = np.zeros((D, N, H), dt), np.zeros((D, N, H), dt)
+        caches = []
+        for d, rev in enumerate(st.reverse):
+            p = cls.weights(v, d, H, dt)
+            h = np.zeros((N, H), dt) if h0 is None else h0[d]
+            c = np.zeros((N, H), dt) if c0 is None else c0[d]
+            steps = []
+            for t in range(S - 1, -1, -1) if rev else range(S):
+                h, c, cache = cls.step(st.X[t], h, c, p, st.acts[d], st)
+                Y[t, d] = h
+                steps.append((t, cache))
+            Yh[d], Yc[d] = h, c
+            caches.append((p, steps))
+        outs = (_y_to_layout(Y, st.layout, 0), _state_canonical(Yh, st.layout, 0), _state_canonical(Yc, st.layout, 0))
+        return outs[: cls.n_outputs], caches, st
+
+    @classmethod
+    def _jvp(cls, cx, dots, attrs):
+        v, dv = _slots(cx.x), _slots(dots)
+        if any(dv[k] is not None for k in ("W", "R", "B", "P")):
+            raise UnsupportedOpError(f"{cls.__name__}: weights that depend on the input are not supported")
+        _, caches, st = cls._run(cx.x, attrs)
+        ref, prim = next((dv[k], v[k]) for k in ("X", "initial_h", "initial_c") if dv[k] is not None)
+        head = ref.shape[: ref.ndim - prim.ndim]
+        L = int(np.prod(head))
+        S, N, H, D, dt = st.S, st.N, st.H, len(caches), st.X.dtype
+        Xd = None if dv["X"] is None else _x_canonical(dv["X"].reshape((L,) + v["X"].shape), st.layout, 1)
+        states = {k: None if dv[k] is None else _state_canonical(dv[k].reshape((L,) + v[k].shape), st.layout, 1)
+                  for k in ("initial_h", "initial_c")}
+        Yd = np.zeros((L, S, D, N, H), dt)
+        Yhd, Ycd = np.zeros((L, D, N, H), dt), np.zeros((L, D, N, H), dt)
+        for d, (p, steps) in enumerate(caches):
+            hd = np.zeros((L, N, H), dt) if states["initial_h"] is None else states["initial_h"][:, d]
+            cd = np.zeros((L, N, H), dt) if states["initial_c"] is None else states["initial_c"][:, d]
+            for t, cache in steps:
+                hd, cd = cls.step_jvp(None if Xd is None else Xd[:, t], hd, cd, p, cache, st.acts[d], st)
+                Yd[:, t, d] = hd
+            Yhd[:, d], Ycd[:, d] = hd, cd
+        outs = (_y_to_layout(Yd, st.layout, 1), _state_canonical(Yhd, st.layout, 1), _state_canonical(Ycd, st.layout, 1))
+        return tuple(o.reshape(head + o.shape[1:]) for o in outs[: cls.n_outputs])
+
+    @classmethod
+    def _vjp(cls, cx, bars, attrs):
+        v = _slots(cx.x)
+        need, keep = _slots(cx.need), _slots(cx.keep)
+        if (keep["initial_h"] or keep["initial_c"]):
+            raise UnsupportedOpError(f"{cls.__name__}: per-sample cotangents of initial states are not supported")
+        _, caches, st = cls._run(cx.x, attrs)
+        k0 = next(k for k, b in enumerate(bars) if b is not None)
+        head = bars[k0].shape[: bars[k0].ndim - cx.y[k0].ndim]
+        L = int(np.prod(head))
+        S, N, H, D, dt = st.S, st.N, st.H, len(caches), st.X.dtype
+        Yb = None if bars[0] is None else _y_from_layout(bars[0].reshape((L,) + cx.y[0].shape), st.layout, 1)
+        finals = [None if k >= len(bars) or bars[k] is None else
+                  _state_canonical(bars[k].reshape((L,) + cx.y[k].shape), st.layout, 1) for k in (1, 2)]
+        Xbar = np.zeros((L, S, N, st.X.shape[-1]), dt) if need["X"] else None
+        h0bar, c0bar = np.zeros((L, D, N, H), dt), np.zeros((L, D, N, H), dt)
+        weights = {k: v[k].shape[1:] for k in ("W", "R", "B", "P") if v[k] is not None}
+        per_dir = []
+        for d, (p, steps) in enumerate(caches):
+            grads = _Grads(weights, {k: bool(need[k]) for k in weights}, {k: bool(keep[k]) for k in weights}, L, N, dt)
+            hb = np.zeros((L, N, H), dt) if finals[0] is None else finals[0][:, d].copy()
+            cb = np.zeros((L, N, H), dt) if finals[1] is None else finals[1][:, d].copy()
+            for t, cache in reversed(steps):
+                if Yb is not None:
+                    hb = hb + Yb[:, t, d]
+                xb, hb, cb = cls.step_vjp(hb, cb, p, cache, st.acts[d], st, grads)
+                if Xbar is not None:
+                    Xbar[:, t] += xb
+            h0bar[:, d], c0bar[:, d] = hb, cb
+            per_dir.append(grads.g)
+        out = {}
+        if Xbar is not None:
+            out["X"] = _x_canonical(Xbar, st.layout, 1)
+        for k in weights:
+            if need[k]:
+                axis = 2 if keep[k] else 1  # the direction axis after (L[, N])
+                out[k] = np.stack([g[k] for g in per_dir], axis=axis)
+        for k, G in (("initial_h", h0bar), ("initial_c", c0bar)):
+            if need[k] and v[k] is not None:
+                out[k] = _state_canonical(G, st.layout, 1)
+        return tuple(None if k not in out else out[k].reshape(head + out[k].shape[1:]) for k in SLOTS[: len(cx.x)])
+
+
+# ---- the cells ------------------------------------------------------------------------------------
+
+
+class _W:
+    """One direction's weights: W (G*H, I), R (G*H, H), Wb and Rb (G*H), P (3H) or None."""
+
+    def __init__(self, v, d, G, H, dt):
+        self.W, self.R = v["W"][d], v["R"][d]
+        B = np.zeros(2 * G * H, dt) if v["B"] is None else v["B"][d]
+        self.Wb, self.Rb = B[: G * H], B[G * H:]
+        self.P = None if v.get("P") is None else v["P"][d]
+
+
+def _split(A, k):
+    return np.split(A, k, axis=-1)
+
+
+@rule("LSTM", since=7)
+class LSTM(_Recurrent):
+    """Y, Y_h, Y_c of an LSTM: gates i, o, f, c; C' = f*C + i*g(c); H' = o*h(C'); peepholes P."""
+
+    default_acts = ("sigmoid", "tanh", "tanh")
+    n_outputs = 3
+
+    def forward(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=None, *, hidden_size,
+                activation_alpha=None, activation_beta=None, activations=None, clip=None, direction="forward",
+                input_forget=0, layout=0):
+        attrs = dict(hidden_size=hidden_size, activation_alpha=activation_alpha, activation_beta=activation_beta,
+                     activations=activations, clip=clip, direction=direction, input_forget=input_forget, layout=layout)
+        return LSTM._run((X, W, R, B, sequence_lens, initial_h, initial_c, P), attrs)[0]
+
+    def jvp(cx, *dots, **attrs):
+        return LSTM._jvp(cx, dots, attrs)
+
+    def vjp(cx, *bars, **attrs):
+        return LSTM._vjp(cx, bars, attrs)
+
+    def weights(v, d, H, dt):
+        return _W(v, d, 4, H, dt)
+
+    def step(x, h, c, p, acts, st):
+        f, g, hh = (a[0] for a in acts)
+        ai, ao, af, ac = _split(x @ p.W.T + h @ p.R.T + p.Wb + p.Rb, 4)
+        if p.P is not None:
+            pi, po, pf = _split(p.P, 3)
+            ai, af = ai + pi * c, af + pf * c
+        (ai, mi), (af, mf), (ac, mc) = (_clipped(a, st.clip) for a in (ai, af, ac))
+        i, fg, cc = f(ai), f(af), g(ac)
+        cn = fg * c + i * cc
+        if p.P is not None:
+            ao = ao + po * cn
+        ao, mo = _clipped(ao, st.clip)
+        o = f(ao)
+        hc = hh(cn)
+        return o * hc, cn, (x, h, c, ai, af, ac, ao, i, fg, cc, o, cn, hc, mi, mf, mc, mo)
+
+    def step_jvp(xd, hd, cd, p, cache, acts, st):
+        (_, df), (_, dg), (_, dh) = acts
+        x, h, c, ai, af, ac, ao, i, fg, cc, o, cn, hc, mi, mf, mc, mo = cache
+        A = hd @ p.R.T if xd is None else xd @ p.W.T + hd @ p.R.T
+        aid, aod, afd, acd = _split(A, 4)
+        if p.P is not None:
+            pi, po, pf = _split(p.P, 3)
+            aid, afd = aid + pi * cd, afd + pf * cd
+        idt = df(ai, i) * _masked(aid, mi)
+        fgd = df(af, fg) * _masked(afd, mf)
+        ccd = dg(ac, cc) * _masked(acd, mc)
+        cnd = fgd * c + fg * cd + idt * cc + i * ccd
+        if p.P is not None:
+            aod = aod + po * cnd
+        od = df(ao, o) * _masked(aod, mo)
+        return od * hc + o * dh(cn, hc) * cnd, cnd
+
+    def step_vjp(hb, cb, p, cache, acts, st, grads):
+        (_, df), (_, dg), (_, dh) = acts
+        x, h, c, ai, af, ac, ao, i, fg, cc, o, cn, hc, mi, mf, mc, mo = cache
+        H = h.shape[-1]
+        cnb = cb + hb * o * dh(cn, hc)
+        aob = _masked(hb * hc * df(ao, o), mo)
+        if p.P is not None:
+            pi, po, pf = _split(p.P, 3)
+            cnb = cnb + aob * po
+            grads.vec("P", slice(H, 2 * H), aob * cn)
+        aib = _masked(cnb * cc * df(ai, i), mi)
+        afb = _masked(cnb * c * df(af, fg), mf)
+        acb = _masked(cnb * i * dg(ac, cc), mc)
+        cprev = cnb * fg
+        if p.P is not None:
+            cprev = cprev + aib * pi + afb * pf
+            grads.vec("P", slice(0, H), aib * c)
+            grads.vec("P", slice(2 * H, 3 * H), afb * c)
+        Ab = np.concatenate([aib, aob, afb, acb], axis=-1)
+        grads.outer("W", slice(None), Ab, x)
+        grads.outer("R", slice(None), Ab, h)
+        grads.vec("B", slice(0, 4 * H), Ab)
+        grads.vec("B", slice(4 * H, 8 * H), Ab)
+        return Ab @ p.W, Ab @ p.R, cprev
+
+
+@rule("GRU", since=7)
+class GRU(_Recurrent):
+    """Y, Y_h of a GRU: gates z, r, h; H' = (1 - z) * h~ + z * H (linear_before_reset as the spec)."""
+
+    default_acts = ("sigmoid", "tanh")
+    n_outputs = 2
+
+    def forward(X, W, R, B=None, sequence_lens=None, initial_h=None, *, hidden_size, activation_alpha=None,
+                activation_beta=None, activations=None, clip=None, direction="forward", layout=0, linear_before_reset=0):
+        attrs = dict(hidden_size=hidden_size, activation_alpha=activation_alpha, activation_beta=activation_beta,
+                     activations=activations, clip=clip, direction=direction, layout=layout,
+                     linear_before_reset=linear_before_reset)
+        return GRU._run((X, W, R, B, sequence_lens, initial_h), attrs)[0]
+
+    def jvp(cx, *dots, **attrs):
+        return GRU._jvp(cx, dots, attrs)
+
+    def vjp(cx, *bars, **attrs):
+        return GRU._vjp(cx, bars, attrs)
+
+    def weights(v, d, H, dt):
+        return _W(v, d, 3, H, dt)
+
+    def step(x, h, c, p, acts, st):
+        f, g = (a[0] for a in acts)
+        H = h.shape[-1]
+        axz, axr, axh = _split(x @ p.W.T + p.Wb, 3)
+        ahz, ahr = _split(h @ p.R[: 2 * H].T + p.Rb[: 2 * H], 2)
+        (az, mz), (ar, mr) = _clipped(axz + ahz, st.clip), _clipped(axr + ahr, st.clip)
+        z, r = f(az), f(ar)
+        Rh, Rbh = p.R[2 * H:], p.Rb[2 * H:]
+        if st.linear_before_reset:
+            q = h @ Rh.T + Rbh
+            ah = axh + r * q
+        else:
+            q = (r * h) @ Rh.T + Rbh
+            ah = axh + q
+        ah, mh = _clipped(ah, st.clip)
+        hh = g(ah)
+        return (1 - z) * hh + z * h, c, (x, h, az, ar, ah, z, r, hh, q, mz, mr, mh)
+
+    def step_jvp(xd, hd, cd, p, cache, acts, st):
+        (_, df), (_, dg) = acts
+        x, h, az, ar, ah, z, r, hh, q, mz, mr, mh = cache
+        H = h.shape[-1]
+        Rh = p.R[2 * H:]
+        Ahd = hd @ p.R[: 2 * H].T
+        Axd = None if xd is None else xd @ p.W.T
+        azd, ard = _split(Ahd if Axd is None else Ahd + Axd[..., : 2 * H], 2)
+        zd = df(az, z) * _masked(azd, mz)
+        rd = df(ar, r) * _masked(ard, mr)
+        if st.linear_before_reset:
+            ahd = rd * q + r * (hd @ Rh.T)
+        else:
+            ahd = (rd * h + r * hd) @ Rh.T
+        if Axd is not None:
+            ahd = ahd + Axd[..., 2 * H:]
+        hhd = dg(ah, hh) * _masked(ahd, mh)
+        return zd * (h - hh) + (1 - z) * hhd + z * hd, cd
+
+    def step_vjp(hb, cb, p, cache, acts, st, grads):
+        (_, df), (_, dg) = acts
+        x, h, az, ar, ah, z, r, hh, q, mz, mr, mh = cache
+        H = h.shape[-1]
+        Rh = p.R[2 * H:]
+        zb = hb * (h - hh)
+        hprev = hb * z
+        ahb = _masked(hb * (1 - z) * dg(ah, hh), mh)
+        if st.linear_before_reset:
+            rb = ahb * q
+            qb = ahb * r
+            hprev = hprev + qb @ Rh
+            grads.outer("R", slice(2 * H, 3 * H), qb, h)
+        else:
+            qb = ahb
+            rhb = qb @ Rh
+            rb = rhb * h
+            hprev = hprev + rhb * r
+            grads.outer("R", slice(2 * H, 3 * H), qb, r * h)
+        grads.vec("B", slice(5 * H, 6 * H), qb)
+        azb = _masked(zb * df(az, z), mz)
+        arb = _masked(rb * df(ar, r), mr)
+        Azr = np.concatenate([azb, arb], axis=-1)
+        hprev = hprev + Azr @ p.R[: 2 * H]
+        grads.outer("R", slice(0, 2 * H), Azr, h)
+        grads.vec("B", slice(3 * H, 5 * H), Azr)
+        Ax = np.concatenate([azb, arb, ahb], axis=-1)
+        grads.outer("W", slice(None), Ax, x)
+        grads.vec("B", slice(0, 3 * H), Ax)
+        return Ax @ p.W, hprev, cb
+
+
+@rule("RNN", since=7)
+class RNN(_Recurrent):
+    """Y, Y_h of a simple RNN: H' = f(X W^T + H R^T + Wb + Rb)."""
+
+    default_acts = ("tanh",)
+    n_outputs = 2
+
+    def forward(X, W, R, B=None, sequence_lens=None, initial_h=None, *, hidden_size, activation_alpha=None,
+                activation_beta=None, activations=None, clip=None, direction="forward", layout=0):
+        attrs = dict(hidden_size=hidden_size, activation_alpha=activation_alpha, activation_beta=activation_beta,
+                     activations=activations, clip=clip, direction=direction, layout=layout)
+        return RNN._run((X, W, R, B, sequence_lens, initial_h), attrs)[0]
+
+    def jvp(cx, *dots, **attrs):
+        return RNN._jvp(cx, dots, attrs)
+
+    def vjp(cx, *bars, **attrs):
+        return RNN._vjp(cx, bars, attrs)
+
+    def weights(v, d, H, dt):
+        return _W(v, d, 1, H, dt)
+
+    def step(x, h, c, p, acts, st):
+        a, m = _clipped(x @ p.W.T + h @ p.R.T + p.Wb + p.Rb, st.clip)
+        hn = acts[0][0](a)
+        return hn, c, (x, h, a, hn, m)
+
+    def step_jvp(xd, hd, cd, p, cache, acts, st):
+        x, h, a, hn, m = cache
+        ad = hd @ p.R.T if xd is None else xd @ p.W.T + hd @ p.R.T
+        return acts[0][1](a, hn) * _masked(ad, m), cd
+
+    def step_vjp(hb, cb, p, cache, acts, st, grads):
+        x, h, a, hn, m = cache
+        H = h.shape[-1]
+        ab = _masked(hb * acts[0][1](a, hn), m)
+        grads.outer("W", slice(None), ab, x)
+        grads.outer("R", slice(None), ab, h)
+        grads.vec("B", slice(0, H), ab)
+        grads.vec("B", slice(H, 2 * H), ab)
+        return ab @ p.W, ab @ p.R, cb

@@ -1,0 +1,72 @@
+"""ai.onnx.ml models as skl2onnx exports them: Scaler -> LinearClassifier with a probability tensor
+output (no ZipMap), and LinearRegressor; forward against onnxruntime, Jacobians against differences."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from gradcheck import rel_err
+from onnx import TensorProto, helper
+
+import jaccli
+
+RNG = np.random.default_rng(3)
+
+
+def classifier(n_classes, post, n_features=4):
+    rows = 1 if n_classes == 2 else n_classes
+    nodes = [
+        helper.make_node("Scaler", ["x"], ["xs"], domain="ai.onnx.ml", offset=list(RNG.standard_normal(n_features)),
+                         scale=list(RNG.uniform(0.5, 2, n_features))),
+        helper.make_node("LinearClassifier", ["xs"], ["label", "probabilities"], domain="ai.onnx.ml",
+                         coefficients=list(RNG.standard_normal(rows * n_features)), intercepts=list(RNG.standard_normal(rows)),
+                         classlabels_ints=list(range(n_classes)), post_transform=post),
+    ]
+    g = helper.make_graph(nodes, "clf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_features])],
+                          [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+                           helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", n_classes])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("n_classes,post", [(3, "SOFTMAX"), (3, "LOGISTIC"), (3, "NONE"), (2, "LOGISTIC"), (2, "NONE")])
+def test_linear_classifier_scores(n_classes, post):
+    m = classifier(n_classes, post)
+    x = RNG.standard_normal((5, 4)).astype(np.float32)
+    label, probs = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    from jaccli import walk
+    from jaccli.plan import Plan
+
+    model = jaccli.load(m)
+    env = walk.primal(Plan(model, "probabilities", [], np.float32), {"x": x})
+    np.testing.assert_allclose(env["probabilities"], probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(env["label"], label)
+    x64 = x.astype(np.float64)
+    for mode in ("forward", "reverse"):
+        J = jaccli.input_jacobian(m, x64, of="probabilities", mode=mode, dtype="float64")
+        fd = np.stack([(_probs(m, x64 + e) - _probs(m, x64 - e)) / 2e-6 for e in (np.eye(4)[j] * 1e-6 for j in range(4))], -1)
+        assert rel_err(J, fd) < 1e-6
+
+
+def _probs(m, x):
+    from jaccli import walk
+    from jaccli.plan import Plan
+
+    model = jaccli.load(m)
+    return walk.primal(Plan(model, "probabilities", [], np.float64), {"x": x})["probabilities"]
+
+
+def test_classifier_through_the_cli(tmp_path):
+    import onnx
+    from click.testing import CliRunner
+
+    from jaccli.cli import main
+
+    onnx.save(classifier(3, "SOFTMAX"), tmp_path / "clf.onnx")
+    np.save(tmp_path / "x.npy", RNG.standard_normal((6, 4)).astype(np.float32))
+    r = CliRunner().invoke(main, ["input", str(tmp_path / "clf.onnx"), str(tmp_path / "x.npy"), "--of", "probabilities",
+                                  "-o", str(tmp_path / "J.npy"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "J.npy").shape == (6, 3, 4)
+    r = CliRunner().invoke(main, ["check", str(tmp_path / "clf.onnx"), str(tmp_path / "x.npy"), "--of", "probabilities"])
+    assert r.exit_code == 0, r.output
