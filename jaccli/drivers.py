@@ -296,17 +296,19 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
                    out=None, return_result=False, progress=None):
     """Per-sample Jacobian of output `of` with respect to the parameters: (N, *out_shape, P).
 
-    Columns follow the model's initializer order, each tensor flattened in C order;
-    `params` (glob patterns) selects tensors by name. Returns (array, column map).
+    Columns follow the model's initializer order, each tensor flattened in C order. By default
+    the parameters are the float initializers of rank >= 1 that reach the output (exporters keep
+    constants such as 0.5 as 0-d initializers); `params` (glob patterns) selects among all float
+    initializers by name, 0-d ones included. Returns (array, column map).
     """
     t0 = time.perf_counter()
     model = load(model, max_bytes=max_memory)
     dtype = np.dtype(dtype)
     of_v = model.output(of)
     names = model.parameters(of_v.name)
-    if params:
+    if params:  # patterns choose among all float initializers, 0-d ones included
         pats = [params] if isinstance(params, str) else list(params)
-        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+        names = [n for n in model.parameters(of_v.name, scalars=True) if any(fnmatch.fnmatchcase(n, p) for p in pats)]
         if not names:
             raise UsageError(f"no parameter matches {', '.join(pats)} (see `jaccli inspect` for their names)")
     if not names:

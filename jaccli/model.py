@@ -76,8 +76,9 @@ class Model:
             stack.extend(producer[v] for v in self.nodes[i].inputs if v in producer)
         return [self.nodes[i] for i in sorted(keep)]
 
-    def parameters(self, of):
-        """Float initializers that reach output `of` through a differentiable input slot, in file order."""
+    def parameters(self, of, scalars=False):
+        """Float initializers that reach output `of` through a differentiable input slot, in file
+        order; 0-d ones (exporters store constants such as GELU's 0.5 that way) only with `scalars`."""
         from .rules import lookup
 
         reach = set()
@@ -87,7 +88,8 @@ class Model:
             except Exception:
                 nondiff = frozenset()
             reach.update(v for k, v in enumerate(node.inputs) if v and k not in nondiff)
-        return [n for n, a in self.initializers.items() if n in reach and np.issubdtype(a.dtype, np.floating)]
+        return [n for n, a in self.initializers.items()
+                if n in reach and np.issubdtype(a.dtype, np.floating) and (scalars or a.ndim > 0)]
 
 
 def _pick(items, name, kind):
