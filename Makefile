@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench models clean
+.PHONY: demo test bench coverage models clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# jaccli on every test model the onnx package ships; a table on the terminal and in out/coverage.md
+coverage: $(STAMP)
+	$(BIN)/python scripts/coverage.py --report out/coverage.md
 
 # Rebuild the committed sample models and data (deterministic; no PyTorch needed).
 models: $(STAMP)

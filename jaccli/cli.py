@@ -155,28 +155,39 @@ def _read(model, data, max_memory, strict, dtype="float64", of=None):
 
 
 def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute):
-    """Read data, compute into a sink, commit atomically, summarize."""
+    """Read data, compute block by block into a file target (if any), summarize as blocks come,
+    commit atomically."""
     from . import io as jio
-    from .summary import summarize
+    from .errors import UsageError
+    from .summary import Summary
 
     if output == "-" and fmt in (None, "npy", "npz") and sys.stdout.isatty():
-        from .errors import UsageError
-
         raise UsageError("refusing to write binary data to a terminal; redirect stdout (> J.npy) or use --format csv")
     fmt = jio.output_format(output, fmt) if output else None
     m, x = _read(model, data, max_memory, strict, dtype, of)
-    sink = jio.Sink(output, fmt) if output else None
+    target = jio.FileTarget(output, fmt) if output else _Discard()
+    console = _console(output == "-")
+    state = {}
+    progress = _Progress(enabled=not quiet and console.is_terminal)
+
+    def on_block(a, b, block):
+        if "summary" not in state:
+            state["summary"] = Summary(state["result"])
+        state["summary"].update(block)
+        progress.advance(b, state["result"].shape[0])
+
     try:
-        result = compute(m, x, sink.allocate if sink else None)
-        if sink:
-            sink.commit(result)
+        result = compute(m, x, target, on_block, state)
+        if output:
+            target.commit(result)
     except BaseException:
-        if sink:
-            sink.abort()
+        if output:
+            target.abort()
         raise
+    finally:
+        progress.stop()
     if not quiet:
-        d = summarize(result)
-        console = _console(output == "-")
+        d = (state.get("summary") or Summary(result)).finish()
         if as_json:
             console.print_json(json.dumps(d)) if output != "-" else click.echo(json.dumps(d), err=True)
         else:
@@ -185,6 +196,74 @@ def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, dty
             render_summary(console, d)
             if output and output != "-":
                 console.print(f"wrote {output} ({fmt})" + (f" and {jio.columns_path(output)}" if kind == "params" and fmt in ("npy", "csv") else ""))
+
+
+class _Remember:
+    """Passes a target through, noting the result it was opened with (for the summary)."""
+
+    def __init__(self, target, state):
+        self.target, self.state = target, state
+
+    def open(self, result):
+        self.state["result"] = result
+        self.target.open(result)
+
+    def block(self, result, a, b):
+        return self.target.block(result, a, b)
+
+    def write(self, result, a, b, block):
+        self.target.write(result, a, b, block)
+
+
+class _Discard:
+    """A target that keeps one block and writes nothing: for runs without -o (summary only)."""
+
+    def __init__(self):
+        self.buffer = None
+
+    def open(self, result):
+        pass
+
+    def block(self, result, a, b):
+        import numpy as np
+
+        n, rows, cols = result.flat_shape
+        if self.buffer is None or self.buffer.shape[0] < b - a:
+            self.buffer = np.empty((b - a, rows, cols), result.dtype)
+        return self.buffer[: b - a]
+
+    def write(self, result, a, b, block):
+        pass
+
+
+class _Progress:
+    """A rich progress bar on stderr for runs longer than about a second (samples done, rate,
+    time left); nothing when stderr is not a terminal or with --quiet."""
+
+    def __init__(self, enabled):
+        import time
+
+        self.enabled, self.start, self.bar, self.task = enabled, time.monotonic(), None, None
+
+    def advance(self, done, total):
+        import time
+
+        if not self.enabled or done >= total and self.bar is None:
+            return
+        if self.bar is None and time.monotonic() - self.start > 1.0:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
+            from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("samples"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(), console=_console(True), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("jacobian", total=total)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+
+    def stop(self):
+        if self.bar is not None:
+            self.bar.stop()
 
 
 @main.command("input", context_settings=CONTEXT)
@@ -207,9 +286,12 @@ def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as
     """
     from .drivers import input_jacobian
 
-    _run("input", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of,
-         lambda m, x, out: input_jacobian(m, x, wrt=wrt, of=of, mode=mode, dtype=dtype, outputs=outputs_slice,
-                                          flat=flat, max_memory=max_memory, out=out, return_result=True))
+    def compute(m, x, target, on_block, state):
+        return input_jacobian(m, x, wrt=wrt, of=of, mode=mode, dtype=dtype, outputs=outputs_slice, flat=flat,
+                              max_memory=max_memory, target=_Remember(target, state), return_result=True,
+                              on_block=on_block)
+
+    _run("input", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute)
 
 
 @main.command("params", context_settings=CONTEXT)
@@ -230,9 +312,12 @@ def params_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, a
     """
     from .drivers import param_jacobian
 
-    _run("params", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of,
-         lambda m, x, out: param_jacobian(m, x, params=params or None, of=of, dtype=dtype, outputs=outputs_slice,
-                                          max_memory=max_memory, out=out, return_result=True))
+    def compute(m, x, target, on_block, state):
+        return param_jacobian(m, x, params=params or None, of=of, dtype=dtype, outputs=outputs_slice,
+                              max_memory=max_memory, target=_Remember(target, state), return_result=True,
+                              on_block=on_block)
+
+    _run("params", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute)
 
 
 @main.command("inspect", context_settings=CONTEXT)

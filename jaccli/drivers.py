@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import mmap
 import functools
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ DEFAULT_MAX_MEMORY = 2 << 30
 class Result:
     """What a run produced: the Jacobian (flat per sample: (N, n_out, n_cols)) and how."""
 
-    J: np.ndarray  # (N, n_sel, n_cols), possibly a memory map
+    J: np.ndarray | None  # (N, n_sel, n_cols) in memory; None when streamed to a file
     shape: tuple  # the shape the user asked for
     kind: str  # "input" or "params"
     of: str
@@ -37,10 +38,16 @@ class Result:
     chunks: tuple = (0, 0)  # samples per chunk, directions per chunk
     estimate: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    dtype: np.dtype = np.dtype(np.float32)
 
     @property
     def value(self):
         return self.J.reshape(self.shape)
+
+    @property
+    def flat_shape(self):
+        """(N, rows, columns): the per-sample matrices."""
+        return (self.shape[0], int(self.selection.size), int(np.prod(self.shape[1:])) // int(self.selection.size))
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -133,6 +140,20 @@ def choose_chunks(N, T, est, max_memory, extra_per_sd=0.0):
     return 1, max(1, min(T, int((budget - b_s) // b_sd)))
 
 
+def _prepared(model, of, wrt, dtype, per_sample, feeds, N):
+    """The plan and its measurements (estimates, output shape, samples per run), cached on the
+    model: they depend on the graph and the per-sample shapes, not on the values."""
+    key = (of, tuple(wrt), np.dtype(dtype).str, per_sample)
+    if key not in model.plans:
+        model.plans[key] = (Plan(model, of, wrt, dtype, per_sample=per_sample), {})
+    plan, probes = model.plans[key]
+    shapes = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(feeds.items())) + (min(N, 2),)
+    if shapes not in probes:
+        probes[shapes] = _measure(plan, model, feeds, of, N)
+    est, y0, per_run = probes[shapes]
+    return plan, (est, y0, per_run if per_run == 1 else N)
+
+
 def _measure(plan, model, feeds, of, N):
     """Estimates from a primal pass over the first sample, that sample's output, and the most
     samples one run may take: N, or 1 for a model whose declared batch is fixed at 1."""
@@ -201,12 +222,13 @@ def _within_budget(fn):
 
 @_within_budget
 def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, outputs=None, flat=False,
-                   max_memory=DEFAULT_MAX_MEMORY, out=None, return_result=False, progress=None):
+                   max_memory=DEFAULT_MAX_MEMORY, target=None, return_result=False, on_block=None):
     """Jacobian of output `of` with respect to input `wrt` for every sample.
 
     Shape (N, *out_shape, *in_shape), or (N, n_out, n_in) with `flat`; with `outputs`
     (a slice of the flattened per-sample output) the output axes become one of that size.
-    `out(shape, dtype)` may supply the array to fill (a memory-mapped file).
+    `target` (default: an array in memory) receives the result block by block of samples,
+    in order, so that a file target keeps memory bounded; `on_block(a, b, block)` sees each.
     """
     t0 = time.perf_counter()
     model = load(model, max_bytes=max_memory)
@@ -216,8 +238,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
         raise UsageError(f"input '{wrt_v.name}' is not a float tensor; it cannot be differentiated")
     of_v = model.output(of)
     feeds, N = prepare_feeds(model, x, dtype)
-    plan = Plan(model, of_v.name, [wrt_v.name], dtype)
-    est, y1, per_run = _measure(plan, model, feeds, of_v.name, N)
+    plan, (est, y1, per_run) = _prepared(model, of_v.name, [wrt_v.name], dtype, False, feeds, N)
     out_shape, in_shape = y1.shape[1:], feeds[wrt_v.name].shape[1:]
     n_out, n_in = int(np.prod(out_shape)), int(np.prod(in_shape))
     sel = parse_outputs(outputs, n_out)
@@ -233,12 +254,15 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
         shape = (N, *out_shape, *in_shape)
     else:
         shape = (N, n_sel, *in_shape) if not flat else (N, n_sel, n_in)
-    J = out(shape, dtype) if out is not None else np.empty(shape, dtype)
-    Jf = J.reshape(N, n_sel, n_in)
-    Y = np.empty((N, *out_shape), dtype)
     notes = []
     if not plan.depends:
         notes.append(f"output '{of_v.name}' does not depend on input '{wrt_v.name}': the Jacobian is zero")
+    res = Result(None, shape, "input", of_v.name, wrt_v.name, mode, out_shape, in_shape, sel,
+                 outputs=np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), estimate=est, notes=notes, dtype=dtype)
+    target = target or ArrayTarget()
+    target.open(res)
+    put = _run_blocks(target, res, on_block)
+    Y = res.outputs
 
     for a in range(0, N, n_c):
         b = min(N, a + n_c)
@@ -246,6 +270,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
         y = env[of_v.name]
         _check_sample_axis(y, b - a, of_v.name)
         Y[a:b] = y
+        Jb = target.block(res, a, b)  # (b - a, n_sel, n_in)
         for s in range(0, T, t_c):
             e = min(T, s + t_c)
             if mode == "forward":
@@ -253,24 +278,66 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
                 seed[np.arange(e - s), :, np.arange(s, e)] = 1
                 D = walk.jvp(plan, env, {wrt_v.name: seed.reshape((e - s, b - a) + in_shape)})
                 if D is None:
-                    Jf[a:b, :, s:e] = 0
+                    Jb[:, :, s:e] = 0
                 else:
                     D = D.reshape(e - s, b - a, n_out)[:, :, sel]
-                    Jf[a:b, :, s:e] = D.transpose(1, 2, 0)
+                    Jb[:, :, s:e] = D.transpose(1, 2, 0)
             else:
                 seed = np.zeros((e - s, b - a, n_out), dtype)
                 seed[np.arange(e - s), :, sel[s:e]] = 1
                 bars = walk.vjp(plan, env, seed.reshape((e - s, b - a) + out_shape), [wrt_v.name])
                 G = bars[wrt_v.name]
                 if G is None:
-                    Jf[a:b, s:e, :] = 0
+                    Jb[:, s:e, :] = 0
                 else:
-                    Jf[a:b, s:e, :] = G.reshape(e - s, b - a, n_in).transpose(1, 0, 2)
-        if progress:
-            progress(b, N)
-    res = Result(J, shape, "input", of_v.name, wrt_v.name, mode, out_shape, in_shape, sel, outputs=Y,
-                 seconds=time.perf_counter() - t0, chunks=(n_c, t_c), estimate=est, notes=notes)
+                    Jb[:, s:e, :] = G.reshape(e - s, b - a, n_in).transpose(1, 0, 2)
+        put(a, b, Jb)
+    res.seconds = time.perf_counter() - t0
     return res if return_result else res.value
+
+
+def _sink(block, col):
+    """The columns of one parameter in a result block (samples, directions, P) as a view shaped
+    (directions, samples, *param.shape): the layout of a per-sample cotangent, no copy."""
+    view = block[:, :, col["offset"]: col["offset"] + col["size"]].transpose(1, 0, 2)
+    view.shape = view.shape[:2] + tuple(col["shape"])  # splits the contiguous last axis: a view
+    return view
+
+
+class ArrayTarget:
+    """The result in memory: blocks are views of one array, written once, in place."""
+
+    def open(self, result):
+        result.J = allocate(result.flat_shape, result.dtype)
+
+    def block(self, result, a, b):
+        return result.J[a:b]
+
+    def write(self, result, a, b, block):
+        pass
+
+
+def _run_blocks(target, result, on_block):
+    """Wrap a target: `put(a, b, block)` writes a finished block of samples and reports it."""
+
+    def put(a, b, block):
+        target.write(result, a, b, block)
+        if on_block:
+            on_block(a, b, block)
+
+    return put
+
+
+def allocate(shape, dtype):
+    """A result array in fresh anonymous memory advised for huge pages: a large Jacobian is written
+    exactly once, and faulting its memory in 4 KiB pages would cost more than computing it."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes < 64 << 20 or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(shape, dtype)
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(m, dtype).reshape(shape)  # the array keeps the mapping alive
 
 
 def _first_float(model):
@@ -293,13 +360,14 @@ def _check_sample_axis(y, n, name):
 
 @_within_budget
 def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=None, max_memory=DEFAULT_MAX_MEMORY,
-                   out=None, return_result=False, progress=None):
+                   target=None, return_result=False, on_block=None):
     """Per-sample Jacobian of output `of` with respect to the parameters: (N, *out_shape, P).
 
     Columns follow the model's initializer order, each tensor flattened in C order. By default
     the parameters are the float initializers of rank >= 1 that reach the output (exporters keep
     constants such as 0.5 as 0-d initializers); `params` (glob patterns) selects among all float
-    initializers by name, 0-d ones included. Returns (array, column map).
+    initializers by name, 0-d ones included. Returns (array, column map). `target` and
+    `on_block` as for input_jacobian.
     """
     t0 = time.perf_counter()
     model = load(model, max_bytes=max_memory)
@@ -314,8 +382,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     if not names:
         raise UsageError(f"output '{of_v.name}' depends on no float parameter")
     feeds, N = prepare_feeds(model, x, dtype)
-    plan = Plan(model, of_v.name, names, dtype, per_sample=True)
-    est, y1, per_run = _measure(plan, model, feeds, of_v.name, N)
+    plan, (est, y1, per_run) = _prepared(model, of_v.name, names, dtype, True, feeds, N)
     if of_v.name not in plan.batched:
         raise DataError(f"output '{of_v.name}' does not depend on the input samples")
     out_shape = y1.shape[1:]
@@ -332,33 +399,29 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     T = n_sel
     n_c, t_c = choose_chunks(per_run, T, est, max_memory, extra_per_sd=P * dtype.itemsize)
     shape = (N, *out_shape, P) if outputs is None else (N, n_sel, P)
-    J = out(shape, dtype) if out is not None else np.empty(shape, dtype)
-    Jf = J.reshape(N, n_sel, P)
-    Y = np.empty((N, *out_shape), dtype)
     notes = []
+    zero = [c["name"] for c in columns if c["name"] not in plan.active]
+    if zero:
+        notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")
+    res = Result(None, shape, "params", of_v.name, names, "reverse", out_shape, (), sel, columns,
+                 np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), estimate=est, notes=notes, dtype=dtype)
+    target = target or ArrayTarget()
+    target.open(res)
+    put = _run_blocks(target, res, on_block)
+    Y = res.outputs
     for a in range(0, N, n_c):
         b = min(N, a + n_c)
         env = walk.primal(plan, _slice_samples(feeds, a, b))
         y = env[of_v.name]
         _check_sample_axis(y, b - a, of_v.name)
         Y[a:b] = y
+        Jb = target.block(res, a, b)  # (b - a, n_sel, P)
         for s in range(0, T, t_c):
             e = min(T, s + t_c)
             seed = np.zeros((e - s, b - a, n_out), dtype)
             seed[np.arange(e - s), :, sel[s:e]] = 1
-            bars = walk.vjp(plan, env, seed.reshape((e - s, b - a) + out_shape), names)
-            for col in columns:
-                G = bars[col["name"]]
-                dst = Jf[a:b, s:e, col["offset"] : col["offset"] + col["size"]]
-                if G is None:
-                    dst[...] = 0
-                else:
-                    dst[...] = G.reshape(e - s, b - a, col["size"]).transpose(1, 0, 2)
-        if progress:
-            progress(b, N)
-    zero = [c["name"] for c in columns if c["name"] not in plan.active]
-    if zero:
-        notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")
-    res = Result(J, shape, "params", of_v.name, names, "reverse", out_shape, (), sel, columns, Y,
-                 time.perf_counter() - t0, (n_c, t_c), est, notes)
+            sinks = {col["name"]: _sink(Jb[:, s:e], col) for col in columns}
+            walk.vjp(plan, env, seed.reshape((e - s, b - a) + out_shape), names, sinks)
+        put(a, b, Jb)
+    res.seconds = time.perf_counter() - t0
     return res if return_result else (res.value, columns)

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -33,19 +34,21 @@ def read_data(path, stdin=None):
     name = "stdin" if path == "-" else str(path)
     if path == "-":
         raw = (stdin or sys.stdin.buffer).read()
+        head, source = raw[:8], io.BytesIO(raw)
     else:
         if not os.path.isfile(path):
             raise DataError(f"{name}: no such data file")
         with open(path, "rb") as f:
-            raw = f.read()
-    if not raw:
+            head = f.read(8)
+        raw, source = None, path  # numpy reads the file itself: no second copy of the bytes
+    if not head:
         raise DataError(f"{name}: the file is empty")
-    kind = sniff(raw[:8])
+    kind = sniff(head)
     try:
         if kind == "npy":
-            return np.load(io.BytesIO(raw), allow_pickle=False)
+            return np.load(source, allow_pickle=False)
         if kind == "npz":
-            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            with np.load(source, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
     except ValueError as e:
         if "pickle" in str(e).lower() or "object" in str(e).lower():
@@ -55,6 +58,9 @@ def read_data(path, stdin=None):
         raise DataError(f"{name}: its header declares an array too large to load") from None
     except Exception as e:  # numpy's header parser raises SyntaxError, zipfile its own, etc.
         raise DataError(f"{name}: truncated or corrupt .{kind} file ({_first(e)})") from None
+    if raw is None:
+        with open(path, "rb") as f:
+            raw = f.read()
     return _read_csv(raw, name)
 
 
@@ -145,75 +151,107 @@ def output_format(path, fmt):
     return ext
 
 
-class Sink:
-    """Where a result goes. `allocate` gives the array the drivers fill; `commit` publishes it.
+class FileTarget:
+    """Writes a result as its blocks of samples arrive, in order: .npy (header, then the blocks),
+    .csv (a header row, then rows), .npz (a streamed zip member, then the outputs and the column
+    map), to a file or to stdout ('-'). Memory stays at one block whatever the number of samples.
 
-    Files are written to a temporary file in the target folder and renamed into place only
-    when complete, so an error or an interrupt never leaves a half-written output and an
-    existing file at the path stays as it was.
+    Files are written to a temporary file in the target folder and renamed into place by
+    `commit` only when complete, so an error or an interrupt never leaves a half-written output
+    and an existing file at the path stays as it was (`abort` removes the temporary file).
     """
 
     def __init__(self, path, fmt):
         self.path, self.fmt = path, fmt
         self.tmp = None
-        self.array = None
+        self.f = None
+        self.zip = None
+        self.member = None
+        self.text = None
+        self.buffer = None
 
-    def allocate(self, shape, dtype):
-        if self.fmt == "npy" and self.path != "-":
-            self.tmp = _tempfile(self.path, ".npy")
-            self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=shape)
-        else:
-            self.array = np.empty(shape, dtype)
-        return self.array
+    # -- the driver's side: open, block, write ---------------------------------------------------
 
-    def commit(self, result, extras=None):
-        """Publish: result is a drivers.Result; extras are further named arrays for .npz."""
+    def open(self, result):
         if self.path == "-":
-            self._write(sys.stdout.buffer, result, extras)
-            sys.stdout.buffer.flush()
-            return
+            self.f = sys.stdout.buffer
+        else:
+            self.tmp = _tempfile(self.path, "." + self.fmt)
+            self.f = open(self.tmp, "wb")
         if self.fmt == "npy":
-            self.array.flush()
-            del self.array
-            self.array = None
+            _npy_header(self.f, result.shape, result.dtype)
+        elif self.fmt == "npz":
+            self.zip = zipfile.ZipFile(self.f, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+            self.member = self.zip.open("jacobian.npy", "w", force_zip64=True)
+            _npy_header(self.member, result.shape, result.dtype)
+        else:
+            self.text = io.TextIOWrapper(self.f, encoding="utf-8", newline="", write_through=True)
+            self.writer = csv.writer(self.text)
+            self.writer.writerow(["sample", "output"] + csv_columns(result))
+            self.row_names = [csv_row_names(result)[i] for i in range(result.selection.size)]
+
+    def block(self, result, a, b):
+        if self.buffer is None or self.buffer.shape[0] < b - a:
+            n, rows, cols = result.flat_shape
+            self.buffer = np.empty((max(b - a, result.chunks[0] or 1), rows, cols), result.dtype)
+        return self.buffer[: b - a]
+
+    def write(self, result, a, b, block):
+        if self.fmt == "npy":
+            self.f.write(np.ascontiguousarray(block).data)
+        elif self.fmt == "npz":
+            self.member.write(np.ascontiguousarray(block).data)
+        else:
+            fmt = "%.9g" if block.dtype == np.float32 else "%.17g"
+            for n in range(block.shape[0]):
+                for r, name in enumerate(self.row_names):
+                    self.text.write(f"{a + n},{name}," + ",".join(fmt % v for v in block[n, r].tolist()) + "\n")
+
+    # -- the CLI's side: commit or abort ------------------------------------------------------------
+
+    def commit(self, result):
+        if self.fmt == "npz":
+            self.member.close()
+            with self.zip.open("outputs.npy", "w", force_zip64=True) as m:
+                np.lib.format.write_array(m, np.asarray(result.outputs), allow_pickle=False)
+            if result.kind == "params":
+                with self.zip.open("columns.npy", "w") as m:
+                    np.lib.format.write_array(m, np.frombuffer(json.dumps(result.columns).encode(), np.uint8))
+            self.zip.close()
+        if self.text is not None:
+            self.text.flush()
+            self.text.detach()
+        self.f.flush()
+        if self.path != "-":
+            self.f.close()
             os.replace(self.tmp, self.path)
             self.tmp = None
-            if result.kind == "params":
+            if result.kind == "params" and self.fmt in ("npy", "csv"):
                 write_columns(columns_path(self.path), result)
-            return
-        self.tmp = _tempfile(self.path, "." + self.fmt)
-        with open(self.tmp, "wb") as f:
-            self._write(f, result, extras)
-        os.replace(self.tmp, self.path)
-        self.tmp = None
-        if result.kind == "params" and self.fmt == "csv":
-            write_columns(columns_path(self.path), result)
-
-    def _write(self, f, result, extras):
-        if self.fmt == "npy":
-            np.save(f, np.asarray(result.value), allow_pickle=False)
-        elif self.fmt == "npz":
-            arrays = {"jacobian": np.asarray(result.value), "outputs": result.outputs}
-            if result.kind == "params":
-                arrays["columns"] = np.frombuffer(json.dumps(result.columns).encode(), dtype=np.uint8)
-            arrays.update(extras or {})
-            np.savez(f, **arrays)
-        else:
-            text = io.TextIOWrapper(f, encoding="utf-8", newline="")
-            write_csv(text, result)
-            text.flush()
-            text.detach()
 
     def abort(self):
-        self.array = None
+        if self.path != "-" and self.f is not None:
+            try:
+                self.f.close()
+            except OSError:
+                pass
         if self.tmp and os.path.exists(self.tmp):
             os.unlink(self.tmp)
         self.tmp = None
 
 
+def _npy_header(f, shape, dtype):
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    np.lib.format.write_array_header_2_0(f, header) if len(repr(header)) > 60000 else np.lib.format.write_array_header_1_0(f, header)
+
+
 def _tempfile(path, suffix):
+    """A temporary file beside `path`, with the mode a new file would get (mkstemp uses 0600)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part" + suffix, dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     os.close(fd)
     return tmp
 
@@ -237,17 +275,12 @@ def element_names(name, shape):
     return [name + "".join(f"[{i}]" for i in ix) for ix in np.ndindex(*shape)]
 
 
-def write_csv(f, result):
-    """One row per sample and output element; one column per input element or parameter entry."""
-    J = result.J  # (N, n_sel, n_cols)
+def csv_columns(result):
+    """Names of the CSV columns: input elements or parameter entries, as x[0][3], fc.weight[2][0]."""
     if result.kind == "input":
-        cols = element_names(result.wrt, result.in_shape)
-    else:
-        cols = [n for c in result.columns for n in element_names(c["name"], c["shape"])]
-    out_all = element_names(result.of, result.out_shape)
-    out_names = [out_all[i] for i in result.selection]
-    w = csv.writer(f)
-    w.writerow(["sample", "output"] + cols)
-    for n in range(J.shape[0]):
-        for r, oname in enumerate(out_names):
-            w.writerow([n, oname] + [repr(float(v)) for v in J[n, r]])
+        return element_names(result.wrt, result.in_shape)
+    return [n for c in result.columns for n in element_names(c["name"], c["shape"])]
+
+
+def csv_row_names(result):
+    return [element_names(result.of, result.out_shape)[i] for i in result.selection]

@@ -54,6 +54,7 @@ class Model:
     outputs: list
     value_info: dict = field(default_factory=dict)  # name -> ValueInfo from shape inference
     producer: str = ""
+    plans: dict = field(default_factory=dict, repr=False)  # cache of the drivers: plans and probes
 
     def input(self, name):
         return _pick(self.inputs, name, "input")

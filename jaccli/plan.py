@@ -132,6 +132,12 @@ class Plan:
                 if v:
                     last[v] = i
         self.last_use = last
+        uses = {}
+        for s in self.active_steps:
+            for v, d in zip(s.inputs, s.diff_in):
+                if d:
+                    uses[v] = uses.get(v, 0) + 1
+        self.uses = uses  # how many active steps pull a cotangent into each value
         needed = {v for s in self.active_steps for v in s.inputs + s.outputs if v} | {self.of}
         last_fwd = {}
         for i, s in enumerate(self.steps):

@@ -12,7 +12,11 @@ class Summary:
 
     def __init__(self, result):
         self.result = result
-        self.fro, self.smax, self.smin, self.cond = [], [], [], []
+        n = result.flat_shape[0]
+        # per-sample statistics in float64 arrays (a million samples: 32 MB, not Python floats)
+        self.fro, self.smax, self.smin, self.cond = (np.full(n, np.nan) for _ in range(4))
+        self.done = 0
+        self.svd = True
         self.zeros = 0
         self.total = 0
         self.col_abs = None
@@ -26,22 +30,24 @@ class Summary:
         if not np.isfinite(Jc).all():
             self.finite = False
             Jc = np.nan_to_num(Jc)
-        self.fro += list(np.sqrt((Jc * Jc).sum(axis=(1, 2))))
+        at = slice(self.done, self.done + n)
+        self.done += n
+        self.fro[at] = np.sqrt((Jc * Jc).sum(axis=(1, 2)))
         if min(r, c) <= SVD_LIMIT:
             G = Jc @ Jc.transpose(0, 2, 1) if r <= c else Jc.transpose(0, 2, 1) @ Jc  # Gram of the smaller side
-            ev = np.clip(np.linalg.eigvalsh(G), 0, None)
-            s = np.sqrt(ev)
-            self.smax += list(s[:, -1])
-            self.smin += list(s[:, 0])
+            s = np.sqrt(np.clip(np.linalg.eigvalsh(G), 0, None))
+            self.smax[at], self.smin[at] = s[:, -1], s[:, 0]
             with np.errstate(divide="ignore", invalid="ignore"):
-                self.cond += list(np.where(s[:, 0] > 0, s[:, -1] / s[:, 0], np.inf))
+                self.cond[at] = np.where(s[:, 0] > 0, s[:, -1] / s[:, 0], np.inf)
+        else:
+            self.svd = False
         a = np.abs(Jc).sum(axis=(0, 1)) if self.result.kind == "input" else (Jc * Jc).sum(axis=(0, 1))
         self.col_abs = a if self.col_abs is None else self.col_abs + a
 
     def finish(self, top=5):
         """A plain dict (JSON-ready) of the statistics."""
         r = self.result
-        N = r.J.shape[0]
+        N, rows, cols = r.flat_shape
         d = {
             "kind": r.kind,
             "output": r.of,
@@ -49,10 +55,10 @@ class Summary:
             "wrt": r.wrt if r.kind == "input" else f"{len(r.columns)} parameter tensors",
             "jacobian_shape": list(r.shape),
             "samples": N,
-            "rows_per_sample": int(r.J.shape[1]),
-            "columns_per_sample": int(r.J.shape[2]),
+            "rows_per_sample": rows,
+            "columns_per_sample": cols,
             "mode": r.mode,
-            "dtype": str(r.J.dtype),
+            "dtype": str(np.dtype(r.dtype)),
             "seconds": round(r.seconds, 4),
             "chunk_samples": r.chunks[0],
             "chunk_directions": r.chunks[1],
@@ -60,20 +66,18 @@ class Summary:
             "finite": self.finite,
             "notes": list(r.notes),
         }
-        d["stats"] = {
-            name: _agg(vals)
-            for name, vals in (("frobenius_norm", self.fro), ("spectral_norm", self.smax),
-                               ("smallest_singular_value", self.smin), ("condition_number", self.cond))
-            if vals
-        }
-        if not self.smax:
+        stats = [("frobenius_norm", self.fro)]
+        if self.svd:
+            stats += [("spectral_norm", self.smax), ("smallest_singular_value", self.smin), ("condition_number", self.cond)]
+        d["stats"] = {name: _agg(vals[: self.done]) for name, vals in stats if self.done}
+        if not self.svd:
             d["notes"].append(f"singular values skipped: each per-sample matrix is larger than {SVD_LIMIT} on both sides")
         if r.kind == "input":
             share = self.col_abs / max(self.col_abs.sum(), 1e-300)
             idx = np.argsort(-self.col_abs)[:top]
             d["top_inputs"] = [
                 {"index": [int(i) for i in np.unravel_index(k, r.in_shape)] if r.in_shape else [],
-                 "mean_abs": float(self.col_abs[k] / (N * r.J.shape[1])), "share": float(share[k])}
+                 "mean_abs": float(self.col_abs[k] / (N * rows)), "share": float(share[k])}
                 for k in idx
             ]
         else:
@@ -86,8 +90,7 @@ class Summary:
         return d
 
 
-def _agg(vals):
-    v = np.asarray(vals, dtype=np.float64)
+def _agg(v):
     fin = v[np.isfinite(v)]
     if fin.size == 0:
         return {"mean": float("inf"), "min": float("inf"), "median": float("inf"), "max": float("inf")}
@@ -95,6 +98,7 @@ def _agg(vals):
 
 
 def summarize(result, chunk=256):
+    """The summary of a result held in memory."""
     s = Summary(result)
     for a in range(0, result.J.shape[0], chunk):
         s.update(result.J[a : a + chunk])

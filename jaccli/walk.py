@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .errors import JaccliError, ModelError
 from .plan import Plan, _trim, run_forward
 from .rules import Ctx
@@ -35,10 +37,10 @@ def primal(plan: Plan, feeds: dict) -> dict:
     return env
 
 
-def _ctx(step, env, need=(), keep=()):
+def _ctx(step, env, need=(), keep=(), out=()):
     x = tuple(env[v] if v else None for v in _trim(step.inputs))
     y = tuple(env.get(o) for o in step.outputs)
-    return Ctx(x, y, need, keep, step.rule)
+    return Ctx(x, y, need, keep, step.rule, out)
 
 
 def jvp(plan: Plan, env: dict, seeds: dict):
@@ -60,17 +62,38 @@ def jvp(plan: Plan, env: dict, seeds: dict):
     return tan.get(plan.of)
 
 
-def vjp(plan: Plan, env: dict, Ybar, wrt):
-    """Pull cotangent Ybar of plan.of back; returns {name: cotangent or None} for names in wrt."""
+def vjp(plan: Plan, env: dict, Ybar, wrt, sinks=None):
+    """Pull cotangent Ybar of plan.of back; returns {name: cotangent or None} for names in wrt.
+
+    `sinks` {name: array} are the final homes of some cotangents (views into the result). A
+    value read by one node only is written there by that node's rule (or copied once); the
+    others are accumulated as usual and copied at the end. Every sink is filled, with zeros
+    where the output does not depend on it.
+    """
+    sinks = sinks or {}
     cot = {plan.of: Ybar}
+    done = set()
     for step in reversed(plan.active_steps):
         bars = [cot.pop(o, None) for o in step.outputs]
         if all(b is None for b in bars):
             continue
         n_diff = step.rule.n_diff_outputs
-        cx = _ctx(step, env, step.diff_in, step.keep)
+        out = tuple(sinks.get(v) if d and plan.uses.get(v) == 1 else None for v, d in zip(step.inputs, step.diff_in))
+        cx = _ctx(step, env, step.diff_in, step.keep, out)
         res = _guarded(step, "the VJP rule", cx.x, step.rule.vjp, cx, *(bars if n_diff is None else bars[:n_diff]), **step.attrs)
-        for name, b, d in zip(step.inputs, res, step.diff_in):
-            if d and b is not None:
+        for name, b, d, dst in zip(step.inputs, res, step.diff_in, out):
+            if not d or b is None:
+                continue
+            if dst is not None:
+                if b is not dst:
+                    np.copyto(dst, b)
+                done.add(name)
+            else:
                 cot[name] = cot[name] + b if name in cot else b
-    return {w: cot.get(w) for w in wrt}
+    for name, dst in sinks.items():
+        if name not in done:
+            if name in cot:
+                np.copyto(dst, cot[name])
+            else:
+                dst[...] = 0
+    return {w: (sinks[w] if w in sinks else cot.get(w)) for w in wrt}

@@ -205,3 +205,8 @@ CASES += [
          {"hidden_size": H, "layout": 1, "direction": "bidirectional"}, opset=14, id="LSTM-bidirectional-peepholes"),
     Case("LSTM", [("x", (4, 2)), ("p", (1, 4 * H, 2)), ("p", (1, 4 * H, H))], {"hidden_size": H, "layout": 1, "clip": 0.8}, opset=14, data="away", id="LSTM-clip"),
 ]
+
+# embeddings: a parameter table gathered by per-sample token ids (int graph input)
+CASES += [
+    Case("Gather", [("p", (7, 3)), ("i", ((5,), 7))], {"axis": 0}, id="Gather-embedding"),
+]

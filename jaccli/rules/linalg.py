@@ -13,6 +13,23 @@ def _t(M, flag=True):
     return np.swapaxes(M, -1, -2) if flag else M
 
 
+def mm(A, B):
+    """A @ B with the leading (direction and sample) axes of A folded into the rows of one BLAS
+    call when B is a matrix; numpy's matmul would loop over them."""
+    if B.ndim == 2 and A.ndim > 2:
+        return (A.reshape(-1, A.shape[-1]) @ B).reshape(A.shape[:-1] + B.shape[-1:])
+    return A @ B
+
+
+def per_sample_outer(A, G, trans, out=None):
+    """Per-sample weight cotangents of Y = A @ W with samples as A's rows: A (M, K), G (*lead, M, N)
+    -> (*lead, M, K, N), or (*lead, M, N, K) when W is stored transposed; written into `out`
+    (a view into the result) when given: one pass over the memory, the bound of this step."""
+    if trans:
+        return np.multiply(G[..., :, :, None], A[:, None, :], out=out)
+    return np.multiply(A[:, :, None], G[..., :, None, :], out=out)
+
+
 @rule("Gemm", since=7)
 class Gemm:
     """Y = alpha * A' @ B' + beta * C, with A' = A^T if transA, B' = B^T if transB."""
@@ -31,7 +48,7 @@ class Gemm:
         A, B = cx.x[0], cx.x[1]
         Y = cx.y[0]
         AB = add(
-            None if Adot is None else _t(Adot, transA) @ _t(B, transB),
+            None if Adot is None else mm(_t(Adot, transA), _t(B, transB)),
             None if Bdot is None else _t(A, transA) @ _t(Bdot, transB),
         )
         if AB is not None and alpha != 1:
@@ -51,14 +68,13 @@ class Gemm:
             Ybar_a = Ybar
         Abar = Bbar = Cbar = None
         if cx.need[0]:
-            Abar = _t(Ybar_a @ _t(_t(B, transB)), transA)
+            Abar = _t(mm(Ybar_a, _t(_t(B, transB))), transA)
         if cx.need[1]:
             Ap = _t(A, transA)
-            if cx.keep[1]:  # per sample m: outer(A'[m], Ybar[m]) -> (*lead, M, K, N)
-                Bp = np.einsum("mk,...mn->...mkn", Ap, Ybar_a)
+            if cx.keep[1]:  # per sample m: outer(A'[m], Ybar[m]), in B's own layout
+                Bbar = per_sample_outer(Ap, Ybar_a, transB, cx.dest(1))
             else:
-                Bp = _t(Ap) @ Ybar_a
-            Bbar = _t(Bp, transB)
+                Bbar = _t(_t(Ap) @ Ybar_a, transB)
         if len(cx.x) > 2 and cx.x[2] is not None and cx.need[2]:
             Cbar = unbroadcast(Ybar * Ybar.dtype.type(beta), cx.x[2].shape, lead, cx.keep[2])
         return Abar, Bbar, Cbar
@@ -106,15 +122,15 @@ class MatMul:
             Yb = Yb[..., None, :]
         Abar = Bbar = None
         if cx.need[0]:
-            G = Yb @ _t(B2)  # (*lead, *batch, M, K)
+            G = mm(Yb, _t(B2))  # (*lead, *batch, M, K)
             Abar = _fit(G, A, A2, lead, cx.keep[0], B2, Yb, side=0)
         if cx.need[1]:
             G = None if (cx.keep[1] and A2.ndim == 2) else _t(A2) @ Yb  # (*lead, *batch, K, N)
-            Bbar = _fit(G, B, B2, lead, cx.keep[1], A2, Yb, side=1)
+            Bbar = _fit(G, B, B2, lead, cx.keep[1], A2, Yb, side=1, dest=cx.dest(1))
         return Abar, Bbar
 
 
-def _fit(G, X, X2, lead, keep, other, Yb, side):
+def _fit(G, X, X2, lead, keep, other, Yb, side, dest=None):
     """Reduce a MatMul operand cotangent G to X's shape; per sample when `keep`.
 
     When the batched operand is a plain matrix, its rows are the samples and a per-sample
@@ -125,7 +141,7 @@ def _fit(G, X, X2, lead, keep, other, Yb, side):
     if keep and other.ndim == 2:
         if side == 0:  # A @ B with B a batched matrix contracts over the samples
             raise UnsupportedOpError("MatMul: a parameter times a batched matrix mixes samples; no per-sample cotangent")
-        G = np.einsum("mk,...mn->...mkn", other, Yb)  # A rows are samples: Bbar[m] = outer(A[m], Ybar[m])
+        G = per_sample_outer(other, Yb, False, dest if dest is not None and dest.shape == head + (other.shape[0],) + X.shape[-2:] and X.ndim == 2 else None)
         return G.reshape(head + (G.shape[lead],) + X.shape)
     R = unbroadcast(G, X2.shape, lead, keep)
     return R.reshape(head + ((R.shape[lead],) if keep else ()) + X.shape)
@@ -137,7 +153,7 @@ def _mm(A, B, a_tan=False, b_tan=False):
         return np.squeeze(A[None, :] @ B, axis=-2)
     if a_tan and B.ndim == 1:
         return (A @ B[:, None])[..., 0]
-    return A @ B
+    return mm(A, B)
 
 
 # ---- Einsum --------------------------------------------------------------------------------------

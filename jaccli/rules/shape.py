@@ -211,12 +211,15 @@ class Gather:
         X, idx = cx.x
         return np.take(Xdot, _wrap(idx, X.shape[axis]), axis=neg_axis(axis, X.ndim))
 
+    keeps = True
+
     def vjp(cx, Ybar, *, axis):
-        need_no_keep(cx, "Gather")
         X, idx = cx.x
         ax = axis % X.ndim
         lead = cx.lead(Ybar)
         idx = _wrap(idx, X.shape[ax])
+        if cx.keep[0]:
+            return _embedding_cotangent(X, idx, ax, Ybar, lead), None
         Xb = np.zeros(Ybar.shape[:lead] + X.shape, dtype=Ybar.dtype)
         # move the gathered axis to the front on both sides, then scatter-add
         Xm = np.moveaxis(Xb, lead + ax, 0)
@@ -229,6 +232,21 @@ class Gather:
         else:
             np.add.at(Xm, flat, Ym)
         return Xb, None
+
+
+def _embedding_cotangent(X, idx, ax, Ybar, lead):
+    """Per-sample cotangent of a table X gathered by sample-wise indices idx (N, ...) on axis 0:
+    (*lead, N, *X.shape), each sample's rows scattered into its own copy of the table."""
+    if ax != 0 or idx.ndim == 0:
+        raise UnsupportedOpError("Gather: per-sample cotangents only for a table indexed along axis 0 by per-sample indices")
+    head = Ybar.shape[:lead]
+    N = idx.shape[0]
+    L = int(np.prod(head))
+    Xb = np.zeros((L, N) + X.shape, Ybar.dtype)
+    n = np.broadcast_to(np.arange(N).reshape((N,) + (1,) * (idx.ndim - 1)), idx.shape)
+    G = Ybar.reshape((L,) + idx.shape + X.shape[1:])
+    np.add.at(Xb, (slice(None), n, idx), G)
+    return Xb.reshape(head + (N,) + X.shape)
 
 
 def _wrap(idx, n):
