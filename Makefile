@@ -22,6 +22,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# jaccli against torch.func (PyTorch only here: the `bench` extra); results in bench/results.md
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/bench.py
+
 # jaccli on every test model the onnx package ships; a table on the terminal and in out/coverage.md
 coverage: $(STAMP)
 	$(BIN)/python scripts/coverage.py --report out/coverage.md

@@ -6,7 +6,7 @@ import numpy as np
 
 from . import rule
 from ..errors import UnsupportedOpError
-from ._util import add, conv_geometry, lead_flat, pad_spatial, unpad, windows, windows_adjoint
+from ._util import add, conv_geometry, lead_flat, pad_spatial, unpad, window_slices, windows, windows_adjoint
 
 
 def _cols(X, kernel, strides, dilations, begin, end):
@@ -78,9 +78,12 @@ class Conv:
         Xbar = Wbar = Bbar = None
         if cx.need[0]:
             flat, head = lead_flat(Ybar, X.ndim - 1)  # (L, M, *out)
-            G = _cols_adjoint_input(flat, W, group)  # (L, C, *out, *k)
             padded = [n + b + e for n, b, e in zip(X.shape[2:], begin, end)]
-            Xp = windows_adjoint(G, padded, kernel, s, d)
+            if group == 1:
+                Xp = _input_cotangent(flat, W, padded, s, d)
+            else:
+                G = _cols_adjoint_input(flat, W, group)  # (L, C, *out, *k)
+                Xp = windows_adjoint(G, padded, kernel, s, d)
             Xbar = unpad(Xp, begin, end).reshape(head + X.shape[1:])
         if cx.need[1]:
             cols = _cols(X, kernel, s, d, begin, end)
@@ -109,6 +112,31 @@ def _apply_many(cols, Wflat, group):
     P = np.moveaxis(cols.reshape(B, g, C // g, *out, *Wflat.shape[3:]), 2, 2 + nd).reshape(B, g, -1, Wflat[0, 0].size)
     Y = np.einsum("bgok,lgmk->lbgmo", P, Wflat.reshape(L, g, M // g, -1), optimize=True)
     return Y.reshape(L, B, M, *out)
+
+
+def _input_cotangent(Yb, W, padded, strides, dilations, tile_bytes=1 << 21):
+    """Cotangent of the padded input from Yb (L, M, *out), groups = 1: per tile of images, one
+    GEMM gives every kernel offset's contribution, (K*C, M) @ (M, l*O), each added into its
+    strided window of the accumulator while the tile is still in cache."""
+    M, C = W.shape[:2]
+    kernel = W.shape[2:]
+    K = int(np.prod(kernel))
+    L = Yb.shape[0]
+    out = Yb.shape[2:]
+    O = int(np.prod(out))
+    Wk = W.reshape(M, C, K).transpose(2, 1, 0).reshape(K * C, M)  # (K*C, M)
+    Xb = np.zeros((L, C) + tuple(padded), dtype=Yb.dtype)
+    step = max(1, tile_bytes // max(1, K * C * O * Yb.itemsize))
+    offsets = list(np.ndindex(*kernel))
+    for a in range(0, L, step):
+        Yt = Yb[a:a + step]
+        l = Yt.shape[0]
+        G = (Wk @ np.moveaxis(Yt, 1, 0).reshape(M, l * O)).reshape(K, C, l, *out)
+        G = np.moveaxis(G, 2, 1)  # (K, l, C, *out): a view
+        dst = Xb[a:a + l]
+        for k, off in enumerate(offsets):
+            dst[window_slices(off, strides, dilations, out)] += G[k]
+    return Xb
 
 
 def _cols_adjoint_input(Yb, W, group):

@@ -1,0 +1,435 @@
+"""jaccli against torch.func on the same CPU: input and per-sample parameter Jacobians.
+
+    make bench                      # everything: timings, memory, bounded-memory runs
+    python bench/bench.py --quick   # fewer repeats
+
+Each network is built in PyTorch and exported to ONNX (TorchScript exporter, opset 17,
+BatchNormalization kept), then timed side by side in one process with the same thread count:
+jaccli's Python API against vmap(jacrev), and vmap(jacfwd) where the input is at most four times
+the output (elsewhere it cannot win and runs out of memory), for input Jacobians, and against
+vmap(jacrev) over functional_call, assembled into the same (N, n_out, P) array, for per-sample
+parameter Jacobians. Times are medians after a warm-up; both results are checked to agree.
+Peak memory is measured in a fresh process per run. The machine's limits are measured here:
+the float32 matmul peak and the bandwidth of writing fresh memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+THREADS = 2
+PARAM_LIMIT = 1 << 30  # per-sample parameter Jacobians larger than this are taken on a slice of outputs
+TARGET_INPUT, TARGET_PARAMS, TARGET_BANDWIDTH = 0.7, 0.5, 3.0
+
+
+# ---- the networks ------------------------------------------------------------------------------
+
+
+def networks():
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+            self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+    class ResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+            self.blocks = nn.Sequential(Block(16), Block(16))
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+    class Encoder(nn.Module):
+        def __init__(self, d=64, heads=4, ff=128):
+            super().__init__()
+            self.heads = heads
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.ff = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Linear(ff, d))
+
+        def forward(self, x):
+            n, s, d = x.shape
+            q, k, v = self.qkv(self.ln1(x)).reshape(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            a = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1)
+            x = x + self.proj((a @ v).transpose(1, 2).reshape(n, s, d))
+            return x + self.ff(self.ln2(x))
+
+    def mlp(sizes, act):
+        layers = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(act())
+        return nn.Sequential(*layers)
+
+    lenet = nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(256, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+    return {
+        "mlp_784_256_256_10_tanh": (lambda: mlp([784, 256, 256, 10], nn.Tanh), (784,), 64),
+        "mlp_1024_768_768_1024_relu": (lambda: mlp([1024, 768, 768, 1024], nn.ReLU), (1024,), 32),
+        "lenet_1x28x28": (lambda: lenet, (1, 28, 28), 64),
+        "resnet_bn_3x32x32": (ResNet, (3, 32, 32), 16),
+        "transformer_s16_d64_h4": (Encoder, (16, 64), 8),
+        "regression_8_64_64_1_tanh": (lambda: mlp([8, 64, 64, 1], nn.Tanh), (8,), 256),
+    }
+
+
+def build(name):
+    """(torch model, ONNX proto, x as a torch tensor) for one network, seeded."""
+    import onnx
+    import torch
+
+    torch.manual_seed(0)
+    make, shape, n = networks()[name]
+    model = make().eval()
+    for m in model.modules():  # trained-looking normalisation (identical initial values would be
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):  # merged by the exporter)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(n, *shape)
+    f = io.BytesIO()
+    torch.onnx.export(model, (x,), f, opset_version=17, dynamo=False, input_names=["x"], output_names=["y"],
+                      do_constant_folding=False, dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+    return model, onnx.load_from_string(f.getvalue()), x
+
+
+# ---- the two contenders ------------------------------------------------------------------------------
+
+
+def torch_input(model, x, mode):
+    from torch.func import jacfwd, jacrev, vmap
+
+    def f(xi):
+        return model(xi[None])[0]
+
+    jac = jacrev if mode == "reverse" else jacfwd
+    return lambda: vmap(jac(f))(x)
+
+
+def param_outputs(model, x):
+    """How many output elements the per-sample parameter Jacobian covers (all, unless too large)."""
+    import torch
+
+    with torch.no_grad():
+        n_out = model(x[:1]).numel()
+    P = sum(p.numel() for p in model.parameters())
+    k = n_out if len(x) * n_out * P * 4 <= PARAM_LIMIT else max(1, PARAM_LIMIT // (len(x) * P * 4))
+    return k, n_out, P
+
+
+def torch_params(model, x, k):
+    import torch
+    from torch.func import functional_call, jacrev, vmap
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def g(p, xi):
+        return functional_call(model, (p, buffers), (xi[None],))[0].reshape(-1)[:k]
+
+    def run():
+        d = vmap(jacrev(g), in_dims=(None, 0))(params, x)
+        return torch.cat([d[name].reshape(len(x), k, -1) for name in params], dim=-1)  # (N, k, P)
+
+    return run
+
+
+def jaccli_input(model, x):
+    import jaccli
+
+    return lambda: jaccli.input_jacobian(model, x)
+
+
+def jaccli_params(model, x, k, n_out):
+    import jaccli
+
+    sel = None if k == n_out else f"0:{k}"
+    return lambda: jaccli.param_jacobian(model, x, outputs=sel)[0]
+
+
+def median_time(fn, repeats, budget=2.0):
+    fn()  # warm-up
+    times = []
+    t_end = time.perf_counter() + budget
+    while len(times) < repeats or (time.perf_counter() < t_end and len(times) < 3 * repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+        del out
+        if len(times) >= repeats and sum(times) > budget:
+            break
+    return float(np.median(times)), len(times)
+
+
+# ---- the machine's limits ------------------------------------------------------------------------------
+
+
+def machine_limits():
+    """float32 matmul peak (FLOP/s) and the bandwidth of writing fresh and warm memory (B/s)."""
+    from jaccli.drivers import allocate
+
+    a = np.random.rand(2048, 2048).astype(np.float32)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    flops = 5 * 2 * 2048**3 / (time.perf_counter() - t)
+    size = 512 << 20
+    fresh = []
+    for _ in range(3):
+        t = time.perf_counter()
+        buf = allocate((size // 4,), np.float32)
+        buf[...] = 1.0
+        fresh.append(size / (time.perf_counter() - t))
+        del buf
+    warm_buf = np.ones(size // 4, np.float32)
+    t = time.perf_counter()
+    warm_buf[...] = 2.0
+    warm = size / (time.perf_counter() - t)
+    return {"matmul_flops": flops, "write_fresh": max(fresh), "write_warm": warm}
+
+
+def work(model_proto, x, kind, k=None):
+    """Multiply-adds (x2 = FLOPs) and bytes written of one Jacobian, from jaccli's plan."""
+    import jaccli
+    from jaccli.drivers import _prepared, prepare_feeds
+
+    m = jaccli.load(model_proto)
+    feeds, N = prepare_feeds(m, x, np.float32)
+    of = m.outputs[0].name
+    if kind == "input":
+        r = jaccli.input_jacobian(m, x, return_result=True)
+        T = r.J.shape[2] if r.mode == "forward" else r.J.shape[1]
+        plan, (est, _, _) = _prepared(m, of, [m.float_inputs()[0].name], np.float32, False, feeds, N)
+        out_bytes = r.J.nbytes
+    else:
+        r = jaccli.param_jacobian(m, x, outputs=None if k is None else f"0:{k}", return_result=True)
+        T = r.J.shape[1]
+        plan, (est, _, _) = _prepared(m, of, r.wrt, np.float32, True, feeds, N)
+        out_bytes = r.J.nbytes
+    return 2 * est["flops_per_direction"] * T * N, out_bytes, r.mode
+
+
+# ---- peak memory in a fresh process ------------------------------------------------------------------
+
+
+def peak_memory(name, kind, who):
+    """Peak resident memory of one run, above the process after setup (MiB)."""
+    out = subprocess.run([sys.executable, __file__, "--memory-child", name, kind, who], capture_output=True, text=True,
+                         timeout=900)
+    try:
+        return float(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return float("nan")
+
+
+def memory_child(name, kind, who):
+    import torch
+
+    torch.set_num_threads(THREADS)
+    model, proto, x = build(name)
+    import jaccli
+
+    m = jaccli.load(proto)
+    xn = x.numpy()
+    k, n_out, _ = param_outputs(model, x)
+    if who == "torch":
+        fn = torch_input(model, x, "reverse") if kind == "input" else torch_params(model, x, k)
+    else:
+        fn = jaccli_input(m, xn) if kind == "input" else jaccli_params(m, xn, k, n_out)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    del result
+    print((peak - base) / 1024)
+
+
+# ---- bounded memory: outputs larger than the cap ---------------------------------------------------
+
+
+def bounded_memory_runs(tmp):
+    """The CLI on a million samples of the regression network and on a CNN parameter Jacobian
+    several times the cap: peak memory above the process that has loaded model and data, and the
+    result against an unchunked run."""
+    import onnx
+    import torch
+
+    import jaccli
+
+    rows = []
+    for name, kind, n, cap in (("regression_8_64_64_1_tanh", "input", 1_000_000, "256MiB"),
+                               ("lenet_1x28x28", "params", 2000, "256MiB")):
+        model, proto, _ = build(name)
+        shape = networks()[name][1]
+        x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(1)).numpy()
+        mpath, xpath, out = (os.path.join(tmp, f"{name}.{e}") for e in ("onnx", "npy", "out.npy"))
+        onnx.save(proto, mpath)
+        np.save(xpath, x)
+        code = (
+            "import resource, sys, numpy as np, jaccli, jaccli.io as jio\n"
+            "from jaccli.cli import main\n"
+            f"m = jaccli.load({mpath!r}); x = jio.read_data({xpath!r})\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "del x\n"
+            f"try:\n    main([{kind!r}, {mpath!r}, {xpath!r}, '-o', {out!r}, '--max-memory', {cap!r}, '-q'])\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(base / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        )
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
+        seconds = time.perf_counter() - t
+        if p.returncode:
+            raise RuntimeError(p.stderr[-2000:])
+        base, peak = map(float, p.stdout.split()[-2:])
+        J = np.load(out, mmap_mode="r")
+        check = slice(0, 200)
+        ref = (jaccli.input_jacobian(mpath, x[check], max_memory=1 << 34) if kind == "input"
+               else jaccli.param_jacobian(mpath, x[check], max_memory=1 << 34)[0])
+        same = float(np.abs(np.asarray(J[check]) - ref).max() / max(np.abs(ref).max(), 1e-30))
+        cap_mib = int(cap[:-3])
+        rows.append({"run": f"{kind} {name}, N={n:,}", "output_MiB": J.nbytes / 2**20, "cap_MiB": cap_mib,
+                     "peak_above_loaded_MiB": peak - base, "model_MiB": os.path.getsize(mpath) / 2**20,
+                     "seconds": seconds, "max_rel_diff_vs_unchunked": same,
+                     "within_cap": peak - base <= cap_mib + os.path.getsize(mpath) / 2**20})
+        del J
+        os.unlink(out)
+    return rows
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+
+def run(quick):
+    import torch
+
+    import jaccli
+
+    torch.set_num_threads(THREADS)
+    limits = machine_limits()
+    repeats = 3 if quick else 7
+    rows = []
+    for name in networks():
+        model, proto, x = build(name)
+        m = jaccli.load(proto)
+        xn = x.numpy()
+        # input Jacobian: the faster of vmap(jacrev) and vmap(jacfwd)
+        J = jaccli_input(m, xn)()
+        Jt = torch_input(model, x, "reverse")().detach().numpy()
+        agree_in = float(np.abs(J - Jt).max() / np.abs(Jt).max())
+        t_j, _ = median_time(jaccli_input(m, xn), repeats)
+        t_rev, _ = median_time(torch_input(model, x, "reverse"), repeats)
+        # jacfwd pushes every input direction through every activation at once: only where it can win
+        n_in, n_out_all = x[0].numel(), Jt[0].size // x[0].numel()
+        t_fwd = median_time(torch_input(model, x, "forward"), max(2, repeats // 2))[0] if n_in <= 4 * n_out_all else np.inf
+        flops, nbytes, mode = work(proto, xn, "input")
+        bound = max(flops / limits["matmul_flops"], nbytes / limits["write_fresh"])
+        rows.append({"network": name, "kind": "input", "N": len(x), "jaccli_s": t_j, "torch_s": min(t_rev, t_fwd),
+                     "torch_how": "jacrev" if t_rev <= t_fwd else "jacfwd", "ratio": t_j / min(t_rev, t_fwd),
+                     "target": TARGET_INPUT, "agree": agree_in, "jaccli_mode": mode, "output_MiB": nbytes / 2**20,
+                     "x_bound": t_j / bound, "bound": "flops" if flops / limits["matmul_flops"] > nbytes / limits["write_fresh"] else "write"})
+        # per-sample parameter Jacobian
+        k, n_out, P = param_outputs(model, x)
+        G = jaccli_params(m, xn, k, n_out)()
+        Gt = torch_params(model, x, k)().detach().numpy()
+        agree_p = float(np.abs(np.linalg.norm(G.reshape(len(x), -1), axis=1) - np.linalg.norm(Gt.reshape(len(x), -1), axis=1)).max()
+                        / np.linalg.norm(Gt.reshape(len(x), -1), axis=1).max())
+        del G, Gt
+        t_j, _ = median_time(jaccli_params(m, xn, k, n_out), repeats)
+        t_t, _ = median_time(torch_params(model, x, k), repeats)
+        flops, nbytes, _ = work(proto, xn, "params", None if k == n_out else k)
+        bound = max(flops / limits["matmul_flops"], nbytes / limits["write_fresh"])
+        rows.append({"network": name, "kind": "params", "N": len(x), "jaccli_s": t_j, "torch_s": t_t, "torch_how": "jacrev",
+                     "ratio": t_j / t_t, "target": TARGET_PARAMS, "agree": agree_p, "jaccli_mode": "reverse",
+                     "output_MiB": nbytes / 2**20, "outputs": f"{k} of {n_out}", "P": P, "x_bound": t_j / bound,
+                     "bound": "flops" if flops / limits["matmul_flops"] > nbytes / limits["write_fresh"] else "write"})
+        print(f"{name}: done", file=sys.stderr)
+    for r in rows:
+        r["jaccli_peak_MiB"] = peak_memory(r["network"], r["kind"], "jaccli")
+        r["torch_peak_MiB"] = peak_memory(r["network"], r["kind"], "torch")
+    return limits, rows
+
+
+def render(limits, rows, bounded):
+    lines = [
+        f"Machine: {os.cpu_count()} cores, {THREADS} threads for both; float32 matmul peak "
+        f"{limits['matmul_flops'] / 1e9:.0f} GFLOP/s; writing fresh memory {limits['write_fresh'] / 1e9:.1f} GB/s "
+        f"(warm {limits['write_warm'] / 1e9:.1f} GB/s). Medians after a warm-up; torch {_torch_version()}.",
+        "",
+        "| network | Jacobian | N | jaccli | torch.func | jaccli / torch | target | x limit | peak MiB jaccli / torch | agree |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        what = "input" if r["kind"] == "input" else f"per-sample params ({r['outputs']} outputs, P={r['P']:,})"
+        ok = "✓" if r["ratio"] <= r["target"] else "✗"
+        lines.append(
+            f"| {r['network']} | {what} | {r['N']} | {r['jaccli_s'] * 1e3:.1f} ms ({r['jaccli_mode']}) | "
+            f"{r['torch_s'] * 1e3:.1f} ms ({r['torch_how']}) | {r['ratio']:.2f} {ok} | ≤ {r['target']} | "
+            f"{r['x_bound']:.1f}× ({r['bound']}) | {r['jaccli_peak_MiB']:.0f} / {r['torch_peak_MiB']:.0f} | {r['agree']:.0e} |")
+    lines += ["", "x limit: jaccli's time over the machine's limit for that Jacobian: its multiply-adds at the matmul "
+              "peak, or its bytes at the fresh-memory write bandwidth, whichever is larger. agree: max relative "
+              "difference between the two results (input Jacobians entry by entry, parameter Jacobians by per-sample norm).",
+              "", "Bounded memory (the CLI writing .npy block by block):", "",
+              "| run | output | --max-memory | peak above loaded | within cap + model | vs unchunked | time |", "|---|---|---|---|---|---|---|"]
+    for b in bounded:
+        lines.append(f"| {b['run']} | {b['output_MiB']:.0f} MiB | {b['cap_MiB']} MiB | {b['peak_above_loaded_MiB']:.0f} MiB | "
+                     f"{'✓' if b['within_cap'] else '✗'} | {b['max_rel_diff_vs_unchunked']:.0e} | {b['seconds']:.1f} s |")
+    return "\n".join(lines)
+
+
+def _torch_version():
+    import torch
+
+    return torch.__version__
+
+
+def main():
+    ap = argparse.ArgumentParser(description="jaccli against torch.func")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--memory-child", nargs=3)
+    ap.add_argument("--out", default=os.path.join(HERE, "results.md"))
+    args = ap.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    import tempfile
+
+    limits, rows = run(args.quick)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("JACCLI_BENCH_TMP")) as tmp:
+        bounded = bounded_memory_runs(tmp)
+    text = render(limits, rows, bounded)
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text + "\n")
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump({"limits": limits, "rows": rows, "bounded": bounded}, f, indent=1)
+    met = all(r["ratio"] <= r["target"] for r in rows)
+    mlp = next(r for r in rows if r["network"].startswith("mlp_784") and r["kind"] == "params")
+    met = met and mlp["x_bound"] <= TARGET_BANDWIDTH and all(b["within_cap"] for b in bounded)
+    print("targets met" if met else "targets NOT met", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
