@@ -19,7 +19,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "sample_models"))  # torch_models
 THREADS = 2
 PARAM_LIMIT = 1 << 30  # per-sample parameter Jacobians larger than this are taken on a slice of outputs
 TARGET_INPUT, TARGET_PARAMS, TARGET_BANDWIDTH = 0.7, 0.5, 3.0
@@ -37,50 +37,8 @@ TARGET_INPUT, TARGET_PARAMS, TARGET_BANDWIDTH = 0.7, 0.5, 3.0
 
 
 def networks():
-    import torch
     from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self, c):
-            super().__init__()
-            self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-            self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-
-        def forward(self, x):
-            return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
-
-    class ResNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-            self.blocks = nn.Sequential(Block(16), Block(16))
-            self.head = nn.Linear(16, 10)
-
-        def forward(self, x):
-            return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
-
-    class Encoder(nn.Module):
-        def __init__(self, d=64, heads=4, ff=128):
-            super().__init__()
-            self.heads = heads
-            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-            self.ff = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Linear(ff, d))
-
-        def forward(self, x):
-            n, s, d = x.shape
-            q, k, v = self.qkv(self.ln1(x)).reshape(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-            a = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1)
-            x = x + self.proj((a @ v).transpose(1, 2).reshape(n, s, d))
-            return x + self.ff(self.ln2(x))
-
-    def mlp(sizes, act):
-        layers = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(act())
-        return nn.Sequential(*layers)
+    from torch_models import Encoder, ResNet, mlp
 
     lenet = nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Flatten(), nn.Linear(256, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
@@ -88,8 +46,8 @@ def networks():
         "mlp_784_256_256_10_tanh": (lambda: mlp([784, 256, 256, 10], nn.Tanh), (784,), 64),
         "mlp_1024_768_768_1024_relu": (lambda: mlp([1024, 768, 768, 1024], nn.ReLU), (1024,), 32),
         "lenet_1x28x28": (lambda: lenet, (1, 28, 28), 64),
-        "resnet_bn_3x32x32": (ResNet, (3, 32, 32), 16),
-        "transformer_s16_d64_h4": (Encoder, (16, 64), 8),
+        "resnet_bn_3x32x32": (lambda: ResNet(channels=16, classes=10, downsample=False), (3, 32, 32), 16),
+        "transformer_s16_d64_h4": (lambda: Encoder(d=64, heads=4, ff=128), (16, 64), 8),
         "regression_8_64_64_1_tanh": (lambda: mlp([8, 64, 64, 1], nn.Tanh), (8,), 256),
     }
 
@@ -99,16 +57,12 @@ def build(name):
     import onnx
     import torch
 
+    from torch_models import trained_looking_norms
+
     torch.manual_seed(0)
     make, shape, n = networks()[name]
     model = make().eval()
-    for m in model.modules():  # trained-looking normalisation (identical initial values would be
-        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):  # merged by the exporter)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
+    trained_looking_norms(model)
     x = torch.randn(n, *shape)
     f = io.BytesIO()
     torch.onnx.export(model, (x,), f, opset_version=17, dynamo=False, input_names=["x"], output_names=["y"],
@@ -260,11 +214,31 @@ def memory_child(name, kind, who):
         fn = torch_input(model, x, "reverse") if kind == "input" else torch_params(model, x, k)
     else:
         fn = jaccli_input(m, xn) if kind == "input" else jaccli_params(m, xn, k, n_out)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()  # warm-up: one-off allocations (plans, thread pools) are not the run's memory
+    base = _rss_reset()
     result = fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _hwm()
     del result
     print((peak - base) / 1024)
+
+
+def _rss_reset():
+    """Reset the peak resident size to the current one (Linux: /proc/self/clear_refs), return it (KiB)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def _hwm():
+    return _status("VmHWM")
+
+
+def _status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
 
 
 # ---- bounded memory: outputs larger than the cap ---------------------------------------------------
@@ -272,8 +246,9 @@ def memory_child(name, kind, who):
 
 def bounded_memory_runs(tmp):
     """The CLI on a million samples of the regression network and on a CNN parameter Jacobian
-    several times the cap: peak memory above the process that has loaded model and data, and the
-    result against an unchunked run."""
+    several times the cap: peak memory above the process that has imported jaccli and loaded the
+    model (the CLI then reads the data itself: the data's size counts too), and the result
+    against an unchunked run."""
     import onnx
     import torch
 
@@ -291,12 +266,13 @@ def bounded_memory_runs(tmp):
         code = (
             "import resource, sys, numpy as np, jaccli, jaccli.io as jio\n"
             "from jaccli.cli import main\n"
-            f"m = jaccli.load({mpath!r}); x = jio.read_data({xpath!r})\n"
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "del x\n"
+            f"m = jaccli.load({mpath!r})\n"
+            "open('/proc/self/clear_refs', 'w').write('5')\n"
+            "base = int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])\n"
             f"try:\n    main([{kind!r}, {mpath!r}, {xpath!r}, '-o', {out!r}, '--max-memory', {cap!r}, '-q'])\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"
-            "print(base / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+            "peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
+            "print(base / 1024, peak / 1024)\n"
         )
         t = time.perf_counter()
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
@@ -310,10 +286,11 @@ def bounded_memory_runs(tmp):
                else jaccli.param_jacobian(mpath, x[check], max_memory=1 << 34)[0])
         same = float(np.abs(np.asarray(J[check]) - ref).max() / max(np.abs(ref).max(), 1e-30))
         cap_mib = int(cap[:-3])
+        data_mib = os.path.getsize(xpath) / 2**20
         rows.append({"run": f"{kind} {name}, N={n:,}", "output_MiB": J.nbytes / 2**20, "cap_MiB": cap_mib,
                      "peak_above_loaded_MiB": peak - base, "model_MiB": os.path.getsize(mpath) / 2**20,
-                     "seconds": seconds, "max_rel_diff_vs_unchunked": same,
-                     "within_cap": peak - base <= cap_mib + os.path.getsize(mpath) / 2**20})
+                     "data_MiB": data_mib, "seconds": seconds, "max_rel_diff_vs_unchunked": same,
+                     "within_cap": peak - base <= cap_mib + os.path.getsize(mpath) / 2**20 + data_mib})
         del J
         os.unlink(out)
     return rows
@@ -392,9 +369,10 @@ def render(limits, rows, bounded):
               "peak, or its bytes at the fresh-memory write bandwidth, whichever is larger. agree: max relative "
               "difference between the two results (input Jacobians entry by entry, parameter Jacobians by per-sample norm).",
               "", "Bounded memory (the CLI writing .npy block by block):", "",
-              "| run | output | --max-memory | peak above loaded | within cap + model | vs unchunked | time |", "|---|---|---|---|---|---|---|"]
+              "| run | output | --max-memory | data | peak above loaded model | within cap + model + data | vs unchunked | time |",
+              "|---|---|---|---|---|---|---|---|"]
     for b in bounded:
-        lines.append(f"| {b['run']} | {b['output_MiB']:.0f} MiB | {b['cap_MiB']} MiB | {b['peak_above_loaded_MiB']:.0f} MiB | "
+        lines.append(f"| {b['run']} | {b['output_MiB']:.0f} MiB | {b['cap_MiB']} MiB | {b['data_MiB']:.0f} MiB | {b['peak_above_loaded_MiB']:.0f} MiB | "
                      f"{'✓' if b['within_cap'] else '✗'} | {b['max_rel_diff_vs_unchunked']:.0e} | {b['seconds']:.1f} s |")
     return "\n".join(lines)
 
@@ -409,6 +387,7 @@ def main():
     ap = argparse.ArgumentParser(description="jaccli against torch.func")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--memory-child", nargs=3)
+    ap.add_argument("--bounded-only", action="store_true", help="only the bounded-memory runs")
     ap.add_argument("--out", default=os.path.join(HERE, "results.md"))
     args = ap.parse_args()
     if args.memory_child:
@@ -416,6 +395,11 @@ def main():
         return
     import tempfile
 
+    if args.bounded_only:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("JACCLI_BENCH_TMP")) as tmp:
+            for b in bounded_memory_runs(tmp):
+                print(b)
+        return
     limits, rows = run(args.quick)
     with tempfile.TemporaryDirectory(dir=os.environ.get("JACCLI_BENCH_TMP")) as tmp:
         bounded = bounded_memory_runs(tmp)

@@ -128,11 +128,14 @@ def choose_chunks(N, T, est, max_memory, extra_per_sd=0.0):
     """Samples and directions per chunk so that one chunk's working set fits max_memory bytes."""
     b_s = est["bytes_primal"]
     b_sd = est["bytes_per_direction"] + extra_per_sd
-    budget = max_memory
+    # the estimate counts the values that live; the rules' temporaries (a derivative and its
+    # product, a cotangent before it is copied into the result) and the summary's take about as
+    # much again: plan for half of the budget
+    budget = max_memory / 2
     if b_s + b_sd > budget:
         raise MemoryBudgetError(
-            f"one sample and one direction need about {(b_s + b_sd) / 2**20:.1f} MiB, over --max-memory "
-            f"({budget / 2**20:.0f} MiB)"
+            f"one sample and one direction need about {2 * (b_s + b_sd) / 2**20:.1f} MiB with temporaries, over "
+            f"--max-memory ({max_memory / 2**20:.0f} MiB)"
         )
     n_c = int(budget // (b_s + T * b_sd))
     if n_c >= 1:
@@ -259,18 +262,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
         notes.append(f"output '{of_v.name}' does not depend on input '{wrt_v.name}': the Jacobian is zero")
     res = Result(None, shape, "input", of_v.name, wrt_v.name, mode, out_shape, in_shape, sel,
                  outputs=np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), estimate=est, notes=notes, dtype=dtype)
-    target = target or ArrayTarget()
-    target.open(res)
-    put = _run_blocks(target, res, on_block)
-    Y = res.outputs
-
-    for a in range(0, N, n_c):
-        b = min(N, a + n_c)
-        env = walk.primal(plan, _slice_samples(feeds, a, b))
-        y = env[of_v.name]
-        _check_sample_axis(y, b - a, of_v.name)
-        Y[a:b] = y
-        Jb = target.block(res, a, b)  # (b - a, n_sel, n_in)
+    for a, b, env, Jb in _sample_blocks(plan, feeds, res, target, on_block):  # Jb: (b - a, n_sel, n_in)
         for s in range(0, T, t_c):
             e = min(T, s + t_c)
             if mode == "forward":
@@ -291,7 +283,6 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
                     Jb[:, s:e, :] = 0
                 else:
                     Jb[:, s:e, :] = G.reshape(e - s, b - a, n_in).transpose(1, 0, 2)
-        put(a, b, Jb)
     res.seconds = time.perf_counter() - t0
     return res if return_result else res.value
 
@@ -317,15 +308,22 @@ class ArrayTarget:
         pass
 
 
-def _run_blocks(target, result, on_block):
-    """Wrap a target: `put(a, b, block)` writes a finished block of samples and reports it."""
-
-    def put(a, b, block):
-        target.write(result, a, b, block)
+def _sample_blocks(plan, feeds, res, target, on_block):
+    """For each chunk of samples, in order: (a, b, primal environment, result block to fill).
+    The model outputs are kept; a block is written and reported when the caller moves on."""
+    target = target or ArrayTarget()
+    target.open(res)
+    N, n_c = res.shape[0], res.chunks[0]
+    for a in range(0, N, n_c):
+        b = min(N, a + n_c)
+        env = walk.primal(plan, _slice_samples(feeds, a, b))
+        _check_sample_axis(env[res.of], b - a, res.of)
+        res.outputs[a:b] = env[res.of]
+        block = target.block(res, a, b)
+        yield a, b, env, block
+        target.write(res, a, b, block)
         if on_block:
             on_block(a, b, block)
-
-    return put
 
 
 def allocate(shape, dtype):
@@ -405,23 +403,12 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
         notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")
     res = Result(None, shape, "params", of_v.name, names, "reverse", out_shape, (), sel, columns,
                  np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), estimate=est, notes=notes, dtype=dtype)
-    target = target or ArrayTarget()
-    target.open(res)
-    put = _run_blocks(target, res, on_block)
-    Y = res.outputs
-    for a in range(0, N, n_c):
-        b = min(N, a + n_c)
-        env = walk.primal(plan, _slice_samples(feeds, a, b))
-        y = env[of_v.name]
-        _check_sample_axis(y, b - a, of_v.name)
-        Y[a:b] = y
-        Jb = target.block(res, a, b)  # (b - a, n_sel, P)
+    for a, b, env, Jb in _sample_blocks(plan, feeds, res, target, on_block):  # Jb: (b - a, n_sel, P)
         for s in range(0, T, t_c):
             e = min(T, s + t_c)
             seed = np.zeros((e - s, b - a, n_out), dtype)
             seed[np.arange(e - s), :, sel[s:e]] = 1
             sinks = {col["name"]: _sink(Jb[:, s:e], col) for col in columns}
             walk.vjp(plan, env, seed.reshape((e - s, b - a) + out_shape), names, sinks)
-        put(a, b, Jb)
     res.seconds = time.perf_counter() - t0
     return res if return_result else (res.value, columns)

@@ -22,7 +22,13 @@ class Summary:
         self.col_abs = None
         self.finite = True
 
-    def update(self, Jc):
+    def update(self, block, piece_bytes=16 << 20):
+        """Add a block of samples (n, rows, columns), in pieces of bounded size (float64 copies)."""
+        step = max(1, piece_bytes // max(1, 8 * int(np.prod(block.shape[1:]))))
+        for a in range(0, block.shape[0], step):
+            self._update(block[a: a + step])
+
+    def _update(self, Jc):
         Jc = np.asarray(Jc, dtype=np.float64)
         n, r, c = Jc.shape
         self.zeros += int(np.count_nonzero(Jc == 0))

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_models import Encoder, ResNet, trained_looking_norms  # noqa: E402
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch")
 N = 4
@@ -35,78 +39,11 @@ class GeluMLP(nn.Module):
         return self.net(x)
 
 
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
-
-
-class ResNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                                  nn.MaxPool2d(2))
-        self.blocks = nn.Sequential(Block(8), Block(8))
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x):
-        h = self.blocks(self.stem(x))
-        return self.head(h.mean(dim=(2, 3)))
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention written out (nn.MultiheadAttention lowers to an op that the
-    TorchScript exporter supports only from opset 14)."""
-
-    def __init__(self, d, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
-
-    def forward(self, x):
-        n, s, d = x.shape
-        q, k, v = self.qkv(x).reshape(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1)
-        return self.out((a @ v).transpose(1, 2).reshape(n, s, d))
-
-
-class Encoder(nn.Module):
-    """A pre-norm transformer encoder block: LayerNorm, multi-head attention, GELU feed-forward."""
-
-    def __init__(self, d=16, heads=4, ff=32):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attention(d, heads)
-        self.ff = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Linear(ff, d))
-
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.ff(self.ln2(x))
-
-
 MODELS = {
     "gelu_mlp": (GeluMLP, (16,)),
     "resnet_bn": (ResNet, (3, 16, 16)),
     "transformer": (Encoder, (6, 16)),
 }
-
-
-def randomize_norms(model, g):
-    """Normalisation parameters and statistics that look trained, not 1 and 0 (identical
-    initial values would also be merged into one initializer by the exporter)."""
-    for m in model.modules():
-        if isinstance(m, nn.LayerNorm):
-            m.weight.data.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
-            m.bias.data.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
 def references(model, x):
@@ -136,7 +73,7 @@ def main():
     g = torch.Generator().manual_seed(0)
     for name, (cls, shape) in MODELS.items():
         model = cls().eval()
-        randomize_norms(model, g)
+        trained_looking_norms(model, g)
         x = torch.randn(N, *shape, generator=g)
         np.save(os.path.join(HERE, f"{name}.npy"), x.numpy())
         for opset in (13, 17):

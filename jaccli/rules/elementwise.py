@@ -429,89 +429,43 @@ class Mish:
 # ---- piecewise constant, comparisons and logic: no derivative flows through them --------------
 
 
-def _constant_op(op_type, since, fn, doc, n_inputs=1):
-    cls = type(op_type, (), {"__doc__": doc, "nondiff": tuple(range(n_inputs)), "forward": fn})
-    return rule(op_type, since)(cls)
+def _unary(fn):
+    def forward(X):
+        return fn(X)
+
+    return forward
 
 
-def _floor(X):
-    return np.floor(X)
+def _binary(fn):
+    def forward(A, B):
+        return fn(A, B)
 
-
-def _ceil(X):
-    return np.ceil(X)
-
-
-def _round(X):
-    return np.round(X)  # half to even, as the spec
-
-
-def _sign(input):
-    return np.sign(input)
-
-
-def _equal(A, B):
-    return np.equal(A, B)
-
-
-def _less(A, B):
-    return np.less(A, B)
-
-
-def _less_equal(A, B):
-    return np.less_equal(A, B)
-
-
-def _greater(A, B):
-    return np.greater(A, B)
-
-
-def _greater_equal(A, B):
-    return np.greater_equal(A, B)
-
-
-def _not(X):
-    return np.logical_not(X)
-
-
-def _and(A, B):
-    return np.logical_and(A, B)
-
-
-def _or(A, B):
-    return np.logical_or(A, B)
-
-
-def _xor(A, B):
-    return np.logical_xor(A, B)
-
-
-def _isnan(X):
-    return np.isnan(X)
+    return forward
 
 
 def _isinf(X, *, detect_negative=1, detect_positive=1):
     return (np.isposinf(X) & bool(detect_positive)) | (np.isneginf(X) & bool(detect_negative))
 
 
-for _op, _since, _fn, _doc, _n in (
-    ("Floor", 6, _floor, "Y = floor(X); derivative zero", 1),
-    ("Ceil", 6, _ceil, "Y = ceil(X); derivative zero", 1),
-    ("Round", 11, _round, "Y = round(X), half to even; derivative zero", 1),
-    ("Sign", 9, _sign, "Y = sign(X); derivative zero", 1),
-    ("Equal", 7, _equal, "C = (A == B)", 2),
-    ("Less", 7, _less, "C = (A < B)", 2),
-    ("LessOrEqual", 12, _less_equal, "C = (A <= B)", 2),
-    ("Greater", 7, _greater, "C = (A > B)", 2),
-    ("GreaterOrEqual", 12, _greater_equal, "C = (A >= B)", 2),
-    ("Not", 1, _not, "Y = not X", 1),
-    ("And", 7, _and, "C = A and B", 2),
-    ("Or", 7, _or, "C = A or B", 2),
-    ("Xor", 7, _xor, "C = A xor B", 2),
-    ("IsNaN", 9, _isnan, "Y = isnan(X)", 1),
-    ("IsInf", 10, _isinf, "Y = isinf(X) for the signs asked", 1),
+# (op, since, forward, doc): piecewise constant or boolean, so no derivative flows through them
+for _op, _since, _forward, _doc in (
+    ("Floor", 6, _unary(np.floor), "Y = floor(X); derivative zero"),
+    ("Ceil", 6, _unary(np.ceil), "Y = ceil(X); derivative zero"),
+    ("Round", 11, _unary(np.round), "Y = round(X), half to even; derivative zero"),
+    ("Sign", 9, _unary(np.sign), "Y = sign(X); derivative zero"),
+    ("Not", 1, _unary(np.logical_not), "Y = not X"),
+    ("IsNaN", 9, _unary(np.isnan), "Y = isnan(X)"),
+    ("IsInf", 10, _isinf, "Y = isinf(X) for the signs asked"),
+    ("Equal", 7, _binary(np.equal), "C = (A == B)"),
+    ("Less", 7, _binary(np.less), "C = (A < B)"),
+    ("LessOrEqual", 12, _binary(np.less_equal), "C = (A <= B)"),
+    ("Greater", 7, _binary(np.greater), "C = (A > B)"),
+    ("GreaterOrEqual", 12, _binary(np.greater_equal), "C = (A >= B)"),
+    ("And", 7, _binary(np.logical_and), "C = A and B"),
+    ("Or", 7, _binary(np.logical_or), "C = A or B"),
+    ("Xor", 7, _binary(np.logical_xor), "C = A xor B"),
 ):
-    _constant_op(_op, _since, _fn, _doc, _n)
+    rule(_op, _since)(type(_op, (), {"__doc__": _doc, "nondiff": (0, 1), "forward": _forward}))
 
 
 @rule("Where", since=9)

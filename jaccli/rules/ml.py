@@ -84,23 +84,15 @@ def _post(Z, post_transform):
     raise UnsupportedOpError(f"post_transform {post_transform!r} is not supported")
 
 
-def _post_tangent(Z, S, Zdot, post_transform):
+def _post_derivative(S, D, post_transform):
+    """The derivative of the score transform applied to D; its Jacobian is symmetric (diagonal,
+    or diag(S) - S S^T for softmax), so it serves tangents and cotangents alike."""
     if post_transform == "NONE":
-        return Zdot
+        return D
     if post_transform == "LOGISTIC":
-        return S * (1 - S) * Zdot
+        return S * (1 - S) * D
     if post_transform in ("SOFTMAX", "SOFTMAX_ZERO"):
-        return S * (Zdot - (S * Zdot).sum(axis=-1, keepdims=True))
-    raise UnsupportedOpError(f"derivative of post_transform {post_transform!r} is not supported")
-
-
-def _post_cotangent(Z, S, Sbar, post_transform):
-    if post_transform == "NONE":
-        return Sbar
-    if post_transform == "LOGISTIC":
-        return S * (1 - S) * Sbar
-    if post_transform in ("SOFTMAX", "SOFTMAX_ZERO"):
-        return S * (Sbar - (S * Sbar).sum(axis=-1, keepdims=True))
+        return S * (D - (S * D).sum(axis=-1, keepdims=True))
     raise UnsupportedOpError(f"derivative of post_transform {post_transform!r} is not supported")
 
 
@@ -132,12 +124,12 @@ class LinearRegressor:
     def jvp(cx, Xdot, *, coefficients, intercepts=None, post_transform="NONE", targets=1):
         X = cx.x[0]
         Z, W = _linear(X, coefficients, intercepts, targets)
-        return _post_tangent(Z, cx.y[0], Xdot @ W.T.astype(Xdot.dtype), post_transform)
+        return _post_derivative(cx.y[0], Xdot @ W.T.astype(Xdot.dtype), post_transform)
 
     def vjp(cx, Ybar, *, coefficients, intercepts=None, post_transform="NONE", targets=1):
         X = cx.x[0]
         Z, W = _linear(X, coefficients, intercepts, targets)
-        return (_post_cotangent(Z, cx.y[0], Ybar, post_transform) @ W.astype(Ybar.dtype),)
+        return (_post_derivative(cx.y[0], Ybar, post_transform) @ W.astype(Ybar.dtype),)
 
 
 @rule("LinearClassifier", since=1, domain=ML)
@@ -183,7 +175,7 @@ def _scores_tangent(cx, Xdot, attrs):
     Z, W = _scores_matrix(cx, attrs)
     post = attrs.get("post_transform", "NONE")
     S1 = _post(Z, post)
-    D = _post_tangent(Z, S1, Xdot @ W.T.astype(Xdot.dtype), post)
+    D = _post_derivative(S1, Xdot @ W.T.astype(Xdot.dtype), post)
     if W.shape[0] == 1 and cx.y[1].shape[-1] == 2:
         D = np.concatenate([-D, D], axis=-1)
     return D
@@ -195,4 +187,4 @@ def _scores_cotangent(cx, Sbar, attrs):
     S1 = _post(Z, post)
     if W.shape[0] == 1 and cx.y[1].shape[-1] == 2:
         Sbar = Sbar[..., 1:] - Sbar[..., :1]
-    return _post_cotangent(Z, S1, Sbar, post) @ W.astype(Sbar.dtype)
+    return _post_derivative(S1, Sbar, post) @ W.astype(Sbar.dtype)
