@@ -4,7 +4,8 @@
     python bench/bench.py --quick   # fewer repeats
 
 Each network is built in PyTorch and exported to ONNX (TorchScript exporter, opset 17,
-BatchNormalization kept), then timed side by side in one process with the same thread count:
+BatchNormalization kept), then timed side by side in one process with the same thread count,
+in blocks with a pause between them (thread pools spin after their calls):
 jaccli's Python API against vmap(jacrev), and vmap(jacfwd) where the input is at most four times
 the output (elsewhere it cannot win and runs out of memory), for input Jacobians, and against
 vmap(jacrev) over functional_call, assembled into the same (N, n_out, P) array, for per-sample
@@ -124,18 +125,23 @@ def jaccli_params(model, x, k, n_out):
     return lambda: jaccli.param_jacobian(model, x, outputs=sel)[0]
 
 
-def median_time(fn, repeats, budget=2.0):
-    fn()  # warm-up
-    times = []
-    t_end = time.perf_counter() + budget
-    while len(times) < repeats or (time.perf_counter() < t_end and len(times) < 3 * repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-        del out
-        if len(times) >= repeats and sum(times) > budget:
-            break
-    return float(np.median(times)), len(times)
+def median_times(fns, repeats, budget=3.0, rest=0.5):
+    """Median time of each function, timed one after the other in blocks: a pause first (each
+    framework's thread pool spins for a while after its calls and would slow the other), then a
+    warm-up call, then the timed calls."""
+    medians = []
+    for fn in fns:
+        time.sleep(rest)
+        fn()
+        times = []
+        t_end = time.perf_counter() + budget
+        while len(times) < repeats or (time.perf_counter() < t_end and len(times) < 3 * repeats):
+            t = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t)
+            del out
+        medians.append(float(np.median(times)))
+    return medians
 
 
 # ---- the machine's limits ------------------------------------------------------------------------------
@@ -316,11 +322,13 @@ def run(quick):
         J = jaccli_input(m, xn)()
         Jt = torch_input(model, x, "reverse")().detach().numpy()
         agree_in = float(np.abs(J - Jt).max() / np.abs(Jt).max())
-        t_j, _ = median_time(jaccli_input(m, xn), repeats)
-        t_rev, _ = median_time(torch_input(model, x, "reverse"), repeats)
         # jacfwd pushes every input direction through every activation at once: only where it can win
         n_in, n_out_all = x[0].numel(), Jt[0].size // x[0].numel()
-        t_fwd = median_time(torch_input(model, x, "forward"), max(2, repeats // 2))[0] if n_in <= 4 * n_out_all else np.inf
+        contenders = [jaccli_input(m, xn), torch_input(model, x, "reverse")]
+        if n_in <= 4 * n_out_all:
+            contenders.append(torch_input(model, x, "forward"))
+        t_j, t_rev, *rest = median_times(contenders, repeats)
+        t_fwd = rest[0] if rest else np.inf
         flops, nbytes, mode = work(proto, xn, "input")
         bound = max(flops / limits["matmul_flops"], nbytes / limits["write_fresh"])
         rows.append({"network": name, "kind": "input", "N": len(x), "jaccli_s": t_j, "torch_s": min(t_rev, t_fwd),
@@ -334,8 +342,7 @@ def run(quick):
         agree_p = float(np.abs(np.linalg.norm(G.reshape(len(x), -1), axis=1) - np.linalg.norm(Gt.reshape(len(x), -1), axis=1)).max()
                         / np.linalg.norm(Gt.reshape(len(x), -1), axis=1).max())
         del G, Gt
-        t_j, _ = median_time(jaccli_params(m, xn, k, n_out), repeats)
-        t_t, _ = median_time(torch_params(model, x, k), repeats)
+        t_j, t_t = median_times([jaccli_params(m, xn, k, n_out), torch_params(model, x, k)], repeats)
         flops, nbytes, _ = work(proto, xn, "params", None if k == n_out else k)
         bound = max(flops / limits["matmul_flops"], nbytes / limits["write_fresh"])
         rows.append({"network": name, "kind": "params", "N": len(x), "jaccli_s": t_j, "torch_s": t_t, "torch_how": "jacrev",

@@ -168,7 +168,7 @@ def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, dty
     target = jio.FileTarget(output, fmt) if output else _Discard()
     console = _console(output == "-")
     state = {}
-    progress = _Progress(enabled=not quiet and console.is_terminal)
+    progress = _Progress(enabled=not quiet and _console(True).is_terminal)
 
     def on_block(a, b, block):
         if "summary" not in state:
@@ -255,11 +255,13 @@ class _Progress:
             from rich.progress import TimeElapsedColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("samples"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                                TimeElapsedColumn(), TimeRemainingColumn(), console=_console(True), transient=True)
+                                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=_console(True), transient=True)
             self.bar.start()
-            self.task = self.bar.add_task("jacobian", total=total)
+            self.task = self.bar.add_task("jacobian", total=total, rate="")
         if self.bar is not None:
-            self.bar.update(self.task, completed=done)
+            rate = done / max(time.monotonic() - self.start, 1e-9)
+            self.bar.update(self.task, completed=done, rate=f"{rate:,.0f} samples/s")
 
     def stop(self):
         if self.bar is not None:

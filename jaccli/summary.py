@@ -101,11 +101,3 @@ def _agg(v):
     if fin.size == 0:
         return {"mean": float("inf"), "min": float("inf"), "median": float("inf"), "max": float("inf")}
     return {"mean": float(fin.mean()), "min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
-
-
-def summarize(result, chunk=256):
-    """The summary of a result held in memory."""
-    s = Summary(result)
-    for a in range(0, result.J.shape[0], chunk):
-        s.update(result.J[a : a + chunk])
-    return s.finish()
