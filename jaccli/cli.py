@@ -370,7 +370,7 @@ def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_s
     """
     from .oracle import check
 
-    _, x = _read(model, data, None, True)
+    _, x = _read(model, data, None, True, of=of)
     d = check(model, x, params=params, samples=samples, entries=entries, dtype=dtype, tolerance=tolerance,
               outputs=outputs_slice, of=of)
     if as_json:

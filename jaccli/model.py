@@ -60,7 +60,22 @@ class Model:
         return _pick(self.inputs, name, "input")
 
     def output(self, name):
-        return _pick(self.outputs, name, "output")
+        """A graph output by name, or any value a node produces (a Jacobian of an intermediate,
+        e.g. the probabilities before a ZipMap); by default the first float tensor output."""
+        from .errors import UsageError
+
+        if name is None:
+            floats = [v for v in self.outputs if v.is_float]
+            if not floats:
+                raise UsageError("the model has no float tensor output; name a float value with --of "
+                                 f"(outputs: {', '.join(v.describe() + ' ' + v.name for v in self.outputs)})")
+            return floats[0]
+        for v in self.outputs:
+            if v.name == name:
+                return v
+        if any(name in n.outputs for n in self.nodes):
+            return self.value_info.get(name) or ValueInfo(name, TensorProto.FLOAT, None)
+        raise UsageError(f"the model has no output or value named '{name}' (outputs: {', '.join(v.name for v in self.outputs)})")
 
     def float_inputs(self):
         return [v for v in self.inputs if v.is_float]
@@ -131,6 +146,13 @@ def load(source, max_bytes=None) -> Model:
             raise ModelError(f"{path or 'model'}: not a readable ONNX file ({_first_line(e)})") from None
     if not proto.graph.node and not proto.graph.output:
         raise ModelError(f"{path or 'model'}: not an ONNX model (no graph)")
+    if len(proto.functions):  # model-local functions (newer exporters): inline them into the graph
+        try:
+            from onnx import inliner
+
+            proto = inliner.inline_local_functions(proto)
+        except Exception as e:
+            raise ModelError(f"{path or 'model'}: its local functions cannot be inlined ({_first_line(e)})") from None
     base = os.path.dirname(os.path.abspath(path)) if path else None
     return _build(proto, path, base, max_bytes)
 

@@ -33,6 +33,13 @@ def _to_double(proto):
     return m
 
 
+def _with_output(proto, name):
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    m.graph.output.append(onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return m
+
+
 def _params_as_inputs(proto, names):
     m = onnx.ModelProto()
     m.CopyFrom(proto)
@@ -195,11 +202,13 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     model = load(model_path)
     dtype = np.dtype(dtype)
     proto = model_path if isinstance(model_path, onnx.ModelProto) else onnx.load(model_path)
+    if of is not None and of not in {o.name for o in proto.graph.output}:
+        proto = _with_output(proto, of)  # an intermediate value: let onnxruntime return it too
     feeds, N = prepare_feeds(model, x, np.float64)
     k = min(samples, N)
     feeds = {n: (v[:k] if v.ndim else v) for n, v in feeds.items()}
     rng = np.random.default_rng(seed)
-    outs = [v.name for v in model.outputs if v.is_float] if of is None else [of]
+    outs = [v.name for v in model.outputs if v.is_float] if of is None else [model.output(of).name]
     rows, oracle_dtype = [], None
     for name in outs:
         fd = _param_fd if params else _input_fd

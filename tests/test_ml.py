@@ -70,3 +70,41 @@ def test_classifier_through_the_cli(tmp_path):
     assert np.load(tmp_path / "J.npy").shape == (6, 3, 4)
     r = CliRunner().invoke(main, ["check", str(tmp_path / "clf.onnx"), str(tmp_path / "x.npy"), "--of", "probabilities"])
     assert r.exit_code == 0, r.output
+
+
+def with_zipmap(n_classes=3):
+    """As skl2onnx exports a classifier by default: the probabilities go through a ZipMap into a
+    sequence of maps, and the only tensor output is the integer label."""
+    from onnx import helper as h
+
+    m = classifier(n_classes, "SOFTMAX")
+    g = m.graph
+    g.node.append(h.make_node("ZipMap", ["probabilities"], ["output_probability"], domain="ai.onnx.ml",
+                              classlabels_int64s=list(range(n_classes))))
+    del g.output[1]
+    seq = h.make_sequence_type_proto(h.make_map_type_proto(TensorProto.INT64, h.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    g.output.append(h.make_value_info("output_probability", seq))
+    return m
+
+
+def test_zipmap_models_need_of_and_accept_the_tensor_before_it(tmp_path):
+    import onnx
+    from click.testing import CliRunner
+
+    from jaccli.cli import main
+
+    zm = with_zipmap()
+    onnx.save(zm, tmp_path / "zm.onnx")
+    np.save(tmp_path / "x.npy", RNG.standard_normal((5, 4)).astype(np.float32))
+    r = CliRunner().invoke(main, ["input", str(tmp_path / "zm.onnx"), str(tmp_path / "x.npy")])
+    assert r.exit_code == 2 and "no float tensor output" in r.output and "--of" in r.output
+    r = CliRunner().invoke(main, ["input", str(tmp_path / "zm.onnx"), str(tmp_path / "x.npy"), "--of", "probabilities",
+                                  "-o", str(tmp_path / "J.npy"), "-q"])
+    assert r.exit_code == 0, r.output
+    J = np.load(tmp_path / "J.npy")
+    x = np.load(tmp_path / "x.npy").astype(np.float64)
+    fd = np.stack([(_probs(zm, x + e) - _probs(zm, x - e)) / 2e-6
+                   for e in (np.eye(4)[j] * 1e-6 for j in range(4))], -1)
+    assert rel_err(J, fd) < 1e-4
+    r = CliRunner().invoke(main, ["check", str(tmp_path / "zm.onnx"), str(tmp_path / "x.npy"), "--of", "probabilities"])
+    assert r.exit_code == 0, r.output

@@ -6,6 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import jaccli
+import jaccli.errors
 from jaccli.errors import DataError
 
 
@@ -122,3 +123,70 @@ def test_identity_wired_shared_weights_constants_and_initializers_listed_as_inpu
         fd[:, :, j] = (our_forward(with_weight(Wv + d.reshape(4, 4)), {"x": xv}) -
                        our_forward(with_weight(Wv - d.reshape(4, 4)), {"x": xv})) / (2 * eps)
     np.testing.assert_allclose(G, fd, rtol=1e-6, atol=1e-9)
+
+
+def test_local_functions_are_inlined():
+    """Newer exporters put repeated blocks into model-local functions."""
+    f = helper.make_function("local", "ScaledTanh", ["X", "S"], ["Y"],
+                             [helper.make_node("Tanh", ["X"], ["T"]), helper.make_node("Mul", ["T", "S"], ["Y"])],
+                             opset_imports=[helper.make_opsetid("", 13)])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    g = helper.make_graph([helper.make_node("ScaledTanh", ["x", "s"], ["y"], domain="local")], "m", [x], [y],
+                          [init("s", np.array([2.0, 3.0, 4.0], np.float32))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("local", 1)], functions=[f])
+    m.ir_version = 8
+    xv = RNG.standard_normal((2, 3))
+    J = jaccli.input_jacobian(m, xv, dtype="float64")
+    np.testing.assert_allclose(J[1], np.diag([2.0, 3.0, 4.0] * (1 - np.tanh(xv[1]) ** 2)), rtol=1e-12)
+    G, cols = jaccli.param_jacobian(m, xv, dtype="float64")
+    assert cols[0]["name"] == "s"
+    np.testing.assert_allclose(G[1], np.diag(np.tanh(xv[1])), rtol=1e-12)
+
+
+def test_float16_models_compute_in_the_working_dtype():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 2])
+    Wv = RNG.standard_normal((2, 3)).astype(np.float16)
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1), helper.make_node("Sigmoid", ["h"], ["y"])]
+    m = model(nodes, [x], [y], [init("W", Wv)])
+    xv = RNG.standard_normal((4, 3)).astype(np.float16)
+    J = jaccli.input_jacobian(m, xv, dtype="float64")
+    assert J.dtype == np.float64
+    h = xv.astype(np.float64) @ Wv.astype(np.float64).T
+    s = 1 / (1 + np.exp(-h))
+    np.testing.assert_allclose(J[0], (s[0] * (1 - s[0]))[:, None] * Wv.astype(np.float64), rtol=1e-10)
+
+
+def test_token_id_model_per_sample_parameter_jacobian():
+    """Integer token ids only (no float input): per-sample parameter Jacobian through an embedding
+    table, a position embedding, LayerNorm and a projection, against differences."""
+    S, V, D = 5, 11, 4
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", S])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])
+    vals = {"emb": RNG.standard_normal((V, D)), "pos": RNG.standard_normal((S, D)), "g": 1 + 0.2 * RNG.standard_normal(D),
+            "b": 0.1 * RNG.standard_normal(D), "W": RNG.standard_normal((D, 2))}
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], axis=0), helper.make_node("Add", ["e", "pos"], ["h"]),
+             helper.make_node("LayerNormalization", ["h", "g", "b"], ["n"], axis=-1, epsilon=1e-5),
+             helper.make_node("MatMul", ["n", "W"], ["p"]), helper.make_node("ReduceMean", ["p", "ax"], ["y"], keepdims=0)]
+
+    def build(v):
+        return model(nodes, [ids], [y], [init(k, np.asarray(a, np.float64)) for k, a in v.items()] +
+                     [init("ax", np.array([1], np.int64))], opset=18)
+
+    tokens = np.array([[1, 3, 3, 7, 0], [10, 2, 1, 1, 5]], np.int64)  # repeated ids on purpose
+    with pytest.raises(jaccli.errors.UsageError, match="no float input"):
+        jaccli.input_jacobian(build(vals), tokens)
+    G, cols = jaccli.param_jacobian(build(vals), tokens, dtype="float64")
+    from gradcheck import our_forward
+
+    eps = 1e-6
+    for c in cols:
+        base = vals[c["name"]]
+        for j in range(0, base.size, 3):
+            d = np.zeros(base.size)
+            d[j] = eps
+            plus = dict(vals, **{c["name"]: base + d.reshape(base.shape)})
+            minus = dict(vals, **{c["name"]: base - d.reshape(base.shape)})
+            fd = (our_forward(build(plus), {"ids": tokens}) - our_forward(build(minus), {"ids": tokens})) / (2 * eps)
+            np.testing.assert_allclose(G[:, :, c["offset"] + j], fd, rtol=1e-6, atol=1e-8)
