@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import helper
+from onnx import TensorProto, helper
 
 from .errors import JaccliError, ModelError, UnsupportedOpError
 from .model import FLOAT_TYPES, Model
@@ -97,14 +97,18 @@ class Plan:
     # ---- construction helpers ----------------------------------------------------------------
 
     def _attrs(self, node, rule):
-        attrs = {k: _as_compute(v, self.dtype) if isinstance(v, np.ndarray) else v for k, v in node.attrs.items()}
+        # consumed_inputs (opsets 1-5) was an in-place hint with no effect on the result
+        attrs = {k: _as_compute(v, self.dtype) if isinstance(v, np.ndarray) else v for k, v in node.attrs.items()
+                 if k != "consumed_inputs"}
+        if node.op_type == "Cast" and isinstance(attrs.get("to"), str):  # opsets 1-5 name the type
+            attrs["to"] = getattr(TensorProto, attrs["to"].upper(), attrs["to"])
         if node.op_type == "Cast" and attrs.get("to") in FLOAT_TYPES:
             attrs["to"] = helper.np_dtype_to_tensor_dtype(self.dtype)
         if rule.attrs is None:
             return attrs
         if "n_outputs" in rule.attrs:  # a few ops (Split) depend on how many outputs the node has
             attrs["n_outputs"] = len(node.outputs)
-        unknown = sorted(k for k in node.explicit if k not in rule.attrs and attrs.get(k) is not None)
+        unknown = sorted(k for k in node.explicit if k not in rule.attrs and attrs.get(k) is not None and k in attrs)
         if unknown:
             raise UnsupportedOpError(
                 f"node '{node.name}': attribute '{unknown[0]}' of {node.op_type} (opset {node.opset}) is not supported"

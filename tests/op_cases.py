@@ -140,6 +140,7 @@ CASES += [
     Case("Pad", [("x", (3, 4)), ("c", i64(0, -1, 1, 0, 1, -2))], {"mode": "constant"}, opset=13, id="Pad-negative-crop"),
     Case("Pad", [("x", (3, 4)), ("c", i64(1, 1)), ("c", f32(0.5)), ("c", i64(-1))], opset=18, id="Pad-18-axes"),
     Case("Pad", [("x", (2, 3, 3))], {"pads": [0, 0, 1, 1, 0, 0, 1, 1], "mode": "reflect"}, opset=2, id="Pad-2-attrs"),
+    Case("Pad", [("x", (2, 3))], {"paddings": [0, 0, 1, 0, 0, 2], "mode": "edge"}, opset=1, id="Pad-1-paddings"),
     Case("DepthToSpace", [("x", (8, 2, 3))], {"blocksize": 2, "mode": "DCR"}, opset=13, id="DepthToSpace-DCR"),
     Case("DepthToSpace", [("x", (8, 2, 3))], {"blocksize": 2, "mode": "CRD"}, opset=13, id="DepthToSpace-CRD"),
     Case("SpaceToDepth", [("x", (2, 4, 6))], {"blocksize": 2}),

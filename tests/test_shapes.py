@@ -190,3 +190,52 @@ def test_token_id_model_per_sample_parameter_jacobian():
             minus = dict(vals, **{c["name"]: base - d.reshape(base.shape)})
             fd = (our_forward(build(plus), {"ids": tokens}) - our_forward(build(minus), {"ids": tokens})) / (2 * eps)
             np.testing.assert_allclose(G[:, :, c["offset"] + j], fd, rtol=1e-6, atol=1e-8)
+
+
+def test_opset_3_model_with_consumed_inputs_and_old_signatures():
+    """2017-era exports: consumed_inputs everywhere, Cast to a type name, Pad with attributes,
+    BatchNormalization with is_test and spatial, Clip with attributes, Sum of two inputs."""
+    import onnx
+
+    from gradcheck import ort_forward, our_forward
+
+    C = 3
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", C, 6, 6])
+    inits = [init("s", 1 + 0.2 * RNG.standard_normal(C).astype(np.float32)), init("b", RNG.standard_normal(C).astype(np.float32)),
+             init("m", RNG.standard_normal(C).astype(np.float32) * 0.1), init("v", RNG.uniform(0.5, 1.5, C).astype(np.float32))]
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xc"], to="FLOAT"),
+        helper.make_node("BatchNormalization", ["xc", "s", "b", "m", "v"], ["bn"], consumed_inputs=[0, 0, 0, 1, 1],
+                         is_test=1, spatial=1, epsilon=1e-5),
+        helper.make_node("Relu", ["bn"], ["r"], consumed_inputs=[0]),
+        helper.make_node("Sigmoid", ["bn"], ["sg"], consumed_inputs=[0]),
+        helper.make_node("Sum", ["r", "sg"], ["sm"], consumed_inputs=[0, 0]),
+        helper.make_node("Clip", ["sm"], ["cl"], min=-1.0, max=1.5, consumed_inputs=[0]),
+        helper.make_node("Pad", ["cl"], ["y"], pads=[0, 0, 1, 1, 0, 0, 1, 1], mode="constant", value=0.0),
+    ]
+    listed = [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in inits]  # IR 3: all inputs
+    g = helper.make_graph(nodes, "old", [x] + listed, [y], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 3)])
+    m.ir_version = 3
+    xv = RNG.standard_normal((2, C, 4, 4)).astype(np.float32)
+    # no oracle runs this model (onnxruntime refuses the string Cast, onnx's converter has no Cast 5->6
+    # adapter, the reference evaluator no BatchNormalization 3): compare with its opset-7 twin
+    twin_nodes = []
+    for n in nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute if a.name not in ("consumed_inputs", "is_test")}
+        if n.op_type == "Cast":
+            attrs["to"] = TensorProto.FLOAT
+        twin_nodes.append(helper.make_node(n.op_type, list(n.input), list(n.output), **attrs))
+    twin = helper.make_model(helper.make_graph(twin_nodes, "twin", [x], [y], inits), opset_imports=[helper.make_opsetid("", 7)])
+    twin.ir_version = 3
+    ours = our_forward(m, {"x": xv}, np.float32)
+    ref, oracle = ort_forward(twin, {"x": xv})
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6, err_msg=oracle)
+    J = jaccli.input_jacobian(m, xv.astype(np.float64), dtype="float64", flat=True)
+    e = 1e-6
+    n = xv[0].size
+    fd = np.stack([((our_forward(m, {"x": xv + d}) - our_forward(m, {"x": xv - d})) / (2 * e)).reshape(2, -1)
+                   for d in (np.eye(n)[j].reshape(xv.shape[1:]) * e for j in range(n))], -1)
+    assert np.abs(J - fd).max() / np.abs(fd).max() < 1e-6
+    assert onnx.helper  # the model is built with onnx.helper only

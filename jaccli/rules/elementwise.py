@@ -26,7 +26,7 @@ def elementwise(op_type, since, domain=""):
     return register
 
 
-@elementwise("Neg", since=6)
+@elementwise("Neg", since=1)
 class Neg:
     """Y = -X"""
 
@@ -37,7 +37,7 @@ class Neg:
         return -1.0
 
 
-@elementwise("Relu", since=6)
+@elementwise("Relu", since=1)
 class Relu:
     """Y = max(X, 0)"""
 
@@ -48,7 +48,7 @@ class Relu:
         return (X > 0).astype(X.dtype)
 
 
-@elementwise("LeakyRelu", since=6)
+@elementwise("LeakyRelu", since=1)
 class LeakyRelu:
     """Y = X if X > 0 else alpha * X"""
 
@@ -59,7 +59,7 @@ class LeakyRelu:
         return np.where(X > 0, 1.0, alpha).astype(X.dtype)
 
 
-@elementwise("Sigmoid", since=6)
+@elementwise("Sigmoid", since=1)
 class Sigmoid:
     """Y = 1 / (1 + exp(-X))"""
 
@@ -70,7 +70,7 @@ class Sigmoid:
         return Y * (1 - Y)
 
 
-@elementwise("Tanh", since=6)
+@elementwise("Tanh", since=1)
 class Tanh:
     """Y = tanh(X)"""
 
@@ -81,7 +81,7 @@ class Tanh:
         return 1 - Y * Y
 
 
-@elementwise("Exp", since=6)
+@elementwise("Exp", since=1)
 class Exp:
     """Y = exp(X)"""
 
@@ -92,7 +92,7 @@ class Exp:
         return Y
 
 
-@elementwise("Log", since=6)
+@elementwise("Log", since=1)
 class Log:
     """Y = log(X)"""
 
@@ -103,7 +103,7 @@ class Log:
         return 1 / X
 
 
-@elementwise("Sqrt", since=6)
+@elementwise("Sqrt", since=1)
 class Sqrt:
     """Y = sqrt(X)"""
 
@@ -139,7 +139,7 @@ class Softplus:
         return _sigmoid(X)
 
 
-@elementwise("Elu", since=6)
+@elementwise("Elu", since=1)
 class Elu:
     """Y = X if X > 0 else alpha * (exp(X) - 1)"""
 
@@ -170,7 +170,7 @@ def _inside(cx):
     return (X == Y).astype(X.dtype)
 
 
-@rule("Clip", since=6)
+@rule("Clip", since=1)
 class Clip6(_Clip):
     """Y = min(max(X, min), max), bounds as attributes."""
 
@@ -283,7 +283,7 @@ class Pow(_Binary):
         return dA, dB
 
 
-@elementwise("Abs", since=6)
+@elementwise("Abs", since=1)
 class Abs:
     """Y = |X|"""
 
@@ -294,7 +294,7 @@ class Abs:
         return np.sign(X)
 
 
-@elementwise("Reciprocal", since=6)
+@elementwise("Reciprocal", since=1)
 class Reciprocal:
     """Y = 1 / X"""
 
@@ -327,7 +327,7 @@ class Cos:
         return -np.sin(X)
 
 
-@elementwise("HardSigmoid", since=6)
+@elementwise("HardSigmoid", since=1)
 class HardSigmoid:
     """Y = max(0, min(1, alpha * X + beta))"""
 
@@ -349,7 +349,7 @@ class HardSwish:
         return np.where(X <= -3, 0, np.where(X >= 3, 1, X / 3 + 0.5)).astype(X.dtype)
 
 
-@elementwise("Selu", since=6)
+@elementwise("Selu", since=1)
 class Selu:
     """Y = gamma * (X if X > 0 else alpha * (exp(X) - 1))"""
 
@@ -449,8 +449,8 @@ def _isinf(X, *, detect_negative=1, detect_positive=1):
 
 # (op, since, forward, doc): piecewise constant or boolean, so no derivative flows through them
 for _op, _since, _forward, _doc in (
-    ("Floor", 6, _unary(np.floor), "Y = floor(X); derivative zero"),
-    ("Ceil", 6, _unary(np.ceil), "Y = ceil(X); derivative zero"),
+    ("Floor", 1, _unary(np.floor), "Y = floor(X); derivative zero"),
+    ("Ceil", 1, _unary(np.ceil), "Y = ceil(X); derivative zero"),
     ("Round", 11, _unary(np.round), "Y = round(X), half to even; derivative zero"),
     ("Sign", 9, _unary(np.sign), "Y = sign(X); derivative zero"),
     ("Not", 1, _unary(np.logical_not), "Y = not X"),
@@ -531,7 +531,7 @@ class _Variadic:
         )
 
 
-@rule("Sum", since=6)
+@rule("Sum", since=1)
 class Sum(_Variadic):
     """sum = data_0 + data_1 + ... (broadcast from opset 8)"""
 
@@ -542,7 +542,7 @@ class Sum(_Variadic):
         return [1] * len(xs)
 
 
-@rule("Mean", since=6)
+@rule("Mean", since=1)
 class Mean(_Variadic):
     """mean = (data_0 + data_1 + ...) / n"""
 
@@ -564,7 +564,7 @@ def _first_hit(xs, Y):
     return out
 
 
-@rule("Max", since=6)
+@rule("Max", since=1)
 class Max(_Variadic):
     """max = elementwise maximum of the inputs (gradient to the first that attains it)."""
 
@@ -574,7 +574,7 @@ class Max(_Variadic):
     weights = _first_hit
 
 
-@rule("Min", since=6)
+@rule("Min", since=1)
 class Min(_Variadic):
     """min = elementwise minimum of the inputs (gradient to the first that attains it)."""
 

@@ -14,7 +14,7 @@ def _channel(v, ndim):
     return v.reshape((-1,) + (1,) * (ndim - 2))
 
 
-@rule("BatchNormalization", since=6)
+@rule("BatchNormalization", since=1)
 class BatchNormalization:
     """Y = scale * (X - mean) / sqrt(var + epsilon) + B, per channel (axis 1); inference only."""
 
@@ -180,7 +180,7 @@ class LayerNormalization:
         return Xbar, Sbar, Bbar
 
 
-@rule("InstanceNormalization", since=6)
+@rule("InstanceNormalization", since=1)
 class InstanceNormalization:
     """Y = scale * (X - mean) / sqrt(var + epsilon) + B, statistics per sample and channel."""
 

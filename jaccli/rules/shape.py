@@ -154,6 +154,24 @@ class Cast:
         return (Ybar if to in _FLOAT_TYPES and np.issubdtype(cx.x[0].dtype, np.floating) else None,)
 
 
+@rule("Cast", since=1)
+class Cast1(Cast):
+    """Y = X converted to the type named by `to` (a string in opsets 1-5)."""
+
+    def forward(input, *, to):
+        return Cast.forward(input, to=_type_code(to))
+
+    def jvp(cx, Xdot, *, to):
+        return Cast.jvp(cx, Xdot, to=_type_code(to))
+
+    def vjp(cx, Ybar, *, to):
+        return Cast.vjp(cx, Ybar, to=_type_code(to))
+
+
+def _type_code(to):
+    return getattr(TensorProto, to.upper()) if isinstance(to, str) else to
+
+
 @rule("Transpose", since=1)
 class Transpose:
     """Y = X with axes permuted by `perm` (reversed if absent)."""
@@ -478,6 +496,17 @@ def _pad(X, pads, mode, value):
     if mode in ("reflect", "edge", "wrap"):
         return np.pad(X, width, mode=mode)
     raise UnsupportedOpError(f"Pad mode {mode!r} is not supported")
+
+
+@rule("Pad", since=1)
+class Pad1(_PadBase):
+    """Y = data padded by `paddings` (opset 1; begins then ends) in `mode`."""
+
+    def forward(data, *, paddings, mode="constant", value=0.0):
+        return Pad2.forward(data, pads=paddings, mode=mode, value=value)
+
+    def geometry(x, attrs):
+        return attrs["paddings"], attrs.get("mode", "constant")
 
 
 @rule("Pad", since=2)
