@@ -211,3 +211,15 @@ CASES += [
 CASES += [
     Case("Gather", [("p", (7, 3)), ("i", ((5,), 7))], {"axis": 0}, id="Gather-embedding"),
 ]
+
+# com.microsoft contrib operators (onnxruntime's transformer optimizer)
+MS = "com.microsoft"
+CASES += [
+    Case("Gelu", [("x", (3, 4))], domain=MS, id="ms-Gelu"),
+    Case("QuickGelu", [("x", (3, 4))], {"alpha": 1.5}, domain=MS, id="ms-QuickGelu"),
+    Case("BiasGelu", [("x", (3, 4)), ("p", (4,))], domain=MS, id="ms-BiasGelu"),
+    Case("FastGelu", [("x", (3, 4)), ("p", (4,))], domain=MS, id="ms-FastGelu-bias"),
+    Case("FastGelu", [("x", (3, 4))], domain=MS, id="ms-FastGelu"),
+    Case("FusedMatMul", [("x", (5,)), ("p", (3, 5))], {"transB": 1, "alpha": 0.5}, domain=MS, id="ms-FusedMatMul-2d"),
+    Case("FusedMatMul", [("x", (2, 5)), ("p", (3, 5))], {"transB": 1}, domain=MS, id="ms-FusedMatMul-3d"),
+]

@@ -116,4 +116,4 @@ def _load_families():
     global _loaded
     if not _loaded:
         _loaded = True
-        from . import conv, elementwise, linalg, ml, norm, pool, recurrent, reduce, resize, shape  # noqa: F401
+        from . import contrib, conv, elementwise, linalg, ml, norm, pool, recurrent, reduce, resize, shape  # noqa: F401
