@@ -70,10 +70,35 @@ def vjp(plan: Plan, env: dict, Ybar, wrt, sinks=None):
     others are accumulated as usual and copied at the end. Every sink is filled, with zeros
     where the output does not depend on it.
     """
-    sinks = sinks or {}
-    cot = {plan.of: Ybar}
+    return _pull(plan, env, {plan.of: Ybar}, plan.active_steps, wrt, sinks or {})
+
+
+def vjp_identity(plan: Plan, env: dict, sel, wrt, dtype):
+    """Reverse sweep from the identity seed: direction t is output element sel[t] of every
+    sample. The output's own rule may answer that seed without arithmetic (`vjp_identity`:
+    a Gemm's first cotangent is rows of its weight, broadcast over samples); otherwise the seed
+    is built and pulled as usual."""
+    last = plan.active_steps[-1] if plan.active_steps else None
+    y = env[plan.of]
+    if last is not None and plan.of in last.outputs and hasattr(last.rule, "vjp_identity") and not any(last.keep):
+        cx = _ctx(last, env, last.diff_in, last.keep)
+        res = _guarded(last, "the VJP rule", cx.x, last.rule.vjp_identity, cx, sel, **last.attrs)
+        if res is not None:
+            cot = {}
+            for name, b, d in zip(last.inputs, res, last.diff_in):
+                if d and b is not None:
+                    cot[name] = cot[name] + b if name in cot else b
+            return _pull(plan, env, cot, plan.active_steps[:-1], wrt, {})
+    n = y.shape[0]
+    seed = np.zeros((len(sel), n, y[0].size), dtype)
+    seed[np.arange(len(sel)), :, sel] = 1
+    return vjp(plan, env, seed.reshape((len(sel),) + y.shape), wrt)
+
+
+def _pull(plan, env, cot, steps, wrt, sinks):
+    """The reverse sweep over `steps` from the cotangents `cot` (see vjp)."""
     done = set()
-    for step in reversed(plan.active_steps):
+    for step in reversed(steps):
         bars = [cot.pop(o, None) for o in step.outputs]
         if all(b is None for b in bars):
             continue

@@ -30,11 +30,28 @@ def per_sample_outer(A, G, trans, out=None):
     return np.multiply(A[:, :, None], G[..., :, None, :], out=out)
 
 
+def _identity_rows(W, sel, alpha, rows_are_outputs):
+    """Rows W[sel] (or columns, as rows) times alpha: the first cotangent of A for an identity seed."""
+    R = W[sel] if rows_are_outputs else W[:, sel].T
+    return R * R.dtype.type(alpha) if alpha != 1 else R
+
+
+def _gemm_vjp_identity(cx, sel, *, alpha=1.0, beta=1.0, transA=0, transB=0, **_):
+    """Gemm's VJP for the identity seed, when only A (samples as rows) needs a cotangent: row t is
+    alpha * B'[:, sel[t]] for every sample, a broadcast view with no arithmetic. None otherwise."""
+    if transA or any(cx.need[1:]) or not cx.need[0]:
+        return None
+    A, B = cx.x[0], cx.x[1]
+    rows = _identity_rows(B, sel, alpha, bool(transB))  # (T, K)
+    return (np.broadcast_to(rows[:, None, :], (len(sel),) + A.shape),) + (None,) * (len(cx.x) - 1)
+
+
 @rule("Gemm", since=7)
 class Gemm:
     """Y = alpha * A' @ B' + beta * C, with A' = A^T if transA, B' = B^T if transB."""
 
     keeps = True
+    vjp_identity = _gemm_vjp_identity
 
     def forward(A, B, C=None, *, alpha, beta, transA, transB):
         Y = _t(A, transA) @ _t(B, transB)
@@ -99,6 +116,13 @@ class MatMul:
     """Y = A @ B with numpy semantics (batched, broadcasting, 1-D operands promoted)."""
 
     keeps = True
+
+    def vjp_identity(cx, sel):
+        """For samples as the rows of a matrix A and a weight matrix B: rows B[:, sel]^T, broadcast."""
+        A, B = cx.x
+        if A.ndim != 2 or B.ndim != 2 or cx.need[1] or not cx.need[0]:
+            return None
+        return np.broadcast_to(_identity_rows(B, sel, 1.0, False)[:, None, :], (len(sel),) + A.shape), None
 
     def forward(A, B):
         return np.matmul(A, B)
