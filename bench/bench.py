@@ -416,6 +416,10 @@ def main():
         f.write(text + "\n")
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump({"limits": limits, "rows": rows, "bounded": bounded}, f, indent=1)
+    disagree = [f"{r['network']} {r['kind']}" for r in rows if not r["agree"] <= 1e-3]
+    if disagree:
+        print(f"RESULTS DISAGREE with torch.func: {', '.join(disagree)}", file=sys.stderr)
+        sys.exit(1)
     met = all(r["ratio"] <= r["target"] for r in rows)
     mlp = next(r for r in rows if r["network"].startswith("mlp_784") and r["kind"] == "params")
     met = met and mlp["x_bound"] <= TARGET_BANDWIDTH and all(b["within_cap"] for b in bounded)
