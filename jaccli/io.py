@@ -35,6 +35,10 @@ def read_data(path, stdin=None):
     if path == "-":
         raw = (stdin or sys.stdin.buffer).read()
         head, source = raw[:8], io.BytesIO(raw)
+    elif os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+        with open(path, "rb") as f:  # a pipe or FIFO (<(...) in a shell): read it once, like stdin
+            raw = f.read()
+        head, source = raw[:8], io.BytesIO(raw)
     else:
         if not os.path.isfile(path):
             raise DataError(f"{name}: no such data file")

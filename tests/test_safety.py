@@ -348,3 +348,15 @@ def test_library_errors_are_jaccli_errors():
         jaccli.input_jacobian(MLP, np.zeros((1, 5)))
     with pytest.raises(MemoryBudgetError):
         jaccli.param_jacobian(os.path.join(MODELS, "cnn.onnx"), np.zeros((2, 1, 12, 12)), max_memory=1000)
+
+
+def test_data_from_a_fifo_is_read_like_stdin(tmp_path):
+    """bash process substitution, <(...), gives a path to a pipe."""
+    fifo = tmp_path / "x.fifo"
+    os.mkfifo(fifo)
+    code = f"data = open({MLP_X!r}, 'rb').read(); open({str(fifo)!r}, 'wb').write(data)"
+    writer = subprocess.Popen([sys.executable, "-c", code])
+    r = cli("input", MLP, fifo, "-o", tmp_path / "J.npy", "-q")
+    writer.wait(timeout=30)
+    assert r.exit_code == 0, r.output
+    np.testing.assert_allclose(np.load(tmp_path / "J.npy"), jaccli.input_jacobian(MLP, np.load(MLP_X)), rtol=1e-6)
