@@ -111,7 +111,7 @@ def _common(f):
         click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True),
                      help="Where to write the Jacobian (.npy, .npz, .csv; '-' for stdout). Without it, only the summary."),
         click.option("--format", "fmt", type=click.Choice(["npy", "npz", "csv"]), help="Output format; overrides the extension."),
-        click.option("--of", help="Model output to differentiate (default: the first)."),
+        click.option("--of", help="Output, or any value in the graph, to differentiate (default: the first float tensor output)."),
         click.option("--outputs", "outputs_slice", metavar="SLICE",
                      help="Only these elements of the flattened per-sample output, e.g. 0:5."),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
@@ -358,7 +358,7 @@ def inspect_cmd(model, as_json):
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--tolerance", type=float, help="Relative error allowed (default 1e-3 in float32, 1e-6 in float64).")
 @click.option("--outputs", "outputs_slice", metavar="SLICE", help="Only these elements of the flattened per-sample output, e.g. 0:5.")
-@click.option("--of", help="Only this model output (default: every float output).")
+@click.option("--of", help="Only this output or graph value (default: every float tensor output).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_slice, of, as_json):
     """Our Jacobian against onnxruntime central differences on a few samples; exit 1 above tolerance.
