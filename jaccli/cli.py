@@ -165,19 +165,20 @@ def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, dty
         raise UsageError("refusing to write binary data to a terminal; redirect stdout (> J.npy) or use --format csv")
     fmt = jio.output_format(output, fmt) if output else None
     m, x = _read(model, data, max_memory, strict, dtype, of)
-    target = jio.FileTarget(output, fmt) if output else _Discard()
+    target = jio.FileTarget(output, fmt) if output else jio.NullTarget()
     console = _console(output == "-")
-    state = {}
+    summaries = []  # one, made from the result when its first block arrives (none with --quiet)
     progress = _Progress(enabled=not quiet and _console(True).is_terminal)
 
-    def on_block(a, b, block):
-        if "summary" not in state:
-            state["summary"] = Summary(state["result"])
-        state["summary"].update(block)
-        progress.advance(b, state["result"].shape[0])
+    def on_block(result, a, b, block):
+        if not quiet:
+            if not summaries:
+                summaries.append(Summary(result))
+            summaries[0].update(block)
+        progress.advance(b, result.shape[0])
 
     try:
-        result = compute(m, x, target, on_block, state)
+        result = compute(m, x, target, on_block)
         if output:
             target.commit(result)
     except BaseException:
@@ -187,7 +188,7 @@ def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, dty
     finally:
         progress.stop()
     if not quiet:
-        d = (state.get("summary") or Summary(result)).finish()
+        d = (summaries[0] if summaries else Summary(result)).finish()
         if as_json:
             console.print_json(json.dumps(d)) if output != "-" else click.echo(json.dumps(d), err=True)
         else:
@@ -196,44 +197,6 @@ def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, dty
             render_summary(console, d)
             if output and output != "-":
                 console.print(f"wrote {output} ({fmt})" + (f" and {jio.columns_path(output)}" if kind == "params" and fmt in ("npy", "csv") else ""))
-
-
-class _Remember:
-    """Passes a target through, noting the result it was opened with (for the summary)."""
-
-    def __init__(self, target, state):
-        self.target, self.state = target, state
-
-    def open(self, result):
-        self.state["result"] = result
-        self.target.open(result)
-
-    def block(self, result, a, b):
-        return self.target.block(result, a, b)
-
-    def write(self, result, a, b, block):
-        self.target.write(result, a, b, block)
-
-
-class _Discard:
-    """A target that keeps one block and writes nothing: for runs without -o (summary only)."""
-
-    def __init__(self):
-        self.buffer = None
-
-    def open(self, result):
-        pass
-
-    def block(self, result, a, b):
-        import numpy as np
-
-        n, rows, cols = result.flat_shape
-        if self.buffer is None or self.buffer.shape[0] < b - a:
-            self.buffer = np.empty((b - a, rows, cols), result.dtype)
-        return self.buffer[: b - a]
-
-    def write(self, result, a, b, block):
-        pass
 
 
 class _Progress:
@@ -288,10 +251,9 @@ def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as
     """
     from .drivers import input_jacobian
 
-    def compute(m, x, target, on_block, state):
+    def compute(m, x, target, on_block):
         return input_jacobian(m, x, wrt=wrt, of=of, mode=mode, dtype=dtype, outputs=outputs_slice, flat=flat,
-                              max_memory=max_memory, target=_Remember(target, state), return_result=True,
-                              on_block=on_block)
+                              max_memory=max_memory, target=target, return_result=True, on_block=on_block)
 
     _run("input", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute)
 
@@ -314,10 +276,9 @@ def params_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, a
     """
     from .drivers import param_jacobian
 
-    def compute(m, x, target, on_block, state):
+    def compute(m, x, target, on_block):
         return param_jacobian(m, x, params=params or None, of=of, dtype=dtype, outputs=outputs_slice,
-                              max_memory=max_memory, target=_Remember(target, state), return_result=True,
-                              on_block=on_block)
+                              max_memory=max_memory, target=target, return_result=True, on_block=on_block)
 
     _run("params", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute)
 

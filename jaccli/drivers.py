@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-import mmap
 import functools
+import mmap
 import time
 from dataclasses import dataclass, field
 
@@ -231,7 +231,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     Shape (N, *out_shape, *in_shape), or (N, n_out, n_in) with `flat`; with `outputs`
     (a slice of the flattened per-sample output) the output axes become one of that size.
     `target` (default: an array in memory) receives the result block by block of samples,
-    in order, so that a file target keeps memory bounded; `on_block(a, b, block)` sees each.
+    in order, so that a file target keeps memory bounded; `on_block(result, a, b, block)` sees each.
     """
     t0 = time.perf_counter()
     model = load(model, max_bytes=max_memory)
@@ -320,7 +320,7 @@ def _sample_blocks(plan, feeds, res, target, on_block):
         yield a, b, env, block
         target.write(res, a, b, block)
         if on_block:
-            on_block(a, b, block)
+            on_block(res, a, b, block)
 
 
 def allocate(shape, dtype):
@@ -403,9 +403,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     for a, b, env, Jb in _sample_blocks(plan, feeds, res, target, on_block):  # Jb: (b - a, n_sel, P)
         for s in range(0, T, t_c):
             e = min(T, s + t_c)
-            seed = np.zeros((e - s, b - a, n_out), dtype)
-            seed[np.arange(e - s), :, sel[s:e]] = 1
             sinks = {col["name"]: _sink(Jb[:, s:e], col) for col in columns}
-            walk.vjp(plan, env, seed.reshape((e - s, b - a) + out_shape), names, sinks)
+            walk.vjp(plan, env, walk.identity_seed(sel[s:e], env[of_v.name], dtype), names, sinks)
     res.seconds = time.perf_counter() - t0
     return res if return_result else (res.value, columns)

@@ -155,7 +155,29 @@ def output_format(path, fmt):
     return ext
 
 
-class FileTarget:
+class BufferedTarget:
+    """A target that lends the drivers one reusable buffer of a chunk of samples to fill."""
+
+    buffer = None
+
+    def block(self, result, a, b):
+        if self.buffer is None or self.buffer.shape[0] < b - a:
+            n, rows, cols = result.flat_shape
+            self.buffer = np.empty((max(b - a, result.chunks[0] or 1), rows, cols), result.dtype)
+        return self.buffer[: b - a]
+
+
+class NullTarget(BufferedTarget):
+    """Writes nothing: for runs that only print the summary."""
+
+    def open(self, result):
+        pass
+
+    def write(self, result, a, b, block):
+        pass
+
+
+class FileTarget(BufferedTarget):
     """Writes a result as its blocks of samples arrive, in order: .npy (header, then the blocks),
     .csv (a header row, then rows), .npz (a streamed zip member, then the outputs and the column
     map), to a file or to stdout ('-'). Memory stays at one block whatever the number of samples.
@@ -172,7 +194,6 @@ class FileTarget:
         self.zip = None
         self.member = None
         self.text = None
-        self.buffer = None
 
     # -- the driver's side: open, block, write ---------------------------------------------------
 
@@ -193,12 +214,6 @@ class FileTarget:
             self.writer = csv.writer(self.text)
             self.writer.writerow(["sample", "output"] + csv_columns(result))
             self.row_names = [csv_row_names(result)[i] for i in range(result.selection.size)]
-
-    def block(self, result, a, b):
-        if self.buffer is None or self.buffer.shape[0] < b - a:
-            n, rows, cols = result.flat_shape
-            self.buffer = np.empty((max(b - a, result.chunks[0] or 1), rows, cols), result.dtype)
-        return self.buffer[: b - a]
 
     def write(self, result, a, b, block):
         if self.fmt == "npy":

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .drivers import input_jacobian, param_jacobian, prepare_feeds
+from .drivers import _slice_samples, input_jacobian, param_jacobian, prepare_feeds
 from .errors import JaccliError, ModelError
 from .model import load
 
@@ -120,7 +120,7 @@ def _oracle(proto, feeds, out_names, extra=None, model=None):
     with our float64 forward of `model` to 1e-9: some onnxruntime kernels accept doubles but
     compute in float, which exact test values (integers) would hide.
     """
-    probe = _first(feeds)
+    probe = _slice_samples(feeds, 0, 1)
     rng = np.random.default_rng(1)
     jitter = {k: (v * (1 + 1e-3 * rng.standard_normal(v.shape)) if np.issubdtype(v.dtype, np.floating) else v)
               for k, v in probe.items()}
@@ -239,10 +239,6 @@ def _with_largest(pick, J):
     checked too, and the differences' own maximum is a fair scale for the relative error."""
     largest = np.abs(np.nan_to_num(J)).max(axis=1).argmax(axis=-1)  # (samples,)
     return np.union1d(pick, largest)
-
-
-def _first(feeds):
-    return {k: (v[:1] if np.ndim(v) else v) for k, v in feeds.items()}
 
 
 def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs):

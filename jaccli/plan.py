@@ -170,11 +170,6 @@ class Plan:
             return a.size / n if v in self.batched else a.size  # unbatched cotangents are per sample
 
         primal = sum(a.size for k, a in env.items() if k in self.batched and hasattr(a, "size")) * item / n
-        live_end = {}
-        for i, s in enumerate(self.active_steps):
-            for o in s.outputs:
-                if o in self.active:
-                    live_end.setdefault(o, i)
         peak, flops = 0.0, 0.0
         for i, s in enumerate(self.active_steps):
             live = sum(per_sample(v) for v, j in self.last_use.items() if j >= i and v in self.active)

@@ -89,10 +89,15 @@ def vjp_identity(plan: Plan, env: dict, sel, wrt, dtype):
                 if d and b is not None:
                     cot[name] = cot[name] + b if name in cot else b
             return _pull(plan, env, cot, plan.active_steps[:-1], wrt, {})
-    n = y.shape[0]
-    seed = np.zeros((len(sel), n, y[0].size), dtype)
+    return vjp(plan, env, identity_seed(sel, y, dtype), wrt)
+
+
+def identity_seed(sel, y, dtype):
+    """The cotangent seed (T, *y.shape): direction t is 1 at flat output element sel[t] of every
+    sample."""
+    seed = np.zeros((len(sel), y.shape[0], y[0].size), dtype)
     seed[np.arange(len(sel)), :, sel] = 1
-    return vjp(plan, env, seed.reshape((len(sel),) + y.shape), wrt)
+    return seed.reshape((len(sel),) + y.shape)
 
 
 def _pull(plan, env, cot, steps, wrt, sinks):

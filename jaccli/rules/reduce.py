@@ -72,6 +72,11 @@ def _log_sum(X, a):
     return np.log(X.sum(axis=a, keepdims=True))
 
 
+def _logsumexp(X, axes):
+    m = X.max(axis=axes, keepdims=True)
+    return m + np.log(np.exp(X - m).sum(axis=axes, keepdims=True))
+
+
 def _one(X, Yk, a):
     return 1
 
@@ -111,13 +116,8 @@ REDUCTIONS = {
     "ReduceL2": (_l2, _l2_partial, "sqrt of the sum of squares"),
     "ReduceSumSquare": (_sum_square, _sum_square_partial, "sum of squares"),
     "ReduceLogSum": (_log_sum, _log_sum_partial, "log of the sum"),
-    "ReduceLogSumExp": (None, _logsumexp_partial, "log of the sum of exp"),
+    "ReduceLogSumExp": (_logsumexp, _logsumexp_partial, "log of the sum of exp"),
 }
-
-
-def _logsumexp(X, axes):
-    m = X.max(axis=axes, keepdims=True)
-    return m + np.log(np.exp(X - m).sum(axis=axes, keepdims=True))
 
 
 def _reduce_rule(name, since, axes_input):
@@ -170,8 +170,6 @@ def _reduce_rule(name, since, axes_input):
     cls = type(name, (), {"__doc__": doc, "forward": forward, "jvp": jvp, "vjp": vjp, "nondiff": nondiff})
     return rule(name, since)(cls)
 
-
-REDUCTIONS["ReduceLogSumExp"] = (_logsumexp, _logsumexp_partial, "log of the sum of exp")
 
 for _name in REDUCTIONS:
     _reduce_rule(_name, 1, axes_input=False)
