@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import mmap
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import walk
+from . import parallel, walk
 from .errors import DataError, JaccliError, MemoryBudgetError, UsageError
 from .model import Model, load
 from .plan import Plan
@@ -262,24 +263,26 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
         notes.append(f"output '{of_v.name}' does not depend on input '{wrt_v.name}': the Jacobian is zero")
     res = Result(None, shape, "input", of_v.name, wrt_v.name, mode, out_shape, in_shape, sel,
                  outputs=np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), estimate=est, notes=notes, dtype=dtype)
-    for a, b, env, Jb in _sample_blocks(plan, feeds, res, target, on_block):  # Jb: (b - a, n_sel, n_in)
-        for s in range(0, T, t_c):
-            e = min(T, s + t_c)
+    def fill(env, Jb, s0, s1, t_c):  # directions s0..s1 of block Jb (samples, n_sel, n_in)
+        n = Jb.shape[0]
+        for s in range(s0, s1, t_c):
+            e = min(s1, s + t_c)
             if mode == "forward":
-                seed = np.zeros((e - s, b - a, n_in), dtype)
+                seed = np.zeros((e - s, n, n_in), dtype)
                 seed[np.arange(e - s), :, np.arange(s, e)] = 1
-                D = walk.jvp(plan, env, {wrt_v.name: seed.reshape((e - s, b - a) + in_shape)})
+                D = walk.jvp(plan, env, {wrt_v.name: seed.reshape((e - s, n) + in_shape)})
                 if D is None:
                     Jb[:, :, s:e] = 0
                 else:
-                    D = D.reshape(e - s, b - a, n_out)[:, :, sel]
-                    Jb[:, :, s:e] = D.transpose(1, 2, 0)
+                    Jb[:, :, s:e] = D.reshape(e - s, n, n_out)[:, :, sel].transpose(1, 2, 0)
             else:
                 G = walk.vjp_identity(plan, env, sel[s:e], [wrt_v.name], dtype)[wrt_v.name]
                 if G is None:
                     Jb[:, s:e, :] = 0
                 else:
-                    Jb[:, s:e, :] = G.reshape(e - s, b - a, n_in).transpose(1, 0, 2)
+                    Jb[:, s:e, :] = G.reshape(e - s, n, n_in).transpose(1, 0, 2)
+
+    _fill_blocks(plan, feeds, res, T, fill, target, on_block)
     res.seconds = time.perf_counter() - t0
     return res if return_result else res.value
 
@@ -305,22 +308,58 @@ class ArrayTarget:
         pass
 
 
-def _sample_blocks(plan, feeds, res, target, on_block):
-    """For each chunk of samples, in order: (a, b, primal environment, result block to fill).
-    The model outputs are kept; a block is written and reported when the caller moves on."""
+def _fill_blocks(plan, feeds, res, T, fill, target, on_block):
+    """Fill the result block by block of samples, in order: for each, the primal pass, then
+    `fill(env, rows, s0, s1, t_c)` for directions s0..s1 in chunks of t_c. The model outputs are
+    kept; a block is written to the target and reported once filled.
+
+    Within a block the work is split over the cores (see parallel.py): by samples, each part
+    with its own primal pass, or, for a block of fewer samples than cores, by directions, in
+    chunks divided among the parts so that together they stay within the budget.
+    """
     target = target or ArrayTarget()
     target.open(res)
-    N, n_c = res.shape[0], res.chunks[0]
-    for a in range(0, N, n_c):
-        b = min(N, a + n_c)
-        env = walk.primal(plan, _slice_samples(feeds, a, b))
-        _check_sample_axis(env[res.of], b - a, res.of)
-        res.outputs[a:b] = env[res.of]
-        block = target.block(res, a, b)
-        yield a, b, env, block
-        target.write(res, a, b, block)
-        if on_block:
-            on_block(res, a, b, block)
+    N, (n_c, t_c) = res.shape[0], res.chunks
+    parts = _parts(res, T, n_c, t_c)
+    with parallel.single_blas_thread() if parts > 1 else contextlib.nullcontext():
+        for a in range(0, N, n_c):
+            b = min(N, a + n_c)
+            block = target.block(res, a, b)
+
+            def primal(lo, hi):
+                env = walk.primal(plan, _slice_samples(feeds, lo, hi))
+                _check_sample_axis(env[res.of], hi - lo, res.of)
+                res.outputs[lo:hi] = env[res.of]
+                return env
+
+            def samples(lo, hi):
+                return lambda: fill(primal(lo, hi), block[lo - a:hi - a], 0, T, t_c)
+
+            def directions(env, s, e):
+                return lambda: fill(env, block, s, e, max(1, t_c // parts))
+
+            if b - a >= parts:
+                parallel.run([samples(lo, hi) for lo, hi in parallel.split(a, b, parts)])
+            else:
+                env = primal(a, b)
+                parallel.run([directions(env, s, e) for s, e in parallel.split(0, T, parts)])
+            target.write(res, a, b, block)
+            if on_block:
+                on_block(res, a, b, block)
+
+
+PARALLEL_MIN_FLOPS = 2e7  # a block with less work runs in one thread: threads cost ~0.1 ms
+
+
+def _parts(res, T, n_c, t_c):
+    """Into how many parts a block is split: one per core, unless a block is too little work to
+    pay for the threads, or can be divided neither by samples nor by directions."""
+    parts = parallel.workers()
+    if parts == 1 or res.estimate.get("flops_per_direction", 0) * T * n_c < PARALLEL_MIN_FLOPS:
+        return 1
+    if n_c < parts and t_c < parts:
+        return 1
+    return parts
 
 
 def allocate(shape, dtype):
@@ -400,10 +439,12 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
         notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")
     res = Result(None, shape, "params", of_v.name, names, "reverse", out_shape, (), sel, columns,
                  np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), estimate=est, notes=notes, dtype=dtype)
-    for a, b, env, Jb in _sample_blocks(plan, feeds, res, target, on_block):  # Jb: (b - a, n_sel, P)
-        for s in range(0, T, t_c):
-            e = min(T, s + t_c)
+    def fill(env, Jb, s0, s1, t_c):  # directions s0..s1 of block Jb (samples, n_sel, P)
+        for s in range(s0, s1, t_c):
+            e = min(s1, s + t_c)
             sinks = {col["name"]: _sink(Jb[:, s:e], col) for col in columns}
             walk.vjp(plan, env, walk.identity_seed(sel[s:e], env[of_v.name], dtype), names, sinks)
+
+    _fill_blocks(plan, feeds, res, T, fill, target, on_block)
     res.seconds = time.perf_counter() - t0
     return res if return_result else (res.value, columns)

@@ -1,0 +1,129 @@
+"""Running parts of a block side by side: one Python thread per core, BLAS single-threaded.
+
+numpy releases the GIL inside its loops and its BLAS calls, so threads that each take a share
+of the samples (or directions) run in parallel. The many small matrix products of a Jacobian
+(a convolution's per-offset products, a layer's per-sample outer products) are below the size
+at which BLAS splits work over its own threads, so one thread per core doing whole parts beats
+BLAS threading; large products lose nothing, since each thread still runs its own at full
+speed. BLAS is set to one thread for the duration (OpenBLAS's setting is global to the
+process) and restored after. Where the BLAS cannot be controlled (not OpenBLAS, not Linux),
+parts run one after the other, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import os
+import threading
+
+_blas = None  # (get, set) of the loaded OpenBLAS, or () where there is none; found on first use
+_lock = threading.Lock()
+_depth = 0  # nested single_blas_thread blocks (threads of one run, runs in several threads)
+_saved = None
+
+
+def cores() -> int:
+    """The cores this process may run on; JACCLI_THREADS overrides."""
+    env = os.environ.get("JACCLI_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _find_openblas():
+    """(get_num_threads, set_num_threads) of the OpenBLAS that numpy loaded, or ()."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {c[-1] for c in map(str.split, maps) if len(c) >= 6 and "openblas" in c[-1].lower() and ".so" in c[-1]}
+    except OSError:
+        return ()
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", "_64", ""):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    get.restype, get.argtypes = ctypes.c_int, []
+                    put.restype, put.argtypes = None, [ctypes.c_int]
+                    return get, put
+    return ()
+
+
+def _openblas():
+    global _blas
+    if _blas is None:
+        import numpy  # noqa: F401  (loads the BLAS)
+
+        _blas = _find_openblas()
+    return _blas
+
+
+def workers() -> int:
+    """How many parts a block may be split into: the cores, if BLAS threading can be set to one."""
+    n = cores()
+    return n if n > 1 and _openblas() else 1
+
+
+@contextlib.contextmanager
+def single_blas_thread():
+    """BLAS runs one thread per call within this block (restored when the last such block ends)."""
+    global _depth, _saved
+    blas = _openblas()
+    if not blas:
+        yield
+        return
+    get, put = blas
+    with _lock:
+        if _depth == 0:
+            _saved = get()
+            put(1)
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                put(_saved)
+
+
+def run(tasks):
+    """Run the callables side by side (the first in this thread), return their results in order;
+    the first exception raised by any of them is raised here once all have finished."""
+    if len(tasks) == 1:
+        return [tasks[0]()]
+    results = [None] * len(tasks)
+    errors = [None] * len(tasks)
+
+    def one(i, ctx):
+        try:
+            results[i] = ctx.run(tasks[i])
+        except BaseException as e:  # re-raised in the caller
+            errors[i] = e
+
+    threads = [threading.Thread(target=one, args=(i, contextvars.copy_context()), daemon=True) for i in range(1, len(tasks))]
+    for t in threads:
+        t.start()
+    one(0, contextvars.copy_context())
+    for t in threads:
+        t.join()
+    for e in errors:
+        if e is not None:
+            raise e
+    return results
+
+
+def split(a, b, parts):
+    """[a, b) in `parts` contiguous ranges of nearly equal size (no empty ones)."""
+    parts = max(1, min(parts, b - a))
+    edges = [a + (b - a) * i // parts for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
