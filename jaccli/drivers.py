@@ -215,6 +215,7 @@ def _within_budget(fn):
 
     @functools.wraps(fn)
     def run(*args, max_memory=DEFAULT_MAX_MEMORY, **kwargs):
+        parallel.tune_malloc()
         with memory_limit(max_memory):
             return fn(*args, max_memory=max_memory, **kwargs)
 

@@ -60,6 +60,11 @@ CASES = [
     Case("Conv", [("x", (3, 6, 6)), ("p", (3, 1, 3, 3))], {"group": 3, "auto_pad": "SAME_UPPER"}, id="Conv-depthwise-same"),
     Case("Conv", [("x", (2, 7, 7)), ("p", (3, 2, 2, 2))], {"auto_pad": "SAME_LOWER", "strides": [2, 2]}, id="Conv-same-lower"),
     Case("Conv", [("x", (2, 9)), ("p", (3, 2, 3)), ("p", (3,))], {"pads": [1, 1]}, id="Conv-1d"),
+    # channels in >= out at stride 1: the input cotangent is a convolution of the cotangent
+    Case("Conv", [("x", (4, 7, 6)), ("p", (3, 4, 3, 2))], {"pads": [1, 0, 2, 1], "dilations": [2, 1]}, id="Conv-narrowing"),
+    Case("Conv", [("x", (4, 5, 5)), ("p", (2, 4, 1, 1)), ("p", (2,))], id="Conv-pointwise"),
+    Case("Conv", [("x", (3, 5, 5)), ("p", (3, 3, 1, 1))], {"pads": [1, 1, 0, 2]}, id="Conv-pad-beyond-kernel"),
+    Case("Conv", [("x", (3, 4, 4, 4)), ("p", (2, 3, 2, 3, 2))], {"auto_pad": "SAME_UPPER"}, id="Conv-3d-narrowing"),
     # pooling
     Case("MaxPool", [("x", (2, 6, 6))], {"kernel_shape": [2, 2], "strides": [2, 2]}, data="distinct", opset=12, id="MaxPool-2x2"),
     Case("MaxPool", [("x", (2, 5, 5))], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, data="distinct", id="MaxPool-overlap-pad"),

@@ -38,6 +38,111 @@ def _geometry(X, W, auto_pad, dilations, pads, strides):
     return conv_geometry(X.shape, kernel, strides, dilations, pads, auto_pad)
 
 
+def _out_size(padded, kernel, strides, dilations):
+    return [(n - (k - 1) * d - 1) // s + 1 for n, k, s, d in zip(padded, kernel, strides, dilations)]
+
+
+def _tile(item_bytes, budget=1 << 21):
+    """Images per tile so that a tile's windows stay in cache."""
+    return max(1, budget // max(1, item_bytes))
+
+
+def _im2col(Xp, kernel, strides, dilations, out, dst):
+    """Windows of the padded input Xp (B, C, *sp) copied into dst (B, C, K, *out), kernel offsets
+    inside channels: the order of a kernel's (C, *kernel) axes. One slice copy per offset."""
+    for k, off in enumerate(np.ndindex(*kernel)):
+        dst[:, :, k] = Xp[window_slices(off, strides, dilations, out)]
+    return dst
+
+
+def _conv1(X, W, strides, dilations, begin, end):
+    """Convolution with one group, (B, C, *sp) -> (B, M, *out), no bias: per tile of images, the
+    windows in the kernel's order and one GEMM per image, W (M, C*K) @ windows (C*K, O)."""
+    M, C = W.shape[:2]
+    kernel = W.shape[2:]
+    K = int(np.prod(kernel))
+    B = X.shape[0]
+    dtype = np.result_type(X, W)
+    Wk = W.reshape(M, C * K).astype(dtype, copy=False)
+    Xp = pad_spatial(X, begin, end)
+    out = _out_size(Xp.shape[2:], kernel, strides, dilations)
+    O = int(np.prod(out))
+    if K == 1 and all(s == 1 for s in strides):  # pointwise: the input is its own window
+        return (Wk @ Xp.reshape(B, C, O)).reshape(B, M, *out)
+    if C >= 16 and all(s == 1 for s in strides):
+        return _conv1_shifted(Xp, W.astype(dtype, copy=False), dilations, out)
+    Y = np.empty((B, M, O), dtype)
+    step = _tile(C * K * O * dtype.itemsize)
+    cols = np.empty((min(step, B), C, K, *out), dtype)
+    for a in range(0, B, step):
+        b = min(B, a + step)
+        c = _im2col(Xp[a:b], kernel, strides, dilations, out, cols[: b - a])
+        np.matmul(Wk, c.reshape(b - a, C * K, O), out=Y[a:b])
+    return Y.reshape(B, M, *out)
+
+
+def _conv1_shifted(Xp, W, dilations, out):
+    """Stride-1 convolution of the padded input (B, C, *sp) without copying windows: on the input
+    flattened in space, kernel offset k reads the flat range starting at its own shift, so the
+    output over the padded grid's rows is a sum of K GEMMs, W_k (M, C) @ X[:, shift_k:][:n], each
+    on a view of the input; the columns beyond `out` are dropped at the end."""
+    B, C = Xp.shape[:2]
+    M = W.shape[0]
+    kernel = W.shape[2:]
+    sp = Xp.shape[2:]
+    pitch = [int(np.prod(sp[i + 1:])) for i in range(len(sp))]  # flat stride of each spatial axis
+    shifts = [sum(o * d * p for o, d, p in zip(off, dilations, pitch)) for off in np.ndindex(*kernel)]
+    n = out[0] * pitch[0]  # whole rows of the padded grid
+    size = int(np.prod(sp))
+    flat = np.zeros((B, C, max(shifts) + n), Xp.dtype)
+    flat[:, :, :size] = Xp.reshape(B, C, size)
+    Wk = np.ascontiguousarray(W.reshape(M, C, -1).transpose(2, 0, 1))  # (K, M, C)
+    Y = np.empty((B, M, n), Xp.dtype)
+    step = _tile(2 * M * n * Xp.dtype.itemsize)
+    tmp = np.empty((min(step, B), M, n), Xp.dtype)
+    for a in range(0, B, step):
+        b = min(B, a + step)
+        y, t = Y[a:b], tmp[: b - a]
+        for k, sh in enumerate(shifts):
+            if k == 0:
+                np.matmul(Wk[0], flat[a:b, :, sh:sh + n], out=y)
+            else:
+                np.matmul(Wk[k], flat[a:b, :, sh:sh + n], out=t)
+                y += t
+    Y = Y.reshape((B, M, out[0]) + tuple(sp[1:]))
+    return np.ascontiguousarray(Y[(Ellipsis,) + tuple(slice(0, o) for o in out[1:])])
+
+
+def _windows_all(X, kernel, strides, dilations, begin, end):
+    """Every sample's windows (B, C*K, O), kernel offsets inside channels."""
+    Xp = pad_spatial(X, begin, end)
+    out = _out_size(Xp.shape[2:], kernel, strides, dilations)
+    cols = np.empty(X.shape[:2] + (int(np.prod(kernel)),) + tuple(out), X.dtype)
+    _im2col(Xp, kernel, strides, dilations, out, cols)
+    return cols.reshape(X.shape[0], -1, int(np.prod(out)))
+
+
+def _conv(X, W, group, strides, dilations, begin, end):
+    if group == 1:
+        return _conv1(X, W, strides, dilations, begin, end)
+    return _apply(_cols(X, W.shape[2:], strides, dilations, begin, end), W, group)
+
+
+def _input_cotangent_stride1(Yb, W, dilations, begin, end):
+    """For stride 1 the input cotangent is itself a convolution: of Yb (L, M, *out) with the kernel
+    flipped in space and transposed in channels, padded by the kernel's extent less the forward
+    pads. None where a forward pad exceeds the kernel's extent (that would be a crop)."""
+    kernel = W.shape[2:]
+    ext = [(k - 1) * d for k, d in zip(kernel, dilations)]
+    pb = [x - b for x, b in zip(ext, begin)]
+    pe = [x - e for x, e in zip(ext, end)]
+    if min(pb + pe) < 0:
+        return None
+    flip = (slice(None), slice(None)) + (slice(None, None, -1),) * len(kernel)
+    Wt = np.ascontiguousarray(W[flip].swapaxes(0, 1))  # (C, M, *kernel)
+    return _conv1(Yb, Wt, [1] * len(kernel), dilations, pb, pe)
+
+
 @rule("Conv", since=1)
 class Conv:
     """Y = conv(X, W) + B: X (N, C, *sp), W (M, C/group, *kernel), B (M,)."""
@@ -46,7 +151,7 @@ class Conv:
 
     def forward(X, W, B=None, *, auto_pad, dilations=None, group, kernel_shape=None, pads=None, strides=None):
         s, d, begin, end, _ = _geometry(X, W, auto_pad, dilations, pads, strides)
-        Y = _apply(_cols(X, W.shape[2:], s, d, begin, end), W, group)
+        Y = _conv(X, W, group, s, d, begin, end)
         if B is not None:
             Y = Y + B.reshape((-1,) + (1,) * (W.ndim - 2))
         return Y
@@ -58,7 +163,7 @@ class Conv:
         terms = []
         if Xdot is not None:  # linear in X: the op itself on the tangent, directions folded into B
             flat, head = lead_flat(Xdot, X.ndim - 1)
-            Y = _apply(_cols(flat, W.shape[2:], s, d, begin, end), W, group)
+            Y = _conv(flat, W, group, s, d, begin, end)
             terms.append(Y.reshape(head + Y.shape[1:]))
         if Wdot is not None:
             cols = _cols(X, W.shape[2:], s, d, begin, end)
@@ -79,13 +184,20 @@ class Conv:
         if cx.need[0]:
             flat, head = lead_flat(Ybar, X.ndim - 1)  # (L, M, *out)
             padded = [n + b + e for n, b, e in zip(X.shape[2:], begin, end)]
-            if group == 1:
-                Xp = _input_cotangent(flat, W, padded, s, d)
-            else:
-                G = _cols_adjoint_input(flat, W, group)  # (L, C, *out, *k)
-                Xp = windows_adjoint(G, padded, kernel, s, d)
-            Xbar = unpad(Xp, begin, end).reshape(head + X.shape[1:])
-        if cx.need[1]:
+            Xb = None
+            if group == 1 and all(v == 1 for v in s) and W.shape[0] <= W.shape[1]:
+                Xb = _input_cotangent_stride1(flat, W, d, begin, end)  # windows of Ybar: M <= C per offset
+            if Xb is None:
+                if group == 1:
+                    Xp = _input_cotangent(flat, W, padded, s, d)
+                else:
+                    G = _cols_adjoint_input(flat, W, group)  # (L, C, *out, *k)
+                    Xp = windows_adjoint(G, padded, kernel, s, d)
+                Xb = unpad(Xp, begin, end)
+            Xbar = Xb.reshape(head + X.shape[1:])
+        if cx.need[1] and group == 1:
+            Wbar = _weight_cotangent1(Ybar, _windows_all(X, kernel, s, d, begin, end), W, lead, cx.keep[1])
+        elif cx.need[1]:
             cols = _cols(X, kernel, s, d, begin, end)
             Wbar = _weight_cotangent(Ybar, cols, W, group, lead, cx.keep[1])
         if len(cx.x) > 2 and cx.x[2] is not None and cx.need[2]:
@@ -152,6 +264,18 @@ def _cols_adjoint_input(Yb, W, group):
     G = G.reshape(L, g, *out, Cg, *W.shape[2:])
     G = np.moveaxis(G, 2 + nd, 2)  # (L, g, Cg, *out, *k)
     return G.reshape(L, g * Cg, *out, *W.shape[2:])
+
+
+def _weight_cotangent1(Ybar, cols, W, lead, keep):
+    """Per-sample (keep) or summed kernel cotangent, one group: Ybar (*lead, N, M, *out) against
+    the windows (N, C*K, O)."""
+    N, M = cols.shape[0], W.shape[0]
+    head = Ybar.shape[:lead]
+    Yf = Ybar.reshape(head + (N, M, cols.shape[2]))
+    if keep:
+        return (Yf @ np.swapaxes(cols, -1, -2)).reshape(head + (N,) + W.shape)
+    Wb = np.einsum("lnmo,nko->lmk", Yf.reshape((-1, N, M, cols.shape[2])), cols, optimize=True)
+    return Wb.reshape(head + W.shape)
 
 
 def _weight_cotangent(Ybar, cols, W, group, lead, keep):
