@@ -2,6 +2,7 @@
 
     make bench                      # everything: timings, memory, bounded-memory runs
     python bench/bench.py --quick   # fewer repeats
+    python bench/bench.py --quick --only lenet   # some networks, timings only
 
 Each network is built in PyTorch and exported to ONNX (TorchScript exporter, opset 17,
 BatchNormalization kept), then timed side by side in one process with the same thread count,
@@ -305,7 +306,7 @@ def bounded_memory_runs(tmp):
 # ---- main ------------------------------------------------------------------------------------------
 
 
-def run(quick):
+def run(quick, only=None, memory=True):
     import torch
 
     import jaccli
@@ -315,6 +316,8 @@ def run(quick):
     repeats = 3 if quick else 7
     rows = []
     for name in networks():
+        if only and only not in name:
+            continue
         model, proto, x = build(name)
         m = jaccli.load(proto)
         xn = x.numpy()
@@ -351,8 +354,8 @@ def run(quick):
                      "bound": "flops" if flops / limits["matmul_flops"] > nbytes / limits["write_fresh"] else "write"})
         print(f"{name}: done", file=sys.stderr)
     for r in rows:
-        r["jaccli_peak_MiB"] = peak_memory(r["network"], r["kind"], "jaccli")
-        r["torch_peak_MiB"] = peak_memory(r["network"], r["kind"], "torch")
+        r["jaccli_peak_MiB"] = peak_memory(r["network"], r["kind"], "jaccli") if memory else float("nan")
+        r["torch_peak_MiB"] = peak_memory(r["network"], r["kind"], "torch") if memory else float("nan")
     return limits, rows
 
 
@@ -395,6 +398,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--memory-child", nargs=3)
     ap.add_argument("--bounded-only", action="store_true", help="only the bounded-memory runs")
+    ap.add_argument("--only", help="time only the networks whose name contains this (prints the table, writes nothing)")
     ap.add_argument("--out", default=os.path.join(HERE, "results.md"))
     args = ap.parse_args()
     if args.memory_child:
@@ -406,6 +410,10 @@ def main():
         with tempfile.TemporaryDirectory(dir=os.environ.get("JACCLI_BENCH_TMP")) as tmp:
             for b in bounded_memory_runs(tmp):
                 print(b)
+        return
+    if args.only:
+        limits, rows = run(args.quick, args.only, memory=False)
+        print(render(limits, rows, []))
         return
     limits, rows = run(args.quick)
     with tempfile.TemporaryDirectory(dir=os.environ.get("JACCLI_BENCH_TMP")) as tmp:

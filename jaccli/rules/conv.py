@@ -188,7 +188,9 @@ class Conv:
             if group == 1 and all(v == 1 for v in s) and W.shape[0] <= W.shape[1]:
                 Xb = _input_cotangent_stride1(flat, W, d, begin, end)  # windows of Ybar: M <= C per offset
             if Xb is None:
-                if group == 1:
+                if group == 1 and all(v == 1 for v in s):
+                    Xp = _input_cotangent_shifted(flat, W, padded, d)
+                elif group == 1:
                     Xp = _input_cotangent(flat, W, padded, s, d)
                 else:
                     G = _cols_adjoint_input(flat, W, group)  # (L, C, *out, *k)
@@ -251,6 +253,35 @@ def _input_cotangent(Yb, W, padded, strides, dilations, tile_bytes=1 << 21):
     return Xb
 
 
+def _input_cotangent_shifted(Yb, W, padded, dilations, tile_bytes=1 << 21):
+    """Cotangent of the padded input from Yb (L, M, *out), stride 1, one group. On the padded input
+    flattened in space, kernel offset k reads a contiguous range at its own shift (see
+    _conv1_shifted); so per tile of images one GEMM gives every offset's contribution over the
+    padded grid's rows, (K*C, M) @ (M, n), each added to its shifted range: contiguous adds
+    where the windows' rows would be short strided ones."""
+    M, C = W.shape[:2]
+    kernel = W.shape[2:]
+    K = int(np.prod(kernel))
+    L, out = Yb.shape[0], Yb.shape[2:]
+    pitch = [int(np.prod(padded[i + 1:])) for i in range(len(padded))]
+    shifts = [sum(o * d * p for o, d, p in zip(off, dilations, pitch)) for off in np.ndindex(*kernel)]
+    n = out[0] * pitch[0]
+    Wk = W.reshape(M, C, K).transpose(2, 1, 0).reshape(K * C, M).astype(Yb.dtype, copy=False)
+    Xf = np.zeros((L, C, max(shifts) + n), Yb.dtype)
+    step = _tile(K * C * n * Yb.itemsize, tile_bytes)
+    grid = np.zeros((min(step, L), M, out[0]) + tuple(padded[1:]), Yb.dtype)  # zero beyond `out`
+    inner = (slice(None),) * 3 + tuple(slice(0, o) for o in out[1:])
+    for a in range(0, L, step):
+        b = min(L, a + step)
+        g = grid[: b - a]
+        g[inner] = Yb[a:b]
+        G = np.matmul(Wk, g.reshape(b - a, M, n)).reshape(b - a, K, C, n)
+        dst = Xf[a:b]
+        for k, sh in enumerate(shifts):
+            dst[:, :, sh:sh + n] += G[:, k]
+    return Xf[:, :, : int(np.prod(padded))].reshape((L, C) + tuple(padded))
+
+
 def _cols_adjoint_input(Yb, W, group):
     """Cotangent of the windows from Yb (L, M, *out): (L, C, *out, *k)."""
     nd = W.ndim - 2
@@ -272,8 +303,11 @@ def _weight_cotangent1(Ybar, cols, W, lead, keep):
     N, M = cols.shape[0], W.shape[0]
     head = Ybar.shape[:lead]
     Yf = Ybar.reshape(head + (N, M, cols.shape[2]))
-    if keep:
-        return (Yf @ np.swapaxes(cols, -1, -2)).reshape(head + (N,) + W.shape)
+    if keep:  # one GEMM per sample over every direction: (T*M, O) @ (O, C*K)
+        T = int(np.prod(head))
+        Yn = np.moveaxis(Yf.reshape(T, N, M, cols.shape[2]), 1, 0).reshape(N, T * M, cols.shape[2])
+        Wb = Yn @ np.swapaxes(cols, -1, -2)  # (N, T*M, C*K)
+        return np.moveaxis(Wb.reshape((N, T) + W.shape), 0, 1).reshape(head + (N,) + W.shape)
     Wb = np.einsum("lnmo,nko->lmk", Yf.reshape((-1, N, M, cols.shape[2])), cols, optimize=True)
     return Wb.reshape(head + W.shape)
 

@@ -12,46 +12,67 @@ def _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode):
     return conv_geometry(X.shape, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
 
 
-def _argmax(X, kernel_shape, s, d, begin, end):
-    """Index (into the flattened kernel) of each window's maximum: (N, C, *out)."""
-    V = windows(pad_spatial(X, begin, end, -np.inf), kernel_shape, s, d)
-    nd = len(kernel_shape)
-    return V.reshape(V.shape[: V.ndim - nd] + (-1,)).argmax(axis=-1)
+def _offsets(X, kernel_shape, s, d, begin, end, fill=0.0):
+    """The padded input's slice for each kernel offset, over all outputs: a list of K strided views."""
+    Xp = pad_spatial(X, begin, end, fill)
+    out = [(n - (k - 1) * dd - 1) // ss + 1 for n, k, ss, dd in zip(Xp.shape[X.ndim - len(kernel_shape):], kernel_shape, s, d)]
+    return [Xp[window_slices(off, s, d, out)] for off in np.ndindex(*kernel_shape)]
 
+
+def _max_arg(X, kernel_shape, s, d, begin, end):
+    """Each window's maximum and the offset (into the flattened kernel) of its first maximum."""
+    views = _offsets(X, kernel_shape, s, d, begin, end, -np.inf)
+    Y = views[0].copy()
+    idx = np.zeros(Y.shape, np.int32)
+    for k, v in enumerate(views[1:], start=1):
+        np.copyto(idx, k, where=v > Y)
+        np.maximum(Y, v, out=Y)
+    return Y, idx
+
+
+def _overlap(kernel_shape, s, d):
+    return any(ss < (k - 1) * dd + 1 for k, ss, dd in zip(kernel_shape, s, d))
 
 
 @rule("MaxPool", since=1)
 class MaxPool:
-    """Y = max over each window of X (N, C, *sp); padding never wins."""
-
+    """Y = max over each window of X (N, C, *sp); padding never wins. The derivatives follow the
+    first maximum of each window."""
 
     def forward(X, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, storage_order=0, strides=None):
         s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
-        V = windows(pad_spatial(X, begin, end, -np.inf), kernel_shape, s, d)
-        return V.max(axis=tuple(range(V.ndim - len(kernel_shape), V.ndim)))
+        views = _offsets(X, kernel_shape, s, d, begin, end, -np.inf)
+        Y = views[0].copy()
+        for v in views[1:]:
+            np.maximum(Y, v, out=Y)
+        return Y
 
     def jvp(cx, Xdot, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, storage_order=0, strides=None):
         X = cx.x[0]
         s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
-        idx = _argmax(X, kernel_shape, s, d, begin, end)
-        Dp = pad_spatial(Xdot, begin, end)
-        out = idx.shape[2:]
-        Ydot = np.zeros(Xdot.shape[: Xdot.ndim - len(out)] + out, dtype=Xdot.dtype)
-        for k, off in enumerate(np.ndindex(*kernel_shape)):
-            Ydot += np.where(idx == k, Dp[window_slices(off, s, d, out)], 0)
+        _, idx = _max_arg(X, kernel_shape, s, d, begin, end)
+        views = _offsets(Xdot, kernel_shape, s, d, begin, end)
+        Ydot = np.empty(views[0].shape, Xdot.dtype)
+        for k, v in enumerate(views):
+            np.copyto(Ydot, v, where=idx == k)
         return Ydot
 
     def vjp(cx, Ybar, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, storage_order=0, strides=None):
         need_no_keep(cx, "MaxPool")
         X = cx.x[0]
         s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
-        idx = _argmax(X, kernel_shape, s, d, begin, end)
+        _, idx = _max_arg(X, kernel_shape, s, d, begin, end)
         nd = len(kernel_shape)
         out = idx.shape[2:]
         padded = tuple(n + b + e for n, b, e in zip(X.shape[2:], begin, end))
         Xb = np.zeros(Ybar.shape[: Ybar.ndim - nd] + padded, dtype=Ybar.dtype)
+        disjoint = not _overlap(kernel_shape, s, d)
         for k, off in enumerate(np.ndindex(*kernel_shape)):
-            Xb[window_slices(off, s, d, out)] += np.where(idx == k, Ybar, 0)
+            dst = Xb[window_slices(off, s, d, out)]
+            if disjoint:  # each input element is in one window at most: write, do not add
+                np.multiply(Ybar, idx == k, out=dst)
+            else:
+                dst += Ybar * (idx == k)
         return (unpad(Xb, begin, end),)
 
 
