@@ -349,14 +349,19 @@ def _fill_blocks(plan, feeds, res, T, fill, target, on_block):
                 on_block(res, a, b, block)
 
 
-PARALLEL_MIN_FLOPS = 2e7  # a block with less work runs in one thread: threads cost ~0.1 ms
+# a block that takes less than this on one core runs in one thread: threads cost ~0.1 ms
+PARALLEL_MIN_SECONDS = 5e-4
+_CORE_FLOPS, _CORE_WRITE = 50e9, 5e9  # conservative per-core rates for that guess
 
 
 def _parts(res, T, n_c, t_c):
     """Into how many parts a block is split: one per core, unless a block is too little work to
-    pay for the threads, or can be divided neither by samples nor by directions."""
+    pay for the threads (its multiply-adds and the bytes of its rows of the result), or can be
+    divided neither by samples nor by directions."""
     parts = parallel.workers()
-    if parts == 1 or res.estimate.get("flops_per_direction", 0) * T * n_c < PARALLEL_MIN_FLOPS:
+    rows = n_c * int(np.prod(res.flat_shape[1:])) * res.dtype.itemsize
+    seconds = 2 * res.estimate.get("flops_per_direction", 0) * T * n_c / _CORE_FLOPS + rows / _CORE_WRITE
+    if parts == 1 or seconds < PARALLEL_MIN_SECONDS:
         return 1
     if n_c < parts and t_c < parts:
         return 1
