@@ -6,7 +6,7 @@
 
 Each network is built in PyTorch and exported to ONNX (TorchScript exporter, opset 17,
 BatchNormalization kept), then timed side by side in one process with the same thread count,
-in blocks with a pause between them (thread pools spin after their calls):
+interleaved, with a pause before every call (thread pools spin after their calls):
 jaccli's Python API against vmap(jacrev), and vmap(jacfwd) where the input is at most four times
 the output (elsewhere it cannot win and runs out of memory), for input Jacobians, and against
 vmap(jacrev) over functional_call, assembled into the same (N, n_out, P) array, for per-sample
@@ -126,23 +126,22 @@ def jaccli_params(model, x, k, n_out):
     return lambda: jaccli.param_jacobian(model, x, outputs=sel)[0]
 
 
-def median_times(fns, repeats, budget=3.0, rest=0.5):
-    """Median time of each function, timed one after the other in blocks: a pause first (each
-    framework's thread pool spins for a while after its calls and would slow the other), then a
-    warm-up call, then the timed calls."""
-    medians = []
+def median_times(fns, repeats, rest=0.3):
+    """Median time of each function, interleaved: after one warm-up call each, every round calls
+    each function once, in turn, so that a slow spell of a shared machine falls on all of them
+    alike. A pause precedes every call: each framework's thread pool spins for a while after
+    its calls and would slow the next one."""
     for fn in fns:
-        time.sleep(rest)
         fn()
-        times = []
-        t_end = time.perf_counter() + budget
-        while len(times) < repeats or (time.perf_counter() < t_end and len(times) < 3 * repeats):
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            time.sleep(rest)
             t = time.perf_counter()
             out = fn()
-            times.append(time.perf_counter() - t)
+            ts.append(time.perf_counter() - t)
             del out
-        medians.append(float(np.median(times)))
-    return medians
+    return [float(np.median(ts)) for ts in times]
 
 
 # ---- the machine's limits ------------------------------------------------------------------------------
@@ -313,7 +312,7 @@ def run(quick, only=None, memory=True):
 
     torch.set_num_threads(THREADS)
     limits = machine_limits()
-    repeats = 3 if quick else 7
+    repeats = 5 if quick else 11
     rows = []
     for name in networks():
         if only and only not in name:

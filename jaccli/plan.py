@@ -56,7 +56,7 @@ class Plan:
                 self._fold(step)
             else:
                 steps.append(step)
-        self.steps = steps
+        self.steps = steps = self._fold_batchnorm(steps)
 
         # values with the sample axis: graph inputs and all that depends on them (shapes too)
         batched = set(data_inputs)
@@ -127,6 +127,42 @@ class Plan:
         for name, value in zip(step.outputs, out):
             if name:
                 self.consts[name] = _as_compute(value, self.dtype)
+
+    def _fold_batchnorm(self, steps):
+        """Merge an inference BatchNormalization into the convolution before it, where the
+        convolution's output feeds nothing else and every tensor of both is a constant (so never
+        for parameters being differentiated): W' = W * a, B' = B * a + (beta - mean * a) with
+        a = gamma / sqrt(var + eps), per output channel. One node, not two, in every sweep."""
+        readers = {}
+        for s in steps:
+            for v in s.inputs:
+                if v:
+                    readers.setdefault(v, []).append(s)
+        drop = set()
+        for s in steps:
+            if s.node.op_type != "Conv" or s.node.domain not in ("", "ai.onnx") or len(s.inputs) < 2:
+                continue
+            y = s.outputs[0]
+            bn = readers.get(y, [])
+            if y == self.of or len(bn) != 1 or bn[0].node.op_type != "BatchNormalization" or bn[0].inputs[0] != y:
+                continue
+            bn = bn[0]
+            if bn.attrs.get("training_mode") or not bn.attrs.get("spatial", 1) or len([o for o in bn.outputs if o]) != 1:
+                continue
+            names = [s.inputs[1], *(s.inputs[2:3])] + list(bn.inputs[1:5])
+            if len(bn.inputs) < 5 or not all(v and v in self.consts for v in names):
+                continue
+            W = self.consts[s.inputs[1]]
+            B = self.consts[s.inputs[2]] if len(s.inputs) > 2 and s.inputs[2] else np.zeros(W.shape[0], W.dtype)
+            gamma, beta, mean, var = (self.consts[v] for v in bn.inputs[1:5])
+            a = gamma / np.sqrt(var + W.dtype.type(bn.attrs.get("epsilon", 1e-5)))
+            w_name, b_name = f"{s.inputs[1]}*{bn.node.name}", f"{y}+{bn.node.name}"
+            self.consts[w_name] = (W * a.reshape((-1,) + (1,) * (W.ndim - 1))).astype(W.dtype)
+            self.consts[b_name] = (B * a + (beta - mean * a)).astype(W.dtype)
+            s.inputs = (s.inputs[0], w_name, b_name)
+            s.outputs = (bn.outputs[0],) + tuple(s.outputs[1:])
+            drop.add(id(bn))
+        return [s for s in steps if id(s) not in drop]
 
     def _liveness(self):
         """Index of the last active step that reads each value (for freeing (co)tangents)."""
