@@ -98,7 +98,7 @@ def _conv1_shifted(Xp, W, dilations, out):
     flat[:, :, :size] = Xp.reshape(B, C, size)
     Wk = np.ascontiguousarray(W.reshape(M, C, -1).transpose(2, 0, 1))  # (K, M, C)
     Y = np.empty((B, M, n), Xp.dtype)
-    step = _tile(2 * M * n * Xp.dtype.itemsize)
+    step = _tile(2 * M * n * Xp.dtype.itemsize, 1 << 20)
     tmp = np.empty((min(step, B), M, n), Xp.dtype)
     for a in range(0, B, step):
         b = min(B, a + step)

@@ -47,12 +47,16 @@ class BatchNormalization:
         inv = 1 / np.sqrt(var + X.dtype.type(epsilon))
         Xbar = Ybar * _channel(scale * inv, X.ndim) if cx.need[0] else None
         sbar = Bbar = None
-        spatial_axes = tuple(range(lead + 2, Ybar.ndim))
-        if cx.need[1]:
-            xhat = (X - _channel(mean, X.ndim)) * _channel(inv, X.ndim)
-            sbar = _per_channel(Ybar * xhat, spatial_axes, lead, cx.keep[1])
-        if cx.need[2]:
-            Bbar = _per_channel(Ybar, spatial_axes, lead, cx.keep[2])
+        if cx.need[1] or cx.need[2]:
+            head, (N, C) = Ybar.shape[:lead], X.shape[:2]
+            Yr = Ybar.reshape((-1, N, C, X[0, 0].size))  # (L, N, C, S)
+            if cx.need[1]:
+                xhat = (X - _channel(mean, X.ndim)) * _channel(inv, X.ndim)
+                per = np.einsum("lncs,ncs->lnc", Yr, xhat.reshape(N, C, -1))  # no product array
+                sbar = (per if cx.keep[1] else per.sum(axis=1)).reshape(head + per.shape[1 if cx.keep[1] else 2:])
+            if cx.need[2]:
+                per = Yr.sum(axis=-1)
+                Bbar = (per if cx.keep[2] else per.sum(axis=1)).reshape(head + per.shape[1 if cx.keep[2] else 2:])
         return Xbar, sbar, Bbar, None, None
 
 
