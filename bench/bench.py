@@ -6,7 +6,7 @@
 
 Each network is built in PyTorch and exported to ONNX (TorchScript exporter, opset 17,
 BatchNormalization kept), then timed side by side in one process with the same thread count,
-interleaved, with a pause before every call (thread pools spin after their calls):
+warm, in blocks that alternate over three rounds, with a pause before each block (thread pools spin after their calls):
 jaccli's Python API against vmap(jacrev), and vmap(jacfwd) where the input is at most four times
 the output (elsewhere it cannot win and runs out of memory), for input Jacobians, and against
 vmap(jacrev) over functional_call, assembled into the same (N, n_out, P) array, for per-sample
@@ -126,21 +126,23 @@ def jaccli_params(model, x, k, n_out):
     return lambda: jaccli.param_jacobian(model, x, outputs=sel)[0]
 
 
-def median_times(fns, repeats, rest=0.3):
-    """Median time of each function, interleaved: after one warm-up call each, every round calls
-    each function once, in turn, so that a slow spell of a shared machine falls on all of them
-    alike. A pause precedes every call: each framework's thread pool spins for a while after
-    its calls and would slow the next one."""
-    for fn in fns:
-        fn()
+def median_times(fns, repeats, rounds=3, rest=0.5):
+    """Median time of each function, timed warm in blocks: a pause (each framework's thread pool
+    spins for a while after its calls and would slow the other), a warm-up call, then `repeats`
+    timed calls (more for a fast function: a block lasts 0.3 s at least). The blocks alternate
+    over several rounds, so that a slow spell of a shared machine falls on every function alike."""
     times = [[] for _ in fns]
-    for _ in range(repeats):
+    for _ in range(rounds):
         for fn, ts in zip(fns, times):
             time.sleep(rest)
             t = time.perf_counter()
-            out = fn()
-            ts.append(time.perf_counter() - t)
-            del out
+            fn()
+            warm = time.perf_counter() - t
+            for _ in range(max(repeats, min(100, int(0.3 / max(warm, 1e-6))))):
+                t = time.perf_counter()
+                out = fn()
+                ts.append(time.perf_counter() - t)
+                del out
     return [float(np.median(ts)) for ts in times]
 
 
@@ -312,7 +314,7 @@ def run(quick, only=None, memory=True):
 
     torch.set_num_threads(THREADS)
     limits = machine_limits()
-    repeats = 5 if quick else 11
+    repeats = 2 if quick else 5
     rows = []
     for name in networks():
         if only and only not in name:
