@@ -103,12 +103,14 @@ def identity_seed(sel, y, dtype):
 def _pull(plan, env, cot, steps, wrt, sinks):
     """The reverse sweep over `steps` from the cotangents `cot` (see vjp)."""
     done = set()
+    through = _through_transpose(plan, steps, sinks)
+    homes = {**sinks, **{v: view for v, (_, view) in through.items()}}
     for step in reversed(steps):
         bars = [cot.pop(o, None) for o in step.outputs]
         if all(b is None for b in bars):
             continue
         n_diff = step.rule.n_diff_outputs
-        out = tuple(sinks.get(v) if d and plan.uses.get(v) == 1 else None for v, d in zip(step.inputs, step.diff_in))
+        out = tuple(homes.get(v) if d and plan.uses.get(v) == 1 else None for v, d in zip(step.inputs, step.diff_in))
         cx = _ctx(step, env, step.diff_in, step.keep, out)
         res = _guarded(step, "the VJP rule", cx.x, step.rule.vjp, cx, *(bars if n_diff is None else bars[:n_diff]), **step.attrs)
         for name, b, d, dst in zip(step.inputs, res, step.diff_in, out):
@@ -118,6 +120,8 @@ def _pull(plan, env, cot, steps, wrt, sinks):
                 if b is not dst:
                     np.copyto(dst, b)
                 done.add(name)
+                if name in through:  # written in the parameter's own place: its Transpose has nothing to do
+                    done.add(through[name][0])
             else:
                 cot[name] = cot[name] + b if name in cot else b
     for name, dst in sinks.items():
@@ -127,3 +131,26 @@ def _pull(plan, env, cot, steps, wrt, sinks):
             else:
                 dst[...] = 0
     return {w: (sinks[w] if w in sinks else cot.get(w)) for w in wrt}
+
+
+def _through_transpose(plan, steps, sinks):
+    """{output: (parameter, view)} for a parameter whose only reader is a Transpose read once
+    (exporters that keep a weight's transpose in the graph): the view is the parameter's sink
+    in the Transpose output's layout, so that the reader of that output writes the cotangent
+    straight into the result."""
+    found = {}
+    for step in steps:
+        if step.node.op_type != "Transpose" or not step.diff_in or not step.diff_in[0]:
+            continue
+        src, dst = step.inputs[0], step.outputs[0]
+        if src not in sinks or plan.uses.get(src) != 1 or plan.uses.get(dst) != 1:
+            continue
+        sink = sinks[src]
+        nd = len(plan.params[src].shape) if src in plan.params else None
+        if nd is None:
+            continue
+        lead = sink.ndim - nd
+        perm = step.attrs.get("perm")
+        perm = list(perm) if perm is not None and len(perm) else list(range(nd))[::-1]
+        found[dst] = (src, sink.transpose(tuple(range(lead)) + tuple(lead + a for a in perm)))
+    return found

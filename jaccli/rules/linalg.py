@@ -148,9 +148,12 @@ class MatMul:
         if cx.need[0]:
             G = mm(Yb, _t(B2))  # (*lead, *batch, M, K)
             Abar = _fit(G, A, A2, lead, cx.keep[0], B2, Yb, side=0)
-        if cx.need[1]:
+        dest = cx.dest(1)
+        if cx.need[1] and cx.keep[1] and A.ndim == 3 and B.ndim == 2 and dest is not None and dest.shape == Yb.shape[:-2] + B.shape:
+            Bbar = np.matmul(_t(A), Yb, out=dest)  # samples are A's batch axis: per-sample products, in place
+        elif cx.need[1]:
             G = None if (cx.keep[1] and A2.ndim == 2) else _t(A2) @ Yb  # (*lead, *batch, K, N)
-            Bbar = _fit(G, B, B2, lead, cx.keep[1], A2, Yb, side=1, dest=cx.dest(1))
+            Bbar = _fit(G, B, B2, lead, cx.keep[1], A2, Yb, side=1, dest=dest)
         return Abar, Bbar
 
 

@@ -1,0 +1,46 @@
+"""Per-sample parameter cotangents written straight into the result (through a weight's Transpose,
+by a MatMul whose samples are a batch axis) agree with central differences, and a parameter
+read twice is still summed over its readers."""
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import jaccli
+
+from gradcheck import N, fd_param_jacobian, rel_err
+
+RNG = np.random.default_rng(5)
+
+
+def model(twice=False, perm=None):
+    W = RNG.standard_normal((5, 4)) if perm is None else RNG.standard_normal((4, 1, 5)).astype(np.float64)
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"], **({} if perm is None else {"perm": perm}))]
+    if perm is not None:
+        nodes.append(helper.make_node("Reshape", ["Wt", "shape"], ["Wm"]))
+    w = "Wm" if perm is not None else "Wt"
+    nodes.append(helper.make_node("MatMul", ["x", w], ["h"]))
+    if twice:  # the transposed weight read again: its cotangent has two terms
+        nodes.append(helper.make_node("MatMul", ["x", w], ["g"]))
+        nodes.append(helper.make_node("Mul", ["h", "g"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Tanh", ["h"], ["y"]))
+    inits = {"W": W}
+    if perm is not None:
+        inits["shape"] = np.array([4, 5], np.int64)
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 5])],
+                          [numpy_helper.from_array(v if v.dtype == np.int64 else v.astype(np.float32), k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    m.ir_version = 8
+    return m, {k: v for k, v in inits.items() if v.dtype != np.int64}
+
+
+@pytest.mark.parametrize("twice", [False, True])
+@pytest.mark.parametrize("perm", [None, [2, 1, 0]])
+def test_parameter_behind_transpose(twice, perm):
+    m, inits = model(twice, perm)
+    x = RNG.standard_normal((N, 3, 4))
+    G, cols = jaccli.param_jacobian(m, x, dtype=np.float64, params=["W"])
+    want = fd_param_jacobian(m, {"x": x}, ["W"], inits)
+    assert rel_err(G.reshape(want.shape), want) < 1e-6
