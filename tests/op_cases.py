@@ -127,6 +127,8 @@ CASES += [
     Case("Min", [("x", (3, 4)), ("p", (3, 4))], opset=13, data="distinct", id="Min-2"),
     Case("LayerNormalization", [("x", (3, 4)), ("p", (4,)), ("p", (4,))], {"axis": -1, "epsilon": 1e-5}, id="LayerNorm-last"),
     Case("LayerNormalization", [("x", (3, 4)), ("p", (3, 4))], {"axis": 1}, id="LayerNorm-two-axes"),
+    Case("LayerNormalization", [("x", (2, 3, 4)), ("p", (3, 4)), ("p", (3, 4))], {"axis": -2}, id="LayerNorm-4d-bias"),
+    Case("LayerNormalization", [("x", (2, 3, 4)), ("p", (4,))], {"axis": -2}, id="LayerNorm-broadcast-scale"),
     Case("InstanceNormalization", [("x", (3, 4, 4)), ("p", (3,)), ("p", (3,))], {"epsilon": 1e-4}),
     Case("GroupNormalization", [("x", (4, 3, 3)), ("p", (4,)), ("p", (4,))], {"num_groups": 2}, opset=21, id="GroupNorm-21"),
     Case("LRN", [("x", (5, 3, 3))], {"size": 3, "alpha": 0.2, "beta": 0.75, "bias": 1.5}, id="LRN-3"),

@@ -13,11 +13,24 @@ def _t(M, flag=True):
     return np.swapaxes(M, -1, -2) if flag else M
 
 
-def mm(A, B):
-    """A @ B with the leading (direction and sample) axes of A folded into the rows of one BLAS
-    call when B is a matrix; numpy's matmul would loop over them."""
+def mm(A, B, small=1 << 18):
+    """A @ B (numpy semantics) with the extra leading (direction) axes of one operand folded into
+    the rows or columns of the other's products: one BLAS call for a matrix B, one per batch
+    matrix for a batch of small ones (attention's per-head products), where numpy's matmul
+    would make one call per direction and batch matrix."""
     if B.ndim == 2 and A.ndim > 2:
         return (A.reshape(-1, A.shape[-1]) @ B).reshape(A.shape[:-1] + B.shape[-1:])
+    if A.ndim > B.ndim > 2 and A.shape[A.ndim - B.ndim:-2] == B.shape[:-2] and A.shape[-2] * A.shape[-1] * B.shape[-1] <= small:
+        L, batch, (M, K), N = A.shape[: A.ndim - B.ndim], B.shape[:-2], A.shape[-2:], B.shape[-1]
+        Am = np.moveaxis(A.reshape((-1,) + batch + (M, K)), 0, -3).reshape(batch + (-1, K))  # (*b, L*M, K)
+        Y = (Am @ B).reshape(batch + (-1, M, N))
+        return np.moveaxis(Y, -3, 0).reshape(L + batch + (M, N))
+    if B.ndim > A.ndim > 2 and B.shape[B.ndim - A.ndim:-2] == A.shape[:-2] and A.shape[-2] * A.shape[-1] * B.shape[-1] <= small:
+        L, batch, (K, M), N = B.shape[: B.ndim - A.ndim], A.shape[:-2], A.shape[-2:], B.shape[-1]
+        b = len(batch)
+        Bm = B.reshape((-1,) + batch + (M, N)).transpose(tuple(range(1, b + 2)) + (0, b + 2)).reshape(batch + (M, -1))
+        Y = (A @ Bm).reshape(batch + (K, -1, N))  # (*b, K, L, N)
+        return Y.transpose((b + 1,) + tuple(range(b)) + (b, b + 2)).reshape(L + batch + (K, N))
     return A @ B
 
 
@@ -152,7 +165,7 @@ class MatMul:
         if cx.need[1] and cx.keep[1] and A.ndim == 3 and B.ndim == 2 and dest is not None and dest.shape == Yb.shape[:-2] + B.shape:
             Bbar = np.matmul(_t(A), Yb, out=dest)  # samples are A's batch axis: per-sample products, in place
         elif cx.need[1]:
-            G = None if (cx.keep[1] and A2.ndim == 2) else _t(A2) @ Yb  # (*lead, *batch, K, N)
+            G = None if (cx.keep[1] and A2.ndim == 2) else mm(_t(A2), Yb)  # (*lead, *batch, K, N)
             Bbar = _fit(G, B, B2, lead, cx.keep[1], A2, Yb, side=1, dest=dest)
         return Abar, Bbar
 

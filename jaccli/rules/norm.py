@@ -175,6 +175,10 @@ class LayerNormalization:
         X, S = cx.x[0], cx.x[1]
         lead = cx.lead(Ybar)
         axes = tuple(range(neg_axis(axis, X.ndim), 0))
+        B = cx.x[2] if len(cx.x) > 2 else None
+        norm_shape = X.shape[X.ndim + axes[0]:]
+        if S.shape == norm_shape and (B is None or B.shape == norm_shape) and axes[0] > -X.ndim:
+            return _layernorm_vjp(cx, Ybar, X, S, lead, len(axes), epsilon)
         xhat, _, r = _standardize(X, axes, epsilon)
         Xbar = _xhat_cotangent(Ybar * S, xhat, r, axes) if cx.need[0] else None
         Sbar = unbroadcast(Ybar * xhat, S.shape, lead, cx.keep[1]) if cx.need[1] else None
@@ -182,6 +186,33 @@ class LayerNormalization:
         if len(cx.x) > 2 and cx.x[2] is not None and cx.need[2]:
             Bbar = unbroadcast(Ybar, cx.x[2].shape, lead, cx.keep[2])
         return Xbar, Sbar, Bbar
+
+
+def _layernorm_vjp(cx, Ybar, X, S, lead, k, epsilon):
+    """LayerNormalization's VJP when Scale and B have the normalised shape (the usual case): on
+    (rows, D) views, reductions as dot products, the cotangent updated in place."""
+    D = int(np.prod(X.shape[X.ndim - k:]))
+    rows = X.shape[0], int(np.prod(X.shape[1:X.ndim - k]))  # (N, positions)
+    Xr = X.reshape(rows + (D,))
+    xhat, _, r = _standardize(Xr, (-1,), epsilon)
+    head = Ybar.shape[:lead]
+    Yr = Ybar.reshape((-1,) + rows + (D,))  # (L, N, p, D)
+    Xbar = Sbar = Bbar = None
+    if cx.need[0]:  # r * (G - mean(G) - xhat * mean(G * xhat)), G = Ybar * S
+        G = Yr * S.reshape(-1)
+        m1 = G.mean(axis=-1, keepdims=True)
+        m2 = np.einsum("lnpd,npd->lnp", G, xhat)[..., None] / G.dtype.type(D)
+        G -= m1
+        G -= xhat * m2
+        G *= r
+        Xbar = G.reshape(Ybar.shape)
+    if cx.need[1]:
+        per = np.einsum("lnpd,npd->lnd", Yr, xhat) if cx.keep[1] else np.einsum("lnpd,npd->ld", Yr, xhat)
+        Sbar = per.reshape(head + per.shape[1:-1] + S.shape)
+    if len(cx.x) > 2 and cx.x[2] is not None and cx.need[2]:
+        per = Yr.sum(axis=2) if cx.keep[2] else Yr.sum(axis=(1, 2))
+        Bbar = per.reshape(head + per.shape[1:-1] + S.shape)
+    return Xbar, Sbar, Bbar
 
 
 @rule("InstanceNormalization", since=1)
