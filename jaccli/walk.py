@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from .errors import JaccliError, ModelError
@@ -37,10 +39,16 @@ def primal(plan: Plan, feeds: dict) -> dict:
     return env
 
 
-def _ctx(step, env, need=(), keep=(), out=()):
+def _ctx(step, env, need=(), keep=(), out=(), owned=()):
     x = tuple(env[v] if v else None for v in _trim(step.inputs))
     y = tuple(env.get(o) for o in step.outputs)
-    return Ctx(x, y, need, keep, step.rule, out)
+    return Ctx(x, y, need, keep, step.rule, out, owned)
+
+
+def _owned(bars):
+    """Per cotangent: an array with its own memory that only `bars` refers to (a rule's fresh
+    result, not a view, not shared with another value's entry), so the next rule may overwrite it."""
+    return tuple(b is not None and b.base is None and b.flags.writeable and sys.getrefcount(b) == 3 for b in bars)
 
 
 def jvp(plan: Plan, env: dict, seeds: dict):
@@ -111,7 +119,7 @@ def _pull(plan, env, cot, steps, wrt, sinks):
             continue
         n_diff = step.rule.n_diff_outputs
         out = tuple(homes.get(v) if d and plan.uses.get(v) == 1 else None for v, d in zip(step.inputs, step.diff_in))
-        cx = _ctx(step, env, step.diff_in, step.keep, out)
+        cx = _ctx(step, env, step.diff_in, step.keep, out, _owned(bars))
         res = _guarded(step, "the VJP rule", cx.x, step.rule.vjp, cx, *(bars if n_diff is None else bars[:n_diff]), **step.attrs)
         for name, b, d, dst in zip(step.inputs, res, step.diff_in, out):
             if not d or b is None:
@@ -124,6 +132,7 @@ def _pull(plan, env, cot, steps, wrt, sinks):
                     done.add(through[name][0])
             else:
                 cot[name] = cot[name] + b if name in cot else b
+        res = b = None  # cotangents are held by `cot` alone, for _owned
     for name, dst in sinks.items():
         if name not in done:
             if name in cot:

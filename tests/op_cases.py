@@ -65,6 +65,10 @@ CASES = [
     Case("Conv", [("x", (4, 5, 5)), ("p", (2, 4, 1, 1)), ("p", (2,))], id="Conv-pointwise"),
     Case("Conv", [("x", (3, 5, 5)), ("p", (3, 3, 1, 1))], {"pads": [1, 1, 0, 2]}, id="Conv-pad-beyond-kernel"),
     Case("Conv", [("x", (3, 4, 4, 4)), ("p", (2, 3, 2, 3, 2))], {"auto_pad": "SAME_UPPER"}, id="Conv-3d-narrowing"),
+    # kernel width x channels >= 16: row windows and per-row GEMMs (forward, and the cotangent as a convolution)
+    Case("Conv", [("x", (8, 7, 6)), ("p", (6, 8, 3, 3)), ("p", (6,))], {"pads": [1, 2, 0, 1], "dilations": [1, 2]}, id="Conv-rows"),
+    Case("Conv", [("x", (8, 9)), ("p", (3, 8, 3))], {"pads": [2, 1], "dilations": [2]}, id="Conv-rows-1d"),
+    Case("Conv", [("x", (4, 3, 4, 5)), ("p", (2, 4, 2, 1, 4))], {"pads": [0, 1, 1, 1, 0, 2]}, id="Conv-rows-3d"),
     # pooling
     Case("MaxPool", [("x", (2, 6, 6))], {"kernel_shape": [2, 2], "strides": [2, 2]}, data="distinct", opset=12, id="MaxPool-2x2"),
     Case("MaxPool", [("x", (2, 5, 5))], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, data="distinct", id="MaxPool-overlap-pad"),

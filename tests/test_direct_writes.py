@@ -1,4 +1,4 @@
-"""Per-sample parameter cotangents written straight into the result (through a weight's Transpose,
+"""Cotangents written in place: per-sample parameter cotangents straight into the result (through a weight's Transpose,
 by a MatMul whose samples are a batch axis) agree with central differences, and a parameter
 read twice is still summed over its readers."""
 
@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import jaccli
 
-from gradcheck import N, fd_param_jacobian, rel_err
+from gradcheck import N, fd_input_jacobian, fd_param_jacobian, rel_err
 
 RNG = np.random.default_rng(5)
 
@@ -44,3 +44,20 @@ def test_parameter_behind_transpose(twice, perm):
     G, cols = jaccli.param_jacobian(m, x, dtype=np.float64, params=["W"])
     want = fd_param_jacobian(m, {"x": x}, ["W"], inits)
     assert rel_err(G.reshape(want.shape), want) < 1e-6
+
+
+def test_shared_cotangents_are_not_overwritten():
+    """Add hands one cotangent to both its inputs; the rules after it (which overwrite a
+    cotangent they alone hold) must leave it intact for the other branch."""
+    nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Tanh", ["h"], ["a"]),
+             helper.make_node("Sigmoid", ["h"], ["b"]), helper.make_node("Add", ["a", "b"], ["s"]),
+             helper.make_node("Relu", ["s"], ["r"]), helper.make_node("Add", ["r", "h"], ["y"])]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    m.ir_version = 8
+    x = RNG.standard_normal((N, 6))
+    x[np.abs(x) < 0.1] = 0.5  # away from Relu's kink
+    for mode in ("reverse", "forward"):
+        J = jaccli.input_jacobian(m, x, dtype=np.float64, flat=True, mode=mode)
+        assert rel_err(J, fd_input_jacobian(m, {"x": x}, "x")) < 1e-6

@@ -9,7 +9,9 @@ A rule is a class whose functions are called on the class itself (no `self`):
 `cx` carries the primal inputs `cx.x`, outputs `cx.y`, which input cotangents are
 needed (`cx.need`) and which must keep the sample axis (`cx.keep`, for per-sample
 parameter cotangents). `cx.dest(i)` may offer a view into the final result where a rule
-can write input i's cotangent directly (returning that view); rules are free to ignore it. Tangents and cotangents carry leading axes before the primal
+can write input i's cotangent directly (returning that view); `cx.mine(i)` says that output
+i's cotangent is held by no one else, so the rule may overwrite it; rules are free to ignore
+both. Tangents and cotangents carry leading axes before the primal
 axes: `(T,)` for values with a sample axis, `(T, N)` for per-sample cotangents of
 values without one.
 """
@@ -39,10 +41,15 @@ class Ctx:
     keep: tuple = ()
     rule: type | None = None
     out: tuple = ()  # per input: where to write its cotangent (a view into the result), or None
+    owned: tuple = ()  # per output: its cotangent is this rule's to overwrite (no one else holds it)
 
     def dest(self, i):
         """The destination for input i's cotangent, if the walker gave one."""
         return self.out[i] if i < len(self.out) else None
+
+    def mine(self, i=0):
+        """Whether output i's cotangent may be overwritten in place."""
+        return i < len(self.owned) and self.owned[i]
 
     def lead(self, G, i=0):
         """Number of leading (direction / sample) axes of a tangent or cotangent of output i."""

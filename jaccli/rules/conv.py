@@ -64,13 +64,13 @@ def _conv1(X, W, strides, dilations, begin, end):
     B = X.shape[0]
     dtype = np.result_type(X, W)
     Wk = W.reshape(M, C * K).astype(dtype, copy=False)
+    if kernel[-1] * C >= 16 and all(s == 1 for s in strides):
+        return _conv1_rows(X.astype(dtype, copy=False), W.astype(dtype, copy=False), dilations, begin, end)
     Xp = pad_spatial(X, begin, end)
     out = _out_size(Xp.shape[2:], kernel, strides, dilations)
     O = int(np.prod(out))
     if K == 1 and all(s == 1 for s in strides):  # pointwise: the input is its own window
         return (Wk @ Xp.reshape(B, C, O)).reshape(B, M, *out)
-    if C >= 16 and all(s == 1 for s in strides):
-        return _conv1_shifted(Xp, W.astype(dtype, copy=False), dilations, out)
     Y = np.empty((B, M, O), dtype)
     step = _tile(C * K * O * dtype.itemsize)
     cols = np.empty((min(step, B), C, K, *out), dtype)
@@ -81,36 +81,51 @@ def _conv1(X, W, strides, dilations, begin, end):
     return Y.reshape(B, M, *out)
 
 
-def _conv1_shifted(Xp, W, dilations, out):
-    """Stride-1 convolution of the padded input (B, C, *sp) without copying windows: on the input
-    flattened in space, kernel offset k reads the flat range starting at its own shift, so the
-    output over the padded grid's rows is a sum of K GEMMs, W_k (M, C) @ X[:, shift_k:][:n], each
-    on a view of the input; the columns beyond `out` are dropped at the end."""
-    B, C = Xp.shape[:2]
+def _conv1_rows(X, W, dilations, begin, end, tile_bytes=1 << 20):
+    """Stride-1 convolution of X (B, C, *sp), zero-padded by begin/end, by row windows. On the
+    padded input flattened in space, a kernel offset reads a contiguous range at its own shift.
+    So per tile of images: the padded input once per offset along the last axis (kw copies,
+    stacked with the channels: K = kw*C), then one GEMM per offset along the other axes,
+    W_g (M, kw*C) @ X3[:, shift_g:][:n], each on a view, summed; the output covers the padded
+    grid's rows, and its columns beyond `out` are dropped as the tile is copied out."""
+    B, C = X.shape[:2]
     M = W.shape[0]
     kernel = W.shape[2:]
-    sp = Xp.shape[2:]
-    pitch = [int(np.prod(sp[i + 1:])) for i in range(len(sp))]  # flat stride of each spatial axis
-    shifts = [sum(o * d * p for o, d, p in zip(off, dilations, pitch)) for off in np.ndindex(*kernel)]
+    kw, dw = kernel[-1], dilations[-1]
+    sp = tuple(n + b + e for n, b, e in zip(X.shape[2:], begin, end))
+    out = _out_size(sp, kernel, [1] * len(sp), dilations)
+    pitch = [int(np.prod(sp[i + 1:])) for i in range(len(sp))]
+    shifts = [sum(o * d * p for o, d, p in zip(off, dilations, pitch)) for off in np.ndindex(*kernel[:-1])]
     n = out[0] * pitch[0]  # whole rows of the padded grid
     size = int(np.prod(sp))
-    flat = np.zeros((B, C, max(shifts) + n), Xp.dtype)
-    flat[:, :, :size] = Xp.reshape(B, C, size)
-    Wk = np.ascontiguousarray(W.reshape(M, C, -1).transpose(2, 0, 1))  # (K, M, C)
-    Y = np.empty((B, M, n), Xp.dtype)
-    step = _tile(2 * M * n * Xp.dtype.itemsize, 1 << 20)
-    tmp = np.empty((min(step, B), M, n), Xp.dtype)
+    width = max(shifts) + n  # what the GEMMs read of each row copy
+    G = len(shifts)
+    W3 = np.ascontiguousarray(W.reshape(M, C, G, kw).transpose(2, 0, 3, 1)).reshape(G, M, kw * C)
+    Y = np.empty((B, M, *out), X.dtype)
+    step = _tile((kw * C * width + 2 * M * n) * X.dtype.itemsize, tile_bytes)
+    flat = np.zeros((min(step, B), C, width + (kw - 1) * dw), X.dtype)  # zero borders stay zero
+    X3 = np.empty((min(step, B), kw, C, width), X.dtype)
+    acc = np.empty((min(step, B), M, n), X.dtype)
+    tmp = np.empty((min(step, B), M, n), X.dtype) if G > 1 else None
+    inner = tuple(slice(b, b + x) for b, x in zip(begin, X.shape[2:]))
+    valid = (Ellipsis,) + tuple(slice(0, o) for o in out[1:])
     for a in range(0, B, step):
         b = min(B, a + step)
-        y, t = Y[a:b], tmp[: b - a]
-        for k, sh in enumerate(shifts):
-            if k == 0:
-                np.matmul(Wk[0], flat[a:b, :, sh:sh + n], out=y)
+        f, x3 = flat[: b - a], X3[: b - a]
+        f[:, :, :size].reshape((b - a, C) + sp)[(Ellipsis,) + inner] = X[a:b]
+        for j in range(kw):
+            x3[:, j] = f[:, :, j * dw: j * dw + width]
+        x3 = x3.reshape(b - a, kw * C, width)
+        y = acc[: b - a]
+        for g, sh in enumerate(shifts):
+            if g == 0:
+                np.matmul(W3[0], x3[:, :, sh:sh + n], out=y)
             else:
-                np.matmul(Wk[k], flat[a:b, :, sh:sh + n], out=t)
+                t = tmp[: b - a]
+                np.matmul(W3[g], x3[:, :, sh:sh + n], out=t)
                 y += t
-    Y = Y.reshape((B, M, out[0]) + tuple(sp[1:]))
-    return np.ascontiguousarray(Y[(Ellipsis,) + tuple(slice(0, o) for o in out[1:])])
+        Y[a:b] = y.reshape((b - a, M, out[0]) + sp[1:])[valid]
+    return Y
 
 
 def _windows_all(X, kernel, strides, dilations, begin, end):
@@ -256,7 +271,7 @@ def _input_cotangent(Yb, W, padded, strides, dilations, tile_bytes=1 << 21):
 def _input_cotangent_shifted(Yb, W, padded, dilations, tile_bytes=1 << 21):
     """Cotangent of the padded input from Yb (L, M, *out), stride 1, one group. On the padded input
     flattened in space, kernel offset k reads a contiguous range at its own shift (see
-    _conv1_shifted); so per tile of images one GEMM gives every offset's contribution over the
+    _conv1_rows); so per tile of images one GEMM gives every offset's contribution over the
     padded grid's rows, (K*C, M) @ (M, n), each added to its shifted range: contiguous adds
     where the windows' rows would be short strided ones."""
     M, C = W.shape[:2]

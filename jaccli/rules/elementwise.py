@@ -18,7 +18,10 @@ def elementwise(op_type, since, domain=""):
             return cls.deriv(cx.x[0], cx.y[0], **attrs) * Xdot
 
         def vjp(cx, Ybar, **attrs):
-            return (cls.deriv(cx.x[0], cx.y[0], **attrs) * Ybar,)
+            d = cls.deriv(cx.x[0], cx.y[0], **attrs)
+            if cx.mine() and np.result_type(d, Ybar) == Ybar.dtype:
+                return (np.multiply(Ybar, d, out=Ybar),)
+            return (d * Ybar,)
 
         cls.jvp, cls.vjp = jvp, vjp
         return rule(op_type, since, domain)(cls)
