@@ -45,8 +45,7 @@ class BatchNormalization:
         X, scale, B, mean, var = cx.x
         lead = cx.lead(Ybar)
         inv = 1 / np.sqrt(var + X.dtype.type(epsilon))
-        Xbar = Ybar * _channel(scale * inv, X.ndim) if cx.need[0] else None
-        sbar = Bbar = None
+        sbar = Bbar = Xbar = None
         if cx.need[1] or cx.need[2]:
             head, (N, C) = Ybar.shape[:lead], X.shape[:2]
             Yr = Ybar.reshape((-1, N, C, X[0, 0].size))  # (L, N, C, S)
@@ -57,6 +56,9 @@ class BatchNormalization:
             if cx.need[2]:
                 per = Yr.sum(axis=-1)
                 Bbar = (per if cx.keep[2] else per.sum(axis=1)).reshape(head + per.shape[1 if cx.keep[2] else 2:])
+        if cx.need[0]:  # last: it may overwrite Ybar
+            a = _channel(scale * inv, X.ndim)
+            Xbar = np.multiply(Ybar, a, out=Ybar) if cx.mine() and np.result_type(Ybar, a) == Ybar.dtype else Ybar * a
         return Xbar, sbar, Bbar, None, None
 
 
