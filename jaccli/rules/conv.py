@@ -200,8 +200,8 @@ class Conv:
             flat, head = lead_flat(Ybar, X.ndim - 1)  # (L, M, *out)
             padded = [n + b + e for n, b, e in zip(X.shape[2:], begin, end)]
             Xb = None
-            if group == 1 and all(v == 1 for v in s) and W.shape[0] <= W.shape[1]:
-                Xb = _input_cotangent_stride1(flat, W, d, begin, end)  # windows of Ybar: M <= C per offset
+            if group == 1 and all(v == 1 for v in s):
+                Xb = _input_cotangent_stride1(flat, W, d, begin, end)
             if Xb is None:
                 if group == 1 and all(v == 1 for v in s):
                     Xp = _input_cotangent_shifted(flat, W, padded, d)
