@@ -73,6 +73,7 @@ CASES = [
     Case("MaxPool", [("x", (2, 6, 6))], {"kernel_shape": [2, 2], "strides": [2, 2]}, data="distinct", opset=12, id="MaxPool-2x2"),
     Case("MaxPool", [("x", (2, 5, 5))], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, data="distinct", id="MaxPool-overlap-pad"),
     Case("MaxPool", [("x", (2, 5, 5))], {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}, data="distinct", id="MaxPool-ceil"),
+    Case("MaxPool", [("x", (2, 5, 7))], {"kernel_shape": [2, 3], "strides": [2, 3]}, data="distinct", id="MaxPool-tiles-remainder"),
     Case("MaxPool", [("x", (2, 7, 7))], {"kernel_shape": [2, 2], "dilations": [2, 2]}, data="distinct", id="MaxPool-dilated"),
     Case("MaxPool", [("x", (2, 8))], {"kernel_shape": [3], "strides": [2], "auto_pad": "SAME_UPPER"}, data="distinct", id="MaxPool-1d-same"),
     Case("AveragePool", [("x", (2, 6, 6))], {"kernel_shape": [2, 2], "strides": [2, 2]}, id="AveragePool-2x2"),

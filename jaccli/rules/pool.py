@@ -30,6 +30,25 @@ def _max_arg(X, kernel_shape, s, d, begin, end):
     return Y, idx
 
 
+def _tiled_max_cotangent(Ybar, idx, kernel, padded):
+    """MaxPool's cotangent when the windows tile the input (stride = kernel): each cotangent
+    repeated over its window, times a mask of the maxima. Contiguous passes only."""
+    nd = len(kernel)
+    out = idx.shape[2:]
+    mask = np.zeros(idx.shape[:2] + tuple(x for o, k in zip(out, kernel) for x in (o, k)), Ybar.dtype)
+    for k, off in enumerate(np.ndindex(*kernel)):
+        mask[(slice(None), slice(None)) + tuple(x for o in off for x in (slice(None), o))] = idx == k
+    R = Ybar
+    for i, k in enumerate(kernel):
+        R = np.repeat(R, k, axis=Ybar.ndim - nd + i)
+    R *= mask.reshape(idx.shape[:2] + tuple(o * k for o, k in zip(out, kernel)))
+    if tuple(R.shape[-nd:]) == tuple(padded):
+        return R
+    Xb = np.zeros(R.shape[: R.ndim - nd] + tuple(padded), R.dtype)  # rows and columns past the last window
+    Xb[(Ellipsis,) + tuple(slice(0, n) for n in R.shape[-nd:])] = R
+    return Xb
+
+
 def _overlap(kernel_shape, s, d):
     return any(ss < (k - 1) * dd + 1 for k, ss, dd in zip(kernel_shape, s, d))
 
@@ -65,6 +84,8 @@ class MaxPool:
         nd = len(kernel_shape)
         out = idx.shape[2:]
         padded = tuple(n + b + e for n, b, e in zip(X.shape[2:], begin, end))
+        if list(s) == list(kernel_shape) and all(v == 1 for v in d):  # windows tile the input
+            return (unpad(_tiled_max_cotangent(Ybar, idx, kernel_shape, padded), begin, end),)
         Xb = np.zeros(Ybar.shape[: Ybar.ndim - nd] + padded, dtype=Ybar.dtype)
         disjoint = not _overlap(kernel_shape, s, d)
         for k, off in enumerate(np.ndindex(*kernel_shape)):
