@@ -336,14 +336,16 @@ def _fill_blocks(plan, feeds, res, T, fill, target, on_block):
             def samples(lo, hi):
                 return lambda: fill(primal(lo, hi), block[lo - a:hi - a], 0, T, t_c)
 
-            def directions(env, s, e):
-                return lambda: fill(env, block, s, e, max(1, t_c // parts))
+            def directions(env, s, e, step):
+                return lambda: fill(env, block, s, e, step)
 
             if b - a >= parts:
                 parallel.run([samples(lo, hi) for lo, hi in parallel.split(a, b, parts)])
-            else:
+            else:  # k parts of `step` directions each hold no more than one chunk: n_c x t_c
                 env = primal(a, b)
-                parallel.run([directions(env, s, e) for s, e in parallel.split(0, T, parts)])
+                k = min(parts, max(1, n_c * t_c // (b - a)))
+                step = max(1, n_c * t_c // ((b - a) * k))
+                parallel.run([directions(env, s, e, step) for s, e in parallel.split(0, T, k)])
             target.write(res, a, b, block)
             if on_block:
                 on_block(res, a, b, block)
