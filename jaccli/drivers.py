@@ -322,7 +322,7 @@ def _fill_blocks(plan, feeds, res, T, fill, target, on_block):
     target.open(res)
     N, (n_c, t_c) = res.shape[0], res.chunks
     parts = _parts(res, T, n_c, t_c)
-    with parallel.single_blas_thread() if parts > 1 else contextlib.nullcontext():
+    with parallel.section() if parts > 1 else contextlib.nullcontext():
         for a in range(0, N, n_c):
             b = min(N, a + n_c)
             block = target.block(res, a, b)

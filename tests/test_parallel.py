@@ -3,6 +3,7 @@ of other sizes take other BLAS paths), in every way a block can be split, and le
 process's BLAS threading as they found it."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -82,12 +83,12 @@ def test_split_covers_the_range():
 
 
 @pytest.mark.skipif(not parallel._openblas(), reason="BLAS threading cannot be controlled here")
-def test_blas_threads_restored():
+def test_blas_threads_and_switch_interval_restored():
     get, _ = parallel._openblas()
-    before = get()
-    with parallel.single_blas_thread():
-        assert get() == 1
-        with parallel.single_blas_thread():
+    before, interval = get(), sys.getswitchinterval()
+    with parallel.section():
+        assert get() == 1 and sys.getswitchinterval() <= 5e-4
+        with parallel.section():
             assert get() == 1
         assert get() == 1
-    assert get() == before
+    assert get() == before and sys.getswitchinterval() == interval
