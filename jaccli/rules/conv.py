@@ -1,4 +1,5 @@
-"""Convolution in 1-D, 2-D and 3-D by im2col: windows of the padded input against the kernel."""
+"""Convolution in 1-D, 2-D and 3-D: row windows and shifted GEMMs at stride 1, im2col otherwise.
+The input cotangent of a stride-1 convolution is itself a convolution, of the cotangent."""
 
 from __future__ import annotations
 
@@ -112,7 +113,9 @@ def _conv1_rows(X, W, dilations, begin, end, tile_bytes=1 << 20):
     for a in range(0, B, step):
         b = min(B, a + step)
         f, x3 = flat[: b - a], X3[: b - a]
-        f[:, :, :size].reshape((b - a, C) + sp)[(Ellipsis,) + inner] = X[a:b]
+        grid = f[:, :, :size]
+        grid.shape = (b - a, C) + sp  # a view (setting .shape never copies): the padded tile
+        grid[(Ellipsis,) + inner] = X[a:b]
         for j in range(kw):
             x3[:, j] = f[:, :, j * dw: j * dw + width]
         x3 = x3.reshape(b - a, kw * C, width)
