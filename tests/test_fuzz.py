@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import jaccli
+from jaccli import drivers, parallel
 from jaccli.errors import JaccliError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -114,9 +115,13 @@ class GraphBuilder:
         return m
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-thread", "split-over-threads"])
 @FUZZ
 @given(st.data())
-def test_random_graphs_forward_reverse_and_differences_agree(data):
+def test_random_graphs_forward_reverse_and_differences_agree(monkeypatch, split, data):
+    if split:  # every block split over three threads, however small (see test_parallel.py)
+        monkeypatch.setattr(drivers, "PARALLEL_MIN_SECONDS", 0)
+        monkeypatch.setattr(parallel, "workers", lambda: 3)
     b = GraphBuilder(data.draw, data.draw(st.sampled_from([2, 4])))
     for _ in range(data.draw(st.integers(1, 6))):
         b.step()
