@@ -321,7 +321,7 @@ def _fill_blocks(plan, feeds, res, T, fill, target, on_block):
     target = target or ArrayTarget()
     target.open(res)
     N, (n_c, t_c) = res.shape[0], res.chunks
-    parts = _parts(res, T, n_c, t_c)
+    parts = _parts(plan, res, T, n_c, t_c)
     with parallel.section() if parts > 1 else contextlib.nullcontext():
         for a in range(0, N, n_c):
             b = min(N, a + n_c)
@@ -351,19 +351,21 @@ def _fill_blocks(plan, feeds, res, T, fill, target, on_block):
                 on_block(res, a, b, block)
 
 
-# a block that takes less than this on one core runs in one thread: threads cost ~0.1 ms
-PARALLEL_MIN_SECONDS = 5e-4
-_CORE_FLOPS, _CORE_WRITE = 50e9, 5e9  # conservative per-core rates for that guess
+# per-core rates for guessing a block's time, and the Python time of one step of a sweep: a
+# part runs every step, and the parts' Python runs one at a time (the GIL)
+_CORE_FLOPS, _CORE_WRITE, _STEP_SECONDS = 50e9, 5e9, 5e-5
 
 
-def _parts(res, T, n_c, t_c):
-    """Into how many parts a block is split: one per core, unless a block is too little work to
-    pay for the threads (its multiply-adds and the bytes of its rows of the result), or can be
-    divided neither by samples nor by directions."""
+def _parts(plan, res, T, n_c, t_c):
+    """Into how many parts a block is split: one per core, unless the block's numpy work (its
+    multiply-adds and the bytes of its rows of the result) is under twice what the extra
+    parts would add in Python time, or the block can be divided neither by samples nor by
+    directions."""
     parts = parallel.workers()
     rows = n_c * int(np.prod(res.flat_shape[1:])) * res.dtype.itemsize
-    seconds = 2 * res.estimate.get("flops_per_direction", 0) * T * n_c / _CORE_FLOPS + rows / _CORE_WRITE
-    if parts == 1 or seconds < PARALLEL_MIN_SECONDS:
+    work = 2 * res.estimate.get("flops_per_direction", 0) * T * n_c / _CORE_FLOPS + rows / _CORE_WRITE
+    python = (len(plan.steps) + len(plan.active_steps)) * -(-T // t_c) * _STEP_SECONDS
+    if parts == 1 or work < 2 * parts * python:
         return 1
     if n_c < parts and t_c < parts:
         return 1

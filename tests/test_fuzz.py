@@ -120,7 +120,7 @@ class GraphBuilder:
 @given(st.data())
 def test_random_graphs_forward_reverse_and_differences_agree(monkeypatch, split, data):
     if split:  # every block split over three threads, however small (see test_parallel.py)
-        monkeypatch.setattr(drivers, "PARALLEL_MIN_SECONDS", 0)
+        monkeypatch.setattr(drivers, "_STEP_SECONDS", 0)
         monkeypatch.setattr(parallel, "workers", lambda: 3)
     b = GraphBuilder(data.draw, data.draw(st.sampled_from([2, 4])))
     for _ in range(data.draw(st.integers(1, 6))):

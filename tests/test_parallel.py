@@ -22,7 +22,7 @@ def sample(name):
 @pytest.fixture
 def threads(monkeypatch):
     """Split every block, however small, into three parts (more parts than cores is fine)."""
-    monkeypatch.setattr(drivers, "PARALLEL_MIN_SECONDS", 0)
+    monkeypatch.setattr(drivers, "_STEP_SECONDS", 0)
     monkeypatch.setattr(parallel, "workers", lambda: 3)
 
 
