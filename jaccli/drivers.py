@@ -322,9 +322,10 @@ def _fill_blocks(plan, feeds, res, T, fill, target, on_block):
     target.open(res)
     N, (n_c, t_c) = res.shape[0], res.chunks
     parts = _parts(plan, res, T, n_c, t_c)
+    # blocks of nearly equal size (8 samples in chunks of at most 5: two of 4, not 5 and 3),
+    # so that their parts are balanced too
     with parallel.section() if parts > 1 else contextlib.nullcontext():
-        for a in range(0, N, n_c):
-            b = min(N, a + n_c)
+        for a, b in parallel.split(0, N, -(-N // n_c)):
             block = target.block(res, a, b)
 
             def primal(lo, hi):
