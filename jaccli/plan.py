@@ -178,6 +178,16 @@ class Plan:
                 if d:
                     uses[v] = uses.get(v, 0) + 1
         self.uses = uses  # how many active steps pull a cotangent into each value
+        # parameters read once, by a Transpose whose output is read once (exporters keep a
+        # weight's transpose in the graph): {output: (parameter, perm)}, so that the reader of
+        # the output can write the parameter's cotangent in its place
+        self.param_transposes = {}
+        for s in self.active_steps:
+            src, dst = (s.inputs[0], s.outputs[0]) if s.inputs else (None, None)
+            if s.node.op_type == "Transpose" and s.diff_in[0] and src in self.params and uses.get(src) == 1 and uses.get(dst) == 1:
+                nd = self.params[src].ndim
+                perm = s.attrs.get("perm")
+                self.param_transposes[dst] = (src, list(perm) if perm is not None and len(perm) else list(range(nd))[::-1])
         needed = {v for s in self.active_steps for v in s.inputs + s.outputs if v} | {self.of}
         last_fwd = {}
         for i, s in enumerate(self.steps):

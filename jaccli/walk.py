@@ -111,7 +111,7 @@ def identity_seed(sel, y, dtype):
 def _pull(plan, env, cot, steps, wrt, sinks):
     """The reverse sweep over `steps` from the cotangents `cot` (see vjp)."""
     done = set()
-    through = _through_transpose(plan, steps, sinks)
+    through = _through_transpose(plan, sinks)
     homes = {**sinks, **{v: view for v, (_, view) in through.items()}}
     for step in reversed(steps):
         bars = [cot.pop(o, None) for o in step.outputs]
@@ -142,24 +142,14 @@ def _pull(plan, env, cot, steps, wrt, sinks):
     return {w: (sinks[w] if w in sinks else cot.get(w)) for w in wrt}
 
 
-def _through_transpose(plan, steps, sinks):
-    """{output: (parameter, view)} for a parameter whose only reader is a Transpose read once
-    (exporters that keep a weight's transpose in the graph): the view is the parameter's sink
-    in the Transpose output's layout, so that the reader of that output writes the cotangent
-    straight into the result."""
+
+def _through_transpose(plan, sinks):
+    """{output: (parameter, view)} for plan.param_transposes whose parameter has a sink: the view
+    is that sink in the Transpose output's layout."""
     found = {}
-    for step in steps:
-        if step.node.op_type != "Transpose" or not step.diff_in or not step.diff_in[0]:
-            continue
-        src, dst = step.inputs[0], step.outputs[0]
-        if src not in sinks or plan.uses.get(src) != 1 or plan.uses.get(dst) != 1:
-            continue
-        sink = sinks[src]
-        nd = len(plan.params[src].shape) if src in plan.params else None
-        if nd is None:
-            continue
-        lead = sink.ndim - nd
-        perm = step.attrs.get("perm")
-        perm = list(perm) if perm is not None and len(perm) else list(range(nd))[::-1]
-        found[dst] = (src, sink.transpose(tuple(range(lead)) + tuple(lead + a for a in perm)))
+    for dst, (src, perm) in plan.param_transposes.items():
+        if src in sinks:
+            sink = sinks[src]
+            lead = sink.ndim - len(perm)
+            found[dst] = (src, sink.transpose(tuple(range(lead)) + tuple(lead + a for a in perm)))
     return found

@@ -11,6 +11,14 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ..errors import MemoryBudgetError, ModelError, UnsupportedOpError
 
 
+def scaled(cx, G, d, i=0):
+    """G * d for output i's cotangent G, written over G where the rule may (cx.mine) and the
+    product keeps G's shape and dtype."""
+    if cx.mine(i) and np.result_type(G, d) == G.dtype and np.broadcast_shapes(G.shape, np.shape(d)) == G.shape:
+        return np.multiply(G, d, out=G)
+    return G * d
+
+
 def unbroadcast(G, shape, lead=1, keep=False):
     """Sum G, shaped (*lead_axes, *b) with b a broadcast of `shape`, down to (*lead_axes, *shape).
 

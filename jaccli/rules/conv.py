@@ -64,9 +64,9 @@ def _conv1(X, W, strides, dilations, begin, end):
     K = int(np.prod(kernel))
     B = X.shape[0]
     dtype = np.result_type(X, W)
-    Wk = W.reshape(M, C * K).astype(dtype, copy=False)
     if kernel[-1] * C >= 16 and all(s == 1 for s in strides):
         return _conv1_rows(X.astype(dtype, copy=False), W.astype(dtype, copy=False), dilations, begin, end)
+    Wk = W.reshape(M, C * K).astype(dtype, copy=False)
     Xp = pad_spatial(X, begin, end)
     out = _out_size(Xp.shape[2:], kernel, strides, dilations)
     O = int(np.prod(out))
@@ -82,6 +82,15 @@ def _conv1(X, W, strides, dilations, begin, end):
     return Y.reshape(B, M, *out)
 
 
+def _flat_shifts(sp, kernel, dilations, out):
+    """On a padded input of spatial shape `sp` flattened, the flat shift that each offset of
+    `kernel` (over the leading spatial axes) reads at, and n: the flat length of the output
+    rows, `out` rows of the padded grid (columns beyond `out` included)."""
+    pitch = [int(np.prod(sp[i + 1:])) for i in range(len(sp))]
+    shifts = [sum(o * d * p for o, d, p in zip(off, dilations, pitch)) for off in np.ndindex(*kernel)]
+    return shifts, out[0] * pitch[0]
+
+
 def _conv1_rows(X, W, dilations, begin, end, tile_bytes=1 << 20):
     """Stride-1 convolution of X (B, C, *sp), zero-padded by begin/end, by row windows. On the
     padded input flattened in space, a kernel offset reads a contiguous range at its own shift.
@@ -95,9 +104,7 @@ def _conv1_rows(X, W, dilations, begin, end, tile_bytes=1 << 20):
     kw, dw = kernel[-1], dilations[-1]
     sp = tuple(n + b + e for n, b, e in zip(X.shape[2:], begin, end))
     out = _out_size(sp, kernel, [1] * len(sp), dilations)
-    pitch = [int(np.prod(sp[i + 1:])) for i in range(len(sp))]
-    shifts = [sum(o * d * p for o, d, p in zip(off, dilations, pitch)) for off in np.ndindex(*kernel[:-1])]
-    n = out[0] * pitch[0]  # whole rows of the padded grid
+    shifts, n = _flat_shifts(sp, kernel[:-1], dilations, out)
     size = int(np.prod(sp))
     width = max(shifts) + n  # what the GEMMs read of each row copy
     G = len(shifts)
@@ -281,9 +288,7 @@ def _input_cotangent_shifted(Yb, W, padded, dilations, tile_bytes=1 << 21):
     kernel = W.shape[2:]
     K = int(np.prod(kernel))
     L, out = Yb.shape[0], Yb.shape[2:]
-    pitch = [int(np.prod(padded[i + 1:])) for i in range(len(padded))]
-    shifts = [sum(o * d * p for o, d, p in zip(off, dilations, pitch)) for off in np.ndindex(*kernel)]
-    n = out[0] * pitch[0]
+    shifts, n = _flat_shifts(padded, kernel, dilations, out)
     Wk = W.reshape(M, C, K).transpose(2, 1, 0).reshape(K * C, M).astype(Yb.dtype, copy=False)
     Xf = np.zeros((L, C, max(shifts) + n), Yb.dtype)
     step = _tile(K * C * n * Yb.itemsize, tile_bytes)

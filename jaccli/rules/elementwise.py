@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from . import rule
-from ._util import add, expand, unbroadcast
+from ._util import add, expand, scaled, unbroadcast
 
 
 def elementwise(op_type, since, domain=""):
@@ -18,10 +18,7 @@ def elementwise(op_type, since, domain=""):
             return cls.deriv(cx.x[0], cx.y[0], **attrs) * Xdot
 
         def vjp(cx, Ybar, **attrs):
-            d = cls.deriv(cx.x[0], cx.y[0], **attrs)
-            if cx.mine() and np.result_type(d, Ybar) == Ybar.dtype:
-                return (np.multiply(Ybar, d, out=Ybar),)
-            return (d * Ybar,)
+            return (scaled(cx, Ybar, cls.deriv(cx.x[0], cx.y[0], **attrs)),)
 
         cls.jvp, cls.vjp = jvp, vjp
         return rule(op_type, since, domain)(cls)

@@ -6,7 +6,7 @@ import numpy as np
 
 from . import rule
 from ..errors import UnsupportedOpError
-from ._util import add, expand, neg_axis, unbroadcast
+from ._util import add, expand, neg_axis, scaled, unbroadcast
 
 
 def _channel(v, ndim):
@@ -57,8 +57,7 @@ class BatchNormalization:
                 per = Yr.sum(axis=-1)
                 Bbar = (per if cx.keep[2] else per.sum(axis=1)).reshape(head + per.shape[1 if cx.keep[2] else 2:])
         if cx.need[0]:  # last: it may overwrite Ybar
-            a = _channel(scale * inv, X.ndim)
-            Xbar = np.multiply(Ybar, a, out=Ybar) if cx.mine() and np.result_type(Ybar, a) == Ybar.dtype else Ybar * a
+            Xbar = scaled(cx, Ybar, _channel(scale * inv, X.ndim))
         return Xbar, sbar, Bbar, None, None
 
 

@@ -173,6 +173,12 @@ class _Recurrent:
     keeps = True
     n_diff_outputs = None
 
+    def jvp(cx, *dots, **attrs):  # rules are called on their class: cx.rule is the cell
+        return cx.rule._jvp(cx, dots, attrs)
+
+    def vjp(cx, *bars, **attrs):
+        return cx.rule._vjp(cx, bars, attrs)
+
     @classmethod
     def _run(cls, inputs, attrs):
         """Outputs in the node's layout, and per direction (reverse?, weights, [(t, cache)])."""
@@ -298,12 +304,6 @@ class LSTM(_Recurrent):
                      activations=activations, clip=clip, direction=direction, input_forget=input_forget, layout=layout)
         return LSTM._run((X, W, R, B, sequence_lens, initial_h, initial_c, P), attrs)[0]
 
-    def jvp(cx, *dots, **attrs):
-        return LSTM._jvp(cx, dots, attrs)
-
-    def vjp(cx, *bars, **attrs):
-        return LSTM._vjp(cx, bars, attrs)
-
     def weights(v, d, H, dt):
         return _W(v, d, 4, H, dt)
 
@@ -379,12 +379,6 @@ class GRU(_Recurrent):
                      activations=activations, clip=clip, direction=direction, layout=layout,
                      linear_before_reset=linear_before_reset)
         return GRU._run((X, W, R, B, sequence_lens, initial_h), attrs)[0]
-
-    def jvp(cx, *dots, **attrs):
-        return GRU._jvp(cx, dots, attrs)
-
-    def vjp(cx, *bars, **attrs):
-        return GRU._vjp(cx, bars, attrs)
 
     def weights(v, d, H, dt):
         return _W(v, d, 3, H, dt)
@@ -470,12 +464,6 @@ class RNN(_Recurrent):
         attrs = dict(hidden_size=hidden_size, activation_alpha=activation_alpha, activation_beta=activation_beta,
                      activations=activations, clip=clip, direction=direction, layout=layout)
         return RNN._run((X, W, R, B, sequence_lens, initial_h), attrs)[0]
-
-    def jvp(cx, *dots, **attrs):
-        return RNN._jvp(cx, dots, attrs)
-
-    def vjp(cx, *bars, **attrs):
-        return RNN._vjp(cx, bars, attrs)
 
     def weights(v, d, H, dt):
         return _W(v, d, 1, H, dt)
