@@ -97,7 +97,11 @@ def _conv1_rows(X, W, dilations, begin, end, tile_bytes=1 << 20):
     So per tile of images: the padded input once per offset along the last axis (kw copies,
     stacked with the channels: K = kw*C), then one GEMM per offset along the other axes,
     W_g (M, kw*C) @ X3[:, shift_g:][:n], each on a view, summed; the output covers the padded
-    grid's rows, and its columns beyond `out` are dropped as the tile is copied out."""
+    grid's rows, and its columns beyond `out` are dropped as the tile is copied out.
+
+    With few output channels (an input cotangent into a narrow layer) those GEMMs are
+    nearly matrix-vector products; then one GEMM of all offsets' kernels at once,
+    (G*M, kw*C) @ X3, gives G results whose shifted ranges are summed instead."""
     B, C = X.shape[:2]
     M = W.shape[0]
     kernel = W.shape[2:]
@@ -108,13 +112,18 @@ def _conv1_rows(X, W, dilations, begin, end, tile_bytes=1 << 20):
     size = int(np.prod(sp))
     width = max(shifts) + n  # what the GEMMs read of each row copy
     G = len(shifts)
+    stacked = G > 1 and M <= _NARROW
     W3 = np.ascontiguousarray(W.reshape(M, C, G, kw).transpose(2, 0, 3, 1)).reshape(G, M, kw * C)
     Y = np.empty((B, M, *out), X.dtype)
-    step = _tile((kw * C * width + 2 * M * n) * X.dtype.itemsize, tile_bytes)
+    step = _tile((kw * C * width + (G * M * width if stacked else 2 * M * n)) * X.dtype.itemsize, tile_bytes)
     flat = np.zeros((min(step, B), C, width + (kw - 1) * dw), X.dtype)  # zero borders stay zero
     X3 = np.empty((min(step, B), kw, C, width), X.dtype)
     acc = np.empty((min(step, B), M, n), X.dtype)
-    tmp = np.empty((min(step, B), M, n), X.dtype) if G > 1 else None
+    if stacked:
+        W3 = W3.reshape(G * M, kw * C)
+        tmp = np.empty((min(step, B), G * M, width), X.dtype)
+    else:
+        tmp = np.empty((min(step, B), M, n), X.dtype) if G > 1 else None
     inner = tuple(slice(b, b + x) for b, x in zip(begin, X.shape[2:]))
     valid = (Ellipsis,) + tuple(slice(0, o) for o in out[1:])
     for a in range(0, B, step):
@@ -127,15 +136,24 @@ def _conv1_rows(X, W, dilations, begin, end, tile_bytes=1 << 20):
             x3[:, j] = f[:, :, j * dw: j * dw + width]
         x3 = x3.reshape(b - a, kw * C, width)
         y = acc[: b - a]
-        for g, sh in enumerate(shifts):
-            if g == 0:
-                np.matmul(W3[0], x3[:, :, sh:sh + n], out=y)
-            else:
-                t = tmp[: b - a]
-                np.matmul(W3[g], x3[:, :, sh:sh + n], out=t)
-                y += t
+        if stacked:
+            r = np.matmul(W3, x3, out=tmp[: b - a])
+            np.copyto(y, r[:, :M, shifts[0]:shifts[0] + n])
+            for g in range(1, G):
+                y += r[:, g * M:(g + 1) * M, shifts[g]:shifts[g] + n]
+        else:
+            for g, sh in enumerate(shifts):
+                if g == 0:
+                    np.matmul(W3[0], x3[:, :, sh:sh + n], out=y)
+                else:
+                    t = tmp[: b - a]
+                    np.matmul(W3[g], x3[:, :, sh:sh + n], out=t)
+                    y += t
         Y[a:b] = y.reshape((b - a, M, out[0]) + sp[1:])[valid]
     return Y
+
+
+_NARROW = 4  # output channels up to which _conv1_rows stacks the offsets' GEMMs
 
 
 def _windows_all(X, kernel, strides, dilations, begin, end):
