@@ -170,12 +170,12 @@ def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, dty
     summaries = []  # one, made from the result when its first block arrives (none with --quiet)
     progress = _Progress(enabled=not quiet and _console(True).is_terminal)
 
-    def on_block(result, a, b, block):
+    def on_block(result, a, b, block, rows):
         if not quiet:
             if not summaries:
                 summaries.append(Summary(result))
-            summaries[0].update(block)
-        progress.advance(b, result.shape[0])
+            summaries[0].update(block, rows)
+        progress.advance(a + (b - a) * rows[1] / result.flat_shape[1], result.shape[0])  # rows: a sample in parts
 
     try:
         result = compute(m, x, target, on_block)
@@ -224,7 +224,7 @@ class _Progress:
             self.task = self.bar.add_task("jacobian", total=total, rate="")
         if self.bar is not None:
             rate = done / max(time.monotonic() - self.start, 1e-9)
-            self.bar.update(self.task, completed=done, rate=f"{rate:,.0f} samples/s")
+            self.bar.update(self.task, completed=done, rate=f"{rate:,.0f} samples/s" if rate >= 10 else f"{rate:.2g} samples/s")
 
     def stop(self):
         if self.bar is not None:

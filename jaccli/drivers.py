@@ -13,6 +13,7 @@ import numpy as np
 
 from . import parallel, walk
 from .errors import DataError, JaccliError, MemoryBudgetError, UsageError
+from .io import gib
 from .model import Model, load
 from .plan import Plan
 from .rules._util import memory_limit
@@ -37,6 +38,7 @@ class Result:
     outputs: np.ndarray | None = None  # model outputs (N, *out_shape)
     seconds: float = 0.0
     chunks: tuple = (0, 0)  # samples per chunk, directions per chunk
+    block_rows: int = 0  # rows of a block when one sample's rows are over the budget (0: all of them)
     estimate: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     dtype: np.dtype = np.dtype(np.float32)
@@ -135,8 +137,8 @@ def choose_chunks(N, T, est, max_memory, extra_per_sd=0.0):
     budget = max_memory / 2
     if b_s + b_sd > budget:
         raise MemoryBudgetError(
-            f"one sample and one direction need about {2 * (b_s + b_sd) / 2**20:.1f} MiB with temporaries, over "
-            f"--max-memory ({max_memory / 2**20:.0f} MiB)"
+            f"one sample and one direction need about {gib(2 * (b_s + b_sd))} with temporaries, over "
+            f"--max-memory ({gib(max_memory)})"
         )
     n_c = int(budget // (b_s + T * b_sd))
     if n_c >= 1:
@@ -233,7 +235,8 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     Shape (N, *out_shape, *in_shape), or (N, n_out, n_in) with `flat`; with `outputs`
     (a slice of the flattened per-sample output) the output axes become one of that size.
     `target` (default: an array in memory) receives the result block by block of samples,
-    in order, so that a file target keeps memory bounded; `on_block(result, a, b, block)` sees each.
+    in order, so that a file target keeps memory bounded; `on_block(result, a, b, block, rows)` sees each
+    (`rows`: the block's range of rows, all of them unless one sample's rows are over the budget).
     """
     t0 = time.perf_counter()
     model = load(model, max_bytes=max_memory)
@@ -248,23 +251,37 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     n_out, n_in = int(np.prod(out_shape)), int(np.prod(in_shape))
     sel = parse_outputs(outputs, n_out)
     n_sel = sel.size
+    if mode not in ("auto", "forward", "reverse"):
+        raise UsageError(f"mode must be auto, forward or reverse, not {mode!r}")
+
+    def chunks(mode):  # directions (inputs forward, outputs reverse), samples and directions per chunk
+        T = n_in if mode == "forward" else n_sel
+        return (T,) + choose_chunks(per_run, T, est, max_memory, extra_per_sd=(n_sel if mode == "forward" else n_in) * dtype.itemsize)
+
+    notes = []
     if mode == "auto":
         mode = "forward" if n_in < n_sel else "reverse"
-    if mode not in ("forward", "reverse"):
-        raise UsageError(f"mode must be auto, forward or reverse, not {mode!r}")
-    T = n_in if mode == "forward" else n_sel
-    n_c, t_c = choose_chunks(per_run, T, est, max_memory, extra_per_sd=(n_sel if mode == "forward" else n_in) * dtype.itemsize)
+        T, n_c, t_c = chunks(mode)
+        if mode == "forward" and t_c < T:  # forward fills columns: a sample must fit whole
+            mode = "reverse"
+            notes.append("reverse mode: one sample's Jacobian is over the memory budget, and only rows can be written in parts")
+    T, n_c, t_c = chunks(mode)
+    if mode == "forward" and t_c < T:
+        raise MemoryBudgetError(
+            f"one sample's Jacobian ({n_sel} x {n_in}) is over --max-memory ({gib(max_memory)}), and forward "
+            f"mode fills it by columns, so it cannot be written in parts: use --mode reverse or raise --max-memory"
+        )
 
     if outputs is None and not flat:
         shape = (N, *out_shape, *in_shape)
     else:
         shape = (N, n_sel, *in_shape) if not flat else (N, n_sel, n_in)
-    notes = []
     if not plan.depends:
         notes.append(f"output '{of_v.name}' does not depend on input '{wrt_v.name}': the Jacobian is zero")
     res = Result(None, shape, "input", of_v.name, wrt_v.name, mode, out_shape, in_shape, sel,
-                 outputs=np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), estimate=est, notes=notes, dtype=dtype)
-    def fill(env, Jb, s0, s1, t_c):  # directions s0..s1 of block Jb (samples, n_sel, n_in)
+                 outputs=np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), block_rows=t_c if t_c < T else 0,
+                 estimate=est, notes=notes, dtype=dtype)
+    def fill(env, Jb, s0, s1, t_c, r0):  # directions s0..s1 into block Jb, whose directions start at r0
         n = Jb.shape[0]
         for s in range(s0, s1, t_c):
             e = min(s1, s + t_c)
@@ -273,15 +290,15 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
                 seed[np.arange(e - s), :, np.arange(s, e)] = 1
                 D = walk.jvp(plan, env, {wrt_v.name: seed.reshape((e - s, n) + in_shape)})
                 if D is None:
-                    Jb[:, :, s:e] = 0
+                    Jb[:, :, s - r0:e - r0] = 0
                 else:
-                    Jb[:, :, s:e] = D.reshape(e - s, n, n_out)[:, :, sel].transpose(1, 2, 0)
+                    Jb[:, :, s - r0:e - r0] = D.reshape(e - s, n, n_out)[:, :, sel].transpose(1, 2, 0)
             else:
                 G = walk.vjp_identity(plan, env, sel[s:e], [wrt_v.name], dtype)[wrt_v.name]
                 if G is None:
-                    Jb[:, s:e, :] = 0
+                    Jb[:, s - r0:e - r0, :] = 0
                 else:
-                    Jb[:, s:e, :] = G.reshape(e - s, n, n_in).transpose(1, 0, 2)
+                    Jb[:, s - r0:e - r0, :] = G.reshape(e - s, n, n_in).transpose(1, 0, 2)
 
     _fill_blocks(plan, feeds, res, T, fill, target, on_block)
     res.seconds = time.perf_counter() - t0
@@ -300,33 +317,46 @@ class ArrayTarget:
     """The result in memory: blocks are views of one array, written once, in place."""
 
     def open(self, result):
+        need = int(np.prod(result.flat_shape, dtype=np.int64)) * result.dtype.itemsize
+        free = available_memory()
+        if free is not None and need > free:
+            raise MemoryBudgetError(
+                f"the Jacobian {tuple(result.shape)} {result.dtype} takes {gib(need)}, more than the {gib(free)} of memory "
+                f"available: write it to a file, block by block (a FileTarget; -o on the command line), or ask for "
+                f"fewer outputs, parameters or samples"
+            )
         result.J = allocate(result.flat_shape, result.dtype)
 
-    def block(self, result, a, b):
-        return result.J[a:b]
+    def block(self, result, a, b, rows):
+        return result.J[a:b, rows[0]:rows[1]]
 
-    def write(self, result, a, b, block):
+    def write(self, result, a, b, block, rows):
         pass
 
 
 def _fill_blocks(plan, feeds, res, T, fill, target, on_block):
     """Fill the result block by block of samples, in order: for each, the primal pass, then
-    `fill(env, rows, s0, s1, t_c)` for directions s0..s1 in chunks of t_c. The model outputs are
-    kept; a block is written to the target and reported once filled.
+    `fill(env, rows, s0, s1, t_c, r0)` for directions s0..s1 in chunks of t_c, into rows whose
+    directions start at r0. The model outputs are kept; a block is written to the target and
+    reported once filled.
 
     Within a block the work is split over the cores (see parallel.py): by samples, each part
     with its own primal pass, or, for a block of fewer samples than cores, by directions, in
     chunks divided among the parts so that together they stay within the budget.
+
+    When one sample's rows are more than the budget holds (res.block_rows), a block is one
+    sample and that many of its rows: the blocks still come in the order of the result's bytes.
     """
     target = target or ArrayTarget()
     target.open(res)
     N, (n_c, t_c) = res.shape[0], res.chunks
+    R = res.block_rows or T
     parts = _parts(plan, res, T, n_c, t_c)
     # blocks of nearly equal size (8 samples in chunks of at most 5: two of 4, not 5 and 3),
     # so that their parts are balanced too
     with parallel.section() if parts > 1 else contextlib.nullcontext():
         for a, b in parallel.split(0, N, -(-N // n_c)):
-            block = target.block(res, a, b)
+            env = None
 
             def primal(lo, hi):
                 env = walk.primal(plan, _slice_samples(feeds, lo, hi))
@@ -334,22 +364,26 @@ def _fill_blocks(plan, feeds, res, T, fill, target, on_block):
                 res.outputs[lo:hi] = env[res.of]
                 return env
 
-            def samples(lo, hi):
-                return lambda: fill(primal(lo, hi), block[lo - a:hi - a], 0, T, t_c)
+            def samples(block, lo, hi):
+                return lambda: fill(primal(lo, hi), block[lo - a:hi - a], 0, T, t_c, 0)
 
-            def directions(env, s, e, step):
-                return lambda: fill(env, block, s, e, step)
+            def directions(env, block, s, e, step, r0):
+                return lambda: fill(env, block, s, e, step, r0)
 
-            if b - a >= parts:
-                parallel.run([samples(lo, hi) for lo, hi in parallel.split(a, b, parts)])
-            else:  # k parts of `step` directions each hold no more than one chunk: n_c x t_c
-                env = primal(a, b)
-                k = min(parts, max(1, n_c * t_c // (b - a)))
-                step = max(1, n_c * t_c // ((b - a) * k))
-                parallel.run([directions(env, s, e, step) for s, e in parallel.split(0, T, k)])
-            target.write(res, a, b, block)
-            if on_block:
-                on_block(res, a, b, block)
+            for r0 in range(0, T, R):
+                dirs = (r0, min(T, r0 + R))
+                rows = dirs if R < T else (0, res.flat_shape[1])  # directions are rows when in parts
+                block = target.block(res, a, b, rows)
+                if b - a >= parts and R == T:
+                    parallel.run([samples(block, lo, hi) for lo, hi in parallel.split(a, b, parts)])
+                else:  # k parts of `step` directions each hold no more than one chunk: n_c x t_c
+                    env = primal(a, b) if env is None else env
+                    k = min(parts, max(1, n_c * t_c // (b - a)))
+                    step = max(1, n_c * t_c // ((b - a) * k))
+                    parallel.run([directions(env, block, s, e, step, r0) for s, e in parallel.split(*dirs, k)])
+                target.write(res, a, b, block, rows)
+                if on_block:
+                    on_block(res, a, b, block, rows)
 
 
 # per-core rates for guessing a block's time, and the Python time of one step of a sweep: a
@@ -371,6 +405,18 @@ def _parts(plan, res, T, n_c, t_c):
     if n_c < parts and t_c < parts:
         return 1
     return parts
+
+
+def available_memory():
+    """Bytes of memory the kernel reckons available (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def allocate(shape, dtype):
@@ -449,11 +495,13 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     if zero:
         notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")
     res = Result(None, shape, "params", of_v.name, names, "reverse", out_shape, (), sel, columns,
-                 np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), estimate=est, notes=notes, dtype=dtype)
-    def fill(env, Jb, s0, s1, t_c):  # directions s0..s1 of block Jb (samples, n_sel, P)
+                 np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), block_rows=t_c if t_c < T else 0,
+                 estimate=est, notes=notes, dtype=dtype)
+
+    def fill(env, Jb, s0, s1, t_c, r0):  # directions s0..s1 into block Jb (samples, rows from r0, P)
         for s in range(s0, s1, t_c):
             e = min(s1, s + t_c)
-            sinks = {col["name"]: _sink(Jb[:, s:e], col) for col in columns}
+            sinks = {col["name"]: _sink(Jb[:, s - r0:e - r0], col) for col in columns}
             walk.vjp(plan, env, walk.identity_seed(sel[s:e], env[of_v.name], dtype), names, sinks)
 
     _fill_blocks(plan, feeds, res, T, fill, target, on_block)

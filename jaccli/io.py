@@ -160,11 +160,12 @@ class BufferedTarget:
 
     buffer = None
 
-    def block(self, result, a, b):
+    def block(self, result, a, b, rows):
+        """Samples a..b, their rows rows[0]..rows[1] (all rows but when one sample's are too many)."""
         if self.buffer is None or self.buffer.shape[0] < b - a:
-            n, rows, cols = result.flat_shape
-            self.buffer = np.empty((max(b - a, result.chunks[0] or 1), rows, cols), result.dtype)
-        return self.buffer[: b - a]
+            n, r, cols = result.flat_shape
+            self.buffer = np.empty((max(b - a, result.chunks[0] or 1), result.block_rows or r, cols), result.dtype)
+        return self.buffer[: b - a, : rows[1] - rows[0]]
 
 
 class NullTarget(BufferedTarget):
@@ -173,7 +174,7 @@ class NullTarget(BufferedTarget):
     def open(self, result):
         pass
 
-    def write(self, result, a, b, block):
+    def write(self, result, a, b, block, rows):
         pass
 
 
@@ -201,6 +202,7 @@ class FileTarget(BufferedTarget):
         if self.path == "-":
             self.f = sys.stdout.buffer
         else:
+            _check_space(self.path, self.fmt, result)
             self.tmp = _tempfile(self.path, "." + self.fmt)
             self.f = open(self.tmp, "wb")
         if self.fmt == "npy":
@@ -215,7 +217,8 @@ class FileTarget(BufferedTarget):
             self.writer.writerow(["sample", "output"] + csv_columns(result))
             self.row_names = [csv_row_names(result)[i] for i in range(result.selection.size)]
 
-    def write(self, result, a, b, block):
+    def write(self, result, a, b, block, rows):
+        """Blocks come in the order of the file's bytes: samples, then rows within a sample."""
         if self.fmt == "npy":
             self.f.write(np.ascontiguousarray(block).data)
         elif self.fmt == "npz":
@@ -223,7 +226,7 @@ class FileTarget(BufferedTarget):
         else:
             fmt = "%.9g" if block.dtype == np.float32 else "%.17g"
             for n in range(block.shape[0]):
-                for r, name in enumerate(self.row_names):
+                for r, name in enumerate(self.row_names[rows[0]:rows[1]]):
                     self.text.write(f"{a + n},{name}," + ",".join(fmt % v for v in block[n, r].tolist()) + "\n")
 
     # -- the CLI's side: commit or abort ------------------------------------------------------------
@@ -262,6 +265,28 @@ class FileTarget(BufferedTarget):
 def _npy_header(f, shape, dtype):
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
     np.lib.format.write_array_header_2_0(f, header) if len(repr(header)) > 60000 else np.lib.format.write_array_header_1_0(f, header)
+
+
+def gib(nbytes):
+    """A byte count for people: '264.3 GiB', '512.0 MiB', '48.8 KiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes / 2**10:.1f} KiB"
+
+
+def _check_space(path, fmt, result):
+    """Refuse up front a file that the disk cannot hold: a .npy or .npz is its values' bytes, a
+    CSV at least two bytes a value."""
+    need = int(np.prod(result.flat_shape, dtype=np.int64)) * (2 if fmt == "csv" else result.dtype.itemsize)
+    folder = os.path.dirname(os.path.abspath(path))
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise UsageError(
+            f"{path}: the Jacobian {tuple(result.shape)} takes {'at least ' if fmt == 'csv' else ''}{gib(need)}, more "
+            f"than the {gib(free)} free in {folder}: ask for fewer outputs (--outputs), parameters (--param) or samples"
+        )
 
 
 def _tempfile(path, suffix):
