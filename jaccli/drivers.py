@@ -293,12 +293,10 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
                     Jb[:, :, s - r0:e - r0] = 0
                 else:
                     Jb[:, :, s - r0:e - r0] = D.reshape(e - s, n, n_out)[:, :, sel].transpose(1, 2, 0)
-            else:
-                G = walk.vjp_identity(plan, env, sel[s:e], [wrt_v.name], dtype)[wrt_v.name]
-                if G is None:
-                    Jb[:, s - r0:e - r0, :] = 0
-                else:
-                    Jb[:, s - r0:e - r0, :] = G.reshape(e - s, n, n_in).transpose(1, 0, 2)
+            else:  # the cotangents' home is the block itself, in their layout (directions, samples, *in_shape)
+                home = Jb[:, s - r0:e - r0, :].transpose(1, 0, 2)
+                home.shape = (e - s, n) + tuple(in_shape)  # splits the contiguous last axis: a view
+                walk.vjp_identity(plan, env, sel[s:e], [wrt_v.name], dtype, sinks={wrt_v.name: home})
 
     _fill_blocks(plan, feeds, res, T, fill, target, on_block)
     res.seconds = time.perf_counter() - t0

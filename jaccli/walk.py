@@ -81,11 +81,11 @@ def vjp(plan: Plan, env: dict, Ybar, wrt, sinks=None):
     return _pull(plan, env, {plan.of: Ybar}, plan.active_steps, wrt, sinks or {})
 
 
-def vjp_identity(plan: Plan, env: dict, sel, wrt, dtype):
+def vjp_identity(plan: Plan, env: dict, sel, wrt, dtype, sinks=None):
     """Reverse sweep from the identity seed: direction t is output element sel[t] of every
     sample. The output's own rule may answer that seed without arithmetic (`vjp_identity`:
     a Gemm's first cotangent is rows of its weight, broadcast over samples); otherwise the seed
-    is built and pulled as usual."""
+    is built and pulled as usual. `sinks` as for vjp."""
     last = plan.active_steps[-1] if plan.active_steps else None
     y = env[plan.of]
     if last is not None and plan.of in last.outputs and hasattr(last.rule, "vjp_identity") and not any(last.keep):
@@ -96,8 +96,8 @@ def vjp_identity(plan: Plan, env: dict, sel, wrt, dtype):
             for name, b, d in zip(last.inputs, res, last.diff_in):
                 if d and b is not None:
                     cot[name] = cot[name] + b if name in cot else b
-            return _pull(plan, env, cot, plan.active_steps[:-1], wrt, {})
-    return vjp(plan, env, identity_seed(sel, y, dtype), wrt)
+            return _pull(plan, env, cot, plan.active_steps[:-1], wrt, sinks or {})
+    return vjp(plan, env, identity_seed(sel, y, dtype), wrt, sinks)
 
 
 def identity_seed(sel, y, dtype):

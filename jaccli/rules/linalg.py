@@ -34,6 +34,19 @@ def mm(A, B, small=1 << 18):
     return A @ B
 
 
+def rows_into(G, W, dest):
+    """G (T, n, M) @ W (M, K) written into dest (T, n, K). When dest is a transposed contiguous
+    (n, T, K), the layout of a result (samples, then directions), it is one GEMM on G's rows
+    taken sample by sample: a copy of G, not of the product."""
+    D = dest.transpose(1, 0, 2)
+    if D.flags.c_contiguous:
+        n, T = D.shape[:2]
+        np.matmul(G.transpose(1, 0, 2).reshape(n * T, -1), W, out=D.reshape(n * T, -1))
+    else:
+        np.matmul(G, W, out=dest)
+    return dest
+
+
 def per_sample_outer(A, G, trans, out=None):
     """Per-sample weight cotangents of Y = A @ W with samples as A's rows: A (M, K), G (*lead, M, N)
     -> (*lead, M, K, N), or (*lead, M, N, K) when W is stored transposed; written into `out`
@@ -98,7 +111,11 @@ class Gemm:
             Ybar_a = Ybar
         Abar = Bbar = Cbar = None
         if cx.need[0]:
-            Abar = _t(mm(Ybar_a, _t(_t(B, transB))), transA)
+            dest = cx.dest(0)
+            if dest is not None and not transA and Ybar_a.ndim == 3:
+                Abar = rows_into(Ybar_a, _t(_t(B, transB)), dest)
+            else:
+                Abar = _t(mm(Ybar_a, _t(_t(B, transB))), transA)
         if cx.need[1]:
             Ap = _t(A, transA)
             if cx.keep[1]:  # per sample m: outer(A'[m], Ybar[m]), in B's own layout
