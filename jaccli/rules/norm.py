@@ -47,15 +47,21 @@ class BatchNormalization:
         inv = 1 / np.sqrt(var + X.dtype.type(epsilon))
         sbar = Bbar = Xbar = None
         if cx.need[1] or cx.need[2]:
-            head, (N, C) = Ybar.shape[:lead], X.shape[:2]
-            Yr = Ybar.reshape((-1, N, C, X[0, 0].size))  # (L, N, C, S)
-            if cx.need[1]:
-                xhat = (X - _channel(mean, X.ndim)) * _channel(inv, X.ndim)
-                per = np.einsum("lncs,ncs->lnc", Yr, xhat.reshape(N, C, -1))  # no product array
-                sbar = (per if cx.keep[1] else per.sum(axis=1)).reshape(head + per.shape[1 if cx.keep[1] else 2:])
-            if cx.need[2]:
-                per = Yr.sum(axis=-1)
-                Bbar = (per if cx.keep[2] else per.sum(axis=1)).reshape(head + per.shape[1 if cx.keep[2] else 2:])
+            # per direction, sample and channel, Ybar summed over space against x-hat (the scale's
+            # cotangent) and against ones (the bias's): one batched GEMM reads Ybar once for both,
+            # (N, C, k, S) @ (N, C, S, L), where a sum and a product-sum would each make a pass
+            head, (N, C), S = Ybar.shape[:lead], X.shape[:2], X[0, 0].size
+            Yr = Ybar.reshape((-1, N, C, S))  # (L, N, C, S)
+            which = [i for i in (1, 2) if cx.need[i]]
+            Z = np.empty((N, C, len(which), S), Ybar.dtype)
+            for j, i in enumerate(which):
+                Z[:, :, j] = ((X - _channel(mean, X.ndim)) * _channel(inv, X.ndim)).reshape(N, C, S) if i == 1 else 1
+            R = np.matmul(Z, Yr.transpose(1, 2, 3, 0))  # (N, C, k, L)
+            bars = {}
+            for j, i in enumerate(which):
+                per = R[:, :, j].transpose(2, 0, 1)  # (L, N, C)
+                bars[i] = (per if cx.keep[i] else per.sum(axis=1)).reshape(head + per.shape[1 if cx.keep[i] else 2:])
+            sbar, Bbar = bars.get(1), bars.get(2)
         if cx.need[0]:  # last: it may overwrite Ybar
             Xbar = scaled(cx, Ybar, _channel(scale * inv, X.ndim))
         return Xbar, sbar, Bbar, None, None
