@@ -29,6 +29,15 @@ class Step:
     keep: tuple = ()  # input k needs a per-sample cotangent (parameter into a batched node)
 
 
+@dataclass(frozen=True)
+class Region:
+    """Pointwise steps (in order) from the value `entry` to the value `exit` (see Plan._diagonal_regions)."""
+
+    steps: tuple
+    entry: str
+    exit: str
+
+
 class Plan:
     """How to evaluate output `of` and differentiate it with respect to the values in `wrt`.
 
@@ -93,6 +102,7 @@ class Plan:
         self.active_steps = [s for s in steps if s.active]
         self.depends = of in fwd  # False: the output does not depend on wrt at all
         self._liveness()
+        self.regions = self._diagonal_regions()
 
     # ---- construction helpers ----------------------------------------------------------------
 
@@ -197,6 +207,51 @@ class Plan:
         self.free_after = [
             [v for v, j in last_fwd.items() if j == i and v not in needed and v not in self.consts] for i in range(len(self.steps))
         ]
+
+    def _diagonal_regions(self):
+        """Groups of two or more pointwise steps (GELU's Div, Erf, Add, Mul, Mul; SiLU's Sigmoid
+        and Mul) that lead from one active value, the entry, to one other, the exit, with every
+        value in between read inside the group only. Their Jacobian is diagonal, so the walkers
+        take it as one vector d = the group's tangent along ones (one JVP on primal-sized
+        arrays) and multiply the tangents or cotangents once, where step by step would make a
+        pass or two over them per step. Shapes are known only at run time: a region applies
+        when its exit has its entry's shape (then no active value in it is broadcast).
+        {id(step): Region} for every step of a region."""
+        producer = {o: s for s in self.active_steps for o in s.outputs if o}
+        readers = {}
+        for s in self.active_steps:
+            for v, d in zip(s.inputs, s.diff_in):
+                if d:
+                    readers.setdefault(v, set()).add(id(s))
+        order = {id(s): i for i, s in enumerate(self.active_steps)}
+
+        def candidate(s):
+            return s.rule.pointwise and len(s.outputs) == 1 and not any(s.keep) and id(s) not in taken
+
+        def entries(group):
+            made = {s.outputs[0] for s in group}
+            return {v for s in group for v, d in zip(s.inputs, s.diff_in) if d and v not in made}
+
+        taken, regions = set(), {}
+        for s in reversed(self.active_steps):
+            if not candidate(s):
+                continue
+            group, members, grown = [s], {id(s)}, True
+            while grown:
+                grown = False
+                for v in entries(group):
+                    p = producer.get(v)
+                    if p is not None and v != self.of and candidate(p) and readers[v] <= members:
+                        group.append(p)
+                        members.add(id(p))
+                        grown = True
+            ins = entries(group)
+            if len(group) >= 2 and len(ins) == 1 and next(iter(ins)) in self.batched:
+                group.sort(key=lambda g: order[id(g)])
+                region = Region(tuple(group), next(iter(ins)), s.outputs[0])
+                taken |= members
+                regions.update({id(g): region for g in group})
+        return regions
 
     # ---- estimates from one measured primal pass ----------------------------------------------
 

@@ -52,22 +52,50 @@ def _owned(bars):
 
 
 def jvp(plan: Plan, env: dict, seeds: dict):
-    """Push tangents `seeds` {name: (T, *shape)} forward; returns the tangent of plan.of (or None)."""
+    """Push tangents `seeds` {name: (T, *shape)} forward; returns the tangent of plan.of (or None).
+    A diagonal region (plan.regions) is one product, at its first step."""
     tan = dict(seeds)
+    diag = {}
     for i, step in enumerate(plan.active_steps):
-        present = len(_trim(step.inputs))
-        ins = [tan.get(v) if d else None for v, d in zip(step.inputs[:present], step.diff_in)]
-        if any(t is not None for t in ins):
-            cx = _ctx(step, env)
-            out = _guarded(step, "the JVP rule", cx.x, step.rule.jvp, cx, *ins, **step.attrs)
-            out = out if isinstance(out, tuple) else (out,)
-            for name, t in zip(step.outputs, out):
-                if t is not None and name in plan.active:
-                    tan[name] = t
+        region = plan.regions.get(id(step))
+        if region is not None and _diagonal(plan, env, region, diag) is not None:
+            if step is region.steps[0] and tan.get(region.entry) is not None:
+                tan[region.exit] = tan[region.entry] * diag[id(region)]
+        else:
+            _push(plan, env, tan, step)
         for v in step.inputs:
             if v and plan.last_use.get(v) == i and v != plan.of:
                 tan.pop(v, None)
     return tan.get(plan.of)
+
+
+def _push(plan, env, tan, step):
+    """One step of the forward sweep: the tangents of its outputs from those of its inputs."""
+    present = len(_trim(step.inputs))
+    ins = [tan.get(v) if d else None for v, d in zip(step.inputs[:present], step.diff_in)]
+    if any(t is not None for t in ins):
+        cx = _ctx(step, env)
+        out = _guarded(step, "the JVP rule", cx.x, step.rule.jvp, cx, *ins, **step.attrs)
+        out = out if isinstance(out, tuple) else (out,)
+        for name, t in zip(step.outputs, out):
+            if t is not None and name in plan.active:
+                tan[name] = t
+
+
+def _diagonal(plan, env, region, cache):
+    """The diagonal of a region's Jacobian, (1, *exit shape): its steps' JVP along ones. None when
+    the shapes rule it out at run time (an active value broadcast: the Jacobian is not diagonal)."""
+    key = id(region)
+    if key not in cache:
+        e, y = env[region.entry], env[region.exit]
+        d = None
+        if e.shape == y.shape and e.dtype == y.dtype and e.dtype.kind == "f":
+            tan = {region.entry: np.ones((1,) + e.shape, e.dtype)}
+            for step in region.steps:
+                _push(plan, env, tan, step)
+            d = tan.get(region.exit)
+        cache[key] = d
+    return cache[key]
 
 
 def vjp(plan: Plan, env: dict, Ybar, wrt, sinks=None):
@@ -109,19 +137,30 @@ def identity_seed(sel, y, dtype):
 
 
 def _pull(plan, env, cot, steps, wrt, sinks):
-    """The reverse sweep over `steps` from the cotangents `cot` (see vjp)."""
+    """The reverse sweep over `steps` from the cotangents `cot` (see vjp). A diagonal region
+    (plan.regions) is one product, at its exit step; its other steps then receive nothing."""
     done = set()
     through = _through_transpose(plan, sinks)
     homes = {**sinks, **{v: view for v, (_, view) in through.items()}}
+    diag = {}
     for step in reversed(steps):
         bars = [cot.pop(o, None) for o in step.outputs]
         if all(b is None for b in bars):
             continue
-        n_diff = step.rule.n_diff_outputs
-        out = tuple(homes.get(v) if d and plan.uses.get(v) == 1 else None for v, d in zip(step.inputs, step.diff_in))
-        cx = _ctx(step, env, step.diff_in, step.keep, out, _owned(bars))
-        res = _guarded(step, "the VJP rule", cx.x, step.rule.vjp, cx, *(bars if n_diff is None else bars[:n_diff]), **step.attrs)
-        for name, b, d, dst in zip(step.inputs, res, step.diff_in, out):
+        region = plan.regions.get(id(step))
+        dg = None if region is None else _diagonal(plan, env, region, diag)
+        if dg is not None:  # the exit step: no other step of the region has a cotangent
+            inputs, diff_in = (region.entry,), (True,)
+            in_place = _owned(bars)[0] and np.broadcast_shapes(bars[0].shape, dg.shape) == bars[0].shape
+            res = (np.multiply(bars[0], dg, out=bars[0]) if in_place else bars[0] * dg,)
+            out = (homes.get(region.entry) if plan.uses.get(region.entry) == 1 else None,)
+        else:
+            inputs, diff_in = step.inputs, step.diff_in
+            n_diff = step.rule.n_diff_outputs
+            out = tuple(homes.get(v) if d and plan.uses.get(v) == 1 else None for v, d in zip(step.inputs, step.diff_in))
+            cx = _ctx(step, env, step.diff_in, step.keep, out, _owned(bars))
+            res = _guarded(step, "the VJP rule", cx.x, step.rule.vjp, cx, *(bars if n_diff is None else bars[:n_diff]), **step.attrs)
+        for name, b, d, dst in zip(inputs, res, diff_in, out):
             if not d or b is None:
                 continue
             if dst is not None:

@@ -80,6 +80,7 @@ def rule(op_type: str, since: int, domain: str = ""):
         cls.nondiff = frozenset(getattr(cls, "nondiff", ()))
         cls.differentiable = hasattr(cls, "vjp") or hasattr(cls, "jvp")
         cls.n_diff_outputs = getattr(cls, "n_diff_outputs", 1)  # None: every output
+        cls.pointwise = getattr(cls, "pointwise", False)  # output element i depends on input elements i only
         entries = _REGISTRY.setdefault((domain, op_type), [])
         entries.append((since, cls))
         entries.sort(key=lambda e: e[0])

@@ -21,6 +21,7 @@ def elementwise(op_type, since, domain=""):
             return (scaled(cx, Ybar, cls.deriv(cx.x[0], cx.y[0], **attrs)),)
 
         cls.jvp, cls.vjp = jvp, vjp
+        cls.pointwise = True
         return rule(op_type, since, domain)(cls)
 
     return register
@@ -158,6 +159,8 @@ def _sigmoid(X):
 class _Clip:
     """Y = min(max(X, min), max); bounds are constants, not differentiated."""
 
+    pointwise = True
+
     def jvp(cx, Xdot, *_, **attrs):
         return _inside(cx) * Xdot
 
@@ -197,6 +200,7 @@ class _Binary:
     """Y = f(A, B) with partials dA, dB; subclasses give forward and partials."""
 
     keeps = True
+    pointwise = True  # with broadcasting: the plan's diagonal regions check the shapes at run time
 
     def jvp(cx, Adot, Bdot):
         (A, B), Y = cx.x, cx.y[0]
