@@ -205,21 +205,49 @@ def _layernorm_vjp(cx, Ybar, X, S, lead, k, epsilon):
     head = Ybar.shape[:lead]
     Yr = Ybar.reshape((-1,) + rows + (D,))  # (L, N, p, D)
     Xbar = Sbar = Bbar = None
-    if cx.need[0]:  # r * (G - mean(G) - xhat * mean(G * xhat)), G = Ybar * S
-        G = Yr * S.reshape(-1)
-        m1 = G.mean(axis=-1, keepdims=True)
-        m2 = np.einsum("lnpd,npd->lnp", G, xhat)[..., None] / G.dtype.type(D)
-        G -= m1
-        G -= xhat * m2
-        G *= r
-        Xbar = G.reshape(Ybar.shape)
     if cx.need[1]:
         per = np.einsum("lnpd,npd->lnd", Yr, xhat) if cx.keep[1] else np.einsum("lnpd,npd->ld", Yr, xhat)
         Sbar = per.reshape(head + per.shape[1:-1] + S.shape)
     if len(cx.x) > 2 and cx.x[2] is not None and cx.need[2]:
         per = Yr.sum(axis=2) if cx.keep[2] else Yr.sum(axis=(1, 2))
         Bbar = per.reshape(head + per.shape[1:-1] + S.shape)
+    if cx.need[0]:  # last: it may overwrite Ybar. r * (G - mean(G) - xhat * mean(G * xhat)), G = Ybar * S
+        Xbar = (_layernorm_input_cotangent(cx, Yr, xhat, r, S.reshape(-1)) if Yr.shape[0] >= 16 else
+                _layernorm_input_cotangent_small(Yr, xhat, r, S.reshape(-1))).reshape(Ybar.shape)
     return Xbar, Sbar, Bbar
+
+
+def _layernorm_input_cotangent(cx, Yr, xhat, r, S):
+    """r*S*Y - r*m1 - r*xhat*m2 with m1 = mean(Y*S), m2 = mean(Y*S*xhat) over D, for Yr (L, N, p, D).
+    The two means are a matrix-vector product and an einsum; per (sample, position) the
+    correction is rank two, [m1 m2] (L, 2) @ [r; r*xhat] (2, D), one batched GEMM written in
+    Yr's layout; the rest is one product (in place when the cotangent is the rule's own) and
+    one subtraction."""
+    L, N, p, D = Yr.shape
+    inv = Yr.dtype.type(1 / D)
+    M = np.empty((N, p, L, 2), Yr.dtype)
+    Mv = M.transpose(2, 0, 1, 3)  # (L, N, p, 2), a view
+    Mv[..., 0] = (Yr.reshape(-1, D) @ (S * inv)).reshape(L, N, p)
+    Mv[..., 1] = np.einsum("lnpd,npd->lnp", Yr, S * xhat * inv)
+    Q = np.empty((N, p, 2, D), Yr.dtype)
+    Q[:, :, 0] = r
+    Q[:, :, 1] = r * xhat
+    corr = np.empty(Yr.shape, Yr.dtype)
+    np.matmul(M, Q, out=corr.transpose(1, 2, 0, 3))
+    G = np.multiply(Yr, r * S, out=Yr if cx.mine() else None)  # Yr: the cotangent or a copy of it
+    G -= corr
+    return G
+
+
+def _layernorm_input_cotangent_small(Yr, xhat, r, S):
+    """The same for few directions, where a GEMM per (sample, position) would cost more than it saves."""
+    G = Yr * S
+    m1 = G.mean(axis=-1, keepdims=True)
+    m2 = np.einsum("lnpd,npd->lnp", G, xhat)[..., None] / G.dtype.type(Yr.shape[-1])
+    G -= m1
+    G -= xhat * m2
+    G *= r
+    return G
 
 
 @rule("InstanceNormalization", since=1)
