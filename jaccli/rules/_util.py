@@ -19,6 +19,19 @@ def scaled(cx, G, d, i=0):
     return G * d
 
 
+def sum_trailing(G, axes, keepdims=True):
+    """G summed over `axes`. When they are G's last axes and G is contiguous, a matrix-vector
+    product with ones: BLAS reads G once, where numpy's sum loops per row (2-14x slower on the
+    short rows of softmax, normalisation and bias cotangents)."""
+    axes = tuple(a % G.ndim for a in axes)
+    k = len(axes)
+    if k and axes == tuple(range(G.ndim - k, G.ndim)) and G.flags.c_contiguous and G.dtype.kind == "f" and G.size:
+        n = int(np.prod(G.shape[G.ndim - k:]))
+        s = (G.reshape(-1, n) @ np.ones(n, G.dtype)).reshape(G.shape[:G.ndim - k])
+        return s.reshape(s.shape + (1,) * k) if keepdims else s
+    return G.sum(axis=axes, keepdims=keepdims)
+
+
 def unbroadcast(G, shape, lead=1, keep=False):
     """Sum G, shaped (*lead_axes, *b) with b a broadcast of `shape`, down to (*lead_axes, *shape).
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from . import rule
 from ..errors import UnsupportedOpError
-from ._util import add, conv_geometry, lead_flat, pad_spatial, unpad, window_slices, windows, windows_adjoint
+from ._util import add, conv_geometry, lead_flat, pad_spatial, sum_trailing, unpad, window_slices, windows, windows_adjoint
 
 
 def _cols(X, kernel, strides, dilations, begin, end):
@@ -246,7 +246,7 @@ class Conv:
             cols = _cols(X, kernel, s, d, begin, end)
             Wbar = _weight_cotangent(Ybar, cols, W, group, lead, cx.keep[1])
         if len(cx.x) > 2 and cx.x[2] is not None and cx.need[2]:
-            Bbar = Ybar.sum(axis=tuple(range(Ybar.ndim - nd, Ybar.ndim)))  # (*lead, N, M)
+            Bbar = sum_trailing(Ybar, range(Ybar.ndim - nd, Ybar.ndim), keepdims=False)  # (*lead, N, M)
             if not cx.keep[2]:
                 Bbar = Bbar.sum(axis=lead)
         return Xbar, Wbar, Bbar
@@ -485,7 +485,7 @@ class ConvTranspose:
                 Wb = np.einsum("ngcs,lngsk->lgck", Xg, Vn.reshape((-1, N, g, S, Vn.shape[-1])), optimize=True)
                 Wbar = Wb.reshape(Ybar.shape[:lead] + W.shape)
         if len(cx.x) > 2 and cx.x[2] is not None and cx.need[2]:
-            Bbar = Ybar.sum(axis=tuple(range(Ybar.ndim - nd, Ybar.ndim)))
+            Bbar = sum_trailing(Ybar, range(Ybar.ndim - nd, Ybar.ndim), keepdims=False)
             if not cx.keep[2]:
                 Bbar = Bbar.sum(axis=lead)
         return Xbar, Wbar, Bbar

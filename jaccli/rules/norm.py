@@ -6,7 +6,7 @@ import numpy as np
 
 from . import rule
 from ..errors import UnsupportedOpError
-from ._util import add, expand, neg_axis, scaled, unbroadcast
+from ._util import add, expand, neg_axis, scaled, sum_trailing, unbroadcast
 
 
 def _channel(v, ndim):
@@ -103,7 +103,7 @@ def _softmax_rule(name, since, coerced, log):
 
         def vjp(cx, Ybar, *, axis):
             S = np.exp(cx.y[0])
-            return (Ybar - S * Ybar.sum(axis=axes(cx.x[0].ndim, axis), keepdims=True),)
+            return (np.subtract(Ybar, S * sum_trailing(Ybar, axes(cx.x[0].ndim, axis)), out=Ybar if cx.mine() else None),)
 
     else:
 
@@ -116,7 +116,9 @@ def _softmax_rule(name, since, coerced, log):
 
         def vjp(cx, Ybar, *, axis):
             S = cx.y[0]
-            return (S * (Ybar - (S * Ybar).sum(axis=axes(cx.x[0].ndim, axis), keepdims=True)),)
+            P = scaled(cx, Ybar, S)  # S * Ybar, ours to overwrite either way
+            P -= S * sum_trailing(P, axes(cx.x[0].ndim, axis))
+            return (P,)
 
     doc = ("Y = X - log(sum(exp(X)))" if log else "Y = exp(X) / sum(exp(X))") + (
         " over axes [axis:] flattened" if coerced else " along axis"
