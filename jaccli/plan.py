@@ -103,6 +103,9 @@ class Plan:
         self.depends = of in fwd  # False: the output does not depend on wrt at all
         self._liveness()
         self.regions = self._diagonal_regions()
+        # steps whose outputs are pieces of their (batched) input: {output: (step, index)}
+        self.pieces = {o: (st, k) for st in self.active_steps if hasattr(st.rule, "piece_axis") and st.diff_in[:1] == (True,)
+                       and st.inputs[0] in self.batched and not any(st.keep) for k, o in enumerate(st.outputs) if o}
 
     # ---- construction helpers ----------------------------------------------------------------
 

@@ -138,26 +138,53 @@ def identity_seed(sel, y, dtype):
 
 def _pull(plan, env, cot, steps, wrt, sinks):
     """The reverse sweep over `steps` from the cotangents `cot` (see vjp). A diagonal region
-    (plan.regions) is one product, at its exit step; its other steps then receive nothing."""
+    (plan.regions) is one product, at its exit step; its other steps then receive nothing. The
+    cotangent of a split input (plan.pieces) is one array, its pieces written by the readers
+    of the outputs, instead of a concatenation at the split."""
     done = set()
     through = _through_transpose(plan, sinks)
     homes = {**sinks, **{v: view for v, (_, view) in through.items()}}
-    diag = {}
+    diag, pieces = {}, {}  # pieces: {id(step): the array its input's cotangent is assembled in}
+
+    def home(v, lead):
+        """Where the cotangent of v (read once) goes: a sink, a parameter behind its Transpose,
+        or its piece of the cotangent of the input it was split from. `lead`: (shape of the
+        direction axes, dtype) of the cotangents at hand."""
+        if plan.uses.get(v) != 1:
+            return None
+        if v in homes:
+            return homes[v]
+        if v not in plan.pieces or lead is None:
+            return None
+        st, k = plan.pieces[v]
+        if id(st) not in pieces:
+            pieces[id(st)] = np.empty(lead[0] + env[st.inputs[0]].shape, lead[1])
+        return _piece(st, k, pieces[id(st)], env)
+
     for step in reversed(steps):
         bars = [cot.pop(o, None) for o in step.outputs]
-        if all(b is None for b in bars):
+        assembled = pieces.pop(id(step), None)
+        if assembled is None and all(b is None for b in bars):
             continue
         region = plan.regions.get(id(step))
         dg = None if region is None else _diagonal(plan, env, region, diag)
-        if dg is not None:  # the exit step: no other step of the region has a cotangent
+        lead = next(((b.shape[: b.ndim - env[o].ndim], b.dtype) for b, o in zip(bars, step.outputs)
+                     if b is not None and o in plan.batched), None)
+        if assembled is not None:  # pieces written by their readers; the rest copied or zero
+            for k, (o, b) in enumerate(zip(step.outputs, bars)):
+                if o and o not in done:
+                    np.copyto(_piece(step, k, assembled, env), 0 if b is None else b)
+            inputs, diff_in, res = step.inputs[:1], (True,), (assembled,)
+            out = (home(step.inputs[0], (assembled.shape[: assembled.ndim - env[step.inputs[0]].ndim], assembled.dtype)),)
+        elif dg is not None:  # the exit step: no other step of the region has a cotangent
             inputs, diff_in = (region.entry,), (True,)
             in_place = _owned(bars)[0] and np.broadcast_shapes(bars[0].shape, dg.shape) == bars[0].shape
             res = (np.multiply(bars[0], dg, out=bars[0]) if in_place else bars[0] * dg,)
-            out = (homes.get(region.entry) if plan.uses.get(region.entry) == 1 else None,)
+            out = (home(region.entry, lead),)
         else:
             inputs, diff_in = step.inputs, step.diff_in
             n_diff = step.rule.n_diff_outputs
-            out = tuple(homes.get(v) if d and plan.uses.get(v) == 1 else None for v, d in zip(step.inputs, step.diff_in))
+            out = tuple(home(v, lead) if d else None for v, d in zip(step.inputs, step.diff_in))
             cx = _ctx(step, env, step.diff_in, step.keep, out, _owned(bars))
             res = _guarded(step, "the VJP rule", cx.x, step.rule.vjp, cx, *(bars if n_diff is None else bars[:n_diff]), **step.attrs)
         for name, b, d, dst in zip(inputs, res, diff_in, out):
@@ -180,6 +207,15 @@ def _pull(plan, env, cot, steps, wrt, sinks):
                 dst[...] = 0
     return {w: (sinks[w] if w in sinks else cot.get(w)) for w in wrt}
 
+
+
+def _piece(step, k, whole, env):
+    """Output k's piece of `whole`, the cotangent of the input `step` splits (see plan.pieces)."""
+    x = env[step.inputs[0]]
+    axis = step.rule.piece_axis(x, **step.attrs)
+    sizes = [env[o].shape[axis] if o else 0 for o in step.outputs]
+    start = sum(sizes[:k])
+    return whole[(Ellipsis, slice(start, start + sizes[k])) + (slice(None),) * (-axis - 1)]
 
 
 def _through_transpose(plan, sinks):

@@ -17,7 +17,20 @@ def _to_shape(D, cx, lead=None):
 
 
 def _back_to_input(Ybar, cx):
+    """Ybar reshaped to the input's shape; written into the walker's destination for it when
+    there is one and it can take Ybar's shape as a view (one pass where a reshape of a
+    strided cotangent copies, and the destination would copy again)."""
     lead = cx.lead(Ybar)
+    dest = cx.dest(0)
+    if dest is not None:
+        try:
+            view = dest.view()
+            view.shape = Ybar.shape  # raises where that would need a copy
+        except (AttributeError, ValueError):
+            pass
+        else:
+            np.copyto(view, Ybar)
+            return dest
     return Ybar.reshape(Ybar.shape[:lead] + cx.x[0].shape)
 
 
@@ -420,6 +433,11 @@ class _SplitBase:
     """Outputs are consecutive pieces of the input along `axis`."""
 
     n_diff_outputs = None  # every output carries a cotangent
+
+    def piece_axis(x, *, axis=0, **attrs):
+        """The axis (from the end) along which the outputs are consecutive pieces of input x: the
+        walker then pulls their cotangents into one array for the input, in place of a concatenation."""
+        return neg_axis(axis, x.ndim)
 
     def jvp(cx, Xdot, *_, axis=0, **attrs):
         ax = neg_axis(axis, cx.x[0].ndim)
