@@ -316,7 +316,7 @@ class ArrayTarget:
 
     def open(self, result):
         need = int(np.prod(result.flat_shape, dtype=np.int64)) * result.dtype.itemsize
-        free = available_memory()
+        free = available_memory() if need > _MEMORY_CHECK_ABOVE else None
         if free is not None and need > free:
             raise MemoryBudgetError(
                 f"the Jacobian {tuple(result.shape)} {result.dtype} takes {gib(need)}, more than the {gib(free)} of memory "
@@ -403,6 +403,9 @@ def _parts(plan, res, T, n_c, t_c):
     if n_c < parts and t_c < parts:
         return 1
     return parts
+
+
+_MEMORY_CHECK_ABOVE = 64 << 20  # bytes of result below which reading /proc/meminfo costs more than it could save
 
 
 def available_memory():

@@ -103,6 +103,7 @@ def test_a_file_the_disk_cannot_hold_is_refused(tmp_path, monkeypatch):
 
 def test_an_array_memory_cannot_hold_is_refused(monkeypatch):
     monkeypatch.setattr(drivers, "available_memory", lambda: 1000)
+    monkeypatch.setattr(drivers, "_MEMORY_CHECK_ABOVE", 0)
     with pytest.raises(MemoryBudgetError, match="memory available: write it to a file"):
         jaccli.param_jacobian(CNN, np.load(CNN_X))
     r = cli(["params", CNN, CNN_X, "-q"])  # no -o: nothing is held but one block
