@@ -181,7 +181,8 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
         return N
     fixed = any(v.shape and v.shape[0] == 1 for v in model.inputs)
     try:
-        y01 = walk.primal(plan, _slice_samples(feeds, 0, 2))[of]
+        env01 = walk.primal(plan, _slice_samples(feeds, 0, 2))
+        y01 = env01[of]
         paired = y01.ndim > 0 and y01.shape[0] == 2 and y01.shape[1:] == y0.shape[1:]
     except JaccliError:
         if not fixed:
@@ -192,6 +193,11 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
             return 1
         _check_sample_axis(y01, 2, of)
         raise DataError(f"output '{of}' changes shape with the number of samples; it cannot be paired with them")
+    mixed = _rows_mix_samples(plan, env01) if plan.per_sample else None
+    if mixed is not None:
+        plan.notes.append(f"one sample per run: node '{mixed.node.name}' ({mixed.node.op_type}) reads values whose first axis "
+                          f"mixes the samples with another axis, so its rows cannot be assigned to samples in a batch")
+        return 1
     y1 = walk.primal(plan, _slice_samples(feeds, 1, 2))[of]
     for k, alone in ((0, y0[0]), (1, y1[0])):
         if not _same(y01[k], alone):
@@ -203,6 +209,19 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
                 f"per-sample Jacobians are not defined for it"
             )
     return N
+
+
+def _rows_mix_samples(plan, env, n=2):
+    """The first step asked for per-sample cotangents that reads a batched value whose first
+    axis is not the n samples of env (dynamo exports flatten (N, S, D) to (N*S, D) before a
+    Gemm), or None. Such a graph runs one sample at a time: per-sample cotangents are then
+    plain ones (see walk._one_sample), whatever became of the sample axis."""
+    for s in plan.active_steps:
+        if any(s.keep) and not getattr(s.rule, "finds_sample_axis", False):
+            for v in s.inputs:
+                if v in plan.batched and v in env and np.shape(env[v])[:1] != (n,):
+                    return s
+    return None
 
 
 def _same(a, b):
@@ -491,7 +510,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     T = n_sel
     n_c, t_c = choose_chunks(per_run, T, est, max_memory, extra_per_sd=P * dtype.itemsize)
     shape = (N, *out_shape, P) if outputs is None else (N, n_sel, P)
-    notes = []
+    notes = list(plan.notes) if N > 1 else []
     zero = [c["name"] for c in columns if c["name"] not in plan.active]
     if zero:
         notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")

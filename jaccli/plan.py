@@ -48,6 +48,7 @@ class Plan:
     def __init__(self, model: Model, of: str, wrt, dtype=np.float32, per_sample=False):
         self.model, self.of, self.wrt, self.dtype = model, of, tuple(wrt), np.dtype(dtype)
         self.per_sample = per_sample
+        self.notes = []  # what the drivers learn of the graph when they first run it, for the summary
         data_inputs = {v.name for v in model.inputs}
         nodes = model.ancestors([of])
         require_rules(nodes)

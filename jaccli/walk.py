@@ -98,6 +98,13 @@ def _diagonal(plan, env, region, cache):
     return cache[key]
 
 
+def _one_sample(plan, env):
+    """Whether env holds one sample: then every per-sample cotangent is the plain (summed) one,
+    with a sample axis of 1, whatever the graph does to the sample axis (a Reshape that merges
+    it with a sequence, as exporters do before a Gemm)."""
+    return plan.per_sample and np.shape(env[plan.of])[:1] == (1,)  # the output's axis 0 is the samples
+
+
 def vjp(plan: Plan, env: dict, Ybar, wrt, sinks=None):
     """Pull cotangent Ybar of plan.of back; returns {name: cotangent or None} for names in wrt.
 
@@ -106,7 +113,7 @@ def vjp(plan: Plan, env: dict, Ybar, wrt, sinks=None):
     others are accumulated as usual and copied at the end. Every sink is filled, with zeros
     where the output does not depend on it.
     """
-    return _pull(plan, env, {plan.of: Ybar}, plan.active_steps, wrt, sinks or {})
+    return _pull(plan, env, {plan.of: Ybar}, plan.active_steps, wrt, sinks or {}, _one_sample(plan, env))
 
 
 def vjp_identity(plan: Plan, env: dict, sel, wrt, dtype, sinks=None):
@@ -116,15 +123,16 @@ def vjp_identity(plan: Plan, env: dict, sel, wrt, dtype, sinks=None):
     is built and pulled as usual. `sinks` as for vjp."""
     last = plan.active_steps[-1] if plan.active_steps else None
     y = env[plan.of]
-    if last is not None and plan.of in last.outputs and hasattr(last.rule, "vjp_identity") and not any(last.keep):
-        cx = _ctx(last, env, last.diff_in, last.keep)
+    one = _one_sample(plan, env)
+    if last is not None and plan.of in last.outputs and hasattr(last.rule, "vjp_identity") and (one or not any(last.keep)):
+        cx = _ctx(last, env, last.diff_in, (False,) * len(last.keep))
         res = _guarded(last, "the VJP rule", cx.x, last.rule.vjp_identity, cx, sel, **last.attrs)
         if res is not None:
             cot = {}
             for name, b, d in zip(last.inputs, res, last.diff_in):
                 if d and b is not None:
                     cot[name] = cot[name] + b if name in cot else b
-            return _pull(plan, env, cot, plan.active_steps[:-1], wrt, sinks or {})
+            return _pull(plan, env, cot, plan.active_steps[:-1], wrt, sinks or {}, one)
     return vjp(plan, env, identity_seed(sel, y, dtype), wrt, sinks)
 
 
@@ -136,11 +144,12 @@ def identity_seed(sel, y, dtype):
     return seed.reshape((len(sel),) + y.shape)
 
 
-def _pull(plan, env, cot, steps, wrt, sinks):
+def _pull(plan, env, cot, steps, wrt, sinks, one=False):
     """The reverse sweep over `steps` from the cotangents `cot` (see vjp). A diagonal region
     (plan.regions) is one product, at its exit step; its other steps then receive nothing. The
     cotangent of a split input (plan.pieces) is one array, its pieces written by the readers
-    of the outputs, instead of a concatenation at the split."""
+    of the outputs, instead of a concatenation at the split. With `one` sample (see
+    _one_sample), the rules are asked for plain cotangents, given a sample axis at the sinks."""
     done = set()
     through = _through_transpose(plan, sinks)
     homes = {**sinks, **{v: view for v, (_, view) in through.items()}}
@@ -185,14 +194,14 @@ def _pull(plan, env, cot, steps, wrt, sinks):
             inputs, diff_in = step.inputs, step.diff_in
             n_diff = step.rule.n_diff_outputs
             out = tuple(home(v, lead) if d else None for v, d in zip(step.inputs, step.diff_in))
-            cx = _ctx(step, env, step.diff_in, step.keep, out, _owned(bars))
+            cx = _ctx(step, env, step.diff_in, (False,) * len(step.keep) if one else step.keep, out, _owned(bars))
             res = _guarded(step, "the VJP rule", cx.x, step.rule.vjp, cx, *(bars if n_diff is None else bars[:n_diff]), **step.attrs)
         for name, b, d, dst in zip(inputs, res, diff_in, out):
             if not d or b is None:
                 continue
             if dst is not None:
                 if b is not dst:
-                    np.copyto(dst, b)
+                    np.copyto(dst, _fit_sink(b, dst))
                 done.add(name)
                 if name in through:  # written in the parameter's own place: its Transpose has nothing to do
                     done.add(through[name][0])
@@ -202,11 +211,16 @@ def _pull(plan, env, cot, steps, wrt, sinks):
     for name, dst in sinks.items():
         if name not in done:
             if name in cot:
-                np.copyto(dst, cot[name])
+                np.copyto(dst, _fit_sink(cot[name], dst))
             else:
                 dst[...] = 0
     return {w: (sinks[w] if w in sinks else cot.get(w)) for w in wrt}
 
+
+
+def _fit_sink(b, dst):
+    """A plain cotangent (T, *shape) for a per-sample sink (T, 1, *shape) of a one-sample run."""
+    return b.reshape(dst.shape) if b.ndim == dst.ndim - 1 and b.size == dst.size else b
 
 
 def _piece(step, k, whole, env):

@@ -89,3 +89,34 @@ def test_split_pieces_assembled_in_place(axis):
     for mode in ("reverse", "forward"):
         J = jaccli.input_jacobian(m, x, dtype=np.float64, flat=True, mode=mode)
         assert rel_err(J, want) < 1e-6
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_rows_that_mix_samples_run_one_sample_at_a_time(time_major):
+    """torch.onnx's dynamo exporter flattens (N, S, D) to (N*S, D) before a Linear's Gemm (and
+    a time-major model to (S*N, D)): the Gemm's rows are not the samples. Per-sample parameter
+    cotangents are then taken one sample per run, where they are the plain ones."""
+    S, D, H = 3, 4, 5
+    nodes, x_in = [], "x"
+    if time_major:
+        nodes.append(helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]))
+        x_in = "xt"
+    nodes += [helper.make_node("Reshape", [x_in, "rows"], ["r"]), helper.make_node("Gemm", ["r", "W", "b"], ["g"], transB=1),
+              helper.make_node("Tanh", ["g"], ["t"]), helper.make_node("Reshape", ["t", "back"], ["u"])]
+    if time_major:
+        nodes.append(helper.make_node("Transpose", ["u"], ["y"], perm=[1, 0, 2]))
+    else:
+        nodes[-1].output[0] = "y"
+    inits = {"W": RNG.standard_normal((H, D)), "b": RNG.standard_normal(H)}
+    back = np.array([S, -1, H] if time_major else [-1, S, H], np.int64)
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", S, D])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", S, H])],
+                          [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()]
+                          + [numpy_helper.from_array(np.array([-1, D], np.int64), "rows"), numpy_helper.from_array(back, "back")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    m.ir_version = 8
+    x = RNG.standard_normal((N, S, D))
+    r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
+    want = fd_param_jacobian(m, {"x": x}, ["W", "b"], inits)
+    assert rel_err(r.J, want) < 1e-6
+    assert r.chunks[0] == 1 and any("one sample per run" in n for n in r.notes)

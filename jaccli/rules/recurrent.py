@@ -172,6 +172,7 @@ class _Recurrent:
 
     keeps = True
     n_diff_outputs = None
+    finds_sample_axis = True  # the batch axis is 1 in layout 0: the rule keeps per-sample cotangents along it
 
     def jvp(cx, *dots, **attrs):  # rules are called on their class: cx.rule is the cell
         return cx.rule._jvp(cx, dots, attrs)
