@@ -26,6 +26,8 @@ CASES = [
     Case("Mul", [("x", (3, 4)), ("x", (3, 4))], id="Mul-both"),
     Case("Div", [("x", (3, 4)), ("p", (4,))], data="positive", id="Div-param"),
     Case("Div", [("x", (3, 4)), ("x", (3, 4))], data="positive", id="Div-both"),
+    Case("Mod", [("x", (3, 4)), ("p", (4,))], {"fmod": 1}, data="positive", id="Mod-fmod"),
+    Case("Mod", [("x", (3, 4)), ("x", (3, 4))], {"fmod": 1}, data="positive", id="Mod-both"),
     Case("Pow", [("x", (3, 4)), ("p", (4,))], data="positive", id="Pow-param-exponent"),
     Case("Pow", [("x", (3, 4)), ("c", f32(2.0))], data="positive", id="Pow-square"),
     # unary elementwise

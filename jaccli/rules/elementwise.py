@@ -274,6 +274,23 @@ class Div(_Binary):
         return (1 / B if na else None), (-Y / B if nb else None)
 
 
+@rule("Mod", since=10)
+class Mod(_Binary):
+    """C = A mod B: the sign of B (integer mod, fmod=0) or of A (fmod=1, required for floats)."""
+
+    def forward(A, B, *, fmod=0):
+        return (np.fmod(A, B) if fmod else np.mod(A, B)).astype(np.result_type(A, B), copy=False)
+
+    def partials(A, B, Y, na, nb):  # C = A - q B with q constant between the jumps
+        return 1, (-(A - Y) / B if nb else None)
+
+    def vjp(cx, Ybar, *, fmod=0):
+        return _Binary.vjp(cx, Ybar)
+
+    def jvp(cx, Adot, Bdot, *, fmod=0):
+        return _Binary.jvp(cx, Adot, Bdot)
+
+
 @rule("Pow", since=7)
 class Pow(_Binary):
     """Z = X ** Y"""
