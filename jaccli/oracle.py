@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .drivers import _slice_samples, input_jacobian, param_jacobian, prepare_feeds
+from .drivers import _first_float, _slice_samples, input_jacobian, param_jacobian, prepare_feeds
 from .errors import JaccliError, ModelError
 from .model import load
 
@@ -242,7 +242,7 @@ def _with_largest(pick, J):
 
 
 def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs):
-    wrt = next(v.name for v in model.inputs if v.is_float)
+    wrt = _first_float(model).name
     r = input_jacobian(model, feeds, wrt=wrt, of=name, dtype=dtype, flat=True, outputs=outputs, return_result=True)
     J, sel = r.value.astype(np.float64), r.selection
     oracle = _oracle(proto, feeds, [name], model=model)

@@ -142,6 +142,8 @@ CASES += [
     Case("LRN", [("x", (6, 2, 2))], {"size": 5}, id="LRN-5"),
     Case("Expand", [("x", (3, 1)), ("c", i64(1, 3, 4))], id="Expand"),
     Case("Tile", [("x", (2, 3)), ("c", i64(1, 2, 3))], id="Tile"),
+    Case("Trilu", [("x", (3, 4))], opset=14, id="Trilu-upper"),
+    Case("Trilu", [("x", (2, 4, 3)), ("c", i64(-1))], {"upper": 0}, opset=14, id="Trilu-lower-k"),
     Case("Slice", [("x", (5, 6)), ("c", i64(1, -4)), ("c", i64(4, 100)), ("c", i64(1, 2)), ("c", i64(2, 1))], opset=13, id="Slice-13-steps"),
     Case("Slice", [("x", (5, 6)), ("c", i64(-1)), ("c", i64(-100)), ("c", i64(2)), ("c", i64(-2))], opset=13, id="Slice-13-negative-step"),
     Case("Slice", [("x", (5, 6))], {"starts": [1, 0], "ends": [3, 4], "axes": [1, 2]}, opset=9, id="Slice-9-attrs"),

@@ -177,6 +177,10 @@ def test_token_id_model_per_sample_parameter_jacobian():
     tokens = np.array([[1, 3, 3, 7, 0], [10, 2, 1, 1, 5]], np.int64)  # repeated ids on purpose
     with pytest.raises(jaccli.errors.UsageError, match="no float input"):
         jaccli.input_jacobian(build(vals), tokens)
+    from jaccli.oracle import check
+
+    with pytest.raises(jaccli.errors.UsageError, match="no float input"):  # `jaccli check` of the input Jacobian too
+        check(build(vals), tokens)
     G, cols = jaccli.param_jacobian(build(vals), tokens, dtype="float64")
     from gradcheck import our_forward
 

@@ -361,6 +361,28 @@ class Tile:
         return G, None
 
 
+@rule("Trilu", since=14)
+class Trilu:
+    """Y = the upper (upper=1) or lower triangle of the last two axes of input, from diagonal k
+    on; the rest zero. Linear: tangents and cotangents are masked the same way."""
+
+    nondiff = (1,)
+
+    def forward(input, k=None, *, upper=1):
+        return _triangle(input, k, upper)
+
+    def jvp(cx, Xdot, _=None, *, upper=1):
+        return _triangle(Xdot, cx.x[1] if len(cx.x) > 1 else None, upper)
+
+    def vjp(cx, Ybar, *, upper=1):
+        return _triangle(Ybar, cx.x[1] if len(cx.x) > 1 else None, upper), None
+
+
+def _triangle(X, k, upper):
+    k = 0 if k is None else int(np.ravel(k)[0])
+    return np.triu(X, k) if upper else np.tril(X, k)
+
+
 def _slices(shape, starts, ends, axes=None, steps=None):
     """Per-axis python slices for ONNX Slice, with the spec's clamping (also for negative steps)."""
     starts, ends = [int(v) for v in np.ravel(starts)], [int(v) for v in np.ravel(ends)]
