@@ -153,8 +153,105 @@ def load(source, max_bytes=None) -> Model:
             proto = inliner.inline_local_functions(proto)
         except Exception as e:
             raise ModelError(f"{path or 'model'}: its local functions cannot be inlined ({_first_line(e)})") from None
+    proto = _expand_functions(proto)
     base = os.path.dirname(os.path.abspath(path)) if path else None
     return _build(proto, path, base, max_bytes)
+
+
+_EXPANDED = "jaccli.expanded"  # the domain of the model-local functions made of ONNX function bodies
+
+
+def _expand_functions(proto, rounds=4):
+    """Nodes of an operator that jaccli has no rule for, but whose ONNX schema defines it as a
+    function of other operators (opset 23's Attention and RMSNormalization, HardSwish, Mish ...),
+    replaced by that function's body, so that the body's operators are differentiated. Bodies
+    that depend on the node's input types are built from shape inference. Nodes that cannot be
+    expanded are left as they are: `inspect` and the plan name them."""
+    from onnx import defs, inliner, shape_inference
+
+    from .errors import UnsupportedOpError
+    from .rules import lookup
+
+    for _ in range(rounds):
+        before = proto
+        opsets = {(o.domain if o.domain != "ai.onnx" else ""): o.version for o in proto.opset_import}
+        types = None
+        bodies = {}  # node index: its function body
+        for k, n in enumerate(proto.graph.node):
+            domain = "" if n.domain == "ai.onnx" else n.domain
+            if domain != "" or domain not in opsets:
+                continue
+            try:
+                lookup(n.op_type, opsets[domain], domain, n.name)
+                continue
+            except UnsupportedOpError:
+                pass
+            try:
+                schema = defs.get_schema(n.op_type, opsets[domain], domain)
+            except Exception:
+                continue
+            body = None
+            opset = opsets[domain]
+            static = [v for v in schema.function_opset_versions if v <= opset]
+            dependent = [v for v in schema.context_dependent_function_opset_versions if v <= opset]
+            if static:  # the body written for the newest opset up to the model's
+                body = schema.get_function_with_opset_version(max(static))
+                if isinstance(body, bytes):
+                    body = onnx.FunctionProto.FromString(body)
+            elif dependent:
+                if types is None:
+                    types = _value_types(proto, shape_inference)
+                if all(not v or v in types for v in n.input):
+                    try:
+                        raw = schema.get_context_dependent_function_with_opset_version(
+                            max(dependent), n.SerializeToString(),
+                            [types[v].SerializeToString() if v else onnx.TypeProto().SerializeToString() for v in n.input])
+                        body = onnx.FunctionProto()
+                        body.ParseFromString(raw)
+                    except Exception:
+                        body = None
+            if body is not None and len(body.node):
+                bodies[k] = body
+        if not bodies:
+            return proto
+        proto = _copy(proto)  # never change the caller's model
+        for k, body in bodies.items():
+            n = proto.graph.node[k]
+            f = proto.functions.add()
+            f.CopyFrom(body)
+            f.domain, f.name = _EXPANDED, f"{n.op_type}_{len(proto.functions)}"
+            n.domain, n.op_type = _EXPANDED, f.name
+        proto.opset_import.append(onnx.helper.make_opsetid(_EXPANDED, 1))
+        try:  # bodies converted to the model's opset, which needs the values' types
+            proto = inliner.inline_local_functions(_inferred(proto, shape_inference), convert_version=True)
+        except Exception:
+            return before  # as it was: its operators are reported as unsupported
+        del proto.opset_import[:]
+        proto.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
+    return proto
+
+
+def _copy(proto):
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    return m
+
+
+def _inferred(proto, shape_inference):
+    """The model with shape inference's value types, or as it is where inference fails."""
+    try:
+        return shape_inference.infer_shapes(proto)
+    except Exception:
+        return proto
+
+
+def _value_types(proto, shape_inference):
+    """{name: TypeProto} of the graph's values, from shape inference where it succeeds."""
+    g = _inferred(proto, shape_inference).graph
+    types = {v.name: v.type for v in list(g.input) + list(g.value_info) + list(g.output)}
+    for t in g.initializer:
+        types.setdefault(t.name, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
+    return types
 
 
 def _first_line(e):

@@ -181,6 +181,24 @@ class Cast1(Cast):
         return Cast.vjp(cx, Ybar, to=_type_code(to))
 
 
+@rule("CastLike", since=15)
+class CastLike:
+    """Y = input converted to the type of target_type (whose values are not read)."""
+
+    nondiff = (1,)
+
+    def forward(input, target_type, *, saturate=1, round_mode="up"):
+        if np.issubdtype(target_type.dtype, np.integer) and np.issubdtype(input.dtype, np.floating):
+            return np.trunc(input).astype(target_type.dtype)
+        return input.astype(target_type.dtype)
+
+    def jvp(cx, Xdot, _=None, **__):
+        return Xdot if cx.x[0].dtype.kind == "f" and cx.x[1].dtype.kind == "f" else None
+
+    def vjp(cx, Ybar, **_):
+        return (Ybar if cx.x[0].dtype.kind == "f" and cx.x[1].dtype.kind == "f" else None), None
+
+
 def _type_code(to):
     return getattr(TensorProto, to.upper()) if isinstance(to, str) else to
 

@@ -1,0 +1,73 @@
+"""Operators jaccli has no rule for, but which ONNX defines as functions of other operators
+(opset 23's Attention and RMSNormalization, Celu, MeanVarianceNormalization): the loader
+replaces them with their function bodies. The forward pass matches onnxruntime's own kernels
+for those operators, and the Jacobians match central differences."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import jaccli
+from jaccli.model import load
+
+from gradcheck import N, fd_input_jacobian, fd_param_jacobian, our_forward, rel_err
+
+RNG = np.random.default_rng(23)
+
+
+def make(nodes, inits, x_shape, y_shape, opset):
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", *y_shape])],
+                          [numpy_helper.from_array(v if v.dtype == np.int64 else v.astype(np.float32), k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 10
+    return m
+
+
+def rms_norm():
+    inits = {"s": 1 + 0.3 * RNG.standard_normal(6)}
+    return make([helper.make_node("RMSNormalization", ["x", "s"], ["y"], axis=-1, epsilon=1e-5)], inits, (4, 6), (4, 6), 23), inits
+
+
+def attention():
+    """Causal self-attention, 2 heads of 4, through the Attention operator on 4-D inputs."""
+    inits = {f"W{c}": RNG.standard_normal((8, 8)) / 3 for c in "qkv"}
+    inits["heads"] = np.array([0, 5, 2, 4], np.int64)
+    nodes = []
+    for c in "qkv":
+        nodes += [helper.make_node("MatMul", ["x", f"W{c}"], [f"{c}0"]), helper.make_node("Reshape", [f"{c}0", "heads"], [f"{c}1"]),
+                  helper.make_node("Transpose", [f"{c}1"], [c], perm=[0, 2, 1, 3])]
+    nodes.append(helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=1))
+    return make(nodes, inits, (5, 8), (2, 5, 4), 23), {k: v for k, v in inits.items() if k != "heads"}
+
+
+def celu_mvn():
+    nodes = [helper.make_node("Celu", ["x"], ["c"], alpha=0.7), helper.make_node("MeanVarianceNormalization", ["c"], ["y"], axes=[1, 2])]
+    return make(nodes, {}, (3, 4), (3, 4), 13), {}
+
+
+CASES = {"RMSNormalization": rms_norm, "Attention": attention, "Celu+MVN": celu_mvn}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_expanded_forward_matches_onnxruntime(name):
+    m, _ = CASES[name]()
+    assert name.split("+")[0] not in {n.op_type for n in load(m).nodes}  # replaced by its body
+    x = RNG.standard_normal((N, *[d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:]]))
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.astype(np.float32)})[0]
+    assert rel_err(our_forward(m, {"x": x}, np.float32), want) < 1e-5
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_expanded_jacobians_match_differences(name):
+    m, inits = CASES[name]()
+    x = RNG.standard_normal((N, *[d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:]]))
+    for mode in ("forward", "reverse"):
+        J = jaccli.input_jacobian(m, x, dtype=np.float64, flat=True, mode=mode)
+        assert rel_err(J, fd_input_jacobian(m, {"x": x}, "x")) < 1e-6
+    if inits:
+        names = list(inits)  # the model's initializer order, as the columns
+        G, _ = jaccli.param_jacobian(m, x, dtype=np.float64, params=names)
+        want = fd_param_jacobian(m, {"x": x}, names, inits)
+        assert rel_err(G.reshape(want.shape), want) < 1e-6
