@@ -31,21 +31,21 @@ def _max_arg(X, kernel_shape, s, d, begin, end):
 
 
 def _tiled_max_cotangent(Ybar, idx, kernel, padded):
-    """MaxPool's cotangent when the windows tile the input (stride = kernel): each cotangent
-    repeated over its window, times a mask of the maxima. Contiguous passes only."""
+    """MaxPool's cotangent when the windows tile the input (stride = kernel): per kernel offset,
+    the cotangent times that offset's mask of maxima, written into its strided share of the
+    windows (one write of the result; repeating the cotangent first would make three passes)."""
     nd = len(kernel)
     out = idx.shape[2:]
-    mask = np.zeros(idx.shape[:2] + tuple(x for o, k in zip(out, kernel) for x in (o, k)), Ybar.dtype)
+    lead = Ybar.shape[: Ybar.ndim - nd]
+    full = tuple(o * k for o, k in zip(out, kernel))
+    R = np.empty(lead + tuple(x for o, k in zip(out, kernel) for x in (o, k)), Ybar.dtype)  # (..., o1, k1, o2, k2, ...)
     for k, off in enumerate(np.ndindex(*kernel)):
-        mask[(slice(None), slice(None)) + tuple(x for o in off for x in (slice(None), o))] = idx == k
-    R = Ybar
-    for i, k in enumerate(kernel):
-        R = np.repeat(R, k, axis=Ybar.ndim - nd + i)
-    R *= mask.reshape(idx.shape[:2] + tuple(o * k for o, k in zip(out, kernel)))
-    if tuple(R.shape[-nd:]) == tuple(padded):
+        np.multiply(Ybar, (idx == k).astype(Ybar.dtype), out=R[(Ellipsis,) + tuple(x for o in off for x in (slice(None), o))])
+    R = R.reshape(lead + full)
+    if full == tuple(padded):
         return R
-    Xb = np.zeros(R.shape[: R.ndim - nd] + tuple(padded), R.dtype)  # rows and columns past the last window
-    Xb[(Ellipsis,) + tuple(slice(0, n) for n in R.shape[-nd:])] = R
+    Xb = np.zeros(lead + tuple(padded), R.dtype)  # rows and columns past the last window
+    Xb[(Ellipsis,) + tuple(slice(0, n) for n in full)] = R
     return Xb
 
 
