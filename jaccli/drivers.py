@@ -178,6 +178,9 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
     at a time.
     """
     if N < 2:
+        if plan.per_sample:  # one sample twice: the shapes show whether some rows mix samples
+            twice = {k: np.concatenate([v[:1], v[:1]]) if np.ndim(v) else v for k, v in _slice_samples(feeds, 0, 1).items()}
+            _note_mixed_rows(plan, walk.primal(plan, twice))
         return N
     fixed = any(v.shape and v.shape[0] == 1 for v in model.inputs)
     try:
@@ -193,10 +196,7 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
             return 1
         _check_sample_axis(y01, 2, of)
         raise DataError(f"output '{of}' changes shape with the number of samples; it cannot be paired with them")
-    mixed = _rows_mix_samples(plan, env01) if plan.per_sample else None
-    if mixed is not None:
-        plan.notes.append(f"one sample per run: node '{mixed.node.name}' ({mixed.node.op_type}) reads values whose first axis "
-                          f"mixes the samples with another axis, so its rows cannot be assigned to samples in a batch")
+    if plan.per_sample and _note_mixed_rows(plan, env01):
         return 1
     y1 = walk.primal(plan, _slice_samples(feeds, 1, 2))[of]
     for k, alone in ((0, y0[0]), (1, y1[0])):
@@ -209,6 +209,17 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
                 f"per-sample Jacobians are not defined for it"
             )
     return N
+
+
+def _note_mixed_rows(plan, env):
+    """Whether some rows mix samples (see _rows_mix_samples); if so the plan runs one sample at a
+    time with plain cotangents (plan.rows_mix_samples), and says so in the summary."""
+    mixed = _rows_mix_samples(plan, env)
+    if mixed is not None and not plan.rows_mix_samples:
+        plan.rows_mix_samples = True
+        plan.notes.append(f"one sample per run: node '{mixed.node.name}' ({mixed.node.op_type}) reads values whose first axis "
+                          f"mixes the samples with another axis, so its rows cannot be assigned to samples in a batch")
+    return mixed is not None
 
 
 def _rows_mix_samples(plan, env, n=2):

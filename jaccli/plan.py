@@ -49,6 +49,7 @@ class Plan:
         self.model, self.of, self.wrt, self.dtype = model, of, tuple(wrt), np.dtype(dtype)
         self.per_sample = per_sample
         self.notes = []  # what the drivers learn of the graph when they first run it, for the summary
+        self.rows_mix_samples = False  # set by the drivers' probe: per-sample cotangents one sample at a time
         data_inputs = {v.name for v in model.inputs}
         nodes = model.ancestors([of])
         require_rules(nodes)

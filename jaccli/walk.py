@@ -99,10 +99,11 @@ def _diagonal(plan, env, region, cache):
 
 
 def _one_sample(plan, env):
-    """Whether env holds one sample: then every per-sample cotangent is the plain (summed) one,
-    with a sample axis of 1, whatever the graph does to the sample axis (a Reshape that merges
-    it with a sequence, as exporters do before a Gemm)."""
-    return plan.per_sample and np.shape(env[plan.of])[:1] == (1,)  # the output's axis 0 is the samples
+    """Whether per-sample cotangents are to be taken as plain (summed) ones, given a sample axis of
+    1: for a graph whose rows mix samples with another axis (a Reshape that merges the sample
+    axis with a sequence, as exporters write before a Gemm; plan.rows_mix_samples), which the
+    drivers run one sample at a time. Elsewhere the rules' own per-sample cotangents are faster."""
+    return plan.per_sample and plan.rows_mix_samples and np.shape(env[plan.of])[:1] == (1,)  # the output's axis 0: samples
 
 
 def vjp(plan: Plan, env: dict, Ybar, wrt, sinks=None):
