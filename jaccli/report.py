@@ -100,13 +100,18 @@ def render_check(console: Console, d: dict):
     t.add_column("directions rel. error", justify="right")
     t.add_column("forward max |y - y_ort|", justify="right")
     t.add_column("verdict")
-    from .oracle import _passes
+    from .oracle import verdict
 
-    for r in d["rows"]:
-        ok = _passes(r, d["tolerance"])
+    colour = {"pass": "[green]pass[/green]", "FAIL": "[red]FAIL[/red]", "unclear": "[yellow]unclear[/yellow]"}
+    verdicts = [verdict(r, d["tolerance"]) for r in d["rows"]]
+    for r, v in zip(d["rows"], verdicts):
         t.add_row(r["output"], _fmt(r["max_abs_error"]), _fmt(r["max_abs"]), _fmt(r["entry_error"]), _fmt(r["directional_error"]),
-                  _fmt(r["forward_error"]), "[green]pass[/green]" if ok else "[red]FAIL[/red]")
+                  _fmt(r["forward_error"]), colour[v])
     console.print(t)
+    for r, v in zip(d["rows"], verdicts):
+        if v == "unclear":
+            console.print(f"unclear ({r['output']}): every difference is within the {d['oracle_dtype']} oracle's own rounding "
+                          f"(about {r['noise']:.1e} here): the Jacobian is too small next to the outputs to be judged this way")
     console.print(f"pass: the better of the two relative errors (max |J - J_fd| / max |J_fd| over sampled entries, and "
                   f"over random directions J v) ≤ {d['tolerance']:.0e}, the other ≤ {10 * d['tolerance']:.0e}; "
                   f"steps {d['step']:.0e} × (4, 1, 1/4), relative to the values perturbed")

@@ -97,14 +97,39 @@ def test_params_cli_writes_column_map_and_matches_api(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_check_command_passes_and_can_fail(name):
+def test_check_command_passes_and_can_fail(name, monkeypatch):
     model, data = paths(name)
     for extra in ([], ["--params"]):
         r = run(["check", model, data, *extra])
         assert r.exit_code == 0, r.output
         assert "pass" in r.output
+    # below what the oracle's own rounding can resolve, the verdict is at most unclear
     r = run(["check", model, data, "--tolerance", "1e-12"])
-    assert r.exit_code == 1
+    assert ("FAIL" in r.output) == (r.exit_code == 1)
+    # a Jacobian that is wrong by 10% fails, input and parameter alike
+    import jaccli.oracle as oracle
+
+    for fn in ("input_jacobian", "param_jacobian"):
+        real = getattr(oracle, fn)
+
+        def wrong(*a, _real=real, **k):
+            res = _real(*a, **k)
+            res.J = res.J * 1.1
+            return res
+
+        monkeypatch.setattr(oracle, fn, wrong)
+    for extra in ([], ["--params"]):
+        r = run(["check", model, data, *extra])
+        assert r.exit_code == 1 and "FAIL" in r.output, r.output
+
+
+def test_check_calls_differences_below_the_oracles_rounding_unclear():
+    from jaccli.oracle import verdict
+
+    row = {"entry_error": 0.04, "directional_error": 0.09, "max_abs_error": 1e-5, "max_abs_direction_error": 2e-5, "noise": 6e-5}
+    assert verdict(row, 1e-3) == "unclear"
+    assert verdict({**row, "max_abs_error": 1e-4}, 1e-3) == "FAIL"
+    assert verdict({**row, "entry_error": 1e-4, "directional_error": 5e-3}, 1e-3) == "pass"
 
 
 def test_modes_agree_and_flat_and_outputs(tmp_path):
