@@ -241,8 +241,8 @@ def _passes(row, tol):
 
 def verdict(row, tol):
     """pass, FAIL, or unclear: not within the tolerance, but every difference is within the
-    oracle's own rounding (row["noise"]), so the Jacobian is too small next to the outputs for
-    this oracle to judge (a saturated classifier's probabilities checked in float32)."""
+    oracle's own rounding (row["noise"]), so this oracle cannot tell (a saturated classifier's
+    probabilities checked in float32, or a tolerance below what its precision resolves)."""
     if _passes(row, tol):
         return "pass"
     noise = row.get("noise", 0.0)

@@ -111,7 +111,7 @@ def render_check(console: Console, d: dict):
     for r, v in zip(d["rows"], verdicts):
         if v == "unclear":
             console.print(f"unclear ({r['output']}): every difference is within the {d['oracle_dtype']} oracle's own rounding "
-                          f"(about {r['noise']:.1e} here): the Jacobian is too small next to the outputs to be judged this way")
+                          f"(about {r['noise']:.1e} here), so this oracle cannot tell at this tolerance")
     console.print(f"pass: the better of the two relative errors (max |J - J_fd| / max |J_fd| over sampled entries, and "
                   f"over random directions J v) ≤ {d['tolerance']:.0e}, the other ≤ {10 * d['tolerance']:.0e}; "
                   f"steps {d['step']:.0e} × (4, 1, 1/4), relative to the values perturbed")
