@@ -110,3 +110,32 @@ def test_zipmap_models_need_of_and_accept_the_tensor_before_it(tmp_path):
     assert rel_err(J, fd) < 1e-4
     r = CliRunner().invoke(main, ["check", str(tmp_path / "zm.onnx"), str(tmp_path / "x.npy"), "--of", "probabilities"])
     assert r.exit_code == 0, r.output
+
+
+def svm_regressor(kernel, n_supports=5, n_features=4, one_class=0):
+    attrs = dict(coefficients=list(RNG.standard_normal(n_supports if n_supports else n_features)),
+                 kernel_params=[0.3, 0.5, 3.0], kernel_type=kernel, n_supports=n_supports, rho=[0.25], one_class=one_class)
+    if n_supports:
+        attrs["support_vectors"] = list(RNG.standard_normal(n_supports * n_features))
+    g = helper.make_graph([helper.make_node("SVMRegressor", ["x"], ["y"], domain="ai.onnx.ml", **attrs)], "svr",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_features])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("kernel,n_supports,one_class", [("RBF", 5, 0), ("POLY", 5, 0), ("SIGMOID", 5, 0), ("LINEAR", 5, 0),
+                                                         ("LINEAR", 0, 0), ("RBF", 5, 1)])
+def test_svm_regressor(kernel, n_supports, one_class):
+    """skl2onnx's SVR: the kernels as onnxruntime computes them, and their input Jacobians."""
+    from gradcheck import fd_input_jacobian, our_forward
+
+    m = svm_regressor(kernel, n_supports, one_class=one_class)
+    x = RNG.standard_normal((6, 4))
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.astype(np.float32)})[0]
+    assert rel_err(our_forward(m, {"x": x[:3]}, np.float32), want[:3]) < 1e-5
+    for mode in ("forward", "reverse"):
+        J = jaccli.input_jacobian(m, x[:3], dtype="float64", flat=True, mode=mode)
+        fd = fd_input_jacobian(m, {"x": x[:3]}, "x")
+        assert np.abs(J - fd).max() <= 1e-6 * max(1.0, np.abs(fd).max())

@@ -188,3 +188,72 @@ def _scores_cotangent(cx, Sbar, attrs):
     if W.shape[0] == 1 and cx.y[1].shape[-1] == 2:
         Sbar = Sbar[..., 1:] - Sbar[..., :1]
     return _post_derivative(S1, Sbar, post) @ W.astype(Sbar.dtype)
+
+
+@rule("SVMRegressor", since=1, domain=ML)
+class SVMRegressor:
+    """Y (N, 1) = sum_j coefficients_j K(X, support_vector_j) + rho (n_supports > 0), or
+    X . coefficients + rho (n_supports = 0); kernels LINEAR (x.s), POLY (gamma x.s + coef0)^degree,
+    SIGMOID tanh(gamma x.s + coef0), RBF exp(-gamma |x - s|^2), with kernel_params (gamma, coef0,
+    degree), as onnxruntime computes them. one_class gives the sign, +-1, whose derivative is zero."""
+
+    def forward(X, *, coefficients, kernel_params=None, kernel_type="LINEAR", n_supports=0, one_class=0,
+                post_transform="NONE", rho=None, support_vectors=None):
+        Xf = X.astype(np.result_type(X.dtype, np.float32))
+        Y = _svm_score(Xf, coefficients, kernel_params, kernel_type, n_supports, rho, support_vectors)[0]
+        return np.where(Y > 0, 1, -1).astype(Y.dtype) if one_class else Y
+
+    def jvp(cx, Xdot, **attrs):
+        g = _svm_gradient(cx.x[0], **attrs)
+        return (Xdot * g.astype(Xdot.dtype)).sum(axis=-1, keepdims=True)
+
+    def vjp(cx, Ybar, **attrs):
+        return (Ybar * _svm_gradient(cx.x[0], **attrs).astype(Ybar.dtype),)
+
+
+def _svm_kernel_parts(kernel_params, kernel_type, n_supports):
+    gamma, coef0, degree = (list(kernel_params) + [0.0, 0.0, 0.0])[:3] if kernel_params is not None else (0.0, 0.0, 0.0)
+    kind = (kernel_type.decode() if isinstance(kernel_type, bytes) else kernel_type or "LINEAR").upper()
+    if kind not in ("LINEAR", "POLY", "RBF", "SIGMOID"):
+        raise UnsupportedOpError(f"SVMRegressor: kernel_type {kind} is not supported")
+    return (kind if n_supports else "LINEAR"), gamma, coef0, degree
+
+
+def _svm_score(X, coefficients, kernel_params, kernel_type, n_supports, rho, support_vectors):
+    """(Y (N, 1), the kernel's inner value per support vector (N, n) or None, the support vectors)."""
+    kind, gamma, coef0, degree = _svm_kernel_parts(kernel_params, kernel_type, n_supports)
+    b = float(rho[0]) if rho is not None and len(rho) else 0.0
+    coef = np.asarray(coefficients, X.dtype)
+    if not n_supports:  # liblinear: the coefficients are the weights
+        return X @ coef[:, None] + b, None, None
+    S = np.asarray(support_vectors, X.dtype).reshape(n_supports, -1)
+    if kind == "RBF":
+        d2 = np.maximum((X * X).sum(-1, keepdims=True) - 2 * X @ S.T + (S * S).sum(-1), 0)
+        U = d2
+        K = np.exp(-gamma * d2)
+    else:
+        U = X @ S.T
+        if kind != "LINEAR":
+            U = gamma * U + coef0
+        K = U if kind == "LINEAR" else U ** degree if kind == "POLY" else np.tanh(U)
+    return K @ coef[:, None] + b, U, S
+
+
+def _svm_gradient(X, *, coefficients, kernel_params=None, kernel_type="LINEAR", n_supports=0, one_class=0,
+                  post_transform="NONE", rho=None, support_vectors=None):
+    """dY/dX per sample: (N, F)."""
+    if one_class:
+        return np.zeros_like(X)
+    kind, gamma, coef0, degree = _svm_kernel_parts(kernel_params, kernel_type, n_supports)
+    coef = np.asarray(coefficients, X.dtype)
+    if not n_supports:
+        return np.broadcast_to(coef, X.shape)
+    _, U, S = _svm_score(X, coefficients, kernel_params, kernel_type, n_supports, rho, support_vectors)
+    if kind == "RBF":  # d/dx exp(-gamma |x - s|^2) = -2 gamma K (x - s)
+        W = coef * np.exp(-gamma * U)
+        return -2 * gamma * (X * W.sum(-1, keepdims=True) - W @ S)
+    if kind == "LINEAR":
+        return np.broadcast_to(coef @ S, X.shape)
+    dK = degree * U ** (degree - 1) if kind == "POLY" else 1 - np.tanh(U) ** 2
+    return gamma * ((coef * dK) @ S)
+
