@@ -700,6 +700,69 @@ class GatherElements:
         return Xb.reshape(Ybar.shape[:lead] + X.shape), None
 
 
+@rule("GatherND", since=11)
+class GatherND:
+    """Y = data[indices[..., 0], ..., indices[..., k-1]] with the first batch_dims axes of data and
+    indices paired (opset 12); negative indices count from the end."""
+
+    nondiff = (1,)
+
+    def forward(data, indices, *, batch_dims=0):
+        return data[_nd_index(data.shape, indices, batch_dims)]
+
+    def jvp(cx, Ddot, _=None, *, batch_dims=0):
+        return Ddot[(slice(None),) * (Ddot.ndim - cx.x[0].ndim) + _nd_index(cx.x[0].shape, cx.x[1], batch_dims)]
+
+    def vjp(cx, Ybar, *, batch_dims=0):
+        need_no_keep(cx, "GatherND")
+        X, idx = cx.x
+        lead = cx.lead(Ybar)
+        L = int(np.prod(Ybar.shape[:lead]))
+        Xb = np.zeros((L,) + X.shape, Ybar.dtype)
+        np.add.at(Xb, (slice(None),) + _nd_index(X.shape, idx, batch_dims), Ybar.reshape((L,) + Ybar.shape[lead:]))
+        return Xb.reshape(Ybar.shape[:lead] + X.shape), None
+
+
+def _nd_index(shape, indices, batch_dims):
+    """GatherND's indices as a tuple of integer arrays over data's first batch_dims + k axes,
+    broadcast to indices.shape[:-1]: aranges for the batch axes, the (wrapped) index columns."""
+    idx = np.asarray(indices, np.int64)
+    b, k = int(batch_dims), idx.shape[-1]
+    outer = idx.shape[:-1]
+    tup = [np.arange(shape[j]).reshape((1,) * j + (-1,) + (1,) * (len(outer) - j - 1)) for j in range(b)]
+    tup += [_wrap(idx[..., i], shape[b + i]) for i in range(k)]
+    return tuple(tup)
+
+
+@rule("CumSum", since=11)
+class CumSum:
+    """Y = running sums of x along `axis` (an input): exclusive leaves each element out, reverse
+    sums from the end. Linear; its adjoint runs the other way with the same exclusiveness."""
+
+    nondiff = (1,)
+
+    def forward(x, axis, *, exclusive=0, reverse=0):
+        return _cumsum(x, int(np.ravel(axis)[0]) % x.ndim, exclusive, reverse)
+
+    def jvp(cx, Xdot, _=None, *, exclusive=0, reverse=0):
+        X = cx.x[0]
+        return _cumsum(Xdot, Xdot.ndim - X.ndim + int(np.ravel(cx.x[1])[0]) % X.ndim, exclusive, reverse)
+
+    def vjp(cx, Ybar, *, exclusive=0, reverse=0):
+        X = cx.x[0]
+        return _cumsum(Ybar, cx.lead(Ybar) + int(np.ravel(cx.x[1])[0]) % X.ndim, exclusive, not reverse), None
+
+
+def _cumsum(X, axis, exclusive, reverse):
+    if reverse:
+        X = np.flip(X, axis)
+    Y = np.cumsum(X, axis=axis, dtype=X.dtype)
+    if exclusive:
+        Y = np.roll(Y, 1, axis=axis)
+        Y[(slice(None),) * axis + (0,)] = 0
+    return np.flip(Y, axis) if reverse else Y
+
+
 @rule("ScatterND", since=11)
 class ScatterND:
     """Y = data with Y[indices[...]] = updates (or += with reduction='add')."""
