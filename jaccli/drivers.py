@@ -350,8 +350,8 @@ class ArrayTarget:
         if free is not None and need > free:
             raise MemoryBudgetError(
                 f"the Jacobian {tuple(result.shape)} {result.dtype} takes {gib(need)}, more than the {gib(free)} of memory "
-                f"available: write it to a file, block by block (a FileTarget; -o on the command line), or ask for "
-                f"fewer outputs, parameters or samples"
+                f"available: write it to a file block by block (target=jaccli.io.FileTarget(path, 'npy'); -o on the "
+                f"command line), or ask for fewer outputs, parameters or samples"
             )
         result.J = allocate(result.flat_shape, result.dtype)
 

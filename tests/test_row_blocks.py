@@ -108,3 +108,14 @@ def test_an_array_memory_cannot_hold_is_refused(monkeypatch):
         jaccli.param_jacobian(CNN, np.load(CNN_X))
     r = cli(["params", CNN, CNN_X, "-q"])  # no -o: nothing is held but one block
     assert r.exit_code == 0, r.output
+
+
+def test_the_python_api_streams_to_a_file(tmp_path):
+    """The README's recipe: a FileTarget from Python, rows in parts, committed into place."""
+    x = np.load(CNN_X)[:5]
+    t = jio.FileTarget(str(tmp_path / "G.npy"), "npy")
+    r = jaccli.param_jacobian(CNN, x, max_memory=TINY, target=t, return_result=True)
+    assert r.J is None and r.block_rows and not (tmp_path / "G.npy").exists()
+    t.commit(r)
+    G, _ = jaccli.param_jacobian(CNN, x)
+    np.testing.assert_allclose(np.load(tmp_path / "G.npy").reshape(G.shape), G, rtol=1e-5, atol=1e-7)
