@@ -805,6 +805,89 @@ class ScatterND:
         return Dbar, None, Ubar
 
 
+@rule("ScatterElements", since=11)
+class ScatterElements:
+    """Y = data with Y[..., indices[i, j], ...] = updates[i, j] along `axis` (or += with
+    reduction='add'); indices and updates share a shape, as in GatherElements."""
+
+    nondiff = (1,)
+
+    def forward(data, indices, updates, *, axis=0, reduction="none"):
+        if reduction not in ("none", "add"):
+            raise UnsupportedOpError(f"ScatterElements with reduction={reduction!r} is not supported")
+        Y = data.copy()
+        ix = _elements_index(indices, axis, data.shape)
+        if reduction == "none":
+            Y[ix] = updates
+        else:
+            np.add.at(Y, ix, updates)
+        return Y
+
+    def jvp(cx, Ddot, _, Udot, *, axis=0, reduction="none"):
+        X, idx, U = cx.x
+        lead = (Ddot if Ddot is not None else Udot).ndim - (X if Ddot is not None else U).ndim
+        head = (Ddot if Ddot is not None else Udot).shape[:lead]
+        ix = (slice(None),) * lead + _elements_index(idx, axis, X.shape)
+        Y = np.zeros(head + X.shape, cx.y[0].dtype) if Ddot is None else Ddot.copy()
+        if reduction == "none":
+            Y[ix] = 0 if Udot is None else Udot
+        elif Udot is not None:
+            np.add.at(Y, ix, Udot)
+        return Y
+
+    def vjp(cx, Ybar, *, axis=0, reduction="none"):
+        need_no_keep(cx, "ScatterElements")
+        X, idx, U = cx.x
+        ix = (slice(None),) * cx.lead(Ybar) + _elements_index(idx, axis, X.shape)
+        Dbar = None
+        if cx.need[0]:
+            Dbar = Ybar.copy()
+            if reduction == "none":
+                Dbar[ix] = 0
+        return Dbar, None, (Ybar[ix] if cx.need[2] else None)
+
+
+def _elements_index(indices, axis, shape):
+    """The advanced index of data that indices (of data's rank) point to along axis."""
+    idx = np.asarray(indices, np.int64)
+    axis = axis % len(shape)
+    grid = list(np.indices(idx.shape, sparse=True))
+    grid[axis] = _wrap(idx, shape[axis])
+    return tuple(grid)
+
+
+@rule("TopK", since=10)
+class TopK:
+    """(Values, Indices) = the K largest (or smallest) elements along `axis`, sorted; K an input.
+    Values are X gathered at Indices, so their derivatives are gathers and scatters there (ties
+    follow the order numpy's stable sort gives, the lower index first)."""
+
+    nondiff = (1,)
+    n_diff_outputs = 1
+
+    def forward(X, K, *, axis=-1, largest=1, sorted=1):
+        k = int(np.ravel(K)[0])
+        axis = axis % X.ndim
+        order = np.argsort(-X if largest else X, axis=axis, kind="stable")
+        idx = np.take(order, np.arange(k), axis=axis)
+        return np.take_along_axis(X, idx, axis=axis), idx.astype(np.int64)
+
+    def jvp(cx, Xdot, _=None, **attrs):
+        X, idx = cx.x[0], cx.y[1]
+        lead = Xdot.ndim - X.ndim
+        axis = attrs.get("axis", -1) % X.ndim
+        return np.take_along_axis(Xdot, np.broadcast_to(idx, Xdot.shape[:lead] + idx.shape), axis=lead + axis), None
+
+    def vjp(cx, Ybar, **attrs):
+        need_no_keep(cx, "TopK")
+        X, idx = cx.x[0], cx.y[1]
+        lead = cx.lead(Ybar)
+        axis = attrs.get("axis", -1) % X.ndim
+        Xb = np.zeros(Ybar.shape[:lead] + X.shape, Ybar.dtype)
+        np.put_along_axis(Xb, np.broadcast_to(idx, Ybar.shape[:lead] + idx.shape), Ybar, axis=lead + axis)
+        return Xb, None
+
+
 class _ArgReduce:
     nondiff = (0,)
 
