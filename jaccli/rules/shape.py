@@ -770,39 +770,13 @@ class ScatterND:
     nondiff = (1,)
 
     def forward(data, indices, updates, *, reduction="none"):
-        Y = data.copy()
-        ix = tuple(np.moveaxis(np.asarray(indices), -1, 0))
-        if reduction == "none":
-            Y[ix] = updates
-        elif reduction == "add":
-            np.add.at(Y, ix, updates)
-        else:
-            raise UnsupportedOpError(f"ScatterND with reduction={reduction!r} is not supported")
-        return Y
+        return _scatter(data.copy(), _nd_tuple(indices), updates, reduction, "ScatterND")
 
     def jvp(cx, Ddot, _, Udot, *, reduction="none"):
-        X, idx, U = cx.x
-        lead = (Ddot if Ddot is not None else Udot).ndim - (X if Ddot is not None else U).ndim
-        ix = (slice(None),) * lead + tuple(np.moveaxis(np.asarray(idx), -1, 0))
-        head = (Ddot if Ddot is not None else Udot).shape[:lead]
-        Y = np.zeros(head + X.shape, cx.y[0].dtype) if Ddot is None else Ddot.copy()
-        if reduction == "none":
-            Y[ix] = 0 if Udot is None else Udot
-        elif Udot is not None:
-            np.add.at(Y, ix, Udot)
-        return Y
+        return _scatter_jvp(cx, Ddot, Udot, _nd_tuple(cx.x[1]), reduction)
 
     def vjp(cx, Ybar, *, reduction="none"):
-        X, idx, U = cx.x
-        lead = cx.lead(Ybar)
-        ix = (slice(None),) * lead + tuple(np.moveaxis(np.asarray(idx), -1, 0))
-        Dbar = None
-        if cx.need[0]:
-            Dbar = Ybar.copy()
-            if reduction == "none":
-                Dbar[ix] = 0
-        Ubar = Ybar[ix] if cx.need[2] else None
-        return Dbar, None, Ubar
+        return _scatter_vjp(cx, Ybar, _nd_tuple(cx.x[1]), reduction)
 
 
 @rule("ScatterElements", since=11)
@@ -813,38 +787,54 @@ class ScatterElements:
     nondiff = (1,)
 
     def forward(data, indices, updates, *, axis=0, reduction="none"):
-        if reduction not in ("none", "add"):
-            raise UnsupportedOpError(f"ScatterElements with reduction={reduction!r} is not supported")
-        Y = data.copy()
-        ix = _elements_index(indices, axis, data.shape)
-        if reduction == "none":
-            Y[ix] = updates
-        else:
-            np.add.at(Y, ix, updates)
-        return Y
+        return _scatter(data.copy(), _elements_index(indices, axis, data.shape), updates, reduction, "ScatterElements")
 
     def jvp(cx, Ddot, _, Udot, *, axis=0, reduction="none"):
-        X, idx, U = cx.x
-        lead = (Ddot if Ddot is not None else Udot).ndim - (X if Ddot is not None else U).ndim
-        head = (Ddot if Ddot is not None else Udot).shape[:lead]
-        ix = (slice(None),) * lead + _elements_index(idx, axis, X.shape)
-        Y = np.zeros(head + X.shape, cx.y[0].dtype) if Ddot is None else Ddot.copy()
-        if reduction == "none":
-            Y[ix] = 0 if Udot is None else Udot
-        elif Udot is not None:
-            np.add.at(Y, ix, Udot)
-        return Y
+        return _scatter_jvp(cx, Ddot, Udot, _elements_index(cx.x[1], axis, cx.x[0].shape), reduction)
 
     def vjp(cx, Ybar, *, axis=0, reduction="none"):
         need_no_keep(cx, "ScatterElements")
-        X, idx, U = cx.x
-        ix = (slice(None),) * cx.lead(Ybar) + _elements_index(idx, axis, X.shape)
-        Dbar = None
-        if cx.need[0]:
-            Dbar = Ybar.copy()
-            if reduction == "none":
-                Dbar[ix] = 0
-        return Dbar, None, (Ybar[ix] if cx.need[2] else None)
+        return _scatter_vjp(cx, Ybar, _elements_index(cx.x[1], axis, cx.x[0].shape), reduction)
+
+
+def _nd_tuple(indices):
+    return tuple(np.moveaxis(np.asarray(indices), -1, 0))
+
+
+def _scatter(Y, ix, updates, reduction, op):
+    """Y with the updates written (reduction 'none') or added ('add') at the index ix."""
+    if reduction == "none":
+        Y[ix] = updates
+    elif reduction == "add":
+        np.add.at(Y, ix, updates)
+    else:
+        raise UnsupportedOpError(f"{op} with reduction={reduction!r} is not supported")
+    return Y
+
+
+def _scatter_jvp(cx, Ddot, Udot, ix, reduction):
+    """A scatter's tangent: the data's tangent with the updates' tangent scattered the same way."""
+    X, U = cx.x[0], cx.x[2]
+    lead = (Ddot if Ddot is not None else Udot).ndim - (X if Ddot is not None else U).ndim
+    head = (Ddot if Ddot is not None else Udot).shape[:lead]
+    Y = np.zeros(head + X.shape, cx.y[0].dtype) if Ddot is None else Ddot.copy()
+    ix = (slice(None),) * lead + ix
+    if Udot is not None:
+        return _scatter(Y, ix, Udot, reduction, "")
+    if reduction == "none":  # overwritten: the data's tangent does not reach there
+        Y[ix] = 0
+    return Y
+
+
+def _scatter_vjp(cx, Ybar, ix, reduction):
+    """The data's cotangent is Ybar, less what was overwritten; the updates' is Ybar gathered at ix."""
+    ix = (slice(None),) * cx.lead(Ybar) + ix
+    Dbar = None
+    if cx.need[0]:
+        Dbar = Ybar.copy()
+        if reduction == "none":
+            Dbar[ix] = 0
+    return Dbar, None, (Ybar[ix] if cx.need[2] else None)
 
 
 def _elements_index(indices, axis, shape):
