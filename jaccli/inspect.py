@@ -41,4 +41,5 @@ def describe(path):
         "parameters": params,
         "n_parameters": sum(p["size"] for p in params),
         "operators": ops,
+        "expanded": dict(model.expanded),  # operators replaced by their ONNX function bodies
     }

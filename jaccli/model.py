@@ -55,6 +55,7 @@ class Model:
     value_info: dict = field(default_factory=dict)  # name -> ValueInfo from shape inference
     producer: str = ""
     plans: dict = field(default_factory=dict, repr=False)  # cache of the drivers: plans and probes
+    expanded: dict = field(default_factory=dict)  # operator -> nodes replaced by its ONNX function body
 
     def input(self, name):
         return _pick(self.inputs, name, "input")
@@ -153,9 +154,11 @@ def load(source, max_bytes=None) -> Model:
             proto = inliner.inline_local_functions(proto)
         except Exception as e:
             raise ModelError(f"{path or 'model'}: its local functions cannot be inlined ({_first_line(e)})") from None
-    proto = _expand_functions(proto)
+    proto, expanded = _expand_functions(proto)
     base = os.path.dirname(os.path.abspath(path)) if path else None
-    return _build(proto, path, base, max_bytes)
+    model = _build(proto, path, base, max_bytes)
+    model.expanded = expanded
+    return model
 
 
 _EXPANDED = "jaccli.expanded"  # the domain of the model-local functions made of ONNX function bodies
@@ -166,12 +169,14 @@ def _expand_functions(proto, rounds=4):
     function of other operators (opset 23's Attention and RMSNormalization, HardSwish, Mish ...),
     replaced by that function's body, so that the body's operators are differentiated. Bodies
     that depend on the node's input types are built from shape inference. Nodes that cannot be
-    expanded are left as they are: `inspect` and the plan name them."""
+    expanded are left as they are: `inspect` and the plan name them. Returns the model and
+    {operator: how many nodes were expanded}."""
     from onnx import defs, inliner, shape_inference
 
     from .errors import UnsupportedOpError
     from .rules import lookup
 
+    expanded = {}
     for _ in range(rounds):
         before = proto
         opsets = {(o.domain if o.domain != "ai.onnx" else ""): o.version for o in proto.opset_import}
@@ -213,10 +218,12 @@ def _expand_functions(proto, rounds=4):
             if body is not None and len(body.node):
                 bodies[k] = body
         if not bodies:
-            return proto
+            return proto, expanded
         proto = _copy(proto)  # never change the caller's model
+        done = dict(expanded)
         for k, body in bodies.items():
             n = proto.graph.node[k]
+            done[n.op_type] = done.get(n.op_type, 0) + 1
             f = proto.functions.add()
             f.CopyFrom(body)
             f.domain, f.name = _EXPANDED, f"{n.op_type}_{len(proto.functions)}"
@@ -225,10 +232,11 @@ def _expand_functions(proto, rounds=4):
         try:  # bodies converted to the model's opset, which needs the values' types
             proto = inliner.inline_local_functions(_inferred(proto, shape_inference), convert_version=True)
         except Exception:
-            return before  # as it was: its operators are reported as unsupported
+            return before, expanded  # as it was: its operators are reported as unsupported
         del proto.opset_import[:]
         proto.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
-    return proto
+        expanded = done
+    return proto, expanded
 
 
 def _copy(proto):

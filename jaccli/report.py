@@ -88,6 +88,9 @@ def render_inspect(console: Console, info: dict):
         o.add_row(op["op"], str(op["opset"]), str(op["count"]),
                   "[green]supported[/green]" if op["supported"] else f"[red]unsupported[/red] ({op['first_node']})")
     console.print(o)
+    if info.get("expanded"):
+        names = ", ".join(f"{op} ({n} node{'s' if n > 1 else ''})" for op, n in info["expanded"].items())
+        console.print(f"[yellow]note:[/yellow] replaced by their ONNX function bodies, whose operators are listed above: {names}")
 
 
 def render_check(console: Console, d: dict):

@@ -47,13 +47,15 @@ def celu_mvn():
     return make(nodes, {}, (3, 4), (3, 4), 13), {}
 
 
-CASES = {"RMSNormalization": rms_norm, "Attention": attention, "Celu+MVN": celu_mvn}
+CASES = {"RMSNormalization": rms_norm, "Attention": attention, "Celu+MeanVarianceNormalization": celu_mvn}
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_expanded_forward_matches_onnxruntime(name):
     m, _ = CASES[name]()
-    assert name.split("+")[0] not in {n.op_type for n in load(m).nodes}  # replaced by its body
+    loaded = load(m)
+    assert name.split("+")[0] not in {n.op_type for n in loaded.nodes}  # replaced by its body
+    assert set(loaded.expanded) == set(name.split("+"))  # and said so (jaccli inspect prints it)
     x = RNG.standard_normal((N, *[d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:]]))
     want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.astype(np.float32)})[0]
     assert rel_err(our_forward(m, {"x": x}, np.float32), want) < 1e-5
