@@ -38,7 +38,7 @@ class Result:
     outputs: np.ndarray | None = None  # model outputs (N, *out_shape)
     seconds: float = 0.0
     chunks: tuple = (0, 0)  # samples per chunk, directions per chunk
-    block_rows: int = 0  # rows of a block when one sample's rows are over the budget (0: all of them)
+    block_rows: int = 0  # rows of a block when one sample's rows are over the budget (0: all of them); set by _fill_blocks
     estimate: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     dtype: np.dtype = np.dtype(np.float32)
@@ -291,8 +291,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     notes = []
     if mode == "auto":
         mode = "forward" if n_in < n_sel else "reverse"
-        T, n_c, t_c = chunks(mode)
-        if mode == "forward" and t_c < T:  # forward fills columns: a sample must fit whole
+        if mode == "forward" and chunks(mode)[2] < n_in:  # forward fills columns: a sample must fit whole
             mode = "reverse"
             notes.append("reverse mode: one sample's Jacobian is over the memory budget, and only rows can be written in parts")
     T, n_c, t_c = chunks(mode)
@@ -309,8 +308,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     if not plan.depends:
         notes.append(f"output '{of_v.name}' does not depend on input '{wrt_v.name}': the Jacobian is zero")
     res = Result(None, shape, "input", of_v.name, wrt_v.name, mode, out_shape, in_shape, sel,
-                 outputs=np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), block_rows=t_c if t_c < T else 0,
-                 estimate=est, notes=notes, dtype=dtype)
+                 outputs=np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), estimate=est, notes=notes, dtype=dtype)
     def fill(env, Jb, s0, s1, t_c, r0):  # directions s0..s1 into block Jb, whose directions start at r0
         n = Jb.shape[0]
         for s in range(s0, s1, t_c):
@@ -376,8 +374,9 @@ def _fill_blocks(plan, feeds, res, T, fill, target, on_block):
     sample and that many of its rows: the blocks still come in the order of the result's bytes.
     """
     target = target or ArrayTarget()
-    target.open(res)
     N, (n_c, t_c) = res.shape[0], res.chunks
+    res.block_rows = t_c if t_c < T else 0  # a chunk short of all directions: only in reverse, where they are rows
+    target.open(res)
     R = res.block_rows or T
     parts = _parts(plan, res, T, n_c, t_c)
     # blocks of nearly equal size (8 samples in chunks of at most 5: two of 4, not 5 and 3),
@@ -387,10 +386,10 @@ def _fill_blocks(plan, feeds, res, T, fill, target, on_block):
             env = None
 
             def primal(lo, hi):
-                env = walk.primal(plan, _slice_samples(feeds, lo, hi))
-                _check_sample_axis(env[res.of], hi - lo, res.of)
-                res.outputs[lo:hi] = env[res.of]
-                return env
+                values = walk.primal(plan, _slice_samples(feeds, lo, hi))
+                _check_sample_axis(values[res.of], hi - lo, res.of)
+                res.outputs[lo:hi] = values[res.of]
+                return values
 
             def samples(block, lo, hi):
                 return lambda: fill(primal(lo, hi), block[lo - a:hi - a], 0, T, t_c, 0)
@@ -526,8 +525,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     if zero:
         notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")
     res = Result(None, shape, "params", of_v.name, names, "reverse", out_shape, (), sel, columns,
-                 np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), block_rows=t_c if t_c < T else 0,
-                 estimate=est, notes=notes, dtype=dtype)
+                 np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), estimate=est, notes=notes, dtype=dtype)
 
     def fill(env, Jb, s0, s1, t_c, r0):  # directions s0..s1 into block Jb (samples, rows from r0, P)
         for s in range(s0, s1, t_c):

@@ -9,6 +9,7 @@ import numpy as np
 from .errors import JaccliError, ModelError
 from .plan import Plan, _trim, run_forward
 from .rules import Ctx
+from .rules._util import scaled
 
 
 def _guarded(step, what, args, fn, *fn_args, **fn_kwargs):
@@ -178,18 +179,16 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
             continue
         region = plan.regions.get(id(step))
         dg = None if region is None else _diagonal(plan, env, region, diag)
-        lead = next(((b.shape[: b.ndim - env[o].ndim], b.dtype) for b, o in zip(bars, step.outputs)
-                     if b is not None and o in plan.batched), None)
+        lead = next((_lead(b, env[o]) for b, o in zip(bars, step.outputs) if b is not None and o in plan.batched), None)
         if assembled is not None:  # pieces written by their readers; the rest copied or zero
             for k, (o, b) in enumerate(zip(step.outputs, bars)):
                 if o and o not in done:
                     np.copyto(_piece(step, k, assembled, env), 0 if b is None else b)
             inputs, diff_in, res = step.inputs[:1], (True,), (assembled,)
-            out = (home(step.inputs[0], (assembled.shape[: assembled.ndim - env[step.inputs[0]].ndim], assembled.dtype)),)
+            out = (home(step.inputs[0], _lead(assembled, env[step.inputs[0]])),)
         elif dg is not None:  # the exit step: no other step of the region has a cotangent
             inputs, diff_in = (region.entry,), (True,)
-            in_place = _owned(bars)[0] and np.broadcast_shapes(bars[0].shape, dg.shape) == bars[0].shape
-            res = (np.multiply(bars[0], dg, out=bars[0]) if in_place else bars[0] * dg,)
+            res = (scaled(Ctx((), (), owned=_owned(bars)), bars[0], dg),)
             out = (home(region.entry, lead),)
         else:
             inputs, diff_in = step.inputs, step.diff_in
@@ -217,6 +216,10 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
                 dst[...] = 0
     return {w: (sinks[w] if w in sinks else cot.get(w)) for w in wrt}
 
+
+def _lead(b, value):
+    """(shape of the direction axes, dtype) of b, a cotangent of value."""
+    return b.shape[: b.ndim - np.ndim(value)], b.dtype
 
 
 def _fit_sink(b, dst):

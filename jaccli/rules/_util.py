@@ -48,7 +48,7 @@ def unbroadcast(G, shape, lead=1, keep=False):
         if (s is None or (s == 1 and g != 1)) and not (keep and i == 0)
     )
     if axes:
-        G = G.sum(axis=axes, keepdims=True)
+        G = sum_trailing(G, axes)
     if keep:
         return G.reshape(*lead_shape, prim[0], *shape)
     return G.reshape(*lead_shape, *shape)

@@ -202,7 +202,7 @@ class _Binary:
     keeps = True
     pointwise = True  # with broadcasting: the plan's diagonal regions check the shapes at run time
 
-    def jvp(cx, Adot, Bdot):
+    def jvp(cx, Adot, Bdot, **_attrs):  # attributes (Mod's fmod) are the forward's business
         (A, B), Y = cx.x, cx.y[0]
         dA, dB = cx.rule.partials(A, B, Y, Adot is not None, Bdot is not None)
         lead = (Adot if Adot is not None else Bdot).ndim - (A if Adot is not None else B).ndim
@@ -211,7 +211,7 @@ class _Binary:
             None if Bdot is None else expand(_times(dB, Bdot), B, Y, lead) if dB is not None else None,
         )
 
-    def vjp(cx, Ybar):
+    def vjp(cx, Ybar, **_attrs):
         (A, B), Y = cx.x, cx.y[0]
         lead = cx.lead(Ybar)
         dA, dB = cx.rule.partials(A, B, Y, cx.need[0], cx.need[1])
@@ -283,12 +283,6 @@ class Mod(_Binary):
 
     def partials(A, B, Y, na, nb):  # C = A - q B with q constant between the jumps
         return 1, (-(A - Y) / B if nb else None)
-
-    def vjp(cx, Ybar, *, fmod=0):
-        return _Binary.vjp(cx, Ybar)
-
-    def jvp(cx, Adot, Bdot, *, fmod=0):
-        return _Binary.jvp(cx, Adot, Bdot)
 
 
 @rule("Pow", since=7)
