@@ -33,6 +33,10 @@ class Case:
 def _sample(shape, how, rng):
     if how == "positive":
         return rng.uniform(0.5, 2.0, shape)
+    if how == "unit":  # inside (-1, 1), away from its ends (arcsin, arctanh)
+        return rng.uniform(-0.8, 0.8, shape)
+    if how == "above1":  # arccosh
+        return rng.uniform(1.2, 3.0, shape)
     if how == "distinct":  # no ties (MaxPool), no kinks
         n = int(np.prod(shape))
         return (rng.permutation(n).reshape(shape) / n * 4 - 2) + rng.uniform(0, 1e-3, shape)

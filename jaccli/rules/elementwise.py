@@ -483,6 +483,21 @@ for _op, _since, _forward, _doc in (
     rule(_op, _since)(type(_op, (), {"__doc__": _doc, "nondiff": (0, 1), "forward": _forward}))
 
 
+# (op, since, forward, dY/dX from X and Y, doc): the rest of the trigonometric and hyperbolic family
+for _op, _since, _forward, _deriv, _doc in (
+    ("Tan", 7, np.tan, lambda X, Y: 1 + Y * Y, "Y = tan(X)"),
+    ("Asin", 7, np.arcsin, lambda X, Y: 1 / np.sqrt(1 - X * X), "Y = arcsin(X)"),
+    ("Acos", 7, np.arccos, lambda X, Y: -1 / np.sqrt(1 - X * X), "Y = arccos(X)"),
+    ("Atan", 7, np.arctan, lambda X, Y: 1 / (1 + X * X), "Y = arctan(X)"),
+    ("Sinh", 9, np.sinh, lambda X, Y: np.cosh(X), "Y = sinh(X)"),
+    ("Cosh", 9, np.cosh, lambda X, Y: np.sinh(X), "Y = cosh(X)"),
+    ("Asinh", 9, np.arcsinh, lambda X, Y: 1 / np.sqrt(X * X + 1), "Y = arcsinh(X)"),
+    ("Acosh", 9, np.arccosh, lambda X, Y: 1 / np.sqrt(X * X - 1), "Y = arccosh(X), X >= 1"),
+    ("Atanh", 9, np.arctanh, lambda X, Y: 1 / (1 - X * X), "Y = arctanh(X), |X| < 1"),
+):
+    elementwise(_op, _since)(type(_op, (), {"__doc__": _doc, "forward": _unary(_forward), "deriv": _deriv}))
+
+
 @rule("Where", since=9)
 class Where:
     """output = X where condition else Y (broadcast); condition is not differentiated."""
