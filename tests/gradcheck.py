@@ -85,8 +85,11 @@ def ort_forward(model, feeds):
     import onnxruntime as ort
 
     cast = {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in feeds.items()}
+    opts = ort.SessionOptions()
+    if any("quantize" in n.op_type.lower() for n in model.graph.node):  # no fusions that quantize activations too
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:
-        s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return s.run(None, cast)[0], "onnxruntime"
     except Exception:
         pass  # an opset onnxruntime has no kernel for, or refuses: try the upgraded model
@@ -94,7 +97,7 @@ def ort_forward(model, feeds):
         from jaccli.oracle import upgraded
 
         up = upgraded(model, feeds)
-        s = ort.InferenceSession(up.SerializeToString(), providers=["CPUExecutionProvider"])
+        s = ort.InferenceSession(up.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return s.run(None, cast)[0], "onnxruntime (upgraded to opset 11)"
     except Exception:
         from onnx.reference import ReferenceEvaluator

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from . import rule
+from ..errors import UnsupportedOpError
 from ._util import add, expand, scaled, unbroadcast
 
 
@@ -678,3 +679,124 @@ class _Realigned:
 for _modern in (Add, Sub, Mul, Div, Pow):
     _realigned_binary(_modern, _modern.key.op_type, 1, _axis_align, " (opset 1-6: broadcast from axis)")
 _realigned_binary(PRelu, "PRelu", 1, _channel_align, " (opset 1-6: a 1-D slope runs along channels)")
+
+
+# ---- quantization: DequantizeLinear is linear in its scale; QuantizeLinear's output is integer ----
+
+
+def _scale_shape(scale, x_ndim, axis, block_size, n):
+    """How a scale of shape `scale` lines up with x: None (per tensor), or the axis it runs along."""
+    if scale.ndim == 0 or (scale.size == 1 and not block_size):
+        return None
+    return axis % x_ndim
+
+
+def _expand_scale(s, lead, x_shape, axis, block_size):
+    """Scale (*lead, *scale) shaped to broadcast against x (*lead, *x_shape)."""
+    nd = len(x_shape)
+    a = _scale_shape(s.reshape(s.shape[lead:]) if lead else s, nd, axis, block_size, None)
+    if a is None:
+        return s.reshape(s.shape[:lead] + (1,) * nd)
+    if block_size:
+        return np.repeat(s, block_size, axis=lead + a)[(slice(None),) * (lead + a) + (slice(0, x_shape[a]),)]
+    return s.reshape(s.shape[:lead] + tuple(s.shape[-1] if i == a else 1 for i in range(nd)))
+
+
+def _dequantize_forward(x, x_scale, x_zero_point=None, *, axis=1, block_size=0, output_dtype=0):
+    q = x.astype(np.float64) if x_zero_point is None else x.astype(np.float64) - _expand_scale(
+        np.asarray(x_zero_point).astype(np.float64), 0, x.shape, axis, block_size)
+    return (q * _expand_scale(x_scale, 0, x.shape, axis, block_size)).astype(x_scale.dtype)
+
+
+class _Dequantize:
+    """Y = (x - zero_point) * scale, per tensor, per axis or per block; x and the zero point are
+    integers (not differentiated), Y is linear in the scale."""
+
+    nondiff = (0, 2)
+    keeps = True
+
+    def jvp(cx, _x, Sdot, _zp=None, **attrs):
+        X, S = cx.x[0], cx.x[1]
+        lead = Sdot.ndim - S.ndim
+        q = _dequantize_forward(X, np.ones_like(S), *cx.x[2:], **attrs)
+        return q * _expand_scale(Sdot, lead, X.shape, attrs.get("axis", 1), attrs.get("block_size", 0))
+
+    def vjp(cx, Ybar, **attrs):
+        X, S = cx.x[0], cx.x[1]
+        axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
+        lead = cx.lead(Ybar)
+        q = _dequantize_forward(X, np.ones_like(S), *cx.x[2:], **attrs)
+        G = q * Ybar
+        keep = cx.keep[1]
+        a = _scale_shape(S, X.ndim, axis, block, None)
+        kept = {0} if keep else set()
+        if a is None:
+            axes = [lead + i for i in range(X.ndim) if i not in kept]
+            Sb = G.sum(axis=tuple(axes)) if axes else G
+        elif block:
+            if keep:
+                raise UnsupportedOpError("DequantizeLinear: per-sample cotangents of a blockwise scale are not supported")
+            nb = S.shape[a]
+            pad = nb * block - X.shape[a]
+            if pad:
+                G = np.concatenate([G, np.zeros(G.shape[:lead + a] + (pad,) + G.shape[lead + a + 1:], G.dtype)], axis=lead + a)
+            Sb = G.reshape(G.shape[:lead + a] + (nb, block) + G.shape[lead + a + 1:]).sum(axis=lead + a + 1)
+        else:
+            axes = [lead + i for i in range(X.ndim) if i != a and i not in kept]
+            Sb = G.sum(axis=tuple(axes)) if axes else G
+        return None, Sb.reshape(Ybar.shape[:lead] + ((X.shape[0],) if keep else ()) + S.shape), None
+
+
+@rule("DequantizeLinear", since=10)
+class DequantizeLinear10(_Dequantize):
+    def forward(x, x_scale, x_zero_point=None):
+        return _dequantize_forward(x, x_scale, x_zero_point, axis=1)
+
+
+@rule("DequantizeLinear", since=13)
+class DequantizeLinear13(_Dequantize):
+    def forward(x, x_scale, x_zero_point=None, *, axis=1):
+        return _dequantize_forward(x, x_scale, x_zero_point, axis=axis)
+
+
+@rule("DequantizeLinear", since=21)
+class DequantizeLinear21(_Dequantize):
+    def forward(x, x_scale, x_zero_point=None, *, axis=1, block_size=0, output_dtype=0):
+        if output_dtype:
+            from onnx import helper
+
+            return _dequantize_forward(x, x_scale, x_zero_point, axis=axis, block_size=block_size).astype(
+                helper.tensor_dtype_to_np_dtype(output_dtype))
+        return _dequantize_forward(x, x_scale, x_zero_point, axis=axis, block_size=block_size)
+
+
+_INT_RANGES = {np.dtype(t): (np.iinfo(t).min, np.iinfo(t).max) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32)}
+
+
+def _quantize(x, y_scale, y_zero_point=None, *, axis=1, block_size=0, output_dtype=0, saturate=1, precision=0):
+    if y_zero_point is not None:
+        dt = np.asarray(y_zero_point).dtype
+    elif output_dtype:
+        from onnx import helper
+
+        dt = np.dtype(helper.tensor_dtype_to_np_dtype(output_dtype))
+    else:
+        dt = np.dtype(np.uint8)
+    if dt not in _INT_RANGES:
+        raise UnsupportedOpError(f"QuantizeLinear to {dt} is not supported (8, 16 and 32-bit integers are)")
+    s = _expand_scale(np.asarray(y_scale, np.float64), 0, x.shape, axis, block_size)
+    v = np.rint(x.astype(np.float64) / s)  # round half to even, as the spec asks
+    if y_zero_point is not None:
+        v = v + _expand_scale(np.asarray(y_zero_point, np.float64), 0, x.shape, axis, block_size)
+    lo, hi = _INT_RANGES[dt]
+    return np.clip(v, lo, hi).astype(dt)
+
+
+@rule("QuantizeLinear", since=10)
+class QuantizeLinear:
+    """Y = saturate(round(x / scale) + zero_point), an integer: piecewise constant, no derivative."""
+
+    nondiff = (0, 1, 2)
+
+    def forward(x, y_scale, y_zero_point=None, **attrs):
+        return _quantize(x, y_scale, y_zero_point, **attrs)

@@ -6,7 +6,7 @@ import numpy as np
 
 from . import rule
 from ..errors import UnsupportedOpError
-from ._util import add, expand, neg_axis, scaled, sum_trailing, unbroadcast
+from ._util import add, expand, neg_axis, need_no_keep, scaled, sum_trailing, unbroadcast
 
 
 def _channel(v, ndim):
@@ -395,3 +395,63 @@ def _channel_window(S, ndim, size, adjoint=False):
     cs = np.cumsum(np.pad(S, width), axis=ax)
     C = S.shape[ax]
     return np.take(cs, np.arange(size, size + C), axis=ax) - np.take(cs, np.arange(C), axis=ax)
+
+
+def _hardmax(X, axes):
+    """1 at the first maximum over `axes` (trailing, flattened), 0 elsewhere."""
+    flat = X.reshape(X.shape[: X.ndim - len(axes)] + (-1,))
+    Y = np.zeros_like(flat)
+    np.put_along_axis(Y, flat.argmax(axis=-1)[..., None], 1, axis=-1)
+    return Y.reshape(X.shape)
+
+
+@rule("Hardmax", since=1)
+class Hardmax1:
+    """Y = 1 at the first maximum over axes [axis:] flattened, 0 elsewhere; derivative zero."""
+
+    nondiff = (0,)
+
+    def forward(input, *, axis=1):
+        return _hardmax(input, tuple(range(neg_axis(axis, input.ndim), input.ndim)))
+
+
+@rule("Hardmax", since=13)
+class Hardmax13:
+    """Y = 1 at the first maximum along axis, 0 elsewhere; derivative zero."""
+
+    nondiff = (0,)
+
+    def forward(input, *, axis=-1):
+        a = neg_axis(axis, input.ndim) % input.ndim
+        return np.moveaxis(_hardmax(np.moveaxis(input, a, -1), (input.ndim - 1,)), -1, a)
+
+
+@rule("LpNormalization", since=1)
+class LpNormalization:
+    """Y = X / ||X||_p along axis, p = 1 or 2."""
+
+    def forward(input, *, axis=-1, p=2):
+        return (input / _lp_norm(input, axis, p)).astype(input.dtype)
+
+    def jvp(cx, Xdot, *, axis=-1, p=2):
+        X, Y = cx.x[0], cx.y[0]
+        a = neg_axis(axis, X.ndim)
+        n = _lp_norm(X, axis, p)
+        d = Y if p == 2 else np.sign(X)  # the gradient of the norm, times n
+        return (Xdot - Y * (d * Xdot).sum(axis=a, keepdims=True)) / n
+
+    def vjp(cx, Ybar, *, axis=-1, p=2):
+        need_no_keep(cx, "LpNormalization")
+        X, Y = cx.x[0], cx.y[0]
+        a = neg_axis(axis, X.ndim)
+        n = _lp_norm(X, axis, p)
+        d = Y if p == 2 else np.sign(X)
+        return ((Ybar - d * (Ybar * Y).sum(axis=a, keepdims=True)) / n,)
+
+
+def _lp_norm(X, axis, p):
+    if p == 1:
+        return np.abs(X).sum(axis=axis, keepdims=True)
+    if p == 2:
+        return np.sqrt((X * X).sum(axis=axis, keepdims=True))
+    raise UnsupportedOpError(f"LpNormalization with p={p}: ONNX defines only p = 1 and 2")

@@ -187,3 +187,69 @@ def _first_max(X, Y):
     mask = np.zeros_like(flat)
     np.put_along_axis(mask, flat.argmax(axis=-1)[..., None], 1, axis=-1)
     return mask.reshape(X.shape)
+
+
+# ---- Lp pooling: y = (sum over the window of |x|^p)^(1/p); pads add nothing ----------------------
+
+
+def _lp_scale(X, Y, p):
+    """|x|^(p-1) sign(x) and y^(1-p) (0 where y is 0): dy = y^(1-p) * sum(|x|^(p-1) sign(x) dx)."""
+    w = np.sign(X) * np.abs(X) ** (p - 1) if p != 2 else X
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(Y > 0, Y ** (1 - p), 0).astype(Y.dtype)
+    return w.astype(X.dtype, copy=False), inv
+
+
+def _window_sums(X, kernel_shape, s, d, begin, end):
+    nd = len(kernel_shape)
+    V = windows(pad_spatial(X, begin, end), kernel_shape, s, d)
+    return V.sum(axis=tuple(range(V.ndim - nd, V.ndim)))
+
+
+def _window_sums_adjoint(G, shape, kernel_shape, s, d, begin, end):
+    nd = len(kernel_shape)
+    G = np.broadcast_to(G[(Ellipsis,) + (None,) * nd], G.shape + tuple(kernel_shape))
+    padded = tuple(n + b + e for n, b, e in zip(shape[2:], begin, end))
+    return unpad(windows_adjoint(G, padded, kernel_shape, s, d), begin, end)
+
+
+@rule("LpPool", since=1)
+class LpPool:
+    """Y = (sum over each window of |X|^p)^(1/p), X (N, C, *sp); padding adds nothing."""
+
+    def forward(X, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, p=2, pads=None, strides=None):
+        s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        return (_window_sums(np.abs(X) ** p, kernel_shape, s, d, begin, end) ** (1 / p)).astype(X.dtype)
+
+    def jvp(cx, Xdot, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, p=2, pads=None, strides=None):
+        X = cx.x[0]
+        s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        w, inv = _lp_scale(X, cx.y[0], p)
+        flat, head = lead_flat(w * Xdot, X.ndim - 1)
+        S = _window_sums(flat, kernel_shape, s, d, begin, end)
+        return inv * S.reshape(head + S.shape[1:])
+
+    def vjp(cx, Ybar, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, p=2, pads=None, strides=None):
+        need_no_keep(cx, "LpPool")
+        X = cx.x[0]
+        s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        w, inv = _lp_scale(X, cx.y[0], p)
+        return (w * _window_sums_adjoint(Ybar * inv, X.shape, kernel_shape, s, d, begin, end),)
+
+
+@rule("GlobalLpPool", since=1)
+class GlobalLpPool:
+    """Y = (sum of |X|^p over the spatial axes)^(1/p), X (N, C, *sp), kept as size 1."""
+
+    def forward(X, *, p=2):
+        return (np.sum(np.abs(X) ** p, axis=tuple(range(2, X.ndim)), keepdims=True) ** (1 / p)).astype(X.dtype)
+
+    def jvp(cx, Xdot, *, p=2):
+        w, inv = _lp_scale(cx.x[0], cx.y[0], p)
+        nd = cx.x[0].ndim - 2
+        return inv * (w * Xdot).sum(axis=tuple(range(Xdot.ndim - nd, Xdot.ndim)), keepdims=True)
+
+    def vjp(cx, Ybar, *, p=2):
+        need_no_keep(cx, "GlobalLpPool")
+        w, inv = _lp_scale(cx.x[0], cx.y[0], p)
+        return (w * (Ybar * inv),)

@@ -923,3 +923,133 @@ class Reshape1(_Reshaping):
 
     def forward(data, *, shape, consumed_inputs=None):
         return Reshape.forward(data, np.asarray(shape))
+
+
+# ---- index-producing and selecting ops ---------------------------------------------------------
+
+
+@rule("NonZero", since=9)
+class NonZero:
+    """Y = the indices of the non-zero elements of X, (rank, count) int64, in row-major order."""
+
+    nondiff = (0,)
+
+    def forward(X):
+        return np.array(np.nonzero(X), dtype=np.int64).reshape(X.ndim, -1)
+
+
+@rule("EyeLike", since=9)
+class EyeLike:
+    """Y = ones on the k-th diagonal of a matrix shaped like X, of type `dtype` (default X's)."""
+
+    nondiff = (0,)
+
+    def forward(input, *, dtype=None, k=0):
+        if input.ndim != 2:
+            raise UnsupportedOpError(f"EyeLike: the input must be 2-D, not {input.ndim}-D")
+        dt = helper.tensor_dtype_to_np_dtype(dtype) if dtype is not None else input.dtype
+        return np.eye(*input.shape, k=k, dtype=dt)
+
+
+def _one_hot_mask(indices, depth, axis):
+    """Boolean (…, depth, …) with depth on `axis`: True where the (wrapped) index points."""
+    d = int(np.ravel(depth)[0])
+    idx = np.asarray(indices).astype(np.int64)
+    idx = np.where(idx < 0, idx + d, idx)
+    a = axis % (idx.ndim + 1)
+    return np.expand_dims(idx, a) == np.arange(d).reshape((d,) + (1,) * (idx.ndim - a))
+
+
+@rule("OneHot", since=9)
+class OneHot:
+    """Y = values[1] where the index points along the new axis, values[0] elsewhere; indices out of
+    range give a row of values[0]. Linear in `values` (off, on)."""
+
+    nondiff = (0, 1)
+    keeps = True
+
+    def forward(indices, depth, values, *, axis=-1):
+        return np.where(_one_hot_mask(indices, depth, axis), values[1], values[0])
+
+    def jvp(cx, _i, _d, Vdot, *, axis=-1):
+        mask = _one_hot_mask(cx.x[0], cx.x[1], axis)
+        on, off = Vdot[..., 1], Vdot[..., 0]
+        shape = on.shape + (1,) * mask.ndim
+        return np.where(mask, on.reshape(shape), off.reshape(shape))
+
+    def vjp(cx, Ybar, *, axis=-1):
+        mask = _one_hot_mask(cx.x[0], cx.x[1], axis)
+        lead = cx.lead(Ybar)
+        keep = 1 if cx.keep[2] else 0  # the sample axis stays, in front of (off, on)
+        axes = tuple(range(lead + keep, Ybar.ndim))
+        on = np.where(mask, Ybar, 0).sum(axis=axes)
+        return None, None, np.stack([Ybar.sum(axis=axes) - on, on], axis=-1)
+
+
+@rule("Compress", since=9)
+class Compress:
+    """Y = the slices of X along `axis` (X flattened if none) where condition is true; the
+    condition may be shorter than the axis."""
+
+    nondiff = (1,)
+
+    def forward(input, condition, *, axis=None):
+        return np.compress(np.ravel(condition).astype(bool), input, axis=axis)
+
+    def jvp(cx, Xdot, _=None, *, axis=None):
+        X = cx.x[0]
+        idx = _kept(cx.x[1], X, axis)
+        lead = Xdot.ndim - X.ndim
+        if axis is None:
+            return Xdot.reshape(Xdot.shape[:lead] + (-1,))[..., idx]
+        return np.take(Xdot, idx, axis=lead + axis % X.ndim)
+
+    def vjp(cx, Ybar, *, axis=None):
+        need_no_keep(cx, "Compress")
+        X = cx.x[0]
+        idx = _kept(cx.x[1], X, axis)
+        lead = cx.lead(Ybar)
+        if axis is None:
+            Xb = np.zeros(Ybar.shape[:lead] + (X.size,), Ybar.dtype)
+            Xb[..., idx] = Ybar
+            return Xb.reshape(Ybar.shape[:lead] + X.shape), None
+        a = lead + axis % X.ndim
+        Xb = np.zeros(Ybar.shape[:lead] + X.shape, Ybar.dtype)
+        Xb[(slice(None),) * a + (idx,)] = Ybar
+        return Xb, None
+
+
+def _kept(condition, X, axis):
+    n = X.size if axis is None else X.shape[axis]
+    return np.flatnonzero(np.ravel(condition)[:n].astype(bool))
+
+
+@rule("ReverseSequence", since=10)
+class ReverseSequence:
+    """Y = X with the first sequence_lens[b] steps along time_axis reversed, for each b along
+    batch_axis. A permutation that is its own inverse: its adjoint is itself."""
+
+    nondiff = (1,)
+
+    def forward(input, sequence_lens, *, batch_axis=1, time_axis=0):
+        return _reverse_steps(input, 0, sequence_lens, batch_axis, time_axis)
+
+    def jvp(cx, Xdot, _=None, *, batch_axis=1, time_axis=0):
+        return _reverse_steps(Xdot, Xdot.ndim - cx.x[0].ndim, cx.x[1], batch_axis, time_axis)
+
+    def vjp(cx, Ybar, *, batch_axis=1, time_axis=0):
+        need_no_keep(cx, "ReverseSequence")
+        return _reverse_steps(Ybar, cx.lead(Ybar), cx.x[1], batch_axis, time_axis), None
+
+
+def _reverse_steps(X, lead, lens, batch_axis, time_axis):
+    """X (*lead, *shape) with each batch's first lens[b] steps along time_axis reversed."""
+    nd = X.ndim - lead
+    T, B = X.shape[lead + time_axis], X.shape[lead + batch_axis]
+    t = np.arange(T)[:, None]
+    L = np.asarray(lens, dtype=np.int64).reshape(1, B)
+    src = np.where(t < L, L - 1 - t, t)  # (T, B): the step each output step reads
+    shape = [1] * X.ndim
+    shape[lead + time_axis], shape[lead + batch_axis] = T, B
+    src = (src if time_axis < batch_axis else src.T).reshape(shape)
+    return np.take_along_axis(X, src, axis=lead + time_axis)

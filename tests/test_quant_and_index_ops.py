@@ -1,0 +1,87 @@
+"""Operators that need a graph around them to be checked: index producers folded on constants
+(NonZero, EyeLike) and quantization (DequantizeLinear of weights, a QuantizeLinear round trip).
+Forward against onnxruntime; Jacobians against float64 central differences of our forward."""
+
+import numpy as np
+import pytest
+from gradcheck import fd_input_jacobian, fd_param_jacobian, ort_forward, our_forward, rel_err
+from onnx import TensorProto, helper, numpy_helper
+
+import jaccli
+from jaccli.model import load
+
+
+def _model(nodes, inits, opset, x_shape=(4,)):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def _check(model, x, params=False):
+    feeds = {"x": x}
+    ref, oracle = ort_forward(model, feeds)
+    np.testing.assert_allclose(our_forward(model, feeds, np.float32), ref, rtol=1e-5, atol=1e-5, err_msg=oracle)
+    J = jaccli.input_jacobian(model, feeds, dtype=np.float64, flat=True)
+    assert rel_err(J, fd_input_jacobian(model, feeds, "x")) < 1e-6
+    if params:
+        G, cols = jaccli.param_jacobian(model, feeds, params=params, dtype=np.float64)
+        names = [c["name"] for c in cols]
+        fd = fd_param_jacobian(model, feeds, names, load(model).initializers)
+        assert rel_err(G.reshape(fd.shape), fd) < 1e-6
+        return G, cols
+    return J
+
+
+rng = np.random.default_rng(0)
+X = rng.standard_normal((3, 4))
+
+
+def test_nonzero_selects_columns():
+    nodes = [helper.make_node("NonZero", ["mask"], ["nz"]),
+             helper.make_node("Squeeze", ["nz", "zero"], ["idx"]),
+             helper.make_node("Gather", ["x", "idx"], ["y"], axis=1)]
+    m = _model(nodes, {"mask": np.array([1, 0, 1, 1], np.int64), "zero": np.array([0], np.int64)}, 13)
+    J = _check(m, X)
+    assert J.shape == (3, 3, 4) and J[0, 1, 2] == 1 and J[0, 1, 1] == 0
+
+
+@pytest.mark.parametrize("k", [0, 1, -1])
+def test_eyelike_mask(k):
+    nodes = [helper.make_node("EyeLike", ["shape_of"], ["eye"], k=k),
+             helper.make_node("Mul", ["x", "eye"], ["y"])]
+    m = _model(nodes, {"shape_of": np.zeros((3, 4), np.float32)}, 13, x_shape=(3, 4))
+    _check(m, rng.standard_normal((3, 3, 4)))
+
+
+@pytest.mark.parametrize("opset,axis,scale_shape", [(10, None, ()), (13, 1, (3,)), (13, 0, (4,)), (21, 0, (2, 3))])
+def test_dequantized_weights(opset, axis, scale_shape):
+    """y = x @ dequantize(Wq): the parameters are the float scales."""
+    Wq = rng.integers(-100, 100, (4, 3)).astype(np.int8)
+    scale = rng.uniform(0.01, 0.05, scale_shape).astype(np.float32)
+    zp = np.zeros(scale_shape, np.int8) + np.int8(3)
+    attrs = {} if axis is None else {"axis": axis}
+    if opset == 21:
+        attrs["block_size"] = 2
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "scale", "zp"], ["W"], **attrs),
+             helper.make_node("MatMul", ["x", "W"], ["y"])]
+    m = _model(nodes, {"Wq": Wq, "scale": scale, "zp": zp}, opset)
+    G, cols = _check(m, X, params="scale")
+    assert [c["name"] for c in cols] == ["scale"]
+
+
+def test_quantize_round_trip_is_piecewise_constant():
+    """x -> QuantizeLinear -> DequantizeLinear: forward as onnxruntime; the derivative is zero
+    (the fake-quantized value is a step function of x)."""
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["d"]),
+             helper.make_node("Add", ["d", "x"], ["y"])]
+    m = _model(nodes, {"s": np.float32(0.37), "zp": np.int8(-2)}, 13)
+    x = X.astype(np.float32) * 10  # some values saturate at -128 or 127
+    x[0, 0] = 60.0
+    ref, _ = ort_forward(m, {"x": x})
+    np.testing.assert_allclose(our_forward(m, {"x": x}, np.float32), ref, rtol=1e-6)
+    J = jaccli.input_jacobian(m, {"x": x}, flat=True)
+    np.testing.assert_array_equal(J, np.broadcast_to(np.eye(4, dtype=np.float32), J.shape))
