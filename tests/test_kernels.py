@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaccli.rules.linalg import mm
+from jaccli.rules.linalg import mm, per_sample_outer
 
 RNG = np.random.default_rng(11)
 
@@ -19,3 +19,20 @@ RNG = np.random.default_rng(11)
 def test_mm_is_matmul(sa, sb):
     A, B = RNG.standard_normal(sa), RNG.standard_normal(sb)
     np.testing.assert_allclose(mm(A, B), A @ B, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("trans", [False, True])
+@pytest.mark.parametrize("lead,M,K,N", [((), 5, 3, 4), ((3,), 5, 3, 4), ((2, 3), 4, 7, 5), ((2,), 3, 300, 250)])
+def test_per_sample_outer(trans, lead, M, K, N):
+    """Every path (no lead axis, one einsum per direction, one multiply for large products),
+    into a fresh array and into a strided view of a result."""
+    rng = np.random.default_rng(0)
+    A, G = rng.standard_normal((M, K)), rng.standard_normal(lead + (M, N))
+    want = np.einsum("...mn,mk->...mnk" if trans else "...mn,mk->...mkn", G, A)
+    np.testing.assert_allclose(per_sample_outer(A, G, trans), want, rtol=1e-12)
+    R = np.zeros((M,) + lead + (2 + N * K,))  # samples first, as a result block is
+    dest = np.moveaxis(R[..., 1:1 + N * K], 0, -2).reshape(lead + (M,) + want.shape[-2:])
+    assert np.shares_memory(dest, R)
+    per_sample_outer(A, G, trans, out=dest)
+    np.testing.assert_allclose(dest, want, rtol=1e-12)
+    assert not R[..., 0].any() and not R[..., -1].any()

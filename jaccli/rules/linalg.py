@@ -50,10 +50,25 @@ def rows_into(G, W, dest):
 def per_sample_outer(A, G, trans, out=None):
     """Per-sample weight cotangents of Y = A @ W with samples as A's rows: A (M, K), G (*lead, M, N)
     -> (*lead, M, K, N), or (*lead, M, N, K) when W is stored transposed; written into `out`
-    (a view into the result) when given: one pass over the memory, the bound of this step."""
-    if trans:
-        return np.multiply(G[..., :, :, None], A[:, None, :], out=out)
-    return np.multiply(A[:, :, None], G[..., :, None, :], out=out)
+    (a view into the result) when given: one pass over the memory, the bound of this step.
+
+    For small products einsum's kernels write these twice as fast as a broadcast multiply,
+    whose inner loops are one short row each, provided each call has no lead axis to stride
+    over: one call per direction. Large ones are bound by memory either way."""
+    M, K = A.shape
+    lead, N = G.shape[:-2], G.shape[-1]
+    if lead and int(np.prod(lead)) * N * K >= _SMALL_OUTER:
+        if trans:
+            return np.multiply(G[..., :, :, None], A[:, None, :], out=out)
+        return np.multiply(A[:, :, None], G[..., :, None, :], out=out)
+    if out is None:
+        out = np.empty(lead + ((M, N, K) if trans else (M, K, N)), np.result_type(A, G))
+    for t in np.ndindex(*lead):
+        np.einsum("mn,mk->mnk" if trans else "mn,mk->mkn", G[t], A, out=out[t])
+    return out
+
+
+_SMALL_OUTER = 1 << 17  # values per sample of outer products up to which einsum is used
 
 
 def _identity_rows(W, sel, alpha, rows_are_outputs):
