@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fnmatch
 import functools
 import mmap
+import os
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -450,15 +454,48 @@ def available_memory():
 
 
 def allocate(shape, dtype):
-    """A result array in fresh anonymous memory advised for huge pages: a large Jacobian is written
-    exactly once, and faulting its memory in 4 KiB pages would cost more than computing it."""
+    """A result array. A large one is in anonymous memory advised for huge pages: it is written
+    exactly once, and faulting its memory in 4 KiB pages would cost more than computing it.
+
+    And a large result's memory is kept when the result is freed (once no view of it is left),
+    for the next result of the same size: a loop of calls (batches of samples) then writes
+    into memory already faulted in, where fresh memory costs a zeroing pass by the kernel, as
+    long as writing the result. At most _POOL_BYTES are kept this way, never more than a
+    quarter of the memory available; JACCLI_MALLOC=0 turns it off (see parallel.tune_malloc).
+    """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes < 64 << 20 or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.empty(shape, dtype)
-    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    m.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(m, dtype).reshape(shape)  # the array keeps the mapping alive
+    with _pool_lock:
+        m = _pool.pop(nbytes, None)
+    if m is None:
+        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m.madvise(mmap.MADV_HUGEPAGE)
+    if os.environ.get("JACCLI_MALLOC", "1") == "0":
+        return np.frombuffer(m, dtype).reshape(shape)  # the array keeps the mapping alive
+    owner = (ctypes.c_char * nbytes).from_buffer(m)  # every view of the result holds it
+    weakref.finalize(owner, _release, m).atexit = False
+    return np.frombuffer(owner, dtype).reshape(shape)
+
+
+_pool: dict[int, mmap.mmap] = {}  # size: the mapping of a freed result, in the order freed
+_pool_lock = threading.Lock()
+_POOL_BYTES = 2 << 30
+
+
+def _release(m):
+    """A freed result's mapping: kept for reuse within the pool's bounds, the oldest dropped
+    (a dropped mapping is unmapped when its last reference goes)."""
+    free = available_memory()
+    cap = _POOL_BYTES if free is None else min(_POOL_BYTES, free // 4)
+    if len(m) > cap:
+        return
+    with _pool_lock:
+        _pool.pop(len(m), None)
+        _pool[len(m)] = m
+        while sum(map(len, _pool.values())) > cap:
+            _pool.pop(next(iter(_pool)))
 
 
 def _first_float(model):
