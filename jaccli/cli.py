@@ -322,7 +322,8 @@ def inspect_cmd(model, as_json):
 @click.option("--of", help="Only this output or graph value (default: every float tensor output).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_slice, of, as_json):
-    """Our Jacobian against onnxruntime central differences on a few samples; exit 1 above tolerance.
+    """Our Jacobian against onnxruntime central differences on a few samples (onnx's reference
+    evaluator's where onnxruntime cannot run the model); exit 1 above tolerance.
 
     \b
     Examples:

@@ -1,4 +1,5 @@
-"""Our Jacobians against central finite differences computed by onnxruntime, the independent oracle."""
+"""Our Jacobians against central finite differences computed by onnxruntime, the independent oracle
+(onnx's reference evaluator where onnxruntime cannot run the model)."""
 
 from __future__ import annotations
 
@@ -57,11 +58,14 @@ _ORT_FLOATS = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tenso
 class Oracle:
     """An onnxruntime session over the model, computing in `dtype` (float64 or float32)."""
 
+    name = "onnxruntime"
+
     def __init__(self, proto, dtype):
         import onnxruntime as ort
 
+        ort.set_default_logger_severity(4)  # a kernel's refusal is reported in one line, by _oracle
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4
         if any("quantize" in n.op_type.lower() for n in proto.graph.node):
             # basic optimizations only: the extended ones fuse a dequantized weight's MatMul into
             # one that quantizes the activations too, which computes another function
@@ -79,6 +83,31 @@ class Oracle:
             want = self.types.get(k)
             cast[k] = v.astype(want) if want is not None and np.issubdtype(v.dtype, np.floating) else v
         return self.session.run(outputs, cast)
+
+
+class Reference:
+    """onnx's reference evaluator, with Oracle's interface: the oracle of last resort, for models
+    that onnxruntime cannot run (kernels it lacks, attribute combinations it refuses)."""
+
+    name = "the onnx reference evaluator"
+
+    def __init__(self, proto, dtype):
+        from onnx.reference import ReferenceEvaluator
+
+        self.dtype = np.dtype(dtype)
+        m = _to_double(proto) if self.dtype == np.float64 else proto
+        self.evaluator = ReferenceEvaluator(m)
+        self.types = {v.name: _ONNX_FLOATS.get(v.type.tensor_type.elem_type) for v in m.graph.input}
+
+    def run(self, feeds, outputs):
+        cast = {}
+        for k, v in feeds.items():
+            want = self.types.get(k)
+            cast[k] = v.astype(want) if want is not None and np.issubdtype(v.dtype, np.floating) else v
+        return self.evaluator.run(outputs, cast)
+
+
+_ONNX_FLOATS = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}
 
 
 def upgraded(proto, feeds, opset=11):
@@ -131,10 +160,10 @@ def _oracle(proto, feeds, out_names, extra=None, model=None):
     reference = None if model is None else _forward(model, jitter, out_names[0], np.float64, extra)
     probe.update(extra or {})
     last = None
-    for m in _candidates(proto, feeds):
+    for m, kind in _candidates(proto, feeds):
         for dtype in (np.float64, np.float32):
             try:
-                o = Oracle(m, dtype)
+                o = kind(m, dtype)
                 o.run(probe, out_names)
                 y = o.run({**jitter, **(extra or {})}, out_names)[0]
             except Exception as e:
@@ -143,7 +172,7 @@ def _oracle(proto, feeds, out_names, extra=None, model=None):
             if dtype == np.float64 and reference is not None and not _agrees(y, reference, 1e-9):
                 continue  # not truly double precision: use its float32 session with float32 steps
             return o
-    raise ModelError(f"onnxruntime cannot run this model: {str(last).splitlines()[0][:200]}")
+    raise ModelError(f"neither onnxruntime nor onnx's reference evaluator can run this model: {str(last).splitlines()[0][:200]}")
 
 
 def _agrees(a, b, rtol):
@@ -154,12 +183,14 @@ def _agrees(a, b, rtol):
 
 
 def _candidates(proto, feeds):
-    """The model as it is, then (only if asked for) upgraded to a newer opset."""
-    yield proto
+    """(model, oracle class): onnxruntime on the model as it is, then (only if asked for) on the
+    model upgraded to a newer opset, then onnx's reference evaluator on the model as it is."""
+    yield proto, Oracle
     try:
-        yield upgraded(proto, feeds)
+        yield upgraded(proto, feeds), Oracle
     except Exception:
-        return
+        pass
+    yield proto, Reference
 
 
 DIRECTIONS = 3  # random dense directions checked besides the sampled entries
@@ -213,16 +244,16 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     feeds = {n: (v[:k] if v.ndim else v) for n, v in feeds.items()}
     rng = np.random.default_rng(seed)
     outs = [v.name for v in model.outputs if v.is_float] if of is None else [model.output(of).name]
-    rows, oracle_dtype = [], None
+    rows, oracle_dtype, oracle_name = [], None, None
     for name in outs:
         fd = _param_fd if params else _input_fd
         ours, fds, n_entries, y_ort, oracle = fd(model, proto, feeds, name, k, dtype, rng, entries, outputs)
-        oracle_dtype = oracle.dtype
+        oracle_dtype, oracle_name = oracle.dtype, oracle.name
         y_ours = _forward(model, feeds, name, dtype)
         rows.append(_row(name, ours, fds, n_entries, y_ours, y_ort, _noise(y_ort, oracle.dtype)))
     tol = tolerance if tolerance is not None else max(TOLERANCE[dtype], TOLERANCE[oracle_dtype])
     return {"kind": "parameter" if params else "input", "samples": k, "step": _steps(oracle_dtype)[1],
-            "oracle_dtype": oracle_dtype.name, "tolerance": tol, "rows": rows,
+            "oracle": oracle_name, "oracle_dtype": oracle_dtype.name, "tolerance": tol, "rows": rows,
             "ok": all(verdict(r, tol) != "FAIL" for r in rows)}
 
 

@@ -94,14 +94,14 @@ def render_inspect(console: Console, info: dict):
 
 
 def render_check(console: Console, d: dict):
-    t = Table(title=f"Check of the {d['kind']} Jacobian against onnxruntime central differences "
+    t = Table(title=f"Check of the {d['kind']} Jacobian against {d.get('oracle', 'onnxruntime')}'s central differences "
               f"({d['samples']} samples, step {d['step']:.1e}, {d['oracle_dtype']})")
     t.add_column("output")
     t.add_column("max |J - J_fd|", justify="right")
     t.add_column("max |J_fd|", justify="right")
     t.add_column("entries rel. error", justify="right")
     t.add_column("directions rel. error", justify="right")
-    t.add_column("forward max |y - y_ort|", justify="right")
+    t.add_column("forward max |y - y_oracle|", justify="right")
     t.add_column("verdict")
     from .oracle import verdict
 

@@ -123,6 +123,40 @@ def test_check_command_passes_and_can_fail(name, monkeypatch):
         assert r.exit_code == 1 and "FAIL" in r.output, r.output
 
 
+def test_check_falls_back_to_the_reference_evaluator(tmp_path, monkeypatch):
+    """onnxruntime refuses a dilated convolution with auto_pad SAME; the check then uses onnx's
+    reference evaluator, says so, and still catches a wrong Jacobian."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((2, 3, 3)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], dilations=[2], auto_pad="SAME_UPPER")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    model, data = str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")
+    save(m, model)
+    np.save(data, rng.standard_normal((2, 3, 8)).astype(np.float32))
+    with pytest.raises(Exception):
+        ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": np.load(data)})
+    for extra in ([], ["--params"]):
+        r = run(["check", model, data, *extra])
+        assert r.exit_code == 0 and "pass" in r.output and "reference evaluator" in r.output, r.output
+    import jaccli.oracle as oracle
+
+    real = oracle.input_jacobian
+
+    def wrong(*a, **k):
+        res = real(*a, **k)
+        res.J = res.J * 1.1
+        return res
+
+    monkeypatch.setattr(oracle, "input_jacobian", wrong)
+    r = run(["check", model, data])
+    assert r.exit_code == 1 and "FAIL" in r.output, r.output
+
+
 def test_check_calls_differences_below_the_oracles_rounding_unclear():
     from jaccli.oracle import verdict
 
