@@ -42,6 +42,23 @@ class ValueInfo:
         return f"{helper.tensor_dtype_to_np_dtype(self.elem_type).name if self.elem_type else '?'}[{dims}]"
 
 
+@dataclass(eq=False)
+class Graph:
+    """A node's sub-graph (If's branches, Loop's body): its nodes in order, its own constants,
+    its formal inputs and outputs (names), and the outer values it reads (`free`, in order of
+    first use). The node lists `free` after its own inputs, so the outer graph orders and
+    differentiates them as any other input."""
+
+    name: str
+    nodes: list
+    initializers: dict
+    inputs: tuple
+    outputs: tuple
+    free: tuple
+    opsets: dict
+    plans: dict = field(default_factory=dict, repr=False)  # the rules' sub-plans, by what they differentiate
+
+
 @dataclass
 class Model:
     """A loaded, validated model; `nodes` are in topological order."""
@@ -383,26 +400,7 @@ def _build(proto, path, base=None, max_bytes=None) -> Model:
     inputs = [_value_info(v) for v in g.input if v.name not in initializers]
     outputs = [_value_info(v) for v in g.output]
 
-    nodes = []
-    for k, n in enumerate(g.node):
-        domain = "" if n.domain == "ai.onnx" else n.domain
-        if domain not in opsets:
-            raise ModelError(f"{where}: node '{n.name or k}' uses domain '{domain}', which the model does not import")
-        opset = opsets[domain]
-        name = n.name or f"{n.op_type}_{k}"
-        schema = _schema(n.op_type, opset, domain)
-        _check_arity(schema, n, name, where)
-        attrs = _defaults(schema)
-        for a in n.attribute:
-            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                attrs[a.name] = None  # sub-graphs: the rule lookup refuses these ops
-                continue
-            try:
-                attrs[a.name] = _attr_value(a, where)
-            except Exception as e:
-                raise ModelError(f"{where}: attribute '{a.name}' of node '{n.name or k}' is unreadable ({_first_line(e)})") from None
-        nodes.append(Node(name, n.op_type, domain, tuple(n.input), tuple(n.output), attrs, frozenset(a.name for a in n.attribute), opset))
-
+    nodes = _nodes(g, opsets, where, base, max_bytes)
     nodes = _toposort(nodes, set(initializers) | {v.name for v in inputs}, where)
     produced = {o for n in nodes for o in n.outputs} | set(initializers) | {v.name for v in inputs}
     for v in outputs:
@@ -417,6 +415,55 @@ def _build(proto, path, base=None, max_bytes=None) -> Model:
     except Exception:
         pass  # shape inference is advisory: costs fall back to measured shapes
     return Model(path, opsets, nodes, initializers, inputs, outputs, value_info, proto.producer_name)
+
+
+def _nodes(g, opsets, where, base, max_bytes):
+    """The graph's nodes, attributes read and defaults filled in; a sub-graph attribute becomes a
+    Graph, and the outer values it reads are appended to the node's inputs."""
+    nodes = []
+    for k, n in enumerate(g.node):
+        domain = "" if n.domain == "ai.onnx" else n.domain
+        if domain not in opsets:
+            raise ModelError(f"{where}: node '{n.name or k}' uses domain '{domain}', which the model does not import")
+        opset = opsets[domain]
+        name = n.name or f"{n.op_type}_{k}"
+        schema = _schema(n.op_type, opset, domain)
+        _check_arity(schema, n, name, where)
+        attrs = _defaults(schema)
+        free = []  # the outer values read by its sub-graphs, taken in the order of the attributes' names
+        for a in sorted(n.attribute, key=lambda a: a.name):
+            if a.type == onnx.AttributeProto.GRAPH:
+                sub = _subgraph(a.g, opsets, f"{where}: node '{name}' attribute '{a.name}'", base, max_bytes)
+                attrs[a.name] = sub
+                free += [v for v in sub.free if v not in free]
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                continue
+            if a.type == onnx.AttributeProto.GRAPHS:
+                attrs[a.name] = None  # lists of sub-graphs: the rule lookup refuses these ops
+                continue
+            try:
+                attrs[a.name] = _attr_value(a, where)
+            except Exception as e:
+                raise ModelError(f"{where}: attribute '{a.name}' of node '{n.name or k}' is unreadable ({_first_line(e)})") from None
+        nodes.append(Node(name, n.op_type, domain, tuple(n.input) + tuple(free), tuple(n.output), attrs,
+                          frozenset(a.name for a in n.attribute), opset))
+    return nodes
+
+
+def _subgraph(g, opsets, where, base, max_bytes):
+    """A Graph from a GraphProto attribute: the values its nodes read that neither they, its
+    inputs nor its initializers provide are read from the enclosing graph."""
+    initializers = {t.name: tensor_array(t, where, base, max_bytes) for t in g.initializer}
+    inputs = tuple(v.name for v in g.input)
+    nodes = _nodes(g, opsets, where, base, max_bytes)
+    local = set(initializers) | set(inputs) | {o for n in nodes for o in n.outputs if o}
+    free = []
+    for n in nodes:
+        free += [v for v in n.inputs if v and v not in local and v not in free]
+    free += [v.name for v in g.output if v.name not in local and v.name not in free]  # an output read from outside
+    nodes = _toposort(nodes, set(initializers) | set(inputs) | set(free), where)
+    return Graph(g.name, nodes, initializers, inputs, tuple(v.name for v in g.output), tuple(free), opsets)
 
 
 def _toposort(nodes, available, where):

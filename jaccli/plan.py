@@ -13,7 +13,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from .errors import JaccliError, ModelError, UnsupportedOpError
-from .model import FLOAT_TYPES, Model
+from .model import FLOAT_TYPES, Graph, Model
 from .rules import lookup
 
 
@@ -45,13 +45,16 @@ class Plan:
     per-sample parameter Jacobian); otherwise `wrt` are data inputs.
     """
 
-    def __init__(self, model: Model, of: str, wrt, dtype=np.float32, per_sample=False):
-        self.model, self.of, self.wrt, self.dtype = model, of, tuple(wrt), np.dtype(dtype)
+    def __init__(self, model: Model, of, wrt, dtype=np.float32, per_sample=False, unbatched=()):
+        # `of`: one value, or several (a sub-graph's outputs; self.of is then the first).
+        # `unbatched`: data inputs without a sample axis (a sub-graph's inputs from outside)
+        self.outs = (of,) if isinstance(of, str) else tuple(of)
+        self.model, self.of, self.wrt, self.dtype = model, self.outs[0], tuple(wrt), np.dtype(dtype)
         self.per_sample = per_sample
         self.notes = []  # what the drivers learn of the graph when they first run it, for the summary
         self.rows_mix_samples = False  # set by the drivers' probe: per-sample cotangents one sample at a time
         data_inputs = {v.name for v in model.inputs}
-        nodes = model.ancestors([of])
+        nodes = model.ancestors(self.outs)
         require_rules(nodes)
 
         wrt_set = set(self.wrt)
@@ -70,22 +73,25 @@ class Plan:
         self.steps = steps = self._fold_batchnorm(steps)
 
         # values with the sample axis: graph inputs and all that depends on them (shapes too)
-        batched = set(data_inputs)
+        batched = set(data_inputs) - set(unbatched)
         for s in steps:
             if any(v in batched for v in s.inputs if v):
                 batched.update(s.outputs)
         self.batched = batched
+        for s in steps:  # rules that run sub-graphs need to know which of their inputs have a sample axis
+            if getattr(s.rule, "needs_batched", False):
+                s.attrs = {**s.attrs, "batched": tuple(bool(v) and v in batched for v in s.inputs)}
 
         # activity: forward from wrt through differentiable slots, backward from `of`
         fwd = set(wrt_set)
         for s in steps:
             if any(v in fwd for k, v in enumerate(s.inputs) if v and k not in s.rule.nondiff):
                 fwd.update(s.outputs)
-        bwd = {of}
+        bwd = set(self.outs)
         for s in reversed(steps):
             if any(o in bwd for o in s.outputs):
                 bwd.update(v for k, v in enumerate(s.inputs) if v and k not in s.rule.nondiff)
-        self.active = (fwd & bwd) | ({of} & fwd)
+        self.active = (fwd & bwd) | (set(self.outs) & fwd)
         for s in steps:
             s.active = any(o in self.active for o in s.outputs)
             s.diff_in = tuple(bool(v) and v in self.active and k not in s.rule.nondiff for k, v in enumerate(s.inputs))
@@ -102,7 +108,7 @@ class Plan:
                     f"node '{s.node.name}': per-sample parameter cotangents through {s.node.op_type} are not supported"
                 )
         self.active_steps = [s for s in steps if s.active]
-        self.depends = of in fwd  # False: the output does not depend on wrt at all
+        self.depends = any(o in fwd for o in self.outs)  # False: the output does not depend on wrt at all
         self._liveness()
         self.regions = self._diagonal_regions()
         # steps whose outputs are pieces of their (batched) input: {output: (step, index)}
@@ -159,7 +165,7 @@ class Plan:
                 continue
             y = s.outputs[0]
             bn = readers.get(y, [])
-            if y == self.of or len(bn) != 1 or bn[0].node.op_type != "BatchNormalization" or bn[0].inputs[0] != y:
+            if y in self.outs or len(bn) != 1 or bn[0].node.op_type != "BatchNormalization" or bn[0].inputs[0] != y:
                 continue
             bn = bn[0]
             if bn.attrs.get("training_mode") or not bn.attrs.get("spatial", 1) or len([o for o in bn.outputs if o]) != 1:
@@ -203,7 +209,7 @@ class Plan:
                 nd = self.params[src].ndim
                 perm = s.attrs.get("perm")
                 self.param_transposes[dst] = (src, list(perm) if perm is not None and len(perm) else list(range(nd))[::-1])
-        needed = {v for s in self.active_steps for v in s.inputs + s.outputs if v} | {self.of}
+        needed = {v for s in self.active_steps for v in s.inputs + s.outputs if v} | set(self.outs)
         last_fwd = {}
         for i, s in enumerate(self.steps):
             for v in s.inputs:
@@ -246,7 +252,7 @@ class Plan:
                 grown = False
                 for v in entries(group):
                     p = producer.get(v)
-                    if p is not None and v != self.of and candidate(p) and readers[v] <= members:
+                    if p is not None and v not in self.outs and candidate(p) and readers[v] <= members:
                         group.append(p)
                         members.add(id(p))
                         grown = True
@@ -288,7 +294,7 @@ class Plan:
 def require_rules(nodes):
     """Look up the rule of every node; UnsupportedOpError naming the first that has none."""
     missing = []
-    for node in nodes:
+    for node in _with_subgraph_nodes(nodes):
         try:
             lookup(node.op_type, node.opset, node.domain, node.name)
         except UnsupportedOpError as e:
@@ -296,6 +302,15 @@ def require_rules(nodes):
     if missing:
         more = f" (and {len(missing) - 1} more unsupported node(s); see `jaccli inspect`)" if len(missing) > 1 else ""
         raise UnsupportedOpError(f"{missing[0]}{more}")
+
+
+def _with_subgraph_nodes(nodes):
+    """The nodes, each followed by the nodes of its sub-graphs (If's branches, Loop's body)."""
+    for node in nodes:
+        yield node
+        for g in node.attrs.values():
+            if isinstance(g, Graph):
+                yield from _with_subgraph_nodes(g.nodes)
 
 
 def run_forward(step, args):

@@ -55,6 +55,11 @@ def _owned(bars):
 def jvp(plan: Plan, env: dict, seeds: dict):
     """Push tangents `seeds` {name: (T, *shape)} forward; returns the tangent of plan.of (or None).
     A diagonal region (plan.regions) is one product, at its first step."""
+    return jvp_outputs(plan, env, seeds)[0]
+
+
+def jvp_outputs(plan: Plan, env: dict, seeds: dict):
+    """As jvp, for every one of plan.outs: a tuple of tangents (None where inactive)."""
     tan = dict(seeds)
     diag = {}
     for i, step in enumerate(plan.active_steps):
@@ -65,9 +70,9 @@ def jvp(plan: Plan, env: dict, seeds: dict):
         else:
             _push(plan, env, tan, step)
         for v in step.inputs:
-            if v and plan.last_use.get(v) == i and v != plan.of:
+            if v and plan.last_use.get(v) == i and v not in plan.outs:
                 tan.pop(v, None)
-    return tan.get(plan.of)
+    return tuple(tan.get(o) for o in plan.outs)
 
 
 def _push(plan, env, tan, step):

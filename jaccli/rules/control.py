@@ -1,0 +1,239 @@
+"""Control flow: If and Loop. Their sub-graphs are planned and walked as graphs of their own,
+with the outer values they read (Graph.free) as inputs: the forward runs the branch taken or the
+iterations; the derivatives run the same sub-graphs' JVP and VJP, in reverse order of the
+iterations for Loop. A condition is read at run time, per block of samples: the pairing probe
+of the drivers catches one that depends on the samples' values."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import rule
+from ..errors import ModelError
+
+MAX_ITERATIONS = 1 << 20  # a Loop without a trip count whose condition never turns false
+
+
+def _plan(graph, wrt=(), per_sample=False, unbatched=(), dtype=np.float32):
+    """The sub-graph's plan for these asks, built once."""
+    from ..model import Model, ValueInfo
+    from ..plan import Plan
+
+    key = (tuple(wrt), per_sample, tuple(unbatched), np.dtype(dtype).str)
+    if key not in graph.plans:
+        model = Model(None, graph.opsets, graph.nodes, graph.initializers,
+                      [ValueInfo(n, 0, None) for n in graph.inputs + graph.free],
+                      [ValueInfo(o, 0, None) for o in graph.outputs])
+        graph.plans[key] = Plan(model, graph.outputs, wrt, dtype, per_sample=per_sample, unbatched=unbatched)
+    return graph.plans[key]
+
+
+def _dtype(values):
+    """The compute type: that of the first float value among the node's inputs."""
+    return next((v.dtype for v in values if isinstance(v, np.ndarray) and v.dtype.kind == "f"), np.dtype(np.float32))
+
+
+def _add(a, b):
+    return b if a is None else a if b is None else a + b
+
+
+def _seed(cot, name, bar):
+    if bar is not None:
+        cot[name] = _add(cot.get(name), bar)
+
+
+def _flags(batched, start, names):
+    """{name: has a sample axis} for the node inputs from `start` on (all True before planning)."""
+    return {n: (True if batched is None else batched[start + i]) for i, n in enumerate(names)}
+
+
+def _pull(plan, env, cot, wrt):
+    from .. import walk
+
+    return walk._pull(plan, env, cot, plan.active_steps, wrt, {})
+
+
+def _branch_names(then_branch, else_branch):
+    """The node's inputs after the condition: the outer values either branch reads, in the order
+    of the attributes' names (see model._nodes)."""
+    return else_branch.free + tuple(v for v in then_branch.free if v not in else_branch.free)
+
+
+@rule("If", since=1)
+class If:
+    """outputs = then_branch() if cond else else_branch(); cond is one boolean for the block."""
+
+    nondiff = (0,)
+    n_diff_outputs = None
+    keeps = True
+    needs_batched = True
+
+    def forward(cond, *free, then_branch, else_branch, batched=None):
+        from .. import walk
+
+        g = _taken(cond, then_branch, else_branch)
+        values = dict(zip(_branch_names(then_branch, else_branch), free))
+        env = walk.primal(_plan(g, dtype=_dtype(free)), {n: values[n] for n in g.free})
+        return tuple(env[o] for o in g.outputs)
+
+    def jvp(cx, _cond, *dots, then_branch, else_branch, batched=None):
+        from .. import walk
+
+        g = _taken(cx.x[0], then_branch, else_branch)
+        names = _branch_names(then_branch, else_branch)
+        values = dict(zip(names, cx.x[1:]))
+        seeds = {n: d for n, d in zip(names, dots) if d is not None and n in g.free}
+        plan = _plan(g, tuple(seeds), dtype=_dtype(cx.x[1:]))
+        return walk.jvp_outputs(plan, walk.primal(plan, {n: values[n] for n in g.free}), seeds)
+
+    def vjp(cx, *bars, then_branch, else_branch, batched=None):
+        from .. import walk
+
+        g = _taken(cx.x[0], then_branch, else_branch)
+        names = _branch_names(then_branch, else_branch)
+        values = dict(zip(names, cx.x[1:]))
+        need, keep = dict(zip(names, cx.need[1:])), dict(zip(names, cx.keep[1:]))
+        flags = _flags(batched, 1, names)
+        wrt = tuple(n for n in g.free if need[n])
+        plan = _plan(g, wrt, any(keep[n] for n in g.free), tuple(n for n in g.free if not flags[n]), _dtype(cx.x[1:]))
+        cot = {}
+        for o, b in zip(g.outputs, bars):
+            _seed(cot, o, b)
+        res = _pull(plan, walk.primal(plan, {n: values[n] for n in g.free}), cot, wrt)
+        return (None,) + tuple(res.get(n) if need[n] and n in g.free else None for n in names)
+
+
+def _taken(cond, then_branch, else_branch):
+    c = np.asarray(cond)
+    if c.size != 1:
+        raise ModelError(f"If: the condition has {c.size} elements; one boolean is expected")
+    return then_branch if bool(c.ravel()[0]) else else_branch
+
+
+@rule("Loop", since=1)
+class Loop:
+    """Iterations of body(i, cond, carried..., outer values) -> (cond, carried..., scanned...),
+    at most M of them (if given) while cond holds (if given); outputs: the final carried values,
+    then each scanned value stacked along a new first axis."""
+
+    nondiff = (0, 1)
+    n_diff_outputs = None
+    keeps = True
+    needs_batched = True
+
+    def forward(M=None, cond=None, *rest, body, batched=None):
+        plan = _plan(body, dtype=_dtype(rest))
+        values, scans = _run(body, plan, M, cond, rest, lambda env: None)
+        return _outputs(body, values, scans, rest)
+
+    def jvp(cx, _m, _c, *dots, body, batched=None):
+        from .. import walk
+
+        K = len(body.inputs) - 2
+        carried, free = list(dots[:K]), dict(zip(body.free, dots[K:]))
+        free = {n: d for n, d in free.items() if d is not None}
+        dtype = _dtype(cx.x[2:])
+        M, cond, rest = cx.x[0], cx.x[1], list(cx.x[2:])
+        scans = [[] for _ in body.outputs[1 + K:]]
+        go, i, values = _start(cond), 0, rest[:K]
+        trip = _trip(M)
+        while go and (trip is None or i < trip):
+            seeds = {**{n: t for n, t in zip(body.inputs[2:], carried) if t is not None}, **free}
+            plan = _plan(body, tuple(seeds), dtype=dtype)
+            env = walk.primal(plan, _feeds(body, i, go, values, rest[K:]))
+            outs = walk.jvp_outputs(plan, env, seeds)
+            go, values = bool(np.ravel(env[body.outputs[0]])[0]), [env[o] for o in body.outputs[1:1 + K]]
+            carried = list(outs[1:1 + K])
+            for k, o in enumerate(body.outputs[1 + K:]):
+                scans[k].append((outs[1 + K + k], env[o]))
+            i = _next(i)
+        return tuple(carried) + tuple(_stack_tangents(s) for s in scans)
+
+    def vjp(cx, *bars, body, batched=None):
+        from ..errors import UnsupportedOpError
+
+        K = len(body.inputs) - 2
+        M, cond, rest = cx.x[0], cx.x[1], list(cx.x[2:])
+        need_free = [n for n, d in zip(body.free, cx.need[2 + K:]) if d]
+        per_sample = any(cx.keep)
+        flags = {**_flags(batched, 2, body.inputs[2:]), **_flags(batched, 2 + K, body.free)}
+        unbatched = tuple(body.inputs[:2]) + tuple(n for n in body.inputs[2:] + body.free if not flags[n])
+        wrt = tuple(body.inputs[2:]) + tuple(need_free)
+        plan = _plan(body, wrt, per_sample, unbatched, _dtype(rest))
+        if per_sample and any(n in unbatched and o in plan.batched for n, o in zip(body.inputs[2:], body.outputs[1:])):
+            raise UnsupportedOpError("Loop: a carried value without a sample axis gains one in the body; per-sample "
+                                     "parameter cotangents through it are not supported")
+        envs = []
+        _run(body, plan, M, cond, rest, envs.append)
+        carried = list(bars[:K])
+        scan_bars = bars[K:]
+        acc = dict.fromkeys(need_free)
+        for t in reversed(range(len(envs))):
+            cot = {}
+            for o, b in zip(body.outputs[1:1 + K], carried):
+                _seed(cot, o, b)
+            for k, (o, b) in enumerate(zip(body.outputs[1 + K:], scan_bars)):
+                if b is not None:
+                    _seed(cot, o, b[(slice(None),) * cx.lead(b, K + k) + (t,)])
+            if not cot:
+                carried = [None] * K
+                continue
+            res = _pull(plan, envs[t], cot, wrt)
+            carried = [res.get(n) for n in body.inputs[2:]]
+            for n in need_free:
+                acc[n] = _add(acc[n], res.get(n))
+        return (None, None) + tuple(c if d else None for c, d in zip(carried, cx.need[2:2 + K])) + \
+            tuple(acc.get(n) if d else None for n, d in zip(body.free, cx.need[2 + K:]))
+
+
+def _trip(M):
+    return None if M is None or np.size(M) == 0 else int(np.ravel(M)[0])
+
+
+def _start(cond):
+    return True if cond is None or np.size(cond) == 0 else bool(np.ravel(cond)[0])
+
+
+def _next(i):
+    if i + 1 >= MAX_ITERATIONS:
+        raise ModelError(f"Loop: still running after {MAX_ITERATIONS} iterations (no trip count, and the condition holds)")
+    return i + 1
+
+
+def _feeds(body, i, go, values, free):
+    return {body.inputs[0]: np.array(i, np.int64), body.inputs[1]: np.array(go), **dict(zip(body.inputs[2:], values)),
+            **dict(zip(body.free, free))}
+
+
+def _run(body, plan, M, cond, rest, keep_env):
+    """The iterations' forward: final carried values and, per scanned output, its values."""
+    from .. import walk
+
+    K = len(body.inputs) - 2
+    values, scans = list(rest[:K]), [[] for _ in body.outputs[1 + K:]]
+    go, i, trip = _start(cond), 0, _trip(M)
+    while go and (trip is None or i < trip):
+        env = walk.primal(plan, _feeds(body, i, go, values, rest[K:]))
+        keep_env(env)
+        go, values = bool(np.ravel(env[body.outputs[0]])[0]), [env[o] for o in body.outputs[1:1 + K]]
+        for k, o in enumerate(body.outputs[1 + K:]):
+            scans[k].append(env[o])
+        i = _next(i)
+    return values, scans
+
+
+def _outputs(body, values, scans, rest):
+    dtype = _dtype(rest)
+    return tuple(values) + tuple(np.stack(s) if s else np.zeros((0,), dtype) for s in scans)
+
+
+def _stack_tangents(pairs):
+    """Tangents of a scanned output over the iterations, stacked after their lead axes; zeros
+    for iterations where it had none (before a tangent reached it), None if it never had one."""
+    ref = next((t for t, _ in pairs if t is not None), None)
+    if ref is None:
+        return None
+    v0 = next(v for t, v in pairs if t is not None)
+    lead = ref.shape[: ref.ndim - np.ndim(v0)]
+    ts = [t if t is not None else np.zeros(lead + np.shape(v), ref.dtype) for t, v in pairs]
+    return np.stack(ts, axis=len(lead))

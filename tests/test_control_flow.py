@@ -1,0 +1,163 @@
+"""If and Loop: sub-graphs that read outer values (data and parameters), conditions and trip
+counts read at run time. Forward against onnxruntime; input Jacobians (both modes) and
+per-sample parameter Jacobians against float64 central differences of our forward."""
+
+import numpy as np
+import pytest
+from gradcheck import N, fd_input_jacobian, fd_param_jacobian, ort_forward, our_forward, rel_err
+from onnx import TensorProto, helper, numpy_helper
+
+import jaccli
+from jaccli.errors import ModelError
+from jaccli.model import load
+
+rng = np.random.default_rng(3)
+F, I64, B = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+
+
+def _init(name, a):
+    return numpy_helper.from_array(np.asarray(a), name)
+
+
+def _model(nodes, inits, x_shape, opset=13):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, ["N", *x_shape])],
+                          [helper.make_tensor_value_info("y", F, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def _check_all(model, x):
+    feeds = {"x": x}
+    ref, oracle = ort_forward(model, feeds)
+    np.testing.assert_allclose(our_forward(model, feeds, np.float32), ref, rtol=1e-5, atol=1e-5, err_msg=oracle)
+    fd = fd_input_jacobian(model, feeds, "x")
+    for mode in ("forward", "reverse"):
+        J = jaccli.input_jacobian(model, feeds, mode=mode, dtype=np.float64, flat=True)
+        assert rel_err(J, fd) < 1e-6, mode
+    G, cols = jaccli.param_jacobian(model, feeds, dtype=np.float64)
+    names = [c["name"] for c in cols]
+    fdp = fd_param_jacobian(model, feeds, names, load(model).initializers)
+    assert rel_err(G.reshape(fdp.shape), fdp) < 1e-6
+    return names
+
+
+def _if_model(threshold):
+    """y = tanh(x @ A) * 2 if x has more than `threshold` features, else x @ B + c; the branches
+    read the outer x, A, B and c, and the condition comes from x's shape."""
+    then_g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "A"], ["t0"]), helper.make_node("Tanh", ["t0"], ["t1"]),
+         helper.make_node("Mul", ["t1", "two"], ["then_out"])],
+        "then", [], [helper.make_tensor_value_info("then_out", F, None)], [_init("two", np.float32(2.0))])
+    else_g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "B"], ["e0"]), helper.make_node("Add", ["e0", "c"], ["else_out"])],
+        "else", [], [helper.make_tensor_value_info("else_out", F, None)])
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "one"], ["d"], axis=0),
+             helper.make_node("Greater", ["d", "k"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    inits = [_init("one", np.int64(1)), _init("k", np.int64(threshold)),
+             _init("A", rng.standard_normal((5, 3)).astype(np.float32)),
+             _init("B", rng.standard_normal((5, 3)).astype(np.float32)),
+             _init("c", rng.standard_normal(3).astype(np.float32))]
+    return _model(nodes, inits, (5,))
+
+
+@pytest.mark.parametrize("threshold,taken", [(4, {"A"}), (6, {"B", "c"})])
+def test_if_takes_the_branch_of_its_runtime_condition(threshold, taken):
+    m = _if_model(threshold)
+    x = rng.standard_normal((N, 5))
+    assert _check_all(m, x) == ["A", "B", "c"]
+    G, cols = jaccli.param_jacobian(m, x)
+    for c in cols:  # the other branch's parameters: zero columns
+        block = G[..., c["offset"]: c["offset"] + c["size"]]
+        assert (np.abs(block).max() > 0) == (c["name"] in taken), c["name"]
+
+
+def _rnn_model(scan=True):
+    """h_t = tanh(x_t W + h_{t-1} U + b) over the time axis of x (N, T, D): a Loop with a trip
+    count from x's shape, the state carried, the states scanned (then summed over time)."""
+    body_nodes = [
+        helper.make_node("Gather", ["x", "i"], ["xt"], axis=1),
+        helper.make_node("MatMul", ["xt", "W"], ["a"]),
+        helper.make_node("MatMul", ["h_in", "U"], ["b_"]),
+        helper.make_node("Sum", ["a", "b_", "bias"], ["pre"]),
+        helper.make_node("Tanh", ["pre"], ["h_out"]),
+        helper.make_node("Identity", ["c_in"], ["c_out"]),
+        helper.make_node("Identity", ["h_out"], ["h_scan"]),
+    ]
+    body = helper.make_graph(
+        body_nodes, "body",
+        [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("c_in", B, []),
+         helper.make_tensor_value_info("h_in", F, None)],
+        [helper.make_tensor_value_info("c_out", B, []), helper.make_tensor_value_info("h_out", F, None),
+         helper.make_tensor_value_info("h_scan", F, None)])
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "one"], ["T"], axis=0),
+             helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "axes0"], ["n1"]), helper.make_node("Concat", ["n1", "H"], ["hs"], axis=0),
+             helper.make_node("ConstantOfShape", ["hs"], ["h0"], value=helper.make_tensor("v", F, [1], [0.0])),
+             helper.make_node("Loop", ["T", "", "h0"], ["h_last", "hs_all"], body=body)]
+    if scan:  # (T, N, H): the sample axis is second; sum over time, then the last state
+        nodes += [helper.make_node("ReduceSum", ["hs_all", "axes0"], ["ssum"], keepdims=0),
+                  helper.make_node("Add", ["ssum", "h_last"], ["y"])]
+    else:
+        nodes += [helper.make_node("Identity", ["h_last"], ["y"])]
+    inits = [_init("one", np.int64(1)), _init("zero", np.int64(0)), _init("axes0", np.array([0], np.int64)),
+             _init("H", np.array([3], np.int64)), _init("W", 0.5 * rng.standard_normal((2, 3)).astype(np.float32)),
+             _init("U", 0.5 * rng.standard_normal((3, 3)).astype(np.float32)),
+             _init("bias", 0.1 * rng.standard_normal(3).astype(np.float32))]
+    return _model(nodes, inits, (4, 2))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_loop_recurrence(scan):
+    names = _check_all(_rnn_model(scan), rng.standard_normal((N, 4, 2)))
+    assert names == ["W", "U", "bias"]
+
+
+def test_loop_with_a_condition_and_no_trip_count():
+    """while s < 3: s = s + |x| (elementwise sum over the features); the count depends on the data of
+    the whole block, and the carried value is the only output."""
+    body = helper.make_graph(
+        [helper.make_node("Abs", ["x"], ["ax"]), helper.make_node("ReduceSum", ["ax"], ["r"], keepdims=0),
+         helper.make_node("Add", ["s_in", "w"], ["s_w"]), helper.make_node("Add", ["s_w", "r"], ["s_out"]),
+         helper.make_node("ReduceMin", ["s_out"], ["m"], keepdims=0), helper.make_node("Less", ["m", "three"], ["c_out"])],
+        "body", [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("c_in", B, []),
+                 helper.make_tensor_value_info("s_in", F, None)],
+        [helper.make_tensor_value_info("c_out", B, []), helper.make_tensor_value_info("s_out", F, None)])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s0"], keepdims=0, axes=[1]),
+             helper.make_node("Loop", ["", "true", "s0"], ["y"], body=body)]
+    inits = [_init("true", np.array(True)), _init("three", np.float32(3.0)), _init("w", np.float32(0.25))]
+    m = _model(nodes, inits, (4,), opset=11)
+    x = rng.uniform(0.1, 0.3, (N, 4))
+    feeds = {"x": x}
+    ref, _ = ort_forward(m, feeds)
+    np.testing.assert_allclose(our_forward(m, feeds, np.float32), ref, rtol=1e-5)
+    # the block's condition depends on every sample: the drivers' pairing probe refuses it
+    with pytest.raises(Exception, match="mixes samples|changes when another sample"):
+        jaccli.input_jacobian(m, feeds)
+    x1 = x[:1]
+    J = jaccli.input_jacobian(m, x1, dtype=np.float64, flat=True)  # one sample: well defined
+    eps, E = 1e-6, np.eye(4)
+    fd = [(our_forward(m, {"x": x1 + eps * e}) - our_forward(m, {"x": x1 - eps * e})).ravel() / (2 * eps) for e in E]
+    assert rel_err(J[0], np.stack(fd, axis=-1)) < 1e-6
+
+
+def test_unsupported_operator_inside_a_branch_is_named():
+    m = _if_model(4)
+    m.graph.node[3].attribute[0].g.node[1].op_type = "Frobnicate"
+    with pytest.raises(Exception, match="Frobnicate"):
+        jaccli.input_jacobian(m, rng.standard_normal((N, 5)))
+
+
+def test_loop_that_never_ends_is_stopped(monkeypatch):
+    import jaccli.rules.control as control
+
+    monkeypatch.setattr(control, "MAX_ITERATIONS", 50)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Neg", ["v_in"], ["v_out"])],
+        "body", [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("c_in", B, []),
+                 helper.make_tensor_value_info("v_in", F, None)],
+        [helper.make_tensor_value_info("c_out", B, []), helper.make_tensor_value_info("v_out", F, None)])
+    m = _model([helper.make_node("Loop", ["", "true", "x"], ["y"], body=body)], [_init("true", np.array(True))], (2,))
+    with pytest.raises(ModelError, match="50 iterations"):
+        jaccli.input_jacobian(m, rng.standard_normal((N, 2)))
