@@ -328,6 +328,8 @@ def _trim(args):
 
 
 def _as_compute(a, dtype):
+    if isinstance(a, list):  # a sequence
+        return [_as_compute(e, dtype) for e in a]
     a = np.asarray(a)
     return a.astype(dtype) if np.issubdtype(a.dtype, np.floating) and a.dtype != dtype else a
 

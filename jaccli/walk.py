@@ -49,7 +49,7 @@ def _ctx(step, env, need=(), keep=(), out=(), owned=()):
 def _owned(bars):
     """Per cotangent: an array with its own memory that only `bars` refers to (a rule's fresh
     result, not a view, not shared with another value's entry), so the next rule may overwrite it."""
-    return tuple(b is not None and b.base is None and b.flags.writeable and sys.getrefcount(b) == 3 for b in bars)
+    return tuple(isinstance(b, np.ndarray) and b.base is None and b.flags.writeable and sys.getrefcount(b) == 3 for b in bars)
 
 
 def jvp(plan: Plan, env: dict, seeds: dict):
@@ -138,7 +138,7 @@ def vjp_identity(plan: Plan, env: dict, sel, wrt, dtype, sinks=None):
             cot = {}
             for name, b, d in zip(last.inputs, res, last.diff_in):
                 if d and b is not None:
-                    cot[name] = cot[name] + b if name in cot else b
+                    cot[name] = accumulate(cot[name], b) if name in cot else b
             return _pull(plan, env, cot, plan.active_steps[:-1], wrt, sinks or {}, one)
     return vjp(plan, env, identity_seed(sel, y, dtype), wrt, sinks)
 
@@ -211,7 +211,7 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
                 if name in through:  # written in the parameter's own place: its Transpose has nothing to do
                     done.add(through[name][0])
             else:
-                cot[name] = cot[name] + b if name in cot else b
+                cot[name] = accumulate(cot[name], b) if name in cot else b
         res = b = None  # cotangents are held by `cot` alone, for _owned
     for name, dst in sinks.items():
         if name not in done:
@@ -223,8 +223,17 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
 
 
 def _lead(b, value):
-    """(shape of the direction axes, dtype) of b, a cotangent of value."""
+    """(shape of the direction axes, dtype) of b, a cotangent of value (None for a sequence's)."""
+    if not isinstance(b, np.ndarray):
+        return None
     return b.shape[: b.ndim - np.ndim(value)], b.dtype
+
+
+def accumulate(a, b):
+    """a + b for (co)tangents: arrays, or sequences' lists of them (None where an element has none)."""
+    if isinstance(a, list):
+        return [y if x is None else x if y is None else accumulate(x, y) for x, y in zip(a, b)]
+    return a + b
 
 
 def _fit_sink(b, dst):

@@ -210,7 +210,7 @@ def jacobian_error(proto, feeds):
             feeds = {k: v[None] for k, v in feeds.items()}
         try:
             model = jaccli.load(m)
-            of = next(v.name for v in model.outputs if v.is_float)
+            of = model.output(None).name  # the first float output (a one-line refusal if none)
             y = jaccli.input_jacobian(model, feeds, of=of, outputs=f"0:{MAX_OUTPUTS}", return_result=True)
             n_out = int(np.prod(y.out_shape))
             sel = None if n_out <= MAX_OUTPUTS else f"0:{MAX_OUTPUTS}"

@@ -192,3 +192,24 @@ def check_rule(rule, inputs, attrs, diff, rng, eps=1e-6, T=3):
     lhs = (U * Ydot).sum()
     rhs = sum((bars[k] * V[k]).sum() for k in diff)
     assert abs(lhs - rhs) <= 1e-9 * max(1.0, abs(lhs)), f"VJP: <u, Jv> = {lhs}, <J^T u, v> = {rhs}"
+
+
+def check_whole_model(model, x, params=None):
+    """A model of input x (N, ...): its forward against onnxruntime; its input Jacobian in both
+    modes and its per-sample parameter Jacobian against float64 central differences of our
+    forward. Returns the parameter names."""
+    import jaccli
+    from jaccli.model import load
+
+    feeds = {"x": x}
+    ref, oracle = ort_forward(model, feeds)
+    np.testing.assert_allclose(our_forward(model, feeds, np.float32), ref, rtol=1e-5, atol=1e-5, err_msg=oracle)
+    fd = fd_input_jacobian(model, feeds, "x")
+    for mode in ("forward", "reverse"):
+        J = jaccli.input_jacobian(model, feeds, mode=mode, dtype=np.float64, flat=True)
+        assert rel_err(J, fd) < 1e-6, mode
+    G, cols = jaccli.param_jacobian(model, feeds, params=params, dtype=np.float64)
+    names = [c["name"] for c in cols]
+    fdp = fd_param_jacobian(model, feeds, names, load(model).initializers)
+    assert rel_err(G.reshape(fdp.shape), fdp) < 1e-6
+    return names

@@ -4,12 +4,11 @@ per-sample parameter Jacobians against float64 central differences of our forwar
 
 import numpy as np
 import pytest
-from gradcheck import N, fd_input_jacobian, fd_param_jacobian, ort_forward, our_forward, rel_err
+from gradcheck import N, check_whole_model, ort_forward, our_forward, rel_err
 from onnx import TensorProto, helper, numpy_helper
 
 import jaccli
 from jaccli.errors import ModelError
-from jaccli.model import load
 
 rng = np.random.default_rng(3)
 F, I64, B = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
@@ -25,21 +24,6 @@ def _model(nodes, inits, x_shape, opset=13):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     return m
-
-
-def _check_all(model, x):
-    feeds = {"x": x}
-    ref, oracle = ort_forward(model, feeds)
-    np.testing.assert_allclose(our_forward(model, feeds, np.float32), ref, rtol=1e-5, atol=1e-5, err_msg=oracle)
-    fd = fd_input_jacobian(model, feeds, "x")
-    for mode in ("forward", "reverse"):
-        J = jaccli.input_jacobian(model, feeds, mode=mode, dtype=np.float64, flat=True)
-        assert rel_err(J, fd) < 1e-6, mode
-    G, cols = jaccli.param_jacobian(model, feeds, dtype=np.float64)
-    names = [c["name"] for c in cols]
-    fdp = fd_param_jacobian(model, feeds, names, load(model).initializers)
-    assert rel_err(G.reshape(fdp.shape), fdp) < 1e-6
-    return names
 
 
 def _if_model(threshold):
@@ -66,7 +50,7 @@ def _if_model(threshold):
 def test_if_takes_the_branch_of_its_runtime_condition(threshold, taken):
     m = _if_model(threshold)
     x = rng.standard_normal((N, 5))
-    assert _check_all(m, x) == ["A", "B", "c"]
+    assert check_whole_model(m, x) == ["A", "B", "c"]
     G, cols = jaccli.param_jacobian(m, x)
     for c in cols:  # the other branch's parameters: zero columns
         block = G[..., c["offset"]: c["offset"] + c["size"]]
@@ -110,7 +94,7 @@ def _rnn_model(scan=True):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_loop_recurrence(scan):
-    names = _check_all(_rnn_model(scan), rng.standard_normal((N, 4, 2)))
+    names = check_whole_model(_rnn_model(scan), rng.standard_normal((N, 4, 2)))
     assert names == ["W", "U", "bias"]
 
 

@@ -34,7 +34,9 @@ def _dtype(values):
 
 
 def _add(a, b):
-    return b if a is None else a if b is None else a + b
+    from ..walk import accumulate
+
+    return b if a is None else a if b is None else accumulate(a, b)
 
 
 def _seed(cot, name, bar):
@@ -160,7 +162,8 @@ class Loop:
         unbatched = tuple(body.inputs[:2]) + tuple(n for n in body.inputs[2:] + body.free if not flags[n])
         wrt = tuple(body.inputs[2:]) + tuple(need_free)
         plan = _plan(body, wrt, per_sample, unbatched, _dtype(rest))
-        if per_sample and any(n in unbatched and o in plan.batched for n, o in zip(body.inputs[2:], body.outputs[1:])):
+        if per_sample and any(n in unbatched and o in plan.batched and not _empty(v)
+                              for n, o, v in zip(body.inputs[2:], body.outputs[1:], rest)):
             raise UnsupportedOpError("Loop: a carried value without a sample axis gains one in the body; per-sample "
                                      "parameter cotangents through it are not supported")
         envs = []
@@ -184,6 +187,11 @@ class Loop:
                 acc[n] = _add(acc[n], res.get(n))
         return (None, None) + tuple(c if d else None for c, d in zip(carried, cx.need[2:2 + K])) + \
             tuple(acc.get(n) if d else None for n, d in zip(body.free, cx.need[2 + K:]))
+
+
+def _empty(v):
+    """An empty sequence: it gains a sample axis with its first batched element, harmlessly."""
+    return isinstance(v, list) and not v
 
 
 def _trip(M):
