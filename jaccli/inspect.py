@@ -10,10 +10,13 @@ from .rules import lookup
 
 
 def describe(path):
+    from .plan import with_subgraph_nodes
+
     model = load(path)
-    counts = Counter((n.domain, n.op_type, n.opset) for n in model.nodes)
+    nodes = list(with_subgraph_nodes(model.nodes))  # sub-graphs' nodes (If, Loop) counted too
+    counts = Counter((n.domain, n.op_type, n.opset) for n in nodes)
     first = {}
-    for n in model.nodes:
+    for n in nodes:
         first.setdefault((n.domain, n.op_type, n.opset), n.name)
     ops = []
     for (domain, op, opset), c in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1])):

@@ -294,7 +294,7 @@ class Plan:
 def require_rules(nodes):
     """Look up the rule of every node; UnsupportedOpError naming the first that has none."""
     missing = []
-    for node in _with_subgraph_nodes(nodes):
+    for node in with_subgraph_nodes(nodes):
         try:
             lookup(node.op_type, node.opset, node.domain, node.name)
         except UnsupportedOpError as e:
@@ -304,13 +304,13 @@ def require_rules(nodes):
         raise UnsupportedOpError(f"{missing[0]}{more}")
 
 
-def _with_subgraph_nodes(nodes):
+def with_subgraph_nodes(nodes):
     """The nodes, each followed by the nodes of its sub-graphs (If's branches, Loop's body)."""
     for node in nodes:
         yield node
         for g in node.attrs.values():
             if isinstance(g, Graph):
-                yield from _with_subgraph_nodes(g.nodes)
+                yield from with_subgraph_nodes(g.nodes)
 
 
 def run_forward(step, args):
