@@ -14,23 +14,32 @@ from .model import load
 TOLERANCE = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
 
 
+_HALF = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
 def _to_double(proto):
-    """A copy of the model computing in float64 (None if that cannot be built)."""
+    """A copy of the model computing in float64 (every float type becomes double)."""
+    return _widened(proto, (TensorProto.FLOAT,) + _HALF, TensorProto.DOUBLE, np.float64)
+
+
+def _widened(proto, types, to, dtype):
+    """A copy of the model with the float `types` (initializers, constants, inputs, outputs,
+    value types, Casts) made `to`: as jaccli computes, in one float type throughout."""
     m = onnx.ModelProto()
     m.CopyFrom(proto)
     g = m.graph
     for t in g.initializer:
-        if t.data_type == TensorProto.FLOAT:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+        if t.data_type in types:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(dtype), t.name))
     for v in list(g.input) + list(g.output) + list(g.value_info):
-        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
-            v.type.tensor_type.elem_type = TensorProto.DOUBLE
+        if v.type.tensor_type.elem_type in types:
+            v.type.tensor_type.elem_type = to
     for n in g.node:
         for a in n.attribute:
-            if n.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
-                a.i = TensorProto.DOUBLE
-            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT:
-                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
+            if n.op_type in ("Cast", "EyeLike", "RandomNormal", "RandomUniform") and a.name in ("to", "dtype") and a.i in types:
+                a.i = to
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in types:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(dtype), a.t.name))
     return m
 
 
@@ -71,7 +80,7 @@ class Oracle:
             # one that quantizes the activations too, which computes another function
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         self.dtype = np.dtype(dtype)
-        m = _to_double(proto) if self.dtype == np.float64 else proto
+        m = _to_double(proto) if self.dtype == np.float64 else _widened(proto, _HALF, TensorProto.FLOAT, np.float32)
         self.session = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         inputs = list(self.session.get_inputs()) + list(self.session.get_overridable_initializers())
         self.types = {i.name: _ORT_FLOATS.get(i.type) for i in inputs}
@@ -95,7 +104,7 @@ class Reference:
         from onnx.reference import ReferenceEvaluator
 
         self.dtype = np.dtype(dtype)
-        m = _to_double(proto) if self.dtype == np.float64 else proto
+        m = _to_double(proto) if self.dtype == np.float64 else _widened(proto, _HALF, TensorProto.FLOAT, np.float32)
         self.evaluator = ReferenceEvaluator(m)
         self.types = {v.name: _ONNX_FLOATS.get(v.type.tensor_type.elem_type) for v in m.graph.input}
 

@@ -157,6 +157,41 @@ def test_check_falls_back_to_the_reference_evaluator(tmp_path, monkeypatch):
     assert r.exit_code == 1 and "FAIL" in r.output, r.output
 
 
+@pytest.mark.parametrize("io", ["float16", "float32"])
+def test_half_precision_models(tmp_path, io):
+    """Weights in float16, and inputs in float16 or cast to it: jaccli computes in one float type
+    throughout, and so does the check's oracle (onnxruntime's differences in float16 would be
+    noise)."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(0)
+    H = TensorProto.FLOAT16
+    inits = [numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float16), "W"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float16), "b")]
+    nodes = [helper.make_node("Gemm", ["xh", "W", "b"], ["h"]), helper.make_node("Tanh", ["h"], ["y"])]
+    if io == "float32":
+        nodes = [helper.make_node("Cast", ["x"], ["xh"], to=H)] + nodes[:1] + [helper.make_node("Tanh", ["h"], ["t"]),
+                                                                             helper.make_node("Cast", ["t"], ["y"], to=TensorProto.FLOAT)]
+    else:
+        nodes = [helper.make_node("Identity", ["x"], ["xh"])] + nodes
+    t = TensorProto.FLOAT if io == "float32" else H
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", t, ["N", 5])], [helper.make_tensor_value_info("y", t, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    model, data = str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")
+    save(m, model)
+    x = rng.standard_normal((3, 5))
+    np.save(data, x.astype(np.float16 if io == "float16" else np.float32))
+    for extra in ([], ["--params"]):
+        r = run(["check", model, data, *extra])
+        assert r.exit_code == 0 and "pass" in r.output, r.output
+    J = jaccli.input_jacobian(model, np.load(data), dtype=np.float64)
+    W, b = (numpy_helper.to_array(i).astype(np.float64) for i in inits)
+    xs = np.load(data).astype(np.float64)
+    want = (1 - np.tanh(xs @ W + b) ** 2)[:, :, None] * W.T[None]
+    np.testing.assert_allclose(J, want, rtol=1e-12)
+
+
 def test_check_calls_differences_below_the_oracles_rounding_unclear():
     from jaccli.oracle import verdict
 
