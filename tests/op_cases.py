@@ -274,3 +274,21 @@ CASES += [
     Case("FusedMatMul", [("x", (5,)), ("p", (3, 5))], {"transB": 1, "alpha": 0.5}, domain=MS, id="ms-FusedMatMul-2d"),
     Case("FusedMatMul", [("x", (2, 5)), ("p", (3, 5))], {"transB": 1}, domain=MS, id="ms-FusedMatMul-3d"),
 ]
+
+# onnxruntime's extended optimizations: a Conv or Gemm with its activation (and a residual Z)
+CASES += [
+    Case("FusedConv", [("x", (2, 5, 5)), ("p", (3, 2, 3, 3)), ("p", (3,))], {"activation": "Relu", "pads": [1, 1, 1, 1]},
+         domain=MS, data="away", id="ms-FusedConv-Relu"),
+    Case("FusedConv", [("x", (2, 5, 5)), ("p", (3, 2, 3, 3)), ("p", (3,)), ("x", (3, 3, 3))],
+         {"activation": "LeakyRelu", "activation_params": [0.2]}, domain=MS, data="away", id="ms-FusedConv-LeakyRelu-Z"),
+    Case("FusedConv", [("x", (2, 5, 5)), ("p", (3, 2, 3, 3))], {"activation": "Clip", "activation_params": [-0.5, 0.5]},
+         domain=MS, data="away", id="ms-FusedConv-Clip"),
+    Case("FusedConv", [("x", (2, 6)), ("p", (3, 2, 3)), ("p", (3,))], {"activation": "Tanh", "strides": [2]}, domain=MS,
+         id="ms-FusedConv-Tanh-1d"),
+    Case("FusedConv", [("x", (2, 5, 5)), ("p", (3, 2, 3, 3))], {"activation": "HardSigmoid", "activation_params": [0.3, 0.4]},
+         domain=MS, data="away", id="ms-FusedConv-HardSigmoid"),
+    Case("FusedGemm", [("x", (4,)), ("p", (3, 4)), ("p", (3,))], {"transB": 1, "activation": "Sigmoid"}, domain=MS,
+         id="ms-FusedGemm-Sigmoid"),
+    Case("FusedGemm", [("x", (4,)), ("p", (4, 3)), ("p", (3,))], {"activation": "LeakyRelu", "activation_alpha": 0.1,
+         "alpha": 0.5}, domain=MS, data="away", id="ms-FusedGemm-LeakyRelu"),
+]

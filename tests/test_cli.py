@@ -192,6 +192,31 @@ def test_half_precision_models(tmp_path, io):
     np.testing.assert_allclose(J, want, rtol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["cnn", "mlp_classifier"])
+def test_models_saved_by_onnxruntimes_optimizer(tmp_path, name):
+    """onnxruntime's extended optimizations fuse Conv and Gemm with their activations
+    (com.microsoft FusedConv, FusedGemm): same Jacobians as the model before."""
+    import onnx
+
+    model, data = paths(name)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    fused = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node if n.domain == "com.microsoft"}
+    assert fused & {"FusedConv", "FusedGemm"}
+    x = np.load(data)
+    np.testing.assert_allclose(jaccli.input_jacobian(opts.optimized_model_filepath, x), jaccli.input_jacobian(model, x),
+                               rtol=1e-5, atol=1e-7)
+    G, cols = jaccli.param_jacobian(opts.optimized_model_filepath, x)
+    G0, cols0 = jaccli.param_jacobian(model, x)
+    assert sorted(c["name"] for c in cols) == sorted(c["name"] for c in cols0)
+    for c in cols:
+        c0 = next(d for d in cols0 if d["name"] == c["name"])
+        np.testing.assert_allclose(G[..., c["offset"]: c["offset"] + c["size"]], G0[..., c0["offset"]: c0["offset"] + c0["size"]],
+                                   rtol=1e-5, atol=1e-7)
+
+
 def test_check_calls_differences_below_the_oracles_rounding_unclear():
     from jaccli.oracle import verdict
 

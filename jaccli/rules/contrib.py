@@ -116,3 +116,90 @@ def _no_batch_transpose(a, b):
 
         raise UnsupportedOpError("FusedMatMul with transBatchA or transBatchB is not supported")
 
+
+
+# ---- FusedConv and FusedGemm: a Conv or Gemm followed by an activation (onnxruntime's optimizer) ----
+
+
+def _activation(name, params):
+    """(f(U), f'(U) from Y = f(U)) of an activation that onnxruntime fuses, with its parameters."""
+    p = list(params or [])
+    if name == "Relu":
+        return (lambda U: np.maximum(U, 0)), (lambda Y: (Y > 0).astype(Y.dtype))
+    if name == "Tanh":
+        return np.tanh, (lambda Y: 1 - Y * Y)
+    if name == "Sigmoid":
+        return _sigmoid, (lambda Y: Y * (1 - Y))
+    if name == "LeakyRelu":
+        a = p[0] if p else 0.01
+        return (lambda U: np.where(U > 0, U, U * U.dtype.type(a))), (lambda Y: np.where(Y > 0, 1, a).astype(Y.dtype))
+    if name == "Clip":
+        lo, hi = (p + [-np.inf, np.inf][len(p):])[:2]
+        return (lambda U: np.clip(U, lo, hi)), (lambda Y: ((Y > lo) & (Y < hi)).astype(Y.dtype))
+    if name == "HardSigmoid":
+        a, b = (p + [0.2, 0.5][len(p):])[:2]
+        return (lambda U: np.clip(U * U.dtype.type(a) + U.dtype.type(b), 0, 1)), \
+            (lambda Y: np.where((Y > 0) & (Y < 1), a, 0).astype(Y.dtype))
+    from ..errors import UnsupportedOpError
+
+    raise UnsupportedOpError(f"fused activation '{name}' is not supported")
+
+
+def _conv_attrs(a):
+    return {"auto_pad": a.get("auto_pad", "NOTSET"), "dilations": a.get("dilations"), "group": a.get("group", 1),
+            "kernel_shape": a.get("kernel_shape"), "pads": a.get("pads"), "strides": a.get("strides")}
+
+
+@rule("FusedConv", since=1, domain=MS)
+class FusedConv:
+    """Y = activation(Conv(X, W, B) + Z), Z optional (a residual summed in)."""
+
+    keeps = True
+
+    def forward(X, W, B=None, Z=None, *, activation="", activation_params=None, **conv):
+        from .conv import Conv
+
+        U = Conv.forward(X, W, B, **_conv_attrs(conv))
+        if Z is not None:
+            U = U + Z
+        return _activation(activation, activation_params)[0](U) if activation else U
+
+    def jvp(cx, Xdot, Wdot, Bdot=None, Zdot=None, *, activation="", activation_params=None, **conv):
+        from .conv import Conv
+
+        D = add(Conv.jvp(cx, Xdot, Wdot, Bdot, **_conv_attrs(conv)) if any(t is not None for t in (Xdot, Wdot, Bdot)) else None, Zdot)
+        return _activation(activation, activation_params)[1](cx.y[0]) * D if activation else D
+
+    def vjp(cx, Ybar, *, activation="", activation_params=None, **conv):
+        from .conv import Conv
+
+        G = _activation(activation, activation_params)[1](cx.y[0]) * Ybar if activation else Ybar
+        bars = Conv.vjp(cx, G, **_conv_attrs(conv))
+        Zbar = G if len(cx.x) > 3 and cx.x[3] is not None and cx.need[3] else None
+        return tuple(bars) + (Zbar,)
+
+
+@rule("FusedGemm", since=1, domain=MS)
+class FusedGemm:
+    """Y = activation(alpha * A' @ B' + beta * C)."""
+
+    keeps = True
+
+    def forward(A, B, C=None, *, activation="", activation_alpha=None, activation_beta=None, activation_gamma=None,
+                alpha=1.0, beta=1.0, transA=0, transB=0):
+        U = Gemm.forward(A, B, C, alpha=alpha, beta=beta, transA=transA, transB=transB)
+        return _activation(activation, _gemm_params(activation_alpha, activation_beta))[0](U) if activation else U
+
+    def jvp(cx, Adot, Bdot, Cdot=None, *, activation="", activation_alpha=None, activation_beta=None,
+            activation_gamma=None, alpha=1.0, beta=1.0, transA=0, transB=0):
+        D = Gemm.jvp(cx, Adot, Bdot, Cdot, alpha=alpha, beta=beta, transA=transA, transB=transB)
+        return _activation(activation, _gemm_params(activation_alpha, activation_beta))[1](cx.y[0]) * D if activation else D
+
+    def vjp(cx, Ybar, *, activation="", activation_alpha=None, activation_beta=None, activation_gamma=None,
+            alpha=1.0, beta=1.0, transA=0, transB=0):
+        G = _activation(activation, _gemm_params(activation_alpha, activation_beta))[1](cx.y[0]) * Ybar if activation else Ybar
+        return Gemm.vjp(cx, G, alpha=alpha, beta=beta, transA=transA, transB=transB)
+
+
+def _gemm_params(a, b):
+    return [v for v in (a, b) if v is not None]
