@@ -8,7 +8,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .drivers import _first_float, _slice_samples, input_jacobian, param_jacobian, prepare_feeds
-from .errors import JaccliError, ModelError
+from .errors import ModelError
 from .model import load
 
 TOLERANCE = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
@@ -64,7 +64,25 @@ def _params_as_inputs(proto, names):
 _ORT_FLOATS = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
 
 
-class Oracle:
+class _Runner:
+    """What both oracles share: the model in the oracle's float type, and runs on feeds cast to
+    each input's declared float type (a double model stays double)."""
+
+    types: dict
+
+    @staticmethod
+    def _model(proto, dtype):
+        return _to_double(proto) if dtype == np.float64 else _widened(proto, _HALF, TensorProto.FLOAT, np.float32)
+
+    def run(self, feeds, outputs):
+        cast = {}
+        for k, v in feeds.items():
+            want = self.types.get(k)
+            cast[k] = v.astype(want) if want is not None and np.issubdtype(v.dtype, np.floating) else v
+        return self._run(outputs, cast)
+
+
+class Oracle(_Runner):
     """An onnxruntime session over the model, computing in `dtype` (float64 or float32)."""
 
     name = "onnxruntime"
@@ -80,23 +98,18 @@ class Oracle:
             # one that quantizes the activations too, which computes another function
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         self.dtype = np.dtype(dtype)
-        m = _to_double(proto) if self.dtype == np.float64 else _widened(proto, _HALF, TensorProto.FLOAT, np.float32)
-        self.session = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(self._model(proto, self.dtype).SerializeToString(), opts,
+                                            providers=["CPUExecutionProvider"])
         inputs = list(self.session.get_inputs()) + list(self.session.get_overridable_initializers())
         self.types = {i.name: _ORT_FLOATS.get(i.type) for i in inputs}
 
-    def run(self, feeds, outputs):
-        """Run on feeds cast to each input's declared float type (a double model stays double)."""
-        cast = {}
-        for k, v in feeds.items():
-            want = self.types.get(k)
-            cast[k] = v.astype(want) if want is not None and np.issubdtype(v.dtype, np.floating) else v
-        return self.session.run(outputs, cast)
+    def _run(self, outputs, feeds):
+        return self.session.run(outputs, feeds)
 
 
-class Reference:
-    """onnx's reference evaluator, with Oracle's interface: the oracle of last resort, for models
-    that onnxruntime cannot run (kernels it lacks, attribute combinations it refuses)."""
+class Reference(_Runner):
+    """onnx's reference evaluator, with Oracle's interface: for models that onnxruntime cannot
+    run, or runs in float32 only (see _oracle)."""
 
     name = "the onnx reference evaluator"
 
@@ -104,16 +117,12 @@ class Reference:
         from onnx.reference import ReferenceEvaluator
 
         self.dtype = np.dtype(dtype)
-        m = _to_double(proto) if self.dtype == np.float64 else _widened(proto, _HALF, TensorProto.FLOAT, np.float32)
+        m = self._model(proto, self.dtype)
         self.evaluator = ReferenceEvaluator(m)
         self.types = {v.name: _ONNX_FLOATS.get(v.type.tensor_type.elem_type) for v in m.graph.input}
 
-    def run(self, feeds, outputs):
-        cast = {}
-        for k, v in feeds.items():
-            want = self.types.get(k)
-            cast[k] = v.astype(want) if want is not None and np.issubdtype(v.dtype, np.floating) else v
-        return self.evaluator.run(outputs, cast)
+    def _run(self, outputs, feeds):
+        return self.evaluator.run(outputs, feeds)
 
 
 _ONNX_FLOATS = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}

@@ -213,3 +213,15 @@ def check_whole_model(model, x, params=None):
     fdp = fd_param_jacobian(model, feeds, names, load(model).initializers)
     assert rel_err(G.reshape(fdp.shape), fdp) < 1e-6
     return names
+
+
+def one_input_model(nodes, inits, x_shape, opset=13):
+    """A model of float input x (N, *x_shape) and output y: `inits` a {name: array} dict or a
+    list of TensorProtos."""
+    if isinstance(inits, dict):
+        inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m

@@ -4,7 +4,7 @@ per-sample parameter Jacobians against float64 central differences of our forwar
 
 import numpy as np
 import pytest
-from gradcheck import N, check_whole_model, ort_forward, our_forward, rel_err
+from gradcheck import N, check_whole_model, one_input_model, ort_forward, our_forward, rel_err
 from onnx import TensorProto, helper, numpy_helper
 
 import jaccli
@@ -16,14 +16,6 @@ F, I64, B = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 
 def _init(name, a):
     return numpy_helper.from_array(np.asarray(a), name)
-
-
-def _model(nodes, inits, x_shape, opset=13):
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, ["N", *x_shape])],
-                          [helper.make_tensor_value_info("y", F, None)], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    return m
 
 
 def _if_model(threshold):
@@ -43,7 +35,7 @@ def _if_model(threshold):
              _init("A", rng.standard_normal((5, 3)).astype(np.float32)),
              _init("B", rng.standard_normal((5, 3)).astype(np.float32)),
              _init("c", rng.standard_normal(3).astype(np.float32))]
-    return _model(nodes, inits, (5,))
+    return one_input_model(nodes, inits, (5,))
 
 
 @pytest.mark.parametrize("threshold,taken", [(4, {"A"}), (6, {"B", "c"})])
@@ -89,7 +81,7 @@ def _rnn_model(scan=True):
              _init("H", np.array([3], np.int64)), _init("W", 0.5 * rng.standard_normal((2, 3)).astype(np.float32)),
              _init("U", 0.5 * rng.standard_normal((3, 3)).astype(np.float32)),
              _init("bias", 0.1 * rng.standard_normal(3).astype(np.float32))]
-    return _model(nodes, inits, (4, 2))
+    return one_input_model(nodes, inits, (4, 2))
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -111,7 +103,7 @@ def test_loop_with_a_condition_and_no_trip_count():
     nodes = [helper.make_node("ReduceSum", ["x"], ["s0"], keepdims=0, axes=[1]),
              helper.make_node("Loop", ["", "true", "s0"], ["y"], body=body)]
     inits = [_init("true", np.array(True)), _init("three", np.float32(3.0)), _init("w", np.float32(0.25))]
-    m = _model(nodes, inits, (4,), opset=11)
+    m = one_input_model(nodes, inits, (4,), opset=11)
     x = rng.uniform(0.1, 0.3, (N, 4))
     feeds = {"x": x}
     ref, _ = ort_forward(m, feeds)
@@ -142,6 +134,6 @@ def test_loop_that_never_ends_is_stopped(monkeypatch):
         "body", [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("c_in", B, []),
                  helper.make_tensor_value_info("v_in", F, None)],
         [helper.make_tensor_value_info("c_out", B, []), helper.make_tensor_value_info("v_out", F, None)])
-    m = _model([helper.make_node("Loop", ["", "true", "x"], ["y"], body=body)], [_init("true", np.array(True))], (2,))
+    m = one_input_model([helper.make_node("Loop", ["", "true", "x"], ["y"], body=body)], [_init("true", np.array(True))], (2,))
     with pytest.raises(ModelError, match="50 iterations"):
         jaccli.input_jacobian(m, rng.standard_normal((N, 2)))

@@ -4,20 +4,11 @@ Forward against onnxruntime; Jacobians against float64 central differences of ou
 
 import numpy as np
 import pytest
-from gradcheck import fd_input_jacobian, fd_param_jacobian, ort_forward, our_forward, rel_err
-from onnx import TensorProto, helper, numpy_helper
+from gradcheck import fd_input_jacobian, fd_param_jacobian, one_input_model, ort_forward, our_forward, rel_err
+from onnx import helper
 
 import jaccli
 from jaccli.model import load
-
-
-def _model(nodes, inits, opset, x_shape=(4,)):
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    return m
 
 
 def _check(model, x, params=False):
@@ -43,7 +34,7 @@ def test_nonzero_selects_columns():
     nodes = [helper.make_node("NonZero", ["mask"], ["nz"]),
              helper.make_node("Squeeze", ["nz", "zero"], ["idx"]),
              helper.make_node("Gather", ["x", "idx"], ["y"], axis=1)]
-    m = _model(nodes, {"mask": np.array([1, 0, 1, 1], np.int64), "zero": np.array([0], np.int64)}, 13)
+    m = one_input_model(nodes, {"mask": np.array([1, 0, 1, 1], np.int64), "zero": np.array([0], np.int64)}, (4,), 13)
     J = _check(m, X)
     assert J.shape == (3, 3, 4) and J[0, 1, 2] == 1 and J[0, 1, 1] == 0
 
@@ -52,7 +43,7 @@ def test_nonzero_selects_columns():
 def test_eyelike_mask(k):
     nodes = [helper.make_node("EyeLike", ["shape_of"], ["eye"], k=k),
              helper.make_node("Mul", ["x", "eye"], ["y"])]
-    m = _model(nodes, {"shape_of": np.zeros((3, 4), np.float32)}, 13, x_shape=(3, 4))
+    m = one_input_model(nodes, {"shape_of": np.zeros((3, 4), np.float32)}, (3, 4), 13)
     _check(m, rng.standard_normal((3, 3, 4)))
 
 
@@ -67,7 +58,7 @@ def test_dequantized_weights(opset, axis, scale_shape):
         attrs["block_size"] = 2
     nodes = [helper.make_node("DequantizeLinear", ["Wq", "scale", "zp"], ["W"], **attrs),
              helper.make_node("MatMul", ["x", "W"], ["y"])]
-    m = _model(nodes, {"Wq": Wq, "scale": scale, "zp": zp}, opset)
+    m = one_input_model(nodes, {"Wq": Wq, "scale": scale, "zp": zp}, (4,), opset)
     G, cols = _check(m, X, params="scale")
     assert [c["name"] for c in cols] == ["scale"]
 
@@ -78,7 +69,7 @@ def test_quantize_round_trip_is_piecewise_constant():
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]),
              helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["d"]),
              helper.make_node("Add", ["d", "x"], ["y"])]
-    m = _model(nodes, {"s": np.float32(0.37), "zp": np.int8(-2)}, 13)
+    m = one_input_model(nodes, {"s": np.float32(0.37), "zp": np.int8(-2)}, (4,), 13)
     x = X.astype(np.float32) * 10  # some values saturate at -128 or 127
     x[0, 0] = 60.0
     ref, _ = ort_forward(m, {"x": x})

@@ -3,19 +3,10 @@ derivatives (both modes, per-sample parameters) against float64 central differen
 
 import numpy as np
 import pytest
-from gradcheck import N, check_whole_model
-from onnx import TensorProto, helper, numpy_helper
+from gradcheck import N, check_whole_model, one_input_model
+from onnx import TensorProto, helper
 
 rng = np.random.default_rng(5)
-
-
-def _model(nodes, inits, x_shape, opset=13):
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    return m
 
 
 W = rng.standard_normal((6,)).astype(np.float32)
@@ -34,7 +25,7 @@ def test_split_pick_and_concatenate(new_axis):
              helper.make_node("SequenceErase", ["seq2", "minus1"], ["seq3"]),
              helper.make_node("ConcatFromSequence", ["seq3"], ["y"], axis=1, new_axis=new_axis)]
     inits = {"W": W, "sizes": np.array(sizes, np.int64), "one": np.int64(1), "zero": np.int64(0), "minus1": np.int64(-1)}
-    assert check_whole_model(_model(nodes, inits, (6,)), rng.standard_normal((N, 6))) == ["W"]
+    assert check_whole_model(one_input_model(nodes, inits, (6,)), rng.standard_normal((N, 6))) == ["W"]
 
 
 def test_construct_length_and_slices():
@@ -47,7 +38,7 @@ def test_construct_length_and_slices():
              helper.make_node("SplitToSequence", ["both"], ["cols"], axis=1, keepdims=0),
              helper.make_node("ConcatFromSequence", ["cols"], ["stacked"], axis=-1, new_axis=1),
              helper.make_node("Mul", ["stacked", "nf"], ["y"])]
-    assert check_whole_model(_model(nodes, {"W": W}, (6,)), rng.standard_normal((N, 6))) == ["W"]
+    assert check_whole_model(one_input_model(nodes, {"W": W}, (6,)), rng.standard_normal((N, 6))) == ["W"]
 
 
 def test_loop_appending_to_a_sequence():
@@ -66,4 +57,4 @@ def test_loop_appending_to_a_sequence():
              helper.make_node("Loop", ["three", "", "empty"], ["seq"], body=body),
              helper.make_node("ConcatFromSequence", ["seq"], ["y"], axis=1, new_axis=1)]
     inits = {"W": W, "three": np.int64(3), "one_f": np.float32(1.0)}
-    assert check_whole_model(_model(nodes, inits, (6,)), rng.standard_normal((N, 6))) == ["W"]
+    assert check_whole_model(one_input_model(nodes, inits, (6,)), rng.standard_normal((N, 6))) == ["W"]
