@@ -365,25 +365,31 @@ def _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs):
         out = []
         for th in thetas:
             vals = {c["name"]: th[c["offset"]: c["offset"] + c["size"]].reshape(c["shape"]) for c in cols}
-            out.append(oracle.run({**feeds, **vals}, [name])[0].reshape(k, -1)[:, sel])
+            out.append(_run_batched(oracle, feeds, name, vals).reshape(k, -1)[:, sel])
         return np.asarray(out, dtype=np.float64)
 
     G = G.reshape(k, -1, base.size)
     pick = _with_largest(_pick(base.size, entries, rng), G)
     D = _perturbations(base, pick, rng)
     fds = [_central(evaluate, base, D, h) for h in _steps(oracle.dtype)]
-    y_ort = oracle.run({**feeds, **theta}, [name])[0].reshape(k, -1).astype(np.float64)
+    y_ort = _run_batched(oracle, feeds, name, theta).reshape(k, -1)
     return G @ D.T, fds, pick.size, y_ort, oracle
 
 
-def _run_batched(oracle, feeds, name):
-    """Run the oracle on all samples at once, or one by one if the model's batch is fixed."""
+def _run_batched(oracle, feeds, name, extra=None):
+    """Run the oracle on all samples at once, or one by one if the model's batch is fixed (or
+    the oracle's output is not one row per sample: the reference evaluator's Loop over a
+    sequence has been seen to drop the batch)."""
+    extra = extra or {}  # values without a sample axis (the parameters being perturbed)
+    n = next(iter(feeds.values())).shape[0]
     try:
-        return oracle.run(feeds, [name])[0].astype(np.float64)
+        y = oracle.run({**feeds, **extra}, [name])[0]
+        if np.ndim(y) and np.shape(y)[0] == n:
+            return y.astype(np.float64)
     except Exception:
-        n = next(iter(feeds.values())).shape[0]
-        parts = [oracle.run({k: v[i:i + 1] for k, v in feeds.items()}, [name])[0] for i in range(n)]
-        return np.concatenate(parts).astype(np.float64)
+        pass
+    parts = [oracle.run({**{k: v[i:i + 1] for k, v in feeds.items()}, **extra}, [name])[0] for i in range(n)]
+    return np.concatenate(parts).astype(np.float64)
 
 
 def _forward(model, feeds, name, dtype, params=None):

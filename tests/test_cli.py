@@ -217,6 +217,20 @@ def test_models_saved_by_onnxruntimes_optimizer(tmp_path, name):
                                    rtol=1e-5, atol=1e-7)
 
 
+def test_oracle_runs_sample_by_sample_when_its_batch_is_wrong():
+    """An oracle whose batched output is not one row per sample (the reference evaluator's Loop
+    over a sequence) is run one sample at a time; the unbatched values go with every sample."""
+    from jaccli.oracle import _run_batched
+
+    class Dropping:
+        def run(self, feeds, outputs):
+            x, w = feeds["x"], feeds["w"]
+            return [(x * w).sum(axis=0, keepdims=True)]  # right for one sample, wrong for several
+
+    x, w = np.arange(6.0).reshape(3, 2), np.array([1.0, 10.0])
+    np.testing.assert_array_equal(_run_batched(Dropping(), {"x": x}, "y", {"w": w}), x * w)
+
+
 def test_check_calls_differences_below_the_oracles_rounding_unclear():
     from jaccli.oracle import verdict
 
