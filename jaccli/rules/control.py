@@ -245,3 +245,143 @@ def _stack_tangents(pairs):
     lead = ref.shape[: ref.ndim - np.ndim(v0)]
     ts = [t if t is not None else np.zeros(lead + np.shape(v), ref.dtype) for t, v in pairs]
     return np.stack(ts, axis=len(lead))
+
+
+@rule("Scan", since=9)
+class Scan:
+    """body(state..., slices...) -> (state..., scanned...) over the scan inputs' slices along
+    their scan axes (backwards where a direction is 1); outputs: the final states, then each
+    scanned value stacked along its output axis (reversed where its direction is 1)."""
+
+    n_diff_outputs = None
+    keeps = True
+    needs_batched = True
+
+    def forward(*inputs, body, num_scan_inputs, scan_input_axes=None, scan_input_directions=None,
+                scan_output_axes=None, scan_output_directions=None, batched=None):
+        g = _ScanGeometry(body, num_scan_inputs, inputs, scan_input_axes, scan_input_directions, scan_output_axes,
+                          scan_output_directions)
+        plan = _plan(body, dtype=_dtype(inputs))
+        states, outs = g.run(plan, inputs, lambda env: None)
+        return tuple(states) + tuple(g.stack(o, k) for k, o in enumerate(outs))
+
+    def jvp(cx, *dots, body, num_scan_inputs, scan_input_axes=None, scan_input_directions=None,
+            scan_output_axes=None, scan_output_directions=None, batched=None):
+        from .. import walk
+
+        g = _ScanGeometry(body, num_scan_inputs, cx.x, scan_input_axes, scan_input_directions, scan_output_axes,
+                          scan_output_directions)
+        S, M = g.S, g.M
+        states, state_t = list(cx.x[:S]), list(dots[:S])
+        free, free_t = cx.x[S + M:], {n: d for n, d in zip(body.free, dots[S + M:]) if d is not None}
+        outs = [[] for _ in range(g.K)]
+        for t in range(g.length):
+            slices = [g.slice(cx.x[S + j], j, t) for j in range(M)]
+            slice_t = [None if dots[S + j] is None else g.slice(dots[S + j], j, t, dots[S + j].ndim - cx.x[S + j].ndim)
+                       for j in range(M)]
+            seeds = {n: d for n, d in zip(body.inputs, state_t + slice_t) if d is not None}
+            seeds.update(free_t)
+            plan = _plan(body, tuple(seeds), dtype=_dtype(cx.x))
+            env = walk.primal(plan, g.feeds(states, slices, free))
+            tans = walk.jvp_outputs(plan, env, seeds)
+            states, state_t = [env[o] for o in body.outputs[:S]], list(tans[:S])
+            for k in range(g.K):
+                outs[k].append((tans[S + k], env[body.outputs[S + k]]))
+        return tuple(state_t) + tuple(g.stack_tangents(o, k) for k, o in enumerate(outs))
+
+    def vjp(cx, *bars, body, num_scan_inputs, scan_input_axes=None, scan_input_directions=None,
+            scan_output_axes=None, scan_output_directions=None, batched=None):
+        g = _ScanGeometry(body, num_scan_inputs, cx.x, scan_input_axes, scan_input_directions, scan_output_axes,
+                          scan_output_directions)
+        S, M = g.S, g.M
+        need_free = [n for n, d in zip(body.free, cx.need[S + M:]) if d]
+        flags = {**_flags(batched, 0, body.inputs[:S]), **_flags(batched, S + M, body.free)}
+        slice_flags = _flags(batched, S, body.inputs[S:])
+        unbatched = tuple(n for n in body.inputs[:S] + body.free if not flags[n]) + \
+            tuple(n for n in body.inputs[S:] if not slice_flags[n])
+        wrt = tuple(body.inputs) + tuple(need_free)
+        plan = _plan(body, wrt, any(cx.keep), unbatched, _dtype(cx.x))
+        envs = []
+        g.run(plan, cx.x, envs.append)
+        carried, acc = list(bars[:S]), dict.fromkeys(need_free)
+        ref = next(((b, y) for b, y in zip(bars, cx.y) if isinstance(b, np.ndarray)), None)
+        lead = 0 if ref is None else ref[0].ndim - ref[1].ndim
+        xbars = [np.zeros(ref[0].shape[:lead] + cx.x[S + j].shape, ref[0].dtype) if ref is not None and cx.need[S + j]
+                 else None for j in range(M)]
+        for t in reversed(range(g.length)):
+            cot = {}
+            for o, b in zip(body.outputs[:S], carried):
+                _seed(cot, o, b)
+            for k, (o, b) in enumerate(zip(body.outputs[S:], bars[S:])):
+                if b is not None:
+                    _seed(cot, o, g.out_slice(b, k, t, b.ndim - cx.y[S + k].ndim))
+            if not cot:
+                carried = [None] * S
+                continue
+            res = _pull(plan, envs[t], cot, wrt)
+            carried = [res.get(n) for n in body.inputs[:S]]
+            for j, n in enumerate(body.inputs[S:]):
+                if xbars[j] is not None and res.get(n) is not None:
+                    g.slice(xbars[j], j, t, lead)[...] += res[n]
+            for n in need_free:
+                acc[n] = _add(acc[n], res.get(n))
+        return tuple(c if d else None for c, d in zip(carried, cx.need[:S])) + tuple(xbars) + \
+            tuple(acc.get(n) if d else None for n, d in zip(body.free, cx.need[S + M:]))
+
+
+class _ScanGeometry:
+    """Where Scan's iteration t reads its slices and writes its outputs."""
+
+    def __init__(self, body, M, inputs, in_axes, in_dirs, out_axes, out_dirs):
+        self.body, self.M = body, int(M)
+        self.S = len(body.inputs) - self.M
+        self.K = len(body.outputs) - self.S
+        scans = inputs[self.S:self.S + self.M]
+        self.in_axes = [int(a) % np.ndim(x) for a, x in zip(in_axes or [0] * self.M, scans)]
+        self.in_dirs = list(in_dirs or [0] * self.M)
+        self.out_axes = list(out_axes or [0] * self.K)
+        self.out_dirs = list(out_dirs or [0] * self.K)
+        lengths = {np.shape(x)[a] for x, a in zip(scans, self.in_axes)}
+        if len(lengths) != 1:
+            raise ModelError(f"Scan: the scan inputs have lengths {sorted(lengths)} along their scan axes")
+        self.length = lengths.pop()
+
+    def slice(self, x, j, t, lead=0):
+        i = self.length - 1 - t if self.in_dirs[j] else t
+        return x[(slice(None),) * (lead + self.in_axes[j]) + (i,)]
+
+    def out_slice(self, y, k, t, lead):
+        nd = y.ndim - lead
+        i = self.length - 1 - t if self.out_dirs[k] else t
+        return y[(slice(None),) * (lead + int(self.out_axes[k]) % nd) + (i,)]
+
+    def feeds(self, states, slices, free):
+        return {**dict(zip(self.body.inputs, list(states) + list(slices))), **dict(zip(self.body.free, free))}
+
+    def run(self, plan, inputs, keep_env):
+        from .. import walk
+
+        S, M = self.S, self.M
+        states, free = list(inputs[:S]), inputs[S + M:]
+        outs = [[] for _ in range(self.K)]
+        for t in range(self.length):
+            env = walk.primal(plan, self.feeds(states, [self.slice(inputs[S + j], j, t) for j in range(M)], free))
+            keep_env(env)
+            states = [env[o] for o in self.body.outputs[:S]]
+            for k in range(self.K):
+                outs[k].append(env[self.body.outputs[S + k]])
+        return states, outs
+
+    def stack(self, values, k, lead=0):
+        values = values[::-1] if self.out_dirs[k] else values
+        nd = np.ndim(values[0]) - lead + 1
+        return np.stack(values, axis=lead + int(self.out_axes[k]) % nd)
+
+    def stack_tangents(self, pairs, k):
+        pairs = pairs[::-1] if self.out_dirs[k] else pairs
+        ref = next((t for t, _ in pairs if t is not None), None)
+        if ref is None:
+            return None
+        lead = ref.ndim - np.ndim(next(v for t, v in pairs if t is not None))
+        ts = [t if t is not None else np.zeros(ref.shape[:lead] + np.shape(v), ref.dtype) for t, v in pairs]
+        return np.stack(ts, axis=lead + int(self.out_axes[k]) % (np.ndim(pairs[0][1]) + 1))
