@@ -85,9 +85,8 @@ def ort_forward(model, feeds):
     import onnxruntime as ort
 
     cast = {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in feeds.items()}
-    opts = ort.SessionOptions()
-    if any("quantize" in n.op_type.lower() for n in model.graph.node):  # no fusions that quantize activations too
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts = ort.SessionOptions()  # basic optimizations: no fusions (see jaccli.oracle.Oracle)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:
         s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return s.run(None, cast)[0], "onnxruntime"

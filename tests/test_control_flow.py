@@ -139,10 +139,10 @@ def test_loop_that_never_ends_is_stopped(monkeypatch):
         jaccli.input_jacobian(m, rng.standard_normal((N, 2)))
 
 
-def _scan_model(directions=(0, 0), out_axis=0):
+def _scan_model(directions=(0, 0), out_axis=0, out_direction=0):
     """h_t = tanh(x_t W + h_{t-1} U) scanned over x's time axis (scan axis 1 of (N, T, D), so the
     slices keep the sample axis); a second scan input, x reversed, adds x_{T-1-t} V; outputs
-    the final state plus the scanned states summed over time."""
+    the final state plus the scanned states weighted by time step."""
     body = helper.make_graph(
         [helper.make_node("MatMul", ["xt", "W"], ["a"]), helper.make_node("MatMul", ["h_in", "U"], ["b_"]),
          helper.make_node("MatMul", ["rt", "V"], ["c_"]), helper.make_node("Sum", ["a", "b_", "c_"], ["pre"]),
@@ -152,15 +152,19 @@ def _scan_model(directions=(0, 0), out_axis=0):
     nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=0),
              helper.make_node("MatMul", ["m", "P"], ["h0"]),
              helper.make_node("Scan", ["h0", "x", "x"], ["h_last", "hs"], body=body, num_scan_inputs=2,
-                              scan_input_axes=[1, 1], scan_input_directions=list(directions), scan_output_axes=[out_axis]),
-             helper.make_node("ReduceSum", ["hs"], ["s"], axes=[out_axis], keepdims=0),
+                              scan_input_axes=[1, 1], scan_input_directions=list(directions), scan_output_axes=[out_axis],
+                              scan_output_directions=[out_direction]),
+             helper.make_node("Transpose", ["hs"], ["hst"], perm=[1, 2, 0] if out_axis == 0 else [0, 2, 1]),
+             helper.make_node("MatMul", ["hst", "steps"], ["s"]),
              helper.make_node("Add", ["s", "h_last"], ["y"])]
     inits = [_init(k, 0.5 * rng.standard_normal(s).astype(np.float32)) for k, s in
-             (("W", (2, 3)), ("U", (3, 3)), ("V", (2, 3)), ("P", (2, 3)))]
+             (("W", (2, 3)), ("U", (3, 3)), ("V", (2, 3)), ("P", (2, 3)))] + [_init("steps", np.arange(1.0, 5.0, dtype=np.float32))]
     return one_input_model(nodes, inits, (4, 2), opset=11)
 
 
-@pytest.mark.parametrize("directions,out_axis", [((0, 1), 0), ((1, 0), 1)])
-def test_scan(directions, out_axis):
-    """out_axis 1 stacks time after the samples; directions read a scan input backwards."""
-    assert check_whole_model(_scan_model(directions, out_axis), rng.standard_normal((N, 4, 2))) == ["W", "U", "V", "P"]
+@pytest.mark.parametrize("directions,out_axis,out_direction", [((0, 1), 0, 0), ((1, 0), 1, 1)])
+def test_scan(directions, out_axis, out_direction):
+    """out_axis 1 stacks time after the samples; directions read a scan input backwards and
+    write a scanned output backwards."""
+    m = _scan_model(directions, out_axis, out_direction)
+    assert check_whole_model(m, rng.standard_normal((N, 4, 2))) == ["W", "U", "V", "P", "steps"]
