@@ -71,7 +71,7 @@ class Model:
     outputs: list
     value_info: dict = field(default_factory=dict)  # name -> ValueInfo from shape inference
     producer: str = ""
-    plans: dict = field(default_factory=dict, repr=False)  # cache of the drivers: plans and probes
+    plans: dict = field(default_factory=dict, repr=False)  # cache of the drivers: plans, probes, parameters
     expanded: dict = field(default_factory=dict)  # operator -> nodes replaced by its ONNX function body
 
     def input(self, name):
@@ -113,6 +113,12 @@ class Model:
     def parameters(self, of, scalars=False):
         """Float initializers that reach output `of` through a differentiable input slot, in file
         order; 0-d ones (exporters store constants such as GELU's 0.5 that way) only with `scalars`."""
+        key = ("parameters", of, scalars)
+        if key not in self.plans:
+            self.plans[key] = self._parameters(of, scalars)
+        return list(self.plans[key])
+
+    def _parameters(self, of, scalars):
         from .rules import lookup
 
         reach = set()
