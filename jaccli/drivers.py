@@ -297,12 +297,13 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
         mode = "forward" if n_in < n_sel else "reverse"
         if mode == "forward" and chunks(mode)[2] < n_in:  # forward fills columns: a sample must fit whole
             mode = "reverse"
-            notes.append("reverse mode: one sample's Jacobian is over the memory budget, and only rows can be written in parts")
+            notes.append("reverse mode: forward mode would need all of one sample's directions at once, over the "
+                         "memory budget, and only rows can be written in parts")
     T, n_c, t_c = chunks(mode)
     if mode == "forward" and t_c < T:
         raise MemoryBudgetError(
-            f"one sample's Jacobian ({n_sel} x {n_in}) is over --max-memory ({gib(max_memory)}), and forward "
-            f"mode fills it by columns, so it cannot be written in parts: use --mode reverse or raise --max-memory"
+            f"forward mode fills one sample's Jacobian ({n_sel} x {n_in}) by columns, all {n_in} directions at once, "
+            f"and those take more than --max-memory ({gib(max_memory)}) allows: use --mode reverse or raise --max-memory"
         )
 
     if outputs is None and not flat:
