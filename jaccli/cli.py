@@ -233,7 +233,8 @@ class _Progress:
 
 @main.command("input", context_settings=CONTEXT)
 @_common
-@click.option("--wrt", help="Model input to differentiate with respect to (default: the first float input).")
+@click.option("--wrt", help="Model input, or any float value in the graph, to differentiate with respect to "
+                           "(default: the first float input), e.g. the embeddings of token ids.")
 @click.option("--mode", type=click.Choice(["auto", "forward", "reverse"]), default="auto", show_default=True,
               help="Forward (one pass per input element) or reverse (one per output element); auto picks the cheaper.")
 @click.option("--flat", is_flag=True, help="Shape (N, n_out, n_in) instead of (N, *out_shape, *in_shape).")

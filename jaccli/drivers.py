@@ -275,13 +275,14 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     t0 = time.perf_counter()
     model = load(model, max_bytes=max_memory)
     dtype = np.dtype(dtype)
-    wrt_v = model.input(wrt) if wrt is not None else _first_float(model)
+    wrt_v = model.value(wrt) if wrt is not None else _first_float(model)
     if not wrt_v.is_float:
-        raise UsageError(f"input '{wrt_v.name}' is not a float tensor; it cannot be differentiated")
+        raise UsageError(f"'{wrt_v.name}' is not a float tensor; it cannot be differentiated")
     of_v = model.output(of)
     feeds, N = prepare_feeds(model, x, dtype)
     plan, (est, y1, per_run) = _prepared(model, of_v.name, [wrt_v.name], dtype, False, feeds, N)
-    out_shape, in_shape = y1.shape[1:], feeds[wrt_v.name].shape[1:]
+    out_shape = y1.shape[1:]
+    in_shape = feeds[wrt_v.name].shape[1:] if wrt_v.name in feeds else _value_shape(plan, feeds, wrt_v.name)
     n_out, n_in = int(np.prod(out_shape)), int(np.prod(in_shape))
     sel = parse_outputs(outputs, n_out)
     n_sel = sel.size
@@ -334,6 +335,19 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     _fill_blocks(plan, feeds, res, T, fill, target, on_block)
     res.seconds = time.perf_counter() - t0
     return res if return_result else res.value
+
+
+def _value_shape(plan, feeds, name):
+    """The per-sample shape of an intermediate value differentiated with respect to; it must
+    carry the sample axis first and be a float tensor."""
+    if name not in plan.batched:
+        raise UsageError(f"value '{name}' does not depend on the input samples; there is nothing to differentiate")
+    n = min(2, next(iter(feeds.values())).shape[0])  # two samples tell the sample axis from a dimension of 1
+    v = np.asarray(walk.primal(plan, _slice_samples(feeds, 0, n))[name])
+    if not np.issubdtype(v.dtype, np.floating):
+        raise UsageError(f"value '{name}' is a {v.dtype} tensor, not a float one; it cannot be differentiated")
+    _check_sample_axis(v, n, name)
+    return v.shape[1:]
 
 
 def _sink(block, col):
@@ -503,7 +517,23 @@ def _first_float(model):
     for v in model.inputs:
         if v.is_float:
             return v
-    raise UsageError("the model has no float input to differentiate with respect to")
+    lookup = _embedding_lookup(model)
+    hint = f": name a float value inside the graph with --wrt (wrt= in Python), such as the embeddings '{lookup}'" \
+        if lookup else ""
+    raise UsageError(f"the model has no float input to differentiate with respect to{hint}")
+
+
+def _embedding_lookup(model):
+    """The output of the first Gather from a float table by indices that come from the inputs
+    (token ids looked up in an embedding), or None."""
+    from_inputs = {v.name for v in model.inputs}
+    for n in model.nodes:
+        if any(v in from_inputs for v in n.inputs):
+            from_inputs.update(n.outputs)
+            table = model.initializers.get(n.inputs[0]) if n.inputs else None
+            if n.op_type == "Gather" and table is not None and np.issubdtype(table.dtype, np.floating) and n.inputs[1] in from_inputs:
+                return n.outputs[0]
+    return None
 
 
 def _check_sample_axis(y, n, name):

@@ -77,6 +77,17 @@ class Model:
     def input(self, name):
         return _pick(self.inputs, name, "input")
 
+    def value(self, name):
+        """A graph input, or any value a node produces (an input Jacobian with respect to the
+        embeddings of token ids, say)."""
+        from .errors import UsageError
+
+        if any(v.name == name for v in self.inputs):
+            return self.input(name)
+        if any(name in n.outputs for n in self.nodes):
+            return self.value_info.get(name) or ValueInfo(name, TensorProto.FLOAT, None)
+        raise UsageError(f"the model has no input or value named '{name}' (inputs: {', '.join(v.name for v in self.inputs)})")
+
     def output(self, name):
         """A graph output by name, or any value a node produces (a Jacobian of an intermediate,
         e.g. the probabilities before a ZipMap); by default the first float tensor output."""

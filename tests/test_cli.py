@@ -231,6 +231,44 @@ def test_oracle_runs_sample_by_sample_when_its_batch_is_wrong():
     np.testing.assert_array_equal(_run_batched(Dropping(), {"x": x}, "y", {"w": w}), x * w)
 
 
+def test_input_jacobian_with_respect_to_the_embeddings(tmp_path):
+    """Token ids have no derivative; the embeddings they look up do: --wrt names them, and the
+    refusal without it says so. The Jacobian equals the input Jacobian of the same network
+    fed the embeddings directly."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(0)
+    E, W = rng.standard_normal((10, 4)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)
+    tail = [helper.make_node("MatMul", ["emb", "W"], ["h"]), helper.make_node("Tanh", ["h"], ["t"]),
+            helper.make_node("ReduceMean", ["t"], ["y"], axes=[1], keepdims=0)]
+
+    def model(nodes, inp, path):
+        g = helper.make_graph(nodes, "g", [inp], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(E, "E"), numpy_helper.from_array(W, "W")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        m.ir_version = 8
+        save(m, path)
+        return str(path)
+
+    tokens = model([helper.make_node("Gather", ["E", "ids"], ["emb"])] + tail,
+                   helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5]), tmp_path / "tokens.onnx")
+    direct = model(tail, helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["N", 5, 4]), tmp_path / "direct.onnx")
+    ids = rng.integers(0, 10, (3, 5))
+    np.save(tmp_path / "ids.npy", ids)
+    want = jaccli.input_jacobian(direct, E[ids])
+    for mode in ("forward", "reverse"):
+        got = jaccli.input_jacobian(tokens, ids, wrt="emb", mode=mode)
+        assert got.shape == (3, 3, 5, 4)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    r = run(["input", tokens, str(tmp_path / "ids.npy")])
+    assert r.exit_code != 0 and "--wrt" in r.output and "'emb'" in r.output, r.output
+    r = run(["input", tokens, str(tmp_path / "ids.npy"), "--wrt", "emb", "-o", str(tmp_path / "J.npy"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    np.testing.assert_allclose(np.load(tmp_path / "J.npy"), want, rtol=1e-6, atol=1e-7)
+    r = run(["input", tokens, str(tmp_path / "ids.npy"), "--wrt", "ids"])
+    assert r.exit_code != 0 and "not a float tensor" in r.output
+
+
 def test_check_calls_differences_below_the_oracles_rounding_unclear():
     from jaccli.oracle import verdict
 
@@ -396,4 +434,4 @@ def test_errors_are_one_line(tmp_path):
     assert len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "J.npy").exists()
     r = CliRunner().invoke(main, ["input", model, data, "--wrt", "nope"])
-    assert r.exit_code == 2 and "no input named 'nope'" in r.output  # a usage error
+    assert r.exit_code == 2 and "no input or value named 'nope'" in r.output  # a usage error
