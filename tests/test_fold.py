@@ -66,3 +66,23 @@ def test_no_fold_of_parameters_being_differentiated():
     assert "BatchNormalization" in ops(Plan(m, "y", ["W", "gamma"], per_sample=True))
     assert ops(Plan(m, "c", ["x"])) == ["Conv"]  # the convolution's own output asked for: no BatchNormalization
     assert ops(Plan(m, "b", ["x"])) == ["Conv"]  # the normalised output asked for: merged
+
+
+@pytest.mark.parametrize("act,attrs,swapped", [("Relu", {}, True), ("LeakyRelu", {"alpha": 0.1}, True), ("Tanh", {}, True),
+                                               ("LeakyRelu", {"alpha": -0.5}, False), ("Elu", {}, False)])
+def test_max_pool_runs_before_a_monotone_activation(act, attrs, swapped):
+    """Conv -> activation -> MaxPool: for a nondecreasing activation the plan pools first (the same
+    values, a quarter of them to activate); not for a decreasing one or one it does not know."""
+    from gradcheck import check_whole_model, one_input_model
+
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node(act, ["c"], ["a"], **attrs),
+             helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 1, 1]),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "G"], ["y"], transB=1)]
+    inits = {"W": RNG.standard_normal((3, 2, 3, 3)).astype(np.float32), "B": RNG.standard_normal(3).astype(np.float32),
+             "G": RNG.standard_normal((2, 3 * 3 * 3)).astype(np.float32)}
+    m = one_input_model(nodes, inits, (2, 5, 5))
+    plan = Plan(load(m), "y", ["x"])
+    order = [s.node.op_type for s in plan.steps]
+    assert (order.index("MaxPool") < order.index(act)) == swapped, order
+    assert check_whole_model(m, RNG.standard_normal((N, 2, 5, 5))) == ["W", "B", "G"]
