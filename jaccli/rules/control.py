@@ -235,16 +235,17 @@ def _outputs(body, values, scans, rest):
     return tuple(values) + tuple(np.stack(s) if s else np.zeros((0,), dtype) for s in scans)
 
 
-def _stack_tangents(pairs):
-    """Tangents of a scanned output over the iterations, stacked after their lead axes; zeros
-    for iterations where it had none (before a tangent reached it), None if it never had one."""
+def _stack_tangents(pairs, axis=0):
+    """Tangents of a scanned output over the iterations, from (tangent, value) pairs, stacked at
+    `axis` after their lead axes; zeros for iterations where it had none (before a tangent
+    reached it), None if it never had one."""
     ref = next((t for t, _ in pairs if t is not None), None)
     if ref is None:
         return None
     v0 = next(v for t, v in pairs if t is not None)
     lead = ref.shape[: ref.ndim - np.ndim(v0)]
     ts = [t if t is not None else np.zeros(lead + np.shape(v), ref.dtype) for t, v in pairs]
-    return np.stack(ts, axis=len(lead))
+    return np.stack(ts, axis=len(lead) + axis)
 
 
 @rule("Scan", since=9)
@@ -257,20 +258,16 @@ class Scan:
     keeps = True
     needs_batched = True
 
-    def forward(*inputs, body, num_scan_inputs, scan_input_axes=None, scan_input_directions=None,
-                scan_output_axes=None, scan_output_directions=None, batched=None):
-        g = _ScanGeometry(body, num_scan_inputs, inputs, scan_input_axes, scan_input_directions, scan_output_axes,
-                          scan_output_directions)
+    def forward(*inputs, body, batched=None, **attrs):
+        g = _ScanGeometry(body, inputs, **attrs)
         plan = _plan(body, dtype=_dtype(inputs))
         states, outs = g.run(plan, inputs, lambda env: None)
         return tuple(states) + tuple(g.stack(o, k) for k, o in enumerate(outs))
 
-    def jvp(cx, *dots, body, num_scan_inputs, scan_input_axes=None, scan_input_directions=None,
-            scan_output_axes=None, scan_output_directions=None, batched=None):
+    def jvp(cx, *dots, body, batched=None, **attrs):
         from .. import walk
 
-        g = _ScanGeometry(body, num_scan_inputs, cx.x, scan_input_axes, scan_input_directions, scan_output_axes,
-                          scan_output_directions)
+        g = _ScanGeometry(body, cx.x, **attrs)
         S, M = g.S, g.M
         states, state_t = list(cx.x[:S]), list(dots[:S])
         free, free_t = cx.x[S + M:], {n: d for n, d in zip(body.free, dots[S + M:]) if d is not None}
@@ -289,10 +286,8 @@ class Scan:
                 outs[k].append((tans[S + k], env[body.outputs[S + k]]))
         return tuple(state_t) + tuple(g.stack_tangents(o, k) for k, o in enumerate(outs))
 
-    def vjp(cx, *bars, body, num_scan_inputs, scan_input_axes=None, scan_input_directions=None,
-            scan_output_axes=None, scan_output_directions=None, batched=None):
-        g = _ScanGeometry(body, num_scan_inputs, cx.x, scan_input_axes, scan_input_directions, scan_output_axes,
-                          scan_output_directions)
+    def vjp(cx, *bars, body, batched=None, **attrs):
+        g = _ScanGeometry(body, cx.x, **attrs)
         S, M = g.S, g.M
         need_free = [n for n, d in zip(body.free, cx.need[S + M:]) if d]
         flags = {**_flags(batched, 0, body.inputs[:S]), **_flags(batched, S + M, body.free)}
@@ -332,7 +327,10 @@ class Scan:
 class _ScanGeometry:
     """Where Scan's iteration t reads its slices and writes its outputs."""
 
-    def __init__(self, body, M, inputs, in_axes, in_dirs, out_axes, out_dirs):
+    def __init__(self, body, inputs, *, num_scan_inputs, scan_input_axes=None, scan_input_directions=None,
+                 scan_output_axes=None, scan_output_directions=None):
+        M, in_axes, in_dirs, out_axes, out_dirs = (num_scan_inputs, scan_input_axes, scan_input_directions,
+                                                   scan_output_axes, scan_output_directions)
         self.body, self.M = body, int(M)
         self.S = len(body.inputs) - self.M
         self.K = len(body.outputs) - self.S
@@ -379,9 +377,4 @@ class _ScanGeometry:
 
     def stack_tangents(self, pairs, k):
         pairs = pairs[::-1] if self.out_dirs[k] else pairs
-        ref = next((t for t, _ in pairs if t is not None), None)
-        if ref is None:
-            return None
-        lead = ref.ndim - np.ndim(next(v for t, v in pairs if t is not None))
-        ts = [t if t is not None else np.zeros(ref.shape[:lead] + np.shape(v), ref.dtype) for t, v in pairs]
-        return np.stack(ts, axis=lead + int(self.out_axes[k]) % (np.ndim(pairs[0][1]) + 1))
+        return _stack_tangents(pairs, int(self.out_axes[k]) % (np.ndim(pairs[0][1]) + 1) if pairs else 0)
