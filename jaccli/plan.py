@@ -154,11 +154,7 @@ class Plan:
         convolution's output feeds nothing else and every tensor of both is a constant (so never
         for parameters being differentiated): W' = W * a, B' = B * a + (beta - mean * a) with
         a = gamma / sqrt(var + eps), per output channel. One node, not two, in every sweep."""
-        readers = {}
-        for s in steps:
-            for v in s.inputs:
-                if v:
-                    readers.setdefault(v, []).append(s)
+        readers = _readers(steps)
         drop = set()
         for s in steps:
             if s.node.op_type != "Conv" or s.node.domain not in ("", "ai.onnx") or len(s.inputs) < 2:
@@ -191,13 +187,9 @@ class Plan:
         output, a quarter of the values for a 2x2 pool, in every sweep. Only where the
         activation's output feeds that MaxPool alone (and is neither output nor differentiated)
         and the pool's indices are not asked for. The derivatives agree wherever they exist."""
-        readers = {}
-        for s in steps:
-            for v in s.inputs:
-                if v:
-                    readers.setdefault(v, []).append(s)
+        readers = _readers(steps)
         swapped = {}
-        for i, s in enumerate(steps):
+        for s in steps:
             op = s.node.op_type
             if s.node.domain not in ("", "ai.onnx") or op not in _MONOTONE or len(s.outputs) != 1:
                 continue
@@ -339,6 +331,16 @@ def require_rules(nodes):
     if missing:
         more = f" (and {len(missing) - 1} more unsupported node(s); see `jaccli inspect`)" if len(missing) > 1 else ""
         raise UnsupportedOpError(f"{missing[0]}{more}")
+
+
+def _readers(steps):
+    """{value: the steps that read it}."""
+    readers = {}
+    for s in steps:
+        for v in s.inputs:
+            if v:
+                readers.setdefault(v, []).append(s)
+    return readers
 
 
 _MONOTONE = ("Relu", "LeakyRelu", "Sigmoid", "Tanh")  # nondecreasing: they commute with a max
