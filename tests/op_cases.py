@@ -194,6 +194,7 @@ CASES += [
          id="ScatterElements-add-repeats"),
     Case("TopK", [("x", (3, 5)), ("c", i64(2))], {"axis": -1}, opset=11, data="distinct", outputs=2, id="TopK"),
     Case("TopK", [("x", (4, 3)), ("c", i64(3))], {"axis": 1, "largest": 0}, opset=11, data="distinct", outputs=2, id="TopK-smallest"),
+    Case("TopK", [("x", (3, 5))], {"axis": 2, "k": 2}, opset=9, data="distinct", outputs=2, id="TopK-1-attribute"),
     Case("CumSum", [("x", (3, 4)), ("c", i64(-1))], {"exclusive": 1, "reverse": 1}, opset=14, id="CumSum-exclusive-reverse"),
     Case("CumSum", [("x", (3, 4)), ("c", i64(2))], {"exclusive": 1}, opset=14, id="CumSum-exclusive"),
     Case("Einsum", [("x", (3, 4)), ("p", (4, 5))], {"equation": "bij,jk->bik"}, id="Einsum-matmul-param"),

@@ -878,6 +878,22 @@ class TopK:
         return Xb, None
 
 
+@rule("TopK", since=1)
+class TopK1(TopK):
+    """TopK of opsets 1-9: K an attribute, the largest along `axis`, sorted."""
+
+    nondiff = ()
+
+    def forward(X, *, axis=-1, k):
+        return TopK.forward(X, np.array([k]), axis=axis)
+
+    def jvp(cx, Xdot, *, axis=-1, k):
+        return TopK.jvp(cx, Xdot, axis=axis)
+
+    def vjp(cx, Ybar, *, axis=-1, k):
+        return TopK.vjp(cx, Ybar, axis=axis)[:1]
+
+
 class _ArgReduce:
     nondiff = (0,)
 
