@@ -76,3 +76,23 @@ def test_quantize_round_trip_is_piecewise_constant():
     np.testing.assert_allclose(our_forward(m, {"x": x}, np.float32), ref, rtol=1e-6)
     J = jaccli.input_jacobian(m, {"x": x}, flat=True)
     np.testing.assert_array_equal(J, np.broadcast_to(np.eye(4, dtype=np.float32), J.shape))
+
+
+@pytest.mark.parametrize("how", ["input_as_shape", "input", "attribute"])
+def test_constant_fill(how):
+    """The experimental ConstantFill of early exports (no oracle has it any more): the shape from the
+    input's values, from the input, or from the attribute, then extra_shape."""
+    attrs = {"value": 0.5, "extra_shape": [4]}
+    if how == "input_as_shape":
+        nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s"], ["n"], starts=[0], ends=[1]),
+                 helper.make_node("ConstantFill", ["n"], ["c"], input_as_shape=1, **attrs)]
+    elif how == "input":
+        nodes = [helper.make_node("ReduceSum", ["x"], ["r"], axes=[1], keepdims=0),
+                 helper.make_node("ConstantFill", ["r"], ["c"], **attrs)]
+    else:
+        nodes = [helper.make_node("ConstantFill", [], ["c"], shape=[1], **attrs)]
+    nodes.append(helper.make_node("Mul", ["x", "c"], ["y"]))
+    m = one_input_model(nodes, {}, (4,), opset=7)
+    J = jaccli.input_jacobian(m, X, flat=True)
+    np.testing.assert_allclose(our_forward(m, {"x": X}, np.float64), 0.5 * X)
+    np.testing.assert_allclose(J, np.broadcast_to(0.5 * np.eye(4), J.shape))

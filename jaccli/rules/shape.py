@@ -336,6 +336,23 @@ class ConstantOfShape:
         return np.full(shape, v[0], dtype=v.dtype)
 
 
+@rule("ConstantFill", since=1)
+class ConstantFill:
+    """The experimental ConstantFill of early models (PyTorch's RNN exports at opsets 7-8 fill
+    their initial states with it): Y = `value` in the shape of the input's values (input_as_shape),
+    of the input, or of `shape`, each followed by extra_shape."""
+
+    nondiff = (0,)
+
+    def forward(input=None, *, dtype=1, extra_shape=None, input_as_shape=0, shape=None, value=0.0):
+        if input is not None:
+            base = [int(d) for d in np.ravel(input)] if input_as_shape else list(np.shape(input))
+        else:
+            base = list(shape or [])
+        dt = helper.tensor_dtype_to_np_dtype(dtype)
+        return np.full(check_alloc(base + list(extra_shape or []), dt, "ConstantFill"), value, dtype=dt)
+
+
 @rule("Expand", since=8)
 class Expand:
     """Y = input broadcast with `shape` (numpy rules, either side may be 1)."""
