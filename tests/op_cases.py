@@ -293,3 +293,17 @@ CASES += [
     Case("FusedGemm", [("x", (4,)), ("p", (4, 3)), ("p", (3,))], {"activation": "LeakyRelu", "activation_alpha": 0.1,
          "alpha": 0.5}, domain=MS, data="away", id="ms-FusedGemm-LeakyRelu"),
 ]
+
+
+# GridSample: the grid is a second input with a sample axis; normal values reach beyond [-1, 1], into the padding
+CASES += [
+    Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"align_corners": 0}, opset=16, id="GridSample-bilinear-zeros"),
+    Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"align_corners": 1, "padding_mode": "border"}, opset=16,
+         id="GridSample-bilinear-border-align"),
+    Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"padding_mode": "reflection"}, opset=16,
+         id="GridSample-bilinear-reflection"),
+    Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"align_corners": 1, "padding_mode": "reflection"}, opset=16,
+         id="GridSample-bilinear-reflection-align"),
+    Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"mode": "nearest"}, opset=16, id="GridSample-nearest"),
+    Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"mode": "linear"}, opset=20, id="GridSample-20-linear"),
+]

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import rule
 from ..errors import UnsupportedOpError
-from ._util import check_alloc
+from ._util import check_alloc, need_no_keep
 
 
 def _source_coords(n_in, n_out, scale, mode, roi=None):
@@ -184,3 +184,125 @@ class Upsample9(_ResizeBase):
 
     def matrices(x, attrs):
         return Resize10.matrices(x, attrs)
+
+
+# ---- GridSample: X sampled at the points of a grid, bilinearly or at the nearest pixel ----------
+
+
+def _grid_coordinate(g, size, align, padding):
+    """Pixel coordinate of normalized grid coordinates g in [-1, 1] along an axis of `size`, after
+    the padding mode's clamping or reflection, and its derivative with respect to g."""
+    scale = (size - 1) / 2 if align else size / 2
+    x = (g + 1) * scale if align else ((g + 1) * size - 1) / 2
+    d = np.full(x.shape, scale, x.dtype)
+    if padding == "border":
+        inside = (x >= 0) & (x <= size - 1)
+        return np.clip(x, 0, size - 1), np.where(inside, d, 0)
+    if padding == "reflection":
+        lo, hi = (0.0, size - 1.0) if align else (-0.5, size - 0.5)
+        span = hi - lo
+        if span <= 0:
+            return np.zeros_like(x), np.zeros_like(d)
+        t = x - lo
+        sign = np.where(t < 0, -1.0, 1.0)
+        t = np.abs(t)
+        flips = np.floor(t / span)
+        extra = t - flips * span
+        even = flips % 2 == 0
+        x = np.where(even, lo + extra, hi - extra)
+        d = d * sign * np.where(even, 1.0, -1.0)
+        inside = (x >= 0) & (x <= size - 1)
+        return np.clip(x, 0, size - 1), np.where(inside, d, 0).astype(x.dtype)
+    return x, d
+
+
+def _grid_plan(X, grid, mode, padding, align):
+    """Per corner (1 for nearest, 4 for bilinear): the flat pixel index into H*W, its weight
+    (0 outside the input for zero padding), and the weight's derivatives along x and y; with
+    the coordinate derivatives (dix/dgx, diy/dgy). Shapes (N, Ho, Wo)."""
+    H, W = X.shape[2:]
+    ix, dx = _grid_coordinate(grid[..., 0], W, align, padding)
+    iy, dy = _grid_coordinate(grid[..., 1], H, align, padding)
+    corners = []
+    if mode == "nearest":
+        x0, y0 = np.rint(ix), np.rint(iy)
+        spots = [(x0, y0, np.ones_like(ix), np.zeros_like(ix), np.zeros_like(ix))]
+    else:
+        x0, y0 = np.floor(ix), np.floor(iy)
+        wx, wy = ix - x0, iy - y0
+        spots = [(x0, y0, (1 - wx) * (1 - wy), -(1 - wy), -(1 - wx)), (x0 + 1, y0, wx * (1 - wy), 1 - wy, -wx),
+                 (x0, y0 + 1, (1 - wx) * wy, -wy, 1 - wx), (x0 + 1, y0 + 1, wx * wy, wy, wx)]
+    for cx, cy, w, dwx, dwy in spots:
+        valid = (cx >= 0) & (cx <= W - 1) & (cy >= 0) & (cy <= H - 1)
+        idx = (np.clip(cy, 0, H - 1) * W + np.clip(cx, 0, W - 1)).astype(np.int64)
+        corners.append((idx, np.where(valid, w, 0), np.where(valid, dwx, 0), np.where(valid, dwy, 0)))
+    return corners, dx, dy
+
+
+def _gather_pixels(Xf, idx):
+    """Xf (*lead, N, C, H*W) at idx (N, Ho, Wo): (*lead, N, C, Ho, Wo)."""
+    N, Ho, Wo = idx.shape
+    flat = np.broadcast_to(idx.reshape(N, 1, Ho * Wo), Xf.shape[:-1] + (Ho * Wo,))
+    return np.take_along_axis(Xf, flat, axis=-1).reshape(Xf.shape[:-1] + (Ho, Wo))
+
+
+def _grid_attrs(mode, padding_mode, align_corners, X):
+    mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
+    if mode not in ("linear", "nearest"):
+        raise UnsupportedOpError(f"GridSample with mode '{mode}' is not supported (linear and nearest are)")
+    if X.ndim != 4:
+        raise UnsupportedOpError(f"GridSample on a {X.ndim - 2}-D input is not supported (2-D is)")
+    if padding_mode not in ("zeros", "border", "reflection"):
+        raise UnsupportedOpError(f"GridSample with padding_mode '{padding_mode}' is not supported")
+    return mode, padding_mode, bool(align_corners)
+
+
+@rule("GridSample", since=16)
+class GridSample:
+    """Y[n, c, i, j] = X[n, c] sampled at grid[n, i, j] = (x, y) in [-1, 1] (x along the width),
+    bilinearly or at the nearest pixel; outside, zeros, the border or the reflection. Linear in X;
+    piecewise smooth in the grid (the nearest pixel's derivative in the grid is zero)."""
+
+    def forward(X, grid, *, align_corners=0, mode="linear", padding_mode="zeros"):
+        m, p, a = _grid_attrs(mode, padding_mode, align_corners, X)
+        corners, _, _ = _grid_plan(X, grid, m, p, a)
+        Xf = X.reshape(X.shape[:2] + (-1,))
+        return sum(_gather_pixels(Xf, idx) * w[:, None] for idx, w, _, _ in corners).astype(X.dtype)
+
+    def jvp(cx, Xdot, Gdot, *, align_corners=0, mode="linear", padding_mode="zeros"):
+        X, grid = cx.x
+        m, p, a = _grid_attrs(mode, padding_mode, align_corners, X)
+        corners, dx, dy = _grid_plan(X, grid, m, p, a)
+        out = None
+        if Xdot is not None:
+            Xf = Xdot.reshape(Xdot.shape[:-2] + (-1,))
+            out = sum(_gather_pixels(Xf, idx) * w[:, None] for idx, w, _, _ in corners)
+        if Gdot is not None:
+            Xf = X.reshape(X.shape[:2] + (-1,))
+            vx = sum(_gather_pixels(Xf, idx) * dwx[:, None] for idx, _, dwx, _ in corners)  # dY/dix (N, C, Ho, Wo)
+            vy = sum(_gather_pixels(Xf, idx) * dwy[:, None] for idx, _, _, dwy in corners)
+            g = vx * (Gdot[..., 0] * dx)[..., :, None, :, :] + vy * (Gdot[..., 1] * dy)[..., :, None, :, :]
+            out = g if out is None else out + g
+        return out
+
+    def vjp(cx, Ybar, *, align_corners=0, mode="linear", padding_mode="zeros"):
+        need_no_keep(cx, "GridSample")
+        X, grid = cx.x
+        m, p, a = _grid_attrs(mode, padding_mode, align_corners, X)
+        corners, dx, dy = _grid_plan(X, grid, m, p, a)
+        lead = Ybar.shape[: cx.lead(Ybar)]
+        N, C, H, W = X.shape
+        Xbar = Gbar = None
+        if cx.need[0]:  # the adjoint of a gather: each weighted cotangent added at its pixel
+            rows = int(np.prod(lead, dtype=np.int64)) * N * C
+            row = np.arange(rows).reshape(lead + (N, C, 1, 1)) * (H * W)  # where each (direction, n, c) plane starts
+            flat_bar = np.zeros(rows * H * W)
+            for idx, w, _, _ in corners:
+                flat_bar += np.bincount((row + idx[:, None]).ravel(), (Ybar * w[:, None]).ravel(), minlength=flat_bar.size)
+            Xbar = flat_bar.astype(Ybar.dtype).reshape(lead + X.shape)
+        if cx.need[1]:
+            Xf = X.reshape(X.shape[:2] + (-1,))
+            vx = sum(_gather_pixels(Xf, idx) * dwx[:, None] for idx, _, dwx, _ in corners)
+            vy = sum(_gather_pixels(Xf, idx) * dwy[:, None] for idx, _, _, dwy in corners)
+            Gbar = np.stack([(Ybar * vx).sum(axis=-3) * dx, (Ybar * vy).sum(axis=-3) * dy], axis=-1)
+        return Xbar, Gbar
