@@ -96,3 +96,39 @@ def test_constant_fill(how):
     J = jaccli.input_jacobian(m, X, flat=True)
     np.testing.assert_allclose(our_forward(m, {"x": X}, np.float64), 0.5 * X)
     np.testing.assert_allclose(J, np.broadcast_to(0.5 * np.eye(4), J.shape))
+
+
+@pytest.mark.parametrize("attrs", [{"kernel_shape": [2, 2], "strides": [2, 2]},
+                                   {"kernel_shape": [3, 3], "strides": [2, 1], "pads": [1, 1, 1, 1]},
+                                   {"kernel_shape": [2, 2], "storage_order": 1},
+                                   {"kernel_shape": [2, 3], "strides": [2, 2], "ceil_mode": 1}])
+def test_max_pool_indices(attrs):
+    """MaxPool's second output: the maxima's places in X flattened, as onnxruntime gives them; an
+    export of MaxUnpool scatters the values back there."""
+    nodes = [helper.make_node("MaxPool", ["x"], ["p", "i"], **attrs),
+             helper.make_node("Cast", ["i"], ["y"], to=1)]
+    m = one_input_model(nodes, {}, (2, 5, 6), opset=12)
+    x = np.random.default_rng(0).permutation(3 * 2 * 5 * 6).reshape(3, 2, 5, 6).astype(np.float64)  # no ties
+    ref, oracle = ort_forward(m, {"x": x})
+    np.testing.assert_array_equal(our_forward(m, {"x": x}, np.float32), ref, err_msg=oracle)
+
+
+@pytest.mark.parametrize("explicit_shape", [False, True])
+def test_max_unpool(explicit_shape):
+    """MaxPool's values, scaled, put back at its indices: forward as onnxruntime, derivatives as
+    differences (zero away from the maxima)."""
+    nodes = [helper.make_node("MaxPool", ["x"], ["p", "i"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Mul", ["p", "w"], ["pw"]),
+             helper.make_node("MaxUnpool", ["pw", "i"] + (["s"] if explicit_shape else []), ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    inits = {"w": np.float32(1.5)}
+    shape = (2, 4, 6)
+    if explicit_shape:  # x's own shape, a row and a column more than the pooling covers
+        nodes.insert(0, helper.make_node("Shape", ["x"], ["s"]))
+        shape = (2, 5, 7)
+    m = one_input_model(nodes, inits, shape, opset=11)
+    x = np.random.default_rng(1).permutation(3 * int(np.prod(shape))).reshape((3,) + shape) / 10.0
+    ref, _ = ort_forward(m, {"x": x})
+    np.testing.assert_allclose(our_forward(m, {"x": x}, np.float32), ref, rtol=1e-6)
+    for mode in ("forward", "reverse"):
+        J = jaccli.input_jacobian(m, {"x": x}, mode=mode, dtype=np.float64, flat=True)
+        assert rel_err(J, fd_input_jacobian(m, {"x": x}, "x")) < 1e-6

@@ -49,6 +49,23 @@ def _tiled_max_cotangent(Ybar, idx, kernel, padded):
     return Xb
 
 
+def _flat_indices(shape, idx, kernel, s, d, begin, storage_order):
+    """Indices into X flattened of each window's maximum, from its kernel offsets idx."""
+    nd = len(kernel)
+    out = idx.shape[2:]
+    offsets = np.array(list(np.ndindex(*kernel)))  # (K, nd)
+    sp = shape[2:]
+    flat = np.arange(shape[0] * shape[1]).reshape(shape[:2] + (1,) * nd)  # the (n, c) plane
+    pos = []
+    for a in range(nd):
+        start = np.arange(out[a]) * s[a] - begin[a]
+        pos.append(start.reshape((1, 1) + tuple(-1 if b == a else 1 for b in range(nd))) + offsets[idx, a] * d[a])
+    order = range(nd) if not storage_order else reversed(range(nd))
+    for a in order:
+        flat = flat * sp[a] + pos[a]
+    return flat.astype(np.int64)
+
+
 def _overlap(kernel_shape, s, d):
     return any(ss < (k - 1) * dd + 1 for k, ss, dd in zip(kernel_shape, s, d))
 
@@ -56,17 +73,25 @@ def _overlap(kernel_shape, s, d):
 @rule("MaxPool", since=1)
 class MaxPool:
     """Y = max over each window of X (N, C, *sp); padding never wins. The derivatives follow the
-    first maximum of each window."""
+    first maximum of each window. With a second output, Indices: where each maximum is in X
+    flattened (row-major, or column-major over the spatial axes with storage_order=1)."""
 
-    def forward(X, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, storage_order=0, strides=None):
+    n_diff_outputs = 1
+
+    def forward(X, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, storage_order=0, strides=None,
+                n_outputs=1):
         s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        if n_outputs > 1:
+            Y, idx = _max_arg(X, kernel_shape, s, d, begin, end)
+            return Y, _flat_indices(X.shape, idx, kernel_shape, s, d, begin, storage_order)
         views = _offsets(X, kernel_shape, s, d, begin, end, -np.inf)
         Y = views[0].copy()
         for v in views[1:]:
             np.maximum(Y, v, out=Y)
         return Y
 
-    def jvp(cx, Xdot, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, storage_order=0, strides=None):
+    def jvp(cx, Xdot, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, storage_order=0, strides=None,
+            n_outputs=1):
         X = cx.x[0]
         s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
         _, idx = _max_arg(X, kernel_shape, s, d, begin, end)
@@ -76,7 +101,8 @@ class MaxPool:
             np.copyto(Ydot, v, where=idx == k)
         return Ydot
 
-    def vjp(cx, Ybar, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, storage_order=0, strides=None):
+    def vjp(cx, Ybar, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, storage_order=0, strides=None,
+            n_outputs=1):
         need_no_keep(cx, "MaxPool")
         X = cx.x[0]
         s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
@@ -253,3 +279,41 @@ class GlobalLpPool:
         need_no_keep(cx, "GlobalLpPool")
         w, inv = _lp_scale(cx.x[0], cx.y[0], p)
         return (w * (Ybar * inv),)
+
+
+@rule("MaxUnpool", since=9)
+class MaxUnpool:
+    """Y = zeros with X placed at Indices (into Y flattened, as MaxPool gives them); the shape
+    from output_shape, or from the pooling's kernel, strides and pads. Linear in X: its
+    adjoint gathers at Indices."""
+
+    nondiff = (1, 2)
+
+    def forward(X, I, output_shape=None, *, kernel_shape, pads=None, strides=None):
+        shape = _unpooled_shape(X.shape, output_shape, kernel_shape, pads, strides)
+        Y = np.zeros(int(np.prod(shape)), X.dtype)
+        Y[np.ravel(I)] = np.ravel(X)
+        return Y.reshape(shape)
+
+    def jvp(cx, Xdot, _i=None, _s=None, *, kernel_shape, pads=None, strides=None):
+        X, I = cx.x[0], cx.x[1]
+        lead = Xdot.shape[: Xdot.ndim - X.ndim]
+        shape = cx.y[0].shape
+        Y = np.zeros(lead + (int(np.prod(shape)),), Xdot.dtype)
+        Y[..., np.ravel(I)] = Xdot.reshape(lead + (-1,))
+        return Y.reshape(lead + shape)
+
+    def vjp(cx, Ybar, *, kernel_shape, pads=None, strides=None):
+        need_no_keep(cx, "MaxUnpool")
+        X, I = cx.x[0], cx.x[1]
+        lead = Ybar.shape[: cx.lead(Ybar)]
+        return Ybar.reshape(lead + (-1,))[..., np.ravel(I)].reshape(lead + X.shape), None, None
+
+
+def _unpooled_shape(x_shape, output_shape, kernel, pads, strides):
+    if output_shape is not None and np.size(output_shape):
+        return tuple(int(d) for d in np.ravel(output_shape))
+    nd = len(kernel)
+    pads = list(pads) if pads else [0] * (2 * nd)
+    strides = list(strides) if strides else [1] * nd
+    return tuple(x_shape[:2]) + tuple((x_shape[2 + a] - 1) * strides[a] + kernel[a] - pads[a] - pads[nd + a] for a in range(nd))
