@@ -358,7 +358,12 @@ def with_subgraph_nodes(nodes):
 def run_forward(step, args):
     """The forward kernel of a step as a tuple of outputs."""
     out = step.rule.forward(*_trim(args), **step.attrs)
-    return out if isinstance(out, tuple) else (out,)
+    out = out if isinstance(out, tuple) else (out,)
+    if len(out) < len(step.outputs) and any(step.outputs[len(out):]):
+        k = next(i for i in range(len(out), len(step.outputs)) if step.outputs[i])
+        raise UnsupportedOpError(f"node '{step.node.name}': output {k} ('{step.outputs[k]}') of {step.node.op_type} "
+                                 f"(opset {step.node.opset}) is not supported")
+    return out
 
 
 def _trim(args):

@@ -8,6 +8,7 @@ from gradcheck import fd_input_jacobian, fd_param_jacobian, one_input_model, ort
 from onnx import helper
 
 import jaccli
+from jaccli.errors import UnsupportedOpError
 from jaccli.model import load
 
 
@@ -132,3 +133,14 @@ def test_max_unpool(explicit_shape):
     for mode in ("forward", "reverse"):
         J = jaccli.input_jacobian(m, {"x": x}, mode=mode, dtype=np.float64, flat=True)
         assert rel_err(J, fd_input_jacobian(m, {"x": x}, "x")) < 1e-6
+
+
+def test_an_output_a_rule_does_not_give_is_named(monkeypatch):
+    """A node output that its rule does not compute: one line naming it, not an internal error."""
+    from jaccli.rules.pool import MaxPool
+
+    monkeypatch.setattr(MaxPool, "forward", staticmethod(lambda X, **a: X[..., ::2, ::2]))
+    m = one_input_model([helper.make_node("MaxPool", ["x"], ["p", "i"], kernel_shape=[2, 2], strides=[2, 2]),
+                         helper.make_node("Cast", ["i"], ["y"], to=1)], {}, (1, 4, 4), opset=12)
+    with pytest.raises(UnsupportedOpError, match="output 1 \\('i'\\) of MaxPool"):
+        jaccli.input_jacobian(m, X.reshape(3, 1, 2, 2).repeat(2, axis=2).repeat(2, axis=3)[:, :, :4, :4])
