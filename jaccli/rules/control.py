@@ -160,7 +160,7 @@ class Loop:
         per_sample = any(cx.keep)
         flags = {**_flags(batched, 2, body.inputs[2:]), **_flags(batched, 2 + K, body.free)}
         unbatched = tuple(body.inputs[:2]) + tuple(n for n in body.inputs[2:] + body.free if not flags[n])
-        wrt = tuple(body.inputs[2:]) + tuple(need_free)
+        wrt = tuple(n for n, v in zip(body.inputs[2:], rest) if _floating(v)) + tuple(need_free)  # not the counters
         plan = _plan(body, wrt, per_sample, unbatched, _dtype(rest))
         if per_sample and any(n in unbatched and o in plan.batched and not _empty(v)
                               for n, o, v in zip(body.inputs[2:], body.outputs[1:], rest)):
@@ -187,6 +187,13 @@ class Loop:
                 acc[n] = _add(acc[n], res.get(n))
         return (None, None) + tuple(c if d else None for c, d in zip(carried, cx.need[2:2 + K])) + \
             tuple(acc.get(n) if d else None for n, d in zip(body.free, cx.need[2 + K:]))
+
+
+def _floating(v):
+    """A float value, or a sequence of them (an empty one too): one that can have a cotangent."""
+    if isinstance(v, list):
+        return all(_floating(e) for e in v)
+    return np.asarray(v).dtype.kind == "f"
 
 
 def _empty(v):
@@ -294,7 +301,8 @@ class Scan:
         slice_flags = _flags(batched, S, body.inputs[S:])
         unbatched = tuple(n for n in body.inputs[:S] + body.free if not flags[n]) + \
             tuple(n for n in body.inputs[S:] if not slice_flags[n])
-        wrt = tuple(body.inputs) + tuple(need_free)
+        wrt = tuple(n for n, v in zip(body.inputs, list(cx.x[:S]) + [cx.x[S + j] for j in range(M)]) if _floating(v)) + \
+            tuple(need_free)
         plan = _plan(body, wrt, any(cx.keep), unbatched, _dtype(cx.x))
         envs = []
         g.run(plan, cx.x, envs.append)
