@@ -307,3 +307,12 @@ CASES += [
     Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"mode": "nearest"}, opset=16, id="GridSample-nearest"),
     Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"mode": "linear"}, opset=20, id="GridSample-20-linear"),
 ]
+
+# the transformer optimizer's SkipLayerNormalization: residual Add and LayerNorm in one
+CASES += [
+    Case("SkipLayerNormalization", [("x", (3, 8)), ("x", (3, 8)), ("p", (8,)), ("p", (8,)), ("p", (8,))], {"epsilon": 1e-5},
+         domain=MS, id="ms-SkipLayerNormalization"),
+    Case("SkipLayerNormalization", [("x", (3, 8)), ("x", (3, 8)), ("p", (8,))], domain=MS, id="ms-SkipLayerNormalization-gamma"),
+    Case("SkipLayerNormalization", [("x", (3, 8)), ("x", (3, 8)), ("p", (8,)), ("", None), ("p", (8,))], {"epsilon": 1e-5},
+         domain=MS, outputs=4, id="ms-SkipLayerNormalization-bias-sum"),
+]

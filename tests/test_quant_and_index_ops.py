@@ -144,3 +144,19 @@ def test_an_output_a_rule_does_not_give_is_named(monkeypatch):
                          helper.make_node("Cast", ["i"], ["y"], to=1)], {}, (1, 4, 4), opset=12)
     with pytest.raises(UnsupportedOpError, match="output 1 \\('i'\\) of MaxPool"):
         jaccli.input_jacobian(m, X.reshape(3, 1, 2, 2).repeat(2, axis=2).repeat(2, axis=3)[:, :, :4, :4])
+
+
+def test_skip_layer_normalization_with_its_sum_read():
+    """The fused residual sum (output 3) read by the next node, as a chain of SkipLayerNorms does:
+    its cotangent joins the normalisation's."""
+    from gradcheck import check_whole_model
+    from onnx import helper as h
+
+    nodes = [h.make_node("Tanh", ["x"], ["t"]),
+             h.make_node("SkipLayerNormalization", ["x", "t", "g", "b", "c"], ["n", "", "", "s"], domain="com.microsoft", epsilon=1e-5),
+             h.make_node("Mul", ["s", "n"], ["y"])]
+    rng = np.random.default_rng(2)
+    inits = {k: rng.standard_normal(6).astype(np.float32) for k in ("g", "b", "c")}
+    m = one_input_model(nodes, inits, (2, 6))
+    m.opset_import.append(h.make_opsetid("com.microsoft", 1))
+    assert check_whole_model(m, rng.standard_normal((3, 2, 6))) == ["g", "b", "c"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import rule
+from . import Ctx, rule
 from ._util import add, expand, unbroadcast
 from .elementwise import Gelu, _Binary, _sigmoid, elementwise
 from .linalg import Gemm, mm
@@ -203,3 +203,53 @@ class FusedGemm:
 
 def _gemm_params(a, b):
     return [v for v in (a, b) if v is not None]
+
+
+@rule("SkipLayerNormalization", since=1, domain=MS)
+class SkipLayerNormalization:
+    """Y = LayerNorm(input + skip + bias) * gamma + beta over the last axis (the transformer
+    optimizer's fusion of a residual Add and its LayerNorm); on request also the mean, the
+    inverse standard deviation and the sum input + skip + bias."""
+
+    keeps = True
+    n_diff_outputs = None
+
+    def forward(input, skip, gamma, beta=None, bias=None, *, epsilon=1e-12, n_outputs=1):
+        from .norm import LayerNormalization
+
+        s = input + skip if bias is None else input + skip + bias
+        Y, mu, r = LayerNormalization.forward(s, gamma, beta, axis=-1, epsilon=epsilon)
+        return (Y, mu, r, s)[:max(1, n_outputs)]
+
+    def jvp(cx, Xdot, Kdot, Gdot, Bdot=None, Cdot=None, *, epsilon=1e-12, n_outputs=1):
+        from .norm import LayerNormalization
+
+        X, skip, gamma = cx.x[:3]
+        beta, bias = (cx.x[3] if len(cx.x) > 3 else None), (cx.x[4] if len(cx.x) > 4 else None)
+        s = X + skip if bias is None else X + skip + bias
+        lead = next(D.ndim - x.ndim for D, x in zip((Xdot, Kdot, Gdot, Bdot, Cdot), cx.x) if D is not None)
+        sdot = add(Xdot, expand(Kdot, skip, s, lead), expand(Cdot, bias, s, lead) if Cdot is not None else None)
+        ln = Ctx((s, gamma, beta), (None,), rule=LayerNormalization)
+        Ydot = LayerNormalization.jvp(ln, sdot, Gdot, Bdot, axis=-1, epsilon=epsilon)[0]
+        return (Ydot, None, None, sdot)[:max(1, n_outputs)]
+
+    def vjp(cx, Ybar, mubar=None, rbar=None, sbar=None, *, epsilon=1e-12, n_outputs=1):
+        from .norm import LayerNormalization
+
+        X, skip, gamma = cx.x[:3]
+        beta, bias = (cx.x[3] if len(cx.x) > 3 else None), (cx.x[4] if len(cx.x) > 4 else None)
+        s = X + skip if bias is None else X + skip + bias
+        need = tuple(cx.need) + (False,) * (5 - len(cx.need))
+        keep = tuple(cx.keep) + (False,) * (5 - len(cx.keep))
+        need_s = need[0] or need[1] or need[4]
+        lead = cx.lead(Ybar) if Ybar is not None else cx.lead(sbar, 3)
+        Gbar = Bbar = None
+        sb = sbar
+        if Ybar is not None:
+            ln = Ctx((s, gamma, beta), (cx.y[0],), (need_s, need[2], need[3]), (False, keep[2], keep[3]), LayerNormalization)
+            Xs, Gbar, Bbar = LayerNormalization.vjp(ln, Ybar, axis=-1, epsilon=epsilon)
+            sb = add(Xs, sbar)
+        return (sb if need[0] else None,
+                unbroadcast(sb, skip.shape, lead, keep[1]) if need[1] and sb is not None else None,
+                Gbar, Bbar,
+                unbroadcast(sb, bias.shape, lead, keep[4]) if need[4] and sb is not None else None)
