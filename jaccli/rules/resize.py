@@ -246,6 +246,14 @@ def _gather_pixels(Xf, idx):
     return np.take_along_axis(Xf, flat, axis=-1).reshape(Xf.shape[:-1] + (Ho, Wo))
 
 
+def _grid_slopes(X, corners):
+    """dY/dix and dY/diy (N, C, Ho, Wo): the corners' pixels weighted by their weights' slopes."""
+    Xf = X.reshape(X.shape[:2] + (-1,))
+    vx = sum(_gather_pixels(Xf, idx) * dwx[:, None] for idx, _, dwx, _ in corners)
+    vy = sum(_gather_pixels(Xf, idx) * dwy[:, None] for idx, _, _, dwy in corners)
+    return vx, vy
+
+
 def _grid_attrs(mode, padding_mode, align_corners, X):
     mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
     if mode not in ("linear", "nearest"):
@@ -278,9 +286,7 @@ class GridSample:
             Xf = Xdot.reshape(Xdot.shape[:-2] + (-1,))
             out = sum(_gather_pixels(Xf, idx) * w[:, None] for idx, w, _, _ in corners)
         if Gdot is not None:
-            Xf = X.reshape(X.shape[:2] + (-1,))
-            vx = sum(_gather_pixels(Xf, idx) * dwx[:, None] for idx, _, dwx, _ in corners)  # dY/dix (N, C, Ho, Wo)
-            vy = sum(_gather_pixels(Xf, idx) * dwy[:, None] for idx, _, _, dwy in corners)
+            vx, vy = _grid_slopes(X, corners)
             g = vx * (Gdot[..., 0] * dx)[..., :, None, :, :] + vy * (Gdot[..., 1] * dy)[..., :, None, :, :]
             out = g if out is None else out + g
         return out
@@ -301,8 +307,6 @@ class GridSample:
                 flat_bar += np.bincount((row + idx[:, None]).ravel(), (Ybar * w[:, None]).ravel(), minlength=flat_bar.size)
             Xbar = flat_bar.astype(Ybar.dtype).reshape(lead + X.shape)
         if cx.need[1]:
-            Xf = X.reshape(X.shape[:2] + (-1,))
-            vx = sum(_gather_pixels(Xf, idx) * dwx[:, None] for idx, _, dwx, _ in corners)
-            vy = sum(_gather_pixels(Xf, idx) * dwy[:, None] for idx, _, _, dwy in corners)
+            vx, vy = _grid_slopes(X, corners)
             Gbar = np.stack([(Ybar * vx).sum(axis=-3) * dx, (Ybar * vy).sum(axis=-3) * dy], axis=-1)
         return Xbar, Gbar
