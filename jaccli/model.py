@@ -123,7 +123,8 @@ class Model:
 
     def parameters(self, of, scalars=False):
         """Float initializers that reach output `of` through a differentiable input slot, in file
-        order; 0-d ones (exporters store constants such as GELU's 0.5 that way) only with `scalars`."""
+        order; 0-d ones (exporters store constants such as GELU's 0.5 that way) only with `scalars`.
+        Not those holding an infinity or a NaN: an attention mask of 0 and -inf is no parameter."""
         key = ("parameters", of, scalars)
         if key not in self.plans:
             self.plans[key] = self._parameters(of, scalars)
@@ -140,7 +141,7 @@ class Model:
                 nondiff = frozenset()
             reach.update(v for k, v in enumerate(node.inputs) if v and k not in nondiff)
         return [n for n, a in self.initializers.items()
-                if n in reach and np.issubdtype(a.dtype, np.floating) and (scalars or a.ndim > 0)]
+                if n in reach and np.issubdtype(a.dtype, np.floating) and (scalars or a.ndim > 0) and np.isfinite(a).all()]
 
 
 def _pick(items, name, kind):

@@ -160,3 +160,14 @@ def test_skip_layer_normalization_with_its_sum_read():
     m = one_input_model(nodes, inits, (2, 6))
     m.opset_import.append(h.make_opsetid("com.microsoft", 1))
     assert check_whole_model(m, rng.standard_normal((3, 2, 6))) == ["g", "b", "c"]
+
+
+def test_a_mask_of_infinities_is_no_parameter():
+    """An additive attention mask stored as a float initializer (0 and -inf, as torch's dynamo
+    exporter writes it) reaches the output through an Add, but is no parameter."""
+    mask = np.triu(np.full((4, 4), -np.inf, np.float32), 1)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["s"]), helper.make_node("Add", ["s", "mask"], ["m"]),
+             helper.make_node("Softmax", ["m"], ["y"], axis=-1)]
+    m = one_input_model(nodes, {"W": np.eye(4, dtype=np.float32), "mask": mask}, (4, 4))
+    G, cols = jaccli.param_jacobian(m, np.random.default_rng(0).standard_normal((3, 4, 4)))
+    assert [c["name"] for c in cols] == ["W"] and np.isfinite(G).all()
