@@ -316,3 +316,10 @@ CASES += [
     Case("SkipLayerNormalization", [("x", (3, 8)), ("x", (3, 8)), ("p", (8,)), ("", None), ("p", (8,))], {"epsilon": 1e-5},
          domain=MS, outputs=4, id="ms-SkipLayerNormalization-bias-sum"),
 ]
+
+# onnxruntime's RMSNorm, in the default domain
+CASES += [
+    Case("SimplifiedLayerNormalization", [("x", (3, 4)), ("p", (4,))], {"axis": -1, "epsilon": 1e-5}, opset=17, id="SimplifiedLayerNorm"),
+    Case("SimplifiedLayerNormalization", [("x", (3, 4)), ("p", (3, 4))], {"axis": 1, "epsilon": 1e-5}, opset=17,
+         id="SimplifiedLayerNorm-two-axes"),
+]

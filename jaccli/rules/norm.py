@@ -455,3 +455,47 @@ def _lp_norm(X, axis, p):
     if p == 2:
         return np.sqrt((X * X).sum(axis=axis, keepdims=True))
     raise UnsupportedOpError(f"LpNormalization with p={p}: ONNX defines only p = 1 and 2")
+
+
+@rule("SimplifiedLayerNormalization", since=1)
+class SimplifiedLayerNormalization:
+    """Y = X / sqrt(mean(X^2) + epsilon) * Scale, the mean over axes [axis:]: onnxruntime's
+    RMSNorm (its optimizer writes it for LLaMA-like models; in the default domain). A second
+    output, the inverse root mean square, on request."""
+
+    keeps = True
+
+    def forward(X, scale, *, axis=-1, epsilon=1e-5, stash_type=1, n_outputs=1):
+        r = _inverse_rms(X, axis, epsilon)
+        Y = X * r * scale
+        return (Y, r) if n_outputs > 1 else Y
+
+    def jvp(cx, Xdot, Sdot=None, *, axis=-1, epsilon=1e-5, stash_type=1, n_outputs=1):
+        X, S = cx.x[0], cx.x[1]
+        r = _inverse_rms(X, axis, epsilon)
+        xhat = X * r
+        axes = tuple(range(neg_axis(axis, X.ndim), 0))
+        parts = []
+        if Xdot is not None:
+            parts.append(S * r * (Xdot - xhat * (xhat * Xdot).mean(axis=axes, keepdims=True)))
+        if Sdot is not None:
+            parts.append(expand(Sdot, S, X, Sdot.ndim - S.ndim) * xhat)
+        return add(*parts)
+
+    def vjp(cx, Ybar, *_, axis=-1, epsilon=1e-5, stash_type=1, n_outputs=1):
+        X, S = cx.x[0], cx.x[1]
+        r = _inverse_rms(X, axis, epsilon)
+        xhat = X * r
+        axes = tuple(range(neg_axis(axis, X.ndim), 0))
+        Xbar = Sbar = None
+        if cx.need[0]:
+            G = Ybar * S
+            Xbar = r * (G - xhat * (G * xhat).mean(axis=axes, keepdims=True))
+        if cx.need[1]:
+            Sbar = unbroadcast(Ybar * xhat, S.shape, cx.lead(Ybar), cx.keep[1])
+        return Xbar, Sbar
+
+
+def _inverse_rms(X, axis, epsilon):
+    axes = tuple(range(neg_axis(axis, X.ndim), 0))
+    return (1 / np.sqrt((X * X).mean(axis=axes, keepdims=True) + X.dtype.type(epsilon))).astype(X.dtype)
