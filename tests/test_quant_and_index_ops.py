@@ -171,3 +171,19 @@ def test_a_mask_of_infinities_is_no_parameter():
     m = one_input_model(nodes, {"W": np.eye(4, dtype=np.float32), "mask": mask}, (4, 4))
     G, cols = jaccli.param_jacobian(m, np.random.default_rng(0).standard_normal((3, 4, 4)))
     assert [c["name"] for c in cols] == ["W"] and np.isfinite(G).all()
+
+
+@pytest.mark.parametrize("scale_shape,attrs", [((), {}), ((3,), {"axis": 1}), ((2, 3), {"axis": 0, "block_size": 2})])
+def test_dequantize_tangent_of_the_scale_has_lead_axes(scale_shape, attrs):
+    """Linear in the scale: the tangent of a scale direction is the dequantization by it, for
+    each of several directions at once (forward mode)."""
+    from jaccli.rules import Ctx
+    from jaccli.rules.elementwise import DequantizeLinear21, _dequantize_forward
+
+    rng = np.random.default_rng(4)
+    Wq, zp = rng.integers(-50, 50, (4, 3)).astype(np.int8), np.zeros(scale_shape, np.int8) + np.int8(2)
+    S, Sdot = rng.uniform(0.1, 1, scale_shape), rng.standard_normal((5,) + scale_shape)
+    cx = Ctx((Wq, S, zp), (_dequantize_forward(Wq, S, zp, **attrs),))
+    got = DequantizeLinear21.jvp(cx, None, Sdot, None, **attrs)
+    want = np.stack([_dequantize_forward(Wq, d, zp, **attrs) for d in Sdot])
+    np.testing.assert_allclose(got, want, rtol=1e-12)

@@ -684,9 +684,9 @@ _realigned_binary(PRelu, "PRelu", 1, _channel_align, " (opset 1-6: a 1-D slope r
 # ---- quantization: DequantizeLinear is linear in its scale; QuantizeLinear's output is integer ----
 
 
-def _scale_shape(scale, x_ndim, axis, block_size, n):
-    """How a scale of shape `scale` lines up with x: None (per tensor), or the axis it runs along."""
-    if scale.ndim == 0 or (scale.size == 1 and not block_size):
+def _scale_axis(shape, x_ndim, axis, block_size):
+    """How a scale of `shape` lines up with x: None (per tensor), or the axis it runs along."""
+    if len(shape) == 0 or (int(np.prod(shape)) == 1 and not block_size):
         return None
     return axis % x_ndim
 
@@ -694,7 +694,7 @@ def _scale_shape(scale, x_ndim, axis, block_size, n):
 def _expand_scale(s, lead, x_shape, axis, block_size):
     """Scale (*lead, *scale) shaped to broadcast against x (*lead, *x_shape)."""
     nd = len(x_shape)
-    a = _scale_shape(s.reshape(s.shape[lead:]) if lead else s, nd, axis, block_size, None)
+    a = _scale_axis(s.shape[lead:], nd, axis, block_size)
     if a is None:
         return s.reshape(s.shape[:lead] + (1,) * nd)
     if block_size:
@@ -710,30 +710,24 @@ def _dequantize_forward(x, x_scale, x_zero_point=None, *, axis=1, block_size=0, 
 
 class _Dequantize:
     """Y = (x - zero_point) * scale, per tensor, per axis or per block; x and the zero point are
-    integers (not differentiated), Y is linear in the scale."""
+    integers (not differentiated), Y is linear in the scale: its partial is x - zero_point."""
 
     nondiff = (0, 2)
     keeps = True
 
     def jvp(cx, _x, Sdot, _zp=None, **attrs):
         X, S = cx.x[0], cx.x[1]
-        lead = Sdot.ndim - S.ndim
-        q = _dequantize_forward(X, np.ones_like(S), *cx.x[2:], **attrs)
-        return q * _expand_scale(Sdot, lead, X.shape, attrs.get("axis", 1), attrs.get("block_size", 0))
+        return _levels(cx, attrs) * _expand_scale(Sdot, Sdot.ndim - S.ndim, X.shape, attrs.get("axis", 1),
+                                                  attrs.get("block_size", 0))
 
     def vjp(cx, Ybar, **attrs):
         X, S = cx.x[0], cx.x[1]
         axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
         lead = cx.lead(Ybar)
-        q = _dequantize_forward(X, np.ones_like(S), *cx.x[2:], **attrs)
-        G = q * Ybar
+        G = _levels(cx, attrs) * Ybar
         keep = cx.keep[1]
-        a = _scale_shape(S, X.ndim, axis, block, None)
-        kept = {0} if keep else set()
-        if a is None:
-            axes = [lead + i for i in range(X.ndim) if i not in kept]
-            Sb = G.sum(axis=tuple(axes)) if axes else G
-        elif block:
+        a = _scale_axis(S.shape, X.ndim, axis, block)
+        if a is not None and block:
             if keep:
                 raise UnsupportedOpError("DequantizeLinear: per-sample cotangents of a blockwise scale are not supported")
             nb = S.shape[a]
@@ -741,10 +735,15 @@ class _Dequantize:
             if pad:
                 G = np.concatenate([G, np.zeros(G.shape[:lead + a] + (pad,) + G.shape[lead + a + 1:], G.dtype)], axis=lead + a)
             Sb = G.reshape(G.shape[:lead + a] + (nb, block) + G.shape[lead + a + 1:]).sum(axis=lead + a + 1)
-        else:
-            axes = [lead + i for i in range(X.ndim) if i != a and i not in kept]
-            Sb = G.sum(axis=tuple(axes)) if axes else G
+        else:  # summed over every axis but the scale's own (and the samples', kept)
+            axes = tuple(lead + i for i in range(X.ndim) if i != a and not (keep and i == 0))
+            Sb = G.sum(axis=axes) if axes else G
         return None, Sb.reshape(Ybar.shape[:lead] + ((X.shape[0],) if keep else ()) + S.shape), None
+
+
+def _levels(cx, attrs):
+    """x - zero_point in the scale's type: the partial of Y in the scale."""
+    return _dequantize_forward(cx.x[0], np.ones_like(cx.x[1]), *cx.x[2:], **attrs)
 
 
 @rule("DequantizeLinear", since=10)
