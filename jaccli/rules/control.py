@@ -1,7 +1,7 @@
-"""Control flow: If and Loop. Their sub-graphs are planned and walked as graphs of their own,
-with the outer values they read (Graph.free) as inputs: the forward runs the branch taken or the
-iterations; the derivatives run the same sub-graphs' JVP and VJP, in reverse order of the
-iterations for Loop. A condition is read at run time, per block of samples: the pairing probe
+"""Control flow: If, Loop and Scan. Their sub-graphs are planned and walked as graphs of their
+own, with the outer values they read (Graph.free) as inputs: the forward runs the branch taken or
+the iterations; the derivatives run the same sub-graphs' JVP and VJP, in reverse order of the
+iterations for Loop and Scan. A condition is read at run time, per block of samples: the pairing probe
 of the drivers catches one that depends on the samples' values."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import rule
-from ..errors import ModelError
+from ..errors import ModelError, UnsupportedOpError
 
 MAX_ITERATIONS = 1 << 20  # a Loop without a trip count whose condition never turns false
 
@@ -124,36 +124,36 @@ class Loop:
     needs_batched = True
 
     def forward(M=None, cond=None, *rest, body, batched=None):
+        from .. import walk
+
         plan = _plan(body, dtype=_dtype(rest))
-        values, scans = _run(body, plan, M, cond, rest, lambda env: None)
+        values, scans = _run(body, M, cond, rest, lambda feeds: walk.primal(plan, feeds))
         return _outputs(body, values, scans, rest)
 
     def jvp(cx, _m, _c, *dots, body, batched=None):
         from .. import walk
 
         K = len(body.inputs) - 2
-        carried, free = list(dots[:K]), dict(zip(body.free, dots[K:]))
-        free = {n: d for n, d in free.items() if d is not None}
+        carried = list(dots[:K])
+        free = {n: d for n, d in zip(body.free, dots[K:]) if d is not None}
         dtype = _dtype(cx.x[2:])
-        M, cond, rest = cx.x[0], cx.x[1], list(cx.x[2:])
         scans = [[] for _ in body.outputs[1 + K:]]
-        go, i, values = _start(cond), 0, rest[:K]
-        trip = _trip(M)
-        while go and (trip is None or i < trip):
+
+        def iteration(feeds):  # the seeds change as tangents reach the carried values
+            nonlocal carried
             seeds = {**{n: t for n, t in zip(body.inputs[2:], carried) if t is not None}, **free}
             plan = _plan(body, tuple(seeds), dtype=dtype)
-            env = walk.primal(plan, _feeds(body, i, go, values, rest[K:]))
+            env = walk.primal(plan, feeds)
             outs = walk.jvp_outputs(plan, env, seeds)
-            go, values = bool(np.ravel(env[body.outputs[0]])[0]), [env[o] for o in body.outputs[1:1 + K]]
             carried = list(outs[1:1 + K])
             for k, o in enumerate(body.outputs[1 + K:]):
                 scans[k].append((outs[1 + K + k], env[o]))
-            i = _next(i)
+            return env
+
+        _run(body, cx.x[0], cx.x[1], cx.x[2:], iteration)
         return tuple(carried) + tuple(_stack_tangents(s) for s in scans)
 
     def vjp(cx, *bars, body, batched=None):
-        from ..errors import UnsupportedOpError
-
         K = len(body.inputs) - 2
         M, cond, rest = cx.x[0], cx.x[1], list(cx.x[2:])
         need_free = [n for n, d in zip(body.free, cx.need[2 + K:]) if d]
@@ -167,7 +167,7 @@ class Loop:
             raise UnsupportedOpError("Loop: a carried value without a sample axis gains one in the body; per-sample "
                                      "parameter cotangents through it are not supported")
         envs = []
-        _run(body, plan, M, cond, rest, envs.append)
+        _run(body, M, cond, rest, _keeping(plan, envs))
         carried = list(bars[:K])
         scan_bars = bars[K:]
         acc = dict.fromkeys(need_free)
@@ -220,16 +220,25 @@ def _feeds(body, i, go, values, free):
             **dict(zip(body.free, free))}
 
 
-def _run(body, plan, M, cond, rest, keep_env):
-    """The iterations' forward: final carried values and, per scanned output, its values."""
+def _keeping(plan, envs):
+    """An iteration that evaluates the plan and keeps its values in `envs`, for the reverse sweep."""
     from .. import walk
 
+    def iteration(feeds, t=None):
+        envs.append(walk.primal(plan, feeds))
+        return envs[-1]
+
+    return iteration
+
+
+def _run(body, M, cond, rest, iteration):
+    """The iterations, `iteration(feeds)` giving each one's values: the final carried values and,
+    per scanned output, its values."""
     K = len(body.inputs) - 2
     values, scans = list(rest[:K]), [[] for _ in body.outputs[1 + K:]]
     go, i, trip = _start(cond), 0, _trip(M)
     while go and (trip is None or i < trip):
-        env = walk.primal(plan, _feeds(body, i, go, values, rest[K:]))
-        keep_env(env)
+        env = iteration(_feeds(body, i, go, values, rest[K:]))
         go, values = bool(np.ravel(env[body.outputs[0]])[0]), [env[o] for o in body.outputs[1:1 + K]]
         for k, o in enumerate(body.outputs[1 + K:]):
             scans[k].append(env[o])
@@ -266,9 +275,11 @@ class Scan:
     needs_batched = True
 
     def forward(*inputs, body, batched=None, **attrs):
+        from .. import walk
+
         g = _ScanGeometry(body, inputs, **attrs)
         plan = _plan(body, dtype=_dtype(inputs))
-        states, outs = g.run(plan, inputs, lambda env: None)
+        states, outs = g.run(inputs, lambda feeds, t: walk.primal(plan, feeds))
         return tuple(states) + tuple(g.stack(o, k) for k, o in enumerate(outs))
 
     def jvp(cx, *dots, body, batched=None, **attrs):
@@ -276,21 +287,25 @@ class Scan:
 
         g = _ScanGeometry(body, cx.x, **attrs)
         S, M = g.S, g.M
-        states, state_t = list(cx.x[:S]), list(dots[:S])
-        free, free_t = cx.x[S + M:], {n: d for n, d in zip(body.free, dots[S + M:]) if d is not None}
+        state_t = list(dots[:S])
+        free_t = {n: d for n, d in zip(body.free, dots[S + M:]) if d is not None}
         outs = [[] for _ in range(g.K)]
-        for t in range(g.length):
-            slices = [g.slice(cx.x[S + j], j, t) for j in range(M)]
+
+        def iteration(feeds, t):  # the seeds change as tangents reach the states
+            nonlocal state_t
             slice_t = [None if dots[S + j] is None else g.slice(dots[S + j], j, t, dots[S + j].ndim - cx.x[S + j].ndim)
                        for j in range(M)]
             seeds = {n: d for n, d in zip(body.inputs, state_t + slice_t) if d is not None}
             seeds.update(free_t)
             plan = _plan(body, tuple(seeds), dtype=_dtype(cx.x))
-            env = walk.primal(plan, g.feeds(states, slices, free))
+            env = walk.primal(plan, feeds)
             tans = walk.jvp_outputs(plan, env, seeds)
-            states, state_t = [env[o] for o in body.outputs[:S]], list(tans[:S])
+            state_t = list(tans[:S])
             for k in range(g.K):
                 outs[k].append((tans[S + k], env[body.outputs[S + k]]))
+            return env
+
+        g.run(cx.x, iteration)
         return tuple(state_t) + tuple(g.stack_tangents(o, k) for k, o in enumerate(outs))
 
     def vjp(cx, *bars, body, batched=None, **attrs):
@@ -305,7 +320,7 @@ class Scan:
             tuple(need_free)
         plan = _plan(body, wrt, any(cx.keep), unbatched, _dtype(cx.x))
         envs = []
-        g.run(plan, cx.x, envs.append)
+        g.run(cx.x, _keeping(plan, envs))
         carried, acc = list(bars[:S]), dict.fromkeys(need_free)
         ref = next(((b, y) for b, y in zip(bars, cx.y) if isinstance(b, np.ndarray)), None)
         lead = 0 if ref is None else ref[0].ndim - ref[1].ndim
@@ -364,24 +379,22 @@ class _ScanGeometry:
     def feeds(self, states, slices, free):
         return {**dict(zip(self.body.inputs, list(states) + list(slices))), **dict(zip(self.body.free, free))}
 
-    def run(self, plan, inputs, keep_env):
-        from .. import walk
-
+    def run(self, inputs, iteration):
+        """The iterations, `iteration(feeds, t)` giving each one's values: the final states and,
+        per scanned output, its values."""
         S, M = self.S, self.M
         states, free = list(inputs[:S]), inputs[S + M:]
         outs = [[] for _ in range(self.K)]
         for t in range(self.length):
-            env = walk.primal(plan, self.feeds(states, [self.slice(inputs[S + j], j, t) for j in range(M)], free))
-            keep_env(env)
+            env = iteration(self.feeds(states, [self.slice(inputs[S + j], j, t) for j in range(M)], free), t)
             states = [env[o] for o in self.body.outputs[:S]]
             for k in range(self.K):
                 outs[k].append(env[self.body.outputs[S + k]])
         return states, outs
 
-    def stack(self, values, k, lead=0):
+    def stack(self, values, k):
         values = values[::-1] if self.out_dirs[k] else values
-        nd = np.ndim(values[0]) - lead + 1
-        return np.stack(values, axis=lead + int(self.out_axes[k]) % nd)
+        return np.stack(values, axis=int(self.out_axes[k]) % (np.ndim(values[0]) + 1))
 
     def stack_tangents(self, pairs, k):
         pairs = pairs[::-1] if self.out_dirs[k] else pairs
