@@ -217,16 +217,15 @@ class SkipLayerNormalization:
     def forward(input, skip, gamma, beta=None, bias=None, *, epsilon=1e-12, n_outputs=1):
         from .norm import LayerNormalization
 
-        s = input + skip if bias is None else input + skip + bias
+        s = _skip_sum(input, skip, bias)
         Y, mu, r = LayerNormalization.forward(s, gamma, beta, axis=-1, epsilon=epsilon)
         return (Y, mu, r, s)[:max(1, n_outputs)]
 
     def jvp(cx, Xdot, Kdot, Gdot, Bdot=None, Cdot=None, *, epsilon=1e-12, n_outputs=1):
         from .norm import LayerNormalization
 
-        X, skip, gamma = cx.x[:3]
-        beta, bias = (cx.x[3] if len(cx.x) > 3 else None), (cx.x[4] if len(cx.x) > 4 else None)
-        s = X + skip if bias is None else X + skip + bias
+        X, skip, gamma, beta, bias = (tuple(cx.x) + (None, None))[:5]
+        s = _skip_sum(X, skip, bias)
         lead = next(D.ndim - x.ndim for D, x in zip((Xdot, Kdot, Gdot, Bdot, Cdot), cx.x) if D is not None)
         sdot = add(Xdot, expand(Kdot, skip, s, lead), expand(Cdot, bias, s, lead) if Cdot is not None else None)
         ln = Ctx((s, gamma, beta), (None,), rule=LayerNormalization)
@@ -236,9 +235,8 @@ class SkipLayerNormalization:
     def vjp(cx, Ybar, mubar=None, rbar=None, sbar=None, *, epsilon=1e-12, n_outputs=1):
         from .norm import LayerNormalization
 
-        X, skip, gamma = cx.x[:3]
-        beta, bias = (cx.x[3] if len(cx.x) > 3 else None), (cx.x[4] if len(cx.x) > 4 else None)
-        s = X + skip if bias is None else X + skip + bias
+        X, skip, gamma, beta, bias = (tuple(cx.x) + (None, None))[:5]
+        s = _skip_sum(X, skip, bias)
         need = tuple(cx.need) + (False,) * (5 - len(cx.need))
         keep = tuple(cx.keep) + (False,) * (5 - len(cx.keep))
         need_s = need[0] or need[1] or need[4]
@@ -253,3 +251,7 @@ class SkipLayerNormalization:
                 unbroadcast(sb, skip.shape, lead, keep[1]) if need[1] and sb is not None else None,
                 Gbar, Bbar,
                 unbroadcast(sb, bias.shape, lead, keep[4]) if need[4] and sb is not None else None)
+
+
+def _skip_sum(X, skip, bias):
+    return X + skip if bias is None else X + skip + bias

@@ -155,20 +155,29 @@ class AveragePool:
     def vjp(cx, Ybar, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None, pads=None, strides=None):
         need_no_keep(cx, "AveragePool")
         X = cx.x[0]
-        nd = len(kernel_shape)
         s, d, begin, end, extra = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
         count = _avg_count(X, kernel_shape, s, d, begin, end, extra, count_include_pad)
-        G = (Ybar / count)[(Ellipsis,) + (None,) * nd]
-        G = np.broadcast_to(G, G.shape[: G.ndim - nd] + tuple(kernel_shape))
-        padded = tuple(n + b + e for n, b, e in zip(X.shape[2:], begin, end))
-        return (unpad(windows_adjoint(G, padded, kernel_shape, s, d), begin, end),)
+        return (_window_sums_adjoint(Ybar / count, X.shape, kernel_shape, s, d, begin, end),)
 
 
 def _avg(X, core, kernel_shape, s, d, begin, end, extra, count_include_pad, like=None):
+    total = _window_sums(X, kernel_shape, s, d, begin, end)
+    return total / _avg_count(X if like is None else like, kernel_shape, s, d, begin, end, extra, count_include_pad)
+
+
+def _window_sums(X, kernel_shape, s, d, begin, end):
+    """Each window's sum over X (N, C, *sp) zero-padded by begin/end."""
     nd = len(kernel_shape)
     V = windows(pad_spatial(X, begin, end), kernel_shape, s, d)
-    total = V.sum(axis=tuple(range(V.ndim - nd, V.ndim)))
-    return total / _avg_count(X if like is None else like, kernel_shape, s, d, begin, end, extra, count_include_pad)
+    return V.sum(axis=tuple(range(V.ndim - nd, V.ndim)))
+
+
+def _window_sums_adjoint(G, shape, kernel_shape, s, d, begin, end):
+    """The adjoint of _window_sums: each window's G added over its elements of X's `shape`."""
+    nd = len(kernel_shape)
+    G = np.broadcast_to(G[(Ellipsis,) + (None,) * nd], G.shape + tuple(kernel_shape))
+    padded = tuple(n + b + e for n, b, e in zip(shape[2:], begin, end))
+    return unpad(windows_adjoint(G, padded, kernel_shape, s, d), begin, end)
 
 
 @rule("GlobalAveragePool", since=1)
@@ -224,19 +233,6 @@ def _lp_scale(X, Y, p):
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(Y > 0, Y ** (1 - p), 0).astype(Y.dtype)
     return w.astype(X.dtype, copy=False), inv
-
-
-def _window_sums(X, kernel_shape, s, d, begin, end):
-    nd = len(kernel_shape)
-    V = windows(pad_spatial(X, begin, end), kernel_shape, s, d)
-    return V.sum(axis=tuple(range(V.ndim - nd, V.ndim)))
-
-
-def _window_sums_adjoint(G, shape, kernel_shape, s, d, begin, end):
-    nd = len(kernel_shape)
-    G = np.broadcast_to(G[(Ellipsis,) + (None,) * nd], G.shape + tuple(kernel_shape))
-    padded = tuple(n + b + e for n, b, e in zip(shape[2:], begin, end))
-    return unpad(windows_adjoint(G, padded, kernel_shape, s, d), begin, end)
 
 
 @rule("LpPool", since=1)
