@@ -185,12 +185,12 @@ def work(model_proto, x, kind, k=None):
     if kind == "input":
         r = jaccli.input_jacobian(m, x, return_result=True)
         T = r.J.shape[2] if r.mode == "forward" else r.J.shape[1]
-        plan, (est, _, _) = _prepared(m, of, [m.float_inputs()[0].name], np.float32, False, feeds, N)
+        plan, (est, _, _, _) = _prepared(m, of, [m.float_inputs()[0].name], np.float32, False, feeds, N)
         out_bytes = r.J.nbytes
     else:
         r = jaccli.param_jacobian(m, x, outputs=None if k is None else f"0:{k}", return_result=True)
         T = r.J.shape[1]
-        plan, (est, _, _) = _prepared(m, of, r.wrt, np.float32, True, feeds, N)
+        plan, (est, _, _, _) = _prepared(m, of, r.wrt, np.float32, True, feeds, N)
         out_bytes = r.J.nbytes
     return 2 * est["flops_per_direction"] * T * N, out_bytes, r.mode
 

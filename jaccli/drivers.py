@@ -160,17 +160,19 @@ def _prepared(model, of, wrt, dtype, per_sample, feeds, N):
     shapes = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(feeds.items())) + (min(N, 2),)
     if shapes not in probes:
         probes[shapes] = _measure(plan, model, feeds, of, N)
-    est, y0, per_run = probes[shapes]
-    return plan, (est, y0, per_run if per_run == 1 else N)
+    est, y0, per_run, wrt_shapes = probes[shapes]
+    return plan, (est, y0, per_run if per_run == 1 else N, wrt_shapes)
 
 
 def _measure(plan, model, feeds, of, N):
-    """Estimates from a primal pass over the first sample, that sample's output, and the most
-    samples one run may take: N, or 1 for a model whose declared batch is fixed at 1."""
+    """Estimates from a primal pass over the first sample, that sample's output, the most
+    samples one run may take (N, or 1 for a model whose declared batch is fixed at 1), and the
+    per-sample shapes of the values differentiated with respect to that are not inputs."""
     env = walk.primal(plan, _slice_samples(feeds, 0, 1))
     y0 = env[of]
     _check_sample_axis(y0, 1, of)
-    return plan.estimate(env, 1), y0, _samples_per_run(plan, model, feeds, of, N, y0)
+    inner = {w: _value_shape(plan, feeds, w) for w in plan.wrt if w not in feeds and not plan.per_sample}
+    return plan.estimate(env, 1), y0, _samples_per_run(plan, model, feeds, of, N, y0), inner
 
 
 def _samples_per_run(plan, model, feeds, of, N, y0):
@@ -280,9 +282,9 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
         raise UsageError(f"'{wrt_v.name}' is not a float tensor; it cannot be differentiated")
     of_v = model.output(of)
     feeds, N = prepare_feeds(model, x, dtype)
-    plan, (est, y1, per_run) = _prepared(model, of_v.name, [wrt_v.name], dtype, False, feeds, N)
+    plan, (est, y1, per_run, wrt_shapes) = _prepared(model, of_v.name, [wrt_v.name], dtype, False, feeds, N)
     out_shape = y1.shape[1:]
-    in_shape = feeds[wrt_v.name].shape[1:] if wrt_v.name in feeds else _value_shape(plan, feeds, wrt_v.name)
+    in_shape = feeds[wrt_v.name].shape[1:] if wrt_v.name in feeds else wrt_shapes[wrt_v.name]
     n_out, n_in = int(np.prod(out_shape)), int(np.prod(in_shape))
     sel = parse_outputs(outputs, n_out)
     n_sel = sel.size
@@ -571,7 +573,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     if not names:
         raise UsageError(f"output '{of_v.name}' depends on no float parameter")
     feeds, N = prepare_feeds(model, x, dtype)
-    plan, (est, y1, per_run) = _prepared(model, of_v.name, names, dtype, True, feeds, N)
+    plan, (est, y1, per_run, _) = _prepared(model, of_v.name, names, dtype, True, feeds, N)
     if of_v.name not in plan.batched:
         raise DataError(f"output '{of_v.name}' does not depend on the input samples")
     out_shape = y1.shape[1:]

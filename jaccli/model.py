@@ -454,8 +454,6 @@ def _nodes(g, opsets, where, base, max_bytes):
                 sub = _subgraph(a.g, opsets, f"{where}: node '{name}' attribute '{a.name}'", base, max_bytes)
                 attrs[a.name] = sub
                 free += [v for v in sub.free if v not in free]
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
                 continue
             if a.type == onnx.AttributeProto.GRAPHS:
                 attrs[a.name] = None  # lists of sub-graphs: the rule lookup refuses these ops

@@ -185,9 +185,9 @@ def _oracle(proto, feeds, out_names, extra=None, model=None):
     reference = None if model is None else _forward(model, jitter, out_names[0], np.float64, extra)
     probe.update(extra or {})
     last = None
-    candidates = list(_candidates(proto, feeds))
+    candidates = _as_needed(_candidates(proto, feeds))  # upgrading a model takes time: only if reached
     for dtype in (np.float64, np.float32):
-        for m, kind in candidates:
+        for m, kind in candidates():
             try:
                 o = kind(m, dtype)
                 t0 = time.perf_counter()
@@ -213,6 +213,20 @@ def _agrees(a, b, rtol):
     fin = np.isfinite(b)
     scale = max(float(np.abs(b[fin]).max()) if fin.any() else 0.0, 1e-300)
     return a.shape == b.shape and bool(np.all(np.isfinite(a) == fin)) and float(np.abs(a[fin] - b[fin]).max(initial=0)) <= rtol * scale
+
+
+def _as_needed(items):
+    """A function giving the iterator's items again on every call, each produced once, when
+    first reached."""
+    seen = []
+
+    def each():
+        yield from list(seen)
+        for item in items:
+            seen.append(item)
+            yield item
+
+    return each
 
 
 def _candidates(proto, feeds):

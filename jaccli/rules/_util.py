@@ -78,6 +78,14 @@ def neg_axis(axis, ndim):
     return axis - ndim if axis >= 0 else axis
 
 
+def first_max_mask(X, k):
+    """1 at the first maximum over X's last k axes (flattened together), 0 elsewhere."""
+    flat = X.reshape(X.shape[: X.ndim - k] + (-1,))
+    mask = np.zeros_like(flat)
+    np.put_along_axis(mask, flat.argmax(axis=-1)[..., None], 1, axis=-1)
+    return mask.reshape(X.shape)
+
+
 def lead_flat(D, core_ndim):
     """Fold every axis before the last `core_ndim` into one: returns (flat, leading shape)."""
     head = D.shape[: D.ndim - core_ndim]

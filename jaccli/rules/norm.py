@@ -6,7 +6,7 @@ import numpy as np
 
 from . import rule
 from ..errors import UnsupportedOpError
-from ._util import add, expand, neg_axis, need_no_keep, scaled, sum_trailing, unbroadcast
+from ._util import add, expand, first_max_mask, neg_axis, need_no_keep, scaled, sum_trailing, unbroadcast
 
 
 def _channel(v, ndim):
@@ -397,14 +397,6 @@ def _channel_window(S, ndim, size, adjoint=False):
     return np.take(cs, np.arange(size, size + C), axis=ax) - np.take(cs, np.arange(C), axis=ax)
 
 
-def _hardmax(X, axes):
-    """1 at the first maximum over `axes` (trailing, flattened), 0 elsewhere."""
-    flat = X.reshape(X.shape[: X.ndim - len(axes)] + (-1,))
-    Y = np.zeros_like(flat)
-    np.put_along_axis(Y, flat.argmax(axis=-1)[..., None], 1, axis=-1)
-    return Y.reshape(X.shape)
-
-
 @rule("Hardmax", since=1)
 class Hardmax1:
     """Y = 1 at the first maximum over axes [axis:] flattened, 0 elsewhere; derivative zero."""
@@ -412,7 +404,7 @@ class Hardmax1:
     nondiff = (0,)
 
     def forward(input, *, axis=1):
-        return _hardmax(input, tuple(range(neg_axis(axis, input.ndim), input.ndim)))
+        return first_max_mask(input, input.ndim - neg_axis(axis, input.ndim) % input.ndim)
 
 
 @rule("Hardmax", since=13)
@@ -423,7 +415,7 @@ class Hardmax13:
 
     def forward(input, *, axis=-1):
         a = neg_axis(axis, input.ndim) % input.ndim
-        return np.moveaxis(_hardmax(np.moveaxis(input, a, -1), (input.ndim - 1,)), -1, a)
+        return np.moveaxis(first_max_mask(np.moveaxis(input, a, -1), 1), -1, a)
 
 
 @rule("LpNormalization", since=1)
@@ -472,9 +464,7 @@ class SimplifiedLayerNormalization:
 
     def jvp(cx, Xdot, Sdot=None, *, axis=-1, epsilon=1e-5, stash_type=1, n_outputs=1):
         X, S = cx.x[0], cx.x[1]
-        r = _inverse_rms(X, axis, epsilon)
-        xhat = X * r
-        axes = tuple(range(neg_axis(axis, X.ndim), 0))
+        r, xhat, axes = _rms_parts(X, axis, epsilon)
         parts = []
         if Xdot is not None:
             parts.append(S * r * (Xdot - xhat * (xhat * Xdot).mean(axis=axes, keepdims=True)))
@@ -484,9 +474,7 @@ class SimplifiedLayerNormalization:
 
     def vjp(cx, Ybar, *_, axis=-1, epsilon=1e-5, stash_type=1, n_outputs=1):
         X, S = cx.x[0], cx.x[1]
-        r = _inverse_rms(X, axis, epsilon)
-        xhat = X * r
-        axes = tuple(range(neg_axis(axis, X.ndim), 0))
+        r, xhat, axes = _rms_parts(X, axis, epsilon)
         Xbar = Sbar = None
         if cx.need[0]:
             G = Ybar * S
@@ -499,3 +487,9 @@ class SimplifiedLayerNormalization:
 def _inverse_rms(X, axis, epsilon):
     axes = tuple(range(neg_axis(axis, X.ndim), 0))
     return (1 / np.sqrt((X * X).mean(axis=axes, keepdims=True) + X.dtype.type(epsilon))).astype(X.dtype)
+
+
+def _rms_parts(X, axis, epsilon):
+    """1 / rms, X / rms and the axes of the mean."""
+    r = _inverse_rms(X, axis, epsilon)
+    return r, X * r, tuple(range(neg_axis(axis, X.ndim), 0))

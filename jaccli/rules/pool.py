@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import rule
-from ._util import conv_geometry, lead_flat, need_no_keep, pad_spatial, unpad, window_slices, windows, windows_adjoint
+from ._util import conv_geometry, first_max_mask, lead_flat, need_no_keep, pad_spatial, unpad, window_slices, windows, windows_adjoint
 
 
 def _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode):
@@ -207,21 +207,13 @@ class GlobalMaxPool:
         return X.max(axis=tuple(range(2, X.ndim)), keepdims=True)
 
     def jvp(cx, Xdot):
-        mask = _first_max(cx.x[0], cx.y[0])
+        mask = first_max_mask(cx.x[0], cx.x[0].ndim - 2)
         nd = cx.x[0].ndim - 2
         return (mask * Xdot).sum(axis=tuple(range(Xdot.ndim - nd, Xdot.ndim)), keepdims=True)
 
     def vjp(cx, Ybar):
         need_no_keep(cx, "GlobalMaxPool")
-        return (_first_max(cx.x[0], cx.y[0]) * Ybar,)
-
-
-def _first_max(X, Y):
-    """1 at the first maximum of each (N, C) plane, 0 elsewhere."""
-    flat = X.reshape(X.shape[:2] + (-1,))
-    mask = np.zeros_like(flat)
-    np.put_along_axis(mask, flat.argmax(axis=-1)[..., None], 1, axis=-1)
-    return mask.reshape(X.shape)
+        return (first_max_mask(cx.x[0], cx.x[0].ndim - 2) * Ybar,)
 
 
 # ---- Lp pooling: y = (sum over the window of |x|^p)^(1/p); pads add nothing ----------------------

@@ -1077,7 +1077,6 @@ class ReverseSequence:
 
 def _reverse_steps(X, lead, lens, batch_axis, time_axis):
     """X (*lead, *shape) with each batch's first lens[b] steps along time_axis reversed."""
-    nd = X.ndim - lead
     T, B = X.shape[lead + time_axis], X.shape[lead + batch_axis]
     t = np.arange(T)[:, None]
     L = np.asarray(lens, dtype=np.int64).reshape(1, B)
