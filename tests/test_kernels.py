@@ -24,8 +24,8 @@ def test_mm_is_matmul(sa, sb):
 @pytest.mark.parametrize("trans", [False, True])
 @pytest.mark.parametrize("lead,M,K,N", [((), 5, 3, 4), ((3,), 5, 3, 4), ((2, 3), 4, 7, 5), ((2,), 3, 300, 250)])
 def test_per_sample_outer(trans, lead, M, K, N):
-    """Every path (no lead axis, one einsum per direction, one multiply for large products),
-    into a fresh array and into a strided view of a result."""
+    """Every path (no lead axis, one einsum per direction, one per sample and direction for large
+    products), into a fresh array and into a strided view of a result."""
     rng = np.random.default_rng(0)
     A, G = rng.standard_normal((M, K)), rng.standard_normal(lead + (M, N))
     want = np.einsum("...mn,mk->...mnk" if trans else "...mn,mk->...mkn", G, A)

@@ -53,14 +53,15 @@ def per_sample_outer(A, G, trans, out=None):
     (a view into the result) when given: one pass over the memory, the bound of this step.
 
     einsum's product kernels write these faster than a broadcast multiply, whose inner loops
-    are one row each, provided a call has no lead axis to stride over: small products in one
-    call per direction (2x); large ones in one call per sample and direction, whose rows lie
-    together in the result (1.3-1.5x on memory already faulted in)."""
+    are one row each, provided a call has no lead axis to stride over: one call per direction
+    (2x); for a large weight, one call per sample and direction, whose rows lie together in
+    the result (1.3-1.5x on memory already faulted in). Not for a small weight: with sample
+    parts in two threads, many short calls write at half the rate of a few long ones."""
     M, K = A.shape
     lead, N = G.shape[:-2], G.shape[-1]
     if out is None:
         out = np.empty(lead + ((M, N, K) if trans else (M, K, N)), np.result_type(A, G))
-    if lead and int(np.prod(lead)) * N * K >= _SMALL_OUTER:  # per sample and direction
+    if lead and N * K >= _LARGE_OUTER:  # per sample and direction
         for m in range(M):
             for t in np.ndindex(*lead):
                 np.einsum("n,k->nk" if trans else "n,k->kn", G[t + (m,)], A[m], out=out[t + (m,)])
@@ -70,7 +71,7 @@ def per_sample_outer(A, G, trans, out=None):
     return out
 
 
-_SMALL_OUTER = 1 << 17  # values per sample of outer products up to which einsum is used
+_LARGE_OUTER = 1 << 16  # values of one outer product from which each gets its own call
 
 
 def _identity_rows(W, sel, alpha, rows_are_outputs):
