@@ -1,8 +1,11 @@
 """Kernels that reorganise work for BLAS give numpy's own results."""
 
+import math
+
 import numpy as np
 import pytest
 
+from jaccli.rules.elementwise import _erf
 from jaccli.rules.linalg import mm, per_sample_outer
 
 RNG = np.random.default_rng(11)
@@ -36,3 +39,16 @@ def test_per_sample_outer(trans, lead, M, K, N):
     per_sample_outer(A, G, trans, out=dest)
     np.testing.assert_allclose(dest, want, rtol=1e-12)
     assert not R[..., 0].any() and not R[..., -1].any()
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-15), (np.float32, 5e-7)])
+def test_erf_is_math_erf(dtype, tol):
+    """The vectorised erf against math.erf: both of double precision's ranges and their joins,
+    single precision's clip, tiny, huge and non-finite values, and the sign of zero."""
+    x = np.concatenate([np.linspace(-30, 30, 60001), np.geomspace(1e-30, 1, 301), [1, 8, 27, 4, 4.5, 3e38]])
+    x = np.concatenate([x, -x, [0.0, -0.0, np.inf, -np.inf]]).astype(dtype)
+    want = np.array([math.erf(float(v)) for v in x])
+    got = _erf(x)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol if dtype == np.float32 else 0)
+    assert np.signbit(_erf(np.array([-0.0], dtype)))[0] and np.isnan(_erf(np.array([np.nan], dtype)))[0]

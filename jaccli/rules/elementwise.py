@@ -116,7 +116,65 @@ class Sqrt:
         return 0.5 / Y
 
 
-_erf = np.frompyfunc(math.erf, 1, 1)
+def _horner(z, coefs, monic=False):
+    """sum(c * z**k), the coefficients from the highest power down; with a leading 1 if monic."""
+    r = z + coefs[0] if monic else np.full_like(z, coefs[0])
+    for c in coefs[1:]:
+        r *= z
+        r += c
+    return r
+
+
+# erf in double precision: the rational approximations of Cephes' ndtr.c (S. L. Moshier, public
+# domain), erf(x) = x T(x^2) / U(x^2) for |x| <= 1; erfc(x) = exp(-x^2) P(x) / Q(x) for
+# 1 < x < 8, and exp(-x^2) R(x) / S(x) beyond; U, Q, S monic.
+_ERF_T = (9.60497373987051638749e0, 9.00260197203842689217e1, 2.23200534594684319226e3,
+          7.00332514112805075473e3, 5.55923013010394962768e4)
+_ERF_U = (3.35617141647503099647e1, 5.21357949780152679795e2, 4.59432382970980127987e3,
+          2.26290000613890934246e4, 4.92673942608635921086e4)
+_ERFC_P = (2.46196981473530512524e-10, 5.64189564831068821977e-1, 7.46321056442269912687e0,
+           4.86371970985681366614e1, 1.96520832956077098242e2, 5.26445194995477358631e2,
+           9.34528527171957607540e2, 1.02755188689515710272e3, 5.57535335369399327526e2)
+_ERFC_Q = (1.32281951154744992508e1, 8.67072140885989742329e1, 3.54937778887819891062e2,
+           9.75708501743205489753e2, 1.82390916687909736289e3, 2.24633760818710981792e3,
+           1.65666309194161350182e3, 5.57535340817727675546e2)
+_ERFC_R = (5.64189583547755073984e-1, 1.27536670759978104416e0, 5.01905042251180477414e0,
+           6.16021097993053585195e0, 7.40974269950448939160e0, 2.97886665372100240670e0)
+_ERFC_S = (2.26052863220117276590e0, 9.39603524938001434673e0, 1.20489539808096656605e1,
+           1.70814450747565897222e1, 9.60896809063285878198e0, 3.36907645100081516050e0)
+
+# erf in single precision, as Eigen and XLA compute it: x A(x^2) / B(x^2) on x clipped to
+# [-4, 4], beyond which erf is 1 to single precision.
+_ERF32_A = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+            -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF32_B = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+            -1.42647390514189e-02)
+
+
+def _erf(X):
+    """erf, elementwise, in X's float type (math.erf per element is 20-50x slower)."""
+    X = np.asarray(X)
+    if X.dtype.kind != "f":
+        X = X.astype(np.float64)
+    if X.dtype.itemsize <= 4:
+        x = np.clip(X, -4, 4)
+        z = x * x
+        return x * _horner(z, _ERF32_A) / _horner(z, _ERF32_B)
+    a = np.abs(X)
+    Y = np.empty_like(X)
+    inner = a <= 1
+    if inner.any():
+        x = X[inner]
+        z = x * x
+        Y[inner] = x * _horner(z, _ERF_T) / _horner(z, _ERF_U, monic=True)
+    outer = ~inner
+    if outer.any():
+        x = np.minimum(a[outer], 27.0)  # erfc(27) underflows
+        mid = x < 8
+        p = np.where(mid, _horner(x, _ERFC_P), _horner(x, _ERFC_R))
+        q = np.where(mid, _horner(x, _ERFC_Q, monic=True), _horner(x, _ERFC_S, monic=True))
+        Y[outer] = np.copysign(1 - np.exp(-x * x) * p / q, X[outer])
+    return Y
 
 
 @elementwise("Erf", since=9)
@@ -124,7 +182,7 @@ class Erf:
     """Y = erf(X) = 2/sqrt(pi) * integral_0^X exp(-t^2) dt"""
 
     def forward(X):
-        return _erf(X).astype(X.dtype)
+        return _erf(X)
 
     def deriv(X, Y):
         return X.dtype.type(2 / math.sqrt(math.pi)) * np.exp(-X * X)
@@ -383,7 +441,7 @@ class Gelu:
     def forward(X, *, approximate="none"):
         if approximate == "tanh":
             return 0.5 * X * (1 + np.tanh(_GELU_C * (X + 0.044715 * X**3)))
-        return 0.5 * X * (1 + _erf(X / math.sqrt(2)).astype(X.dtype))
+        return 0.5 * X * (1 + _erf(X / X.dtype.type(math.sqrt(2))))
 
     def deriv(X, Y, *, approximate="none"):
         if approximate == "tanh":
