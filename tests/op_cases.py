@@ -64,6 +64,11 @@ CASES = [
     Case("Conv", [("x", (2, 7, 7)), ("p", (3, 2, 3, 3))], {"dilations": [2, 2], "pads": [1, 0, 2, 1]}, id="Conv-dilated-asym"),
     Case("Conv", [("x", (4, 6, 6)), ("p", (6, 2, 3, 3)), ("p", (6,))], {"group": 2}, id="Conv-groups"),
     Case("Conv", [("x", (3, 6, 6)), ("p", (3, 1, 3, 3))], {"group": 3, "auto_pad": "SAME_UPPER"}, id="Conv-depthwise-same"),
+    # depthwise: per kernel offset, each channel's window times its weights
+    Case("Conv", [("x", (3, 7, 6)), ("p", (6, 1, 3, 2)), ("p", (6,))], {"group": 3, "strides": [2, 1], "pads": [1, 0, 1, 1]},
+         id="Conv-depthwise-multiplier-stride"),
+    Case("Conv", [("x", (4, 9)), ("p", (4, 1, 3))], {"group": 4, "dilations": [2], "pads": [2, 1]}, id="Conv-depthwise-1d-dilated"),
+    Case("Conv", [("x", (2, 4, 5, 3)), ("p", (4, 1, 2, 3, 2))], {"group": 2, "pads": [0, 1, 1, 1, 0, 0]}, id="Conv-depthwise-3d"),
     Case("Conv", [("x", (2, 7, 7)), ("p", (3, 2, 2, 2))], {"auto_pad": "SAME_LOWER", "strides": [2, 2]}, id="Conv-same-lower"),
     Case("Conv", [("x", (2, 9)), ("p", (3, 2, 3)), ("p", (3,))], {"pads": [1, 1]}, id="Conv-1d"),
     # channels in >= out at stride 1: the input cotangent is a convolution of the cotangent

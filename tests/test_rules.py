@@ -123,3 +123,57 @@ def test_legacy_axis_broadcast_follows_the_spec():
     B = load(model).initializers["in1"].astype(np.float64)
     expected = feeds["in0"] + B[None, :, None, None]
     np.testing.assert_allclose(our_forward(model, feeds), expected, rtol=1e-12)
+
+
+
+
+@pytest.mark.parametrize("case", PARAM_CASES, ids=repr)
+def test_summed_parameter_cotangents(case):
+    """A parameter's cotangent summed over the samples (what a graph that merges the sample axis
+    with another, a TimeDistributed layer, uses) is the sum of its per-sample ones, checked above."""
+    from jaccli.rules import Ctx
+
+    step, x, params = _step(case)
+    y = step.rule.forward(*x, **step.attrs)
+    y = y if isinstance(y, tuple) else (y,)
+    Ybar = np.random.default_rng(1).standard_normal((2,) + y[0].shape)
+    need = tuple(n in params for n in step.inputs)
+    per_sample = step.rule.vjp(Ctx(x, y, need, need, step.rule), Ybar, **step.attrs)
+    summed = step.rule.vjp(Ctx(x, y, need, (False,) * len(need), step.rule), Ybar, **step.attrs)
+    for k, n in enumerate(step.inputs):
+        if n in params:
+            np.testing.assert_allclose(summed[k], per_sample[k].sum(axis=1), rtol=1e-10, atol=1e-12, err_msg=n)
+
+
+@pytest.mark.parametrize("case", [c for c in PARAM_CASES if c.op == "Conv"], ids=repr)
+def test_conv_rule_in_its_kernel(case):
+    """Conv with tangents on its kernel and bias too (a kernel computed from the input): JVP against
+    differences, VJP by its adjoint identity."""
+    from gradcheck import check_rule
+
+    step, x, _ = _step(case)
+    diff = [k for k, (kind, _) in enumerate(case.inputs) if kind in ("x", "p")]
+    check_rule(step.rule, list(x), step.attrs, diff, np.random.default_rng(1))
+
+
+def _step(case):
+    """The case's one step, planned for its parameters; its inputs in float64; the parameters."""
+    from jaccli.plan import Plan
+
+    model, feeds = build(case)
+    m = load(model)
+    params = [f"in{k}" for k, (kind, _) in enumerate(case.inputs) if kind == "p"]
+    step = Plan(m, m.outputs[0].name, params, np.float64, per_sample=True).steps[0]
+    values = {**{k: np.asarray(v, np.float64) for k, v in m.initializers.items()}, **feeds}
+    return step, tuple(values[n] if n else None for n in step.inputs), params
+
+
+@pytest.mark.parametrize("case", PARAM_CASES, ids=repr)
+def test_one_sample_parameter_jacobian(case):
+    """Each sample alone gives its row of the batch's parameter Jacobian, checked above."""
+    model, feeds = build(case)
+    G, _ = jaccli.param_jacobian(model, feeds, dtype=np.float64)
+    for n in (0, len(G) - 1):
+        one = {k: v[n:n + 1] for k, v in feeds.items()}
+        G1, _ = jaccli.param_jacobian(model, one, dtype=np.float64)
+        assert rel_err(G1[0], G[n]) < 1e-10, f"{case}, sample {n}"

@@ -165,9 +165,105 @@ def _windows_all(X, kernel, strides, dilations, begin, end):
     return cols.reshape(X.shape[0], -1, int(np.prod(out)))
 
 
+# ---- depthwise: one input channel per group -----------------------------------------------------------
+# A GEMM per group would be a matrix-vector product over copied windows. Instead, per kernel offset,
+# each channel's window (a strided view) times that channel's weights, summed over the offsets while a
+# tile of images stays in cache. Output channel c * Mg + m is input channel c's m-th (of Mg).
+
+
+def _depthwise(W, group):
+    return group > 1 and W.shape[1] == 1
+
+
+def _dw_weights(W, group, dtype):
+    """Kernel (C * Mg, 1, *k) as (K, C, Mg, 1, ..., 1): offset k's weights, broadcasting over
+    (B, C, Mg, *out)."""
+    nd, K = W.ndim - 2, int(np.prod(W.shape[2:]))
+    Wk = np.moveaxis(W.reshape(-1, K), -1, 0).astype(dtype, copy=False)
+    return Wk.reshape((K, group, -1) + (1,) * nd)
+
+
+def _dw_conv(X, W, group, strides, dilations, begin, end):
+    """Depthwise convolution (B, C, *sp) -> (B, C * Mg, *out)."""
+    kernel = W.shape[2:]
+    B, M = X.shape[0], W.shape[0]
+    dtype = np.result_type(X, W)
+    Xp = pad_spatial(X, begin, end)
+    out = _out_size(Xp.shape[2:], kernel, strides, dilations)
+    Wk = _dw_weights(W, group, dtype)
+    Y = np.empty((B, group, M // group, *out), dtype)
+    step = _tile(2 * M * int(np.prod(out)) * dtype.itemsize)
+    tmp = np.empty((min(step, B),) + Y.shape[1:], dtype)
+    for a in range(0, B, step):
+        y = Y[a:a + step]
+        t = tmp[: len(y)]
+        for k, off in enumerate(np.ndindex(*kernel)):
+            win = Xp[a:a + step][window_slices(off, strides, dilations, out)][:, :, None]
+            np.multiply(win, Wk[k], out=t if k else y)
+            if k:
+                y += t
+    return Y.reshape(B, M, *out)
+
+
+def _dw_input_cotangent(Yb, W, group, padded, strides, dilations):
+    """Cotangent of the padded input from Yb (L, C * Mg, *out): per offset, the weighted cotangent
+    (summed over a channel's Mg outputs) added into the window that offset read."""
+    kernel = W.shape[2:]
+    L, M, out = Yb.shape[0], Yb.shape[1], Yb.shape[2:]
+    Mg = M // group
+    Wk = _dw_weights(W, group, Yb.dtype)
+    Yg = Yb.reshape(L, group, Mg, *out)
+    Xb = np.zeros((L, group) + tuple(padded), Yb.dtype)
+    step = _tile(3 * M * int(np.prod(out)) * Yb.itemsize)
+    tmp = np.empty((min(step, L),) + Yg.shape[1:], Yb.dtype)
+    for a in range(0, L, step):
+        y, xb = Yg[a:a + step], Xb[a:a + step]
+        t = tmp[: len(y)]
+        for k, off in enumerate(np.ndindex(*kernel)):
+            np.multiply(y, Wk[k], out=t)
+            xb[window_slices(off, strides, dilations, out)] += t[:, :, 0] if Mg == 1 else t.sum(axis=2)
+    return Xb
+
+
+def _dw_windows(X, kernel, strides, dilations, begin, end):
+    """Every sample's windows, (B, C, O, K)."""
+    cols = _windows_all(X, kernel, strides, dilations, begin, end)  # (B, C*K, O), offsets inside channels
+    B, C = X.shape[:2]
+    return np.swapaxes(cols.reshape(B, C, -1, cols.shape[-1]), -1, -2)
+
+
+def _dw_weight_cotangent(Ybar, cols, W, group, lead, keep):
+    """Per-sample (keep) or summed kernel cotangent from Ybar (*lead, N, C * Mg, *out) and the
+    windows (N, C, O, K): per sample and channel, (T * Mg, O) @ (O, K)."""
+    N, C, O, K = cols.shape
+    head = Ybar.shape[:lead]
+    T = int(np.prod(head))
+    Mg = W.shape[0] // group
+    Yn = Ybar.reshape(T, N, C, Mg, O)
+    if keep:
+        Yn = np.moveaxis(Yn, 0, 2).reshape(N, C, T * Mg, O)
+        Wb = (Yn @ cols).reshape(N, C, T, Mg, K)
+        return np.moveaxis(Wb, 2, 0).reshape(head + (N,) + W.shape)
+    Wb = np.einsum("tncmo,ncok->tcmk", Yn, cols, optimize=True)
+    return Wb.reshape(head + W.shape)
+
+
+def _dw_apply_many(cols, Wflat, out):
+    """The windows (B, C, O, K) against L kernels (L, C * Mg, 1, *k) -> (L, B, C * Mg, *out): per
+    channel, (B * O, K) @ (K, L * Mg)."""
+    B, C, O, K = cols.shape
+    L, M = Wflat.shape[:2]
+    Wc = np.swapaxes(Wflat.reshape(L, C, M // C, K), 0, 1).reshape(C, L * (M // C), K)  # (C, L*Mg, K)
+    Y = np.swapaxes(cols, 0, 1).reshape(C, B * O, K) @ np.swapaxes(Wc, -1, -2)  # (C, B*O, L*Mg)
+    Y = Y.reshape(C, B, O, L, M // C)
+    return Y.transpose(3, 1, 0, 4, 2).reshape(L, B, M, *out)
+
+
 def _conv(X, W, group, strides, dilations, begin, end):
     if group == 1:
         return _conv1(X, W, strides, dilations, begin, end)
+    if _depthwise(W, group):
+        return _dw_conv(X, W, group, strides, dilations, begin, end)
     return _apply(_cols(X, W.shape[2:], strides, dilations, begin, end), W, group)
 
 
@@ -209,9 +305,11 @@ class Conv:
             Y = _conv(flat, W, group, s, d, begin, end)
             terms.append(Y.reshape(head + Y.shape[1:]))
         if Wdot is not None:
-            cols = _cols(X, W.shape[2:], s, d, begin, end)
             flat, head = lead_flat(Wdot, W.ndim)  # (L, M, C/g, *k)
-            Y = _apply_many(cols, flat, group)
+            if _depthwise(W, group):
+                Y = _dw_apply_many(_dw_windows(X, W.shape[2:], s, d, begin, end), flat, cx.y[0].shape[2:])
+            else:
+                Y = _apply_many(_cols(X, W.shape[2:], s, d, begin, end), flat, group)
             terms.append(Y.reshape(head + Y.shape[1:]))
         if Bdot is not None:
             terms.append(_bias_tangent(Bdot, cx.y[0]))
@@ -235,6 +333,8 @@ class Conv:
                     Xp = _input_cotangent_shifted(flat, W, padded, d)
                 elif group == 1:
                     Xp = _input_cotangent(flat, W, padded, s, d)
+                elif _depthwise(W, group):
+                    Xp = _dw_input_cotangent(flat, W, group, padded, s, d)
                 else:
                     G = _cols_adjoint_input(flat, W, group)  # (L, C, *out, *k)
                     Xp = windows_adjoint(G, padded, kernel, s, d)
@@ -242,6 +342,8 @@ class Conv:
             Xbar = Xb.reshape(head + X.shape[1:])
         if cx.need[1] and group == 1:
             Wbar = _weight_cotangent1(Ybar, _windows_all(X, kernel, s, d, begin, end), W, lead, cx.keep[1])
+        elif cx.need[1] and _depthwise(W, group):
+            Wbar = _dw_weight_cotangent(Ybar, _dw_windows(X, kernel, s, d, begin, end), W, group, lead, cx.keep[1])
         elif cx.need[1]:
             cols = _cols(X, kernel, s, d, begin, end)
             Wbar = _weight_cotangent(Ybar, cols, W, group, lead, cx.keep[1])
