@@ -1,6 +1,7 @@
 """Whole models through the CLI, against central differences that onnxruntime computes."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -215,6 +216,36 @@ def test_models_saved_by_onnxruntimes_optimizer(tmp_path, name):
         c0 = next(d for d in cols0 if d["name"] == c["name"])
         np.testing.assert_allclose(G[..., c["offset"]: c["offset"] + c["size"]], G0[..., c0["offset"]: c0["offset"] + c0["size"]],
                                    rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("op", ["Erf", "GridSample"])
+def test_reference_evaluator_in_double_precision(op):
+    """onnx's reference evaluator computes Erf and GridSample's coordinates in float32 whatever
+    the input type; the oracle's float64 evaluator has exact kernels for both, which agree with
+    math.erf and with our float64 GridSample (an independent implementation) to rounding."""
+    from onnx import TensorProto, helper
+
+    from jaccli.oracle import Reference
+
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, 1, 5, 6)) * 2}
+    if op == "Erf":
+        nodes, want = [helper.make_node("Erf", ["x"], ["y"])], np.vectorize(math.erf)(feeds["x"])
+    else:
+        feeds["grid"] = rng.uniform(-1.1, 1.1, (2, 4, 3, 2))
+        nodes = [helper.make_node("GridSample", ["x", "grid"], ["y"], align_corners=0)]
+        want = None
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape) for k, v in feeds.items()],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 16)])
+    m.ir_version = 8
+    if want is None:
+        from gradcheck import our_forward
+
+        want = our_forward(m, feeds, np.float64)
+    got = Reference(m, np.float64).run(feeds, ["y"])[0]
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
 
 
 def test_oracle_runs_sample_by_sample_when_its_batch_is_wrong():

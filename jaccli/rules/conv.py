@@ -43,6 +43,11 @@ def _out_size(padded, kernel, strides, dilations):
     return [(n - (k - 1) * d - 1) // s + 1 for n, k, s, d in zip(padded, kernel, strides, dilations)]
 
 
+def _inner(begin, shape):
+    """The unpadded part of a padded array, in its spatial axes."""
+    return tuple(slice(b, b + x) for b, x in zip(begin, shape))
+
+
 def _tile(item_bytes, budget=1 << 21):
     """Images per tile so that a tile's windows stay in cache."""
     return max(1, budget // max(1, item_bytes))
@@ -124,7 +129,7 @@ def _conv1_rows(X, W, dilations, begin, end, tile_bytes=1 << 20):
         tmp = np.empty((min(step, B), G * M, width), X.dtype)
     else:
         tmp = np.empty((min(step, B), M, n), X.dtype) if G > 1 else None
-    inner = tuple(slice(b, b + x) for b, x in zip(begin, X.shape[2:]))
+    inner = _inner(begin, X.shape[2:])
     valid = (Ellipsis,) + tuple(slice(0, o) for o in out[1:])
     for a in range(0, B, step):
         b = min(B, a + step)
@@ -184,44 +189,71 @@ def _dw_weights(W, group, dtype):
 
 
 def _dw_conv(X, W, group, strides, dilations, begin, end):
-    """Depthwise convolution (B, C, *sp) -> (B, C * Mg, *out)."""
+    """Depthwise convolution (B, C, *sp) -> (B, C * Mg, *out). At stride 1 each offset reads a
+    contiguous range of the padded input flattened in space (see _conv1_rows): whole rows."""
     kernel = W.shape[2:]
-    B, M = X.shape[0], W.shape[0]
+    B, C, M = X.shape[0], X.shape[1], W.shape[0]
     dtype = np.result_type(X, W)
-    Xp = pad_spatial(X, begin, end)
-    out = _out_size(Xp.shape[2:], kernel, strides, dilations)
+    sp = tuple(n + b + e for n, b, e in zip(X.shape[2:], begin, end))
+    out = _out_size(sp, kernel, strides, dilations)
     Wk = _dw_weights(W, group, dtype)
-    Y = np.empty((B, group, M // group, *out), dtype)
-    step = _tile(2 * M * int(np.prod(out)) * dtype.itemsize)
+    flat = all(v == 1 for v in strides)
+    if flat:
+        shifts, n = _flat_shifts(sp, kernel, dilations, out)
+        grid_out = (out[0],) + sp[1:]
+        Xp = np.zeros((B, C, max(shifts) + n), dtype)  # zero borders, and zeros beyond the last row
+        grid = Xp[:, :, :int(np.prod(sp))]
+        grid.shape = (B, C) + sp  # a view (setting .shape never copies)
+        grid[(Ellipsis,) + _inner(begin, X.shape[2:])] = X
+        Wk = Wk.reshape(Wk.shape[:3] + (1,))
+    else:
+        Xp, grid_out = pad_spatial(X, begin, end), out
+    Y = np.empty((B, C, M // C) + ((n,) if flat else tuple(out)), dtype)
+    step = _tile(2 * M * Y[0, 0, 0].size * dtype.itemsize)
     tmp = np.empty((min(step, B),) + Y.shape[1:], dtype)
     for a in range(0, B, step):
         y = Y[a:a + step]
         t = tmp[: len(y)]
         for k, off in enumerate(np.ndindex(*kernel)):
-            win = Xp[a:a + step][window_slices(off, strides, dilations, out)][:, :, None]
-            np.multiply(win, Wk[k], out=t if k else y)
+            where = (Ellipsis, slice(shifts[k], shifts[k] + n)) if flat else window_slices(off, strides, dilations, out)
+            np.multiply(Xp[a:a + step][where][:, :, None], Wk[k], out=t if k else y)
             if k:
                 y += t
+    if flat:
+        return Y.reshape((B, M) + grid_out)[(Ellipsis,) + tuple(slice(0, o) for o in out[1:])]
     return Y.reshape(B, M, *out)
 
 
 def _dw_input_cotangent(Yb, W, group, padded, strides, dilations):
     """Cotangent of the padded input from Yb (L, C * Mg, *out): per offset, the weighted cotangent
-    (summed over a channel's Mg outputs) added into the window that offset read."""
+    (summed over a channel's Mg outputs) added into the window that offset read; at stride 1, into
+    a contiguous range of the input flattened, from the cotangent on the padded grid's rows."""
     kernel = W.shape[2:]
     L, M, out = Yb.shape[0], Yb.shape[1], Yb.shape[2:]
     Mg = M // group
     Wk = _dw_weights(W, group, Yb.dtype)
-    Yg = Yb.reshape(L, group, Mg, *out)
-    Xb = np.zeros((L, group) + tuple(padded), Yb.dtype)
-    step = _tile(3 * M * int(np.prod(out)) * Yb.itemsize)
+    flat = all(v == 1 for v in strides)
+    if flat:
+        shifts, n = _flat_shifts(padded, kernel, dilations, out)
+        Yg = np.zeros((L, group, Mg, out[0]) + tuple(padded[1:]), Yb.dtype)  # zero beyond `out`
+        Yg[(Ellipsis,) + tuple(slice(0, o) for o in out)] = Yb.reshape((L, group, Mg) + out)
+        Yg = Yg.reshape(L, group, Mg, n)
+        Wk = Wk.reshape(Wk.shape[:3] + (1,))
+        Xb = np.zeros((L, group, max(shifts) + n), Yb.dtype)
+    else:
+        Yg = Yb.reshape(L, group, Mg, *out)
+        Xb = np.zeros((L, group) + tuple(padded), Yb.dtype)
+    step = _tile(3 * M * Yg[0, 0, 0].size * Yb.itemsize)
     tmp = np.empty((min(step, L),) + Yg.shape[1:], Yb.dtype)
     for a in range(0, L, step):
         y, xb = Yg[a:a + step], Xb[a:a + step]
         t = tmp[: len(y)]
         for k, off in enumerate(np.ndindex(*kernel)):
             np.multiply(y, Wk[k], out=t)
-            xb[window_slices(off, strides, dilations, out)] += t[:, :, 0] if Mg == 1 else t.sum(axis=2)
+            where = (Ellipsis, slice(shifts[k], shifts[k] + n)) if flat else window_slices(off, strides, dilations, out)
+            xb[where] += t[:, :, 0] if Mg == 1 else t.sum(axis=2)
+    if flat:
+        return Xb[:, :, :int(np.prod(padded))].reshape((L, group) + tuple(padded))
     return Xb
 
 
