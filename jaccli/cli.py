@@ -321,8 +321,9 @@ def inspect_cmd(model, as_json):
 @click.option("--tolerance", type=float, help="Relative error allowed (default 1e-3 in float32, 1e-6 in float64).")
 @click.option("--outputs", "outputs_slice", metavar="SLICE", help="Only these elements of the flattened per-sample output, e.g. 0:5.")
 @click.option("--of", help="Only this output or graph value (default: every float tensor output).")
+@click.option("--wrt", help="The input, or float value in the graph (token embeddings), of the input Jacobian.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_slice, of, as_json):
+def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_slice, of, wrt, as_json):
     """Our Jacobian against onnxruntime central differences on a few samples (onnx's reference
     evaluator's where onnxruntime cannot run the model); exit 1 above tolerance.
 
@@ -333,9 +334,11 @@ def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_s
     """
     from .oracle import check
 
+    if wrt and params:
+        raise click.UsageError("--wrt names what an input Jacobian is taken with respect to; --params checks parameters")
     _, x = _read(model, data, None, True, of=of)
     d = check(model, x, params=params, samples=samples, entries=entries, dtype=dtype, tolerance=tolerance,
-              outputs=outputs_slice, of=of)
+              outputs=outputs_slice, of=of, wrt=wrt)
     if as_json:
         click.echo(json.dumps(d, indent=1))
     else:

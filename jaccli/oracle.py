@@ -52,6 +52,46 @@ def _with_output(proto, name):
     return m
 
 
+def _cut_at(proto, value, outputs):
+    """The model with graph value `value` made an input of its own, for the differences of an
+    input Jacobian with respect to it (--wrt): its producer no longer writes it, and nodes
+    that only served the outputs through it are left out. The other inputs stay, for what
+    the outputs read of them past `value` (an attention mask from the token ids)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    g = m.graph
+    for node in g.node:
+        for k, o in enumerate(node.output):
+            if o == value:
+                node.output[k] = ""  # an output left unnamed: not computed, or computed and dropped
+    needed, keep = set(outputs), []
+    for node in reversed(g.node):
+        if any(o in needed for o in node.output if o):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+            needed.update(_reads_of_subgraphs(node))
+    kept = [onnx.NodeProto() for _ in keep]
+    for dst, src in zip(kept, reversed(keep)):
+        dst.CopyFrom(src)
+    del g.node[:]
+    g.node.extend(kept)
+    elem = next((v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) if v.name == value),
+                TensorProto.FLOAT)
+    g.input.append(onnx.helper.make_tensor_value_info(value, elem, None))
+    return m
+
+
+def _reads_of_subgraphs(node):
+    """Every name that the nodes of a node's sub-graphs (If, Loop, Scan) read, at any depth."""
+    names = set()
+    for a in node.attribute:
+        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in sub.node:
+                names.update(i for i in n.input if i)
+                names |= _reads_of_subgraphs(n)
+    return names
+
+
 def _params_as_inputs(proto, names):
     m = onnx.ModelProto()
     m.CopyFrom(proto)
@@ -298,7 +338,7 @@ def _central(evaluate, base, D, h):
 
 
 def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, seed=0, tolerance=None, of=None,
-          outputs=None):
+          outputs=None, wrt=None):
     """Compare our Jacobian with onnxruntime central differences on a few samples.
 
     Columns (input elements or parameter entries) are sampled when there are more than
@@ -306,7 +346,9 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     dense directions are checked too (J v). A column counts as wrong only if it disagrees with
     the differences at every one of three steps.
     `outputs` (a slice of the flattened per-sample output) restricts the check to those
-    elements. Returns a JSON-ready dict with one row per checked float output.
+    elements. `wrt` names the input, or float graph value (token embeddings), of the input
+    Jacobian; a graph value is made an input of the oracle's model for its differences.
+    Returns a JSON-ready dict with one row per checked float output.
     """
     model = load(model_path)
     dtype = np.dtype(dtype)
@@ -320,8 +362,10 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     outs = [v.name for v in model.outputs if v.is_float] if of is None else [model.output(of).name]
     rows, oracle_dtype, oracle_name = [], None, None
     for name in outs:
-        fd = _param_fd if params else _input_fd
-        ours, fds, n_entries, y_ort, oracle = fd(model, proto, feeds, name, k, dtype, rng, entries, outputs)
+        if params:
+            ours, fds, n_entries, y_ort, oracle = _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs)
+        else:
+            ours, fds, n_entries, y_ort, oracle = _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt)
         oracle_dtype, oracle_name = oracle.dtype, oracle.name
         y_ours = _forward(model, feeds, name, dtype)
         rows.append(_row(name, ours, fds, n_entries, y_ours, y_ort, _noise(y_ort, oracle.dtype)))
@@ -371,10 +415,14 @@ def _with_largest(pick, J):
     return np.union1d(pick, largest)
 
 
-def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs):
-    wrt = _first_float(model).name
+def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=None):
+    wrt = wrt or _first_float(model).name
     r = input_jacobian(model, feeds, wrt=wrt, of=name, dtype=dtype, flat=True, outputs=outputs, return_result=True)
     J, sel = r.value.astype(np.float64), r.selection
+    if wrt not in feeds:  # a value inside the graph: the oracle's model takes it as an input
+        feeds = {**feeds, wrt: _forward(model, feeds, wrt, np.float64, flat=False)}
+        proto = _cut_at(proto, wrt, [name])
+        model = load(proto)
     oracle = _oracle(proto, feeds, [name], model=model)
     x0 = feeds[wrt]
     pick = _with_largest(_pick(x0[0].size, entries, rng), J)
@@ -434,15 +482,16 @@ def _run_batched(oracle, feeds, name, extra=None):
     return np.concatenate(parts).astype(np.float64)
 
 
-def _forward(model, feeds, name, dtype, params=None):
-    """Our forward, flat per sample; `params` replace parameters (as the oracle feeds them)."""
+def _forward(model, feeds, name, dtype, params=None, flat=True):
+    """Our forward (flat per sample); `params` replace parameters (as the oracle feeds them)."""
     from . import walk
     from .plan import Plan
 
     plan = Plan(model, name, list(params or ()), dtype)
     plan.params.update({k: np.asarray(v, dtype) for k, v in (params or {}).items()})
     cast = {k: (v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v) for k, v in feeds.items()}
-    return walk.primal(plan, cast)[name].reshape(next(iter(feeds.values())).shape[0], -1)
+    y = walk.primal(plan, cast)[name]
+    return y.reshape(next(iter(feeds.values())).shape[0], -1) if flat else y
 
 
 def _row(name, ours, fds, n_entries, y_ours, y_ort, noise=0.0):

@@ -300,6 +300,46 @@ def test_input_jacobian_with_respect_to_the_embeddings(tmp_path):
     assert r.exit_code != 0 and "not a float tensor" in r.output
 
 
+def test_check_with_respect_to_the_embeddings(tmp_path, monkeypatch):
+    """check --wrt a value inside the graph: the oracle's model takes the embeddings as an input,
+    while the token ids still feed a mask past them (which must not move with the embeddings).
+    A wrong Jacobian FAILs; --wrt with --params is refused in one line."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    import jaccli.oracle as oracle
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((10, 4)).astype(np.float32), "E"),
+             numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero")]
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["emb"]), helper.make_node("MatMul", ["emb", "W"], ["h"]),
+             helper.make_node("Tanh", ["h"], ["t"]), helper.make_node("Greater", ["ids", "zero"], ["keep"]),
+             helper.make_node("Cast", ["keep"], ["mask"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["mask"], ["mask3"], axes=[2]), helper.make_node("Mul", ["t", "mask3"], ["tm"]),
+             helper.make_node("ReduceSum", ["tm"], ["y"], axes=[1], keepdims=0)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)])
+    m.ir_version = 8
+    model, data = str(tmp_path / "tokens.onnx"), str(tmp_path / "ids.npy")
+    save(m, model)
+    np.save(data, rng.integers(0, 10, (3, 5)))
+    r = run(["check", model, data, "--wrt", "emb"])
+    assert r.exit_code == 0 and "pass" in r.output, r.output
+    real = oracle.input_jacobian
+
+    def wrong(*a, **k):
+        res = real(*a, **k)
+        res.J = res.J * 1.1
+        return res
+
+    monkeypatch.setattr(oracle, "input_jacobian", wrong)
+    r = run(["check", model, data, "--wrt", "emb"])
+    assert r.exit_code == 1 and "FAIL" in r.output, r.output
+    r = run(["check", model, data, "--wrt", "emb", "--params"])
+    assert r.exit_code == 2 and "--wrt" in r.output and "Traceback" not in r.output, r.output
+
+
 def test_check_calls_differences_below_the_oracles_rounding_unclear():
     from jaccli.oracle import verdict
 
