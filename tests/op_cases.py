@@ -177,6 +177,10 @@ CASES += [
     Case("Pad", [("x", (3, 4)), ("c", i64(0, 1, 2, 0, 2, 1))], {"mode": "reflect"}, opset=13, id="Pad-reflect"),
     Case("Pad", [("x", (3, 4)), ("c", i64(0, 2, 1, 0, 1, 3))], {"mode": "edge"}, opset=13, id="Pad-edge"),
     Case("Pad", [("x", (3, 4)), ("c", i64(0, -1, 1, 0, 1, -2))], {"mode": "constant"}, opset=13, id="Pad-negative-crop"),
+    # reflect, edge and wrap: each axis's cotangent sums runs of the padded axis
+    Case("Pad", [("x", (4, 5)), ("c", i64(0, 2, -1, 0, -1, 3))], {"mode": "reflect"}, opset=13, id="Pad-reflect-crop"),
+    Case("Pad", [("x", (2, 3)), ("c", i64(0, 5, 1, 0, 4, 6))], {"mode": "edge"}, opset=13, id="Pad-edge-beyond-axis"),
+    Case("Pad", [("x", (3, 4)), ("c", i64(0, 2, 3, 0, 1, 4))], {"mode": "wrap"}, opset=19, id="Pad-wrap"),
     Case("Pad", [("x", (3, 4)), ("c", i64(1, 1)), ("c", f32(0.5)), ("c", i64(-1))], opset=18, id="Pad-18-axes"),
     Case("Pad", [("x", (2, 3, 3))], {"pads": [0, 0, 1, 1, 0, 0, 1, 1], "mode": "reflect"}, opset=2, id="Pad-2-attrs"),
     Case("Pad", [("x", (2, 3))], {"paddings": [0, 0, 1, 0, 0, 2], "mode": "edge"}, opset=1, id="Pad-1-paddings"),

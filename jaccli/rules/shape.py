@@ -533,30 +533,53 @@ def _split(X, axis, split, num_outputs, count):
 
 
 class _PadBase:
-    """Linear in data: the tangent and cotangent go through an index map of the padding."""
+    """Linear in data: the tangent is padded as the data is (with zeros for a constant), the
+    cotangent goes through the adjoint, axis by axis."""
 
     def jvp(cx, Xdot, *_, **attrs):
-        idx = _pad_index(cx.x[0].shape, *cx.rule.geometry(cx.x, attrs))
-        lead = Xdot.shape[: Xdot.ndim - cx.x[0].ndim]
-        flat = Xdot.reshape(lead + (-1,))
-        out = np.where(idx >= 0, np.take(flat, np.maximum(idx, 0), axis=-1), 0)
-        return out.reshape(lead + idx.shape).astype(Xdot.dtype, copy=False)
+        pads, mode = cx.rule.geometry(cx.x, attrs)
+        nd, lead = cx.x[0].ndim, Xdot.ndim - cx.x[0].ndim
+        pads = [int(p) for p in pads]
+        return _pad(Xdot, [0] * lead + pads[:nd] + [0] * lead + pads[nd:], mode, 0)
 
     def vjp(cx, Ybar, **attrs):
-        X = cx.x[0]
-        idx = _pad_index(X.shape, *cx.rule.geometry(cx.x, attrs)).ravel()
-        lead = Ybar.shape[: Ybar.ndim - cx.y[0].ndim]
-        G = Ybar.reshape((-1, idx.size))
-        keep = idx >= 0
-        Xb = np.zeros((X.size, G.shape[0]), Ybar.dtype)
-        np.add.at(Xb, idx[keep], G[:, keep].T)
-        return (Xb.T.reshape(lead + X.shape),) + (None,) * (len(cx.x) - 1)
+        pads, mode = cx.rule.geometry(cx.x, attrs)
+        shape = cx.x[0].shape
+        nd, lead = len(shape), Ybar.ndim - len(shape)
+        G = Ybar
+        for i in range(nd):
+            b, e = int(pads[i]), int(pads[nd + i])
+            if b or e:
+                G = _pad_axis_adjoint(G, lead + i, _pad(np.arange(shape[i]), [b, e], mode, -1), shape[i])
+        return (G,) + (None,) * (len(cx.x) - 1)
 
 
-def _pad_index(shape, pads, mode):
-    """For each output element, the flat input index it copies (-1 for a constant)."""
-    idx = np.arange(int(np.prod(shape))).reshape(shape)
-    return _pad(idx, pads, mode, -1)
+def _pad_axis_adjoint(G, ax, idx, n):
+    """Adjoint of padding one axis of length n, where padded position q copies input position
+    idx[q] (-1: a constant), for the positions q along axis `ax` of G. The positions come in runs that copy
+    consecutive input positions, up or down (the middle, a reflected border), or one position
+    again and again (an edge): each run is one slice added, or one sum."""
+    out = np.zeros(G.shape[:ax] + (n,) + G.shape[ax + 1:], G.dtype)
+    at = (slice(None),) * ax
+    q, P = 0, len(idx)
+    while q < P:
+        i0 = int(idx[q])
+        r = q + 1
+        if i0 < 0:
+            q = r
+            continue
+        step = int(idx[r]) - i0 if r < P and idx[r] >= 0 and abs(int(idx[r]) - i0) == 1 else 0
+        while r < P and idx[r] == idx[r - 1] + step and (step or idx[r] == i0):
+            r += 1
+        src = G[at + (slice(q, r),)]
+        if step == 1:
+            out[at + (slice(i0, i0 + r - q),)] += src
+        elif step == -1:
+            out[at + (slice(i0 - (r - q) + 1, i0 + 1),)] += np.flip(src, ax)
+        else:
+            out[at + (i0,)] += src.sum(axis=ax)
+        q = r
+    return out
 
 
 def _pad(X, pads, mode, value):
