@@ -96,6 +96,11 @@ CASES = [
     Case("AveragePool", [("x", (2, 5, 5))], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, id="AveragePool-pad-excluded"),
     Case("AveragePool", [("x", (2, 5, 5))], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1}, id="AveragePool-pad-included"),
     Case("AveragePool", [("x", (2, 5, 5))], {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}, id="AveragePool-ceil"),
+    # windows that tile the input: a reshape and a sum, and a broadcast back
+    Case("AveragePool", [("x", (2, 7, 8))], {"kernel_shape": [3, 4], "strides": [3, 4]}, id="AveragePool-tiles-remainder"),
+    Case("AveragePool", [("x", (2, 3, 4, 5))], {"kernel_shape": [2, 2, 3], "strides": [2, 2, 3], "pads": [1, 0, 1, 0, 0, 1]},
+         id="AveragePool-tiles-3d-pad"),
+    Case("LpPool", [("x", (2, 9))], {"kernel_shape": [3], "strides": [3], "p": 2}, data="away", opset=18, id="LpPool-tiles-1d"),
     Case("GlobalAveragePool", [("x", (3, 4, 5))]),
     Case("GlobalMaxPool", [("x", (3, 4, 5))], data="distinct"),
     # shape and layout

@@ -168,16 +168,39 @@ def _avg(X, core, kernel_shape, s, d, begin, end, extra, count_include_pad, like
 def _window_sums(X, kernel_shape, s, d, begin, end):
     """Each window's sum over X (N, C, *sp) zero-padded by begin/end."""
     nd = len(kernel_shape)
-    V = windows(pad_spatial(X, begin, end), kernel_shape, s, d)
+    Xp = pad_spatial(X, begin, end)
+    tiles = _tiles(Xp.shape[Xp.ndim - nd:], kernel_shape, s, d)
+    if tiles is not None:  # windows side by side: one reshape, one sum
+        cover, split = tiles
+        T = Xp[(Ellipsis,) + cover].reshape(Xp.shape[:Xp.ndim - nd] + split)
+        return T.sum(axis=tuple(range(T.ndim - 2 * nd + 1, T.ndim, 2)))
+    V = windows(Xp, kernel_shape, s, d)
     return V.sum(axis=tuple(range(V.ndim - nd, V.ndim)))
 
 
 def _window_sums_adjoint(G, shape, kernel_shape, s, d, begin, end):
     """The adjoint of _window_sums: each window's G added over its elements of X's `shape`."""
     nd = len(kernel_shape)
-    G = np.broadcast_to(G[(Ellipsis,) + (None,) * nd], G.shape + tuple(kernel_shape))
     padded = tuple(n + b + e for n, b, e in zip(shape[2:], begin, end))
+    tiles = _tiles(padded, kernel_shape, s, d)
+    if tiles is not None:  # each window's G broadcast over its tile
+        cover, split = tiles
+        Xb = np.zeros(G.shape[:G.ndim - nd] + padded, G.dtype)
+        tile = Xb[(Ellipsis,) + cover].reshape(G.shape[:G.ndim - nd] + split)  # a view: the cover is a prefix
+        tile[...] = G[(Ellipsis,) + tuple(slice(None) if i % 2 == 0 else None for i in range(2 * nd))]
+        return unpad(Xb, begin, end)
+    G = np.broadcast_to(G[(Ellipsis,) + (None,) * nd], G.shape + tuple(kernel_shape))
     return unpad(windows_adjoint(G, padded, kernel_shape, s, d), begin, end)
+
+
+def _tiles(padded, kernel_shape, s, d):
+    """For windows that tile the input (stride = kernel, no dilation): the part of the padded
+    spatial axes they cover, and those axes split as (out, kernel) pairs. None otherwise."""
+    if any(st != k or dl != 1 for st, k, dl in zip(s, kernel_shape, d)):
+        return None
+    out = [(n - k) // k + 1 for n, k in zip(padded, kernel_shape)]
+    cover = tuple(slice(0, o * k) for o, k in zip(out, kernel_shape))
+    return cover, tuple(x for o, k in zip(out, kernel_shape) for x in (o, k))
 
 
 @rule("GlobalAveragePool", since=1)
