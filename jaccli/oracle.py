@@ -490,8 +490,12 @@ def _forward(model, feeds, name, dtype, params=None, flat=True):
     plan = Plan(model, name, list(params or ()), dtype)
     plan.params.update({k: np.asarray(v, dtype) for k, v in (params or {}).items()})
     cast = {k: (v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v) for k, v in feeds.items()}
-    y = walk.primal(plan, cast)[name]
-    return y.reshape(next(iter(feeds.values())).shape[0], -1) if flat else y
+    n = next(iter(feeds.values())).shape[0]
+    if any(v.shape and v.shape[0] == 1 for v in model.inputs):  # a batch fixed at 1: one sample at a time
+        y = np.concatenate([walk.primal(plan, _slice_samples(cast, i, i + 1))[name] for i in range(n)])
+    else:
+        y = walk.primal(plan, cast)[name]
+    return y.reshape(n, -1) if flat else y
 
 
 def _row(name, ours, fds, n_entries, y_ours, y_ort, noise=0.0):

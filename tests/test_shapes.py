@@ -47,6 +47,20 @@ def test_fixed_batch_of_one_works_for_many_samples():
     np.testing.assert_allclose(G[2, 1, 12:24], np.maximum(x[2].ravel(), 0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("params", [False, True])
+def test_check_of_a_fixed_batch_of_one(tmp_path, params):
+    """check runs our forward, as the oracle, one sample at a time for such a model (it failed
+    on the baked-in Reshape)."""
+    from onnx import save
+
+    from jaccli.oracle import check
+
+    path = str(tmp_path / "fixed.onnx")
+    save(fixed_batch_model(), path)
+    d = check(path, RNG.standard_normal((4, 3, 2, 2)).astype(np.float32), params=params)
+    assert d["ok"] and d["samples"] == 3, d
+
+
 def test_a_graph_that_mixes_samples_is_refused():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
