@@ -168,7 +168,14 @@ def _measure(plan, model, feeds, of, N):
     """Estimates from a primal pass over the first sample, that sample's output, the most
     samples one run may take (N, or 1 for a model whose declared batch is fixed at 1), and the
     per-sample shapes of the values differentiated with respect to that are not inputs."""
-    env = walk.primal(plan, _slice_samples(feeds, 0, 1))
+    try:
+        env = walk.primal(plan, _slice_samples(feeds, 0, 1))
+    except JaccliError as e:
+        fixed = next((v for v in model.inputs if v.shape and isinstance(v.shape[0], int) and v.shape[0] > 1), None)
+        if fixed is None:
+            raise
+        raise DataError(f"input '{fixed.name}' is declared with a batch of {fixed.shape[0]} and the graph does not run on "
+                        f"one sample ({e}): export the model with a dynamic batch axis") from None
     y0 = env[of]
     _check_sample_axis(y0, 1, of)
     inner = {w: _value_shape(plan, feeds, w) for w in plan.wrt if w not in feeds and not plan.per_sample}

@@ -61,6 +61,18 @@ def test_check_of_a_fixed_batch_of_one(tmp_path, params):
     assert d["ok"] and d["samples"] == 3, d
 
 
+@pytest.mark.parametrize("target", [[4, 12], [4, -1]])
+def test_a_batch_fixed_above_one_is_refused_in_one_line(target):
+    """A batch of 4 baked into a Reshape cannot be run on other batch sizes; the refusal says
+    to export with a dynamic batch axis rather than name a failing kernel."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3, 2, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["f"]), helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
+    m = model(nodes, [x], [y], [init("shape", np.array(target, np.int64)), init("W", W)])
+    with pytest.raises(DataError, match="dynamic batch axis|sample"):
+        jaccli.input_jacobian(m, RNG.standard_normal((4, 3, 2, 2)).astype(np.float32))
+
+
 def test_a_graph_that_mixes_samples_is_refused():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
