@@ -18,6 +18,7 @@ CASES = [
     Case("MatMul", [("x", (4, 5)), ("p", (5,))], id="MatMul-vector"),
     Case("MatMul", [("p", (2, 5)), ("x", (5, 3))], id="MatMul-param-left"),
     Case("MatMul", [("x", (2, 3, 5)), ("p", (2, 5, 2))], id="MatMul-broadcast-batch"),
+    Case("MatMul", [("x", (2, 3, 4, 5)), ("p", (5, 3))], id="MatMul-weight-across-batch-axes"),
     # binary elementwise
     Case("Add", [("x", (3, 4)), ("p", (4,))], id="Add-bias"),
     Case("Add", [("x", (3, 1)), ("x", (1, 4))], id="Add-broadcast-both"),

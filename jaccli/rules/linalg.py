@@ -197,8 +197,16 @@ class MatMul:
             G = mm(Yb, _t(B2))  # (*lead, *batch, M, K)
             Abar = _fit(G, A, A2, lead, cx.keep[0], B2, Yb, side=0)
         dest = cx.dest(1)
-        if cx.need[1] and cx.keep[1] and A.ndim == 3 and B.ndim == 2 and dest is not None and dest.shape == Yb.shape[:-2] + B.shape:
-            Bbar = np.matmul(_t(A), Yb, out=dest)  # samples are A's batch axis: per-sample products, in place
+        if cx.need[1] and B.ndim == 2 and A.ndim >= 3:
+            # a weight applied across A's batch axes: contract them with the rows, in one GEMM
+            # per sample (A's first axis) or over all, never a product per batch matrix summed after
+            head, K, N = Yb.shape[:lead], A.shape[-1], B.shape[-1]
+            if cx.keep[1]:
+                Af, Yf = A.reshape(A.shape[0], -1, K), Yb.reshape(head + (A.shape[0], -1, N))
+                ok = dest is not None and dest.shape == head + (A.shape[0],) + B.shape
+                Bbar = np.matmul(_t(Af), Yf, out=dest if ok else None)
+            else:
+                Bbar = A.reshape(-1, K).T @ Yb.reshape(head + (-1, N))
         elif cx.need[1]:
             G = None if (cx.keep[1] and A2.ndim == 2) else mm(_t(A2), Yb)  # (*lead, *batch, K, N)
             Bbar = _fit(G, B, B2, lead, cx.keep[1], A2, Yb, side=1, dest=dest)
