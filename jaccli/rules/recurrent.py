@@ -149,17 +149,38 @@ def _masked(D, m):
 
 
 class _Grads:
-    """Weight cotangents of one direction: per sample (keep) or summed over samples."""
+    """Weight cotangents of one direction: per sample (keep) or summed over samples.
+
+    A matrix's cotangent is a sum over the time steps of outer products G_t V_t^T. The steps'
+    G and V are kept and contracted over time at the end (`finish`), one GEMM per sample (or
+    one over all samples) with the steps as its inner dimension, instead of an outer product
+    per step and sample added into the result."""
 
     def __init__(self, shapes, need, keep, L, N, dtype):
         self.keep = keep
         self.g = {k: np.zeros((L,) + ((N,) if keep[k] else ()) + shp, dtype) for k, shp in shapes.items() if need[k]}
+        self.steps = {}  # (key, rows) -> ([G_t], [V_t])
 
     def outer(self, key, rows, G, V):
         """Add the outer products G (L, N, r) x V (N, c) (or (L, N, c)) to rows of `key`."""
         if key in self.g:
-            spec = ("lnh,ni" if V.ndim == 2 else "lnh,lni") + ("->lnhi" if self.keep[key] else "->lhi")
-            self.g[key][..., rows, :] += np.einsum(spec, G, V)
+            Gs, Vs = self.steps.setdefault((key, rows.start, rows.stop), ([], []))
+            Gs.append(G)
+            Vs.append(V)
+
+    def finish(self):
+        """The weight cotangents, the steps' outer products summed."""
+        for (key, a, b), (Gs, Vs) in self.steps.items():
+            G = np.stack(Gs, axis=-1)  # (L, N, r, S)
+            V = np.stack(Vs, axis=-2)  # (N, S, c) or (L, N, S, c)
+            if self.keep[key]:
+                self.g[key][..., a:b, :] += G @ V
+            else:  # over samples and steps at once
+                L, N, r, S = G.shape
+                Gf = G.transpose(0, 2, 1, 3).reshape(L, r, N * S)
+                self.g[key][..., a:b, :] += Gf @ V.reshape(V.shape[:-3] + (N * S, V.shape[-1]))
+        self.steps = {}
+        return self.g
 
     def vec(self, key, sl, G):
         """Add G (L, N, k) to the entries `sl` of the vector `key`."""
@@ -260,7 +281,7 @@ class _Recurrent:
                 if Xbar is not None:
                     Xbar[:, t] += xb
             h0bar[:, d], c0bar[:, d] = hb, cb
-            per_dir.append(grads.g)
+            per_dir.append(grads.finish())
         out = {}
         if Xbar is not None:
             out["X"] = _x_canonical(Xbar, st.layout, 1)
