@@ -136,10 +136,11 @@ class Model:
         reach = set()
         for node in self.ancestors([of]):
             try:
-                nondiff = lookup(node.op_type, node.opset, node.domain, node.name).nondiff
+                r = lookup(node.op_type, node.opset, node.domain, node.name)
+                skip = r.nondiff | r.buffers
             except Exception:
-                nondiff = frozenset()
-            reach.update(v for k, v in enumerate(node.inputs) if v and k not in nondiff)
+                skip = frozenset()
+            reach.update(v for k, v in enumerate(node.inputs) if v and k not in skip)
         return [n for n, a in self.initializers.items()
                 if n in reach and np.issubdtype(a.dtype, np.floating) and (scalars or a.ndim > 0) and np.isfinite(a).all()]
 

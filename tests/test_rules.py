@@ -3,7 +3,7 @@ forward; per-sample parameter cotangents against per-sample differences over the
 
 import numpy as np
 import pytest
-from gradcheck import Case, build, fd_input_jacobian, fd_param_jacobian, ort_forward, our_forward, rel_err
+from gradcheck import N, Case, build, fd_input_jacobian, fd_param_jacobian, ort_forward, our_forward, rel_err
 from op_cases import CASES
 
 import jaccli
@@ -190,3 +190,34 @@ def test_conv_input_cotangent_either_way(case, waste, monkeypatch):
     model, feeds = build(case)
     J = jaccli.input_jacobian(model, feeds, wrt="in0", mode="reverse", dtype=np.float64, flat=True)
     assert rel_err(J, fd_input_jacobian(model, feeds, "in0")) < 1e-6
+
+
+def test_batchnorm_statistics_tied_to_parameters():
+    """TorchScript ties a fresh BatchNormalization's running variance to its scale (both ones) and
+    its running mean to its bias (both zeros) through Identity nodes: the parameter Jacobian
+    follows those paths too, and the statistics stay buffers when they are initializers."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 1.5, 3).astype(np.float32), "scale"),
+             numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "bias")]
+    nodes = [helper.make_node("Identity", ["scale"], ["var"]), helper.make_node("Identity", ["bias"], ["mean"]),
+             helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"], epsilon=1e-3)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    feeds = {"x": rng.standard_normal((N, 3, 2))}
+    G, cols = jaccli.param_jacobian(model, feeds, dtype=np.float64)
+    assert [c["name"] for c in cols] == ["scale", "bias"]
+    fd = fd_param_jacobian(model, feeds, ["scale", "bias"], load(model).initializers)
+    assert rel_err(G.reshape(fd.shape), fd) < 1e-6
+    J = jaccli.input_jacobian(model, feeds, dtype=np.float64, flat=True)
+    assert rel_err(J, fd_input_jacobian(model, feeds, "x")) < 1e-6
+    from gradcheck import check_rule
+
+    from jaccli.rules import lookup
+
+    stats = [rng.standard_normal(3), rng.uniform(0.5, 1.5, 3)]
+    check_rule(lookup("BatchNormalization", 15), [feeds["x"], rng.uniform(0.5, 1.5, 3), rng.standard_normal(3), *stats],
+               {"epsilon": 1e-3}, [0, 1, 2, 3, 4], rng)

@@ -78,6 +78,8 @@ def rule(op_type: str, since: int, domain: str = ""):
         cls.key = key
         cls.attrs = _attr_names(cls.forward)
         cls.nondiff = frozenset(getattr(cls, "nondiff", ()))
+        # differentiable inputs whose initializers are state, not parameters (running statistics)
+        cls.buffers = frozenset(getattr(cls, "buffers", ()))
         cls.differentiable = hasattr(cls, "vjp") or hasattr(cls, "jvp")
         cls.n_diff_outputs = getattr(cls, "n_diff_outputs", 1)  # None: every output
         cls.pointwise = getattr(cls, "pointwise", False)  # output element i depends on input elements i only

@@ -16,9 +16,13 @@ def _channel(v, ndim):
 
 @rule("BatchNormalization", since=1)
 class BatchNormalization:
-    """Y = scale * (X - mean) / sqrt(var + epsilon) + B, per channel (axis 1); inference only."""
+    """Y = scale * (X - mean) / sqrt(var + epsilon) + B, per channel (axis 1); inference only.
 
-    nondiff = (3, 4)  # running mean and variance are buffers
+    The running mean and variance are buffers, not parameters; but they are differentiated like
+    any input, for a parameter that reaches them (exporters tie a fresh model's running variance
+    to its scale, both ones, through an Identity)."""
+
+    buffers = (3, 4)
     keeps = True
 
     def forward(X, scale, B, input_mean, input_var, *, epsilon, momentum=0.9, spatial=1, is_test=0, training_mode=0):
@@ -29,15 +33,18 @@ class BatchNormalization:
         a = scale / np.sqrt(input_var + X.dtype.type(epsilon))
         return X * _channel(a, X.ndim) + _channel(B - input_mean * a, X.ndim)
 
-    def jvp(cx, Xdot, sdot, Bdot, *_, epsilon, **__):
+    def jvp(cx, Xdot, sdot, Bdot, mdot=None, vdot=None, *, epsilon, **__):
         X, scale, B, mean, var = cx.x
         inv = 1 / np.sqrt(var + X.dtype.type(epsilon))
         out = None
         if Xdot is not None:
             out = Xdot * _channel(scale * inv, X.ndim)
-        for D, base in ((sdot, (X - _channel(mean, X.ndim)) * _channel(inv, X.ndim)), (Bdot, None)):
+        xhat = (X - _channel(mean, X.ndim)) * _channel(inv, X.ndim)
+        # dY/dmean = -scale * inv and dY/dvar = -scale * inv^2 * xhat / 2, per channel
+        for D, c, base in ((sdot, None, xhat), (Bdot, None, None), (mdot, -scale * inv, None), (vdot, -0.5 * scale * inv * inv, xhat)):
             if D is not None:
-                term = _channel_tangent(D, X) if base is None else _channel_tangent(D, X) * base
+                term = _channel_tangent(D if c is None else D * c, X)
+                term = term if base is None else term * base
                 out = term if out is None else out + term
         return out
 
@@ -45,14 +52,17 @@ class BatchNormalization:
         X, scale, B, mean, var = cx.x
         lead = cx.lead(Ybar)
         inv = 1 / np.sqrt(var + X.dtype.type(epsilon))
-        sbar = Bbar = Xbar = None
-        if cx.need[1] or cx.need[2]:
+        sbar = Bbar = Xbar = mbar = vbar = None
+        if any(cx.need[1:5]):
             # per direction, sample and channel, Ybar summed over space against x-hat (the scale's
             # cotangent) and against ones (the bias's): one batched GEMM reads Ybar once for both,
             # (N, C, k, S) @ (N, C, S, L), where a sum and a product-sum would each make a pass
             head, (N, C), S = Ybar.shape[:lead], X.shape[:2], X[0, 0].size
             Yr = Ybar.reshape((-1, N, C, S))  # (L, N, C, S)
-            which = [i for i in (1, 2) if cx.need[i]]
+            # the variance's cotangent is the scale's times -scale * inv^2 / 2, the mean's the bias's
+            # times -scale * inv: both from the same two sums
+            partner = {1: (4, -0.5 * scale * inv * inv), 2: (3, -scale * inv)}  # input, factor
+            which = [i for i in (1, 2) if cx.need[i] or cx.need[partner[i][0]]]
             Z = np.empty((N, C, len(which), S), Ybar.dtype)
             for j, i in enumerate(which):
                 Z[:, :, j] = ((X - _channel(mean, X.ndim)) * _channel(inv, X.ndim)).reshape(N, C, S) if i == 1 else 1
@@ -60,11 +70,14 @@ class BatchNormalization:
             bars = {}
             for j, i in enumerate(which):
                 per = R[:, :, j].transpose(2, 0, 1)  # (L, N, C)
-                bars[i] = (per if cx.keep[i] else per.sum(axis=1)).reshape(head + per.shape[1 if cx.keep[i] else 2:])
-            sbar, Bbar = bars.get(1), bars.get(2)
+                for k, c in ((i, None), partner[i]):
+                    if cx.need[k]:
+                        g = per if c is None else per * c
+                        bars[k] = (g if cx.keep[k] else g.sum(axis=1)).reshape(head + per.shape[1 if cx.keep[k] else 2:])
+            sbar, Bbar, mbar, vbar = bars.get(1), bars.get(2), bars.get(3), bars.get(4)
         if cx.need[0]:  # last: it may overwrite Ybar
             Xbar = scaled(cx, Ybar, _channel(scale * inv, X.ndim))
-        return Xbar, sbar, Bbar, None, None
+        return Xbar, sbar, Bbar, mbar, vbar
 
 
 def _channel_tangent(D, X):
