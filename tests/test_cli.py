@@ -97,6 +97,20 @@ def test_params_cli_writes_column_map_and_matches_api(name, tmp_path):
     assert [c["offset"] for c in cols] == list(np.cumsum([0] + [c["size"] for c in cols])[:-1])
 
 
+def wrong_by_ten_percent(monkeypatch, fn):
+    """Make the oracle's copy of jaccli's `fn` (input_jacobian or param_jacobian) 10% wrong."""
+    import jaccli.oracle as oracle
+
+    real = getattr(oracle, fn)
+
+    def wrong(*a, **k):
+        res = real(*a, **k)
+        res.J = res.J * 1.1
+        return res
+
+    monkeypatch.setattr(oracle, fn, wrong)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_check_command_passes_and_can_fail(name, monkeypatch):
     model, data = paths(name)
@@ -108,17 +122,8 @@ def test_check_command_passes_and_can_fail(name, monkeypatch):
     r = run(["check", model, data, "--tolerance", "1e-12"])
     assert ("FAIL" in r.output) == (r.exit_code == 1)
     # a Jacobian that is wrong by 10% fails, input and parameter alike
-    import jaccli.oracle as oracle
-
     for fn in ("input_jacobian", "param_jacobian"):
-        real = getattr(oracle, fn)
-
-        def wrong(*a, _real=real, **k):
-            res = _real(*a, **k)
-            res.J = res.J * 1.1
-            return res
-
-        monkeypatch.setattr(oracle, fn, wrong)
+        wrong_by_ten_percent(monkeypatch, fn)
     for extra in ([], ["--params"]):
         r = run(["check", model, data, *extra])
         assert r.exit_code == 1 and "FAIL" in r.output, r.output
@@ -144,16 +149,7 @@ def test_check_falls_back_to_the_reference_evaluator(tmp_path, monkeypatch):
     for extra in ([], ["--params"]):
         r = run(["check", model, data, *extra])
         assert r.exit_code == 0 and "pass" in r.output and "reference evaluator" in r.output, r.output
-    import jaccli.oracle as oracle
-
-    real = oracle.input_jacobian
-
-    def wrong(*a, **k):
-        res = real(*a, **k)
-        res.J = res.J * 1.1
-        return res
-
-    monkeypatch.setattr(oracle, "input_jacobian", wrong)
+    wrong_by_ten_percent(monkeypatch, "input_jacobian")
     r = run(["check", model, data])
     assert r.exit_code == 1 and "FAIL" in r.output, r.output
 
@@ -306,8 +302,6 @@ def test_check_with_respect_to_the_embeddings(tmp_path, monkeypatch):
     A wrong Jacobian FAILs; --wrt with --params is refused in one line."""
     from onnx import TensorProto, helper, numpy_helper, save
 
-    import jaccli.oracle as oracle
-
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((10, 4)).astype(np.float32), "E"),
              numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W"),
@@ -326,14 +320,7 @@ def test_check_with_respect_to_the_embeddings(tmp_path, monkeypatch):
     np.save(data, rng.integers(0, 10, (3, 5)))
     r = run(["check", model, data, "--wrt", "emb"])
     assert r.exit_code == 0 and "pass" in r.output, r.output
-    real = oracle.input_jacobian
-
-    def wrong(*a, **k):
-        res = real(*a, **k)
-        res.J = res.J * 1.1
-        return res
-
-    monkeypatch.setattr(oracle, "input_jacobian", wrong)
+    wrong_by_ten_percent(monkeypatch, "input_jacobian")
     r = run(["check", model, data, "--wrt", "emb"])
     assert r.exit_code == 1 and "FAIL" in r.output, r.output
     r = run(["check", model, data, "--wrt", "emb", "--params"])
