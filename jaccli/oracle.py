@@ -54,9 +54,10 @@ def _with_output(proto, name):
 
 def _cut_at(proto, value, outputs):
     """The model with graph value `value` made an input of its own, for the differences of an
-    input Jacobian with respect to it (--wrt): its producer no longer writes it, and nodes
-    that only served the outputs through it are left out. The other inputs stay, for what
-    the outputs read of them past `value` (an attention mask from the token ids)."""
+    input Jacobian of `outputs` with respect to it (--wrt): its producer no longer writes it,
+    and nodes that only served the outputs through it are left out, as are the other outputs.
+    The other inputs stay, for what the outputs read of them past `value` (an attention mask
+    from the token ids)."""
     m = onnx.ModelProto()
     m.CopyFrom(proto)
     g = m.graph
@@ -75,6 +76,9 @@ def _cut_at(proto, value, outputs):
         dst.CopyFrom(src)
     del g.node[:]
     g.node.extend(kept)
+    outs = [o for o in g.output if o.name in outputs]  # the others may have lost their producers
+    del g.output[:]
+    g.output.extend(outs)
     elem = next((v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) if v.name == value),
                 TensorProto.FLOAT)
     g.input.append(onnx.helper.make_tensor_value_info(value, elem, None))

@@ -298,8 +298,8 @@ def test_input_jacobian_with_respect_to_the_embeddings(tmp_path):
 
 def test_check_with_respect_to_the_embeddings(tmp_path, monkeypatch):
     """check --wrt a value inside the graph: the oracle's model takes the embeddings as an input,
-    while the token ids still feed a mask past them (which must not move with the embeddings).
-    A wrong Jacobian FAILs; --wrt with --params is refused in one line."""
+    while the token ids still feed a mask past them (which must not move with the embeddings),
+    for each of two outputs. A wrong Jacobian FAILs; --wrt with --params is refused in one line."""
     from onnx import TensorProto, helper, numpy_helper, save
 
     rng = np.random.default_rng(0)
@@ -310,16 +310,17 @@ def test_check_with_respect_to_the_embeddings(tmp_path, monkeypatch):
              helper.make_node("Tanh", ["h"], ["t"]), helper.make_node("Greater", ["ids", "zero"], ["keep"]),
              helper.make_node("Cast", ["keep"], ["mask"], to=TensorProto.FLOAT),
              helper.make_node("Unsqueeze", ["mask"], ["mask3"], axes=[2]), helper.make_node("Mul", ["t", "mask3"], ["tm"]),
-             helper.make_node("ReduceSum", ["tm"], ["y"], axes=[1], keepdims=0)]
+             helper.make_node("ReduceSum", ["tm"], ["y"], axes=[1], keepdims=0),
+             helper.make_node("ReduceMean", ["t"], ["y2"], axes=[2], keepdims=0)]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+                          [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in ("y", "y2")], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)])
     m.ir_version = 8
     model, data = str(tmp_path / "tokens.onnx"), str(tmp_path / "ids.npy")
     save(m, model)
     np.save(data, rng.integers(0, 10, (3, 5)))
     r = run(["check", model, data, "--wrt", "emb"])
-    assert r.exit_code == 0 and "pass" in r.output, r.output
+    assert r.exit_code == 0 and r.output.count("pass") >= 2 and "y2" in r.output, r.output
     wrong_by_ten_percent(monkeypatch, "input_jacobian")
     r = run(["check", model, data, "--wrt", "emb"])
     assert r.exit_code == 1 and "FAIL" in r.output, r.output
