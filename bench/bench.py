@@ -6,11 +6,12 @@
 
 Each network is built in PyTorch and exported to ONNX (TorchScript exporter, opset 17,
 BatchNormalization kept), then timed side by side in one process with the same thread count,
-warm, in blocks that alternate over three rounds, with a pause before each block (thread pools spin after their calls):
+warm, in blocks that alternate over five rounds, with a pause before each block (thread pools spin after their calls):
 jaccli's Python API against vmap(jacrev), and vmap(jacfwd) where the input is at most four times
 the output (elsewhere it cannot win and runs out of memory), for input Jacobians, and against
 vmap(jacrev) over functional_call, assembled into the same (N, n_out, P) array, for per-sample
-parameter Jacobians. Times are medians after a warm-up; both results are checked to agree.
+parameter Jacobians. Times are medians after a warm-up; a ratio is the median over the rounds of
+the ratio within each (this machine's slow spells last minutes). Both results are checked to agree.
 Peak memory is measured in a fresh process per run. The machine's limits are measured here:
 the float32 matmul peak and the bandwidth of writing fresh memory.
 """
@@ -126,24 +127,33 @@ def jaccli_params(model, x, k, n_out):
     return lambda: jaccli.param_jacobian(model, x, outputs=sel)[0]
 
 
-def median_times(fns, repeats, rounds=3, rest=0.5):
-    """Median time of each function, timed warm in blocks: a pause (each framework's thread pool
-    spins for a while after its calls and would slow the other), a warm-up call, then `repeats`
-    timed calls (more for a fast function: a block lasts 0.3 s at least). The blocks alternate
-    over several rounds, so that a slow spell of a shared machine falls on every function alike."""
-    times = [[] for _ in fns]
+def median_times(fns, repeats, rounds=5, rest=0.5):
+    """Each function's median time per block: blocks of warm calls, a pause before each (each
+    framework's thread pool spins for a while after its calls and would slow the other), a
+    warm-up call, then `repeats` timed calls (more for a fast function: a block lasts 0.2 s at
+    least). The blocks alternate over several rounds. Returns, per function, its block medians
+    in round order: a ratio is taken within each round, where a slow spell of this shared
+    machine (minutes long) falls on both contenders alike, then its median over the rounds."""
+    blocks = [[] for _ in fns]
     for _ in range(rounds):
-        for fn, ts in zip(fns, times):
+        for fn, bm in zip(fns, blocks):
             time.sleep(rest)
             t = time.perf_counter()
             fn()
             warm = time.perf_counter() - t
-            for _ in range(max(repeats, min(100, int(0.3 / max(warm, 1e-6))))):
+            ts = []
+            for _ in range(max(repeats, min(100, int(0.2 / max(warm, 1e-6))))):
                 t = time.perf_counter()
                 out = fn()
                 ts.append(time.perf_counter() - t)
                 del out
-    return [float(np.median(ts)) for ts in times]
+            bm.append(float(np.median(ts)))
+    return [np.array(bm) for bm in blocks]
+
+
+def paired(mine, theirs):
+    """Median time of each, and the median over rounds of the ratio within each round."""
+    return float(np.median(mine)), float(np.median(theirs)), float(np.median(mine / theirs))
 
 
 # ---- the machine's limits ------------------------------------------------------------------------------
@@ -334,12 +344,13 @@ def run(quick, only=None, memory=True):
         contenders = [jaccli_input(m, xn), torch_input(model, x, "reverse")]
         if n_in <= 4 * n_out_all:
             contenders.append(torch_input(model, x, "forward"))
-        t_j, t_rev, *rest = median_times(contenders, repeats)
-        t_fwd = rest[0] if rest else np.inf
+        b_j, b_rev, *rest = median_times(contenders, repeats)
+        fwd_wins = bool(rest) and np.median(rest[0]) < np.median(b_rev)
+        t_j, t_t, ratio = paired(b_j, rest[0] if fwd_wins else b_rev)
         flops, nbytes, mode = work(proto, xn, "input")
         bound = max(flops / limits["matmul_flops"], nbytes / limits["write_fresh"])
-        rows.append({"network": name, "kind": "input", "N": len(x), "jaccli_s": t_j, "torch_s": min(t_rev, t_fwd),
-                     "torch_how": "jacrev" if t_rev <= t_fwd else "jacfwd", "ratio": t_j / min(t_rev, t_fwd),
+        rows.append({"network": name, "kind": "input", "N": len(x), "jaccli_s": t_j, "torch_s": t_t,
+                     "torch_how": "jacfwd" if fwd_wins else "jacrev", "ratio": ratio,
                      "target": TARGET_INPUT, "agree": agree_in, "jaccli_mode": mode, "output_MiB": nbytes / 2**20,
                      "x_bound": t_j / bound, "bound": "flops" if flops / limits["matmul_flops"] > nbytes / limits["write_fresh"] else "write"})
         # per-sample parameter Jacobian
@@ -349,11 +360,11 @@ def run(quick, only=None, memory=True):
         agree_p = float(np.abs(np.linalg.norm(G.reshape(len(x), -1), axis=1) - np.linalg.norm(Gt.reshape(len(x), -1), axis=1)).max()
                         / np.linalg.norm(Gt.reshape(len(x), -1), axis=1).max())
         del G, Gt
-        t_j, t_t = median_times([jaccli_params(m, xn, k, n_out), torch_params(model, x, k)], repeats)
+        t_j, t_t, ratio = paired(*median_times([jaccli_params(m, xn, k, n_out), torch_params(model, x, k)], repeats))
         flops, nbytes, _ = work(proto, xn, "params", None if k == n_out else k)
         bound = max(flops / limits["matmul_flops"], nbytes / limits["write_fresh"])
         rows.append({"network": name, "kind": "params", "N": len(x), "jaccli_s": t_j, "torch_s": t_t, "torch_how": "jacrev",
-                     "ratio": t_j / t_t, "target": TARGET_PARAMS, "agree": agree_p, "jaccli_mode": "reverse",
+                     "ratio": ratio, "target": TARGET_PARAMS, "agree": agree_p, "jaccli_mode": "reverse",
                      "output_MiB": nbytes / 2**20, "outputs": f"{k} of {n_out}", "P": P, "x_bound": t_j / bound,
                      "bound": "flops" if flops / limits["matmul_flops"] > nbytes / limits["write_fresh"] else "write"})
         print(f"{name}: done", file=sys.stderr)
@@ -367,7 +378,8 @@ def render(limits, rows, bounded):
     lines = [
         f"Machine: {os.cpu_count()} cores, {THREADS} threads for both; float32 matmul peak "
         f"{limits['matmul_flops'] / 1e9:.0f} GFLOP/s; writing fresh memory {limits['write_fresh'] / 1e9:.1f} GB/s "
-        f"(warm {limits['write_warm'] / 1e9:.1f} GB/s). Medians after a warm-up; torch {_torch_version()}.",
+        f"(warm {limits['write_warm'] / 1e9:.1f} GB/s). Medians after a warm-up over five alternating rounds; "
+        f"a ratio is the median of the ratios within each round; torch {_torch_version()}.",
         "",
         "| network | Jacobian | N | jaccli | torch.func | jaccli / torch | target | x limit | peak MiB jaccli / torch | agree |",
         "|---|---|---|---|---|---|---|---|---|---|",
