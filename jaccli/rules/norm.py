@@ -39,9 +39,10 @@ class BatchNormalization:
         out = None
         if Xdot is not None:
             out = Xdot * _channel(scale * inv, X.ndim)
-        xhat = (X - _channel(mean, X.ndim)) * _channel(inv, X.ndim)
+        xhat = None if sdot is None and vdot is None else (X - _channel(mean, X.ndim)) * _channel(inv, X.ndim)
         # dY/dmean = -scale * inv and dY/dvar = -scale * inv^2 * xhat / 2, per channel
-        for D, c, base in ((sdot, None, xhat), (Bdot, None, None), (mdot, -scale * inv, None), (vdot, -0.5 * scale * inv * inv, xhat)):
+        terms = ((sdot, None, xhat), (Bdot, None, None), (mdot, -scale * inv, None), (vdot, -0.5 * scale * inv * inv, xhat))
+        for D, c, base in terms:
             if D is not None:
                 term = _channel_tangent(D if c is None else D * c, X)
                 term = term if base is None else term * base

@@ -555,10 +555,10 @@ class _PadBase:
 
 
 def _pad_axis_adjoint(G, ax, idx, n):
-    """Adjoint of padding one axis of length n, where padded position q copies input position
-    idx[q] (-1: a constant), for the positions q along axis `ax` of G. The positions come in runs that copy
-    consecutive input positions, up or down (the middle, a reflected border), or one position
-    again and again (an edge): each run is one slice added, or one sum."""
+    """Adjoint of padding one axis of length n, where padded position q (along axis `ax` of G)
+    copies input position idx[q], or a constant where idx[q] < 0. The positions come in runs
+    that copy consecutive input positions, up or down (the middle, a reflected border), or one
+    position again and again (an edge): each run is one slice added, or one sum."""
     out = np.zeros(G.shape[:ax] + (n,) + G.shape[ax + 1:], G.dtype)
     at = (slice(None),) * ax
     q, P = 0, len(idx)
@@ -569,7 +569,7 @@ def _pad_axis_adjoint(G, ax, idx, n):
             q = r
             continue
         step = int(idx[r]) - i0 if r < P and idx[r] >= 0 and abs(int(idx[r]) - i0) == 1 else 0
-        while r < P and idx[r] == idx[r - 1] + step and (step or idx[r] == i0):
+        while r < P and idx[r] >= 0 and idx[r] == idx[r - 1] + step:
             r += 1
         src = G[at + (slice(q, r),)]
         if step == 1:
