@@ -69,6 +69,8 @@ CASES = [
     Case("Conv", [("x", (3, 7, 6)), ("p", (6, 1, 3, 2)), ("p", (6,))], {"group": 3, "strides": [2, 1], "pads": [1, 0, 1, 1]},
          id="Conv-depthwise-multiplier-stride"),
     Case("Conv", [("x", (4, 9)), ("p", (4, 1, 3))], {"group": 4, "dilations": [2], "pads": [2, 1]}, id="Conv-depthwise-1d-dilated"),
+    Case("Conv", [("x", (2, 6, 7)), ("p", (4, 1, 3, 2)), ("p", (4,))], {"group": 2, "dilations": [1, 2], "pads": [1, 2, 0, 1]},
+         id="Conv-depthwise-multiplier-dilated"),
     Case("Conv", [("x", (2, 4, 5, 3)), ("p", (4, 1, 2, 3, 2))], {"group": 2, "pads": [0, 1, 1, 1, 0, 0]}, id="Conv-depthwise-3d"),
     Case("Conv", [("x", (2, 7, 7)), ("p", (3, 2, 2, 2))], {"auto_pad": "SAME_LOWER", "strides": [2, 2]}, id="Conv-same-lower"),
     Case("Conv", [("x", (2, 9)), ("p", (3, 2, 3)), ("p", (3,))], {"pads": [1, 1]}, id="Conv-1d"),

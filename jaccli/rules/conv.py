@@ -257,6 +257,36 @@ def _dw_input_cotangent(Yb, W, group, padded, strides, dilations):
     return Xb
 
 
+def _dw_input_cotangent_banded(Yb, W, group, padded, dilations, tile_bytes=1 << 21):
+    """The depthwise input cotangent of a 2-D stride-1 convolution by band matrices, one per
+    channel (see _input_cotangent_banded): per channel and tile of images, one GEMM of the
+    cotangent's rows (its Mg outputs side by side) with the band of that channel's kernel,
+    then kernel-row shifted sums. 0.3-0.6x the time of the sums over offsets up to a padded
+    width of a dozen kernel widths (measured), where the band's zeros cost more."""
+    L, M, oh, ow = Yb.shape
+    kh, kw = W.shape[2:]
+    Hp, Wp = padded
+    dh, dw = dilations
+    Mg = M // group
+    B = np.zeros((group, Mg, ow, kh, Wp), Yb.dtype)
+    Wr = W.reshape(group, Mg, kh, kw).astype(Yb.dtype, copy=False)
+    for j in range(ow):
+        B[:, :, j, :, j:j + (kw - 1) * dw + 1:dw] = Wr
+    B = B.reshape(group, Mg * ow, kh * Wp)
+    Xt = np.zeros((group, L, Hp, Wp), Yb.dtype)  # channels first: each channel's GEMM writes its rows
+    step = _tile(2 * group * oh * kh * Wp * Yb.itemsize, tile_bytes)
+    for a in range(0, L, step):
+        y = Yb[a:a + step]
+        Yt = y.reshape(len(y), group, Mg, oh, ow).transpose(1, 0, 3, 2, 4).reshape(group, -1, Mg * ow)  # copied
+        R = (Yt @ B).reshape(group, len(y), oh, kh, Wp)
+        for di in range(kh):
+            Xt[:, a:a + step, di * dh:di * dh + oh] += R[:, :, :, di]
+    return Xt.transpose(1, 0, 2, 3)
+
+
+_DW_BANDED_WASTE = 12.0  # padded width over kernel width up to which a depthwise cotangent is banded
+
+
 def _dw_windows(X, kernel, strides, dilations, begin, end):
     """Every sample's windows, (B, C, O, K)."""
     cols = _windows_all(X, kernel, strides, dilations, begin, end)  # (B, C*K, O), offsets inside channels
@@ -314,16 +344,18 @@ def _input_cotangent_stride1(Yb, W, dilations, begin, end):
     return _conv1(Yb, Wt, [1] * len(kernel), dilations, pb, pe)
 
 
-def _banded_pays(W, padded, dilations):
+def _banded_pays(W, padded, dilations, waste=None):
     """Whether the input cotangent of a 2-D stride-1 convolution is better taken with a band
     matrix: for a narrow input, where the band's zeros (padded width over kernel width) cost
-    less than the small GEMMs of the other ways (measured: 0.5-0.7x the time for a width up to
-    three kernels, 1.2x at 3.3, 2.7x at 6), and the band is small."""
+    less than the other ways (measured: 0.5-0.7x the time of the small GEMMs for a width up to
+    three kernels, 1.2x at 3.3, 2.7x at 6; for a depthwise kernel, see _DW_BANDED_WASTE), and
+    the band is small."""
     if W.ndim != 4:
         return False
     M, C, kh, kw = W.shape
     ow = padded[1] - (kw - 1) * dilations[1]
-    return padded[1] <= _BANDED_WASTE * kw and M * ow * kh * C * padded[1] <= _BANDED_VALUES
+    limit = _BANDED_WASTE if waste is None else waste
+    return padded[1] <= limit * kw and M * ow * kh * C * padded[1] <= _BANDED_VALUES
 
 
 _BANDED_WASTE = 3.0  # padded width over kernel width up to which _input_cotangent_banded is used
@@ -410,6 +442,8 @@ class Conv:
                     Xp = _input_cotangent_shifted(flat, W, padded, d)
                 elif group == 1:
                     Xp = _input_cotangent(flat, W, padded, s, d)
+                elif _depthwise(W, group) and all(v == 1 for v in s) and _banded_pays(W, padded, d, _DW_BANDED_WASTE):
+                    Xp = _dw_input_cotangent_banded(flat, W, group, padded, d)
                 elif _depthwise(W, group):
                     Xp = _dw_input_cotangent(flat, W, group, padded, s, d)
                 else:
