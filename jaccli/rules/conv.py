@@ -257,36 +257,6 @@ def _dw_input_cotangent(Yb, W, group, padded, strides, dilations):
     return Xb
 
 
-def _dw_input_cotangent_banded(Yb, W, group, padded, dilations, tile_bytes=1 << 21):
-    """The depthwise input cotangent of a 2-D stride-1 convolution by band matrices, one per
-    channel (see _input_cotangent_banded): per channel and tile of images, one GEMM of the
-    cotangent's rows (its Mg outputs side by side) with the band of that channel's kernel,
-    then kernel-row shifted sums. 0.3-0.6x the time of the sums over offsets up to a padded
-    width of a dozen kernel widths (measured), where the band's zeros cost more."""
-    L, M, oh, ow = Yb.shape
-    kh, kw = W.shape[2:]
-    Hp, Wp = padded
-    dh, dw = dilations
-    Mg = M // group
-    B = np.zeros((group, Mg, ow, kh, Wp), Yb.dtype)
-    Wr = W.reshape(group, Mg, kh, kw).astype(Yb.dtype, copy=False)
-    for j in range(ow):
-        B[:, :, j, :, j:j + (kw - 1) * dw + 1:dw] = Wr
-    B = B.reshape(group, Mg * ow, kh * Wp)
-    Xt = np.zeros((group, L, Hp, Wp), Yb.dtype)  # channels first: each channel's GEMM writes its rows
-    step = _tile(2 * group * oh * kh * Wp * Yb.itemsize, tile_bytes)
-    for a in range(0, L, step):
-        y = Yb[a:a + step]
-        Yt = y.reshape(len(y), group, Mg, oh, ow).transpose(1, 0, 3, 2, 4).reshape(group, -1, Mg * ow)  # copied
-        R = (Yt @ B).reshape(group, len(y), oh, kh, Wp)
-        for di in range(kh):
-            Xt[:, a:a + step, di * dh:di * dh + oh] += R[:, :, :, di]
-    return Xt.transpose(1, 0, 2, 3)
-
-
-_DW_BANDED_WASTE = 12.0  # padded width over kernel width up to which a depthwise cotangent is banded
-
-
 def _dw_windows(X, kernel, strides, dilations, begin, end):
     """Every sample's windows, (B, C, O, K)."""
     cols = _windows_all(X, kernel, strides, dilations, begin, end)  # (B, C*K, O), offsets inside channels
@@ -344,48 +314,53 @@ def _input_cotangent_stride1(Yb, W, dilations, begin, end):
     return _conv1(Yb, Wt, [1] * len(kernel), dilations, pb, pe)
 
 
-def _banded_pays(W, padded, dilations, waste=None):
-    """Whether the input cotangent of a 2-D stride-1 convolution is better taken with a band
-    matrix: for a narrow input, where the band's zeros (padded width over kernel width) cost
-    less than the other ways (measured: 0.5-0.7x the time of the small GEMMs for a width up to
-    three kernels, 1.2x at 3.3, 2.7x at 6; for a depthwise kernel, see _DW_BANDED_WASTE), and
-    the band is small."""
+def _banded_pays(W, padded, dilations, waste):
+    """Whether the input cotangent of a 2-D stride-1 convolution is better taken with band
+    matrices: for a narrow input, where the band's zeros (padded width over kernel width, at
+    most `waste`) cost less than the other ways, and the bands are small."""
     if W.ndim != 4:
         return False
-    M, C, kh, kw = W.shape
+    M, Cg, kh, kw = W.shape
     ow = padded[1] - (kw - 1) * dilations[1]
-    limit = _BANDED_WASTE if waste is None else waste
-    return padded[1] <= limit * kw and M * ow * kh * C * padded[1] <= _BANDED_VALUES
+    return padded[1] <= waste * kw and M * ow * kh * Cg * padded[1] <= _BANDED_VALUES
 
 
-_BANDED_WASTE = 3.0  # padded width over kernel width up to which _input_cotangent_banded is used
-_BANDED_VALUES = 1 << 21  # its band matrix's size at most
+_BANDED_WASTE = 3.0  # padded width over kernel width up to which a dense kernel's cotangent is banded:
+# 0.5-0.7x the time of the small GEMMs up to three kernel widths, 1.2x at 3.3, 2.7x at 6 (measured)
+_DW_BANDED_WASTE = 12.0  # the same for a depthwise kernel: 0.3-0.6x the sums over offsets up to
+# twelve kernel widths, 1.3x at 19 (measured)
+_BANDED_VALUES = 1 << 21  # the bands' size at most
 
 
-def _input_cotangent_banded(Yb, W, padded, dilations, tile_bytes=1 << 21):
+def _input_cotangent_banded(Yb, W, group, padded, dilations, tile_bytes=1 << 21):
     """Cotangent of the padded input (L, C, Hp, Wp) of a 2-D stride-1 convolution from Yb
-    (L, M, oh, ow): an output row (i, all of its M channels and ow columns) adds into input
-    rows i + di * dh of every channel through a band matrix B (M * ow, kh * C * Wp), which
-    holds kernel row di's weights along the diagonals j + dj * dw. Per tile of images, one
-    GEMM of all their output rows with B (an input of a few kernel widths wastes little on
-    the band's zeros), then kh shifted sums of whole rows."""
+    (L, M, oh, ow), for `group` groups of Cg input and Mg output channels (one group: a dense
+    kernel; one input channel per group: depthwise). An output row i (a group's Mg channels
+    and ow columns) adds into input rows i + di * dh of the group's channels through a band
+    matrix B (Mg * ow, kh * Cg * Wp), which holds kernel row di's weights along the diagonals
+    j + dj * dw. Per group and tile of images, one GEMM of all their output rows with B (an
+    input of a few kernel widths wastes little on the band's zeros), then kh shifted sums of
+    whole rows."""
     L, M, oh, ow = Yb.shape
-    C, kh, kw = W.shape[1:]
+    Cg, kh, kw = W.shape[1:]
     Hp, Wp = padded
     dh, dw = dilations
-    B = np.zeros((M, ow, kh, C, Wp), Yb.dtype)
-    Wt = W.transpose(0, 2, 1, 3).astype(Yb.dtype, copy=False)  # (M, kh, C, kw)
+    g, Mg = group, M // group
+    B = np.zeros((g, Mg, ow, kh, Cg, Wp), Yb.dtype)
+    Wt = W.reshape(g, Mg, Cg, kh, kw).transpose(0, 1, 3, 2, 4).astype(Yb.dtype, copy=False)  # (g, Mg, kh, Cg, kw)
     for j in range(ow):
-        B[:, j, :, :, j:j + (kw - 1) * dw + 1:dw] = Wt
-    B = B.reshape(M * ow, kh * C * Wp)
-    Xt = np.zeros((L, Hp, C * Wp), Yb.dtype)  # rows first: each sum below adds whole rows
-    step = _tile(2 * oh * kh * C * Wp * Yb.itemsize, tile_bytes)
+        B[..., j, :, :, j:j + (kw - 1) * dw + 1:dw] = Wt
+    B = B.reshape(g, Mg * ow, kh * Cg * Wp)
+    Xt = np.zeros((g, L, Hp, Cg * Wp), Yb.dtype)  # rows last but one: each sum below adds whole rows
+    step = _tile(2 * g * oh * kh * Cg * Wp * Yb.itemsize, tile_bytes)
     for a in range(0, L, step):
-        Yt = Yb[a:a + step].transpose(0, 2, 1, 3).reshape(-1, M * ow)  # (l * oh, M * ow), copied
-        R = (Yt @ B).reshape(-1, oh, kh, C * Wp)
+        y = Yb[a:a + step]
+        Yt = y.reshape(len(y), g, Mg, oh, ow).transpose(1, 0, 3, 2, 4).reshape(g, -1, Mg * ow)  # copied
+        R = (Yt @ B).reshape(g, len(y), oh, kh, Cg * Wp)
         for di in range(kh):
-            Xt[a:a + step, di * dh:di * dh + oh] += R[:, :, di]
-    return Xt.reshape(L, Hp, C, Wp).transpose(0, 2, 1, 3)
+            Xt[:, a:a + step, di * dh:di * dh + oh] += R[:, :, :, di]
+    X5 = Xt.reshape(g, L, Hp, Cg, Wp).transpose(1, 0, 3, 2, 4)  # (L, g, Cg, Hp, Wp), a view
+    return X5[:, 0] if g == 1 else X5.reshape(L, g * Cg, Hp, Wp)
 
 
 @rule("Conv", since=1)
@@ -432,18 +407,16 @@ class Conv:
             flat, head = lead_flat(Ybar, X.ndim - 1)  # (L, M, *out)
             padded = [n + b + e for n, b, e in zip(X.shape[2:], begin, end)]
             Xb = None
-            if group == 1 and all(v == 1 for v in s):
-                if _banded_pays(W, padded, d):
-                    Xb = unpad(_input_cotangent_banded(flat, W, padded, d), begin, end)
-                else:
-                    Xb = _input_cotangent_stride1(flat, W, d, begin, end)
+            stride1 = all(v == 1 for v in s)
+            if stride1 and _banded_pays(W, padded, d, _DW_BANDED_WASTE if _depthwise(W, group) else _BANDED_WASTE):
+                Xb = unpad(_input_cotangent_banded(flat, W, group, padded, d), begin, end)
+            elif group == 1 and stride1:
+                Xb = _input_cotangent_stride1(flat, W, d, begin, end)
             if Xb is None:
-                if group == 1 and all(v == 1 for v in s):
+                if group == 1 and stride1:
                     Xp = _input_cotangent_shifted(flat, W, padded, d)
                 elif group == 1:
                     Xp = _input_cotangent(flat, W, padded, s, d)
-                elif _depthwise(W, group) and all(v == 1 for v in s) and _banded_pays(W, padded, d, _DW_BANDED_WASTE):
-                    Xp = _dw_input_cotangent_banded(flat, W, group, padded, d)
                 elif _depthwise(W, group):
                     Xp = _dw_input_cotangent(flat, W, group, padded, s, d)
                 else:
