@@ -171,10 +171,10 @@ def _measure(plan, model, feeds, of, N):
     try:
         env = walk.primal(plan, _slice_samples(feeds, 0, 1))
     except JaccliError as e:
-        fixed = next((v for v in model.inputs if v.shape and isinstance(v.shape[0], int) and v.shape[0] > 1), None)
-        if fixed is None:
+        fixed, size = model.fixed_batch()
+        if not size or size == 1:
             raise
-        raise DataError(f"input '{fixed.name}' is declared with a batch of {fixed.shape[0]} and the graph does not run on "
+        raise DataError(f"input '{fixed.name}' is declared with a batch of {size} and the graph does not run on "
                         f"one sample ({e}): export the model with a dynamic batch axis") from None
     y0 = env[of]
     _check_sample_axis(y0, 1, of)
@@ -195,7 +195,7 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
             twice = {k: np.concatenate([v[:1], v[:1]]) if np.ndim(v) else v for k, v in _slice_samples(feeds, 0, 1).items()}
             _note_mixed_rows(plan, walk.primal(plan, twice))
         return N
-    fixed = any(v.shape and v.shape[0] == 1 for v in model.inputs)
+    fixed = model.fixed_batch()[1] == 1
     try:
         env01 = walk.primal(plan, _slice_samples(feeds, 0, 2))
         y01 = env01[of]

@@ -121,6 +121,13 @@ class Model:
             stack.extend(producer[v] for v in self.nodes[i].inputs if v in producer)
         return [self.nodes[i] for i in sorted(keep)]
 
+    def fixed_batch(self):
+        """The input whose batch axis is declared as the smallest number (exported without a
+        dynamic batch), and that number; (None, None) if every batch is symbolic."""
+        fixed = [v for v in self.inputs if v.shape and isinstance(v.shape[0], int)]
+        v = min(fixed, key=lambda v: v.shape[0], default=None)
+        return (v, v.shape[0]) if v is not None else (None, None)
+
     def parameters(self, of, scalars=False):
         """Float initializers that reach output `of` through a differentiable input slot, in file
         order; 0-d ones (exporters store constants such as GELU's 0.5 that way) only with `scalars`.

@@ -495,7 +495,7 @@ def _forward(model, feeds, name, dtype, params=None, flat=True):
     plan.params.update({k: np.asarray(v, dtype) for k, v in (params or {}).items()})
     cast = {k: (v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v) for k, v in feeds.items()}
     n = next(iter(feeds.values())).shape[0]
-    if any(v.shape and v.shape[0] == 1 for v in model.inputs):  # a batch fixed at 1: one sample at a time
+    if model.fixed_batch()[1] == 1:  # one sample at a time, as the drivers run such a model
         y = np.concatenate([walk.primal(plan, _slice_samples(cast, i, i + 1))[name] for i in range(n)])
     else:
         y = walk.primal(plan, cast)[name]

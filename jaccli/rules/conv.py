@@ -257,40 +257,6 @@ def _dw_input_cotangent(Yb, W, group, padded, strides, dilations):
     return Xb
 
 
-def _dw_windows(X, kernel, strides, dilations, begin, end):
-    """Every sample's windows, (B, C, O, K)."""
-    cols = _windows_all(X, kernel, strides, dilations, begin, end)  # (B, C*K, O), offsets inside channels
-    B, C = X.shape[:2]
-    return np.swapaxes(cols.reshape(B, C, -1, cols.shape[-1]), -1, -2)
-
-
-def _dw_weight_cotangent(Ybar, cols, W, group, lead, keep):
-    """Per-sample (keep) or summed kernel cotangent from Ybar (*lead, N, C * Mg, *out) and the
-    windows (N, C, O, K): per sample and channel, (T * Mg, O) @ (O, K)."""
-    N, C, O, K = cols.shape
-    head = Ybar.shape[:lead]
-    T = int(np.prod(head))
-    Mg = W.shape[0] // group
-    Yn = Ybar.reshape(T, N, C, Mg, O)
-    if keep:
-        Yn = np.moveaxis(Yn, 0, 2).reshape(N, C, T * Mg, O)
-        Wb = (Yn @ cols).reshape(N, C, T, Mg, K)
-        return np.moveaxis(Wb, 2, 0).reshape(head + (N,) + W.shape)
-    Wb = np.einsum("tncmo,ncok->tcmk", Yn, cols, optimize=True)
-    return Wb.reshape(head + W.shape)
-
-
-def _dw_apply_many(cols, Wflat, out):
-    """The windows (B, C, O, K) against L kernels (L, C * Mg, 1, *k) -> (L, B, C * Mg, *out): per
-    channel, (B * O, K) @ (K, L * Mg)."""
-    B, C, O, K = cols.shape
-    L, M = Wflat.shape[:2]
-    Wc = np.swapaxes(Wflat.reshape(L, C, M // C, K), 0, 1).reshape(C, L * (M // C), K)  # (C, L*Mg, K)
-    Y = np.swapaxes(cols, 0, 1).reshape(C, B * O, K) @ np.swapaxes(Wc, -1, -2)  # (C, B*O, L*Mg)
-    Y = Y.reshape(C, B, O, L, M // C)
-    return Y.transpose(3, 1, 0, 4, 2).reshape(L, B, M, *out)
-
-
 def _conv(X, W, group, strides, dilations, begin, end):
     if group == 1:
         return _conv1(X, W, strides, dilations, begin, end)
@@ -387,10 +353,7 @@ class Conv:
             terms.append(Y.reshape(head + Y.shape[1:]))
         if Wdot is not None:
             flat, head = lead_flat(Wdot, W.ndim)  # (L, M, C/g, *k)
-            if _depthwise(W, group):
-                Y = _dw_apply_many(_dw_windows(X, W.shape[2:], s, d, begin, end), flat, cx.y[0].shape[2:])
-            else:
-                Y = _apply_many(_cols(X, W.shape[2:], s, d, begin, end), flat, group)
+            Y = _apply_many(_cols(X, W.shape[2:], s, d, begin, end), flat, group)
             terms.append(Y.reshape(head + Y.shape[1:]))
         if Bdot is not None:
             terms.append(_bias_tangent(Bdot, cx.y[0]))
@@ -426,8 +389,6 @@ class Conv:
             Xbar = Xb.reshape(head + X.shape[1:])
         if cx.need[1] and group == 1:
             Wbar = _weight_cotangent1(Ybar, _windows_all(X, kernel, s, d, begin, end), W, lead, cx.keep[1])
-        elif cx.need[1] and _depthwise(W, group):
-            Wbar = _dw_weight_cotangent(Ybar, _dw_windows(X, kernel, s, d, begin, end), W, group, lead, cx.keep[1])
         elif cx.need[1]:
             cols = _cols(X, kernel, s, d, begin, end)
             Wbar = _weight_cotangent(Ybar, cols, W, group, lead, cx.keep[1])
@@ -540,7 +501,8 @@ def _weight_cotangent1(Ybar, cols, W, lead, keep):
 
 
 def _weight_cotangent(Ybar, cols, W, group, lead, keep):
-    """Per-sample (keep) or summed kernel cotangent from Ybar (*lead, N, M, *out) and windows of X."""
+    """Per-sample (keep) or summed kernel cotangent from Ybar (*lead, N, M, *out) and windows of X:
+    per sample and group, every direction's rows in one GEMM, (T * Mg, O) @ (O, Cg * k)."""
     nd = W.ndim - 2
     N, C = cols.shape[:2]
     out = cols.shape[2 : 2 + nd]
@@ -548,14 +510,14 @@ def _weight_cotangent(Ybar, cols, W, group, lead, keep):
     M = W.shape[0]
     g = group
     head = Ybar.shape[:lead]
+    T = int(np.prod(head))
     P = cols.reshape(N, g, C // g, *out, *W.shape[2:])
     P = np.moveaxis(P, 2, 2 + nd).reshape(N, g, O, -1)  # (N, g, O, Cg*k)
-    Yg = Ybar.reshape(head + (N, g, M // g, O))
+    Yg = Ybar.reshape(T, N, g, M // g, O)
     if keep:
-        Wb = Yg @ P  # (*lead, N, g, Mg, Cg*k)
-        return Wb.reshape(head + (N,) + W.shape)
-    Yf = Yg.reshape((-1, N, g, M // g, O))
-    Wb = np.einsum("lngmo,ngok->lgmk", Yf, P, optimize=True)
+        Wb = (np.moveaxis(Yg, 0, 2).reshape(N, g, T * (M // g), O) @ P).reshape(N, g, T, M // g, -1)
+        return np.moveaxis(Wb, 2, 0).reshape(head + (N,) + W.shape)
+    Wb = np.einsum("tngmo,ngok->tgmk", Yg, P, optimize=True)
     return Wb.reshape(head + W.shape)
 
 

@@ -110,7 +110,7 @@ class MaxPool:
         nd = len(kernel_shape)
         out = idx.shape[2:]
         padded = tuple(n + b + e for n, b, e in zip(X.shape[2:], begin, end))
-        if list(s) == list(kernel_shape) and all(v == 1 for v in d):  # windows tile the input
+        if _tiles(padded, kernel_shape, s, d) is not None:  # windows tile the input
             return (unpad(_tiled_max_cotangent(Ybar, idx, kernel_shape, padded), begin, end),)
         Xb = np.zeros(Ybar.shape[: Ybar.ndim - nd] + padded, dtype=Ybar.dtype)
         disjoint = not _overlap(kernel_shape, s, d)
