@@ -128,31 +128,63 @@ def _slice_samples(feeds, a, b):
     return {k: (v[a:b] if v.ndim else v) for k, v in feeds.items()}
 
 
+def _pad_samples(feeds, n):
+    """The feeds with n samples: theirs, then copies of their last one."""
+    def pad(v):
+        return np.concatenate([v, np.repeat(v[-1:], n - len(v), axis=0)]) if v.ndim and len(v) < n else v
+
+    return {k: pad(v) for k, v in feeds.items()}
+
+
+def in_runs(fn, feeds, size):
+    """fn(feeds of one run) over all samples in runs of exactly `size` (None: one run), the last
+    padded with copies of its last sample; the results, samples first, concatenated without the
+    padding. A model whose declared batch is fixed runs only in such runs."""
+    n = next(iter(feeds.values())).shape[0]
+    if not size:
+        return fn(feeds)
+    return np.concatenate([fn(_pad_samples(_slice_samples(feeds, a, a + size), size))[: min(size, n - a)]
+                           for a in range(0, n, size)])
+
+
 # ---- chunking ---------------------------------------------------------------------------------
 
 
-def choose_chunks(N, T, est, max_memory, extra_per_sd=0.0):
-    """Samples and directions per chunk so that one chunk's working set fits max_memory bytes."""
-    b_s = est["bytes_primal"]
-    b_sd = est["bytes_per_direction"] + extra_per_sd
+def choose_chunks(N, T, est, max_memory, extra_per_sd=0.0, run_size=0):
+    """Samples and directions per chunk so that one chunk's working set fits max_memory bytes.
+    With `run_size` (a model's fixed batch), every run takes that many samples, N of them real
+    (all, or one when the graph's rows mix samples): chunks of exactly N samples."""
+    runs = run_size or 1  # samples that go together
+    b_s = est["bytes_primal"] * runs
+    b_sd = (est["bytes_per_direction"] + extra_per_sd) * runs
     # the estimate counts the values that live; the rules' temporaries (a derivative and its
     # product, a cotangent before it is copied into the result) and the summary's take about as
     # much again: plan for half of the budget
     budget = max_memory / 2
     if b_s + b_sd > budget:
+        what = f"a run of {run_size} samples (the model's fixed batch)" if run_size else "one sample"
         raise MemoryBudgetError(
-            f"one sample and one direction need about {gib(2 * (b_s + b_sd))} with temporaries, over "
+            f"{what} and one direction need about {gib(2 * (b_s + b_sd))} with temporaries, over "
             f"--max-memory ({gib(max_memory)})"
         )
     n_c = int(budget // (b_s + T * b_sd))
+    if run_size and n_c < 1 and N > 1:  # rows in parts come one sample at a time, and a run is N of them
+        raise MemoryBudgetError(
+            f"a run of {run_size} samples (the model's fixed batch) with all {T} directions needs about "
+            f"{gib(2 * (b_s + T * b_sd))} with temporaries, over --max-memory ({gib(max_memory)}): raise it, or ask "
+            f"for fewer outputs"
+        )
+    if run_size:
+        return N, T if n_c >= 1 else max(1, min(T, int((budget - b_s) // b_sd)))
     if n_c >= 1:
         return min(N, n_c), T
     return 1, max(1, min(T, int((budget - b_s) // b_sd)))
 
 
 def _prepared(model, of, wrt, dtype, per_sample, feeds, N):
-    """The plan and its measurements (estimates, output shape, samples per run), cached on the
-    model: they depend on the graph and the per-sample shapes, not on the values."""
+    """The plan and its measurements (estimates, output shape, samples per run, the samples a
+    run's feeds must have or 0, see _measure), cached on the model: they depend on the graph
+    and the per-sample shapes, not on the values."""
     key = (of, tuple(wrt), np.dtype(dtype).str, per_sample)
     if key not in model.plans:
         model.plans[key] = (Plan(model, of, wrt, dtype, per_sample=per_sample), {})
@@ -160,26 +192,55 @@ def _prepared(model, of, wrt, dtype, per_sample, feeds, N):
     shapes = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(feeds.items())) + (min(N, 2),)
     if shapes not in probes:
         probes[shapes] = _measure(plan, model, feeds, of, N)
-    est, y0, per_run, wrt_shapes = probes[shapes]
-    return plan, (est, y0, per_run if per_run == 1 else N, wrt_shapes)
+    est, y0, per_run, run_size, wrt_shapes = probes[shapes]
+    return plan, (est, y0, per_run if per_run == 1 or run_size else N, run_size, wrt_shapes)
 
 
 def _measure(plan, model, feeds, of, N):
     """Estimates from a primal pass over the first sample, that sample's output, the most
-    samples one run may take (N, or 1 for a model whose declared batch is fixed at 1), and the
-    per-sample shapes of the values differentiated with respect to that are not inputs."""
+    samples one run may take (N, or 1 for a model whose declared batch is fixed at 1), the
+    samples a run's feeds must have (0: any number; a batch fixed above 1 that the graph bakes
+    in: that batch, padded), and the per-sample shapes of the values differentiated with
+    respect to that are not inputs."""
+    fixed, size = model.fixed_batch()
     try:
         env = walk.primal(plan, _slice_samples(feeds, 0, 1))
+        n = 1
     except JaccliError as e:
-        fixed, size = model.fixed_batch()
         if not size or size == 1:
             raise
-        raise DataError(f"input '{fixed.name}' is declared with a batch of {size} and the graph does not run on "
-                        f"one sample ({e}): export the model with a dynamic batch axis") from None
+        try:  # the graph may run on its declared batch only: runs of exactly that many samples
+            env = walk.primal(plan, _pad_samples(_slice_samples(feeds, 0, size), size))
+        except JaccliError:
+            raise DataError(f"input '{fixed.name}' is declared with a batch of {size} and the graph runs neither on one "
+                            f"sample nor on {size} ({e})") from None
+        n = size
     y0 = env[of]
-    _check_sample_axis(y0, 1, of)
-    inner = {w: _value_shape(plan, feeds, w) for w in plan.wrt if w not in feeds and not plan.per_sample}
-    return plan.estimate(env, 1), y0, _samples_per_run(plan, model, feeds, of, N, y0), inner
+    _check_sample_axis(y0, n, of)
+    inner = {w: _value_shape(plan, feeds, w, n) for w in plan.wrt if w not in feeds and not plan.per_sample}
+    if n > 1:
+        return plan.estimate(env, n), y0, _fixed_runs(plan, feeds, of, env, size), size, inner
+    return plan.estimate(env, 1), y0, _samples_per_run(plan, model, feeds, of, N, y0), 0, inner
+
+
+def _fixed_runs(plan, feeds, of, env, size):
+    """Real samples per run of a graph that runs on its declared batch only (`size` samples; env
+    a run of the first ones). Each sample's output must come from that sample alone: the first
+    sample's output is the same with copies of it in the other places. Where the rows mix
+    samples (see _rows_mix_samples), a run holds one sample, padded, as such graphs run one
+    sample at a time; the other places get no cotangent (see param_jacobian)."""
+    alone = walk.primal(plan, _pad_samples(_slice_samples(feeds, 0, 1), size))[of]
+    if not _same(env[of][0], alone[0]):
+        raise DataError(f"output '{of}' of sample 0 changes when other samples are in the same batch: the model "
+                        f"mixes samples, so per-sample Jacobians are not defined for it")
+    return 1 if plan.per_sample and _note_mixed_rows(plan, env, size) else size
+
+
+def _run_notes(model, run_size):
+    if not run_size:
+        return []
+    return [f"runs of {run_size} samples: input '{model.fixed_batch()[0].name}' is declared with a batch of {run_size}, "
+            f"which the graph bakes in; a run short of it is padded with copies of its last sample"]
 
 
 def _samples_per_run(plan, model, feeds, of, N, y0):
@@ -192,8 +253,7 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
     """
     if N < 2:
         if plan.per_sample:  # one sample twice: the shapes show whether some rows mix samples
-            twice = {k: np.concatenate([v[:1], v[:1]]) if np.ndim(v) else v for k, v in _slice_samples(feeds, 0, 1).items()}
-            _note_mixed_rows(plan, walk.primal(plan, twice))
+            _note_mixed_rows(plan, walk.primal(plan, _pad_samples(_slice_samples(feeds, 0, 1), 2)))
         return N
     fixed = model.fixed_batch()[1] == 1
     try:
@@ -224,10 +284,10 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
     return N
 
 
-def _note_mixed_rows(plan, env):
+def _note_mixed_rows(plan, env, n=2):
     """Whether some rows mix samples (see _rows_mix_samples); if so the plan runs one sample at a
     time with plain cotangents (plan.rows_mix_samples), and says so in the summary."""
-    mixed = _rows_mix_samples(plan, env)
+    mixed = _rows_mix_samples(plan, env, n)
     if mixed is not None and not plan.rows_mix_samples:
         plan.rows_mix_samples = True
         plan.notes.append(f"one sample per run: node '{mixed.node.name}' ({mixed.node.op_type}) reads values whose first axis "
@@ -289,7 +349,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
         raise UsageError(f"'{wrt_v.name}' is not a float tensor; it cannot be differentiated")
     of_v = model.output(of)
     feeds, N = prepare_feeds(model, x, dtype)
-    plan, (est, y1, per_run, wrt_shapes) = _prepared(model, of_v.name, [wrt_v.name], dtype, False, feeds, N)
+    plan, (est, y1, per_run, run_size, wrt_shapes) = _prepared(model, of_v.name, [wrt_v.name], dtype, False, feeds, N)
     out_shape = y1.shape[1:]
     in_shape = feeds[wrt_v.name].shape[1:] if wrt_v.name in feeds else wrt_shapes[wrt_v.name]
     n_out, n_in = int(np.prod(out_shape)), int(np.prod(in_shape))
@@ -300,9 +360,10 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
 
     def chunks(mode):  # directions (inputs forward, outputs reverse), samples and directions per chunk
         T = n_in if mode == "forward" else n_sel
-        return (T,) + choose_chunks(per_run, T, est, max_memory, extra_per_sd=(n_sel if mode == "forward" else n_in) * dtype.itemsize)
+        extra = (n_sel if mode == "forward" else n_in) * dtype.itemsize
+        return (T,) + choose_chunks(per_run, T, est, max_memory, extra_per_sd=extra, run_size=run_size)
 
-    notes = []
+    notes = _run_notes(model, run_size)
     if mode == "auto":
         mode = "forward" if n_in < n_sel else "reverse"
         if mode == "forward" and chunks(mode)[2] < n_in:  # forward fills columns: a sample must fit whole
@@ -341,18 +402,19 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
                 home.shape = (e - s, n) + tuple(in_shape)  # splits the contiguous last axis: a view
                 walk.vjp_identity(plan, env, sel[s:e], [wrt_v.name], dtype, sinks={wrt_v.name: home})
 
-    _fill_blocks(plan, feeds, res, T, fill, target, on_block)
+    _fill_blocks(plan, feeds, res, T, fill, target, on_block, run_size)
     res.seconds = time.perf_counter() - t0
     return res if return_result else res.value
 
 
-def _value_shape(plan, feeds, name):
+def _value_shape(plan, feeds, name, size=1):
     """The per-sample shape of an intermediate value differentiated with respect to; it must
-    carry the sample axis first and be a float tensor."""
+    carry the sample axis first and be a float tensor. `size`: samples per run (a fixed batch)."""
     if name not in plan.batched:
         raise UsageError(f"value '{name}' does not depend on the input samples; there is nothing to differentiate")
-    n = min(2, next(iter(feeds.values())).shape[0])  # two samples tell the sample axis from a dimension of 1
-    v = np.asarray(walk.primal(plan, _slice_samples(feeds, 0, n))[name])
+    # two samples tell the sample axis from a dimension of 1
+    n = size if size > 1 else min(2, next(iter(feeds.values())).shape[0])
+    v = np.asarray(walk.primal(plan, _pad_samples(_slice_samples(feeds, 0, n), n))[name])
     if not np.issubdtype(v.dtype, np.floating):
         raise UsageError(f"value '{name}' is a {v.dtype} tensor, not a float one; it cannot be differentiated")
     _check_sample_axis(v, n, name)
@@ -388,7 +450,7 @@ class ArrayTarget:
         pass
 
 
-def _fill_blocks(plan, feeds, res, T, fill, target, on_block):
+def _fill_blocks(plan, feeds, res, T, fill, target, on_block, run_size=0):
     """Fill the result block by block of samples, in order: for each, the primal pass, then
     `fill(env, rows, s0, s1, t_c, r0)` for directions s0..s1 in chunks of t_c, into rows whose
     directions start at r0. The model outputs are kept; a block is written to the target and
@@ -400,6 +462,10 @@ def _fill_blocks(plan, feeds, res, T, fill, target, on_block):
 
     When one sample's rows are more than the budget holds (res.block_rows), a block is one
     sample and that many of its rows: the blocks still come in the order of the result's bytes.
+
+    With `run_size` (a model's fixed batch), a block is one run, its feeds padded to that many
+    samples with copies of its last one, and split by directions only; its real samples are
+    res.chunks[0] (all, or one where the rows mix samples); the rows of the padding go nowhere.
     """
     target = target or ArrayTarget()
     N, (n_c, t_c) = res.shape[0], res.chunks
@@ -407,16 +473,19 @@ def _fill_blocks(plan, feeds, res, T, fill, target, on_block):
     target.open(res)
     R = res.block_rows or T
     parts = _parts(plan, res, T, n_c, t_c)
-    # blocks of nearly equal size (8 samples in chunks of at most 5: two of 4, not 5 and 3),
-    # so that their parts are balanced too
+    if run_size:
+        spans = [(a, min(N, a + n_c)) for a in range(0, N, n_c)]
+    else:  # blocks of nearly equal size (8 samples in chunks of at most 5: two of 4, not 5 and 3), so that their parts are balanced too
+        spans = parallel.split(0, N, -(-N // n_c))
     with parallel.section() if parts > 1 else contextlib.nullcontext():
-        for a, b in parallel.split(0, N, -(-N // n_c)):
+        for a, b in spans:
             env = None
 
             def primal(lo, hi):
-                values = walk.primal(plan, _slice_samples(feeds, lo, hi))
-                _check_sample_axis(values[res.of], hi - lo, res.of)
-                res.outputs[lo:hi] = values[res.of]
+                f = _slice_samples(feeds, lo, hi)
+                values = walk.primal(plan, _pad_samples(f, run_size) if run_size else f)
+                _check_sample_axis(values[res.of], run_size or hi - lo, res.of)
+                res.outputs[lo:hi] = values[res.of][: hi - lo]
                 return values
 
             def samples(block, lo, hi):
@@ -429,13 +498,16 @@ def _fill_blocks(plan, feeds, res, T, fill, target, on_block):
                 dirs = (r0, min(T, r0 + R))
                 rows = dirs if R < T else (0, res.flat_shape[1])  # directions are rows when in parts
                 block = target.block(res, a, b, rows)
-                if b - a >= parts and R == T:
+                work = block if b - a == n_c or not run_size else np.empty((n_c,) + block.shape[1:], block.dtype)
+                if b - a >= parts and R == T and not run_size:
                     parallel.run([samples(block, lo, hi) for lo, hi in parallel.split(a, b, parts)])
                 else:  # k parts of `step` directions each hold no more than one chunk: n_c x t_c
                     env = primal(a, b) if env is None else env
                     k = min(parts, max(1, n_c * t_c // (b - a)))
                     step = max(1, n_c * t_c // ((b - a) * k))
-                    parallel.run([directions(env, block, s, e, step, r0) for s, e in parallel.split(*dirs, k)])
+                    parallel.run([directions(env, work, s, e, step, r0) for s, e in parallel.split(*dirs, k)])
+                if work is not block:
+                    block[...] = work[: b - a]
                 target.write(res, a, b, block, rows)
                 if on_block:
                     on_block(res, a, b, block, rows)
@@ -580,7 +652,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     if not names:
         raise UsageError(f"output '{of_v.name}' depends on no float parameter")
     feeds, N = prepare_feeds(model, x, dtype)
-    plan, (est, y1, per_run, _) = _prepared(model, of_v.name, names, dtype, True, feeds, N)
+    plan, (est, y1, per_run, run_size, _) = _prepared(model, of_v.name, names, dtype, True, feeds, N)
     if of_v.name not in plan.batched:
         raise DataError(f"output '{of_v.name}' does not depend on the input samples")
     out_shape = y1.shape[1:]
@@ -595,9 +667,9 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
         off += int(p.size)
     P = off
     T = n_sel
-    n_c, t_c = choose_chunks(per_run, T, est, max_memory, extra_per_sd=P * dtype.itemsize)
+    n_c, t_c = choose_chunks(per_run, T, est, max_memory, extra_per_sd=P * dtype.itemsize, run_size=run_size)
     shape = (N, *out_shape, P) if outputs is None else (N, n_sel, P)
-    notes = list(plan.notes) if N > 1 else []
+    notes = (list(plan.notes) if N > 1 else []) + _run_notes(model, run_size)
     zero = [c["name"] for c in columns if c["name"] not in plan.active]
     if zero:
         notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")
@@ -608,8 +680,10 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
         for s in range(s0, s1, t_c):
             e = min(s1, s + t_c)
             sinks = {col["name"]: _sink(Jb[:, s - r0:e - r0], col) for col in columns}
-            walk.vjp(plan, env, walk.identity_seed(sel[s:e], env[of_v.name], dtype), names, sinks)
+            seed = walk.identity_seed(sel[s:e], env[of_v.name], dtype)
+            seed[:, len(Jb):] = 0  # a run of one sample padded to a fixed batch (see _fill_blocks): the padding's rows
+            walk.vjp(plan, env, seed, names, sinks)
 
-    _fill_blocks(plan, feeds, res, T, fill, target, on_block)
+    _fill_blocks(plan, feeds, res, T, fill, target, on_block, run_size)
     res.seconds = time.perf_counter() - t0
     return res if return_result else (res.value, columns)

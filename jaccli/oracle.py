@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .drivers import _first_float, _slice_samples, input_jacobian, param_jacobian, prepare_feeds
+from .drivers import _first_float, _pad_samples, _slice_samples, in_runs, input_jacobian, param_jacobian, prepare_feeds
 from .errors import ModelError
 from .model import load
 
@@ -115,6 +115,7 @@ class _Runner:
     each input's declared float type (a double model stays double)."""
 
     types: dict
+    batch = None  # the model's declared batch where it is fixed: runs take exactly that many samples
 
     @staticmethod
     def _model(proto, dtype):
@@ -247,7 +248,8 @@ def _oracle(proto, feeds, out_names, extra=None, model=None):
     """
     import time
 
-    probe = _slice_samples(feeds, 0, 1)
+    batch = model.fixed_batch()[1] if model is not None else None  # onnxruntime holds a model to its declared batch
+    probe = _pad_samples(_slice_samples(feeds, 0, 1), batch or 1)
     rng = np.random.default_rng(1)
     jitter = {k: (v * (1 + 1e-3 * rng.standard_normal(v.shape)) if np.issubdtype(v.dtype, np.floating) else v)
               for k, v in probe.items()}
@@ -270,6 +272,7 @@ def _oracle(proto, feeds, out_names, extra=None, model=None):
                 continue  # float32 differences, faster
             if dtype == np.float64 and reference is not None and not _agrees(y, reference, 1e-9):
                 continue  # not truly double precision: use a float32 oracle with float32 steps
+            o.batch = batch
             return o
     raise ModelError(f"neither onnxruntime nor onnx's reference evaluator can run this model: {str(last).splitlines()[0][:200]}")
 
@@ -471,23 +474,29 @@ def _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs):
 
 
 def _run_batched(oracle, feeds, name, extra=None):
-    """Run the oracle on all samples at once, or one by one if the model's batch is fixed (or
-    the oracle's output is not one row per sample: the reference evaluator's Loop over a
-    sequence has been seen to drop the batch)."""
+    """Run the oracle on all samples at once, or in runs of the model's fixed batch, or one by
+    one if that fails (the oracle's output is not one row per sample: the reference evaluator's
+    Loop over a sequence has been seen to drop the batch)."""
     extra = extra or {}  # values without a sample axis (the parameters being perturbed)
+
+    def run(f):
+        return oracle.run({**f, **extra}, [name])[0]
+
+    if oracle.batch:
+        return in_runs(run, feeds, oracle.batch).astype(np.float64)
     n = next(iter(feeds.values())).shape[0]
     try:
-        y = oracle.run({**feeds, **extra}, [name])[0]
+        y = run(feeds)
         if np.ndim(y) and np.shape(y)[0] == n:
             return y.astype(np.float64)
     except Exception:
         pass
-    parts = [oracle.run({**{k: v[i:i + 1] for k, v in feeds.items()}, **extra}, [name])[0] for i in range(n)]
-    return np.concatenate(parts).astype(np.float64)
+    return in_runs(run, feeds, 1).astype(np.float64)
 
 
 def _forward(model, feeds, name, dtype, params=None, flat=True):
-    """Our forward (flat per sample); `params` replace parameters (as the oracle feeds them)."""
+    """Our forward (flat per sample); `params` replace parameters (as the oracle feeds them).
+    A model whose declared batch is fixed runs in runs of that batch, as the drivers run it."""
     from . import walk
     from .plan import Plan
 
@@ -495,10 +504,7 @@ def _forward(model, feeds, name, dtype, params=None, flat=True):
     plan.params.update({k: np.asarray(v, dtype) for k, v in (params or {}).items()})
     cast = {k: (v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v) for k, v in feeds.items()}
     n = next(iter(feeds.values())).shape[0]
-    if model.fixed_batch()[1] == 1:  # one sample at a time, as the drivers run such a model
-        y = np.concatenate([walk.primal(plan, _slice_samples(cast, i, i + 1))[name] for i in range(n)])
-    else:
-        y = walk.primal(plan, cast)[name]
+    y = in_runs(lambda f: walk.primal(plan, f)[name], cast, model.fixed_batch()[1])
     return y.reshape(n, -1) if flat else y
 
 

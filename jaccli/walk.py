@@ -106,10 +106,11 @@ def _diagonal(plan, env, region, cache):
 
 def _one_sample(plan, env):
     """Whether per-sample cotangents are to be taken as plain (summed) ones, given a sample axis of
-    1: for a graph whose rows mix samples with another axis (a Reshape that merges the sample
-    axis with a sequence, as exporters write before a Gemm; plan.rows_mix_samples), which the
-    drivers run one sample at a time. Elsewhere the rules' own per-sample cotangents are faster."""
-    return plan.per_sample and plan.rows_mix_samples and np.shape(env[plan.of])[:1] == (1,)  # the output's axis 0: samples
+    1 at the sinks: for a graph whose rows mix samples with another axis (a Reshape that merges
+    the sample axis with a sequence, as exporters write before a Gemm; plan.rows_mix_samples),
+    which the drivers run one sample at a time (padded to a fixed batch, the padding's rows
+    seeded with nothing). Elsewhere the rules' own per-sample cotangents are faster."""
+    return plan.per_sample and plan.rows_mix_samples
 
 
 def vjp(plan: Plan, env: dict, Ybar, wrt, sinks=None):

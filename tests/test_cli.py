@@ -250,6 +250,8 @@ def test_oracle_runs_sample_by_sample_when_its_batch_is_wrong():
     from jaccli.oracle import _run_batched
 
     class Dropping:
+        batch = None  # the model's batch is not fixed
+
         def run(self, feeds, outputs):
             x, w = feeds["x"], feeds["w"]
             return [(x * w).sum(axis=0, keepdims=True)]  # right for one sample, wrong for several

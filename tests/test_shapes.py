@@ -61,16 +61,101 @@ def test_check_of_a_fixed_batch_of_one(tmp_path, params):
     assert d["ok"] and d["samples"] == 3, d
 
 
-@pytest.mark.parametrize("target", [[4, 12], [4, -1]])
-def test_a_batch_fixed_above_one_is_refused_in_one_line(target):
-    """A batch of 4 baked into a Reshape cannot be run on other batch sizes; the refusal says
-    to export with a dynamic batch axis rather than name a failing kernel."""
+def batch_of_four(target=(4, -1), reduce=False):
+    """Declared batch 4, baked into a Reshape (as a dynamo export without a dynamic batch axis
+    writes it); with `reduce`, a mean over the batch as well: samples mixed."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3, 2, 2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])
-    nodes = [helper.make_node("Reshape", ["x", "shape"], ["f"]), helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
-    m = model(nodes, [x], [y], [init("shape", np.array(target, np.int64)), init("W", W)])
-    with pytest.raises(DataError, match="dynamic batch axis|sample"):
-        jaccli.input_jacobian(m, RNG.standard_normal((4, 3, 2, 2)).astype(np.float32))
+    nodes = [helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("Reshape", ["t", "shape"], ["f"]),
+             helper.make_node("Gemm", ["f", "W"], ["g"], transB=1)]
+    if reduce:
+        nodes += [helper.make_node("ReduceMean", ["g"], ["m"], axes=[0], keepdims=1), helper.make_node("Sub", ["g", "m"], ["y"])]
+    else:
+        nodes += [helper.make_node("Identity", ["g"], ["y"])]
+    return model(nodes, [x], [y], [init("shape", np.array(target, np.int64)), init("W", W)])
+
+
+@pytest.mark.parametrize("n", [1, 4, 7, 9])
+def test_a_batch_fixed_above_one_runs_in_runs_of_it(n):
+    """A batch of 4 baked into a Reshape: the graph runs on 4 samples only. Runs of 4, the last
+    padded: every sample's Jacobians are right, whatever the number of samples, in memory and
+    written to a file block by block."""
+    x = RNG.standard_normal((n, 3, 2, 2)).astype(np.float32)
+    r = jaccli.input_jacobian(batch_of_four(), x, return_result=True)
+    assert r.value.shape == (n, 3, 3, 2, 2) and r.chunks[0] == 4
+    assert any("runs of 4 samples" in note for note in r.notes)
+    np.testing.assert_allclose(r.outputs, np.tanh(x.reshape(n, 12)) @ W.T, rtol=1e-5)
+    G, cols = jaccli.param_jacobian(batch_of_four(), x)
+    assert G.shape == (n, 3, 36)
+    for k in range(n):
+        d = 1 - np.tanh(x[k].ravel()) ** 2
+        np.testing.assert_allclose(r.value[k].reshape(3, 12), W * d, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(G[k], np.kron(np.eye(3), np.tanh(x[k].ravel())), rtol=1e-5, atol=1e-7)
+
+
+def test_a_fixed_batch_written_to_a_file(tmp_path):
+    from jaccli.io import FileTarget
+
+    x = RNG.standard_normal((6, 3, 2, 2)).astype(np.float32)
+    path = str(tmp_path / "J.npy")
+    t = FileTarget(path, "npy")
+    t.commit(jaccli.input_jacobian(batch_of_four(), x, target=t, return_result=True))
+    np.testing.assert_array_equal(np.load(path), jaccli.input_jacobian(batch_of_four(), x))
+    assert np.load(path).shape == (6, 3, 3, 2, 2)
+
+
+def test_a_fixed_batch_over_the_budget_is_refused_in_one_line():
+    """Rows in parts come one sample at a time, but a run holds four samples: refused, where
+    it would otherwise write the rows out of order; with room for the run, the same result."""
+    from jaccli.errors import MemoryBudgetError
+
+    x = RNG.standard_normal((6, 3, 2, 2)).astype(np.float32)
+    with pytest.raises(MemoryBudgetError, match="a run of 4 samples .* with all 3 directions"):
+        jaccli.input_jacobian(batch_of_four(), x, max_memory=5000)
+    np.testing.assert_array_equal(jaccli.input_jacobian(batch_of_four(), x, max_memory=8000), jaccli.input_jacobian(batch_of_four(), x))
+
+
+def test_a_fixed_batch_whose_rows_mix_samples():
+    """Rows of all four samples in one axis before a MatMul (as exporters flatten (N, S, D) to
+    (N*S, D)): the parameter Jacobian runs one sample per run of four, the padding seeded with
+    nothing; it is each sample's own."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 5, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 5, 2])
+    V = RNG.standard_normal((3, 2)).astype(np.float32)
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["f"]), helper.make_node("MatMul", ["f", "V"], ["h"]),
+             helper.make_node("Tanh", ["h"], ["t"]), helper.make_node("Reshape", ["t", "back"], ["y"])]
+    m = model(nodes, [x], [y], [init("flat", np.array([20, 3], np.int64)), init("back", np.array([4, 5, 2], np.int64)),
+                                init("V", V)])
+    xs = RNG.standard_normal((6, 5, 3)).astype(np.float32)
+    r = jaccli.param_jacobian(m, xs, return_result=True)
+    assert r.chunks[0] == 1 and r.value.shape == (6, 5, 2, 6)
+    for k in range(6):
+        d = 1 - np.tanh(xs[k] @ V) ** 2  # (5, 2): y[s, j] = tanh(sum_i x[s, i] V[i, j])
+        expected = np.einsum("si,jl,sj->sjil", xs[k], np.eye(2), d).reshape(5, 2, 6)
+        np.testing.assert_allclose(r.value[k], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_check_of_a_fixed_batch_above_one(tmp_path):
+    """onnxruntime holds the model to its declared batch: the oracle runs it in padded runs."""
+    from onnx import save
+
+    from jaccli.oracle import check
+
+    path = str(tmp_path / "fixed4.onnx")
+    save(batch_of_four(), path)
+    x = RNG.standard_normal((5, 3, 2, 2)).astype(np.float32)
+    for params in (False, True):
+        d = check(path, x, params=params, samples=5)
+        assert d["ok"] and d["oracle"] == "onnxruntime", d
+
+
+@pytest.mark.parametrize("kind", ["reduce", "shape"])
+def test_a_fixed_batch_that_cannot_be_run_is_refused_in_one_line(kind):
+    """A fixed batch whose samples mix (a mean over it), or whose graph runs on neither one
+    sample nor the batch (a Reshape to 3 rows of a batch of 4), is refused in one line."""
+    m = batch_of_four(reduce=True) if kind == "reduce" else batch_of_four(target=(3, 16))
+    with pytest.raises(DataError, match="mixes samples" if kind == "reduce" else "sample"):
+        jaccli.input_jacobian(m, RNG.standard_normal((6, 3, 2, 2)).astype(np.float32))
 
 
 def test_a_graph_that_mixes_samples_is_refused():
