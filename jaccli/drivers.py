@@ -205,6 +205,7 @@ def _measure(plan, model, feeds, of, N):
     fixed, size = model.fixed_batch()
     try:
         env = walk.primal(plan, _slice_samples(feeds, 0, 1))
+        _check_sample_axis(env[of], 1, of)  # a batch baked into an Expand runs, with the wrong rows
         n = 1
     except JaccliError as e:
         if not size or size == 1:

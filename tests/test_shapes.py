@@ -93,6 +93,19 @@ def test_a_batch_fixed_above_one_runs_in_runs_of_it(n):
         np.testing.assert_allclose(G[k], np.kron(np.eye(3), np.tanh(x[k].ravel())), rtol=1e-5, atol=1e-7)
 
 
+def test_a_fixed_batch_that_runs_on_one_sample_with_the_wrong_rows():
+    """A batch of 4 baked into a constant that the sample is added to (as an Expand to the
+    traced batch writes it) runs on one sample, but gives four rows: runs of 4 then."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])
+    nodes = [helper.make_node("Add", ["x", "C"], ["s"]), helper.make_node("Tanh", ["s"], ["y"])]
+    C = np.tile(RNG.standard_normal((1, 3)).astype(np.float32), (4, 1))
+    xs = RNG.standard_normal((5, 3)).astype(np.float32)
+    r = jaccli.input_jacobian(model(nodes, [x], [y], [init("C", C)]), xs, return_result=True)
+    assert r.chunks[0] == 4
+    np.testing.assert_allclose(r.value, np.stack([np.diag(1 - np.tanh(v + C[0]) ** 2) for v in xs]), rtol=1e-5)
+
+
 def test_a_fixed_batch_written_to_a_file(tmp_path):
     from jaccli.io import FileTarget
 
