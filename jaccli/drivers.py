@@ -682,7 +682,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
             e = min(s1, s + t_c)
             sinks = {col["name"]: _sink(Jb[:, s - r0:e - r0], col) for col in columns}
             seed = walk.identity_seed(sel[s:e], env[of_v.name], dtype)
-            seed[:, len(Jb):] = 0  # a run of one sample padded to a fixed batch (see _fill_blocks): the padding's rows
+            seed[:, len(Jb):] = 0  # no cotangent for the padding of a run of one sample to a fixed batch (see _fill_blocks)
             walk.vjp(plan, env, seed, names, sinks)
 
     _fill_blocks(plan, feeds, res, T, fill, target, on_block, run_size)
