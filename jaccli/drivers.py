@@ -152,8 +152,7 @@ def in_runs(fn, feeds, size):
 
 def choose_chunks(N, T, est, max_memory, extra_per_sd=0.0, run_size=0):
     """Samples and directions per chunk so that one chunk's working set fits max_memory bytes.
-    With `run_size` (a model's fixed batch), every run takes that many samples, N of them real
-    (all, or one when the graph's rows mix samples): chunks of exactly N samples."""
+    With `run_size` (a model's fixed batch, N), chunks of exactly N samples."""
     runs = run_size or 1  # samples that go together
     b_s = est["bytes_primal"] * runs
     b_sd = (est["bytes_per_direction"] + extra_per_sd) * runs
@@ -168,16 +167,14 @@ def choose_chunks(N, T, est, max_memory, extra_per_sd=0.0, run_size=0):
             f"--max-memory ({gib(max_memory)})"
         )
     n_c = int(budget // (b_s + T * b_sd))
-    if run_size and n_c < 1 and N > 1:  # rows in parts come one sample at a time, and a run is N of them
+    if run_size and n_c < 1:  # rows in parts come one sample at a time, and a run is several
         raise MemoryBudgetError(
             f"a run of {run_size} samples (the model's fixed batch) with all {T} directions needs about "
             f"{gib(2 * (b_s + T * b_sd))} with temporaries, over --max-memory ({gib(max_memory)}): raise it, or ask "
             f"for fewer outputs"
         )
-    if run_size:
-        return N, T if n_c >= 1 else max(1, min(T, int((budget - b_s) // b_sd)))
     if n_c >= 1:
-        return min(N, n_c), T
+        return (N if run_size else min(N, n_c)), T
     return 1, max(1, min(T, int((budget - b_s) // b_sd)))
 
 
@@ -225,16 +222,18 @@ def _measure(plan, model, feeds, of, N):
 
 
 def _fixed_runs(plan, feeds, of, env, size):
-    """Real samples per run of a graph that runs on its declared batch only (`size` samples; env
-    a run of the first ones). Each sample's output must come from that sample alone: the first
-    sample's output is the same with copies of it in the other places. Where the rows mix
-    samples (see _rows_mix_samples), a run holds one sample, padded, as such graphs run one
-    sample at a time; the other places get no cotangent (see param_jacobian)."""
+    """Samples per run of a graph that runs on its declared batch only (`size` samples; env a
+    run of the first ones): that batch. Each sample's output must come from that sample alone:
+    the first sample's output is the same with copies of it in the other places. Where the rows
+    mix samples (see _rows_mix_samples), the parameter Jacobian seeds one sample at a time
+    (see param_jacobian)."""
     alone = walk.primal(plan, _pad_samples(_slice_samples(feeds, 0, 1), size))[of]
     if not _same(env[of][0], alone[0]):
         raise DataError(f"output '{of}' of sample 0 changes when other samples are in the same batch: the model "
                         f"mixes samples, so per-sample Jacobians are not defined for it")
-    return 1 if plan.per_sample and _note_mixed_rows(plan, env, size) else size
+    if plan.per_sample:
+        _note_mixed_rows(plan, env, size)
+    return size
 
 
 def _run_notes(model, run_size):
@@ -291,7 +290,7 @@ def _note_mixed_rows(plan, env, n=2):
     mixed = _rows_mix_samples(plan, env, n)
     if mixed is not None and not plan.rows_mix_samples:
         plan.rows_mix_samples = True
-        plan.notes.append(f"one sample per run: node '{mixed.node.name}' ({mixed.node.op_type}) reads values whose first axis "
+        plan.notes.append(f"one sample at a time: node '{mixed.node.name}' ({mixed.node.op_type}) reads values whose first axis "
                           f"mixes the samples with another axis, so its rows cannot be assigned to samples in a batch")
     return mixed is not None
 
@@ -464,9 +463,8 @@ def _fill_blocks(plan, feeds, res, T, fill, target, on_block, run_size=0):
     When one sample's rows are more than the budget holds (res.block_rows), a block is one
     sample and that many of its rows: the blocks still come in the order of the result's bytes.
 
-    With `run_size` (a model's fixed batch), a block is one run, its feeds padded to that many
-    samples with copies of its last one, and split by directions only; its real samples are
-    res.chunks[0] (all, or one where the rows mix samples); the rows of the padding go nowhere.
+    With `run_size` (a model's fixed batch), a block is one run of that many samples, split by
+    directions only; the last is padded with copies of its last sample, whose rows go nowhere.
     """
     target = target or ArrayTarget()
     N, (n_c, t_c) = res.shape[0], res.chunks
@@ -680,10 +678,14 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     def fill(env, Jb, s0, s1, t_c, r0):  # directions s0..s1 into block Jb (samples, rows from r0, P)
         for s in range(s0, s1, t_c):
             e = min(s1, s + t_c)
-            sinks = {col["name"]: _sink(Jb[:, s - r0:e - r0], col) for col in columns}
-            seed = walk.identity_seed(sel[s:e], env[of_v.name], dtype)
-            seed[:, len(Jb):] = 0  # no cotangent for the padding of a run of one sample to a fixed batch (see _fill_blocks)
-            walk.vjp(plan, env, seed, names, sinks)
+            # where rows mix samples, one sample's seed at a time, in a run of one or of a fixed batch
+            for j in range(len(Jb)) if plan.rows_mix_samples else [None]:
+                rows = Jb if j is None else Jb[j:j + 1]
+                sinks = {col["name"]: _sink(rows[:, s - r0:e - r0], col) for col in columns}
+                seed = walk.identity_seed(sel[s:e], env[of_v.name], dtype)
+                if j is not None:
+                    seed[:, :j] = seed[:, j + 1:] = 0
+                walk.vjp(plan, env, seed, names, sinks)
 
     _fill_blocks(plan, feeds, res, T, fill, target, on_block, run_size)
     res.seconds = time.perf_counter() - t0

@@ -119,6 +119,6 @@ def test_rows_that_mix_samples_run_one_sample_at_a_time(time_major):
     r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
     want = fd_param_jacobian(m, {"x": x}, ["W", "b"], inits)
     assert rel_err(r.J, want) < 1e-6
-    assert r.chunks[0] == 1 and any("one sample per run" in n for n in r.notes)
+    assert r.chunks[0] == 1 and any("one sample at a time" in n for n in r.notes)
     one = jaccli.param_jacobian(m, x[:1], dtype=np.float64, return_result=True)  # one sample: probed twice over
     assert rel_err(one.J, want[:1]) < 1e-6

@@ -130,22 +130,29 @@ def test_a_fixed_batch_over_the_budget_is_refused_in_one_line():
 
 def test_a_fixed_batch_whose_rows_mix_samples():
     """Rows of all four samples in one axis before a MatMul (as exporters flatten (N, S, D) to
-    (N*S, D)): the parameter Jacobian runs one sample per run of four, the padding seeded with
-    nothing; it is each sample's own."""
+    (N*S, D)), then a state with a row per position in the batch (as tf2onnx bakes an RNN's
+    initial state): the parameter Jacobian seeds one sample at a time in each run of four, and
+    is each sample's own, at its place in its run (the state's rows of that place)."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 5, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 5, 2])
     V = RNG.standard_normal((3, 2)).astype(np.float32)
-    nodes = [helper.make_node("Reshape", ["x", "flat"], ["f"]), helper.make_node("MatMul", ["f", "V"], ["h"]),
-             helper.make_node("Tanh", ["h"], ["t"]), helper.make_node("Reshape", ["t", "back"], ["y"])]
+    S = RNG.standard_normal((20, 2)).astype(np.float32)
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["f"]), helper.make_node("MatMul", ["f", "V"], ["m"]),
+             helper.make_node("Add", ["m", "S"], ["h"]), helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("Reshape", ["t", "back"], ["y"])]
     m = model(nodes, [x], [y], [init("flat", np.array([20, 3], np.int64)), init("back", np.array([4, 5, 2], np.int64)),
-                                init("V", V)])
+                                init("V", V), init("S", S)])
     xs = RNG.standard_normal((6, 5, 3)).astype(np.float32)
     r = jaccli.param_jacobian(m, xs, return_result=True)
-    assert r.chunks[0] == 1 and r.value.shape == (6, 5, 2, 6)
+    assert r.chunks[0] == 4 and r.value.shape == (6, 5, 2, 46)
+    assert any("one sample at a time" in note for note in r.notes)
     for k in range(6):
-        d = 1 - np.tanh(xs[k] @ V) ** 2  # (5, 2): y[s, j] = tanh(sum_i x[s, i] V[i, j])
-        expected = np.einsum("si,jl,sj->sjil", xs[k], np.eye(2), d).reshape(5, 2, 6)
-        np.testing.assert_allclose(r.value[k], expected, rtol=1e-5, atol=1e-7)
+        rows = slice(k % 4 * 5, k % 4 * 5 + 5)  # the state's rows at the sample's place in its run
+        d = 1 - np.tanh(xs[k] @ V + S[rows]) ** 2  # (5, 2): y[s, j] = tanh(sum_i x[s, i] V[i, j] + S[5 p + s, j])
+        dV = np.einsum("si,jl,sj->sjil", xs[k], np.eye(2), d).reshape(5, 2, 6)
+        dS = np.zeros((5, 2, 20, 2), np.float32)
+        dS[:, :, rows][np.arange(5), :, np.arange(5)] = np.einsum("jl,sj->sjl", np.eye(2), d)
+        np.testing.assert_allclose(r.value[k], np.concatenate([dV, dS.reshape(5, 2, 40)], -1), rtol=1e-5, atol=1e-7)
 
 
 def test_check_of_a_fixed_batch_above_one(tmp_path):
