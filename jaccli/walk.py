@@ -108,8 +108,8 @@ def _one_sample(plan, env):
     """Whether per-sample cotangents are to be taken as plain (summed) ones, given a sample axis of
     1 at the sinks: for a graph whose rows mix samples with another axis (a Reshape that merges
     the sample axis with a sequence, as exporters write before a Gemm; plan.rows_mix_samples),
-    which the drivers run one sample at a time (padded to a fixed batch, the padding's rows
-    seeded with nothing). Elsewhere the rules' own per-sample cotangents are faster."""
+    which the drivers seed one sample at a time (in a run of one, or of a model's fixed batch).
+    Elsewhere the rules' own per-sample cotangents are faster."""
     return plan.per_sample and plan.rows_mix_samples
 
 
