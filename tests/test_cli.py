@@ -256,8 +256,13 @@ def test_oracle_runs_sample_by_sample_when_its_batch_is_wrong():
             x, w = feeds["x"], feeds["w"]
             return [(x * w).sum(axis=0, keepdims=True)]  # right for one sample, wrong for several
 
+    class DroppingTheAxis(Dropping):
+        def run(self, feeds, outputs):  # one sample's row without its sample axis
+            return [super().run(feeds, outputs)[0][0]]
+
     x, w = np.arange(6.0).reshape(3, 2), np.array([1.0, 10.0])
     np.testing.assert_array_equal(_run_batched(Dropping(), {"x": x}, "y", {"w": w}), x * w)
+    np.testing.assert_array_equal(_run_batched(DroppingTheAxis(), {"x": x}, "y", {"w": w}).reshape(3, 2), x * w)
 
 
 def test_input_jacobian_with_respect_to_the_embeddings(tmp_path):
