@@ -525,16 +525,29 @@ def _parts(plan, res, T, n_c, t_c):
     """Into how many parts a block is split: one per core, unless the block's numpy work (its
     multiply-adds and the bytes of its rows of the result) is under twice what the extra
     parts would add in Python time, or the block can be divided neither by samples nor by
-    directions."""
+    directions, or nearly all of that work is products by wide matrices and the block is of
+    middling size (see _WIDE_SHARE)."""
     parts = parallel.workers()
     rows = n_c * int(np.prod(res.flat_shape[1:])) * res.dtype.itemsize
-    work = 2 * res.estimate.get("flops_per_direction", 0) * T * n_c / _CORE_FLOPS + rows / _CORE_WRITE
+    flops = 2 * T * n_c / _CORE_FLOPS
+    work = res.estimate.get("flops_per_direction", 0) * flops + rows / _CORE_WRITE
+    wide = res.estimate.get("wide_flops_per_direction", 0) * flops
     python = (len(plan.steps) + len(plan.active_steps)) * -(-T // t_c) * _STEP_SECONDS
     if parts == 1 or work < 2 * parts * python:
         return 1
     if n_c < parts and t_c < parts:
         return 1
+    if wide >= _WIDE_SHARE * work and work < _WIDE_BELOW:
+        return 1
     return parts
+
+
+# A block whose work is nearly all products by wide matrices (an MLP's input Jacobian) runs as
+# one part, with BLAS's own threads: they share the packed matrix, where two parts each pack
+# it and contend (an MLP 784-256-256-10's input Jacobian, 32 to 256 samples, 4 to 29 ms of
+# work: one part 0.73-0.99x the time of two, measured side by side). Above some tens of
+# milliseconds the two come out even, and parts also spread the elementwise passes.
+_WIDE_SHARE, _WIDE_BELOW = 0.9, 0.05
 
 
 _MEMORY_CHECK_ABOVE = 64 << 20  # bytes of result below which reading /proc/meminfo costs more than it could save

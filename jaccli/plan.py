@@ -298,9 +298,10 @@ class Plan:
     def estimate(self, env, n):
         """Per-sample figures from a primal pass `env` over n samples.
 
-        Returns dict(bytes_primal, bytes_per_direction, flops_per_direction), each per sample:
-        bytes of the kept intermediates, peak bytes of live (co)tangents for one direction,
-        and multiply-adds for one direction.
+        Returns dict(bytes_primal, bytes_per_direction, flops_per_direction,
+        wide_flops_per_direction), each per sample: bytes of the kept intermediates, peak bytes
+        of live (co)tangents for one direction, multiply-adds for one direction, and those of
+        them in products by a wide 2-D matrix (see _wide_product).
         """
         item = self.dtype.itemsize
 
@@ -311,13 +312,16 @@ class Plan:
             return a.size / n if v in self.batched else a.size  # unbatched cotangents are per sample
 
         primal = sum(a.size for k, a in env.items() if k in self.batched and hasattr(a, "size")) * item / n
-        peak, flops = 0.0, 0.0
+        peak, flops, wide = 0.0, 0.0, 0.0
         for i, s in enumerate(self.active_steps):
             live = sum(per_sample(v) for v, j in self.last_use.items() if j >= i and v in self.active)
             work = sum(per_sample(o) for o in s.outputs) + _workspace(s, env, n)
             peak = max(peak, live + work)
-            flops += _flops(s, env, n)
-        return {"bytes_primal": primal, "bytes_per_direction": peak * item, "flops_per_direction": flops}
+            f = _flops(s, env, n)
+            flops += f
+            wide += f if _wide_product(s, env) else 0.0
+        return {"bytes_primal": primal, "bytes_per_direction": peak * item, "flops_per_direction": flops,
+                "wide_flops_per_direction": wide}
 
 
 def require_rules(nodes):
@@ -389,6 +393,16 @@ def _workspace(s, env, n):
         if W is not None and Y is not None:
             return (Y.size / n) / W.shape[0] * W[0].size
     return 0
+
+
+def _wide_product(s, env, least=64):
+    """Whether a step is a product by a 2-D matrix of at least `least` rows and columns (a Gemm,
+    or a MatMul by a weight): one BLAS call over every sample and direction, large enough for
+    BLAS to thread well; not a MatMul of stacked small matrices (attention's), looped over."""
+    if s.node.op_type not in ("Gemm", "MatMul"):
+        return False
+    B = env.get(s.inputs[1])
+    return B is not None and np.ndim(B) == 2 and min(np.shape(B)) >= least
 
 
 def _flops(s, env, n):

@@ -92,3 +92,43 @@ def test_blas_threads_and_switch_interval_restored():
             assert get() == 1
         assert get() == 1
     assert get() == before and sys.getswitchinterval() == interval
+
+
+def wide_mlp():
+    """784-256-256-10 tanh, as ONNX: every product is by a matrix at least 64 wide."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    sizes, nodes, inits, h = [784, 256, 256, 10], [], [], "x"
+    for k, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        inits.append(numpy_helper.from_array((rng.standard_normal((b, a)) / np.sqrt(a)).astype(np.float32), f"W{k}"))
+        nodes.append(helper.make_node("Gemm", [h, f"W{k}"], [f"g{k}"], transB=1))
+        h = f"g{k}"
+        if k < 2:
+            nodes.append(helper.make_node("Tanh", [h], [f"t{k}"]))
+            h = f"t{k}"
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 784])],
+                          [helper.make_tensor_value_info(h, TensorProto.FLOAT, ["N", 10])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("name, n, parts", [("wide_mlp", 64, 1), ("wide_mlp", 1024, 2), ("cnn", 64, 2)])
+def test_wide_products_of_middling_size_run_as_one_part(monkeypatch, name, n, parts):
+    """A block that is nearly all products by wide matrices, of middling size (an MLP's input
+    Jacobian for 64 samples), runs as one part, on BLAS's own threads; a larger one, or a
+    convolution's, in parts. Whatever the split, the same Jacobian."""
+    monkeypatch.setattr(drivers, "_STEP_SECONDS", 0)
+    monkeypatch.setattr(parallel, "workers", lambda: 2)
+    chosen, split = [], drivers._parts
+    monkeypatch.setattr(drivers, "_parts", lambda *a: chosen.append(split(*a)) or chosen[-1])
+    if name == "wide_mlp":
+        model, x = wide_mlp(), np.random.default_rng(1).standard_normal((n, 784)).astype(np.float32)
+    else:
+        model, x = sample(name)
+        x = np.resize(x, (n,) + x.shape[1:])
+    got = jaccli.input_jacobian(model, x)
+    assert chosen == [parts]
+    want = serial(monkeypatch, lambda: jaccli.input_jacobian(model, x))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())  # sums of 784 terms in float32
