@@ -187,22 +187,16 @@ def machine_limits():
 def work(model_proto, x, kind, k=None):
     """Multiply-adds (x2 = FLOPs) and bytes written of one Jacobian, from jaccli's plan."""
     import jaccli
-    from jaccli.drivers import _prepared, prepare_feeds
 
     m = jaccli.load(model_proto)
-    feeds, N = prepare_feeds(m, x, np.float32)
-    of = m.outputs[0].name
+    N = len(x)
     if kind == "input":
         r = jaccli.input_jacobian(m, x, return_result=True)
         T = r.J.shape[2] if r.mode == "forward" else r.J.shape[1]
-        plan, (est, _, _, _) = _prepared(m, of, [m.float_inputs()[0].name], np.float32, False, feeds, N)
-        out_bytes = r.J.nbytes
     else:
         r = jaccli.param_jacobian(m, x, outputs=None if k is None else f"0:{k}", return_result=True)
         T = r.J.shape[1]
-        plan, (est, _, _, _) = _prepared(m, of, r.wrt, np.float32, True, feeds, N)
-        out_bytes = r.J.nbytes
-    return 2 * est["flops_per_direction"] * T * N, out_bytes, r.mode
+    return 2 * r.estimate["flops_per_direction"] * T * N, r.J.nbytes, r.mode
 
 
 # ---- peak memory in a fresh process ------------------------------------------------------------------
