@@ -124,7 +124,7 @@ class Model:
     def fixed_batch(self):
         """The input whose batch axis is declared as the smallest number (exported without a
         dynamic batch), and that number; (None, None) if every batch is symbolic."""
-        fixed = [v for v in self.inputs if v.shape and isinstance(v.shape[0], int)]
+        fixed = [v for v in self.inputs if v.shape and isinstance(v.shape[0], int) and v.shape[0] > 0]  # -1 and 0: unknown
         v = min(fixed, key=lambda v: v.shape[0], default=None)
         return (v, v.shape[0]) if v is not None else (None, None)
 

@@ -374,3 +374,21 @@ def test_opset_3_model_with_consumed_inputs_and_old_signatures():
                    for d in (np.eye(n)[j].reshape(xv.shape[1:]) * e for j in range(n))], -1)
     assert np.abs(J - fd).max() / np.abs(fd).max() < 1e-6
     assert onnx.helper  # the model is built with onnx.helper only
+
+
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_a_batch_declared_as_minus_one_or_zero_is_dynamic(tmp_path, dim):
+    """Some converters write an unknown batch as -1 or 0: not a fixed batch, for the drivers
+    and for check's runs of onnxruntime alike."""
+    from onnx import save
+
+    from jaccli.oracle import check
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [dim, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [dim, 3])
+    m = model([helper.make_node("Tanh", ["x"], ["y"])], [x], [y])
+    xs = RNG.standard_normal((5, 3)).astype(np.float32)
+    assert jaccli.load(m).fixed_batch() == (None, None)
+    np.testing.assert_allclose(jaccli.input_jacobian(m, xs), np.stack([np.diag(1 - np.tanh(v) ** 2) for v in xs]), rtol=1e-5)
+    save(m, str(tmp_path / "m.onnx"))
+    assert check(str(tmp_path / "m.onnx"), xs)["ok"]
