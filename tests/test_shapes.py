@@ -392,3 +392,37 @@ def test_a_batch_declared_as_minus_one_or_zero_is_dynamic(tmp_path, dim):
     np.testing.assert_allclose(jaccli.input_jacobian(m, xs), np.stack([np.diag(1 - np.tanh(v) ** 2) for v in xs]), rtol=1e-5)
     save(m, str(tmp_path / "m.onnx"))
     assert check(str(tmp_path / "m.onnx"), xs)["ok"]
+
+
+@pytest.mark.parametrize("op, layout", [("LSTM", 0), ("GRU", 1), ("RNN", 0), ("LSTM", 1)])
+def test_a_fixed_batch_recurrent_state_as_parameters(tmp_path, op, layout):
+    """A dynamo export with a fixed batch keeps an RNN's initial state as an initializer with a
+    row per place in the batch: a parameter, whose per-sample cotangent is the sample's row,
+    checked against onnxruntime's differences. Time-major (layout 0) behind a Transpose, as
+    torch writes a batch-first LSTM, or batch-major."""
+    from onnx import save
+
+    from jaccli.oracle import check
+
+    B, S, C, H = 3, 4, 2, 3
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    states = ["h0", "c0"] if op == "LSTM" else ["h0"]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, S, C])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [init("W", RNG.standard_normal((1, gates * H, C)).astype(np.float32)),
+             init("R", RNG.standard_normal((1, gates * H, H)).astype(np.float32) / 2)]
+    inits += [init(s, RNG.standard_normal((1, B, H) if layout == 0 else (B, 1, H)).astype(np.float32)) for s in states]
+    swap = dict(perm=[1, 0, 2])
+    if layout == 0:
+        nodes = [helper.make_node("Transpose", ["x"], ["xt"], **swap),
+                 helper.make_node(op, ["xt", "W", "R", "", ""] + states, ["", "h"], hidden_size=H),
+                 helper.make_node("Transpose", ["h"], ["y"], **swap)]
+    else:
+        nodes = [helper.make_node(op, ["x", "W", "R", "", ""] + states, ["", "y"], hidden_size=H, layout=1)]
+    path = str(tmp_path / "rnn.onnx")
+    save(model(nodes, [x], [y], inits, opset=14), path)
+    xs = RNG.standard_normal((5, S, C)).astype(np.float32)
+    G, cols = jaccli.param_jacobian(path, xs)
+    assert [c["name"] for c in cols] == ["W", "R"] + states and G.shape == (5, 1, H, (gates * (C + H) + len(states) * B) * H)
+    d = check(path, xs, params=True, samples=5)
+    assert d["ok"], d

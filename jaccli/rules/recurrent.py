@@ -256,8 +256,6 @@ class _Recurrent:
     def _vjp(cls, cx, bars, attrs):
         v = _slots(cx.x)
         need, keep = _slots(cx.need), _slots(cx.keep)
-        if (keep["initial_h"] or keep["initial_c"]):
-            raise UnsupportedOpError(f"{cls.__name__}: per-sample cotangents of initial states are not supported")
         _, caches, st = cls._run(cx.x, attrs)
         k0 = next(k for k, b in enumerate(bars) if b is not None)
         head = bars[k0].shape[: bars[k0].ndim - cx.y[k0].ndim]
@@ -292,7 +290,22 @@ class _Recurrent:
         for k, G in (("initial_h", h0bar), ("initial_c", c0bar)):
             if need[k] and v[k] is not None:
                 out[k] = _state_canonical(G, st.layout, 1)
+                if keep[k]:
+                    out[k] = _per_sample_state(out[k], st.layout)
         return tuple(None if k not in out else out[k].reshape(head + out[k].shape[1:]) for k in SLOTS[: len(cx.x)])
+
+
+def _per_sample_state(G, layout):
+    """Per-sample cotangents (L, N, *state) of an initial state without a sample axis of its own
+    (an initializer in a model whose batch is fixed, as a dynamo export writes a zero state),
+    from its cotangent G (L, *state): sample n reads the state's row n of the batch axis only."""
+    axis = 2 if layout == 0 else 1  # the batch axis of G: states are (D, N, H), or (N, D, H)
+    N = G.shape[axis]
+    P = np.zeros((G.shape[0], N) + G.shape[1:], G.dtype)
+    for n in range(N):
+        at = (slice(None),) * (axis - 1) + (n,)
+        P[:, n][(slice(None),) + at] = G[(slice(None),) + at]
+    return P
 
 
 # ---- the cells ------------------------------------------------------------------------------------
