@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import fnmatch
 import functools
+import math
 import mmap
 import os
 import threading
@@ -54,7 +55,7 @@ class Result:
     @property
     def flat_shape(self):
         """(N, rows, columns): the per-sample matrices."""
-        return (self.shape[0], int(self.selection.size), int(np.prod(self.shape[1:])) // int(self.selection.size))
+        return (self.shape[0], int(self.selection.size), math.prod(self.shape[1:]) // int(self.selection.size))
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -356,7 +357,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     plan, (est, y1, per_run, run_size, wrt_shapes) = _prepared(model, of_v.name, [wrt_v.name], dtype, False, feeds, N)
     out_shape = y1.shape[1:]
     in_shape = feeds[wrt_v.name].shape[1:] if wrt_v.name in feeds else wrt_shapes[wrt_v.name]
-    n_out, n_in = int(np.prod(out_shape)), int(np.prod(in_shape))
+    n_out, n_in = math.prod(out_shape), math.prod(in_shape)
     sel = parse_outputs(outputs, n_out)
     n_sel = sel.size
     if mode not in ("auto", "forward", "reverse"):
@@ -437,7 +438,7 @@ class ArrayTarget:
     """The result in memory: blocks are views of one array, written once, in place."""
 
     def open(self, result):
-        need = int(np.prod(result.flat_shape, dtype=np.int64)) * result.dtype.itemsize
+        need = math.prod(result.flat_shape) * result.dtype.itemsize
         free = available_memory() if need > _MEMORY_CHECK_ABOVE else None
         if free is not None and need > free:
             raise MemoryBudgetError(
@@ -528,7 +529,7 @@ def _parts(plan, res, T, n_c, t_c):
     directions, or nearly all of that work is products by wide matrices and the block is of
     middling size (see _WIDE_SHARE)."""
     parts = parallel.workers()
-    rows = n_c * int(np.prod(res.flat_shape[1:])) * res.dtype.itemsize
+    rows = n_c * math.prod(res.flat_shape[1:]) * res.dtype.itemsize
     flops = 2 * T * n_c / _CORE_FLOPS
     work = res.estimate.get("flops_per_direction", 0) * flops + rows / _CORE_WRITE
     wide = res.estimate.get("wide_flops_per_direction", 0) * flops
@@ -576,7 +577,7 @@ def allocate(shape, dtype):
     quarter of the memory available; JACCLI_MALLOC=0 turns it off (see parallel.tune_malloc).
     """
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < 64 << 20 or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.empty(shape, dtype)
     with _pool_lock:
@@ -672,7 +673,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     if of_v.name not in plan.batched:
         raise DataError(f"output '{of_v.name}' does not depend on the input samples")
     out_shape = y1.shape[1:]
-    n_out = int(np.prod(out_shape))
+    n_out = math.prod(out_shape)
     sel = parse_outputs(outputs, n_out)
     n_sel = sel.size
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -26,7 +27,7 @@ def sum_trailing(G, axes, keepdims=True):
     axes = tuple(a % G.ndim for a in axes)
     k = len(axes)
     if k and axes == tuple(range(G.ndim - k, G.ndim)) and G.flags.c_contiguous and G.dtype.kind == "f" and G.size:
-        n = int(np.prod(G.shape[G.ndim - k:]))
+        n = math.prod(G.shape[G.ndim - k:])
         s = (G.reshape(-1, n) @ np.ones(n, G.dtype)).reshape(G.shape[:G.ndim - k])
         return s.reshape(s.shape + (1,) * k) if keepdims else s
     return G.sum(axis=axes, keepdims=keepdims)
@@ -199,7 +200,7 @@ def check_alloc(shape, dtype, op):
     shape = tuple(int(d) for d in shape)
     if any(d < 0 for d in shape):
         raise ModelError(f"{op}: negative dimension in requested shape {shape}")
-    nbytes = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     if limit is not None and nbytes > limit:
         raise MemoryBudgetError(f"{op}: an output of shape {shape} would need {nbytes / 2**30:.2f} GiB, over --max-memory; refused")
     return shape
