@@ -255,6 +255,8 @@ CASES += [
 # ai.onnx.ml operators (scikit-learn exports)
 ML = "ai.onnx.ml"
 CASES += [
+    Case("ArrayFeatureExtractor", [("x", (5,)), ("c", np.array([3, 0, 3], np.int64))], domain=ML, id="ml-ArrayFeatureExtractor"),
+    Case("ArrayFeatureExtractor", [("x", (2, 4)), ("c", np.array([[1], [2]], np.int64))], domain=ML, id="ml-ArrayFeatureExtractor-3d"),
     Case("Scaler", [("x", (4,))], {"offset": [0.1, -0.2, 0.3, 0.0], "scale": [2.0, 0.5, 1.0, 3.0]}, domain=ML, id="ml-Scaler"),
     Case("Normalizer", [("x", (4,))], {"norm": "L2"}, domain=ML, id="ml-Normalizer-L2"),
     Case("Normalizer", [("x", (4,))], {"norm": "L1"}, domain=ML, data="positive", id="ml-Normalizer-L1"),

@@ -139,3 +139,31 @@ def test_svm_regressor(kernel, n_supports, one_class):
         J = jaccli.input_jacobian(m, x[:3], dtype="float64", flat=True, mode=mode)
         fd = fd_input_jacobian(m, {"x": x[:3]}, "x")
         assert np.abs(J - fd).max() <= 1e-6 * max(1.0, np.abs(fd).max())
+
+
+def test_array_feature_extractor_of_a_table_by_per_sample_indices():
+    """A nearest-neighbours model reads its training targets (a parameter table) at per-sample
+    indices through ArrayFeatureExtractor: each sample's parameter Jacobian is its own, nonzero
+    at its indices; the forward is onnxruntime's."""
+    from onnx import numpy_helper
+
+    table = np.array([0.5, -1.0, 2.0], np.float32)
+    nodes = [helper.make_node("TopK", ["x", "k"], ["v", "i"]),
+             helper.make_node("ArrayFeatureExtractor", ["T", "i"], ["z"], domain="ai.onnx.ml"),
+             helper.make_node("Reshape", ["z", "shape"], ["r"]), helper.make_node("Mul", ["r", "v"], ["y"])]
+    g = helper.make_graph(nodes, "knn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+                          [numpy_helper.from_array(table, "T"), numpy_helper.from_array(np.array([2], np.int64), "k"),
+                           numpy_helper.from_array(np.array([-1, 2], np.int64), "shape")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)])
+    m.ir_version = 8
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    r = jaccli.param_jacobian(m, x, return_result=True)
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(r.outputs, sess.run(None, {"x": x})[0], rtol=1e-6)
+    idx = np.argsort(-x, axis=1)[:, :2]
+    expected = np.zeros((4, 2, 3), np.float32)
+    for n in range(4):
+        for j in range(2):
+            expected[n, j, idx[n, j]] = x[n, idx[n, j]]  # d(table[i] * v) / d table[i] = v
+    np.testing.assert_allclose(r.value, expected, rtol=1e-6)

@@ -113,6 +113,45 @@ def _linear(X, coefficients, intercepts, n):
     return X2 @ W.T + b, W
 
 
+@rule("ArrayFeatureExtractor", since=1, domain=ML)
+class ArrayFeatureExtractor:
+    """Z = X[..., indices], the indices flattened; a 1-D X gives one row (onnxruntime's shape).
+    scikit-learn exports PolynomialFeatures' columns and a nearest-neighbours model's targets
+    with it."""
+
+    nondiff = (1,)
+
+    def forward(X, indices):
+        Z = np.take(X, np.asarray(indices, np.int64).ravel(), axis=-1)
+        return Z.reshape(1, -1) if X.ndim == 1 else Z
+
+    def jvp(cx, Xdot, _=None):
+        X, idx = cx.x
+        Z = np.take(Xdot, np.asarray(idx, np.int64).ravel(), axis=-1)
+        return Z.reshape(Z.shape[: Z.ndim - 1] + (1, -1)) if X.ndim == 1 else Z
+
+    keeps = True
+
+    def vjp(cx, Zbar):
+        """Each selected column's cotangent added into its column of X: a product with the
+        selection's one-hot matrix, repeated indices summed. Per sample (a table X, such as a
+        nearest-neighbours model's targets, indexed by per-sample indices (N, ...)): sample n's
+        indices are the n-th run of the flattened ones, its cotangent its own product."""
+        X, idx = cx.x
+        lead = cx.lead(Zbar)
+        head, F = Zbar.shape[:lead], X.shape[-1]
+        idx = np.asarray(idx, np.int64) % F
+        runs = idx.reshape(idx.shape[0], -1) if cx.keep[0] else idx.reshape(1, -1)  # (samples or 1, k)
+        R, k = runs.shape
+        Zr = np.moveaxis(Zbar.reshape(head + X.shape[:-1] + (R, k)), -2, lead)  # (*head, R, *X.shape[:-1], k)
+        Xb = np.empty(Zr.shape[:-1] + (F,), Zbar.dtype)
+        for r, ix in enumerate(runs):
+            E = np.zeros((k, F), Zbar.dtype)
+            np.add.at(E, (np.arange(k), ix), 1)
+            Xb[(slice(None),) * lead + (r,)] = Zr[(slice(None),) * lead + (r,)] @ E
+        return (Xb if cx.keep[0] else Xb[(slice(None),) * lead + (0,)]), None
+
+
 @rule("LinearRegressor", since=1, domain=ML)
 class LinearRegressor:
     """Y = post_transform(X @ coefficients^T + intercepts), `targets` outputs."""
