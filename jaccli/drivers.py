@@ -301,13 +301,15 @@ def _note_mixed_rows(plan, env, n=2):
 
 
 def _rows_mix_samples(plan, env, n=2):
-    """The first step asked for per-sample cotangents that reads a batched value whose first
-    axis is not the n samples of env (dynamo exports flatten (N, S, D) to (N*S, D) before a
-    Gemm), or None. Such a graph runs one sample at a time: per-sample cotangents are then
-    plain ones (see walk._one_sample), whatever became of the sample axis."""
+    """The first step asked for per-sample cotangents that reads or writes a batched value whose
+    first axis is not the n samples of env (dynamo exports flatten (N, S, D) to (N*S, D) before
+    a Gemm; skl2onnx adds a (1, 1) intercept to a GP's (N,) mean, which makes it (1, N)), or
+    None. Such a graph runs one sample at a time: per-sample cotangents are then plain ones
+    (see walk._one_sample), whatever became of the sample axis. Control flow's outputs stack
+    iterations as they may: its bodies' values are what carry the sample axis."""
     for s in plan.active_steps:
         if any(s.keep) and not getattr(s.rule, "finds_sample_axis", False):
-            for v in s.inputs:
+            for v in s.inputs if getattr(s.rule, "needs_batched", False) else s.inputs + s.outputs:
                 if v in plan.batched and v in env and np.shape(env[v])[:1] != (n,):
                     return s
     return None

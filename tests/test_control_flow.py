@@ -168,3 +168,28 @@ def test_scan(directions, out_axis, out_direction):
     write a scanned output backwards."""
     m = _scan_model(directions, out_axis, out_direction)
     assert check_whole_model(m, rng.standard_normal((N, 4, 2))) == ["W", "U", "V", "P", "steps"]
+
+
+@pytest.mark.parametrize("intercept", [False, True])
+def test_scan_over_a_parameter(intercept):
+    """scikit-learn's distances to training points: the samples are Scan's state and the training
+    points (a parameter) its scan input, one row per iteration; each sample's cotangent of them
+    is its own. With a (1, 1) intercept added to the (N,) result, as a GP's mean has it, that
+    makes (1, N), the sample axis no longer first: such a graph runs one sample at a time."""
+    body = helper.make_graph(
+        [helper.make_node("Sub", ["s_in", "row"], ["d"]), helper.make_node("Mul", ["d", "d"], ["d2"]),
+         helper.make_node("ReduceSum", ["d2"], ["dist"], axes=[1], keepdims=0), helper.make_node("Identity", ["s_in"], ["s_out"])],
+        "body", [helper.make_tensor_value_info(n, F, None) for n in ("s_in", "row")],
+        [helper.make_tensor_value_info(n, F, None) for n in ("s_out", "dist")])
+    nodes = [helper.make_node("Scan", ["x", "P"], ["x_last", "D"], body=body, num_scan_inputs=1),
+             helper.make_node("Transpose", ["D"], ["Dt"], perm=[1, 0]), helper.make_node("Neg", ["Dt"], ["nd"]),
+             helper.make_node("Exp", ["nd"], ["K"]), helper.make_node("MatMul", ["K", "alpha"], ["mean"])]
+    inits = {"P": 0.5 * rng.standard_normal((5, 3)), "alpha": rng.standard_normal(5)}
+    if intercept:
+        nodes += [helper.make_node("Add", ["mean", "c"], ["row_mean"]), helper.make_node("Reshape", ["row_mean", "shape"], ["y"])]
+        inits.update(c=np.array([[0.25]]), shape=np.array([-1, 1], np.int64))
+    else:
+        nodes += [helper.make_node("Identity", ["mean"], ["y"])]
+    inits = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in inits.items()}
+    names = check_whole_model(one_input_model(nodes, inits, (3,), opset=11), rng.standard_normal((N, 3)))
+    assert names == ["P", "alpha", "c"][: 3 if intercept else 2]

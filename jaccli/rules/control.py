@@ -324,8 +324,11 @@ class Scan:
         carried, acc = list(bars[:S]), dict.fromkeys(need_free)
         ref = next(((b, y) for b, y in zip(bars, cx.y) if isinstance(b, np.ndarray)), None)
         lead = 0 if ref is None else ref[0].ndim - ref[1].ndim
-        xbars = [np.zeros(ref[0].shape[:lead] + cx.x[S + j].shape, ref[0].dtype) if ref is not None and cx.need[S + j]
-                 else None for j in range(M)]
+        # per scan input, its cotangent; per sample (a parameter scanned over, as scikit-learn's
+        # pairwise distances scan the training points) the sample axis follows the lead axes,
+        # and its size is known once a cotangent arrives
+        xbars = [np.zeros(ref[0].shape[:lead] + cx.x[S + j].shape, ref[0].dtype)
+                 if ref is not None and cx.need[S + j] and not cx.keep[S + j] else None for j in range(M)]
         for t in reversed(range(g.length)):
             cot = {}
             for o, b in zip(body.outputs[:S], carried):
@@ -339,8 +342,13 @@ class Scan:
             res = _pull(plan, envs[t], cot, wrt)
             carried = [res.get(n) for n in body.inputs[:S]]
             for j, n in enumerate(body.inputs[S:]):
-                if xbars[j] is not None and res.get(n) is not None:
-                    g.slice(xbars[j], j, t, lead)[...] += res[n]
+                r = res.get(n)
+                if r is None or not cx.need[S + j]:
+                    continue
+                k = lead + 1 if cx.keep[S + j] else lead
+                if xbars[j] is None:
+                    xbars[j] = np.zeros(r.shape[:k] + cx.x[S + j].shape, r.dtype)
+                g.slice(xbars[j], j, t, k)[...] += r
             for n in need_free:
                 acc[n] = _add(acc[n], res.get(n))
         return tuple(c if d else None for c, d in zip(carried, cx.need[:S])) + tuple(xbars) + \
