@@ -322,10 +322,24 @@ def _same(a, b):
     return a.shape == b.shape and bool(np.all((np.abs(a - b) <= 1e-4 * scale) | (np.isnan(a) & np.isnan(b))))
 
 
-def _within_budget(fn):
-    """Run a driver with its max_memory as the allocation limit of the rules."""
+def quiet_floats(fn):
+    """fn with numpy's floating-point warnings off: a graph may compute a branch that it then
+    discards (the log of a negative number, replaced), and a result's own non-finite entries
+    are counted in its summary."""
 
     @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def _within_budget(fn):
+    """Run a driver with its max_memory as the allocation limit of the rules (and quiet_floats)."""
+
+    @functools.wraps(fn)
+    @quiet_floats
     def run(*args, max_memory=DEFAULT_MAX_MEMORY, **kwargs):
         parallel.tune_malloc()
         with memory_limit(max_memory):

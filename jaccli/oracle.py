@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .drivers import _first_float, _pad_samples, _slice_samples, in_runs, input_jacobian, param_jacobian, prepare_feeds
+from .drivers import _first_float, _pad_samples, _slice_samples, in_runs, input_jacobian, param_jacobian, prepare_feeds, quiet_floats
 from .errors import ModelError
 from .model import load
 
@@ -344,6 +344,7 @@ def _central(evaluate, base, D, h):
     return ((ys[:m] - ys[m:]) / (2 * h)).transpose(1, 2, 0)
 
 
+@quiet_floats
 def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, seed=0, tolerance=None, of=None,
           outputs=None, wrt=None):
     """Compare our Jacobian with onnxruntime central differences on a few samples.

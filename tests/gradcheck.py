@@ -40,6 +40,10 @@ def _sample(shape, how, rng):
     if how == "distinct":  # no ties (MaxPool), no kinks
         n = int(np.prod(shape))
         return (rng.permutation(n).reshape(shape) / n * 4 - 2) + rng.uniform(0, 1e-3, shape)
+    if how == "with-nans":  # missing values, every third element (Imputer)
+        x = rng.standard_normal(shape)
+        x.reshape(-1)[::3] = np.nan
+        return x
     if how == "away":  # |x| >= 0.1: away from kinks at 0
         x = rng.standard_normal(shape)
         return np.where(np.abs(x) < 0.1, np.sign(x + 1e-12) * 0.1 + x, x)

@@ -255,6 +255,9 @@ CASES += [
 # ai.onnx.ml operators (scikit-learn exports)
 ML = "ai.onnx.ml"
 CASES += [
+    Case("Imputer", [("x", (4,))], {"imputed_value_floats": [0.5, -1.0, 2.0, 0.0], "replaced_value_float": float("nan")}, domain=ML, data="with-nans", id="ml-Imputer-nan"),
+    Case("Imputer", [("x", (3,))], {"imputed_value_floats": [9.0]}, domain=ML, id="ml-Imputer-zero"),
+    Case("Binarizer", [("x", (4,))], {"threshold": 0.1}, domain=ML, data="away", id="ml-Binarizer"),
     Case("ArrayFeatureExtractor", [("x", (5,)), ("c", np.array([3, 0, 3], np.int64))], domain=ML, id="ml-ArrayFeatureExtractor"),
     Case("ArrayFeatureExtractor", [("x", (2, 4)), ("c", np.array([[1], [2]], np.int64))], domain=ML, id="ml-ArrayFeatureExtractor-3d"),
     Case("Scaler", [("x", (4,))], {"offset": [0.1, -0.2, 0.3, 0.0], "scale": [2.0, 0.5, 1.0, 3.0]}, domain=ML, id="ml-Scaler"),

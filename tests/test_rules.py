@@ -222,3 +222,33 @@ def test_batchnorm_statistics_tied_to_parameters():
     stats = [rng.standard_normal(3), rng.uniform(0.5, 1.5, 3)]
     check_rule(lookup("BatchNormalization", 15), [feeds["x"], rng.uniform(0.5, 1.5, 3), rng.standard_normal(3), *stats],
                {"epsilon": 1e-3}, [0, 1, 2, 3, 4], rng)
+
+
+@pytest.mark.parametrize("mask", ["Where", "Imputer", "Mul"])
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_a_discarded_branch_stays_zero(mask, mode):
+    """sqrt(x) computed everywhere, then kept only where x > 0: by a Where (torch.where), by an
+    Imputer replacing its NaN (scikit-learn's power transform), or by a product with the
+    condition. Where it is discarded, the derivative is 0, not IEEE's 0 * NaN; elsewhere
+    1 / (2 sqrt(x))."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Sqrt", ["x"], ["r"]), helper.make_node("Greater", ["x", "zero"], ["pos"])]
+    if mask == "Where":
+        nodes.append(helper.make_node("Where", ["pos", "r", "zero"], ["y"]))
+    elif mask == "Imputer":
+        nodes.append(helper.make_node("Imputer", ["r"], ["y"], domain="ai.onnx.ml", imputed_value_floats=[0.0],
+                                      replaced_value_float=float("nan")))
+    else:  # the condition as a float times an imputed branch: a region of pointwise steps
+        nodes += [helper.make_node("Imputer", ["r"], ["ri"], domain="ai.onnx.ml", imputed_value_floats=[0.0],
+                                   replaced_value_float=float("nan")),
+                  helper.make_node("Cast", ["pos"], ["m"], to=TensorProto.FLOAT), helper.make_node("Mul", ["ri", "m"], ["y"])]
+    g = helper.make_graph(nodes, "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                          [numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)])
+    m.ir_version = 8
+    x = np.array([[1.0, -2.0, 0.25, -0.5], [-1.0, 4.0, -3.0, 9.0]])
+    J = jaccli.input_jacobian(m, x, mode=mode, dtype=np.float64)
+    expected = np.stack([np.diag(np.where(v > 0, 0.5 / np.sqrt(np.abs(v)), 0.0)) for v in x])
+    np.testing.assert_allclose(J, expected, rtol=1e-12)

@@ -13,11 +13,25 @@ from ..errors import MemoryBudgetError, ModelError, UnsupportedOpError
 
 
 def scaled(cx, G, d, i=0):
-    """G * d for output i's cotangent G, written over G where the rule may (cx.mine) and the
-    product keeps G's shape and dtype."""
+    """G * d (see times) for output i's cotangent G, written over G where the rule may (cx.mine)
+    and the product keeps G's shape and dtype."""
     if cx.mine(i) and np.result_type(G, d) == G.dtype and np.broadcast_shapes(G.shape, np.shape(d)) == G.shape:
-        return np.multiply(G, d, out=G)
-    return G * d
+        return times(G, d, out=G)
+    return times(G, d)
+
+
+def times(G, d, out=None):
+    """G * d for a tangent or cotangent G and a derivative d, zero where G is zero even if d is
+    not finite there. A branch that the graph computes and then discards (an Imputer replacing
+    the NaN of a log of a negative number, as scikit-learn's power transform does; a Where's
+    other side) sends back a zero, which must stay zero: IEEE's 0 * NaN is NaN, and autodiff
+    systems return it. One sum of d tells whether it is all finite."""
+    finite = not (isinstance(d, np.ndarray) and d.dtype.kind == "f") or np.isfinite(d.sum())
+    zero = None if finite else G == 0
+    r = np.multiply(G, d, out=out) if out is not None else G * d
+    if zero is not None:
+        np.copyto(r, 0, where=zero)
+    return r
 
 
 def sum_trailing(G, axes, keepdims=True):

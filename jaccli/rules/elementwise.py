@@ -8,7 +8,7 @@ import numpy as np
 
 from . import rule
 from ..errors import UnsupportedOpError
-from ._util import add, expand, scaled, unbroadcast
+from ._util import add, expand, scaled, times, unbroadcast
 
 
 def elementwise(op_type, since, domain=""):
@@ -16,7 +16,7 @@ def elementwise(op_type, since, domain=""):
 
     def register(cls):
         def jvp(cx, Xdot, **attrs):
-            return cls.deriv(cx.x[0], cx.y[0], **attrs) * Xdot
+            return times(Xdot, cls.deriv(cx.x[0], cx.y[0], **attrs))
 
         def vjp(cx, Ybar, **attrs):
             return (scaled(cx, Ybar, cls.deriv(cx.x[0], cx.y[0], **attrs)),)
@@ -281,10 +281,10 @@ class _Binary:
 
 
 def _times(d, G):
-    """d * G, where d is a partial (None or the scalar 1 means identity)."""
+    """d * G (see times), where d is a partial (the scalar 1 means identity)."""
     if isinstance(d, (int, float)):
         return G if d == 1 else d * G
-    return d * G
+    return times(G, d)
 
 
 @rule("Add", since=7)

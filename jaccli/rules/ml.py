@@ -113,6 +113,53 @@ def _linear(X, coefficients, intercepts, n):
     return X2 @ W.T + b, W
 
 
+@rule("Imputer", since=1, domain=ML)
+class Imputer:
+    """Y = X, with each element equal to the replaced value (NaN matches NaN, scikit-learn's
+    missing value) set to its feature's imputed value (features on the last axis; one value
+    for all of them); floats by the float attributes, integers by the int64 ones. The imputed
+    elements are constants: their derivative is zero."""
+
+    def forward(X, *, imputed_value_floats=None, imputed_value_int64s=None, replaced_value_float=0.0,
+                replaced_value_int64=0):
+        values, missing = _imputed(X, imputed_value_floats, imputed_value_int64s, replaced_value_float, replaced_value_int64)
+        return np.where(missing, values, X)
+
+    def jvp(cx, Xdot, **attrs):
+        return np.where(_imputed(cx.x[0], **attrs)[1], Xdot.dtype.type(0), Xdot)
+
+    def vjp(cx, Ybar, **attrs):
+        return (np.where(_imputed(cx.x[0], **attrs)[1], Ybar.dtype.type(0), Ybar),)
+
+
+def _imputed(X, imputed_value_floats=None, imputed_value_int64s=None, replaced_value_float=0.0, replaced_value_int64=0):
+    """The imputed values (per feature, or one) in X's type, and the mask of elements to replace."""
+    floats = X.dtype.kind == "f"
+    values = imputed_value_floats if floats else imputed_value_int64s
+    if not values:
+        raise UnsupportedOpError(f"Imputer: no imputed values for {'float' if floats else 'integer'} input")
+    values = np.asarray(values, X.dtype)
+    if values.size not in (1, X.shape[-1]):
+        raise UnsupportedOpError(f"Imputer: {values.size} imputed values for {X.shape[-1]} features")
+    replaced = replaced_value_float if floats else replaced_value_int64
+    missing = np.isnan(X) if floats and np.isnan(replaced) else X == np.asarray(replaced, X.dtype)
+    return values, missing
+
+
+@rule("Binarizer", since=1, domain=ML)
+class Binarizer:
+    """Y = 1 where X > threshold, else 0: piecewise constant, its derivative zero."""
+
+    def forward(X, *, threshold=0.0):
+        return (X > threshold).astype(X.dtype)
+
+    def jvp(cx, Xdot, *, threshold=0.0):
+        return np.zeros_like(Xdot)
+
+    def vjp(cx, Ybar, *, threshold=0.0):
+        return (np.zeros_like(Ybar),)
+
+
 @rule("ArrayFeatureExtractor", since=1, domain=ML)
 class ArrayFeatureExtractor:
     """Z = X[..., indices], the indices flattened; a 1-D X gives one row (onnxruntime's shape).
