@@ -174,6 +174,19 @@ def test_unsupported_operator_fails_before_computing(tmp_path):
     assert r.exit_code == 1 and "unsupported" in r.output and "late" in r.output
 
 
+def test_a_tree_ensemble_is_refused_with_the_reason(tmp_path):
+    """People run tree ensembles (scikit-learn, XGBoost, LightGBM) through jaccli: the one line
+    says why there is nothing to compute."""
+    tree = helper.make_node("TreeEnsembleRegressor", ["x"], ["y"], name="trees", domain="ai.onnx.ml", n_targets=1,
+                            nodes_treeids=[0], nodes_nodeids=[0], nodes_featureids=[0], nodes_modes=["LEAF"],
+                            nodes_values=[0.0], nodes_truenodeids=[0], nodes_falsenodeids=[0],
+                            target_treeids=[0], target_nodeids=[0], target_ids=[0], target_weights=[1.0])
+    m = tiny_model([tree], [X], [Y])
+    m.opset_import.append(helper.make_opsetid("ai.onnx.ml", 3))
+    onnx.save(m, tmp_path / "trees.onnx")
+    one_error_line(cli("input", tmp_path / "trees.onnx", MLP_X), 1, "trees", "piecewise constant")
+
+
 def test_cycle(tmp_path):
     nodes = [helper.make_node("Add", ["x", "b"], ["a"], name="n1"), helper.make_node("Relu", ["a"], ["b"], name="n2"),
              helper.make_node("Identity", ["b"], ["y"], name="n3")]

@@ -103,7 +103,20 @@ def lookup(op_type: str, opset: int, domain: str = "", node: str = "?"):
         raise UnsupportedOpError(
             f"node '{node}': {_qual(domain, op_type)} at opset {opset} is older than jaccli supports (from opset {lo})"
         )
-    raise UnsupportedOpError(f"node '{node}': operator {_qual(domain, op_type)} (opset {opset}) is not supported")
+    why = _WHY_NOT.get((domain, op_type))
+    raise UnsupportedOpError(f"node '{node}': operator {_qual(domain, op_type)} (opset {opset}) is not supported"
+                             + (f": {why}" if why else ""))
+
+
+_TREES = ("a tree ensemble is piecewise constant: its Jacobian is zero wherever it exists, and its parameters are "
+          "attributes, not tensors")
+_WHY_NOT = {  # operators people ask about, and what jaccli would have to say of them
+    ("ai.onnx.ml", "TreeEnsembleRegressor"): _TREES,
+    ("ai.onnx.ml", "TreeEnsembleClassifier"): _TREES,
+    ("ai.onnx.ml", "TreeEnsemble"): _TREES,
+    ("", "Erfc"): "not an ONNX operator (tf2onnx writes it for Keras's exact GELU; onnxruntime rejects it too): "
+                  "Keras's approximate GELU (approximate=True) exports with standard operators",
+}
 
 
 def _qual(domain, op_type):
