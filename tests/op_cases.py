@@ -116,6 +116,7 @@ CASES = [
     Case("Concat", [("x", (3, 4)), ("x", (3, 1)), ("x", (3, 2))], {"axis": -1}, id="Concat-three"),
     Case("Identity", [("x", (3, 4))]),
     Case("Dropout", [("x", (3, 4))], opset=13, id="Dropout-13"),
+    Case("Dropout", [("x", (3, 4)), ("c", np.array(0.0, np.float32)), ("c", np.array(True))], opset=13, id="Dropout-training-ratio-0"),
     Case("Dropout", [("x", (3, 4))], {"ratio": 0.3}, opset=10, id="Dropout-10"),
     Case("Gather", [("x", (5, 2)), ("c", i64(4, 0, 4, -1))], {"axis": 1}, id="Gather-repeats"),
     Case("Gather", [("x", (5, 2)), ("c", np.array(1, np.int64))], {"axis": 2}, id="Gather-scalar"),

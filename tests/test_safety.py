@@ -187,6 +187,17 @@ def test_a_tree_ensemble_is_refused_with_the_reason(tmp_path):
     one_error_line(cli("input", tmp_path / "trees.onnx", MLP_X), 1, "trees", "piecewise constant")
 
 
+def test_training_dropout_is_refused(tmp_path):
+    """A model exported in training mode drops at random: refused in one line (with a ratio of 0
+    it is the identity, see the op cases)."""
+    nodes = [helper.make_node("Dropout", ["x", "r", "t"], ["y"], name="drop")]
+    m = tiny_model(nodes, [X], [Y])
+    m.graph.initializer.extend([onnx.numpy_helper.from_array(np.array(0.1, np.float32), "r"),
+                                onnx.numpy_helper.from_array(np.array(True), "t")])
+    onnx.save(m, tmp_path / "drop.onnx")
+    one_error_line(cli("input", tmp_path / "drop.onnx", np_file(tmp_path)), 1, "training_mode", "eval mode")
+
+
 def test_cycle(tmp_path):
     nodes = [helper.make_node("Add", ["x", "b"], ["a"], name="n1"), helper.make_node("Relu", ["a"], ["b"], name="n2"),
              helper.make_node("Identity", ["b"], ["y"], name="n3")]

@@ -137,12 +137,14 @@ class Identity(_PassThrough):
 
 @rule("Dropout", since=1)
 class Dropout(_PassThrough):
-    """Y = X at inference (the mask output, if asked for, is all ones)."""
+    """Y = X at inference, or in training mode with a ratio of 0 (the mask output, if asked for,
+    is all ones)."""
 
     nondiff = (1, 2)
 
     def forward(data, ratio=None, training_mode=None, **_):
-        if training_mode is not None and bool(np.ravel(training_mode)[0]):
+        training = training_mode is not None and bool(np.ravel(training_mode)[0])
+        if training and (ratio is None or float(np.ravel(ratio)[0]) != 0):  # the default ratio is 0.5
             raise UnsupportedOpError("Dropout with training_mode=True is random; export the model in eval mode")
         return data, np.ones(data.shape, dtype=bool)
 
