@@ -242,6 +242,7 @@ def _fixed_runs(plan, feeds, of, env, size):
 
 
 def _run_notes(model, run_size):
+    """What the summary says of a fixed batch's runs."""
     if not run_size:
         return []
     return [f"runs of {run_size} samples: input '{model.fixed_batch()[0].name}' is declared with a batch of {run_size}, "
@@ -546,9 +547,9 @@ def _parts(plan, res, T, n_c, t_c):
     middling size (see _WIDE_SHARE)."""
     parts = parallel.workers()
     rows = n_c * math.prod(res.flat_shape[1:]) * res.dtype.itemsize
-    flops = 2 * T * n_c / _CORE_FLOPS
-    work = res.estimate.get("flops_per_direction", 0) * flops + rows / _CORE_WRITE
-    wide = res.estimate.get("wide_flops_per_direction", 0) * flops
+    madd = 2 * T * n_c / _CORE_FLOPS  # seconds of a multiply-add per sample and direction, all of them
+    work = res.estimate.get("flops_per_direction", 0) * madd + rows / _CORE_WRITE
+    wide = res.estimate.get("wide_flops_per_direction", 0) * madd
     python = (len(plan.steps) + len(plan.active_steps)) * -(-T // t_c) * _STEP_SECONDS
     if parts == 1 or work < 2 * parts * python:
         return 1

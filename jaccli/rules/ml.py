@@ -167,6 +167,7 @@ class ArrayFeatureExtractor:
     with it."""
 
     nondiff = (1,)
+    keeps = True
 
     def forward(X, indices):
         Z = np.take(X, np.asarray(indices, np.int64).ravel(), axis=-1)
@@ -176,8 +177,6 @@ class ArrayFeatureExtractor:
         X, idx = cx.x
         Z = np.take(Xdot, np.asarray(idx, np.int64).ravel(), axis=-1)
         return Z.reshape(Z.shape[: Z.ndim - 1] + (1, -1)) if X.ndim == 1 else Z
-
-    keeps = True
 
     def vjp(cx, Zbar):
         """Each selected column's cotangent added into its column of X: a product with the
