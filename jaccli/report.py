@@ -111,6 +111,8 @@ def render_check(console: Console, d: dict):
         t.add_row(r["output"], _fmt(r["max_abs_error"]), _fmt(r["max_abs"]), _fmt(r["entry_error"]), _fmt(r["directional_error"]),
                   _fmt(r["forward_error"]), colour[v])
     console.print(t)
+    if d.get("oracle_note"):
+        console.print(f"[yellow]note:[/yellow] {d['oracle_note']}")
     for r, v in zip(d["rows"], verdicts):
         if v == "unclear":
             console.print(f"unclear ({r['output']}): every difference is within the {d['oracle_dtype']} oracle's own rounding "

@@ -501,3 +501,28 @@ def test_errors_are_one_line(tmp_path):
     assert not (tmp_path / "J.npy").exists()
     r = CliRunner().invoke(main, ["input", model, data, "--wrt", "nope"])
     assert r.exit_code == 2 and "no input or value named 'nope'" in r.output  # a usage error
+
+
+@pytest.mark.parametrize("params", [False, True])
+def test_check_of_a_model_no_runtime_runs(tmp_path, monkeypatch, params):
+    """An early export's ConstantFill runs in neither onnxruntime nor onnx's reference evaluator:
+    check falls back on jaccli's own float64 forward, says so, and still fails a wrong Jacobian."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from jaccli.oracle import check
+
+    nodes = [helper.make_node("ConstantFill", [], ["c"], shape=[1], value=0.5),
+             helper.make_node("Mul", ["x", "c"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["m"]),
+             helper.make_node("Tanh", ["m"], ["y"])]
+    W = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    g = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [numpy_helper.from_array(W, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 7)])
+    m.ir_version = 3
+    path = str(tmp_path / "old.onnx")
+    save(m, path)
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    d = check(path, x, params=params)
+    assert d["ok"] and d["oracle"] == "jaccli's own forward" and "ConstantFill" in d["oracle_note"], d
+    wrong_by_ten_percent(monkeypatch, "param_jacobian" if params else "input_jacobian")
+    assert not check(path, x, params=params)["ok"]
