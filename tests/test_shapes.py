@@ -426,3 +426,22 @@ def test_a_fixed_batch_recurrent_state_as_parameters(tmp_path, op, layout):
     assert [c["name"] for c in cols] == ["W", "R"] + states and G.shape == (5, 1, H, (gates * (C + H) + len(states) * B) * H)
     d = check(path, xs, params=True, samples=5)
     assert d["ok"], d
+
+
+def test_an_operator_written_before_its_opset():
+    """torch's TorchScript exporter at opset 8 writes ConstantOfShape, which ONNX defines from
+    opset 9 on: its first version is what it can only mean. An operator whose older version
+    ONNX does define, but jaccli does not, is still refused."""
+    from jaccli.errors import UnsupportedOpError
+    from jaccli.rules import lookup
+
+    value = numpy_helper.from_array(np.array([2.0], np.float32))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("ConstantOfShape", ["s"], ["c"], value=value),
+             helper.make_node("Mul", ["x", "c"], ["y"])]
+    xs = RNG.standard_normal((4, 3)).astype(np.float32)
+    J = jaccli.input_jacobian(model(nodes, [x], [y], opset=8), xs)
+    np.testing.assert_allclose(J, np.broadcast_to(2 * np.eye(3), (4, 3, 3)))
+    with pytest.raises(UnsupportedOpError, match="older than jaccli supports"):
+        lookup("Upsample", 1, "", "u")  # Upsample-1 exists in ONNX; jaccli's rules start at 7

@@ -100,6 +100,8 @@ def lookup(op_type: str, opset: int, domain: str = "", node: str = "?"):
             if since <= opset:
                 return cls
         lo = entries[0][0]
+        if not _existed(op_type, opset, domain):  # an exporter wrote it before its opset (torch's ConstantOfShape at 8):
+            return entries[0][1]  # its first version is the only thing it can mean
         raise UnsupportedOpError(
             f"node '{node}': {_qual(domain, op_type)} at opset {opset} is older than jaccli supports (from opset {lo})"
         )
@@ -117,6 +119,17 @@ _WHY_NOT = {  # operators people ask about, and what jaccli would have to say of
     ("", "Erfc"): "not an ONNX operator (tf2onnx writes it for Keras's exact GELU; onnxruntime rejects it too): "
                   "Keras's approximate GELU (approximate=True) exports with standard operators",
 }
+
+
+def _existed(op_type, opset, domain):
+    """Whether ONNX defines op_type at opset (an earlier version of it), as far as onnx knows."""
+    from onnx import defs
+
+    try:
+        defs.get_schema(op_type, opset, domain)
+        return True
+    except Exception:
+        return not defs.has(op_type, domain)  # an operator onnx does not know: no grounds to guess
 
 
 def _qual(domain, op_type):
