@@ -468,7 +468,11 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
             m = batch.shape[0]
             f = {n: np.repeat(v[i:i + 1], m, axis=0) for n, v in feeds.items() if n != wrt}
             f[wrt] = batch.reshape((m,) + x0.shape[1:])
-            return _run_batched(oracle, f, name).reshape(m, 1, -1)[:, :, sel]
+            if oracle.batch:  # each perturbed copy at sample i's place in a run, as the drivers put it
+                y = _run_at(oracle, f, name, i % oracle.batch)
+            else:
+                y = _run_batched(oracle, f, name)
+            return y.reshape(m, 1, -1)[:, :, sel]
 
         base = x0[i].ravel().astype(np.float64)
         D = _perturbations(base, pick, rng)
@@ -521,6 +525,15 @@ def _run_batched(oracle, feeds, name, extra=None):
     except Exception:
         pass
     return in_runs(run, feeds, 1).astype(np.float64)
+
+
+def _run_at(oracle, feeds, name, place):
+    """Each sample of the feeds run alone, in a run of the model's fixed batch that it fills, and
+    read at `place`: where a model's batch is fixed, its constants may have a row per place."""
+    n = next(iter(feeds.values())).shape[0]
+    rows = [oracle.run({k: np.repeat(v[j:j + 1], oracle.batch, axis=0) for k, v in feeds.items()}, [name])[0][place]
+            for j in range(n)]
+    return np.stack(rows).astype(np.float64)
 
 
 def _forward(model, feeds, name, dtype, params=None, flat=True):

@@ -445,3 +445,27 @@ def test_an_operator_written_before_its_opset():
     np.testing.assert_allclose(J, np.broadcast_to(2 * np.eye(3), (4, 3, 3)))
     with pytest.raises(UnsupportedOpError, match="older than jaccli supports"):
         lookup("Upsample", 1, "", "u")  # Upsample-1 exists in ONNX; jaccli's rules start at 7
+
+
+def test_check_of_a_fixed_batch_with_a_row_per_place(tmp_path):
+    """A fixed batch of 2 with a constant that has a row per place (x * (x + p), p (2, 3): an old
+    onnx test model): a sample's Jacobian is the one at its place in its run, and check's
+    differences perturb each sample at its own place."""
+    from onnx import save
+
+    from jaccli.oracle import check
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    p = RNG.standard_normal((2, 3)).astype(np.float32)
+    nodes = [helper.make_node("Add", ["x", "p"], ["s"]), helper.make_node("Mul", ["x", "s"], ["m"]),
+             helper.make_node("Tanh", ["m"], ["y"])]
+    path = str(tmp_path / "places.onnx")
+    save(model(nodes, [x], [y], [init("p", p)]), path)
+    xs = RNG.standard_normal((5, 3)).astype(np.float32)
+    J = jaccli.input_jacobian(path, xs)
+    for k in range(5):
+        q = p[k % 2]
+        np.testing.assert_allclose(J[k], np.diag((1 - np.tanh(xs[k] * (xs[k] + q)) ** 2) * (2 * xs[k] + q)), rtol=1e-5, atol=1e-6)
+    for params in (False, True):
+        assert check(path, xs, samples=5, params=params)["ok"]

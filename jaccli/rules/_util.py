@@ -64,9 +64,21 @@ def unbroadcast(G, shape, lead=1, keep=False):
     )
     if axes:
         G = sum_trailing(G, axes)
+    if keep and extra == 0 and shape[0] == prim[0] != 1:
+        return _per_place(G.reshape(*lead_shape, *shape), lead)
     if keep:
         return G.reshape(*lead_shape, prim[0], *shape)
     return G.reshape(*lead_shape, *shape)
+
+
+def _per_place(G, lead):
+    """Per-sample cotangents of a value with a row per place in a fixed batch (its first axis is
+    the samples'), from G (*lead_axes, N, ...): sample n's is G's row n, in row n of zeros."""
+    N = G.shape[lead]
+    P = np.zeros(G.shape[:lead] + (N,) + G.shape[lead:], G.dtype)
+    for n in range(N):
+        P[(slice(None),) * lead + (n, n)] = G[(slice(None),) * lead + (n,)]
+    return P
 
 
 def expand(D, x, y, lead):
