@@ -65,19 +65,21 @@ def unbroadcast(G, shape, lead=1, keep=False):
     if axes:
         G = sum_trailing(G, axes)
     if keep and extra == 0 and shape[0] == prim[0] != 1:
-        return _per_place(G.reshape(*lead_shape, *shape), lead)
+        return per_place(G.reshape(*lead_shape, *shape), lead)
     if keep:
         return G.reshape(*lead_shape, prim[0], *shape)
     return G.reshape(*lead_shape, *shape)
 
 
-def _per_place(G, lead):
-    """Per-sample cotangents of a value with a row per place in a fixed batch (its first axis is
-    the samples'), from G (*lead_axes, N, ...): sample n's is G's row n, in row n of zeros."""
-    N = G.shape[lead]
+def per_place(G, lead, axis=0):
+    """Per-sample cotangents (*lead_axes, N, *shape) of a value with a row per place in a fixed
+    batch along its `axis` (a constant of an old export, an RNN's initial state), from its
+    cotangent G (*lead_axes, *shape): sample n's is G's row n, among zeros."""
+    N = G.shape[lead + axis]
     P = np.zeros(G.shape[:lead] + (N,) + G.shape[lead:], G.dtype)
     for n in range(N):
-        P[(slice(None),) * lead + (n, n)] = G[(slice(None),) * lead + (n,)]
+        at = (slice(None),) * (lead + axis) + (n,)
+        P[(slice(None),) * lead + (n,)][at] = G[at]
     return P
 
 

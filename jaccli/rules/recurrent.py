@@ -12,6 +12,7 @@ import numpy as np
 
 from . import rule
 from ..errors import UnsupportedOpError
+from ._util import per_place
 from .elementwise import _sigmoid
 
 
@@ -290,22 +291,9 @@ class _Recurrent:
         for k, G in (("initial_h", h0bar), ("initial_c", c0bar)):
             if need[k] and v[k] is not None:
                 out[k] = _state_canonical(G, st.layout, 1)
-                if keep[k]:
-                    out[k] = _per_sample_state(out[k], st.layout)
+                if keep[k]:  # a state without a sample axis of its own: an initializer in a model whose batch is fixed
+                    out[k] = per_place(out[k], 1, axis=1 if st.layout == 0 else 0)
         return tuple(None if k not in out else out[k].reshape(head + out[k].shape[1:]) for k in SLOTS[: len(cx.x)])
-
-
-def _per_sample_state(G, layout):
-    """Per-sample cotangents (L, N, *state) of an initial state without a sample axis of its own
-    (an initializer in a model whose batch is fixed, as a dynamo export writes a zero state),
-    from its cotangent G (L, *state): sample n reads the state's row n of the batch axis only."""
-    axis = 2 if layout == 0 else 1  # the batch axis of G: states are (D, N, H), or (N, D, H)
-    N = G.shape[axis]
-    P = np.zeros((G.shape[0], N) + G.shape[1:], G.dtype)
-    for n in range(N):
-        at = (slice(None),) * (axis - 1) + (n,)
-        P[:, n][(slice(None),) + at] = G[(slice(None),) + at]
-    return P
 
 
 # ---- the cells ------------------------------------------------------------------------------------
