@@ -460,6 +460,7 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
         proto = _cut_at(proto, wrt, [name])
         model = load(proto)
     oracle = _oracle(proto, feeds, [name], model=model)
+    places = oracle.batch and _rows_per_place(oracle, feeds, name)
     x0 = feeds[wrt]
     pick = _with_largest(_pick(x0[0].size, entries, rng), J)
     ours, fds = [], [[] for _ in _steps(oracle.dtype)]
@@ -468,7 +469,7 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
             m = batch.shape[0]
             f = {n: np.repeat(v[i:i + 1], m, axis=0) for n, v in feeds.items() if n != wrt}
             f[wrt] = batch.reshape((m,) + x0.shape[1:])
-            if oracle.batch:  # each perturbed copy at sample i's place in a run, as the drivers put it
+            if places:  # each perturbed copy at sample i's place in a run, as the drivers put it
                 y = _run_at(oracle, f, name, i % oracle.batch)
             else:
                 y = _run_batched(oracle, f, name)
@@ -525,6 +526,13 @@ def _run_batched(oracle, feeds, name, extra=None):
     except Exception:
         pass
     return in_runs(run, feeds, 1).astype(np.float64)
+
+
+def _rows_per_place(oracle, feeds, name):
+    """Whether a fixed batch's output depends on a sample's place in its run: one run of copies
+    of the first sample gives different rows (a constant with a row per place)."""
+    y = np.asarray(oracle.run({k: np.repeat(v[:1], oracle.batch, axis=0) for k, v in feeds.items()}, [name])[0], np.float64)
+    return not np.allclose(y, y[:1], rtol=1e-12, atol=0)
 
 
 def _run_at(oracle, feeds, name, place):
