@@ -45,4 +45,5 @@ def describe(path):
         "n_parameters": sum(p["size"] for p in params),
         "operators": ops,
         "expanded": dict(model.expanded),  # operators replaced by their ONNX function bodies
+        "fixed_batch": model.fixed_batch()[1],  # the smallest batch an input declares as a number, or None
     }

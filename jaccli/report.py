@@ -88,6 +88,10 @@ def render_inspect(console: Console, info: dict):
         o.add_row(op["op"], str(op["opset"]), str(op["count"]),
                   "[green]supported[/green]" if op["supported"] else f"[red]unsupported[/red] ({op['first_node']})")
     console.print(o)
+    if info.get("fixed_batch"):
+        b = info["fixed_batch"]
+        console.print(f"[yellow]note:[/yellow] an input declares a batch of {b}: where the graph bakes it in, the samples "
+                      + ("run one at a time" if b == 1 else f"run in runs of {b}, the last padded with copies of its last sample"))
     if info.get("expanded"):
         names = ", ".join(f"{op} ({n} node{'s' if n > 1 else ''})" for op, n in info["expanded"].items())
         console.print(f"[yellow]note:[/yellow] replaced by their ONNX function bodies, whose operators are listed above: {names}")

@@ -106,6 +106,17 @@ def test_a_fixed_batch_that_runs_on_one_sample_with_the_wrong_rows():
     np.testing.assert_allclose(r.value, np.stack([np.diag(1 - np.tanh(v + C[0]) ** 2) for v in xs]), rtol=1e-5)
 
 
+def test_inspect_names_a_fixed_batch(tmp_path):
+    from click.testing import CliRunner
+    from onnx import save
+
+    from jaccli.cli import main
+
+    save(batch_of_four(), str(tmp_path / "b4.onnx"))
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "b4.onnx")])
+    assert r.exit_code == 0 and "declares a batch of 4" in r.output and "runs of 4" in r.output.replace("\n", " ")
+
+
 def test_a_fixed_batch_written_to_a_file(tmp_path):
     from jaccli.io import FileTarget
 
