@@ -137,6 +137,11 @@ def _pad_samples(feeds, n):
     return {k: pad(v) for k, v in feeds.items()}
 
 
+def _copies(feeds, j, size):
+    """A run of `size` copies of sample j."""
+    return _pad_samples(_slice_samples(feeds, j, j + 1), size)
+
+
 def in_runs(fn, feeds, size):
     """fn(feeds of one run) over all samples in runs of exactly `size` (None: one run), the last
     padded with copies of its last sample; the results, samples first, concatenated without the
@@ -232,7 +237,7 @@ def _fixed_runs(plan, feeds, of, env, size):
     the first sample's output is the same with copies of it in the other places. Where the rows
     mix samples (see _rows_mix_samples), the parameter Jacobian seeds one sample at a time
     (see param_jacobian)."""
-    alone = walk.primal(plan, _pad_samples(_slice_samples(feeds, 0, 1), size))[of]
+    alone = walk.primal(plan, _copies(feeds, 0, size))[of]
     if not _same(env[of][0], alone[0]):
         raise DataError(f"output '{of}' of sample 0 changes when other samples are in the same batch: the model "
                         f"mixes samples, so per-sample Jacobians are not defined for it")
@@ -259,7 +264,7 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
     """
     if N < 2:
         if plan.per_sample:  # one sample twice: the shapes show whether some rows mix samples
-            _note_mixed_rows(plan, walk.primal(plan, _pad_samples(_slice_samples(feeds, 0, 1), 2)))
+            _note_mixed_rows(plan, walk.primal(plan, _copies(feeds, 0, 2)))
         return N
     fixed = model.fixed_batch()[1] == 1
     try:

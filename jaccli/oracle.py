@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .drivers import _first_float, _pad_samples, _slice_samples, in_runs, input_jacobian, param_jacobian, prepare_feeds, quiet_floats
+from .drivers import _copies, _first_float, in_runs, input_jacobian, param_jacobian, prepare_feeds, quiet_floats
 from .model import load
 
 TOLERANCE = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
@@ -115,6 +115,7 @@ class _Runner:
 
     types: dict
     batch = None  # the model's declared batch where it is fixed: runs take exactly that many samples
+    why = None  # why a lesser oracle stands in (see Ours)
 
     @staticmethod
     def _model(proto, dtype):
@@ -266,7 +267,7 @@ def _oracle(proto, feeds, out_names, extra=None, model=None):
     import time
 
     batch = model.fixed_batch()[1] if model is not None else None  # onnxruntime holds a model to its declared batch
-    probe = _pad_samples(_slice_samples(feeds, 0, 1), batch or 1)
+    probe = _copies(feeds, 0, batch or 1)
     rng = np.random.default_rng(1)
     jitter = {k: (v * (1 + 1e-3 * rng.standard_normal(v.shape)) if np.issubdtype(v.dtype, np.floating) else v)
               for k, v in probe.items()}
@@ -398,7 +399,7 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
             ours, fds, n_entries, y_ort, oracle = _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs)
         else:
             ours, fds, n_entries, y_ort, oracle = _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt)
-        oracle_dtype, oracle_name, oracle_why = oracle.dtype, oracle.name, getattr(oracle, "why", None)
+        oracle_dtype, oracle_name, oracle_why = oracle.dtype, oracle.name, oracle.why
         y_ours = _forward(model, feeds, name, dtype)
         rows.append(_row(name, ours, fds, n_entries, y_ours, y_ort, _noise(y_ort, oracle.dtype)))
     tol = tolerance if tolerance is not None else max(TOLERANCE[dtype], TOLERANCE[oracle_dtype])
@@ -531,7 +532,7 @@ def _run_batched(oracle, feeds, name, extra=None):
 def _rows_per_place(oracle, feeds, name):
     """Whether a fixed batch's output depends on a sample's place in its run: one run of copies
     of the first sample gives different rows (a constant with a row per place)."""
-    y = np.asarray(oracle.run({k: np.repeat(v[:1], oracle.batch, axis=0) for k, v in feeds.items()}, [name])[0], np.float64)
+    y = np.asarray(oracle.run(_copies(feeds, 0, oracle.batch), [name])[0], np.float64)
     return not np.allclose(y, y[:1], rtol=1e-12, atol=0)
 
 
@@ -539,9 +540,8 @@ def _run_at(oracle, feeds, name, place):
     """Each sample of the feeds run alone, in a run of the model's fixed batch that it fills, and
     read at `place`: where a model's batch is fixed, its constants may have a row per place."""
     n = next(iter(feeds.values())).shape[0]
-    rows = [oracle.run({k: np.repeat(v[j:j + 1], oracle.batch, axis=0) for k, v in feeds.items()}, [name])[0][place]
-            for j in range(n)]
-    return np.stack(rows).astype(np.float64)
+    return np.stack([oracle.run(_copies(feeds, j, oracle.batch), [name])[0][place] for j in range(n)]).astype(np.float64)
+
 
 
 def _forward(model, feeds, name, dtype, params=None, flat=True):
