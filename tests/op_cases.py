@@ -210,6 +210,7 @@ CASES += [
     Case("ScatterElements", [("x", (3, 4)), ("i", ((1, 4), 3)), ("x", (1, 4))], {"axis": 1}, opset=16, id="ScatterElements"),
     Case("ScatterElements", [("x", (3, 4)), ("i", ((3, 2), 4)), ("x", (3, 2))], {"axis": 2, "reduction": "add"}, opset=16,
          id="ScatterElements-add-repeats"),
+    Case("Scatter", [("x", (3, 4)), ("i", ((1, 4), 3)), ("x", (1, 4))], {"axis": 1}, opset=10, id="Scatter-10"),
     Case("TopK", [("x", (3, 5)), ("c", i64(2))], {"axis": -1}, opset=11, data="distinct", outputs=2, id="TopK"),
     Case("TopK", [("x", (4, 3)), ("c", i64(3))], {"axis": 1, "largest": 0}, opset=11, data="distinct", outputs=2, id="TopK-smallest"),
     Case("TopK", [("x", (3, 5))], {"axis": 2, "k": 2}, opset=9, data="distinct", outputs=2, id="TopK-1-attribute"),

@@ -187,6 +187,16 @@ def test_a_tree_ensemble_is_refused_with_the_reason(tmp_path):
     one_error_line(cli("input", tmp_path / "trees.onnx", MLP_X), 1, "trees", "piecewise constant")
 
 
+def test_a_random_draw_is_refused_with_the_reason(tmp_path):
+    """A VAE's reparameterisation exported as RandomNormalLike: one line says why (and Bernoulli,
+    which ONNX defines as a function drawing RandomUniformLike, the same)."""
+    for op in ("RandomNormalLike", "Bernoulli"):
+        nodes = [helper.make_node("Sigmoid", ["x"], ["p"]), helper.make_node(op, ["p"], ["r"], name="draw"),
+                 helper.make_node("Mul", ["x", "r"], ["y"])]
+        onnx.save(tiny_model(nodes, [X], [Y], opset=15), tmp_path / "draw.onnx")
+        one_error_line(cli("input", tmp_path / "draw.onnx", np_file(tmp_path)), 1, "Random", "one draw only")
+
+
 def test_training_dropout_is_refused(tmp_path):
     """A model exported in training mode drops at random: refused in one line (with a ratio of 0
     it is the identity, see the op cases)."""

@@ -839,6 +839,12 @@ class ScatterElements:
         return _scatter_vjp(cx, Ybar, _elements_index(cx.x[1], axis, cx.x[0].shape), reduction)
 
 
+@rule("Scatter", since=9)
+class Scatter(ScatterElements):
+    """Scatter of opsets 9 and 10, deprecated at 11: ScatterElements without a reduction (torch's
+    `scatter` exported at those opsets)."""
+
+
 def _nd_tuple(indices):
     return tuple(np.moveaxis(np.asarray(indices), -1, 0))
 
