@@ -637,3 +637,47 @@ class ConvTranspose:
             if not cx.keep[2]:
                 Bbar = Bbar.sum(axis=lead)
         return Xbar, Wbar, Bbar
+
+
+# ---- Col2Im: torch's Fold, the adjoint of im2col ------------------------------------------------
+
+
+@rule("Col2Im", since=18)
+class Col2Im:
+    """Y (N, C, *image_shape) = the columns X (N, C * prod(block_shape), L) of sliding blocks added
+    back into the image (torch's Fold); L runs over the blocks, C over the channels, then the
+    offsets inside a block. Linear in X: its adjoint cuts the blocks out again (torch's Unfold)."""
+
+    nondiff = (1, 2)
+
+    def forward(input, image_shape, block_shape, *, dilations=None, pads=None, strides=None):
+        return _fold(input, *Col2Im.geometry(input, image_shape, block_shape, dilations, pads, strides))
+
+    def geometry(X, image_shape, block_shape, dilations, pads, strides):
+        """kernel, strides, dilations, pad begins and ends, the padded image and the blocks per axis."""
+        image, kernel = [int(v) for v in image_shape], tuple(int(v) for v in block_shape)
+        strides, dilations, begin, end, _ = conv_geometry(image, kernel, strides, dilations, pads, "NOTSET")
+        padded = [n + b + e for n, b, e in zip(image, begin, end)]
+        blocks = _out_size(padded, kernel, strides, dilations)
+        K, L = int(np.prod(kernel)), int(np.prod(blocks))
+        if X.shape[-1] != L or X.shape[-2] % K:
+            raise ValueError(f"columns of shape {X.shape[-2:]} do not fit {L} blocks of {K} offsets over the image {image}")
+        return kernel, strides, dilations, begin, end, padded, blocks
+
+    def jvp(cx, Xdot, *_, dilations=None, pads=None, strides=None):
+        return _fold(Xdot, *Col2Im.geometry(cx.x[0], cx.x[1], cx.x[2], dilations, pads, strides))
+
+    def vjp(cx, Ybar, *, dilations=None, pads=None, strides=None):
+        kernel, strides, dilations, begin, end, _, blocks = Col2Im.geometry(cx.x[0], cx.x[1], cx.x[2], dilations, pads, strides)
+        nd = len(kernel)
+        V = windows(pad_spatial(Ybar, begin, end), kernel, strides, dilations)  # (..., C, *blocks, *kernel)
+        V = np.moveaxis(V, range(-nd, 0), range(-2 * nd, -nd))  # (..., C, *kernel, *blocks)
+        return (V.reshape(Ybar.shape[: Ybar.ndim - nd - 1] + cx.x[0].shape[-2:]), None, None)
+
+
+def _fold(X, kernel, strides, dilations, begin, end, padded, blocks):
+    """Col2Im of X (..., C * K, L) with leading axes: (..., C, *image)."""
+    nd = len(kernel)
+    G = X.reshape(X.shape[:-2] + (-1,) + kernel + tuple(blocks))  # (..., C, *kernel, *blocks)
+    G = np.moveaxis(G, range(-2 * nd, -nd), range(-nd, 0))  # (..., C, *blocks, *kernel)
+    return unpad(windows_adjoint(G, padded, kernel, strides, dilations), begin, end)
