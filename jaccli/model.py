@@ -259,19 +259,21 @@ def _expand_functions(proto, rounds=4):
                     except Exception:
                         body = None
             if body is not None and len(body.node):
-                bodies[k] = body
+                bodies[k] = body, schema
         if not bodies:
             return proto, expanded
         proto = _copy(proto)  # never change the caller's model
         done = dict(expanded)
-        for k, body in bodies.items():
+        for k, (body, schema) in bodies.items():
             n = proto.graph.node[k]
             done[n.op_type] = done.get(n.op_type, 0) + 1
+            _default_attributes(n, schema)
             f = proto.functions.add()
             f.CopyFrom(body)
             f.domain, f.name = _EXPANDED, f"{n.op_type}_{len(proto.functions)}"
             n.domain, n.op_type = _EXPANDED, f.name
         proto.opset_import.append(onnx.helper.make_opsetid(_EXPANDED, 1))
+        _type_initializers(proto, {v for k in bodies for v in proto.graph.node[k].input})
         try:  # bodies converted to the model's opset, which needs the values' types
             proto = inliner.inline_local_functions(_inferred(proto, shape_inference), convert_version=True)
         except Exception:
@@ -280,6 +282,24 @@ def _expand_functions(proto, rounds=4):
         proto.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
         expanded = done
     return proto, expanded
+
+
+def _default_attributes(node, schema):
+    """The schema's defaults written on the node for the attributes it leaves out: a body refers
+    to them by name (HannWindow's output type), and the inliner fills only those the node has."""
+    have = {a.name for a in node.attribute}
+    for name, a in schema.attributes.items():
+        if name not in have and a.default_value.type:
+            node.attribute.append(a.default_value)
+
+
+def _type_initializers(proto, names):
+    """Value types for the initializers among `names` that have none: onnx's inliner looks types
+    up among the graph's inputs and value infos only (a HannWindow's size, an initializer)."""
+    typed = {v.name for v in proto.graph.input} | {v.name for v in proto.graph.value_info}
+    for t in proto.graph.initializer:
+        if t.name in names and t.name not in typed:
+            proto.graph.value_info.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
 def _copy(proto):

@@ -6,6 +6,7 @@ from gradcheck import Case
 
 i64 = lambda *v: np.array(v, dtype=np.int64)  # noqa: E731
 f32 = lambda *v: np.array(v, dtype=np.float32)  # noqa: E731
+s64 = lambda v: np.array(v, dtype=np.int64)  # noqa: E731  (a scalar)
 
 CASES = [
     # linalg
@@ -214,6 +215,19 @@ CASES += [
     Case("Col2Im", [("x", (18, 24)), ("c", i64(7, 8)), ("c", i64(3, 3))], {"strides": [2, 1], "pads": [1, 0, 1, 2], "dilations": [1, 2]},
          opset=18, id="Col2Im-strides-pads-dilations"),
     Case("Col2Im", [("x", (6, 4)), ("c", i64(9)), ("c", i64(3))], {"strides": [2]}, opset=18, id="Col2Im-1d"),
+    # Fourier transforms (a last axis of 2 is a complex value, of 1 a real one)
+    Case("DFT", [("x", (8, 1))], opset=17, id="DFT-17-real"),
+    Case("DFT", [("x", (8, 2)), ("c", s64(6))], opset=20, id="DFT-complex-cut"),
+    Case("DFT", [("x", (8, 1)), ("c", s64(10))], {"onesided": 1}, opset=20, id="DFT-rfft-padded"),
+    Case("DFT", [("x", (5, 2))], {"inverse": 1}, opset=20, id="DFT-inverse"),
+    Case("DFT", [("x", (5, 2))], {"inverse": 1, "onesided": 1}, opset=20, id="DFT-irfft"),
+    Case("DFT", [("x", (4, 2)), ("c", s64(7))], {"inverse": 1, "onesided": 1}, opset=20, id="DFT-irfft-odd"),
+    Case("DFT", [("x", (3, 6, 2)), ("", None), ("c", s64(1))], opset=20, id="DFT-axis-input"),
+    Case("STFT", [("x", (20, 1)), ("c", s64(4)), ("p", (8,))], opset=17, id="STFT-window"),
+    Case("STFT", [("x", (20, 2)), ("c", s64(3)), ("", None), ("c", s64(6))], {"onesided": 0}, opset=17, id="STFT-complex"),
+    Case("STFT", [("x", (20, 2)), ("c", s64(3)), ("p", (6,))], {"onesided": 0}, opset=17, id="STFT-complex-window"),
+    Case("STFT", [("x", (40, 1)), ("c", s64(2)), ("p", (4,))], opset=17, id="STFT-many-frames"),
+    Case("STFT", [("x", (24,)), ("c", s64(4)), ("p", (8,))], opset=17, id="STFT-rank-2-signal"),
     Case("Scatter", [("x", (3, 4)), ("i", ((1, 4), 3)), ("x", (1, 4))], {"axis": 1}, opset=10, id="Scatter-10"),
     Case("TopK", [("x", (3, 5)), ("c", i64(2))], {"axis": -1}, opset=11, data="distinct", outputs=2, id="TopK"),
     Case("TopK", [("x", (4, 3)), ("c", i64(3))], {"axis": 1, "largest": 0}, opset=11, data="distinct", outputs=2, id="TopK-smallest"),

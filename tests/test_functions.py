@@ -47,7 +47,17 @@ def celu_mvn():
     return make(nodes, {}, (3, 4), (3, 4), 13), {}
 
 
-CASES = {"RMSNormalization": rms_norm, "Attention": attention, "Celu+MeanVarianceNormalization": celu_mvn}
+def hann_window():
+    """A spectrogram's window made in the graph: HannWindow's body refers to its output type, an
+    attribute the node leaves to its default, and at opset 18 the body (written for 17) is
+    converted, which needs the type of its size, an initializer."""
+    inits = {"size": np.array(8, np.int64), "step": np.array(4, np.int64)}
+    nodes = [helper.make_node("HannWindow", ["size"], ["w"]), helper.make_node("STFT", ["x", "step", "w"], ["y"])]
+    return make(nodes, inits, (32, 1), (7, 5, 2), 18), {}
+
+
+CASES = {"RMSNormalization": rms_norm, "Attention": attention, "Celu+MeanVarianceNormalization": celu_mvn,
+         "HannWindow": hann_window}
 
 
 @pytest.mark.parametrize("name", CASES)

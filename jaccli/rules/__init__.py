@@ -156,4 +156,4 @@ def _load_families():
     global _loaded
     if not _loaded:
         _loaded = True
-        from . import contrib, control, conv, elementwise, linalg, ml, norm, pool, recurrent, reduce, resize, sequence, shape  # noqa: F401
+        from . import contrib, control, conv, elementwise, linalg, ml, norm, pool, recurrent, reduce, resize, sequence, shape, spectral  # noqa: F401
