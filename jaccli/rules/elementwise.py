@@ -867,3 +867,78 @@ class QuantizeLinear:
 
     def forward(x, y_scale, y_zero_point=None, **attrs):
         return _quantize(x, y_scale, y_zero_point, **attrs)
+
+
+# ---- experimental operators of opsets 1 to 9, dropped at 10, which old models still hold (Caffe2
+# and CoreML conversions, the zoo's tiny-YOLOv2); onnxruntime still runs them. ONNX keeps no
+# schema for them, so their defaults are written here. ------------------------------------------
+
+
+@elementwise("ThresholdedRelu", since=1)
+class ThresholdedRelu1(ThresholdedRelu):
+    """ThresholdedRelu while it was experimental: alpha defaults to 1."""
+
+    def forward(X, *, alpha=1.0):
+        return ThresholdedRelu.forward(X, alpha=alpha)
+
+    def deriv(X, Y, *, alpha=1.0):
+        return ThresholdedRelu.deriv(X, Y, alpha=alpha)
+
+
+@elementwise("Affine", since=1)
+class Affine:
+    """Y = alpha * X + beta"""
+
+    def forward(X, *, alpha=1.0, beta=0.0):
+        return (X * X.dtype.type(alpha) + X.dtype.type(beta)).astype(X.dtype)
+
+    def deriv(X, Y, *, alpha=1.0, beta=0.0):
+        return alpha
+
+
+@elementwise("Scale", since=1)
+class Scale:
+    """Y = scale * X"""
+
+    def forward(X, *, scale=1.0):
+        return X * X.dtype.type(scale)
+
+    def deriv(X, Y, *, scale=1.0):
+        return scale
+
+
+@elementwise("ImageScaler", since=1)
+class ImageScaler:
+    """Y = scale * X + bias[c], X of shape (N, C, H, W): an image's scaling and mean subtraction."""
+
+    def forward(X, *, bias=None, scale=1.0):
+        Y = X * X.dtype.type(scale)
+        if bias is not None:
+            Y += np.asarray(bias, X.dtype).reshape((1, -1) + (1,) * (X.ndim - 2))
+        return Y
+
+    def deriv(X, Y, *, bias=None, scale=1.0):
+        return scale
+
+
+@elementwise("ScaledTanh", since=1)
+class ScaledTanh:
+    """Y = alpha * tanh(beta * X)"""
+
+    def forward(X, *, alpha=1.0, beta=1.0):
+        return X.dtype.type(alpha) * np.tanh(X * X.dtype.type(beta))
+
+    def deriv(X, Y, *, alpha=1.0, beta=1.0):
+        t = np.tanh(X * X.dtype.type(beta))
+        return X.dtype.type(alpha * beta) * (1 - t * t)
+
+
+@elementwise("ParametricSoftplus", since=1)
+class ParametricSoftplus:
+    """Y = alpha * log(1 + exp(beta * X))"""
+
+    def forward(X, *, alpha=1.0, beta=1.0):
+        return X.dtype.type(alpha) * np.logaddexp(0, X * X.dtype.type(beta)).astype(X.dtype)
+
+    def deriv(X, Y, *, alpha=1.0, beta=1.0):
+        return X.dtype.type(alpha * beta) * _sigmoid(X * X.dtype.type(beta))

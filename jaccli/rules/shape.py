@@ -480,6 +480,24 @@ class Slice10(_SliceBase):
         return _slices(x[0].shape, x[1], x[2], x[3], x[4])
 
 
+@rule("Crop", since=1)
+class Crop(_SliceBase):
+    """Experimental, opsets 1 to 9: Y = X (N, C, H, W) cut by `border` (left, top, right, bottom), or
+    from (top, left) to the size `scale` (height, width) when given."""
+
+    def forward(input, *, border, scale=None):
+        return input[Crop.index((input,), {"border": border, "scale": scale})]
+
+    def index(x, attrs):
+        left, top, right, bottom = (int(v) for v in attrs["border"])
+        H, W = x[0].shape[-2:]
+        scale = attrs.get("scale")
+        bottom_end, right_end = (top + int(scale[0]), left + int(scale[1])) if scale else (H - bottom, W - right)
+        if not (0 <= top < bottom_end <= H and 0 <= left < right_end <= W):
+            raise ValueError(f"border {list(attrs['border'])} does not fit an image of {H} x {W}")
+        return (Ellipsis, slice(top, bottom_end), slice(left, right_end))
+
+
 def _split_sizes(n, split, num_outputs, count):
     if split is not None and len(np.ravel(split)):
         return [int(s) for s in np.ravel(split)]
