@@ -20,6 +20,9 @@ CASES = [
     Case("MatMul", [("p", (2, 5)), ("x", (5, 3))], id="MatMul-param-left"),
     Case("MatMul", [("x", (2, 3, 5)), ("p", (2, 5, 2))], id="MatMul-broadcast-batch"),
     Case("MatMul", [("x", (2, 3, 4, 5)), ("p", (5, 3))], id="MatMul-weight-across-batch-axes"),
+    Case("Det", [("x", (3, 3))], opset=11, id="Det"),
+    Case("Det", [("x", (2, 4, 4))], opset=11, id="Det-batched"),
+    Case("Inverse", [("x", (2, 3, 3))], domain="com.microsoft", id="Inverse"),
     # binary elementwise
     Case("Add", [("x", (3, 4)), ("p", (4,))], id="Add-bias"),
     Case("Add", [("x", (3, 1)), ("x", (1, 4))], id="Add-broadcast-both"),

@@ -330,3 +330,45 @@ def _einsum_cotangent(cx, i, X, subs, out, t, flat, head):
     )
     R = np.broadcast_to(R.reshape(shape), R.shape[:pre] + X.shape)
     return R.reshape(head + R.shape[1:])
+
+
+# ---- determinant and inverse of square matrices in the last two axes ----------------------------
+
+
+def _inv_t(A):
+    """A^-T, or a one-line refusal for a singular matrix, whose inverse (and so the derivative of
+    its determinant through it) does not exist."""
+    try:
+        return np.swapaxes(np.linalg.inv(A), -1, -2)
+    except np.linalg.LinAlgError:
+        raise ValueError("a matrix is singular") from None
+
+
+@rule("Det", since=11)
+class Det:
+    """Y = det(X) over the last two axes (torch.linalg.det): dY = Y tr(X^-1 dX)."""
+
+    def forward(X):
+        return np.linalg.det(X).astype(X.dtype)
+
+    def jvp(cx, Xdot):
+        return cx.y[0] * (_inv_t(cx.x[0]) * Xdot).sum(axis=(-2, -1))
+
+    def vjp(cx, Ybar):
+        return ((Ybar * cx.y[0])[..., None, None] * _inv_t(cx.x[0]),)
+
+
+@rule("Inverse", since=1, domain="com.microsoft")
+class Inverse:
+    """Y = X^-1 over the last two axes (torch.inverse, an onnxruntime operator): dY = -Y dX Y."""
+
+    def forward(X):
+        return np.linalg.inv(X)
+
+    def jvp(cx, Xdot):
+        Y = cx.y[0]
+        return -(Y @ Xdot @ Y)
+
+    def vjp(cx, Ybar):
+        Yt = np.swapaxes(cx.y[0], -1, -2)
+        return (-(Yt @ Ybar @ Yt),)
