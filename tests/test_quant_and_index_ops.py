@@ -3,6 +3,7 @@
 Forward against onnxruntime; Jacobians against float64 central differences of our forward."""
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from gradcheck import fd_input_jacobian, fd_param_jacobian, one_input_model, ort_forward, our_forward, rel_err
 from onnx import helper
@@ -187,3 +188,27 @@ def test_dequantize_tangent_of_the_scale_has_lead_axes(scale_shape, attrs):
     got = DequantizeLinear21.jvp(cx, None, Sdot, None, **attrs)
     want = np.stack([_dequantize_forward(Wq, d, zp, **attrs) for d in Sdot])
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("op, attrs, dtype", [
+    ("BitwiseAnd", {}, np.int32), ("BitwiseOr", {}, np.int64), ("BitwiseXor", {}, np.uint8), ("BitwiseNot", {}, np.int16),
+    ("BitShift", {"direction": "LEFT"}, np.uint32), ("BitShift", {"direction": "RIGHT"}, np.uint8),
+])
+def test_integer_bit_operators_match_onnxruntime(op, attrs, dtype):
+    """Integer operators carry no derivative, but a graph may compute indices or masks with them."""
+    rng = np.random.default_rng(5)
+    info = np.iinfo(dtype)
+    a = rng.integers(max(info.min, -1000), min(info.max, 1000), (3, 4), endpoint=True).astype(dtype)
+    b = rng.integers(0, 7, (3, 4)).astype(dtype)
+    names = ["a"] if op == "BitwiseNot" else ["a", "b"]
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    g = helper.make_graph([helper.make_node(op, names, ["y"], **attrs)], "bits",
+                          [helper.make_tensor_value_info(n, elem, [3, 4]) for n in names],
+                          [helper.make_tensor_value_info("y", elem, [3, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    feeds = {"a": a, "b": b}
+    feeds = {n: feeds[n] for n in names}
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = our_forward(m, feeds)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)

@@ -548,8 +548,22 @@ for _op, _since, _forward, _doc in (
     ("And", 7, _binary(np.logical_and), "C = A and B"),
     ("Or", 7, _binary(np.logical_or), "C = A or B"),
     ("Xor", 7, _binary(np.logical_xor), "C = A xor B"),
+    ("BitwiseNot", 18, _unary(np.invert), "Y = ~X, bit by bit"),
+    ("BitwiseAnd", 18, _binary(np.bitwise_and), "C = A & B, bit by bit"),
+    ("BitwiseOr", 18, _binary(np.bitwise_or), "C = A | B, bit by bit"),
+    ("BitwiseXor", 18, _binary(np.bitwise_xor), "C = A ^ B, bit by bit"),
 ):
     rule(_op, _since)(type(_op, (), {"__doc__": _doc, "nondiff": (0, 1), "forward": _forward}))
+
+
+@rule("BitShift", since=11)
+class BitShift:
+    """Z = X << Y or X >> Y (unsigned integers)."""
+
+    nondiff = (0, 1)
+
+    def forward(X, Y, *, direction):
+        return (np.left_shift if direction == "LEFT" else np.right_shift)(X, Y.astype(X.dtype))
 
 
 # (op, since, forward, dY/dX from X and Y, doc): the rest of the trigonometric and hyperbolic family
