@@ -112,13 +112,21 @@ def render_check(console: Console, d: dict):
     colour = {"pass": "[green]pass[/green]", "FAIL": "[red]FAIL[/red]", "unclear": "[yellow]unclear[/yellow]"}
     verdicts = [verdict(r, d["tolerance"]) for r in d["rows"]]
     for r, v in zip(d["rows"], verdicts):
-        t.add_row(r["output"], _fmt(r["max_abs_error"]), _fmt(r["max_abs"]), _fmt(r["entry_error"]), _fmt(r["directional_error"]),
+        t.add_row(r["output"], _fmt(r["max_abs_error"]), _fmt(r["max_abs"]),
+                  _fmt(r["entry_error"]) if r.get("entries_judged", True) else "—",
+                  _fmt(r["directional_error"]) if r.get("directions_judged", True) else "—",
                   _fmt(r["forward_error"]), colour[v])
     console.print(t)
     if d.get("oracle_note"):
         console.print(f"[yellow]note:[/yellow] {d['oracle_note']}")
     for r, v in zip(d["rows"], verdicts):
-        if v == "unclear":
+        if r.get("jumps"):
+            console.print(f"[yellow]note:[/yellow] {r['output']}: {r['jumps']} of the differences checked (sample by column) "
+                          f"cross a jump of the model at the point (differences growing as 1/step: a Cast to an integer, a one-hot category, a "
+                          f"threshold met exactly), where no derivative exists; they are not judged")
+        if v == "unclear" and not (r.get("entries_judged", True) or r.get("directions_judged", True)):
+            console.print(f"unclear ({r['output']}): every difference crosses a jump of the model")
+        elif v == "unclear":
             console.print(f"unclear ({r['output']}): every difference is within the {d['oracle_dtype']} oracle's own rounding "
                           f"(about {r['noise']:.1e} here), so this oracle cannot tell at this tolerance")
     console.print(f"pass: the better of the two relative errors (max |J - J_fd| / max |J_fd| over sampled entries, and "

@@ -344,6 +344,53 @@ def test_check_calls_differences_below_the_oracles_rounding_unclear():
     assert verdict({**row, "entry_error": 1e-4, "directional_error": 5e-3}, 1e-3) == "pass"
 
 
+def test_check_leaves_out_where_the_model_jumps(tmp_path, monkeypatch):
+    """A categorical column cast to an integer (a scikit-learn pipeline's one-hot input) at
+    integer data: every difference across it grows as 1/step. Those are not judged (no
+    derivative exists there) and said so; a wrong Jacobian still FAILs on the other columns."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    w = numpy_helper.from_array(np.array([[1.0, -2.0], [0.5, 3.0], [2.0, 1.0]], np.float32), "w")
+    nodes = [helper.make_node("Cast", ["x"], ["k"], to=TensorProto.INT64), helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT),
+             helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("Mul", ["t", "kf"], ["p"]),
+             helper.make_node("MatMul", ["p", "w"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    model, data = str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")
+    save(m, model)
+    x = np.random.default_rng(0).uniform(0.2, 0.8, (3, 3)).astype(np.float32) + np.array([1, 2, 3], np.float32)
+    x[:, 1] = [1, 2, 3]  # column 1 exactly at its integers: x - h truncates to the integer below
+    np.save(data, x)
+    r = run(["check", model, data, "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)["rows"][0]
+    assert row["jumps"] > 0 and row["entries_judged"] and not row["directions_judged"]
+    r = run(["check", model, data])
+    assert r.exit_code == 0 and "pass" in r.output and "jump" in r.output, r.output
+    wrong_by_ten_percent(monkeypatch, "input_jacobian")
+    r = run(["check", model, data])
+    assert r.exit_code == 1 and "FAIL" in r.output, r.output
+
+
+def test_jumps_are_differences_growing_as_one_over_the_step():
+    from jaccli.oracle import _jumps, verdict
+
+    h = np.array([4.0, 1.0, 0.25])
+    jump = 0.3 / (2 * h)  # a step of 0.3 at the point: the differences 0.3 / 2h
+    smooth, kink = np.full(3, 1.7), np.array([0.5, 0.9, 1.0])
+    fds = [np.array([[[j, s, k, -j]]]) for j, s, k in zip(jump, smooth, kink)]
+    fds[2][0, 0, 3] = -jump[2] * 7  # no longer growing as 1/step
+    assert _jumps(fds, noise=1e-3).ravel().tolist() == [True, False, False, False]
+    assert not _jumps(fds, noise=1.0).any()  # within the oracle's rounding, nothing is called a jump
+    row = {"entry_error": 0.0, "directional_error": 0.0, "max_abs_error": 0.0, "max_abs_direction_error": 0.0, "noise": 0.0,
+           "entries_judged": False, "directions_judged": False}
+    assert verdict(row, 1e-3) == "unclear"
+    assert verdict({**row, "entries_judged": True, "entry_error": 5e-3, "max_abs_error": 5e-3}, 1e-3) == "FAIL"  # alone: within tol
+    assert verdict({**row, "entries_judged": True, "entry_error": 5e-4}, 1e-3) == "pass"
+
+
 def test_modes_agree_and_flat_and_outputs(tmp_path):
     model, data = paths("cnn")
     x = np.load(data)

@@ -167,3 +167,33 @@ def test_array_feature_extractor_of_a_table_by_per_sample_indices():
         for j in range(2):
             expected[n, j, idx[n, j]] = x[n, idx[n, j]]  # d(table[i] * v) / d table[i] = v
     np.testing.assert_allclose(r.value, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cats, dtype, zeros", [
+    ("cats_int64s", np.int64, 1), ("cats_int64s", np.float32, 1), ("cats_strings", str, 1), ("cats_int64s", np.int64, 0),
+])
+def test_one_hot_encoder_matches_onnxruntime(cats, dtype, zeros):
+    """scikit-learn's OneHotEncoder on categorical columns (a float column as its integer part; a
+    value of no category all zeros, or refused with zeros=0); in a pipeline, the Jacobian of the
+    other columns flows around it."""
+    from gradcheck import our_forward
+
+    from jaccli.errors import JaccliError
+
+    values = [3, 1, 7, 4] if cats == "cats_int64s" else ["b", "a", "z", "c"]
+    x = np.array([[1, 3], [7, 9], [4, 1]])
+    x = x.astype(dtype) + (0.6 if dtype == np.float32 else 0) if dtype != str else np.array([["a", "b"], ["z", "q"], ["c", "a"]])
+    elem = {np.int64: TensorProto.INT64, np.float32: TensorProto.FLOAT, str: TensorProto.STRING}[dtype]
+    node = helper.make_node("OneHotEncoder", ["x"], ["y"], domain="ai.onnx.ml", zeros=zeros, **{cats: values})
+    g = helper.make_graph([node], "ohe", [helper.make_tensor_value_info("x", elem, [3, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)])
+    m.ir_version = 8
+    if not zeros:  # 9 is no category
+        with pytest.raises(JaccliError, match="none of the categories"):
+            our_forward(m, {"x": x})
+        return
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = our_forward(m, {"x": x}, np.float32)
+    assert got.dtype == want.dtype and want.sum() == 5
+    np.testing.assert_array_equal(got, want)

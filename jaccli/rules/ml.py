@@ -160,6 +160,25 @@ class Binarizer:
         return (np.zeros_like(Ybar),)
 
 
+@rule("OneHotEncoder", since=1, domain=ML)
+class OneHotEncoder:
+    """Y (*X.shape, categories) = 1.0 where X is that category (a float X as its integer part), else
+    0; a value of no category is all zeros (with `zeros`, else refused). Categorical columns of a
+    scikit-learn pipeline: no derivative flows through them."""
+
+    nondiff = (0,)
+
+    def forward(X, *, cats_int64s=None, cats_strings=None, zeros=1):
+        if cats_int64s is not None and len(cats_int64s):
+            cats, keys = np.asarray(cats_int64s, np.int64), (X.astype(np.int64) if X.dtype.kind == "f" else X)
+        else:
+            cats, keys = np.asarray([c.decode() if isinstance(c, bytes) else c for c in cats_strings or []], object), X
+        Y = (np.asarray(keys)[..., None] == cats).astype(np.float32)
+        if not zeros and not Y.any(axis=-1).all():
+            raise ValueError("a value is none of the categories (zeros=0)")
+        return Y
+
+
 @rule("ArrayFeatureExtractor", since=1, domain=ML)
 class ArrayFeatureExtractor:
     """Z = X[..., indices], the indices flattened; a 1-D X gives one row (onnxruntime's shape).
