@@ -637,23 +637,29 @@ def _first_float(model):
     for v in model.inputs:
         if v.is_float:
             return v
-    lookup = _embedding_lookup(model)
-    hint = f": name a float value inside the graph with --wrt (wrt= in Python), such as the embeddings '{lookup}'" \
-        if lookup else ""
+    entry = _float_entry(model)
+    hint = f": name a float value inside the graph with --wrt (wrt= in Python), such as {entry}" if entry else ""
     raise UsageError(f"the model has no float input to differentiate with respect to{hint}")
 
 
-def _embedding_lookup(model):
-    """The output of the first Gather from a float table by indices that come from the inputs
-    (token ids looked up in an embedding), or None."""
-    from_inputs = {v.name for v in model.inputs}
+def _float_entry(model):
+    """Where the inputs first become floats, described for a hint: the first Gather from a float
+    table by indices that come from the inputs (token ids looked up in an embedding), or the
+    first Cast of an input to a float type (an image's integer pixels); None if neither."""
+    inputs = {v.name for v in model.inputs}
+    from_inputs = set(inputs)
     for n in model.nodes:
         if any(v in from_inputs for v in n.inputs):
             from_inputs.update(n.outputs)
             table = model.initializers.get(n.inputs[0]) if n.inputs else None
             if n.op_type == "Gather" and table is not None and np.issubdtype(table.dtype, np.floating) and n.inputs[1] in from_inputs:
-                return n.outputs[0]
+                return f"the embeddings '{n.outputs[0]}'"
+            if n.op_type == "Cast" and n.inputs[0] in inputs and n.attrs.get("to") in _FLOAT_TYPES:
+                return f"'{n.outputs[0]}', input '{n.inputs[0]}' cast to float"
     return None
+
+
+_FLOAT_TYPES = {1, 10, 11, 16, "FLOAT", "DOUBLE", "FLOAT16"}  # TensorProto's float types; opset 1's Cast names them
 
 
 def _check_sample_axis(y, n, name):

@@ -480,3 +480,22 @@ def test_check_of_a_fixed_batch_with_a_row_per_place(tmp_path):
         np.testing.assert_allclose(J[k], np.diag((1 - np.tanh(xs[k] * (xs[k] + q)) ** 2) * (2 * xs[k] + q)), rtol=1e-5, atol=1e-6)
     for params in (False, True):
         assert check(path, xs, samples=5, params=params)["ok"]
+
+
+def test_integer_pixels_hint_at_their_cast():
+    """An image model taking uint8 pixels (tf2onnx's and many zoo models' input) has no float
+    input: the refusal names the input's Cast to float, and --wrt that value gives the Jacobian
+    of the same model fed floats."""
+    W = init("w", RNG.standard_normal((2, 3, 3, 3)))
+    scale = init("s", np.array(255.0))
+    tail = [helper.make_node("Transpose", ["f"], ["t"], perm=[0, 3, 1, 2]), helper.make_node("Div", ["t", "s"], ["u"]),
+            helper.make_node("Conv", ["u", "w"], ["c"]), helper.make_node("Tanh", ["c"], ["y"])]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    pixels = model([helper.make_node("Cast", ["img"], ["f"], to=TensorProto.FLOAT)] + tail,
+                   [helper.make_tensor_value_info("img", TensorProto.UINT8, ["N", 5, 5, 3])], [y], [W, scale])
+    floats = model(tail, [helper.make_tensor_value_info("f", TensorProto.FLOAT, ["N", 5, 5, 3])], [y], [W, scale])
+    img = RNG.integers(0, 256, (2, 5, 5, 3)).astype(np.uint8)
+    with pytest.raises(jaccli.errors.UsageError, match="such as 'f', input 'img' cast to float"):
+        jaccli.input_jacobian(pixels, img)
+    J = jaccli.input_jacobian(pixels, img, wrt="f", dtype="float64")
+    np.testing.assert_allclose(J, jaccli.input_jacobian(floats, img.astype(np.float64), dtype="float64"), rtol=1e-12)
