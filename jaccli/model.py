@@ -96,7 +96,9 @@ class Model:
         if name is None:
             floats = [v for v in self.outputs if v.is_float]
             if not floats:
-                raise UsageError("the model has no float tensor output; name a float value with --of "
+                zipped = [n.inputs[0] for n in self.nodes if n.op_type == "ZipMap" and n.inputs]
+                hint = f", such as '{zipped[0]}', the probabilities before the ZipMap" if zipped else ""
+                raise UsageError(f"the model has no float tensor output; name a float value with --of{hint} "
                                  f"(outputs: {', '.join(v.describe() + ' ' + v.name for v in self.outputs)})")
             return floats[0]
         for v in self.outputs:

@@ -99,7 +99,7 @@ def test_zipmap_models_need_of_and_accept_the_tensor_before_it(tmp_path):
     # saturates, float32 differences of its probabilities are mostly rounding)
     np.save(tmp_path / "x.npy", np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32))
     r = CliRunner().invoke(main, ["input", str(tmp_path / "zm.onnx"), str(tmp_path / "x.npy")])
-    assert r.exit_code == 2 and "no float tensor output" in r.output and "--of" in r.output
+    assert r.exit_code == 2 and "no float tensor output" in r.output and "--of, such as 'probabilities'" in r.output
     r = CliRunner().invoke(main, ["input", str(tmp_path / "zm.onnx"), str(tmp_path / "x.npy"), "--of", "probabilities",
                                   "-o", str(tmp_path / "J.npy"), "-q"])
     assert r.exit_code == 0, r.output
