@@ -499,3 +499,24 @@ def test_integer_pixels_hint_at_their_cast():
         jaccli.input_jacobian(pixels, img)
     J = jaccli.input_jacobian(pixels, img, wrt="f", dtype="float64")
     np.testing.assert_allclose(J, jaccli.input_jacobian(floats, img.astype(np.float64), dtype="float64"), rtol=1e-12)
+
+
+def test_a_parameter_tiled_along_the_samples():
+    """Keras's class token, tf.tile(cls, [batch, 1, 1]) before a Concat with the patches: Tile's
+    repeats come from the input's shape, and the token's per-sample Jacobian is its own sample's
+    rows of the cotangent."""
+    from gradcheck import fd_param_jacobian
+
+    vals = {"cls": RNG.standard_normal((1, 1, 4)), "W": RNG.standard_normal((4, 2))}
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s", "z", "o"], ["n"]),
+             helper.make_node("Concat", ["n", "ones"], ["reps"], axis=0), helper.make_node("Tile", ["cls", "reps"], ["c"]),
+             helper.make_node("Concat", ["c", "x"], ["t"], axis=1), helper.make_node("Tanh", ["t"], ["h"]),
+             helper.make_node("MatMul", ["h", "W"], ["y"])]
+    consts = [init("ones", np.array([1, 1], np.int64)), init("z", np.array([0], np.int64)), init("o", np.array([1], np.int64))]
+    m = model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
+              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [init(k, v) for k, v in vals.items()] + consts)
+    x = RNG.standard_normal((3, 3, 4))
+    G, cols = jaccli.param_jacobian(m, x, dtype="float64")
+    assert [c["name"] for c in cols] == ["cls", "W"]
+    want = fd_param_jacobian(m, {"x": x}, ["cls", "W"], vals)
+    assert np.abs(G.reshape(want.shape) - want).max() < 1e-8 * np.abs(want).max()

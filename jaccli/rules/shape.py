@@ -379,6 +379,7 @@ class Tile:
     """Y = input repeated `repeats[i]` times along axis i."""
 
     nondiff = (1,)
+    keeps = True  # a parameter tiled along the samples (Keras's class token, tf.tile(cls, [batch, 1, 1]))
 
     def forward(input, repeats):
         reps = tuple(int(r) for r in np.ravel(repeats))
@@ -394,6 +395,11 @@ class Tile:
         reps = [int(r) for r in np.ravel(cx.x[1])]
         lead = cx.lead(Ybar)
         split = Ybar.shape[:lead] + tuple(d for r, s in zip(reps, X.shape) for d in (r, s))
+        if cx.keep[0]:  # the repeats along axis 0 are the samples: (*lead, N, 1, ...) keeps them apart
+            if X.shape[0] != 1:
+                raise UnsupportedOpError("per-sample cotangents of a value tiled along the samples need its axis 0 to be 1, "
+                                         f"not {X.shape[0]}")
+            return Ybar.reshape(split).sum(axis=tuple(lead + 2 * i for i in range(1, X.ndim))), None
         G = Ybar.reshape(split).sum(axis=tuple(lead + 2 * i for i in range(X.ndim)))
         return G, None
 
