@@ -520,3 +520,30 @@ def test_a_parameter_tiled_along_the_samples():
     assert [c["name"] for c in cols] == ["cls", "W"]
     want = fd_param_jacobian(m, {"x": x}, ["cls", "W"], vals)
     assert np.abs(G.reshape(want.shape) - want).max() < 1e-8 * np.abs(want).max()
+
+
+def test_a_fixed_batch_class_token_joined_to_the_patches(tmp_path):
+    """A dynamo export traced at batch 3 writes a class token's expand with a constant shape:
+    Expand(cls, (3, 1, D)) is a value with a row per place, joined to the patches by a Concat.
+    Its per-sample cotangent is the sample's own row, checked against onnxruntime's differences
+    on 5 samples (two runs, the last padded)."""
+    from onnx import save
+
+    from jaccli.oracle import check
+
+    B, S, D = 3, 4, 5
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, S, D])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [init("cls", RNG.standard_normal((1, 1, D)).astype(np.float32)), init("shape", np.array([B, 1, D], np.int64)),
+             init("W", RNG.standard_normal((D, 2)).astype(np.float32)), init("ax", np.array([1], np.int64))]
+    nodes = [helper.make_node("Expand", ["cls", "shape"], ["c"]), helper.make_node("Concat", ["c", "x"], ["t"], axis=1),
+             helper.make_node("Tanh", ["t"], ["h"]), helper.make_node("ReduceMean", ["h", "ax"], ["m"], keepdims=0),
+             helper.make_node("MatMul", ["m", "W"], ["y"])]
+    path = str(tmp_path / "cls.onnx")
+    save(model(nodes, [x], [y], inits, opset=18), path)
+    xs = RNG.standard_normal((5, S, D)).astype(np.float32)
+    G, cols = jaccli.param_jacobian(path, xs)
+    assert [c["name"] for c in cols] == ["cls", "W"]
+    for params in (False, True):
+        d = check(path, xs, params=params, samples=5)
+        assert d["ok"], d

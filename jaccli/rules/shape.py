@@ -7,7 +7,7 @@ from onnx import TensorProto, helper
 
 from . import rule
 from ..errors import UnsupportedOpError
-from ._util import check_alloc, expand, need_no_keep, neg_axis, unbroadcast
+from ._util import check_alloc, expand, need_no_keep, neg_axis, per_place, unbroadcast
 
 
 def _to_shape(D, cx, lead=None):
@@ -241,11 +241,16 @@ class Concat:
         ]
         return np.concatenate(parts, axis=neg_axis(axis, cx.y[0].ndim))
 
+    keeps = True  # a value with a row per place of a fixed batch: a class token expanded to a constant batch
+
     def vjp(cx, Ybar, *, axis):
-        need_no_keep(cx, "Concat")
         ax = neg_axis(axis, cx.y[0].ndim)
         bounds = np.cumsum([x.shape[ax] for x in cx.x])[:-1]
         parts = np.split(Ybar, bounds, axis=ax)
+        if any(cx.keep):  # sample n's cotangent of such a value is its own row: see per_place
+            if ax == -cx.y[0].ndim:
+                raise UnsupportedOpError("per-sample cotangents of a value joined to the samples along their own axis")
+            parts = [per_place(p, cx.lead(Ybar)) if k else p for p, k in zip(parts, cx.keep)]
         return tuple(p if n else None for p, n in zip(parts, cx.need))
 
 
