@@ -178,8 +178,9 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
             pieces[id(st)] = np.empty(lead[0] + env[st.inputs[0]].shape, lead[1])
         return _piece(st, k, pieces[id(st)], env)
 
-    for step in reversed(steps):
-        bars = [cot.pop(o, None) for o in step.outputs]
+    wrt_set = set(wrt)
+    for step in reversed(steps):  # a value differentiated with respect to keeps its cotangent from its producer
+        bars = [None if o in wrt_set else cot.pop(o, None) for o in step.outputs]
         assembled = pieces.pop(id(step), None)
         if assembled is None and all(b is None for b in bars):
             continue

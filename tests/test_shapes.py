@@ -547,3 +547,21 @@ def test_a_fixed_batch_class_token_joined_to_the_patches(tmp_path):
     for params in (False, True):
         d = check(path, xs, params=params, samples=5)
         assert d["ok"], d
+
+
+@pytest.mark.parametrize("producer", ["Tanh", "TopK"])
+def test_wrt_a_value_read_twice(producer):
+    """--wrt a value inside the graph that two nodes read (a normalised embedding read by the
+    attention and by the residual): in reverse mode its cotangent is the sum of both, and its
+    producer (of one output or several) must not take it away."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    make = helper.make_node("Tanh", ["x"], ["h"]) if producer == "Tanh" else \
+        helper.make_node("TopK", ["x", "k"], ["h", "idx"], axis=1)
+    nodes = [make, helper.make_node("Mul", ["h", "h"], ["sq"]), helper.make_node("Add", ["sq", "h"], ["y"])]
+    m = model(nodes, [x], [y], [init("k", np.array([4], np.int64))], opset=13)
+    xs = RNG.standard_normal((3, 4))
+    h = np.tanh(xs) if producer == "Tanh" else -np.sort(-xs, axis=1)
+    want = np.stack([np.diag(2 * v + 1) for v in h])
+    for mode in ("forward", "reverse"):
+        np.testing.assert_allclose(jaccli.input_jacobian(m, xs, wrt="h", mode=mode, dtype="float64"), want, rtol=1e-12)
