@@ -644,8 +644,9 @@ def _first_float(model):
 
 def _float_entry(model):
     """Where the inputs first become floats, described for a hint: the first Gather from a float
-    table by indices that come from the inputs (token ids looked up in an embedding), or the
-    first Cast of an input to a float type (an image's integer pixels); None if neither."""
+    table by indices that come from the inputs (token ids looked up in an embedding), or
+    onnxruntime's fused EmbedLayerNormalization, or the first Cast of an input to a float type
+    (an image's integer pixels); None if none."""
     inputs = {v.name for v in model.inputs}
     from_inputs = set(inputs)
     for n in model.nodes:
@@ -656,6 +657,8 @@ def _float_entry(model):
                 return f"the embeddings '{n.outputs[0]}'"
             if n.op_type == "Cast" and n.inputs[0] in inputs and n.attrs.get("to") in _FLOAT_TYPES:
                 return f"'{n.outputs[0]}', input '{n.inputs[0]}' cast to float"
+            if n.op_type == "EmbedLayerNormalization":  # onnxruntime's optimizer fused the lookup and its norm
+                return f"the normalised embeddings '{n.outputs[0]}'"
     return None
 
 

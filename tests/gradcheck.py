@@ -18,6 +18,7 @@ class Case:
     - ("p", shape)  a float initializer (a parameter)
     - ("c", array)  a constant initializer (not differentiated)
     - ("i", (shape, high)) an int64 graph input with a sample axis, values in [0, high)
+    - ("i32", (shape, high)) the same in int32 (onnxruntime's contrib operators' indices and masks)
     - ("", None)    an absent optional input
     """
 
@@ -63,10 +64,11 @@ def build(case, rng=None):
         if kind == "x":
             feeds[name] = _sample((N, *spec), case.data, rng)
             graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *spec]))
-        elif kind == "i":
+        elif kind in ("i", "i32"):
             shape, high = spec
-            feeds[name] = rng.integers(0, high, (N, *shape))
-            graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, ["N", *shape]))
+            feeds[name] = rng.integers(0, high, (N, *shape)).astype(np.int64 if kind == "i" else np.int32)
+            graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64 if kind == "i" else TensorProto.INT32,
+                                                              ["N", *shape]))
         elif kind == "p":
             inits.append(numpy_helper.from_array(_sample(spec, case.data, rng).astype(np.float32), name))
         else:

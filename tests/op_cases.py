@@ -371,6 +371,27 @@ CASES += [
          domain=MS, outputs=4, id="ms-SkipLayerNormalization-bias-sum"),
 ]
 
+# the transformer optimizer's Attention (a BERT's self-attention, its mask in every form but GPT-2's) and
+# EmbedLayerNormalization (its embeddings, tables per sample)
+CASES += [
+    Case("Attention", [("x", (5, 8)), ("p", (8, 24)), ("p", (24,))], {"num_heads": 2}, domain=MS, id="ms-Attention"),
+    Case("Attention", [("x", (5, 8)), ("p", (8, 24)), ("p", (24,)), ("i32", ((), 6))], {"num_heads": 2}, domain=MS,
+         id="ms-Attention-end-positions"),
+    Case("Attention", [("x", (5, 8)), ("p", (8, 24)), ("p", (24,)), ("i32", ((5,), 2))], {"num_heads": 4, "scale": 0.3},
+         domain=MS, id="ms-Attention-mask-scale"),
+    Case("Attention", [("x", (5, 8)), ("p", (8, 20)), ("", None), ("i32", ((5, 5), 2))],
+         {"num_heads": 2, "qkv_hidden_sizes": [8, 8, 4], "mask_filter_value": -100.0}, domain=MS, id="ms-Attention-3d-mask-sizes"),
+    Case("Attention", [("x", (5, 8)), ("p", (8, 24)), ("p", (24,)), ("", None), ("", None), ("p", (1, 2, 5, 5))],
+         {"num_heads": 2, "unidirectional": 1}, domain=MS, id="ms-Attention-causal-bias"),
+    Case("Attention", [("x", (5, 8)), ("p", (8, 24)), ("p", (24,)), ("", None), ("", None), ("x", (2, 5, 5))], {"num_heads": 2},
+         domain=MS, id="ms-Attention-bias-input"),
+    Case("EmbedLayerNormalization", [("i32", ((5,), 10)), ("i32", ((5,), 2)), ("p", (10, 6)), ("p", (7, 6)), ("p", (2, 6)),
+                                     ("p", (6,)), ("p", (6,)), ("i32", ((5,), 2))], {"epsilon": 1e-5}, domain=MS, outputs=3,
+         id="ms-EmbedLayerNormalization"),
+    Case("EmbedLayerNormalization", [("i32", ((5,), 10)), ("", None), ("p", (10, 6)), ("p", (7, 6)), ("", None),
+                                     ("p", (6,)), ("p", (6,))], domain=MS, outputs=2, id="ms-EmbedLayerNormalization-words"),
+]
+
 # onnxruntime's RMSNorm, in the default domain
 CASES += [
     Case("SimplifiedLayerNormalization", [("x", (3, 4)), ("p", (4,))], {"axis": -1, "epsilon": 1e-5}, opset=17, id="SimplifiedLayerNorm"),

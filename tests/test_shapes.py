@@ -565,3 +565,36 @@ def test_wrt_a_value_read_twice(producer):
     want = np.stack([np.diag(2 * v + 1) for v in h])
     for mode in ("forward", "reverse"):
         np.testing.assert_allclose(jaccli.input_jacobian(m, xs, wrt="h", mode=mode, dtype="float64"), want, rtol=1e-12)
+
+
+def test_a_bert_after_onnxruntimes_transformer_optimizer(tmp_path):
+    """What onnxruntime.transformers.optimizer makes of a BERT exported with eager attention:
+    EmbedLayerNormalization (token and segment ids, its mask index) into Attention. Token ids
+    alone: the refusal names the normalised embeddings; the input Jacobian there and the
+    per-sample parameter Jacobian pass check against onnxruntime."""
+    from onnx import save
+
+    from jaccli.oracle import check
+
+    S, H, V = 6, 8, 20
+    rng = np.random.default_rng(7)
+    f32 = {k: rng.standard_normal(s).astype(np.float32) * c for k, s, c in
+           [("word", (V, H), 1), ("pos", (S, H), 1), ("seg", (2, H), 1), ("gamma", (H,), 1), ("beta", (H,), 1),
+            ("W", (H, 3 * H), 0.4), ("b", (3 * H,), 1)]}
+    ints = [helper.make_tensor_value_info(n, TensorProto.INT32, ["N", S]) for n in ("ids", "segs", "mask")]
+    nodes = [helper.make_node("EmbedLayerNormalization", ["ids", "segs", "word", "pos", "seg", "gamma", "beta", "mask"],
+                              ["emb", "mask_index"], domain="com.microsoft", epsilon=1e-12),
+             helper.make_node("Attention", ["emb", "W", "b", "mask_index"], ["att"], domain="com.microsoft", num_heads=2),
+             helper.make_node("ReduceMean", ["att"], ["y"], axes=[1], keepdims=0)]
+    g = helper.make_graph(nodes, "bert", ints, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [init(k, v) for k, v in f32.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 8
+    path = str(tmp_path / "bert_opt.onnx")
+    save(m, path)
+    feeds = {"ids": rng.integers(0, V, (3, S)).astype(np.int32), "segs": rng.integers(0, 2, (3, S)).astype(np.int32),
+             "mask": np.array([[1] * S, [1] * 4 + [0] * 2, [1] * 5 + [0]], np.int32)}
+    with pytest.raises(jaccli.errors.UsageError, match="the normalised embeddings 'emb'"):
+        jaccli.input_jacobian(path, feeds)
+    for d in (check(path, feeds, wrt="emb"), check(path, feeds, params=True)):
+        assert d["ok"], d

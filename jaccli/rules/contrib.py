@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import Ctx, rule
+from ..errors import UnsupportedOpError
 from ._util import add, expand, unbroadcast
 from .elementwise import Gelu, _Binary, _sigmoid, elementwise
 from .linalg import Gemm, mm
+from .shape import Gather
 
 MS = "com.microsoft"
 
@@ -255,3 +257,201 @@ class SkipLayerNormalization:
 
 def _skip_sum(X, skip, bias):
     return X + skip if bias is None else X + skip + bias
+
+
+# ---- Attention and EmbedLayerNormalization: a BERT after onnxruntime's transformer optimizer ------
+
+
+def _softmax_last(S):
+    E = np.exp(S - S.max(axis=-1, keepdims=True))
+    return E / E.sum(axis=-1, keepdims=True)
+
+
+def _heads(P, h):
+    """(..., S, h * d) -> (..., h, S, d)"""
+    return np.swapaxes(P.reshape(P.shape[:-1] + (h, -1)), -2, -3)
+
+
+def _merge(O):
+    """(..., h, S, d) -> (..., S, h * d)"""
+    O = np.swapaxes(O, -2, -3)
+    return O.reshape(O.shape[:-2] + (-1,))
+
+
+class _Attn:
+    """The primal parts of an Attention node: the projection P = X W (+ b), split into queries,
+    keys and values by head, the attention weights A and the scale."""
+
+    def __init__(self, cx, attrs):
+        X, W, b, mask, past, bias = (tuple(cx.x) + (None,) * 6)[:6]
+        if past is not None or (len(cx.x) > 6 and cx.x[6] is not None) or attrs.get("do_rotary"):
+            raise UnsupportedOpError("Attention with a past state (a decoder's cache) or rotary embeddings is not supported")
+        self.h = h = int(attrs["num_heads"])
+        sizes = attrs.get("qkv_hidden_sizes")
+        self.sizes = [int(s) for s in sizes] if sizes is not None and len(sizes) else [W.shape[1] // 3] * 3
+        self.P = X @ W if b is None else X @ W + b
+        q, k, _ = self.sizes
+        self.Q, self.K, self.V = (_heads(self.P[..., a:a + n], h) for a, n in ((0, q), (q, k), (q + k, self.sizes[2])))
+        self.s = self.P.dtype.type(attrs.get("scale") or 1 / np.sqrt(q // h))
+        S = self.Q @ np.swapaxes(self.K, -1, -2) * self.s
+        S = S + _mask_bias(mask, S.shape, attrs.get("unidirectional", 0), attrs.get("mask_filter_value", -10000.0), S.dtype)
+        self.A = _softmax_last(S if bias is None else S + bias)
+
+    def split(self, Pdot):
+        q, k, v = self.sizes
+        return _heads(Pdot[..., :q], self.h), _heads(Pdot[..., q:q + k], self.h), _heads(Pdot[..., q + k:], self.h)
+
+
+def _mask_bias(mask, shape, unidirectional, fill, dtype):
+    """The additive mask (0 or `fill`) for scores (N, h, S, T) from mask_index: end positions (N,),
+    end and start positions (2N,), or a mask of ones and zeros (N, T), (N, S, T) or (N, 1, M, M);
+    plus the causal mask when unidirectional."""
+    N, _, S, T = shape
+    keep = np.ones((N, 1, S, T), bool)
+    if mask is not None:
+        m = np.asarray(mask)
+        j = np.arange(T)
+        if m.ndim == 1 and m.shape[0] == N:
+            keep &= (j < m[:, None])[:, None, None, :]
+        elif m.ndim == 1 and m.shape[0] == 2 * N:
+            keep &= ((j < m[:N, None]) & (j >= m[N:, None]))[:, None, None, :]
+        elif m.ndim == 2:
+            keep &= (m != 0)[:, None, None, :]
+        elif m.ndim == 3:
+            keep &= (m != 0)[:, None, :, :]
+        elif m.ndim == 4:
+            keep &= (m[:, :, :S, :T] != 0)
+        else:
+            raise UnsupportedOpError(f"Attention with a mask_index of shape {m.shape} is not supported")
+    if unidirectional:
+        keep &= np.tril(np.ones((S, T), bool), T - S)
+    return np.where(keep, dtype.type(0), dtype.type(fill))
+
+
+@rule("Attention", since=1, domain=MS)
+class Attention:
+    """Multi-head self-attention fused by onnxruntime's transformer optimizer (BERT, with eager
+    attention): Y = concat_h softmax(Q_h K_h^T scale + mask + attention_bias) V_h, where
+    [Q K V] = input @ weights + bias. mask_index in any of its forms but the GPT-2 one; no past
+    state (the present output, if asked for, is the keys and values). The projection's
+    derivatives are MatMul's, per-sample weight cotangents included."""
+
+    nondiff = (3, 4, 6)
+    keeps = True
+
+    def forward(input, weights, bias=None, mask_index=None, past=None, attention_bias=None, past_sequence_length=None,
+                *, num_heads, unidirectional=0, qkv_hidden_sizes=None, mask_filter_value=-10000.0, scale=0.0, do_rotary=0,
+                rotary_embedding_dim=0, past_present_share_buffer=0, n_outputs=1):
+        a = _Attn(Ctx((input, weights, bias, mask_index, past, attention_bias, past_sequence_length), ()), locals())
+        Y = _merge(a.A @ a.V)
+        return (Y, np.stack([a.K, a.V])) if n_outputs > 1 else Y
+
+    def jvp(cx, Xdot, Wdot, bdot=None, _m=None, _p=None, Bdot=None, _l=None, **attrs):
+        from .linalg import MatMul
+
+        a = _Attn(cx, attrs)
+        X, W = cx.x[0], cx.x[1]
+        lead = next(D.ndim - x.ndim for D, x in zip((Xdot, Wdot, bdot, Bdot), (X, W) + _at(cx.x, 2, 5)) if D is not None)
+        Pdot = add(MatMul.jvp(Ctx((X, W), ()), Xdot, Wdot), None if bdot is None else expand(bdot, cx.x[2], a.P, lead))
+        Sdot = None if Bdot is None else expand(Bdot, cx.x[5], a.A, lead)
+        if Pdot is not None:
+            Qd, Kd, Vd = a.split(Pdot)
+            Sdot = add(Sdot, (Qd @ np.swapaxes(a.K, -1, -2) + a.Q @ np.swapaxes(Kd, -1, -2)) * a.s)
+        Adot = a.A * (Sdot - (a.A * Sdot).sum(axis=-1, keepdims=True))
+        return _merge(Adot @ a.V if Pdot is None else Adot @ a.V + a.A @ Vd)
+
+    def vjp(cx, Ybar, **attrs):
+        from .linalg import MatMul
+
+        a = _Attn(cx, attrs)
+        need, keep = (tuple(f) + (False,) * (7 - len(f)) for f in (cx.need, cx.keep))
+        lead = cx.lead(Ybar)
+        Ob = _heads(Ybar, a.h)
+        Ab = Ob @ np.swapaxes(a.V, -1, -2)
+        Sb = a.A * (Ab - (Ab * a.A).sum(axis=-1, keepdims=True))
+        Bbar = unbroadcast(Sb, cx.x[5].shape, lead, keep[5]) if need[5] else None
+        Xbar = Wbar = bbar = None
+        if need[0] or need[1] or need[2]:
+            Qb, Kb, Vb = Sb @ a.K * a.s, np.swapaxes(Sb, -1, -2) @ a.Q * a.s, np.swapaxes(a.A, -1, -2) @ Ob
+            Pb = np.concatenate([_merge(Qb), _merge(Kb), _merge(Vb)], axis=-1)
+            if need[0] or need[1]:
+                Xbar, Wbar = MatMul.vjp(Ctx(tuple(cx.x[:2]), (a.P,), (need[0], need[1]), (keep[0], keep[1])), Pb)
+            if need[2]:
+                bbar = unbroadcast(Pb, cx.x[2].shape, lead, keep[2])
+        return Xbar, Wbar, bbar, None, None, Bbar, None
+
+
+def _at(x, *ks):
+    """Inputs ks of a node, None where absent."""
+    return tuple(x[k] if k < len(x) else None for k in ks)
+
+
+@rule("EmbedLayerNormalization", since=1, domain=MS)
+class EmbedLayerNormalization:
+    """Y = LayerNorm(word[input_ids] + position[position_ids or 0..S-1] + segment[segment_ids]) *
+    gamma + beta: a BERT's embeddings fused by onnxruntime's transformer optimizer; also the
+    mask index (each sample's count of mask ones) and, on request, the sum before the norm.
+    The tables are parameters: a sample's cotangent of one is its own tokens' rows (Gather's)."""
+
+    nondiff = (0, 1, 7, 8)
+    keeps = True
+    n_diff_outputs = None
+
+    def forward(input_ids, segment_ids=None, word_embedding=None, position_embedding=None, segment_embedding=None,
+                gamma=None, beta=None, mask=None, position_ids=None, *, epsilon=1e-12, mask_index_type=1, n_outputs=1):
+        from .norm import LayerNormalization
+
+        E = _embed_sum(input_ids, segment_ids, word_embedding, position_embedding, segment_embedding, position_ids)
+        Y = LayerNormalization.forward(E, gamma, beta, axis=-1, epsilon=epsilon)[0]
+        count = np.zeros(input_ids.shape[0], np.int32) if mask is None else (np.asarray(mask) != 0).sum(axis=1, dtype=np.int32)
+        return (Y, count, E)[:max(2, n_outputs)]
+
+    def jvp(cx, _i, _s, Wdot, Pdot, Sdot, Gdot, Bdot, _m=None, _p=None, *, epsilon=1e-12, mask_index_type=1, n_outputs=1):
+        from .norm import LayerNormalization
+
+        ids, seg, word, pos, segtab, gamma, beta, _, pos_ids = _at(cx.x, *range(9))
+        E = _embed_sum(ids, seg, word, pos, segtab, pos_ids)
+        Edot = add(*(Gather.jvp(Ctx((t, i)), D, axis=0) for t, i, D in _tables(cx.x, (Wdot, Pdot, Sdot)) if D is not None))
+        Y = cx.y[0]
+        Ydot = LayerNormalization.jvp(Ctx((E, gamma, beta), (Y,)), Edot, Gdot, Bdot, axis=-1, epsilon=epsilon)[0]
+        return (Ydot, None, Edot)[:max(2, n_outputs)]
+
+    def vjp(cx, Ybar, _mbar=None, Ebar=None, *, epsilon=1e-12, mask_index_type=1, n_outputs=1):
+        from .norm import LayerNormalization
+
+        ids, seg, word, pos, segtab, gamma, beta, _, pos_ids = _at(cx.x, *range(9))
+        need, keep = (tuple(f) + (False,) * (9 - len(f)) for f in (cx.need, cx.keep))
+        E = _embed_sum(ids, seg, word, pos, segtab, pos_ids)
+        Gbar = Bbar = None
+        if Ybar is not None:
+            ln = Ctx((E, gamma, beta), (cx.y[0],), (need[2] or need[3] or need[4], need[5], need[6]), (False, keep[5], keep[6]),
+                     LayerNormalization)
+            Es, Gbar, Bbar = LayerNormalization.vjp(ln, Ybar, axis=-1, epsilon=epsilon)
+            Ebar = add(Es, Ebar)
+        tabs = [None, None, None]
+        for k, (t, i, _) in enumerate(_tables(cx.x, (True, True, True))):
+            if need[2 + k] and Ebar is not None:
+                tabs[k] = Gather.vjp(Ctx((t, i), (E,), (True, False), (keep[2 + k], False)), Ebar, axis=0)[0]
+        return (None, None, *tabs, Gbar, Bbar, None, None)
+
+
+def _tables(x, tangents):
+    """(table, per-sample indices, tangent) for the word, position and segment embeddings present."""
+    ids, seg, word, pos, segtab, _, _, _, pos_ids = _at(x, *range(9))
+    out = [(word, ids, tangents[0]), (pos, _positions(ids, pos_ids), tangents[1])]
+    if segtab is not None and seg is not None:
+        out.append((segtab, seg, tangents[2]))
+    return out
+
+
+def _positions(ids, pos_ids):
+    """Each sample's position ids (N, S): 0..S-1 unless given, (1, S) broadcast."""
+    p = np.arange(ids.shape[1]) if pos_ids is None else np.asarray(pos_ids)
+    return np.broadcast_to(p, ids.shape)
+
+
+def _embed_sum(ids, seg, word, pos, segtab, pos_ids):
+    E = np.take(word, ids, axis=0) + np.take(pos, _positions(ids, pos_ids), axis=0)
+    if segtab is not None and seg is not None:
+        E = E + np.take(segtab, seg, axis=0)
+    return E
