@@ -133,8 +133,9 @@ def _console(to_stdout_data):
     return Console(stderr=True) if to_stdout_data else Console()
 
 
-def _read(model, data, max_memory, strict, dtype="float64", of=None):
-    """Load the model, check its operators, then read the data, checked against the model's inputs."""
+def _read(model, data, max_memory, strict, dtype="float64", of=None, wrt=None, every_output=False):
+    """Load the model, check its operators, then read the data, checked against the inputs that
+    the output (or, for a check, every float output) depends on; `wrt` an input among them."""
     from . import io as jio
     from .drivers import prepare_feeds
     from .errors import DataError
@@ -142,10 +143,11 @@ def _read(model, data, max_memory, strict, dtype="float64", of=None):
     from .plan import require_rules
 
     m = load(model, max_bytes=max_memory)
-    require_rules(m.ancestors([m.output(of).name]))
+    outs = [v.name for v in m.outputs if v.is_float] if every_output and of is None else [m.output(of).name]
+    require_rules(m.ancestors(outs))
     where = "stdin" if data == "-" else data
     x = jio.shape_csv_rows(jio.read_data(data), m)
-    x, _ = prepare_feeds(m, x, dtype, source=where)
+    x, _ = prepare_feeds(m, x, dtype, source=where, of=outs + ([wrt] if wrt else []))
     bad = jio.nonfinite_count(x)
     if bad:
         if strict:
@@ -336,7 +338,7 @@ def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_s
 
     if wrt and params:
         raise click.UsageError("--wrt names what an input Jacobian is taken with respect to; --params checks parameters")
-    _, x = _read(model, data, None, True, of=of)
+    _, x = _read(model, data, None, True, of=of, wrt=wrt, every_output=True)
     d = check(model, x, params=params, samples=samples, entries=entries, dtype=dtype, tolerance=tolerance,
               outputs=outputs_slice, of=of, wrt=wrt)
     if as_json:

@@ -61,23 +61,27 @@ class Result:
 # ---- data ----------------------------------------------------------------------------------
 
 
-def prepare_feeds(model: Model, x, dtype, source="data"):
-    """Arrays for every model input, samples on axis 0: {name: array}, and N."""
+def prepare_feeds(model: Model, x, dtype, source="data", of=None):
+    """Arrays for the model inputs, samples on axis 0: {name: array}, and N. With `of` (output
+    names), only the inputs they depend on are needed; others given are still checked."""
+    needed = model.inputs if of is None else model.inputs_of(of)
     if isinstance(x, dict):
         arrays = dict(x)
         unknown = [k for k in arrays if k not in {v.name for v in model.inputs}]
         if unknown:
             raise DataError(f"{source}: array '{unknown[0]}' matches no model input ({', '.join(v.name for v in model.inputs)})")
-        missing = [v.name for v in model.inputs if v.name not in arrays]
+        missing = [v.name for v in needed if v.name not in arrays]
         if missing:
-            raise DataError(f"{source}: no array for model input '{missing[0]}' (an .npz needs one array per input)")
+            raise DataError(f"{source}: no array for model input '{missing[0]}' (an .npz needs one array per input "
+                            f"the output depends on)")
     else:
-        if len(model.inputs) != 1:
-            names = ", ".join(v.name for v in model.inputs)
-            raise DataError(f"{source}: the model has {len(model.inputs)} inputs ({names}); give an .npz with one array per input")
-        arrays = {model.inputs[0].name: x}
+        if len(needed) != 1:
+            names = ", ".join(v.name for v in needed)
+            raise DataError(f"{source}: the output depends on {len(needed)} inputs ({names}); give an .npz with one array "
+                            f"per input")
+        arrays = {needed[0].name: x}
     feeds, n = {}, None
-    for v in model.inputs:
+    for v in (v for v in model.inputs if v.name in arrays):
         a = np.asarray(arrays[v.name])
         if a.dtype == object or a.dtype.kind not in "biuf":
             raise DataError(f"{source}: array for '{v.name}' has dtype {a.dtype}; expected numbers")
@@ -371,11 +375,11 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     t0 = time.perf_counter()
     model = load(model, max_bytes=max_memory)
     dtype = np.dtype(dtype)
-    wrt_v = model.value(wrt) if wrt is not None else _first_float(model)
+    of_v = model.output(of)
+    wrt_v = model.value(wrt) if wrt is not None else _first_float(model, of_v.name)
     if not wrt_v.is_float:
         raise UsageError(f"'{wrt_v.name}' is not a float tensor; it cannot be differentiated")
-    of_v = model.output(of)
-    feeds, N = prepare_feeds(model, x, dtype)
+    feeds, N = prepare_feeds(model, x, dtype, of=[of_v.name, wrt_v.name])
     plan, (est, y1, per_run, run_size, wrt_shapes) = _prepared(model, of_v.name, [wrt_v.name], dtype, False, feeds, N)
     out_shape = y1.shape[1:]
     in_shape = feeds[wrt_v.name].shape[1:] if wrt_v.name in feeds else wrt_shapes[wrt_v.name]
@@ -633,8 +637,9 @@ def _release(m):
             _pool.pop(next(iter(_pool)))
 
 
-def _first_float(model):
-    for v in model.inputs:
+def _first_float(model, of=None):
+    """The first float input (that the output `of` depends on, if given)."""
+    for v in (model.inputs if of is None else model.inputs_of([of])):
         if v.is_float:
             return v
     entry = _float_entry(model)
@@ -699,7 +704,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
             raise UsageError(f"no parameter matches {', '.join(pats)} (see `jaccli inspect` for their names)")
     if not names:
         raise UsageError(f"output '{of_v.name}' depends on no float parameter")
-    feeds, N = prepare_feeds(model, x, dtype)
+    feeds, N = prepare_feeds(model, x, dtype, of=[of_v.name])
     plan, (est, y1, per_run, run_size, _) = _prepared(model, of_v.name, names, dtype, True, feeds, N)
     if of_v.name not in plan.batched:
         raise DataError(f"output '{of_v.name}' does not depend on the input samples")

@@ -111,6 +111,12 @@ class Model:
     def float_inputs(self):
         return [v for v in self.inputs if v.is_float]
 
+    def inputs_of(self, targets):
+        """The graph inputs that the values `targets` depend on, in the graph's order (an input
+        that only another output reads need not be fed)."""
+        read = set(targets) | {v for n in self.ancestors(targets) for v in n.inputs}
+        return [v for v in self.inputs if v.name in read]
+
     def ancestors(self, targets):
         """Nodes (topological order) that the values `targets` depend on."""
         producer = {o: i for i, n in enumerate(self.nodes) for o in n.outputs}

@@ -388,11 +388,11 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     proto = model_path if isinstance(model_path, onnx.ModelProto) else onnx.load(model_path)
     if of is not None and of not in {o.name for o in proto.graph.output}:
         proto = _with_output(proto, of)  # an intermediate value: let onnxruntime return it too
-    feeds, N = prepare_feeds(model, x, np.float64)
+    outs = [v.name for v in model.outputs if v.is_float] if of is None else [model.output(of).name]
+    feeds, N = prepare_feeds(model, x, np.float64, of=outs + ([] if params else [wrt or _first_float(model, outs[0]).name]))
     k = min(samples, N)
     feeds = {n: (v[:k] if v.ndim else v) for n, v in feeds.items()}
     rng = np.random.default_rng(seed)
-    outs = [v.name for v in model.outputs if v.is_float] if of is None else [model.output(of).name]
     rows, oracle_dtype, oracle_name, oracle_why = [], None, None, None
     for name in outs:
         if params:
@@ -473,7 +473,7 @@ def _with_largest(pick, J):
 
 
 def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=None):
-    wrt = wrt or _first_float(model).name
+    wrt = wrt or _first_float(model, name).name
     r = input_jacobian(model, feeds, wrt=wrt, of=name, dtype=dtype, flat=True, outputs=outputs, return_result=True)
     J, sel = r.value.astype(np.float64), r.selection
     if wrt not in feeds:  # a value inside the graph: the oracle's model takes it as an input

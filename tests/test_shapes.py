@@ -224,6 +224,27 @@ def test_several_inputs_and_outputs_with_wrt_and_of():
     np.testing.assert_allclose(J[2], np.diag(1 - np.tanh(b[2]) ** 2))
 
 
+def test_only_the_inputs_an_output_depends_on_need_data(tmp_path):
+    """y2 = tanh(b) reads b alone: a plain array is b's, for the Jacobian, the parameters and the
+    check alike; y1 = a * b needs both, and says so in one line."""
+    from onnx import save
+
+    from jaccli.oracle import check
+
+    m = two_in_two_out()
+    b = RNG.standard_normal((4, 3))
+    J = jaccli.input_jacobian(m, b, of="y2", dtype="float64")
+    np.testing.assert_allclose(J[1], np.diag(1 - np.tanh(b[1]) ** 2))
+    save(m, str(tmp_path / "m.onnx"))
+    assert check(str(tmp_path / "m.onnx"), b, of="y2")["ok"]
+    with pytest.raises(DataError, match=r"depends on 2 inputs \(a, b\)"):
+        jaccli.input_jacobian(m, b, of="y1")
+    with pytest.raises(DataError, match="no array for model input 'a'"):
+        jaccli.input_jacobian(m, {"b": b}, of="y1")
+    with pytest.raises(DataError, match=r"depends on 2 inputs"):  # the check of every output needs them all
+        check(str(tmp_path / "m.onnx"), b)
+
+
 def test_an_output_that_does_not_depend_on_the_input_gives_zeros_and_a_note():
     m = two_in_two_out()
     r = jaccli.input_jacobian(m, {"a": RNG.standard_normal((2, 3)), "b": RNG.standard_normal((2, 3))},
