@@ -146,8 +146,9 @@ def _read(model, data, max_memory, strict, dtype="float64", of=None, wrt=None, e
     outs = [v.name for v in m.outputs if v.is_float] if every_output and of is None else [m.output(of).name]
     require_rules(m.ancestors(outs))
     where = "stdin" if data == "-" else data
-    x = jio.shape_csv_rows(jio.read_data(data), m)
-    x, _ = prepare_feeds(m, x, dtype, source=where, of=outs + ([wrt] if wrt else []))
+    targets = outs + ([wrt] if wrt else [])
+    x = jio.shape_csv_rows(jio.read_data(data), m.inputs_of(targets))
+    x, _ = prepare_feeds(m, x, dtype, source=where, of=targets)
     bad = jio.nonfinite_count(x)
     if bad:
         if strict:

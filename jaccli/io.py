@@ -118,11 +118,12 @@ def nonfinite_count(x):
     return sum(int(np.size(a) - np.count_nonzero(np.isfinite(a))) for a in arrays if np.asarray(a).dtype.kind == "f")
 
 
-def shape_csv_rows(x, model):
-    """CSV rows are flattened samples: reshape them to the (single) input's per-sample shape."""
-    if isinstance(x, dict) or x.ndim != 2 or len(model.inputs) != 1:
+def shape_csv_rows(x, inputs):
+    """CSV rows are flattened samples: reshape them to the per-sample shape of the single input
+    among `inputs` (those the output reads)."""
+    if isinstance(x, dict) or x.ndim != 2 or len(inputs) != 1:
         return x
-    v = model.inputs[0]
+    v = inputs[0]
     if v.shape is None or len(v.shape) == 2:
         return x
     per = v.shape[1:]
