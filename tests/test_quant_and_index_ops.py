@@ -212,3 +212,18 @@ def test_integer_bit_operators_match_onnxruntime(op, attrs, dtype):
     got = our_forward(m, feeds)
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("axis", [0, 2, -2])
+def test_flatten_at_the_rank_and_at_zero_matches_onnxruntime(axis):
+    """Flatten's axis runs from -r to r: at r the result is (size, 1), at 0 (1, size). A GPT-2
+    exported with its attention mask flattens a (batch, sequence) mask with axis 2 before
+    gathering from it; r taken modulo r as 0 had given (1, size), and a Gather out of range."""
+    x = np.arange(14, dtype=np.float32).reshape(2, 7)
+    g = helper.make_graph([helper.make_node("Flatten", ["x"], ["y"], axis=axis)], "flat",
+                          [helper.make_tensor_value_info("x", 1, [2, 7])], [helper.make_tensor_value_info("y", 1, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = our_forward(m, {"x": x}, np.float32)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)

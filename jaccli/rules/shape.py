@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from onnx import TensorProto, helper
 
@@ -64,8 +66,8 @@ class Flatten(_Reshaping):
     """Y = X reshaped to (prod(shape[:axis]), prod(shape[axis:]))."""
 
     def forward(input, *, axis):
-        a = axis % input.ndim if input.ndim else 0
-        return input.reshape(int(np.prod(input.shape[:a])), -1)
+        a = axis + input.ndim if axis < 0 else axis  # axis may be the rank itself: (size, 1)
+        return input.reshape(math.prod(input.shape[:a]), math.prod(input.shape[a:]))
 
 
 class _AxesReshaping(_Reshaping):
