@@ -404,10 +404,23 @@ def _attr_value(a, where="model"):
 
 
 def _schema(op_type, opset, domain):
+    """The operator's schema at the opset; for one written before the opset that introduced it
+    (onnxruntime's optimizer writes LayerNormalization into opset-14 models), its first version,
+    as the rule lookup takes; None if onnx does not know it (the rule lookup decides)."""
     try:
         return onnx.defs.get_schema(op_type, opset, domain)
     except Exception:
-        return None  # unknown to onnx: the rule lookup decides
+        pass
+    try:
+        latest = onnx.defs.get_schema(op_type, domain=domain)
+    except Exception:
+        return None
+    for v in range(opset + 1, latest.since_version + 1):
+        try:
+            return onnx.defs.get_schema(op_type, v, domain)
+        except Exception:
+            continue
+    return latest
 
 
 def _defaults(schema):

@@ -3,7 +3,9 @@ outputs that do not depend on the input, and the quirks of old exports."""
 
 import numpy as np
 import pytest
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from onnx import load as onnx_load
 
 import jaccli
 import jaccli.errors
@@ -477,6 +479,28 @@ def test_an_operator_written_before_its_opset():
     np.testing.assert_allclose(J, np.broadcast_to(2 * np.eye(3), (4, 3, 3)))
     with pytest.raises(UnsupportedOpError, match="older than jaccli supports"):
         lookup("Upsample", 1, "", "u")  # Upsample-1 exists in ONNX; jaccli's rules start at 7
+
+
+def test_layer_normalization_written_into_an_older_opset(tmp_path):
+    """onnxruntime's transformer optimizer writes LayerNormalization (opset 17) into a ViT or
+    GPT-2 exported at opset 14, leaving its attributes to their defaults: those of its first
+    version (axis -1, epsilon 1e-5), as onnxruntime computes it."""
+    from onnx import save
+
+    from jaccli.oracle import check
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [init("g", RNG.standard_normal(6).astype(np.float32)), init("b", RNG.standard_normal(6).astype(np.float32))]
+    path = str(tmp_path / "ln.onnx")
+    save(model([helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"])], [x], [y], inits, opset=14), path)
+    xs = RNG.standard_normal((4, 3, 6)).astype(np.float32) * 0.01  # small: epsilon shows
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": xs})[0]
+    from gradcheck import our_forward
+
+    np.testing.assert_allclose(our_forward(onnx_load(path), {"x": xs}, np.float32), want, rtol=1e-4, atol=1e-5)
+    for params in (False, True):
+        assert check(path, xs, params=params)["ok"]
 
 
 def test_check_of_a_fixed_batch_with_a_row_per_place(tmp_path):
