@@ -443,6 +443,8 @@ def _value_shape(plan, feeds, name, size=1):
     carry the sample axis first and be a float tensor. `size`: samples per run (a fixed batch)."""
     if name not in plan.batched:
         raise UsageError(f"value '{name}' does not depend on the input samples; there is nothing to differentiate")
+    if not plan.depends:  # not on the way to the output: the plan need not even compute it
+        raise UsageError(f"output '{plan.of}' does not depend on value '{name}'; there is nothing to differentiate")
     # two samples tell the sample axis from a dimension of 1
     n = size if size > 1 else min(2, next(iter(feeds.values())).shape[0])
     v = np.asarray(walk.primal(plan, _pad_samples(_slice_samples(feeds, 0, n), n))[name])
@@ -642,31 +644,42 @@ def _first_float(model, of=None):
     for v in (model.inputs if of is None else model.inputs_of([of])):
         if v.is_float:
             return v
-    entry = _float_entry(model)
+    entry = _float_entry(model, of)
     hint = f": name a float value inside the graph with --wrt (wrt= in Python), such as {entry}" if entry else ""
     raise UsageError(f"the model has no float input to differentiate with respect to{hint}")
 
 
-def _float_entry(model):
-    """Where the inputs first become floats, described for a hint: the first Gather from a float
-    table by indices that come from the inputs (token ids looked up in an embedding), or
-    onnxruntime's fused EmbedLayerNormalization, or the first Cast of an input to a float type
-    (an image's integer pixels); None if none."""
+def _float_entry(model, of=None):
+    """Where the inputs first become floats on the way to output `of`, described for a hint: the
+    first Gather from a float table by indices that come from the inputs (token ids looked up
+    in an embedding), or onnxruntime's fused EmbedLayerNormalization, or the first Cast of an
+    input to a float type (an image's integer pixels); None if none. Only values that the output
+    depends on through more than their shapes count (a lookup whose Shape makes position ids
+    does not)."""
+    nodes = model.nodes if of is None else model.ancestors([of])
+    reach = {of}
+    for n in reversed(nodes):
+        if n.op_type not in _SHAPE_ONLY and any(o in reach for o in n.outputs):
+            reach.update(n.inputs)
     inputs = {v.name for v in model.inputs}
-    from_inputs = set(inputs)
-    for n in model.nodes:
-        if any(v in from_inputs for v in n.inputs):
-            from_inputs.update(n.outputs)
-            table = model.initializers.get(n.inputs[0]) if n.inputs else None
-            if n.op_type == "Gather" and table is not None and np.issubdtype(table.dtype, np.floating) and n.inputs[1] in from_inputs:
-                return f"the embeddings '{n.outputs[0]}'"
-            if n.op_type == "Cast" and n.inputs[0] in inputs and n.attrs.get("to") in _FLOAT_TYPES:
-                return f"'{n.outputs[0]}', input '{n.inputs[0]}' cast to float"
-            if n.op_type == "EmbedLayerNormalization":  # onnxruntime's optimizer fused the lookup and its norm
-                return f"the normalised embeddings '{n.outputs[0]}'"
+    from_inputs = set(inputs)  # values that depend on the inputs' values, not only on their shapes
+    for n in nodes:
+        if n.op_type in _SHAPE_ONLY or not any(v in from_inputs for v in n.inputs):
+            continue
+        from_inputs.update(n.outputs)
+        if of is not None and n.outputs[0] not in reach:
+            continue
+        table = model.initializers.get(n.inputs[0]) if n.inputs else None
+        if n.op_type == "Gather" and table is not None and np.issubdtype(table.dtype, np.floating) and n.inputs[1] in from_inputs:
+            return f"the embeddings '{n.outputs[0]}'"
+        if n.op_type == "Cast" and n.inputs[0] in inputs and n.attrs.get("to") in _FLOAT_TYPES:
+            return f"'{n.outputs[0]}', input '{n.inputs[0]}' cast to float"
+        if n.op_type == "EmbedLayerNormalization":  # onnxruntime's optimizer fused the lookup and its norm
+            return f"the normalised embeddings '{n.outputs[0]}'"
     return None
 
 
+_SHAPE_ONLY = ("Shape", "Size")  # operators that read only their input's shape
 _FLOAT_TYPES = {1, 10, 11, 16, "FLOAT", "DOUBLE", "FLOAT16"}  # TensorProto's float types; opset 1's Cast names them
 
 

@@ -369,6 +369,10 @@ CASES += [
     Case("SkipLayerNormalization", [("x", (3, 8)), ("x", (3, 8)), ("p", (8,))], domain=MS, id="ms-SkipLayerNormalization-gamma"),
     Case("SkipLayerNormalization", [("x", (3, 8)), ("x", (3, 8)), ("p", (8,)), ("", None), ("p", (8,))], {"epsilon": 1e-5},
          domain=MS, outputs=4, id="ms-SkipLayerNormalization-bias-sum"),
+    Case("SkipSimplifiedLayerNormalization", [("x", (3, 8)), ("x", (3, 8)), ("p", (8,)), ("p", (8,))], {"epsilon": 1e-5},
+         domain=MS, id="ms-SkipSimplifiedLayerNormalization"),
+    Case("SkipSimplifiedLayerNormalization", [("x", (3, 8)), ("x", (3, 8)), ("p", (8,))], domain=MS, outputs=4,
+         id="ms-SkipSimplifiedLayerNormalization-sum"),
 ]
 
 # the transformer optimizer's Attention (a BERT's self-attention, its mask in every form but GPT-2's) and

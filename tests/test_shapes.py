@@ -643,3 +643,26 @@ def test_a_bert_after_onnxruntimes_transformer_optimizer(tmp_path):
         jaccli.input_jacobian(path, feeds)
     for d in (check(path, feeds, wrt="emb"), check(path, feeds, params=True)):
         assert d["ok"], d
+
+
+def test_the_embeddings_hint_skips_lookups_read_for_their_shape():
+    """onnxruntime's optimizer can leave a word-embedding Gather whose output only a Shape reads
+    (for position ids) beside the fused EmbedLayerNormalization: the hint names what the output
+    depends on, and --wrt a value off the output's way is refused in one line."""
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["dead"]), helper.make_node("Shape", ["dead"], ["s"]),
+             helper.make_node("Gather", ["s", "one"], ["len"]), helper.make_node("Range", ["zero", "len", "step"], ["pos"]),
+             helper.make_node("Gather", ["ptable", "pos"], ["p"]), helper.make_node("Gather", ["table2", "ids"], ["e"]),
+             helper.make_node("Add", ["e", "p"], ["h"]), helper.make_node("Tanh", ["h"], ["y"])]
+    inits = [init("table", RNG.standard_normal((5, 3))), init("table2", RNG.standard_normal((5, 3))),
+             init("ptable", RNG.standard_normal((4, 3))), init("one", np.array(1, np.int64)),
+             init("zero", np.array(0, np.int64)), init("step", np.array(1, np.int64))]
+    m = model(nodes, [ids], [y], inits)
+    tokens = RNG.integers(0, 5, (2, 4))
+    with pytest.raises(jaccli.errors.UsageError, match="such as the embeddings 'e'"):
+        jaccli.input_jacobian(m, tokens)
+    with pytest.raises(jaccli.errors.UsageError, match="does not depend on value 'dead'"):
+        jaccli.input_jacobian(m, tokens, wrt="dead")
+    J = jaccli.input_jacobian(m, tokens, wrt="e", dtype="float64")
+    assert J.shape == (2, 4, 3, 4, 3)

@@ -255,6 +255,51 @@ class SkipLayerNormalization:
                 unbroadcast(sb, bias.shape, lead, keep[4]) if need[4] and sb is not None else None)
 
 
+@rule("SkipSimplifiedLayerNormalization", since=1, domain=MS)
+class SkipSimplifiedLayerNormalization:
+    """Y = RMSNorm(input + skip + bias) * gamma over the last axis (the transformer optimizer's
+    fusion for LLaMA- and T5-like models); on request also a mean output (zeros: an RMS norm has
+    none), the inverse root mean square and the sum input + skip + bias, which such models feed
+    to the next residual, so its cotangent flows too."""
+
+    keeps = True
+    n_diff_outputs = None
+
+    def forward(input, skip, gamma, bias=None, *, epsilon=1e-12, n_outputs=1):
+        from .norm import SimplifiedLayerNormalization
+
+        s = _skip_sum(input, skip, bias)
+        Y, r = SimplifiedLayerNormalization.forward(s, gamma, axis=-1, epsilon=epsilon, n_outputs=2)
+        return (Y, np.zeros_like(r), r, s)[:max(1, n_outputs)]
+
+    def jvp(cx, Xdot, Kdot, Gdot, Cdot=None, *, epsilon=1e-12, n_outputs=1):
+        from .norm import SimplifiedLayerNormalization
+
+        X, skip, gamma, bias = (tuple(cx.x) + (None,))[:4]
+        s = _skip_sum(X, skip, bias)
+        lead = next(D.ndim - x.ndim for D, x in zip((Xdot, Kdot, Gdot, Cdot), cx.x) if D is not None)
+        sdot = add(Xdot, expand(Kdot, skip, s, lead), expand(Cdot, bias, s, lead) if Cdot is not None else None)
+        Ydot = SimplifiedLayerNormalization.jvp(Ctx((s, gamma), ()), sdot, Gdot, axis=-1, epsilon=epsilon)
+        return (Ydot, None, None, sdot)[:max(1, n_outputs)]
+
+    def vjp(cx, Ybar, _mbar=None, _rbar=None, sbar=None, *, epsilon=1e-12, n_outputs=1):
+        from .norm import SimplifiedLayerNormalization
+
+        X, skip, gamma, bias = (tuple(cx.x) + (None,))[:4]
+        s = _skip_sum(X, skip, bias)
+        need, keep = (tuple(f) + (False,) * (4 - len(f)) for f in (cx.need, cx.keep))
+        lead = cx.lead(Ybar) if Ybar is not None else cx.lead(sbar, 3)
+        Gbar, sb = None, sbar
+        if Ybar is not None:
+            rms = Ctx((s, gamma), (cx.y[0],), (need[0] or need[1] or need[3], need[2]), (False, keep[2]))
+            Xs, Gbar = SimplifiedLayerNormalization.vjp(rms, Ybar, axis=-1, epsilon=epsilon)
+            sb = add(Xs, sbar)
+        return (sb if need[0] else None,
+                unbroadcast(sb, skip.shape, lead, keep[1]) if need[1] and sb is not None else None,
+                Gbar,
+                unbroadcast(sb, bias.shape, lead, keep[3]) if need[3] and sb is not None else None)
+
+
 def _skip_sum(X, skip, bias):
     return X + skip if bias is None else X + skip + bias
 
