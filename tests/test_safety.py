@@ -197,6 +197,16 @@ def test_a_random_draw_is_refused_with_the_reason(tmp_path):
         one_error_line(cli("input", tmp_path / "draw.onnx", np_file(tmp_path)), 1, "Random", "one draw only")
 
 
+def test_integer_operators_of_quantized_models_are_refused_with_the_reason(tmp_path):
+    """onnxruntime's dynamic quantization writes MatMulInteger: one line says why, and what
+    format jaccli runs instead."""
+    q = helper.make_tensor_value_info("q", TensorProto.UINT8, ["N", 3])
+    nodes = [helper.make_node("MatMulInteger", ["q", "w"], ["i"], name="mmi"), helper.make_node("Cast", ["i"], ["y"], to=1)]
+    w = onnx.numpy_helper.from_array(np.ones((3, 3), np.uint8), "w")
+    onnx.save(tiny_model(nodes, [q], [Y], [w]), tmp_path / "dyn.onnx")
+    one_error_line(cli("params", tmp_path / "dyn.onnx", np_file(tmp_path)), 1, "mmi", "QDQ")
+
+
 def test_training_dropout_is_refused(tmp_path):
     """A model exported in training mode drops at random: refused in one line (with a ratio of 0
     it is the identity, see the op cases)."""

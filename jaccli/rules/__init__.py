@@ -114,7 +114,15 @@ _TREES = ("a tree ensemble is piecewise constant: its Jacobian is zero wherever 
           "attributes, not tensors")
 _RANDOM = ("it draws new random numbers at every run (a VAE's sampling, noise, Dropout written out): a Jacobian "
            "would hold for one draw only; export the model with the draw as an input, or replaced by its mean")
+_INTEGER = ("an integer operator of a quantized model (onnxruntime.quantization's dynamic or QOperator format): "
+            "piecewise constant in its inputs; differentiate the float model, or quantize it to the QDQ format "
+            "(QuantizeLinear and DequantizeLinear around float operators), which jaccli runs")
 _WHY_NOT = {  # operators people ask about, and what jaccli would have to say of them
+    **{("", op): _INTEGER for op in ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv")},
+    **{("com.microsoft", op): _INTEGER for op in ("QGemm", "QLinearAdd", "QLinearMul", "QLinearSoftmax", "QLinearSigmoid",
+                                                  "QLinearLeakyRelu", "QLinearConcat", "QLinearGlobalAveragePool",
+                                                  "QLinearAveragePool", "QAttention", "DynamicQuantizeMatMul",
+                                                  "MatMulIntegerToFloat", "QOrderedMatMul")},
     **{("", op): _RANDOM for op in ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                                     "Bernoulli", "Multinomial")},
     ("ai.onnx.ml", "TreeEnsembleRegressor"): _TREES,
