@@ -121,6 +121,9 @@ def _common(f):
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of tables."),
         click.option("-q", "--quiet", is_flag=True, help="Print no summary."),
         click.option("--strict", is_flag=True, help="Refuse data with NaN or Inf values instead of warning."),
+        click.option("--straight-through", is_flag=True,
+                     help="Pass derivatives through QuantizeLinear-DequantizeLinear pairs as the identity inside the "
+                          "integer range (quantization-aware training's estimator), not their true derivative, zero."),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -241,7 +244,8 @@ class _Progress:
 @click.option("--mode", type=click.Choice(["auto", "forward", "reverse"]), default="auto", show_default=True,
               help="Forward (one pass per input element) or reverse (one per output element); auto picks the cheaper.")
 @click.option("--flat", is_flag=True, help="Shape (N, n_out, n_in) instead of (N, *out_shape, *in_shape).")
-def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as_json, quiet, strict, wrt, mode, flat):
+def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as_json, quiet, strict, straight_through,
+              wrt, mode, flat):
     """Input Jacobian dy/dx for every sample: shape (N, *out_shape, *in_shape).
 
     DATA is .npy (N, *input_shape) or one sample, .npz (one array per model input), or
@@ -257,7 +261,8 @@ def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as
 
     def compute(m, x, target, on_block):
         return input_jacobian(m, x, wrt=wrt, of=of, mode=mode, dtype=dtype, outputs=outputs_slice, flat=flat,
-                              max_memory=max_memory, target=target, return_result=True, on_block=on_block)
+                              max_memory=max_memory, target=target, return_result=True, on_block=on_block,
+                              straight_through=straight_through)
 
     _run("input", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute)
 
@@ -266,7 +271,8 @@ def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as
 @_common
 @click.option("--param", "params", multiple=True, metavar="GLOB",
               help="Only parameters whose name matches (repeatable), e.g. --param 'fc2.*'.")
-def params_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as_json, quiet, strict, params):
+def params_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as_json, quiet, strict, straight_through,
+               params):
     """Per-sample parameter Jacobian dy/dθ: shape (N, *out_shape, P).
 
     Columns follow the model's initializer order, each tensor flattened in C order. A
@@ -282,7 +288,8 @@ def params_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, a
 
     def compute(m, x, target, on_block):
         return param_jacobian(m, x, params=params or None, of=of, dtype=dtype, outputs=outputs_slice,
-                              max_memory=max_memory, target=target, return_result=True, on_block=on_block)
+                              max_memory=max_memory, target=target, return_result=True, on_block=on_block,
+                              straight_through=straight_through)
 
     _run("params", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute)
 

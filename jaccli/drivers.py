@@ -192,13 +192,13 @@ def choose_chunks(N, T, est, max_memory, extra_per_sd=0.0, run_size=0):
     return 1, max(1, min(T, int((budget - b_s) // b_sd)))
 
 
-def _prepared(model, of, wrt, dtype, per_sample, feeds, N):
+def _prepared(model, of, wrt, dtype, per_sample, feeds, N, through=False):
     """The plan and its measurements (estimates, output shape, samples per run, the samples a
     run's feeds must have or 0, see _measure), cached on the model: they depend on the graph
     and the per-sample shapes, not on the values."""
-    key = (of, tuple(wrt), np.dtype(dtype).str, per_sample)
+    key = (of, tuple(wrt), np.dtype(dtype).str, per_sample, through)
     if key not in model.plans:
-        model.plans[key] = (Plan(model, of, wrt, dtype, per_sample=per_sample), {})
+        model.plans[key] = (Plan(model, of, wrt, dtype, per_sample=per_sample, through=through), {})
     plan, probes = model.plans[key]
     shapes = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(feeds.items())) + (min(N, 2),)
     if shapes not in probes:
@@ -248,6 +248,19 @@ def _fixed_runs(plan, feeds, of, env, size):
     if plan.per_sample:
         _note_mixed_rows(plan, env, size)
     return size
+
+
+def _quantized_note(plan):
+    """What the summary says of the QuantizeLinear nodes between what is differentiated and the output."""
+    if plan.through:
+        return [f"straight through: {plan.through} QuantizeLinear node(s) and the DequantizeLinear after them pass "
+                f"derivatives as the identity inside the integer range, zero where they saturate (not the true "
+                f"derivative, zero)"]
+    if plan.quantized:
+        return ["a QuantizeLinear lies on the way to the output: its integer output is piecewise constant, so no "
+                "derivative passes it; --straight-through (straight_through=True) passes quantize-dequantize pairs "
+                "as the identity, as quantization-aware training differentiates them"]
+    return []
 
 
 def _run_notes(model, run_size):
@@ -363,7 +376,7 @@ def _within_budget(fn):
 
 @_within_budget
 def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, outputs=None, flat=False,
-                   max_memory=DEFAULT_MAX_MEMORY, target=None, return_result=False, on_block=None):
+                   max_memory=DEFAULT_MAX_MEMORY, target=None, return_result=False, on_block=None, straight_through=False):
     """Jacobian of output `of` with respect to input `wrt` for every sample.
 
     Shape (N, *out_shape, *in_shape), or (N, n_out, n_in) with `flat`; with `outputs`
@@ -371,6 +384,8 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     `target` (default: an array in memory) receives the result block by block of samples,
     in order, so that a file target keeps memory bounded; `on_block(result, a, b, block, rows)` sees each
     (`rows`: the block's range of rows, all of them unless one sample's rows are over the budget).
+    `straight_through`: quantize-dequantize pairs pass derivatives as the identity inside the
+    integer range (see rules.straight_through), instead of their true derivative, zero.
     """
     t0 = time.perf_counter()
     model = load(model, max_bytes=max_memory)
@@ -380,7 +395,8 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     if not wrt_v.is_float:
         raise UsageError(f"'{wrt_v.name}' is not a float tensor; it cannot be differentiated")
     feeds, N = prepare_feeds(model, x, dtype, of=[of_v.name, wrt_v.name])
-    plan, (est, y1, per_run, run_size, wrt_shapes) = _prepared(model, of_v.name, [wrt_v.name], dtype, False, feeds, N)
+    plan, (est, y1, per_run, run_size, wrt_shapes) = _prepared(model, of_v.name, [wrt_v.name], dtype, False, feeds, N,
+                                                               straight_through)
     out_shape = y1.shape[1:]
     in_shape = feeds[wrt_v.name].shape[1:] if wrt_v.name in feeds else wrt_shapes[wrt_v.name]
     n_out, n_in = math.prod(out_shape), math.prod(in_shape)
@@ -394,7 +410,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
         extra = (n_sel if mode == "forward" else n_in) * dtype.itemsize
         return (T,) + choose_chunks(per_run, T, est, max_memory, extra_per_sd=extra, run_size=run_size)
 
-    notes = _run_notes(model, run_size)
+    notes = _run_notes(model, run_size) + _quantized_note(plan)
     if mode == "auto":
         mode = "forward" if n_in < n_sel else "reverse"
         if mode == "forward" and chunks(mode)[2] < n_in:  # forward fills columns: a sample must fit whole
@@ -696,8 +712,9 @@ def _check_sample_axis(y, n, name):
 
 @_within_budget
 def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=None, max_memory=DEFAULT_MAX_MEMORY,
-                   target=None, return_result=False, on_block=None):
+                   target=None, return_result=False, on_block=None, straight_through=False):
     """Per-sample Jacobian of output `of` with respect to the parameters: (N, *out_shape, P).
+    `straight_through` as for input_jacobian.
 
     Columns follow the model's initializer order, each tensor flattened in C order. By default
     the parameters are the float initializers of rank >= 1 that reach the output (exporters keep
@@ -718,7 +735,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     if not names:
         raise UsageError(f"output '{of_v.name}' depends on no float parameter")
     feeds, N = prepare_feeds(model, x, dtype, of=[of_v.name])
-    plan, (est, y1, per_run, run_size, _) = _prepared(model, of_v.name, names, dtype, True, feeds, N)
+    plan, (est, y1, per_run, run_size, _) = _prepared(model, of_v.name, names, dtype, True, feeds, N, straight_through)
     if of_v.name not in plan.batched:
         raise DataError(f"output '{of_v.name}' does not depend on the input samples")
     out_shape = y1.shape[1:]
@@ -735,7 +752,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     T = n_sel
     n_c, t_c = choose_chunks(per_run, T, est, max_memory, extra_per_sd=P * dtype.itemsize, run_size=run_size)
     shape = (N, *out_shape, P) if outputs is None else (N, n_sel, P)
-    notes = (list(plan.notes) if N > 1 else []) + _run_notes(model, run_size)
+    notes = (list(plan.notes) if N > 1 else []) + _run_notes(model, run_size) + _quantized_note(plan)
     zero = [c["name"] for c in columns if c["name"] not in plan.active]
     if zero:
         notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from .errors import JaccliError, ModelError, UnsupportedOpError
 from .model import FLOAT_TYPES, Graph, Model
-from .rules import lookup
+from .rules import lookup, straight_through
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Plan:
     per-sample parameter Jacobian); otherwise `wrt` are data inputs.
     """
 
-    def __init__(self, model: Model, of, wrt, dtype=np.float32, per_sample=False, unbatched=()):
+    def __init__(self, model: Model, of, wrt, dtype=np.float32, per_sample=False, unbatched=(), through=False):
         # `of`: one value, or several (a sub-graph's outputs; self.of is then the first).
         # `unbatched`: data inputs without a sample axis (a sub-graph's inputs from outside)
         self.outs = (of,) if isinstance(of, str) else tuple(of)
@@ -65,6 +65,8 @@ class Plan:
         steps = []
         for node in nodes:
             rule = lookup(node.op_type, node.opset, node.domain, node.name)
+            if through:  # quantize-dequantize pairs differentiated as the identity (see rules.straight_through)
+                rule = straight_through(rule)
             step = Step(node, rule, self._attrs(node, rule), node.inputs, node.outputs)
             if all((not v) or v in self.consts for v in node.inputs):
                 self._fold(step)
@@ -108,6 +110,15 @@ class Plan:
                     f"node '{s.node.name}': per-sample parameter cotangents through {s.node.op_type} are not supported"
                 )
         self.active_steps = [s for s in steps if s.active]
+        # a quantization between what is differentiated and the output: its integer output is piecewise
+        # constant, and stops the derivatives unless taken straight through
+        reach = set(self.outs)
+        for s in reversed(steps):
+            if any(o in reach for o in s.outputs):
+                reach.update(v for v in s.inputs if v)
+        quantizers = sum(s.node.op_type == "QuantizeLinear" and s.inputs[0] in fwd and s.outputs[0] in reach for s in steps)
+        self.quantized = not through and quantizers > 0  # a QuantizeLinear stops the derivatives
+        self.through = quantizers if through else 0  # those taken straight through
         self.depends = any(o in fwd for o in self.outs)  # False: the output does not depend on wrt at all
         self._liveness()
         self.regions = self._diagonal_regions()

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from gradcheck import fd_input_jacobian, fd_param_jacobian, one_input_model, ort_forward, our_forward, rel_err
-from onnx import helper
+from onnx import helper, numpy_helper
 
 import jaccli
 from jaccli.errors import UnsupportedOpError
@@ -227,3 +227,50 @@ def test_flatten_at_the_rank_and_at_zero_matches_onnxruntime(axis):
     got = our_forward(m, {"x": x}, np.float32)
     assert got.shape == want.shape
     np.testing.assert_array_equal(got, want)
+
+
+def _fake_quant_model(per_channel, clip):
+    """h = tanh(x @ W); y = DequantizeLinear(QuantizeLinear(h)) (uint8, zero point 128, a scale small
+    enough that some h saturate), or, with `clip`, y = clip(h) to the same range: the function
+    whose derivative the straight-through estimator takes."""
+    rng = np.random.default_rng(2)
+    s = np.array([0.004, 0.006, 0.005], np.float32) if per_channel else np.array(0.005, np.float32)
+    zp = np.full(s.shape, 128, np.uint8)
+    W = rng.standard_normal((4, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Tanh", ["m"], ["h"])]
+    inits = [numpy_helper.from_array(W, "W")]
+    if clip:
+        lo, hi = (0 - 128) * s, (255 - 128) * s
+        nodes += [helper.make_node("Max", ["h", "lo"], ["c"]), helper.make_node("Min", ["c", "hi"], ["y"])]
+        inits += [numpy_helper.from_array(lo.astype(np.float32), "lo"), numpy_helper.from_array(hi.astype(np.float32), "hi")]
+    else:
+        attrs = {"axis": 1} if per_channel else {}
+        nodes += [helper.make_node("QuantizeLinear", ["h", "s", "zp"], ["q"], **attrs),
+                  helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], **attrs)]
+        inits += [numpy_helper.from_array(s, "s"), numpy_helper.from_array(zp, "zp")]
+    g = helper.make_graph(nodes, "fq", [helper.make_tensor_value_info("x", 1, ["N", 4])],
+                          [helper.make_tensor_value_info("y", 1, ["N", 3])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_straight_through_quantization(per_channel):
+    """By default a quantize-dequantize pair stops the derivatives (its integer is piecewise
+    constant), and the result says so. With straight_through, input and per-sample parameter
+    Jacobians are those of the clipped function: identity inside the integer range, zero where
+    it saturates (both occur in this data)."""
+    fq, clipped = _fake_quant_model(per_channel, False), _fake_quant_model(per_channel, True)
+    x = np.random.default_rng(4).standard_normal((6, 4)).astype(np.float32)
+    r = jaccli.input_jacobian(fq, x, return_result=True)
+    assert not r.value.any() and any("--straight-through" in n for n in r.notes)
+    J = jaccli.input_jacobian(fq, x, straight_through=True, dtype="float64", return_result=True)
+    want = jaccli.input_jacobian(clipped, x, dtype="float64")
+    assert (want == 0).any() and (want != 0).any()  # saturated and passing entries
+    np.testing.assert_allclose(J.value, want, rtol=1e-10, atol=1e-12)
+    assert any(n.startswith("straight through") for n in J.notes)
+    G, cols = jaccli.param_jacobian(fq, x, params=["W"], straight_through=True, dtype="float64")
+    Gc, _ = jaccli.param_jacobian(clipped, x, params=["W"], dtype="float64")
+    np.testing.assert_allclose(G, Gc, rtol=1e-10, atol=1e-12)
+    for mode in ("forward", "reverse"):
+        np.testing.assert_allclose(jaccli.input_jacobian(fq, x, straight_through=True, mode=mode, dtype="float64"), want,
+                                   rtol=1e-10, atol=1e-12)

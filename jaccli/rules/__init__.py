@@ -75,20 +75,46 @@ def rule(op_type: str, since: int, domain: str = ""):
         if key in _KEYS:
             raise RuntimeError(f"rule {key} registered twice")
         _KEYS.add(key)
-        cls.key = key
-        cls.attrs = _attr_names(cls.forward)
-        cls.nondiff = frozenset(getattr(cls, "nondiff", ()))
-        # differentiable inputs whose initializers are state, not parameters (running statistics)
-        cls.buffers = frozenset(getattr(cls, "buffers", ()))
-        cls.differentiable = hasattr(cls, "vjp") or hasattr(cls, "jvp")
-        cls.n_diff_outputs = getattr(cls, "n_diff_outputs", 1)  # None: every output
-        cls.pointwise = getattr(cls, "pointwise", False)  # output element i depends on input elements i only
+        _finish(cls, key)
         entries = _REGISTRY.setdefault((domain, op_type), [])
         entries.append((since, cls))
         entries.sort(key=lambda e: e[0])
         return cls
 
     return register
+
+
+def _finish(cls, key):
+    cls.key = key
+    cls.attrs = _attr_names(cls.forward)
+    cls.nondiff = frozenset(getattr(cls, "nondiff", ()))
+    # differentiable inputs whose initializers are state, not parameters (running statistics)
+    cls.buffers = frozenset(getattr(cls, "buffers", ()))
+    cls.differentiable = hasattr(cls, "vjp") or hasattr(cls, "jvp")
+    cls.n_diff_outputs = getattr(cls, "n_diff_outputs", 1)  # None: every output
+    cls.pointwise = getattr(cls, "pointwise", False)  # output element i depends on input elements i only
+
+
+_THROUGH: dict = {}  # rule -> its straight-through variant (see straight_through)
+
+
+def through(base):
+    """Register a rule class as `base`'s straight-through variant (not looked up by opset)."""
+
+    def register(cls):
+        _finish(cls, base.key)
+        _THROUGH[base] = cls
+        return cls
+
+    return register
+
+
+def straight_through(rule_cls):
+    """The rule's straight-through variant, if it has one: derivatives pass a quantize-dequantize
+    pair as the identity, where the values are inside the integer range (quantization-aware
+    training's straight-through estimator), instead of the true derivative, zero."""
+    _load_families()
+    return _THROUGH.get(rule_cls, rule_cls)
 
 
 def lookup(op_type: str, opset: int, domain: str = "", node: str = "?"):

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from . import rule
+from . import rule, through
 from ..errors import UnsupportedOpError
 from ._util import add, expand, scaled, times, unbroadcast
 
@@ -881,6 +881,58 @@ class QuantizeLinear:
 
     def forward(x, y_scale, y_zero_point=None, **attrs):
         return _quantize(x, y_scale, y_zero_point, **attrs)
+
+
+# ---- straight-through variants (--straight-through): a quantize-dequantize pair differentiated as
+# the identity inside the integer range, zero where it saturates, as quantization-aware training
+# (torch's fake_quantize, TensorFlow's fake_quant) takes its derivative ----------------------------
+
+
+@through(QuantizeLinear)
+class QuantizeLinearThrough(QuantizeLinear):
+    """QuantizeLinear whose derivative in x is 1 / scale where round(x / scale) + zero_point lies
+    inside the integer range, 0 where it saturates."""
+
+    nondiff = (1, 2)
+
+    def jvp(cx, Xdot, *_, **attrs):
+        return times(Xdot, _through_partial(cx, attrs))
+
+    def vjp(cx, Ybar, **attrs):
+        return (Ybar * _through_partial(cx, attrs), None, None)
+
+
+def _through_partial(cx, attrs):
+    x, s = cx.x[0], np.asarray(cx.x[1], np.float64)
+    zp = cx.x[2] if len(cx.x) > 2 else None
+    axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
+    q = _quantize(x, s, zp, **attrs)
+    lo, hi = _INT_RANGES[q.dtype]
+    v = np.rint(x.astype(np.float64) / _expand_scale(s, 0, x.shape, axis, block))
+    if zp is not None:
+        v = v + _expand_scale(np.asarray(zp, np.float64), 0, x.shape, axis, block)
+    return ((v >= lo) & (v <= hi)).astype(x.dtype) / _expand_scale(s, 0, x.shape, axis, block).astype(x.dtype)
+
+
+class _DequantizeThrough:
+    """DequantizeLinear differentiated in its integer input too: scale times the tangent."""
+
+    nondiff = (2,)
+
+    def jvp(cx, Xdot, Sdot=None, _zp=None, **attrs):
+        X, S = cx.x[0], cx.x[1]
+        through = None if Xdot is None else Xdot * _expand_scale(S, 0, X.shape, attrs.get("axis", 1), attrs.get("block_size", 0))
+        return add(through, None if Sdot is None else _Dequantize.jvp(cx, None, Sdot, **attrs))
+
+    def vjp(cx, Ybar, **attrs):
+        X, S = cx.x[0], cx.x[1]
+        Sbar = _Dequantize.vjp(cx, Ybar, **attrs)[1] if cx.need[1] else None
+        Xbar = Ybar * _expand_scale(S, 0, X.shape, attrs.get("axis", 1), attrs.get("block_size", 0)) if cx.need[0] else None
+        return Xbar, Sbar, None
+
+
+for _dq in (DequantizeLinear10, DequantizeLinear13, DequantizeLinear21):
+    through(_dq)(type(f"{_dq.__name__}Through", (_DequantizeThrough, _dq), {"__doc__": _DequantizeThrough.__doc__}))
 
 
 # ---- experimental operators of opsets 1 to 9, dropped at 10, which old models still hold (Caffe2
