@@ -274,3 +274,20 @@ def test_straight_through_quantization(per_channel):
     for mode in ("forward", "reverse"):
         np.testing.assert_allclose(jaccli.input_jacobian(fq, x, straight_through=True, mode=mode, dtype="float64"), want,
                                    rtol=1e-10, atol=1e-12)
+
+
+def test_straight_through_from_the_command_line(tmp_path):
+    from click.testing import CliRunner
+    from onnx import save
+
+    from jaccli.cli import main
+
+    save(_fake_quant_model(False, False), str(tmp_path / "fq.onnx"))
+    x = np.random.default_rng(4).standard_normal((6, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    for extra in ([], ["--straight-through"]):
+        r = CliRunner().invoke(main, ["params", str(tmp_path / "fq.onnx"), str(tmp_path / "x.npy"), "-o", str(tmp_path / "G.npy"),
+                                      "--param", "W", *extra])
+        assert r.exit_code == 0, r.output
+        assert ("straight through" in r.output) == bool(extra) and ("--straight-through" in r.output) != bool(extra)
+        assert bool(np.load(tmp_path / "G.npy").any()) == bool(extra)
