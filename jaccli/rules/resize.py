@@ -51,12 +51,36 @@ def _cubic_weights(t, a):
     return np.where(d <= 1, near, np.where(d < 2, far, 0))
 
 
-def interpolation_matrix(n_in, n_out, scale, mode, ctm, nearest_mode, cubic_coeff_a, exclude_outside):
+def _antialias_taps(c, scale, mode, a):
+    """Taps (n_out, n) and their weights for an antialiased linear or cubic filter, stretched by
+    1 / scale when downsampling and normalised to sum 1, as onnx's reference computes them: the
+    taps are the n input indexes nearest to c, the left one preferred."""
+    s = min(scale, 1.0)
+    start = int(np.floor(-1 / s) + 1) if mode == "linear" else int(np.floor(-2 / s) + 1)
+    n = 2 - 2 * start
+    left = np.ceil(c).astype(int) - 1  # the tap left of c, or c's own index when c is whole
+    ratio = c - left  # in (0, 1]
+    offsets = np.arange(n) + start
+    d = np.abs((offsets[None, :] - ratio[:, None]) * s)
+    if mode == "linear":
+        W = np.clip(1 - d, 0, 1)
+    else:
+        W = np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1, np.where(d < 2, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a, 0))
+    return left[:, None] + offsets[None, :], W / W.sum(axis=1, keepdims=True)
+
+
+def interpolation_matrix(n_in, n_out, scale, mode, ctm, nearest_mode, cubic_coeff_a, exclude_outside, antialias=0):
     """(n_out, n_in) matrix M with y = M @ x along one axis."""
     M = np.zeros((n_out, n_in))
     rows = np.arange(n_out)
     c = _source_coords(n_in, n_out, scale, ctm)
-    if mode == "nearest":
+    if antialias and mode in ("linear", "cubic"):
+        idx, W = _antialias_taps(c, scale, mode, cubic_coeff_a)
+        if exclude_outside:
+            W = W * ((idx >= 0) & (idx < n_in))
+            W = W / W.sum(axis=1, keepdims=True)
+        np.add.at(M, (np.repeat(rows, idx.shape[1]), np.clip(idx, 0, n_in - 1).ravel()), W.ravel())
+    elif mode == "nearest":
         M[rows, np.clip(_nearest_index(c, nearest_mode), 0, n_in - 1).astype(int)] = 1
     elif mode == "linear":
         c = np.clip(c, 0, n_in - 1)
@@ -101,12 +125,18 @@ class _ResizeBase:
         return (_apply(Ybar, mats, cx.x[0].ndim),) + (None,) * (len(cx.x) - 1)
 
 
-def _plan(shape, scales, sizes, axes=None):
-    """Output size and scale per axis from either scales or sizes."""
+def _plan(shape, scales, sizes, axes=None, policy="stretch"):
+    """Output size and scale per axis from either scales or sizes (with keep_aspect_ratio_policy
+    not_larger or not_smaller, one scale for all the axes, the smallest or the largest)."""
     nd = len(shape)
     axes = list(range(nd)) if axes is None or np.size(axes) == 0 else [int(a) % nd for a in np.ravel(axes)]
     out, sc = list(shape), [1.0] * nd
-    if sizes is not None and np.size(sizes):
+    if sizes is not None and np.size(sizes) and policy in ("not_larger", "not_smaller"):
+        ratios = [int(n) / shape[a] for a, n in zip(axes, np.ravel(sizes))]
+        r = min(ratios) if policy == "not_larger" else max(ratios)
+        for a in axes:
+            out[a], sc[a] = int(np.floor(r * shape[a] + 0.5)), r
+    elif sizes is not None and np.size(sizes):
         for a, n in zip(axes, np.ravel(sizes)):
             out[a], sc[a] = int(n), int(n) / shape[a]
     elif scales is not None and np.size(scales):
@@ -115,9 +145,9 @@ def _plan(shape, scales, sizes, axes=None):
     return out, sc
 
 
-def _matrices(shape, out, sc, mode, ctm, nearest_mode, a, exclude):
+def _matrices(shape, out, sc, mode, ctm, nearest_mode, a, exclude, antialias=0):
     return {
-        ax: interpolation_matrix(n, m, s, mode, ctm, nearest_mode, a, exclude)
+        ax: interpolation_matrix(n, m, s, mode, ctm, nearest_mode, a, exclude, antialias)
         for ax, (n, m, s) in enumerate(zip(shape, out, sc))
         if m != n or s != 1.0
     }
@@ -152,16 +182,15 @@ class Resize11(_ResizeBase):
     def matrices(x, attrs):
         x = list(x) + [None] * (4 - len(x))
         X, roi, scales, sizes = x
-        if attrs.get("antialias"):
-            raise UnsupportedOpError("Resize with antialias=1 is not supported")
-        if attrs.get("keep_aspect_ratio_policy", "stretch") != "stretch":
-            raise UnsupportedOpError("Resize keep_aspect_ratio_policy other than 'stretch' is not supported")
-        out, sc = _plan(X.shape, scales, sizes, attrs.get("axes"))
+        policy = attrs.get("keep_aspect_ratio_policy", "stretch")
+        if policy not in ("stretch", "not_larger", "not_smaller"):
+            raise UnsupportedOpError(f"Resize keep_aspect_ratio_policy {policy!r} is not supported")
+        out, sc = _plan(X.shape, scales, sizes, attrs.get("axes"), policy)
         check_alloc(out, X.dtype, "Resize")
         return _matrices(X.shape, out, sc, attrs.get("mode", "nearest"),
                          attrs.get("coordinate_transformation_mode", "half_pixel"),
                          attrs.get("nearest_mode", "round_prefer_floor"), attrs.get("cubic_coeff_a", -0.75),
-                         attrs.get("exclude_outside", 0))
+                         attrs.get("exclude_outside", 0), attrs.get("antialias", 0))
 
 
 @rule("Upsample", since=7)
