@@ -9,6 +9,7 @@ from ..errors import UnsupportedOpError
 from ._util import add, expand, unbroadcast
 from .elementwise import Gelu, _Binary, _sigmoid, elementwise
 from .linalg import Gemm, mm
+from .norm import _softmax
 from .shape import Gather
 
 MS = "com.microsoft"
@@ -307,11 +308,6 @@ def _skip_sum(X, skip, bias):
 # ---- Attention and EmbedLayerNormalization: a BERT after onnxruntime's transformer optimizer ------
 
 
-def _softmax_last(S):
-    E = np.exp(S - S.max(axis=-1, keepdims=True))
-    return E / E.sum(axis=-1, keepdims=True)
-
-
 def _heads(P, h):
     """(..., S, h * d) -> (..., h, S, d)"""
     return np.swapaxes(P.reshape(P.shape[:-1] + (h, -1)), -2, -3)
@@ -340,7 +336,7 @@ class _Attn:
         self.s = self.P.dtype.type(attrs.get("scale") or 1 / np.sqrt(q // h))
         S = self.Q @ np.swapaxes(self.K, -1, -2) * self.s
         S = S + _mask_bias(mask, S.shape, attrs.get("unidirectional", 0), attrs.get("mask_filter_value", -10000.0), S.dtype)
-        self.A = _softmax_last(S if bias is None else S + bias)
+        self.A = _softmax(S if bias is None else S + bias, -1)
 
     def split(self, Pdot):
         q, k, v = self.sizes
