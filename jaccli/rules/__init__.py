@@ -157,8 +157,8 @@ _WHY_NOT = {  # operators people ask about, and what jaccli would have to say of
     ("", "Erfc"): "not an ONNX operator (tf2onnx writes it for Keras's exact GELU; onnxruntime rejects it too): "
                   "Keras's approximate GELU (approximate=True) exports with standard operators",
     **{("", op): "not an ONNX operator (tf2onnx writes it for TensorFlow's complex numbers; onnxruntime rejects the "
-                 "model too): export with an opset and tf2onnx version that write DFT, or keep the complex values "
-                 "out of the exported graph" for op in ("ComplexAbs", "RFFT", "IRFFT", "Real", "Imag")},
+                 "model too): keep complex values out of the exported graph, or export from PyTorch, whose stft and "
+                 "fft become ONNX's STFT and DFT" for op in ("ComplexAbs", "RFFT", "IRFFT", "Real", "Imag")},
 }
 
 
