@@ -197,6 +197,14 @@ def test_a_random_draw_is_refused_with_the_reason(tmp_path):
         one_error_line(cli("input", tmp_path / "draw.onnx", np_file(tmp_path)), 1, "Random", "one draw only")
 
 
+def test_tf2onnx_complex_operators_are_refused_with_the_reason(tmp_path):
+    """tf2onnx writes ComplexAbs for tf.abs of an STFT: not an ONNX operator (onnxruntime refuses
+    the model too); the line says so and what exports instead."""
+    nodes = [helper.make_node("ComplexAbs", ["x"], ["y"], name="cabs")]
+    onnx.save(tiny_model(nodes, [X], [Y]), tmp_path / "c.onnx")
+    one_error_line(cli("input", tmp_path / "c.onnx", np_file(tmp_path)), 1, "cabs", "not an ONNX operator", "STFT")
+
+
 def test_integer_operators_of_quantized_models_are_refused_with_the_reason(tmp_path):
     """onnxruntime's dynamic quantization writes MatMulInteger: one line says why, and what
     format jaccli runs instead."""
