@@ -85,7 +85,7 @@ def _push(plan, env, tan, step):
         out = out if isinstance(out, tuple) else (out,)
         for name, t in zip(step.outputs, out):
             if t is not None and name in plan.active:
-                tan[name] = t
+                tan[name] = _in_type(t, plan.dtype)
 
 
 def _diagonal(plan, env, region, cache):
@@ -206,6 +206,7 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
         for name, b, d, dst in zip(inputs, res, diff_in, out):
             if not d or b is None:
                 continue
+            b = _in_type(b, plan.dtype)
             if dst is not None:
                 if b is not dst:
                     np.copyto(dst, _fit_sink(b, dst))
@@ -222,6 +223,14 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
             else:
                 dst[...] = 0
     return {w: (sinks[w] if w in sinks else cot.get(w)) for w in wrt}
+
+
+def _in_type(g, dtype):
+    """A (co)tangent in the computation's float type: a rule that mixes in an integer or a
+    double constant (x ** 3 with an int64 exponent) must not turn float32 work into float64."""
+    if isinstance(g, np.ndarray) and g.dtype != dtype and g.dtype.kind == "f":
+        return g.astype(dtype)
+    return g
 
 
 def _lead(b, value):

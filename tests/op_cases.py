@@ -35,6 +35,7 @@ CASES = [
     Case("Mod", [("x", (3, 4)), ("x", (3, 4))], {"fmod": 1}, data="positive", id="Mod-both"),
     Case("Pow", [("x", (3, 4)), ("p", (4,))], data="positive", id="Pow-param-exponent"),
     Case("Pow", [("x", (3, 4)), ("c", f32(2.0))], data="positive", id="Pow-square"),
+    Case("Pow", [("x", (3, 4)), ("c", np.array(3, np.int64))], opset=15, id="Pow-integer-exponent"),
     # unary elementwise
     Case("Neg", [("x", (3, 4))]),
     Case("Relu", [("x", (3, 4))], data="away", opset=14),

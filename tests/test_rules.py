@@ -4,6 +4,7 @@ forward; per-sample parameter cotangents against per-sample differences over the
 import numpy as np
 import pytest
 from gradcheck import N, Case, build, fd_input_jacobian, fd_param_jacobian, ort_forward, our_forward, rel_err
+from onnx import TensorProto, helper, numpy_helper
 from op_cases import CASES
 
 import jaccli
@@ -252,3 +253,19 @@ def test_a_discarded_branch_stays_zero(mask, mode):
     J = jaccli.input_jacobian(m, x, mode=mode, dtype=np.float64)
     expected = np.stack([np.diag(np.where(v > 0, 0.5 / np.sqrt(np.abs(v)), 0.0)) for v in x])
     np.testing.assert_allclose(J, expected, rtol=1e-12)
+
+
+def test_an_integer_exponent_keeps_float32_work_in_float32():
+    """torch's x ** 3 exports Pow with an int64 exponent: its partial must not turn the float32
+    cotangents into float64, which a per-sample weight cotangent written in place refuses."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Pow", ["h", "three"], ["y"])]
+    g = helper.make_graph(nodes, "pow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "W"),
+                           numpy_helper.from_array(np.array(3, np.int64), "three")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+    G32, _ = jaccli.param_jacobian(m, x)
+    G64, _ = jaccli.param_jacobian(m, x, dtype="float64")
+    assert G32.dtype == np.float32
+    assert rel_err(G32.astype(np.float64), G64) < 1e-5

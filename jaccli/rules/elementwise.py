@@ -362,7 +362,8 @@ class Pow(_Binary):
         return np.power(X, Y.astype(X.dtype) if np.issubdtype(X.dtype, np.floating) else Y).astype(X.dtype)
 
     def partials(A, B, Y, na, nb):
-        dA = B * np.power(A, B - 1) if na else None
+        Bf = B.astype(A.dtype) if np.issubdtype(A.dtype, np.floating) else B  # an integer exponent (x ** 3)
+        dA = Bf * np.power(A, Bf - 1) if na else None
         dB = Y * np.log(np.where(A > 0, A, 1)) if nb else None
         return dA, dB
 
