@@ -95,6 +95,10 @@ def render_inspect(console: Console, info: dict):
     if info.get("expanded"):
         names = ", ".join(f"{op} ({n} node{'s' if n > 1 else ''})" for op, n in info["expanded"].items())
         console.print(f"[yellow]note:[/yellow] replaced by their ONNX function bodies, whose operators are listed above: {names}")
+    if info.get("quantized_values"):
+        console.print(f"[yellow]note:[/yellow] {info['quantized_values']} QuantizeLinear node(s) quantize values, not "
+                      f"weights: an integer is piecewise constant, so derivatives stop there; --straight-through passes "
+                      f"quantize-dequantize pairs as the identity, as quantization-aware training does")
 
 
 def render_check(console: Console, d: dict):

@@ -291,3 +291,21 @@ def test_straight_through_from_the_command_line(tmp_path):
         assert r.exit_code == 0, r.output
         assert ("straight through" in r.output) == bool(extra) and ("--straight-through" in r.output) != bool(extra)
         assert bool(np.load(tmp_path / "G.npy").any()) == bool(extra)
+
+
+def test_inspect_names_quantized_values(tmp_path):
+    """`jaccli inspect` of a QDQ model says where derivatives stop and what passes them."""
+    import json
+
+    from click.testing import CliRunner
+    from onnx import save
+
+    from jaccli.cli import main
+
+    save(_fake_quant_model(False, False), str(tmp_path / "fq.onnx"))
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "fq.onnx"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["quantized_values"] == 1, r.output
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "fq.onnx")])
+    assert "--straight-through" in r.output
+    save(_fake_quant_model(False, True), str(tmp_path / "clip.onnx"))
+    assert json.loads(CliRunner().invoke(main, ["inspect", str(tmp_path / "clip.onnx"), "--json"]).output)["quantized_values"] == 0
