@@ -65,6 +65,8 @@ def prepare_feeds(model: Model, x, dtype, source="data", of=None):
     """Arrays for the model inputs, samples on axis 0: {name: array}, and N. With `of` (output
     names), only the inputs they depend on are needed; others given are still checked."""
     needed = model.inputs if of is None else model.inputs_of(of)
+    if not needed:
+        raise _constant(of[0])
     if isinstance(x, dict):
         arrays = dict(x)
         unknown = [k for k in arrays if k not in {v.name for v in model.inputs}]
@@ -657,12 +659,20 @@ def _release(m):
 
 def _first_float(model, of=None):
     """The first float input (that the output `of` depends on, if given)."""
-    for v in (model.inputs if of is None else model.inputs_of([of])):
+    inputs = model.inputs if of is None else model.inputs_of([of])
+    if not inputs:
+        raise _constant(of)
+    for v in inputs:
         if v.is_float:
             return v
     entry = _float_entry(model, of)
     hint = f": name a float value inside the graph with --wrt (wrt= in Python), such as {entry}" if entry else ""
     raise UsageError(f"the model has no float input to differentiate with respect to{hint}")
+
+
+def _constant(name):
+    return UsageError(f"'{name}' depends on no model input: it is the same for every sample, with nothing to "
+                      f"differentiate per sample")
 
 
 def _float_entry(model, of=None):

@@ -245,6 +245,12 @@ def test_only_the_inputs_an_output_depends_on_need_data(tmp_path):
         jaccli.input_jacobian(m, {"b": b}, of="y1")
     with pytest.raises(DataError, match=r"depends on 2 inputs"):  # the check of every output needs them all
         check(str(tmp_path / "m.onnx"), b)
+    const = model([helper.make_node("Tanh", ["x"], ["y"]), helper.make_node("Relu", ["c"], ["k"])],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), helper.make_tensor_value_info("k", TensorProto.FLOAT, None)],
+                  [init("c", np.ones(2, np.float32))])
+    with pytest.raises(jaccli.errors.UsageError, match="'k' depends on no model input"):
+        jaccli.input_jacobian(const, b, of="k")
 
 
 def test_an_output_that_does_not_depend_on_the_input_gives_zeros_and_a_note():
