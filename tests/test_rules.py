@@ -104,17 +104,27 @@ def test_mixing_the_sample_axis_is_refused(case):
         jaccli.input_jacobian(model, feeds)
 
 
-@pytest.mark.parametrize("reduction", ["none", "add"])
+@pytest.mark.parametrize("reduction", ["none", "add", "mul", "max", "min"])
 def test_scatter_nd_rule(reduction):
-    # ScatterND's indices address absolute positions (axis 0 included): checked as a rule on arrays
+    """ScatterND's indices address absolute positions (axis 0 included): checked as a rule on
+    arrays, a repeated index for the reductions; the forward against onnxruntime."""
     from gradcheck import check_rule
 
     from jaccli.rules import lookup
 
     rng = np.random.default_rng(1)
-    idx = np.array([[0, 1], [2, 0], [0, 1] if reduction == "add" else [1, 1]], np.int64)
-    check_rule(lookup("ScatterND", 16), [rng.standard_normal((3, 2, 4)), idx, rng.standard_normal((3, 4))],
-               {"reduction": reduction}, diff=(0, 2), rng=rng)
+    idx = np.array([[0, 1], [2, 0], [1, 1] if reduction == "none" else [0, 1]], np.int64)
+    args = [rng.standard_normal((3, 2, 4)), idx, rng.standard_normal((3, 4))]
+    check_rule(lookup("ScatterND", 18), args, {"reduction": reduction}, diff=(0, 2), rng=rng)
+    g = helper.make_graph([helper.make_node("ScatterND", ["d", "i", "u"], ["y"], reduction=reduction)], "snd",
+                          [helper.make_tensor_value_info("d", TensorProto.FLOAT, [3, 2, 4]),
+                           helper.make_tensor_value_info("i", TensorProto.INT64, [3, 2]),
+                           helper.make_tensor_value_info("u", TensorProto.FLOAT, [3, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    feeds = {"d": args[0].astype(np.float32), "i": idx, "u": args[2].astype(np.float32)}
+    want, _ = ort_forward(m, feeds)
+    np.testing.assert_allclose(our_forward(m, feeds, np.float32), want, rtol=1e-6, atol=1e-6)
 
 
 def test_legacy_axis_broadcast_follows_the_spec():
@@ -269,3 +279,24 @@ def test_an_integer_exponent_keeps_float32_work_in_float32():
     G64, _ = jaccli.param_jacobian(m, x, dtype="float64")
     assert G32.dtype == np.float32
     assert rel_err(G32.astype(np.float64), G64) < 1e-5
+
+
+def test_scatter_reductions_at_ties_and_zeros():
+    """Where random data never goes: two updates tie for a max (the first takes the derivative,
+    so that moving both moves the result once), and a product with a zero factor (the partial in
+    that factor is the product of the others; in the others, zero)."""
+    from jaccli.rules import Ctx
+    from jaccli.rules.shape import _REDUCE_AT, _reduce_partials
+
+    X, U = np.array([0.0, 1.0, 2.0]), np.array([5.0, 5.0, 3.0])
+    ix = (np.array([0, 0, 2]),)
+    for reduction, Y, want_d, want_u in (
+        ("max", [5.0, 1.0, 3.0], [0, 1, 0], [1, 0, 1]),
+        ("mul", [0.0, 1.0, 6.0], [25, 1, 3], [0, 0, 2]),
+    ):
+        y = X.copy()
+        _REDUCE_AT[reduction].at(y, ix, U)
+        np.testing.assert_array_equal(y, Y)
+        Pd, Pu = _reduce_partials(Ctx((X, None, U), (y,)), ix, reduction)
+        np.testing.assert_array_equal(Pd, want_d)
+        np.testing.assert_array_equal(Pu, want_u)

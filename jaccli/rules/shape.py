@@ -880,15 +880,45 @@ def _nd_tuple(indices):
     return tuple(np.moveaxis(np.asarray(indices), -1, 0))
 
 
+_REDUCE_AT = {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}
+
+
 def _scatter(Y, ix, updates, reduction, op):
-    """Y with the updates written (reduction 'none') or added ('add') at the index ix."""
+    """Y with the updates written (reduction 'none') or combined (add, mul, max, min) at the index
+    ix, repeated indices combining in turn."""
     if reduction == "none":
         Y[ix] = updates
-    elif reduction == "add":
-        np.add.at(Y, ix, updates)
+    elif reduction in _REDUCE_AT:
+        _REDUCE_AT[reduction].at(Y, ix, updates)
     else:
         raise UnsupportedOpError(f"{op} with reduction={reduction!r} is not supported")
     return Y
+
+
+def _reduce_partials(cx, ix, reduction):
+    """For reductions mul, max and min: Y's partials in the data (the data's shape) and in the
+    updates (theirs). A product's partial in one factor is the product of the others, without
+    dividing by a zero; max and min send the derivative to the element that won, the data on a
+    tie, else the first update."""
+    X, U, Y = cx.x[0], cx.x[2], cx.y[0]
+    t = np.arange(X.size).reshape(X.shape)[ix].ravel()  # each update's target element
+    if reduction == "mul":
+        zeros = (X == 0).ravel().astype(np.int64)
+        np.add.at(zeros, t, (U == 0).ravel())
+        prod = np.where(X == 0, 1, X).ravel().astype(np.float64)
+        np.multiply.at(prod, t, np.where(U == 0, 1, U).ravel())
+
+        def others(F, at):
+            z, p = zeros[at], prod[at]
+            return np.where(z == 0, p / np.where(F == 0, 1, F), np.where((z == 1) & (F == 0), p, 0)).astype(Y.dtype)
+
+        return others(X.ravel(), slice(None)).reshape(X.shape), others(U.ravel(), t).reshape(U.shape)
+    won = X == Y
+    cand = np.flatnonzero((U == Y[ix]) & ~won[ix])
+    _, first = np.unique(t[cand], return_index=True)
+    Pu = np.zeros(U.size, Y.dtype)
+    Pu[cand[first]] = 1
+    return won.astype(Y.dtype), Pu.reshape(U.shape)
 
 
 def _scatter_jvp(cx, Ddot, Udot, ix, reduction):
@@ -896,6 +926,12 @@ def _scatter_jvp(cx, Ddot, Udot, ix, reduction):
     X, U = cx.x[0], cx.x[2]
     lead = (Ddot if Ddot is not None else Udot).ndim - (X if Ddot is not None else U).ndim
     head = (Ddot if Ddot is not None else Udot).shape[:lead]
+    if reduction in ("mul", "max", "min"):
+        Pd, Pu = _reduce_partials(cx, ix, reduction)
+        Y = np.zeros(head + X.shape, cx.y[0].dtype) if Ddot is None else Ddot * Pd
+        if Udot is not None:
+            np.add.at(Y, (slice(None),) * lead + ix, Udot * Pu)
+        return Y
     Y = np.zeros(head + X.shape, cx.y[0].dtype) if Ddot is None else Ddot.copy()
     ix = (slice(None),) * lead + ix
     if Udot is not None:
@@ -906,7 +942,12 @@ def _scatter_jvp(cx, Ddot, Udot, ix, reduction):
 
 
 def _scatter_vjp(cx, Ybar, ix, reduction):
-    """The data's cotangent is Ybar, less what was overwritten; the updates' is Ybar gathered at ix."""
+    """The data's cotangent is Ybar, less what was overwritten; the updates' is Ybar gathered at ix
+    (each times its partial, for mul, max and min)."""
+    if reduction in ("mul", "max", "min"):
+        Pd, Pu = _reduce_partials(cx, ix, reduction)
+        lead_ix = (slice(None),) * cx.lead(Ybar) + ix
+        return (Ybar * Pd if cx.need[0] else None), None, (Ybar[lead_ix] * Pu if cx.need[2] else None)
     ix = (slice(None),) * cx.lead(Ybar) + ix
     Dbar = None
     if cx.need[0]:
