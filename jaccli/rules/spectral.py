@@ -98,6 +98,8 @@ class _DFT:
 
 @rule("DFT", since=17)
 class DFT17(_DFT):
+    """DFT of opsets 17 to 19: the axis is an attribute (default 1, the first after the batch)."""
+
     nondiff = (1,)
 
     def forward(input, dft_length=None, *, axis=1, inverse=0, onesided=0):
