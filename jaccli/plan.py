@@ -110,13 +110,9 @@ class Plan:
                     f"node '{s.node.name}': per-sample parameter cotangents through {s.node.op_type} are not supported"
                 )
         self.active_steps = [s for s in steps if s.active]
-        # a quantization between what is differentiated and the output: its integer output is piecewise
-        # constant, and stops the derivatives unless taken straight through
-        reach = set(self.outs)
-        for s in reversed(steps):
-            if any(o in reach for o in s.outputs):
-                reach.update(v for v in s.inputs if v)
-        quantizers = sum(s.node.op_type == "QuantizeLinear" and s.inputs[0] in fwd and s.outputs[0] in reach for s in steps)
+        # a quantization between what is differentiated and the output (every step leads to the output):
+        # its integer output is piecewise constant, and stops the derivatives unless taken straight through
+        quantizers = sum(s.node.op_type == "QuantizeLinear" and s.inputs[0] in fwd for s in steps)
         self.quantized = not through and quantizers > 0  # a QuantizeLinear stops the derivatives
         self.through = quantizers if through else 0  # those taken straight through
         self.depends = any(o in fwd for o in self.outs)  # False: the output does not depend on wrt at all

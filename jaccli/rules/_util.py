@@ -93,6 +93,13 @@ def expand(D, x, y, lead):
     return np.broadcast_to(D, D.shape[:lead] + y.shape)
 
 
+def padded(seq, n, fill=None):
+    """The first n of a node's inputs (or their flags), `fill` where trailing optional ones are
+    absent: the walker trims those."""
+    seq = tuple(seq)
+    return seq[:n] + (fill,) * (n - len(seq))
+
+
 def add(*terms):
     """Sum of the terms that are not None (None when all are)."""
     out = None

@@ -6,10 +6,10 @@ import numpy as np
 
 from . import Ctx, rule
 from ..errors import UnsupportedOpError
-from ._util import add, expand, unbroadcast
+from ._util import add, expand, padded, unbroadcast
 from .elementwise import Gelu, _Binary, _sigmoid, elementwise
-from .linalg import Gemm, mm
-from .norm import _softmax
+from .linalg import Gemm, MatMul, mm
+from .norm import LayerNormalization, SimplifiedLayerNormalization, _softmax
 from .shape import Gather
 
 MS = "com.microsoft"
@@ -115,8 +115,6 @@ def _batched_vjp(cx, Ybar, alpha, transA, transB):
 
 def _no_batch_transpose(a, b):
     if a or b:
-        from ..errors import UnsupportedOpError
-
         raise UnsupportedOpError("FusedMatMul with transBatchA or transBatchB is not supported")
 
 
@@ -143,8 +141,6 @@ def _activation(name, params):
         a, b = (p + [0.2, 0.5][len(p):])[:2]
         return (lambda U: np.clip(U * U.dtype.type(a) + U.dtype.type(b), 0, 1)), \
             (lambda Y: np.where((Y > 0) & (Y < 1), a, 0).astype(Y.dtype))
-    from ..errors import UnsupportedOpError
-
     raise UnsupportedOpError(f"fused activation '{name}' is not supported")
 
 
@@ -208,97 +204,68 @@ def _gemm_params(a, b):
     return [v for v in (a, b) if v is not None]
 
 
+class _Skip:
+    """Y = norm(input + skip + bias) with the norm's parameters: onnxruntime's fusions of a
+    residual Add and its normalisation. Inputs: input, skip, the norm's parameters, bias; outputs
+    on request: Y, a mean, an inverse deviation and the sum input + skip + bias, whose cotangent
+    flows too (the next residual reads it). `norm` is the normalisation's rule."""
+
+    keeps = True
+    n_diff_outputs = None
+
+    def jvp(cx, *dots, epsilon=1e-12, n_outputs=1):
+        x, dots = padded(cx.x, cx.rule.arity), padded(dots, cx.rule.arity)
+        X, skip, bias = x[0], x[1], x[-1]
+        s = _skip_sum(X, skip, bias)
+        lead = next(D.ndim - v.ndim for D, v in zip(dots, x) if D is not None)
+        sdot = add(dots[0], expand(dots[1], skip, s, lead), None if dots[-1] is None else expand(dots[-1], bias, s, lead))
+        Ydot = cx.rule.norm.jvp(Ctx((s, *x[2:-1]), (s,)), sdot, *dots[2:-1], axis=-1, epsilon=epsilon)
+        return (Ydot[0] if isinstance(Ydot, tuple) else Ydot, None, None, sdot)[:max(1, n_outputs)]
+
+    def vjp(cx, Ybar, _mbar=None, _rbar=None, sbar=None, *, epsilon=1e-12, n_outputs=1):
+        n, norm = cx.rule.arity, cx.rule.norm
+        x, need, keep = padded(cx.x, n), padded(cx.need, n, False), padded(cx.keep, n, False)
+        X, skip, bias = x[0], x[1], x[-1]
+        s = _skip_sum(X, skip, bias)
+        lead = cx.lead(Ybar) if Ybar is not None else cx.lead(sbar, 3)
+        pbars, sb = [None] * (n - 3), sbar
+        if Ybar is not None:
+            nx = Ctx((s, *x[2:-1]), (cx.y[0],), (need[0] or need[1] or need[-1], *need[2:-1]), (False, *keep[2:-1]), norm)
+            Xs, *pbars = norm.vjp(nx, Ybar, axis=-1, epsilon=epsilon)
+            sb = add(Xs, sbar)
+        return (sb if need[0] else None,
+                unbroadcast(sb, skip.shape, lead, keep[1]) if need[1] and sb is not None else None,
+                *pbars,
+                unbroadcast(sb, bias.shape, lead, keep[-1]) if need[-1] and sb is not None else None)
+
+
 @rule("SkipLayerNormalization", since=1, domain=MS)
-class SkipLayerNormalization:
+class SkipLayerNormalization(_Skip):
     """Y = LayerNorm(input + skip + bias) * gamma + beta over the last axis (the transformer
     optimizer's fusion of a residual Add and its LayerNorm); on request also the mean, the
     inverse standard deviation and the sum input + skip + bias."""
 
-    keeps = True
-    n_diff_outputs = None
+    norm, arity = LayerNormalization, 5  # input, skip, gamma, beta, bias
 
     def forward(input, skip, gamma, beta=None, bias=None, *, epsilon=1e-12, n_outputs=1):
-        from .norm import LayerNormalization
-
         s = _skip_sum(input, skip, bias)
         Y, mu, r = LayerNormalization.forward(s, gamma, beta, axis=-1, epsilon=epsilon)
         return (Y, mu, r, s)[:max(1, n_outputs)]
 
-    def jvp(cx, Xdot, Kdot, Gdot, Bdot=None, Cdot=None, *, epsilon=1e-12, n_outputs=1):
-        from .norm import LayerNormalization
-
-        X, skip, gamma, beta, bias = (tuple(cx.x) + (None, None))[:5]
-        s = _skip_sum(X, skip, bias)
-        lead = next(D.ndim - x.ndim for D, x in zip((Xdot, Kdot, Gdot, Bdot, Cdot), cx.x) if D is not None)
-        sdot = add(Xdot, expand(Kdot, skip, s, lead), expand(Cdot, bias, s, lead) if Cdot is not None else None)
-        ln = Ctx((s, gamma, beta), (None,), rule=LayerNormalization)
-        Ydot = LayerNormalization.jvp(ln, sdot, Gdot, Bdot, axis=-1, epsilon=epsilon)[0]
-        return (Ydot, None, None, sdot)[:max(1, n_outputs)]
-
-    def vjp(cx, Ybar, mubar=None, rbar=None, sbar=None, *, epsilon=1e-12, n_outputs=1):
-        from .norm import LayerNormalization
-
-        X, skip, gamma, beta, bias = (tuple(cx.x) + (None, None))[:5]
-        s = _skip_sum(X, skip, bias)
-        need = tuple(cx.need) + (False,) * (5 - len(cx.need))
-        keep = tuple(cx.keep) + (False,) * (5 - len(cx.keep))
-        need_s = need[0] or need[1] or need[4]
-        lead = cx.lead(Ybar) if Ybar is not None else cx.lead(sbar, 3)
-        Gbar = Bbar = None
-        sb = sbar
-        if Ybar is not None:
-            ln = Ctx((s, gamma, beta), (cx.y[0],), (need_s, need[2], need[3]), (False, keep[2], keep[3]), LayerNormalization)
-            Xs, Gbar, Bbar = LayerNormalization.vjp(ln, Ybar, axis=-1, epsilon=epsilon)
-            sb = add(Xs, sbar)
-        return (sb if need[0] else None,
-                unbroadcast(sb, skip.shape, lead, keep[1]) if need[1] and sb is not None else None,
-                Gbar, Bbar,
-                unbroadcast(sb, bias.shape, lead, keep[4]) if need[4] and sb is not None else None)
-
 
 @rule("SkipSimplifiedLayerNormalization", since=1, domain=MS)
-class SkipSimplifiedLayerNormalization:
+class SkipSimplifiedLayerNormalization(_Skip):
     """Y = RMSNorm(input + skip + bias) * gamma over the last axis (the transformer optimizer's
     fusion for LLaMA- and T5-like models); on request also a mean output (zeros: an RMS norm has
     none), the inverse root mean square and the sum input + skip + bias, which such models feed
-    to the next residual, so its cotangent flows too."""
+    to the next residual."""
 
-    keeps = True
-    n_diff_outputs = None
+    norm, arity = SimplifiedLayerNormalization, 4  # input, skip, gamma, bias
 
     def forward(input, skip, gamma, bias=None, *, epsilon=1e-12, n_outputs=1):
-        from .norm import SimplifiedLayerNormalization
-
         s = _skip_sum(input, skip, bias)
         Y, r = SimplifiedLayerNormalization.forward(s, gamma, axis=-1, epsilon=epsilon, n_outputs=2)
         return (Y, np.zeros_like(r), r, s)[:max(1, n_outputs)]
-
-    def jvp(cx, Xdot, Kdot, Gdot, Cdot=None, *, epsilon=1e-12, n_outputs=1):
-        from .norm import SimplifiedLayerNormalization
-
-        X, skip, gamma, bias = (tuple(cx.x) + (None,))[:4]
-        s = _skip_sum(X, skip, bias)
-        lead = next(D.ndim - x.ndim for D, x in zip((Xdot, Kdot, Gdot, Cdot), cx.x) if D is not None)
-        sdot = add(Xdot, expand(Kdot, skip, s, lead), expand(Cdot, bias, s, lead) if Cdot is not None else None)
-        Ydot = SimplifiedLayerNormalization.jvp(Ctx((s, gamma), ()), sdot, Gdot, axis=-1, epsilon=epsilon)
-        return (Ydot, None, None, sdot)[:max(1, n_outputs)]
-
-    def vjp(cx, Ybar, _mbar=None, _rbar=None, sbar=None, *, epsilon=1e-12, n_outputs=1):
-        from .norm import SimplifiedLayerNormalization
-
-        X, skip, gamma, bias = (tuple(cx.x) + (None,))[:4]
-        s = _skip_sum(X, skip, bias)
-        need, keep = (tuple(f) + (False,) * (4 - len(f)) for f in (cx.need, cx.keep))
-        lead = cx.lead(Ybar) if Ybar is not None else cx.lead(sbar, 3)
-        Gbar, sb = None, sbar
-        if Ybar is not None:
-            rms = Ctx((s, gamma), (cx.y[0],), (need[0] or need[1] or need[3], need[2]), (False, keep[2]))
-            Xs, Gbar = SimplifiedLayerNormalization.vjp(rms, Ybar, axis=-1, epsilon=epsilon)
-            sb = add(Xs, sbar)
-        return (sb if need[0] else None,
-                unbroadcast(sb, skip.shape, lead, keep[1]) if need[1] and sb is not None else None,
-                Gbar,
-                unbroadcast(sb, bias.shape, lead, keep[3]) if need[3] and sb is not None else None)
 
 
 def _skip_sum(X, skip, bias):
@@ -324,23 +291,23 @@ class _Attn:
     keys and values by head, the attention weights A and the scale."""
 
     def __init__(self, cx, attrs):
-        X, W, b, mask, past, bias = (tuple(cx.x) + (None,) * 6)[:6]
-        if past is not None or (len(cx.x) > 6 and cx.x[6] is not None) or attrs.get("do_rotary"):
+        X, W, b, mask, past, bias, past_length = padded(cx.x, 7)
+        if past is not None or past_length is not None or attrs.get("do_rotary"):
             raise UnsupportedOpError("Attention with a past state (a decoder's cache) or rotary embeddings is not supported")
         self.h = h = int(attrs["num_heads"])
         sizes = attrs.get("qkv_hidden_sizes")
         self.sizes = [int(s) for s in sizes] if sizes is not None and len(sizes) else [W.shape[1] // 3] * 3
         self.P = X @ W if b is None else X @ W + b
-        q, k, _ = self.sizes
-        self.Q, self.K, self.V = (_heads(self.P[..., a:a + n], h) for a, n in ((0, q), (q, k), (q + k, self.sizes[2])))
-        self.s = self.P.dtype.type(attrs.get("scale") or 1 / np.sqrt(q // h))
+        self.Q, self.K, self.V = self.split(self.P)
+        self.s = self.P.dtype.type(attrs.get("scale") or 1 / np.sqrt(self.sizes[0] // h))
         S = self.Q @ np.swapaxes(self.K, -1, -2) * self.s
         S = S + _mask_bias(mask, S.shape, attrs.get("unidirectional", 0), attrs.get("mask_filter_value", -10000.0), S.dtype)
         self.A = _softmax(S if bias is None else S + bias, -1)
 
-    def split(self, Pdot):
-        q, k, v = self.sizes
-        return _heads(Pdot[..., :q], self.h), _heads(Pdot[..., q:q + k], self.h), _heads(Pdot[..., q + k:], self.h)
+    def split(self, P):
+        """Queries, keys and values by head, of the projection or of its tangent."""
+        q, k, _ = self.sizes
+        return _heads(P[..., :q], self.h), _heads(P[..., q:q + k], self.h), _heads(P[..., q + k:], self.h)
 
 
 def _mask_bias(mask, shape, unidirectional, fill, dtype):
@@ -383,18 +350,18 @@ class Attention:
     def forward(input, weights, bias=None, mask_index=None, past=None, attention_bias=None, past_sequence_length=None,
                 *, num_heads, unidirectional=0, qkv_hidden_sizes=None, mask_filter_value=-10000.0, scale=0.0, do_rotary=0,
                 rotary_embedding_dim=0, past_present_share_buffer=0, n_outputs=1):
-        a = _Attn(Ctx((input, weights, bias, mask_index, past, attention_bias, past_sequence_length), ()), locals())
+        attrs = dict(num_heads=num_heads, unidirectional=unidirectional, qkv_hidden_sizes=qkv_hidden_sizes,
+                     mask_filter_value=mask_filter_value, scale=scale, do_rotary=do_rotary)
+        a = _Attn(Ctx((input, weights, bias, mask_index, past, attention_bias, past_sequence_length), ()), attrs)
         Y = _merge(a.A @ a.V)
         return (Y, np.stack([a.K, a.V])) if n_outputs > 1 else Y
 
     def jvp(cx, Xdot, Wdot, bdot=None, _m=None, _p=None, Bdot=None, _l=None, **attrs):
-        from .linalg import MatMul
-
         a = _Attn(cx, attrs)
-        X, W = cx.x[0], cx.x[1]
-        lead = next(D.ndim - x.ndim for D, x in zip((Xdot, Wdot, bdot, Bdot), (X, W) + _at(cx.x, 2, 5)) if D is not None)
-        Pdot = add(MatMul.jvp(Ctx((X, W), ()), Xdot, Wdot), None if bdot is None else expand(bdot, cx.x[2], a.P, lead))
-        Sdot = None if Bdot is None else expand(Bdot, cx.x[5], a.A, lead)
+        X, W, b, _, _, B = padded(cx.x, 6)
+        lead = next(D.ndim - x.ndim for D, x in zip((Xdot, Wdot, bdot, Bdot), (X, W, b, B)) if D is not None)
+        Pdot = add(MatMul.jvp(Ctx((X, W), ()), Xdot, Wdot), None if bdot is None else expand(bdot, b, a.P, lead))
+        Sdot = None if Bdot is None else expand(Bdot, B, a.A, lead)
         if Pdot is not None:
             Qd, Kd, Vd = a.split(Pdot)
             Sdot = add(Sdot, (Qd @ np.swapaxes(a.K, -1, -2) + a.Q @ np.swapaxes(Kd, -1, -2)) * a.s)
@@ -402,10 +369,8 @@ class Attention:
         return _merge(Adot @ a.V if Pdot is None else Adot @ a.V + a.A @ Vd)
 
     def vjp(cx, Ybar, **attrs):
-        from .linalg import MatMul
-
         a = _Attn(cx, attrs)
-        need, keep = (tuple(f) + (False,) * (7 - len(f)) for f in (cx.need, cx.keep))
+        need, keep = padded(cx.need, 7, False), padded(cx.keep, 7, False)
         lead = cx.lead(Ybar)
         Ob = _heads(Ybar, a.h)
         Ab = Ob @ np.swapaxes(a.V, -1, -2)
@@ -422,11 +387,6 @@ class Attention:
         return Xbar, Wbar, bbar, None, None, Bbar, None
 
 
-def _at(x, *ks):
-    """Inputs ks of a node, None where absent."""
-    return tuple(x[k] if k < len(x) else None for k in ks)
-
-
 @rule("EmbedLayerNormalization", since=1, domain=MS)
 class EmbedLayerNormalization:
     """Y = LayerNorm(word[input_ids] + position[position_ids or 0..S-1] + segment[segment_ids]) *
@@ -440,17 +400,13 @@ class EmbedLayerNormalization:
 
     def forward(input_ids, segment_ids=None, word_embedding=None, position_embedding=None, segment_embedding=None,
                 gamma=None, beta=None, mask=None, position_ids=None, *, epsilon=1e-12, mask_index_type=1, n_outputs=1):
-        from .norm import LayerNormalization
-
         E = _embed_sum(input_ids, segment_ids, word_embedding, position_embedding, segment_embedding, position_ids)
         Y = LayerNormalization.forward(E, gamma, beta, axis=-1, epsilon=epsilon)[0]
         count = np.zeros(input_ids.shape[0], np.int32) if mask is None else (np.asarray(mask) != 0).sum(axis=1, dtype=np.int32)
         return (Y, count, E)[:max(2, n_outputs)]
 
     def jvp(cx, _i, _s, Wdot, Pdot, Sdot, Gdot, Bdot, _m=None, _p=None, *, epsilon=1e-12, mask_index_type=1, n_outputs=1):
-        from .norm import LayerNormalization
-
-        ids, seg, word, pos, segtab, gamma, beta, _, pos_ids = _at(cx.x, *range(9))
+        ids, seg, word, pos, segtab, gamma, beta, _, pos_ids = padded(cx.x, 9)
         E = _embed_sum(ids, seg, word, pos, segtab, pos_ids)
         Edot = add(*(Gather.jvp(Ctx((t, i)), D, axis=0) for t, i, D in _tables(cx.x, (Wdot, Pdot, Sdot)) if D is not None))
         Y = cx.y[0]
@@ -458,10 +414,8 @@ class EmbedLayerNormalization:
         return (Ydot, None, Edot)[:max(2, n_outputs)]
 
     def vjp(cx, Ybar, _mbar=None, Ebar=None, *, epsilon=1e-12, mask_index_type=1, n_outputs=1):
-        from .norm import LayerNormalization
-
-        ids, seg, word, pos, segtab, gamma, beta, _, pos_ids = _at(cx.x, *range(9))
-        need, keep = (tuple(f) + (False,) * (9 - len(f)) for f in (cx.need, cx.keep))
+        ids, seg, word, pos, segtab, gamma, beta, _, pos_ids = padded(cx.x, 9)
+        need, keep = padded(cx.need, 9, False), padded(cx.keep, 9, False)
         E = _embed_sum(ids, seg, word, pos, segtab, pos_ids)
         Gbar = Bbar = None
         if Ybar is not None:
@@ -478,7 +432,7 @@ class EmbedLayerNormalization:
 
 def _tables(x, tangents):
     """(table, per-sample indices, tangent) for the word, position and segment embeddings present."""
-    ids, seg, word, pos, segtab, _, _, _, pos_ids = _at(x, *range(9))
+    ids, seg, word, pos, segtab, _, _, _, pos_ids = padded(x, 9)
     out = [(word, ids, tangents[0]), (pos, _positions(ids, pos_ids), tangents[1])]
     if segtab is not None and seg is not None:
         out.append((segtab, seg, tangents[2]))

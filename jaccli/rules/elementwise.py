@@ -8,7 +8,7 @@ import numpy as np
 
 from . import rule, through
 from ..errors import UnsupportedOpError
-from ._util import add, expand, scaled, times, unbroadcast
+from ._util import add, expand, padded, scaled, times, unbroadcast
 
 
 def elementwise(op_type, since, domain=""):
@@ -904,15 +904,15 @@ class QuantizeLinearThrough(QuantizeLinear):
 
 
 def _through_partial(cx, attrs):
-    x, s = cx.x[0], np.asarray(cx.x[1], np.float64)
-    zp = cx.x[2] if len(cx.x) > 2 else None
+    """1 / scale where round(x / scale) + zero_point is inside the output's integer range, else 0."""
+    x, zp = cx.x[0], padded(cx.x, 3)[2]
     axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
-    q = _quantize(x, s, zp, **attrs)
-    lo, hi = _INT_RANGES[q.dtype]
-    v = np.rint(x.astype(np.float64) / _expand_scale(s, 0, x.shape, axis, block))
+    s = _expand_scale(np.asarray(cx.x[1], np.float64), 0, x.shape, axis, block)
+    v = np.rint(x.astype(np.float64) / s)
     if zp is not None:
         v = v + _expand_scale(np.asarray(zp, np.float64), 0, x.shape, axis, block)
-    return ((v >= lo) & (v <= hi)).astype(x.dtype) / _expand_scale(s, 0, x.shape, axis, block).astype(x.dtype)
+    lo, hi = _INT_RANGES[cx.y[0].dtype]
+    return ((v >= lo) & (v <= hi)).astype(x.dtype) / s.astype(x.dtype)
 
 
 class _DequantizeThrough:

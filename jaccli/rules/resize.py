@@ -43,12 +43,16 @@ def _nearest_index(c, nearest_mode):
     raise UnsupportedOpError(f"Resize nearest_mode {nearest_mode!r} is not supported")
 
 
-def _cubic_weights(t, a):
-    """Keys' cubic convolution weights for taps at offsets -1, 0, 1, 2 from floor(c)."""
-    d = np.stack([1 + t, t, 1 - t, 2 - t], axis=-1)
+def _keys(d, a):
+    """Keys' cubic convolution kernel at distances d >= 0."""
     near = ((a + 2) * d - (a + 3)) * d * d + 1
     far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
     return np.where(d <= 1, near, np.where(d < 2, far, 0))
+
+
+def _cubic_weights(t, a):
+    """Keys' cubic convolution weights for taps at offsets -1, 0, 1, 2 from floor(c)."""
+    return _keys(np.stack([1 + t, t, 1 - t, 2 - t], axis=-1), a)
 
 
 def _antialias_taps(c, scale, mode, a):
@@ -62,10 +66,7 @@ def _antialias_taps(c, scale, mode, a):
     ratio = c - left  # in (0, 1]
     offsets = np.arange(n) + start
     d = np.abs((offsets[None, :] - ratio[:, None]) * s)
-    if mode == "linear":
-        W = np.clip(1 - d, 0, 1)
-    else:
-        W = np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1, np.where(d < 2, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a, 0))
+    W = np.clip(1 - d, 0, 1) if mode == "linear" else _keys(d, a)
     return left[:, None] + offsets[None, :], W / W.sum(axis=1, keepdims=True)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import rule
-from ._util import unbroadcast
+from ._util import padded, unbroadcast
 
 
 def _complex(X):
@@ -77,7 +77,7 @@ class _DFT:
 
     @staticmethod
     def apply(X, dft_length, axis, inverse, onesided):
-        a = (axis if axis < 0 else axis - X.ndim) + 1  # on the complex values, without the last axis
+        a = _neg(axis, X) + 1  # on the complex values, without the last axis
         if X.shape[-1] not in (1, 2) or a >= 0:
             raise ValueError(f"a DFT's input ends in an axis of 1 (real) or 2 (complex) parts, not {X.shape[-1]}, "
                              "and is transformed along another")
@@ -88,7 +88,7 @@ class _DFT:
     @staticmethod
     def adjoint(cx, Ybar, dft_length, axis, inverse, onesided):
         X = cx.x[0]
-        a = (axis if axis < 0 else axis - X.ndim) + 1
+        a = _neg(axis, X) + 1
         n = X.shape[a - 1]
         L = _length(n, dft_length, inverse, onesided)
         G = Ybar[..., 0] if inverse and onesided else _complex(Ybar)
@@ -106,10 +106,10 @@ class DFT17(_DFT):
         return _DFT.apply(input, dft_length, axis, inverse, onesided)
 
     def jvp(cx, Xdot, _=None, *, axis=1, inverse=0, onesided=0):
-        return _DFT.apply(Xdot, _arg(cx.x, 1), _neg(axis, cx.x[0]), inverse, onesided)
+        return _DFT.apply(Xdot, padded(cx.x, 2)[1], _neg(axis, cx.x[0]), inverse, onesided)
 
     def vjp(cx, Ybar, *, axis=1, inverse=0, onesided=0):
-        return (_DFT.adjoint(cx, Ybar, _arg(cx.x, 1), _neg(axis, cx.x[0]), inverse, onesided), None)
+        return (_DFT.adjoint(cx, Ybar, padded(cx.x, 2)[1], _neg(axis, cx.x[0]), inverse, onesided), None)
 
 
 @rule("DFT", since=20)
@@ -122,14 +122,12 @@ class DFT(_DFT):
         return _DFT.apply(input, dft_length, _axis(axis, input), inverse, onesided)
 
     def jvp(cx, Xdot, *_, inverse=0, onesided=0):
-        return _DFT.apply(Xdot, _arg(cx.x, 1), _axis(_arg(cx.x, 2), cx.x[0]), inverse, onesided)
+        X, length, axis = padded(cx.x, 3)
+        return _DFT.apply(Xdot, length, _axis(axis, X), inverse, onesided)
 
     def vjp(cx, Ybar, *, inverse=0, onesided=0):
-        return (_DFT.adjoint(cx, Ybar, _arg(cx.x, 1), _axis(_arg(cx.x, 2), cx.x[0]), inverse, onesided), None, None)
-
-
-def _arg(x, i):
-    return x[i] if len(x) > i else None
+        X, length, axis = padded(cx.x, 3)
+        return (_DFT.adjoint(cx, Ybar, length, _axis(axis, X), inverse, onesided), None, None)
 
 
 def _axis(axis, X):
@@ -167,7 +165,7 @@ class STFT:
         return Z, (1 if window is None else window), fl
 
     def jvp(cx, Xdot, _=None, Wdot=None, __=None, *, onesided=1):
-        X, step, W, fl = (cx.x + (None,) * 4)[:4]
+        X, step, W, fl = padded(cx.x, 4)
         U = None
         if Xdot is not None:
             Z, w, n = STFT.frames(Xdot, X.ndim, step, W, fl)
@@ -179,7 +177,7 @@ class STFT:
         return _parts(_dft(U, n, -1, 0, onesided), real=False)
 
     def vjp(cx, Ybar, *, onesided=1):
-        X, step, W, fl = (cx.x + (None,) * 4)[:4]
+        X, step, W, fl = padded(cx.x, 4)
         Z, w, n = STFT.frames(X, X.ndim, step, W, fl)
         U = _dft_adjoint(_complex(Ybar), n, n, -1, 0, onesided)  # (*lead, N, frames, fl): the windowed frames'
         Xbar = Wbar = None
