@@ -300,3 +300,27 @@ def test_scatter_reductions_at_ties_and_zeros():
         Pd, Pu = _reduce_partials(Ctx((X, None, U), (y,)), ix, reduction)
         np.testing.assert_array_equal(Pd, want_d)
         np.testing.assert_array_equal(Pu, want_u)
+
+
+@pytest.mark.parametrize("exclusive, reverse", [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_running_products_through_zeros(exclusive, reverse):
+    """CumProd where random data never goes: zeros, one and two in a row. Each partial is the
+    product of the other factors of that running product, computed here by its definition; and
+    the per-sample Jacobian of a scale in front (x * p), whose cotangent keeps the sample axis."""
+    x = np.array([[2.0, 0.0, 3.0, 0.5, -1.5], [0.0, 0.0, 1.5, 2.0, 0.7]])
+    L = x.shape[1]
+    want = np.zeros((2, L, L))
+    for n in range(2):
+        for k in range(L):
+            members = [i for i in (range(k, L) if reverse else range(k + 1)) if not (exclusive and i == k)]
+            for j in members:
+                want[n, k, j] = np.prod([x[n, i] for i in members if i != j])
+    nodes = [helper.make_node("Mul", ["x", "p"], ["z"]), helper.make_node("CumProd", ["z", "axis"], ["y"], exclusive=exclusive, reverse=reverse)]
+    g = helper.make_graph(nodes, "cumprod", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", L])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.ones(L, np.float32), "p"), numpy_helper.from_array(np.array(1, np.int64), "axis")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 26)])
+    for mode in ("forward", "reverse"):
+        np.testing.assert_allclose(jaccli.input_jacobian(m, x, dtype=np.float64, mode=mode), want, atol=1e-15)
+    G, _ = jaccli.param_jacobian(m, x, dtype=np.float64)
+    np.testing.assert_allclose(G, want * x[:, None, :], atol=1e-15)  # dz_j/dp_j = x_j at p = 1

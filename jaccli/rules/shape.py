@@ -836,6 +836,74 @@ def _cumsum(X, axis, exclusive, reverse):
     return np.flip(Y, axis) if reverse else Y
 
 
+@rule("CumProd", since=26)
+class CumProd:
+    """Y = running products of x along `axis` (an input), exclusive and reverse as in CumSum.
+
+    Reversed and shifted (a 1 in front, the last element dropped, for exclusive), every form is
+    the inclusive product P_k = P_(k-1) z_k, whose derivatives follow the same recurrence:
+    dP_k = dP_(k-1) z_k + P_(k-1) dz_k forward, and backward the cotangent of P_(k-1) gathers
+    that of P_k times z_k. Nothing is divided, so zeros in x are exact (the partial of a running
+    product in a zero is the product of the others)."""
+
+    nondiff = (1,)
+
+    def forward(x, axis, *, exclusive=0, reverse=0):
+        a = _along(axis, x.ndim)
+        return _unprep(np.cumprod(_prep(x, a, exclusive, reverse, 1), axis=a), a, reverse)
+
+    def jvp(cx, Xdot, _=None, *, exclusive=0, reverse=0):
+        X = cx.x[0]
+        a = _along(cx.x[1], X.ndim)
+        Z = _prep(X, a, exclusive, reverse, 1)
+        P = _prep(cx.y[0], a, 0, reverse, None)
+        D = _prep(Xdot, a, exclusive, reverse, 0)
+        Y = np.empty(np.broadcast_shapes(D.shape, Z.shape), D.dtype)
+        Y[_at(a, 0)] = D[_at(a, 0)]
+        for k in range(1, Z.shape[a]):
+            Y[_at(a, k)] = Y[_at(a, k - 1)] * Z[_at(a, k)] + P[_at(a, k - 1)] * D[_at(a, k)]
+        return _unprep(Y, a, reverse)
+
+    def vjp(cx, Ybar, *, exclusive=0, reverse=0):
+        X = cx.x[0]
+        a = _along(cx.x[1], X.ndim)
+        Z = _prep(X, a, exclusive, reverse, 1)
+        P = _prep(cx.y[0], a, 0, reverse, None)
+        G = _prep(Ybar, a, 0, reverse, None)
+        Zbar = np.empty(G.shape, G.dtype)
+        c = G[_at(a, -1)]
+        for k in range(Z.shape[a] - 1, 0, -1):
+            Zbar[_at(a, k)] = c * P[_at(a, k - 1)]
+            c = G[_at(a, k - 1)] + c * Z[_at(a, k)]
+        Zbar[_at(a, 0)] = c
+        if exclusive:  # z_k = x_(k-1): x's cotangent is z's moved back by one, the last x unused
+            Zbar = np.concatenate([Zbar[_at(a, slice(1, None))], np.zeros_like(Zbar[_at(a, slice(0, 1))])], axis=a)
+        return _unprep(Zbar, a, reverse), None
+
+
+def _along(axis, ndim):
+    """CumProd's axis (an input) counted from the end, so that leading direction axes pass."""
+    return int(np.ravel(axis)[0]) % ndim - ndim
+
+
+def _at(axis, k):
+    return (Ellipsis, k) + (slice(None),) * (-axis - 1)
+
+
+def _prep(X, axis, exclusive, reverse, fill):
+    """X in the order of the running product (flipped for reverse), shifted one on with `fill`
+    in front for exclusive."""
+    if reverse:
+        X = np.flip(X, axis)
+    if exclusive:
+        X = np.concatenate([np.full_like(X[_at(axis, slice(0, 1))], fill), X[_at(axis, slice(0, -1))]], axis=axis)
+    return X
+
+
+def _unprep(Y, axis, reverse):
+    return np.ascontiguousarray(np.flip(Y, axis)) if reverse else Y
+
+
 @rule("ScatterND", since=11)
 class ScatterND:
     """Y = data with Y[indices[...]] = updates (or += with reduction='add')."""
