@@ -381,6 +381,14 @@ CASES += [
     Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"mode": "linear"}, opset=20, id="GridSample-20-linear"),
 ]
 
+# AffineGrid: the size's batch is the sample count (gradcheck's N = 3)
+CASES += [
+    Case("AffineGrid", [("x", (2, 3)), ("c", i64(3, 1, 4, 5))], opset=20, id="AffineGrid-2d"),
+    Case("AffineGrid", [("x", (2, 3)), ("c", i64(3, 2, 1, 5))], {"align_corners": 1}, opset=20, id="AffineGrid-2d-align"),
+    Case("AffineGrid", [("x", (3, 4)), ("c", i64(3, 1, 2, 3, 4))], opset=20, id="AffineGrid-3d"),
+    Case("AffineGrid", [("x", (3, 4)), ("c", i64(3, 1, 3, 2, 4))], {"align_corners": 1}, opset=20, id="AffineGrid-3d-align"),
+]
+
 # the transformer optimizer's SkipLayerNormalization: residual Add and LayerNorm in one
 CASES += [
     Case("SkipLayerNormalization", [("x", (3, 8)), ("x", (3, 8)), ("p", (8,)), ("p", (8,)), ("p", (8,))], {"epsilon": 1e-5},

@@ -5,6 +5,8 @@ Linear in X, so the JVP applies the same matrices to the tangent and the VJP the
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import rule
@@ -340,3 +342,45 @@ class GridSample:
             vx, vy = _grid_slopes(X, corners)
             Gbar = np.stack([(Ybar * vx).sum(axis=-3) * dx, (Ybar * vy).sum(axis=-3) * dy], axis=-1)
         return Xbar, Gbar
+
+
+# ---- AffineGrid: the sampling grid of an affine map, GridSample's usual companion -------------
+
+
+def _affine_base(size, align, dtype):
+    """The homogeneous coordinates (x, y[, z], 1) of every output point, x along the last axis:
+    (prod(size), len(size) + 1), each coordinate in [-1, 1] at pixel corners (align_corners) or
+    centres. An axis of one pixel with align_corners has no corners to align: onnxruntime puts
+    it at 1 (onnx's reference at -1, torch at 0); onnxruntime is the oracle."""
+    def axis(s):
+        if align:
+            return np.linspace(-1.0, 1.0, s) if s > 1 else np.ones(s)
+        return (2 * np.arange(s) + 1) / s - 1
+    mesh = np.meshgrid(*[axis(s) for s in size], indexing="ij")  # (D,) H, W order
+    cols = [m.ravel() for m in reversed(mesh)] + [np.ones(math.prod(size))]
+    return np.stack(cols, axis=-1).astype(dtype)
+
+
+@rule("AffineGrid", since=20)
+class AffineGrid:
+    """grid[n, ..., :] = theta[n] @ (x, y[, z], 1) at each point of the output size (N, C, H, W)
+    or (N, C, D, H, W): (N, H, W, 2) or (N, D, H, W, 3). Linear in theta; the size is data."""
+
+    nondiff = (1,)
+
+    def forward(theta, size, *, align_corners=0):
+        spatial = tuple(int(s) for s in np.ravel(size)[2:])
+        base = _affine_base(spatial, align_corners, theta.dtype)
+        return (base @ np.swapaxes(theta, -1, -2)).reshape(theta.shape[:-2] + spatial + (len(spatial),))
+
+    def jvp(cx, Tdot, _=None, *, align_corners=0):
+        base = _affine_base(cx.y[0].shape[1:-1], align_corners, Tdot.dtype)
+        return (base @ np.swapaxes(Tdot, -1, -2)).reshape(Tdot.shape[:-2] + cx.y[0].shape[1:])
+
+    def vjp(cx, Ybar, *, align_corners=0):
+        need_no_keep(cx, "AffineGrid")
+        theta, Y = cx.x[0], cx.y[0]
+        spatial = Y.shape[1:-1]
+        base = _affine_base(spatial, align_corners, Ybar.dtype)
+        G = Ybar.reshape(Ybar.shape[: Ybar.ndim - Y.ndim + 1] + (-1, Y.shape[-1]))  # (*lead, N, points, nd)
+        return np.swapaxes(G, -1, -2) @ base, None
