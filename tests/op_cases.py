@@ -379,6 +379,21 @@ CASES += [
          id="GridSample-bilinear-reflection-align"),
     Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"mode": "nearest"}, opset=16, id="GridSample-nearest"),
     Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"mode": "linear"}, opset=20, id="GridSample-20-linear"),
+    Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"mode": "cubic"}, opset=20, id="GridSample-cubic-zeros"),
+    Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"mode": "cubic", "padding_mode": "border"}, opset=20,
+         id="GridSample-cubic-border"),
+    Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"mode": "cubic", "padding_mode": "border", "align_corners": 1},
+         opset=20, id="GridSample-cubic-border-align"),
+    Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"mode": "cubic", "padding_mode": "reflection"}, opset=20,
+         id="GridSample-cubic-reflection"),
+    Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"mode": "bicubic", "align_corners": 1}, opset=16,
+         id="GridSample-16-bicubic-align"),
+    Case("GridSample", [("x", (2, 3, 4, 5)), ("x", (2, 3, 2, 3))], {"mode": "linear"}, opset=20, id="GridSample-3d-linear"),
+    Case("GridSample", [("x", (2, 3, 4, 5)), ("x", (2, 3, 2, 3))], {"mode": "linear", "padding_mode": "border", "align_corners": 1},
+         opset=20, id="GridSample-3d-border-align"),
+    Case("GridSample", [("x", (2, 3, 4, 5)), ("x", (2, 3, 2, 3))], {"mode": "linear", "padding_mode": "reflection"}, opset=20,
+         id="GridSample-3d-reflection"),
+    Case("GridSample", [("x", (2, 3, 4, 5)), ("x", (2, 3, 2, 3))], {"mode": "nearest"}, opset=20, id="GridSample-3d-nearest"),
 ]
 
 # AffineGrid: the size's batch is the sample count (gradcheck's N = 3)

@@ -218,80 +218,125 @@ class Upsample9(_ResizeBase):
         return Resize10.matrices(x, attrs)
 
 
-# ---- GridSample: X sampled at the points of a grid, bilinearly or at the nearest pixel ----------
+# ---- GridSample: X sampled at the points of a grid (nearest, linear or cubic; 2-D or 3-D) ------
 
 
-def _grid_coordinate(g, size, align, padding):
-    """Pixel coordinate of normalized grid coordinates g in [-1, 1] along an axis of `size`, after
-    the padding mode's clamping or reflection, and its derivative with respect to g."""
+def _keys_slope(d, a):
+    """The derivative of Keys' kernel at distances d >= 0."""
+    near = (3 * (a + 2) * d - 2 * (a + 3)) * d
+    far = (3 * a * d - 10 * a) * d + 8 * a
+    return np.where(d <= 1, near, np.where(d < 2, far, 0))
+
+
+def _reflect(x, lo, hi):
+    """x folded into [lo, hi] by reflections at its ends (onnxruntime's GsReflect), and the
+    derivative of the fold (1 or -1)."""
+    span = hi - lo
+    if span <= 0:
+        return np.full_like(x, lo), np.zeros_like(x)
+    below, above = x < lo, x > hi
+    d = np.where(below, lo - x, np.where(above, x - hi, 0))
+    n = np.floor(d / span)
+    r = d - n * span
+    even = n % 2 == 0
+    folded = np.where(below, np.where(even, lo + r, hi - r), np.where(above, np.where(even, hi - r, lo + r), x))
+    sign = np.where(below | above, np.where(even, -1.0, 1.0), 1.0)
+    return folded, sign
+
+
+def _grid_axis(g, size, mode, padding, align):
+    """One grid component g (N, *out) along a spatial axis of `size`: the taps of the
+    interpolation as (index, weight, slope of the weight in the coordinate) and the coordinate's
+    derivative in g. As onnxruntime: a coordinate beyond the borders ([-0.5, size - 0.5], or
+    [0, size - 1] with align_corners) is reflected back (reflection); then each tap outside the
+    image is zero (zeros), the edge pixel (border) or its reflection (reflection). With border
+    the coordinate itself is not clamped (for cubic, clamping it would differ; onnx's reference
+    does): far out, every tap is the edge pixel and the slopes cancel."""
     scale = (size - 1) / 2 if align else size / 2
     x = (g + 1) * scale if align else ((g + 1) * size - 1) / 2
-    d = np.full(x.shape, scale, x.dtype)
-    if padding == "border":
-        inside = (x >= 0) & (x <= size - 1)
-        return np.clip(x, 0, size - 1), np.where(inside, d, 0)
+    dx = np.full(x.shape, scale, x.dtype)
+    lo, hi = (0.0, size - 1.0) if align else (-0.5, size - 0.5)
     if padding == "reflection":
-        lo, hi = (0.0, size - 1.0) if align else (-0.5, size - 0.5)
-        span = hi - lo
-        if span <= 0:
-            return np.zeros_like(x), np.zeros_like(d)
-        t = x - lo
-        sign = np.where(t < 0, -1.0, 1.0)
-        t = np.abs(t)
-        flips = np.floor(t / span)
-        extra = t - flips * span
-        even = flips % 2 == 0
-        x = np.where(even, lo + extra, hi - extra)
-        d = d * sign * np.where(even, 1.0, -1.0)
-        inside = (x >= 0) & (x <= size - 1)
-        return np.clip(x, 0, size - 1), np.where(inside, d, 0).astype(x.dtype)
-    return x, d
+        x, sign = _reflect(x, lo, hi)
+        dx = dx * sign
+    if mode == "nearest":
+        taps = [(np.rint(x), np.ones_like(x), np.zeros_like(x))]
+    elif mode == "linear":
+        x0 = np.floor(x)
+        t = x - x0
+        taps = [(x0, 1 - t, -np.ones_like(t)), (x0 + 1, t, np.ones_like(t))]
+    else:
+        x0 = np.floor(x)
+        t = x - x0
+        A = _CUBIC_A
+        taps = [(x0 - 1, _keys(1 + t, A), _keys_slope(1 + t, A)), (x0, _keys(t, A), _keys_slope(t, A)),
+                (x0 + 1, _keys(1 - t, A), -_keys_slope(1 - t, A)), (x0 + 2, _keys(2 - t, A), -_keys_slope(2 - t, A))]
+    out = []
+    for i, w, dw in taps:
+        valid = (i >= 0) & (i <= size - 1)
+        if padding == "zeros":
+            w, dw = np.where(valid, w, 0), np.where(valid, dw, 0)
+            i = np.clip(i, 0, size - 1)
+        elif padding == "border":
+            i = np.clip(i, 0, size - 1)
+        else:
+            i = np.clip(np.trunc(_reflect(i, lo, hi)[0]), 0, size - 1)
+        out.append((i.astype(np.int64), w, dw))
+    return out, dx
+
+
+_CUBIC_A = -0.75  # torch's and onnxruntime's bicubic kernel
 
 
 def _grid_plan(X, grid, mode, padding, align):
-    """Per corner (1 for nearest, 4 for bilinear): the flat pixel index into H*W, its weight
-    (0 outside the input for zero padding), and the weight's derivatives along x and y; with
-    the coordinate derivatives (dix/dgx, diy/dgy). Shapes (N, Ho, Wo)."""
-    H, W = X.shape[2:]
-    ix, dx = _grid_coordinate(grid[..., 0], W, align, padding)
-    iy, dy = _grid_coordinate(grid[..., 1], H, align, padding)
-    corners = []
-    if mode == "nearest":
-        x0, y0 = np.rint(ix), np.rint(iy)
-        spots = [(x0, y0, np.ones_like(ix), np.zeros_like(ix), np.zeros_like(ix))]
-    else:
-        x0, y0 = np.floor(ix), np.floor(iy)
-        wx, wy = ix - x0, iy - y0
-        spots = [(x0, y0, (1 - wx) * (1 - wy), -(1 - wy), -(1 - wx)), (x0 + 1, y0, wx * (1 - wy), 1 - wy, -wx),
-                 (x0, y0 + 1, (1 - wx) * wy, -wy, 1 - wx), (x0 + 1, y0 + 1, wx * wy, wy, wx)]
-    for cx, cy, w, dwx, dwy in spots:
-        valid = (cx >= 0) & (cx <= W - 1) & (cy >= 0) & (cy <= H - 1)
-        idx = (np.clip(cy, 0, H - 1) * W + np.clip(cx, 0, W - 1)).astype(np.int64)
-        corners.append((idx, np.where(valid, w, 0), np.where(valid, dwx, 0), np.where(valid, dwy, 0)))
-    return corners, dx, dy
+    """Every tap of the interpolation: (flat index into the spatial axes (N, *out), weight,
+    [the weight's derivative in each grid component]), and each component's coordinate
+    derivative. Grid component k runs along spatial axis -1 - k (x along the width)."""
+    sizes = X.shape[2:]
+    nd = len(sizes)
+    axes = [_grid_axis(grid[..., k], sizes[nd - 1 - k], mode, padding, align) for k in range(nd)]
+    strides = [math.prod(sizes[nd - k:]) for k in range(nd)]  # component k's stride in the flat index
+    taps = []
+    for combo in _product([taps_k for taps_k, _ in axes]):
+        idx = sum(i * st for (i, _, _), st in zip(combo, strides))
+        ws = [w for _, w, _ in combo]
+        slopes = [math.prod(ws[:k]) * dw * math.prod(ws[k + 1:]) for k, (_, _, dw) in enumerate(combo)]
+        taps.append((idx, math.prod(ws), slopes))
+    return taps, [d for _, d in axes]
+
+
+def _product(lists):
+    combos = [[]]
+    for options in lists:
+        combos = [c + [o] for c in combos for o in options]
+    return combos
 
 
 def _gather_pixels(Xf, idx):
-    """Xf (*lead, N, C, H*W) at idx (N, Ho, Wo): (*lead, N, C, Ho, Wo)."""
-    N, Ho, Wo = idx.shape
-    flat = np.broadcast_to(idx.reshape(N, 1, Ho * Wo), Xf.shape[:-1] + (Ho * Wo,))
-    return np.take_along_axis(Xf, flat, axis=-1).reshape(Xf.shape[:-1] + (Ho, Wo))
+    """Xf (*lead, N, C, pixels) at idx (N, *out): (*lead, N, C, *out)."""
+    N, out = idx.shape[0], idx.shape[1:]
+    flat = np.broadcast_to(idx.reshape(N, 1, -1), Xf.shape[:-1] + (idx[0].size,))
+    return np.take_along_axis(Xf, flat, axis=-1).reshape(Xf.shape[:-1] + out)
 
 
-def _grid_slopes(X, corners):
-    """dY/dix and dY/diy (N, C, Ho, Wo): the corners' pixels weighted by their weights' slopes."""
+def _interpolate(Xf, taps):
+    return sum(_gather_pixels(Xf, idx) * w[:, None] for idx, w, _ in taps)
+
+
+def _grid_slopes(X, taps):
+    """dY/d(coordinate k) (N, C, *out) for each grid component k: the taps' pixels weighted by
+    their weights' slopes."""
     Xf = X.reshape(X.shape[:2] + (-1,))
-    vx = sum(_gather_pixels(Xf, idx) * dwx[:, None] for idx, _, dwx, _ in corners)
-    vy = sum(_gather_pixels(Xf, idx) * dwy[:, None] for idx, _, _, dwy in corners)
-    return vx, vy
+    pixels = [_gather_pixels(Xf, idx) for idx, _, _ in taps]
+    return [sum(p * slopes[k][:, None] for p, (_, _, slopes) in zip(pixels, taps)) for k in range(X.ndim - 2)]
 
 
 def _grid_attrs(mode, padding_mode, align_corners, X):
     mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
-    if mode not in ("linear", "nearest"):
-        raise UnsupportedOpError(f"GridSample with mode '{mode}' is not supported (linear and nearest are)")
-    if X.ndim != 4:
-        raise UnsupportedOpError(f"GridSample on a {X.ndim - 2}-D input is not supported (2-D is)")
+    if mode not in ("linear", "nearest", "cubic"):
+        raise UnsupportedOpError(f"GridSample with mode '{mode}' is not supported (linear, nearest and cubic are)")
+    if X.ndim not in (4, 5) or (mode == "cubic" and X.ndim != 4):
+        raise UnsupportedOpError(f"GridSample {mode} on a {X.ndim - 2}-D input is not supported (2-D and 3-D are; cubic 2-D)")
     if padding_mode not in ("zeros", "border", "reflection"):
         raise UnsupportedOpError(f"GridSample with padding_mode '{padding_mode}' is not supported")
     return mode, padding_mode, bool(align_corners)
@@ -299,48 +344,44 @@ def _grid_attrs(mode, padding_mode, align_corners, X):
 
 @rule("GridSample", since=16)
 class GridSample:
-    """Y[n, c, i, j] = X[n, c] sampled at grid[n, i, j] = (x, y) in [-1, 1] (x along the width),
-    bilinearly or at the nearest pixel; outside, zeros, the border or the reflection. Linear in X;
-    piecewise smooth in the grid (the nearest pixel's derivative in the grid is zero)."""
+    """Y[n, c, *p] = X[n, c] sampled at grid[n, *p] = (x, y[, z]) in [-1, 1] (x along the width),
+    at the nearest pixel, (bi/tri)linearly or bicubically; outside, zeros, the border or the
+    reflection. Linear in X; piecewise smooth in the grid (the nearest pixel's derivative in the
+    grid is zero)."""
 
     def forward(X, grid, *, align_corners=0, mode="linear", padding_mode="zeros"):
-        m, p, a = _grid_attrs(mode, padding_mode, align_corners, X)
-        corners, _, _ = _grid_plan(X, grid, m, p, a)
-        Xf = X.reshape(X.shape[:2] + (-1,))
-        return sum(_gather_pixels(Xf, idx) * w[:, None] for idx, w, _, _ in corners).astype(X.dtype)
+        taps, _ = _grid_plan(X, grid, *_grid_attrs(mode, padding_mode, align_corners, X))
+        return _interpolate(X.reshape(X.shape[:2] + (-1,)), taps).astype(X.dtype)
 
     def jvp(cx, Xdot, Gdot, *, align_corners=0, mode="linear", padding_mode="zeros"):
         X, grid = cx.x
-        m, p, a = _grid_attrs(mode, padding_mode, align_corners, X)
-        corners, dx, dy = _grid_plan(X, grid, m, p, a)
+        taps, d = _grid_plan(X, grid, *_grid_attrs(mode, padding_mode, align_corners, X))
         out = None
         if Xdot is not None:
-            Xf = Xdot.reshape(Xdot.shape[:-2] + (-1,))
-            out = sum(_gather_pixels(Xf, idx) * w[:, None] for idx, w, _, _ in corners)
+            out = _interpolate(Xdot.reshape(Xdot.shape[:Xdot.ndim - X.ndim + 2] + (-1,)), taps)
         if Gdot is not None:
-            vx, vy = _grid_slopes(X, corners)
-            g = vx * (Gdot[..., 0] * dx)[..., :, None, :, :] + vy * (Gdot[..., 1] * dy)[..., :, None, :, :]
-            out = g if out is None else out + g
+            for k, v in enumerate(_grid_slopes(X, taps)):
+                g = v * np.expand_dims(Gdot[..., k] * d[k], 1 - grid.ndim)  # C
+                out = g if out is None else out + g
         return out
 
     def vjp(cx, Ybar, *, align_corners=0, mode="linear", padding_mode="zeros"):
         need_no_keep(cx, "GridSample")
         X, grid = cx.x
-        m, p, a = _grid_attrs(mode, padding_mode, align_corners, X)
-        corners, dx, dy = _grid_plan(X, grid, m, p, a)
+        taps, d = _grid_plan(X, grid, *_grid_attrs(mode, padding_mode, align_corners, X))
         lead = Ybar.shape[: cx.lead(Ybar)]
-        N, C, H, W = X.shape
+        N, C = X.shape[:2]
+        pixels = math.prod(X.shape[2:])
         Xbar = Gbar = None
         if cx.need[0]:  # the adjoint of a gather: each weighted cotangent added at its pixel
-            rows = int(np.prod(lead, dtype=np.int64)) * N * C
-            row = np.arange(rows).reshape(lead + (N, C, 1, 1)) * (H * W)  # where each (direction, n, c) plane starts
-            flat_bar = np.zeros(rows * H * W)
-            for idx, w, _, _ in corners:
+            rows = math.prod(lead) * N * C
+            row = np.arange(rows).reshape(lead + (N, C) + (1,) * (grid.ndim - 2)) * pixels  # where each plane starts
+            flat_bar = np.zeros(rows * pixels)
+            for idx, w, _ in taps:
                 flat_bar += np.bincount((row + idx[:, None]).ravel(), (Ybar * w[:, None]).ravel(), minlength=flat_bar.size)
             Xbar = flat_bar.astype(Ybar.dtype).reshape(lead + X.shape)
         if cx.need[1]:
-            vx, vy = _grid_slopes(X, corners)
-            Gbar = np.stack([(Ybar * vx).sum(axis=-3) * dx, (Ybar * vy).sum(axis=-3) * dy], axis=-1)
+            Gbar = np.stack([(Ybar * v).sum(axis=1 - grid.ndim) * d[k] for k, v in enumerate(_grid_slopes(X, taps))], axis=-1)
         return Xbar, Gbar
 
 
