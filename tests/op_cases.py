@@ -438,6 +438,18 @@ CASES += [
                                      ("p", (6,)), ("p", (6,))], domain=MS, outputs=2, id="ms-EmbedLayerNormalization-words"),
 ]
 
+# the transformer optimizer's MultiHeadAttention: the attention without the projections, its inputs in every layout
+CASES += [
+    Case("MultiHeadAttention", [("x", (5, 8)), ("x", (6, 8)), ("x", (6, 4)), ("p", (20,))], {"num_heads": 2}, domain=MS,
+         id="ms-MultiHeadAttention-cross-bias"),
+    Case("MultiHeadAttention", [("x", (5, 8)), ("x", (2, 6, 4)), ("x", (2, 6, 4))], {"num_heads": 2, "scale": 0.4}, domain=MS,
+         outputs=3, id="ms-MultiHeadAttention-kv-by-head"),
+    Case("MultiHeadAttention", [("x", (5, 8)), ("x", (5, 8)), ("x", (5, 8)), ("p", (24,)), ("i32", ((5,), 2)), ("p", (1, 2, 5, 5))],
+         {"num_heads": 2, "unidirectional": 1, "mask_filter_value": -100.0}, domain=MS, id="ms-MultiHeadAttention-mask-bias-causal"),
+    Case("MultiHeadAttention", [("x", (5, 8)), ("x", (5, 8)), ("x", (5, 8)), ("", None), ("i32", ((), 6)), ("x", (2, 5, 5))],
+         {"num_heads": 2}, domain=MS, id="ms-MultiHeadAttention-lengths-bias-input"),
+]
+
 # onnxruntime's RMSNorm, in the default domain
 CASES += [
     Case("SimplifiedLayerNormalization", [("x", (3, 4)), ("p", (4,))], {"axis": -1, "epsilon": 1e-5}, opset=17, id="SimplifiedLayerNorm"),

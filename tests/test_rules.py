@@ -156,10 +156,11 @@ def test_summed_parameter_cotangents(case):
             np.testing.assert_allclose(summed[k], per_sample[k].sum(axis=1), rtol=1e-10, atol=1e-12, err_msg=n)
 
 
-@pytest.mark.parametrize("case", [c for c in PARAM_CASES if c.op == "Conv"], ids=repr)
-def test_conv_rule_in_its_kernel(case):
-    """Conv with tangents on its kernel and bias too (a kernel computed from the input): JVP against
-    differences, VJP by its adjoint identity."""
+@pytest.mark.parametrize("case", [c for c in PARAM_CASES if c.op in ("Conv", "Attention", "MultiHeadAttention")], ids=repr)
+def test_rule_in_its_parameters(case):
+    """Conv, and the attentions, with tangents on their weights and biases too (a kernel computed
+    from the input; forward mode through a projection's bias): JVP against differences, VJP by
+    its adjoint identity."""
     from gradcheck import check_rule
 
     step, x, _ = _step(case)
@@ -324,3 +325,37 @@ def test_running_products_through_zeros(exclusive, reverse):
         np.testing.assert_allclose(jaccli.input_jacobian(m, x, dtype=np.float64, mode=mode), want, atol=1e-15)
     G, _ = jaccli.param_jacobian(m, x, dtype=np.float64)
     np.testing.assert_allclose(G, want * x[:, None, :], atol=1e-15)  # dz_j/dp_j = x_j at p = 1
+
+
+@pytest.mark.parametrize("output", [1, 2])
+def test_multi_head_attention_present_outputs(output):
+    """MultiHeadAttention's present_key and present_value (K and V by head, the bias added) as the
+    graph's output: their Jacobians come through the key's and value's tangents alone, and in
+    reverse mode through the cotangents of those outputs with none for the attention's."""
+    case = next(c for c in CASES if c.id == "ms-MultiHeadAttention-cross-bias")
+    case = Case(case.op, case.inputs, case.attrs, case.opset, outputs=3, domain=case.domain, id="present")
+    m, feeds = build(case)
+    m.graph.output[0].name = f"out{output}"
+    want = fd_input_jacobian(m, feeds, "in1")
+    for mode in ("forward", "reverse"):
+        J = jaccli.input_jacobian(m, feeds, dtype=np.float64, wrt="in1", mode=mode, flat=True)
+        assert rel_err(J, want) < 1e-6
+    names = [i.name for i in m.graph.initializer]
+    G, _ = jaccli.param_jacobian(m, feeds, dtype=np.float64, params=names)
+    from onnx import numpy_helper as nh
+    inits = {i.name: nh.to_array(i).astype(np.float64) for i in m.graph.initializer}
+    assert rel_err(G.reshape(want.shape[0], -1, G.shape[-1]), fd_param_jacobian(m, feeds, names, inits).reshape(want.shape[0], -1, G.shape[-1])) < 1e-6
+
+
+@pytest.mark.parametrize("a, b", [((3, 2, 5), (5, 3)), ((2, 5), (3, 5, 4)), ((5,), (3, 5, 4)), ((3, 2, 5), (5,)), ((4, 5), (5,)),
+                                  ((5,), (5, 3)), ((5,), (5,)), ((2, 3, 4, 5), (5, 3)), ((3, 1, 2, 5), (4, 5, 3))])
+def test_matmul_rule_in_both_operands(a, b):
+    """MatMul with tangents on both operands, whatever their ranks: a weight shared by a batch of
+    matrices, a vector against a batch (forward mode through a parameter had paired the
+    directions with the batch)."""
+    from gradcheck import check_rule
+
+    from jaccli.rules import lookup
+
+    rng = np.random.default_rng(3)
+    check_rule(lookup("MatMul", 13), [rng.standard_normal(a), rng.standard_normal(b)], {}, diff=(0, 1), rng=rng)

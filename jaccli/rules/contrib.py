@@ -286,6 +286,35 @@ def _merge(O):
     return O.reshape(O.shape[:-2] + (-1,))
 
 
+class _Scores:
+    """softmax(Q K^T s + mask + bias) V by head, Q (..., h, S, d), K (..., h, T, d), V (..., h, T, dv),
+    with its tangent and cotangent maps: the core that Attention and MultiHeadAttention share."""
+
+    def __init__(self, Q, K, V, s, mask, bias):
+        self.Q, self.K, self.V, self.s = Q, K, V, s
+        S = Q @ np.swapaxes(K, -1, -2) * s + mask
+        self.A = _softmax(S if bias is None else S + bias, -1)
+        self.O = self.A @ V
+
+    def jvp(self, Qd, Kd, Vd, Sd):
+        """The output's tangent from those of Q, K, V and of the scores (attention_bias), any None."""
+        if Qd is not None:
+            Sd = add(Sd, Qd @ np.swapaxes(self.K, -1, -2) * self.s)
+        if Kd is not None:
+            Sd = add(Sd, self.Q @ np.swapaxes(Kd, -1, -2) * self.s)
+        Od = None
+        if Sd is not None:
+            Ad = self.A * (Sd - (self.A * Sd).sum(axis=-1, keepdims=True))
+            Od = Ad @ self.V
+        return add(Od, None if Vd is None else self.A @ Vd)
+
+    def vjp(self, Ob):
+        """Cotangents of Q, K, V and of the scores from the output's Ob (*lead, ..., h, S, dv)."""
+        Ab = Ob @ np.swapaxes(self.V, -1, -2)
+        Sb = self.A * (Ab - (Ab * self.A).sum(axis=-1, keepdims=True))
+        return Sb @ self.K * self.s, np.swapaxes(Sb, -1, -2) @ self.Q * self.s, np.swapaxes(self.A, -1, -2) @ Ob, Sb
+
+
 class _Attn:
     """The primal parts of an Attention node: the projection P = X W (+ b), split into queries,
     keys and values by head, the attention weights A and the scale."""
@@ -299,10 +328,10 @@ class _Attn:
         self.sizes = [int(s) for s in sizes] if sizes is not None and len(sizes) else [W.shape[1] // 3] * 3
         self.P = X @ W if b is None else X @ W + b
         self.Q, self.K, self.V = self.split(self.P)
-        self.s = self.P.dtype.type(attrs.get("scale") or 1 / np.sqrt(self.sizes[0] // h))
-        S = self.Q @ np.swapaxes(self.K, -1, -2) * self.s
-        S = S + _mask_bias(mask, S.shape, attrs.get("unidirectional", 0), attrs.get("mask_filter_value", -10000.0), S.dtype)
-        self.A = _softmax(S if bias is None else S + bias, -1)
+        scale = self.P.dtype.type(attrs.get("scale") or 1 / np.sqrt(self.sizes[0] // h))
+        shape = self.Q.shape[:-1] + self.K.shape[-2:-1]
+        fill = _mask_bias(mask, shape, attrs.get("unidirectional", 0), attrs.get("mask_filter_value", -10000.0), self.P.dtype)
+        self.core = _Scores(self.Q, self.K, self.V, scale, fill, bias)
 
     def split(self, P):
         """Queries, keys and values by head, of the projection or of its tangent."""
@@ -353,7 +382,7 @@ class Attention:
         attrs = dict(num_heads=num_heads, unidirectional=unidirectional, qkv_hidden_sizes=qkv_hidden_sizes,
                      mask_filter_value=mask_filter_value, scale=scale, do_rotary=do_rotary)
         a = _Attn(Ctx((input, weights, bias, mask_index, past, attention_bias, past_sequence_length), ()), attrs)
-        Y = _merge(a.A @ a.V)
+        Y = _merge(a.core.O)
         return (Y, np.stack([a.K, a.V])) if n_outputs > 1 else Y
 
     def jvp(cx, Xdot, Wdot, bdot=None, _m=None, _p=None, Bdot=None, _l=None, **attrs):
@@ -361,30 +390,128 @@ class Attention:
         X, W, b, _, _, B = padded(cx.x, 6)
         lead = next(D.ndim - x.ndim for D, x in zip((Xdot, Wdot, bdot, Bdot), (X, W, b, B)) if D is not None)
         Pdot = add(MatMul.jvp(Ctx((X, W), ()), Xdot, Wdot), None if bdot is None else expand(bdot, b, a.P, lead))
-        Sdot = None if Bdot is None else expand(Bdot, B, a.A, lead)
-        if Pdot is not None:
-            Qd, Kd, Vd = a.split(Pdot)
-            Sdot = add(Sdot, (Qd @ np.swapaxes(a.K, -1, -2) + a.Q @ np.swapaxes(Kd, -1, -2)) * a.s)
-        Adot = a.A * (Sdot - (a.A * Sdot).sum(axis=-1, keepdims=True))
-        return _merge(Adot @ a.V if Pdot is None else Adot @ a.V + a.A @ Vd)
+        Qd, Kd, Vd = (None, None, None) if Pdot is None else a.split(Pdot)
+        return _merge(a.core.jvp(Qd, Kd, Vd, None if Bdot is None else expand(Bdot, B, a.core.A, lead)))
 
     def vjp(cx, Ybar, **attrs):
         a = _Attn(cx, attrs)
         need, keep = padded(cx.need, 7, False), padded(cx.keep, 7, False)
         lead = cx.lead(Ybar)
-        Ob = _heads(Ybar, a.h)
-        Ab = Ob @ np.swapaxes(a.V, -1, -2)
-        Sb = a.A * (Ab - (Ab * a.A).sum(axis=-1, keepdims=True))
+        Qb, Kb, Vb, Sb = a.core.vjp(_heads(Ybar, a.h))
         Bbar = unbroadcast(Sb, cx.x[5].shape, lead, keep[5]) if need[5] else None
         Xbar = Wbar = bbar = None
         if need[0] or need[1] or need[2]:
-            Qb, Kb, Vb = Sb @ a.K * a.s, np.swapaxes(Sb, -1, -2) @ a.Q * a.s, np.swapaxes(a.A, -1, -2) @ Ob
             Pb = np.concatenate([_merge(Qb), _merge(Kb), _merge(Vb)], axis=-1)
             if need[0] or need[1]:
                 Xbar, Wbar = MatMul.vjp(Ctx(tuple(cx.x[:2]), (a.P,), (need[0], need[1]), (keep[0], keep[1])), Pb)
             if need[2]:
                 bbar = unbroadcast(Pb, cx.x[2].shape, lead, keep[2])
         return Xbar, Wbar, bbar, None, None, Bbar, None
+
+
+class _MhaForm:
+    """How a MultiHeadAttention node's query, key and value carry Q, K and V: (B, S, D) inputs,
+    with the projection's bias added, or key and value already by head (B, h, T, d). Maps the
+    inputs (or their tangents, with leading direction axes) to Q, K, V by head, and cotangents
+    back. The packed layouts (QKV or KV in one input) are refused: onnxruntime runs them on
+    CUDA only, so there is no oracle for them here."""
+
+    def __init__(self, x, h):
+        q, k, v, b = padded(x, 4)
+        if q.ndim == 5 or (k is not None and k.ndim == 5) or k is None or v is None:
+            raise UnsupportedOpError("MultiHeadAttention with packed QKV or KV is not supported "
+                                     "(onnxruntime runs it on CUDA only); unpacked query, key and value are")
+        self.h = h
+        self.by_head = k.ndim == 4
+        if b is not None and self.by_head:
+            raise UnsupportedOpError("MultiHeadAttention with a bias and key and value by head is not supported")
+        self.sizes = (q.shape[-1], k.shape[-1], v.shape[-1])
+
+    def heads(self, q, k, v, b):
+        if b is not None:
+            D, Dk = self.sizes[:2]
+            q, k, v = q + b[..., :D], k + b[..., D:D + Dk], v + b[..., D + Dk:]
+        return (_heads(q, self.h), k, v) if self.by_head else tuple(_heads(t, self.h) for t in (q, k, v))
+
+    def tangents(self, qd, kd, vd, bd, x, lead):
+        """Q, K, V tangents, None where nothing moves them."""
+        if bd is not None:  # the bias moves each of them
+            D, Dk = self.sizes[:2]
+            parts = (bd[..., :D], bd[..., D:D + Dk], bd[..., D + Dk:])
+            qd, kd, vd = (add(t, expand(p, p[(0,) * lead], xi, lead)) for t, p, xi in zip((qd, kd, vd), parts, x[:3]))
+        Qd = None if qd is None else _heads(qd, self.h)
+        if self.by_head:
+            return Qd, kd, vd
+        return (Qd,) + tuple(None if t is None else _heads(t, self.h) for t in (kd, vd))
+
+    def cotangents(self, Qb, Kb, Vb):
+        """The cotangents of query, key and value, from those of Q, K, V by head."""
+        merged = (None if Qb is None else _merge(Qb),)
+        return merged + ((Kb, Vb) if self.by_head else tuple(None if t is None else _merge(t) for t in (Kb, Vb)))
+
+
+@rule("MultiHeadAttention", since=1, domain=MS)
+class MultiHeadAttention:
+    """Multi-head attention without the projections, as onnxruntime's transformer optimizer fuses
+    it (CLIP, SAM, diffusion models' self- and cross-attention): Y = concat_h softmax(Q_h K_h^T
+    scale + mask + attention_bias) V_h from a query, key and value in any of their layouts, with
+    the projection's bias; key_padding_mask as lengths (B), ones and zeros (B, T) or (B, S, T);
+    unidirectional. No past state; present_key and present_value are K and V by head."""
+
+    nondiff = (4, 6, 7, 8, 9)
+    keeps = True  # the bias and attention_bias, parameters
+    n_diff_outputs = None  # present_key and present_value too
+
+    def forward(query, key=None, value=None, bias=None, key_padding_mask=None, attention_bias=None, past_key=None,
+                past_value=None, past_sequence_length=None, cache_indirection=None, *, num_heads, mask_filter_value=-10000.0,
+                scale=0.0, unidirectional=0, n_outputs=1):
+        f, core = _mha(Ctx((query, key, value, bias, key_padding_mask, attention_bias, past_key, past_value,
+                            past_sequence_length, cache_indirection), ()), num_heads, mask_filter_value, scale, unidirectional, n_outputs)
+        return (_merge(core.O), core.K, core.V)[:max(1, n_outputs)] if n_outputs > 1 else _merge(core.O)
+
+    def jvp(cx, qd, kd=None, vd=None, bd=None, _m=None, Bd=None, *_, num_heads, mask_filter_value=-10000.0, scale=0.0,
+            unidirectional=0, n_outputs=1):
+        f, core = _mha(cx, num_heads, mask_filter_value, scale, unidirectional, n_outputs)
+        lead = next(t.ndim - xi.ndim for t, xi in zip((qd, kd, vd, bd, None, Bd), cx.x) if t is not None)
+        Qd, Kd, Vd = f.tangents(qd, kd, vd, bd, cx.x, lead)
+        Yd = _merge(core.jvp(Qd, Kd, Vd, None if Bd is None else expand(Bd, cx.x[5], core.A, lead)))
+        return (Yd, Kd, Vd)[:n_outputs] if n_outputs > 1 else Yd
+
+    def vjp(cx, Ybar, Kbar=None, Vbar=None, *, num_heads, mask_filter_value=-10000.0, scale=0.0, unidirectional=0, n_outputs=1):
+        f, core = _mha(cx, num_heads, mask_filter_value, scale, unidirectional, n_outputs)
+        need, keep = padded(cx.need, 10, False), padded(cx.keep, 10, False)
+        if any(keep[:3]):
+            raise UnsupportedOpError("MultiHeadAttention: per-sample cotangents of a query, key or value that is a parameter are not supported")
+        lead = next(cx.lead(G, i) for i, G in enumerate((Ybar, Kbar, Vbar)) if G is not None)
+        Qb = Sb = None
+        if Ybar is not None:
+            Qb, Kb, Vb, Sb = core.vjp(_heads(Ybar, num_heads))
+            Kbar, Vbar = add(Kb, Kbar), add(Vb, Vbar)
+        qb, kb, vb = f.cotangents(Qb, Kbar, Vbar)
+        bb = None
+        if need[3]:  # the bias's cotangent is the three inputs', summed over samples and positions
+            G = next(g for g in (Ybar, Kbar, Vbar) if g is not None)
+            parts = [np.zeros(G.shape[:lead] + x.shape, G.dtype) if g is None else g for g, x in zip((qb, kb, vb), cx.x[:3])]
+            bb = np.concatenate([unbroadcast(p, (p.shape[-1],), lead, keep[3]) for p in parts], axis=-1)
+        Bb = unbroadcast(Sb, cx.x[5].shape, lead, keep[5]) if need[5] and Sb is not None else None
+        return (qb if need[0] else None, kb if need[1] else None, vb if need[2] else None, bb, None, Bb,
+                None, None, None, None)
+
+
+def _mha(cx, num_heads, mask_filter_value, scale, unidirectional, n_outputs):
+    """The layout of a MultiHeadAttention node's inputs and its attention by head."""
+    q, k, v, b, mask, bias, past_k, past_v = padded(cx.x, 8)
+    if past_k is not None or past_v is not None:
+        raise UnsupportedOpError("MultiHeadAttention with a past state (a decoder's cache) is not supported")
+    if n_outputs > 3:
+        raise UnsupportedOpError("MultiHeadAttention's qk output is not supported")
+    if mask is not None and np.ndim(mask) == 1 and np.shape(mask)[0] != q.shape[0]:
+        raise UnsupportedOpError(f"MultiHeadAttention with a key_padding_mask of shape {np.shape(mask)} is not supported")
+    f = _MhaForm(cx.x, int(num_heads))
+    Q, K, V = f.heads(q, k, v, b)
+    s = Q.dtype.type(scale or 1 / np.sqrt(Q.shape[-1]))
+    fill = _mask_bias(mask, Q.shape[:-1] + K.shape[-2:-1], unidirectional, mask_filter_value, Q.dtype)
+    return f, _Scores(Q, K, V, s, fill, bias)
 
 
 @rule("EmbedLayerNormalization", since=1, domain=MS)

@@ -178,8 +178,8 @@ class MatMul:
     def jvp(cx, Adot, Bdot):
         A, B = cx.x
         return add(
-            None if Adot is None else _mm(Adot, B, a_tan=True),
-            None if Bdot is None else _mm(A, Bdot, b_tan=True),
+            None if Adot is None else _tangent_product(Adot, A, B, left=True),
+            None if Bdot is None else _tangent_product(Bdot, B, A, left=False),
         )
 
     def vjp(cx, Ybar):
@@ -228,6 +228,24 @@ def _fit(G, X, X2, lead, keep, other, Yb, side, dest=None):
         return G.reshape(head + (G.shape[lead],) + X.shape)
     R = unbroadcast(G, X2.shape, lead, keep)
     return R.reshape(head + ((R.shape[lead],) if keep else ()) + X.shape)
+
+
+def _tangent_product(D, x, other, left):
+    """D @ other (left) or other @ D for the tangent D (*lead, *x.shape) of operand x. A vector x
+    against a batch of matrices: its tangents are taken as one row (column) per direction. A
+    matrix with fewer batch axes than the other (a weight shared by a batch of matrices, moved
+    in forward mode) gets ones between its direction axes and its own, so that broadcasting
+    pairs its axes with the other's, not with the directions."""
+    lead = D.ndim - x.ndim
+    if x.ndim == 1 and other.ndim == 1:
+        return D @ other
+    if x.ndim == 1:
+        rows = D.reshape(-1, x.shape[0])
+        R = np.moveaxis(rows @ other, -2, 0) if left else np.moveaxis(other @ rows.T, -1, 0)
+        return R.reshape(D.shape[:lead] + R.shape[1:])
+    if lead and 2 <= x.ndim < other.ndim:
+        D = D.reshape(D.shape[:lead] + (1,) * (other.ndim - x.ndim) + x.shape)
+    return _mm(D, other, a_tan=True) if left else _mm(other, D, b_tan=True)
 
 
 def _mm(A, B, a_tan=False, b_tan=False):
