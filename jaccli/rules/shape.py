@@ -8,8 +8,8 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from . import rule
-from ..errors import UnsupportedOpError
-from ._util import check_alloc, expand, need_no_keep, neg_axis, per_place, unbroadcast
+from ..errors import ModelError, UnsupportedOpError
+from ._util import check_alloc, expand, need_no_keep, neg_axis, padded, per_place, unbroadcast
 
 
 def _to_shape(D, cx, lead=None):
@@ -902,6 +902,64 @@ def _prep(X, axis, exclusive, reverse, fill):
 
 def _unprep(Y, axis, reverse):
     return np.ascontiguousarray(np.flip(Y, axis)) if reverse else Y
+
+
+@rule("TensorScatter", since=24)
+class TensorScatter:
+    """present = past_cache with `update` written along `axis` at write_indices[b] + i for each
+    batch entry b (a KV cache's update; circular wraps around the cache's length). Linear in the
+    cache and the update: the cache's cotangent is the output's outside the written positions,
+    the update's the output's at them."""
+
+    nondiff = (2,)
+
+    def forward(past_cache, update, write_indices=None, *, axis=-2, mode="linear"):
+        Y = past_cache.copy()
+        _scatter_at(Y, update, _cache_positions(past_cache, update, write_indices, axis, mode), 0)
+        return Y
+
+    def jvp(cx, Pdot, Udot, _=None, *, axis=-2, mode="linear"):
+        past, update = cx.x[:2]
+        lead = next(D.ndim - x.ndim for D, x in zip((Pdot, Udot), (past, update)) if D is not None)
+        Y = np.zeros(Udot.shape[:lead] + past.shape, Udot.dtype) if Pdot is None else Pdot.copy()
+        U = np.zeros(Pdot.shape[:lead] + update.shape, Pdot.dtype) if Udot is None else Udot  # written over the cache's
+        _scatter_at(Y, U, _cache_positions(past, update, padded(cx.x, 3)[2], axis, mode), lead)
+        return Y
+
+    def vjp(cx, Ybar, *, axis=-2, mode="linear"):
+        need_no_keep(cx, "TensorScatter")
+        past, update, widx = padded(cx.x, 3)
+        lead = cx.lead(Ybar)
+        b, pos, a = _cache_positions(past, update, widx, axis, mode)
+        index = (slice(None),) * lead + (b, pos)
+        Yv = np.moveaxis(Ybar, lead + a, lead + 1)
+        Ubar = np.moveaxis(Yv[index], lead + 1, lead + a) if cx.need[1] else None
+        Pbar = None
+        if cx.need[0]:
+            Pbar = Ybar.copy()
+            np.moveaxis(Pbar, lead + a, lead + 1)[index] = 0
+        return Pbar, Ubar, None
+
+
+def _cache_positions(past, update, write_indices, axis, mode):
+    """TensorScatter's (batch index (B, 1), positions (B, S), axis): where each update row goes."""
+    a = axis % past.ndim
+    if a == 0:
+        raise UnsupportedOpError("TensorScatter along the batch axis is not supported")
+    B, M, S = past.shape[0], past.shape[a], update.shape[a]
+    start = np.zeros(B, np.int64) if write_indices is None else np.asarray(write_indices, np.int64).reshape(B)
+    pos = start[:, None] + np.arange(S)
+    if mode == "circular":
+        pos %= M
+    elif pos.size and (pos.max() >= M or pos.min() < 0):
+        raise ModelError(f"TensorScatter: write indices {start.tolist()} put {S} positions beyond the cache's {M}")
+    return np.arange(B)[:, None], pos, a
+
+
+def _scatter_at(Y, U, where, lead):
+    """Y[..., b, pos[b, i], ...] = U[..., b, i, ...] along where's axis, in place (lead direction axes first)."""
+    b, pos, a = where
+    np.moveaxis(Y, lead + a, lead + 1)[(slice(None),) * lead + (b, pos)] = np.moveaxis(U, lead + a, lead + 1)
 
 
 @rule("ScatterND", since=11)
