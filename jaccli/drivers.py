@@ -252,17 +252,20 @@ def _fixed_runs(plan, feeds, of, env, size):
     return size
 
 
-def _quantized_note(plan):
-    """What the summary says of the QuantizeLinear nodes between what is differentiated and the output."""
+def _derivative_notes(plan):
+    """What the summary says of the QuantizeLinear nodes between what is differentiated and the output,
+    and of the piecewise-constant operators there (tree ensembles)."""
+    notes = []
     if plan.through:
-        return [f"straight through: {plan.through} QuantizeLinear node(s) and the DequantizeLinear after them pass "
-                f"derivatives as the identity inside the integer range, zero where they saturate (not the true "
-                f"derivative, zero)"]
-    if plan.quantized:
-        return ["a QuantizeLinear lies on the way to the output: its integer output is piecewise constant, so no "
-                "derivative passes it; --straight-through (straight_through=True) passes quantize-dequantize pairs "
-                "as the identity, as quantization-aware training differentiates them"]
-    return []
+        notes.append(f"straight through: {plan.through} QuantizeLinear node(s) and the DequantizeLinear after them pass "
+                     f"derivatives as the identity inside the integer range, zero where they saturate (not the true "
+                     f"derivative, zero)")
+    elif plan.quantized:
+        notes.append("a QuantizeLinear lies on the way to the output: its integer output is piecewise constant, so no "
+                     "derivative passes it; --straight-through (straight_through=True) passes quantize-dequantize pairs "
+                     "as the identity, as quantization-aware training differentiates them")
+    return notes + [f"a {op} lies on the way to the output: piecewise constant, its derivative is zero wherever it "
+                    f"exists, so the Jacobian holds only what flows around it" for op in plan.flat]
 
 
 def _run_notes(model, run_size):
@@ -412,7 +415,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
         extra = (n_sel if mode == "forward" else n_in) * dtype.itemsize
         return (T,) + choose_chunks(per_run, T, est, max_memory, extra_per_sd=extra, run_size=run_size)
 
-    notes = _run_notes(model, run_size) + _quantized_note(plan)
+    notes = _run_notes(model, run_size) + _derivative_notes(plan)
     if mode == "auto":
         mode = "forward" if n_in < n_sel else "reverse"
         if mode == "forward" and chunks(mode)[2] < n_in:  # forward fills columns: a sample must fit whole
@@ -762,7 +765,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     T = n_sel
     n_c, t_c = choose_chunks(per_run, T, est, max_memory, extra_per_sd=P * dtype.itemsize, run_size=run_size)
     shape = (N, *out_shape, P) if outputs is None else (N, n_sel, P)
-    notes = (list(plan.notes) if N > 1 else []) + _run_notes(model, run_size) + _quantized_note(plan)
+    notes = (list(plan.notes) if N > 1 else []) + _run_notes(model, run_size) + _derivative_notes(plan)
     zero = [c["name"] for c in columns if c["name"] not in plan.active]
     if zero:
         notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")

@@ -115,6 +115,8 @@ class Plan:
         quantizers = sum(s.node.op_type == "QuantizeLinear" and s.inputs[0] in fwd for s in steps)
         self.quantized = not through and quantizers > 0  # a QuantizeLinear stops the derivatives
         self.through = quantizers if through else 0  # those taken straight through
+        # piecewise-constant operators (tree ensembles) that the derivatives reach: they pass zero
+        self.flat = sorted({s.node.op_type for s in self.active_steps if getattr(s.rule, "piecewise_constant", False) and any(s.diff_in)})
         self.depends = any(o in fwd for o in self.outs)  # False: the output does not depend on wrt at all
         self._liveness()
         self.regions = self._diagonal_regions()

@@ -197,3 +197,80 @@ def test_one_hot_encoder_matches_onnxruntime(cats, dtype, zeros):
     got = our_forward(m, {"x": x}, np.float32)
     assert got.dtype == want.dtype and want.sum() == 5
     np.testing.assert_array_equal(got, want)
+
+
+def tree_regressor(aggregate="SUM", n_targets=2, base=True, post="NONE", scale=1.0, linear=True):
+    """Two trees over 3 features, every branch mode, a missing value sent the true way, leaves
+    with weights for one or both targets (the second tree's first leaf has none for target 1)."""
+    nodes = dict(
+        nodes_treeids=[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
+        nodes_nodeids=[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4],
+        nodes_featureids=[0, 1, 2, 0, 0, 0, 0, 2, 1, 0, 0, 0],
+        nodes_values=[0.1, -0.2, 0.3, 0, 0, 0, 0, 0.0, 0.5, 0, 0, 0],
+        nodes_modes=["BRANCH_LEQ", "BRANCH_GT", "BRANCH_LT", "LEAF", "LEAF", "LEAF", "LEAF",
+                     "BRANCH_GTE", "BRANCH_NEQ", "LEAF", "LEAF", "LEAF"],
+        nodes_truenodeids=[1, 3, 5, 0, 0, 0, 0, 1, 3, 0, 0, 0],
+        nodes_falsenodeids=[2, 4, 6, 0, 0, 0, 0, 2, 4, 0, 0, 0],
+        nodes_missing_value_tracks_true=[0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+    )
+    leaves = [(0, 3), (0, 4), (0, 5), (0, 6), (1, 2), (1, 3), (1, 4)]
+    targets = dict(target_treeids=[], target_nodeids=[], target_ids=[], target_weights=[])
+    for k, (t, n) in enumerate(leaves):
+        for j in range(n_targets):
+            if (t, n) == (1, 2) and j == 1:
+                continue
+            targets["target_treeids"].append(t)
+            targets["target_nodeids"].append(n)
+            targets["target_ids"].append(j)
+            targets["target_weights"].append(scale * (k + 1) * (1 if j == 0 else -0.5))
+    extra = {"base_values": [0.25, -1.0][:n_targets]} if base else {}
+    tree = helper.make_node("TreeEnsembleRegressor", ["x"], ["t"], domain="ai.onnx.ml", n_targets=n_targets,
+                            aggregate_function=aggregate, post_transform=post, **nodes, **targets, **extra)
+    W = RNG.standard_normal((3, n_targets)).astype(np.float32)
+    lin = helper.make_node("MatMul", ["x", "W"], ["l"])
+    out = [helper.make_node("Add", ["t", "l"], ["y"])] if linear else [helper.make_node("Identity", ["t"], ["y"])]
+    g = helper.make_graph([tree, lin] + out, "trees",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_targets])],
+                          [helper.make_tensor(name="W", data_type=TensorProto.FLOAT, dims=W.shape, vals=W.ravel())])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    m.ir_version = 8
+    return m, W
+
+
+@pytest.mark.parametrize("aggregate,n_targets,base,post", [("SUM", 2, True, "NONE"), ("AVERAGE", 2, False, "NONE"),
+                                                           ("MIN", 2, True, "NONE"), ("MAX", 2, False, "NONE"),
+                                                           ("SUM", 1, True, "NONE"), ("AVERAGE", 1, True, "PROBIT"),
+                                                           ("SUM", 1, False, "LOGISTIC"), ("SUM", 2, True, "SOFTMAX")])
+def test_tree_ensemble_regressor(aggregate, n_targets, base, post):
+    """Forward against onnxruntime on points on both sides of every split, at the thresholds and
+    with missing values; the input Jacobian is the linear model's beside it (the trees pass zero),
+    and the summary says why."""
+    from gradcheck import our_forward
+
+    kw = dict(scale=0.05 if post == "PROBIT" else 1.0)  # PROBIT: scores in (0, 1)
+    trees, _ = tree_regressor(aggregate, n_targets, base, post, linear=False, **kw)
+    x = RNG.standard_normal((64, 3)).astype(np.float32)
+    x[:7] = [[0.1, -0.2, 0.3], [0.1, 0.5, 0.0], [np.nan, 1, 1], [-1, np.nan, -1], [-1, 0, np.nan], [2, 0.5, np.nan],
+             [0.2, 0.5, 0.0]]
+    want = ort.InferenceSession(trees.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(our_forward(trees, {"x": x}, np.float32), want, rtol=1e-5, atol=1e-5)
+    m, W = tree_regressor(aggregate, n_targets, base, post, **kw)
+    J = jaccli.input_jacobian(m, x[7:])
+    np.testing.assert_allclose(J, np.broadcast_to(W.T, J.shape), rtol=1e-6)
+
+
+def test_tree_ensemble_note(tmp_path):
+    """The summary says why the trees pass nothing."""
+    from click.testing import CliRunner
+
+    from jaccli.cli import main
+
+    m, _ = tree_regressor()
+    import onnx
+
+    onnx.save(m, tmp_path / "t.onnx")
+    np.save(tmp_path / "x.npy", RNG.standard_normal((4, 3)).astype(np.float32))
+    r = CliRunner().invoke(main, ["input", str(tmp_path / "t.onnx"), str(tmp_path / "x.npy"), "-o", str(tmp_path / "J.npy")])
+    assert r.exit_code == 0, r.output
+    assert "TreeEnsembleRegressor lies on the way" in " ".join(r.output.split())

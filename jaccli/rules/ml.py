@@ -150,6 +150,8 @@ def _imputed(X, imputed_value_floats=None, imputed_value_int64s=None, replaced_v
 class Binarizer:
     """Y = 1 where X > threshold, else 0: piecewise constant, its derivative zero."""
 
+    piecewise_constant = True
+
     def forward(X, *, threshold=0.0):
         return (X > threshold).astype(X.dtype)
 
@@ -361,3 +363,99 @@ def _svm_gradient(X, *, coefficients, kernel_params=None, kernel_type="LINEAR", 
     dK = degree * U ** (degree - 1) if kind == "POLY" else 1 - np.tanh(U) ** 2
     return gamma * ((coef * dK) @ S)
 
+
+
+# ---- tree ensembles: piecewise constant, so their derivative is zero wherever it exists ---------
+
+_BRANCH = {
+    "BRANCH_LEQ": np.less_equal, "BRANCH_LT": np.less, "BRANCH_GTE": np.greater_equal, "BRANCH_GT": np.greater,
+    "BRANCH_EQ": np.equal, "BRANCH_NEQ": np.not_equal,
+}
+
+
+def _text(v):
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _tree_leaves(X, attrs):
+    """The leaf (node index) each sample reaches in each tree, (N, trees), and the node count."""
+    tree, node = np.asarray(attrs["nodes_treeids"], np.int64), np.asarray(attrs["nodes_nodeids"], np.int64)
+    values = attrs.get("nodes_values")
+    if values is None:
+        values = attrs.get("nodes_values_as_tensor")
+    feature, value = np.asarray(attrs["nodes_featureids"], np.int64), np.asarray(values, np.float64)
+    modes = [_text(m) for m in attrs["nodes_modes"]]
+    bad = sorted(set(modes) - set(_BRANCH) - {"LEAF"})
+    if bad:
+        raise UnsupportedOpError(f"tree nodes of mode {bad[0]} are not supported")
+    missing = np.asarray(attrs.get("nodes_missing_value_tracks_true") or [0] * len(modes), bool)
+    index = {(t, n): i for i, (t, n) in enumerate(zip(tree.tolist(), node.tolist()))}
+    leaf = np.array([m == "LEAF" for m in modes])
+    true_i = np.array([i if leaf[i] else index[(t, c)] for i, (t, c) in enumerate(zip(tree.tolist(), attrs["nodes_truenodeids"]))])
+    false_i = np.array([i if leaf[i] else index[(t, c)] for i, (t, c) in enumerate(zip(tree.tolist(), attrs["nodes_falsenodeids"]))])
+    children = set(true_i[~leaf].tolist()) | set(false_i[~leaf].tolist())
+    roots = np.array([i for i in range(len(modes)) if i not in children])
+    X2 = X.reshape(X.shape[0], -1)
+    rows = np.arange(X2.shape[0])[:, None]
+    cur = np.broadcast_to(roots, (X2.shape[0], len(roots))).copy()
+    mode_of = np.array([list(_BRANCH).index(m) if m in _BRANCH else -1 for m in modes])
+    for _ in range(len(modes)):
+        inner = ~leaf[cur]
+        if not inner.any():
+            break
+        x, th = X2[rows, feature[cur]], value[cur]
+        go = np.zeros(cur.shape, bool)
+        for k, compare in enumerate(_BRANCH.values()):
+            at = mode_of[cur] == k
+            if at.any():
+                go[at] = compare(x[at], th[at])
+        go |= np.isnan(x) & missing[cur]
+        cur = np.where(inner, np.where(go, true_i[cur], false_i[cur]), cur)
+    return cur, len(modes)
+
+
+@rule("TreeEnsembleRegressor", since=1, domain=ML)
+class TreeEnsembleRegressor:
+    """Y (N, n_targets) = the trees' leaf weights aggregated (SUM, AVERAGE, MIN, MAX) plus
+    base_values (a gradient-boosted or random-forest regressor, as skl2onnx writes it).
+    Piecewise constant in X: its derivative is zero wherever it exists, and its weights are
+    attributes, not parameters. Supported so that what flows around it (a VotingRegressor's other
+    models, a stacked linear model) is differentiated; the summary says so."""
+
+    piecewise_constant = True
+
+    def forward(X, **attrs):
+        leaves, n_nodes = _tree_leaves(X, attrs)
+        n = int(attrs.get("n_targets", 1))
+        W = np.zeros((n_nodes, n))
+        has = np.zeros((n_nodes, n), bool)
+        ids = zip(attrs["target_treeids"], attrs["target_nodeids"], attrs["target_ids"], attrs["target_weights"])
+        index = {(t, i): k for k, (t, i) in enumerate(zip(attrs["nodes_treeids"], attrs["nodes_nodeids"]))}
+        for t, node, target, w in ids:
+            W[index[(t, node)], target] += w
+            has[index[(t, node)], target] = True
+        S, H = W[leaves], has[leaves]  # (N, trees, n)
+        how = _text(attrs.get("aggregate_function", "SUM"))
+        if how == "SUM":
+            Z = S.sum(axis=1)
+        elif how == "AVERAGE":
+            Z = S.sum(axis=1) / leaves.shape[1]
+        elif how in ("MIN", "MAX"):
+            pick = np.min if how == "MIN" else np.max
+            Z = np.where(H.any(axis=1), pick(np.where(H, S, np.inf if how == "MIN" else -np.inf), axis=1), 0.0)
+        else:
+            raise UnsupportedOpError(f"tree aggregate_function {how!r} is not supported")
+        base = np.asarray(attrs.get("base_values") or [], np.float64)
+        if base.size == n:
+            Z = Z + base
+        post = _text(attrs.get("post_transform", "NONE"))
+        if n == 1 and post != "PROBIT":
+            post = "NONE"  # onnxruntime applies only PROBIT to a single target
+        dtype = X.dtype if X.dtype.kind == "f" else np.float32
+        return _post(Z.astype(dtype), post)
+
+    def jvp(cx, Xdot, **attrs):
+        return np.zeros(Xdot.shape[: Xdot.ndim - cx.x[0].ndim] + cx.y[0].shape, Xdot.dtype)
+
+    def vjp(cx, Ybar, **attrs):
+        return (np.zeros(Ybar.shape[: cx.lead(Ybar)] + cx.x[0].shape, Ybar.dtype),)
