@@ -454,9 +454,10 @@ class _MhaForm:
 class MultiHeadAttention:
     """Multi-head attention without the projections, as onnxruntime's transformer optimizer fuses
     it (CLIP, SAM, diffusion models' self- and cross-attention): Y = concat_h softmax(Q_h K_h^T
-    scale + mask + attention_bias) V_h from a query, key and value in any of their layouts, with
-    the projection's bias; key_padding_mask as lengths (B), ones and zeros (B, T) or (B, S, T);
-    unidirectional. No past state; present_key and present_value are K and V by head."""
+    scale + mask + attention_bias) V_h from a query, key and value (B, S, D), or key and value
+    already by head, with the projection's bias; key_padding_mask as lengths (B), ones and zeros
+    (B, T) or (B, S, T); unidirectional. No past state; present_key and present_value are K and V
+    by head."""
 
     nondiff = (4, 6, 7, 8, 9)
     keeps = True  # the bias and attention_bias, parameters

@@ -5,6 +5,7 @@ Linear in X, so the JVP applies the same matrices to the tangent and the VJP the
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -297,19 +298,12 @@ def _grid_plan(X, grid, mode, padding, align):
     axes = [_grid_axis(grid[..., k], sizes[nd - 1 - k], mode, padding, align) for k in range(nd)]
     strides = [math.prod(sizes[nd - k:]) for k in range(nd)]  # component k's stride in the flat index
     taps = []
-    for combo in _product([taps_k for taps_k, _ in axes]):
+    for combo in itertools.product(*[taps_k for taps_k, _ in axes]):
         idx = sum(i * st for (i, _, _), st in zip(combo, strides))
         ws = [w for _, w, _ in combo]
         slopes = [math.prod(ws[:k]) * dw * math.prod(ws[k + 1:]) for k, (_, _, dw) in enumerate(combo)]
         taps.append((idx, math.prod(ws), slopes))
     return taps, [d for _, d in axes]
-
-
-def _product(lists):
-    combos = [[]]
-    for options in lists:
-        combos = [c + [o] for c in combos for o in options]
-    return combos
 
 
 def _gather_pixels(Xf, idx):
