@@ -274,3 +274,39 @@ def test_tree_ensemble_note(tmp_path):
     r = CliRunner().invoke(main, ["input", str(tmp_path / "t.onnx"), str(tmp_path / "x.npy"), "-o", str(tmp_path / "J.npy")])
     assert r.exit_code == 0, r.output
     assert "TreeEnsembleRegressor lies on the way" in " ".join(r.output.split())
+
+
+def svm_classifier(kernel, per_class, labels_out=False):
+    """A kernel SVC as skl2onnx writes it: support vectors grouped by class, one coefficient row per
+    other class, one rho per pair of classes; the scores (and, with labels_out, the labels) out."""
+    k, V = len(per_class), sum(per_class)
+    node = helper.make_node("SVMClassifier", ["x"], ["label", "scores"], domain="ai.onnx.ml", kernel_type=kernel,
+                            kernel_params=[0.4, 0.5, 3.0], vectors_per_class=per_class, classlabels_ints=list(range(10, 10 + k)),
+                            coefficients=list(RNG.uniform(-1, 1, (k - 1) * V)), rho=list(RNG.uniform(-0.5, 0.5, k * (k - 1) // 2)),
+                            support_vectors=list(RNG.standard_normal(V * 4)), post_transform="NONE")
+    outs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", k if k > 2 else 2])]
+    if labels_out:
+        outs.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]))
+    g = helper.make_graph([node], "svc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])], outs)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("kernel,per_class", [("RBF", [2, 1, 2]), ("POLY", [1, 2, 2, 1]), ("SIGMOID", [2, 3, 1]),
+                                              ("LINEAR", [2, 2, 1]), ("RBF", [2, 3]), ("LINEAR", [1, 2])])
+def test_svm_classifier(kernel, per_class):
+    """scikit-learn's SVC (without probabilities): scores per pair of classes ((-s, s) for two), the
+    labels by votes, as onnxruntime computes them; the scores' input Jacobian against differences."""
+    from gradcheck import fd_input_jacobian, our_forward
+
+    m = svm_classifier(kernel, per_class, labels_out=True)
+    x = RNG.standard_normal((8, 4))
+    scores, labels = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.astype(np.float32)})
+    assert rel_err(our_forward(m, {"x": x}, np.float32), scores) < 1e-5
+    del m.graph.output[0]
+    np.testing.assert_array_equal(our_forward(m, {"x": x}, np.float32), labels)
+    m = svm_classifier(kernel, per_class)
+    for mode in ("forward", "reverse"):
+        J = jaccli.input_jacobian(m, x[:3], dtype="float64", flat=True, mode=mode)
+        assert rel_err(J, fd_input_jacobian(m, {"x": x[:3]}, "x")) < 1e-6

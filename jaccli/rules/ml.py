@@ -306,7 +306,7 @@ class SVMRegressor:
     def forward(X, *, coefficients, kernel_params=None, kernel_type="LINEAR", n_supports=0, one_class=0,
                 post_transform="NONE", rho=None, support_vectors=None):
         Xf = X.astype(np.result_type(X.dtype, np.float32))
-        Y = _svm_score(Xf, coefficients, kernel_params, kernel_type, n_supports, rho, support_vectors)[0]
+        Y = _svm_score(Xf, coefficients, kernel_params, kernel_type, n_supports, rho, support_vectors)
         return np.where(Y > 0, 1, -1).astype(Y.dtype) if one_class else Y
 
     def jvp(cx, Xdot, **attrs):
@@ -321,28 +321,44 @@ def _svm_kernel_parts(kernel_params, kernel_type, n_supports):
     gamma, coef0, degree = (list(kernel_params) + [0.0, 0.0, 0.0])[:3] if kernel_params is not None else (0.0, 0.0, 0.0)
     kind = (kernel_type.decode() if isinstance(kernel_type, bytes) else kernel_type or "LINEAR").upper()
     if kind not in ("LINEAR", "POLY", "RBF", "SIGMOID"):
-        raise UnsupportedOpError(f"SVMRegressor: kernel_type {kind} is not supported")
+        raise UnsupportedOpError(f"SVM kernel_type {kind} is not supported")
     return (kind if n_supports else "LINEAR"), gamma, coef0, degree
 
 
+def _svm_kernel(X, S, kind, gamma, coef0, degree):
+    """K(X, support vectors) (N, n) and the kernel's inner value U (the squared distance for RBF,
+    the scaled and shifted dot product otherwise), as onnxruntime computes them."""
+    if kind == "RBF":
+        U = np.maximum((X * X).sum(-1, keepdims=True) - 2 * X @ S.T + (S * S).sum(-1), 0)
+        return np.exp(-gamma * U), U
+    U = X @ S.T
+    if kind == "LINEAR":
+        return U, U
+    U = gamma * U + coef0
+    return (U ** degree if kind == "POLY" else np.tanh(U)), U
+
+
+def _svm_kernel_gradient(X, C, S, kind, gamma, coef0, degree):
+    """d(K(X, S) @ C)/dX per sample, for coefficients C (n, P): (N, P, F)."""
+    K, U = _svm_kernel(X, S, kind, gamma, coef0, degree)
+    if kind == "RBF":  # d/dx exp(-gamma |x - s|^2) = -2 gamma K (x - s)
+        W = K[:, :, None] * C  # (N, n, P)
+        return -2 * gamma * (X[:, None, :] * W.sum(1)[:, :, None] - np.einsum("nvp,vf->npf", W, S))
+    if kind == "LINEAR":
+        return np.broadcast_to((C.T @ S)[None], (X.shape[0], C.shape[1], X.shape[1]))
+    dK = degree * U ** (degree - 1) if kind == "POLY" else 1 - np.tanh(U) ** 2
+    return gamma * np.einsum("nv,vp,vf->npf", dK, C, S)
+
+
 def _svm_score(X, coefficients, kernel_params, kernel_type, n_supports, rho, support_vectors):
-    """(Y (N, 1), the kernel's inner value per support vector (N, n) or None, the support vectors)."""
+    """Y (N, 1) of an SVM regressor."""
     kind, gamma, coef0, degree = _svm_kernel_parts(kernel_params, kernel_type, n_supports)
     b = float(rho[0]) if rho is not None and len(rho) else 0.0
     coef = np.asarray(coefficients, X.dtype)
     if not n_supports:  # liblinear: the coefficients are the weights
-        return X @ coef[:, None] + b, None, None
+        return X @ coef[:, None] + b
     S = np.asarray(support_vectors, X.dtype).reshape(n_supports, -1)
-    if kind == "RBF":
-        d2 = np.maximum((X * X).sum(-1, keepdims=True) - 2 * X @ S.T + (S * S).sum(-1), 0)
-        U = d2
-        K = np.exp(-gamma * d2)
-    else:
-        U = X @ S.T
-        if kind != "LINEAR":
-            U = gamma * U + coef0
-        K = U if kind == "LINEAR" else U ** degree if kind == "POLY" else np.tanh(U)
-    return K @ coef[:, None] + b, U, S
+    return _svm_kernel(X, S, kind, gamma, coef0, degree)[0] @ coef[:, None] + b
 
 
 def _svm_gradient(X, *, coefficients, kernel_params=None, kernel_type="LINEAR", n_supports=0, one_class=0,
@@ -354,15 +370,74 @@ def _svm_gradient(X, *, coefficients, kernel_params=None, kernel_type="LINEAR", 
     coef = np.asarray(coefficients, X.dtype)
     if not n_supports:
         return np.broadcast_to(coef, X.shape)
-    _, U, S = _svm_score(X, coefficients, kernel_params, kernel_type, n_supports, rho, support_vectors)
-    if kind == "RBF":  # d/dx exp(-gamma |x - s|^2) = -2 gamma K (x - s)
-        W = coef * np.exp(-gamma * U)
-        return -2 * gamma * (X * W.sum(-1, keepdims=True) - W @ S)
-    if kind == "LINEAR":
-        return np.broadcast_to(coef @ S, X.shape)
-    dK = degree * U ** (degree - 1) if kind == "POLY" else 1 - np.tanh(U) ** 2
-    return gamma * ((coef * dK) @ S)
+    S = np.asarray(support_vectors, X.dtype).reshape(n_supports, -1)
+    return _svm_kernel_gradient(X, coef[:, None], S, kind, gamma, coef0, degree)[:, 0]
 
+
+@rule("SVMClassifier", since=1, domain=ML)
+class SVMClassifier:
+    """(label, scores) of a kernel SVM classifier (scikit-learn's SVC without probabilities): for
+    each pair of classes i < j, score = sum over i's support vectors of coef[j-1] K(x, s) + sum
+    over j's of coef[i] K(x, s) + rho, one column per pair; two classes give (-score, score).
+    The label (by votes) is piecewise constant; the scores are smooth in X. Probabilities
+    (prob_a, prob_b), post transforms and the linear (liblinear) form are refused."""
+
+    n_diff_outputs = None
+
+    def forward(X, **attrs):
+        Xf = X.astype(np.result_type(X.dtype, np.float32))
+        C, rho, S, kernel, labels, k = _svc(Xf.dtype, attrs)
+        Z = _svm_kernel(Xf, S, *kernel)[0] @ C + rho  # (N, pairs)
+        votes = np.zeros((len(Xf), k), np.int64)
+        for p, (i, j) in enumerate(_pairs(k)):
+            np.add.at(votes, (np.arange(len(Xf)), np.where(Z[:, p] > 0, i, j)), 1)
+        label = labels[np.argmax(votes, axis=1)]  # a positive pair score is a vote for the first class of the pair
+        return label, (np.concatenate([-Z, Z], axis=1) if k == 2 else Z)
+
+    def jvp(cx, Xdot, **attrs):
+        G = _svc_gradient(cx.x[0], attrs)  # (N, P, F)
+        D = np.einsum("...nf,npf->...np", Xdot, G.astype(Xdot.dtype))
+        return None, (np.concatenate([-D, D], axis=-1) if G.shape[1] == 1 and cx.y[1].shape[-1] == 2 else D)
+
+    def vjp(cx, _labels, Zbar, **attrs):
+        G = _svc_gradient(cx.x[0], attrs)
+        if G.shape[1] == 1 and cx.y[1].shape[-1] == 2:
+            Zbar = Zbar[..., 1:] - Zbar[..., :1]
+        return (np.einsum("...np,npf->...nf", Zbar, G.astype(Zbar.dtype)),)
+
+
+def _pairs(k):
+    return [(i, j) for i in range(k - 1) for j in range(i + 1, k)]
+
+
+def _svc(dtype, attrs):
+    """An SVMClassifier's pairwise coefficients (vectors, pairs), rho, support vectors, kernel,
+    labels and class count."""
+    if attrs.get("prob_a") is not None and len(attrs["prob_a"]):
+        raise UnsupportedOpError("SVMClassifier with probabilities (prob_a, prob_b) is not supported; its raw scores "
+                                 "are (scikit-learn's SVC with probability=False)")
+    if _text(attrs.get("post_transform", "NONE")) != "NONE":
+        raise UnsupportedOpError(f"SVMClassifier with post_transform {_text(attrs['post_transform'])} is not supported")
+    per_class = [int(v) for v in attrs.get("vectors_per_class") or []]
+    if not per_class:
+        raise UnsupportedOpError("SVMClassifier in its linear form (no support vectors) is not supported")
+    labels = np.asarray(attrs.get("classlabels_ints") or [_text(v) for v in attrs.get("classlabels_strings") or []])
+    k, V = len(per_class), sum(per_class)
+    kernel = _svm_kernel_parts(attrs.get("kernel_params"), attrs.get("kernel_type", "LINEAR"), V)
+    coef = np.asarray(attrs["coefficients"], np.float64).reshape(k - 1, V)
+    start = np.concatenate([[0], np.cumsum(per_class)])
+    pairs = _pairs(k)
+    C = np.zeros((V, len(pairs)))
+    for p, (i, j) in enumerate(pairs):
+        C[start[i]:start[i + 1], p] = coef[j - 1, start[i]:start[i + 1]]
+        C[start[j]:start[j + 1], p] = coef[i, start[j]:start[j + 1]]
+    S = np.asarray(attrs["support_vectors"], dtype).reshape(V, -1)
+    return C.astype(dtype), np.asarray(attrs["rho"], dtype)[: len(pairs)], S, kernel, labels, k
+
+
+def _svc_gradient(X, attrs):
+    C, _, S, kernel, _, _ = _svc(X.dtype, attrs)
+    return _svm_kernel_gradient(X, C, S, *kernel)
 
 
 # ---- tree ensembles: piecewise constant, so their derivative is zero wherever it exists ---------
