@@ -358,9 +358,17 @@ def tensor_array(t, where, base=None, max_bytes=None):
             f"{where}: tensor '{name}' declares shape {dims} ({nbytes / 2**30:.2f} GiB), over --max-memory; refused"
         )
     try:
-        return numpy_helper.to_array(t)
+        a = numpy_helper.to_array(t)
     except Exception as e:
         raise ModelError(f"{where}: tensor '{name}' cannot be read ({_first_line(e)})") from None
+    return a.astype(np.float32) if _narrow_float(a.dtype) else a
+
+
+def _narrow_float(dtype):
+    """bfloat16 and the float8 and float4 types, which numpy holds as opaque types (ml_dtypes):
+    read as float32, jaccli's narrowest working type, so that they are parameters and values
+    like any float."""
+    return dtype.kind == "V" and dtype.name.startswith(("bfloat16", "float8", "float4"))
 
 
 def _external(t, name, dims, dtype, nbytes, where, base):

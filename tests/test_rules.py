@@ -359,3 +359,20 @@ def test_matmul_rule_in_both_operands(a, b):
 
     rng = np.random.default_rng(3)
     check_rule(lookup("MatMul", 13), [rng.standard_normal(a), rng.standard_normal(b)], {}, diff=(0, 1), rng=rng)
+
+
+def test_a_bfloat16_weight_is_a_parameter():
+    """A bfloat16 initializer (numpy holds it as an opaque type) is read as float32: the MatMul's
+    weight is then a parameter like any other, its per-sample Jacobian the sample's features."""
+    W = helper.make_tensor("W", TensorProto.BFLOAT16, [3, 2], [0.5, -1.0, 2.0, 0.25, 1.5, -0.75])
+    nodes = [helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16), helper.make_node("MatMul", ["xb", "W"], ["h"]),
+             helper.make_node("Cast", ["h"], ["y"], to=TensorProto.FLOAT)]
+    g = helper.make_graph(nodes, "bf16", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [W])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    G, cols = jaccli.param_jacobian(m, x)
+    assert [c["name"] for c in cols] == ["W"]
+    want = np.einsum("ni,jk->njik", x, np.eye(2)).reshape(2, 2, 6)
+    np.testing.assert_allclose(G, want, rtol=1e-6)
+    np.testing.assert_allclose(jaccli.input_jacobian(m, x), np.broadcast_to(numpy_helper.to_array(W).astype(np.float32).T, (2, 2, 3)))
