@@ -361,14 +361,10 @@ def tensor_array(t, where, base=None, max_bytes=None):
         a = numpy_helper.to_array(t)
     except Exception as e:
         raise ModelError(f"{where}: tensor '{name}' cannot be read ({_first_line(e)})") from None
-    return a.astype(np.float32) if _narrow_float(a.dtype) else a
-
-
-def _narrow_float(dtype):
-    """bfloat16 and the float8 and float4 types, which numpy holds as opaque types (ml_dtypes):
-    read as float32, jaccli's narrowest working type, so that they are parameters and values
-    like any float."""
-    return dtype.kind == "V" and dtype.name.startswith(("bfloat16", "float8", "float4"))
+    # bfloat16, which numpy holds as an opaque type (ml_dtypes): read as float32, jaccli's narrowest
+    # working type, so that it is a parameter and a value like any float. (The float8 types stay as
+    # they are: they are quantized values, whose type QuantizeLinear's range is read from.)
+    return a.astype(np.float32) if a.dtype.kind == "V" and a.dtype.name == "bfloat16" else a
 
 
 def _external(t, name, dims, dtype, nbytes, where, base):
