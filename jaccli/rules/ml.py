@@ -397,11 +397,11 @@ class SVMClassifier:
     def jvp(cx, Xdot, **attrs):
         G = _svc_gradient(cx.x[0], attrs)  # (N, P, F)
         D = np.einsum("...nf,npf->...np", Xdot, G.astype(Xdot.dtype))
-        return None, (np.concatenate([-D, D], axis=-1) if G.shape[1] == 1 and cx.y[1].shape[-1] == 2 else D)
+        return None, (np.concatenate([-D, D], axis=-1) if G.shape[1] == 1 else D)  # two classes: (-s, s)
 
     def vjp(cx, _labels, Zbar, **attrs):
         G = _svc_gradient(cx.x[0], attrs)
-        if G.shape[1] == 1 and cx.y[1].shape[-1] == 2:
+        if G.shape[1] == 1:  # two classes: (-s, s)
             Zbar = Zbar[..., 1:] - Zbar[..., :1]
         return (np.einsum("...np,npf->...nf", Zbar, G.astype(Zbar.dtype)),)
 
