@@ -199,21 +199,25 @@ def test_one_hot_encoder_matches_onnxruntime(cats, dtype, zeros):
     np.testing.assert_array_equal(got, want)
 
 
+_TREE_NODES = dict(
+    nodes_treeids=[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
+    nodes_nodeids=[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4],
+    nodes_featureids=[0, 1, 2, 0, 0, 0, 0, 2, 1, 0, 0, 0],
+    nodes_values=[0.1, -0.2, 0.3, 0, 0, 0, 0, 0.0, 0.5, 0, 0, 0],
+    nodes_modes=["BRANCH_LEQ", "BRANCH_GT", "BRANCH_LT", "LEAF", "LEAF", "LEAF", "LEAF",
+                 "BRANCH_GTE", "BRANCH_NEQ", "LEAF", "LEAF", "LEAF"],
+    nodes_truenodeids=[1, 3, 5, 0, 0, 0, 0, 1, 3, 0, 0, 0],
+    nodes_falsenodeids=[2, 4, 6, 0, 0, 0, 0, 2, 4, 0, 0, 0],
+    nodes_missing_value_tracks_true=[0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+)
+_LEAVES = [(0, 3), (0, 4), (0, 5), (0, 6), (1, 2), (1, 3), (1, 4)]
+
+
 def tree_regressor(aggregate="SUM", n_targets=2, base=True, post="NONE", scale=1.0, linear=True):
     """Two trees over 3 features, every branch mode, a missing value sent the true way, leaves
     with weights for one or both targets (the second tree's first leaf has none for target 1)."""
-    nodes = dict(
-        nodes_treeids=[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
-        nodes_nodeids=[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4],
-        nodes_featureids=[0, 1, 2, 0, 0, 0, 0, 2, 1, 0, 0, 0],
-        nodes_values=[0.1, -0.2, 0.3, 0, 0, 0, 0, 0.0, 0.5, 0, 0, 0],
-        nodes_modes=["BRANCH_LEQ", "BRANCH_GT", "BRANCH_LT", "LEAF", "LEAF", "LEAF", "LEAF",
-                     "BRANCH_GTE", "BRANCH_NEQ", "LEAF", "LEAF", "LEAF"],
-        nodes_truenodeids=[1, 3, 5, 0, 0, 0, 0, 1, 3, 0, 0, 0],
-        nodes_falsenodeids=[2, 4, 6, 0, 0, 0, 0, 2, 4, 0, 0, 0],
-        nodes_missing_value_tracks_true=[0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
-    )
-    leaves = [(0, 3), (0, 4), (0, 5), (0, 6), (1, 2), (1, 3), (1, 4)]
+    nodes = _TREE_NODES
+    leaves = _LEAVES
     targets = dict(target_treeids=[], target_nodeids=[], target_ids=[], target_weights=[])
     for k, (t, n) in enumerate(leaves):
         for j in range(n_targets):
@@ -310,3 +314,43 @@ def test_svm_classifier(kernel, per_class):
     for mode in ("forward", "reverse"):
         J = jaccli.input_jacobian(m, x[:3], dtype="float64", flat=True, mode=mode)
         assert rel_err(J, fd_input_jacobian(m, {"x": x[:3]}, "x")) < 1e-6
+
+
+@pytest.mark.parametrize("classes,weighted,base,post,signs", [
+    (3, [0, 1, 2], [0.1, -0.2, 0.3], "SOFTMAX", 1), (3, [0, 2], [], "NONE", 1), (4, [0, 1, 2, 3], [], "LOGISTIC", -1),
+    (2, [0, 1], [], "NONE", 1), (2, [0], [0.2], "LOGISTIC", -1), (2, [0], [], "NONE", 1), (2, [0], [], "NONE", -1),
+    (2, [0], [0.05], "NONE", 1), (2, [0, 1], [0.3, 0.3], "NONE", -1), (2, [0], [0.1, 0.4], "PROBIT", 1),
+    ("strings", [0, 1, 2], [], "NONE", 1)])
+def test_tree_ensemble_classifier(classes, weighted, base, post, signs):
+    """A tree classifier's scores and labels as onnxruntime gives them, in its conventions for two
+    classes (one weighted class, base values of one or two, signs of the weights), several
+    classes and string labels; the scores' Jacobian is zero."""
+    from gradcheck import our_forward
+
+    labels = {"classlabels_strings": ["a", "b", "c"]} if classes == "strings" else {"classlabels_int64s": list(range(5, 5 + classes))}
+    w = dict(class_treeids=[], class_nodeids=[], class_ids=[], class_weights=[])
+    for n, (t, leaf) in enumerate(_LEAVES):
+        for c in weighted:
+            w["class_treeids"].append(t)
+            w["class_nodeids"].append(leaf)
+            w["class_ids"].append(c)
+            w["class_weights"].append((0.09 * ((n + c) % 5) + 0.02) * (signs if n % 2 else 1))
+    extra = {"base_values": base} if base else {}
+    node = helper.make_node("TreeEnsembleClassifier", ["x"], ["label", "scores"], domain="ai.onnx.ml", post_transform=post,
+                            **_TREE_NODES, **w, **labels, **extra)
+    k = 3 if classes == "strings" else classes
+    label_type = TensorProto.STRING if classes == "strings" else TensorProto.INT64
+    g = helper.make_graph([node], "trees", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                          [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", k]),
+                           helper.make_tensor_value_info("label", label_type, ["N"])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    m.ir_version = 8
+    x = RNG.standard_normal((64, 3)).astype(np.float32)
+    x[:3] = [[0.1, -0.2, 0.3], [np.nan, 1, 1], [-1, 0, np.nan]]
+    scores, label = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    tol = 1e-3 if post == "PROBIT" else 1e-5  # onnxruntime's inverse erf is an approximation (Winitzki's), ours exact
+    np.testing.assert_allclose(our_forward(m, {"x": x}, np.float32), scores, rtol=tol, atol=1e-6)
+    del m.graph.output[0]
+    np.testing.assert_array_equal(our_forward(m, {"x": x}, np.float32), label)
+    m.graph.output.insert(0, helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", k]))
+    assert not jaccli.input_jacobian(m, x[3:8], of="scores").any()

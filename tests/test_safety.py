@@ -174,16 +174,13 @@ def test_unsupported_operator_fails_before_computing(tmp_path):
     assert r.exit_code == 1 and "unsupported" in r.output and "late" in r.output
 
 
-def test_a_tree_ensemble_classifier_is_refused_with_the_reason(tmp_path):
-    """People run tree ensembles (scikit-learn, XGBoost, LightGBM) through jaccli: for a classifier
-    (its scores' binary conventions are not implemented) the one line says why there would be
+def test_a_tree_ensemble_of_opset_5_is_refused_with_the_reason(tmp_path):
+    """People run tree ensembles (scikit-learn, XGBoost, LightGBM) through jaccli: for the one op
+    of ai.onnx.ml opset 5 (TreeEnsemble), not implemented, the one line says why there would be
     little to compute, and what is supported."""
-    tree = helper.make_node("TreeEnsembleClassifier", ["x"], ["label", "y"], name="trees", domain="ai.onnx.ml",
-                            nodes_treeids=[0], nodes_nodeids=[0], nodes_featureids=[0], nodes_modes=["LEAF"],
-                            nodes_values=[0.0], nodes_truenodeids=[0], nodes_falsenodeids=[0], classlabels_int64s=[0, 1],
-                            class_treeids=[0], class_nodeids=[0], class_ids=[0], class_weights=[1.0])
+    tree = helper.make_node("TreeEnsemble", ["x"], ["y"], name="trees", domain="ai.onnx.ml", n_targets=1)
     m = tiny_model([tree], [X], [Y])
-    m.opset_import.append(helper.make_opsetid("ai.onnx.ml", 3))
+    m.opset_import.append(helper.make_opsetid("ai.onnx.ml", 5))
     onnx.save(m, tmp_path / "trees.onnx")
     one_error_line(cli("input", tmp_path / "trees.onnx", MLP_X), 1, "trees", "piecewise constant")
 

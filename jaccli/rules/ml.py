@@ -80,7 +80,9 @@ def _post(Z, post_transform):
             E = np.where(Z == 0, 0, E)
         return E / E.sum(axis=-1, keepdims=True)
     if post_transform == "PROBIT":
-        return (math.sqrt(2) * _erfinv(2 * Z - 1)).astype(Z.dtype)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            P = math.sqrt(2) * _erfinv(2 * Z - 1)
+        return np.where(Z <= 0, -np.inf, np.where(Z >= 1, np.inf, P)).astype(Z.dtype)  # the quantiles of 0 and 1
     raise UnsupportedOpError(f"post_transform {post_transform!r} is not supported")
 
 
@@ -534,3 +536,84 @@ class TreeEnsembleRegressor:
 
     def vjp(cx, Ybar, **attrs):
         return (np.zeros(Ybar.shape[: cx.lead(Ybar)] + cx.x[0].shape, Ybar.dtype),)
+
+
+@rule("TreeEnsembleClassifier", since=1, domain=ML)
+class TreeEnsembleClassifier:
+    """(label, scores) of a tree ensemble classifier (random forests, gradient boosting): the
+    class weights of the leaves summed, base_values, onnxruntime's conventions for two classes
+    (one weighted class gives (1 - p, p) or (-s, s)) and its post transforms. Piecewise
+    constant: the scores pass zero, and the summary says so."""
+
+    piecewise_constant = True
+    n_diff_outputs = None
+
+    def forward(X, **attrs):
+        leaves, n_nodes = _tree_leaves(X, attrs)
+        labels = attrs.get("classlabels_int64s")
+        labels = np.asarray(labels if labels is not None and len(labels) else [_text(v) for v in attrs["classlabels_strings"]])
+        k = len(labels)
+        W, has = np.zeros((n_nodes, k)), np.zeros((n_nodes, k), bool)
+        index = {(t, i): j for j, (t, i) in enumerate(zip(attrs["nodes_treeids"], attrs["nodes_nodeids"]))}
+        for t, node, c, w in zip(attrs["class_treeids"], attrs["class_nodeids"], attrs["class_ids"], attrs["class_weights"]):
+            W[index[(t, node)], c] += w
+            has[index[(t, node)], c] = True
+        S, H = W[leaves].sum(axis=1), has[leaves].any(axis=1)  # (N, k)
+        base = np.asarray(attrs.get("base_values") or [], np.float64)
+        post = _text(attrs.get("post_transform", "NONE"))
+        weights = np.asarray(attrs["class_weights"], np.float64)
+        if k > 2:
+            S[:, :base.size] += base
+            H[:, :base.size] = True
+            label = labels[np.argmax(np.where(H, S, -np.inf), axis=1)]
+            return label, _post(S, post).astype(_out_dtype(X))
+        return _binary_trees(S, H, base, post, labels, len(set(attrs["class_ids"])) == 1, bool((weights >= 0).all()), _out_dtype(X))
+
+    def jvp(cx, Xdot, **attrs):
+        return None, np.zeros(Xdot.shape[: Xdot.ndim - cx.x[0].ndim] + cx.y[1].shape, Xdot.dtype)
+
+    def vjp(cx, _labels, Zbar, **attrs):
+        return (np.zeros(Zbar.shape[: cx.lead(Zbar, 1)] + cx.x[0].shape, Zbar.dtype),)
+
+
+def _out_dtype(X):
+    return X.dtype if X.dtype.kind == "f" else np.float32
+
+
+def _binary_trees(S, H, base, post, labels, binary_case, all_positive, dtype):
+    """Two classes as onnxruntime's tree classifier finalizes them: the scores, their second
+    column made from the first where only one class is weighted, and the label from the
+    positive class's weight."""
+    s0, s1, h0, h1 = S[:, 0].copy(), S[:, 1].copy(), H[:, 0], H[:, 1].copy()
+    one = ~h1  # rows with a single score (the second class unweighted), unless base values say otherwise
+    mode = np.full(len(S), -1)
+    if base.size == 2:
+        s1 = np.where(h1, base[1] + s0, s1 + base[1])
+        s0 = np.where(h1, -s1, s0 + base[0])
+        one[:] = False
+    elif base.size == 1:
+        s0 = s0 + base[0]
+    else:
+        mode[:] = 3
+    pos = np.where(h1 & ~one, s1, np.where(h0, s0, 0.0))
+    s0, s1 = np.where(h0, s0, 0.0), np.where(h1, s1, 0.0)  # a class no leaf weighted reads as 0, base or not
+    if binary_case:
+        mode = np.where(pos > 0.5, 0, 1) if all_positive else np.where(pos > 0, 2, 3)
+        label = labels[np.where((pos > 0.5) if all_positive else (pos > 0), 1, 0)]
+    else:
+        label = np.where(pos > 0, 1, 0).astype(labels.dtype) if labels.dtype.kind in "iu" else labels[np.where(pos > 0, 1, 0)]
+    Z = np.zeros((len(S), 2))
+    two = ~one
+    Z[two] = _post(np.stack([s0[two], s1[two]], axis=1), post) if two.any() else Z[two]
+    if one.any():
+        s = s0[one]
+        if post == "PROBIT":
+            Z[one, 0] = _post(s, "PROBIT")
+        else:
+            m = mode[one]
+            logistic = post == "LOGISTIC"
+            second = np.where(m <= 1, 1 - s, -s) if not logistic else np.where(m <= 1, 1 - s, _sigmoid(-s))
+            first = np.where((m >= 2) & logistic, _sigmoid(s), s)
+            Z[one, 0] = np.where(m < 0, s, second)
+            Z[one, 1] = np.where(m < 0, 0, first)
+    return label, Z.astype(dtype)
