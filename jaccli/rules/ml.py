@@ -610,10 +610,11 @@ def _binary_trees(S, H, base, post, labels, binary_case, all_positive, dtype):
         if post == "PROBIT":
             Z[one, 0] = _post(s, "PROBIT")
         else:
-            m = mode[one]
-            logistic = post == "LOGISTIC"
-            second = np.where(m <= 1, 1 - s, -s) if not logistic else np.where(m <= 1, 1 - s, _sigmoid(-s))
-            first = np.where((m >= 2) & logistic, _sigmoid(s), s)
-            Z[one, 0] = np.where(m < 0, s, second)
-            Z[one, 1] = np.where(m < 0, 0, first)
+            # modes 0, 1 (weights all positive): (1 - s, s); 2, 3: (-s, s), or with LOGISTIC
+            # (sigmoid(-s), sigmoid(s)); no mode (-1): the score alone, in column 0
+            m, logistic = mode[one], post == "LOGISTIC"
+            negative = np.where(m <= 1, 1 - s, _sigmoid(-s) if logistic else -s)
+            positive = np.where((m >= 2) & logistic, _sigmoid(s), s)
+            Z[one, 0] = np.where(m < 0, s, negative)
+            Z[one, 1] = np.where(m < 0, 0, positive)
     return label, Z.astype(dtype)
