@@ -213,7 +213,7 @@ _TREE_NODES = dict(
 _LEAVES = [(0, 3), (0, 4), (0, 5), (0, 6), (1, 2), (1, 3), (1, 4)]
 
 
-def tree_regressor(aggregate="SUM", n_targets=2, base=True, post="NONE", scale=1.0, linear=True):
+def tree_regressor(aggregate="SUM", n_targets=2, base=True, post="NONE", scale=1.0, linear=True, as_tensor=False):
     """Two trees over 3 features, every branch mode, a missing value sent the true way, leaves
     with weights for one or both targets (the second tree's first leaf has none for target 1)."""
     nodes = _TREE_NODES
@@ -228,6 +228,12 @@ def tree_regressor(aggregate="SUM", n_targets=2, base=True, post="NONE", scale=1
             targets["target_ids"].append(j)
             targets["target_weights"].append(scale * (k + 1) * (1 if j == 0 else -0.5))
     extra = {"base_values": [0.25, -1.0][:n_targets]} if base else {}
+    if as_tensor:  # ml opset 3's tensor forms of the float attributes
+        nodes = dict(nodes)
+        for name, table in (("nodes_values", nodes), ("target_weights", targets), ("base_values", extra)):
+            if name in table:
+                v = table.pop(name)
+                table[name + "_as_tensor"] = helper.make_tensor(name, TensorProto.FLOAT, [len(v)], v)
     tree = helper.make_node("TreeEnsembleRegressor", ["x"], ["t"], domain="ai.onnx.ml", n_targets=n_targets,
                             aggregate_function=aggregate, post_transform=post, **nodes, **targets, **extra)
     W = RNG.standard_normal((3, n_targets)).astype(np.float32)
@@ -245,14 +251,16 @@ def tree_regressor(aggregate="SUM", n_targets=2, base=True, post="NONE", scale=1
 @pytest.mark.parametrize("aggregate,n_targets,base,post", [("SUM", 2, True, "NONE"), ("AVERAGE", 2, False, "NONE"),
                                                            ("MIN", 2, True, "NONE"), ("MAX", 2, False, "NONE"),
                                                            ("SUM", 1, True, "NONE"), ("AVERAGE", 1, True, "PROBIT"),
-                                                           ("SUM", 1, False, "LOGISTIC"), ("SUM", 2, True, "SOFTMAX")])
+                                                           ("SUM", 1, False, "LOGISTIC"), ("SUM", 2, True, "SOFTMAX"),
+                                                           ("SUM", 2, True, "as_tensor")])
 def test_tree_ensemble_regressor(aggregate, n_targets, base, post):
     """Forward against onnxruntime on points on both sides of every split, at the thresholds and
     with missing values; the input Jacobian is the linear model's beside it (the trees pass zero),
     and the summary says why."""
     from gradcheck import our_forward
 
-    kw = dict(scale=0.05 if post == "PROBIT" else 1.0)  # PROBIT: scores in (0, 1)
+    kw = dict(scale=0.05 if post == "PROBIT" else 1.0, as_tensor=post == "as_tensor")  # PROBIT: scores in (0, 1)
+    post = "NONE" if post == "as_tensor" else post
     trees, _ = tree_regressor(aggregate, n_targets, base, post, linear=False, **kw)
     x = RNG.standard_normal((64, 3)).astype(np.float32)
     x[:7] = [[0.1, -0.2, 0.3], [0.1, 0.5, 0.0], [np.nan, 1, 1], [-1, np.nan, -1], [-1, 0, np.nan], [2, 0.5, np.nan],

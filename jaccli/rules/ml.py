@@ -454,13 +454,18 @@ def _text(v):
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def _floats(attrs, name):
+    """A tree ensemble's float attribute, or its *_as_tensor form (ml opset 3); empty if neither."""
+    v = attrs.get(name)
+    if v is None or (not isinstance(v, np.ndarray) and not len(v)):
+        v = attrs.get(name + "_as_tensor")
+    return np.asarray(v if v is not None else [], np.float64).ravel()
+
+
 def _tree_leaves(X, attrs):
     """The leaf (node index) each sample reaches in each tree, (N, trees), and the node count."""
     tree, node = np.asarray(attrs["nodes_treeids"], np.int64), np.asarray(attrs["nodes_nodeids"], np.int64)
-    values = attrs.get("nodes_values")
-    if values is None:
-        values = attrs.get("nodes_values_as_tensor")
-    feature, value = np.asarray(attrs["nodes_featureids"], np.int64), np.asarray(values, np.float64)
+    feature, value = np.asarray(attrs["nodes_featureids"], np.int64), _floats(attrs, "nodes_values")
     modes = [_text(m) for m in attrs["nodes_modes"]]
     bad = sorted(set(modes) - set(_BRANCH) - {"LEAF"})
     if bad:
@@ -506,7 +511,7 @@ class TreeEnsembleRegressor:
         n = int(attrs.get("n_targets", 1))
         W = np.zeros((n_nodes, n))
         has = np.zeros((n_nodes, n), bool)
-        ids = zip(attrs["target_treeids"], attrs["target_nodeids"], attrs["target_ids"], attrs["target_weights"])
+        ids = zip(attrs["target_treeids"], attrs["target_nodeids"], attrs["target_ids"], _floats(attrs, "target_weights"))
         index = {(t, i): k for k, (t, i) in enumerate(zip(attrs["nodes_treeids"], attrs["nodes_nodeids"]))}
         for t, node, target, w in ids:
             W[index[(t, node)], target] += w
@@ -522,7 +527,7 @@ class TreeEnsembleRegressor:
             Z = np.where(H.any(axis=1), pick(np.where(H, S, np.inf if how == "MIN" else -np.inf), axis=1), 0.0)
         else:
             raise UnsupportedOpError(f"tree aggregate_function {how!r} is not supported")
-        base = np.asarray(attrs.get("base_values") or [], np.float64)
+        base = _floats(attrs, "base_values")
         if base.size == n:
             Z = Z + base
         post = _text(attrs.get("post_transform", "NONE"))
@@ -555,13 +560,13 @@ class TreeEnsembleClassifier:
         k = len(labels)
         W, has = np.zeros((n_nodes, k)), np.zeros((n_nodes, k), bool)
         index = {(t, i): j for j, (t, i) in enumerate(zip(attrs["nodes_treeids"], attrs["nodes_nodeids"]))}
-        for t, node, c, w in zip(attrs["class_treeids"], attrs["class_nodeids"], attrs["class_ids"], attrs["class_weights"]):
+        weights = _floats(attrs, "class_weights")
+        for t, node, c, w in zip(attrs["class_treeids"], attrs["class_nodeids"], attrs["class_ids"], weights):
             W[index[(t, node)], c] += w
             has[index[(t, node)], c] = True
         S, H = W[leaves].sum(axis=1), has[leaves].any(axis=1)  # (N, k)
-        base = np.asarray(attrs.get("base_values") or [], np.float64)
+        base = _floats(attrs, "base_values")
         post = _text(attrs.get("post_transform", "NONE"))
-        weights = np.asarray(attrs["class_weights"], np.float64)
         if k > 2:
             S[:, :base.size] += base
             H[:, :base.size] = True
