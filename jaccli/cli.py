@@ -156,7 +156,8 @@ def _read(model, data, max_memory, strict, dtype="float64", of=None, wrt=None, e
     if bad:
         if strict:
             raise DataError(f"{where}: {bad} NaN or Inf value(s); refused (--strict)")
-        click.echo(f"warning: {where}: {bad} NaN or Inf value(s); their Jacobians will be NaN too", err=True)
+        click.echo(f"warning: {where}: {bad} NaN or Inf value(s); their samples' Jacobians are NaN unless the model "
+                   f"replaces them (an Imputer, a tree's missing-value branch)", err=True)
     return m, x
 
 
