@@ -344,12 +344,16 @@ def _rows_mix_samples(plan, env, n=2):
 
 
 def _same(a, b):
+    """Whether a and b hold the same values to 1e-4 of b's largest finite one; equal infinities
+    and NaN where both are NaN count as the same."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return False
     finite = np.abs(b[np.isfinite(b)])
     scale = max(float(finite.max()) if finite.size else 0.0, 1e-30)
     with np.errstate(invalid="ignore"):
         close = np.abs(a - b) <= 1e-4 * scale
-    return a.shape == b.shape and bool(np.all(close | (a == b) | (np.isnan(a) & np.isnan(b))))  # a == b: equal infinities
+    return bool(np.all(close | (a == b) | (np.isnan(a) & np.isnan(b))))
 
 
 def quiet_floats(fn):

@@ -672,3 +672,15 @@ def test_the_embeddings_hint_skips_lookups_read_for_their_shape():
         jaccli.input_jacobian(m, tokens, wrt="dead")
     J = jaccli.input_jacobian(m, tokens, wrt="e", dtype="float64")
     assert J.shape == (2, 4, 3, 4, 3)
+
+
+def test_the_sample_probe_compares_like_with_like():
+    """The probe that runs samples together and alone: a different shape is a different output
+    (not an error), equal infinities are the same value (a PROBIT of 1), opposite ones are not."""
+    from jaccli.drivers import _same
+
+    assert not _same(np.ones(3), np.ones(4))
+    assert not _same(np.ones((2, 3)), np.ones(3))
+    assert _same(np.array([np.inf, 1.0, np.nan]), np.array([np.inf, 1.0 + 1e-7, np.nan]))
+    assert not _same(np.array([np.inf]), np.array([-np.inf]))
+    assert not _same(np.array([1.0, 2.0]), np.array([1.0, 2.1]))
