@@ -418,12 +418,12 @@ def _svc(dtype, attrs):
     if attrs.get("prob_a") is not None and len(attrs["prob_a"]):
         raise UnsupportedOpError("SVMClassifier with probabilities (prob_a, prob_b) is not supported; its raw scores "
                                  "are (scikit-learn's SVC with probability=False)")
-    if _text(attrs.get("post_transform", "NONE")) != "NONE":
-        raise UnsupportedOpError(f"SVMClassifier with post_transform {_text(attrs['post_transform'])} is not supported")
+    if attrs.get("post_transform", "NONE") != "NONE":
+        raise UnsupportedOpError(f"SVMClassifier with post_transform {attrs['post_transform']} is not supported")
     per_class = [int(v) for v in attrs.get("vectors_per_class") or []]
     if not per_class:
         raise UnsupportedOpError("SVMClassifier in its linear form (no support vectors) is not supported")
-    labels = np.asarray(attrs.get("classlabels_ints") or [_text(v) for v in attrs.get("classlabels_strings") or []])
+    labels = np.asarray(attrs.get("classlabels_ints") or attrs.get("classlabels_strings") or [])
     k, V = len(per_class), sum(per_class)
     kernel = _svm_kernel_parts(attrs.get("kernel_params"), attrs.get("kernel_type", "LINEAR"), V)
     coef = np.asarray(attrs["coefficients"], np.float64).reshape(k - 1, V)
@@ -450,10 +450,6 @@ _BRANCH = {
 }
 
 
-def _text(v):
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def _floats(attrs, name):
     """A tree ensemble's float attribute, or its *_as_tensor form (ml opset 3); empty if neither."""
     v = attrs.get(name)
@@ -462,19 +458,36 @@ def _floats(attrs, name):
     return np.asarray(v if v is not None else [], np.float64).ravel()
 
 
+def _node_index(attrs):
+    """{(tree id, node id): the node's position in the attributes}"""
+    return {(t, n): i for i, (t, n) in enumerate(zip(attrs["nodes_treeids"], attrs["nodes_nodeids"]))}
+
+
+def _leaf_weights(attrs, kind, n, n_nodes):
+    """Each node's weights (n_nodes, n) for the targets or classes (kind "target" or "class"),
+    and whether it has one for each: a leaf's (tree, node, id, weight) entries summed."""
+    W, has = np.zeros((n_nodes, n)), np.zeros((n_nodes, n), bool)
+    index = _node_index(attrs)
+    for t, node, j, w in zip(attrs[f"{kind}_treeids"], attrs[f"{kind}_nodeids"], attrs[f"{kind}_ids"],
+                             _floats(attrs, f"{kind}_weights")):
+        W[index[(t, node)], j] += w
+        has[index[(t, node)], j] = True
+    return W, has
+
+
 def _tree_leaves(X, attrs):
     """The leaf (node index) each sample reaches in each tree, (N, trees), and the node count."""
-    tree, node = np.asarray(attrs["nodes_treeids"], np.int64), np.asarray(attrs["nodes_nodeids"], np.int64)
+    tree = list(attrs["nodes_treeids"])
     feature, value = np.asarray(attrs["nodes_featureids"], np.int64), _floats(attrs, "nodes_values")
-    modes = [_text(m) for m in attrs["nodes_modes"]]
+    modes = list(attrs["nodes_modes"])
     bad = sorted(set(modes) - set(_BRANCH) - {"LEAF"})
     if bad:
         raise UnsupportedOpError(f"tree nodes of mode {bad[0]} are not supported")
     missing = np.asarray(attrs.get("nodes_missing_value_tracks_true") or [0] * len(modes), bool)
-    index = {(t, n): i for i, (t, n) in enumerate(zip(tree.tolist(), node.tolist()))}
+    index = _node_index(attrs)
     leaf = np.array([m == "LEAF" for m in modes])
-    true_i = np.array([i if leaf[i] else index[(t, c)] for i, (t, c) in enumerate(zip(tree.tolist(), attrs["nodes_truenodeids"]))])
-    false_i = np.array([i if leaf[i] else index[(t, c)] for i, (t, c) in enumerate(zip(tree.tolist(), attrs["nodes_falsenodeids"]))])
+    true_i = np.array([i if leaf[i] else index[(t, c)] for i, (t, c) in enumerate(zip(tree, attrs["nodes_truenodeids"]))])
+    false_i = np.array([i if leaf[i] else index[(t, c)] for i, (t, c) in enumerate(zip(tree, attrs["nodes_falsenodeids"]))])
     children = set(true_i[~leaf].tolist()) | set(false_i[~leaf].tolist())
     roots = np.array([i for i in range(len(modes)) if i not in children])
     X2 = X.reshape(X.shape[0], -1)
@@ -509,15 +522,9 @@ class TreeEnsembleRegressor:
     def forward(X, **attrs):
         leaves, n_nodes = _tree_leaves(X, attrs)
         n = int(attrs.get("n_targets", 1))
-        W = np.zeros((n_nodes, n))
-        has = np.zeros((n_nodes, n), bool)
-        ids = zip(attrs["target_treeids"], attrs["target_nodeids"], attrs["target_ids"], _floats(attrs, "target_weights"))
-        index = {(t, i): k for k, (t, i) in enumerate(zip(attrs["nodes_treeids"], attrs["nodes_nodeids"]))}
-        for t, node, target, w in ids:
-            W[index[(t, node)], target] += w
-            has[index[(t, node)], target] = True
+        W, has = _leaf_weights(attrs, "target", n, n_nodes)
         S, H = W[leaves], has[leaves]  # (N, trees, n)
-        how = _text(attrs.get("aggregate_function", "SUM"))
+        how = attrs.get("aggregate_function", "SUM")
         if how == "SUM":
             Z = S.sum(axis=1)
         elif how == "AVERAGE":
@@ -530,11 +537,10 @@ class TreeEnsembleRegressor:
         base = _floats(attrs, "base_values")
         if base.size == n:
             Z = Z + base
-        post = _text(attrs.get("post_transform", "NONE"))
+        post = attrs.get("post_transform", "NONE")
         if n == 1 and post != "PROBIT":
             post = "NONE"  # onnxruntime applies only PROBIT to a single target
-        dtype = X.dtype if X.dtype.kind == "f" else np.float32
-        return _post(Z.astype(dtype), post)
+        return _post(Z.astype(_out_dtype(X)), post)
 
     def jvp(cx, Xdot, **attrs):
         return np.zeros(Xdot.shape[: Xdot.ndim - cx.x[0].ndim] + cx.y[0].shape, Xdot.dtype)
@@ -556,23 +562,19 @@ class TreeEnsembleClassifier:
     def forward(X, **attrs):
         leaves, n_nodes = _tree_leaves(X, attrs)
         labels = attrs.get("classlabels_int64s")
-        labels = np.asarray(labels if labels is not None and len(labels) else [_text(v) for v in attrs["classlabels_strings"]])
+        labels = np.asarray(labels if labels is not None and len(labels) else attrs["classlabels_strings"])
         k = len(labels)
-        W, has = np.zeros((n_nodes, k)), np.zeros((n_nodes, k), bool)
-        index = {(t, i): j for j, (t, i) in enumerate(zip(attrs["nodes_treeids"], attrs["nodes_nodeids"]))}
-        weights = _floats(attrs, "class_weights")
-        for t, node, c, w in zip(attrs["class_treeids"], attrs["class_nodeids"], attrs["class_ids"], weights):
-            W[index[(t, node)], c] += w
-            has[index[(t, node)], c] = True
+        W, has = _leaf_weights(attrs, "class", k, n_nodes)
         S, H = W[leaves].sum(axis=1), has[leaves].any(axis=1)  # (N, k)
         base = _floats(attrs, "base_values")
-        post = _text(attrs.get("post_transform", "NONE"))
+        post = attrs.get("post_transform", "NONE")
         if k > 2:
             S[:, :base.size] += base
             H[:, :base.size] = True
             label = labels[np.argmax(np.where(H, S, -np.inf), axis=1)]
             return label, _post(S, post).astype(_out_dtype(X))
-        return _binary_trees(S, H, base, post, labels, len(set(attrs["class_ids"])) == 1, bool((weights >= 0).all()), _out_dtype(X))
+        all_positive = bool((_floats(attrs, "class_weights") >= 0).all())
+        return _binary_trees(S, H, base, post, labels, len(set(attrs["class_ids"])) == 1, all_positive, _out_dtype(X))
 
     def jvp(cx, Xdot, **attrs):
         return None, np.zeros(Xdot.shape[: Xdot.ndim - cx.x[0].ndim] + cx.y[1].shape, Xdot.dtype)
@@ -609,7 +611,8 @@ def _binary_trees(S, H, base, post, labels, binary_case, all_positive, dtype):
         label = np.where(pos > 0, 1, 0).astype(labels.dtype) if labels.dtype.kind in "iu" else labels[np.where(pos > 0, 1, 0)]
     Z = np.zeros((len(S), 2))
     two = ~one
-    Z[two] = _post(np.stack([s0[two], s1[two]], axis=1), post) if two.any() else Z[two]
+    if two.any():
+        Z[two] = _post(np.stack([s0[two], s1[two]], axis=1), post)
     if one.any():
         s = s0[one]
         if post == "PROBIT":

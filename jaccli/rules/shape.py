@@ -849,12 +849,12 @@ class CumProd:
     nondiff = (1,)
 
     def forward(x, axis, *, exclusive=0, reverse=0):
-        a = _along(axis, x.ndim)
+        a = neg_axis(int(np.ravel(axis)[0]), x.ndim)
         return _unprep(np.cumprod(_prep(x, a, exclusive, reverse, 1), axis=a), a, reverse)
 
     def jvp(cx, Xdot, _=None, *, exclusive=0, reverse=0):
         X = cx.x[0]
-        a = _along(cx.x[1], X.ndim)
+        a = neg_axis(int(np.ravel(cx.x[1])[0]), X.ndim)
         Z = _prep(X, a, exclusive, reverse, 1)
         P = _prep(cx.y[0], a, 0, reverse, None)
         D = _prep(Xdot, a, exclusive, reverse, 0)
@@ -866,7 +866,7 @@ class CumProd:
 
     def vjp(cx, Ybar, *, exclusive=0, reverse=0):
         X = cx.x[0]
-        a = _along(cx.x[1], X.ndim)
+        a = neg_axis(int(np.ravel(cx.x[1])[0]), X.ndim)
         Z = _prep(X, a, exclusive, reverse, 1)
         P = _prep(cx.y[0], a, 0, reverse, None)
         G = _prep(Ybar, a, 0, reverse, None)
@@ -879,11 +879,6 @@ class CumProd:
         if exclusive:  # z_k = x_(k-1): x's cotangent is z's moved back by one, the last x unused
             Zbar = np.concatenate([Zbar[_at(a, slice(1, None))], np.zeros_like(Zbar[_at(a, slice(0, 1))])], axis=a)
         return _unprep(Zbar, a, reverse), None
-
-
-def _along(axis, ndim):
-    """CumProd's axis (an input) counted from the end, so that leading direction axes pass."""
-    return int(np.ravel(axis)[0]) % ndim - ndim
 
 
 def _at(axis, k):
