@@ -51,6 +51,7 @@ class Plan:
         self.outs = (of,) if isinstance(of, str) else tuple(of)
         self.model, self.of, self.wrt, self.dtype = model, self.outs[0], tuple(wrt), np.dtype(dtype)
         self.per_sample = per_sample
+        self._unbatched, self._through = unbatched, through
         self.notes = []  # what the drivers learn of the graph when they first run it, for the summary
         self.rows_mix_samples = False  # set by the drivers' probe: per-sample cotangents one sample at a time
         data_inputs = {v.name for v in model.inputs}
@@ -126,6 +127,10 @@ class Plan:
 
     # ---- construction helpers ----------------------------------------------------------------
 
+
+    def in_float64(self):
+        """The same plan, computing in float64."""
+        return Plan(self.model, self.outs, self.wrt, np.float64, self.per_sample, self._unbatched, self._through)
     def _attrs(self, node, rule):
         # consumed_inputs (opsets 1-5) was an in-place hint with no effect on the result
         attrs = {k: _as_compute(v, self.dtype) if isinstance(v, np.ndarray) else v for k, v in node.attrs.items()

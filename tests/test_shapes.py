@@ -199,6 +199,21 @@ def test_a_graph_that_mixes_samples_is_refused():
         jaccli.input_jacobian(m, RNG.standard_normal((3, 4)))
 
 
+def test_an_output_that_cancels_is_not_taken_for_mixing_samples():
+    """Sample 0's output is a difference of terms of 1e3 that cancels to float32's rounding.
+    In float32 a batch of two (a matrix product) and sample 0 alone (a vector product) round
+    it differently, by more than the probe's tolerance of its own size; in float64 they agree.
+    The probe looks again in float64 before it calls the model sample-mixing."""
+    W = (np.random.default_rng(3).standard_normal((16, 1)) * 1e3).astype(np.float32)
+    xs = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
+    b = -(xs[:1].astype(np.float64) @ W).ravel().astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])]
+    m = model(nodes, [x], [y], [numpy_helper.from_array(W, "W"), numpy_helper.from_array(b, "b")])
+    np.testing.assert_array_equal(jaccli.input_jacobian(m, xs)[:, 0], np.broadcast_to(W.T, (2, 16)))
+
+
 def test_batch_norm_training_style_statistics_are_refused():
     # statistics over the batch computed by hand: ReduceMean over axis 0
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
