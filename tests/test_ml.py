@@ -288,15 +288,19 @@ def test_tree_ensemble_note(tmp_path):
     assert "TreeEnsembleRegressor lies on the way" in " ".join(r.output.split())
 
 
-def svm_classifier(kernel, per_class, labels_out=False):
+def svm_classifier(kernel, per_class, labels_out=False, platt=None):
     """A kernel SVC as skl2onnx writes it: support vectors grouped by class, one coefficient row per
-    other class, one rho per pair of classes; the scores (and, with labels_out, the labels) out."""
+    other class, one rho per pair of classes; the scores (and, with labels_out, the labels) out.
+    platt: the scale of Platt's slopes prob_a, for probabilities (SVC(probability=True))."""
     k, V = len(per_class), sum(per_class)
+    pairs = k * (k - 1) // 2
+    probs = {} if platt is None else {"prob_a": list(-platt * RNG.uniform(0.5, 1.5, pairs)),
+                                      "prob_b": list(RNG.uniform(-0.3, 0.3, pairs))}
     node = helper.make_node("SVMClassifier", ["x"], ["label", "scores"], domain="ai.onnx.ml", kernel_type=kernel,
                             kernel_params=[0.4, 0.5, 3.0], vectors_per_class=per_class, classlabels_ints=list(range(10, 10 + k)),
-                            coefficients=list(RNG.uniform(-1, 1, (k - 1) * V)), rho=list(RNG.uniform(-0.5, 0.5, k * (k - 1) // 2)),
-                            support_vectors=list(RNG.standard_normal(V * 4)), post_transform="NONE")
-    outs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", k if k > 2 else 2])]
+                            coefficients=list(RNG.uniform(-1, 1, (k - 1) * V)), rho=list(RNG.uniform(-0.5, 0.5, pairs)),
+                            support_vectors=list(RNG.standard_normal(V * 4)), post_transform="NONE", **probs)
+    outs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", k if k > 2 or platt else 2])]
     if labels_out:
         outs.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]))
     g = helper.make_graph([node], "svc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])], outs)
@@ -322,6 +326,48 @@ def test_svm_classifier(kernel, per_class):
     for mode in ("forward", "reverse"):
         J = jaccli.input_jacobian(m, x[:3], dtype="float64", flat=True, mode=mode)
         assert rel_err(J, fd_input_jacobian(m, {"x": x[:3]}, "x")) < 1e-6
+
+
+@pytest.mark.parametrize("kernel,per_class,platt", [("RBF", [2, 1, 2], 2.0), ("POLY", [1, 2, 2, 1], 1.0), ("RBF", [2, 3], 2.0),
+                                                    ("SIGMOID", [2, 1, 2], 40.0), ("LINEAR", [3, 2, 1, 2, 2], 3.0)])
+def test_svm_classifier_probabilities(kernel, per_class, platt):
+    """scikit-learn's SVC(probability=True): Platt's probability per pair, coupled into the classes'
+    probabilities by onnxruntime's sweeps (each sample stops on its own, after a different
+    number of them), and labels by votes, as onnxruntime gives them; their input Jacobian, in
+    both modes, against differences. Steep slopes (40) clip some pairs' probabilities at 1e-7."""
+    from gradcheck import fd_input_jacobian, our_forward
+
+    m = svm_classifier(kernel, per_class, labels_out=True, platt=platt)
+    x = RNG.standard_normal((16, 4))
+    scores, labels = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.astype(np.float32)})
+    assert np.abs(our_forward(m, {"x": x}, np.float32) - scores).max() < 2e-6
+    del m.graph.output[0]
+    np.testing.assert_array_equal(our_forward(m, {"x": x}, np.float32), labels)
+    m = svm_classifier(kernel, per_class, platt=platt)
+    for mode in ("forward", "reverse"):
+        J = jaccli.input_jacobian(m, x[:3], dtype="float64", flat=True, mode=mode)
+        assert rel_err(J, fd_input_jacobian(m, {"x": x[:3]}, "x")) < 1e-6
+
+
+def test_svm_probability_coupling():
+    """The coupling's sweeps and their forward-mode slopes, on their own: the slopes against
+    differences of the probabilities computed, at scores where some pairs clip (slope 0) and
+    samples stop after different numbers of sweeps."""
+    from jaccli.rules.ml import _coupled
+
+    for k in (2, 3, 5):
+        m = k * (k - 1) // 2
+        Z = RNG.standard_normal((6, m)) * 3
+        A, B = -RNG.uniform(1, 3, m), RNG.uniform(-0.3, 0.3, m)
+        A[0] = -12.0  # steep: pair 0 clips where |z| is large
+        P, L = _coupled(Z, A, B, k, slopes=True)
+        np.testing.assert_allclose(P.sum(-1), 1, atol=1e-12)
+        F = np.zeros_like(L)
+        for p in range(m):
+            e = np.zeros(m)
+            e[p] = 1e-6
+            F[:, :, p] = (_coupled(Z + e, A, B, k)[0] - _coupled(Z - e, A, B, k)[0]) / 2e-6
+        assert np.abs(L - F).max() < 1e-8 * max(1.0, np.abs(F).max())
 
 
 @pytest.mark.parametrize("classes,weighted,base,post,signs", [

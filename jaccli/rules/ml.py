@@ -378,32 +378,40 @@ def _svm_gradient(X, *, coefficients, kernel_params=None, kernel_type="LINEAR", 
 
 @rule("SVMClassifier", since=1, domain=ML)
 class SVMClassifier:
-    """(label, scores) of a kernel SVM classifier (scikit-learn's SVC without probabilities): for
-    each pair of classes i < j, score = sum over i's support vectors of coef[j-1] K(x, s) + sum
-    over j's of coef[i] K(x, s) + rho, one column per pair; two classes give (-score, score).
-    The label (by votes) is piecewise constant; the scores are smooth in X. Probabilities
-    (prob_a, prob_b), post transforms and the linear (liblinear) form are refused."""
+    """(label, scores) of a kernel SVM classifier (scikit-learn's SVC): for each pair of classes
+    i < j, score = sum over i's support vectors of coef[j-1] K(x, s) + sum over j's of coef[i]
+    K(x, s) + rho, one column per pair; two classes give (-score, score). With probabilities
+    (prob_a, prob_b; SVC(probability=True)) each pair's score becomes Platt's pairwise
+    probability, and the classes' probabilities couple them (see _coupled). The label (by votes)
+    is piecewise constant; the scores are smooth in X. Post transforms and the linear
+    (liblinear) form are refused."""
 
     n_diff_outputs = None
 
     def forward(X, **attrs):
         Xf = X.astype(np.result_type(X.dtype, np.float32))
-        C, rho, S, kernel, labels, k = _svc(Xf.dtype, attrs)
+        C, rho, S, kernel, labels, k, platt = _svc(Xf.dtype, attrs)
         Z = _svm_kernel(Xf, S, *kernel)[0] @ C + rho  # (N, pairs)
         votes = np.zeros((len(Xf), k), np.int64)
         for p, (i, j) in enumerate(_pairs(k)):
             np.add.at(votes, (np.arange(len(Xf)), np.where(Z[:, p] > 0, i, j)), 1)
         label = labels[np.argmax(votes, axis=1)]  # a positive pair score is a vote for the first class of the pair
+        if platt is not None:
+            return label, _coupled(Z, *platt, k)[0]
         return label, (np.concatenate([-Z, Z], axis=1) if k == 2 else Z)
 
     def jvp(cx, Xdot, **attrs):
-        G = _svc_gradient(cx.x[0], attrs)  # (N, P, F)
+        G, L = _svc_gradient(cx.x[0], attrs)  # (N, P, F), and the probabilities' (N, k, P) or None
         D = np.einsum("...nf,npf->...np", Xdot, G.astype(Xdot.dtype))
+        if L is not None:
+            return None, np.einsum("...np,nkp->...nk", D, L.astype(D.dtype))
         return None, (np.concatenate([-D, D], axis=-1) if G.shape[1] == 1 else D)  # two classes: (-s, s)
 
     def vjp(cx, _labels, Zbar, **attrs):
-        G = _svc_gradient(cx.x[0], attrs)
-        if G.shape[1] == 1:  # two classes: (-s, s)
+        G, L = _svc_gradient(cx.x[0], attrs)
+        if L is not None:
+            Zbar = np.einsum("...nk,nkp->...np", Zbar, L.astype(Zbar.dtype))
+        elif G.shape[1] == 1:  # two classes: (-s, s)
             Zbar = Zbar[..., 1:] - Zbar[..., :1]
         return (np.einsum("...np,npf->...nf", Zbar, G.astype(Zbar.dtype)),)
 
@@ -414,10 +422,7 @@ def _pairs(k):
 
 def _svc(dtype, attrs):
     """An SVMClassifier's pairwise coefficients (vectors, pairs), rho, support vectors, kernel,
-    labels and class count."""
-    if attrs.get("prob_a") is not None and len(attrs["prob_a"]):
-        raise UnsupportedOpError("SVMClassifier with probabilities (prob_a, prob_b) is not supported; its raw scores "
-                                 "are (scikit-learn's SVC with probability=False)")
+    labels, class count, and Platt's (prob_a, prob_b) per pair or None."""
     if attrs.get("post_transform", "NONE") != "NONE":
         raise UnsupportedOpError(f"SVMClassifier with post_transform {attrs['post_transform']} is not supported")
     per_class = [int(v) for v in attrs.get("vectors_per_class") or []]
@@ -434,12 +439,86 @@ def _svc(dtype, attrs):
         C[start[i]:start[i + 1], p] = coef[j - 1, start[i]:start[i + 1]]
         C[start[j]:start[j + 1], p] = coef[i, start[j]:start[j + 1]]
     S = np.asarray(attrs["support_vectors"], dtype).reshape(V, -1)
-    return C.astype(dtype), np.asarray(attrs["rho"], dtype)[: len(pairs)], S, kernel, labels, k
+    platt = None
+    if attrs.get("prob_a") is not None and len(attrs["prob_a"]):
+        platt = tuple(np.asarray(attrs[a], dtype)[: len(pairs)] for a in ("prob_a", "prob_b"))
+    return C.astype(dtype), np.asarray(attrs["rho"], dtype)[: len(pairs)], S, kernel, labels, k, platt
+
+
+def _coupled(Z, A, B, k, slopes=False):
+    """The k classes' probabilities (N, k) from the pair scores Z (N, pairs), as onnxruntime
+    computes them (after libsvm): each pair's Platt probability r = 1 - logistic(A z + B),
+    clipped to [1e-7, 1 - 1e-7], is class i's over class j (and 1 - r class j's over i); then
+    Wu, Lin and Weng's coupling, p minimizing p'Qp over the simplex, by their fixed-point
+    sweeps from p = 1/k until the optimality gap is under 0.005/k (at most 100 sweeps, each
+    sample stopping on its own). With slopes, also dp/dz (N, k, pairs): the same sweeps
+    carried in forward mode, one direction per pair, so the derivative is that of the
+    probabilities computed (not of the exact minimum they approach)."""
+    N, m = Z.shape
+    dt = Z.dtype
+    r = 1 - _sigmoid(Z * A + B)
+    lo, hi = dt.type(1e-7), 1 - dt.type(1e-7)
+    dr = np.where((r > lo) & (r < hi), -r * (1 - r) * A, 0)  # (N, m)
+    r = np.clip(r, lo, hi)
+    R = np.zeros((N, k, k), dt)  # R[i, j]: class i's probability over class j
+    dR = np.zeros((N, m, k, k), dt) if slopes else None  # one direction per pair
+    for p, (i, j) in enumerate(_pairs(k)):
+        R[:, i, j], R[:, j, i] = r[:, p], 1 - r[:, p]
+        if slopes:
+            dR[:, p, i, j], dR[:, p, j, i] = dr[:, p], -dr[:, p]
+    Rt = np.swapaxes(R, -1, -2)
+    eye = np.eye(k, dtype=bool)
+    Q = np.where(eye, (Rt * Rt).sum(-1)[..., None], -Rt * R)  # Q[i, i] = sum_j R[j, i]^2, Q[i, j] = -R[j, i] R[i, j]
+    P = np.full((N, k), 1 / k, dt)
+    if slopes:
+        dRt = np.swapaxes(dR, -1, -2)
+        dQ = np.where(eye, 2 * (Rt[:, None] * dRt).sum(-1)[..., None], -(dRt * R[:, None] + Rt[:, None] * dR))
+        dP = np.zeros((N, m, k), dt)
+    done = np.zeros(N, bool)
+    eps = dt.type(0.005 / k)
+    for _ in range(100):
+        Qp = np.einsum("nij,nj->ni", Q, P)
+        pQp = (P * Qp).sum(-1)
+        done |= np.abs(Qp - pQp[:, None]).max(-1) < eps
+        if done.all():
+            break
+        p0 = P.copy()
+        if slopes:
+            dp0 = dP.copy()
+            dQp = np.einsum("nmij,nj->nmi", dQ, P) + np.einsum("nij,nmj->nmi", Q, dP)
+            dpQp = (dP * Qp[:, None]).sum(-1) + (P[:, None] * dQp).sum(-1)
+        for i in range(k):
+            qii, qpi = Q[:, i, i], Qp[:, i]
+            diff = (pQp - qpi) / qii
+            P[:, i] += diff
+            pQp_new = (pQp + diff * (diff * qii + 2 * qpi)) / (1 + diff) ** 2
+            Qp_new = (Qp + diff[:, None] * Q[:, i]) / (1 + diff)[:, None]
+            P /= (1 + diff)[:, None]
+            if slopes:  # the same steps' derivatives, for every direction
+                dd = ((dpQp - dQp[:, :, i]) - diff[:, None] * dQ[:, :, i, i]) / qii[:, None]
+                dP[:, :, i] += dd
+                dnum = dpQp + dd * (diff * qii + 2 * qpi)[:, None] + diff[:, None] * (dd * qii[:, None] + diff[:, None] * dQ[:, :, i, i] + 2 * dQp[:, :, i])
+                dpQp = (dnum - pQp_new[:, None] * 2 * (1 + diff)[:, None] * dd) / ((1 + diff) ** 2)[:, None]
+                dQp = (dQp + dd[..., None] * Q[:, None, i] + diff[:, None, None] * dQ[:, :, i] - Qp_new[:, None] * dd[..., None]) / (1 + diff)[:, None, None]
+                dP = (dP - P[:, None] * dd[..., None]) / (1 + diff)[:, None, None]
+            pQp, Qp = pQp_new, Qp_new
+        P = np.where(done[:, None], p0, P)  # a sample that had converged keeps its probabilities
+        if slopes:
+            dP = np.where(done[:, None, None], dp0, dP)
+    if not slopes:
+        return P, None
+    return P, np.swapaxes(dP, -1, -2)  # (N, k, pairs)
 
 
 def _svc_gradient(X, attrs):
-    C, _, S, kernel, _, _ = _svc(X.dtype, attrs)
-    return _svm_kernel_gradient(X, C, S, *kernel)
+    """d(pair scores)/dX (N, pairs, F), and with probabilities d(probabilities)/d(pair scores)
+    (N, k, pairs), else None."""
+    C, rho, S, kernel, _, k, platt = _svc(X.dtype, attrs)
+    K = None
+    if platt is not None:
+        Z = _svm_kernel(X, S, *kernel)[0] @ C + rho
+        K = _coupled(Z, *platt, k, slopes=True)[1]
+    return _svm_kernel_gradient(X, C, S, *kernel), K
 
 
 # ---- tree ensembles: piecewise constant, so their derivative is zero wherever it exists ---------
