@@ -183,6 +183,82 @@ class OneHotEncoder:
         return Y
 
 
+@rule("LabelEncoder", since=1, domain=ML)
+class LabelEncoder:
+    """Y = the value paired with X's key, else the default: a lookup of strings, integers or
+    floats; a repeated key's first value. Opset 1 maps strings to their index in
+    classes_strings and indices to those strings. scikit-learn's IsolationForest maps its
+    trees' leaves to path lengths with it. Piecewise constant in a float X: its derivative
+    is zero."""
+
+    piecewise_constant = True
+
+    def forward(X, **attrs):
+        return _label_encode(X, False, **attrs)
+
+    def jvp(cx, Xdot, **attrs):
+        return np.zeros_like(Xdot)
+
+    def vjp(cx, Ybar, **attrs):
+        return (np.zeros_like(Ybar),)
+
+
+@rule("LabelEncoder", since=4, domain=ML)
+class LabelEncoder4(LabelEncoder):
+    """As opset 2, with keys and values as tensors too; a NaN key matches a NaN input."""
+
+    def forward(X, **attrs):
+        return _label_encode(X, True, **attrs)
+
+
+def _label_encode(X, nan, classes_strings=None, default_int64=-1, default_string="_Unused", default_float=-0.0,
+                  keys_floats=None, keys_int64s=None, keys_strings=None, values_floats=None, values_int64s=None,
+                  values_strings=None, keys_tensor=None, values_tensor=None, default_tensor=None):
+    if classes_strings is not None and len(classes_strings):  # opset 1
+        classes = _texts(classes_strings)
+        if X.dtype.kind in "OSU":
+            return _lookup(X, classes, np.arange(len(classes)), np.int64(default_int64))
+        return _lookup(X, np.arange(len(classes)), classes, default_string)
+    keys = next((k for k in (keys_tensor, keys_floats, keys_int64s, keys_strings) if k is not None and len(k)), None)
+    if values_tensor is not None and len(values_tensor):
+        values = np.asarray(values_tensor).ravel()
+        values = _texts(values) if values.dtype.kind in "OSU" else values
+        default = np.asarray(default_tensor).ravel()[0] if default_tensor is not None else (
+            "_Unused" if values.dtype.kind == "O" else -1 if values.dtype.kind in "iu" else -0.0)
+    elif values_floats is not None and len(values_floats):
+        values, default = np.asarray(values_floats, _out_dtype(X)), default_float
+    elif values_int64s is not None and len(values_int64s):
+        values, default = np.asarray(values_int64s, np.int64), default_int64
+    else:
+        values, default = _texts(values_strings or []), default_string
+    if keys is None or len(keys) != len(values):
+        raise ValueError("LabelEncoder needs keys and values of the same length")
+    keys = np.asarray(keys).ravel()
+    Y = _lookup(X, _texts(keys) if keys.dtype.kind in "OSU" else keys, values, default, nan)
+    return Y.astype(_out_dtype(X)) if Y.dtype.kind == "f" else Y
+
+
+def _texts(v):
+    return np.asarray([x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in np.ravel(v)], object)
+
+
+def _lookup(X, keys, values, default, nan=False):
+    """values[i] where X equals keys[i] (the first such i, as onnxruntime takes a repeated key;
+    with nan, a NaN key matches a NaN), else default; of X's shape."""
+    X = np.asarray(X)
+    if X.dtype.kind in "OSU" or keys.dtype.kind == "O":
+        table = dict(zip(keys.tolist()[::-1], values.tolist()[::-1]))
+        flat = [table.get(x.decode() if isinstance(x, bytes) else x, default) for x in X.ravel().tolist()]
+        return np.asarray(flat, values.dtype).reshape(X.shape)
+    order = np.argsort(keys, kind="stable")  # NaN keys last
+    sk = keys[order]
+    pos = np.minimum(np.searchsorted(sk, X), len(sk) - 1)  # the first of equal keys; a NaN's, the first NaN key
+    hit = sk[pos] == X
+    if nan and sk.dtype.kind == "f" and X.dtype.kind == "f":
+        hit |= np.isnan(sk[pos]) & np.isnan(X)
+    return np.where(hit, values[order][pos], np.asarray(default, values.dtype))
+
+
 @rule("ArrayFeatureExtractor", since=1, domain=ML)
 class ArrayFeatureExtractor:
     """Z = X[..., indices], the indices flattened; a 1-D X gives one row (onnxruntime's shape).
