@@ -448,17 +448,31 @@ def _passes(row, tol):
 
 
 def verdict(row, tol):
-    """pass, FAIL, or unclear: not within the tolerance, but every difference is within the
-    oracle's own rounding (row["noise"]), so this oracle cannot tell (a saturated classifier's
-    probabilities checked in float32, or a tolerance below what its precision resolves)."""
+    """pass, FAIL, or unclear: not within the tolerance, but every difference from ours is within
+    what the oracle resolves, so it cannot tell: within its own rounding (row["noise"]; a
+    saturated classifier's probabilities checked in float32, or a tolerance below what its
+    precision resolves), or within how far its own differences at its three steps are apart
+    for most columns (row["entry_spread"], row["direction_spread"]; a float32 oracle on a deep
+    ReLU network, where the steps cross kinks). A wrong rule is off by more than the oracle's
+    differences disagree with each other."""
     if _passes(row, tol):
         return "pass"
     if not (row.get("entries_judged", True) or row.get("directions_judged", True)):
         return "unclear"  # every difference crossed a jump
     noise = row.get("noise", 0.0)
-    if row["max_abs_error"] <= noise and row.get("max_abs_direction_error", np.inf) <= noise:
+    if (row["max_abs_error"] <= max(noise, row.get("entry_spread", 0.0))
+            and row.get("max_abs_direction_error", np.inf) <= max(noise, row.get("direction_spread", 0.0))):
         return "unclear"
     return "FAIL"
+
+
+def _resolution(spread, q=0.9):
+    """How far apart the oracle's differences at its three steps are for most columns (their
+    90th percentile): what it resolves. A float32 oracle on a deep ReLU network has both
+    rounding and kinks crossed inside a step; its differences then disagree with each other
+    by more than its rounding alone would say."""
+    spread = spread[np.isfinite(spread)]
+    return float(np.quantile(spread, q)) if spread.size else 0.0
 
 
 def _pick(n, entries, rng):
@@ -604,8 +618,11 @@ def _row(name, ours, fds, n_entries, y_ours, y_ort, noise=0.0):
     entries, directions = slice(0, n_entries), slice(n_entries, None)
     abs_e, scale, rel_e = relative(entries)
     abs_d, _, rel_d = relative(directions)
+    with np.errstate(invalid="ignore"):
+        spread = np.where(judged, np.maximum.reduce(fds) - np.minimum.reduce(fds), np.nan)
     return {"output": name, "max_abs_error": abs_e, "max_abs": scale, "entry_error": rel_e, "directional_error": rel_d,
             "max_abs_direction_error": abs_d, "noise": noise,
+            "entry_spread": _resolution(spread[:, :, entries]), "direction_spread": _resolution(spread[:, :, directions]),
             "entries_judged": bool(judged[:, :, entries].any()), "directions_judged": bool(judged[:, :, directions].any()),
             "jumps": int(jumps.any(axis=1).sum()),
             "relative_error": max(rel_e, rel_d), "nan_entries": int((~finite).sum()),

@@ -344,6 +344,25 @@ def test_check_calls_differences_below_the_oracles_rounding_unclear():
     assert verdict({**row, "entry_error": 1e-4, "directional_error": 5e-3}, 1e-3) == "pass"
 
 
+def test_check_calls_errors_within_the_oracles_own_step_spread_unclear():
+    """A float32 oracle on a deep ReLU network: its differences at the three steps disagree with
+    each other (rounding, kinks crossed inside a step) by more than ours disagrees with the
+    nearest of them. It cannot tell, so the verdict is unclear; a Jacobian off by 30%, far
+    outside that spread, still FAILs."""
+    from jaccli.oracle import _row, verdict
+
+    rng = np.random.default_rng(0)
+    true = rng.standard_normal((2, 3, 12))  # (samples, outputs, 8 entries + 4 directions)
+    fds = [true + 0.05 * rng.standard_normal(true.shape) * w for w in (1.0, 2.0, 4.0)]
+    y = np.zeros((2, 3))
+    row = _row("y", true, fds, 8, y, y)
+    assert row["entry_error"] > 1e-2 and row["max_abs_error"] <= row["entry_spread"]
+    assert verdict(row, 1e-3) == "unclear"
+    assert verdict(_row("y", 1.3 * true, fds, 8, y, y), 1e-3) == "FAIL"
+    steady = [true + 1e-7 * k for k in range(3)]  # differences that agree: the same error is a FAIL
+    assert verdict(_row("y", true + 0.05, steady, 8, y, y), 1e-3) == "FAIL"
+
+
 def test_check_leaves_out_where_the_model_jumps(tmp_path, monkeypatch):
     """A categorical column cast to an integer (a scikit-learn pipeline's one-hot input) at
     integer data: every difference across it grows as 1/step. Those are not judged (no
