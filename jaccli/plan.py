@@ -314,8 +314,8 @@ class Plan:
 
         Returns dict(bytes_primal, bytes_per_direction, flops_per_direction,
         wide_flops_per_direction), each per sample: bytes of the kept intermediates, peak bytes
-        of live (co)tangents for one direction, multiply-adds for one direction, and those of
-        them in products by a wide 2-D matrix (see _wide_product).
+        of live (co)tangents and a step's temporaries for one direction, multiply-adds for one
+        direction, and those of them in products by a wide 2-D matrix (see _wide_product).
         """
         item = self.dtype.itemsize
 
@@ -326,10 +326,14 @@ class Plan:
             return a.size / n if v in self.batched else a.size  # unbatched cotangents are per sample
 
         primal = sum(a.size for k, a in env.items() if k in self.batched and hasattr(a, "size")) * item / n
+        made = {v: i for i, s in enumerate(self.active_steps) for v in s.outputs if v}  # inputs: from the start
         peak, flops, wide = 0.0, 0.0, 0.0
         for i, s in enumerate(self.active_steps):
-            live = sum(per_sample(v) for v, j in self.last_use.items() if j >= i and v in self.active)
-            work = sum(per_sample(o) for o in s.outputs) + _workspace(s, env, n)
+            # a (co)tangent lives from the step that makes it to the last that reads it, either way
+            live = sum(per_sample(v) for v, j in self.last_use.items() if made.get(v, -1) < i <= j and v in self.active)
+            # what the step makes, and its rule's temporaries: a derivative, a product, of its operands' size
+            work = sum(per_sample(o) for o in s.outputs) + sum(per_sample(v) for v in set(s.inputs) if v in self.active) \
+                + _workspace(s, env, n)
             peak = max(peak, live + work)
             f = _flops(s, env, n)
             flops += f

@@ -137,7 +137,7 @@ def test_a_fixed_batch_over_the_budget_is_refused_in_one_line():
 
     x = RNG.standard_normal((6, 3, 2, 2)).astype(np.float32)
     with pytest.raises(MemoryBudgetError, match="a run of 4 samples .* with all 3 directions"):
-        jaccli.input_jacobian(batch_of_four(), x, max_memory=5000)
+        jaccli.input_jacobian(batch_of_four(), x, max_memory=3000)
     np.testing.assert_array_equal(jaccli.input_jacobian(batch_of_four(), x, max_memory=8000), jaccli.input_jacobian(batch_of_four(), x))
 
 
