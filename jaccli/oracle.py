@@ -451,19 +451,23 @@ def verdict(row, tol):
     """pass, FAIL, or unclear: not within the tolerance, but every difference from ours is within
     what the oracle resolves, so it cannot tell: within its own rounding (row["noise"]; a
     saturated classifier's probabilities checked in float32, or a tolerance below what its
-    precision resolves), or within how far its own differences at its three steps are apart
-    for most columns (row["entry_spread"], row["direction_spread"]; a float32 oracle on a deep
-    ReLU network, where the steps cross kinks). A wrong rule is off by more than the oracle's
-    differences disagree with each other."""
+    precision resolves), or within twice how far its own differences at its three steps are
+    apart for most columns (row["entry_spread"], row["direction_spread"]; a float32 oracle on a
+    deep ReLU network, where the steps cross kinks). A wrong rule is off by more than that: on
+    torchvision and timm CNNs checked in float32, a Jacobian 10% off is 2-14 times that
+    spread, a correct one 0.2-1.9 times."""
     if _passes(row, tol):
         return "pass"
     if not (row.get("entries_judged", True) or row.get("directions_judged", True)):
         return "unclear"  # every difference crossed a jump
     noise = row.get("noise", 0.0)
-    if (row["max_abs_error"] <= max(noise, row.get("entry_spread", 0.0))
-            and row.get("max_abs_direction_error", np.inf) <= max(noise, row.get("direction_spread", 0.0))):
+    if (row["max_abs_error"] <= max(noise, SPREAD * row.get("entry_spread", 0.0))
+            and row.get("max_abs_direction_error", np.inf) <= max(noise, SPREAD * row.get("direction_spread", 0.0))):
         return "unclear"
     return "FAIL"
+
+
+SPREAD = 2.0  # errors within this many times the oracle's step-to-step spread are beyond what it resolves
 
 
 def _resolution(spread, q=0.9):

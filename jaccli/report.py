@@ -134,10 +134,11 @@ def render_check(console: Console, d: dict):
             console.print(f"unclear ({r['output']}): every difference is within the {d['oracle_dtype']} oracle's own rounding "
                           f"(about {r['noise']:.1e} here), so this oracle cannot tell at this tolerance")
         elif v == "unclear":
-            console.print(f"unclear ({r['output']}): ours is as close to the {d['oracle_dtype']} oracle's differences as they are "
-                          f"to each other: for 9 in 10 columns its three steps differ by up to {r.get('entry_spread', 0):.1e} "
-                          f"(entries) and {r.get('direction_spread', 0):.1e} (directions), its rounding and the kinks "
-                          f"its steps cross, so this oracle cannot tell at this tolerance")
+            console.print(f"unclear ({r['output']}): ours is about as close to the {d['oracle_dtype']} oracle's differences as "
+                          f"they are to each other: for 9 in 10 columns its three steps differ by up to "
+                          f"{r.get('entry_spread', 0):.1e} (entries) and {r.get('direction_spread', 0):.1e} (directions), its "
+                          f"rounding and the kinks its steps cross, and ours is within twice that, so this oracle cannot tell "
+                          f"at this tolerance")
     console.print(f"pass: the better of the two relative errors (max |J - J_fd| / max |J_fd| over sampled entries, and "
                   f"over random directions J v) ≤ {d['tolerance']:.0e}, the other ≤ {10 * d['tolerance']:.0e}; "
                   f"steps {d['step']:.0e} × (4, 1, 1/4), relative to the values perturbed")
