@@ -1,4 +1,4 @@
-"""Normalisations: BatchNormalization (inference), Softmax and LogSoftmax."""
+"""Normalisations: BatchNormalization, Softmax and LogSoftmax."""
 
 from __future__ import annotations
 
@@ -16,24 +16,35 @@ def _channel(v, ndim):
 
 @rule("BatchNormalization", since=1)
 class BatchNormalization:
-    """Y = scale * (X - mean) / sqrt(var + epsilon) + B, per channel (axis 1); inference only.
+    """Y = scale * (X - mean) / sqrt(var + epsilon) + B, per channel (axis 1).
 
     The running mean and variance are buffers, not parameters; but they are differentiated like
     any input, for a parameter that reaches them (exporters tie a fresh model's running variance
-    to its scale, both ones, through an Identity)."""
+    to its scale, both ones, through an Identity).
+
+    With training_mode=1 (opset 14 on) the mean and variance are X's own, over every axis but
+    the channel's (see _train): what weight standardization exports (timm's NFNets normalize
+    their kernels so). On a batch of samples it mixes them, and the drivers' probe refuses it."""
 
     buffers = (3, 4)
     keeps = True
+    n_diff_outputs = 1
 
-    def forward(X, scale, B, input_mean, input_var, *, epsilon, momentum=0.9, spatial=1, is_test=0, training_mode=0):
-        if training_mode:
-            raise UnsupportedOpError("BatchNormalization with training_mode=1 is not supported (inference only)")
+    def forward(X, scale, B, input_mean, input_var, *, epsilon, momentum=0.9, spatial=1, is_test=0, training_mode=0,
+                n_outputs=1):
         if not spatial:
             raise UnsupportedOpError("BatchNormalization with spatial=0 is not supported")
+        if training_mode:
+            xhat, mu, var = _train(X, epsilon)
+            Y = xhat * _channel(scale, X.ndim) + _channel(B, X.ndim)
+            m = X.dtype.type(momentum)  # the running statistics, as the spec updates them
+            return (Y, input_mean * m + mu * (1 - m), input_var * m + var * (1 - m))[:max(1, n_outputs)]
         a = scale / np.sqrt(input_var + X.dtype.type(epsilon))
         return X * _channel(a, X.ndim) + _channel(B - input_mean * a, X.ndim)
 
-    def jvp(cx, Xdot, sdot, Bdot, mdot=None, vdot=None, *, epsilon, **__):
+    def jvp(cx, Xdot, sdot, Bdot, mdot=None, vdot=None, *, epsilon, training_mode=0, **__):
+        if training_mode:
+            return _train_jvp(cx, Xdot, sdot, Bdot, epsilon)
         X, scale, B, mean, var = cx.x
         inv = 1 / np.sqrt(var + X.dtype.type(epsilon))
         out = None
@@ -49,7 +60,9 @@ class BatchNormalization:
                 out = term if out is None else out + term
         return out
 
-    def vjp(cx, Ybar, *_, epsilon, **__):
+    def vjp(cx, Ybar, *_, epsilon, training_mode=0, **__):
+        if training_mode:
+            return _train_vjp(cx, Ybar, epsilon)
         X, scale, B, mean, var = cx.x
         lead = cx.lead(Ybar)
         inv = 1 / np.sqrt(var + X.dtype.type(epsilon))
@@ -79,6 +92,53 @@ class BatchNormalization:
         if cx.need[0]:  # last: it may overwrite Ybar
             Xbar = scaled(cx, Ybar, _channel(scale * inv, X.ndim))
         return Xbar, sbar, Bbar, mbar, vbar
+
+
+def _train(X, epsilon):
+    """x-hat = (X - mean) / sqrt(var + epsilon), with X's own mean and (population) variance over
+    every axis but the channel's; and those (C,)."""
+    axes = (0,) + tuple(range(2, X.ndim))
+    mu = X.mean(axis=axes)
+    var = ((X - _channel(mu, X.ndim)) ** 2).mean(axis=axes)
+    return (X - _channel(mu, X.ndim)) / _channel(np.sqrt(var + X.dtype.type(epsilon)), X.ndim), mu, var
+
+
+def _train_jvp(cx, Xdot, sdot, Bdot, epsilon):
+    """d x-hat = (dX - mean(dX) - x-hat mean(x-hat dX)) / sigma, over the statistics' axes."""
+    X, scale = cx.x[0], cx.x[1]
+    xhat, _, var = _train(X, epsilon)
+    out = None
+    if Xdot is not None:
+        axes = tuple(a + Xdot.ndim - X.ndim for a in (0,) + tuple(range(2, X.ndim)))
+        d = Xdot - Xdot.mean(axis=axes, keepdims=True) - xhat * (xhat * Xdot).mean(axis=axes, keepdims=True)
+        out = d * _channel(scale / np.sqrt(var + X.dtype.type(epsilon)), X.ndim)
+    for D, base in ((sdot, xhat), (Bdot, None)):
+        if D is not None:
+            term = _channel_tangent(D, X)
+            term = term if base is None else term * base
+            out = term if out is None else out + term
+    return out
+
+
+def _train_vjp(cx, Ybar, epsilon):
+    """X-bar = (g - mean(g) - x-hat mean(g x-hat)) / sigma with g = scale Y-bar; the scale's and
+    bias's cotangents Y-bar summed against x-hat and ones, per sample where kept."""
+    X, scale = cx.x[0], cx.x[1]
+    lead = cx.lead(Ybar)
+    xhat, _, var = _train(X, epsilon)
+    axes = tuple(a + lead for a in (0,) + tuple(range(2, X.ndim)))
+    Xbar = sbar = Bbar = None
+    for i in (1, 2):
+        if cx.need[i]:
+            G = Ybar * xhat if i == 1 else Ybar
+            keep = cx.keep[i]
+            G = G.sum(axis=axes[1:] if keep else axes)  # (*lead, N, C) kept, else (*lead, C)
+            sbar, Bbar = (G, Bbar) if i == 1 else (sbar, G)
+    if cx.need[0]:
+        g = Ybar * _channel(scale, X.ndim)
+        Xbar = (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True)) \
+            * _channel(1 / np.sqrt(var + X.dtype.type(epsilon)), X.ndim)
+    return Xbar, sbar, Bbar, None, None
 
 
 def _channel_tangent(D, X):
