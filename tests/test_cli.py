@@ -363,6 +363,50 @@ def test_check_calls_errors_within_the_oracles_own_step_spread_unclear():
     assert verdict(_row("y", true + 0.05, steady, 8, y, y), 1e-3) == "FAIL"
 
 
+def test_second_look_weighs_the_oracles_verdict():
+    """Where the oracle does not pass ours, a second look against jaccli's own float64 forward
+    at fine steps: its FAIL is a FAIL; its pass makes the oracle's FAIL unclear, but only where
+    the forward passes agree (a wrong forward kernel is not excused)."""
+    from jaccli.oracle import verdict
+
+    failing = {"entry_error": 0.05, "directional_error": 0.06, "max_abs_error": 0.5, "max_abs_direction_error": 0.6,
+               "noise": 1e-6, "entry_spread": 1e-3, "direction_spread": 1e-3, "forward_error": 1e-7, "forward_scale": 1.0}
+    own = {"verdict": "pass"}
+    assert verdict(failing, 1e-3) == "FAIL"
+    assert verdict({**failing, "own": own}, 1e-3) == "unclear"
+    assert verdict({**failing, "own": own, "forward_error": 1e-3}, 1e-3) == "FAIL"
+    assert verdict({**failing, "own": {"verdict": "FAIL"}}, 1e-3) == "FAIL"
+    unclear = {**failing, "entry_spread": 1.0, "direction_spread": 1.0}
+    assert verdict(unclear, 1e-3) == verdict({**unclear, "own": own}, 1e-3) == "unclear"
+    assert verdict({**unclear, "own": {"verdict": "FAIL"}}, 1e-3) == "FAIL"
+
+
+def test_check_takes_a_second_look_where_the_oracle_cannot_tell(tmp_path, monkeypatch):
+    """Steps far too large for the oracle (its differences then carry the curvature): the
+    check does not pass, the second look at fine steps against our own float64 forward does,
+    and the verdict is unclear, exit 0, with the second look's line. A Jacobian 10% off fails
+    the second look too."""
+    import jaccli.oracle as oracle
+
+    model, data = paths("mlp_classifier")
+    monkeypatch.setattr(oracle, "_steps", lambda dtype: (0.8, 0.6, 0.4))
+    d = oracle.check(model, np.load(data))
+    row = d["rows"][0]
+    assert d["ok"] and row["own"]["verdict"] == "pass" and verdict_of(row, d) == "unclear", row
+    assert row["own"]["entry_error"] < 1e-5 and row["own"]["directional_error"] < 1e-5
+    r = run(["check", model, data])
+    assert r.exit_code == 0 and "second look" in r.output and "unclear" in r.output, r.output
+    wrong_by_ten_percent(monkeypatch, "input_jacobian")
+    r = run(["check", model, data])
+    assert r.exit_code == 1 and "FAIL" in r.output, r.output
+
+
+def verdict_of(row, d):
+    from jaccli.oracle import verdict
+
+    return verdict(row, d["tolerance"])
+
+
 def test_check_leaves_out_where_the_model_jumps(tmp_path, monkeypatch):
     """A categorical column cast to an integer (a scikit-learn pipeline's one-hot input) at
     integer data: every difference across it grows as 1/step. Those are not judged (no
