@@ -425,10 +425,11 @@ def _own(proto, model):
 
 
 def _own_look(model, proto, feeds, name, k, dtype, seed, entries, outputs, wrt, params, tol):
-    """Where the oracle cannot tell (unclear), a second look: the same columns against
-    differences of jaccli's own forward in float64 at FINE steps, small enough to pass most
-    kinks that the oracle's steps cross. It checks the derivative rules against the forward
-    kernels, and the kernels are checked against the oracle's forward (forward_error)."""
+    """Where the oracle does not pass a row, a second look: columns and directions drawn as
+    for the first, against differences of jaccli's own forward in float64 at FINE steps,
+    small enough to pass most kinks that the oracle's steps cross. It checks the derivative
+    rules against the forward kernels, which the row's forward_error checks against the
+    oracle's forward."""
     rng = np.random.default_rng(seed)
     if params:
         ours, fds, n, y, _ = _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, own=True)
