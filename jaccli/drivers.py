@@ -85,7 +85,11 @@ def prepare_feeds(model: Model, x, dtype, source="data", of=None):
     feeds, n = {}, None
     for v in (v for v in model.inputs if v.name in arrays):
         a = np.asarray(arrays[v.name])
-        if a.dtype == object or a.dtype.kind not in "biuf":
+        if v.elem_type == _STRING:  # categories of a scikit-learn pipeline: text, as objects for the rules
+            if a.dtype.kind not in "USO":
+                raise DataError(f"{source}: array for '{v.name}' has dtype {a.dtype}; the input takes strings")
+            a = (a if a.dtype == object else a.astype(str)).astype(object)
+        elif a.dtype == object or a.dtype.kind not in "biuf":
             raise DataError(f"{source}: array for '{v.name}' has dtype {a.dtype}; expected numbers")
         shape = v.shape
         if shape is not None and a.ndim == len(shape) - 1:
@@ -732,6 +736,7 @@ def _float_entry(model, of=None):
 
 
 _SHAPE_ONLY = ("Shape", "Size")  # operators that read only their input's shape
+_STRING = 8  # onnx's TensorProto.STRING
 _FLOAT_TYPES = {1, 10, 11, 16, "FLOAT", "DOUBLE", "FLOAT16"}  # TensorProto's float types; opset 1's Cast names them
 
 

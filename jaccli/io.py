@@ -56,7 +56,8 @@ def read_data(path, stdin=None):
                 return {k: z[k] for k in z.files}
     except ValueError as e:
         if "pickle" in str(e).lower() or "object" in str(e).lower():
-            raise DataError(f"{name}: holds Python objects (pickled); jaccli reads numeric arrays only") from None
+            raise DataError(f"{name}: holds Python objects (pickled), which jaccli does not load; save numbers as numeric "
+                            f"arrays, and strings (a string input's categories) as text arrays: np.asarray(col, dtype=str)") from None
         raise DataError(f"{name}: not a readable .{kind} file ({_first(e)})") from None
     except MemoryError:
         raise DataError(f"{name}: its header declares an array too large to load") from None

@@ -213,6 +213,42 @@ def test_label_encoder_matches_onnxruntime(opset, kin, vout, attrs):
         assert not jaccli.input_jacobian(m, x[[0, 2]]).any()
 
 
+def test_a_string_input_from_an_npz(tmp_path):
+    """A pipeline with a float column and a string one (a ColumnTransformer's OneHotEncoder):
+    the strings come from the .npz as a text array, and the Jacobian with respect to the
+    float input flows around the categories. Strings saved as Python objects (pickled) are
+    not loaded, and the message says how to save them; numbers for a string input are refused."""
+    from click.testing import CliRunner
+
+    from jaccli.cli import main
+
+    W = RNG.standard_normal((4, 2)).astype(np.float32)
+    nodes = [helper.make_node("OneHotEncoder", ["c"], ["h"], domain="ai.onnx.ml", cats_strings=["red", "green", "blue"]),
+             helper.make_node("Reshape", ["h", "shape"], ["hf"]), helper.make_node("Concat", ["a", "hf"], ["z"], axis=1),
+             helper.make_node("MatMul", ["z", "W"], ["y"])]
+    g = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 1]),
+                                           helper.make_tensor_value_info("c", TensorProto.STRING, ["N", 1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+                          [numpy_helper.from_array(W, "W"), numpy_helper.from_array(np.array([-1, 3], np.int64), "shape")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)])
+    m.ir_version = 8
+    import onnx
+
+    onnx.save(m, tmp_path / "m.onnx")
+    a, c = RNG.standard_normal((5, 1)).astype(np.float32), np.array([["red"], ["blue"], ["teal"], ["green"], ["red"]])
+    np.savez(tmp_path / "d.npz", a=a, c=c)
+    run = lambda *args: CliRunner().invoke(main, [str(v) for v in args])  # noqa: E731
+    r = run("input", tmp_path / "m.onnx", tmp_path / "d.npz", "--wrt", "a", "-o", tmp_path / "J.npy")
+    assert r.exit_code == 0, r.output
+    np.testing.assert_allclose(np.load(tmp_path / "J.npy")[:, :, 0], np.broadcast_to(W[0], (5, 2)), rtol=1e-6)
+    np.savez(tmp_path / "p.npz", a=a, c=c.astype(object))
+    r = run("input", tmp_path / "m.onnx", tmp_path / "p.npz", "--wrt", "a", "-o", tmp_path / "J2.npy")
+    assert r.exit_code == 1 and "dtype=str" in r.output and not (tmp_path / "J2.npy").exists(), r.output
+    np.savez(tmp_path / "n.npz", a=a, c=np.ones((5, 1)))
+    r = run("input", tmp_path / "m.onnx", tmp_path / "n.npz", "--wrt", "a", "-o", tmp_path / "J3.npy")
+    assert r.exit_code == 1 and "takes strings" in r.output, r.output
+
+
 @pytest.mark.parametrize("cats, dtype, zeros", [
     ("cats_int64s", np.int64, 1), ("cats_int64s", np.float32, 1), ("cats_strings", str, 1), ("cats_int64s", np.int64, 0),
 ])
