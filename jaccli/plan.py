@@ -125,12 +125,12 @@ class Plan:
         self.pieces = {o: (st, k) for st in self.active_steps if hasattr(st.rule, "piece_axis") and st.diff_in[:1] == (True,)
                        and st.inputs[0] in self.batched and not any(st.keep) for k, o in enumerate(st.outputs) if o}
 
-    # ---- construction helpers ----------------------------------------------------------------
-
-
     def in_float64(self):
         """The same plan, computing in float64."""
         return Plan(self.model, self.outs, self.wrt, np.float64, self.per_sample, self._unbatched, self._through)
+
+    # ---- construction helpers ----------------------------------------------------------------
+
     def _attrs(self, node, rule):
         # consumed_inputs (opsets 1-5) was an in-place hint with no effect on the result
         attrs = {k: _as_compute(v, self.dtype) if isinstance(v, np.ndarray) else v for k, v in node.attrs.items()
