@@ -407,7 +407,7 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
         if oracle_name != Ours.name and verdict(row, tol) != "pass" and (row["entries_judged"] or row["directions_judged"]):
             row["own"] = _own_look(model, proto, feeds, row["output"], k, dtype, seed, min(entries, OWN_ENTRIES), outputs,
                                    wrt, params, tol)
-    d = {"kind": "parameter" if params else "input", "samples": k, "step": _steps(oracle_dtype)[1],
+    d = {"kind": "parameter" if params else "input", "samples": k, "dtype": dtype.name, "step": _steps(oracle_dtype)[1],
          "oracle": oracle_name, "oracle_dtype": oracle_dtype.name, "tolerance": tol, "rows": rows,
          "ok": all(verdict(r, tol) != "FAIL" for r in rows)}
     if oracle_why:
@@ -428,19 +428,40 @@ def _own(proto, model):
 
 
 def _own_look(model, proto, feeds, name, k, dtype, seed, entries, outputs, wrt, params, tol):
-    """Where the oracle does not pass a row, a second look: columns and directions drawn as
-    for the first, against differences of jaccli's own forward in float64 at FINE steps,
-    small enough to pass most kinks that the oracle's steps cross. It checks the derivative
-    rules against the forward kernels, which the row's forward_error checks against the
-    oracle's forward."""
+    """Where the oracle does not pass a row, a second look: our Jacobian in float64, on columns
+    and directions drawn as for the first, against differences of jaccli's own forward in
+    float64 at FINE steps, small enough to pass most kinks that the oracle's steps cross. It
+    checks the derivative rules against the forward kernels, which the row's forward_error
+    checks against the oracle's forward. Apart from it, `precision`: how far the Jacobian in
+    `dtype` is from the float64 one, relative to its largest entry (float32 rounding in a
+    badly scaled model, or a rule that loses precision in float32)."""
     rng = np.random.default_rng(seed)
     if params:
-        ours, fds, n, y, _ = _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, own=True)
+        ours, fds, n, y, _ = _param_fd(model, proto, feeds, name, k, np.float64, rng, entries, outputs, own=True)
     else:
-        ours, fds, n, y, _ = _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt, own=True)
+        ours, fds, n, y, _ = _input_fd(model, proto, feeds, name, k, np.float64, rng, entries, outputs, wrt, own=True)
     row = _row(name, ours, fds, n, y, y, _noise(y, np.float64))
     keys = ("entry_error", "directional_error", "max_abs_error", "max_abs_direction_error", "entries_judged", "directions_judged")
-    return {"verdict": verdict(row, tol), "steps": list(FINE), **{key: row[key] for key in keys}}
+    return {"verdict": verdict(row, tol), "steps": list(FINE), "precision": _precision(model, feeds, name, dtype, outputs, wrt,
+                                                                                      params),
+            **{key: row[key] for key in keys}}
+
+
+def _precision(model, feeds, name, dtype, outputs, wrt, params):
+    """max |J - J64| / max |J64| for our Jacobian J in `dtype`, J64 in float64."""
+    def jac(dt):
+        if params:
+            r = param_jacobian(model, feeds, of=name, dtype=dt, outputs=outputs, return_result=True)
+        else:
+            r = input_jacobian(model, feeds, wrt=wrt or _first_float(model, name).name, of=name, dtype=dt, flat=True,
+                               outputs=outputs, return_result=True)
+        return r.value.astype(np.float64)
+
+    if np.dtype(dtype) == np.float64:
+        return 0.0
+    J64 = jac(np.float64)
+    with np.errstate(invalid="ignore"):
+        return float(np.nanmax(np.abs(jac(dtype) - J64), initial=0.0) / max(float(np.nanmax(np.abs(J64), initial=0.0)), 1e-300))
 
 
 def _noise(y, dtype, ulps=4):
@@ -482,7 +503,8 @@ def verdict(row, tol):
     """The row's verdict against the oracle (see _verdict), weighed with the second look
     (row["own"], see _own_look) where there is one: a second look that FAILs is a FAIL; one
     that passes makes the oracle's FAIL unclear where the forward passes agree (to 1e-4 of
-    the output), as the oracle's steps then crossed kinks or rounded (a float32 oracle on a
+    the output) and our Jacobian in the dtype asked for is within the tolerance of our
+    float64 one, as the oracle's steps then crossed kinks or rounded (a float32 oracle on a
     deep ReLU network, its random directions moving every parameter at once)."""
     v = _verdict(row, tol)
     own = row.get("own")
@@ -490,7 +512,8 @@ def verdict(row, tol):
         return v
     if own["verdict"] == "FAIL":
         return "FAIL"
-    if v == "FAIL" and own["verdict"] == "pass" and row["forward_error"] <= 1e-4 * row.get("forward_scale", 0.0):
+    if (v == "FAIL" and own["verdict"] == "pass" and own.get("precision", np.inf) <= tol
+            and row["forward_error"] <= 1e-4 * row.get("forward_scale", 0.0)):
         return "unclear"
     return v
 

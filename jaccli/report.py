@@ -132,7 +132,8 @@ def render_check(console: Console, d: dict):
             console.print(f"unclear ({r['output']}): every difference crosses a jump of the model")
         elif v == "unclear" and _verdict(r, d["tolerance"]) == "FAIL":
             console.print(f"unclear ({r['output']}): ours is off from the {d['oracle_dtype']} oracle's differences, but the second "
-                          f"look below passes and the forward passes agree: the oracle's steps cross kinks, or round")
+                          f"look below passes, the forward passes agree, and the {d.get('dtype', 'float32')} Jacobian is within "
+                          f"the tolerance of the float64 one: the oracle's steps cross kinks, or round")
         elif v == "unclear" and r["max_abs_error"] <= r["noise"] and r.get("max_abs_direction_error", 0) <= r["noise"]:
             console.print(f"unclear ({r['output']}): every difference is within the {d['oracle_dtype']} oracle's own rounding "
                           f"(about {r['noise']:.1e} here), so this oracle cannot tell at this tolerance")
@@ -146,10 +147,12 @@ def render_check(console: Console, d: dict):
         own = r.get("own")
         if own:
             colour_own = colour[own["verdict"]]
-            console.print(f"second look ({r['output']}): against central differences of jaccli's own forward in float64, steps "
-                          f"{', '.join(f'{h:.0e}' for h in own['steps'])} (past most kinks): {colour_own}, relative errors "
-                          f"{_fmt(own['entry_error'])} (entries) and {_fmt(own['directional_error'])} (directions). It checks "
-                          f"the derivative rules against jaccli's forward, which the forward column checks against the oracle")
+            console.print(f"second look ({r['output']}): jaccli's Jacobian in float64 against central differences of its own "
+                          f"forward in float64, steps {', '.join(f'{h:.0e}' for h in own['steps'])} (past most kinks): "
+                          f"{colour_own}, relative errors {_fmt(own['entry_error'])} (entries) and "
+                          f"{_fmt(own['directional_error'])} (directions). It checks the derivative rules against jaccli's "
+                          f"forward, which the forward column checks against the oracle. The {d.get('dtype', 'float32')} "
+                          f"Jacobian is within {_fmt(own.get('precision', 0.0))} of the float64 one (of its largest entry)")
     console.print(f"pass: the better of the two relative errors (max |J - J_fd| / max |J_fd| over sampled entries, and "
                   f"over random directions J v) ≤ {d['tolerance']:.0e}, the other ≤ {10 * d['tolerance']:.0e}; "
                   f"steps {d['step']:.0e} × (4, 1, 1/4), relative to the values perturbed")

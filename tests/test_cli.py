@@ -366,15 +366,18 @@ def test_check_calls_errors_within_the_oracles_own_step_spread_unclear():
 def test_second_look_weighs_the_oracles_verdict():
     """Where the oracle does not pass ours, a second look against jaccli's own float64 forward
     at fine steps: its FAIL is a FAIL; its pass makes the oracle's FAIL unclear, but only where
-    the forward passes agree (a wrong forward kernel is not excused)."""
+    the forward passes agree (a wrong forward kernel is not excused) and the Jacobian asked
+    for is within the tolerance of the float64 one (a rule that loses precision in float32
+    is not excused)."""
     from jaccli.oracle import verdict
 
     failing = {"entry_error": 0.05, "directional_error": 0.06, "max_abs_error": 0.5, "max_abs_direction_error": 0.6,
                "noise": 1e-6, "entry_spread": 1e-3, "direction_spread": 1e-3, "forward_error": 1e-7, "forward_scale": 1.0}
-    own = {"verdict": "pass"}
+    own = {"verdict": "pass", "precision": 1e-6}
     assert verdict(failing, 1e-3) == "FAIL"
     assert verdict({**failing, "own": own}, 1e-3) == "unclear"
     assert verdict({**failing, "own": own, "forward_error": 1e-3}, 1e-3) == "FAIL"
+    assert verdict({**failing, "own": {**own, "precision": 5e-3}}, 1e-3) == "FAIL"  # the float32 Jacobian itself is off
     assert verdict({**failing, "own": {"verdict": "FAIL"}}, 1e-3) == "FAIL"
     unclear = {**failing, "entry_spread": 1.0, "direction_spread": 1.0}
     assert verdict(unclear, 1e-3) == verdict({**unclear, "own": own}, 1e-3) == "unclear"
@@ -393,7 +396,7 @@ def test_check_takes_a_second_look_where_the_oracle_cannot_tell(tmp_path, monkey
     d = oracle.check(model, np.load(data))
     row = d["rows"][0]
     assert d["ok"] and row["own"]["verdict"] == "pass" and verdict_of(row, d) == "unclear", row
-    assert row["own"]["entry_error"] < 1e-5 and row["own"]["directional_error"] < 1e-5
+    assert row["own"]["entry_error"] < 1e-5 and row["own"]["directional_error"] < 1e-5 and row["own"]["precision"] < 1e-5
     r = run(["check", model, data])
     assert r.exit_code == 0 and "second look" in r.output and "unclear" in r.output, r.output
     wrong_by_ten_percent(monkeypatch, "input_jacobian")
