@@ -153,6 +153,10 @@ def render_check(console: Console, d: dict):
                           f"{_fmt(own['directional_error'])} (directions). It checks the derivative rules against jaccli's "
                           f"forward, which the forward column checks against the oracle. The {d.get('dtype', 'float32')} "
                           f"Jacobian is within {_fmt(own.get('precision', 0.0))} of the float64 one (of its largest entry)")
+            if own.get("precision", 0.0) > d["tolerance"]:
+                console.print(f"[yellow]note:[/yellow] {r['output']}: the {d.get('dtype', 'float32')} Jacobian is further than the "
+                              f"tolerance from the float64 one: rounding in this model (values of very different sizes) "
+                              f"spoils it; --dtype float64 computes it to that precision")
     console.print(f"pass: the better of the two relative errors (max |J - J_fd| / max |J_fd| over sampled entries, and "
                   f"over random directions J v) ≤ {d['tolerance']:.0e}, the other ≤ {10 * d['tolerance']:.0e}; "
                   f"steps {d['step']:.0e} × (4, 1, 1/4), relative to the values perturbed")

@@ -404,6 +404,26 @@ def test_check_takes_a_second_look_where_the_oracle_cannot_tell(tmp_path, monkey
     assert r.exit_code == 1 and "FAIL" in r.output, r.output
 
 
+def test_the_report_says_when_the_float32_jacobian_is_off_from_the_float64_one():
+    """A second look whose float32 Jacobian is further than the tolerance from the float64 one
+    (Inception v3 with random weights, outputs near 1e12: 3e-2) gets a note naming
+    --dtype float64; one within it gets none."""
+    from rich.console import Console
+
+    from jaccli.report import render_check
+
+    row = {"output": "y", "entry_error": 0.05, "directional_error": 0.06, "max_abs_error": 0.5, "max_abs_direction_error": 0.6,
+           "max_abs": 10.0, "noise": 1e-6, "entry_spread": 1.0, "direction_spread": 1.0, "forward_error": 1e-7, "forward_scale": 1.0,
+           "own": {"verdict": "pass", "steps": [1e-6, 1e-7, 1e-8], "precision": 3e-2, "entry_error": 1e-9, "directional_error": 1e-9}}
+    d = {"kind": "input", "samples": 2, "dtype": "float32", "step": 1e-3, "oracle": "onnxruntime", "oracle_dtype": "float32",
+         "tolerance": 1e-3, "rows": [row], "ok": True}
+    for precision, said in ((3e-2, True), (1e-7, False)):
+        row["own"]["precision"] = precision
+        console = Console(record=True, width=200)
+        render_check(console, d)
+        assert ("--dtype float64" in console.export_text()) == said
+
+
 def verdict_of(row, d):
     from jaccli.oracle import verdict
 
