@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -393,20 +394,22 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     k = min(samples, N)
     feeds = {n: (v[:k] if v.ndim else v) for n, v in feeds.items()}
     rng = np.random.default_rng(seed)
-    rows, oracle_dtype, oracle_name, oracle_why = [], None, None, None
+    rows, jacobians, oracle_dtype, oracle_name, oracle_why = [], {}, None, None, None
     for name in outs:
         if params:
-            ours, fds, n_entries, y_ort, oracle = _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs)
+            ours, fds, n_entries, y_ort, oracle, jacobians[name] = _param_fd(model, proto, feeds, name, k, dtype, rng, entries,
+                                                                             outputs)
         else:
-            ours, fds, n_entries, y_ort, oracle = _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt)
+            ours, fds, n_entries, y_ort, oracle, jacobians[name] = _input_fd(model, proto, feeds, name, k, dtype, rng, entries,
+                                                                             outputs, wrt)
         oracle_dtype, oracle_name, oracle_why = oracle.dtype, oracle.name, oracle.why
         y_ours = _forward(model, feeds, name, dtype)
         rows.append(_row(name, ours, fds, n_entries, y_ours, y_ort, _noise(y_ort, oracle.dtype)))
     tol = tolerance if tolerance is not None else max(TOLERANCE[dtype], TOLERANCE[oracle_dtype])
     for row in rows:
         if oracle_name != Ours.name and verdict(row, tol) != "pass" and (row["entries_judged"] or row["directions_judged"]):
-            row["own"] = _own_look(model, proto, feeds, row["output"], k, dtype, seed, min(entries, OWN_ENTRIES), outputs,
-                                   wrt, params, tol)
+            row["own"] = _own_look(model, proto, feeds, row["output"], k, jacobians[row["output"]], seed,
+                                   min(entries, OWN_ENTRIES), outputs, wrt, params, tol)
     d = {"kind": "parameter" if params else "input", "samples": k, "dtype": dtype.name, "step": _steps(oracle_dtype)[1],
          "oracle": oracle_name, "oracle_dtype": oracle_dtype.name, "tolerance": tol, "rows": rows,
          "ok": all(verdict(r, tol) != "FAIL" for r in rows)}
@@ -427,41 +430,23 @@ def _own(proto, model):
     return o
 
 
-def _own_look(model, proto, feeds, name, k, dtype, seed, entries, outputs, wrt, params, tol):
+def _own_look(model, proto, feeds, name, k, J, seed, entries, outputs, wrt, params, tol):
     """Where the oracle does not pass a row, a second look: our Jacobian in float64, on columns
     and directions drawn as for the first, against differences of jaccli's own forward in
     float64 at FINE steps, small enough to pass most kinks that the oracle's steps cross. It
     checks the derivative rules against the forward kernels, which the row's forward_error
-    checks against the oracle's forward. Apart from it, `precision`: how far the Jacobian in
-    `dtype` is from the float64 one, relative to its largest entry (float32 rounding in a
-    badly scaled model, or a rule that loses precision in float32)."""
+    checks against the oracle's forward. Apart from it, `precision`: how far the first look's
+    Jacobian J (in the dtype asked for) is from the float64 one, relative to its largest entry
+    (float32 rounding in a badly scaled model, or a rule that loses precision in float32)."""
     rng = np.random.default_rng(seed)
-    if params:
-        ours, fds, n, y, _ = _param_fd(model, proto, feeds, name, k, np.float64, rng, entries, outputs, own=True)
-    else:
-        ours, fds, n, y, _ = _input_fd(model, proto, feeds, name, k, np.float64, rng, entries, outputs, wrt, own=True)
+    fd = _param_fd if params else functools.partial(_input_fd, wrt=wrt)
+    ours, fds, n, y, _, J64 = fd(model, proto, feeds, name, k, np.float64, rng, entries, outputs, own=True)
     row = _row(name, ours, fds, n, y, y, _noise(y, np.float64))
     keys = ("entry_error", "directional_error", "max_abs_error", "max_abs_direction_error", "entries_judged", "directions_judged")
-    return {"verdict": verdict(row, tol), "steps": list(FINE), "precision": _precision(model, feeds, name, dtype, outputs, wrt,
-                                                                                      params),
-            **{key: row[key] for key in keys}}
-
-
-def _precision(model, feeds, name, dtype, outputs, wrt, params):
-    """max |J - J64| / max |J64| for our Jacobian J in `dtype`, J64 in float64."""
-    def jac(dt):
-        if params:
-            r = param_jacobian(model, feeds, of=name, dtype=dt, outputs=outputs, return_result=True)
-        else:
-            r = input_jacobian(model, feeds, wrt=wrt or _first_float(model, name).name, of=name, dtype=dt, flat=True,
-                               outputs=outputs, return_result=True)
-        return r.value.astype(np.float64)
-
-    if np.dtype(dtype) == np.float64:
-        return 0.0
-    J64 = jac(np.float64)
     with np.errstate(invalid="ignore"):
-        return float(np.nanmax(np.abs(jac(dtype) - J64), initial=0.0) / max(float(np.nanmax(np.abs(J64), initial=0.0)), 1e-300))
+        precision = float(np.nanmax(np.abs(J.reshape(J64.shape) - J64), initial=0.0)
+                          / max(float(np.nanmax(np.abs(J64), initial=0.0)), 1e-300))
+    return {"verdict": verdict(row, tol), "steps": list(FINE), "precision": precision, **{key: row[key] for key in keys}}
 
 
 def _noise(y, dtype, ulps=4):
@@ -591,7 +576,7 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
         for s, h in enumerate(FINE if own else _steps(oracle.dtype)):
             fds[s].append(_central(evaluate, base, D, h))
     fds = [np.concatenate(f) for f in fds]
-    return np.concatenate(ours), fds, pick.size, _run_batched(oracle, feeds, name).reshape(k, -1), oracle
+    return np.concatenate(ours), fds, pick.size, _run_batched(oracle, feeds, name).reshape(k, -1), oracle, J
 
 
 def _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, own=False):
@@ -615,7 +600,7 @@ def _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, own=Fa
     D = _perturbations(base, pick, rng)
     fds = [_central(evaluate, base, D, h) for h in (FINE if own else _steps(oracle.dtype))]
     y_ort = _run_batched(oracle, feeds, name, theta).reshape(k, -1)
-    return G @ D.T, fds, pick.size, y_ort, oracle
+    return G @ D.T, fds, pick.size, y_ort, oracle, G
 
 
 def _run_batched(oracle, feeds, name, extra=None):

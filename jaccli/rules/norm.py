@@ -94,10 +94,15 @@ class BatchNormalization:
         return Xbar, sbar, Bbar, mbar, vbar
 
 
+def _stat_axes(ndim, lead=0):
+    """The axes of training-mode statistics: all but the channel's (axis 1), after `lead` axes."""
+    return tuple(a + lead for a in (0,) + tuple(range(2, ndim)))
+
+
 def _train(X, epsilon):
     """x-hat = (X - mean) / sqrt(var + epsilon), with X's own mean and (population) variance over
     every axis but the channel's; and those (C,)."""
-    axes = (0,) + tuple(range(2, X.ndim))
+    axes = _stat_axes(X.ndim)
     mu = X.mean(axis=axes)
     var = ((X - _channel(mu, X.ndim)) ** 2).mean(axis=axes)
     return (X - _channel(mu, X.ndim)) / _channel(np.sqrt(var + X.dtype.type(epsilon)), X.ndim), mu, var
@@ -109,7 +114,7 @@ def _train_jvp(cx, Xdot, sdot, Bdot, epsilon):
     xhat, _, var = _train(X, epsilon)
     out = None
     if Xdot is not None:
-        axes = tuple(a + Xdot.ndim - X.ndim for a in (0,) + tuple(range(2, X.ndim)))
+        axes = _stat_axes(X.ndim, Xdot.ndim - X.ndim)
         d = Xdot - Xdot.mean(axis=axes, keepdims=True) - xhat * (xhat * Xdot).mean(axis=axes, keepdims=True)
         out = d * _channel(scale / np.sqrt(var + X.dtype.type(epsilon)), X.ndim)
     for D, base in ((sdot, xhat), (Bdot, None)):
@@ -126,14 +131,10 @@ def _train_vjp(cx, Ybar, epsilon):
     X, scale = cx.x[0], cx.x[1]
     lead = cx.lead(Ybar)
     xhat, _, var = _train(X, epsilon)
-    axes = tuple(a + lead for a in (0,) + tuple(range(2, X.ndim)))
-    Xbar = sbar = Bbar = None
-    for i in (1, 2):
-        if cx.need[i]:
-            G = Ybar * xhat if i == 1 else Ybar
-            keep = cx.keep[i]
-            G = G.sum(axis=axes[1:] if keep else axes)  # (*lead, N, C) kept, else (*lead, C)
-            sbar, Bbar = (G, Bbar) if i == 1 else (sbar, G)
+    axes = _stat_axes(X.ndim, lead)
+    sbar = _per_channel(Ybar * xhat, axes[1:], lead, cx.keep[1]) if cx.need[1] else None
+    Bbar = _per_channel(Ybar, axes[1:], lead, cx.keep[2]) if cx.need[2] else None
+    Xbar = None
     if cx.need[0]:
         g = Ybar * _channel(scale, X.ndim)
         Xbar = (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True)) \
