@@ -160,6 +160,9 @@ CASES += [
     Case("Gelu", [("x", (3, 4))], {"approximate": "tanh"}, opset=20, id="Gelu-20-tanh"),
     Case("Softsign", [("x", (3, 4))]),
     Case("Mish", [("x", (3, 4))], opset=18),
+    Case("Celu", [("x", (3, 4))], {"alpha": 0.7}, opset=12, data="away"),
+    Case("Swish", [("x", (3, 4))], {"alpha": 1.3}, opset=24),
+    Case("Swish", [("x", (3, 4))], opset=24, id="Swish-default"),
     Case("ThresholdedRelu", [("x", (3, 4))], {"alpha": 0.5}, data="away"),
     Case("Shrink", [("x", (3, 4))], {"bias": 0.1, "lambd": 0.2}, data="away"),
     Case("PRelu", [("x", (3, 4)), ("p", (3, 1))], data="away", opset=16, id="PRelu-channel"),
@@ -460,4 +463,6 @@ CASES += [
     Case("SimplifiedLayerNormalization", [("x", (3, 4)), ("p", (4,))], {"axis": -1, "epsilon": 1e-5}, opset=17, id="SimplifiedLayerNorm"),
     Case("SimplifiedLayerNormalization", [("x", (3, 4)), ("p", (3, 4))], {"axis": 1, "epsilon": 1e-5}, opset=17,
          id="SimplifiedLayerNorm-two-axes"),
+    Case("RMSNormalization", [("x", (3, 4)), ("p", (4,))], {"epsilon": 1e-5}, opset=23, id="RMSNormalization"),
+    Case("RMSNormalization", [("x", (2, 3, 4)), ("p", (3, 4))], {"axis": -2}, opset=23, id="RMSNormalization-two-axes"),
 ]

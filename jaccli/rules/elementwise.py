@@ -511,6 +511,31 @@ class Mish:
         return (t + X * (1 - t * t) * _sigmoid(X)).astype(X.dtype)
 
 
+@elementwise("Celu", since=12)
+class Celu:
+    """Y = max(0, X) + min(0, alpha * (exp(X / alpha) - 1))"""
+
+    def forward(X, *, alpha):
+        a = X.dtype.type(alpha)
+        return np.where(X > 0, X, a * np.expm1(np.minimum(X, 0) / a))
+
+    def deriv(X, Y, *, alpha):
+        return np.where(X > 0, 1, np.exp(np.minimum(X, 0) / X.dtype.type(alpha))).astype(X.dtype)
+
+
+@elementwise("Swish", since=24)
+class Swish:
+    """Y = X * sigmoid(alpha * X)"""
+
+    def forward(X, *, alpha):
+        return X * _sigmoid(X * X.dtype.type(alpha))
+
+    def deriv(X, Y, *, alpha):
+        a = X.dtype.type(alpha)
+        s = _sigmoid(a * X)
+        return s + a * X * s * (1 - s)
+
+
 # ---- piecewise constant, comparisons and logic: no derivative flows through them --------------
 
 

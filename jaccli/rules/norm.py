@@ -559,6 +559,12 @@ class SimplifiedLayerNormalization:
         return Xbar, Sbar
 
 
+@rule("RMSNormalization", since=23)
+class RMSNormalization(SimplifiedLayerNormalization):
+    """Y = X / sqrt(mean(X^2) + epsilon) * scale, the mean over axes [axis:]: ONNX's own RMSNorm
+    (torch.onnx writes it for nn.RMSNorm from opset 23), onnxruntime's above with one output."""
+
+
 def _inverse_rms(X, axis, epsilon):
     axes = tuple(range(neg_axis(axis, X.ndim), 0))
     return (1 / np.sqrt((X * X).mean(axis=axes, keepdims=True) + X.dtype.type(epsilon))).astype(X.dtype)
