@@ -427,7 +427,8 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     if not wrt_v.is_float:
         raise UsageError(f"'{wrt_v.name}' is not a float tensor; it cannot be differentiated")
     feeds, N = prepare_feeds(model, x, dtype, of=[of_v.name, wrt_v.name])
-    plan, (est, y1, per_run, run_size, wrt_shapes) = _prepared(model, of_v.name, [wrt_v.name], dtype, False, feeds, N,
+    of, moved = samples_first(model, of_v.name, feeds, dtype)
+    plan, (est, y1, per_run, run_size, wrt_shapes) = _prepared(model, of, [wrt_v.name], dtype, False, feeds, N,
                                                                straight_through)
     out_shape = y1.shape[1:]
     in_shape = feeds[wrt_v.name].shape[1:] if wrt_v.name in feeds else wrt_shapes[wrt_v.name]
@@ -442,7 +443,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
         extra = (n_sel if mode == "forward" else n_in) * dtype.itemsize
         return (T,) + choose_chunks(per_run, T, est, max_memory, extra_per_sd=extra, run_size=run_size)
 
-    notes = _run_notes(model, run_size) + _derivative_notes(plan)
+    notes = [moved] * bool(moved) + _run_notes(model, run_size) + _derivative_notes(plan)
     if mode == "auto":
         mode = "forward" if n_in < n_sel else "reverse"
         if mode == "forward" and chunks(mode)[2] < n_in:  # forward fills columns: a sample must fit whole
@@ -564,8 +565,8 @@ def _fill_blocks(plan, feeds, res, T, fill, target, on_block, run_size=0):
             def primal(lo, hi):
                 f = _slice_samples(feeds, lo, hi)
                 values = walk.primal(plan, _pad_samples(f, run_size) if run_size else f)
-                _check_sample_axis(values[res.of], run_size or hi - lo, res.of)
-                res.outputs[lo:hi] = values[res.of][: hi - lo]
+                _check_sample_axis(values[plan.of], run_size or hi - lo, res.of)
+                res.outputs[lo:hi] = values[plan.of][: hi - lo]
                 return values
 
             def samples(block, lo, hi):
@@ -740,6 +741,51 @@ _STRING = 8  # onnx's TensorProto.STRING
 _FLOAT_TYPES = {1, 10, 11, 16, "FLOAT", "DOUBLE", "FLOAT16"}  # TensorProto's float types; opset 1's Cast names them
 
 
+def samples_first(model, of, feeds, dtype=np.float32):
+    """The value whose Jacobian is taken for output `of`, and a note for the summary: `of`
+    itself where its first axis is the samples' (the usual export); else `of` with its samples
+    moved first (see Model.samples_first), and the note says where they were. Time-major
+    outputs (T, N, C), as OCR models' CTC heads and recurrent layers without batch_first write
+    them, have the samples on axis 1: the probe finds the one axis that goes from 1 to 2 with
+    two copies of the first sample. A model run one sample at a time (its batch fixed at 1)
+    gives its whole output to that sample: its one axis of size 1 is taken out, or, with none
+    or several, the output is kept whole. Anything else is left to the usual error."""
+    shapes = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(feeds.items()))
+    key = ("samples first", of, np.dtype(dtype).str, shapes)
+    if key not in model.plans:
+        model.plans[key] = _find_sample_axis(model, of, feeds, dtype)
+    axis, rank = model.plans[key]
+    if axis is False:
+        return of, None
+    where = "has no sample axis; each sample's output is the whole output of its run" if axis is None else \
+        f"carries the samples on axis {axis}; each sample's output is its slice along that axis"
+    return model.samples_first(of, axis, rank), f"output '{of}' {where}"
+
+
+def _find_sample_axis(model, of, feeds, dtype):
+    """(axis, rank) of output `of` for samples_first: axis False where its first axis is the
+    samples' or nothing better is found, None where a run of one sample keeps the whole output."""
+    size = model.fixed_batch()[1]
+    if size and size > 1:
+        return False, 0  # runs of a fixed batch: the first axis or the usual error
+    plan = Plan(model, of, [], dtype)
+    cast = {k: (v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v) for k, v in feeds.items()}
+    try:
+        y1 = np.asarray(walk.primal(plan, _slice_samples(cast, 0, 1))[of])
+        if y1.ndim and y1.shape[0] == 1:
+            return False, 0
+        if size == 1:
+            ones = [a for a, d in enumerate(y1.shape) if d == 1]
+            return (ones[0] if len(ones) == 1 else None), y1.ndim
+        y2 = np.asarray(walk.primal(plan, _copies(cast, 0, 2))[of])
+    except JaccliError:
+        return False, 0  # the usual run reports it
+    grew = [a for a in range(y1.ndim) if y2.ndim == y1.ndim and (y1.shape[a], y2.shape[a]) == (1, 2)]
+    if len(grew) != 1 or any(p != q for a, (p, q) in enumerate(zip(y1.shape, y2.shape)) if a != grew[0]):
+        return False, 0
+    return grew[0], y1.ndim
+
+
 def _check_sample_axis(y, n, name):
     if y.ndim == 0 or y.shape[0] != n:
         raise DataError(
@@ -776,8 +822,9 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     if not names:
         raise UsageError(f"output '{of_v.name}' depends on no float parameter")
     feeds, N = prepare_feeds(model, x, dtype, of=[of_v.name])
-    plan, (est, y1, per_run, run_size, _) = _prepared(model, of_v.name, names, dtype, True, feeds, N, straight_through)
-    if of_v.name not in plan.batched:
+    of, moved = samples_first(model, of_v.name, feeds, dtype)
+    plan, (est, y1, per_run, run_size, _) = _prepared(model, of, names, dtype, True, feeds, N, straight_through)
+    if of not in plan.batched:
         raise DataError(f"output '{of_v.name}' does not depend on the input samples")
     out_shape = y1.shape[1:]
     n_out = math.prod(out_shape)
@@ -793,7 +840,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     T = n_sel
     n_c, t_c = choose_chunks(per_run, T, est, max_memory, extra_per_sd=P * dtype.itemsize, run_size=run_size)
     shape = (N, *out_shape, P) if outputs is None else (N, n_sel, P)
-    notes = (list(plan.notes) if N > 1 else []) + _run_notes(model, run_size) + _derivative_notes(plan)
+    notes = [moved] * bool(moved) + (list(plan.notes) if N > 1 else []) + _run_notes(model, run_size) + _derivative_notes(plan)
     zero = [c["name"] for c in columns if c["name"] not in plan.active]
     if zero:
         notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")
@@ -807,7 +854,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
             for j in range(len(Jb)) if plan.rows_mix_samples else [None]:
                 rows = Jb if j is None else Jb[j:j + 1]
                 sinks = {col["name"]: _sink(rows[:, s - r0:e - r0], col) for col in columns}
-                seed = walk.identity_seed(sel[s:e], env[of_v.name], dtype)
+                seed = walk.identity_seed(sel[s:e], env[of], dtype)
                 if j is not None:
                     seed[:, :j] = seed[:, j + 1:] = 0
                 walk.vjp(plan, env, seed, names, sinks)

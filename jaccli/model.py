@@ -73,6 +73,8 @@ class Model:
     producer: str = ""
     plans: dict = field(default_factory=dict, repr=False)  # cache of the drivers: plans, probes, parameters
     expanded: dict = field(default_factory=dict)  # operator -> nodes replaced by its ONNX function body
+    appended: dict = field(default_factory=dict)  # value -> (NodeProto, initializers) that samples_first added
+    held_weights: int = 0  # float Constant nodes made initializers (see weights_as_initializers)
 
     def input(self, name):
         return _pick(self.inputs, name, "input")
@@ -129,6 +131,18 @@ class Model:
             stack.extend(producer[v] for v in self.nodes[i].inputs if v in producer)
         return [self.nodes[i] for i in sorted(keep)]
 
+    def samples_first(self, of, axis, rank):
+        """The name of a value that is `of` (of rank `rank`) with its samples on the first axis,
+        made by a node appended to the graph (see samples_first_node); the node is made once."""
+        opset = self.opsets.get("", 1)  # a model of ai.onnx.ml alone: the first
+        node, inits = samples_first_node(of, axis, rank, opset)
+        if node.output[0] not in self.appended:
+            g = helper.make_graph([node], "samples first", [], [])
+            self.nodes += _nodes(g, {**self.opsets, "": opset}, "samples first", None, None)
+            self.initializers.update({t.name: numpy_helper.to_array(t) for t in inits})
+            self.appended[node.output[0]] = (node, inits)
+        return node.output[0]
+
     def fixed_batch(self):
         """The input whose batch axis is declared as the smallest number (exported without a
         dynamic batch), and that number; (None, None) if every batch is symbolic."""
@@ -158,6 +172,47 @@ class Model:
             reach.update(v for k, v in enumerate(node.inputs) if v and k not in skip)
         return [n for n, a in self.initializers.items()
                 if n in reach and np.issubdtype(a.dtype, np.floating) and (scalars or a.ndim > 0) and np.isfinite(a).all()]
+
+
+def samples_first_node(of, axis, rank, opset):
+    """An ONNX node (and the initializers it reads) that makes output `of` carry the samples
+    on its first axis: a Transpose that moves axis `axis` first, or, where `axis` is None (the
+    whole output of a run of one sample is that sample's), an Unsqueeze that adds one."""
+    new = f"{of}:samples-first"
+    if axis is not None:
+        return helper.make_node("Transpose", [of], [new], perm=[axis] + [a for a in range(rank) if a != axis]), []
+    if opset < 13:
+        return helper.make_node("Unsqueeze", [of], [new], axes=[0]), []
+    axes = numpy_helper.from_array(np.array([0], np.int64), f"{new}:axes")
+    return helper.make_node("Unsqueeze", [of, axes.name], [new]), [axes]
+
+
+def weights_as_initializers(proto):
+    """The model with its float Constant nodes made initializers, where it has no float
+    initializer: an exporter that stores every weight as a Constant node (paddle2onnx, as
+    PaddleOCR's models ship) leaves the parameter Jacobian nothing to differentiate otherwise.
+    Only the main graph's; a model with float initializers keeps its Constant nodes as they are
+    (an exporter's constants beside its weights: a mask, an epsilon). Returns (model, count)."""
+    g = proto.graph
+    if any(t.data_type in FLOAT_TYPES for t in g.initializer):
+        return proto, 0
+    held = [n for n in g.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1
+            and n.attribute[0].name == "value" and n.attribute[0].t.data_type in FLOAT_TYPES
+            and not n.attribute[0].t.HasField("data_location") and n.output[0]]
+    if not held:
+        return proto, 0
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    drop = {n.output[0] for n in held}
+    kept = [n for n in m.graph.node if not (n.op_type == "Constant" and n.output and n.output[0] in drop)]
+    for n in held:
+        t = onnx.TensorProto()
+        t.CopyFrom(n.attribute[0].t)
+        t.name = n.output[0]
+        m.graph.initializer.append(t)
+    del m.graph.node[:]
+    m.graph.node.extend(kept)
+    return m, len(held)
 
 
 def _pick(items, name, kind):
@@ -206,9 +261,10 @@ def load(source, max_bytes=None) -> Model:
         except Exception as e:
             raise ModelError(f"{path or 'model'}: its local functions cannot be inlined ({_first_line(e)})") from None
     proto, expanded = _expand_functions(proto)
+    proto, held = weights_as_initializers(proto)
     base = os.path.dirname(os.path.abspath(path)) if path else None
     model = _build(proto, path, base, max_bytes)
-    model.expanded = expanded
+    model.expanded, model.held_weights = expanded, held
     return model
 
 

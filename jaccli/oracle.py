@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .drivers import _copies, _first_float, in_runs, input_jacobian, param_jacobian, prepare_feeds, quiet_floats
-from .model import load
+from .drivers import _copies, _first_float, in_runs, input_jacobian, param_jacobian, prepare_feeds, quiet_floats, samples_first
+from .model import load, weights_as_initializers
 
 TOLERANCE = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
 
@@ -49,6 +49,24 @@ def _with_output(proto, name):
     m = onnx.ModelProto()
     m.CopyFrom(proto)
     m.graph.output.append(onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return m
+
+
+def _with_appended(proto, name, appended):
+    """The model with the node (and initializers) that made value `name` samples first (see
+    drivers.samples_first), and that value an output: the oracle's output is then laid out
+    as ours."""
+    node, inits = appended
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    for v in list(m.graph.output) + list(m.graph.value_info):  # a declared shape can be wrong (a rank short), which a
+        if v.name == node.input[0] and v.type.HasField("tensor_type"):  # Transpose's type inference then refuses
+            v.type.tensor_type.ClearField("shape")
+    m.graph.node.append(node)
+    m.graph.initializer.extend(inits)
+    m.graph.output.append(onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    if not any(o.domain in ("", "ai.onnx") for o in m.opset_import):
+        m.opset_import.append(onnx.helper.make_opsetid("", 1))
     return m
 
 
@@ -387,28 +405,35 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     model = load(model_path)
     dtype = np.dtype(dtype)
     proto = model_path if isinstance(model_path, onnx.ModelProto) else onnx.load(model_path)
+    proto = weights_as_initializers(proto)[0]  # as load made them: parameters the oracle can be fed
     if of is not None and of not in {o.name for o in proto.graph.output}:
         proto = _with_output(proto, of)  # an intermediate value: let onnxruntime return it too
     outs = [v.name for v in model.outputs if v.is_float] if of is None else [model.output(of).name]
     feeds, N = prepare_feeds(model, x, np.float64, of=outs + ([] if params else [wrt or _first_float(model, outs[0]).name]))
     k = min(samples, N)
     feeds = {n: (v[:k] if v.ndim else v) for n, v in feeds.items()}
+    inner = {}  # output -> the value differentiated: itself, or itself with the samples moved first
+    for name in outs:
+        inner[name] = samples_first(model, name, feeds, dtype)[0]
+        if inner[name] != name:
+            proto = _with_appended(proto, inner[name], model.appended[inner[name]])
     rng = np.random.default_rng(seed)
     rows, jacobians, oracle_dtype, oracle_name, oracle_why = [], {}, None, None, None
     for name in outs:
+        v = inner[name]
         if params:
-            ours, fds, n_entries, y_ort, oracle, jacobians[name] = _param_fd(model, proto, feeds, name, k, dtype, rng, entries,
+            ours, fds, n_entries, y_ort, oracle, jacobians[name] = _param_fd(model, proto, feeds, v, k, dtype, rng, entries,
                                                                              outputs)
         else:
-            ours, fds, n_entries, y_ort, oracle, jacobians[name] = _input_fd(model, proto, feeds, name, k, dtype, rng, entries,
+            ours, fds, n_entries, y_ort, oracle, jacobians[name] = _input_fd(model, proto, feeds, v, k, dtype, rng, entries,
                                                                              outputs, wrt)
         oracle_dtype, oracle_name, oracle_why = oracle.dtype, oracle.name, oracle.why
-        y_ours = _forward(model, feeds, name, dtype)
+        y_ours = _forward(model, feeds, v, dtype)
         rows.append(_row(name, ours, fds, n_entries, y_ours, y_ort, _noise(y_ort, oracle.dtype)))
     tol = tolerance if tolerance is not None else max(TOLERANCE[dtype], TOLERANCE[oracle_dtype])
     for row in rows:
         if oracle_name != Ours.name and verdict(row, tol) != "pass" and (row["entries_judged"] or row["directions_judged"]):
-            row["own"] = _own_look(model, proto, feeds, row["output"], k, jacobians[row["output"]], seed,
+            row["own"] = _own_look(model, proto, feeds, inner[row["output"]], k, jacobians[row["output"]], seed,
                                    min(entries, OWN_ENTRIES), outputs, wrt, params, tol)
     d = {"kind": "parameter" if params else "input", "samples": k, "dtype": dtype.name, "step": _steps(oracle_dtype)[1],
          "oracle": oracle_name, "oracle_dtype": oracle_dtype.name, "tolerance": tol, "rows": rows,

@@ -95,6 +95,9 @@ def render_inspect(console: Console, info: dict):
     if info.get("expanded"):
         names = ", ".join(f"{op} ({n} node{'s' if n > 1 else ''})" for op, n in info["expanded"].items())
         console.print(f"[yellow]note:[/yellow] replaced by their ONNX function bodies, whose operators are listed above: {names}")
+    if info.get("held_weights"):
+        console.print(f"[yellow]note:[/yellow] the model keeps its weights in {info['held_weights']} float Constant nodes and has no "
+                      f"float initializer; those constants are its parameters")
     if info.get("quantized_values"):
         console.print(f"[yellow]note:[/yellow] {info['quantized_values']} QuantizeLinear node(s) quantize values, not "
                       f"weights: an integer is piecewise constant, so derivatives stop there; --straight-through passes "

@@ -1,5 +1,5 @@
 """Operators jaccli has no rule for, but which ONNX defines as functions of other operators
-(opset 23's Attention and RMSNormalization, Celu, MeanVarianceNormalization): the loader
+(opset 23's Attention, CenterCropPad, MeanVarianceNormalization, HannWindow): the loader
 replaces them with their function bodies. The forward pass matches onnxruntime's own kernels
 for those operators, and the Jacobians match central differences."""
 
@@ -25,9 +25,12 @@ def make(nodes, inits, x_shape, y_shape, opset):
     return m
 
 
-def rms_norm():
-    inits = {"s": 1 + 0.3 * RNG.standard_normal(6)}
-    return make([helper.make_node("RMSNormalization", ["x", "s"], ["y"], axis=-1, epsilon=1e-5)], inits, (4, 6), (4, 6), 23), inits
+def center_crop_pad():
+    """A crop of one axis and a pad of another, in one operator (its body slices and pads), after
+    a weight so that there is a parameter to differentiate."""
+    inits = {"s": 1 + 0.3 * RNG.standard_normal(6), "shape": np.array([3, 8], np.int64)}
+    nodes = [helper.make_node("Mul", ["x", "s"], ["z"]), helper.make_node("CenterCropPad", ["z", "shape"], ["y"], axes=[1, 2])]
+    return make(nodes, inits, (5, 6), (3, 8), 18), {"s": inits["s"]}
 
 
 def attention():
@@ -42,8 +45,8 @@ def attention():
     return make(nodes, inits, (5, 8), (2, 5, 4), 23), {k: v for k, v in inits.items() if k != "heads"}
 
 
-def celu_mvn():
-    nodes = [helper.make_node("Celu", ["x"], ["c"], alpha=0.7), helper.make_node("MeanVarianceNormalization", ["c"], ["y"], axes=[1, 2])]
+def mvn():
+    nodes = [helper.make_node("Tanh", ["x"], ["c"]), helper.make_node("MeanVarianceNormalization", ["c"], ["y"], axes=[1, 2])]
     return make(nodes, {}, (3, 4), (3, 4), 13), {}
 
 
@@ -56,7 +59,7 @@ def hann_window():
     return make(nodes, inits, (32, 1), (7, 5, 2), 18), {}
 
 
-CASES = {"RMSNormalization": rms_norm, "Attention": attention, "Celu+MeanVarianceNormalization": celu_mvn,
+CASES = {"CenterCropPad": center_crop_pad, "Attention": attention, "MeanVarianceNormalization": mvn,
          "HannWindow": hann_window}
 
 

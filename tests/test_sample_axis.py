@@ -1,0 +1,191 @@
+"""Outputs whose first axis is not the samples', and weights kept in Constant nodes: exporters'
+layouts that the drivers take as they are.
+
+- Time-major outputs (T, N, C), as OCR models' CTC heads and recurrent layers without
+  batch_first write them: the probe finds the samples' axis and the Jacobian is taken of the
+  output with that axis moved first. The reference is the same network written batch-first.
+- A model whose batch is fixed at 1 gives its whole output to its one sample, whatever its
+  layout: its one axis of size 1 is taken out, or the output is kept whole.
+- A model that stores every weight as a Constant node (paddle2onnx) has them as parameters.
+"""
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import jaccli
+from jaccli.errors import DataError
+from jaccli.oracle import check
+
+RNG = np.random.default_rng(5)
+W = RNG.standard_normal((4, 5)).astype(np.float32)
+B = RNG.standard_normal(5).astype(np.float32)
+
+
+def model(nodes, x_shape, y_shape, inits, opset=13):
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def weights():
+    return [numpy_helper.from_array(W, "W"), numpy_helper.from_array(B, "B")]
+
+
+def batch_first():
+    """x (N, T, 4) -> tanh(x W + B) (N, T, 5)."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["a"]),
+             helper.make_node("Tanh", ["a"], ["y"])]
+    return model(nodes, ["N", 3, 4], ["N", 3, 5], weights())
+
+
+def time_major(inside):
+    """The same network with a time-major output (T, N, 5): transposed at the end, or (`inside`)
+    before the product, so that the layer's own values are time-major too (its weight's
+    per-sample cotangents cannot then be told apart in a batch)."""
+    if inside:
+        nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]), helper.make_node("MatMul", ["xt", "W"], ["h"]),
+                 helper.make_node("Add", ["h", "B"], ["a"]), helper.make_node("Tanh", ["a"], ["y"])]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["a"]),
+                 helper.make_node("Tanh", ["a"], ["t"]), helper.make_node("Transpose", ["t"], ["y"], perm=[1, 0, 2])]
+    return model(nodes, ["N", 3, 4], [3, "N", 5], weights())
+
+
+X = RNG.standard_normal((4, 3, 4)).astype(np.float32)
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_time_major_output_gives_the_batch_first_jacobians(inside):
+    want = jaccli.input_jacobian(batch_first(), X)
+    r = jaccli.input_jacobian(time_major(inside), X, return_result=True)
+    assert r.value.shape == (4, 3, 5, 3, 4) == want.shape
+    np.testing.assert_allclose(r.value, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(r.outputs, np.tanh(X @ W + B), rtol=1e-6)  # the outputs, samples first too
+    assert any("carries the samples on axis 1" in n for n in r.notes), r.notes
+    G_want, cols = jaccli.param_jacobian(batch_first(), X)
+    G, cols2 = jaccli.param_jacobian(time_major(inside), X)
+    assert cols == cols2
+    np.testing.assert_allclose(G, G_want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("params", [False, True])
+def test_check_of_a_time_major_output(params, monkeypatch):
+    """The oracle's output is laid out as ours (the same node appended to its model); a Jacobian
+    10% off still FAILs."""
+    d = check(time_major(True), X, params=params)
+    assert d["ok"] and d["oracle"].startswith("onnxruntime") and d["rows"][0]["output"] == "y", d
+    import jaccli.oracle as oracle
+
+    fn = "param_jacobian" if params else "input_jacobian"
+    real = getattr(oracle, fn)
+
+    def wrong(*a, **k):
+        res = real(*a, **k)
+        res.J = res.J * 1.1
+        return res
+
+    monkeypatch.setattr(oracle, fn, wrong)
+    assert not check(time_major(True), X, params=params)["ok"]
+
+
+def batch_one(shape_out, declared=None):
+    """Declared batch 1, its output reshaped to `shape_out` (the batch squeezed, or moved), and
+    declared as `declared` (a rank short, as a CRNN's export declares its (T, 1, C) output)."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("Reshape", ["t", "s"], ["y"])]
+    inits = weights()[:1] + [numpy_helper.from_array(np.array(shape_out, np.int64), "s")]
+    if declared:  # the target shape computed from the input's, whose length is left open, as that export does
+        nodes[2:2] = [helper.make_node("Shape", ["t"], ["st"]), helper.make_node("Gather", ["st", "one"], ["T"]),
+                      helper.make_node("Concat", ["T", "rest"], ["s"], axis=0)]
+        inits = weights()[:1] + [numpy_helper.from_array(np.array([1], np.int64), "one"),
+                                 numpy_helper.from_array(np.array(shape_out[1:], np.int64), "rest")]
+    return model(nodes, [1, "T" if declared else 3, 4], list(declared or shape_out), inits)
+
+
+@pytest.mark.parametrize("shape_out, per_sample, declared", [((15,), (15,), None), ((3, 1, 5), (3, 5), None),
+                                                             ((3, 1, 5), (3, 5), [1, "T"]), ((3, 5), (3, 5), None),
+                                                             ((1, 15, 1), (15, 1), None)])
+def test_a_fixed_batch_of_one_gives_its_whole_output_to_its_sample(shape_out, per_sample, declared):
+    """Squeezed (15,), or (3, 5): no axis of 1, the whole output; (3, 1, 5): its one axis of 1
+    taken out; (1, 15, 1): the first axis is the samples', as before. The oracle runs the node
+    that moves the axis, whatever the output's declared shape."""
+    want = jaccli.input_jacobian(batch_first(), X)[..., :].reshape(4, 15, 3, 4)
+    r = jaccli.input_jacobian(batch_one(shape_out, declared), X, return_result=True)
+    assert r.value.shape == (4, *per_sample, 3, 4)
+    np.testing.assert_allclose(r.value.reshape(4, 15, 3, 4), want * _without_bias_factor(), rtol=1e-5, atol=1e-6)
+    d = check(batch_one(shape_out, declared), X)
+    assert d["ok"] and d["oracle"].startswith("onnxruntime"), d
+
+
+def _without_bias_factor():
+    """batch_one has no bias: the batch-first Jacobian rescaled by the tanh slopes without it."""
+    with_bias = 1 - np.tanh(X @ W + B) ** 2
+    without = 1 - np.tanh(X @ W) ** 2
+    return (without / with_bias).reshape(4, 15, 1, 1)
+
+
+def test_an_output_without_a_sample_axis_is_still_refused():
+    """A dynamic batch whose output does not grow with the samples (a mean over them, reshaped)
+    is refused in one line, as before."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[0, 1], keepdims=0), helper.make_node("Tanh", ["m"], ["y"])]
+    with pytest.raises(DataError, match="not the sample axis"):
+        jaccli.input_jacobian(model(nodes, ["N", 3, 4], [4], []), X)
+
+
+def held_in_constants():
+    """batch_first with its weights in Constant nodes and no initializer, as paddle2onnx writes."""
+    nodes = [helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(W)),
+             helper.make_node("Constant", [], ["B"], value=numpy_helper.from_array(B)),
+             helper.make_node("Constant", [], ["half"], value=numpy_helper.from_array(np.array(0.5, np.float32)))]
+    nodes += [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["a"]),
+              helper.make_node("Tanh", ["a"], ["t"]), helper.make_node("Mul", ["t", "half"], ["y"])]
+    return model(nodes, ["N", 3, 4], ["N", 3, 5], [])
+
+
+def test_weights_held_in_constant_nodes_are_parameters(tmp_path):
+    G_want, cols_want = jaccli.param_jacobian(batch_first(), X)
+    G, cols = jaccli.param_jacobian(held_in_constants(), X)
+    assert [c["name"] for c in cols] == ["W", "B"]  # the scalar 0.5 is no parameter, as an initializer would not be
+    np.testing.assert_allclose(G, 0.5 * G_want, rtol=1e-6, atol=1e-7)
+    d = check(held_in_constants(), X, params=True)
+    assert d["ok"] and d["oracle"].startswith("onnxruntime"), d
+    from onnx import save
+
+    from jaccli.inspect import describe
+
+    save(held_in_constants(), str(tmp_path / "m.onnx"))
+    info = describe(str(tmp_path / "m.onnx"))
+    assert info["held_weights"] == 3 and [p["name"] for p in info["parameters"]] == ["W", "B"]
+
+
+def test_constant_nodes_beside_initializers_stay_constants():
+    """A model with float initializers keeps its Constant nodes as constants (an exporter's
+    masks and epsilons beside its weights)."""
+    m = held_in_constants()
+    m.graph.node[0].CopyFrom(helper.make_node("Identity", ["W0"], ["W"]))
+    m.graph.initializer.append(numpy_helper.from_array(W, "W0"))
+    _, cols = jaccli.param_jacobian(m, X)
+    assert [c["name"] for c in cols] == ["W0"]
+
+
+def test_the_oracles_model_runs_whatever_the_declared_shape():
+    """A CRNN's export declares its (T, 1, C) output as (1, T): onnxruntime's type inference of
+    the appended Transpose would read the declared rank and refuse, so the declaration goes."""
+    import onnxruntime as ort
+
+    from jaccli.model import load
+    from jaccli.oracle import _with_appended
+    from jaccli.drivers import prepare_feeds, samples_first
+
+    m = batch_one((3, 1, 5), [1, "T"])
+    loaded = load(m)
+    feeds, _ = prepare_feeds(loaded, X, np.float32)
+    name, note = samples_first(loaded, "y", feeds)
+    assert name != "y" and "axis 1" in note
+    proto = _with_appended(m, name, loaded.appended[name])
+    s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = s.run([name], {"x": X[:1]})[0]
+    np.testing.assert_allclose(y, np.tanh(X[:1] @ W).reshape(1, 3, 5), rtol=1e-6)
