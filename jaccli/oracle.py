@@ -368,24 +368,57 @@ def _steps(dtype):
     return (4 * h, h, h / 4)
 
 
-def _perturbations(base, pick, rng):
-    """Rows of perturbation: a unit vector per sampled entry (scaled by max(1, |value|)), then
+class _Directions:
+    """The rows of perturbation: a unit vector per sampled entry (scaled by max(1, |value|)), then
     DIRECTIONS random dense directions scaled by the rms of the values (all of them move at
-    once, so each by a step relative to the typical size)."""
-    n = base.size
-    E = np.zeros((pick.size, n))
-    E[np.arange(pick.size), pick] = np.maximum(1.0, np.abs(base[pick]))
-    rms = float(np.sqrt(np.mean(base * base))) if n else 0.0
-    V = rng.standard_normal((DIRECTIONS, n)) * (rms if rms > 0 else 1.0)
-    return np.concatenate([E, V])
+    once, so each by a step relative to the typical size). Held as the entries and the dense
+    rows, never as a matrix: a model's millions of parameters times some dozens of rows would
+    not fit in memory."""
+
+    def __init__(self, base, pick, rng):
+        self.pick, self.scale = pick, np.maximum(1.0, np.abs(base[pick]))
+        rms = float(np.sqrt(np.mean(base * base))) if base.size else 0.0
+        self.V = rng.standard_normal((DIRECTIONS, base.size)) * (rms if rms > 0 else 1.0)
+
+    def __len__(self):
+        return self.pick.size + DIRECTIONS
+
+    def points(self, base, h):
+        """base + h D_j for every row j, then base - h D_j: one vector at a time."""
+        for sign in (h, -h):
+            for j, s in zip(self.pick, self.scale):
+                x = base.copy()
+                x[j] += sign * s
+                yield x
+            for v in self.V:
+                yield base + sign * v
+
+    def of(self, J, block=1 << 20):
+        """J D^T in float64 for J (..., n) in any float type: the sampled columns scaled, then the
+        dense rows' products, a block of columns at a time (no float64 copy of a large J)."""
+        lead, n = J.shape[:-1], J.shape[-1]
+        dense = np.zeros(lead + (DIRECTIONS,))
+        for a in range(0, n, block):
+            dense += J[..., a:a + block].astype(np.float64) @ self.V[:, a:a + block].T
+        return np.concatenate([J[..., self.pick].astype(np.float64) * self.scale, dense], axis=-1)
 
 
 def _central(evaluate, base, D, h):
     """(evaluate(base + h D_j) - evaluate(base - h D_j)) / 2h for every row D_j: (k, n_out, rows);
-    evaluate maps an (m, n) batch of vectors to (m, k, n_out)."""
-    m = D.shape[0]
-    ys = evaluate(np.concatenate([base[None] + h * D, base[None] - h * D]))
+    evaluate maps the 2m perturbed vectors (an iterator) to (2m, k, n_out)."""
+    m = len(D)
+    ys = evaluate(D.points(base, h))
     return ((ys[:m] - ys[m:]) / (2 * h)).transpose(1, 2, 0)
+
+
+def _max_abs(J, minus=None, block=1 << 18):
+    """max |J - minus| over axis 1 (the output rows) for J (k, rows, n), NaN taken as 0: (k, n),
+    a block of columns at a time (no copy of a large J)."""
+    out = np.zeros((J.shape[0], J.shape[-1]))
+    for a in range(0, J.shape[-1], block):
+        part = J[..., a:a + block] if minus is None else J[..., a:a + block] - minus[..., a:a + block]
+        out[:, a:a + block] = np.nan_to_num(np.fmax(np.fmax.reduce(part, axis=1), -np.fmin.reduce(part, axis=1)))
+    return out
 
 
 @quiet_floats
@@ -468,9 +501,7 @@ def _own_look(model, proto, feeds, name, k, J, seed, entries, outputs, wrt, para
     ours, fds, n, y, _, J64 = fd(model, proto, feeds, name, k, np.float64, rng, entries, outputs, own=True)
     row = _row(name, ours, fds, n, y, y, _noise(y, np.float64))
     keys = ("entry_error", "directional_error", "max_abs_error", "max_abs_direction_error", "entries_judged", "directions_judged")
-    with np.errstate(invalid="ignore"):
-        precision = float(np.nanmax(np.abs(J.reshape(J64.shape) - J64), initial=0.0)
-                          / max(float(np.nanmax(np.abs(J64), initial=0.0)), 1e-300))
+    precision = _max_abs(J.reshape(J64.shape), J64).max(initial=0.0) / max(float(_max_abs(J64).max(initial=0.0)), 1e-300)
     return {"verdict": verdict(row, tol), "steps": list(FINE), "precision": precision, **{key: row[key] for key in keys}}
 
 
@@ -567,14 +598,14 @@ def _pick(n, entries, rng):
 def _with_largest(pick, J):
     """The sampled columns plus, for each sample, the column of our largest entry: it is then
     checked too, and the differences' own maximum is a fair scale for the relative error."""
-    largest = np.abs(np.nan_to_num(J)).max(axis=1).argmax(axis=-1)  # (samples,)
+    largest = _max_abs(J).argmax(axis=-1)  # (samples,)
     return np.union1d(pick, largest)
 
 
 def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=None, own=False):
     wrt = wrt or _first_float(model, name).name
     r = input_jacobian(model, feeds, wrt=wrt, of=name, dtype=dtype, flat=True, outputs=outputs, return_result=True)
-    J, sel = r.value.astype(np.float64), r.selection
+    J, sel = r.value, r.selection
     if wrt not in feeds:  # a value inside the graph: the oracle's model takes it as an input
         feeds = {**feeds, wrt: _forward(model, feeds, wrt, np.float64, flat=False)}
         proto = _cut_at(proto, wrt, [name])
@@ -585,7 +616,8 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
     pick = _with_largest(_pick(x0[0].size, entries, rng), J)
     ours, fds = [], [[] for _ in _steps(oracle.dtype)]
     for i in range(k):
-        def evaluate(batch, i=i):
+        def evaluate(points, i=i):
+            batch = np.stack(list(points))  # an input's perturbed copies, in one batch
             m = batch.shape[0]
             f = {n: np.repeat(v[i:i + 1], m, axis=0) for n, v in feeds.items() if n != wrt}
             f[wrt] = batch.reshape((m,) + x0.shape[1:])
@@ -596,8 +628,8 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
             return y.reshape(m, 1, -1)[:, :, sel]
 
         base = x0[i].ravel().astype(np.float64)
-        D = _perturbations(base, pick, rng)
-        ours.append((J[i] @ D.T)[None])
+        D = _Directions(base, pick, rng)
+        ours.append(D.of(J[i])[None])
         for s, h in enumerate(FINE if own else _steps(oracle.dtype)):
             fds[s].append(_central(evaluate, base, D, h))
     fds = [np.concatenate(f) for f in fds]
@@ -606,7 +638,7 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
 
 def _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, own=False):
     r = param_jacobian(model, feeds, of=name, dtype=dtype, outputs=outputs, return_result=True)
-    G, cols, sel = r.value.astype(np.float64), r.columns, r.selection
+    G, cols, sel = r.value, r.columns, r.selection
     names = [c["name"] for c in cols]
     theta = {n: model.initializers[n] for n in names}
     as_inputs = _params_as_inputs(proto, set(names))
@@ -622,10 +654,10 @@ def _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, own=Fa
 
     G = G.reshape(k, -1, base.size)
     pick = _with_largest(_pick(base.size, entries, rng), G)
-    D = _perturbations(base, pick, rng)
+    D = _Directions(base, pick, rng)
     fds = [_central(evaluate, base, D, h) for h in (FINE if own else _steps(oracle.dtype))]
     y_ort = _run_batched(oracle, feeds, name, theta).reshape(k, -1)
-    return G @ D.T, fds, pick.size, y_ort, oracle, G
+    return D.of(G), fds, pick.size, y_ort, oracle, G
 
 
 def _run_batched(oracle, feeds, name, extra=None):

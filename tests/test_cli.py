@@ -344,6 +344,31 @@ def test_check_calls_differences_below_the_oracles_rounding_unclear():
     assert verdict({**row, "entry_error": 1e-4, "directional_error": 5e-3}, 1e-3) == "pass"
 
 
+def test_check_perturbs_without_a_dense_matrix_of_directions():
+    """check's directions are held as entries and dense rows (a model of 13 M parameters asked
+    for 66 rows of 13 M values, twice, and was killed for memory): the products with our
+    Jacobian and the perturbed points equal those of the dense matrix they stand for, and the
+    largest entry skips NaN as before."""
+    from jaccli.oracle import DIRECTIONS, _Directions, _max_abs
+
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(50) * 3
+    pick = np.array([2, 7, 41])
+    D = _Directions(base, pick, np.random.default_rng(9))
+    dense = np.zeros((3, 50))
+    dense[np.arange(3), pick] = np.maximum(1.0, np.abs(base[pick]))
+    dense = np.concatenate([dense, np.random.default_rng(9).standard_normal((DIRECTIONS, 50)) * np.sqrt(np.mean(base ** 2))])
+    J = rng.standard_normal((2, 4, 50)).astype(np.float32)
+    assert len(D) == 3 + DIRECTIONS
+    np.testing.assert_allclose(D.of(J, block=16), J.astype(np.float64) @ dense.T, rtol=1e-12)
+    points = np.array(list(D.points(base, 0.25)))
+    np.testing.assert_allclose(points, np.concatenate([base + 0.25 * dense, base - 0.25 * dense]), rtol=1e-14)
+    J[0, 1, 5], J[1, 2, 9] = np.nan, -7.0
+    m = _max_abs(J, block=8)
+    assert m.shape == (2, 50) and m[1, 9] == 7.0 and np.isfinite(m).all()
+    np.testing.assert_allclose(_max_abs(J, J - 1.0, block=8), 1.0, rtol=1e-6)
+
+
 def test_check_calls_errors_within_the_oracles_own_step_spread_unclear():
     """A float32 oracle on a deep ReLU network: its differences at the three steps disagree with
     each other (rounding, kinks crossed inside a step) by more than ours disagrees with the
