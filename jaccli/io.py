@@ -79,11 +79,16 @@ def _read_csv(raw, name):
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise DataError(f"{name}: neither .npy, .npz nor UTF-8 CSV text") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        rows = [r for r in reader if r and any(c.strip() for c in r)]
-    except csv.Error as e:
-        raise DataError(f"{name}: malformed CSV at line {reader.line_num} ({e})") from None
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    delimiter = next((d for d in (",", "\t", ";") if lines and d in lines[0]), None)
+    if delimiter is None:  # numbers apart by spaces: np.savetxt's default
+        rows = [line.split() for line in lines]
+    else:
+        reader = csv.reader(io.StringIO("\n".join(lines), newline=""), delimiter=delimiter)
+        try:
+            rows = [r for r in reader if r and any(c.strip() for c in r)]
+        except csv.Error as e:
+            raise DataError(f"{name}: malformed CSV at line {reader.line_num} ({e})") from None
     if rows and not _numeric(rows[0]):
         rows = rows[1:]  # a header
     if not rows:

@@ -113,6 +113,25 @@ def test_csv_ragged_and_non_numeric(tmp_path):
     one_error_line(cli("input", MLP, f), 1, "non-numeric", "'six'")
 
 
+@pytest.mark.parametrize("how", ["comma", "spaces", "tabs", "semicolons", "commented header", "header"])
+def test_csv_as_numpy_and_spreadsheets_write_it(tmp_path, how):
+    """np.savetxt's default separates by spaces and comments its header with '#'; spreadsheets
+    write tabs or semicolons: each reads as the same rows."""
+    from jaccli.io import read_data
+
+    x = np.load(MLP_X)[:5]
+    f = tmp_path / "x.csv"
+    if how == "header":
+        f.write_text("a,b,c,d,e,f,g,h\n" + "\n".join(",".join(repr(float(v)) for v in row) for row in x) + "\n")
+    else:
+        kw = {"comma": {"delimiter": ","}, "spaces": {}, "tabs": {"delimiter": "\t"}, "semicolons": {"delimiter": ";"},
+              "commented header": {"delimiter": ",", "header": "a,b,c,d,e,f,g,h"}}[how]
+        np.savetxt(f, x, fmt="%.9g", **kw)
+    np.testing.assert_array_equal(read_data(f).astype(np.float32), x)  # 9 digits: every float32 exactly
+    r = cli("input", MLP, f, "-o", tmp_path / "J.npy", "-q")
+    assert r.exit_code == 0 and np.load(tmp_path / "J.npy").shape[0] == 5, r.output
+
+
 def test_nan_and_inf_warn_with_count_or_refuse_when_strict(tmp_path):
     x = np.load(MLP_X)
     x[0, 0], x[3, 2], x[5, 1] = np.nan, np.inf, -np.inf
