@@ -124,10 +124,27 @@ def _common(f):
         click.option("--straight-through", is_flag=True,
                      help="Pass derivatives through QuantizeLinear-DequantizeLinear pairs as the identity inside the "
                           "integer range (quantization-aware training's estimator), not their true derivative, zero."),
+        _SAMPLE_AXIS,
     ]
     for opt in reversed(options):
         f = opt(f)
     return f
+
+
+def _sample_axes(specs):
+    """{input: axis} from --sample-axis NAME=AXIS options."""
+    axes = {}
+    for spec in specs:
+        name, sep, axis = spec.rpartition("=")
+        if not sep or not name or not axis.strip().lstrip("-").isdigit():
+            raise click.BadParameter(f"{spec!r}: expected NAME=AXIS, e.g. state=1", param_hint="--sample-axis")
+        axes[name] = int(axis)
+    return axes
+
+
+_SAMPLE_AXIS = click.option("--sample-axis", "sample_axes", multiple=True, metavar="NAME=AXIS",
+                            help="Input NAME carries the samples on AXIS of the model's layout (a recurrent state "
+                                 "(layers, N, hidden): state=1); its data comes in that layout. Repeatable.")
 
 
 def _console(to_stdout_data):
@@ -136,32 +153,33 @@ def _console(to_stdout_data):
     return Console(stderr=True) if to_stdout_data else Console()
 
 
-def _read(model, data, max_memory, strict, dtype="float64", of=None, wrt=None, every_output=False):
+def _read(model, data, max_memory, strict, dtype="float64", of=None, wrt=None, every_output=False, sample_axes=()):
     """Load the model, check its operators, then read the data, checked against the inputs that
-    the output (or, for a check, every float output) depends on; `wrt` an input among them."""
+    the output (or, for a check, every float output) depends on; `wrt` an input among them.
+    Returns the model, the data as prepared for it and the data as read."""
     from . import io as jio
     from .drivers import prepare_feeds
     from .errors import DataError
     from .model import load
     from .plan import require_rules
 
-    m = load(model, max_bytes=max_memory)
+    m = load(model, max_bytes=max_memory, sample_axes=_sample_axes(sample_axes))
     outs = [v.name for v in m.outputs if v.is_float] if every_output and of is None else [m.output(of).name]
     require_rules(m.ancestors(outs))
     where = "stdin" if data == "-" else data
     targets = outs + ([wrt] if wrt else [])
-    x = jio.shape_csv_rows(jio.read_data(data), m.inputs_of(targets))
-    x, _ = prepare_feeds(m, x, dtype, source=where, of=targets)
+    raw = jio.shape_csv_rows(jio.read_data(data), m.inputs_of(targets))
+    x, _ = prepare_feeds(m, raw, dtype, source=where, of=targets)
     bad = jio.nonfinite_count(x)
     if bad:
         if strict:
             raise DataError(f"{where}: {bad} NaN or Inf value(s); refused (--strict)")
         click.echo(f"warning: {where}: {bad} NaN or Inf value(s); their samples' Jacobians are NaN unless the model "
                    f"replaces them (an Imputer, a tree's missing-value branch)", err=True)
-    return m, x
+    return m, x, raw
 
 
-def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute):
+def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute, sample_axes=()):
     """Read data, compute block by block into a file target (if any), summarize as blocks come,
     commit atomically."""
     from . import io as jio
@@ -171,7 +189,7 @@ def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, dty
     if output == "-" and fmt in (None, "npy", "npz") and sys.stdout.isatty():
         raise UsageError("refusing to write binary data to a terminal; redirect stdout (> J.npy) or use --format csv")
     fmt = jio.output_format(output, fmt) if output else None
-    m, x = _read(model, data, max_memory, strict, dtype, of)
+    m, x, _ = _read(model, data, max_memory, strict, dtype, of, sample_axes=sample_axes)
     target = jio.FileTarget(output, fmt) if output else jio.NullTarget()
     console = _console(output == "-")
     summaries = []  # one, made from the result when its first block arrives (none with --quiet)
@@ -246,7 +264,7 @@ class _Progress:
               help="Forward (one pass per input element) or reverse (one per output element); auto picks the cheaper.")
 @click.option("--flat", is_flag=True, help="Shape (N, n_out, n_in) instead of (N, *out_shape, *in_shape).")
 def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as_json, quiet, strict, straight_through,
-              wrt, mode, flat):
+              sample_axes, wrt, mode, flat):
     """Input Jacobian dy/dx for every sample: shape (N, *out_shape, *in_shape).
 
     DATA is .npy (N, *input_shape) or one sample, .npz (one array per model input), or
@@ -265,7 +283,7 @@ def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as
                               max_memory=max_memory, target=target, return_result=True, on_block=on_block,
                               straight_through=straight_through)
 
-    _run("input", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute)
+    _run("input", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute, sample_axes)
 
 
 @main.command("params", context_settings=CONTEXT)
@@ -273,7 +291,7 @@ def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as
 @click.option("--param", "params", multiple=True, metavar="GLOB",
               help="Only parameters whose name matches (repeatable), e.g. --param 'fc2.*'.")
 def params_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as_json, quiet, strict, straight_through,
-               params):
+               sample_axes, params):
     """Per-sample parameter Jacobian dy/dθ: shape (N, *out_shape, P).
 
     Columns follow the model's initializer order, each tensor flattened in C order. A
@@ -292,7 +310,7 @@ def params_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, a
                               max_memory=max_memory, target=target, return_result=True, on_block=on_block,
                               straight_through=straight_through)
 
-    _run("params", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute)
+    _run("params", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute, sample_axes)
 
 
 @main.command("inspect", context_settings=CONTEXT)
@@ -333,8 +351,9 @@ def inspect_cmd(model, as_json):
 @click.option("--outputs", "outputs_slice", metavar="SLICE", help="Only these elements of the flattened per-sample output, e.g. 0:5.")
 @click.option("--of", help="Only this output or graph value (default: every float tensor output).")
 @click.option("--wrt", help="The input, or float value in the graph (token embeddings), of the input Jacobian.")
+@_SAMPLE_AXIS
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_slice, of, wrt, as_json):
+def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_slice, of, wrt, sample_axes, as_json):
     """Our Jacobian against onnxruntime central differences on a few samples (onnx's reference
     evaluator's where onnxruntime cannot run the model); exit 1 above tolerance.
 
@@ -347,9 +366,9 @@ def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_s
 
     if wrt and params:
         raise click.UsageError("--wrt names what an input Jacobian is taken with respect to; --params checks parameters")
-    _, x = _read(model, data, None, True, of=of, wrt=wrt, every_output=True)
+    _, _, x = _read(model, data, None, True, of=of, wrt=wrt, every_output=True, sample_axes=sample_axes)
     d = check(model, x, params=params, samples=samples, entries=entries, dtype=dtype, tolerance=tolerance,
-              outputs=outputs_slice, of=of, wrt=wrt)
+              outputs=outputs_slice, of=of, wrt=wrt, sample_axes=_sample_axes(sample_axes))
     if as_json:
         click.echo(json.dumps(d, indent=1))
     else:

@@ -61,9 +61,16 @@ class Result:
 # ---- data ----------------------------------------------------------------------------------
 
 
+class Feeds(dict):
+    """Arrays for the model inputs as prepare_feeds made them: samples first, where an input's
+    data came in the model's layout with its samples on another axis."""
+
+
 def prepare_feeds(model: Model, x, dtype, source="data", of=None):
-    """Arrays for the model inputs, samples on axis 0: {name: array}, and N. With `of` (output
-    names), only the inputs they depend on are needed; others given are still checked."""
+    """Arrays for the model inputs, samples on axis 0: Feeds {name: array}, and N. With `of`
+    (output names), only the inputs they depend on are needed; others given are still checked.
+    An input that carries the samples on another axis (model.sample_axes) takes its data in
+    the model's layout, moved here (once: Feeds are not moved again)."""
     needed = model.inputs if of is None else model.inputs_of(of)
     if not needed:
         raise _constant(of[0])
@@ -92,6 +99,9 @@ def prepare_feeds(model: Model, x, dtype, source="data", of=None):
         elif a.dtype == object or a.dtype.kind not in "biuf":
             raise DataError(f"{source}: array for '{v.name}' has dtype {a.dtype}; expected numbers")
         shape = v.shape
+        axis = model.sample_axes.get(v.name, 0)
+        if axis and not isinstance(x, Feeds) and shape is not None and a.ndim == len(shape):
+            a = np.moveaxis(a, axis, 0)  # the model's layout, samples on `axis`: samples first
         if shape is not None and a.ndim == len(shape) - 1:
             a = a[None]  # one sample of the input's own shape
         if shape is not None and a.ndim != len(shape):
@@ -109,11 +119,14 @@ def prepare_feeds(model: Model, x, dtype, source="data", of=None):
         if n is None:
             n = a.shape[0] if a.ndim else 1
         elif a.ndim and a.shape[0] != n:
-            raise DataError(f"{source}: '{v.name}' has {a.shape[0]} samples but another input has {n}")
+            where = f" on axis {axis}" if axis else ""
+            raise DataError(f"{source}: '{v.name}' has {a.shape[0]} samples{where} but another input has {n}; an input that "
+                            f"carries the samples on another axis (a recurrent state (layers, N, hidden)) is named with "
+                            f"--sample-axis {v.name}=AXIS (sample_axes= in Python)")
         feeds[v.name] = a
     if not n:
         raise DataError(f"{source}: no samples")
-    return feeds, n
+    return Feeds(feeds), n
 
 
 def parse_outputs(spec, n_out):
@@ -408,7 +421,8 @@ def _within_budget(fn):
 
 @_within_budget
 def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, outputs=None, flat=False,
-                   max_memory=DEFAULT_MAX_MEMORY, target=None, return_result=False, on_block=None, straight_through=False):
+                   max_memory=DEFAULT_MAX_MEMORY, target=None, return_result=False, on_block=None, straight_through=False,
+                   sample_axes=None):
     """Jacobian of output `of` with respect to input `wrt` for every sample.
 
     Shape (N, *out_shape, *in_shape), or (N, n_out, n_in) with `flat`; with `outputs`
@@ -418,9 +432,11 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     (`rows`: the block's range of rows, all of them unless one sample's rows are over the budget).
     `straight_through`: quantize-dequantize pairs pass derivatives as the identity inside the
     integer range (see rules.straight_through), instead of their true derivative, zero.
+    `sample_axes` ({input: axis}, for a model given by path) names inputs whose data carries
+    the samples on another axis than the first (see model.load).
     """
     t0 = time.perf_counter()
-    model = load(model, max_bytes=max_memory)
+    model = load(model, max_bytes=max_memory, sample_axes=sample_axes)
     dtype = np.dtype(dtype)
     of_v = model.output(of)
     wrt_v = model.value(wrt) if wrt is not None else _first_float(model, of_v.name)
@@ -799,9 +815,9 @@ def _check_sample_axis(y, n, name):
 
 @_within_budget
 def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=None, max_memory=DEFAULT_MAX_MEMORY,
-                   target=None, return_result=False, on_block=None, straight_through=False):
+                   target=None, return_result=False, on_block=None, straight_through=False, sample_axes=None):
     """Per-sample Jacobian of output `of` with respect to the parameters: (N, *out_shape, P).
-    `straight_through` as for input_jacobian.
+    `straight_through` and `sample_axes` as for input_jacobian.
 
     Columns follow the model's initializer order, each tensor flattened in C order. By default
     the parameters are the float initializers of rank >= 1 that reach the output (exporters keep
@@ -810,7 +826,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     `on_block` as for input_jacobian.
     """
     t0 = time.perf_counter()
-    model = load(model, max_bytes=max_memory)
+    model = load(model, max_bytes=max_memory, sample_axes=sample_axes)
     dtype = np.dtype(dtype)
     of_v = model.output(of)
     names = model.parameters(of_v.name)

@@ -75,6 +75,7 @@ class Model:
     expanded: dict = field(default_factory=dict)  # operator -> nodes replaced by its ONNX function body
     appended: dict = field(default_factory=dict)  # value -> (NodeProto, initializers) that samples_first added
     held_weights: int = 0  # float Constant nodes made initializers (see weights_as_initializers)
+    sample_axes: dict = field(default_factory=dict)  # input -> the axis of its samples in the model's layout, where not 0
 
     def input(self, name):
         return _pick(self.inputs, name, "input")
@@ -226,12 +227,14 @@ def _pick(items, name, kind):
     raise UsageError(f"the model has no {kind} named '{name}' (it has: {', '.join(v.name for v in items)})")
 
 
-def load(source, max_bytes=None) -> Model:
+def load(source, max_bytes=None, sample_axes=None) -> Model:
     """A Model from a path, raw bytes or an onnx.ModelProto; ModelError on anything malformed.
 
     Tensors in external data are memory-mapped from files inside the model's folder (any
     location that leaves it is refused); an inline tensor that declares more than
-    `max_bytes` is refused before it is allocated.
+    `max_bytes` is refused before it is allocated. `sample_axes` ({input: axis}) names inputs
+    that carry the samples on another axis than the first (see inputs_samples_first); inputs
+    that declare a batch dimension there are found without it.
     """
     if isinstance(source, Model):
         return source
@@ -262,10 +265,90 @@ def load(source, max_bytes=None) -> Model:
             raise ModelError(f"{path or 'model'}: its local functions cannot be inlined ({_first_line(e)})") from None
     proto, expanded = _expand_functions(proto)
     proto, held = weights_as_initializers(proto)
+    axes = {**declared_sample_axes(proto), **(sample_axes or {})}
+    proto = inputs_samples_first(proto, axes, path or "model")
     base = os.path.dirname(os.path.abspath(path)) if path else None
     model = _build(proto, path, base, max_bytes)
-    model.expanded, model.held_weights = expanded, held
+    model.expanded, model.held_weights, model.sample_axes = expanded, held, {k: v for k, v in axes.items() if v}
     return model
+
+
+def _dims(v):
+    t = v.type.tensor_type
+    return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim] if t.HasField("shape") else None
+
+
+def _batch_like(d):
+    return isinstance(d, str) and (d.lower() in ("n", "b", "bs") or "batch" in d.lower())
+
+
+def declared_sample_axes(proto):
+    """{input: axis} for inputs that declare, on an axis other than their first, the batch
+    dimension that another input declares first (torch.onnx's dynamic axes: an RNN's state
+    (layers, 'batch', hidden) beside an input ('batch', ...)). Only dimensions named as a batch
+    ('batch', 'batch_size', 'N', ...), and only where the input names it once."""
+    inits = {t.name for t in proto.graph.initializer}
+    dims = {v.name: _dims(v) for v in proto.graph.input if v.name not in inits}
+    firsts = {d[0] for d in dims.values() if d and _batch_like(d[0])}
+    axes = {}
+    for name, d in dims.items():
+        if d and d[0] not in firsts:
+            hits = [k for k, x in enumerate(d) if x in firsts]
+            if len(hits) == 1:
+                axes[name] = hits[0]
+    return axes
+
+
+def inputs_samples_first(proto, axes, where="model"):
+    """The model with each input of `axes` ({name: axis}) taking its samples on the first axis:
+    the input's declared shape has that axis moved first, and a Transpose puts it back where
+    the graph reads it (its readers, sub-graphs included, read the Transpose's output). The
+    drivers take every input samples first; the data for such an input comes in the model's
+    own layout and is moved as it is read (see drivers.prepare_feeds)."""
+    axes = {k: int(v) for k, v in axes.items() if int(v) != 0}
+    if not axes:
+        return proto
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    g = m.graph
+    inits = {t.name for t in g.initializer}
+    inputs = {v.name: v for v in g.input if v.name not in inits}
+    moves = []
+    for name, k in axes.items():
+        if name not in inputs:
+            raise ModelError(f"{where}: sample axis given for '{name}', which is no model input ({', '.join(inputs)})")
+        d = _dims(inputs[name])
+        if d is None or not 0 < k < len(d):
+            rank = "an unknown rank" if d is None else f"rank {len(d)}"
+            raise ModelError(f"{where}: input '{name}' has {rank}: it cannot carry its samples on axis {k}")
+        dims = inputs[name].type.tensor_type.shape.dim
+        moved = [onnx.TensorShapeProto.Dimension() for _ in d]
+        for j, src in enumerate([k] + [a for a in range(len(d)) if a != k]):
+            moved[j].CopyFrom(dims[src])
+        del dims[:]
+        dims.extend(moved)
+        inner = f"{name}:model-layout"
+        _rename_reads(g, name, inner)
+        perm = list(range(1, k + 1)) + [0] + list(range(k + 1, len(d)))  # axis 0 back to axis k
+        moves.append(helper.make_node("Transpose", [name], [inner], perm=perm, name=f"{name}:to-model-layout"))
+    nodes = moves + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return m
+
+
+def _rename_reads(g, old, new):
+    """Every read of value `old` in graph g, and in its nodes' sub-graphs that do not define a
+    value of that name themselves, made a read of `new`."""
+    for node in g.node:
+        for k, v in enumerate(node.input):
+            if v == old:
+                node.input[k] = new
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                own = {v.name for v in sub.input} | {t.name for t in sub.initializer} | {o for n in sub.node for o in n.output}
+                if old not in own:
+                    _rename_reads(sub, old, new)
 
 
 _EXPANDED = "jaccli.expanded"  # the domain of the model-local functions made of ONNX function bodies

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .drivers import _copies, _first_float, in_runs, input_jacobian, param_jacobian, prepare_feeds, quiet_floats, samples_first
-from .model import load, weights_as_initializers
+from .drivers import Feeds, _copies, _first_float, in_runs, input_jacobian, param_jacobian, prepare_feeds, quiet_floats, samples_first
+from .model import inputs_samples_first, load, weights_as_initializers
 
 TOLERANCE = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
 
@@ -423,7 +423,7 @@ def _max_abs(J, minus=None, block=1 << 18):
 
 @quiet_floats
 def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, seed=0, tolerance=None, of=None,
-          outputs=None, wrt=None):
+          outputs=None, wrt=None, sample_axes=None):
     """Compare our Jacobian with onnxruntime central differences on a few samples.
 
     Columns (input elements or parameter entries) are sampled when there are more than
@@ -435,16 +435,17 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     Jacobian; a graph value is made an input of the oracle's model for its differences.
     Returns a JSON-ready dict with one row per checked float output.
     """
-    model = load(model_path)
+    model = load(model_path, sample_axes=sample_axes)
     dtype = np.dtype(dtype)
     proto = model_path if isinstance(model_path, onnx.ModelProto) else onnx.load(model_path)
-    proto = weights_as_initializers(proto)[0]  # as load made them: parameters the oracle can be fed
+    proto = weights_as_initializers(proto)[0]  # as load made them: parameters the oracle can be fed,
+    proto = inputs_samples_first(proto, model.sample_axes)  # and the inputs samples first
     if of is not None and of not in {o.name for o in proto.graph.output}:
         proto = _with_output(proto, of)  # an intermediate value: let onnxruntime return it too
     outs = [v.name for v in model.outputs if v.is_float] if of is None else [model.output(of).name]
     feeds, N = prepare_feeds(model, x, np.float64, of=outs + ([] if params else [wrt or _first_float(model, outs[0]).name]))
     k = min(samples, N)
-    feeds = {n: (v[:k] if v.ndim else v) for n, v in feeds.items()}
+    feeds = Feeds({n: (v[:k] if v.ndim else v) for n, v in feeds.items()})
     inner = {}  # output -> the value differentiated: itself, or itself with the samples moved first
     for name in outs:
         inner[name] = samples_first(model, name, feeds, dtype)[0]
@@ -607,7 +608,7 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
     r = input_jacobian(model, feeds, wrt=wrt, of=name, dtype=dtype, flat=True, outputs=outputs, return_result=True)
     J, sel = r.value, r.selection
     if wrt not in feeds:  # a value inside the graph: the oracle's model takes it as an input
-        feeds = {**feeds, wrt: _forward(model, feeds, wrt, np.float64, flat=False)}
+        feeds = Feeds({**feeds, wrt: _forward(model, feeds, wrt, np.float64, flat=False)})
         proto = _cut_at(proto, wrt, [name])
         model = load(proto)
     oracle = _own(proto, model) if own else _oracle(proto, feeds, [name], model=model)
@@ -619,7 +620,7 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
         def evaluate(points, i=i):
             batch = np.stack(list(points))  # an input's perturbed copies, in one batch
             m = batch.shape[0]
-            f = {n: np.repeat(v[i:i + 1], m, axis=0) for n, v in feeds.items() if n != wrt}
+            f = {n: (np.repeat(v[i:i + 1], m, axis=0) if v.ndim else v) for n, v in feeds.items() if n != wrt}  # 0-d: no samples
             f[wrt] = batch.reshape((m,) + x0.shape[1:])
             if places:  # each perturbed copy at sample i's place in a run, as the drivers put it
                 y = _run_at(oracle, f, name, i % oracle.batch)

@@ -95,6 +95,9 @@ def render_inspect(console: Console, info: dict):
     if info.get("expanded"):
         names = ", ".join(f"{op} ({n} node{'s' if n > 1 else ''})" for op, n in info["expanded"].items())
         console.print(f"[yellow]note:[/yellow] replaced by their ONNX function bodies, whose operators are listed above: {names}")
+    for name, axis in (info.get("sample_axes") or {}).items():
+        console.print(f"[yellow]note:[/yellow] input '{name}' declares its batch on axis {axis}: its data comes in that layout "
+                      f"(samples on axis {axis}), and each sample's Jacobian leaves that axis out")
     if info.get("held_weights"):
         console.print(f"[yellow]note:[/yellow] the model keeps its weights in {info['held_weights']} float Constant nodes and has no "
                       f"float initializer; those constants are its parameters")
