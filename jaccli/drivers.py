@@ -116,14 +116,15 @@ def prepare_feeds(model: Model, x, dtype, source="data", of=None):
             from onnx import helper
 
             a = a.astype(helper.tensor_dtype_to_np_dtype(v.elem_type), copy=False)
-        if n is None:
-            n = a.shape[0] if a.ndim else 1
+        if n is None and a.ndim:  # a 0-d input (a sample rate) holds no samples
+            n = a.shape[0]
         elif a.ndim and a.shape[0] != n:
             where = f" on axis {axis}" if axis else ""
             raise DataError(f"{source}: '{v.name}' has {a.shape[0]} samples{where} but another input has {n}; an input that "
                             f"carries the samples on another axis (a recurrent state (layers, N, hidden)) is named with "
                             f"--sample-axis {v.name}=AXIS (sample_axes= in Python)")
         feeds[v.name] = a
+    n = 1 if n is None else n  # only 0-d inputs: one sample
     if not n:
         raise DataError(f"{source}: no samples")
     return Feeds(feeds), n
@@ -148,6 +149,12 @@ def parse_outputs(spec, n_out):
     return sel
 
 
+def samples_in(feeds):
+    """The number of samples of the feeds: the first axis of any that has axes (a 0-d input, a
+    sample rate, has none)."""
+    return next((v.shape[0] for v in feeds.values() if np.ndim(v)), 1)
+
+
 def _slice_samples(feeds, a, b):
     return {k: (v[a:b] if v.ndim else v) for k, v in feeds.items()}
 
@@ -169,7 +176,7 @@ def in_runs(fn, feeds, size):
     """fn(feeds of one run) over all samples in runs of exactly `size` (None: one run), the last
     padded with copies of its last sample; the results, samples first, concatenated without the
     padding. A model whose declared batch is fixed runs only in such runs."""
-    n = next(iter(feeds.values())).shape[0]
+    n = samples_in(feeds)
     if not size:
         return fn(feeds)
 
@@ -511,7 +518,7 @@ def _value_shape(plan, feeds, name, size=1):
     if not plan.depends:  # not on the way to the output: the plan need not even compute it
         raise UsageError(f"output '{plan.of}' does not depend on value '{name}'; there is nothing to differentiate")
     # two samples tell the sample axis from a dimension of 1
-    n = size if size > 1 else min(2, next(iter(feeds.values())).shape[0])
+    n = size if size > 1 else min(2, samples_in(feeds))
     v = np.asarray(walk.primal(plan, _pad_samples(_slice_samples(feeds, 0, n), n))[name])
     if not np.issubdtype(v.dtype, np.floating):
         raise UsageError(f"value '{name}' is a {v.dtype} tensor, not a float one; it cannot be differentiated")

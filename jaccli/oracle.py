@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .drivers import Feeds, _copies, _first_float, in_runs, input_jacobian, param_jacobian, prepare_feeds, quiet_floats, samples_first
+from .drivers import (Feeds, _copies, _first_float, in_runs, input_jacobian, param_jacobian, prepare_feeds, quiet_floats,
+                      samples_first, samples_in)
 from .model import inputs_samples_first, load, weights_as_initializers
 
 TOLERANCE = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
@@ -672,7 +673,7 @@ def _run_batched(oracle, feeds, name, extra=None):
 
     if oracle.batch:
         return in_runs(run, feeds, oracle.batch).astype(np.float64)
-    n = next(iter(feeds.values())).shape[0]
+    n = samples_in(feeds)
     try:
         y = run(feeds)
         if np.ndim(y) and np.shape(y)[0] == n:
@@ -692,7 +693,7 @@ def _rows_per_place(oracle, feeds, name):
 def _run_at(oracle, feeds, name, place):
     """Each sample of the feeds run alone, in a run of the model's fixed batch that it fills, and
     read at `place`: where a model's batch is fixed, its constants may have a row per place."""
-    n = next(iter(feeds.values())).shape[0]
+    n = samples_in(feeds)
     return np.stack([oracle.run(_copies(feeds, j, oracle.batch), [name])[0][place] for j in range(n)]).astype(np.float64)
 
 
@@ -706,7 +707,7 @@ def _forward(model, feeds, name, dtype, params=None, flat=True):
     plan = Plan(model, name, list(params or ()), dtype)
     plan.params.update({k: np.asarray(v, dtype) for k, v in (params or {}).items()})
     cast = {k: (v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v) for k, v in feeds.items()}
-    n = next(iter(feeds.values())).shape[0]
+    n = samples_in(feeds)
     y = in_runs(lambda f: walk.primal(plan, f)[name], cast, model.fixed_batch()[1])
     return y.reshape(n, -1) if flat else y
 

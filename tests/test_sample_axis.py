@@ -299,3 +299,19 @@ def test_samples_on_the_last_axis_read_inside_a_branch():
                                    atol=1e-7)
     d = check(m, {"z": z, "w": np.zeros((4, 1), np.float32)}, wrt="z")
     assert d["ok"], d
+
+
+def test_a_0d_input_beside_the_samples():
+    """A 0-d input (Silero VAD's sample rate) has no samples: check feeds it whole to every
+    perturbed copy, wherever it comes among the inputs."""
+    nodes = [helper.make_node("Cast", ["rate"], ["r"], to=TensorProto.FLOAT), helper.make_node("Mul", ["x", "r"], ["m"]),
+             helper.make_node("Tanh", ["m"], ["y"])]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("rate", TensorProto.INT64, []),
+                                       helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    feeds = {"rate": np.array(2, np.int64), "x": XS}
+    J = jaccli.input_jacobian(m, feeds, wrt="x")
+    np.testing.assert_allclose(J, np.stack([np.diag(2 * (1 - np.tanh(2 * x) ** 2)) for x in XS]), rtol=1e-5)
+    assert check(m, feeds, wrt="x")["ok"]
