@@ -732,8 +732,9 @@ def _constant(name):
 def _float_entry(model, of=None):
     """Where the inputs first become floats on the way to output `of`, described for a hint: the
     first Gather from a float table by indices that come from the inputs (token ids looked up
-    in an embedding), or onnxruntime's fused EmbedLayerNormalization, or the first Cast of an
-    input to a float type (an image's integer pixels); None if none. Only values that the output
+    in an embedding), or onnxruntime's fused EmbedLayerNormalization, or the first Cast to a
+    float type of an input (an image's integer pixels) or of a value made from the inputs (a
+    one-hot Equal, as Magika encodes a file's bytes); None if none. Only values that the output
     depends on through more than their shapes count (a lookup whose Shape makes position ids
     does not)."""
     nodes = model.nodes if of is None else model.ancestors([of])
@@ -752,8 +753,10 @@ def _float_entry(model, of=None):
         table = model.initializers.get(n.inputs[0]) if n.inputs else None
         if n.op_type == "Gather" and table is not None and np.issubdtype(table.dtype, np.floating) and n.inputs[1] in from_inputs:
             return f"the embeddings '{n.outputs[0]}'"
-        if n.op_type == "Cast" and n.inputs[0] in inputs and n.attrs.get("to") in _FLOAT_TYPES:
-            return f"'{n.outputs[0]}', input '{n.inputs[0]}' cast to float"
+        if n.op_type == "Cast" and n.attrs.get("to") in _FLOAT_TYPES:
+            if n.inputs[0] in inputs:
+                return f"'{n.outputs[0]}', input '{n.inputs[0]}' cast to float"
+            return f"'{n.outputs[0]}', the first float value made from the inputs (a one-hot encoding of bytes, say)"
         if n.op_type == "EmbedLayerNormalization":  # onnxruntime's optimizer fused the lookup and its norm
             return f"the normalised embeddings '{n.outputs[0]}'"
     return None
@@ -801,7 +804,7 @@ def _find_sample_axis(model, of, feeds, dtype):
             ones = [a for a, d in enumerate(y1.shape) if d == 1]
             return (ones[0] if len(ones) == 1 else None), y1.ndim
         y2 = np.asarray(walk.primal(plan, _copies(cast, 0, 2))[of])
-    except JaccliError:
+    except (JaccliError, ValueError, TypeError):  # an error of the model, or an output that is no tensor (a sequence)
         return False, 0  # the usual run reports it
     grew = [a for a in range(y1.ndim) if y2.ndim == y1.ndim and (y1.shape[a], y2.shape[a]) == (1, 2)]
     if len(grew) != 1 or any(p != q for a, (p, q) in enumerate(zip(y1.shape, y2.shape)) if a != grew[0]):

@@ -237,6 +237,10 @@ def load(source, max_bytes=None, sample_axes=None) -> Model:
     that declare a batch dimension there are found without it.
     """
     if isinstance(source, Model):
+        if sample_axes and {k: int(v) for k, v in sample_axes.items() if int(v)} != source.sample_axes:
+            from .errors import UsageError
+
+            raise UsageError("sample axes are given when a model is loaded: jaccli.load(path, sample_axes=...)")
         return source
     path = None
     if isinstance(source, onnx.ModelProto):

@@ -315,3 +315,14 @@ def test_a_0d_input_beside_the_samples():
     J = jaccli.input_jacobian(m, feeds, wrt="x")
     np.testing.assert_allclose(J, np.stack([np.diag(2 * (1 - np.tanh(2 * x) ** 2)) for x in XS]), rtol=1e-5)
     assert check(m, feeds, wrt="x")["ok"]
+
+
+def test_sample_axes_for_a_loaded_model_are_its_own():
+    """A model loaded without them is not quietly read with other sample axes."""
+    from jaccli.errors import UsageError
+
+    m = jaccli.load(with_state(None))
+    with pytest.raises(UsageError, match="jaccli.load"):
+        jaccli.input_jacobian(m, {"x": XS, "state": STATE}, sample_axes={"state": 1})
+    m = jaccli.load(with_state(None), sample_axes={"state": 1})
+    assert jaccli.input_jacobian(m, {"x": XS, "state": STATE}, sample_axes={"state": 1}).shape == (5, 3, 4)

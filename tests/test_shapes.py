@@ -567,6 +567,22 @@ def test_integer_pixels_hint_at_their_cast():
     np.testing.assert_allclose(J, jaccli.input_jacobian(floats, img.astype(np.float64), dtype="float64"), rtol=1e-12)
 
 
+def test_one_hot_bytes_hint_at_their_cast():
+    """Bytes one-hot encoded in the graph (Equal against 0..255, then a Cast, as Magika's export
+    does): the refusal names the Cast, and --wrt it gives the Jacobian in the encoding."""
+    nodes = [helper.make_node("Unsqueeze", ["b", "ax"], ["bu"]), helper.make_node("Equal", ["bu", "codes"], ["hot"]),
+             helper.make_node("Cast", ["hot"], ["onehot"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["onehot", "E"], ["e"]), helper.make_node("Tanh", ["e"], ["y"])]
+    m = model(nodes, [helper.make_tensor_value_info("b", TensorProto.INT32, ["N", 6])],
+              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+              [init("ax", np.array([-1], np.int64)), init("codes", np.arange(4, dtype=np.int32)),
+               init("E", RNG.standard_normal((4, 2)).astype(np.float32))])
+    b = RNG.integers(0, 4, (3, 6)).astype(np.int32)
+    with pytest.raises(jaccli.errors.UsageError, match="such as 'onehot', the first float value made from the inputs"):
+        jaccli.input_jacobian(m, b)
+    assert jaccli.input_jacobian(m, b, wrt="onehot").shape == (3, 6, 2, 6, 4)
+
+
 def test_a_parameter_tiled_along_the_samples():
     """Keras's class token, tf.tile(cls, [batch, 1, 1]) before a Concat with the patches: Tile's
     repeats come from the input's shape, and the token's per-sample Jacobian is its own sample's
