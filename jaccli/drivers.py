@@ -281,13 +281,13 @@ def _derivative_notes(plan):
     and of the piecewise-constant operators there (tree ensembles)."""
     notes = []
     if plan.through:
-        notes.append(f"straight through: {plan.through} QuantizeLinear node(s) and the DequantizeLinear after them pass "
-                     f"derivatives as the identity inside the integer range, zero where they saturate (not the true "
-                     f"derivative, zero)")
+        notes.append(f"straight through: {plan.through} QuantizeLinear or DynamicQuantizeLinear node(s) and what dequantizes "
+                     f"after them pass derivatives as the identity inside the integer range, zero where they saturate (not "
+                     f"the true derivative, zero)")
     elif plan.quantized:
-        notes.append("a QuantizeLinear lies on the way to the output: its integer output is piecewise constant, so no "
-                     "derivative passes it; --straight-through (straight_through=True) passes quantize-dequantize pairs "
-                     "as the identity, as quantization-aware training differentiates them")
+        notes.append("a QuantizeLinear or DynamicQuantizeLinear lies on the way to the output: its integer output is "
+                     "piecewise constant, so no derivative passes it; --straight-through (straight_through=True) passes "
+                     "quantize-dequantize pairs as the identity, as quantization-aware training differentiates them")
     return notes + [f"a {op} lies on the way to the output: piecewise constant, its derivative is zero wherever it "
                     f"exists, so the Jacobian holds only what flows around it" for op in plan.flat]
 

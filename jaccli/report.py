@@ -102,7 +102,8 @@ def render_inspect(console: Console, info: dict):
         console.print(f"[yellow]note:[/yellow] the model keeps its weights in {info['held_weights']} float Constant nodes and has no "
                       f"float initializer; those constants are its parameters")
     if info.get("quantized_values"):
-        console.print(f"[yellow]note:[/yellow] {info['quantized_values']} QuantizeLinear node(s) quantize values, not "
+        console.print(f"[yellow]note:[/yellow] {info['quantized_values']} QuantizeLinear or DynamicQuantizeLinear node(s) "
+                      f"quantize values, not "
                       f"weights: an integer is piecewise constant, so derivatives stop there; --straight-through passes "
                       f"quantize-dequantize pairs as the identity, as quantization-aware training does")
 

@@ -223,13 +223,15 @@ def test_tf2onnx_complex_operators_are_refused_with_the_reason(tmp_path):
 
 
 def test_integer_operators_of_quantized_models_are_refused_with_the_reason(tmp_path):
-    """onnxruntime's dynamic quantization writes MatMulInteger: one line says why, and what
-    format jaccli runs instead."""
+    """onnxruntime's QOperator format writes QLinearMatMul: one line says why, and what formats
+    jaccli runs instead."""
     q = helper.make_tensor_value_info("q", TensorProto.UINT8, ["N", 3])
-    nodes = [helper.make_node("MatMulInteger", ["q", "w"], ["i"], name="mmi"), helper.make_node("Cast", ["i"], ["y"], to=1)]
-    w = onnx.numpy_helper.from_array(np.ones((3, 3), np.uint8), "w")
-    onnx.save(tiny_model(nodes, [q], [Y], [w]), tmp_path / "dyn.onnx")
-    one_error_line(cli("params", tmp_path / "dyn.onnx", np_file(tmp_path)), 1, "mmi", "QDQ")
+    nodes = [helper.make_node("QLinearMatMul", ["q", "s", "z", "w", "s", "z", "s", "z"], ["i"], name="qmm"),
+             helper.make_node("Cast", ["i"], ["y"], to=1)]
+    inits = [onnx.numpy_helper.from_array(np.ones((3, 3), np.uint8), "w"), onnx.numpy_helper.from_array(np.float32(0.1), "s"),
+             onnx.numpy_helper.from_array(np.uint8(0), "z")]
+    onnx.save(tiny_model(nodes, [q], [Y], inits), tmp_path / "qop.onnx")
+    one_error_line(cli("input", tmp_path / "qop.onnx", np_file(tmp_path)), 1, "qmm", "QDQ", "dynamic")
 
 
 def test_training_dropout_is_refused(tmp_path):

@@ -1,0 +1,150 @@
+"""onnxruntime's dynamic quantization: DynamicQuantizeLinear, MatMulInteger and ConvInteger.
+
+`onnxruntime.quantization.quantize_dynamic` writes, for each MatMul or Conv, its input quantized
+to uint8 with a scale from that tensor's own range, the product of integers, and the float
+result rescaled: DynamicQuantizeLinear -> MatMulInteger / ConvInteger -> Cast -> Mul(scales).
+The integers are piecewise constant in the input: the derivative is zero, and the summary says
+why. With --straight-through, as quantization-aware training differentiates it, the quantizer
+passes derivatives as 1 / scale, with its scale taken as a constant (an observer's statistic),
+and the integer products are linear in their integer inputs: the chain then differentiates as
+the float product with the dequantized weights. The products are exact: integers of 8 bits,
+summed in float64 below 2^53, then int32 as the spec asks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import Ctx, rule, through
+from ._util import padded
+from .conv import Conv
+from .linalg import MatMul
+from .shape import _FLOAT_TYPES, Cast
+
+
+@rule("DynamicQuantizeLinear", since=11)
+class DynamicQuantizeLinear:
+    """y = saturate(round(x / scale) + zero_point) in uint8, with scale = (max(0, max x) -
+    min(0, min x)) / 255 (1 for a tensor of zeros, as onnxruntime has it) and zero_point =
+    saturate(round(-min(0, min x) / scale)): the range of the whole tensor (on a batch of
+    samples, it mixes them). Outputs y, scale, zero_point."""
+
+    nondiff = (0,)
+
+    def forward(x, *, n_outputs=3):
+        return _dynamic(x)[:max(1, n_outputs)] if n_outputs > 1 else _dynamic(x)[0]
+
+
+def _dynamic(x):
+    lo, hi = min(0.0, float(np.min(x))), max(0.0, float(np.max(x)))
+    scale = x.dtype.type((hi - lo) / 255)
+    if scale == 0:  # all zeros: scale 1, as onnxruntime has it, and every level is the zero point, 0
+        return np.zeros(x.shape, np.uint8), np.asarray(x.dtype.type(1)), np.asarray(np.uint8(0))
+    zp = np.uint8(np.clip(np.rint(-lo / scale), 0, 255))
+    y = np.clip(np.rint(x / scale) + zp, 0, 255).astype(np.uint8)
+    return y, np.asarray(scale), np.asarray(zp)
+
+
+@through(DynamicQuantizeLinear)
+class DynamicQuantizeLinearThrough(DynamicQuantizeLinear):
+    """DynamicQuantizeLinear whose y passes derivatives as 1 / scale (its range covers the
+    tensor, so nothing saturates); the scale and zero point carry none, as an observer's."""
+
+    nondiff = ()
+
+    def jvp(cx, Xdot, **_):
+        return Xdot / cx.y[1].astype(Xdot.dtype)
+
+    def vjp(cx, Ybar, **_):
+        return (Ybar / cx.y[1].astype(Ybar.dtype),)
+
+
+def _shifted(v, zp, shape=None):
+    """v - zero_point in float64: exact for 8-bit integers; `shape` reshapes a per-row or
+    per-channel zero point to broadcast against v."""
+    v = np.asarray(v, np.float64)
+    if zp is None:
+        return v
+    zp = np.asarray(zp, np.float64)
+    return v - (zp.reshape(shape) if shape is not None and zp.ndim else zp)
+
+
+def _matmul_operands(a, b, a_zp, b_zp):
+    """A - a_zero_point (scalar, or one per row of A) and B - b_zero_point (scalar, or one per
+    column of B), in float64."""
+    return _shifted(a, a_zp, (-1, 1)), _shifted(b, b_zp)
+
+
+@rule("MatMulInteger", since=10)
+class MatMulInteger:
+    """Y = (A - a_zero_point) @ (B - b_zero_point) in int32: numpy's matmul semantics."""
+
+    nondiff = (0, 1, 2, 3)
+
+    def forward(A, B, a_zero_point=None, b_zero_point=None):
+        return np.matmul(*_matmul_operands(A, B, a_zero_point, b_zero_point)).astype(np.int32)
+
+
+@through(MatMulInteger)
+class MatMulIntegerThrough(MatMulInteger):
+    """MatMulInteger as the product of its shifted operands: linear in each integer input."""
+
+    nondiff = (2, 3)
+    keeps = True
+
+    def jvp(cx, Adot, Bdot, *_):
+        A, B = _matmul_operands(*padded(cx.x, 4))
+        return MatMul.jvp(Ctx((A, B), cx.y), _float(Adot), _float(Bdot))
+
+    def vjp(cx, Ybar):
+        A, B = _matmul_operands(*padded(cx.x, 4))
+        return MatMul.vjp(Ctx((A.astype(Ybar.dtype), B.astype(Ybar.dtype)), cx.y, cx.need[:2], cx.keep[:2]), Ybar) + (None, None)
+
+
+def _float(t):
+    return None if t is None else t.astype(np.float64, copy=False) if t.dtype.kind != "f" else t
+
+
+def _conv_operands(x, w, x_zp, w_zp):
+    """x - x_zero_point and w - w_zero_point (scalar, or one per output channel), in float64."""
+    return _shifted(x, x_zp), _shifted(w, w_zp, (-1,) + (1,) * (np.ndim(w) - 1))
+
+
+@rule("ConvInteger", since=10)
+class ConvInteger:
+    """Y = conv(x - x_zero_point, w - w_zero_point) in int32: Conv's geometry, no bias (padding
+    holds the zero point, a zero once shifted)."""
+
+    nondiff = (0, 1, 2, 3)
+
+    def forward(x, w, x_zero_point=None, w_zero_point=None, **attrs):
+        X, W = _conv_operands(x, w, x_zero_point, w_zero_point)
+        return np.rint(Conv.forward(X, W, **attrs)).astype(np.int32)
+
+
+@through(ConvInteger)
+class ConvIntegerThrough(ConvInteger):
+    """ConvInteger as the convolution of its shifted operands: linear in x (and in w)."""
+
+    nondiff = (2, 3)
+    keeps = True
+
+    def jvp(cx, Xdot, Wdot, *_, **attrs):
+        X, W = _conv_operands(*padded(cx.x, 4))
+        return Conv.jvp(Ctx((X, W), cx.y), _float(Xdot), _float(Wdot), **attrs)
+
+    def vjp(cx, Ybar, **attrs):
+        X, W = (v.astype(Ybar.dtype) for v in _conv_operands(*padded(cx.x, 4)))
+        return Conv.vjp(Ctx((X, W), cx.y, cx.need[:2], cx.keep[:2]), Ybar, **attrs) + (None, None)
+
+
+@through(Cast)
+class CastThrough(Cast):
+    """Cast that passes derivatives from an integer input to a float output too: the integers of
+    a quantized product, whose tangents --straight-through carries."""
+
+    def jvp(cx, Xdot, *, to, **_):
+        return Xdot if to in _FLOAT_TYPES else None
+
+    def vjp(cx, Ybar, *, to, **_):
+        return (Ybar if to in _FLOAT_TYPES else None,)
