@@ -287,19 +287,19 @@ def _batch_like(d):
 
 
 def declared_sample_axes(proto):
-    """{input: axis} for inputs that declare, on an axis other than their first, the batch
-    dimension that another input declares first (torch.onnx's dynamic axes: an RNN's state
-    (layers, 'batch', hidden) beside an input ('batch', ...)). Only dimensions named as a batch
-    ('batch', 'batch_size', 'N', ...), and only where the input names it once."""
+    """{input: axis} for inputs that declare their batch dimension on an axis other than their
+    first (torch.onnx's dynamic axes: an RNN's state (layers, 'batch', hidden) beside an input
+    ('batch', ...); a time-major sequence ('seq', 'batch', features), as recurrent layers
+    without batch_first take it). Only dimensions named as a batch ('batch', 'batch_size',
+    'N', ...), where the input names one once and not first."""
     inits = {t.name for t in proto.graph.initializer}
-    dims = {v.name: _dims(v) for v in proto.graph.input if v.name not in inits}
-    firsts = {d[0] for d in dims.values() if d and _batch_like(d[0])}
     axes = {}
-    for name, d in dims.items():
-        if d and d[0] not in firsts:
-            hits = [k for k, x in enumerate(d) if x in firsts]
+    for v in proto.graph.input:
+        d = None if v.name in inits else _dims(v)
+        if d and not _batch_like(d[0]):
+            hits = [k for k, x in enumerate(d) if _batch_like(x)]
             if len(hits) == 1:
-                axes[name] = hits[0]
+                axes[v.name] = hits[0]
     return axes
 
 

@@ -326,3 +326,35 @@ def test_sample_axes_for_a_loaded_model_are_its_own():
         jaccli.input_jacobian(m, {"x": XS, "state": STATE}, sample_axes={"state": 1})
     m = jaccli.load(with_state(None), sample_axes={"state": 1})
     assert jaccli.input_jacobian(m, {"x": XS, "state": STATE}, sample_axes={"state": 1}).shape == (5, 3, 4)
+
+
+def lstm(layout):
+    """One LSTM layer, input 4, hidden 3, over 5 steps: time-major (layout 0: X (seq, batch, 4),
+    Y (seq, 1, batch, 3)) as torch exports nn.LSTM without batch_first, with dynamic axes
+    named 'seq' and 'batch'; or batch-first (layout 1), the reference."""
+    rng = np.random.default_rng(8)
+    W, R, Bb = (rng.standard_normal(s).astype(np.float32) * 0.5 for s in ((1, 12, 4), (1, 12, 3), (1, 24)))
+    x_dims = ["seq", "batch", 4] if layout == 0 else ["batch", "seq", 4]
+    g = helper.make_graph([helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=3, layout=layout)], "lstm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_dims)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R"), numpy_helper.from_array(Bb, "B")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_time_major_sequence_found_from_its_declared_batch():
+    """x declared ('seq', 'batch', 4): its samples are on axis 1, its data comes time-major, and
+    the output (seq, 1, batch, 3) is moved too. Each sample's Jacobian, (5, 1, 3) by (5, 4),
+    equals that of the batch-first LSTM, and check passes on the time-major one."""
+    xs = RNG.standard_normal((3, 5, 4)).astype(np.float32)  # (batch, seq, 4)
+    want = jaccli.input_jacobian(lstm(1), xs)
+    r = jaccli.input_jacobian(lstm(0), xs.transpose(1, 0, 2), return_result=True)
+    assert r.value.shape == want.shape == (3, 5, 1, 3, 5, 4)
+    np.testing.assert_allclose(r.value, want, rtol=1e-5, atol=1e-7)
+    assert jaccli.load(lstm(0)).sample_axes == {"x": 1}
+    G_want, _ = jaccli.param_jacobian(lstm(1), xs)
+    G, _ = jaccli.param_jacobian(lstm(0), xs.transpose(1, 0, 2))
+    np.testing.assert_allclose(G, G_want, rtol=1e-5, atol=1e-7)
+    assert check(lstm(0), xs.transpose(1, 0, 2))["ok"]
