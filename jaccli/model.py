@@ -290,16 +290,18 @@ def declared_sample_axes(proto):
     """{input: axis} for inputs that declare their batch dimension on an axis other than their
     first (torch.onnx's dynamic axes: an RNN's state (layers, 'batch', hidden) beside an input
     ('batch', ...); a time-major sequence ('seq', 'batch', features), as recurrent layers
-    without batch_first take it). Only dimensions named as a batch ('batch', 'batch_size',
-    'N', ...), where the input names one once and not first."""
+    without batch_first take it), where an input names one once and not first. A dimension
+    counts if it is named a batch ('batch', 'batch_size'), or if another input names it first
+    with a short name ('N', 'B'): alone, an 'N' on axis 1 may count points or boxes."""
     inits = {t.name for t in proto.graph.initializer}
+    dims = {v.name: _dims(v) for v in proto.graph.input if v.name not in inits}
+    firsts = {d[0] for d in dims.values() if d and _batch_like(d[0])}
     axes = {}
-    for v in proto.graph.input:
-        d = None if v.name in inits else _dims(v)
+    for name, d in dims.items():
         if d and not _batch_like(d[0]):
-            hits = [k for k, x in enumerate(d) if _batch_like(x)]
+            hits = [k for k, x in enumerate(d) if x in firsts or (isinstance(x, str) and "batch" in x.lower())]
             if len(hits) == 1:
-                axes[v.name] = hits[0]
+                axes[name] = hits[0]
     return axes
 
 

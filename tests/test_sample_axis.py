@@ -358,3 +358,18 @@ def test_a_time_major_sequence_found_from_its_declared_batch():
     G, _ = jaccli.param_jacobian(lstm(0), xs.transpose(1, 0, 2))
     np.testing.assert_allclose(G, G_want, rtol=1e-5, atol=1e-7)
     assert check(lstm(0), xs.transpose(1, 0, 2))["ok"]
+
+
+def test_an_n_alone_is_not_taken_for_the_batch():
+    """A fixed batch of 1 with ('N' points, 3) after it: N counts points, not samples (without
+    another input that declares N first); a 'batch' there is the batch."""
+    def points(dims):
+        g = helper.make_graph([helper.make_node("ReduceMax", ["p"], ["y"], axes=[1], keepdims=0)], "pts",
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        m.ir_version = 8
+        return m
+
+    assert jaccli.load(points([1, "N", 3])).sample_axes == {}
+    assert jaccli.load(points([1, "batch_size", 3])).sample_axes == {"p": 1}
