@@ -230,3 +230,18 @@ def one_input_model(nodes, inits, x_shape, opset=13):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     return m
+
+
+def wrong_by_ten_percent(monkeypatch, fn):
+    """Make the oracle's copy of jaccli's `fn` (input_jacobian or param_jacobian) 10% wrong:
+    a check must then FAIL."""
+    import jaccli.oracle as oracle
+
+    real = getattr(oracle, fn)
+
+    def wrong(*a, **k):
+        res = real(*a, **k)
+        res.J = res.J * 1.1
+        return res
+
+    monkeypatch.setattr(oracle, fn, wrong)

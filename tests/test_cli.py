@@ -14,6 +14,8 @@ from click.testing import CliRunner
 import jaccli
 from jaccli.cli import main
 
+from gradcheck import wrong_by_ten_percent
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = os.path.join(os.path.dirname(HERE), "sample_models")
 NAMES = ["mlp_classifier", "regression_mlp", "cnn"]
@@ -95,20 +97,6 @@ def test_params_cli_writes_column_map_and_matches_api(name, tmp_path):
     assert cols == cols2
     assert G.shape[-1] == sum(c["size"] for c in cols)
     assert [c["offset"] for c in cols] == list(np.cumsum([0] + [c["size"] for c in cols])[:-1])
-
-
-def wrong_by_ten_percent(monkeypatch, fn):
-    """Make the oracle's copy of jaccli's `fn` (input_jacobian or param_jacobian) 10% wrong."""
-    import jaccli.oracle as oracle
-
-    real = getattr(oracle, fn)
-
-    def wrong(*a, **k):
-        res = real(*a, **k)
-        res.J = res.J * 1.1
-        return res
-
-    monkeypatch.setattr(oracle, fn, wrong)
 
 
 @pytest.mark.parametrize("name", NAMES)
