@@ -93,9 +93,10 @@ def test_straight_through_is_the_float_model_with_dequantized_weights(kind, weig
     the float model with the dequantized weights. With them, it is near the float model's."""
     q, f = quantized(kind, tmp_path, weight_type, per_channel, act=False)
     x = data(kind)
-    r = jaccli.input_jacobian(q, x, straight_through=True, dtype=np.float64, return_result=True)
     want = jaccli.input_jacobian(dequantized(q, f), x, dtype=np.float64)
-    np.testing.assert_allclose(r.value, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())  # the reference's weights: float32
+    for mode in ("forward", "reverse"):  # the rules' JVPs and VJPs
+        r = jaccli.input_jacobian(q, x, straight_through=True, dtype=np.float64, mode=mode, return_result=True)
+        np.testing.assert_allclose(r.value, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())  # the reference's weights: float32
     assert any("straight through: 2 QuantizeLinear or DynamicQuantizeLinear" in n for n in r.notes), r.notes
     G, _ = jaccli.param_jacobian(q, x, straight_through=True, dtype=np.float64)
     G_want, _ = jaccli.param_jacobian(dequantized(q, f), x, params=["b1"], dtype=np.float64)

@@ -93,16 +93,23 @@ class MatMulIntegerThrough(MatMulInteger):
     keeps = True
 
     def jvp(cx, Adot, Bdot, *_):
-        A, B = _matmul_operands(*padded(cx.x, 4))
-        return MatMul.jvp(Ctx((A, B), cx.y), _float(Adot), _float(Bdot))
+        dt = _tangent_dtype(Adot, Bdot)
+        A, B = (v.astype(dt) for v in _matmul_operands(*padded(cx.x, 4)))
+        return MatMul.jvp(Ctx((A, B), cx.y), _float(Adot, dt), _float(Bdot, dt))
 
     def vjp(cx, Ybar):
         A, B = _matmul_operands(*padded(cx.x, 4))
         return MatMul.vjp(Ctx((A.astype(Ybar.dtype), B.astype(Ybar.dtype)), cx.y, cx.need[:2], cx.keep[:2]), Ybar) + (None, None)
 
 
-def _float(t):
-    return None if t is None else t.astype(np.float64, copy=False) if t.dtype.kind != "f" else t
+def _tangent_dtype(*tangents):
+    """The float type the tangents carry (an integer's tangent from a quantizer is a float)."""
+    t = next(t for t in tangents if t is not None)
+    return t.dtype if t.dtype.kind == "f" else np.dtype(np.float64)
+
+
+def _float(t, dtype):
+    return None if t is None else t.astype(dtype, copy=False)
 
 
 def _conv_operands(x, w, x_zp, w_zp):
@@ -130,8 +137,9 @@ class ConvIntegerThrough(ConvInteger):
     keeps = True
 
     def jvp(cx, Xdot, Wdot, *_, **attrs):
-        X, W = _conv_operands(*padded(cx.x, 4))
-        return Conv.jvp(Ctx((X, W), cx.y), _float(Xdot), _float(Wdot), **attrs)
+        dt = _tangent_dtype(Xdot, Wdot)
+        X, W = (v.astype(dt) for v in _conv_operands(*padded(cx.x, 4)))
+        return Conv.jvp(Ctx((X, W), cx.y), _float(Xdot, dt), _float(Wdot, dt), **attrs)
 
     def vjp(cx, Ybar, **attrs):
         X, W = (v.astype(Ybar.dtype) for v in _conv_operands(*padded(cx.x, 4)))
