@@ -192,28 +192,67 @@ def weights_as_initializers(proto):
     """The model with its float Constant nodes made initializers, where it has no float
     initializer: an exporter that stores every weight as a Constant node (paddle2onnx, as
     PaddleOCR's models ship) leaves the parameter Jacobian nothing to differentiate otherwise.
-    Only the main graph's; a model with float initializers keeps its Constant nodes as they are
-    (an exporter's constants beside its weights: a mask, an epsilon). Returns (model, count)."""
-    g = proto.graph
-    if any(t.data_type in FLOAT_TYPES for t in g.initializer):
-        return proto, 0
-    held = [n for n in g.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1
-            and n.attribute[0].name == "value" and n.attribute[0].t.data_type in FLOAT_TYPES
-            and not n.attribute[0].t.HasField("data_location") and n.output[0]]
-    if not held:
+    Those inside sub-graphs too (spox's Silero VAD keeps a whole network in each branch of an
+    If): they become initializers of the main graph, under names of their own, which the
+    sub-graphs read from outside, as parameters read inside a body. A model with float
+    initializers keeps its Constant nodes as they are (an exporter's constants beside its
+    weights: a mask, an epsilon). Returns (model, count)."""
+    if any(t.data_type in FLOAT_TYPES for t in proto.graph.initializer):
         return proto, 0
     m = onnx.ModelProto()
     m.CopyFrom(proto)
-    drop = {n.output[0] for n in held}
-    kept = [n for n in m.graph.node if not (n.op_type == "Constant" and n.output and n.output[0] in drop)]
-    for n in held:
+    taken = _names(m.graph)
+    held = []
+    _hold(m.graph, m.graph, held, taken, top=True)
+    return (m, len(held)) if held else (proto, 0)
+
+
+def _held(n):
+    """Whether node n is a Constant holding a float tensor (inline, not external data)."""
+    return (n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1 and n.attribute[0].name == "value"
+            and n.attribute[0].t.data_type in FLOAT_TYPES and not n.attribute[0].t.HasField("data_location") and bool(n.output[0]))
+
+
+def _hold(g, main, held, taken, top=False):
+    """Graph g's float Constant nodes (and its sub-graphs') moved into the main graph's
+    initializers; a sub-graph's under a new name, which its reads then use."""
+    kept, outputs = [], {o.name for o in g.output}
+    for n in g.node:
+        if not _held(n) or (not top and n.output[0] in outputs):  # a branch that returns a constant keeps it
+            kept.append(n)
+            for a in n.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    _hold(sub, main, held, taken)
+            continue
         t = onnx.TensorProto()
         t.CopyFrom(n.attribute[0].t)
         t.name = n.output[0]
-        m.graph.initializer.append(t)
-    del m.graph.node[:]
-    m.graph.node.extend(kept)
-    return m, len(held)
+        if not top:  # a name of the main graph's, unique in the model: the sub-graph reads it from outside
+            t.name = _fresh(f"{g.name or 'body'}/{n.output[0]}", taken)
+            _rename_reads(g, n.output[0], t.name)
+        main.initializer.append(t)
+        held.append(t.name)
+    del g.node[:]
+    g.node.extend(kept)
+
+
+def _names(g):
+    """Every value name of graph g and its sub-graphs."""
+    names = {v.name for v in list(g.input) + list(g.output) + list(g.value_info)} | {t.name for t in g.initializer}
+    for n in g.node:
+        names.update(n.output)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= _names(sub)
+    return names
+
+
+def _fresh(name, taken):
+    k, new = 1, name
+    while new in taken:
+        k, new = k + 1, f"{name}#{k}"
+    taken.add(new)
+    return new
 
 
 def _pick(items, name, kind):

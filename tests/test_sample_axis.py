@@ -365,3 +365,28 @@ def test_an_n_alone_is_not_taken_for_the_batch():
 
     assert jaccli.load(points([1, "N", 3])).sample_axes == {}
     assert jaccli.load(points([1, "batch_size", 3])).sample_axes == {"p": 1}
+
+
+def test_weights_held_in_the_branches_of_an_if():
+    """Spox's Silero VAD keeps a network in each branch of an If, its weights as Constant nodes:
+    they become parameters (read inside the branch), the taken branch's columns equal the
+    network's with initializers, the other's are zero; check passes."""
+    W2 = RNG.standard_normal((4, 5)).astype(np.float32)
+
+    def branch(name, w):
+        nodes = [helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w)),
+                 helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Tanh", ["h"], ["out"])]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+
+    nodes = [helper.make_node("Constant", [], ["yes"], value=numpy_helper.from_array(np.array(True))),
+             helper.make_node("If", ["yes"], ["y"], then_branch=branch("then", W), else_branch=branch("else", W2))]
+    m = model(nodes, ["N", 3, 4], ["N", 3, 5], [])
+    plain = model([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Tanh", ["h"], ["y"])], ["N", 3, 4], ["N", 3, 5],
+                  [numpy_helper.from_array(W, "W")])
+    G, cols = jaccli.param_jacobian(m, X)
+    want, _ = jaccli.param_jacobian(plain, X)
+    at = {c["name"]: slice(c["offset"], c["offset"] + c["size"]) for c in cols}
+    assert set(at) == {"then/W", "else/W"}
+    np.testing.assert_allclose(G[..., at["then/W"]], want, rtol=1e-6, atol=1e-7)
+    assert not G[..., at["else/W"]].any()
+    assert check(m, X, params=True)["ok"]
