@@ -732,11 +732,12 @@ def _constant(name):
 def _float_entry(model, of=None):
     """Where the inputs first become floats on the way to output `of`, described for a hint: the
     first Gather from a float table by indices that come from the inputs (token ids looked up
-    in an embedding), or onnxruntime's fused EmbedLayerNormalization, or the first Cast to a
-    float type of an input (an image's integer pixels) or of a value made from the inputs (a
-    one-hot Equal, as Magika encodes a file's bytes); None if none. Only values that the output
-    depends on through more than their shapes count (a lookup whose Shape makes position ids
-    does not)."""
+    in an embedding), or onnxruntime's fused EmbedLayerNormalization, or the first Cast of an
+    input to a float type (an image's integer pixels); failing those, the first Cast to a float
+    type of a value made from the inputs (a one-hot Equal, as Magika encodes a file's bytes; a
+    transformer's mask cast comes before its embeddings, which are the better answer); None if
+    none. Only values that the output depends on through more than their shapes count (a
+    lookup whose Shape makes position ids does not)."""
     nodes = model.nodes if of is None else model.ancestors([of])
     reach = {of}
     for n in reversed(nodes):
@@ -744,6 +745,7 @@ def _float_entry(model, of=None):
             reach.update(n.inputs)
     inputs = {v.name for v in model.inputs}
     from_inputs = set(inputs)  # values that depend on the inputs' values, not only on their shapes
+    derived = None  # the first Cast to float of a value made from the inputs: the last resort
     for n in nodes:
         if n.op_type in _SHAPE_ONLY or not any(v in from_inputs for v in n.inputs):
             continue
@@ -756,10 +758,10 @@ def _float_entry(model, of=None):
         if n.op_type == "Cast" and n.attrs.get("to") in _FLOAT_TYPES:
             if n.inputs[0] in inputs:
                 return f"'{n.outputs[0]}', input '{n.inputs[0]}' cast to float"
-            return f"'{n.outputs[0]}', the first float value made from the inputs (a one-hot encoding of bytes, say)"
+            derived = derived or f"'{n.outputs[0]}', the first float value made from the inputs (a one-hot encoding of bytes, say)"
         if n.op_type == "EmbedLayerNormalization":  # onnxruntime's optimizer fused the lookup and its norm
             return f"the normalised embeddings '{n.outputs[0]}'"
-    return None
+    return derived
 
 
 _SHAPE_ONLY = ("Shape", "Size")  # operators that read only their input's shape

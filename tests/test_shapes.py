@@ -581,6 +581,15 @@ def test_one_hot_bytes_hint_at_their_cast():
     with pytest.raises(jaccli.errors.UsageError, match="such as 'onehot', the first float value made from the inputs"):
         jaccli.input_jacobian(m, b)
     assert jaccli.input_jacobian(m, b, wrt="onehot").shape == (3, 6, 2, 6, 4)
+    # a transformer's mask, cast to float before its embeddings are looked up: the embeddings are the hint
+    nodes = [helper.make_node("Greater", ["b", "zero"], ["keep"]), helper.make_node("Cast", ["keep"], ["mask"], to=TensorProto.FLOAT),
+             helper.make_node("Gather", ["E", "b"], ["emb"]), helper.make_node("Unsqueeze", ["mask", "ax"], ["m3"]),
+             helper.make_node("Mul", ["emb", "m3"], ["y"])]
+    m = model(nodes, [helper.make_tensor_value_info("b", TensorProto.INT32, ["N", 6])],
+              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+              [init("ax", np.array([-1], np.int64)), init("zero", np.int32(0)), init("E", RNG.standard_normal((4, 2)).astype(np.float32))])
+    with pytest.raises(jaccli.errors.UsageError, match="such as the embeddings 'emb'"):
+        jaccli.input_jacobian(m, b)
 
 
 def test_a_parameter_tiled_along_the_samples():
