@@ -153,7 +153,7 @@ def _console(to_stdout_data):
     return Console(stderr=True) if to_stdout_data else Console()
 
 
-def _read(model, data, max_memory, strict, dtype="float64", of=None, wrt=None, every_output=False, sample_axes=()):
+def _read(model, data, max_memory, strict, dtype="float64", of=None, wrt=None, every_output=False, sample_axes=None):
     """Load the model, check its operators, then read the data, checked against the inputs that
     the output (or, for a check, every float output) depends on; `wrt` an input among them.
     Returns the model, the data as prepared for it and the data as read."""
@@ -163,7 +163,7 @@ def _read(model, data, max_memory, strict, dtype="float64", of=None, wrt=None, e
     from .model import load
     from .plan import require_rules
 
-    m = load(model, max_bytes=max_memory, sample_axes=_sample_axes(sample_axes))
+    m = load(model, max_bytes=max_memory, sample_axes=sample_axes)
     outs = [v.name for v in m.outputs if v.is_float] if every_output and of is None else [m.output(of).name]
     require_rules(m.ancestors(outs))
     where = "stdin" if data == "-" else data
@@ -189,7 +189,7 @@ def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, dty
     if output == "-" and fmt in (None, "npy", "npz") and sys.stdout.isatty():
         raise UsageError("refusing to write binary data to a terminal; redirect stdout (> J.npy) or use --format csv")
     fmt = jio.output_format(output, fmt) if output else None
-    m, x, _ = _read(model, data, max_memory, strict, dtype, of, sample_axes=sample_axes)
+    m, x, _ = _read(model, data, max_memory, strict, dtype, of, sample_axes=_sample_axes(sample_axes))
     target = jio.FileTarget(output, fmt) if output else jio.NullTarget()
     console = _console(output == "-")
     summaries = []  # one, made from the result when its first block arrives (none with --quiet)
@@ -366,9 +366,10 @@ def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_s
 
     if wrt and params:
         raise click.UsageError("--wrt names what an input Jacobian is taken with respect to; --params checks parameters")
-    _, _, x = _read(model, data, None, True, of=of, wrt=wrt, every_output=True, sample_axes=sample_axes)
+    axes = _sample_axes(sample_axes)
+    _, _, x = _read(model, data, None, True, of=of, wrt=wrt, every_output=True, sample_axes=axes)
     d = check(model, x, params=params, samples=samples, entries=entries, dtype=dtype, tolerance=tolerance,
-              outputs=outputs_slice, of=of, wrt=wrt, sample_axes=_sample_axes(sample_axes))
+              outputs=outputs_slice, of=of, wrt=wrt, sample_axes=axes)
     if as_json:
         click.echo(json.dumps(d, indent=1))
     else:

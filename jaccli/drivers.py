@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import parallel, walk
-from .errors import DataError, JaccliError, MemoryBudgetError, UsageError
+from .errors import DataError, JaccliError, MemoryBudgetError, SampleAxisError, UsageError
 from .io import gib
 from .model import Model, load
 from .plan import Plan
@@ -233,6 +233,19 @@ def _prepared(model, of, wrt, dtype, per_sample, feeds, N, through=False):
     return plan, (est, y0, per_run if per_run == 1 or run_size else N, run_size, wrt_shapes)
 
 
+def _prepared_output(model, of, wrt, dtype, per_sample, feeds, N, through):
+    """_prepared for output `of`; where the run finds its first axis not the samples', for `of`
+    with them moved first (see samples_first), and that note: (note or None, plan, measurements).
+    The usual export pays for no probe of its own."""
+    try:
+        return (None,) + _prepared(model, of, wrt, dtype, per_sample, feeds, N, through)
+    except SampleAxisError:
+        inner, note = samples_first(model, of, feeds, dtype)
+        if note is None:
+            raise
+        return (note,) + _prepared(model, inner, wrt, dtype, per_sample, feeds, N, through)
+
+
 def _measure(plan, model, feeds, of, N):
     """Estimates from a primal pass over the first sample, that sample's output, the most
     samples one run may take (N, or 1 for a model whose declared batch is fixed at 1), the
@@ -325,7 +338,7 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
         if fixed:
             return 1
         _check_sample_axis(y01, 2, of)
-        raise DataError(f"output '{of}' changes shape with the number of samples; it cannot be paired with them")
+        raise SampleAxisError(f"output '{of}' changes shape with the number of samples; it cannot be paired with them")
     if plan.per_sample and _note_mixed_rows(plan, env01):
         return 1
     y1 = walk.primal(plan, _slice_samples(feeds, 1, 2))[of]
@@ -450,9 +463,8 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     if not wrt_v.is_float:
         raise UsageError(f"'{wrt_v.name}' is not a float tensor; it cannot be differentiated")
     feeds, N = prepare_feeds(model, x, dtype, of=[of_v.name, wrt_v.name])
-    of, moved = samples_first(model, of_v.name, feeds, dtype)
-    plan, (est, y1, per_run, run_size, wrt_shapes) = _prepared(model, of, [wrt_v.name], dtype, False, feeds, N,
-                                                               straight_through)
+    moved, plan, (est, y1, per_run, run_size, wrt_shapes) = _prepared_output(model, of_v.name, [wrt_v.name], dtype, False,
+                                                                             feeds, N, straight_through)
     out_shape = y1.shape[1:]
     in_shape = feeds[wrt_v.name].shape[1:] if wrt_v.name in feeds else wrt_shapes[wrt_v.name]
     n_out, n_in = math.prod(out_shape), math.prod(in_shape)
@@ -466,7 +478,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
         extra = (n_sel if mode == "forward" else n_in) * dtype.itemsize
         return (T,) + choose_chunks(per_run, T, est, max_memory, extra_per_sd=extra, run_size=run_size)
 
-    notes = [moved] * bool(moved) + _run_notes(model, run_size) + _derivative_notes(plan)
+    notes = ([moved] if moved else []) + _run_notes(model, run_size) + _derivative_notes(plan)
     if mode == "auto":
         mode = "forward" if n_in < n_sel else "reverse"
         if mode == "forward" and chunks(mode)[2] < n_in:  # forward fills columns: a sample must fit whole
@@ -770,8 +782,10 @@ _FLOAT_TYPES = {1, 10, 11, 16, "FLOAT", "DOUBLE", "FLOAT16"}  # TensorProto's fl
 
 
 def samples_first(model, of, feeds, dtype=np.float32):
-    """The value whose Jacobian is taken for output `of`, and a note for the summary: `of`
-    itself where its first axis is the samples' (the usual export); else `of` with its samples
+    """The value whose Jacobian is taken for output `of`, and a note for the summary (the drivers
+    ask where their run finds its first axis not the samples', see _prepared_output; check asks
+    first, to lay out its oracle's model): `of` itself where its first axis is the samples'
+    (the usual export); else `of` with its samples
     moved first (see Model.samples_first), and the note says where they were. Time-major
     outputs (T, N, C), as OCR models' CTC heads and recurrent layers without batch_first write
     them, have the samples on axis 1: the probe finds the one axis that goes from 1 to 2 with
@@ -816,7 +830,7 @@ def _find_sample_axis(model, of, feeds, dtype):
 
 def _check_sample_axis(y, n, name):
     if y.ndim == 0 or y.shape[0] != n:
-        raise DataError(
+        raise SampleAxisError(
             f"output '{name}' has shape {y.shape} for {n} sample(s): its axis 0 is not the sample axis, "
             f"so per-sample Jacobians cannot be paired with the input's samples"
         )
@@ -850,8 +864,9 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     if not names:
         raise UsageError(f"output '{of_v.name}' depends on no float parameter")
     feeds, N = prepare_feeds(model, x, dtype, of=[of_v.name])
-    of, moved = samples_first(model, of_v.name, feeds, dtype)
-    plan, (est, y1, per_run, run_size, _) = _prepared(model, of, names, dtype, True, feeds, N, straight_through)
+    moved, plan, (est, y1, per_run, run_size, _) = _prepared_output(model, of_v.name, names, dtype, True, feeds, N,
+                                                                    straight_through)
+    of = plan.of
     if of not in plan.batched:
         raise DataError(f"output '{of_v.name}' does not depend on the input samples")
     out_shape = y1.shape[1:]
@@ -868,7 +883,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     T = n_sel
     n_c, t_c = choose_chunks(per_run, T, est, max_memory, extra_per_sd=P * dtype.itemsize, run_size=run_size)
     shape = (N, *out_shape, P) if outputs is None else (N, n_sel, P)
-    notes = [moved] * bool(moved) + (list(plan.notes) if N > 1 else []) + _run_notes(model, run_size) + _derivative_notes(plan)
+    notes = ([moved] if moved else []) + (list(plan.notes) if N > 1 else []) + _run_notes(model, run_size) + _derivative_notes(plan)
     zero = [c["name"] for c in columns if c["name"] not in plan.active]
     if zero:
         notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")

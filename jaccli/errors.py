@@ -17,6 +17,10 @@ class DataError(JaccliError):
     """Input data that does not fit the model: shape, dtype, format."""
 
 
+class SampleAxisError(DataError):
+    """An output whose first axis is not the samples' (the drivers then look for where they are)."""
+
+
 class UsageError(JaccliError):
     """A request that makes no sense for this model (unknown input name, bad slice ...); exit 2."""
 

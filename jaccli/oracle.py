@@ -58,14 +58,12 @@ def _with_appended(proto, name, appended):
     drivers.samples_first), and that value an output: the oracle's output is then laid out
     as ours."""
     node, inits = appended
-    m = onnx.ModelProto()
-    m.CopyFrom(proto)
+    m = _with_output(proto, name)
     for v in list(m.graph.output) + list(m.graph.value_info):  # a declared shape can be wrong (a rank short), which a
         if v.name == node.input[0] and v.type.HasField("tensor_type"):  # Transpose's type inference then refuses
             v.type.tensor_type.ClearField("shape")
     m.graph.node.append(node)
     m.graph.initializer.extend(inits)
-    m.graph.output.append(onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     if not any(o.domain in ("", "ai.onnx") for o in m.opset_import):
         m.opset_import.append(onnx.helper.make_opsetid("", 1))
     return m

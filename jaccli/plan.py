@@ -113,7 +113,7 @@ class Plan:
         self.active_steps = [s for s in steps if s.active]
         # a quantization between what is differentiated and the output (every step leads to the output):
         # its integer output is piecewise constant, and stops the derivatives unless taken straight through
-        quantizers = sum(s.node.op_type in _QUANTIZERS and s.inputs[0] in fwd for s in steps)
+        quantizers = sum(s.node.op_type in QUANTIZERS and s.inputs[0] in fwd for s in steps)
         self.quantized = not through and quantizers > 0  # a QuantizeLinear stops the derivatives
         self.through = quantizers if through else 0  # those taken straight through
         # piecewise-constant operators (tree ensembles) that the derivatives reach: they pass zero
@@ -443,4 +443,4 @@ def _flops(s, env, n):
     return out
 
 
-_QUANTIZERS = ("QuantizeLinear", "DynamicQuantizeLinear")  # their integer outputs stop derivatives (see Plan.quantized)
+QUANTIZERS = ("QuantizeLinear", "DynamicQuantizeLinear")  # their integer outputs stop derivatives (see Plan.quantized)
