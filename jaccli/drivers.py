@@ -496,7 +496,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
         shape = (N, *out_shape, *in_shape)
     else:
         shape = (N, n_sel, *in_shape) if not flat else (N, n_sel, n_in)
-    if not plan.depends:
+    if not plan.depends and not plan.quantized:  # a quantizer on the way has its own note
         notes.append(f"output '{of_v.name}' does not depend on input '{wrt_v.name}': the Jacobian is zero")
     res = Result(None, shape, "input", of_v.name, wrt_v.name, mode, out_shape, in_shape, sel,
                  outputs=np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), estimate=est, notes=notes, dtype=dtype)
