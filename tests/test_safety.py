@@ -223,15 +223,16 @@ def test_tf2onnx_complex_operators_are_refused_with_the_reason(tmp_path):
 
 
 def test_integer_operators_of_quantized_models_are_refused_with_the_reason(tmp_path):
-    """onnxruntime's QOperator format writes QLinearMatMul: one line says why, and what formats
-    jaccli runs instead."""
+    """onnxruntime's QOperator format may write QLinearSoftmax, which jaccli does not run: one line
+    says why, and what format jaccli runs instead."""
     q = helper.make_tensor_value_info("q", TensorProto.UINT8, ["N", 3])
-    nodes = [helper.make_node("QLinearMatMul", ["q", "s", "z", "w", "s", "z", "s", "z"], ["i"], name="qmm"),
+    nodes = [helper.make_node("QLinearSoftmax", ["q", "s", "z", "s", "z"], ["i"], name="qsm", domain="com.microsoft", opset=13),
              helper.make_node("Cast", ["i"], ["y"], to=1)]
-    inits = [onnx.numpy_helper.from_array(np.ones((3, 3), np.uint8), "w"), onnx.numpy_helper.from_array(np.float32(0.1), "s"),
-             onnx.numpy_helper.from_array(np.uint8(0), "z")]
-    onnx.save(tiny_model(nodes, [q], [Y], inits), tmp_path / "qop.onnx")
-    one_error_line(cli("input", tmp_path / "qop.onnx", np_file(tmp_path)), 1, "qmm", "QDQ", "dynamic")
+    inits = [onnx.numpy_helper.from_array(np.float32(0.1), "s"), onnx.numpy_helper.from_array(np.uint8(0), "z")]
+    m = tiny_model(nodes, [q], [Y], inits)
+    m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(m, tmp_path / "qop.onnx")
+    one_error_line(cli("input", tmp_path / "qop.onnx", np_file(tmp_path)), 1, "qsm", "QDQ", "QLinearConv")
 
 
 def test_training_dropout_is_refused(tmp_path):

@@ -141,16 +141,13 @@ _TREES = ("a tree ensemble is piecewise constant: its Jacobian is zero wherever 
           "around them is differentiated)")
 _RANDOM = ("it draws new random numbers at every run (a VAE's sampling, noise, Dropout written out): a Jacobian "
            "would hold for one draw only; export the model with the draw as an input, or replaced by its mean")
-_INTEGER = ("an integer operator of a quantized model (onnxruntime.quantization's QOperator format): piecewise "
-            "constant in its inputs; differentiate the float model, or quantize it to the QDQ format (QuantizeLinear "
-            "and DequantizeLinear around float operators) or the dynamic one (MatMulInteger, ConvInteger), which "
-            "jaccli runs")
+_INTEGER = ("an integer operator of a quantized model (onnxruntime.quantization's QOperator format) that jaccli "
+            "does not run (it runs QLinearConv, QLinearMatMul, QGemm, QLinearAdd, QLinearMul, QLinearSigmoid, "
+            "QLinearLeakyRelu, QLinearConcat and the QLinear pools); differentiate the float model, or quantize it "
+            "to the QDQ format (QuantizeLinear and DequantizeLinear around float operators)")
 _WHY_NOT = {  # operators people ask about, and what jaccli would have to say of them
-    **{("", op): _INTEGER for op in ("QLinearMatMul", "QLinearConv")},
-    **{("com.microsoft", op): _INTEGER for op in ("QGemm", "QLinearAdd", "QLinearMul", "QLinearSoftmax", "QLinearSigmoid",
-                                                  "QLinearLeakyRelu", "QLinearConcat", "QLinearGlobalAveragePool",
-                                                  "QLinearAveragePool", "QAttention", "DynamicQuantizeMatMul",
-                                                  "MatMulIntegerToFloat", "QOrderedMatMul")},
+    **{("com.microsoft", op): _INTEGER for op in ("QLinearSoftmax", "QLinearWhere", "QLinearReduceMean", "QAttention",
+                                                  "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QOrderedMatMul")},
     **{("", op): _RANDOM for op in ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                                     "Bernoulli", "Multinomial")},
     ("ai.onnx.ml", "TreeEnsemble"): _TREES,
@@ -193,4 +190,4 @@ def _load_families():
     global _loaded
     if not _loaded:
         _loaded = True
-        from . import contrib, control, conv, elementwise, linalg, ml, norm, pool, quant, recurrent, reduce, resize, sequence, shape, spectral  # noqa: F401
+        from . import contrib, control, conv, elementwise, linalg, ml, norm, pool, qlinear, quant, recurrent, reduce, resize, sequence, shape, spectral  # noqa: F401

@@ -1,0 +1,234 @@
+"""onnxruntime's static quantization in the QOperator format (QLinearConv, QLinearMatMul, QGemm,
+QLinearAdd, QLinearMul, QLinearSigmoid, QLinearLeakyRelu, QLinearConcat and the QLinear pools).
+Their forward equals onnxruntime's, integer for integer; their integers pass no derivative (the
+Jacobian is zero, and the summary says why); with --straight-through the Jacobian equals the one
+of the same quantization written in the QDQ format, whose float operators have FD-checked rules."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import jaccli
+
+RNG = np.random.default_rng(23)
+QOPS = {"QLinearConv", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat",
+        "QLinearGlobalAveragePool", "QGemm", "QLinearMatMul"}
+
+
+def _init(name, *shape, s=0.3):
+    return numpy_helper.from_array((RNG.standard_normal(shape) * s).astype(np.float32), name)
+
+
+def float_cnn(avgpool=True):
+    """Conv-ReLU, MaxPool, a residual Add, swish (Sigmoid, Mul), a grouped Conv, LeakyRelu, Concat,
+    AveragePool, GlobalAveragePool, Gemm-ReLU, MatMul: each a QLinear operator once quantized."""
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "W1", "b1"], ["c1"], pads=[1] * 4), n("Relu", ["c1"], ["r1"]),
+             n("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+             n("Conv", ["p1", "W2", "b2"], ["c2"], pads=[1] * 4), n("Relu", ["c2"], ["r2"]),
+             n("Conv", ["r2", "W3"], ["c3"], pads=[1] * 4, group=2), n("Add", ["c3", "p1"], ["a"]),
+             n("Sigmoid", ["a"], ["sg"]), n("Mul", ["a", "sg"], ["sw"]),
+             n("Conv", ["sw", "W4", "b4"], ["c4"]), n("LeakyRelu", ["c4"], ["lr"], alpha=0.1),
+             n("Concat", ["lr", "sw"], ["cat"], axis=1)]
+    if avgpool:
+        nodes.append(n("AveragePool", ["cat"], ["ap"], kernel_shape=[3, 3], pads=[1] * 4, strides=[1, 1]))
+    nodes += [n("GlobalAveragePool", ["ap" if avgpool else "cat"], ["g"]), n("Flatten", ["g"], ["f"]),
+              n("Gemm", ["f", "Wf", "bf"], ["h"], transB=1), n("Relu", ["h"], ["hr"]), n("MatMul", ["hr", "Wm"], ["y"])]
+    inits = [_init("W1", 8, 3, 3, 3), _init("b1", 8), _init("W2", 8, 8, 3, 3, s=0.15), _init("b2", 8),
+             _init("W3", 8, 4, 3, 3, s=0.2), _init("W4", 4, 8, 1, 1), _init("b4", 4), _init("Wf", 12, 12), _init("bf", 12),
+             _init("Wm", 12, 5)]
+    g = helper.make_graph(nodes, "qcnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def quantized(tmp_path, fmt, per_channel=False, activation="QUInt8", avgpool=True):
+    """The CNN quantized by quantize_static in format `fmt`, calibrated on the same 16 samples."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            r = np.random.default_rng(5)
+            self.it = iter([{"x": r.standard_normal((1, 3, 12, 12)).astype(np.float32)} for _ in range(16)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    src, dst = tmp_path / "f.onnx", tmp_path / f"{fmt}_{per_channel}_{activation}_{avgpool}.onnx"
+    if not src.exists():
+        onnx.save(float_cnn(avgpool), src)
+    quantize_static(str(src), str(dst), Reader(), quant_format=getattr(QuantFormat, fmt), per_channel=per_channel,
+                    activation_type=getattr(QuantType, activation), weight_type=QuantType.QInt8)
+    return dst
+
+
+def data(n=24):
+    return RNG.standard_normal((n, 3, 12, 12)).astype(np.float32)
+
+
+def ort_run(path, x, name="x"):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+
+
+@pytest.mark.parametrize("per_channel, activation", [(False, "QUInt8"), (True, "QUInt8"), (True, "QInt8")])
+def test_forward_equals_onnxruntime_and_the_jacobian_is_zero(per_channel, activation, tmp_path):
+    q = quantized(tmp_path, "QOperator", per_channel, activation)
+    ops = {n.op_type for n in onnx.load(q).graph.node}
+    assert QOPS | {"QLinearAveragePool"} <= ops, ops
+    x = data()
+    r = jaccli.input_jacobian(str(q), x, return_result=True)
+    np.testing.assert_array_equal(r.outputs, ort_run(q, x))  # integer for integer, so the floats are equal
+    assert not r.value.any()
+    assert any("QuantizeLinear" in n and "--straight-through" in n for n in r.notes), r.notes
+    assert not any("does not depend" in n for n in r.notes), r.notes  # it does, through integers
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_straight_through_equals_the_qdq_model(per_channel, tmp_path):
+    """Without the AveragePool (whose output the two formats quantize to different scales) the QOperator
+    and QDQ models compute the same integers; so their straight-through Jacobians are the same."""
+    qop = quantized(tmp_path, "QOperator", per_channel, avgpool=False)
+    qdq = quantized(tmp_path, "QDQ", per_channel, avgpool=False)
+    x = data()
+    a = jaccli.input_jacobian(str(qop), x, straight_through=True, return_result=True)
+    b = jaccli.input_jacobian(str(qdq), x, straight_through=True, return_result=True)
+    np.testing.assert_array_equal(a.outputs, b.outputs)
+    assert np.abs(b.value).max() > 0
+    np.testing.assert_allclose(a.value, b.value, rtol=1e-4, atol=1e-5 * np.abs(b.value).max())
+    fwd = jaccli.input_jacobian(str(qop), x, straight_through=True, mode="forward")
+    np.testing.assert_allclose(fwd, a.value, rtol=1e-4, atol=1e-5 * np.abs(b.value).max())
+
+
+# ---- one operator at a time, against its QDQ counterpart: Q -> QLinear op -> DQ  vs  Q -> DQ -> float op -> Q -> DQ
+
+
+def _scalar(name, v, dtype):
+    return numpy_helper.from_array(np.asarray(v, dtype), name)
+
+
+def single(op, float_op, inputs, out_scale, out_zp, attrs=None, float_attrs=None, domain="com.microsoft", out_shape=None,
+           layout="binary", weights=()):
+    """The QLinear model and its QDQ counterpart for one operator. inputs: [(name, shape, scale, zero point)]
+    of float data, each quantized first; weights: [(name, float array, scale, zp)] stored quantized."""
+    n = helper.make_node
+    zdt = np.uint8 if all(isinstance(z, (int, np.integer)) and z >= 0 for _, _, _, z in inputs) else np.int8
+    inits, qnodes, dnodes, gin = [], [], [], []
+    qargs = []
+    for name, shape, s, z in inputs:
+        gin.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+        inits += [_scalar(f"{name}_s", s, np.float32), _scalar(f"{name}_z", z, zdt)]
+        qnodes.append(n("QuantizeLinear", [name, f"{name}_s", f"{name}_z"], [f"{name}_q"]))
+        dnodes.append(n("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [f"{name}_r"]))
+        qargs.append([f"{name}_q", f"{name}_s", f"{name}_z"])
+    for name, w, s, z in weights:
+        wq = np.clip(np.rint(w / s) + z, -127, 127).astype(np.int8)
+        inits += [numpy_helper.from_array(wq, f"{name}_q"), _scalar(f"{name}_s", s, np.float32),
+                  _scalar(f"{name}_z", z, np.int8)]
+        dnodes.append(n("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [f"{name}_r"]))
+        qargs.append([f"{name}_q", f"{name}_s", f"{name}_z"])
+    float_out = out_scale is None
+    if not float_out:
+        inits += [_scalar("y_s", out_scale, np.float32), _scalar("y_z", out_zp, zdt)]
+    flat = [a for trio in qargs for a in trio]
+    if layout == "concat":
+        qin = ["y_s", "y_z"] + flat
+    elif layout == "gemm":
+        qin = flat + ([""] if float_out else ["", "y_s", "y_z"])
+    else:
+        qin = flat + ([] if float_out else ["y_s", "y_z"])
+    outq = "y" if float_out else "y_q"
+    qlin = qnodes + [n(op, qin, [outq], domain=domain, **(attrs or {}))]
+    fl = qnodes + dnodes + [n(float_op, [f"{a[0][:-2]}_r" for a in qargs], ["y" if float_out else "y_f"], **(float_attrs or {}))]
+    if not float_out:
+        qlin.append(n("DequantizeLinear", ["y_q", "y_s", "y_z"], ["y"]))
+        fl += [n("QuantizeLinear", ["y_f", "y_s", "y_z"], ["y_q"]), n("DequantizeLinear", ["y_q", "y_s", "y_z"], ["y"])]
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)]
+    models = []
+    for nodes in (qlin, fl):
+        m = helper.make_model(helper.make_graph(nodes, op, gin, out, inits),
+                              opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+        m.ir_version = 8
+        models.append(m)
+    return models
+
+
+SINGLE = {
+    "avgpool": lambda: single("QLinearAveragePool", "AveragePool", [("x", ["N", 3, 7, 7], 0.02, 128)], 0.013, 120,
+                              dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+                              dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])),
+    "avgpool_count_pad": lambda: single("QLinearAveragePool", "AveragePool", [("x", ["N", 2, 6, 6], 0.02, 100)], 0.01, 90,
+                                        dict(kernel_shape=[2, 3], pads=[1, 0, 1, 1], count_include_pad=1),
+                                        dict(kernel_shape=[2, 3], pads=[1, 0, 1, 1], count_include_pad=1)),
+    "global_avgpool": lambda: single("QLinearGlobalAveragePool", "GlobalAveragePool", [("x", ["N", 4, 5, 5], 0.03, 128)],
+                                     0.006, 128, dict(channels_last=0)),
+    "add_int8": lambda: single("QLinearAdd", "Add", [("x", ["N", 4, 6], 0.02, -3), ("u", ["N", 4, 6], 0.015, 5)], 0.03, 2),
+    "add_uint8_broadcast_last": lambda: single("QLinearAdd", "Add", [("x", ["N", 4, 6], 0.031, 17), ("u", ["N", 4, 1], 0.0123, 200)],
+                                               0.021, 77),
+    "mul_broadcast": lambda: single("QLinearMul", "Mul", [("x", ["N", 4, 6], 0.02, 128), ("u", ["N", 1, 6], 0.015, 120)],
+                                    0.0004, 128),
+    "sigmoid": lambda: single("QLinearSigmoid", "Sigmoid", [("x", ["N", 9], 0.04, 128)], 1 / 256, 0),
+    "leakyrelu": lambda: single("QLinearLeakyRelu", "LeakyRelu", [("x", ["N", 9], 0.04, 128)], 0.025, 100, dict(alpha=0.2),
+                                dict(alpha=0.2)),
+    "concat": lambda: single("QLinearConcat", "Concat", [("x", ["N", 2, 3], 0.02, 128), ("u", ["N", 4, 3], 0.05, 110)],
+                             0.03, 128, dict(axis=1), dict(axis=1), layout="concat"),
+    "matmul_two_activations": lambda: single("QLinearMatMul", "MatMul", [("x", ["N", 3, 8], 0.03, 128),
+                                                                         ("u", ["N", 8, 5], 0.02, 128)], 0.1, 128, domain=""),
+    "gemm_float_output": lambda: single("QGemm", "Gemm", [("x", ["N", 6], 0.03, 128)], None, None,
+                                        dict(transB=1, alpha=0.5), dict(transB=1, alpha=0.5), layout="gemm",
+                                        weights=[("W", RNG.standard_normal((4, 6)).astype(np.float32), 0.02, 0)]),
+}
+
+
+def _data_for(model, n=16):
+    """Float data for each input, spread over a little more than the quantized range (some saturate)."""
+    feeds = {}
+    for v in model.graph.input:
+        shape = [n if not d.dim_value else d.dim_value for d in v.type.tensor_type.shape.dim]
+        feeds[v.name] = (RNG.standard_normal(shape) * 1.5).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("case", sorted(SINGLE))
+def test_each_operator_against_onnxruntime_and_its_qdq_counterpart(case):
+    qm, fm = SINGLE[case]()
+    feeds = _data_for(qm)
+    sess = ort.InferenceSession(qm.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(None, feeds)[0]
+    x = feeds if len(feeds) > 1 else next(iter(feeds.values()))
+    r = jaccli.input_jacobian(qm, x, return_result=True)
+    np.testing.assert_array_equal(r.outputs, want)
+    for wrt in feeds:
+        a = jaccli.input_jacobian(qm, x, wrt=wrt, straight_through=True, return_result=True)
+        b = jaccli.input_jacobian(fm, x, wrt=wrt, straight_through=True, return_result=True)
+        same = np.isclose(a.outputs, b.outputs, rtol=1e-5, atol=0)  # a tie may round apart, and saturate in one only
+        assert same.mean() > 0.75 and np.abs(b.value).max() > 0  # ratios of scales 2/3 and 1/2 tie often
+        np.testing.assert_allclose(a.value[same], b.value[same], rtol=1e-5, atol=1e-6 * np.abs(b.value).max())
+
+
+def test_channels_last_pools_equal_the_nchw_ones():
+    """channels_last=1 (onnxruntime's NHWC transformer) computes what the NCHW pool computes on the moved axes."""
+    x = (RNG.standard_normal((5, 6, 6, 3)) * 1.5).astype(np.float32)
+    for op, attrs in (("QLinearAveragePool", dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])), ("QLinearGlobalAveragePool", {})):
+        models = []
+        for last in (1, 0):
+            shape = ["N", 6, 6, 3] if last else ["N", 3, 6, 6]
+            m, _ = single(op, "Identity", [("x", shape, 0.02, 128)], 0.011, 125, dict(attrs, channels_last=last))
+            models.append(m)
+        xs = (x, np.moveaxis(x, -1, 1))
+        if op == "QLinearAveragePool":  # onnxruntime runs channels_last for this one
+            sess = ort.InferenceSession(models[0].SerializeToString(), providers=["CPUExecutionProvider"])
+            np.testing.assert_array_equal(jaccli.input_jacobian(models[0], x, return_result=True).outputs,
+                                          sess.run(None, {"x": x})[0])
+        (a, b) = (jaccli.input_jacobian(m, v, straight_through=True, return_result=True) for m, v in zip(models, xs))
+        np.testing.assert_array_equal(np.moveaxis(a.outputs, -1, 1), b.outputs)
+        n = len(x)
+        ja = a.value.reshape((n,) + a.outputs.shape[1:] + x.shape[1:])
+        jb = b.value.reshape((n,) + b.outputs.shape[1:] + xs[1].shape[1:])
+        k = a.outputs.ndim - 1  # output axes per sample
+        ja = np.moveaxis(ja, k, 1)  # output channels second
+        ja = np.moveaxis(ja, -1, 1 + k)  # input channels first of the input axes
+        np.testing.assert_allclose(ja, jb, rtol=1e-6, atol=1e-7)
