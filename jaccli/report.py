@@ -9,7 +9,7 @@ from rich.table import Table
 def _fmt(x):
     if x == float("inf"):
         return "∞"
-    return f"{x:.4g}"
+    return f"{x + 0.0:.4g}"  # + 0.0: a zero reached from below prints as 0, not -0
 
 
 def _shape(s):

@@ -671,3 +671,10 @@ def test_check_of_a_model_no_runtime_runs(tmp_path, monkeypatch, params):
     assert d["ok"] and d["oracle"] == "jaccli's own forward" and "ConstantFill" in d["oracle_note"], d
     wrong_by_ten_percent(monkeypatch, "param_jacobian" if params else "input_jacobian")
     assert not check(path, x, params=params)["ok"]
+
+
+def test_a_zero_from_below_prints_as_zero():
+    """check's 'within ... of the float64 one' printed '-0' when the difference was a negative zero."""
+    from jaccli.report import _fmt
+
+    assert _fmt(-0.0) == "0" and _fmt(0.0) == "0" and _fmt(-2.5e-7) == "-2.5e-07" and _fmt(float("inf")) == "∞"
