@@ -294,9 +294,11 @@ def _derivative_notes(plan):
     and of the piecewise-constant operators there (tree ensembles)."""
     notes = []
     if plan.through:
+        integer = sorted({s.node.op_type for s in plan.active_steps if s.node.op_type.startswith(("QLinear", "QGemm"))})
         notes.append(f"straight through: {plan.through} QuantizeLinear or DynamicQuantizeLinear node(s) and what dequantizes "
                      f"after them pass derivatives as the identity inside the integer range, zero where they saturate (not "
-                     f"the true derivative, zero)")
+                     f"the true derivative, zero)" + (f"; the integer operators ({', '.join(integer)}) as their float "
+                                                      f"operators on the dequantized inputs" if integer else ""))
     elif plan.quantized:
         notes.append("a QuantizeLinear or DynamicQuantizeLinear lies on the way to the output: its integer output is "
                      "piecewise constant, so no derivative passes it; --straight-through (straight_through=True) passes "
