@@ -864,7 +864,11 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
         if not names:
             raise UsageError(f"no parameter matches {', '.join(pats)} (see `jaccli inspect` for their names)")
     if not names:
-        raise UsageError(f"output '{of_v.name}' depends on no float parameter")
+        integer = sorted({n.op_type for n in model.nodes if n.op_type.startswith(("QLinear", "QGemm"))})
+        raise UsageError(f"output '{of_v.name}' depends on no float parameter" + (
+            f": its weights are integers, quantized ({', '.join(integer[:3])}{' ...' if len(integer) > 3 else ''}); take "
+            f"the parameter Jacobian of the float model"
+            if integer else ""))
     feeds, N = prepare_feeds(model, x, dtype, of=[of_v.name])
     moved, plan, (est, y1, per_run, run_size, _) = _prepared_output(model, of_v.name, names, dtype, True, feeds, N,
                                                                     straight_through)

@@ -85,6 +85,8 @@ def test_forward_equals_onnxruntime_and_the_jacobian_is_zero(per_channel, activa
     assert not r.value.any()
     assert any("QuantizeLinear" in n and "--straight-through" in n for n in r.notes), r.notes
     assert not any("does not depend" in n for n in r.notes), r.notes  # it does, through integers
+    with pytest.raises(jaccli.errors.UsageError, match=r"weights are integers, quantized \(QGemm, QLinearAdd, QLinearAveragePool \.\.\.\)"):
+        jaccli.param_jacobian(str(q), x)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
