@@ -85,7 +85,8 @@ def test_forward_equals_onnxruntime_and_the_jacobian_is_zero(per_channel, activa
     assert not r.value.any()
     assert any("QuantizeLinear" in n and "--straight-through" in n for n in r.notes), r.notes
     assert not any("does not depend" in n for n in r.notes), r.notes  # it does, through integers
-    with pytest.raises(jaccli.errors.UsageError, match=r"weights are integers, quantized \(QGemm, QLinearAdd, QLinearAveragePool \.\.\.\)"):
+    quantized_weights = r"weights are integers, quantized \(QGemm, QLinearAdd, QLinearAveragePool \.\.\.\)"
+    with pytest.raises(jaccli.errors.UsageError, match=quantized_weights):
         jaccli.param_jacobian(str(q), x)
 
 
@@ -169,8 +170,8 @@ SINGLE = {
     "global_avgpool": lambda: single("QLinearGlobalAveragePool", "GlobalAveragePool", [("x", ["N", 4, 5, 5], 0.03, 128)],
                                      0.006, 128, dict(channels_last=0)),
     "add_int8": lambda: single("QLinearAdd", "Add", [("x", ["N", 4, 6], 0.02, -3), ("u", ["N", 4, 6], 0.015, 5)], 0.03, 2),
-    "add_uint8_broadcast_last": lambda: single("QLinearAdd", "Add", [("x", ["N", 4, 6], 0.031, 17), ("u", ["N", 4, 1], 0.0123, 200)],
-                                               0.021, 77),
+    "add_uint8_broadcast_last": lambda: single("QLinearAdd", "Add", [("x", ["N", 4, 6], 0.031, 17),
+                                                                    ("u", ["N", 4, 1], 0.0123, 200)], 0.021, 77),
     "mul_broadcast": lambda: single("QLinearMul", "Mul", [("x", ["N", 4, 6], 0.02, 128), ("u", ["N", 1, 6], 0.015, 120)],
                                     0.0004, 128),
     "sigmoid": lambda: single("QLinearSigmoid", "Sigmoid", [("x", ["N", 9], 0.04, 128)], 1 / 256, 0),

@@ -62,6 +62,11 @@ def _sc(scale, q, axis=0):
     return _along(np.asarray(scale, np.float64), axis, np.ndim(q))
 
 
+def _unary(op, x, dtype, **fattrs):
+    """What `real` gives for an operator of inputs (X, X_scale, X_zp, Y_scale, Y_zp): `op` on the dequantized X."""
+    return op, (_real(*x[0:3], dtype),), fattrs, {0: (0, _sc(x[1], x[0]))}, (x[3], padded(x, 5)[4])
+
+
 def _binary_data(x):
     """The differentiated inputs of a binary operator's inputs (A, A_scale, A_zp, B, B_scale, B_zp, ...)."""
     return {0: (0, _sc(x[1], x[0])), 1: (3, _sc(x[4], x[3]))}
@@ -245,7 +250,7 @@ class QLinearSigmoid:
         return _table(X, X_scale, X_zero_point, Y_scale, Y_zero_point, Sigmoid.forward)
 
     def real(x, attrs, dtype):
-        return Sigmoid, (_real(*x[0:3], dtype),), {}, {0: (0, _sc(x[1], x[0]))}, (x[3], padded(x, 5)[4])
+        return _unary(Sigmoid, x, dtype)
 
 
 @rule("QLinearLeakyRelu", since=1, domain=MS)
@@ -258,7 +263,7 @@ class QLinearLeakyRelu:
         return _table(X, X_scale, X_zero_point, Y_scale, Y_zero_point, lambda r: LeakyRelu.forward(r, alpha=alpha))
 
     def real(x, attrs, dtype):
-        return LeakyRelu, (_real(*x[0:3], dtype),), {"alpha": attrs.get("alpha", 0.01)}, {0: (0, _sc(x[1], x[0]))}, (x[3], padded(x, 5)[4])
+        return _unary(LeakyRelu, x, dtype, alpha=attrs.get("alpha", 0.01))
 
 
 @rule("QLinearConcat", since=1, domain=MS)
@@ -267,7 +272,7 @@ class QLinearConcat:
     where they already share them). Inputs: Y_scale, Y_zero_point, then (X, X_scale, X_zero_point)
     for each joined tensor."""
 
-    nondiff = tuple(range(1024))
+    nondiff = tuple(range(1024))  # every input, however many are joined
 
     def forward(Y_scale, Y_zero_point, *xs, axis):
         parts = []
@@ -280,7 +285,8 @@ class QLinearConcat:
     def real(x, attrs, dtype):
         triples = range(2, len(x), 3)
         reals = tuple(_real(x[i], x[i + 1], x[i + 2], dtype) for i in triples)
-        return Concat, reals, {"axis": attrs["axis"]}, {k: (i, _sc(x[i + 1], x[i])) for k, i in enumerate(triples)}, (x[0], x[1])
+        data = {k: (i, _sc(x[i + 1], x[i])) for k, i in enumerate(triples)}
+        return Concat, reals, {"axis": attrs["axis"]}, data, (x[0], x[1])
 
 
 def _nchw(X, channels_last):
@@ -307,9 +313,7 @@ class QLinearGlobalAveragePool:
         return _channels_back(_requantize(acc, m, y_zero_point), channels_last)
 
     def real(x, attrs, dtype):
-        if attrs.get("channels_last", 0):
-            return _ChannelsLast(GlobalAveragePool), (_real(*x[0:3], dtype),), {}, {0: (0, _sc(x[1], x[0]))}, (x[3], padded(x, 5)[4])
-        return GlobalAveragePool, (_real(*x[0:3], dtype),), {}, {0: (0, _sc(x[1], x[0]))}, (x[3], padded(x, 5)[4])
+        return _unary(_ChannelsLast(GlobalAveragePool) if attrs.get("channels_last", 0) else GlobalAveragePool, x, dtype)
 
 
 _POOL_ATTRS = ("auto_pad", "ceil_mode", "count_include_pad", "dilations", "kernel_shape", "pads", "strides")
@@ -331,8 +335,7 @@ class QLinearAveragePool:
     def real(x, attrs, dtype):
         pool = {k: v for k, v in attrs.items() if k in _POOL_ATTRS}
         pool.setdefault("kernel_shape", attrs.get("kernel_shape"))
-        op = _ChannelsLast(AveragePool) if attrs.get("channels_last", 0) else AveragePool
-        return op, (_real(*x[0:3], dtype),), pool, {0: (0, _sc(x[1], x[0]))}, (x[3], padded(x, 5)[4])
+        return _unary(_ChannelsLast(AveragePool) if attrs.get("channels_last", 0) else AveragePool, x, dtype, **pool)
 
 
 def _ChannelsLast(op):
