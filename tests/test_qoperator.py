@@ -17,6 +17,47 @@ QOPS = {"QLinearConv", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLea
         "QLinearGlobalAveragePool", "QGemm", "QLinearMatMul"}
 
 
+def attention():
+    """Single-head self-attention on (N, 6, 8): projections, q k^T, Softmax, times v, a residual Add."""
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "Wq"], ["q"]), n("MatMul", ["x", "Wk"], ["k"]), n("MatMul", ["x", "Wv"], ["v"]),
+             n("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), n("MatMul", ["q", "kt"], ["s"]), n("Softmax", ["s"], ["p"], axis=-1),
+             n("MatMul", ["p", "v"], ["o"]), n("Add", ["o", "x"], ["y"])]
+    g = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [_init("Wq", 8, 8, s=0.5), _init("Wk", 8, 8, s=0.5), _init("Wv", 8, 8)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def test_attention_with_qlinear_softmax(tmp_path):
+    """A quantized attention block: QLinearMatMul of two activations and QLinearSoftmax, integer for
+    integer as onnxruntime; forward and reverse mode agree on its straight-through Jacobian. (Its QDQ
+    twin is another quantization: it gives the probabilities the scale 1/255, QLinearSoftmax 1/256.)"""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    calib = RNG.standard_normal((16, 1, 6, 8)).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": c} for c in calib])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    onnx.save(attention(), tmp_path / "attn.onnx")
+    path = tmp_path / "attn_q.onnx"
+    quantize_static(str(tmp_path / "attn.onnx"), str(path), Reader(), quant_format=QuantFormat.QOperator)
+    assert {"QLinearSoftmax", "QLinearMatMul"} <= {n.op_type for n in onnx.load(path).graph.node}
+    x = RNG.standard_normal((12, 6, 8)).astype(np.float32)
+    a = jaccli.input_jacobian(str(path), x, straight_through=True, return_result=True)
+    np.testing.assert_array_equal(a.outputs, ort_run(path, x))
+    assert np.abs(a.value).max() > 0
+    fwd = jaccli.input_jacobian(str(path), x, straight_through=True, mode="forward")
+    np.testing.assert_allclose(fwd, a.value, rtol=1e-4, atol=1e-6 * np.abs(a.value).max())
+
+
 def _init(name, *shape, s=0.3):
     return numpy_helper.from_array((RNG.standard_normal(shape) * s).astype(np.float32), name)
 
@@ -177,6 +218,14 @@ SINGLE = {
     "sigmoid": lambda: single("QLinearSigmoid", "Sigmoid", [("x", ["N", 9], 0.04, 128)], 1 / 256, 0),
     "leakyrelu": lambda: single("QLinearLeakyRelu", "LeakyRelu", [("x", ["N", 9], 0.04, 128)], 0.025, 100, dict(alpha=0.2),
                                 dict(alpha=0.2)),
+    "softmax_uint8": lambda: single("QLinearSoftmax", "Softmax", [("x", ["N", 3, 8], 0.05, 128)], 1 / 256, 0,
+                                    dict(axis=-1, opset=13), dict(axis=-1)),
+    "softmax_int8_middle_axis": lambda: single("QLinearSoftmax", "Softmax", [("x", ["N", 5, 3], 0.08, -4)], 1 / 256, -128,
+                                               dict(axis=1, opset=13), dict(axis=1)),
+    "softmax_coarse_levels": lambda: single("QLinearSoftmax", "Softmax", [("x", ["N", 7], 1.0, 0)], 0.0041, 0,
+                                            dict(axis=-1, opset=13), dict(axis=-1)),
+    "softmax_opset12": lambda: single("QLinearSoftmax", "Softmax", [("x", ["N", 9], 0.1, 128)], 1 / 256, 0,
+                                      dict(axis=1, opset=12), dict(axis=1)),
     "concat": lambda: single("QLinearConcat", "Concat", [("x", ["N", 2, 3], 0.02, 128), ("u", ["N", 4, 3], 0.05, 110)],
                              0.03, 128, dict(axis=1), dict(axis=1), layout="concat"),
     "matmul_two_activations": lambda: single("QLinearMatMul", "MatMul", [("x", ["N", 3, 8], 0.03, 128),

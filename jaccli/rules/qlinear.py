@@ -1,6 +1,6 @@
 """onnxruntime's static quantization in the QOperator format: QLinearConv and QLinearMatMul (ONNX),
-QGemm, QLinearAdd, QLinearMul, QLinearSigmoid, QLinearLeakyRelu, QLinearConcat, QLinearAveragePool
-and QLinearGlobalAveragePool (com.microsoft).
+QGemm, QLinearAdd, QLinearMul, QLinearSigmoid, QLinearLeakyRelu, QLinearSoftmax, QLinearConcat,
+QLinearAveragePool and QLinearGlobalAveragePool (com.microsoft).
 
 Each reads integers that stand for reals, r = (q - zero_point) * scale, applies a float operator,
 and writes its result quantized to its own scale, y = saturate(round(v / y_scale) + y_zero_point),
@@ -27,6 +27,7 @@ from ._util import padded
 from .conv import Conv
 from .elementwise import _INT_RANGES, Add, LeakyRelu, Mul, Sigmoid
 from .linalg import Gemm, MatMul
+from .norm import Softmax1, Softmax13
 from .pool import AveragePool, GlobalAveragePool
 from .shape import Concat
 
@@ -289,6 +290,54 @@ class QLinearConcat:
         return Concat, reals, {"axis": attrs["axis"]}, data, (x[0], x[1])
 
 
+@rule("QLinearSoftmax", since=1, domain=MS)
+class QLinearSoftmax:
+    """Y = quantize(softmax(X_real)) along `axis` (over the axes from `axis` on, flattened, when the
+    `opset` attribute is below 13), as onnxruntime computes it: exp of each level less the row's
+    largest from a float32 table, summed in order, and the quotient scaled by floor(1 / y_scale),
+    rounded (X's zero point cancels out)."""
+
+    nondiff = tuple(range(5))
+
+    def forward(X, X_scale, x_zero_point, y_scale, y_zero_point=None, *, axis=None, opset=13):
+        axis = (-1 if opset >= 13 else 1) if axis is None else axis
+        if X.dtype not in (np.dtype(np.uint8), np.dtype(np.int8)):
+            raise UnsupportedOpError(f"QLinearSoftmax of {X.dtype} is not supported (8-bit integers are)")
+        rows, restore = _softmax_rows(X, axis, opset)
+        signed, D = X.dtype == np.int8, rows.shape[-1]
+        table = _exp_table(float(_F32(np.asarray(X_scale).reshape(()))), D, signed)
+        top = rows.max(axis=-1, keepdims=True).astype(np.int64)
+        idx = (127 - top + rows) % 256 if signed else 255 - top + rows
+        e = table[idx]
+        total = np.add.accumulate(e, axis=-1, dtype=_F32)[..., -1:]  # in order, as onnxruntime adds
+        zp = 0 if y_zero_point is None else int(np.asarray(y_zero_point).reshape(()))
+        q = np.rint(e * np.floor(_F32(1) / _F32(np.asarray(y_scale).reshape(()))) / total).astype(np.int64) + zp
+        lo, hi = _INT_RANGES[X.dtype]
+        return restore(np.clip(q, lo, hi).astype(X.dtype))
+
+    def real(x, attrs, dtype):
+        new = attrs.get("opset", 13) >= 13
+        return _unary(Softmax13 if new else Softmax1, x, dtype, axis=attrs.get("axis", -1 if new else 1))
+
+
+def _softmax_rows(X, axis, opset):
+    """X as rows softmax runs along, and how to put the rows back in X's layout."""
+    ax = axis % X.ndim
+    if opset < 13:  # the axes from `axis` on, flattened
+        return X.reshape(int(np.prod(X.shape[:ax])), -1).astype(np.int64), lambda Y: Y.reshape(X.shape)
+    return np.moveaxis(X, ax, -1).astype(np.int64), lambda Y: np.moveaxis(Y, -1, ax)
+
+
+def _exp_table(x_scale, D, signed):
+    """onnxruntime's float32 table of exp((i - 255 + shift) * x_scale) for the 256 levels i (shifted so
+    that a row of D of them sums below float32's largest), indexed by the level's byte (signed: i - 128)."""
+    shift = max(0.0, float(np.log(np.float64(np.finfo(_F32).max / _F32(D)))) - 5) / x_scale
+    i = np.arange(256)
+    table = np.empty(256, _F32)
+    table[(i - 128) % 256 if signed else i] = np.exp((i - 255 + shift) * x_scale).astype(_F32)
+    return table
+
+
 def _nchw(X, channels_last):
     """X with its channels second: channels_last moves them from the last axis."""
     return np.moveaxis(X, -1, 1) if channels_last else X
@@ -413,7 +462,7 @@ def _through_variant(base, data_slots):
 
 
 for _base, _slots in ((QLinearConv, (0,)), (QLinearMatMul, (0, 3)), (QGemm, (0, 3)), (QLinearAdd, (0, 3)),
-                      (QLinearMul, (0, 3)), (QLinearSigmoid, (0,)), (QLinearLeakyRelu, (0,)),
+                      (QLinearMul, (0, 3)), (QLinearSigmoid, (0,)), (QLinearLeakyRelu, (0,)), (QLinearSoftmax, (0,)),
                       (QLinearConcat, tuple(range(2, 1024, 3))), (QLinearGlobalAveragePool, (0,)),
                       (QLinearAveragePool, (0,))):
     _through_variant(_base, _slots)
