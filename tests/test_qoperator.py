@@ -285,3 +285,34 @@ def test_channels_last_pools_equal_the_nchw_ones():
         ja = np.moveaxis(ja, k, 1)  # output channels second
         ja = np.moveaxis(ja, -1, 1 + k)  # input channels first of the input axes
         np.testing.assert_allclose(ja, jb, rtol=1e-6, atol=1e-7)
+
+
+def test_qlinear_where_against_onnxruntime_and_its_qdq_counterpart():
+    """QLinearWhere picks from X or Y, each requantized to Z's scale (X here shares it: copied)."""
+    n = helper.make_node
+    C = helper.make_tensor_value_info("c", TensorProto.BOOL, ["N", 5])
+    ins = [C] + [helper.make_tensor_value_info(v, TensorProto.FLOAT, ["N", 5]) for v in ("x", "u")]
+    inits = [_scalar("xs", 0.02, np.float32), _scalar("xz", 128, np.uint8), _scalar("us", 0.05, np.float32),
+             _scalar("uz", 100, np.uint8), _scalar("zs", 0.02, np.float32), _scalar("zz", 128, np.uint8)]
+    quant = [n("QuantizeLinear", ["x", "xs", "xz"], ["xq"]), n("QuantizeLinear", ["u", "us", "uz"], ["uq"])]
+    qlin = quant + [n("QLinearWhere", ["c", "xq", "xs", "xz", "uq", "us", "uz", "zs", "zz"], ["zq"], domain="com.microsoft"),
+                    n("DequantizeLinear", ["zq", "zs", "zz"], ["y"])]
+    qdq = quant + [n("DequantizeLinear", ["xq", "xs", "xz"], ["xr"]), n("DequantizeLinear", ["uq", "us", "uz"], ["ur"]),
+                   n("Where", ["c", "xr", "ur"], ["w"]), n("QuantizeLinear", ["w", "zs", "zz"], ["zq"]),
+                   n("DequantizeLinear", ["zq", "zs", "zz"], ["y"])]
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    models = []
+    for nodes in (qlin, qdq):
+        m = helper.make_model(helper.make_graph(nodes, "where", ins, out, inits),
+                              opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+        m.ir_version = 8
+        models.append(m)
+    feeds = {"c": RNG.random((20, 5)) < 0.5, "x": (RNG.standard_normal((20, 5)) * 2).astype(np.float32),
+             "u": (RNG.standard_normal((20, 5)) * 4).astype(np.float32)}
+    want = ort.InferenceSession(models[0].SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    for wrt in ("x", "u"):
+        a, b = (jaccli.input_jacobian(m, feeds, wrt=wrt, straight_through=True, return_result=True) for m in models)
+        np.testing.assert_array_equal(a.outputs, want)
+        same = a.outputs == b.outputs  # u's levels, 2.5 of z's, tie: half even in one, in float in the other
+        assert same.mean() > 0.9 and np.abs(a.value).max() > 0
+        np.testing.assert_allclose(a.value[same], b.value[same], rtol=1e-6, atol=1e-6 * np.abs(b.value).max())

@@ -143,10 +143,10 @@ _RANDOM = ("it draws new random numbers at every run (a VAE's sampling, noise, D
            "would hold for one draw only; export the model with the draw as an input, or replaced by its mean")
 _INTEGER = ("an integer operator of a quantized model (onnxruntime.quantization's QOperator format) that jaccli "
             "does not run (it runs QLinearConv, QLinearMatMul, QGemm, QLinearAdd, QLinearMul, QLinearSigmoid, "
-            "QLinearLeakyRelu, QLinearSoftmax, QLinearConcat and the QLinear pools); differentiate the float model, or quantize it "
-            "to the QDQ format (QuantizeLinear and DequantizeLinear around float operators)")
+            "QLinearLeakyRelu, QLinearSoftmax, QLinearConcat, QLinearWhere and the QLinear pools); differentiate the "
+            "float model, or quantize it to the QDQ format (QuantizeLinear and DequantizeLinear around float operators)")
 _WHY_NOT = {  # operators people ask about, and what jaccli would have to say of them
-    **{("com.microsoft", op): _INTEGER for op in ("QLinearWhere", "QLinearReduceMean", "QAttention",
+    **{("com.microsoft", op): _INTEGER for op in ("QLinearReduceMean", "QAttention",
                                                   "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QOrderedMatMul")},
     **{("", op): _RANDOM for op in ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                                     "Bernoulli", "Multinomial")},

@@ -1,6 +1,6 @@
 """onnxruntime's static quantization in the QOperator format: QLinearConv and QLinearMatMul (ONNX),
 QGemm, QLinearAdd, QLinearMul, QLinearSigmoid, QLinearLeakyRelu, QLinearSoftmax, QLinearConcat,
-QLinearAveragePool and QLinearGlobalAveragePool (com.microsoft).
+QLinearWhere, QLinearAveragePool and QLinearGlobalAveragePool (com.microsoft).
 
 Each reads integers that stand for reals, r = (q - zero_point) * scale, applies a float operator,
 and writes its result quantized to its own scale, y = saturate(round(v / y_scale) + y_zero_point),
@@ -25,7 +25,7 @@ from . import Ctx, rule, through
 from ..errors import UnsupportedOpError
 from ._util import padded
 from .conv import Conv
-from .elementwise import _INT_RANGES, Add, LeakyRelu, Mul, Sigmoid
+from .elementwise import _INT_RANGES, Add, LeakyRelu, Mul, Sigmoid, Where
 from .linalg import Gemm, MatMul
 from .norm import Softmax1, Softmax13
 from .pool import AveragePool, GlobalAveragePool
@@ -276,11 +276,7 @@ class QLinearConcat:
     nondiff = tuple(range(1024))  # every input, however many are joined
 
     def forward(Y_scale, Y_zero_point, *xs, axis):
-        parts = []
-        for X, s, zp in zip(xs[0::3], xs[1::3], xs[2::3]):
-            same = np.array_equal(s, Y_scale) and np.array_equal(zp, Y_zero_point) and X.dtype == np.asarray(Y_zero_point).dtype
-            parts.append(X if same else _quantize(_levels(X, zp).astype(_F32) * _F32(np.asarray(s).reshape(())), Y_scale,
-                                                  Y_zero_point))
+        parts = [_requantized(X, s, zp, Y_scale, Y_zero_point) for X, s, zp in zip(xs[0::3], xs[1::3], xs[2::3])]
         return np.concatenate(parts, axis=axis)
 
     def real(x, attrs, dtype):
@@ -336,6 +332,30 @@ def _exp_table(x_scale, D, signed):
     table = np.empty(256, _F32)
     table[(i - 128) % 256 if signed else i] = np.exp((i - 255 + shift) * x_scale).astype(_F32)
     return table
+
+
+@rule("QLinearWhere", since=1, domain=MS)
+class QLinearWhere:
+    """Z = X where condition else Y (broadcast), each requantized to Z's scale and zero point (copied
+    where they share them). Inputs: condition, X, x_scale, x_zp, Y, y_scale, y_zp, z_scale, z_zp."""
+
+    nondiff = tuple(range(9))
+
+    def forward(condition, X, x_scale, x_zero_point, Y, y_scale, y_zero_point, z_scale, z_zero_point):
+        return np.where(condition, _requantized(X, x_scale, x_zero_point, z_scale, z_zero_point),
+                        _requantized(Y, y_scale, y_zero_point, z_scale, z_zero_point))
+
+    def real(x, attrs, dtype):
+        reals = (x[0], _real(*x[1:4], dtype), _real(*x[4:7], dtype))
+        return Where, reals, {}, {1: (1, _sc(x[2], x[1])), 2: (4, _sc(x[5], x[4]))}, (x[7], x[8])
+
+
+def _requantized(X, scale, zp, to_scale, to_zp):
+    """Integers X at (scale, zp) as integers at (to_scale, to_zp): dequantized and quantized in
+    float32, or X itself where the two agree."""
+    if np.array_equal(scale, to_scale) and np.array_equal(zp, to_zp) and X.dtype == np.asarray(to_zp).dtype:
+        return X
+    return _quantize(_levels(X, zp).astype(_F32) * _F32(np.asarray(scale).reshape(())), to_scale, to_zp)
 
 
 def _nchw(X, channels_last):
@@ -463,6 +483,7 @@ def _through_variant(base, data_slots):
 
 for _base, _slots in ((QLinearConv, (0,)), (QLinearMatMul, (0, 3)), (QGemm, (0, 3)), (QLinearAdd, (0, 3)),
                       (QLinearMul, (0, 3)), (QLinearSigmoid, (0,)), (QLinearLeakyRelu, (0,)), (QLinearSoftmax, (0,)),
+                      (QLinearWhere, (1, 4)),
                       (QLinearConcat, tuple(range(2, 1024, 3))), (QLinearGlobalAveragePool, (0,)),
                       (QLinearAveragePool, (0,))):
     _through_variant(_base, _slots)
