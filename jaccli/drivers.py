@@ -295,14 +295,14 @@ def _derivative_notes(plan):
     notes = []
     if plan.through:
         integer = sorted({s.node.op_type for s in plan.active_steps if s.node.op_type.startswith(("QLinear", "QGemm"))})
-        notes.append(f"straight through: {plan.through} QuantizeLinear or DynamicQuantizeLinear node(s) and what dequantizes "
+        notes.append(f"straight through: {plan.through} {plan.quantizer_ops} node(s) and what dequantizes "
                      f"after them pass derivatives as the identity inside the integer range, zero where they saturate (not "
                      f"the true derivative, zero)" + (f"; the integer operators ({', '.join(integer)}) as their float "
                                                       f"operators on the dequantized inputs" if integer else ""))
     elif plan.quantized:
-        notes.append("a QuantizeLinear or DynamicQuantizeLinear lies on the way to the output: its integer output is "
-                     "piecewise constant, so no derivative passes it; --straight-through (straight_through=True) passes "
-                     "quantize-dequantize pairs as the identity, as quantization-aware training differentiates them")
+        notes.append(f"a {plan.quantizer_ops} lies on the way to the output: its integer output is piecewise constant, "
+                     f"so no derivative passes it; --straight-through (straight_through=True) passes quantize-dequantize "
+                     f"pairs as the identity, as quantization-aware training differentiates them")
     return notes + [f"a {op} lies on the way to the output: piecewise constant, its derivative is zero wherever it "
                     f"exists, so the Jacobian holds only what flows around it" for op in plan.flat]
 

@@ -113,9 +113,10 @@ class Plan:
         self.active_steps = [s for s in steps if s.active]
         # a quantization between what is differentiated and the output (every step leads to the output):
         # its integer output is piecewise constant, and stops the derivatives unless taken straight through
-        quantizers = sum(s.node.op_type in QUANTIZERS and s.inputs[0] in fwd for s in steps)
-        self.quantized = not through and quantizers > 0  # a QuantizeLinear stops the derivatives
-        self.through = quantizers if through else 0  # those taken straight through
+        found = [s.node.op_type for s in steps if s.node.op_type in QUANTIZERS and s.inputs[0] in fwd]
+        self.quantizer_ops = " or ".join(sorted(set(found)))  # what the notes name
+        self.quantized = not through and len(found) > 0  # a QuantizeLinear stops the derivatives
+        self.through = len(found) if through else 0  # those taken straight through
         # piecewise-constant operators (tree ensembles) that the derivatives reach: they pass zero
         self.flat = sorted({s.node.op_type for s in self.active_steps if getattr(s.rule, "piecewise_constant", False) and any(s.diff_in)})
         self.depends = any(o in fwd for o in self.outs)  # False: the output does not depend on wrt at all
@@ -443,4 +444,5 @@ def _flops(s, env, n):
     return out
 
 
-QUANTIZERS = ("QuantizeLinear", "DynamicQuantizeLinear")  # their integer outputs stop derivatives (see Plan.quantized)
+# their integer outputs (DynamicQuantizeMatMul's: inside it) stop derivatives (see Plan.quantized)
+QUANTIZERS = ("QuantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeMatMul")

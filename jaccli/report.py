@@ -102,10 +102,10 @@ def render_inspect(console: Console, info: dict):
         console.print(f"[yellow]note:[/yellow] the model keeps its weights in {info['held_weights']} float Constant nodes and has no "
                       f"float initializer; those constants are its parameters")
     if info.get("quantized_values"):
-        console.print(f"[yellow]note:[/yellow] {info['quantized_values']} QuantizeLinear or DynamicQuantizeLinear node(s) "
-                      f"quantize values, not "
-                      f"weights: an integer is piecewise constant, so derivatives stop there; --straight-through passes "
-                      f"quantize-dequantize pairs as the identity, as quantization-aware training does")
+        console.print(f"[yellow]note:[/yellow] {info['quantized_values']} QuantizeLinear, DynamicQuantizeLinear or "
+                      f"DynamicQuantizeMatMul node(s) quantize values, not weights: an integer is piecewise constant, so "
+                      f"derivatives stop there; --straight-through passes quantize-dequantize pairs as the identity, as "
+                      f"quantization-aware training does")
 
 
 def render_check(console: Console, d: dict):

@@ -1,4 +1,5 @@
-"""onnxruntime's dynamic quantization: DynamicQuantizeLinear, MatMulInteger and ConvInteger.
+"""onnxruntime's dynamic quantization: DynamicQuantizeLinear, MatMulInteger and ConvInteger, and the
+fusions onnxruntime's optimizer saves of them, DynamicQuantizeMatMul and MatMulIntegerToFloat.
 
 `onnxruntime.quantization.quantize_dynamic` writes, for each MatMul or Conv, its input quantized
 to uint8 with a scale from that tensor's own range, the product of integers, and the float
@@ -16,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import Ctx, rule, through
-from ._util import padded
+from ._util import add, padded
 from .conv import Conv
 from .linalg import MatMul
 from .shape import _FLOAT_TYPES, Cast
@@ -144,6 +145,115 @@ class ConvIntegerThrough(ConvInteger):
     def vjp(cx, Ybar, **attrs):
         X, W = (v.astype(Ybar.dtype) for v in _conv_operands(*padded(cx.x, 4)))
         return Conv.vjp(Ctx((X, W), cx.y, cx.need[:2], cx.keep[:2]), Ybar, **attrs) + (None, None)
+
+
+MS = "com.microsoft"
+
+
+def _bias_add(Y, bias):
+    return Y if bias is None else Y + bias
+
+
+@rule("MatMulIntegerToFloat", since=1, domain=MS)
+class MatMulIntegerToFloat:
+    """Y = (A - a_zero_point) @ (B - b_zero_point) * a_scale * b_scale + bias, in float32 (onnxruntime's
+    fusion of MatMulInteger, Cast and the scales' Mul): b's scale and zero point per tensor or per
+    column. Linear in bias and in the scales' product; the integers carry no derivative."""
+
+    nondiff = (0, 1, 2, 3, 4, 5)
+    keeps = True
+
+    def forward(A, B, a_scale, b_scale, a_zero_point=None, b_zero_point=None, bias=None):
+        acc = np.matmul(*_matmul_operands(A, B, a_zero_point, b_zero_point))
+        m = np.asarray(a_scale, np.float32).reshape(()) * np.asarray(b_scale, np.float32)
+        return _bias_add((acc.astype(np.float32) * m).astype(np.float32), bias)
+
+    def jvp(cx, *dots):
+        return _bias_jvp(cx, dots[6] if len(dots) > 6 else None)
+
+    def vjp(cx, Ybar):
+        return (None,) * 6 + (_bias_vjp(cx, Ybar, 6),)
+
+
+@through(MatMulIntegerToFloat)
+class MatMulIntegerToFloatThrough(MatMulIntegerToFloat):
+    """MatMulIntegerToFloat linear in A's integers (their tangent from a quantizer) too."""
+
+    nondiff = (1, 2, 3, 4, 5)
+
+    def jvp(cx, Adot, *dots):
+        dt = Adot.dtype if Adot is not None else np.dtype(np.float32)
+        A, B = _matmul_operands(*(padded(cx.x, 6)[i] for i in (0, 1, 4, 5)))
+        scaled = B * np.asarray(cx.x[2], np.float64).reshape(()) * np.asarray(cx.x[3], np.float64)
+        through = None if Adot is None else np.matmul(_float(Adot, dt), scaled.astype(dt))
+        return add(through, _bias_jvp(cx, dots[5] if len(dots) > 5 else None))
+
+    def vjp(cx, Ybar):
+        A, B = _matmul_operands(*(padded(cx.x, 6)[i] for i in (0, 1, 4, 5)))
+        scaled = (B * np.asarray(cx.x[2], np.float64).reshape(()) * np.asarray(cx.x[3], np.float64)).astype(Ybar.dtype)
+        Abar = np.matmul(Ybar, np.swapaxes(scaled, -1, -2)) if cx.need[0] else None
+        return (Abar,) + (None,) * 5 + (_bias_vjp(cx, Ybar, 6),)
+
+
+@rule("DynamicQuantizeMatMul", since=1, domain=MS)
+class DynamicQuantizeMatMul:
+    """Y = DynamicQuantizeLinear(A) times (B - b_zero_point), scaled, plus bias: onnxruntime's fusion
+    of quantize_dynamic's MatMul. A's quantization is piecewise constant (its derivative zero, and
+    the summary says so); bias passes derivatives."""
+
+    nondiff = (0, 1, 2, 3)
+    keeps = True
+
+    def forward(A, B, b_scale, b_zero_point=None, bias=None):
+        q, a_scale, a_zp = _dynamic(A)
+        return MatMulIntegerToFloat.forward(q, B, a_scale, b_scale, a_zp, b_zero_point, bias)
+
+    def jvp(cx, *dots):
+        return _bias_jvp(cx, dots[4] if len(dots) > 4 else None)
+
+    def vjp(cx, Ybar):
+        return (None,) * 4 + (_bias_vjp(cx, Ybar, 4),)
+
+
+@through(DynamicQuantizeMatMul)
+class DynamicQuantizeMatMulThrough(DynamicQuantizeMatMul):
+    """Straight through A's quantizer (1 / scale, the scale a constant), so linear in A: the float
+    product with the dequantized B."""
+
+    nondiff = (1, 2, 3)
+
+    def jvp(cx, Adot, *dots):
+        dt = Adot.dtype if Adot is not None else np.dtype(np.float32)
+        through = None if Adot is None else np.matmul(_float(Adot, dt), _dequantized_b(cx, dt))
+        return add(through, _bias_jvp(cx, dots[3] if len(dots) > 3 else None))
+
+    def vjp(cx, Ybar):
+        Abar = np.matmul(Ybar, np.swapaxes(_dequantized_b(cx, Ybar.dtype), -1, -2)) if cx.need[0] else None
+        return (Abar,) + (None,) * 3 + (_bias_vjp(cx, Ybar, 4),)
+
+
+def _dequantized_b(cx, dtype):
+    B, b_scale, b_zp = padded(cx.x, 4)[1:4]
+    return (_shifted(B, b_zp) * np.asarray(b_scale, np.float64)).astype(dtype)
+
+
+def _bias_jvp(cx, Bdot):
+    """The bias's tangent, broadcast over Y (None without one)."""
+    if Bdot is None:
+        return None
+    lead = Bdot.ndim - 1
+    return np.broadcast_to(Bdot.reshape(Bdot.shape[:lead] + (1,) * (cx.y[0].ndim - 1) + Bdot.shape[lead:]),
+                           Bdot.shape[:lead] + cx.y[0].shape)
+
+
+def _bias_vjp(cx, Ybar, i):
+    """The bias's cotangent: Ybar summed over all but its last axis (and the lead ones), the samples kept if asked."""
+    if i >= len(cx.x) or cx.x[i] is None or not cx.need[i]:
+        return None
+    lead = cx.lead(Ybar)
+    keep = cx.keep[i]
+    axes = tuple(range(lead + (1 if keep else 0), Ybar.ndim - 1))
+    return Ybar.sum(axis=axes) if axes else Ybar
 
 
 @through(Cast)
