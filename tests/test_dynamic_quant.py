@@ -234,3 +234,48 @@ def test_a_fused_products_bias_cotangent_per_sample():
     D = RNG.standard_normal((2, 5)).astype(np.float32)  # the bias's tangent, two directions
     Ydot = MatMulIntegerToFloat.jvp(Ctx(x, (y,)), *(None,) * 6, D)
     np.testing.assert_array_equal(Ydot, np.broadcast_to(D[:, None, None, :], (2,) + y.shape))
+
+
+def test_qattention_equals_attention_on_the_dequantized_input_and_weight(tmp_path):
+    """quantize_dynamic makes onnxruntime's fused Attention a QAttention: forward as onnxruntime's (to
+    float32 rounding), and derivatives (straight through the input, and the bias's, per sample) those
+    of DynamicQuantizeLinear -> DequantizeLinear -> Attention with the dequantized weight."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    n = helper.make_node
+    W, b = (RNG.standard_normal((8, 24)) * 0.4).astype(np.float32), RNG.standard_normal(24).astype(np.float32)
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 8])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    opsets = [helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)]
+    f = helper.make_model(helper.make_graph([n("Attention", ["x", "W", "b"], ["y"], domain="com.microsoft", num_heads=2)], "a",
+                                            [x_info], [y_info], [numpy_helper.from_array(W, "W"), numpy_helper.from_array(b, "b")]),
+                          opset_imports=opsets)
+    f.ir_version = 8
+    onnx.save(f, tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["Attention"], per_channel=True)
+    q = onnx.load(tmp_path / "q.onnx")
+    assert "QAttention" in {v.op_type for v in q.graph.node}
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    Wq = (inits["W_quantized"].astype(np.float64) - inits["W_zero_point"]) * inits["W_scale"]  # per column
+    ref = helper.make_model(helper.make_graph(
+        [n("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]), n("DequantizeLinear", ["xq", "xs", "xz"], ["xr"]),
+         n("Attention", ["xr", "Wd", "b"], ["y"], domain="com.microsoft", num_heads=2)], "ref", [x_info], [y_info],
+        [numpy_helper.from_array(Wq.astype(np.float32), "Wd"), numpy_helper.from_array(b, "b")]), opset_imports=opsets)
+    ref.ir_version = 8
+    x = RNG.standard_normal((6, 5, 8)).astype(np.float32)
+    s = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    want = np.concatenate([s.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    r = jaccli.input_jacobian(str(tmp_path / "q.onnx"), x, return_result=True)
+    np.testing.assert_allclose(r.outputs, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert not r.value.any()
+    for mode in ("forward", "reverse"):
+        a = jaccli.input_jacobian(str(tmp_path / "q.onnx"), x, straight_through=True, mode=mode, dtype=np.float64)
+        e = jaccli.input_jacobian(ref, x, straight_through=True, mode=mode, dtype=np.float64)
+        assert np.abs(e).max() > 0
+        np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6 * np.abs(e).max())
+    for through in (False, True):
+        (Ga, ca), (Ge, _) = (jaccli.param_jacobian(m, x, params=["b"], straight_through=through, dtype=np.float64)
+                             for m in (str(tmp_path / "q.onnx"), ref))
+        assert [c["name"] for c in ca] == ["b"] and np.abs(Ge).max() > 0
+        np.testing.assert_allclose(Ga, Ge, rtol=1e-6, atol=1e-6 * np.abs(Ge).max())

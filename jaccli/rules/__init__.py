@@ -146,7 +146,7 @@ _INTEGER = ("an integer operator of a quantized model (onnxruntime.quantization'
             "QLinearLeakyRelu, QLinearSoftmax, QLinearConcat, QLinearWhere and the QLinear pools); differentiate the "
             "float model, or quantize it to the QDQ format (QuantizeLinear and DequantizeLinear around float operators)")
 _WHY_NOT = {  # operators people ask about, and what jaccli would have to say of them
-    **{("com.microsoft", op): _INTEGER for op in ("QLinearReduceMean", "QAttention", "QOrderedMatMul")},
+    **{("com.microsoft", op): _INTEGER for op in ("QLinearReduceMean", "QOrderedMatMul")},
     **{("", op): _RANDOM for op in ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                                     "Bernoulli", "Multinomial")},
     ("ai.onnx.ml", "TreeEnsemble"): _TREES,

@@ -1,6 +1,7 @@
 """onnxruntime's static quantization in the QOperator format: QLinearConv and QLinearMatMul (ONNX),
 QGemm, QLinearAdd, QLinearMul, QLinearSigmoid, QLinearLeakyRelu, QLinearSoftmax, QLinearConcat,
-QLinearWhere, QLinearAveragePool and QLinearGlobalAveragePool (com.microsoft).
+QLinearWhere, QLinearAveragePool and QLinearGlobalAveragePool (com.microsoft); and QAttention, the
+attention quantize_dynamic makes of onnxruntime's fused Attention.
 
 Each reads integers that stand for reals, r = (q - zero_point) * scale, applies a float operator,
 and writes its result quantized to its own scale, y = saturate(round(v / y_scale) + y_zero_point),
@@ -24,6 +25,7 @@ import numpy as np
 from . import Ctx, rule, through
 from ..errors import UnsupportedOpError
 from ._util import padded
+from .contrib import Attention
 from .conv import Conv
 from .elementwise import _INT_RANGES, Add, LeakyRelu, Mul, Sigmoid, Where
 from .linalg import Gemm, MatMul
@@ -425,6 +427,64 @@ def _ChannelsLast(op):
             return (np.moveaxis(op.vjp(inner, np.moveaxis(Ybar, -1, lead + 1), **attrs)[0], lead + 1, -1),)
 
     return ChannelsLast
+
+
+_ATTN_SLOTS = (0, 1, 2, 5, 8)  # QAttention's input, weight, bias, mask_index and past: Attention's first five
+
+
+@rule("QAttention", since=1, domain=MS)
+class QAttention:
+    """onnxruntime's Attention with a quantized input (DynamicQuantizeLinear's, in quantize_dynamic)
+    and weight: inputs input, weight, bias, input_scale, weight_scale, mask_index, input_zero_point,
+    weight_zero_point, past. It runs as Attention on the dequantized input and weight (the weight's
+    scale and zero point per tensor or per column). The input is integer (derivative zero but
+    straight through); the bias is float, and passes derivatives."""
+
+    nondiff = (0, 1, 3, 4, 5, 6, 7, 8)
+    keeps = True
+
+    def forward(input, weight, bias, input_scale, weight_scale, mask_index=None, input_zero_point=None,
+                weight_zero_point=None, past=None, *, num_heads, unidirectional=0, do_rotary=0,
+                past_present_share_buffer=0, mask_filter_value=-10000.0, scale=0.0, n_outputs=1):
+        reals = _attention_reals((input, weight, bias, input_scale, weight_scale, mask_index, input_zero_point,
+                                  weight_zero_point, past), np.dtype(np.float32))
+        return Attention.forward(*reals, num_heads=num_heads, unidirectional=unidirectional, do_rotary=do_rotary,
+                                 mask_filter_value=mask_filter_value, scale=scale, n_outputs=n_outputs)
+
+    def jvp(cx, *dots, **attrs):
+        dots = padded(dots, 9)
+        dt = next(d.dtype for d in dots if d is not None)
+        reals = _attention_reals(cx.x, dt)
+        Xdot = None if dots[0] is None else dots[0].astype(dt, copy=False) * _sc(cx.x[3], cx.x[0]).astype(dt)
+        return Attention.jvp(Ctx(reals, cx.y), Xdot, None, dots[2], **_attention_attrs(attrs))
+
+    def vjp(cx, Ybar, **attrs):
+        reals = _attention_reals(cx.x, Ybar.dtype)
+        need, keep = (tuple(bool(padded(v, 9, False)[i]) for i in _ATTN_SLOTS) for v in (cx.need, cx.keep))
+        bars = Attention.vjp(Ctx(reals, cx.y, need, keep), Ybar, **_attention_attrs(attrs))
+        out = [None] * len(cx.x)
+        if need[0] and bars[0] is not None:
+            out[0] = bars[0] * _sc(cx.x[3], cx.x[0]).astype(Ybar.dtype)
+        if need[2]:
+            out[2] = bars[2]
+        return tuple(out)
+
+
+def _attention_reals(x, dtype):
+    """QAttention's inputs as Attention's: input and weight dequantized, bias, mask_index, past."""
+    inp, weight, bias, i_scale, w_scale, mask, i_zp, w_zp, past = padded(x, 9)
+    return (_real(inp, i_scale, i_zp, dtype), _real(weight, w_scale, w_zp, dtype, axis=-1), bias, mask, past)
+
+
+def _attention_attrs(attrs):
+    return {k: v for k, v in attrs.items() if k not in ("past_present_share_buffer", "n_outputs")}
+
+
+@through(QAttention)
+class QAttentionThrough(QAttention):
+    """QAttention whose integer input passes derivatives as its real value's (times its scale)."""
+
+    nondiff = (1, 3, 4, 5, 6, 7, 8)
 
 
 # ---- straight through: each operator as its float operator on the dequantized inputs ----------
