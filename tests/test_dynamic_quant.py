@@ -227,12 +227,12 @@ def test_a_fused_products_bias_cotangent_per_sample():
     y = MatMulIntegerToFloat.forward(*x)
     G = RNG.standard_normal((2,) + y.shape).astype(np.float32)  # two directions
     keep = (False,) * 6 + (True,)
-    bar = MatMulIntegerToFloat.vjp(Ctx(x, (y,), (False,) * 6 + (True,), keep), G)[6]
+    bar = MatMulIntegerToFloat.vjp(Ctx(x, (y,), (False,) * 6 + (True,), keep, rule=MatMulIntegerToFloat), G)[6]
     np.testing.assert_allclose(bar, G.sum(axis=2), rtol=1e-6)  # (directions, samples, 5)
-    summed = MatMulIntegerToFloat.vjp(Ctx(x, (y,), (False,) * 6 + (True,), (False,) * 7), G)[6]
+    summed = MatMulIntegerToFloat.vjp(Ctx(x, (y,), (False,) * 6 + (True,), (False,) * 7, rule=MatMulIntegerToFloat), G)[6]
     np.testing.assert_allclose(summed, G.sum(axis=(1, 2)), rtol=1e-5)
     D = RNG.standard_normal((2, 5)).astype(np.float32)  # the bias's tangent, two directions
-    Ydot = MatMulIntegerToFloat.jvp(Ctx(x, (y,)), *(None,) * 6, D)
+    Ydot = MatMulIntegerToFloat.jvp(Ctx(x, (y,), rule=MatMulIntegerToFloat), *(None,) * 6, D)
     np.testing.assert_array_equal(Ydot, np.broadcast_to(D[:, None, None, :], (2,) + y.shape))
 
 
@@ -247,9 +247,9 @@ def test_qattention_equals_attention_on_the_dequantized_input_and_weight(tmp_pat
     x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 8])
     y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     opsets = [helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)]
-    f = helper.make_model(helper.make_graph([n("Attention", ["x", "W", "b"], ["y"], domain="com.microsoft", num_heads=2)], "a",
-                                            [x_info], [y_info], [numpy_helper.from_array(W, "W"), numpy_helper.from_array(b, "b")]),
-                          opset_imports=opsets)
+    weights = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(b, "b")]
+    attention = n("Attention", ["x", "W", "b"], ["y"], domain="com.microsoft", num_heads=2)
+    f = helper.make_model(helper.make_graph([attention], "a", [x_info], [y_info], weights), opset_imports=opsets)
     f.ir_version = 8
     onnx.save(f, tmp_path / "f.onnx")
     quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8,

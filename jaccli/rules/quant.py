@@ -154,87 +154,86 @@ def _bias_add(Y, bias):
     return Y if bias is None else Y + bias
 
 
+class _BiasOnly:
+    """Derivatives through the float bias (input `bias`) alone: the integers carry none."""
+
+    keeps = True
+
+    def jvp(cx, *dots):
+        b = cx.rule.bias
+        return _bias_jvp(cx, dots[b] if len(dots) > b else None)
+
+    def vjp(cx, Ybar):
+        return (None,) * cx.rule.bias + (_bias_vjp(cx, Ybar, cx.rule.bias),)
+
+
+class _LinearInA:
+    """Straight through: linear in A too, Y = A @ weight(cx) + bias, weight the dequantized B times
+    whatever scales A's levels."""
+
+    def jvp(cx, Adot, *dots):
+        b = cx.rule.bias - 1  # dots start after A
+        dt = Adot.dtype if Adot is not None else np.dtype(np.float32)
+        through = None if Adot is None else np.matmul(_float(Adot, dt), cx.rule.weight(cx, dt))
+        return add(through, _bias_jvp(cx, dots[b] if len(dots) > b else None))
+
+    def vjp(cx, Ybar):
+        Abar = np.matmul(Ybar, np.swapaxes(cx.rule.weight(cx, Ybar.dtype), -1, -2)) if cx.need[0] else None
+        return (Abar,) + (None,) * (cx.rule.bias - 1) + (_bias_vjp(cx, Ybar, cx.rule.bias),)
+
+
 @rule("MatMulIntegerToFloat", since=1, domain=MS)
-class MatMulIntegerToFloat:
+class MatMulIntegerToFloat(_BiasOnly):
     """Y = (A - a_zero_point) @ (B - b_zero_point) * a_scale * b_scale + bias, in float32 (onnxruntime's
     fusion of MatMulInteger, Cast and the scales' Mul): b's scale and zero point per tensor or per
-    column. Linear in bias and in the scales' product; the integers carry no derivative."""
+    column. Linear in bias; the integers carry no derivative."""
 
     nondiff = (0, 1, 2, 3, 4, 5)
-    keeps = True
+    bias = 6
 
     def forward(A, B, a_scale, b_scale, a_zero_point=None, b_zero_point=None, bias=None):
         acc = np.matmul(*_matmul_operands(A, B, a_zero_point, b_zero_point))
         m = np.asarray(a_scale, np.float32).reshape(()) * np.asarray(b_scale, np.float32)
         return _bias_add((acc.astype(np.float32) * m).astype(np.float32), bias)
 
-    def jvp(cx, *dots):
-        return _bias_jvp(cx, dots[6] if len(dots) > 6 else None)
-
-    def vjp(cx, Ybar):
-        return (None,) * 6 + (_bias_vjp(cx, Ybar, 6),)
+    def weight(cx, dtype):
+        """What A's levels multiply: (B - b_zero_point) * a_scale * b_scale."""
+        B, b_zp = cx.x[1], padded(cx.x, 6)[5]
+        scales = np.asarray(cx.x[2], np.float64).reshape(()) * np.asarray(cx.x[3], np.float64)
+        return (_shifted(B, b_zp) * scales).astype(dtype)
 
 
 @through(MatMulIntegerToFloat)
-class MatMulIntegerToFloatThrough(MatMulIntegerToFloat):
+class MatMulIntegerToFloatThrough(_LinearInA, MatMulIntegerToFloat):
     """MatMulIntegerToFloat linear in A's integers (their tangent from a quantizer) too."""
 
     nondiff = (1, 2, 3, 4, 5)
 
-    def jvp(cx, Adot, *dots):
-        dt = Adot.dtype if Adot is not None else np.dtype(np.float32)
-        A, B = _matmul_operands(*(padded(cx.x, 6)[i] for i in (0, 1, 4, 5)))
-        scaled = B * np.asarray(cx.x[2], np.float64).reshape(()) * np.asarray(cx.x[3], np.float64)
-        through = None if Adot is None else np.matmul(_float(Adot, dt), scaled.astype(dt))
-        return add(through, _bias_jvp(cx, dots[5] if len(dots) > 5 else None))
-
-    def vjp(cx, Ybar):
-        A, B = _matmul_operands(*(padded(cx.x, 6)[i] for i in (0, 1, 4, 5)))
-        scaled = (B * np.asarray(cx.x[2], np.float64).reshape(()) * np.asarray(cx.x[3], np.float64)).astype(Ybar.dtype)
-        Abar = np.matmul(Ybar, np.swapaxes(scaled, -1, -2)) if cx.need[0] else None
-        return (Abar,) + (None,) * 5 + (_bias_vjp(cx, Ybar, 6),)
-
 
 @rule("DynamicQuantizeMatMul", since=1, domain=MS)
-class DynamicQuantizeMatMul:
+class DynamicQuantizeMatMul(_BiasOnly):
     """Y = DynamicQuantizeLinear(A) times (B - b_zero_point), scaled, plus bias: onnxruntime's fusion
     of quantize_dynamic's MatMul. A's quantization is piecewise constant (its derivative zero, and
     the summary says so); bias passes derivatives."""
 
     nondiff = (0, 1, 2, 3)
-    keeps = True
+    bias = 4
 
     def forward(A, B, b_scale, b_zero_point=None, bias=None):
         q, a_scale, a_zp = _dynamic(A)
         return MatMulIntegerToFloat.forward(q, B, a_scale, b_scale, a_zp, b_zero_point, bias)
 
-    def jvp(cx, *dots):
-        return _bias_jvp(cx, dots[4] if len(dots) > 4 else None)
-
-    def vjp(cx, Ybar):
-        return (None,) * 4 + (_bias_vjp(cx, Ybar, 4),)
+    def weight(cx, dtype):
+        """Straight through A's quantizer (1 / scale, the scale a constant): the dequantized B."""
+        B, b_scale, b_zp = padded(cx.x, 4)[1:4]
+        return (_shifted(B, b_zp) * np.asarray(b_scale, np.float64)).astype(dtype)
 
 
 @through(DynamicQuantizeMatMul)
-class DynamicQuantizeMatMulThrough(DynamicQuantizeMatMul):
-    """Straight through A's quantizer (1 / scale, the scale a constant), so linear in A: the float
-    product with the dequantized B."""
+class DynamicQuantizeMatMulThrough(_LinearInA, DynamicQuantizeMatMul):
+    """DynamicQuantizeMatMul straight through its quantizer: the float product with the dequantized B."""
 
     nondiff = (1, 2, 3)
-
-    def jvp(cx, Adot, *dots):
-        dt = Adot.dtype if Adot is not None else np.dtype(np.float32)
-        through = None if Adot is None else np.matmul(_float(Adot, dt), _dequantized_b(cx, dt))
-        return add(through, _bias_jvp(cx, dots[3] if len(dots) > 3 else None))
-
-    def vjp(cx, Ybar):
-        Abar = np.matmul(Ybar, np.swapaxes(_dequantized_b(cx, Ybar.dtype), -1, -2)) if cx.need[0] else None
-        return (Abar,) + (None,) * 3 + (_bias_vjp(cx, Ybar, 4),)
-
-
-def _dequantized_b(cx, dtype):
-    B, b_scale, b_zp = padded(cx.x, 4)[1:4]
-    return (_shifted(B, b_zp) * np.asarray(b_scale, np.float64)).astype(dtype)
 
 
 def _bias_jvp(cx, Bdot):
