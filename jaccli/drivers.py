@@ -294,7 +294,7 @@ def _derivative_notes(plan):
     and of the piecewise-constant operators there (tree ensembles)."""
     notes = []
     if plan.through:
-        integer = sorted({s.node.op_type for s in plan.active_steps if s.node.op_type.startswith(("QLinear", "QGemm"))})
+        integer = _integer_ops(s.node for s in plan.active_steps)
         notes.append(f"straight through: {plan.through} {plan.quantizer_ops} node(s) and what dequantizes "
                      f"after them pass derivatives as the identity inside the integer range, zero where they saturate (not "
                      f"the true derivative, zero)" + (f"; the integer operators ({', '.join(integer)}) as their float "
@@ -305,6 +305,11 @@ def _derivative_notes(plan):
                      f"pairs as the identity, as quantization-aware training differentiates them")
     return notes + [f"a {op} lies on the way to the output: piecewise constant, its derivative is zero wherever it "
                     f"exists, so the Jacobian holds only what flows around it" for op in plan.flat]
+
+
+def _integer_ops(nodes):
+    """The QOperator format's integer operators among the nodes (QLinearConv, QGemm ...), sorted."""
+    return sorted({n.op_type for n in nodes if n.op_type.startswith(("QLinear", "QGemm"))})
 
 
 def _run_notes(model, run_size):
@@ -864,7 +869,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
         if not names:
             raise UsageError(f"no parameter matches {', '.join(pats)} (see `jaccli inspect` for their names)")
     if not names:
-        integer = sorted({n.op_type for n in model.nodes if n.op_type.startswith(("QLinear", "QGemm"))})
+        integer = _integer_ops(model.nodes)
         raise UsageError(f"output '{of_v.name}' depends on no float parameter" + (
             f": its weights are integers, quantized ({', '.join(integer[:3])}{' ...' if len(integer) > 3 else ''}); take "
             f"the parameter Jacobian of the float model"
