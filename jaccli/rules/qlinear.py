@@ -55,14 +55,14 @@ def _levels(q, zp, axis=0):
     return q if zp is None else q - _along(np.asarray(zp, np.float64), axis, q.ndim)
 
 
-def _real(q, scale, zp, dtype, axis=0):
-    """The reals the integers stand for, (q - zero_point) * scale, in `dtype`."""
-    return (_levels(q, zp, axis) * _along(np.asarray(scale, np.float64), axis, np.ndim(q))).astype(dtype)
-
-
 def _sc(scale, q, axis=0):
     """An input's scale shaped to broadcast against it (and its tangents, which lead with more axes)."""
     return _along(np.asarray(scale, np.float64), axis, np.ndim(q))
+
+
+def _real(q, scale, zp, dtype, axis=0):
+    """The reals the integers stand for, (q - zero_point) * scale, in `dtype`."""
+    return (_levels(q, zp, axis) * _sc(scale, q, axis)).astype(dtype)
 
 
 def _unary(op, x, dtype, **fattrs):
