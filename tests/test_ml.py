@@ -488,3 +488,89 @@ def test_tree_ensemble_classifier(classes, weighted, base, post, signs):
     np.testing.assert_array_equal(our_forward(m, {"x": x}, np.float32), label)
     m.graph.output.insert(0, helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", k]))
     assert not jaccli.input_jacobian(m, x[3:8], of="scores").any()
+
+
+def tree_ensemble5(aggregate=1, post=0, n_targets=3, dtype=np.float32, n_trees=4, depth=3, seed=0):
+    """ai.onnx.ml opset 5's TreeEnsemble: random trees over 4 features whose branch nodes use every
+    mode (BRANCH_LEQ ... BRANCH_NEQ, and BRANCH_MEMBER on small sets of levels of feature 3, a
+    category), some sending missing values the true way; each leaf weights one target. The last
+    tree is a single leaf."""
+    r = np.random.default_rng(seed)
+    nodes = {k: [] for k in ("featureids", "modes", "splits", "truenodeids", "trueleafs", "falsenodeids", "falseleafs",
+                             "missing")}
+    leaf_w, leaf_t, members, roots = [], [], [], []
+
+    def leaf():
+        leaf_w.append(float(r.normal()))
+        leaf_t.append(int(r.integers(n_targets)))
+        return len(leaf_w) - 1
+
+    def branch(d):
+        i = len(nodes["modes"])
+        mode = int(r.integers(7))
+        nodes["featureids"].append(3 if mode == 6 else int(r.integers(4)))  # categories: feature 3, integers
+        nodes["modes"].append(mode)
+        nodes["splits"].append(float(np.round(r.normal(), 1)) if mode not in (4, 5) else float(r.integers(-2, 3)))
+        nodes["missing"].append(int(r.integers(2)))
+        if mode == 6:
+            members.extend([float(v) for v in r.choice([-2.0, -1.0, 0.0, 1.0, 2.0], 2, replace=False)] + [np.nan])
+        for k in ("truenodeids", "trueleafs", "falsenodeids", "falseleafs"):
+            nodes[k].append(0)
+        for side in ("true", "false"):
+            is_leaf = d == 1 or r.random() < 0.3
+            nodes[f"{side}nodeids"][i] = leaf() if is_leaf else branch(d - 1)
+            nodes[f"{side}leafs"][i] = int(is_leaf)
+        return i
+
+    for t in range(n_trees):
+        if t == n_trees - 1:  # a single leaf: a root whose branches both reach it
+            i = len(nodes["modes"])
+            for k, v in (("featureids", 0), ("modes", 0), ("splits", 0.0), ("missing", 0), ("trueleafs", 1), ("falseleafs", 1)):
+                nodes[k].append(v)
+            j = leaf()
+            nodes["truenodeids"].append(j)
+            nodes["falsenodeids"].append(j)
+            roots.append(i)
+        else:
+            roots.append(branch(depth))
+    tt = TensorProto.FLOAT if dtype == np.float32 else TensorProto.DOUBLE
+    tensor = lambda name, v, t=tt: helper.make_tensor(name, t, [len(v)], v)  # noqa: E731
+    attrs = dict(aggregate_function=aggregate, post_transform=post, n_targets=n_targets, tree_roots=roots,
+                 nodes_featureids=nodes["featureids"], nodes_truenodeids=nodes["truenodeids"],
+                 nodes_trueleafs=nodes["trueleafs"], nodes_falsenodeids=nodes["falsenodeids"],
+                 nodes_falseleafs=nodes["falseleafs"], nodes_missing_value_tracks_true=nodes["missing"],
+                 nodes_modes=tensor("nodes_modes", nodes["modes"], TensorProto.UINT8),
+                 nodes_splits=tensor("nodes_splits", nodes["splits"]), leaf_targetids=leaf_t,
+                 leaf_weights=tensor("leaf_weights", leaf_w))
+    if members:
+        attrs["membership_values"] = tensor("membership_values", members)
+    node = helper.make_node("TreeEnsemble", ["x"], ["t"], domain="ai.onnx.ml", **attrs)
+    W = r.standard_normal((4, n_targets)).astype(dtype)
+    g = helper.make_graph([node, helper.make_node("MatMul", ["x", "W"], ["l"]), helper.make_node("Add", ["t", "l"], ["y"])],
+                          "trees5", [helper.make_tensor_value_info("x", tt, ["N", 4])],
+                          [helper.make_tensor_value_info("y", tt, ["N", n_targets]),
+                           helper.make_tensor_value_info("t", tt, ["N", n_targets])], [numpy_helper.from_array(W, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("ai.onnx.ml", 5)])
+    m.ir_version = 10
+    return m, W
+
+
+@pytest.mark.parametrize("aggregate,post,n_targets,dtype", [(1, 0, 3, np.float32), (0, 0, 3, np.float64), (2, 0, 3, np.float32),
+                                                            (3, 0, 2, np.float64), (1, 2, 1, np.float32), (1, 1, 3, np.float32),
+                                                            (1, 2, 3, np.float32), (1, 3, 3, np.float64), (1, 1, 1, np.float32)])
+def test_tree_ensemble_opset5(aggregate, post, n_targets, dtype):
+    """Forward against onnxruntime (post_transform as it reads it, see ml._POSTS), on levels that
+    hit the splits and the sets exactly and on missing values; the input Jacobian is the linear
+    model's beside the trees (they pass zero), with the note."""
+    for seed in range(3):
+        m, W = tree_ensemble5(aggregate, post, n_targets, dtype, seed=seed)
+        x = RNG.integers(-2, 3, (200, 4)).astype(dtype)  # on the splits and the set members
+        x[:60, :3] += RNG.choice([0.0, 0.05, -0.05], (60, 3)).astype(dtype)
+        x[np.arange(60, 100), np.arange(40) % 4] = np.nan  # a missing value in each feature
+        want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["t"], {"x": x})[0]
+        trees = jaccli.input_jacobian(m, x, of="t", dtype=dtype, return_result=True)  # apart: x @ W is NaN where x is
+        np.testing.assert_allclose(trees.outputs, want, rtol=1e-6, atol=1e-6)
+        r = jaccli.input_jacobian(m, x, dtype=dtype, return_result=True)
+        assert any("TreeEnsemble lies on the way" in n for n in r.notes), r.notes
+        ok = ~np.isnan(x).any(axis=1)
+        np.testing.assert_allclose(r.value[ok], np.broadcast_to(W.T, r.value[ok].shape), rtol=1e-6)

@@ -193,15 +193,13 @@ def test_unsupported_operator_fails_before_computing(tmp_path):
     assert r.exit_code == 1 and "unsupported" in r.output and "late" in r.output
 
 
-def test_a_tree_ensemble_of_opset_5_is_refused_with_the_reason(tmp_path):
-    """People run tree ensembles (scikit-learn, XGBoost, LightGBM) through jaccli: for the one op
-    of ai.onnx.ml opset 5 (TreeEnsemble), not implemented, the one line says why there would be
-    little to compute, and what is supported."""
+def test_a_tree_ensemble_missing_its_attributes_is_refused_in_one_line(tmp_path):
+    """A TreeEnsemble (ai.onnx.ml opset 5) that names no trees: one line naming the node."""
     tree = helper.make_node("TreeEnsemble", ["x"], ["y"], name="trees", domain="ai.onnx.ml", n_targets=1)
     m = tiny_model([tree], [X], [Y])
     m.opset_import.append(helper.make_opsetid("ai.onnx.ml", 5))
     onnx.save(m, tmp_path / "trees.onnx")
-    one_error_line(cli("input", tmp_path / "trees.onnx", MLP_X), 1, "trees", "piecewise constant")
+    one_error_line(cli("input", tmp_path / "trees.onnx", np_file(tmp_path)), 1, "trees", "TreeEnsemble")
 
 
 def test_a_random_draw_is_refused_with_the_reason(tmp_path):

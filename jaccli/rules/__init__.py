@@ -136,9 +136,6 @@ def lookup(op_type: str, opset: int, domain: str = "", node: str = "?"):
                              + (f": {why}" if why else ""))
 
 
-_TREES = ("a tree ensemble is piecewise constant: its Jacobian is zero wherever it exists, and its parameters are "
-          "attributes, not tensors (TreeEnsembleRegressor and TreeEnsembleClassifier are supported, so that what flows "
-          "around them is differentiated)")
 _RANDOM = ("it draws new random numbers at every run (a VAE's sampling, noise, Dropout written out): a Jacobian "
            "would hold for one draw only; export the model with the draw as an input, or replaced by its mean")
 _INTEGER = ("an integer operator of a quantized model (onnxruntime.quantization's QOperator format) that jaccli "
@@ -149,7 +146,6 @@ _WHY_NOT = {  # operators people ask about, and what jaccli would have to say of
     **{("com.microsoft", op): _INTEGER for op in ("QLinearReduceMean", "QOrderedMatMul")},
     **{("", op): _RANDOM for op in ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                                     "Bernoulli", "Multinomial")},
-    ("ai.onnx.ml", "TreeEnsemble"): _TREES,
     ("", "Erfc"): "not an ONNX operator (tf2onnx writes it for Keras's exact GELU; onnxruntime rejects it too): "
                   "Keras's approximate GELU (approximate=True) exports with standard operators",
     **{("", op): "not an ONNX operator (tf2onnx writes it for TensorFlow's complex numbers; onnxruntime rejects the "

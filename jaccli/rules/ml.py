@@ -738,6 +738,100 @@ class TreeEnsembleClassifier:
         return (np.zeros(Zbar.shape[: cx.lead(Zbar, 1)] + cx.x[0].shape, Zbar.dtype),)
 
 
+_AGGREGATES = {0: "AVERAGE", 1: "SUM", 2: "MIN", 3: "MAX"}
+# post_transform as onnxruntime reads it: 1 LOGISTIC and 2 SOFTMAX (the spec swaps those two); and, as for
+# TreeEnsembleRegressor, of a single target it applies PROBIT only
+_POSTS = {0: "NONE", 1: "LOGISTIC", 2: "SOFTMAX", 3: "SOFTMAX_ZERO", 4: "PROBIT"}
+_MODES = list(_BRANCH.values())  # TreeEnsemble's nodes_modes 0-5, in _BRANCH's order; 6 is set membership
+_MEMBER = 6
+
+
+@rule("TreeEnsemble", since=5, domain=ML)
+class TreeEnsemble:
+    """Y (N, n_targets): the leaves the trees reach, each weighting one target, aggregated (SUM,
+    AVERAGE, MIN, MAX) and post-transformed: ai.onnx.ml opset 5's tree ensemble, which holds
+    its leaves apart from its branch nodes (BRANCH_LEQ ... BRANCH_NEQ, and BRANCH_MEMBER on the
+    sets listed in membership_values, apart by NaN: categories, whose members onnxruntime matches
+    exactly where they are integers, and inconsistently between them; here exactly, as the spec). Piecewise constant: its derivative is zero,
+    and the summary says so, as for TreeEnsembleRegressor."""
+
+    piecewise_constant = True
+    jvp, vjp = TreeEnsembleRegressor.jvp, TreeEnsembleRegressor.vjp
+
+    def forward(X, *, aggregate_function=1, leaf_targetids, leaf_weights, membership_values=None, n_targets,
+                nodes_falseleafs, nodes_falsenodeids, nodes_featureids, nodes_hitrates=None,
+                nodes_missing_value_tracks_true=None, nodes_modes, nodes_splits, nodes_trueleafs, nodes_truenodeids,
+                post_transform=0, tree_roots):
+        X2 = X.reshape(X.shape[0], -1).astype(np.float64)
+        leaves = _reached_leaves(X2, np.asarray(tree_roots, np.int64), np.asarray(nodes_featureids, np.int64),
+                                 np.asarray(nodes_modes).astype(np.int64).ravel(), np.asarray(nodes_splits, np.float64).ravel(),
+                                 np.asarray(nodes_truenodeids, np.int64), np.asarray(nodes_trueleafs, bool),
+                                 np.asarray(nodes_falsenodeids, np.int64), np.asarray(nodes_falseleafs, bool),
+                                 nodes_missing_value_tracks_true, membership_values)
+        weights = np.asarray(leaf_weights, np.float64).ravel()[leaves]  # (N, trees)
+        targets = np.asarray(leaf_targetids, np.int64)[leaves]
+        how = _AGGREGATES.get(int(aggregate_function))
+        rows = np.broadcast_to(np.arange(len(X2))[:, None], targets.shape)
+        if how in ("SUM", "AVERAGE"):
+            Z = np.zeros((len(X2), int(n_targets)))
+            np.add.at(Z, (rows, targets), weights)
+            Z = Z / leaves.shape[1] if how == "AVERAGE" else Z
+        elif how in ("MIN", "MAX"):
+            Z = np.full((len(X2), int(n_targets)), np.inf if how == "MIN" else -np.inf)
+            (np.minimum if how == "MIN" else np.maximum).at(Z, (rows, targets), weights)
+            Z[np.isinf(Z)] = 0.0  # a target no leaf weights
+        else:
+            raise UnsupportedOpError(f"tree aggregate_function {aggregate_function!r} is not supported")
+        post = _POSTS.get(int(post_transform))
+        if post is None:
+            raise UnsupportedOpError(f"post_transform {post_transform!r} is not supported")
+        if int(n_targets) == 1 and post != "PROBIT":
+            post = "NONE"
+        return _post(Z, post).astype(X.dtype if X.dtype.kind == "f" else np.float32)
+
+
+def _reached_leaves(X, roots, feature, modes, splits, true_id, true_leaf, false_id, false_leaf, missing, members):
+    """The leaf index each sample reaches in each tree, (N, trees), following the nodes from the roots."""
+    if ((modes < 0) | (modes > _MEMBER)).any():
+        raise UnsupportedOpError(f"tree nodes of mode {int(modes[(modes < 0) | (modes > _MEMBER)][0])} are not supported")
+    missing = np.zeros(len(modes), bool) if missing is None or not len(missing) else np.asarray(missing, bool)
+    sets = {}
+    if (modes == _MEMBER).any():  # each member node's set, in node order, the sets apart by NaN
+        values = np.asarray(members if members is not None else [], np.float64).ravel()
+        ends = np.flatnonzero(np.isnan(values))
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        nodes = np.flatnonzero(modes == _MEMBER)
+        if len(ends) != len(nodes):
+            raise UnsupportedOpError("TreeEnsemble: membership_values must hold one NaN-ended set per BRANCH_MEMBER node")
+        sets = {int(n): values[a:b] for n, a, b in zip(nodes, starts, ends)}
+    rows = np.arange(len(X))[:, None]
+    cur = np.broadcast_to(roots, (len(X), len(roots))).copy()
+    leaf = np.zeros(cur.shape, np.int64)
+    done = np.zeros(cur.shape, bool)
+    for _ in range(len(modes) + 1):
+        if done.all():
+            break
+        x, mode = X[rows, feature[cur]], modes[cur]
+        go = np.zeros(cur.shape, bool)
+        for k, compare in enumerate(_MODES):
+            at = mode == k
+            if at.any():
+                go[at] = compare(x[at], splits[cur[at]])
+        for n, values in sets.items():  # categories: exact membership (onnxruntime agrees on integers only)
+            at = cur == n
+            if at.any():
+                go[at] = np.isin(x[at], values)
+        go |= np.isnan(x) & missing[cur]
+        nxt = np.where(go, true_id[cur], false_id[cur])
+        now_leaf = np.where(go, true_leaf[cur], false_leaf[cur]) & ~done
+        leaf[now_leaf] = nxt[now_leaf]
+        done |= now_leaf
+        cur = np.where(done, cur, nxt)
+    if not done.all():
+        raise UnsupportedOpError("TreeEnsemble: a tree does not reach a leaf (its nodes make a cycle)")
+    return leaf
+
+
 def _out_dtype(X):
     return X.dtype if X.dtype.kind == "f" else np.float32
 
