@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .drivers import (Feeds, _copies, _first_float, in_runs, input_jacobian, param_jacobian, prepare_feeds, quiet_floats,
-                      samples_first, samples_in)
+from .drivers import (DEFAULT_MAX_MEMORY, Feeds, _copies, _first_float, _slice_samples, in_runs, input_jacobian,
+                      param_jacobian, prepare_feeds, quiet_floats, samples_first, samples_in)
 from .model import inputs_samples_first, load, weights_as_initializers
 
 TOLERANCE = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
@@ -613,6 +613,7 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
     oracle = _own(proto, model) if own else _oracle(proto, feeds, [name], model=model)
     places = oracle.batch and _rows_per_place(oracle, feeds, name)
     x0 = feeds[wrt]
+    run_size = _points_per_run(r.estimate)
     pick = _with_largest(_pick(x0[0].size, entries, rng), J)
     ours, fds = [], [[] for _ in _steps(oracle.dtype)]
     for i in range(k):
@@ -624,7 +625,7 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
             if places:  # each perturbed copy at sample i's place in a run, as the drivers put it
                 y = _run_at(oracle, f, name, i % oracle.batch)
             else:
-                y = _run_batched(oracle, f, name)
+                y = _run_batched(oracle, f, name, run_size=run_size)
             return y.reshape(m, 1, -1)[:, :, sel]
 
         base = x0[i].ravel().astype(np.float64)
@@ -660,10 +661,10 @@ def _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, own=Fa
     return D.of(G), fds, pick.size, y_ort, oracle, G
 
 
-def _run_batched(oracle, feeds, name, extra=None):
-    """Run the oracle on all samples at once, or in runs of the model's fixed batch, or one by
-    one if that fails (the oracle's output is not one row per sample: the reference evaluator's
-    Loop over a sequence has been seen to drop the batch)."""
+def _run_batched(oracle, feeds, name, extra=None, run_size=None):
+    """Run the oracle on all samples at once (or `run_size` at a time), or in runs of the model's
+    fixed batch, or one by one if that fails (the oracle's output is not one row per sample: the
+    reference evaluator's Loop over a sequence has been seen to drop the batch)."""
     extra = extra or {}  # values without a sample axis (the parameters being perturbed)
 
     def run(f):
@@ -672,6 +673,9 @@ def _run_batched(oracle, feeds, name, extra=None):
     if oracle.batch:
         return in_runs(run, feeds, oracle.batch).astype(np.float64)
     n = samples_in(feeds)
+    if run_size and n > run_size:
+        return np.concatenate([_run_batched(oracle, _slice_samples(feeds, a, a + run_size), name, extra)
+                               for a in range(0, n, run_size)])
     try:
         y = run(feeds)
         if np.ndim(y) and np.shape(y)[0] == n:
@@ -679,6 +683,14 @@ def _run_batched(oracle, feeds, name, extra=None):
     except Exception:
         pass
     return in_runs(run, feeds, 1).astype(np.float64)
+
+
+def _points_per_run(estimate, budget=DEFAULT_MAX_MEMORY // 2):
+    """How many perturbed points one oracle run may take: its float64 intermediates, twice the
+    bytes of our float32 ones a sample, within the budget (a 1-D U-Net on 7500-long signals keeps
+    360 MiB a sample, and 140 points at once were killed for memory)."""
+    per_point = 2 * max(estimate.get("bytes_primal", 0.0), 1.0)
+    return max(1, int(budget // per_point))
 
 
 def _rows_per_place(oracle, feeds, name):

@@ -360,6 +360,42 @@ def test_check_perturbs_without_a_dense_matrix_of_directions():
     np.testing.assert_allclose(_max_abs(J, J - 1.0, block=8), 1.0, rtol=1e-6)
 
 
+def test_check_runs_its_oracle_on_the_perturbed_points_a_budget_at_a_time(monkeypatch):
+    """check's perturbed points (some 140 per sample and step) went to onnxruntime in one batch:
+    a 1-D U-Net on 7500-long signals, 360 MiB a sample, was killed for memory. The runs now hold
+    what the budget allows (from the plan's bytes per sample), and the check is the same."""
+    import jaccli.oracle as oracle
+
+    assert oracle._points_per_run({"bytes_primal": 360 * 2**20}) == 1
+    assert oracle._points_per_run({"bytes_primal": 2**20}) == 512 and oracle._points_per_run({}) > 512
+    model, data = paths("mlp_classifier")
+    x = np.load(data)[:2]
+    whole = oracle.check(model, x, samples=2)
+    sizes = []
+    run = oracle._run_batched
+
+    def spy(o, feeds, name, extra=None, run_size=None):
+        if run_size is None:
+            return run(o, feeds, name, extra)
+        sizes.append(min(samples_in(feeds), run_size))
+        real = o.run
+        o.run = lambda f, names: (sizes.append(samples_in(f)), real(f, names))[1]
+        try:
+            return run(o, feeds, name, extra, run_size)
+        finally:
+            o.run = real
+
+    from jaccli.drivers import samples_in
+
+    monkeypatch.setattr(oracle, "_points_per_run", lambda estimate: 5)
+    monkeypatch.setattr(oracle, "_run_batched", spy)
+    parts = oracle.check(model, x, samples=2)
+    assert sizes and max(sizes) <= 5 and sum(s == 5 for s in sizes) > 10
+    for a, b in zip(whole["rows"], parts["rows"]):
+        for key in ("entry_error", "directional_error", "max_abs_error"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-15), key
+
+
 def test_check_calls_errors_within_the_oracles_own_step_spread_unclear():
     """A float32 oracle on a deep ReLU network: its differences at the three steps disagree with
     each other (rounding, kinks crossed inside a step) by more than ours disagrees with the
