@@ -132,19 +132,24 @@ def _common(f):
 
 
 def _sample_axes(specs):
-    """{input: axis} from --sample-axis NAME=AXIS options."""
+    """{input: axis} from --sample-axis NAME=AXIS options (AXIS a number, or none)."""
     axes = {}
     for spec in specs:
         name, sep, axis = spec.rpartition("=")
-        if not sep or not name or not axis.strip().lstrip("-").isdigit():
-            raise click.BadParameter(f"{spec!r}: expected NAME=AXIS, e.g. state=1", param_hint="--sample-axis")
-        axes[name] = int(axis)
+        whole = axis.strip().lower() == "none"
+        if not sep or not name or not (whole or axis.strip().lstrip("-").isdigit()):
+            raise click.BadParameter(f"{spec!r}: expected NAME=AXIS, e.g. state=1, or NAME=none",
+                                     param_hint="--sample-axis")
+        axes[name] = "none" if whole else int(axis)
     return axes
 
 
 _SAMPLE_AXIS = click.option("--sample-axis", "sample_axes", multiple=True, metavar="NAME=AXIS",
                             help="Input NAME carries the samples on AXIS of the model's layout (a recurrent state "
-                                 "(layers, N, hidden): state=1); its data comes in that layout. Repeatable.")
+                                 "(layers, N, hidden): state=1); its data comes in that layout. NAME=none: its data "
+                                 "is one sample, with no sample axis (a graph network's atoms; a model exported "
+                                 "without a batch), shared by the other inputs' samples. NAME * is every input not "
+                                 "named. Repeatable.")
 
 
 def _console(to_stdout_data):
@@ -160,7 +165,7 @@ def _read(model, data, max_memory, strict, dtype="float64", of=None, wrt=None, e
     from . import io as jio
     from .drivers import prepare_feeds
     from .errors import DataError
-    from .model import load
+    from .model import NO_SAMPLE_AXIS, load
     from .plan import require_rules
 
     m = load(model, max_bytes=max_memory, sample_axes=sample_axes)
@@ -168,7 +173,10 @@ def _read(model, data, max_memory, strict, dtype="float64", of=None, wrt=None, e
     require_rules(m.ancestors(outs))
     where = "stdin" if data == "-" else data
     targets = outs + ([wrt] if wrt else [])
-    raw = jio.shape_csv_rows(jio.read_data(data), m.inputs_of(targets))
+    needed = m.inputs_of(targets)
+    raw = jio.read_data(data)
+    if not any(m.sample_axes.get(v.name) == NO_SAMPLE_AXIS for v in needed):  # its data is one sample, not rows
+        raw = jio.shape_csv_rows(raw, needed)
     x, _ = prepare_feeds(m, raw, dtype, source=where, of=targets)
     bad = jio.nonfinite_count(x)
     if bad:

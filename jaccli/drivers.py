@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import parallel, walk
-from .errors import DataError, JaccliError, MemoryBudgetError, SampleAxisError, UsageError
+from .errors import DataError, JaccliError, MemoryBudgetError, ModelError, SampleAxisError, UsageError
 from .io import gib
-from .model import Model, load
+from .model import NO_SAMPLE_AXIS, Model, load
 from .plan import Plan
 from .rules._util import memory_limit
 
@@ -89,7 +89,7 @@ def prepare_feeds(model: Model, x, dtype, source="data", of=None):
             raise DataError(f"{source}: the output depends on {len(needed)} inputs ({names}); give an .npz with one array "
                             f"per input")
         arrays = {needed[0].name: x}
-    feeds, n = {}, None
+    feeds, n, whole = {}, None, []
     for v in (v for v in model.inputs if v.name in arrays):
         a = np.asarray(arrays[v.name])
         if v.elem_type == _STRING:  # categories of a scikit-learn pipeline: text, as objects for the rules
@@ -100,7 +100,11 @@ def prepare_feeds(model: Model, x, dtype, source="data", of=None):
             raise DataError(f"{source}: array for '{v.name}' has dtype {a.dtype}; expected numbers")
         shape = v.shape
         axis = model.sample_axes.get(v.name, 0)
-        if axis and not isinstance(x, Feeds) and shape is not None and a.ndim == len(shape):
+        if axis == NO_SAMPLE_AXIS:  # the data is one sample whole, shared by the other inputs' samples
+            if not isinstance(x, Feeds):
+                a = a[None]
+            whole.append(v.name)
+        elif axis and not isinstance(x, Feeds) and shape is not None and a.ndim == len(shape):
             a = np.moveaxis(a, axis, 0)  # the model's layout, samples on `axis`: samples first
         if shape is not None and a.ndim == len(shape) - 1:
             a = a[None]  # one sample of the input's own shape
@@ -116,7 +120,9 @@ def prepare_feeds(model: Model, x, dtype, source="data", of=None):
             from onnx import helper
 
             a = a.astype(helper.tensor_dtype_to_np_dtype(v.elem_type), copy=False)
-        if n is None and a.ndim:  # a 0-d input (a sample rate) holds no samples
+        if v.name in whole:
+            pass
+        elif n is None and a.ndim:  # a 0-d input (a sample rate) holds no samples
             n = a.shape[0]
         elif a.ndim and a.shape[0] != n:
             where = f" on axis {axis}" if axis else ""
@@ -124,9 +130,12 @@ def prepare_feeds(model: Model, x, dtype, source="data", of=None):
                             f"carries the samples on another axis (a recurrent state (layers, N, hidden)) is named with "
                             f"--sample-axis {v.name}=AXIS (sample_axes= in Python)")
         feeds[v.name] = a
-    n = 1 if n is None else n  # only 0-d inputs: one sample
+    n = 1 if n is None else n  # only 0-d inputs (or inputs of one sample): one sample
     if not n:
         raise DataError(f"{source}: no samples")
+    for name in whole:
+        if feeds[name].shape[0] != n:  # as prepared already: Feeds
+            feeds[name] = np.broadcast_to(feeds[name][:1], (n,) + feeds[name].shape[1:])
     return Feeds(feeds), n
 
 
@@ -258,6 +267,10 @@ def _measure(plan, model, feeds, of, N):
         _check_sample_axis(env[of], 1, of)  # a batch baked into an Expand runs, with the wrong rows
         n = 1
     except JaccliError as e:
+        if not size and type(e) is ModelError:  # a kernel fails on one sample: perhaps axis 0 holds none
+            raise ModelError(f"{e} (run on the first sample alone: where the data has no sample axis, one graph or "
+                             f"a model exported without a batch, give it as one sample with --sample-axis NAME=none, "
+                             f"or '*=none' for every input)") from None
         if not size or size == 1:
             raise
         try:  # the graph may run on its declared batch only: runs of exactly that many samples

@@ -147,6 +147,9 @@ class Model:
     def fixed_batch(self):
         """The input whose batch axis is declared as the smallest number (exported without a
         dynamic batch), and that number; (None, None) if every batch is symbolic."""
+        whole = [v for v in self.inputs if self.sample_axes.get(v.name) == NO_SAMPLE_AXIS]
+        if whole:  # its data is one sample: runs of one, whatever its declared shape (it may have none)
+            return whole[0], 1
         fixed = [v for v in self.inputs if v.shape and isinstance(v.shape[0], int) and v.shape[0] > 0]  # -1 and 0: unknown
         v = min(fixed, key=lambda v: v.shape[0], default=None)
         return (v, v.shape[0]) if v is not None else (None, None)
@@ -276,7 +279,7 @@ def load(source, max_bytes=None, sample_axes=None) -> Model:
     that declare a batch dimension there are found without it.
     """
     if isinstance(source, Model):
-        if sample_axes and {k: int(v) for k, v in sample_axes.items() if int(v)} != source.sample_axes:
+        if sample_axes and _given_axes(sample_axes) != source.sample_axes:
             from .errors import UsageError
 
             raise UsageError("sample axes are given when a model is loaded: jaccli.load(path, sample_axes=...)")
@@ -308,12 +311,34 @@ def load(source, max_bytes=None, sample_axes=None) -> Model:
             raise ModelError(f"{path or 'model'}: its local functions cannot be inlined ({_first_line(e)})") from None
     proto, expanded = _expand_functions(proto)
     proto, held = weights_as_initializers(proto)
-    axes = {**declared_sample_axes(proto), **(sample_axes or {})}
+    axes = {**declared_sample_axes(proto), **_every_input(proto, sample_axes or {})}
     proto = inputs_samples_first(proto, axes, path or "model")
     base = os.path.dirname(os.path.abspath(path)) if path else None
     model = _build(proto, path, base, max_bytes)
-    model.expanded, model.held_weights, model.sample_axes = expanded, held, {k: v for k, v in axes.items() if v}
+    model.expanded, model.held_weights, model.sample_axes = expanded, held, _given_axes(axes)
     return model
+
+
+NO_SAMPLE_AXIS = "none"  # --sample-axis NAME=none: the input's data is one sample, with no axis for samples
+
+
+def _every_input(proto, axes):
+    """Sample axes with '*' (every input not named on its own) spelled out."""
+    if "*" not in axes:
+        return dict(axes)
+    inits = {t.name for t in proto.graph.initializer}
+    spelled = {v.name: axes["*"] for v in proto.graph.input if v.name not in inits}
+    return {**spelled, **{k: v for k, v in axes.items() if k != "*"}}
+
+
+def _given_axes(axes):
+    """{input: axis} where the samples are not on axis 0: an int, or NO_SAMPLE_AXIS (None means it too)."""
+    out = {}
+    for k, v in axes.items():
+        v = NO_SAMPLE_AXIS if v is None or str(v).lower() == NO_SAMPLE_AXIS else int(v)
+        if v != 0:
+            out[k] = v
+    return out
 
 
 def _dims(v):
@@ -349,8 +374,13 @@ def inputs_samples_first(proto, axes, where="model"):
     the input's declared shape has that axis moved first, and a Transpose puts it back where
     the graph reads it (its readers, sub-graphs included, read the Transpose's output). The
     drivers take every input samples first; the data for such an input comes in the model's
-    own layout and is moved as it is read (see drivers.prepare_feeds)."""
-    axes = {k: int(v) for k, v in axes.items() if int(v) != 0}
+    own layout and is moved as it is read (see drivers.prepare_feeds).
+
+    An input of NO_SAMPLE_AXIS (a graph neural network's atoms and edges, a model exported
+    without a batch) gets a leading axis of 1, the model's batch, and a Gather of its one row
+    where the graph reads it: its data is one sample whole (or shared by the samples of the
+    other inputs), run one sample at a time."""
+    axes = _given_axes(axes)
     if not axes:
         return proto
     m = onnx.ModelProto()
@@ -362,6 +392,9 @@ def inputs_samples_first(proto, axes, where="model"):
     for name, k in axes.items():
         if name not in inputs:
             raise ModelError(f"{where}: sample axis given for '{name}', which is no model input ({', '.join(inputs)})")
+        if k == NO_SAMPLE_AXIS:
+            moves += _one_sample_input(g, inputs[name])
+            continue
         d = _dims(inputs[name])
         if d is None or not 0 < k < len(d):
             rank = "an unknown rank" if d is None else f"rank {len(d)}"
@@ -380,6 +413,23 @@ def inputs_samples_first(proto, axes, where="model"):
     del g.node[:]
     g.node.extend(nodes)
     return m
+
+
+def _one_sample_input(g, v):
+    """Input v declared with a leading axis of 1, and the node that takes its one row where the
+    graph reads it (a Gather of index 0: every opset has it)."""
+    inner, index = f"{v.name}:model-layout", f"{v.name}:the-sample"
+    _rename_reads(g, v.name, inner)
+    if v.type.tensor_type.HasField("shape"):  # a rank stays unknown where it was
+        dims = v.type.tensor_type.shape.dim
+        old = [onnx.TensorShapeProto.Dimension() for _ in dims]
+        for a, b in zip(old, dims):
+            a.CopyFrom(b)
+        del dims[:]
+        dims.add().dim_value = 1
+        dims.extend(old)
+    g.initializer.append(numpy_helper.from_array(np.array(0, np.int64), index))
+    return [helper.make_node("Gather", [v.name, index], [inner], axis=0, name=f"{v.name}:to-model-layout")]
 
 
 def _rename_reads(g, old, new):

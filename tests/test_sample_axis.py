@@ -390,3 +390,89 @@ def test_weights_held_in_the_branches_of_an_if():
     np.testing.assert_allclose(G[..., at["then/W"]], want, rtol=1e-6, atol=1e-7)
     assert not G[..., at["else/W"]].any()
     assert check(m, X, params=True)["ok"]
+
+
+# ---- inputs with no sample axis (--sample-axis NAME=none) ----------------------------------------
+A_NODES = RNG.standard_normal((5, 5)).astype(np.float32)  # a graph's mixing of its 5 nodes
+W_NODES = RNG.standard_normal((3, 2)).astype(np.float32)
+
+
+def graph_model(batched):
+    """y = tanh(A x W) over a graph of 5 nodes with 3 features: x (5, 3) and y (5, 2), exported
+    without a batch; or the same with one, x (N, 5, 3), each sample a whole graph (the reference)."""
+    nodes = [helper.make_node("MatMul", ["A", "x"], ["ax"]), helper.make_node("MatMul", ["ax", "W"], ["h"]),
+             helper.make_node("Tanh", ["h"], ["y"])]
+    lead = ["N"] if batched else []
+    return model(nodes, lead + ["nodes", 3], lead + ["nodes", 2],
+                 [numpy_helper.from_array(A_NODES, "A"), numpy_helper.from_array(W_NODES, "W")])
+
+
+def test_a_model_without_a_batch_takes_its_data_as_one_sample(tmp_path):
+    """The data of an input of no sample axis is one sample whole: its input and parameter
+    Jacobians are those of the same network with a batch, given that graph as its one sample;
+    and they are the derivative by hand."""
+    x = RNG.standard_normal((5, 3)).astype(np.float32)
+    r = jaccli.input_jacobian(graph_model(False), x, sample_axes={"x": "none"}, return_result=True)
+    want = jaccli.input_jacobian(graph_model(True), x[None])
+    assert r.value.shape == (1, 5, 2, 5, 3)
+    np.testing.assert_allclose(r.value, want, rtol=1e-6, atol=1e-7)
+    y = np.tanh(A_NODES @ x @ W_NODES)
+    np.testing.assert_allclose(r.value[0], np.einsum("ik,ij,lk->ikjl", 1 - y ** 2, A_NODES, W_NODES), rtol=1e-5, atol=1e-6)
+    G, cols = jaccli.param_jacobian(graph_model(False), x, sample_axes={"x": None})  # None says it too
+    G_want, _ = jaccli.param_jacobian(graph_model(True), x[None])
+    assert [c["name"] for c in cols] == ["A", "W"]
+    np.testing.assert_allclose(G, G_want, rtol=1e-6, atol=1e-7)
+    assert check(graph_model(False), x, sample_axes={"*": "none"})["ok"]
+    unshaped = graph_model(False)
+    unshaped.graph.input[0].type.tensor_type.ClearField("shape")  # no rank to tell the sample axis by
+    np.testing.assert_allclose(jaccli.input_jacobian(unshaped, x, sample_axes={"x": "none"}), want, rtol=1e-6, atol=1e-7)
+
+
+def test_an_input_without_samples_is_shared_by_the_others_samples():
+    """y = tanh(x W + c V): x has samples, the context c (4,) none; each sample's Jacobians, c's
+    included, are those of the model given c copied into every sample."""
+    V = RNG.standard_normal((4, 5)).astype(np.float32)
+
+    def ctx_model(c_shape):
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("MatMul", ["c", "V"], ["b"]),
+                 helper.make_node("Add", ["a", "b"], ["h"]), helper.make_node("Tanh", ["h"], ["y"])]
+        g = helper.make_graph(nodes, "ctx", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                                             helper.make_tensor_value_info("c", TensorProto.FLOAT, c_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(W, "W"), numpy_helper.from_array(V, "V")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        m.ir_version = 8
+        return m
+
+    x, c = RNG.standard_normal((6, 4)).astype(np.float32), RNG.standard_normal(4).astype(np.float32)
+    copied = {"x": x, "c": np.repeat(c[None], 6, axis=0)}
+    for wrt in ("x", "c"):
+        r = jaccli.input_jacobian(ctx_model([4]), {"x": x, "c": c}, wrt=wrt, sample_axes={"c": "none"}, return_result=True)
+        want = jaccli.input_jacobian(ctx_model(["N", 4]), copied, wrt=wrt, return_result=True)
+        np.testing.assert_allclose(r.outputs, want.outputs, rtol=1e-5, atol=1e-6)  # runs of one sample: float32 rounding
+        np.testing.assert_allclose(r.value, want.value, rtol=1e-5, atol=1e-6)
+
+
+def test_no_sample_axis_on_the_command_line(tmp_path):
+    """--sample-axis NAME=none and '*=none'; without it, the one-sample run's failure says so."""
+    from click.testing import CliRunner
+    from onnx import save
+
+    from jaccli.cli import main
+
+    path, data = str(tmp_path / "g.onnx"), str(tmp_path / "x.npy")
+    save(graph_model(False), path)
+    x = RNG.standard_normal((5, 3)).astype(np.float32)
+    np.save(data, x)
+    run = lambda *a: CliRunner().invoke(main, [str(v) for v in a])  # noqa: E731
+    want = jaccli.input_jacobian(graph_model(True), x[None])
+    for spec in ("x=none", "*=none", "x=NONE"):
+        r = run("input", path, data, "--sample-axis", spec, "-o", tmp_path / "J.npy", "-q")
+        assert r.exit_code == 0, r.output
+        np.testing.assert_allclose(np.load(tmp_path / "J.npy"), want, rtol=1e-6, atol=1e-7)
+    r = run("check", path, data, "--sample-axis", "x=none")
+    assert r.exit_code == 0 and "pass" in r.output, r.output
+    r = run("input", path, data, "-o", tmp_path / "J.npy")
+    assert r.exit_code == 1 and "--sample-axis NAME=none" in " ".join(r.output.split()) and "Traceback" not in r.output
+    r = run("input", path, data, "--sample-axis", "x=nothing")
+    assert r.exit_code != 0 and "NAME=none" in r.output and "Traceback" not in r.output, r.output
