@@ -371,7 +371,8 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
             raise DataError(
                 f"output '{of}' of sample {k} changes when another sample is in the same batch: the model "
                 f"mixes samples (an operation over axis 0, or BatchNormalization in training mode), so "
-                f"per-sample Jacobians are not defined for it"
+                f"per-sample Jacobians are not defined for it; if axis 0 holds the parts of one instance "
+                f"(a graph's nodes, a set's members), give the data as one sample: --sample-axis '*=none'"
             )
     return N
 
