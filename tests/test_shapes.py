@@ -730,3 +730,18 @@ def test_the_sample_probe_compares_like_with_like():
     assert _same(np.array([np.inf, 1.0, np.nan]), np.array([np.inf, 1.0 + 1e-7, np.nan]))
     assert not _same(np.array([np.inf]), np.array([-np.inf]))
     assert not _same(np.array([1.0, 2.0]), np.array([1.0, 2.1]))
+
+
+@pytest.mark.parametrize("declared", [1, "N"])
+def test_a_parameter_jacobian_of_one_sample_where_the_graph_bakes_a_batch_of_one(declared):
+    """A parameter Jacobian of one sample ran it twice, to see whether rows mix samples: a graph
+    that reshapes to a batch of 1 (chython-rxnmap's transformer) failed there, declared or not."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [declared, 3, 2, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [declared, 3])
+    nodes = [helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("Reshape", ["t", "shape"], ["f"]),
+             helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
+    m = model(nodes, [x], [y], [init("shape", np.array([1, 12], np.int64)), init("W", W)])
+    data = RNG.standard_normal((1, 3, 2, 2)).astype(np.float32)
+    G, cols = jaccli.param_jacobian(m, data)
+    f = np.tanh(data.reshape(1, 12))
+    np.testing.assert_allclose(G[0], np.einsum("ij,k->ijk", np.eye(3), f[0]).reshape(3, 36), rtol=1e-6)
