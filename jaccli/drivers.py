@@ -342,10 +342,10 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
     at a time.
     """
     if N < 2:
-        if plan.per_sample and model.fixed_batch()[1] != 1:  # one sample twice: the shapes show whether rows mix samples
+        if plan.per_sample:  # one sample twice: the shapes show whether some rows mix samples
             try:
                 _note_mixed_rows(plan, walk.primal(plan, _copies(feeds, 0, 2)))
-            except JaccliError:  # a batch of one baked into the graph, undeclared: it runs one sample only
+            except JaccliError:  # a batch of one baked into the graph (declared or not) runs one sample only
                 pass
         return N
     fixed = model.fixed_batch()[1] == 1
