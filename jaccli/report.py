@@ -96,6 +96,9 @@ def render_inspect(console: Console, info: dict):
         names = ", ".join(f"{op} ({n} node{'s' if n > 1 else ''})" for op, n in info["expanded"].items())
         console.print(f"[yellow]note:[/yellow] replaced by their ONNX function bodies, whose operators are listed above: {names}")
     for name, axis in (info.get("sample_axes") or {}).items():
+        if axis == "none":
+            console.print(f"[yellow]note:[/yellow] input '{name}' has no sample axis: its data is one sample whole")
+            continue
         console.print(f"[yellow]note:[/yellow] input '{name}' declares its batch on axis {axis}: its data comes in that layout "
                       f"(samples on axis {axis}), and each sample's Jacobian leaves that axis out")
     if info.get("held_weights"):

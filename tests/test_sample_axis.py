@@ -476,3 +476,16 @@ def test_no_sample_axis_on_the_command_line(tmp_path):
     assert r.exit_code == 1 and "--sample-axis NAME=none" in " ".join(r.output.split()) and "Traceback" not in r.output
     r = run("input", path, data, "--sample-axis", "x=nothing")
     assert r.exit_code != 0 and "NAME=none" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_inspect_names_an_input_without_a_sample_axis():
+    from rich.console import Console
+
+    from jaccli.inspect import describe
+    from jaccli.report import render_inspect
+
+    info = describe(jaccli.load(graph_model(False), sample_axes={"x": None}))
+    assert info["sample_axes"] == {"x": "none"}
+    console = Console(record=True, width=200)
+    render_inspect(console, info)
+    assert "input 'x' has no sample axis" in console.export_text()
