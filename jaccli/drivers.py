@@ -120,11 +120,10 @@ def prepare_feeds(model: Model, x, dtype, source="data", of=None):
             from onnx import helper
 
             a = a.astype(helper.tensor_dtype_to_np_dtype(v.elem_type), copy=False)
-        if v.name in whole:
-            pass
-        elif n is None and a.ndim:  # a 0-d input (a sample rate) holds no samples
+        counts = a.ndim and v.name not in whole  # a 0-d input (a sample rate), or one sample whole, counts none
+        if counts and n is None:
             n = a.shape[0]
-        elif a.ndim and a.shape[0] != n:
+        elif counts and a.shape[0] != n:
             where = f" on axis {axis}" if axis else ""
             raise DataError(f"{source}: '{v.name}' has {a.shape[0]} samples{where} but another input has {n}; an input that "
                             f"carries the samples on another axis (a recurrent state (layers, N, hidden)) is named with "
