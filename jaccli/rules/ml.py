@@ -631,37 +631,25 @@ def _leaf_weights(attrs, kind, n, n_nodes):
 
 
 def _tree_leaves(X, attrs):
-    """The leaf (node index) each sample reaches in each tree, (N, trees), and the node count."""
+    """The leaf (node index) each sample reaches in each tree, (N, trees), and the node count:
+    the nodes of ml opsets 1-3 (leaves among them, children by (tree, node id)) walked as
+    TreeEnsemble's, each leaf a node whose branches both lead to itself."""
     tree = list(attrs["nodes_treeids"])
-    feature, value = np.asarray(attrs["nodes_featureids"], np.int64), _floats(attrs, "nodes_values")
     modes = list(attrs["nodes_modes"])
     bad = sorted(set(modes) - set(_BRANCH) - {"LEAF"})
     if bad:
         raise UnsupportedOpError(f"tree nodes of mode {bad[0]} are not supported")
-    missing = np.asarray(attrs.get("nodes_missing_value_tracks_true") or [0] * len(modes), bool)
     index = _node_index(attrs)
     leaf = np.array([m == "LEAF" for m in modes])
     true_i = np.array([i if leaf[i] else index[(t, c)] for i, (t, c) in enumerate(zip(tree, attrs["nodes_truenodeids"]))])
     false_i = np.array([i if leaf[i] else index[(t, c)] for i, (t, c) in enumerate(zip(tree, attrs["nodes_falsenodeids"]))])
     children = set(true_i[~leaf].tolist()) | set(false_i[~leaf].tolist())
     roots = np.array([i for i in range(len(modes)) if i not in children])
-    X2 = X.reshape(X.shape[0], -1)
-    rows = np.arange(X2.shape[0])[:, None]
-    cur = np.broadcast_to(roots, (X2.shape[0], len(roots))).copy()
-    mode_of = np.array([list(_BRANCH).index(m) if m in _BRANCH else -1 for m in modes])
-    for _ in range(len(modes)):
-        inner = ~leaf[cur]
-        if not inner.any():
-            break
-        x, th = X2[rows, feature[cur]], value[cur]
-        go = np.zeros(cur.shape, bool)
-        for k, compare in enumerate(_BRANCH.values()):
-            at = mode_of[cur] == k
-            if at.any():
-                go[at] = compare(x[at], th[at])
-        go |= np.isnan(x) & missing[cur]
-        cur = np.where(inner, np.where(go, true_i[cur], false_i[cur]), cur)
-    return cur, len(modes)
+    mode = np.array([list(_BRANCH).index(m) if m in _BRANCH else 0 for m in modes])
+    leaves = _reached_leaves(X.reshape(X.shape[0], -1), roots, np.asarray(attrs["nodes_featureids"], np.int64), mode,
+                             _floats(attrs, "nodes_values"), true_i, leaf[true_i], false_i, leaf[false_i],
+                             attrs.get("nodes_missing_value_tracks_true"), None)
+    return leaves, len(modes)
 
 
 @rule("TreeEnsembleRegressor", since=1, domain=ML)
