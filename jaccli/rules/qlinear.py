@@ -93,6 +93,11 @@ def _requantize(acc, multiplier, zp, axis=1):
     return _saturate(np.rint(v), zp)
 
 
+def _real32(q, scale, zp):
+    """The reals of integers at a per-tensor scale, in float32 as onnxruntime dequantizes them."""
+    return _levels(q, zp).astype(_F32) * _F32(np.asarray(scale).reshape(()))
+
+
 def _quantize(v, scale, zp):
     """Float32 values quantized: round(v / scale) + zero_point, saturated (MLAS's QuantizeLinear)."""
     return _saturate(np.rint(v.astype(_F32) / _F32(np.asarray(scale).reshape(()))), zp)
@@ -237,9 +242,7 @@ def _table(X, X_scale, X_zero_point, Y_scale, Y_zero_point, f):
         raise UnsupportedOpError(f"quantized input of type {X.dtype} is not supported here (8-bit integers are)")
     info = np.iinfo(X.dtype)
     levels = np.arange(info.min, info.max + 1)
-    r = ((levels - (0 if X_zero_point is None else int(np.asarray(X_zero_point).reshape(())))).astype(_F32)
-         * _F32(np.asarray(X_scale).reshape(())))
-    table = _quantize(f(r), Y_scale, Y_zero_point)
+    table = _quantize(f(_real32(levels, X_scale, X_zero_point)), Y_scale, Y_zero_point)
     return table[X.astype(np.int64) - info.min]
 
 
@@ -357,7 +360,7 @@ def _requantized(X, scale, zp, to_scale, to_zp):
     float32, or X itself where the two agree."""
     if np.array_equal(scale, to_scale) and np.array_equal(zp, to_zp) and X.dtype == np.asarray(to_zp).dtype:
         return X
-    return _quantize(_levels(X, zp).astype(_F32) * _F32(np.asarray(scale).reshape(())), to_scale, to_zp)
+    return _quantize(_real32(X, scale, zp), to_scale, to_zp)
 
 
 def _nchw(X, channels_last):
@@ -398,14 +401,13 @@ class QLinearAveragePool:
 
     def forward(X, x_scale, x_zero_point, y_scale, y_zero_point=None, *, auto_pad="NOTSET", ceil_mode=0,
                 channels_last=0, count_include_pad=0, dilations=None, kernel_shape, pads=None, strides=None):
-        Xr = _levels(_nchw(X, channels_last), x_zero_point).astype(_F32) * _F32(np.asarray(x_scale).reshape(()))
+        Xr = _real32(_nchw(X, channels_last), x_scale, x_zero_point)
         Y = AveragePool.forward(Xr, auto_pad=auto_pad, ceil_mode=ceil_mode, count_include_pad=count_include_pad,
                                 dilations=dilations, kernel_shape=kernel_shape, pads=pads, strides=strides)
         return _channels_back(_quantize(Y, y_scale, y_zero_point), channels_last)
 
     def real(x, attrs, dtype):
         pool = {k: v for k, v in attrs.items() if k in _POOL_ATTRS}
-        pool.setdefault("kernel_shape", attrs.get("kernel_shape"))
         return _unary(_ChannelsLast(AveragePool) if attrs.get("channels_last", 0) else AveragePool, x, dtype, **pool)
 
 
