@@ -150,10 +150,6 @@ class ConvIntegerThrough(ConvInteger):
 MS = "com.microsoft"
 
 
-def _bias_add(Y, bias):
-    return Y if bias is None else Y + bias
-
-
 class _BiasOnly:
     """Derivatives through the float bias (input `bias`) alone: the integers carry none."""
 
@@ -194,7 +190,8 @@ class MatMulIntegerToFloat(_BiasOnly):
     def forward(A, B, a_scale, b_scale, a_zero_point=None, b_zero_point=None, bias=None):
         acc = np.matmul(*_matmul_operands(A, B, a_zero_point, b_zero_point))
         m = np.asarray(a_scale, np.float32).reshape(()) * np.asarray(b_scale, np.float32)
-        return _bias_add((acc.astype(np.float32) * m).astype(np.float32), bias)
+        Y = (acc.astype(np.float32) * m).astype(np.float32)
+        return Y if bias is None else Y + bias
 
     def weight(cx, dtype):
         """What A's levels multiply: (B - b_zero_point) * a_scale * b_scale."""
