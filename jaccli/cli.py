@@ -169,7 +169,7 @@ def _read(model, data, max_memory, strict, dtype="float64", of=None, wrt=None, e
     from .plan import require_rules
 
     m = load(model, max_bytes=max_memory, sample_axes=sample_axes)
-    outs = [v.name for v in m.outputs if v.is_float] if every_output and of is None else [m.output(of).name]
+    outs = ([v.name for v in m.outputs if v.is_float] if every_output and of is None else []) or [m.output(of).name]
     require_rules(m.ancestors(outs))
     where = "stdin" if data == "-" else data
     targets = outs + ([wrt] if wrt else [])

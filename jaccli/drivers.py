@@ -332,6 +332,20 @@ def _run_notes(model, run_size):
             f"which the graph bakes in; a run short of it is padded with copies of its last sample"]
 
 
+def _output_notes(model, of, of_v):
+    """What the summary says of the output asked for (or the default): an integer one, a ZipMap's maps."""
+    if of_v.elem_type and not of_v.is_float:
+        return [f"output '{of_v.name}' is {of_v.describe()}, integers (a label, an index): piecewise constant, its Jacobian is zero"]
+    zipped = [v.name for v in model.outputs if (z := model.zipmap(v.name)) is not None and z.inputs[0] == of_v.name]
+    if not zipped or of not in (None, zipped[0]):
+        return []
+    attrs = model.zipmap(zipped[0]).attrs
+    labels = [str(c) for c in list(attrs.get("classlabels_int64s") or attrs.get("classlabels_strings") or [])]
+    shown = ", ".join(labels[:8]) + (f", ... ({len(labels)} classes)" if len(labels) > 8 else "")
+    return [f"output '{zipped[0]}' is a ZipMap, a {{class: probability}} map per sample, of '{of_v.name}': the "
+            f"Jacobian is that of '{of_v.name}', whose columns are the classes in the order {shown}"]
+
+
 def _samples_per_run(plan, model, feeds, of, N, y0):
     """Probe samples 0 and 1 together and alone: each output must depend on its own sample only.
 
@@ -501,7 +515,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
         extra = (n_sel if mode == "forward" else n_in) * dtype.itemsize
         return (T,) + choose_chunks(per_run, T, est, max_memory, extra_per_sd=extra, run_size=run_size)
 
-    notes = ([moved] if moved else []) + _run_notes(model, run_size) + _derivative_notes(plan)
+    notes = ([moved] if moved else []) + _output_notes(model, of, of_v) + _run_notes(model, run_size) + _derivative_notes(plan)
     if mode == "auto":
         mode = "forward" if n_in < n_sel else "reverse"
         if mode == "forward" and chunks(mode)[2] < n_in:  # forward fills columns: a sample must fit whole
@@ -878,6 +892,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     model = load(model, max_bytes=max_memory, sample_axes=sample_axes)
     dtype = np.dtype(dtype)
     of_v = model.output(of)
+    out_notes = _output_notes(model, of, of_v)
     names = model.parameters(of_v.name)
     if params:  # patterns choose among all float initializers, 0-d ones included
         pats = [params] if isinstance(params, str) else list(params)
@@ -886,10 +901,12 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
             raise UsageError(f"no parameter matches {', '.join(pats)} (see `jaccli inspect` for their names)")
     if not names:
         integer = _integer_ops(model.nodes)
+        ml = sorted({n.op_type for n in model.ancestors([of_v.name]) if n.domain == "ai.onnx.ml"})
         raise UsageError(f"output '{of_v.name}' depends on no float parameter" + (
             f": its weights are integers, quantized ({', '.join(integer[:3])}{' ...' if len(integer) > 3 else ''}); take "
             f"the parameter Jacobian of the float model"
-            if integer else ""))
+            if integer else f": its ai.onnx.ml operators ({', '.join(ml)}) hold their coefficients as "
+                            f"attributes, not tensors" if ml else ""))
     feeds, N = prepare_feeds(model, x, dtype, of=[of_v.name])
     moved, plan, (est, y1, per_run, run_size, _) = _prepared_output(model, of_v.name, names, dtype, True, feeds, N,
                                                                     straight_through)
@@ -910,7 +927,8 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     T = n_sel
     n_c, t_c = choose_chunks(per_run, T, est, max_memory, extra_per_sd=P * dtype.itemsize, run_size=run_size)
     shape = (N, *out_shape, P) if outputs is None else (N, n_sel, P)
-    notes = ([moved] if moved else []) + (list(plan.notes) if N > 1 else []) + _run_notes(model, run_size) + _derivative_notes(plan)
+    notes = (([moved] if moved else []) + out_notes + (list(plan.notes) if N > 1 else []) + _run_notes(model, run_size)
+             + _derivative_notes(plan))
     zero = [c["name"] for c in columns if c["name"] not in plan.active]
     if zero:
         notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")

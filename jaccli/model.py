@@ -92,24 +92,37 @@ class Model:
         raise UsageError(f"the model has no input or value named '{name}' (inputs: {', '.join(v.name for v in self.inputs)})")
 
     def output(self, name):
-        """A graph output by name, or any value a node produces (a Jacobian of an intermediate,
-        e.g. the probabilities before a ZipMap); by default the first float tensor output."""
+        """A graph output by name (for one that a ZipMap makes, the probabilities it reads), or any
+        value a node produces (a Jacobian of an intermediate); by default the first float tensor
+        output, or else the first ZipMap's probabilities."""
         from .errors import UsageError
 
         if name is None:
             floats = [v for v in self.outputs if v.is_float]
+            zipped = [v.name for v in self.outputs if self.zipmap(v.name)]
+            if not floats and zipped:  # a classifier's probabilities, as scikit-learn's converter writes them
+                return self.output(zipped[0])
             if not floats:
-                zipped = [n.inputs[0] for n in self.nodes if n.op_type == "ZipMap" and n.inputs]
-                hint = f", such as '{zipped[0]}', the probabilities before the ZipMap" if zipped else ""
-                raise UsageError(f"the model has no float tensor output; name a float value with --of{hint} "
+                raise UsageError(f"the model has no float tensor output; name a float value with --of "
                                  f"(outputs: {', '.join(v.describe() + ' ' + v.name for v in self.outputs)})")
             return floats[0]
+        zipmap = self.zipmap(name)
+        if zipmap is not None:
+            return self.value(zipmap.inputs[0])
         for v in self.outputs:
             if v.name == name:
                 return v
         if any(name in n.outputs for n in self.nodes):
             return self.value_info.get(name) or ValueInfo(name, TensorProto.FLOAT, None)
         raise UsageError(f"the model has no output or value named '{name}' (outputs: {', '.join(v.name for v in self.outputs)})")
+
+    def zipmap(self, name):
+        """The ZipMap node that makes graph output `name` (a sequence of {class: probability} maps, one
+        per sample) of the tensor of probabilities it reads, or None. That tensor, (N, classes), stands
+        for the output: the maps hold its values and nothing else."""
+        if not any(v.name == name for v in self.outputs):
+            return None
+        return next((n for n in self.nodes if n.op_type == "ZipMap" and name in n.outputs and n.inputs), None)
 
     def float_inputs(self):
         return [v for v in self.inputs if v.is_float]

@@ -439,9 +439,10 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     proto = model_path if isinstance(model_path, onnx.ModelProto) else onnx.load(model_path)
     proto = weights_as_initializers(proto)[0]  # as load made them: parameters the oracle can be fed,
     proto = inputs_samples_first(proto, model.sample_axes)  # and the inputs samples first
-    if of is not None and of not in {o.name for o in proto.graph.output}:
-        proto = _with_output(proto, of)  # an intermediate value: let onnxruntime return it too
-    outs = [v.name for v in model.outputs if v.is_float] if of is None else [model.output(of).name]
+    outs = ([v.name for v in model.outputs if v.is_float] if of is None else []) or [model.output(of).name]
+    for name in outs:
+        if name not in {o.name for o in proto.graph.output}:
+            proto = _with_output(proto, name)  # an intermediate value: let onnxruntime return it too
     feeds, N = prepare_feeds(model, x, np.float64, of=outs + ([] if params else [wrt or _first_float(model, outs[0]).name]))
     k = min(samples, N)
     feeds = Feeds({n: (v[:k] if v.ndim else v) for n, v in feeds.items()})

@@ -1,6 +1,8 @@
 """ai.onnx.ml models as skl2onnx exports them: Scaler -> LinearClassifier with a probability tensor
 output (no ZipMap), and LinearRegressor; forward against onnxruntime, Jacobians against differences."""
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -87,7 +89,9 @@ def with_zipmap(n_classes=3):
     return m
 
 
-def test_zipmap_models_need_of_and_accept_the_tensor_before_it(tmp_path):
+def test_zipmap_models_differentiate_the_probabilities_it_maps(tmp_path):
+    """A ZipMap's output (a map per sample) stands for the probabilities it reads: by default,
+    by its name and by theirs, each the same Jacobian, against differences, with a note."""
     import onnx
     from click.testing import CliRunner
 
@@ -98,18 +102,27 @@ def test_zipmap_models_need_of_and_accept_the_tensor_before_it(tmp_path):
     # its own generator: the data must not depend on which tests ran before (where the classifier
     # saturates, float32 differences of its probabilities are mostly rounding)
     np.save(tmp_path / "x.npy", np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32))
-    r = CliRunner().invoke(main, ["input", str(tmp_path / "zm.onnx"), str(tmp_path / "x.npy")])
-    assert r.exit_code == 2 and "no float tensor output" in r.output and "--of, such as 'probabilities'" in r.output
-    r = CliRunner().invoke(main, ["input", str(tmp_path / "zm.onnx"), str(tmp_path / "x.npy"), "--of", "probabilities",
-                                  "-o", str(tmp_path / "J.npy"), "-q"])
-    assert r.exit_code == 0, r.output
-    J = np.load(tmp_path / "J.npy")
     x = np.load(tmp_path / "x.npy").astype(np.float64)
     fd = np.stack([(_probs(zm, x + e) - _probs(zm, x - e)) / 2e-6
                    for e in (np.eye(4)[j] * 1e-6 for j in range(4))], -1)
-    assert rel_err(J, fd) < 1e-4
-    r = CliRunner().invoke(main, ["check", str(tmp_path / "zm.onnx"), str(tmp_path / "x.npy"), "--of", "probabilities"])
+    for k, of in enumerate([[], ["--of", "output_probability"], ["--of", "probabilities"]]):
+        r = CliRunner().invoke(main, ["input", str(tmp_path / "zm.onnx"), str(tmp_path / "x.npy"), *of,
+                                      "-o", str(tmp_path / f"J{k}.npy"), "--json"])
+        assert r.exit_code == 0, r.output
+        notes = " ".join(json.loads(r.output)["notes"])
+        assert ("'output_probability' is a ZipMap" in notes and "in the order 0, 1, 2" in notes) == (k < 2), notes
+        J = np.load(tmp_path / f"J{k}.npy")
+        assert J.shape == (5, 3, 4) and rel_err(J, fd) < 1e-4
+    r = CliRunner().invoke(main, ["check", str(tmp_path / "zm.onnx"), str(tmp_path / "x.npy"), "--json"])
     assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["ok"] and [row["output"] for row in report["rows"]] == ["probabilities"]
+    r = CliRunner().invoke(main, ["input", str(tmp_path / "zm.onnx"), str(tmp_path / "x.npy"), "--of", "label",
+                                  "-o", str(tmp_path / "L.npy"), "--json"])
+    assert r.exit_code == 0 and "'label' is int64[N], integers" in " ".join(json.loads(r.output)["notes"]), r.output
+    assert not np.load(tmp_path / "L.npy").any()
+    r = CliRunner().invoke(main, ["params", str(tmp_path / "zm.onnx"), str(tmp_path / "x.npy")])
+    assert r.exit_code == 2 and "ai.onnx.ml operators (LinearClassifier, Scaler) hold their coefficients" in r.output, r.output
 
 
 def svm_regressor(kernel, n_supports=5, n_features=4, one_class=0):
