@@ -295,7 +295,8 @@ def _fixed_runs(plan, feeds, of, env, size):
     alone = walk.primal(plan, _copies(feeds, 0, size))[of]
     if not _same(env[of][0], alone[0]):
         raise DataError(f"output '{of}' of sample 0 changes when other samples are in the same batch: the model "
-                        f"mixes samples, so per-sample Jacobians are not defined for it")
+                        f"mixes samples, so per-sample Jacobians are not defined for it; if its inputs have no sample "
+                        f"axis (one image of (C, H, W), one graph), give the data as one sample: --sample-axis '*=none'")
     if plan.per_sample:
         _note_mixed_rows(plan, env, size)
     return size
