@@ -306,14 +306,20 @@ def _derivative_notes(plan):
     """What the summary says of the QuantizeLinear nodes between what is differentiated and the output,
     and of the piecewise-constant operators there (tree ensembles)."""
     notes = []
-    if plan.through:
+    rounds_a = plan.quantizer_ops == "MatMulNBits"  # its accuracy_level 4 rounds A inside the product
+    if plan.through and rounds_a:
+        notes.append(f"straight through: {plan.through} MatMulNBits node(s) at accuracy_level 4 pass their int8 rounding "
+                     f"of A as the identity, the float product's derivative (not the true derivative, zero)")
+    elif plan.through:
         integer = _integer_ops(s.node for s in plan.active_steps)
         notes.append(f"straight through: {plan.through} {plan.quantizer_ops} node(s) and what dequantizes "
                      f"after them pass derivatives as the identity inside the integer range, zero where they saturate (not "
                      f"the true derivative, zero)" + (f"; the integer operators ({', '.join(integer)}) as their float "
                                                       f"operators on the dequantized inputs" if integer else ""))
     elif plan.quantized:
-        notes.append(f"a {plan.quantizer_ops} lies on the way to the output: its integer output is piecewise constant, "
+        what = ("at accuracy_level 4 onnxruntime rounds its input A to int8 in blocks, piecewise constant" if rounds_a
+                else "its integer output is piecewise constant")
+        notes.append(f"a {plan.quantizer_ops} lies on the way to the output: {what}, "
                      f"so no derivative passes it; --straight-through (straight_through=True) passes quantize-dequantize "
                      f"pairs as the identity, as quantization-aware training differentiates them")
     return notes + [f"a {op} lies on the way to the output: piecewise constant, its derivative is zero wherever it "

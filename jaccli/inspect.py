@@ -6,7 +6,7 @@ from collections import Counter
 
 from .errors import UnsupportedOpError
 from .model import load
-from .plan import QUANTIZERS
+from .plan import quantizes
 from .rules import lookup
 
 
@@ -50,5 +50,5 @@ def describe(path):
         "sample_axes": dict(model.sample_axes),  # inputs that declare their batch on another axis than the first
         "fixed_batch": model.fixed_batch()[1],  # the smallest batch an input declares as a number, or None
         # QuantizeLinear nodes of values (not of weights): the derivatives stop there unless taken straight through
-        "quantized_values": sum(n.op_type in QUANTIZERS and n.inputs[0] not in model.initializers for n in model.nodes),
+        "quantized_values": sum(quantizes(n, model.initializers) and n.inputs[0] not in model.initializers for n in model.nodes),
     }

@@ -113,7 +113,7 @@ class Plan:
         self.active_steps = [s for s in steps if s.active]
         # a quantization between what is differentiated and the output (every step leads to the output):
         # its integer output is piecewise constant, and stops the derivatives unless taken straight through
-        found = [s.node.op_type for s in steps if s.node.op_type in QUANTIZERS and s.inputs[0] in fwd]
+        found = [s.node.op_type for s in steps if quantizes(s.node, model.initializers) and s.inputs[0] in fwd]
         self.quantizer_ops = " or ".join(sorted(set(found)))  # what the notes name
         self.quantized = not through and len(found) > 0  # a QuantizeLinear stops the derivatives
         self.through = len(found) if through else 0  # those taken straight through
@@ -446,3 +446,14 @@ def _flops(s, env, n):
 
 # their integer outputs (DynamicQuantizeMatMul's: inside it) stop derivatives (see Plan.quantized)
 QUANTIZERS = ("QuantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeMatMul")
+
+
+def quantizes(node, constants):
+    """Whether the node rounds its first input to integers: a quantizer, or a MatMulNBits whose
+    accuracy_level 4 has onnxruntime round A to int8 in its product (see rules.quant)."""
+    if node.op_type == "MatMulNBits":
+        from .rules.quant import _int8_product
+
+        zp = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
+        return _int8_product(node.attrs, None if zp is None else constants.get(zp))
+    return node.op_type in QUANTIZERS

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import Ctx, rule, through
+from ..errors import UnsupportedOpError
 from ._util import add, padded
 from .conv import Conv
 from .linalg import MatMul
@@ -262,3 +263,127 @@ class CastThrough(Cast):
 
     def vjp(cx, Ybar, *, to, **_):
         return (Ybar if to in _FLOAT_TYPES else None,)
+
+
+# ---- MatMulNBits: weights of 2, 4 or 8 bits in blocks along K (onnxruntime's weight-only quantization)
+
+
+def _unpack(packed, bits, count):
+    """Codes of `bits` bits packed low-first in the bytes of the last axis: (..., bytes) -> (..., count)."""
+    per = 8 // bits
+    codes = (packed[..., None].astype(np.int64) >> (np.arange(per) * bits)) & ((1 << bits) - 1)
+    return codes.reshape(packed.shape[:-1] + (-1,))[..., :count]
+
+
+def _nbits_parts(B, scales, zero_points, g_idx, *, K, N, bits, block_size, dtype):
+    """The weight (N, K) as its integer levels less their zero points (float), the scales (N, blocks)
+    and each k's block as a one-hot (K, blocks): W = levels * (scales @ onehot.T). A float zero
+    point is subtracted as it is (HQQ's)."""
+    blocks = -(-K // block_size)
+    q = _unpack(np.asarray(B).reshape(N, blocks, -1), bits, block_size).reshape(N, -1)[:, :K]
+    s = np.asarray(scales).reshape(N, blocks)
+    if zero_points is None:
+        zp = np.full((N, blocks), 1 << (bits - 1))
+    elif np.asarray(zero_points).dtype.kind == "f":
+        zp = np.asarray(zero_points, np.float64).reshape(N, blocks)
+    else:
+        zp = _unpack(np.asarray(zero_points).reshape(N, -1), bits, blocks)
+    if g_idx is not None and np.size(g_idx):
+        raise UnsupportedOpError("MatMulNBits with g_idx (act-order GPTQ, deprecated in onnxruntime) is not supported")
+    onehot = (np.arange(K)[:, None] // block_size == np.arange(blocks)).astype(dtype)
+    return (q - zp[:, np.arange(K) // block_size]).astype(dtype), s, onehot
+
+
+def _nbits_weight(cx, dtype, attrs):
+    x = padded(cx.x, 6)
+    levels, s, onehot = _nbits_parts(*x[1:5], K=attrs["K"], N=attrs["N"], bits=attrs.get("bits", 4),
+                                     block_size=attrs["block_size"], dtype=dtype)
+    return levels * (s.astype(dtype) @ onehot.T), levels, onehot
+
+
+def _int8_rows(A, block_size):
+    """A as onnxruntime's accuracy_level 4 rounds it: each row's blocks of block_size along K to
+    int8 levels of max|a| / 127 (in float32), returned dequantized."""
+    K = A.shape[-1]
+    blocks = -(-K // block_size)
+    a = np.zeros(A.shape[:-1] + (blocks * block_size,), np.float32)
+    a[..., :K] = A
+    a = a.reshape(A.shape[:-1] + (blocks, block_size))
+    scale = np.abs(a).max(-1, keepdims=True) / np.float32(127)
+    inverse = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale != 0)
+    q = np.rint(a * inverse) * scale
+    return q.reshape(A.shape[:-1] + (-1,))[..., :K].astype(A.dtype)
+
+
+def _int8_product(attrs, zero_points):
+    """Whether onnxruntime rounds A to int8: at accuracy_level 4 where it has an int8 kernel, as its
+    x86 kernels (1.32) have for 4 and 8 bits, and for 2 bits in blocks of 32 to 128; not with float
+    zero points."""
+    bits, size = attrs.get("bits", 4), attrs["block_size"]
+    kernel = bits in (4, 8) or (bits == 2 and 32 <= size <= 128)
+    return attrs.get("accuracy_level") == 4 and kernel and (zero_points is None or np.asarray(zero_points).dtype.kind != "f")
+
+
+def _nbits_a(A, zero_points, attrs):
+    """What the product reads of A: A, or its int8 rounding (see _int8_product)."""
+    return _int8_rows(A, attrs["block_size"]) if _int8_product(attrs, zero_points) else A
+
+
+@rule("MatMulNBits", since=1, domain=MS)
+class MatMulNBits:
+    """Y = A @ W^T + bias, W (N, K) quantized to `bits` bits in blocks of block_size along K: W[n, k] =
+    (level - zero_point) * scale of k's block (g_idx, if given, names each k's block). The levels
+    are constants: the derivative in A is exact, and in the scales (parameters) and the bias
+    linear. A float zero point is taken as a constant. At accuracy_level 4 onnxruntime rounds
+    A's rows to int8 in blocks for its product (see _int8_product): so does jaccli, and the
+    derivative in A is then zero (piecewise constant; the summary says so), or with
+    --straight-through that of the float product."""
+
+    keeps = True
+    nondiff = (1, 3, 4)
+    through_a = False
+
+    def forward(A, B, scales, zero_points=None, g_idx=None, bias=None, *, K, N, bits=4, block_size, accuracy_level=0):
+        levels, s, onehot = _nbits_parts(B, scales, zero_points, g_idx, K=K, N=N, bits=bits, block_size=block_size,
+                                         dtype=A.dtype)
+        Y = np.matmul(_nbits_a(A, zero_points, dict(bits=bits, block_size=block_size, accuracy_level=accuracy_level)),
+                      (levels * (s.astype(A.dtype) @ onehot.T)).T)
+        return Y if bias is None else Y + bias.astype(A.dtype)
+
+    def jvp(cx, Adot, Bdot=None, Sdot=None, Zdot=None, Gdot=None, biasdot=None, **attrs):
+        dt = next(t.dtype for t in (Adot, Sdot, biasdot) if t is not None)
+        W, levels, onehot = _nbits_weight(cx, dt, attrs)
+        exact = cx.rule.through_a or not _int8_product(attrs, padded(cx.x, 4)[3])
+        out = np.matmul(Adot, W.T) if Adot is not None and exact else None
+        if Sdot is not None:  # W's tangent: each level times its block's scale tangent
+            lead = Sdot.ndim - cx.x[2].ndim
+            Wdot = levels * (Sdot.reshape(Sdot.shape[:lead] + (attrs["N"], -1)) @ onehot.T)  # (*lead, N, K)
+            A = _nbits_a(cx.x[0], padded(cx.x, 4)[3], attrs).astype(dt)
+            out = add(out, np.einsum("...k,tnk->t...n", A, Wdot.reshape((-1,) + Wdot.shape[-2:])).reshape(
+                Sdot.shape[:lead] + cx.y[0].shape))
+        return add(out, _bias_jvp(cx, biasdot))
+
+    def vjp(cx, Ybar, **attrs):
+        W, levels, onehot = _nbits_weight(cx, Ybar.dtype, attrs)
+        A = _nbits_a(cx.x[0], padded(cx.x, 4)[3], attrs).astype(Ybar.dtype)
+        exact = cx.rule.through_a or not _int8_product(attrs, padded(cx.x, 4)[3])
+        Abar = np.matmul(Ybar, W) if cx.need[0] and exact else None
+        Sbar = None
+        if len(cx.x) > 2 and cx.need[2]:
+            lead = cx.lead(Ybar)
+            if cx.keep[2]:  # per sample: rows of one sample together
+                S = A.shape[0]
+                Yf = Ybar.reshape(Ybar.shape[:lead] + (S, -1, Ybar.shape[-1]))
+                Wbar = np.einsum("...srn,srk->...snk", Yf, A.reshape(S, -1, A.shape[-1]))
+            else:
+                Yf = Ybar.reshape(Ybar.shape[:lead] + (-1,) + Ybar.shape[-1:])  # rows: (*lead, rows, N)
+                Wbar = np.einsum("...rn,rk->...nk", Yf, A.reshape(-1, A.shape[-1]))
+            Sbar = ((Wbar * levels) @ onehot).reshape(Wbar.shape[:-2] + cx.x[2].shape)
+        return (Abar, None, Sbar, None, None, _bias_vjp(cx, Ybar, 5))
+
+
+@through(MatMulNBits)
+class MatMulNBitsThrough(MatMulNBits):
+    """MatMulNBits at accuracy_level 4 straight through its rounding of A: the float product."""
+
+    through_a = True
