@@ -46,6 +46,7 @@ def describe(path):
         "n_parameters": sum(p["size"] for p in params),
         "operators": ops,
         "expanded": dict(model.expanded),  # operators replaced by their ONNX function bodies
+        "nchwc": dict(model.nchwc),  # onnxruntime's NCHWc operators, read as the standard ones they fuse
         "held_weights": model.held_weights,  # float Constant nodes taken as initializers: the model's weights
         "sample_axes": dict(model.sample_axes),  # inputs that declare their batch on another axis than the first
         "fixed_batch": model.fixed_batch()[1],  # the smallest batch an input declares as a number, or None

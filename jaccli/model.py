@@ -75,6 +75,7 @@ class Model:
     expanded: dict = field(default_factory=dict)  # operator -> nodes replaced by its ONNX function body
     appended: dict = field(default_factory=dict)  # value -> (NodeProto, initializers) that samples_first added
     held_weights: int = 0  # float Constant nodes made initializers (see weights_as_initializers)
+    nchwc: dict = field(default_factory=dict)  # onnxruntime's NCHWc operators read as standard ones (see jaccli.nchwc)
     sample_axes: dict = field(default_factory=dict)  # input -> the axis of its samples in the model's layout, where not 0
 
     def input(self, name):
@@ -322,6 +323,10 @@ def load(source, max_bytes=None, sample_axes=None) -> Model:
             proto = inliner.inline_local_functions(proto)
         except Exception as e:
             raise ModelError(f"{path or 'model'}: its local functions cannot be inlined ({_first_line(e)})") from None
+    from . import nchwc
+
+    blocked = nchwc.counts(proto)
+    proto = nchwc.plain(proto)  # onnxruntime's NCHWc layout, as the standard operators it fuses
     proto, expanded = _expand_functions(proto)
     proto, held = weights_as_initializers(proto)
     axes = {**declared_sample_axes(proto), **_every_input(proto, sample_axes or {})}
@@ -329,6 +334,7 @@ def load(source, max_bytes=None, sample_axes=None) -> Model:
     base = os.path.dirname(os.path.abspath(path)) if path else None
     model = _build(proto, path, base, max_bytes)
     model.expanded, model.held_weights, model.sample_axes = expanded, held, _given_axes(axes)
+    model.nchwc = blocked
     return model
 
 

@@ -13,6 +13,7 @@ from onnx import TensorProto, numpy_helper
 from .drivers import (DEFAULT_MAX_MEMORY, Feeds, _copies, _first_float, _slice_samples, in_runs, input_jacobian,
                       param_jacobian, prepare_feeds, quiet_floats, samples_first, samples_in)
 from .model import inputs_samples_first, load, weights_as_initializers
+from .nchwc import plain
 
 TOLERANCE = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
 
@@ -437,6 +438,8 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     model = load(model_path, sample_axes=sample_axes)
     dtype = np.dtype(dtype)
     proto = model_path if isinstance(model_path, onnx.ModelProto) else onnx.load(model_path)
+    blocked = proto
+    proto = plain(proto)  # onnxruntime's NCHWc operators as standard ones: in float64, fed plain weights
     proto = weights_as_initializers(proto)[0]  # as load made them: parameters the oracle can be fed,
     proto = inputs_samples_first(proto, model.sample_axes)  # and the inputs samples first
     outs = ([v.name for v in model.outputs if v.is_float] if of is None else []) or [model.output(of).name]
@@ -464,6 +467,8 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
         oracle_dtype, oracle_name, oracle_why = oracle.dtype, oracle.name, oracle.why
         y_ours = _forward(model, feeds, v, dtype)
         rows.append(_row(name, ours, fds, n_entries, y_ours, y_ort, _noise(y_ort, oracle.dtype)))
+    if plain(blocked) is not blocked:  # the rewrite itself against onnxruntime's NCHWc kernels
+        _blocked_forward(blocked, model, feeds, rows, inner, dtype)
     tol = tolerance if tolerance is not None else max(TOLERANCE[dtype], TOLERANCE[oracle_dtype])
     for row in rows:
         if oracle_name != Ours.name and verdict(row, tol) != "pass" and (row["entries_judged"] or row["directions_judged"]):
@@ -476,6 +481,23 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
         d["oracle_note"] = f"{oracle_why}: the differences are of jaccli's own float64 forward, which checks the " \
                            f"derivative rules against the forward kernels, not the kernels themselves"
     return d
+
+
+def _blocked_forward(blocked, model, feeds, rows, inner, dtype):
+    """A model saved in onnxruntime's NCHWc layout is checked as the standard operators jaccli reads
+    it as (see jaccli.nchwc); its outputs are compared with onnxruntime's NCHWc kernels (float32)
+    too, and each row's forward error is the larger of the two."""
+    proto = inputs_samples_first(weights_as_initializers(blocked)[0], model.sample_axes)
+    names = [r["output"] for r in rows if inner[r["output"]] == r["output"]]
+    for name in names:
+        if name not in {o.name for o in proto.graph.output}:
+            proto = _with_output(proto, name)
+    ys = Oracle(proto, np.float32).run(dict(feeds), names)
+    for name, y in zip(names, ys):
+        row = next(r for r in rows if r["output"] == name)
+        ours = _forward(model, feeds, name, dtype).astype(np.float64)
+        err = float(np.nanmax(np.abs(ours - np.reshape(y, ours.shape)), initial=0.0))
+        row["forward_error"] = max(row["forward_error"], err)
 
 
 FINE = (1e-6, 1e-7, 1e-8)  # steps of the second look: float64, past most kinks, above its rounding

@@ -95,6 +95,11 @@ def render_inspect(console: Console, info: dict):
     if info.get("expanded"):
         names = ", ".join(f"{op} ({n} node{'s' if n > 1 else ''})" for op, n in info["expanded"].items())
         console.print(f"[yellow]note:[/yellow] replaced by their ONNX function bodies, whose operators are listed above: {names}")
+    if info.get("nchwc"):
+        names = ", ".join(f"{op} ({n})" for op, n in info["nchwc"].items())
+        console.print(f"[yellow]note:[/yellow] saved by onnxruntime in its NCHWc layout (com.microsoft.nchwc: {names}); read as "
+                      f"the standard operators listed above, on the channels padded to its block; a weight keeps its padded "
+                      f"channels, stored zeros whose columns a parameter Jacobian holds too")
     for name, axis in (info.get("sample_axes") or {}).items():
         if axis == "none":
             console.print(f"[yellow]note:[/yellow] input '{name}' has no sample axis: its data is one sample whole")
@@ -105,8 +110,9 @@ def render_inspect(console: Console, info: dict):
         console.print(f"[yellow]note:[/yellow] the model keeps its weights in {info['held_weights']} float Constant nodes and has no "
                       f"float initializer; those constants are its parameters")
     if info.get("quantized_values"):
-        console.print(f"[yellow]note:[/yellow] {info['quantized_values']} QuantizeLinear, DynamicQuantizeLinear or "
-                      f"DynamicQuantizeMatMul node(s) quantize values, not weights: an integer is piecewise constant, so "
+        console.print(f"[yellow]note:[/yellow] {info['quantized_values']} QuantizeLinear, DynamicQuantizeLinear, "
+                      f"DynamicQuantizeMatMul or MatMulNBits (accuracy_level 4) node(s) quantize values, not weights: an "
+                      f"integer is piecewise constant, so "
                       f"derivatives stop there; --straight-through passes quantize-dequantize pairs as the identity, as "
                       f"quantization-aware training does")
 
