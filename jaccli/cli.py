@@ -356,7 +356,9 @@ def inspect_cmd(model, as_json):
 @click.option("--entries", default=64, show_default=True, help="Input elements or parameter entries sampled per check.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--tolerance", type=float, help="Relative error allowed (default 1e-3 in float32, 1e-6 in float64).")
-@click.option("--outputs", "outputs_slice", metavar="SLICE", help="Only these elements of the flattened per-sample output, e.g. 0:5.")
+@click.option("--outputs", "outputs_slice", metavar="SLICE",
+              help="Only these elements of the flattened per-sample output, e.g. 0:5 (default: all, or 64 evenly "
+                   "spread where there are more).")
 @click.option("--of", help="Only this output or graph value (default: every float tensor output).")
 @click.option("--wrt", help="The input, or float value in the graph (token embeddings), of the input Jacobian.")
 @_SAMPLE_AXIS

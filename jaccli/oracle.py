@@ -11,7 +11,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .drivers import (DEFAULT_MAX_MEMORY, Feeds, _copies, _first_float, _slice_samples, in_runs, input_jacobian,
-                      param_jacobian, prepare_feeds, quiet_floats, samples_first, samples_in)
+                      param_jacobian, parse_outputs, prepare_feeds, quiet_floats, samples_first, samples_in)
 from .model import inputs_samples_first, load, weights_as_initializers
 from .nchwc import plain
 
@@ -456,24 +456,29 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
             proto = _with_appended(proto, inner[name], model.appended[inner[name]])
     rng = np.random.default_rng(seed)
     rows, jacobians, oracle_dtype, oracle_name, oracle_why = [], {}, None, None, None
+    spec = {}  # output -> the output elements checked (a slice), None for all
     for name in outs:
         v = inner[name]
+        y_ours = _forward(model, feeds, v, dtype)
+        spec[name] = outputs if outputs is not None else _spread(y_ours.shape[1])
         if params:
             ours, fds, n_entries, y_ort, oracle, jacobians[name] = _param_fd(model, proto, feeds, v, k, dtype, rng, entries,
-                                                                             outputs)
+                                                                             spec[name])
         else:
             ours, fds, n_entries, y_ort, oracle, jacobians[name] = _input_fd(model, proto, feeds, v, k, dtype, rng, entries,
-                                                                             outputs, wrt)
+                                                                             spec[name], wrt)
         oracle_dtype, oracle_name, oracle_why = oracle.dtype, oracle.name, oracle.why
-        y_ours = _forward(model, feeds, v, dtype)
         rows.append(_row(name, ours, fds, n_entries, y_ours, y_ort, _noise(y_ort, oracle.dtype)))
+        if outputs is None and spec[name] is not None:
+            rows[-1]["rows"] = {"slice": spec[name], "checked": int(parse_outputs(spec[name], y_ours.shape[1]).size),
+                                "of": int(y_ours.shape[1])}
     if plain(blocked) is not blocked:  # the rewrite itself against onnxruntime's NCHWc kernels
         _blocked_forward(blocked, model, feeds, rows, inner, dtype)
     tol = tolerance if tolerance is not None else max(TOLERANCE[dtype], TOLERANCE[oracle_dtype])
     for row in rows:
         if oracle_name != Ours.name and verdict(row, tol) != "pass" and (row["entries_judged"] or row["directions_judged"]):
             row["own"] = _own_look(model, proto, feeds, inner[row["output"]], k, jacobians[row["output"]], seed,
-                                   min(entries, OWN_ENTRIES), outputs, wrt, params, tol)
+                                   min(entries, OWN_ENTRIES), spec[row["output"]], wrt, params, tol)
     d = {"kind": "parameter" if params else "input", "samples": k, "dtype": dtype.name, "step": _steps(oracle_dtype)[1],
          "oracle": oracle_name, "oracle_dtype": oracle_dtype.name, "tolerance": tol, "rows": rows,
          "ok": all(verdict(r, tol) != "FAIL" for r in rows)}
@@ -481,6 +486,14 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
         d["oracle_note"] = f"{oracle_why}: the differences are of jaccli's own float64 forward, which checks the " \
                            f"derivative rules against the forward kernels, not the kernels themselves"
     return d
+
+
+CHECK_ROWS = 64  # output elements (Jacobian rows) checked by default, evenly spread: a Jacobian's cost grows with them
+
+
+def _spread(n_out, rows=CHECK_ROWS):
+    """The slice of every n-th output element that checks at most `rows` of n_out (None: all)."""
+    return None if n_out <= rows else f"::{-(-n_out // rows)}"
 
 
 def _blocked_forward(blocked, model, feeds, rows, inner, dtype):

@@ -139,6 +139,11 @@ def render_check(console: Console, d: dict):
     console.print(t)
     if d.get("oracle_note"):
         console.print(f"[yellow]note:[/yellow] {d['oracle_note']}")
+    for r in d["rows"]:
+        if r.get("rows"):
+            c = r["rows"]
+            console.print(f"rows ({r['output']}): {c['checked']} of its {c['of']} output elements, evenly spread "
+                          f"(--outputs {c['slice']}); --outputs chooses others")
     for r, v in zip(d["rows"], verdicts):
         if r.get("jumps"):
             console.print(f"[yellow]note:[/yellow] {r['output']}: {r['jumps']} of the differences checked (sample by column) "

@@ -714,3 +714,33 @@ def test_a_zero_from_below_prints_as_zero():
     from jaccli.report import _fmt
 
     assert _fmt(-0.0) == "0" and _fmt(0.0) == "0" and _fmt(-2.5e-7) == "-2.5e-07" and _fmt(float("inf")) == "∞"
+
+
+def test_check_spreads_its_rows_over_many_outputs(tmp_path, monkeypatch):
+    """A Jacobian's cost grows with its rows: over 64 output elements, check takes every n-th
+    (and says so), and a wrong rule is still caught; --outputs chooses others."""
+    from gradcheck import one_input_model
+    from onnx import helper, save
+
+    import jaccli.oracle as oracle
+
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((6, 150)).astype(np.float32)
+    m = one_input_model([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Tanh", ["h"], ["y"])], {"W": W}, (6,))
+    model, data = str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")
+    save(m, model)
+    np.save(data, rng.standard_normal((2, 6)).astype(np.float32))
+    seen = []
+    real = oracle.input_jacobian
+    monkeypatch.setattr(oracle, "input_jacobian", lambda *a, **k: seen.append(k["outputs"]) or real(*a, **k))
+    r = run(["check", model, data, "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)["rows"][0]
+    assert row["rows"] == {"slice": "::3", "checked": 50, "of": 150} and set(seen) == {"::3"}
+    r = run(["check", model, data])
+    assert "50 of its 150 output elements, evenly spread (--outputs ::3)" in " ".join(r.output.split())
+    seen.clear()
+    r = run(["check", model, data, "--outputs", "0:5", "--json"])
+    assert r.exit_code == 0 and "rows" not in json.loads(r.output)["rows"][0] and set(seen) == {"0:5"}
+    monkeypatch.undo()
+    fails_when_ten_percent_wrong(monkeypatch, model, data)
