@@ -587,3 +587,78 @@ def test_tree_ensemble_opset5(aggregate, post, n_targets, dtype):
         assert any("TreeEnsemble lies on the way" in n for n in r.notes), r.notes
         ok = ~np.isnan(x).any(axis=1)
         np.testing.assert_allclose(r.value[ok], np.broadcast_to(W.T, r.value[ok].shape), rtol=1e-6)
+
+
+def _ml_session(node, inputs, out_type):
+    types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE,
+             np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32, np.dtype(object): TensorProto.STRING}
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, types[a.dtype], None) for n, a in zip(node.input, inputs)],
+                          [helper.make_tensor_value_info(node.output[0], out_type, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)])
+    m.ir_version = 8
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, dict(zip(node.input, inputs)))[0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.int32])
+@pytest.mark.parametrize("shapes,dims", [(((4, 3), (4, 2)), [3, 2]), (((4, 3), (4, 2)), [2, 4]), (((4, 3, 2), (4, 1)), [6, 1]),
+                                         (((5,),), [5]), (((4, 3), (4, 2), (4, 4)), [1, 2, 6])])
+def test_feature_vectorizer(dtype, shapes, dims):
+    """Inputs side by side, cut or zero-padded to inputdimensions, flattened, a 1-D one a row: as
+    onnxruntime; linear in each float input."""
+    from gradcheck import check_rule
+
+    from jaccli.rules.ml import FeatureVectorizer
+
+    rng = np.random.default_rng(len(dims))
+    xs = [(rng.standard_normal(s) * 5).astype(dtype) for s in shapes]
+    node = helper.make_node("FeatureVectorizer", [f"x{i}" for i in range(len(xs))], ["y"], domain="ai.onnx.ml",
+                            inputdimensions=dims)
+    ref = _ml_session(node, xs, TensorProto.FLOAT)
+    ours = FeatureVectorizer.forward(*xs, inputdimensions=dims)
+    assert ours.shape == ref.shape and np.array_equal(ours.astype(np.float32), ref)
+    if np.dtype(dtype).kind == "f" and len(shapes[0]) > 1:
+        check_rule(FeatureVectorizer, [x.astype(np.float64) for x in xs], dict(inputdimensions=dims),
+                   diff=tuple(range(len(xs))), rng=rng)
+
+
+def test_category_mapper_and_a_spark_like_pipeline(tmp_path):
+    """Strings to integers and back, as onnxruntime; then a pipeline of a categorical column
+    mapped to its code and two numeric columns assembled by FeatureVectorizer into a linear
+    regression: the Jacobian in each numeric input is its coefficients, the code's is absent."""
+    import onnx
+    from click.testing import CliRunner
+
+    from jaccli.cli import main
+    from jaccli.rules.ml import CategoryMapper
+
+    cats = dict(cats_strings=["a", "bb", "c"], cats_int64s=[3, 7, 11])
+    x = np.array([["a", "zz"], ["c", "bb"]], object)
+    node = helper.make_node("CategoryMapper", ["x"], ["y"], domain="ai.onnx.ml", default_int64=-5, **cats)
+    assert np.array_equal(CategoryMapper.forward(x, default_int64=-5, **cats), _ml_session(node, [x], TensorProto.INT64))
+    i = np.array([3, 4, 11], np.int64)
+    node = helper.make_node("CategoryMapper", ["x"], ["y"], domain="ai.onnx.ml", default_string="no", **cats)
+    assert CategoryMapper.forward(i, default_string="no", **cats).tolist() == _ml_session(node, [i], TensorProto.STRING).tolist()
+
+    n = helper.make_node
+    coef = [0.5, -2.0, 3.0, 0.25]
+    nodes = [n("CategoryMapper", ["kind"], ["code"], domain="ai.onnx.ml", default_int64=0, **cats),
+             n("Cast", ["code"], ["codef"], to=TensorProto.FLOAT),
+             n("FeatureVectorizer", ["a", "b", "codef"], ["features"], domain="ai.onnx.ml", inputdimensions=[2, 1, 1]),
+             n("LinearRegressor", ["features"], ["y"], domain="ai.onnx.ml", coefficients=coef, intercepts=[1.0])]
+    g = helper.make_graph(nodes, "pipe", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 2]),
+                                          helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 1]),
+                                          helper.make_tensor_value_info("kind", TensorProto.STRING, ["N", 1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)])
+    m.ir_version = 8
+    onnx.save(m, tmp_path / "pipe.onnx")
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "x.npz", a=rng.standard_normal((4, 2)).astype(np.float32), b=rng.standard_normal((4, 1)).astype(np.float32),
+             kind=np.array([["a"], ["c"], ["zz"], ["bb"]]))
+    for wrt, want in (("a", coef[:2]), ("b", coef[2:3])):
+        r = CliRunner().invoke(main, ["input", str(tmp_path / "pipe.onnx"), str(tmp_path / "x.npz"), "--wrt", wrt,
+                                      "-o", str(tmp_path / f"J{wrt}.npy"), "-q"])
+        assert r.exit_code == 0, r.output
+        assert np.allclose(np.load(tmp_path / f"J{wrt}.npy"), np.broadcast_to(np.array(want, np.float32), (4, 1, len(want))))
+    r = CliRunner().invoke(main, ["check", str(tmp_path / "pipe.onnx"), str(tmp_path / "x.npz"), "--wrt", "b", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["ok"], r.output

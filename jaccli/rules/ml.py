@@ -863,3 +863,68 @@ def _binary_trees(S, H, base, post, labels, binary_case, all_positive, dtype):
             Z[one, 0] = np.where(m < 0, s, negative)
             Z[one, 1] = np.where(m < 0, 0, positive)
     return label, Z.astype(dtype)
+
+
+@rule("FeatureVectorizer", since=1, domain=ML)
+class FeatureVectorizer:
+    """Y = the inputs side by side, each flattened to (N, columns) (a 1-D one is one row) and cut
+    or zero-padded to its entry of inputdimensions: what Spark ML's VectorAssembler and
+    onnxmltools' pipelines write. Linear: each input's tangent goes to its columns."""
+
+    def forward(*X, inputdimensions):
+        dtype = np.result_type(np.float32, *[x.dtype for x in X if x.dtype.kind == "f"])
+        rows = [x.reshape(1, -1) if x.ndim == 1 else x.reshape(x.shape[0], -1) for x in X]
+        Y = np.zeros((rows[0].shape[0], int(sum(inputdimensions))), dtype)
+        for (a, b), r in zip(_fv_spans(inputdimensions), rows):
+            n = min(b - a, r.shape[1])
+            Y[:, a:a + n] = r[:, :n]
+        return Y
+
+    def jvp(cx, *dots, inputdimensions):
+        Y = cx.y[0]
+        out = None
+        for (a, b), x, d in zip(_fv_spans(inputdimensions), cx.x, dots):
+            if d is None:
+                continue
+            lead = d.shape[: d.ndim - x.ndim]
+            r = d.reshape(lead + ((1, -1) if x.ndim == 1 else (x.shape[0], -1)))
+            if out is None:
+                out = np.zeros(lead + Y.shape, d.dtype)
+            n = min(b - a, r.shape[-1])
+            out[..., a:a + n] = r[..., :n]
+        return out
+
+    def vjp(cx, Ybar, *, inputdimensions):
+        lead = Ybar.shape[: cx.lead(Ybar)]
+        bars = []
+        for (a, b), x, need in zip(_fv_spans(inputdimensions), cx.x, cx.need):
+            if not need:
+                bars.append(None)
+                continue
+            cols = x.size // (1 if x.ndim == 1 else x.shape[0])
+            n = min(b - a, cols)
+            bar = np.zeros(lead + Ybar.shape[-2:-1] + (cols,), Ybar.dtype)
+            bar[..., :n] = Ybar[..., a:a + n]
+            bars.append(bar.reshape(lead + x.shape))
+        return tuple(bars)
+
+
+def _fv_spans(dims):
+    ends = np.cumsum([int(d) for d in dims])
+    return [(int(e - d), int(e)) for e, d in zip(ends, dims)]
+
+
+@rule("CategoryMapper", since=1, domain=ML)
+class CategoryMapper:
+    """Strings to integers (with default_int64) or integers to strings (with default_string), by
+    the pairs of cats_strings and cats_int64s. Not differentiated."""
+
+    nondiff = (0,)
+
+    def forward(X, *, cats_int64s=None, cats_strings=None, default_int64=-1, default_string="_Unused"):
+        ints = np.asarray(cats_int64s if cats_int64s is not None else [], np.int64)
+        texts = _texts(cats_strings if cats_strings is not None else [])
+        if np.asarray(X).dtype.kind in "OSU":
+            return _lookup(X, texts, ints, np.int64(default_int64))
+        default = default_string.decode() if isinstance(default_string, bytes) else default_string
+        return _lookup(np.asarray(X, np.int64), ints, texts, default)
