@@ -458,6 +458,18 @@ CASES += [
          {"num_heads": 2}, domain=MS, id="ms-MultiHeadAttention-lengths-bias-input"),
 ]
 
+# onnxruntime's RotaryEmbedding (its LLaMA, Phi and Mistral fusions): positions per token or an offset
+_ANGLES = np.random.default_rng(5).uniform(0, 3, (9, 4))
+_COS, _SIN = np.cos(_ANGLES).astype(np.float32), np.sin(_ANGLES).astype(np.float32)
+CASES += [
+    Case("RotaryEmbedding", [("x", (5, 16)), ("i", ((5,), 9)), ("c", _COS), ("c", _SIN)], {"num_heads": 2}, domain=MS,
+         id="ms-RotaryEmbedding"),
+    Case("RotaryEmbedding", [("x", (5, 24)), ("i", ((5,), 9)), ("c", _COS[:, :2]), ("c", _SIN[:, :2])],
+         {"num_heads": 3, "rotary_embedding_dim": 4, "interleaved": 1}, domain=MS, id="ms-RotaryEmbedding-partial-interleaved"),
+    Case("RotaryEmbedding", [("x", (2, 5, 8)), ("c", np.array([3], np.int64)), ("c", _COS), ("c", _SIN)], {}, domain=MS,
+         id="ms-RotaryEmbedding-by-head-offset"),
+]
+
 # onnxruntime's RMSNorm, in the default domain
 CASES += [
     Case("SimplifiedLayerNormalization", [("x", (3, 4)), ("p", (4,))], {"axis": -1, "epsilon": 1e-5}, opset=17, id="SimplifiedLayerNorm"),

@@ -578,3 +578,82 @@ def _embed_sum(ids, seg, word, pos, segtab, pos_ids):
     if segtab is not None and seg is not None:
         E = E + np.take(segtab, seg, axis=0)
     return E
+
+
+# ---- RotaryEmbedding: onnxruntime's rotary position embedding (its LLaMA, Phi and Mistral fusions) --
+
+
+def _rotary_layout(X, num_heads, rotary_embedding_dim, cos_cache):
+    """X as (B, h, S, d) (a view): (B, S, h*d) inputs are split into heads; and the rotated width."""
+    if X.ndim == 4:
+        heads = X
+    else:
+        h = int(num_heads) or X.shape[-1] // (2 * cos_cache.shape[-1])
+        heads = np.swapaxes(X.reshape(X.shape[:-1] + (h, -1)), -2, -3)
+    rd = int(rotary_embedding_dim) or 2 * cos_cache.shape[-1]
+    if rd > heads.shape[-1] or rd % 2:
+        raise UnsupportedOpError(f"RotaryEmbedding of {rd} dimensions on heads of {heads.shape[-1]} is not supported")
+    return heads, rd
+
+
+def _rotary_angles(position_ids, cos_cache, sin_cache, B, S, rd):
+    """cos and sin (B, 1, S, rd / 2) at each position: position_ids (B, S), or one offset."""
+    p = np.asarray(position_ids, np.int64)
+    pos = p if p.ndim == 2 else (p.reshape(-1)[0] + np.arange(S))[None, :].repeat(B, 0)
+    if pos.min(initial=0) < 0 or pos.max(initial=0) >= cos_cache.shape[0]:
+        raise UnsupportedOpError(f"RotaryEmbedding: a position beyond its cache of {cos_cache.shape[0]}")
+    return cos_cache[pos][:, None, :, : rd // 2], sin_cache[pos][:, None, :, : rd // 2]
+
+
+def _rotate(H, cos, sin, rd, interleaved):
+    """The heads H (*lead, B, h, S, d) with their first rd dimensions rotated by the angles: in
+    pairs (2i, 2i+1) if interleaved, else (i, i + rd/2). Linear in H."""
+    out = H.copy()
+    if interleaved:
+        a, b = H[..., 0:rd:2], H[..., 1:rd:2]
+        out[..., 0:rd:2], out[..., 1:rd:2] = a * cos - b * sin, b * cos + a * sin
+    else:
+        a, b = H[..., : rd // 2], H[..., rd // 2: rd]
+        out[..., : rd // 2], out[..., rd // 2: rd] = a * cos - b * sin, b * cos + a * sin
+    return out
+
+
+@rule("RotaryEmbedding", since=1, domain=MS)
+class MsRotaryEmbedding:
+    """Rotary position embedding of queries or keys, (B, S, h*d) or (B, h, S, d): the first
+    rotary_embedding_dim dimensions of each head turned, pair by pair, by the angles of its
+    position in cos_cache and sin_cache (positions from position_ids, or from an offset). Linear
+    in the input; the caches are tables, taken as constants."""
+
+    nondiff = (1, 2, 3)
+
+    def forward(input, position_ids, cos_cache, sin_cache, *, interleaved=0, num_heads=0, rotary_embedding_dim=0,
+                scale=1.0, is_packed_batching=0):
+        return MsRotaryEmbedding._apply(input, input, position_ids, cos_cache, sin_cache, interleaved, num_heads,
+                                        rotary_embedding_dim, is_packed_batching)
+
+    def _apply(T, X, position_ids, cos_cache, sin_cache, interleaved, num_heads, rotary_embedding_dim, packed):
+        """The rotation (fixed by X's positions) applied to T: X itself, or a tangent or (with the
+        angles negated) a cotangent of it, with leading direction axes."""
+        if packed:
+            raise UnsupportedOpError("RotaryEmbedding with is_packed_batching is not supported")
+        heads, rd = _rotary_layout(X, num_heads, rotary_embedding_dim, cos_cache)
+        B, h, S, _ = heads.shape
+        cos, sin = _rotary_angles(position_ids, cos_cache, sin_cache, B, S, rd)
+        lead = T.shape[: T.ndim - X.ndim]
+        Tf = T.reshape((-1,) + X.shape)
+        Th = np.swapaxes(Tf.reshape(Tf.shape[:-1] + (h, -1)), -2, -3) if X.ndim == 3 else Tf
+        out = _rotate(Th, cos.astype(T.dtype), sin.astype(T.dtype), rd, interleaved)
+        if X.ndim == 3:
+            out = np.swapaxes(out, -2, -3)
+        return out.reshape(lead + X.shape)
+
+    def jvp(cx, Xdot, *_, interleaved=0, num_heads=0, rotary_embedding_dim=0, scale=1.0, is_packed_batching=0):
+        X, pos, cos, sin = cx.x
+        return MsRotaryEmbedding._apply(Xdot, X, pos, cos, sin, interleaved, num_heads, rotary_embedding_dim,
+                                        is_packed_batching)
+
+    def vjp(cx, Ybar, *, interleaved=0, num_heads=0, rotary_embedding_dim=0, scale=1.0, is_packed_batching=0):
+        X, pos, cos, sin = cx.x  # a rotation's transpose is the rotation back: the angles negated
+        return (MsRotaryEmbedding._apply(Ybar, X, pos, cos, -sin, interleaved, num_heads, rotary_embedding_dim,
+                                         is_packed_batching), None, None, None)
