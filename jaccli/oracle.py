@@ -439,7 +439,7 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     dtype = np.dtype(dtype)
     proto = model_path if isinstance(model_path, onnx.ModelProto) else onnx.load(model_path)
     blocked = proto
-    proto = plain(proto)  # onnxruntime's NCHWc operators as standard ones: in float64, fed plain weights
+    proto = plain(proto)  # onnxruntime's NCHWc operators as standard ones: in float64, fed plain weights (model.nchwc)
     proto = weights_as_initializers(proto)[0]  # as load made them: parameters the oracle can be fed,
     proto = inputs_samples_first(proto, model.sample_axes)  # and the inputs samples first
     outs = ([v.name for v in model.outputs if v.is_float] if of is None else []) or [model.output(of).name]
@@ -472,7 +472,7 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
         if outputs is None and spec[name] is not None:
             rows[-1]["rows"] = {"slice": spec[name], "checked": int(parse_outputs(spec[name], y_ours.shape[1]).size),
                                 "of": int(y_ours.shape[1])}
-    if plain(blocked) is not blocked:  # the rewrite itself against onnxruntime's NCHWc kernels
+    if model.nchwc:  # the rewrite itself against onnxruntime's NCHWc kernels
         _blocked_forward(blocked, model, feeds, rows, inner, dtype)
     tol = tolerance if tolerance is not None else max(TOLERANCE[dtype], TOLERANCE[oracle_dtype])
     for row in rows:

@@ -873,7 +873,7 @@ class FeatureVectorizer:
 
     def forward(*X, inputdimensions):
         dtype = np.result_type(np.float32, *[x.dtype for x in X if x.dtype.kind == "f"])
-        rows = [x.reshape(1, -1) if x.ndim == 1 else x.reshape(x.shape[0], -1) for x in X]
+        rows = [x.reshape(_fv_rows(x)) for x in X]
         Y = np.zeros((rows[0].shape[0], int(sum(inputdimensions))), dtype)
         for (a, b), r in zip(_fv_spans(inputdimensions), rows):
             n = min(b - a, r.shape[1])
@@ -887,7 +887,7 @@ class FeatureVectorizer:
             if d is None:
                 continue
             lead = d.shape[: d.ndim - x.ndim]
-            r = d.reshape(lead + ((1, -1) if x.ndim == 1 else (x.shape[0], -1)))
+            r = d.reshape(lead + _fv_rows(x))
             if out is None:
                 out = np.zeros(lead + Y.shape, d.dtype)
             n = min(b - a, r.shape[-1])
@@ -901,12 +901,17 @@ class FeatureVectorizer:
             if not need:
                 bars.append(None)
                 continue
-            cols = x.size // (1 if x.ndim == 1 else x.shape[0])
+            cols = x.reshape(_fv_rows(x)).shape[1]
             n = min(b - a, cols)
             bar = np.zeros(lead + Ybar.shape[-2:-1] + (cols,), Ybar.dtype)
             bar[..., :n] = Ybar[..., a:a + n]
             bars.append(bar.reshape(lead + x.shape))
         return tuple(bars)
+
+
+def _fv_rows(x):
+    """An input's shape as FeatureVectorizer reads it: (N, columns), a 1-D input one row."""
+    return (1, -1) if x.ndim == 1 else (x.shape[0], -1)
 
 
 def _fv_spans(dims):

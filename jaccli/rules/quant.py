@@ -294,13 +294,6 @@ def _nbits_parts(B, scales, zero_points, g_idx, *, K, N, bits, block_size, dtype
     return (q - zp[:, np.arange(K) // block_size]).astype(dtype), s, onehot
 
 
-def _nbits_weight(cx, dtype, attrs):
-    x = padded(cx.x, 6)
-    levels, s, onehot = _nbits_parts(*x[1:5], K=attrs["K"], N=attrs["N"], bits=attrs.get("bits", 4),
-                                     block_size=attrs["block_size"], dtype=dtype)
-    return levels * (s.astype(dtype) @ onehot.T), levels, onehot
-
-
 def _int8_rows(A, block_size):
     """A as onnxruntime's accuracy_level 4 rounds it: each row's blocks of block_size along K to
     int8 levels of max|a| / 127 (in float32), returned dequantized."""
@@ -324,53 +317,55 @@ def _int8_product(attrs, zero_points):
     return attrs.get("accuracy_level") == 4 and kernel and (zero_points is None or np.asarray(zero_points).dtype.kind != "f")
 
 
-def _nbits_a(A, zero_points, attrs):
-    """What the product reads of A: A, or its int8 rounding (see _int8_product)."""
-    return _int8_rows(A, attrs["block_size"]) if _int8_product(attrs, zero_points) else A
+class _NBits:
+    """A MatMulNBits node's parts in `dtype`: the weight W (N, K), its levels less their zero points,
+    each k's block as a one-hot (W = levels * (scales @ onehot.T)), what the product reads of A
+    (A, or its int8 rounding: see _int8_product) and whether that is a rounding."""
+
+    def __init__(self, x, attrs, dtype):
+        A, B, scales, zero_points, g_idx = padded(x, 5)
+        self.levels, s, self.onehot = _nbits_parts(B, scales, zero_points, g_idx, K=attrs["K"], N=attrs["N"],
+                                                   bits=attrs.get("bits", 4), block_size=attrs["block_size"], dtype=dtype)
+        self.W = self.levels * (s.astype(dtype) @ self.onehot.T)
+        self.rounds = _int8_product(attrs, zero_points)
+        self.A = (_int8_rows(A, attrs["block_size"]) if self.rounds else A).astype(dtype)
 
 
 @rule("MatMulNBits", since=1, domain=MS)
 class MatMulNBits:
     """Y = A @ W^T + bias, W (N, K) quantized to `bits` bits in blocks of block_size along K: W[n, k] =
-    (level - zero_point) * scale of k's block (g_idx, if given, names each k's block). The levels
-    are constants: the derivative in A is exact, and in the scales (parameters) and the bias
-    linear. A float zero point is taken as a constant. At accuracy_level 4 onnxruntime rounds
-    A's rows to int8 in blocks for its product (see _int8_product): so does jaccli, and the
-    derivative in A is then zero (piecewise constant; the summary says so), or with
-    --straight-through that of the float product."""
+    (level - zero_point) * scale of k's block. The levels are constants: the derivative in A is
+    exact, and in the scales (parameters) and the bias linear. A float zero point is taken as a
+    constant. At accuracy_level 4 onnxruntime rounds A's rows to int8 in blocks for its product
+    (see _int8_product): so does jaccli, and the derivative in A is then zero (piecewise
+    constant; the summary says so), or with --straight-through that of the float product."""
 
     keeps = True
     nondiff = (1, 3, 4)
     through_a = False
 
     def forward(A, B, scales, zero_points=None, g_idx=None, bias=None, *, K, N, bits=4, block_size, accuracy_level=0):
-        levels, s, onehot = _nbits_parts(B, scales, zero_points, g_idx, K=K, N=N, bits=bits, block_size=block_size,
-                                         dtype=A.dtype)
-        Y = np.matmul(_nbits_a(A, zero_points, dict(bits=bits, block_size=block_size, accuracy_level=accuracy_level)),
-                      (levels * (s.astype(A.dtype) @ onehot.T)).T)
+        attrs = dict(K=K, N=N, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
+        q = _NBits((A, B, scales, zero_points, g_idx), attrs, A.dtype)
+        Y = np.matmul(q.A, q.W.T)
         return Y if bias is None else Y + bias.astype(A.dtype)
 
     def jvp(cx, Adot, Bdot=None, Sdot=None, Zdot=None, Gdot=None, biasdot=None, **attrs):
-        dt = next(t.dtype for t in (Adot, Sdot, biasdot) if t is not None)
-        W, levels, onehot = _nbits_weight(cx, dt, attrs)
-        exact = cx.rule.through_a or not _int8_product(attrs, padded(cx.x, 4)[3])
-        out = np.matmul(Adot, W.T) if Adot is not None and exact else None
+        q = _NBits(cx.x, attrs, next(t.dtype for t in (Adot, Sdot, biasdot) if t is not None))
+        out = np.matmul(Adot, q.W.T) if Adot is not None and (cx.rule.through_a or not q.rounds) else None
         if Sdot is not None:  # W's tangent: each level times its block's scale tangent
             lead = Sdot.ndim - cx.x[2].ndim
-            Wdot = levels * (Sdot.reshape(Sdot.shape[:lead] + (attrs["N"], -1)) @ onehot.T)  # (*lead, N, K)
-            A = _nbits_a(cx.x[0], padded(cx.x, 4)[3], attrs).astype(dt)
-            out = add(out, np.einsum("...k,tnk->t...n", A, Wdot.reshape((-1,) + Wdot.shape[-2:])).reshape(
+            Wdot = q.levels * (Sdot.reshape(Sdot.shape[:lead] + (attrs["N"], -1)) @ q.onehot.T)  # (*lead, N, K)
+            out = add(out, np.einsum("...k,tnk->t...n", q.A, Wdot.reshape((-1,) + Wdot.shape[-2:])).reshape(
                 Sdot.shape[:lead] + cx.y[0].shape))
         return add(out, _bias_jvp(cx, biasdot))
 
     def vjp(cx, Ybar, **attrs):
-        W, levels, onehot = _nbits_weight(cx, Ybar.dtype, attrs)
-        A = _nbits_a(cx.x[0], padded(cx.x, 4)[3], attrs).astype(Ybar.dtype)
-        exact = cx.rule.through_a or not _int8_product(attrs, padded(cx.x, 4)[3])
-        Abar = np.matmul(Ybar, W) if cx.need[0] and exact else None
+        q = _NBits(cx.x, attrs, Ybar.dtype)
+        Abar = np.matmul(Ybar, q.W) if cx.need[0] and (cx.rule.through_a or not q.rounds) else None
         Sbar = None
         if len(cx.x) > 2 and cx.need[2]:
-            lead = cx.lead(Ybar)
+            lead, A = cx.lead(Ybar), q.A
             if cx.keep[2]:  # per sample: rows of one sample together
                 S = A.shape[0]
                 Yf = Ybar.reshape(Ybar.shape[:lead] + (S, -1, Ybar.shape[-1]))
@@ -378,7 +373,7 @@ class MatMulNBits:
             else:
                 Yf = Ybar.reshape(Ybar.shape[:lead] + (-1,) + Ybar.shape[-1:])  # rows: (*lead, rows, N)
                 Wbar = np.einsum("...rn,rk->...nk", Yf, A.reshape(-1, A.shape[-1]))
-            Sbar = ((Wbar * levels) @ onehot).reshape(Wbar.shape[:-2] + cx.x[2].shape)
+            Sbar = ((Wbar * q.levels) @ q.onehot).reshape(Wbar.shape[:-2] + cx.x[2].shape)
         return (Abar, None, Sbar, None, None, _bias_vjp(cx, Ybar, 5))
 
 
