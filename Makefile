@@ -22,10 +22,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# jaccli against torch.func (PyTorch only here: the `bench` extra); results in bench/results.md
+# jaccli against torch.func (PyTorch only here: the `bench` extra); results in bench/results.md.
+# Some machines set OPENBLAS_CORETYPE (and OPENBLAS_L2_SIZE) for old OpenBLAS builds; the
+# benchmark runs numpy's OpenBLAS as it ships, with the kernels it picks for this CPU (the
+# table names them). Tests keep the machine's setting.
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
-	$(BIN)/python bench/bench.py
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python bench/bench.py
 
 # jaccli on every test model the onnx package ships; a table on the terminal and in out/coverage.md
 coverage: $(STAMP)

@@ -181,7 +181,19 @@ def machine_limits():
     t = time.perf_counter()
     warm_buf[...] = 2.0
     warm = size / (time.perf_counter() - t)
-    return {"matmul_flops": flops, "write_fresh": max(fresh), "write_warm": warm}
+    return {"matmul_flops": flops, "write_fresh": max(fresh), "write_warm": warm, "blas": numpy_blas()}
+
+
+def numpy_blas():
+    """numpy's BLAS and the kernels it runs, e.g. "OpenBLAS 0.3.31, SkylakeX kernels" (threadpoolctl)."""
+    from threadpoolctl import threadpool_info
+
+    for lib in threadpool_info():
+        if lib.get("user_api") == "blas" and "numpy" in lib.get("filepath", ""):
+            name = {"openblas": "OpenBLAS", "mkl": "MKL", "blis": "BLIS"}.get(lib["internal_api"], lib["internal_api"])
+            arch = lib.get("architecture")
+            return f"{name} {lib.get('version')}" + (f", {arch} kernels" if arch else "")
+    return "unknown"
 
 
 def work(model_proto, x, kind, k=None):
@@ -372,7 +384,7 @@ def render(limits, rows, bounded):
     lines = [
         f"Machine: {os.cpu_count()} cores, {THREADS} threads for both; float32 matmul peak "
         f"{limits['matmul_flops'] / 1e9:.0f} GFLOP/s; writing fresh memory {limits['write_fresh'] / 1e9:.1f} GB/s "
-        f"(warm {limits['write_warm'] / 1e9:.1f} GB/s). Medians after a warm-up over five alternating rounds; "
+        f"(warm {limits['write_warm'] / 1e9:.1f} GB/s); numpy's BLAS {limits['blas']}. Medians after a warm-up over five alternating rounds; "
         f"a ratio is the median of the ratios within each round; torch {_torch_version()}.",
         "",
         "| network | Jacobian | N | jaccli | torch.func | jaccli / torch | target | x limit | peak MiB jaccli / torch | agree |",
@@ -415,6 +427,9 @@ def main():
     if args.memory_child:
         memory_child(*args.memory_child)
         return
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        print(f"note: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} is set, so numpy's OpenBLAS runs those "
+              "kernels, not the ones it would choose for this CPU (make bench unsets it)", file=sys.stderr)
     import tempfile
 
     if args.bounded_only:
