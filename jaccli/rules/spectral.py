@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import rule
+from ..errors import ModelError
 from ._util import padded, unbroadcast
 
 
@@ -202,3 +203,37 @@ def _overlap_add(F, T, step):
         for k in range(n):
             S[..., k : k + step * (frames - 1) + 1 : step] += F[..., k]
     return S
+
+
+@rule("MelWeightMatrix", since=17)
+class MelWeightMatrix:
+    """The (dft_length // 2 + 1, num_mel_bins) matrix of triangular filters that maps a one-sided
+    spectrum to mel bins (a spectrogram's front end: STFT, magnitude, this matrix). The bins'
+    edges are evenly spaced in mel, 2595 log10(1 + f / 700), from lower_edge_hertz up, and
+    floored to DFT bins at (dft_length + 1) f / sample_rate, as the ONNX reference and
+    onnxruntime compute them. Every input is a scalar, so it has no derivative."""
+
+    nondiff = (0, 1, 2, 3, 4)
+
+    def forward(num_mel_bins, dft_length, sample_rate, lower_edge_hertz, upper_edge_hertz, *, output_datatype=1):
+        from onnx import helper
+
+        mels, n, rate = (int(np.ravel(v)[0]) for v in (num_mel_bins, dft_length, sample_rate))
+        low, high = (float(np.ravel(v)[0]) for v in (lower_edge_hertz, upper_edge_hertz))
+        bins = n // 2 + 1
+        to_mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
+        mel = to_mel(low) + np.arange(mels + 2) * ((to_mel(high) - to_mel(low)) / (mels + 2))
+        edges = (((n + 1) * (700 * (10 ** (mel / 2595) - 1))) // rate).astype(np.int64)
+        ends = [(n + 1) * f // rate for f in (low, high)] if rate > 0 else [-1]  # the edges' own bins
+        if min(ends) < 0 or max(ends) >= bins or edges.min() < 0 or edges.max() >= bins:  # as onnxruntime refuses them
+            raise ModelError(f"MelWeightMatrix: {mels} mel filters from {low:g} to {high:g} Hz at a {rate} Hz sample "
+                             f"rate do not fit the {bins} bins of a {n}-point DFT")
+        W = np.zeros((bins, mels))
+        for i, (left, center, right) in enumerate(zip(edges, edges[1:], edges[2:])):
+            if center == left:
+                W[center, i] = 1
+            else:
+                W[left:center + 1, i] = (np.arange(left, center + 1) - left) / (center - left)
+            if right > center:
+                W[center:right, i] = (right - np.arange(center, right)) / (right - center)
+        return W.astype(helper.tensor_dtype_to_np_dtype(output_datatype))
