@@ -376,6 +376,19 @@ CASES += [
 ]
 
 
+# DeformConv: offsets and mask have a sample axis (a network computes them from its input);
+# normal offsets move samples across pixels and out of the image
+CASES += [
+    Case("DeformConv", [("x", (2, 5, 6)), ("p", (3, 2, 3, 3)), ("x", (18, 5, 6)), ("p", (3,)), ("x", (9, 5, 6))],
+         {"pads": [1, 1, 1, 1]}, opset=19, id="DeformConv-v2-bias-mask"),
+    Case("DeformConv", [("x", (4, 7, 6)), ("p", (4, 2, 3, 2)), ("x", (24, 4, 5)), ("", None), ("x", (12, 4, 5))],
+         {"group": 2, "offset_group": 2, "strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2]}, opset=22,
+         id="DeformConv-groups-strided-dilated"),
+    Case("DeformConv", [("x", (3, 6, 6)), ("p", (6, 1, 3, 3)), ("x", (54, 4, 4)), ("p", (6,))],
+         {"group": 3, "offset_group": 3}, opset=19, id="DeformConv-v1-depthwise"),
+]
+
+
 # GridSample: the grid is a second input with a sample axis; normal values reach beyond [-1, 1], into the padding
 CASES += [
     Case("GridSample", [("x", (2, 4, 5)), ("x", (3, 2, 2))], {"align_corners": 0}, opset=16, id="GridSample-bilinear-zeros"),

@@ -623,7 +623,7 @@ def test_input_formats(tmp_path):
         np.testing.assert_allclose(np.load(out), ref, rtol=1e-5, atol=1e-7)
     out = tmp_path / "one.out.npy"
     assert run(["input", model, str(tmp_path / "one.npy"), "-o", str(out), "-q"]).exit_code == 0
-    np.testing.assert_allclose(np.load(out), ref[:1], rtol=1e-6)
+    np.testing.assert_allclose(np.load(out), ref[:1], rtol=1e-5, atol=1e-7)  # one sample takes other BLAS paths than five
 
 
 def test_stdin_and_stdout_with_runner(tmp_path):

@@ -64,13 +64,13 @@ def test_a_time_major_output_gives_the_batch_first_jacobians(inside):
     want = jaccli.input_jacobian(batch_first(), X)
     r = jaccli.input_jacobian(time_major(inside), X, return_result=True)
     assert r.value.shape == (4, 3, 5, 3, 4) == want.shape
-    np.testing.assert_allclose(r.value, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(r.value, want, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(r.outputs, np.tanh(X @ W + B), rtol=1e-6)  # the outputs, samples first too
     assert any("carries the samples on axis 1" in n for n in r.notes), r.notes
     G_want, cols = jaccli.param_jacobian(batch_first(), X)
     G, cols2 = jaccli.param_jacobian(time_major(inside), X)
     assert cols == cols2
-    np.testing.assert_allclose(G, G_want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(G, G_want, rtol=1e-5, atol=1e-7)  # float32 products in another order
 
 
 @pytest.mark.parametrize("params", [False, True])
