@@ -405,12 +405,17 @@ def _as_compute(a, dtype):
 
 
 def _workspace(s, env, n):
-    """Transient elements per sample and direction beyond the outputs (im2col windows)."""
+    """Transient elements per sample and direction beyond the outputs (im2col windows, deformed samples)."""
     if s.node.op_type == "Conv" and len(s.inputs) > 1:
         W = env.get(s.inputs[1])
         Y = env.get(s.outputs[0])
         if W is not None and Y is not None:
             return (Y.size / n) / W.shape[0] * W[0].size
+    if s.node.op_type == "DeformConv":
+        X, W, Y = (env.get(v) for v in (s.inputs[0], s.inputs[1], s.outputs[0]))
+        if X is not None and W is not None and Y is not None:
+            # its columns, C * K * O per sample, three times: the samples, a corner's term, the masked columns
+            return 3 * X.shape[1] * W[0, 0].size * Y[0, 0].size
     return 0
 
 
@@ -438,7 +443,7 @@ def _flops(s, env, n):
         if op == "Gemm" and s.attrs.get("transA"):
             k = A.shape[0]
         return out * k
-    if op == "Conv":
+    if op in ("Conv", "DeformConv"):
         W = env.get(s.inputs[1])
         return out * (W[0].size if W is not None else 1)
     return out
