@@ -13,7 +13,7 @@ import numpy as np
 
 from . import rule
 from ..errors import ModelError, UnsupportedOpError
-from ._util import add, sum_trailing
+from ._util import add, padded, sum_trailing
 
 
 class _Plan:
@@ -115,6 +115,14 @@ def _columns_adjoint(Ybar, W, p):
     return (Wt @ Yg).reshape(Ybar.shape[:-2] + (s["C"], s["K"], s["O"]))
 
 
+def _masked(p, V, mask):
+    """Samples (*lead, N, C, K, O) times the mask of their offset group (DCN v2), or as they are."""
+    if mask is None:
+        return V
+    s = p.shape
+    return (p.per_group(V) * mask.reshape(s["N"], s["Go"], 1, s["K"], s["O"])).reshape(V.shape)
+
+
 @rule("DeformConv", since=19)
 class DeformConv:
     """Y = B + conv(columns, W), columns[n, c, k, o] = mask[n, c's offset group, k, o] times X[n, c]
@@ -127,39 +135,32 @@ class DeformConv:
     def forward(X, W, offset, B=None, mask=None, *, dilations=None, group=1, kernel_shape=None, offset_group=1,
                 pads=None, strides=None):
         p = _Plan(X, W, offset, **_attrs(X, W, dilations, group, kernel_shape, offset_group, pads, strides))
-        cols = DeformConv.columns(p, X, mask)
+        cols = _masked(p, p.sample(X), mask)
         Y = _convolve(cols, W, p)
         if B is not None:
             Y = Y + B.reshape(-1, 1)
         return Y.reshape(Y.shape[:2] + p.shape["out"]).astype(X.dtype, copy=False)
 
-    def columns(p, X, mask, V=None):
-        V = p.sample(X) if V is None else V
-        if mask is None:
-            return V
-        return (p.per_group(V) * mask.reshape(p.shape["N"], p.shape["Go"], 1, p.shape["K"], p.shape["O"])).reshape(V.shape)
-
     def jvp(cx, Xdot, Wdot, Odot, Bdot=None, Mdot=None, *, dilations=None, group=1, kernel_shape=None, offset_group=1,
             pads=None, strides=None):
-        X, W, offset = cx.x[:3]
-        mask = cx.x[4] if len(cx.x) > 4 else None
+        X, W, offset, _, mask = padded(cx.x, 5)
         p = _Plan(X, W, offset, **_attrs(X, W, dilations, group, kernel_shape, offset_group, pads, strides))
         s = p.shape
         V = p.sample(X)
         cols_dot = None
         if Xdot is not None:
-            cols_dot = DeformConv.columns(p, Xdot, mask, p.sample(Xdot))
+            cols_dot = _masked(p, p.sample(Xdot), mask)
         if Odot is not None:  # the samples move: their slopes along h and w times the offsets' tangents
             O = Odot.reshape(Odot.shape[:-3] + (s["Go"], s["K"], 2, s["O"]))
             moved = add(*(p.per_group(p.sample(X, 2 + a)) * O[..., None, :, a, :] for a in (0, 1)))
-            cols_dot = add(cols_dot, DeformConv.columns(p, None, mask, moved.reshape(moved.shape[:-4] + V.shape[-3:])))
+            cols_dot = add(cols_dot, _masked(p, moved.reshape(moved.shape[:-4] + V.shape[-3:]), mask))
         if Mdot is not None:
             Md = Mdot.reshape(Mdot.shape[:-3] + (s["Go"], 1, s["K"], s["O"]))
             cols_dot = add(cols_dot, (p.per_group(V) * Md).reshape(Mdot.shape[:-4] + V.shape))
         out = None if cols_dot is None else _convolve(cols_dot, W, p)
         if Wdot is not None:  # the same kernel tangent for every sample
             g = s["g"]
-            cols = DeformConv.columns(p, X, mask, V).reshape(s["N"], g, -1, s["O"])
+            cols = _masked(p, V, mask).reshape(s["N"], g, -1, s["O"])
             Wd = Wdot.reshape((-1, g, s["M"] // g, cols.shape[2]))
             Yw = np.einsum("tgmk,ngko->tngmo", Wd, cols, optimize=True)
             out = add(out, Yw.reshape(Wdot.shape[:-4] + (s["N"], s["M"], s["O"])))
@@ -171,10 +172,8 @@ class DeformConv:
         return out
 
     def vjp(cx, Ybar, *, dilations=None, group=1, kernel_shape=None, offset_group=1, pads=None, strides=None):
-        X, W, offset = cx.x[:3]
-        mask = cx.x[4] if len(cx.x) > 4 else None
-        need = tuple(cx.need) + (False,) * (5 - len(cx.need))
-        keep = tuple(cx.keep) + (False,) * (5 - len(cx.keep))
+        X, W, offset, B, mask = padded(cx.x, 5)
+        need, keep = padded(cx.need, 5, False), padded(cx.keep, 5, False)
         if keep[0] or keep[2] or keep[4]:
             raise UnsupportedOpError("DeformConv: per-sample cotangents of an input, offset or mask held as a "
                                      "parameter are not supported (of the kernel and bias they are)")
@@ -186,22 +185,21 @@ class DeformConv:
         V = p.sample(X)
         bars = [None] * 5
         if need[1]:
-            cols = DeformConv.columns(p, X, mask, V).reshape(s["N"], s["g"], -1, s["O"])  # (N, g, Cg*K, O)
+            cols = _masked(p, V, mask).reshape(s["N"], s["g"], -1, s["O"])  # (N, g, Cg*K, O)
             Yg = Yb.reshape(Yb.shape[0], s["N"], s["g"], s["M"] // s["g"], s["O"])
             if keep[1]:
                 Wb = Yg @ np.swapaxes(cols, -1, -2)  # (L, N, g, Mg, Cg*K)
                 bars[1] = Wb.reshape(head + (s["N"],) + W.shape)
             else:
                 bars[1] = np.einsum("lngmo,ngko->lgmk", Yg, cols, optimize=True).reshape(head + W.shape)
-        if len(cx.x) > 3 and cx.x[3] is not None and need[3]:
+        if B is not None and need[3]:
             Bb = sum_trailing(Yb, (-1,), keepdims=False)  # (L, N, M)
             bars[3] = (Bb if keep[3] else Bb.sum(axis=1)).reshape(head + ((s["N"],) if keep[3] else ()) + (s["M"],))
         if need[0] or need[2] or need[4]:
             Cbar = _columns_adjoint(Yb, W, p)  # (L, N, C, K, O)
             if need[4] and mask is not None:
                 bars[4] = (p.per_group(Cbar) * p.per_group(V)).sum(axis=-3).reshape(head + mask.shape)
-            if mask is not None:
-                Cbar = DeformConv.columns(p, None, mask, Cbar)
+            Cbar = _masked(p, Cbar, mask)
             if need[0]:
                 bars[0] = p.scatter(Cbar).reshape(head + X.shape)
             if need[2]:
