@@ -1135,6 +1135,57 @@ class TopK1(TopK):
         return TopK.vjp(cx, Ybar, axis=axis)[:1]
 
 
+@rule("Unique", since=11)
+class Unique:
+    """(Y, indices, inverse_indices, counts): the distinct elements of X (flattened, or its
+    distinct slices along `axis`), ascending (lexicographically for slices) or, with sorted=0,
+    in the order they first occur; where each first occurs, where each element of X went, and
+    how often each occurs. Y is X gathered at `indices`, so its derivatives are a gather and a
+    scatter there; the rest are integers. Y's size depends on the values: a model that applies
+    Unique across its samples mixes them."""
+
+    n_diff_outputs = 1
+
+    def forward(X, *, axis=None, sorted=1):
+        a = X.reshape(-1) if axis is None else np.moveaxis(X, axis % X.ndim, 0)
+        Y, first, inverse, counts = np.unique(a, return_index=True, return_inverse=True, return_counts=True,
+                                              axis=None if axis is None else 0)
+        if not sorted:  # in the order of first occurrence
+            order = np.argsort(first, kind="stable")
+            rank = np.empty_like(order)
+            rank[order] = np.arange(order.size)
+            Y, first, counts, inverse = Y[order], first[order], counts[order], rank[np.ravel(inverse)]
+        if axis is not None:
+            Y = np.moveaxis(Y, 0, axis % X.ndim)
+        return Y, first.astype(np.int64), np.ravel(inverse).astype(np.int64), counts.astype(np.int64)
+
+    def first(cx, axis, sorted):
+        """Where each distinct element first occurs: the node's second output, or found again."""
+        return cx.y[1] if len(cx.y) > 1 and cx.y[1] is not None else Unique.forward(cx.x[0], axis=axis, sorted=sorted)[1]
+
+    def jvp(cx, Xdot, *, axis=None, sorted=1):
+        X, first = cx.x[0], Unique.first(cx, axis, sorted)
+        lead = Xdot.ndim - X.ndim
+        if axis is None:
+            return Xdot.reshape(Xdot.shape[:lead] + (-1,))[..., first]
+        return np.take(Xdot, first, axis=lead + axis % X.ndim)
+
+    def vjp(cx, Ybar, *, axis=None, sorted=1):
+        need_no_keep(cx, "Unique")
+        X, first = cx.x[0], Unique.first(cx, axis, sorted)
+        lead = cx.lead(Ybar)
+        if axis is None:
+            Xb = np.zeros(Ybar.shape[:lead] + (X.size,), Ybar.dtype)
+            Xb[..., first] = Ybar
+            return (Xb.reshape(Ybar.shape[:lead] + X.shape),)
+        a = lead + axis % X.ndim
+        Xb = np.zeros(Ybar.shape[:lead] + X.shape, Ybar.dtype)
+        index = [slice(None)] * Xb.ndim
+        index[a] = first
+        Xb[tuple(index)] = Ybar  # first occurrences are distinct: no two land on one place
+        return (Xb,)
+
+
 class _ArgReduce:
     nondiff = (0,)
 
