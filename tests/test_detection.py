@@ -1,6 +1,7 @@
-"""Object detection's operators: NonMaxSuppression and RoiAlign against onnxruntime, RoiAlign's
-derivatives against differences, and a small two-stage detector (boxes kept by
-NonMaxSuppression, their features pooled by RoiAlign) through the CLI."""
+"""Object detection's operators: NonMaxSuppression, RoiAlign and MaxRoiPool against onnxruntime,
+RoiAlign's and MaxRoiPool's derivatives against differences, a small two-stage detector
+(boxes kept by NonMaxSuppression, their features pooled by RoiAlign) and a Fast R-CNN head
+(MaxRoiPool over given boxes) through the CLI."""
 
 import json
 
@@ -10,7 +11,7 @@ import pytest
 from gradcheck import check_rule
 from onnx import TensorProto, helper, numpy_helper
 
-from jaccli.rules.detection import NonMaxSuppression, RoiAlign
+from jaccli.rules.detection import MaxRoiPool, NonMaxSuppression, RoiAlign
 
 
 def _session(node, inputs, opset, out=TensorProto.FLOAT):
@@ -159,6 +160,72 @@ def test_a_two_stage_detector_through_the_cli(tmp_path):
     r = CliRunner().invoke(main, ["params", *args, "-o", str(tmp_path / "G.npy"), "-q"])
     assert r.exit_code == 0, r.output
     assert np.load(tmp_path / "G.npy").shape == (1, 3, 4, 2, 2, 4 * 3 * 3 * 3 + 4 * 12 + 4 * 4 + 12 * 4)
+    for kind in ([], ["--params"]):
+        r = CliRunner().invoke(main, ["check", *args, *kind, "--json"])
+        assert r.exit_code == 0, r.output
+        report = json.loads(r.output)
+        assert report["ok"] and report["rows"][0]["max_abs"] > 0.01, report
+
+
+def _roi_pool_case(rng, trial):
+    N, C, H, W, R = (int(v) for v in (rng.integers(1, 3), rng.integers(1, 4), rng.integers(2, 12), rng.integers(2, 12),
+                                      rng.integers(1, 6)))
+    scale = [1.0, 0.5, 0.25, 2.0][trial % 4]
+    corner = rng.uniform(-4, max(H, W) / scale + 4, (R, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(-2, 10, (R, 2)) / scale], 1)
+    if trial % 3 == 0:
+        boxes = np.round(boxes * 2) / 2  # corners at halves: rounding's ties
+    rois = np.concatenate([rng.integers(0, N, (R, 1)), boxes], 1).astype(np.float32)
+    return (N, C, H, W), rois, [int(rng.integers(1, 4)), int(rng.integers(1, 4))], scale
+
+
+def test_max_roi_pool_is_onnxruntimes():
+    """Boxes inside, across and beyond the image's edges (empty bins give 0), malformed ones,
+    corners at halves, tied pixels: the same values."""
+    rng = np.random.default_rng(4)
+    for trial in range(150):
+        shape, rois, pooled, scale = _roi_pool_case(rng, trial)
+        X = rng.standard_normal(shape).astype(np.float32)
+        if trial % 5 == 0:
+            X = np.round(X)  # ties: the first in the scan wins
+        node = helper.make_node("MaxRoiPool", ["X", "rois"], ["Y"], pooled_shape=pooled, spatial_scale=scale)
+        ref = _session(node, [("X", TensorProto.FLOAT), ("rois", TensorProto.FLOAT)], 11).run(None, {"X": X, "rois": rois})[0]
+        ours = MaxRoiPool.forward(X, rois, pooled_shape=pooled, spatial_scale=scale)
+        assert ours.shape == ref.shape and np.array_equal(ours, ref), trial
+
+
+def test_max_roi_pool_differentiates_in_the_features():
+    rng = np.random.default_rng(5)
+    for trial in range(6):
+        shape, rois, pooled, scale = _roi_pool_case(rng, trial)
+        X = rng.permutation(np.prod(shape)).reshape(shape) / np.prod(shape)  # distinct: no ties
+        check_rule(MaxRoiPool, [X, rois], {"pooled_shape": pooled, "spatial_scale": scale}, [0], rng)
+
+
+def test_a_fast_rcnn_head_through_the_cli(tmp_path):
+    """One image, features by a convolution, MaxRoiPool over three given boxes (one partly
+    outside), a linear layer per box: the Jacobians pass onnxruntime's differences."""
+    import onnx
+    from click.testing import CliRunner
+
+    from jaccli.cli import main
+
+    rng = np.random.default_rng(8)
+    rois = np.array([[0, 1, 1, 6, 5], [0, 3, 0, 9, 9], [0, 6, 6, 12, 11]], np.float32)
+    inits = {"w": rng.standard_normal((4, 3, 3, 3)) * 0.3, "rois": rois, "fc": rng.standard_normal((16, 5)),
+             "axes0": np.array([0]), "flat": np.array([3, 16])}
+    inits = [numpy_helper.from_array(v.astype(np.float32) if v.dtype.kind == "f" else v, k) for k, v in inits.items()]
+    n = helper.make_node
+    nodes = [n("Unsqueeze", ["image", "axes0"], ["x"]), n("Conv", ["x", "w"], ["feat"], pads=[1, 1, 1, 1]),
+             n("MaxRoiPool", ["feat", "rois"], ["pooled"], pooled_shape=[2, 2]), n("Reshape", ["pooled", "flat"], ["f"]),
+             n("MatMul", ["f", "fc"], ["y"])]
+    g = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [3, 10, 10])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, tmp_path / "head.onnx")
+    np.save(tmp_path / "image.npy", rng.uniform(0, 1, (3, 10, 10)).astype(np.float32))
+    args = [str(tmp_path / "head.onnx"), str(tmp_path / "image.npy"), "--sample-axis", "image=none"]
     for kind in ([], ["--params"]):
         r = CliRunner().invoke(main, ["check", *args, *kind, "--json"])
         assert r.exit_code == 0, r.output

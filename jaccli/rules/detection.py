@@ -1,13 +1,14 @@
 """Object detection's operators: NonMaxSuppression (which boxes to keep: indices, not
-differentiated) and RoiAlign (features pooled over boxes: bilinear, differentiable in the
-features and in the boxes' coordinates)."""
+differentiated), RoiAlign (features pooled over boxes: bilinear, differentiable in the
+features and in the boxes' coordinates) and MaxRoiPool (Fast R-CNN's: the largest feature of
+each bin of a box rounded to pixels; differentiable in the features)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from . import rule
-from ..errors import UnsupportedOpError
+from ..errors import ModelError, UnsupportedOpError
 from ._util import need_no_keep
 
 
@@ -240,3 +241,70 @@ class RoiAlign:
             slopes = _roi_gather(X.reshape(1, -1), taps, base, lambda t: t[2])[:, 0]  # (4, R, C, P)
             Rbar = np.einsum("lrcp,jrcp->lrj", Yb, slopes).reshape(lead + rois.shape).astype(Ybar.dtype)
         return Xbar, Rbar, None
+
+
+# ---- MaxRoiPool: Fast R-CNN's pooling, the largest element of each bin of a rounded box --------
+
+
+def _roi_pool_argmax(X, rois, pooled_shape, spatial_scale):
+    """For each box, channel and bin: the flat index into X of the element that wins (the first
+    largest, row by row, as onnxruntime scans), or -1 for an empty bin. The box's corners are
+    rounded (half away from zero), a malformed box taken as one pixel, and the bins' edges
+    found in float32, as onnxruntime's kernel does."""
+    N, C, H, W = X.shape
+    ph, pw = (int(v) for v in pooled_shape)
+    f32 = np.float32
+    r = rois.astype(f32)
+    batch = r[:, 0].astype(np.int64)
+    if batch.size and (batch.min() < 0 or batch.max() >= N):
+        raise ModelError(f"MaxRoiPool: a box's batch index is outside the input's {N} images")
+    corners = r[:, 1:5] * f32(spatial_scale)
+    x1, y1, x2, y2 = (np.sign(corners[:, k]) * np.floor(np.abs(corners[:, k]) + f32(0.5)) for k in range(4))
+    at = np.full((len(r), C, ph, pw), -1, np.int64)
+    for i in range(len(r)):
+        start_h, start_w = int(y1[i]), int(x1[i])
+        bin_h = f32(max(int(y2[i]) - start_h + 1, 1)) / f32(ph)
+        bin_w = f32(max(int(x2[i]) - start_w + 1, 1)) / f32(pw)
+        image = X[batch[i]].reshape(C, -1)
+        for a in range(ph):
+            h0 = min(max(int(np.floor(f32(a) * bin_h)) + start_h, 0), H)
+            h1 = min(max(int(np.ceil(f32(a + 1) * bin_h)) + start_h, 0), H)
+            for b in range(pw):
+                w0 = min(max(int(np.floor(f32(b) * bin_w)) + start_w, 0), W)
+                w1 = min(max(int(np.ceil(f32(b + 1) * bin_w)) + start_w, 0), W)
+                if h1 > h0 and w1 > w0:
+                    cells = (np.arange(h0, h1)[:, None] * W + np.arange(w0, w1)).ravel()
+                    at[i, :, a, b] = batch[i] * C * H * W + np.arange(C) * H * W + cells[np.argmax(image[:, cells], axis=1)]
+    return at
+
+
+@rule("MaxRoiPool", since=1)
+class MaxRoiPool:
+    """Y[r, c] = the largest element of X[batch, c] in each of pooled_shape bins of box
+    rois[r] = (batch, x1, y1, x2, y2) (times spatial_scale, rounded to pixels); 0 for a bin
+    outside the image. A max: its derivative goes to the element that won. The boxes are
+    rounded, so nothing flows to them."""
+
+    nondiff = (1,)
+
+    def forward(X, rois, *, pooled_shape, spatial_scale=1.0):
+        at = _roi_pool_argmax(X, rois, pooled_shape, spatial_scale)
+        return np.where(at >= 0, X.reshape(-1)[np.maximum(at, 0)], 0).astype(X.dtype)
+
+    def jvp(cx, Xdot, _=None, *, pooled_shape, spatial_scale=1.0):
+        X, rois = cx.x
+        at = _roi_pool_argmax(X, rois, pooled_shape, spatial_scale)
+        lead = Xdot.shape[: Xdot.ndim - 4]
+        flat = Xdot.reshape(lead + (-1,))
+        return np.where(at >= 0, flat[..., np.maximum(at, 0)], 0).astype(Xdot.dtype)
+
+    def vjp(cx, Ybar, *, pooled_shape, spatial_scale=1.0):
+        need_no_keep(cx, "MaxRoiPool")
+        X, rois = cx.x
+        at = _roi_pool_argmax(X, rois, pooled_shape, spatial_scale)
+        lead = Ybar.shape[: Ybar.ndim - 4]
+        L = int(np.prod(lead))
+        won = at >= 0
+        rows = (np.arange(L) * X.size)[:, None]
+        flat = np.bincount((rows + at[won]).ravel(), Ybar.reshape(L, -1)[:, won.ravel()].ravel(), minlength=L * X.size)
+        return flat.astype(Ybar.dtype).reshape(lead + X.shape), None
