@@ -75,10 +75,13 @@ class Plan:
                 steps.append(step)
         self.steps = steps = self._pool_before_activation(self._fold_batchnorm(steps))
 
-        # values with the sample axis: graph inputs and all that depends on them (shapes too)
+        # values with the sample axis: graph inputs and all that depends on them (shapes too), but
+        # for steps whose output has one only if their data has (slices, pieces, paddings: rules'
+        # batch_from_data), where what is read from a shape is their bounds, not a sample axis
         batched = set(data_inputs) - set(unbatched)
         for s in steps:
-            if any(v in batched for v in s.inputs if v):
+            by_data = getattr(s.rule, "batch_from_data", False)
+            if any(v in batched for k, v in enumerate(s.inputs) if v and not (by_data and k in s.rule.nondiff)):
                 batched.update(s.outputs)
         self.batched = batched
         for s in steps:  # rules that run sub-graphs need to know which of their inputs have a sample axis

@@ -9,6 +9,7 @@ from onnx import load as onnx_load
 
 import jaccli
 import jaccli.errors
+from gradcheck import N, check_whole_model, one_input_model
 from jaccli.errors import DataError
 
 
@@ -745,3 +746,25 @@ def test_a_parameter_jacobian_of_one_sample_where_the_graph_bakes_a_batch_of_one
     G, cols = jaccli.param_jacobian(m, data)
     f = np.tanh(data.reshape(1, 12))
     np.testing.assert_allclose(G[0], np.einsum("ij,k->ijk", np.eye(3), f[0]).reshape(3, 36), rtol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["Slice", "Split", "Pad"])
+def test_a_parameter_cut_to_the_inputs_length(op):
+    """A table cut to the sequence's length, read from the input's shape (a positional
+    embedding; an ONNX function's rotary cache cut to the head size): the cut has no sample
+    axis, so the per-sample cotangent forms where it meets the input. Against differences."""
+    rng = np.random.default_rng(4)
+    n = helper.make_node
+    nodes = [n("Shape", ["x"], ["shape"]), n("Gather", ["shape", "one"], ["S"]), n("Sub", ["ten", "S"], ["rest"])]
+    if op == "Slice":
+        nodes.append(n("Slice", ["P", "zero", "S", "zero"], ["cut"]))
+    elif op == "Split":
+        nodes += [n("Concat", ["S", "rest"], ["sizes"], axis=0), n("Split", ["P", "sizes"], ["cut", "unused"], axis=0)]
+    else:  # a short table padded up to the input's length
+        nodes += [n("Sub", ["S", "four"], ["grow"]), n("Concat", ["zero", "zero", "grow", "zero"], ["pads"], axis=0),
+                  n("Slice", ["P", "zero", "four", "zero"], ["short"]), n("Pad", ["short", "pads"], ["cut"])]
+    nodes += [n("Mul", ["x", "cut"], ["xp"]), n("Tanh", ["xp"], ["y"])]
+    inits = {"P": rng.standard_normal((10, 3)).astype(np.float32), "zero": np.array([0]), "one": np.array([1]),
+             "ten": np.array([10]), "four": np.array([4])}
+    model = one_input_model(nodes, inits, (6, 3), opset=13)
+    assert check_whole_model(model, rng.standard_normal((N, 6, 3)).astype(np.float32)) == ["P"]

@@ -72,6 +72,7 @@ class Flatten(_Reshaping):
 
 class _AxesReshaping(_Reshaping):
     nondiff = (1,)
+    batch_from_data = True  # see _SliceBase
 
 
 @rule("Squeeze", since=1)
@@ -457,6 +458,10 @@ def _slices(shape, starts, ends, axes=None, steps=None):
 class _SliceBase:
     """Linear: tangents are sliced alike; the VJP writes the cotangent into zeros."""
 
+    # the output has a sample axis only if the data has: bounds computed from a batched
+    # value's shape (an ONNX function's head size) do not give a parameter's slice one
+    batch_from_data = True
+
     def jvp(cx, Xdot, *_, **attrs):
         return Xdot[cx.rule.index(cx.x, attrs)]
 
@@ -522,6 +527,8 @@ def _split_sizes(n, split, num_outputs, count):
 class _SplitBase:
     """Outputs are consecutive pieces of the input along `axis`."""
 
+    batch_from_data = True  # see _SliceBase
+
     n_diff_outputs = None  # every output carries a cotangent
 
     def piece_axis(x, *, axis=0, **attrs):
@@ -568,6 +575,8 @@ def _split(X, axis, split, num_outputs, count):
 class _PadBase:
     """Linear in data: the tangent is padded as the data is (with zeros for a constant), the
     cotangent goes through the adjoint, axis by axis."""
+
+    batch_from_data = True  # see _SliceBase
 
     def jvp(cx, Xdot, *_, **attrs):
         pads, mode = cx.rule.geometry(cx.x, attrs)
