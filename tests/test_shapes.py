@@ -748,7 +748,7 @@ def test_a_parameter_jacobian_of_one_sample_where_the_graph_bakes_a_batch_of_one
     np.testing.assert_allclose(G[0], np.einsum("ij,k->ijk", np.eye(3), f[0]).reshape(3, 36), rtol=1e-6)
 
 
-@pytest.mark.parametrize("op", ["Slice", "Split", "Pad"])
+@pytest.mark.parametrize("op", ["Slice", "Split", "Pad", "Reshape"])
 def test_a_parameter_cut_to_the_inputs_length(op):
     """A table cut to the sequence's length, read from the input's shape (a positional
     embedding; an ONNX function's rotary cache cut to the head size): the cut has no sample
@@ -760,11 +760,14 @@ def test_a_parameter_cut_to_the_inputs_length(op):
         nodes.append(n("Slice", ["P", "zero", "S", "zero"], ["cut"]))
     elif op == "Split":
         nodes += [n("Concat", ["S", "rest"], ["sizes"], axis=0), n("Split", ["P", "sizes"], ["cut", "unused"], axis=0)]
+    elif op == "Reshape":  # a flat table viewed as (S, 3)
+        nodes += [n("Concat", ["S", "three"], ["rows"], axis=0), n("Slice", ["P", "zero", "six", "zero"], ["first"]),
+                  n("Reshape", ["first", "rows"], ["cut"])]
     else:  # a short table padded up to the input's length
         nodes += [n("Sub", ["S", "four"], ["grow"]), n("Concat", ["zero", "zero", "grow", "zero"], ["pads"], axis=0),
                   n("Slice", ["P", "zero", "four", "zero"], ["short"]), n("Pad", ["short", "pads"], ["cut"])]
     nodes += [n("Mul", ["x", "cut"], ["xp"]), n("Tanh", ["xp"], ["y"])]
     inits = {"P": rng.standard_normal((10, 3)).astype(np.float32), "zero": np.array([0]), "one": np.array([1]),
-             "ten": np.array([10]), "four": np.array([4])}
+             "ten": np.array([10]), "four": np.array([4]), "three": np.array([3]), "six": np.array([6])}
     model = one_input_model(nodes, inits, (6, 3), opset=13)
     assert check_whole_model(model, rng.standard_normal((N, 6, 3)).astype(np.float32)) == ["P"]

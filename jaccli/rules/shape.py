@@ -40,6 +40,7 @@ class _Reshaping:
     """Ops that only reinterpret the shape of input 0: tangent and cotangent are reshaped."""
 
     keeps = False
+    batch_from_data = True  # see _SliceBase
 
     def jvp(cx, Xdot, *_, **__):
         return _to_shape(Xdot, cx)
@@ -72,7 +73,6 @@ class Flatten(_Reshaping):
 
 class _AxesReshaping(_Reshaping):
     nondiff = (1,)
-    batch_from_data = True  # see _SliceBase
 
 
 @rule("Squeeze", since=1)
