@@ -657,3 +657,121 @@ class MsRotaryEmbedding:
         X, pos, cos, sin = cx.x  # a rotation's transpose is the rotation back: the angles negated
         return (MsRotaryEmbedding._apply(Ybar, X, pos, cos, -sin, interleaved, num_heads, rotary_embedding_dim,
                                          is_packed_batching), None, None, None)
+
+
+class _Gqa:
+    """A GroupQueryAttention node's prompt: Q (B, Hq, S, D), K and V (B, Hkv, S, D) from its
+    query, key and value (or a packed query), turned by the rotary caches if do_rotary, and
+    the attention of each query head with key and value head h // (Hq / Hkv), causal and
+    within the local window. Only a prompt: no past state, every sequence S long."""
+
+    def __init__(self, x, attrs):
+        q, k, v, past_k, past_v, seqlens, total, cos, sin = padded(x, 9)
+        if any(e is not None for e in x[9:]):
+            raise UnsupportedOpError("GroupQueryAttention with position_ids, attention_bias, head_sink, quantized or "
+                                     "normalised keys is not supported")
+        for a in ("softcap", "smooth_softmax", "qk_output", "k_quant_type", "v_quant_type", "kv_cache_bit_width",
+                  "sliding_window_cache"):
+            if attrs.get(a) not in (None, 0, 0.0, "NONE", ""):
+                raise UnsupportedOpError(f"GroupQueryAttention with {a}={attrs[a]} is not supported")
+        if not attrs.get("causal", 1):
+            raise UnsupportedOpError("GroupQueryAttention with causal=0 is not supported")
+        self.h, self.hkv = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
+        self.packed = k is None
+        S = q.shape[1]
+        if any(p is not None and p.shape[2] for p in (past_k, past_v)) or int(np.ravel(total)[0]) != S \
+                or (np.asarray(seqlens) != S - 1).any():
+            raise UnsupportedOpError("GroupQueryAttention with a past state or padded sequences (a decoder's later "
+                                     "steps) is not supported; a prompt is: no past, seqlens_k = S - 1")
+        self.rotary = None
+        if attrs.get("do_rotary"):
+            rd = 2 * cos.shape[-1]
+            self.rotary = (cos[:S][None, None], sin[:S][None, None], rd, int(attrs.get("rotary_interleaved", 0)))
+        Q, K, V = self.heads(q, k, v)
+        self.K, self.V = K, V
+        r = self.h // self.hkv
+        i, j = np.arange(S)[:, None], np.arange(S)[None]
+        keep = j <= i
+        window = int(attrs.get("local_window_size", -1))
+        if window > 0:
+            keep &= j > i - window
+        mask = np.where(keep, Q.dtype.type(0), Q.dtype.type(-np.inf))
+        s = Q.dtype.type(attrs.get("scale") or 1 / np.sqrt(Q.shape[-1]))
+        self.core = _Scores(Q, np.repeat(K, r, axis=-3), np.repeat(V, r, axis=-3), s, mask, None)
+
+    def turn(self, H, back=False):
+        """Heads turned by the rotary angles of their positions (back: the transpose)."""
+        if self.rotary is None or H is None:
+            return H
+        cos, sin, rd, interleaved = self.rotary
+        return _rotate(H, cos.astype(H.dtype), (-sin if back else sin).astype(H.dtype), rd, interleaved)
+
+    def heads(self, q, k, v):
+        """Q, K, V by head (turned) from the inputs or their tangents (any None)."""
+        if self.packed and q is not None:
+            D = q.shape[-1] // (self.h + 2 * self.hkv)
+            q, k, v = q[..., :self.h * D], q[..., self.h * D:(self.h + self.hkv) * D], q[..., (self.h + self.hkv) * D:]
+        Q = None if q is None else self.turn(_heads(q, self.h))
+        K = None if k is None else self.turn(_heads(k, self.hkv))
+        return Q, K, None if v is None else _heads(v, self.hkv)
+
+    def repeat(self, G):
+        return None if G is None else np.repeat(G, self.h // self.hkv, axis=-3)
+
+    def fold(self, G):
+        """The cotangent of K or V by head from that of their repeats."""
+        r = self.h // self.hkv
+        return G.reshape(G.shape[:-3] + (self.hkv, r) + G.shape[-2:]).sum(axis=-3)
+
+
+@rule("GroupQueryAttention", since=1, domain=MS)
+class GroupQueryAttention:
+    """Grouped-query attention as onnxruntime's LLM exports and its transformer optimizer fuse
+    it (LLaMA, Mistral, Phi, Qwen): each query head attends, causally and within
+    local_window_size, to key and value head h // (num_heads / kv_num_heads), after rotary
+    embeddings of the queries and keys if do_rotary; the query may pack Q, K and V. Outputs
+    the attention (B, S, num_heads * D) and present_key and present_value (K turned, V by
+    head). A prompt only: no past state, every sequence full (seqlens_k = S - 1); no softcap."""
+
+    nondiff = tuple(range(3, 17))
+    n_diff_outputs = None  # present_key and present_value too
+
+    def forward(query, key=None, value=None, *rest, num_heads, kv_num_heads, scale=0.0, softcap=0.0, local_window_size=-1,
+                do_rotary=0, rotary_interleaved=0, smooth_softmax=0, causal=1, qk_output=0, k_quant_type="NONE",
+                v_quant_type="NONE", kv_cache_bit_width=0, sliding_window_cache=0, q_norm_epsilon=None,
+                k_norm_epsilon=None, qk_norm_epsilon=None, n_outputs=1):
+        attrs = dict(num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, softcap=softcap,
+                     local_window_size=local_window_size, do_rotary=do_rotary, rotary_interleaved=rotary_interleaved,
+                     smooth_softmax=smooth_softmax, causal=causal, qk_output=qk_output, k_quant_type=k_quant_type,
+                     v_quant_type=v_quant_type, kv_cache_bit_width=kv_cache_bit_width,
+                     sliding_window_cache=sliding_window_cache)
+        g = _Gqa((query, key, value) + rest, attrs)
+        return (_merge(g.core.O), g.K, g.V)[:max(1, n_outputs)] if n_outputs > 1 else _merge(g.core.O)
+
+    def jvp(cx, qd, kd=None, vd=None, *_, n_outputs=1, **attrs):
+        g = _Gqa(cx.x, attrs)
+        Qd, Kd, Vd = g.heads(qd, kd, vd)
+        Yd = _merge(g.core.jvp(Qd, g.repeat(Kd), g.repeat(Vd), None))
+        if n_outputs == 1:
+            return Yd
+        zeros = np.zeros(Yd.shape[: Yd.ndim - 3] + g.K.shape, Yd.dtype)
+        return (Yd, zeros if Kd is None else Kd, zeros if Vd is None else Vd)[:n_outputs]
+
+    def vjp(cx, Ybar, Kbar=None, Vbar=None, *, n_outputs=1, **attrs):
+        if any(cx.keep):
+            raise UnsupportedOpError("GroupQueryAttention: per-sample cotangents of a query, key or value that is a "
+                                     "parameter are not supported")
+        g = _Gqa(cx.x, attrs)
+        Qb = None
+        if Ybar is not None:
+            Qb, Kb, Vb, _ = g.core.vjp(_heads(Ybar, g.h))
+            Kbar, Vbar = add(g.fold(Kb), Kbar), add(g.fold(Vb), Vbar)
+        Qb, Kbar = g.turn(Qb, back=True), g.turn(Kbar, back=True)
+        qb, kb, vb = (None if G is None else _merge(G) for G in (Qb, Kbar, Vbar))
+        if g.packed:
+            G = next(t for t in (qb, kb, vb) if t is not None)
+            D = G.shape[-1] // (g.h if G is qb else g.hkv)
+            lead = G.shape[:-1]
+            parts = [t if t is not None else np.zeros(lead + (n * D,), G.dtype) for t, n in ((qb, g.h), (kb, g.hkv), (vb, g.hkv))]
+            return (np.concatenate(parts, axis=-1),) + (None,) * (len(cx.x) - 1)
+        return (qb, kb, vb) + (None,) * (len(cx.x) - 3)
