@@ -685,6 +685,9 @@ class _Gqa:
                                      "steps) is not supported; a prompt is: no past, seqlens_k = S - 1")
         self.rotary = None
         if attrs.get("do_rotary"):
+            if cos is None or sin is None or cos.shape[0] < S:
+                raise UnsupportedOpError(f"GroupQueryAttention with do_rotary needs cos_cache and sin_cache of at least "
+                                         f"{S} positions")
             rd = 2 * cos.shape[-1]
             self.rotary = (cos[:S][None, None], sin[:S][None, None], rd, int(attrs.get("rotary_interleaved", 0)))
         Q, K, V = self.heads(q, k, v)
