@@ -74,12 +74,12 @@ def test_a_past_state_is_refused():
 
 
 def attention_layer(output):
-    """x (N, S, 32) -> Q, K, V projections -> GroupQueryAttention (4 query heads, 2 key-value
+    """x (N, S, 8) -> Q, K, V projections -> GroupQueryAttention (4 query heads, 2 key-value
     heads of 16, rotary) with seqlens_k and total_sequence_length read from x -> `output`."""
     rng = np.random.default_rng(3)
     angles = rng.uniform(0, 3, (16, D // 2))
-    inits = {"Wq": rng.standard_normal((32, HQ * D)) * 0.2, "Wk": rng.standard_normal((32, HKV * D)) * 0.2,
-             "Wv": rng.standard_normal((32, HKV * D)) * 0.2, "cos": np.cos(angles), "sin": np.sin(angles),
+    inits = {"Wq": rng.standard_normal((8, HQ * D)) * 0.4, "Wk": rng.standard_normal((8, HKV * D)) * 0.4,
+             "Wv": rng.standard_normal((8, HKV * D)) * 0.4, "cos": np.cos(angles), "sin": np.sin(angles),
              "zero": np.array(0.0), "one": np.array(1.0), "i0": np.array(0), "i1": np.array(1), "ax1": np.array([1])}
     inits = [numpy_helper.from_array(v.astype(np.float32) if v.dtype.kind == "f" else v, k) for k, v in inits.items()]
     n = helper.make_node
@@ -94,7 +94,7 @@ def attention_layer(output):
              n("Concat", ["attn", "kf"], ["both"], axis=-1),  # both reach the output: their cotangents add
              n("Identity", [output], ["y"])]
     inits.append(numpy_helper.from_array(np.array([0, S, HKV * D]), "flat"))
-    m = one_input_model(nodes, inits, (S, 32), opset=17)
+    m = one_input_model(nodes, inits, (S, 8), opset=17)
     m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return m
 
@@ -104,5 +104,5 @@ def test_an_attention_layer_differentiates(output):
     """Forward against onnxruntime; input Jacobian in both modes and the projections'
     per-sample Jacobians against float64 differences (the rotary caches are tables, not
     differentiated; present_key and present_value do not depend on Wq: zero columns)."""
-    x = np.random.default_rng(4).standard_normal((N, S, 32)).astype(np.float32)
+    x = np.random.default_rng(4).standard_normal((N, S, 8)).astype(np.float32)
     assert check_whole_model(attention_layer(output), x) == ["Wq", "Wk", "Wv"]
