@@ -21,7 +21,7 @@ from ..errors import UnsupportedOpError
 from ._util import add, padded
 from .conv import Conv
 from .linalg import MatMul
-from .shape import _FLOAT_TYPES, Cast
+from .shape import _FLOAT_TYPES, Cast, Gather, _wrap
 
 
 @rule("DynamicQuantizeLinear", since=11)
@@ -329,6 +329,61 @@ class _NBits:
         self.W = self.levels * (s.astype(dtype) @ self.onehot.T)
         self.rounds = _int8_product(attrs, zero_points)
         self.A = (_int8_rows(A, attrs["block_size"]) if self.rounds else A).astype(dtype)
+
+
+def _gbq_levels(data, scales, zero_points, bits, block_size, gather_axis, quantize_axis):
+    """A GatherBlockQuantized table's codes less their zero points, (R, C) float, and its block
+    size: uint8 codes of `bits` bits packed low-first along the last axis, zero points packed
+    alike (2^(bits-1) when absent), one scale per row and block of the last axis."""
+    if np.asarray(data).dtype != np.uint8:
+        raise UnsupportedOpError(f"GatherBlockQuantized of {np.asarray(data).dtype} data (int4, uint4, FP8 or FP4) is not "
+                                 f"supported; uint8 codes are")
+    if np.ndim(data) != 2 or gather_axis % 2 != 0 or quantize_axis % 2 != 1 or bits not in (2, 4, 8):
+        raise UnsupportedOpError("GatherBlockQuantized: only a table of rows (2-D) gathered on axis 0 and quantized along "
+                                 "axis 1, in 2, 4 or 8 bits, is supported")
+    R, C = data.shape[0], data.shape[1] * (8 // bits)
+    blocks = -(-C // block_size)
+    if np.shape(scales) != (R, blocks):
+        raise UnsupportedOpError(f"GatherBlockQuantized: scales of shape {np.shape(scales)}, not {(R, blocks)}")
+    zp = np.full((R, blocks), 1 << (bits - 1)) if zero_points is None else _unpack(np.asarray(zero_points), bits, blocks)
+    return _unpack(np.asarray(data), bits, C) - np.repeat(zp, block_size, axis=1)[:, :C], block_size
+
+
+def _per_block(T, block_size, blocks):
+    """(..., C) summed within each block of the last axis: (..., blocks)."""
+    pad = blocks * block_size - T.shape[-1]
+    T = np.concatenate([T, np.zeros(T.shape[:-1] + (pad,), T.dtype)], -1) if pad else T
+    return T.reshape(T.shape[:-1] + (blocks, block_size)).sum(-1)
+
+
+@rule("GatherBlockQuantized", since=1, domain=MS)
+class GatherBlockQuantized:
+    """Y = rows of a block-quantized table at `indices`, dequantized (onnxruntime-genai's int4
+    and int8 embeddings): (codes - zero points) * their block's scale. uint8 codes only. Linear
+    in the scales, which are parameters (per sample too, like an embedding table's); the codes
+    and zero points are integers."""
+
+    nondiff = (0, 1, 3)
+    keeps = True
+
+    def forward(data, indices, scales, zero_points=None, *, bits=4, block_size=128, gather_axis=0, quantize_axis=1):
+        L, b = _gbq_levels(data, scales, zero_points, bits, block_size, gather_axis, quantize_axis)
+        T = L * np.repeat(np.asarray(scales), b, axis=1)[:, :L.shape[1]]
+        return np.take(T, _wrap(indices, T.shape[0]), axis=0).astype(np.asarray(scales).dtype)
+
+    def jvp(cx, _d, _i, Sdot, _z=None, *, bits=4, block_size=128, gather_axis=0, quantize_axis=1):
+        data, indices, scales, zero_points = padded(cx.x, 4)
+        L, b = _gbq_levels(data, scales, zero_points, bits, block_size, gather_axis, quantize_axis)
+        Tdot = L * np.repeat(Sdot, b, axis=-1)[..., :L.shape[1]]
+        return np.take(Tdot, _wrap(indices, L.shape[0]), axis=Sdot.ndim - 2)
+
+    def vjp(cx, Ybar, *, bits=4, block_size=128, gather_axis=0, quantize_axis=1):
+        data, indices, scales, zero_points = padded(cx.x, 4)
+        L, b = _gbq_levels(data, scales, zero_points, bits, block_size, gather_axis, quantize_axis)
+        table = np.broadcast_to(Ybar.dtype.type(0), L.shape)  # the dequantized table: its cotangent is a Gather's
+        rows = np.broadcast_to(Ybar.dtype.type(0), np.shape(indices) + L.shape[1:])
+        Tbar = Gather.vjp(Ctx((table, indices), (rows,), (True, False), (cx.keep[2], False)), Ybar, axis=0)[0]
+        return None, None, _per_block(Tbar * L, b, scales.shape[1]).astype(Ybar.dtype), None
 
 
 @rule("MatMulNBits", since=1, domain=MS)
