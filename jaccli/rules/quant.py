@@ -332,8 +332,8 @@ class _NBits:
 
 
 def _gbq_levels(data, scales, zero_points, bits, block_size, gather_axis, quantize_axis):
-    """A GatherBlockQuantized table's codes less their zero points, (R, C) float, and its block
-    size: uint8 codes of `bits` bits packed low-first along the last axis, zero points packed
+    """A GatherBlockQuantized table's codes less their zero points, (R, C) integers, and its
+    block size: uint8 codes of `bits` bits packed low-first along the last axis, zero points packed
     alike (2^(bits-1) when absent), one scale per row and block of the last axis."""
     if np.asarray(data).dtype != np.uint8:
         raise UnsupportedOpError(f"GatherBlockQuantized of {np.asarray(data).dtype} data (int4, uint4, FP8 or FP4) is not "
