@@ -786,6 +786,21 @@ class _Realigned:
 
 for _modern in (Add, Sub, Mul, Div, Pow):
     _realigned_binary(_modern, _modern.key.op_type, 1, _axis_align, " (opset 1-6: broadcast from axis)")
+
+
+def _realigned_predicate(op, fn):
+    """An opset-1 comparison or logical op: B realigned to A (see _axis_align); no derivative."""
+
+    def forward(A, B, *, broadcast=0, axis=None):
+        return fn(A, _axis_align(A, B, broadcast=broadcast, axis=axis))
+
+    doc = f"C = {fn.__name__}(A, B), B broadcast from `axis` (opset 1)"
+    rule(op, 1)(type(op, (), {"__doc__": doc, "nondiff": (0, 1), "forward": forward}))
+
+
+for _op, _fn in (("Equal", np.equal), ("Less", np.less), ("Greater", np.greater), ("And", np.logical_and),
+                 ("Or", np.logical_or), ("Xor", np.logical_xor)):
+    _realigned_predicate(_op, _fn)
 _realigned_binary(PRelu, "PRelu", 1, _channel_align, " (opset 1-6: a 1-D slope runs along channels)")
 
 

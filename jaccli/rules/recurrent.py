@@ -126,7 +126,8 @@ class _Setup:
         self.S, self.N, _ = X.shape
         self.X = X
         self.H = attrs["hidden_size"]
-        self.reverse = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[attrs.get("direction", "forward")]
+        self.reverse = {"forward": [False], "foward": [False],  # GRU-1's default, misspelt in the spec
+                        "reverse": [True], "bidirectional": [False, True]}[attrs.get("direction", "forward")]
         seq = v["sequence_lens"]
         if seq is not None and np.any(np.asarray(seq) != self.S):
             raise UnsupportedOpError(f"{cell.__name__}: sequence_lens shorter than the sequence are not supported")
@@ -510,3 +511,40 @@ class RNN(_Recurrent):
         grads.vec("B", slice(0, H), ab)
         grads.vec("B", slice(H, 2 * H), ab)
         return ab @ p.W, ab @ p.R, cb
+
+
+# ---- opsets 1 to 6: the same cells, with an output_sequence attribute (whether Y is wanted) ------
+
+
+@rule("LSTM", since=1)
+class LSTM1(LSTM):
+    """LSTM of opsets 1 to 6: output_sequence says whether Y is wanted, which changes nothing here."""
+
+    def forward(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=None, *, hidden_size,
+                activation_alpha=None, activation_beta=None, activations=None, clip=None, direction="forward",
+                input_forget=0, output_sequence=0):
+        return LSTM.forward(X, W, R, B, sequence_lens, initial_h, initial_c, P, hidden_size=hidden_size,
+                            activation_alpha=activation_alpha, activation_beta=activation_beta, activations=activations,
+                            clip=clip, direction=direction, input_forget=input_forget)
+
+
+@rule("GRU", since=1)
+class GRU1(GRU):
+    """GRU of opsets 1 to 6 (linear_before_reset from opset 3): output_sequence changes nothing here."""
+
+    def forward(X, W, R, B=None, sequence_lens=None, initial_h=None, *, hidden_size, activation_alpha=None,
+                activation_beta=None, activations=None, clip=None, direction="forward", linear_before_reset=0,
+                output_sequence=0):
+        return GRU.forward(X, W, R, B, sequence_lens, initial_h, hidden_size=hidden_size, activation_alpha=activation_alpha,
+                           activation_beta=activation_beta, activations=activations, clip=clip, direction=direction,
+                           linear_before_reset=linear_before_reset)
+
+
+@rule("RNN", since=1)
+class RNN1(RNN):
+    """RNN of opsets 1 to 6: output_sequence changes nothing here."""
+
+    def forward(X, W, R, B=None, sequence_lens=None, initial_h=None, *, hidden_size, activation_alpha=None,
+                activation_beta=None, activations=None, clip=None, direction="forward", output_sequence=0):
+        return RNN.forward(X, W, R, B, sequence_lens, initial_h, hidden_size=hidden_size, activation_alpha=activation_alpha,
+                           activation_beta=activation_beta, activations=activations, clip=clip, direction=direction)

@@ -197,6 +197,23 @@ class Resize11(_ResizeBase):
                          attrs.get("exclude_outside", 0), attrs.get("antialias", 0))
 
 
+@rule("Upsample", since=1)
+class Upsample1(_ResizeBase):
+    """Y = X (N, C, H, W) upsampled by height_scale and width_scale (opsets 1 to 6, experimental):
+    nearest, or bilinear, with asymmetric coordinates."""
+
+    def forward(X, *, height_scale, width_scale, mode="nearest"):
+        return _apply(X, Upsample1.matrices((X,), {"height_scale": height_scale, "width_scale": width_scale, "mode": mode}),
+                      X.ndim)
+
+    def matrices(x, attrs):
+        if x[0].ndim != 4:
+            raise UnsupportedOpError(f"Upsample (opset 1) of a {x[0].ndim}-D input is not supported (N, C, H, W is)")
+        scales = np.array([1.0, 1.0, attrs["height_scale"], attrs["width_scale"]])
+        mode = "linear" if attrs.get("mode", "nearest") == "bilinear" else attrs.get("mode", "nearest")
+        return Resize10.matrices((x[0], scales), {"mode": mode})
+
+
 @rule("Upsample", since=7)
 class Upsample7(_ResizeBase):
     """Y = X upsampled by the `scales` attribute (nearest or linear, asymmetric coordinates)."""

@@ -7,7 +7,7 @@ import math
 import numpy as np
 from onnx import TensorProto, helper
 
-from . import rule
+from . import Ctx, rule
 from ..errors import ModelError, UnsupportedOpError
 from ._util import check_alloc, expand, need_no_keep, neg_axis, padded, per_place, unbroadcast
 
@@ -412,6 +412,32 @@ class Tile:
         return G, None
 
 
+@rule("Tile", since=1)
+class Tile1:
+    """Y = input repeated `tiles` times along `axis` (both inputs, scalars: opsets 1 to 5)."""
+
+    nondiff = (1, 2)
+    keeps = True
+
+    def repeats(x):
+        X, tiles, axis = x[:3]
+        reps = np.ones(X.ndim, np.int64)
+        reps[int(np.ravel(axis)[0]) % X.ndim] = int(np.ravel(tiles)[0])
+        return reps
+
+    def forward(input, tiles, axis):
+        return Tile.forward(input, Tile1.repeats((input, tiles, axis)))
+
+    def _as_tile(cx):
+        return Ctx((cx.x[0], Tile1.repeats(cx.x)), cx.y, tuple(cx.need[:2]), tuple(cx.keep[:2]), cx.rule)
+
+    def jvp(cx, Xdot, *_):
+        return Tile.jvp(Tile1._as_tile(cx), Xdot)
+
+    def vjp(cx, Ybar):
+        return Tile.vjp(Tile1._as_tile(cx), Ybar) + (None,)
+
+
 @rule("Trilu", since=14)
 class Trilu:
     """Y = the upper (upper=1) or lower triangle of the last two axes of input, from diagonal k
@@ -555,6 +581,17 @@ class Split2(_SplitBase):
 
     def forward(input, *, axis=0, split=None, n_outputs=None):
         return _split(input, axis, split, None, n_outputs)
+
+
+@rule("Split", since=1)
+class Split1(_SplitBase):
+    """Outputs = input cut along `axis` into pieces of the sizes in the second input, or in the
+    `split` attribute, or equal pieces (opset 1)."""
+
+    nondiff = (1,)
+
+    def forward(input, lengths=None, *, axis=0, split=None, n_outputs=None):
+        return _split(input, axis, lengths if lengths is not None and np.size(lengths) else split, None, n_outputs)
 
 
 @rule("Split", since=13)
