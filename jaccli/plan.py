@@ -136,9 +136,11 @@ class Plan:
     # ---- construction helpers ----------------------------------------------------------------
 
     def _attrs(self, node, rule):
-        # consumed_inputs (opsets 1-5) was an in-place hint with no effect on the result
+        # consumed_inputs (opsets 1-5) was an in-place hint with no effect on the result; a rule names
+        # others of its old forms that change nothing in what it computes (ignored_attrs)
+        ignored = ("consumed_inputs",) + tuple(getattr(rule, "ignored_attrs", ()))
         attrs = {k: _as_compute(v, self.dtype) if isinstance(v, np.ndarray) else v for k, v in node.attrs.items()
-                 if k != "consumed_inputs"}
+                 if k not in ignored}
         if node.op_type == "Cast" and isinstance(attrs.get("to"), str):  # opsets 1-5 name the type
             attrs["to"] = getattr(TensorProto, attrs["to"].upper(), attrs["to"])
         if node.op_type == "Cast" and attrs.get("to") in FLOAT_TYPES:

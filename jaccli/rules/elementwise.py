@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -558,6 +559,7 @@ def _isinf(X, *, detect_negative=1, detect_positive=1):
 
 
 # (op, since, forward, doc): piecewise constant or boolean, so no derivative flows through them
+_PIECEWISE = {}
 for _op, _since, _forward, _doc in (
     ("Floor", 1, _unary(np.floor), "Y = floor(X); derivative zero"),
     ("Ceil", 1, _unary(np.ceil), "Y = ceil(X); derivative zero"),
@@ -579,7 +581,7 @@ for _op, _since, _forward, _doc in (
     ("BitwiseOr", 18, _binary(np.bitwise_or), "C = A | B, bit by bit"),
     ("BitwiseXor", 18, _binary(np.bitwise_xor), "C = A ^ B, bit by bit"),
 ):
-    rule(_op, _since)(type(_op, (), {"__doc__": _doc, "nondiff": (0, 1), "forward": _forward}))
+    _PIECEWISE[_op] = rule(_op, _since)(type(_op, (), {"__doc__": _doc, "nondiff": (0, 1), "forward": _forward}))
 
 
 @rule("BitShift", since=11)
@@ -748,6 +750,12 @@ def _channel_align(A, B, **_):
     return B
 
 
+def _realigned(cx, A, B2):
+    """The node's context for the modern rule: B replaced by B aligned to A (no destinations to
+    write into, which are B's shape, and nothing to overwrite in place)."""
+    return replace(cx, x=(A, B2), out=(), owned=())
+
+
 def _realigned_binary(modern, op_type, since, align, doc):
     """An older form of a binary op: B realigned to A by `align`, then the modern rule."""
 
@@ -759,12 +767,12 @@ def _realigned_binary(modern, op_type, since, align, doc):
         B2 = align(A, B, broadcast=broadcast, axis=axis)
         if Bdot is not None:
             Bdot = Bdot.reshape(Bdot.shape[: Bdot.ndim - B.ndim] + B2.shape)
-        return modern.jvp(_Realigned(cx, (A, B2)), Adot, Bdot)
+        return modern.jvp(_realigned(cx, A, B2), Adot, Bdot)
 
     def vjp(cx, Ybar, *, broadcast=0, axis=None, consumed_inputs=None):
         A, B = cx.x
         B2 = align(A, B, broadcast=broadcast, axis=axis)
-        Abar, Bbar = modern.vjp(_Realigned(cx, (A, B2)), Ybar)
+        Abar, Bbar = modern.vjp(_realigned(cx, A, B2), Ybar)
         if Bbar is not None:
             Bbar = Bbar.reshape(Bbar.shape[: Bbar.ndim - B2.ndim] + B.shape)
         return Abar, Bbar
@@ -774,33 +782,23 @@ def _realigned_binary(modern, op_type, since, align, doc):
     return rule(op_type, since)(cls)
 
 
-class _Realigned:
-    """A Ctx whose inputs are replaced (B aligned to A) for the modern rule."""
-
-    def __init__(self, cx, x):
-        self.x, self.y, self.need, self.keep, self.rule = x, cx.y, cx.need, cx.keep, cx.rule
-
-    def lead(self, G, i=0):
-        return G.ndim - self.y[i].ndim
-
-
 for _modern in (Add, Sub, Mul, Div, Pow):
     _realigned_binary(_modern, _modern.key.op_type, 1, _axis_align, " (opset 1-6: broadcast from axis)")
 
 
-def _realigned_predicate(op, fn):
-    """An opset-1 comparison or logical op: B realigned to A (see _axis_align); no derivative."""
+def _realigned_predicate(modern):
+    """An opset-1 comparison or logical op: B realigned to A (see _axis_align), then the opset-7 op."""
 
     def forward(A, B, *, broadcast=0, axis=None):
-        return fn(A, _axis_align(A, B, broadcast=broadcast, axis=axis))
+        return modern.forward(A, _axis_align(A, B, broadcast=broadcast, axis=axis))
 
-    doc = f"C = {fn.__name__}(A, B), B broadcast from `axis` (opset 1)"
-    rule(op, 1)(type(op, (), {"__doc__": doc, "nondiff": (0, 1), "forward": forward}))
+    op = modern.key.op_type
+    rule(op, 1)(type(op, (), {"__doc__": modern.__doc__ + " (opset 1: B broadcast from `axis`)", "nondiff": (0, 1),
+                              "forward": forward}))
 
 
-for _op, _fn in (("Equal", np.equal), ("Less", np.less), ("Greater", np.greater), ("And", np.logical_and),
-                 ("Or", np.logical_or), ("Xor", np.logical_xor)):
-    _realigned_predicate(_op, _fn)
+for _op in ("Equal", "Less", "Greater", "And", "Or", "Xor"):
+    _realigned_predicate(_PIECEWISE[_op])
 _realigned_binary(PRelu, "PRelu", 1, _channel_align, " (opset 1-6: a 1-D slope runs along channels)")
 
 

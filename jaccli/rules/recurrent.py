@@ -513,38 +513,10 @@ class RNN(_Recurrent):
         return ab @ p.W, ab @ p.R, cb
 
 
-# ---- opsets 1 to 6: the same cells, with an output_sequence attribute (whether Y is wanted) ------
+# ---- opsets 1 to 6: the same cells, with an output_sequence attribute (whether Y is wanted, which
+# changes nothing here; GRU has linear_before_reset from opset 3) --------------------------------
 
-
-@rule("LSTM", since=1)
-class LSTM1(LSTM):
-    """LSTM of opsets 1 to 6: output_sequence says whether Y is wanted, which changes nothing here."""
-
-    def forward(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=None, *, hidden_size,
-                activation_alpha=None, activation_beta=None, activations=None, clip=None, direction="forward",
-                input_forget=0, output_sequence=0):
-        return LSTM.forward(X, W, R, B, sequence_lens, initial_h, initial_c, P, hidden_size=hidden_size,
-                            activation_alpha=activation_alpha, activation_beta=activation_beta, activations=activations,
-                            clip=clip, direction=direction, input_forget=input_forget)
-
-
-@rule("GRU", since=1)
-class GRU1(GRU):
-    """GRU of opsets 1 to 6 (linear_before_reset from opset 3): output_sequence changes nothing here."""
-
-    def forward(X, W, R, B=None, sequence_lens=None, initial_h=None, *, hidden_size, activation_alpha=None,
-                activation_beta=None, activations=None, clip=None, direction="forward", linear_before_reset=0,
-                output_sequence=0):
-        return GRU.forward(X, W, R, B, sequence_lens, initial_h, hidden_size=hidden_size, activation_alpha=activation_alpha,
-                           activation_beta=activation_beta, activations=activations, clip=clip, direction=direction,
-                           linear_before_reset=linear_before_reset)
-
-
-@rule("RNN", since=1)
-class RNN1(RNN):
-    """RNN of opsets 1 to 6: output_sequence changes nothing here."""
-
-    def forward(X, W, R, B=None, sequence_lens=None, initial_h=None, *, hidden_size, activation_alpha=None,
-                activation_beta=None, activations=None, clip=None, direction="forward", output_sequence=0):
-        return RNN.forward(X, W, R, B, sequence_lens, initial_h, hidden_size=hidden_size, activation_alpha=activation_alpha,
-                           activation_beta=activation_beta, activations=activations, clip=clip, direction=direction)
+for _cell in (LSTM, GRU, RNN):
+    rule(_cell.key.op_type, since=1)(type(f"{_cell.__name__}1", (_cell,), {
+        "__doc__": f"{_cell.__name__} of opsets 1 to 6: output_sequence changes nothing here.",
+        "ignored_attrs": ("output_sequence",)}))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 from onnx import TensorProto, helper
 
-from . import Ctx, rule
+from . import rule
 from ..errors import ModelError, UnsupportedOpError
 from ._util import check_alloc, expand, need_no_keep, neg_axis, padded, per_place, unbroadcast
 
@@ -429,7 +430,8 @@ class Tile1:
         return Tile.forward(input, Tile1.repeats((input, tiles, axis)))
 
     def _as_tile(cx):
-        return Ctx((cx.x[0], Tile1.repeats(cx.x)), cx.y, tuple(cx.need[:2]), tuple(cx.keep[:2]), cx.rule)
+        return replace(cx, x=(cx.x[0], Tile1.repeats(cx.x)), need=tuple(cx.need[:2]), keep=tuple(cx.keep[:2]), out=(),
+                       owned=())
 
     def jvp(cx, Xdot, *_):
         return Tile.jvp(Tile1._as_tile(cx), Xdot)
