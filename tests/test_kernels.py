@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from jaccli.rules._util import pad_spatial
 from jaccli.rules.elementwise import _erf
 from jaccli.rules.linalg import mm, per_sample_outer
 
@@ -52,3 +53,21 @@ def test_erf_is_math_erf(dtype, tol):
     assert got.dtype == dtype
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol if dtype == np.float32 else 0)
     assert np.signbit(_erf(np.array([-0.0], dtype)))[0] and np.isnan(_erf(np.array([np.nan], dtype)))[0]
+
+
+@pytest.mark.parametrize("shape, begin, end, value", [
+    ((2, 3, 5, 6), (1, 2), (0, 3), 0.0),
+    ((2, 3, 5, 6, 4), (1, 0, 2), (2, 1, 0), -np.inf),  # a max pool's padding, 3-D
+    ((4, 7), (3,), (1,), 1.5),
+    ((2, 2, 2, 2), (2, 2), (2, 2), np.nan),  # pads wider than the data
+    ((1, 2, 3, 4), (0, 0), (0, 0), 0.0),  # none: X itself
+])
+def test_pad_spatial_is_np_pad(shape, begin, end, value):
+    """The written-out padding: every border slab and corner holds `value`, the inside X."""
+    X = RNG.standard_normal(shape).astype(np.float32)
+    want = np.pad(X, [(0, 0)] * (X.ndim - len(begin)) + list(zip(begin, end)), constant_values=value)
+    got = pad_spatial(X, begin, end, value)
+    assert got.dtype == X.dtype
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError):
+        pad_spatial(X, (-1,) + tuple(begin[1:]), end)

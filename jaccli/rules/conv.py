@@ -3,6 +3,8 @@ The input cotangent of a stride-1 convolution is itself a convolution, of the co
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import rule
@@ -23,12 +25,12 @@ def _apply(cols, W, group):
     M = W.shape[0]
     if group == 1:
         # contract C and the kernel axes: (B, *out, C*k) @ (C*k, M)
-        P = np.moveaxis(cols, 1, 1 + nd).reshape(B * int(np.prod(out)), -1)
+        P = np.moveaxis(cols, 1, 1 + nd).reshape(B * math.prod(out), -1)
         Y = P @ W.reshape(M, -1).T
         return np.moveaxis(Y.reshape(B, *out, M), -1, 1)
     g = group
     P = cols.reshape(B, g, C // g, *out, *W.shape[2:])
-    P = np.moveaxis(P, 2, 2 + nd).reshape(B, g, int(np.prod(out)), -1)  # (B, g, O, Cg*k)
+    P = np.moveaxis(P, 2, 2 + nd).reshape(B, g, math.prod(out), -1)  # (B, g, O, Cg*k)
     Wg = W.reshape(g, M // g, -1)  # (g, Mg, Cg*k)
     Y = P @ np.swapaxes(Wg, -1, -2)  # (B, g, O, Mg)
     return np.swapaxes(Y, -1, -2).reshape(B, M, *out)
@@ -66,7 +68,7 @@ def _conv1(X, W, strides, dilations, begin, end):
     windows in the kernel's order and one GEMM per image, W (M, C*K) @ windows (C*K, O)."""
     M, C = W.shape[:2]
     kernel = W.shape[2:]
-    K = int(np.prod(kernel))
+    K = math.prod(kernel)
     B = X.shape[0]
     dtype = np.result_type(X, W)
     if kernel[-1] * C >= 16 and all(s == 1 for s in strides):
@@ -74,7 +76,7 @@ def _conv1(X, W, strides, dilations, begin, end):
     Wk = W.reshape(M, C * K).astype(dtype, copy=False)
     Xp = pad_spatial(X, begin, end)
     out = _out_size(Xp.shape[2:], kernel, strides, dilations)
-    O = int(np.prod(out))
+    O = math.prod(out)
     if K == 1 and all(s == 1 for s in strides):  # pointwise: the input is its own window
         return (Wk @ Xp.reshape(B, C, O)).reshape(B, M, *out)
     Y = np.empty((B, M, O), dtype)
@@ -97,7 +99,7 @@ def _flat_shifts(sp, kernel, dilations, out):
     """On a padded input of spatial shape `sp` flattened, the flat shift that each offset of
     `kernel` (over the leading spatial axes) reads at, and n: the flat length of the output
     rows, `out` rows of the padded grid (columns beyond `out` included)."""
-    pitch = [int(np.prod(sp[i + 1:])) for i in range(len(sp))]
+    pitch = [math.prod(sp[i + 1:]) for i in range(len(sp))]
     shifts = [sum(o * d * p for o, d, p in zip(off, dilations, pitch)) for off in np.ndindex(*kernel)]
     return shifts, out[0] * pitch[0]
 
@@ -120,7 +122,7 @@ def _conv1_rows(X, W, dilations, begin, end, tile_bytes=_ROWS_TILE):
     sp = tuple(n + b + e for n, b, e in zip(X.shape[2:], begin, end))
     out = _out_size(sp, kernel, [1] * len(sp), dilations)
     shifts, n = _flat_shifts(sp, kernel[:-1], dilations, out)
-    size = int(np.prod(sp))
+    size = math.prod(sp)
     width = max(shifts) + n  # what the GEMMs read of each row copy
     G = len(shifts)
     stacked = G > 1 and M <= _NARROW
@@ -171,9 +173,9 @@ def _windows_all(X, kernel, strides, dilations, begin, end):
     """Every sample's windows (B, C*K, O), kernel offsets inside channels."""
     Xp = pad_spatial(X, begin, end)
     out = _out_size(Xp.shape[2:], kernel, strides, dilations)
-    cols = np.empty(X.shape[:2] + (int(np.prod(kernel)),) + tuple(out), X.dtype)
+    cols = np.empty(X.shape[:2] + (math.prod(kernel),) + tuple(out), X.dtype)
     _im2col(Xp, kernel, strides, dilations, out, cols)
-    return cols.reshape(X.shape[0], -1, int(np.prod(out)))
+    return cols.reshape(X.shape[0], -1, math.prod(out))
 
 
 # ---- depthwise: one input channel per group -----------------------------------------------------------
@@ -189,7 +191,7 @@ def _depthwise(W, group):
 def _dw_weights(W, group, dtype):
     """Kernel (C * Mg, 1, *k) as (K, C, Mg, 1, ..., 1): offset k's weights, broadcasting over
     (B, C, Mg, *out)."""
-    nd, K = W.ndim - 2, int(np.prod(W.shape[2:]))
+    nd, K = W.ndim - 2, math.prod(W.shape[2:])
     Wk = np.moveaxis(W.reshape(-1, K), -1, 0).astype(dtype, copy=False)
     return Wk.reshape((K, group, -1) + (1,) * nd)
 
@@ -208,7 +210,7 @@ def _dw_conv(X, W, group, strides, dilations, begin, end):
         shifts, n = _flat_shifts(sp, kernel, dilations, out)
         grid_out = (out[0],) + sp[1:]
         Xp = np.zeros((B, C, max(shifts) + n), dtype)  # zero borders, and zeros beyond the last row
-        grid = Xp[:, :, :int(np.prod(sp))]
+        grid = Xp[:, :, :math.prod(sp)]
         grid.shape = (B, C) + sp  # a view (setting .shape never copies)
         grid[(Ellipsis,) + _inner(begin, X.shape[2:])] = X
         Wk = Wk.reshape(Wk.shape[:3] + (1,))
@@ -259,7 +261,7 @@ def _dw_input_cotangent(Yb, W, group, padded, strides, dilations):
             where = (Ellipsis, slice(shifts[k], shifts[k] + n)) if flat else window_slices(off, strides, dilations, out)
             xb[where] += t[:, :, 0] if Mg == 1 else t.sum(axis=2)
     if flat:
-        return Xb[:, :, :int(np.prod(padded))].reshape((L, group) + tuple(padded))
+        return Xb[:, :, :math.prod(padded)].reshape((L, group) + tuple(padded))
     return Xb
 
 
@@ -430,10 +432,10 @@ def _input_cotangent(Yb, W, padded, strides, dilations, tile_bytes=1 << 21):
     strided window of the accumulator while the tile is still in cache."""
     M, C = W.shape[:2]
     kernel = W.shape[2:]
-    K = int(np.prod(kernel))
+    K = math.prod(kernel)
     L = Yb.shape[0]
     out = Yb.shape[2:]
-    O = int(np.prod(out))
+    O = math.prod(out)
     Wk = W.reshape(M, C, K).transpose(2, 1, 0).reshape(K * C, M)  # (K*C, M)
     Xb = np.zeros((L, C) + tuple(padded), dtype=Yb.dtype)
     step = max(1, tile_bytes // max(1, K * C * O * Yb.itemsize))
@@ -457,7 +459,7 @@ def _input_cotangent_shifted(Yb, W, padded, dilations, tile_bytes=1 << 21):
     where the windows' rows would be short strided ones."""
     M, C = W.shape[:2]
     kernel = W.shape[2:]
-    K = int(np.prod(kernel))
+    K = math.prod(kernel)
     L, out = Yb.shape[0], Yb.shape[2:]
     shifts, n = _flat_shifts(padded, kernel, dilations, out)
     Wk = W.reshape(M, C, K).transpose(2, 1, 0).reshape(K * C, M).astype(Yb.dtype, copy=False)
@@ -473,7 +475,7 @@ def _input_cotangent_shifted(Yb, W, padded, dilations, tile_bytes=1 << 21):
         dst = Xf[a:b]
         for k, sh in enumerate(shifts):
             dst[:, :, sh:sh + n] += G[:, k]
-    return Xf[:, :, : int(np.prod(padded))].reshape((L, C) + tuple(padded))
+    return Xf[:, :, : math.prod(padded)].reshape((L, C) + tuple(padded))
 
 
 def _cols_adjoint_input(Yb, W, group):
@@ -498,7 +500,7 @@ def _weight_cotangent1(Ybar, cols, W, lead, keep):
     head = Ybar.shape[:lead]
     Yf = Ybar.reshape(head + (N, M, cols.shape[2]))
     if keep:  # one GEMM per sample over every direction: (T*M, O) @ (O, C*K)
-        T = int(np.prod(head))
+        T = math.prod(head)
         Yn = np.moveaxis(Yf.reshape(T, N, M, cols.shape[2]), 1, 0).reshape(N, T * M, cols.shape[2])
         Wb = Yn @ np.swapaxes(cols, -1, -2)  # (N, T*M, C*K)
         return np.moveaxis(Wb.reshape((N, T) + W.shape), 0, 1).reshape(head + (N,) + W.shape)
@@ -512,11 +514,11 @@ def _weight_cotangent(Ybar, cols, W, group, lead, keep):
     nd = W.ndim - 2
     N, C = cols.shape[:2]
     out = cols.shape[2 : 2 + nd]
-    O = int(np.prod(out))
+    O = math.prod(out)
     M = W.shape[0]
     g = group
     head = Ybar.shape[:lead]
-    T = int(np.prod(head))
+    T = math.prod(head)
     P = cols.reshape(N, g, C // g, *out, *W.shape[2:])
     P = np.moveaxis(P, 2, 2 + nd).reshape(N, g, O, -1)  # (N, g, O, Cg*k)
     Yg = Ybar.reshape(T, N, g, M // g, O)
@@ -621,7 +623,7 @@ class ConvTranspose:
         g = group
         Ci, Cog = W.shape[0], W.shape[1]
         L = flat.shape[0]
-        S = int(np.prod(X.shape[2:]))
+        S = math.prod(X.shape[2:])
         Vg = np.moveaxis(V.reshape(L, g, Cog, *X.shape[2:], *W.shape[2:]), 2, 2 + nd).reshape(L, g, S, -1)  # (L, g, S, Cog*k)
         Xbar = Wbar = Bbar = None
         if cx.need[0]:
@@ -665,7 +667,7 @@ class Col2Im:
         strides, dilations, begin, end, _ = conv_geometry(image, kernel, strides, dilations, pads, "NOTSET")
         padded = [n + b + e for n, b, e in zip(image, begin, end)]
         blocks = _out_size(padded, kernel, strides, dilations)
-        K, L = int(np.prod(kernel)), int(np.prod(blocks))
+        K, L = math.prod(kernel), math.prod(blocks)
         if X.shape[-1] != L or X.shape[-2] % K:
             raise ValueError(f"columns of shape {X.shape[-2:]} do not fit {L} blocks of {K} offsets over the image {image}")
         return kernel, strides, dilations, begin, end, padded, blocks

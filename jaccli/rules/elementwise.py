@@ -807,7 +807,7 @@ _realigned_binary(PRelu, "PRelu", 1, _channel_align, " (opset 1-6: a 1-D slope r
 
 def _scale_axis(shape, x_ndim, axis, block_size):
     """How a scale of `shape` lines up with x: None (per tensor), or the axis it runs along."""
-    if len(shape) == 0 or (int(np.prod(shape)) == 1 and not block_size):
+    if len(shape) == 0 or (math.prod(shape) == 1 and not block_size):
         return None
     return axis % x_ndim
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import rule
@@ -275,8 +277,8 @@ class LayerNormalization:
 def _layernorm_vjp(cx, Ybar, X, S, lead, k, epsilon):
     """LayerNormalization's VJP when Scale and B have the normalised shape (the usual case): on
     (rows, D) views, reductions as dot products, the cotangent updated in place."""
-    D = int(np.prod(X.shape[X.ndim - k:]))
-    rows = X.shape[0], int(np.prod(X.shape[1:X.ndim - k]))  # (N, positions)
+    D = math.prod(X.shape[X.ndim - k:])
+    rows = X.shape[0], math.prod(X.shape[1:X.ndim - k])  # (N, positions)
     Xr = X.reshape(rows + (D,))
     xhat, _, r = _standardize(Xr, (-1,), epsilon)
     head = Ybar.shape[:lead]

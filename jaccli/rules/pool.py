@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import rule
@@ -217,7 +219,7 @@ class GlobalAveragePool:
     def vjp(cx, Ybar):
         need_no_keep(cx, "GlobalAveragePool")
         X = cx.x[0]
-        size = int(np.prod(X.shape[2:]))
+        size = math.prod(X.shape[2:])
         lead = cx.lead(Ybar)
         return (np.broadcast_to(Ybar / size, Ybar.shape[:lead] + X.shape),)
 
@@ -302,7 +304,7 @@ class MaxUnpool:
 
     def forward(X, I, output_shape=None, *, kernel_shape, pads=None, strides=None):
         shape = _unpooled_shape(X.shape, output_shape, kernel_shape, pads, strides)
-        Y = np.zeros(int(np.prod(shape)), X.dtype)
+        Y = np.zeros(math.prod(shape), X.dtype)
         Y[np.ravel(I)] = np.ravel(X)
         return Y.reshape(shape)
 
@@ -310,7 +312,7 @@ class MaxUnpool:
         X, I = cx.x[0], cx.x[1]
         lead = Xdot.shape[: Xdot.ndim - X.ndim]
         shape = cx.y[0].shape
-        Y = np.zeros(lead + (int(np.prod(shape)),), Xdot.dtype)
+        Y = np.zeros(lead + (math.prod(shape),), Xdot.dtype)
         Y[..., np.ravel(I)] = Xdot.reshape(lead + (-1,))
         return Y.reshape(lead + shape)
 
