@@ -48,6 +48,7 @@ def describe(path):
         "expanded": dict(model.expanded),  # operators replaced by their ONNX function bodies
         "nchwc": dict(model.nchwc),  # onnxruntime's NCHWc operators, read as the standard ones they fuse
         "held_weights": model.held_weights,  # float Constant nodes taken as initializers: the model's weights
+        "hoisted_weights": model.hoisted_weights,  # sub-graphs' float initializers, read from the main graph
         "sample_axes": dict(model.sample_axes),  # inputs that declare their batch on another axis than the first
         "fixed_batch": model.fixed_batch()[1],  # the smallest batch an input declares as a number, or None
         # QuantizeLinear nodes of values (not of weights): the derivatives stop there unless taken straight through

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import heapq
 import os
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class Model:
     expanded: dict = field(default_factory=dict)  # operator -> nodes replaced by its ONNX function body
     appended: dict = field(default_factory=dict)  # value -> (NodeProto, initializers) that samples_first added
     held_weights: int = 0  # float Constant nodes made initializers (see weights_as_initializers)
+    hoisted_weights: int = 0  # float initializers of sub-graphs moved into the main graph (sub_initializers_hoisted)
     nchwc: dict = field(default_factory=dict)  # onnxruntime's NCHWc operators read as standard ones (see jaccli.nchwc)
     sample_axes: dict = field(default_factory=dict)  # input -> the axis of its samples in the model's layout, where not 0
 
@@ -224,6 +226,57 @@ def weights_as_initializers(proto):
     return (m, len(held)) if held else (proto, 0)
 
 
+def sub_initializers_hoisted(proto):
+    """The model with the float initializers of its sub-graphs (a Loop's or Scan's body, an If's
+    branches) moved into the main graph, which the sub-graphs then read from outside: they are
+    weights of the model like any other (jax2onnx keeps a fori_loop's Linear inside its body),
+    and the same in every iteration. A name kept where it is the only one of its kind in the
+    model, as ONNX asks of every name; else a new one. Returns (model, count)."""
+    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in proto.graph.node for a in n.attribute):
+        return proto, 0
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    defined = collections.Counter(_definitions(m.graph))
+    taken = set(defined)
+    moved = []
+
+    def visit(g):
+        for n in g.node:
+            for a in n.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    inputs = {v.name for v in sub.input}
+                    keep = []
+                    for t in sub.initializer:
+                        if t.data_type not in FLOAT_TYPES or t.name in inputs:
+                            keep.append(t)
+                            continue
+                        name = t.name if defined[t.name] == 1 else _fresh(f"{sub.name or 'body'}/{t.name}", taken)
+                        if name != t.name:
+                            _rename_reads(sub, t.name, name)
+                        h = onnx.TensorProto()
+                        h.CopyFrom(t)
+                        h.name = name
+                        m.graph.initializer.append(h)
+                        moved.append(name)
+                    del sub.initializer[:]
+                    sub.initializer.extend(keep)
+                    visit(sub)
+
+    visit(m.graph)
+    return (m, len(moved)) if moved else (proto, 0)
+
+
+def _definitions(g):
+    """Every name graph g and its sub-graphs define (inputs, initializers, node outputs), once
+    per definition."""
+    names = [v.name for v in g.input] + [t.name for t in g.initializer] + [o for n in g.node for o in n.output if o]
+    for n in g.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names += _definitions(sub)
+    return names
+
+
 def _held(n):
     """Whether node n is a Constant holding a float tensor (inline, not external data)."""
     return (n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1 and n.attribute[0].name == "value"
@@ -329,11 +382,13 @@ def load(source, max_bytes=None, sample_axes=None) -> Model:
     proto = nchwc.plain(proto)  # onnxruntime's NCHWc layout, as the standard operators it fuses
     proto, expanded = _expand_functions(proto)
     proto, held = weights_as_initializers(proto)
+    proto, hoisted = sub_initializers_hoisted(proto)
     axes = {**declared_sample_axes(proto), **_every_input(proto, sample_axes or {})}
     proto = inputs_samples_first(proto, axes, path or "model")
     base = os.path.dirname(os.path.abspath(path)) if path else None
     model = _build(proto, path, base, max_bytes)
     model.expanded, model.held_weights, model.sample_axes = expanded, held, _given_axes(axes)
+    model.hoisted_weights = hoisted
     model.nchwc = blocked
     return model
 

@@ -109,6 +109,10 @@ def render_inspect(console: Console, info: dict):
     if info.get("held_weights"):
         console.print(f"[yellow]note:[/yellow] the model keeps its weights in {info['held_weights']} float Constant nodes and has no "
                       f"float initializer; those constants are its parameters")
+    if info.get("hoisted_weights"):
+        console.print(f"[yellow]note:[/yellow] {info['hoisted_weights']} float initializer(s) kept inside sub-graphs (a Loop's or "
+                      f"Scan's body, an If's branches) count as the model's, read by the sub-graph from outside: parameters "
+                      f"like the main graph's (by default those of rank 1 and more)")
     if info.get("quantized_values"):
         console.print(f"[yellow]note:[/yellow] {info['quantized_values']} QuantizeLinear, DynamicQuantizeLinear, "
                       f"DynamicQuantizeMatMul or MatMulNBits (accuracy_level 4) node(s) quantize values, not weights: an "

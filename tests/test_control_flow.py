@@ -90,6 +90,7 @@ def test_loop_recurrence(scan):
     assert names == ["W", "U", "bias"]
 
 
+
 def test_loop_with_a_condition_and_no_trip_count():
     """while s < 3: s = s + |x| (elementwise sum over the features); the count depends on the data of
     the whole block, and the carried value is the only output."""
@@ -193,3 +194,58 @@ def test_scan_over_a_parameter(intercept):
     inits = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in inits.items()}
     names = check_whole_model(one_input_model(nodes, inits, (3,), opset=11), rng.standard_normal((N, 3)))
     assert names == ["P", "alpha", "c"][: 3 if intercept else 2]
+
+
+def _weights_inside(m, graph_name):
+    """Model m with the float parameters that only sub-graph `graph_name` reads moved into it as
+    its own initializers, as jax2onnx writes a fori_loop's weights into the body."""
+    from onnx import ModelProto
+
+    out = ModelProto()
+    out.CopyFrom(m)
+    sub = next(a.g for n in out.graph.node for a in n.attribute if a.type == a.GRAPH and a.g.name == graph_name)
+    inside, outside = {v for n in sub.node for v in n.input}, {v for n in out.graph.node for v in n.input}
+    floats = [t for t in out.graph.initializer if t.data_type == F and t.name in inside and t.name not in outside]
+    sub.initializer.extend(floats)
+    for t in floats:
+        out.graph.initializer.remove(t)
+    return out
+
+
+@pytest.mark.parametrize("make,where", [(_rnn_model, "body"), (_scan_model, "body")])
+def test_weights_inside_a_body_are_parameters(make, where):
+    """A Loop's or Scan's weights kept as its body's initializers are parameters of the model,
+    read by the body from outside: the same columns, under the same names, as the model that
+    holds them in the main graph; forward against onnxruntime and derivatives against
+    differences (check_whole_model)."""
+    outer = make()
+    inner = _weights_inside(outer, where)
+    moved = len(outer.graph.initializer) - len(inner.graph.initializer)
+    assert moved == 3
+    x = rng.standard_normal((N, 4, 2))
+    names = check_whole_model(inner, x)
+    G, cols = jaccli.param_jacobian(inner, x)
+    G_want, cols_want = jaccli.param_jacobian(outer, x)
+    assert sorted(names) == sorted(c["name"] for c in cols_want) and jaccli.load(inner).hoisted_weights == moved
+    at = {c["name"]: G[..., c["offset"]:c["offset"] + c["size"]] for c in cols}
+    for c in cols_want:
+        np.testing.assert_allclose(at[c["name"]], G_want[..., c["offset"]:c["offset"] + c["size"]], rtol=1e-6, atol=1e-7)
+
+
+def test_weights_of_one_name_in_two_branches():
+    """Each branch of an If keeps a weight named w as its own initializer (ONNX asks for names
+    unique in the whole model; sibling scopes repeat them in practice): both become parameters,
+    each under its branch's name, each read by its branch; the branch taken has the derivative,
+    the other's columns are zero."""
+    def branch(name, scale):
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Tanh", ["h"], [f"{name}_out"])],
+            name, [], [helper.make_tensor_value_info(f"{name}_out", F, None)],
+            [_init("w", (scale * rng.standard_normal((3, 2))).astype(np.float32))])
+
+    m = one_input_model([helper.make_node("If", ["yes"], ["y"], then_branch=branch("then", 1.0), else_branch=branch("else", 0.5))],
+                        [_init("yes", np.array(True))], (3,))
+    assert sorted(check_whole_model(m, rng.standard_normal((N, 3)))) == ["else/w", "then/w"]
+    G, cols = jaccli.param_jacobian(m, rng.standard_normal((N, 3)))
+    for c in cols:
+        assert G[..., c["offset"]:c["offset"] + c["size"]].any() == (c["name"] == "then/w")
