@@ -226,13 +226,18 @@ def weights_as_initializers(proto):
     return (m, len(held)) if held else (proto, 0)
 
 
+def subgraphs(node):
+    """The sub-graphs of a NodeProto (If's branches, Loop's and Scan's body), in attribute order."""
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+
+
 def sub_initializers_hoisted(proto):
     """The model with the float initializers of its sub-graphs (a Loop's or Scan's body, an If's
     branches) moved into the main graph, which the sub-graphs then read from outside: they are
     weights of the model like any other (jax2onnx keeps a fori_loop's Linear inside its body),
     and the same in every iteration. A name kept where it is the only one of its kind in the
     model, as ONNX asks of every name; else a new one. Returns (model, count)."""
-    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in proto.graph.node for a in n.attribute):
+    if not any(subgraphs(n) for n in proto.graph.node):
         return proto, 0
     m = onnx.ModelProto()
     m.CopyFrom(proto)
@@ -242,25 +247,24 @@ def sub_initializers_hoisted(proto):
 
     def visit(g):
         for n in g.node:
-            for a in n.attribute:
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    inputs = {v.name for v in sub.input}
-                    keep = []
-                    for t in sub.initializer:
-                        if t.data_type not in FLOAT_TYPES or t.name in inputs:
-                            keep.append(t)
-                            continue
-                        name = t.name if defined[t.name] == 1 else _fresh(f"{sub.name or 'body'}/{t.name}", taken)
-                        if name != t.name:
-                            _rename_reads(sub, t.name, name)
-                        h = onnx.TensorProto()
-                        h.CopyFrom(t)
-                        h.name = name
-                        m.graph.initializer.append(h)
-                        moved.append(name)
-                    del sub.initializer[:]
-                    sub.initializer.extend(keep)
-                    visit(sub)
+            for sub in subgraphs(n):
+                inputs = {v.name for v in sub.input}
+                keep = []
+                for t in sub.initializer:
+                    if t.data_type not in FLOAT_TYPES or t.name in inputs:
+                        keep.append(t)
+                        continue
+                    name = t.name if defined[t.name] == 1 else _fresh(f"{sub.name or 'body'}/{t.name}", taken)
+                    if name != t.name:
+                        _rename_reads(sub, t.name, name)
+                    h = onnx.TensorProto()
+                    h.CopyFrom(t)
+                    h.name = name
+                    m.graph.initializer.append(h)
+                    moved.append(name)
+                del sub.initializer[:]
+                sub.initializer.extend(keep)
+                visit(sub)
 
     visit(m.graph)
     return (m, len(moved)) if moved else (proto, 0)
@@ -271,9 +275,8 @@ def _definitions(g):
     per definition."""
     names = [v.name for v in g.input] + [t.name for t in g.initializer] + [o for n in g.node for o in n.output if o]
     for n in g.node:
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names += _definitions(sub)
+        for sub in subgraphs(n):
+            names += _definitions(sub)
     return names
 
 
@@ -290,9 +293,8 @@ def _hold(g, main, held, taken, top=False):
     for n in g.node:
         if not _held(n) or (not top and n.output[0] in outputs):  # a branch that returns a constant keeps it
             kept.append(n)
-            for a in n.attribute:
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    _hold(sub, main, held, taken)
+            for sub in subgraphs(n):
+                _hold(sub, main, held, taken)
             continue
         t = onnx.TensorProto()
         t.CopyFrom(n.attribute[0].t)
@@ -311,9 +313,8 @@ def _names(g):
     names = {v.name for v in list(g.input) + list(g.output) + list(g.value_info)} | {t.name for t in g.initializer}
     for n in g.node:
         names.update(n.output)
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names |= _names(sub)
+        for sub in subgraphs(n):
+            names |= _names(sub)
     return names
 
 
@@ -513,11 +514,10 @@ def _rename_reads(g, old, new):
         for k, v in enumerate(node.input):
             if v == old:
                 node.input[k] = new
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                own = {v.name for v in sub.input} | {t.name for t in sub.initializer} | {o for n in sub.node for o in n.output}
-                if old not in own:
-                    _rename_reads(sub, old, new)
+        for sub in subgraphs(node):
+            own = {v.name for v in sub.input} | {t.name for t in sub.initializer} | {o for n in sub.node for o in n.output}
+            if old not in own:
+                _rename_reads(sub, old, new)
 
 
 _EXPANDED = "jaccli.expanded"  # the domain of the model-local functions made of ONNX function bodies

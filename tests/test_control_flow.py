@@ -217,7 +217,7 @@ def test_weights_inside_a_body_are_parameters(make, where):
     """A Loop's or Scan's weights kept as its body's initializers are parameters of the model,
     read by the body from outside: the same columns, under the same names, as the model that
     holds them in the main graph; forward against onnxruntime and derivatives against
-    differences (check_whole_model)."""
+    differences (check_whole_model), and check passes."""
     outer = make()
     inner = _weights_inside(outer, where)
     moved = len(outer.graph.initializer) - len(inner.graph.initializer)
@@ -230,6 +230,8 @@ def test_weights_inside_a_body_are_parameters(make, where):
     at = {c["name"]: G[..., c["offset"]:c["offset"] + c["size"]] for c in cols}
     for c in cols_want:
         np.testing.assert_allclose(at[c["name"]], G_want[..., c["offset"]:c["offset"] + c["size"]], rtol=1e-6, atol=1e-7)
+    r = jaccli.check(inner, x, params=True)  # onnxruntime fed them as the parameters they are (not our own forward)
+    assert r["ok"] and r["oracle"] == "onnxruntime"
 
 
 def test_weights_of_one_name_in_two_branches():
