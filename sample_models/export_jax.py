@@ -5,7 +5,7 @@ Needs JAX, Flax and jax2onnx (not jaccli's dependencies):
 
     pip install jax2onnx==0.17.1 flax && python sample_models/export_jax.py
 
-Writes sample_models/jax/: NAME.onnx, NAME.npy (4 samples) and NAME_ref.npz with the model's
+Writes sample_models/jax2onnx/: NAME.onnx, NAME.npy (4 samples) and NAME_ref.npz with the model's
 outputs, JAX's input Jacobian (N, *out, *in) from vmap(jacrev), its per-sample parameter
 Jacobian (N, n_out, P) over the nnx.Param leaves in tree order, and those leaves' values and
 sizes (the test matches them to initializers by value). The tests check jaccli against these
@@ -23,7 +23,7 @@ from flax import nnx
 from jax2onnx import to_onnx
 
 jax.config.update("jax_enable_x64", True)  # the references in float64; the models stay float32
-HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jax")
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jax2onnx")
 N = 4
 
 

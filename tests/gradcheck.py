@@ -251,3 +251,30 @@ def wrong_by_ten_percent(monkeypatch, fn):
         return res
 
     monkeypatch.setattr(oracle, fn, wrong)
+
+
+def compare_param_jacobian(G, cols, model, ref, rtol=1e-6):
+    """A per-sample parameter Jacobian (N, n_out, P) with its column map, against a framework's
+    (ref: param_jacobian over its parameters in its order, their param_values and param_sizes):
+    each column block whose initializer holds one of the framework's parameters as it is (same
+    values, same layout) is compared with that parameter's rows. A parameter whose derivative is
+    zero (an attention's key bias: softmax ignores a shift of its row) must be negligible in
+    both, against the whole Jacobian (a framework's rounding noise there is 1e-7 of it).
+    Returns how many of the framework's parameters were compared."""
+    sizes = [int(s) for s in ref["param_sizes"]]
+    offsets = np.cumsum([0] + sizes)[:-1]
+    whole = np.abs(ref["param_jacobian"]).max()
+    compared = set()
+    for c in cols:
+        value = np.asarray(model.initializers[c["name"]], np.float64).ravel()
+        for k, (o, s) in enumerate(zip(offsets, sizes)):
+            if k in compared or s != c["size"] or not np.allclose(value, ref["param_values"][o:o + s], rtol=rtol, atol=0):
+                continue
+            ours, theirs = G[..., c["offset"]:c["offset"] + s], ref["param_jacobian"][..., o:o + s]
+            if np.abs(theirs).max() < rtol * whole:
+                assert np.abs(ours).max() < rtol * whole, c["name"]
+            else:
+                assert np.abs(ours - theirs).max() / np.abs(theirs).max() < rtol, c["name"]
+            compared.add(k)
+            break
+    return len(compared)

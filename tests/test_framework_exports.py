@@ -1,0 +1,75 @@
+"""Models exported by other frameworks' exporters, checked without those frameworks: against the
+outputs and the Jacobians that the framework itself computed at export time (float64), and with
+`jaccli check` against onnxruntime.
+
+- jax2onnx (sample_models/export_jax.py), from Flax, with JAX's vmap(jacrev): NHWC
+  convolutions behind Transposes, Loops for fori_loop and scan (a fori_loop's weights kept in
+  the Loop's body), opset 23's Gelu, attention written out.
+- tf2onnx (sample_models/export_keras.py), from Keras, with TensorFlow's GradientTape: NHWC
+  convolutions, LSTM and a GRU written as a Loop, MultiHeadAttention as einsums turned MatMuls.
+"""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gradcheck import compare_param_jacobian
+
+import jaccli
+from jaccli.cli import main
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_models")
+EXPORTS = {  # folder: the models it must hold, and those whose parameters are not all stored as the framework holds them
+    "jax2onnx": ({"mlp", "fori_loop", "scan_rnn", "cnn", "attention"}, {"cnn": 2}),  # two kernels transposed to OIHW
+    # kernels transposed to OIHW (the depthwise ones reshaped), batch norm folded into constants; LSTM's W, R and
+    # B with ONNX's gate order; Conv1D's kernels as 2-D ones
+    "tf2onnx": ({"cnn", "recurrent", "attention", "conv1d"}, {"cnn": 6, "recurrent": 3, "conv1d": 2}),
+}
+FILES = sorted(glob.glob(os.path.join(ROOT, "jax2onnx", "*.onnx")) + glob.glob(os.path.join(ROOT, "tf2onnx", "*.onnx")))
+
+
+def _ids(path):
+    return "/".join(path.split(os.sep)[-2:])
+
+
+def _data(path):
+    stem = path[: -len(".onnx")]
+    return f"{stem}.npy", np.load(f"{stem}_ref.npz")
+
+
+@pytest.mark.parametrize("folder", sorted(EXPORTS))
+def test_all_exports_are_present(folder):
+    assert {os.path.basename(f)[: -len(".onnx")] for f in FILES if _ids(f).startswith(folder + "/")} == EXPORTS[folder][0]
+
+
+@pytest.mark.parametrize("path", FILES, ids=_ids)
+def test_outputs_and_input_jacobian_match_the_framework(path):
+    data, ref = _data(path)
+    r = jaccli.input_jacobian(path, np.load(data), dtype="float64", return_result=True)
+    np.testing.assert_allclose(r.outputs, ref["outputs"], rtol=1e-5, atol=1e-6)
+    assert r.value.shape == ref["input_jacobian"].shape
+    assert np.abs(r.value - ref["input_jacobian"]).max() / np.abs(ref["input_jacobian"]).max() < 1e-6
+
+
+@pytest.mark.parametrize("path", FILES, ids=_ids)
+def test_per_sample_parameter_jacobian_matches_the_framework(path):
+    """Each initializer that holds one of the framework's parameters as it is against the
+    framework's per-sample rows: every parameter (the fori_loop's among them, which live in the
+    Loop's body), but those an exporter stores in another layout (kernels transposed for
+    ONNX's Conv, LSTM gates reordered, a depthwise kernel reshaped) or folds."""
+    data, ref = _data(path)
+    G, cols = jaccli.param_jacobian(path, np.load(data), dtype="float64")
+    folder, name = _ids(path)[: -len(".onnx")].split("/")
+    matched = compare_param_jacobian(G, cols, jaccli.load(path), ref)
+    assert matched == len(ref["param_sizes"]) - EXPORTS[folder][1].get(name, 0)
+
+
+@pytest.mark.parametrize("path", FILES, ids=_ids)
+@pytest.mark.parametrize("kind", ["input", "params"])
+def test_jaccli_check_passes(path, kind):
+    data, _ = _data(path)
+    args = ["check", path, data, "--samples", "2"] + (["--params"] if kind == "params" else [])
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
