@@ -1,16 +1,20 @@
-"""Models exported by other frameworks' exporters, checked without those frameworks: against the
-outputs and the Jacobians that the framework itself computed at export time (float64), and with
-`jaccli check` against onnxruntime.
+"""Models exported by the frameworks' own exporters, checked without those frameworks: against
+the outputs and the Jacobians that the framework itself computed at export time (float64), and
+with `jaccli check` against onnxruntime.
 
-- jax2onnx (sample_models/export_jax.py), from Flax, with JAX's vmap(jacrev): NHWC
-  convolutions behind Transposes, Loops for fori_loop and scan (a fori_loop's weights kept in
-  the Loop's body), opset 23's Gelu, attention written out.
-- tf2onnx (sample_models/export_keras.py), from Keras, with TensorFlow's GradientTape: NHWC
+- PyTorch (sample_models/export_torch.py), torch.func's: the TorchScript exporter at opsets 13
+  and 17, torch.export at 18 (which transposes some weights and folds BatchNormalization into
+  the convolutions).
+- jax2onnx (sample_models/export_jax.py), from Flax, JAX's vmap(jacrev): NHWC convolutions
+  behind Transposes, Loops for fori_loop and scan (a fori_loop's weights kept in the Loop's
+  body), opset 23's Gelu, attention written out.
+- tf2onnx (sample_models/export_keras.py), from Keras, TensorFlow's GradientTape: NHWC
   convolutions, LSTM and a GRU written as a Loop, MultiHeadAttention as einsums turned MatMuls.
 """
 
 import glob
 import os
+import re
 
 import numpy as np
 import pytest
@@ -21,27 +25,31 @@ import jaccli
 from jaccli.cli import main
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_models")
-EXPORTS = {  # folder: the models it must hold, and those whose parameters are not all stored as the framework holds them
+TORCH = {f"{m}_opset{k}" for m in ("gelu_mlp", "resnet_bn", "transformer") for k in (13, 17, 18)}
+EXPORTS = {  # folder: the models it must hold, and how many of the framework's parameters each stores otherwise
+    "torch": (TORCH, {"resnet_bn_opset18": 15, "transformer_opset18": 4}),  # folded, or transposed
     "jax2onnx": ({"mlp", "fori_loop", "scan_rnn", "cnn", "attention"}, {"cnn": 2}),  # two kernels transposed to OIHW
     # kernels transposed to OIHW (the depthwise ones reshaped), batch norm folded into constants; LSTM's W, R and
     # B with ONNX's gate order; Conv1D's kernels as 2-D ones
     "tf2onnx": ({"cnn", "recurrent", "attention", "conv1d"}, {"cnn": 6, "recurrent": 3, "conv1d": 2}),
 }
-FILES = sorted(glob.glob(os.path.join(ROOT, "jax2onnx", "*.onnx")) + glob.glob(os.path.join(ROOT, "tf2onnx", "*.onnx")))
+FILES = sorted(f for folder in EXPORTS for f in glob.glob(os.path.join(ROOT, folder, "*.onnx")))
 
 
 def _ids(path):
-    return "/".join(path.split(os.sep)[-2:])
+    return "/".join(path.split(os.sep)[-2:])[: -len(".onnx")]
 
 
 def _data(path):
-    stem = path[: -len(".onnx")]
+    """The samples and the framework's references: NAME.npy and NAME_ref.npz beside the model
+    (NAME without _opsetK: one network, several exports)."""
+    stem = re.sub(r"_opset\d+$", "", path[: -len(".onnx")])
     return f"{stem}.npy", np.load(f"{stem}_ref.npz")
 
 
 @pytest.mark.parametrize("folder", sorted(EXPORTS))
 def test_all_exports_are_present(folder):
-    assert {os.path.basename(f)[: -len(".onnx")] for f in FILES if _ids(f).startswith(folder + "/")} == EXPORTS[folder][0]
+    assert {_ids(f).split("/")[1] for f in FILES if _ids(f).startswith(folder + "/")} == EXPORTS[folder][0]
 
 
 @pytest.mark.parametrize("path", FILES, ids=_ids)
@@ -56,12 +64,14 @@ def test_outputs_and_input_jacobian_match_the_framework(path):
 @pytest.mark.parametrize("path", FILES, ids=_ids)
 def test_per_sample_parameter_jacobian_matches_the_framework(path):
     """Each initializer that holds one of the framework's parameters as it is against the
-    framework's per-sample rows: every parameter (the fori_loop's among them, which live in the
-    Loop's body), but those an exporter stores in another layout (kernels transposed for
-    ONNX's Conv, LSTM gates reordered, a depthwise kernel reshaped) or folds."""
+    framework's per-sample rows (of its first outputs, as many as it stored): every parameter
+    (the fori_loop's among them, which live in the Loop's body), but those an exporter stores
+    in another layout (kernels transposed for ONNX's Conv, LSTM gates reordered, a depthwise
+    kernel reshaped) or folds."""
     data, ref = _data(path)
-    G, cols = jaccli.param_jacobian(path, np.load(data), dtype="float64")
-    folder, name = _ids(path)[: -len(".onnx")].split("/")
+    k = ref["param_jacobian"].shape[1]
+    G, cols = jaccli.param_jacobian(path, np.load(data), dtype="float64", outputs=f"0:{k}")
+    folder, name = _ids(path).split("/")
     matched = compare_param_jacobian(G, cols, jaccli.load(path), ref)
     assert matched == len(ref["param_sizes"]) - EXPORTS[folder][1].get(name, 0)
 
