@@ -10,6 +10,8 @@ with `jaccli check` against onnxruntime.
   body), opset 23's Gelu, attention written out.
 - tf2onnx (sample_models/export_keras.py), from Keras, TensorFlow's GradientTape: NHWC
   convolutions, LSTM and a GRU written as a Loop, MultiHeadAttention as einsums turned MatMuls.
+- paddle2onnx (sample_models/export_paddle.py), Paddle's paddle.grad: depthwise convolutions,
+  hardswish and hardsigmoid, a bidirectional LSTM and a GRU, a transformer encoder layer.
 """
 
 import glob
@@ -32,6 +34,7 @@ EXPORTS = {  # folder: the models it must hold, and how many of the framework's 
     # kernels transposed to OIHW (the depthwise ones reshaped), batch norm folded into constants; LSTM's W, R and
     # B with ONNX's gate order; Conv1D's kernels as 2-D ones
     "tf2onnx": ({"cnn", "recurrent", "attention", "conv1d"}, {"cnn": 6, "recurrent": 3, "conv1d": 2}),
+    "paddle2onnx": ({"mlp", "cnn", "recurrent", "encoder"}, {"recurrent": 12}),  # the RNNs' weights stacked per direction
 }
 FILES = sorted(f for folder in EXPORTS for f in glob.glob(os.path.join(ROOT, folder, "*.onnx")))
 
