@@ -172,8 +172,10 @@ class Model:
 
     def parameters(self, of, scalars=False):
         """Float initializers that reach output `of` through a differentiable input slot, in file
-        order; 0-d ones (exporters store constants such as GELU's 0.5 that way) only with `scalars`.
-        Not those holding an infinity or a NaN: an attention mask of 0 and -inf is no parameter."""
+        order; 0-d ones (exporters store constants such as GELU's 0.5 that way) only with `scalars`,
+        and so one-element ones that only Expands read, fill values broadcast to a shape
+        (paddle2onnx writes an RNN's zero initial state so, from paddle.full). Not those holding an
+        infinity or a NaN: an attention mask of 0 and -inf is no parameter."""
         key = ("parameters", of, scalars)
         if key not in self.plans:
             self.plans[key] = self._parameters(of, scalars)
@@ -190,8 +192,17 @@ class Model:
             except Exception:
                 skip = frozenset()
             reach.update(v for k, v in enumerate(node.inputs) if v and k not in skip)
+        fills = set() if scalars else self._fill_values()
         return [n for n, a in self.initializers.items()
-                if n in reach and np.issubdtype(a.dtype, np.floating) and (scalars or a.ndim > 0) and np.isfinite(a).all()]
+                if n in reach and np.issubdtype(a.dtype, np.floating) and (scalars or a.ndim > 0) and n not in fills
+                and np.isfinite(a).all()]
+
+    def _fill_values(self):
+        """One-element initializers that every reader takes as the data of an Expand."""
+        ones = {n for n, a in self.initializers.items() if a.size == 1}
+        other = {v for node in self.nodes for k, v in enumerate(node.inputs) if v in ones and (node.op_type != "Expand" or k != 0)}
+        read = {v for node in self.nodes for v in node.inputs if v in ones}
+        return read - other
 
 
 def samples_first_node(of, axis, rank, opset):

@@ -318,6 +318,24 @@ def test_identity_wired_shared_weights_constants_and_initializers_listed_as_inpu
     np.testing.assert_allclose(G, fd, rtol=1e-6, atol=1e-9)
 
 
+
+def test_a_fill_value_broadcast_by_expand_is_no_parameter():
+    """paddle2onnx writes paddle.full's value (an RNN's zero initial state) as a one-element
+    initializer that an Expand broadcasts to (directions, N, hidden): a constant, left out of
+    the default parameters as 0-d ones are, and selectable by name. A one-element bias is a
+    parameter; so is a fill value that something else reads too."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Expand", ["h0", "s"], ["h"]),
+             helper.make_node("Add", ["x", "h"], ["a"]), helper.make_node("MatMul", ["a", "W"], ["m"]),
+             helper.make_node("Add", ["m", "b"], ["y"])]
+    inits = {"h0": np.array([0.25], np.float32), "W": RNG.standard_normal((3, 1)).astype(np.float32),
+             "b": np.array([0.5], np.float32)}
+    m = one_input_model(nodes, inits, (3,))
+    x = RNG.standard_normal((N, 3))
+    assert check_whole_model(m, x) == ["W", "b"]
+    assert check_whole_model(m, x, params=["h0", "W"]) == ["h0", "W"]
+    shared = one_input_model(nodes[:-1] + [helper.make_node("Add", ["m", "h0"], ["y"])], inits, (3,))
+    assert check_whole_model(shared, x) == ["h0", "W"]
+
 def test_local_functions_are_inlined():
     """Newer exporters put repeated blocks into model-local functions."""
     f = helper.make_function("local", "ScaledTanh", ["X", "S"], ["Y"],
