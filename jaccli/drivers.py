@@ -436,9 +436,16 @@ def _rows_mix_samples(plan, env, n=2):
     for s in plan.active_steps:
         if any(s.keep) and not getattr(s.rule, "finds_sample_axis", False):
             for v in s.inputs if getattr(s.rule, "needs_batched", False) else s.inputs + s.outputs:
-                if v in plan.batched and v in env and np.shape(env[v])[:1] != (n,):
+                if v in plan.batched and v in env and np.shape(env[v])[:1] != (n,) and _carries_rows(env[v]):
                     return s
     return None
+
+
+def _carries_rows(value):
+    """Whether a value read or written by a step can hold rows of samples: a float tensor, or
+    a sequence. An integer or boolean one carries no cotangent; a shape computed from the
+    data's (an Expand's target, (N, 1, D) for a class token) is batched but has no rows."""
+    return not isinstance(value, np.ndarray) or value.dtype.kind in "fc"
 
 
 def _same(a, b):

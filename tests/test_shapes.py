@@ -336,6 +336,29 @@ def test_a_fill_value_broadcast_by_expand_is_no_parameter():
     shared = one_input_model(nodes[:-1] + [helper.make_node("Add", ["m", "h0"], ["y"])], inits, (3,))
     assert check_whole_model(shared, x) == ["h0", "W"]
 
+
+def test_a_class_token_expanded_to_the_batch_keeps_samples_batched():
+    """A ViT's class token: a (1, 1, D) parameter expanded to (N, 1, D) by a shape built from
+    the data's, then put before the patches. The shape is batched (it holds N) but carries no
+    rows: the per-sample parameter Jacobian runs the batch at once (before, one sample at a time,
+    10x slower for a ViT), and equals its differences and runs of one sample."""
+    D = 3
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "axes0"], ["n1"]), helper.make_node("Concat", ["n1", "one_d"], ["target"], axis=0),
+             helper.make_node("Expand", ["cls", "target"], ["c"]), helper.make_node("Concat", ["c", "x"], ["seq"], axis=1),
+             helper.make_node("MatMul", ["seq", "W"], ["h"]), helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("ReduceMean", ["t"], ["y"], axes=[1], keepdims=0)]
+    inits = {"zero": np.array(0, np.int64), "axes0": np.array([0], np.int64), "one_d": np.array([1, D], np.int64),
+             "cls": RNG.standard_normal((1, 1, D)).astype(np.float32),
+             "W": RNG.standard_normal((D, 2)).astype(np.float32)}
+    m = one_input_model(nodes, inits, (4, D))
+    x = RNG.standard_normal((N, 4, D))
+    assert check_whole_model(m, x) == ["cls", "W"]
+    r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
+    assert not any("one sample at a time" in n for n in r.notes)
+    one = np.concatenate([jaccli.param_jacobian(m, x[i:i + 1], dtype=np.float64)[0] for i in range(N)])
+    np.testing.assert_allclose(r.value, one, rtol=1e-12, atol=1e-12)
+
 def test_local_functions_are_inlined():
     """Newer exporters put repeated blocks into model-local functions."""
     f = helper.make_function("local", "ScaledTanh", ["X", "S"], ["Y"],
