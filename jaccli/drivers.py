@@ -382,7 +382,7 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
             return 1
         _check_sample_axis(y01, 2, of)
         raise SampleAxisError(f"output '{of}' changes shape with the number of samples; it cannot be paired with them")
-    if plan.per_sample and _note_mixed_rows(plan, env01):
+    if plan.per_sample and _note_mixed_rows(plan, env01, feeds=_slice_samples(feeds, 0, 2)):
         return 1
     y1 = walk.primal(plan, _slice_samples(feeds, 1, 2))[of]
     for k, alone in ((0, y0[0]), (1, y1[0])):
@@ -415,30 +415,66 @@ def _same_in_float64(plan, feeds, of, pair):
         return False
 
 
-def _note_mixed_rows(plan, env, n=2):
+def _note_mixed_rows(plan, env, n=2, feeds=None):
     """Whether some rows mix samples (see _rows_mix_samples); if so the plan runs one sample at a
-    time with plain cotangents (plan.rows_mix_samples), and says so in the summary."""
+    time with plain cotangents (plan.rows_mix_samples), and says so in the summary. Unless
+    those rows are the samples' merged with another axis sample by sample, in products whose
+    rule follows them (see _grouped; `feeds`, of two samples or more, to tell)."""
     mixed = _rows_mix_samples(plan, env, n)
-    if mixed is not None and not plan.rows_mix_samples:
+    if mixed and feeds is not None and _grouped(plan, env, n, feeds, mixed):
+        return False
+    if mixed and not plan.rows_mix_samples:
         plan.rows_mix_samples = True
-        plan.notes.append(f"one sample at a time: node '{mixed.node.name}' ({mixed.node.op_type}) reads values whose first axis "
-                          f"mixes the samples with another axis, so its rows cannot be assigned to samples in a batch")
-    return mixed is not None
+        plan.notes.append(f"one sample at a time: node '{mixed[0].node.name}' ({mixed[0].node.op_type}) reads values whose first "
+                          f"axis mixes the samples with another axis, so its rows cannot be assigned to samples in a batch")
+    return bool(mixed)
 
 
 def _rows_mix_samples(plan, env, n=2):
-    """The first step asked for per-sample cotangents that reads or writes a batched value whose
-    first axis is not the n samples of env (dynamo exports flatten (N, S, D) to (N*S, D) before
-    a Gemm; skl2onnx adds a (1, 1) intercept to a GP's (N,) mean, which makes it (1, N)), or
-    None. Such a graph runs one sample at a time: per-sample cotangents are then plain ones
-    (see walk._one_sample), whatever became of the sample axis. Control flow's outputs stack
+    """The steps asked for per-sample cotangents that read or write a batched value whose first
+    axis is not the n samples of env (dynamo exports flatten (N, S, D) to (N*S, D) before a
+    Gemm; skl2onnx adds a (1, 1) intercept to a GP's (N,) mean, which makes it (1, N)). Such a
+    graph runs one sample at a time: per-sample cotangents are then plain ones (see
+    walk._one_sample), whatever became of the sample axis. Control flow's outputs stack
     iterations as they may: its bodies' values are what carry the sample axis."""
+    found = []
     for s in plan.active_steps:
         if any(s.keep) and not getattr(s.rule, "finds_sample_axis", False):
             for v in s.inputs if getattr(s.rule, "needs_batched", False) else s.inputs + s.outputs:
                 if v in plan.batched and v in env and np.shape(env[v])[:1] != (n,) and _carries_rows(env[v]):
-                    return s
-    return None
+                    found.append(s)
+                    break
+    return found
+
+
+def _grouped(plan, env, n, feeds, steps):
+    """Whether each of `steps` is a product whose first input is the only batched one, a matrix
+    of n*S rows, S for each sample in turn, as its output's: (N, S, D) flattened to (N*S, D)
+    before a Gemm, as torch's exporters (GPT-2's Conv1D), tf2onnx (a Dense on a sequence) and
+    jax2onnx write it. The rows are checked against runs of copies of each sample: sample j's
+    S rows are the same with the other samples replaced by copies of it. If so the steps are
+    marked (Step.grouped): their rules' per-sample cotangents sum each sample's rows, and the
+    batch runs at once."""
+    for s in steps:
+        accepts = getattr(s.rule, "grouped_rows", None)
+        A = env.get(s.inputs[0])
+        if accepts is None or not accepts(s.attrs) or not isinstance(A, np.ndarray) or A.ndim != 2:
+            return False
+        if A.shape[0] % n or A.shape[0] == n or np.shape(env.get(s.outputs[0]))[:1] != A.shape[:1]:
+            return False
+        if any(v in plan.batched and _carries_rows(env.get(v)) for v in s.inputs[1:] if v):
+            return False
+    try:
+        alone = [walk.primal(plan, _copies(feeds, j, n)) for j in range(n)]
+    except JaccliError:
+        return False
+    for s in steps:
+        A, S = env[s.inputs[0]], env[s.inputs[0]].shape[0] // n
+        if not all(_same(A[j * S:(j + 1) * S], alone[j][s.inputs[0]][j * S:(j + 1) * S]) for j in range(n)):
+            return False
+    for s in steps:
+        s.grouped = True
+    return True
 
 
 def _carries_rows(value):

@@ -27,6 +27,8 @@ class Step:
     active: bool = False
     diff_in: tuple = ()  # input k is active and differentiable
     keep: tuple = ()  # input k needs a per-sample cotangent (parameter into a batched node)
+    grouped: bool = False  # its first input's rows are the samples' merged with another axis, sample by
+    # sample, which the rule's per-sample cotangents follow (set by the drivers' probe: drivers._grouped)
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,11 @@ def primal(plan: Plan, feeds: dict) -> dict:
     return env
 
 
-def _ctx(step, env, need=(), keep=(), out=(), owned=()):
+def _ctx(step, env, need=(), keep=(), out=(), owned=(), samples=None):
     x = tuple(env[v] if v else None for v in _trim(step.inputs))
     y = tuple(env.get(o) for o in step.outputs)
-    return Ctx(x, y, need, keep, step.rule, out, owned)
+    rows = x[0].shape[0] // samples if samples and step.grouped and any(keep) else 1
+    return Ctx(x, y, need, keep, step.rule, out, owned, rows)
 
 
 def _owned(bars):
@@ -179,6 +180,7 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
         return _piece(st, k, pieces[id(st)], env)
 
     wrt_set = set(wrt)
+    samples = np.shape(env[plan.of])[0] if plan.per_sample and np.ndim(env.get(plan.of)) else None
     for step in reversed(steps):  # a value differentiated with respect to keeps its cotangent from its producer
         bars = [None if o in wrt_set else cot.pop(o, None) for o in step.outputs]
         assembled = pieces.pop(id(step), None)
@@ -201,7 +203,7 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
             inputs, diff_in = step.inputs, step.diff_in
             n_diff = step.rule.n_diff_outputs
             out = tuple(home(v, lead) if d else None for v, d in zip(step.inputs, step.diff_in))
-            cx = _ctx(step, env, step.diff_in, (False,) * len(step.keep) if one else step.keep, out, _owned(bars))
+            cx = _ctx(step, env, step.diff_in, (False,) * len(step.keep) if one else step.keep, out, _owned(bars), samples)
             res = _guarded(step, "the VJP rule", cx.x, step.rule.vjp, cx, *(bars if n_diff is None else bars[:n_diff]), **step.attrs)
         for name, b, d, dst in zip(inputs, res, diff_in, out):
             if not d or b is None:

@@ -91,18 +91,25 @@ def test_split_pieces_assembled_in_place(axis):
         assert rel_err(J, want) < 1e-6
 
 
-@pytest.mark.parametrize("time_major", [False, True])
-def test_rows_that_mix_samples_run_one_sample_at_a_time(time_major):
-    """torch.onnx's dynamo exporter flattens (N, S, D) to (N*S, D) before a Linear's Gemm (and
-    a time-major model to (S*N, D)): the Gemm's rows are not the samples. Per-sample parameter
-    cotangents are then taken one sample per run, where they are the plain ones."""
+@pytest.mark.parametrize("time_major,op", [(False, "Gemm"), (False, "MatMul"), (True, "Gemm")])
+def test_rows_that_are_a_flattened_sequence(time_major, op):
+    """torch.onnx's exporters flatten (N, S, D) to (N*S, D) before a Linear's Gemm, tf2onnx and
+    jax2onnx before a Dense's MatMul or Gemm (and a time-major model to (S*N, D)): the product's
+    rows are not the samples. Where they are each sample's S rows in turn, the per-sample
+    parameter cotangents sum them, the batch at once; where they interleave the samples
+    (time-major), they are taken one sample per run, where they are the plain ones."""
     S, D, H = 3, 4, 5
     nodes, x_in = [], "x"
     if time_major:
         nodes.append(helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]))
         x_in = "xt"
-    nodes += [helper.make_node("Reshape", [x_in, "rows"], ["r"]), helper.make_node("Gemm", ["r", "W", "b"], ["g"], transB=1),
-              helper.make_node("Tanh", ["g"], ["t"]), helper.make_node("Reshape", ["t", "back"], ["u"])]
+    if op == "Gemm":
+        nodes += [helper.make_node("Reshape", [x_in, "rows"], ["r"]), helper.make_node("Gemm", ["r", "W", "b"], ["g"], transB=1),
+                  helper.make_node("Tanh", ["g"], ["t"]), helper.make_node("Reshape", ["t", "back"], ["u"])]
+    else:  # tf2onnx's Tensordot: the weight as (D, H), the rows back to a sequence, then the bias
+        nodes += [helper.make_node("Reshape", [x_in, "rows"], ["r"]), helper.make_node("Transpose", ["W"], ["Wt"]),
+                  helper.make_node("MatMul", ["r", "Wt"], ["p"]), helper.make_node("Reshape", ["p", "back"], ["q"]),
+                  helper.make_node("Add", ["q", "b"], ["g"]), helper.make_node("Tanh", ["g"], ["u"])]
     if time_major:
         nodes.append(helper.make_node("Transpose", ["u"], ["y"], perm=[1, 0, 2]))
     else:
@@ -119,6 +126,6 @@ def test_rows_that_mix_samples_run_one_sample_at_a_time(time_major):
     r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
     want = fd_param_jacobian(m, {"x": x}, ["W", "b"], inits)
     assert rel_err(r.J, want) < 1e-6
-    assert r.chunks[0] == 1 and any("one sample at a time" in n for n in r.notes)
+    assert (r.chunks[0] == 1) == time_major and any("one sample at a time" in n for n in r.notes) == time_major
     one = jaccli.param_jacobian(m, x[:1], dtype=np.float64, return_result=True)  # one sample: probed twice over
     assert rel_err(one.J, want[:1]) < 1e-6

@@ -42,6 +42,8 @@ class Ctx:
     rule: type | None = None
     out: tuple = ()  # per input: where to write its cotangent (a view into the result), or None
     owned: tuple = ()  # per output: its cotangent is this rule's to overwrite (no one else holds it)
+    rows: int = 1  # rows of each sample in the first input, a matrix whose rows are the samples' merged with
+    # another axis, sample by sample ((N*S, D): an exporter's flattening before a Gemm; see drivers._grouped)
 
     def dest(self, i):
         """The destination for input i's cotangent, if the walker gave one."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import rule
-from ..errors import UnsupportedOpError
+from ..errors import ModelError, UnsupportedOpError
 from ._util import add, expand, lead_flat, unbroadcast
 
 
@@ -74,6 +74,26 @@ def per_sample_outer(A, G, trans, out=None):
 _LARGE_OUTER = 1 << 16  # values of one outer product from which each gets its own call
 
 
+def grouped_outer(A, G, rows, trans, out=None):
+    """Per-sample weight cotangents of Y = A @ W where each sample has `rows` rows of A, one
+    after another (see Ctx.rows): A (N*rows, K), G (*lead, N*rows, M) -> (*lead, N, K, M), or
+    (*lead, N, M, K) when W is stored transposed; one GEMM per sample (and direction) over its
+    rows, written into `out` when it fits."""
+    R, K = A.shape
+    if R % rows:
+        raise ModelError(f"a product's {R} rows are not {rows} for each sample")
+    lead, M = G.shape[:-2], G.shape[-1]
+    A3, G3 = A.reshape(R // rows, rows, K), G.reshape(lead + (R // rows, rows, M))
+    left, right = (_t(G3), A3) if trans else (_t(A3), G3)
+    shape = lead + (R // rows,) + ((M, K) if trans else (K, M))
+    return np.matmul(left, right, out=out if out is not None and out.shape == shape else None)
+
+
+def rows_summed(G, rows, lead):
+    """A cotangent (*lead, N*rows, ...) summed over each sample's rows: (*lead, N, ...)."""
+    return G.reshape(G.shape[:lead] + (-1, rows) + G.shape[lead + 1:]).sum(axis=lead + 1)
+
+
 def _identity_rows(W, sel, alpha, rows_are_outputs):
     """Rows W[sel] (or columns, as rows) times alpha: the first cotangent of A for an identity seed."""
     R = W[sel] if rows_are_outputs else W[:, sel].T
@@ -96,6 +116,10 @@ class Gemm:
 
     keeps = True
     vjp_identity = _gemm_vjp_identity
+
+    def grouped_rows(attrs):
+        """Its per-sample cotangents follow rows grouped by sample (Ctx.rows) in A, not in A^T."""
+        return not attrs.get("transA")
 
     def forward(A, B, C=None, *, alpha, beta, transA, transB):
         Y = _t(A, transA) @ _t(B, transB)
@@ -136,12 +160,17 @@ class Gemm:
                 Abar = _t(mm(Ybar_a, _t(_t(B, transB))), transA)
         if cx.need[1]:
             Ap = _t(A, transA)
-            if cx.keep[1]:  # per sample m: outer(A'[m], Ybar[m]), in B's own layout
+            if cx.keep[1] and cx.rows > 1:  # per sample: its rows of A' against its rows of Ybar
+                Bbar = grouped_outer(Ap, Ybar_a, cx.rows, transB, cx.dest(1))
+            elif cx.keep[1]:  # per sample m: outer(A'[m], Ybar[m]), in B's own layout
                 Bbar = per_sample_outer(Ap, Ybar_a, transB, cx.dest(1))
             else:
                 Bbar = _t(_t(Ap) @ Ybar_a, transB)
         if len(cx.x) > 2 and cx.x[2] is not None and cx.need[2]:
-            Cbar = unbroadcast(Ybar * Ybar.dtype.type(beta), cx.x[2].shape, lead, cx.keep[2])
+            Yc = Ybar * Ybar.dtype.type(beta)
+            if cx.keep[2] and cx.rows > 1:
+                Yc = rows_summed(Yc, cx.rows, lead)
+            Cbar = unbroadcast(Yc, cx.x[2].shape, lead, cx.keep[2])
         return Abar, Bbar, Cbar
 
 
@@ -164,6 +193,10 @@ class MatMul:
     """Y = A @ B with numpy semantics (batched, broadcasting, 1-D operands promoted)."""
 
     keeps = True
+
+    def grouped_rows(attrs):
+        """Its per-sample cotangents follow rows grouped by sample (Ctx.rows) in a matrix A."""
+        return True
 
     def vjp_identity(cx, sel):
         """For samples as the rows of a matrix A and a weight matrix B: rows B[:, sel]^T, broadcast."""
@@ -197,7 +230,9 @@ class MatMul:
             G = mm(Yb, _t(B2))  # (*lead, *batch, M, K)
             Abar = _fit(G, A, A2, lead, cx.keep[0], B2, Yb, side=0)
         dest = cx.dest(1)
-        if cx.need[1] and B.ndim == 2 and A.ndim >= 3:
+        if cx.need[1] and B.ndim == 2 and A.ndim == 2 and cx.keep[1] and cx.rows > 1:
+            Bbar = grouped_outer(A, Yb, cx.rows, False, dest)  # a sample's rows one after another
+        elif cx.need[1] and B.ndim == 2 and A.ndim >= 3:
             # a weight applied across A's batch axes: contract them with the rows, in one GEMM
             # per sample (A's first axis) or over all, never a product per batch matrix summed after
             head, K, N = Yb.shape[:lead], A.shape[-1], B.shape[-1]
