@@ -180,7 +180,8 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
         return _piece(st, k, pieces[id(st)], env)
 
     wrt_set = set(wrt)
-    samples = np.shape(env[plan.of])[0] if plan.per_sample and np.ndim(env.get(plan.of)) else None
+    out_y = env.get(plan.of)  # its first axis: the samples, whose rows grouped steps (Step.grouped) divide
+    samples = out_y.shape[0] if plan.per_sample and isinstance(out_y, np.ndarray) and out_y.ndim else None
     for step in reversed(steps):  # a value differentiated with respect to keeps its cotangent from its producer
         bars = [None if o in wrt_set else cot.pop(o, None) for o in step.outputs]
         assembled = pieces.pop(id(step), None)
