@@ -236,7 +236,12 @@ def _prepared(model, of, wrt, dtype, per_sample, feeds, N, through=False):
     plan, probes = model.plans[key]
     shapes = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(feeds.items())) + (min(N, 2),)
     if shapes not in probes:
-        probes[shapes] = _measure(plan, model, feeds, of, N)
+        try:
+            probes[shapes] = _measure(plan, model, feeds, of, N)
+        except _Replan as again:  # values shared by every sample: a plan that knows them, probed afresh
+            plan = Plan(model, of, wrt, dtype, per_sample=per_sample, through=through, shared=again.shared)
+            model.plans[key] = (plan, probes := {})
+            probes[shapes] = _measure(plan, model, feeds, of, N)
     est, y0, per_run, run_size, wrt_shapes = probes[shapes]
     return plan, (est, y0, per_run if per_run == 1 or run_size else N, run_size, wrt_shapes)
 
@@ -418,9 +423,14 @@ def _same_in_float64(plan, feeds, of, pair):
 def _note_mixed_rows(plan, env, n=2, feeds=None):
     """Whether some rows mix samples (see _rows_mix_samples); if so the plan runs one sample at a
     time with plain cotangents (plan.rows_mix_samples), and says so in the summary. Unless
-    those rows are the samples' merged with another axis sample by sample, in products whose
-    rule follows them (see _grouped; `feeds`, of two samples or more, to tell)."""
+    (`feeds`, of two samples or more, to tell) those values have no sample axis at all (see
+    _shared_values: the plan is made again), or are the samples' rows merged with another
+    axis sample by sample, in products whose rule follows them (see _grouped)."""
     mixed = _rows_mix_samples(plan, env, n)
+    if mixed and feeds is not None and not plan.shared:
+        shared = _shared_values(plan, env, n, feeds)
+        if any(all(v in shared for v in _row_values(plan, env, n, s)) for s in mixed):
+            raise _Replan(shared)
     if mixed and feeds is not None and _grouped(plan, env, n, feeds, mixed):
         return False
     if mixed and not plan.rows_mix_samples:
@@ -437,13 +447,41 @@ def _rows_mix_samples(plan, env, n=2):
     graph runs one sample at a time: per-sample cotangents are then plain ones (see
     walk._one_sample), whatever became of the sample axis. Control flow's outputs stack
     iterations as they may: its bodies' values are what carry the sample axis."""
-    found = []
-    for s in plan.active_steps:
-        if any(s.keep) and not getattr(s.rule, "finds_sample_axis", False):
-            for v in s.inputs if getattr(s.rule, "needs_batched", False) else s.inputs + s.outputs:
-                if v in plan.batched and v in env and np.shape(env[v])[:1] != (n,) and _carries_rows(env[v]):
-                    found.append(s)
-                    break
+    return [s for s in plan.active_steps if any(s.keep) and not getattr(s.rule, "finds_sample_axis", False)
+            and _row_values(plan, env, n, s)]
+
+
+def _row_values(plan, env, n, s):
+    """The batched values that step s reads or writes (reads, for control flow) whose first axis
+    is not the n samples of env."""
+    return [v for v in (s.inputs if getattr(s.rule, "needs_batched", False) else s.inputs + s.outputs)
+            if v in plan.batched and v in env and np.shape(env[v])[:1] != (n,) and _carries_rows(env[v])]
+
+
+class _Replan(Exception):
+    """The probe found values with no sample axis among the batched ones (see _shared_values):
+    the plan is made again, with them taken as shared by every sample."""
+
+    def __init__(self, shared):
+        super().__init__("replan")
+        self.shared = shared
+
+
+def _shared_values(plan, env, n, feeds):
+    """The batched values that hold no sample axis: computed from the data's shape, not its
+    samples (GPT-2's position ids as TorchScript exports them, a range over the sequence's
+    length, and the position embeddings they gather), they are the same, shape and values, in
+    env's run of n samples, in a run of the first alone and in a run of copies of the last."""
+    try:
+        runs = (walk.primal(plan, _slice_samples(feeds, 0, 1)), walk.primal(plan, _copies(feeds, n - 1, n)))
+    except JaccliError:
+        return set()
+    found = set()
+    for v in plan.batched - set(feeds):
+        a = env.get(v)
+        if isinstance(a, np.ndarray) and all(isinstance(r.get(v), np.ndarray) and r[v].shape == a.shape and _same(r[v], a)
+                                              for r in runs):
+            found.add(v)
     return found
 
 

@@ -47,13 +47,15 @@ class Plan:
     per-sample parameter Jacobian); otherwise `wrt` are data inputs.
     """
 
-    def __init__(self, model: Model, of, wrt, dtype=np.float32, per_sample=False, unbatched=(), through=False):
+    def __init__(self, model: Model, of, wrt, dtype=np.float32, per_sample=False, unbatched=(), through=False, shared=()):
         # `of`: one value, or several (a sub-graph's outputs; self.of is then the first).
         # `unbatched`: data inputs without a sample axis (a sub-graph's inputs from outside)
+        # `shared`: values computed from the data's shape, not its samples, which the drivers' probe
+        # found the same for any samples (drivers._shared_values): they have no sample axis either
         self.outs = (of,) if isinstance(of, str) else tuple(of)
         self.model, self.of, self.wrt, self.dtype = model, self.outs[0], tuple(wrt), np.dtype(dtype)
         self.per_sample = per_sample
-        self._unbatched, self._through = unbatched, through
+        self._unbatched, self._through, self.shared = unbatched, through, frozenset(shared)
         self.notes = []  # what the drivers learn of the graph when they first run it, for the summary
         self.rows_mix_samples = False  # set by the drivers' probe: per-sample cotangents one sample at a time
         data_inputs = {v.name for v in model.inputs}
@@ -84,7 +86,7 @@ class Plan:
         for s in steps:
             by_data = getattr(s.rule, "batch_from_data", False)
             if any(v in batched for k, v in enumerate(s.inputs) if v and not (by_data and k in s.rule.nondiff)):
-                batched.update(s.outputs)
+                batched.update(o for o in s.outputs if o not in self.shared)
         self.batched = batched
         for s in steps:  # rules that run sub-graphs need to know which of their inputs have a sample axis
             if getattr(s.rule, "needs_batched", False):
@@ -133,7 +135,7 @@ class Plan:
 
     def in_float64(self):
         """The same plan, computing in float64."""
-        return Plan(self.model, self.outs, self.wrt, np.float64, self.per_sample, self._unbatched, self._through)
+        return Plan(self.model, self.outs, self.wrt, np.float64, self.per_sample, self._unbatched, self._through, self.shared)
 
     # ---- construction helpers ----------------------------------------------------------------
 
