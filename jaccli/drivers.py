@@ -453,9 +453,16 @@ def _rows_mix_samples(plan, env, n=2):
 
 def _row_values(plan, env, n, s):
     """The batched values that step s reads or writes (reads, for control flow) whose first axis
-    is not the n samples of env."""
-    return [v for v in (s.inputs if getattr(s.rule, "needs_batched", False) else s.inputs + s.outputs)
-            if v in plan.batched and v in env and np.shape(env[v])[:1] != (n,) and _carries_rows(env[v])]
+    is not the n samples of env; none for a Loop whose body's parameters meet only values with
+    the samples first (its rule's rows_mix_inside)."""
+    found = [v for v in (s.inputs if getattr(s.rule, "needs_batched", False) else s.inputs + s.outputs)
+             if v in plan.batched and v in env and np.shape(env[v])[:1] != (n,) and _carries_rows(env[v])]
+    inside = getattr(s.rule, "rows_mix_inside", None)
+    if found and inside is not None:
+        x = tuple(env.get(v) if v else None for v in s.inputs)
+        if not inside(x, s.diff_in, s.keep, n, _rows_mix_samples, **s.attrs):
+            return []
+    return found
 
 
 class _Replan(Exception):

@@ -251,3 +251,44 @@ def test_weights_of_one_name_in_two_branches():
     G, cols = jaccli.param_jacobian(m, rng.standard_normal((N, 3)))
     for c in cols:
         assert G[..., c["offset"]:c["offset"] + c["size"]].any() == (c["name"] == "then/w")
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_loop_over_a_time_major_sequence(inside):
+    """tf2onnx and jax2onnx pass a recurrence its sequence time-major, (T, N, D), from outside
+    the Loop's body, which gathers step t: what the body's parameters meet has the samples
+    first, so the parameter Jacobian runs the batch at once, equal to differences and to runs
+    of one sample. Where a parameter of the body meets the time-major sequence itself (its
+    rows are not the samples), the whole model runs one sample at a time."""
+    body_nodes = [helper.make_node("Gather", ["seq", "i"], ["xt"], axis=0),
+                  helper.make_node("MatMul", ["xt", "W"], ["a"]), helper.make_node("MatMul", ["h_in", "U"], ["b_"]),
+                  helper.make_node("Add", ["a", "b_"], ["pre"]), helper.make_node("Tanh", ["pre"], ["h0_out"]),
+                  helper.make_node("Identity", ["c_in"], ["c_out"])]
+    if inside:  # a parameter applied to the whole time-major sequence, in every iteration
+        body_nodes += [helper.make_node("MatMul", ["seq", "V"], ["sv"]), helper.make_node("ReduceSum", ["sv", "axes0"], ["s"], keepdims=0),
+                       helper.make_node("Add", ["h0_out", "s"], ["h_out"])]
+    else:
+        body_nodes += [helper.make_node("Identity", ["h0_out"], ["h_out"])]
+    body = helper.make_graph(
+        body_nodes, "body",
+        [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("c_in", B, []),
+         helper.make_tensor_value_info("h_in", F, None)],
+        [helper.make_tensor_value_info("c_out", B, []), helper.make_tensor_value_info("h_out", F, None)])
+    nodes = [helper.make_node("Transpose", ["x"], ["seq"], perm=[1, 0, 2]), helper.make_node("Shape", ["seq"], ["s0"]),
+             helper.make_node("Gather", ["s0", "zero"], ["T"], axis=0),
+             helper.make_node("ReduceMean", ["x"], ["h0"], axes=[1], keepdims=0),
+             helper.make_node("MatMul", ["h0", "P"], ["h_init"]),
+             helper.make_node("Loop", ["T", "", "h_init"], ["y"], body=body)]
+    inits = [_init("zero", np.int64(0)), _init("axes0", np.array([0], np.int64)),
+             _init("W", 0.5 * rng.standard_normal((2, 3)).astype(np.float32)),
+             _init("U", 0.5 * rng.standard_normal((3, 3)).astype(np.float32)),
+             _init("P", 0.5 * rng.standard_normal((2, 3)).astype(np.float32))]
+    if inside:
+        inits.append(_init("V", 0.5 * rng.standard_normal((2, 3)).astype(np.float32)))
+    m = one_input_model(nodes, inits, (4, 2))
+    x = rng.standard_normal((N, 4, 2))
+    assert check_whole_model(m, x) == ["W", "U", "P"] + (["V"] if inside else [])
+    r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
+    assert any("one sample at a time" in n for n in r.notes) == inside
+    one = np.concatenate([jaccli.param_jacobian(m, x[i:i + 1], dtype=np.float64)[0] for i in range(N)])
+    np.testing.assert_allclose(r.value, one, rtol=1e-12, atol=1e-12)

@@ -153,19 +153,21 @@ class Loop:
         _run(body, cx.x[0], cx.x[1], cx.x[2:], iteration)
         return tuple(carried) + tuple(_stack_tangents(s) for s in scans)
 
+    def rows_mix_inside(x, need, keep, n, mixed, *, body, batched=None):
+        """For the drivers' probe: whether, over the iterations, a step of the body asked for
+        per-sample cotangents reads values whose first axis is not the n samples (`mixed`, the
+        probe's own test). Only that makes the Loop's rows mix: its outer values may carry the
+        samples on another axis, as tf2onnx's and jax2onnx's recurrences pass their sequence
+        time-major, when what the body's parameters meet has them first."""
+        plan, _, _ = _loop_vjp_plan(body, x, need, keep, batched)
+        envs = []
+        _run(body, x[0], x[1], list(x[2:]), _keeping(plan, envs))
+        return any(mixed(plan, env, n) for env in envs)
+
     def vjp(cx, *bars, body, batched=None):
         K = len(body.inputs) - 2
         M, cond, rest = cx.x[0], cx.x[1], list(cx.x[2:])
-        need_free = [n for n, d in zip(body.free, cx.need[2 + K:]) if d]
-        per_sample = any(cx.keep)
-        flags = {**_flags(batched, 2, body.inputs[2:]), **_flags(batched, 2 + K, body.free)}
-        unbatched = tuple(body.inputs[:2]) + tuple(n for n in body.inputs[2:] + body.free if not flags[n])
-        wrt = tuple(n for n, v in zip(body.inputs[2:], rest) if _floating(v)) + tuple(need_free)  # not the counters
-        plan = _plan(body, wrt, per_sample, unbatched, _dtype(rest))
-        if per_sample and any(n in unbatched and o in plan.batched and not _empty(v)
-                              for n, o, v in zip(body.inputs[2:], body.outputs[1:], rest)):
-            raise UnsupportedOpError("Loop: a carried value without a sample axis gains one in the body; per-sample "
-                                     "parameter cotangents through it are not supported")
+        plan, wrt, need_free = _loop_vjp_plan(body, cx.x, cx.need, cx.keep, batched)
         envs = []
         _run(body, M, cond, rest, _keeping(plan, envs))
         carried = list(bars[:K])
@@ -187,6 +189,24 @@ class Loop:
                 acc[n] = _add(acc[n], res.get(n))
         return (None, None) + tuple(c if d else None for c, d in zip(carried, cx.need[2:2 + K])) + \
             tuple(acc.get(n) if d else None for n, d in zip(body.free, cx.need[2 + K:]))
+
+
+def _loop_vjp_plan(body, x, need, keep, batched):
+    """The body's plan for a Loop's reverse sweep, what it differentiates with respect to (the
+    carried float values, the outer values that need cotangents), and those outer values."""
+    K = len(body.inputs) - 2
+    rest = list(x[2:])
+    need_free = [n for n, d in zip(body.free, need[2 + K:]) if d]
+    per_sample = any(keep)
+    flags = {**_flags(batched, 2, body.inputs[2:]), **_flags(batched, 2 + K, body.free)}
+    unbatched = tuple(body.inputs[:2]) + tuple(n for n in body.inputs[2:] + body.free if not flags[n])
+    wrt = tuple(n for n, v in zip(body.inputs[2:], rest) if _floating(v)) + tuple(need_free)  # not the counters
+    plan = _plan(body, wrt, per_sample, unbatched, _dtype(rest))
+    if per_sample and any(n in unbatched and o in plan.batched and not _empty(v)
+                          for n, o, v in zip(body.inputs[2:], body.outputs[1:], rest)):
+        raise UnsupportedOpError("Loop: a carried value without a sample axis gains one in the body; per-sample "
+                                 "parameter cotangents through it are not supported")
+    return plan, wrt, need_free
 
 
 def _floating(v):
