@@ -278,3 +278,16 @@ def compare_param_jacobian(G, cols, model, ref, rtol=1e-6):
             compared.add(k)
             break
     return len(compared)
+
+
+def batch_at_once(model, x, names, at_once=True):
+    """The per-sample parameter Jacobian of parameters `names`: against differences (see
+    check_whole_model), taken for the whole batch at once (or, with `at_once` False, one sample
+    at a time, as the summary says), and equal to runs of one sample."""
+    import jaccli
+
+    assert check_whole_model(model, x) == names
+    r = jaccli.param_jacobian(model, x, dtype=np.float64, return_result=True)
+    assert any("one sample at a time" in n for n in r.notes) != at_once
+    one = np.concatenate([jaccli.param_jacobian(model, x[i:i + 1], dtype=np.float64)[0] for i in range(len(x))])
+    np.testing.assert_allclose(r.value, one, rtol=1e-12, atol=1e-12)

@@ -4,7 +4,7 @@ per-sample parameter Jacobians against float64 central differences of our forwar
 
 import numpy as np
 import pytest
-from gradcheck import N, check_whole_model, one_input_model, ort_forward, our_forward, rel_err
+from gradcheck import N, batch_at_once, check_whole_model, one_input_model, ort_forward, our_forward, rel_err
 from onnx import TensorProto, helper, numpy_helper
 
 import jaccli
@@ -285,10 +285,22 @@ def test_a_loop_over_a_time_major_sequence(inside):
              _init("P", 0.5 * rng.standard_normal((2, 3)).astype(np.float32))]
     if inside:
         inits.append(_init("V", 0.5 * rng.standard_normal((2, 3)).astype(np.float32)))
-    m = one_input_model(nodes, inits, (4, 2))
-    x = rng.standard_normal((N, 4, 2))
-    assert check_whole_model(m, x) == ["W", "U", "P"] + (["V"] if inside else [])
-    r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
-    assert any("one sample at a time" in n for n in r.notes) == inside
-    one = np.concatenate([jaccli.param_jacobian(m, x[i:i + 1], dtype=np.float64)[0] for i in range(N)])
-    np.testing.assert_allclose(r.value, one, rtol=1e-12, atol=1e-12)
+    batch_at_once(one_input_model(nodes, inits, (4, 2)), rng.standard_normal((N, 4, 2)),
+                  ["W", "U", "P"] + (["V"] if inside else []), at_once=not inside)
+
+
+def test_a_scan_over_a_time_major_sequence():
+    """A Scan along axis 0 of a time-major (T, N, D) sequence: its slices have the samples
+    first, so the parameter Jacobian runs the batch at once, equal to differences and to runs
+    of one sample."""
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["xt", "W"], ["a"]), helper.make_node("MatMul", ["h_in", "U"], ["b_"]),
+         helper.make_node("Add", ["a", "b_"], ["pre"]), helper.make_node("Tanh", ["pre"], ["h_out"]),
+         helper.make_node("Identity", ["h_out"], ["h_scan"])],
+        "body", [helper.make_tensor_value_info(n, F, None) for n in ("h_in", "xt")],
+        [helper.make_tensor_value_info(n, F, None) for n in ("h_out", "h_scan")])
+    nodes = [helper.make_node("Transpose", ["x"], ["seq"], perm=[1, 0, 2]),
+             helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=0), helper.make_node("MatMul", ["m", "P"], ["h0"]),
+             helper.make_node("Scan", ["h0", "seq"], ["y", "hs"], body=body, num_scan_inputs=1)]
+    inits = [_init(k, 0.5 * rng.standard_normal(s).astype(np.float32)) for k, s in (("W", (2, 3)), ("U", (3, 3)), ("P", (2, 3)))]
+    batch_at_once(one_input_model(nodes, inits, (4, 2), opset=11), rng.standard_normal((N, 4, 2)), ["W", "U", "P"])

@@ -9,7 +9,7 @@ from onnx import load as onnx_load
 
 import jaccli
 import jaccli.errors
-from gradcheck import N, check_whole_model, one_input_model
+from gradcheck import N, batch_at_once, check_whole_model, one_input_model
 from jaccli.errors import DataError
 
 
@@ -351,7 +351,7 @@ def test_a_class_token_expanded_to_the_batch_keeps_samples_batched():
     inits = {"zero": np.array(0, np.int64), "axes0": np.array([0], np.int64), "one_d": np.array([1, D], np.int64),
              "cls": RNG.standard_normal((1, 1, D)).astype(np.float32),
              "W": RNG.standard_normal((D, 2)).astype(np.float32)}
-    _batch_at_once(one_input_model(nodes, inits, (4, D)), RNG.standard_normal((N, 4, D)), ["cls", "W"])
+    batch_at_once(one_input_model(nodes, inits, (4, D)), RNG.standard_normal((N, 4, D)), ["cls", "W"])
 
 
 def test_position_embeddings_from_the_sequence_length_are_shared_by_the_samples():
@@ -368,17 +368,7 @@ def test_position_embeddings_from_the_sequence_length_are_shared_by_the_samples(
              helper.make_node("MatMul", ["h", "W"], ["m"]), helper.make_node("Tanh", ["m"], ["y"])]
     inits = {"one": np.array(1, np.int64), "zero": np.array(0, np.int64), "axes0": np.array([0], np.int64),
              "wpe": RNG.standard_normal((6, D)).astype(np.float32), "W": RNG.standard_normal((D, 2)).astype(np.float32)}
-    _batch_at_once(one_input_model(nodes, inits, (T, D)), RNG.standard_normal((N, T, D)), ["wpe", "W"])
-
-
-def _batch_at_once(m, x, names):
-    """The per-sample parameter Jacobian of parameters `names`: against differences, taken for
-    the whole batch at once, and equal to runs of one sample."""
-    assert check_whole_model(m, x) == names
-    r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
-    assert not any("one sample at a time" in n for n in r.notes)
-    one = np.concatenate([jaccli.param_jacobian(m, x[i:i + 1], dtype=np.float64)[0] for i in range(len(x))])
-    np.testing.assert_allclose(r.value, one, rtol=1e-12, atol=1e-12)
+    batch_at_once(one_input_model(nodes, inits, (T, D)), RNG.standard_normal((N, T, D)), ["wpe", "W"])
 
 
 def test_local_functions_are_inlined():

@@ -209,6 +209,20 @@ def _loop_vjp_plan(body, x, need, keep, batched):
     return plan, wrt, need_free
 
 
+def _scan_vjp_plan(body, g, x, need, keep, batched):
+    """The body's plan for a Scan's reverse sweep, what it differentiates with respect to (the
+    float states and slices, the outer values that need cotangents), and those outer values."""
+    S, M = g.S, g.M
+    need_free = [n for n, d in zip(body.free, need[S + M:]) if d]
+    flags = {**_flags(batched, 0, body.inputs[:S]), **_flags(batched, S + M, body.free)}
+    slice_flags = _flags(batched, S, body.inputs[S:])
+    unbatched = tuple(n for n in body.inputs[:S] + body.free if not flags[n]) + \
+        tuple(n for n in body.inputs[S:] if not slice_flags[n])
+    wrt = tuple(n for n, v in zip(body.inputs, list(x[:S]) + [x[S + j] for j in range(M)]) if _floating(v)) + \
+        tuple(need_free)
+    return _plan(body, wrt, any(keep), unbatched, _dtype(x)), wrt, need_free
+
+
 def _floating(v):
     """A float value, or a sequence of them (an empty one too): one that can have a cotangent."""
     if isinstance(v, list):
@@ -328,17 +342,21 @@ class Scan:
         g.run(cx.x, iteration)
         return tuple(state_t) + tuple(g.stack_tangents(o, k) for k, o in enumerate(outs))
 
+    def rows_mix_inside(x, need, keep, n, mixed, *, body, batched=None, **attrs):
+        """For the drivers' probe, as Loop's: whether a step of the body asked for per-sample
+        cotangents reads values whose first axis is not the n samples, over the iterations. A
+        scan input may carry the samples on another axis than the first (time-major, scanned
+        along axis 0) when its slices have them first."""
+        g = _ScanGeometry(body, x, **attrs)
+        plan, _, _ = _scan_vjp_plan(body, g, x, need, keep, batched)
+        envs = []
+        g.run(x, _keeping(plan, envs))
+        return any(mixed(plan, env, n) for env in envs)
+
     def vjp(cx, *bars, body, batched=None, **attrs):
         g = _ScanGeometry(body, cx.x, **attrs)
         S, M = g.S, g.M
-        need_free = [n for n, d in zip(body.free, cx.need[S + M:]) if d]
-        flags = {**_flags(batched, 0, body.inputs[:S]), **_flags(batched, S + M, body.free)}
-        slice_flags = _flags(batched, S, body.inputs[S:])
-        unbatched = tuple(n for n in body.inputs[:S] + body.free if not flags[n]) + \
-            tuple(n for n in body.inputs[S:] if not slice_flags[n])
-        wrt = tuple(n for n, v in zip(body.inputs, list(cx.x[:S]) + [cx.x[S + j] for j in range(M)]) if _floating(v)) + \
-            tuple(need_free)
-        plan = _plan(body, wrt, any(cx.keep), unbatched, _dtype(cx.x))
+        plan, wrt, need_free = _scan_vjp_plan(body, g, cx.x, cx.need, cx.keep, batched)
         envs = []
         g.run(cx.x, _keeping(plan, envs))
         carried, acc = list(bars[:S]), dict.fromkeys(need_free)
