@@ -427,12 +427,17 @@ def _note_mixed_rows(plan, env, n=2, feeds=None):
     _shared_values: the plan is made again), or are the samples' rows merged with another
     axis sample by sample, in products whose rule follows them (see _grouped)."""
     mixed = _rows_mix_samples(plan, env, n)
-    if mixed and feeds is not None and not plan.shared:
-        shared = _shared_values(plan, env, n, feeds)
-        if any(all(v in shared for v in _row_values(plan, env, n, s)) for s in mixed):
-            raise _Replan(shared)
-    if mixed and feeds is not None and _grouped(plan, env, n, feeds, mixed):
-        return False
+    if mixed and feeds is not None:
+        try:  # runs of copies of each sample, which both tests read
+            alone = [walk.primal(plan, _copies(feeds, j, n)) for j in range(n)]
+        except JaccliError:
+            alone = None
+        if alone is not None and not plan.shared:
+            shared = _shared_values(plan, env, feeds, alone[-1])
+            if any(all(v in shared for v in _row_values(plan, env, n, s)) for s in mixed):
+                raise _Replan(shared)
+        if alone is not None and _grouped(plan, env, n, alone, mixed):
+            return False
     if mixed and not plan.rows_mix_samples:
         plan.rows_mix_samples = True
         plan.notes.append(f"one sample at a time: node '{mixed[0].node.name}' ({mixed[0].node.op_type}) reads values whose first "
@@ -474,13 +479,14 @@ class _Replan(Exception):
         self.shared = shared
 
 
-def _shared_values(plan, env, n, feeds):
+def _shared_values(plan, env, feeds, copies):
     """The batched values that hold no sample axis: computed from the data's shape, not its
     samples (GPT-2's position ids as TorchScript exports them, a range over the sequence's
     length, and the position embeddings they gather), they are the same, shape and values, in
-    env's run of n samples, in a run of the first alone and in a run of copies of the last."""
+    env's run of samples, in a run of the first alone and in `copies`, a run of copies of the
+    last."""
     try:
-        runs = (walk.primal(plan, _slice_samples(feeds, 0, 1)), walk.primal(plan, _copies(feeds, n - 1, n)))
+        runs = (walk.primal(plan, _slice_samples(feeds, 0, 1)), copies)
     except JaccliError:
         return set()
     found = set()
@@ -492,14 +498,14 @@ def _shared_values(plan, env, n, feeds):
     return found
 
 
-def _grouped(plan, env, n, feeds, steps):
+def _grouped(plan, env, n, alone, steps):
     """Whether each of `steps` is a product whose first input is the only batched one, a matrix
     of n*S rows, S for each sample in turn, as its output's: (N, S, D) flattened to (N*S, D)
     before a Gemm, as torch's exporters (GPT-2's Conv1D), tf2onnx (a Dense on a sequence) and
     jax2onnx write it. The rows are checked against runs of copies of each sample: sample j's
     S rows are the same with the other samples replaced by copies of it. If so the steps are
     marked (Step.grouped): their rules' per-sample cotangents sum each sample's rows, and the
-    batch runs at once."""
+    batch runs at once. `alone`: per sample j, the values of a run of copies of it."""
     for s in steps:
         accepts = getattr(s.rule, "grouped_rows", None)
         A = env.get(s.inputs[0])
@@ -509,10 +515,6 @@ def _grouped(plan, env, n, feeds, steps):
             return False
         if any(v in plan.batched and _carries_rows(env.get(v)) for v in s.inputs[1:] if v):
             return False
-    try:
-        alone = [walk.primal(plan, _copies(feeds, j, n)) for j in range(n)]
-    except JaccliError:
-        return False
     for s in steps:
         A, S = env[s.inputs[0]], env[s.inputs[0]].shape[0] // n
         if not all(_same(A[j * S:(j + 1) * S], alone[j][s.inputs[0]][j * S:(j + 1) * S]) for j in range(n)):

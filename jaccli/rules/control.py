@@ -159,10 +159,8 @@ class Loop:
         probe's own test). Only that makes the Loop's rows mix: its outer values may carry the
         samples on another axis, as tf2onnx's and jax2onnx's recurrences pass their sequence
         time-major, when what the body's parameters meet has them first."""
-        plan, _, _ = _loop_vjp_plan(body, x, need, keep, batched)
-        envs = []
-        _run(body, x[0], x[1], list(x[2:]), _keeping(plan, envs))
-        return any(mixed(plan, env, n) for env in envs)
+        plan = _loop_vjp_plan(body, x, need, keep, batched)[0]
+        return _mixes_inside(plan, lambda iteration: _run(body, x[0], x[1], list(x[2:]), iteration), n, mixed)
 
     def vjp(cx, *bars, body, batched=None):
         K = len(body.inputs) - 2
@@ -189,6 +187,14 @@ class Loop:
                 acc[n] = _add(acc[n], res.get(n))
         return (None, None) + tuple(c if d else None for c, d in zip(carried, cx.need[2:2 + K])) + \
             tuple(acc.get(n) if d else None for n, d in zip(body.free, cx.need[2 + K:]))
+
+
+def _mixes_inside(plan, run, n, mixed):
+    """Whether `mixed(plan, env, n)` finds steps in any iteration's values (see rows_mix_inside):
+    `run(iteration)` runs the iterations."""
+    envs = []
+    run(_keeping(plan, envs))
+    return any(mixed(plan, env, n) for env in envs)
 
 
 def _loop_vjp_plan(body, x, need, keep, batched):
@@ -348,10 +354,8 @@ class Scan:
         scan input may carry the samples on another axis than the first (time-major, scanned
         along axis 0) when its slices have them first."""
         g = _ScanGeometry(body, x, **attrs)
-        plan, _, _ = _scan_vjp_plan(body, g, x, need, keep, batched)
-        envs = []
-        g.run(x, _keeping(plan, envs))
-        return any(mixed(plan, env, n) for env in envs)
+        plan = _scan_vjp_plan(body, g, x, need, keep, batched)[0]
+        return _mixes_inside(plan, lambda iteration: g.run(x, iteration), n, mixed)
 
     def vjp(cx, *bars, body, batched=None, **attrs):
         g = _ScanGeometry(body, cx.x, **attrs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import rule
-from ..errors import ModelError, UnsupportedOpError
+from ..errors import UnsupportedOpError
 from ._util import add, expand, lead_flat, unbroadcast
 
 
@@ -74,18 +74,15 @@ def per_sample_outer(A, G, trans, out=None):
 _LARGE_OUTER = 1 << 16  # values of one outer product from which each gets its own call
 
 
-def grouped_outer(A, G, rows, trans, out=None):
-    """Per-sample weight cotangents of Y = A @ W where each sample has `rows` rows of A, one
-    after another (see Ctx.rows): A (N*rows, K), G (*lead, N*rows, M) -> (*lead, N, K, M), or
-    (*lead, N, M, K) when W is stored transposed; one GEMM per sample (and direction) over its
-    rows, written into `out` when it fits."""
-    R, K = A.shape
-    if R % rows:
-        raise ModelError(f"a product's {R} rows are not {rows} for each sample")
-    lead, M = G.shape[:-2], G.shape[-1]
-    A3, G3 = A.reshape(R // rows, rows, K), G.reshape(lead + (R // rows, rows, M))
-    left, right = (_t(G3), A3) if trans else (_t(A3), G3)
-    shape = lead + (R // rows,) + ((M, K) if trans else (K, M))
+def grouped_outer(A, G, trans, out=None):
+    """Per-sample weight cotangents of Y = A @ W where each sample has rows of its own in A:
+    A (N, S, K) and G (*lead, N, S, M), a sample's S rows together (a batch axis, or Ctx.rows)
+    -> (*lead, N, K, M), or (*lead, N, M, K) when W is stored transposed; one GEMM per sample
+    (and direction) over its rows, written into `out` when it fits."""
+    N, _, K = A.shape
+    lead, M = G.shape[:-3], G.shape[-1]
+    left, right = (_t(G), A) if trans else (_t(A), G)
+    shape = lead + (N,) + ((M, K) if trans else (K, M))
     return np.matmul(left, right, out=out if out is not None and out.shape == shape else None)
 
 
@@ -161,7 +158,9 @@ class Gemm:
         if cx.need[1]:
             Ap = _t(A, transA)
             if cx.keep[1] and cx.rows > 1:  # per sample: its rows of A' against its rows of Ybar
-                Bbar = grouped_outer(Ap, Ybar_a, cx.rows, transB, cx.dest(1))
+                R, K = Ap.shape
+                Bbar = grouped_outer(Ap.reshape(R // cx.rows, cx.rows, K),
+                                     Ybar_a.reshape(Ybar_a.shape[:lead] + (R // cx.rows, cx.rows, -1)), transB, cx.dest(1))
             elif cx.keep[1]:  # per sample m: outer(A'[m], Ybar[m]), in B's own layout
                 Bbar = per_sample_outer(Ap, Ybar_a, transB, cx.dest(1))
             else:
@@ -230,16 +229,14 @@ class MatMul:
             G = mm(Yb, _t(B2))  # (*lead, *batch, M, K)
             Abar = _fit(G, A, A2, lead, cx.keep[0], B2, Yb, side=0)
         dest = cx.dest(1)
-        if cx.need[1] and B.ndim == 2 and A.ndim == 2 and cx.keep[1] and cx.rows > 1:
-            Bbar = grouped_outer(A, Yb, cx.rows, False, dest)  # a sample's rows one after another
-        elif cx.need[1] and B.ndim == 2 and A.ndim >= 3:
-            # a weight applied across A's batch axes: contract them with the rows, in one GEMM
-            # per sample (A's first axis) or over all, never a product per batch matrix summed after
+        if cx.need[1] and B.ndim == 2 and (A.ndim >= 3 or cx.rows > 1):
+            # a weight applied across A's batch axes, or to a sample's rows one after another
+            # (Ctx.rows): contract them with the rows, in one GEMM per sample or over all, never
+            # a product per batch matrix summed after
             head, K, N = Yb.shape[:lead], A.shape[-1], B.shape[-1]
             if cx.keep[1]:
-                Af, Yf = A.reshape(A.shape[0], -1, K), Yb.reshape(head + (A.shape[0], -1, N))
-                ok = dest is not None and dest.shape == head + (A.shape[0],) + B.shape
-                Bbar = np.matmul(_t(Af), Yf, out=dest if ok else None)
+                n = A.shape[0] if A.ndim >= 3 else A.shape[0] // cx.rows
+                Bbar = grouped_outer(A.reshape(n, -1, K), Yb.reshape(head + (n, -1, N)), False, dest)
             else:
                 Bbar = A.reshape(-1, K).T @ Yb.reshape(head + (-1, N))
         elif cx.need[1]:
