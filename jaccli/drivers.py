@@ -288,7 +288,7 @@ def _measure(plan, model, feeds, of, N):
     inner = {w: _value_shape(plan, feeds, w, n) for w in plan.wrt if w not in feeds and not plan.per_sample}
     if n > 1:
         return plan.estimate(env, n), y0, _fixed_runs(plan, feeds, of, env, size), size, inner
-    return plan.estimate(env, 1), y0, _samples_per_run(plan, model, feeds, of, N, y0), 0, inner
+    return plan.estimate(env, 1), y0, _samples_per_run(plan, model, feeds, of, N, env), 0, inner
 
 
 def _fixed_runs(plan, feeds, of, env, size):
@@ -358,8 +358,9 @@ def _output_notes(model, of, of_v):
             f"Jacobian is that of '{of_v.name}', whose columns are the classes in the order {shown}"]
 
 
-def _samples_per_run(plan, model, feeds, of, N, y0):
+def _samples_per_run(plan, model, feeds, of, N, env0):
     """Probe samples 0 and 1 together and alone: each output must depend on its own sample only.
+    env0: the run of sample 0 alone.
 
     Seeding every sample with the same direction is right only then; a graph that mixes
     samples (a reduction or softmax over axis 0, BatchNormalization in training mode) would
@@ -369,11 +370,11 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
     if N < 2:
         if plan.per_sample:  # one sample twice: the shapes show whether some rows mix samples
             try:
-                _note_mixed_rows(plan, walk.primal(plan, _copies(feeds, 0, 2)))
+                _note_mixed_rows(plan, walk.primal(plan, _copies(feeds, 0, 2)), env1=env0)
             except JaccliError:  # a batch of one baked into the graph (declared or not) runs one sample only
                 pass
         return N
-    fixed = model.fixed_batch()[1] == 1
+    fixed, y0 = model.fixed_batch()[1] == 1, env0[of]
     try:
         env01 = walk.primal(plan, _slice_samples(feeds, 0, 2))
         y01 = env01[of]
@@ -387,7 +388,7 @@ def _samples_per_run(plan, model, feeds, of, N, y0):
             return 1
         _check_sample_axis(y01, 2, of)
         raise SampleAxisError(f"output '{of}' changes shape with the number of samples; it cannot be paired with them")
-    if plan.per_sample and _note_mixed_rows(plan, env01, feeds=_slice_samples(feeds, 0, 2)):
+    if plan.per_sample and _note_mixed_rows(plan, env01, feeds=_slice_samples(feeds, 0, 2), env1=env0):
         return 1
     y1 = walk.primal(plan, _slice_samples(feeds, 1, 2))[of]
     for k, alone in ((0, y0[0]), (1, y1[0])):
@@ -420,13 +421,19 @@ def _same_in_float64(plan, feeds, of, pair):
         return False
 
 
-def _note_mixed_rows(plan, env, n=2, feeds=None):
-    """Whether some rows mix samples (see _rows_mix_samples); if so the plan runs one sample at a
-    time with plain cotangents (plan.rows_mix_samples), and says so in the summary. Unless
-    (`feeds`, of two samples or more, to tell) those values have no sample axis at all (see
-    _shared_values: the plan is made again), or are the samples' rows merged with another
-    axis sample by sample, in products whose rule follows them (see _grouped)."""
-    mixed = _rows_mix_samples(plan, env, n)
+def _note_mixed_rows(plan, env, n=2, feeds=None, env1=None):
+    """Whether some rows mix samples (see _rows_mix_samples) in env, a run of n samples, or in
+    env1, a run of one; if so the plan runs one sample at a time with plain cotangents
+    (plan.rows_mix_samples), and says so in the summary. Unless (`feeds`, of two samples or
+    more, to tell) those values have no sample axis at all (see _shared_values: the plan is
+    made again), or are the samples' rows merged with another axis sample by sample, in
+    products whose rule follows them (see _grouped).
+
+    Both runs are asked: a first axis that happens to be as long as the probe's samples (a
+    time-major sequence of two steps, a bidirectional recurrence's two directions) is told
+    from the samples by the run of one, where it keeps its length."""
+    runs = [(env, n)] + ([(env1, 1)] if env1 is not None else [])
+    mixed = [s for s in plan.active_steps if any(_rows_mix_samples(plan, e, k, [s]) for e, k in runs)]
     if mixed and feeds is not None:
         try:  # runs of copies of each sample, which both tests read
             alone = [walk.primal(plan, _copies(feeds, j, n)) for j in range(n)]
@@ -434,7 +441,7 @@ def _note_mixed_rows(plan, env, n=2, feeds=None):
             alone = None
         if alone is not None and not plan.shared:
             shared = _shared_values(plan, env, feeds, alone[-1])
-            if any(all(v in shared for v in _row_values(plan, env, n, s)) for s in mixed):
+            if any(all(v in shared for e, k in runs for v in _row_values(plan, e, k, s)) for s in mixed):
                 raise _Replan(shared)
         if alone is not None and _grouped(plan, env, n, alone, mixed):
             return False
@@ -445,15 +452,15 @@ def _note_mixed_rows(plan, env, n=2, feeds=None):
     return bool(mixed)
 
 
-def _rows_mix_samples(plan, env, n=2):
+def _rows_mix_samples(plan, env, n=2, steps=None):
     """The steps asked for per-sample cotangents that read or write a batched value whose first
     axis is not the n samples of env (dynamo exports flatten (N, S, D) to (N*S, D) before a
     Gemm; skl2onnx adds a (1, 1) intercept to a GP's (N,) mean, which makes it (1, N)). Such a
     graph runs one sample at a time: per-sample cotangents are then plain ones (see
     walk._one_sample), whatever became of the sample axis. Control flow's outputs stack
     iterations as they may: its bodies' values are what carry the sample axis."""
-    return [s for s in plan.active_steps if any(s.keep) and not getattr(s.rule, "finds_sample_axis", False)
-            and _row_values(plan, env, n, s)]
+    return [s for s in (plan.active_steps if steps is None else steps) if any(s.keep)
+            and not getattr(s.rule, "finds_sample_axis", False) and _row_values(plan, env, n, s)]
 
 
 def _row_values(plan, env, n, s):

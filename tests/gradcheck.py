@@ -154,18 +154,18 @@ def fd_input_jacobian(model, feeds, wrt, eps=1e-6):
     return np.stack(cols, axis=-1)
 
 
-def fd_param_jacobian(model, feeds, names, inits, eps=1e-6):
-    """(N, n_out, P) by central differences over the parameters, per sample."""
+def fd_param_jacobian(model, feeds, names, inits, eps=1e-6, n=N):
+    """(n, n_out, P) by central differences over the parameters, per sample (n of them)."""
     cols = []
-    for n in names:
-        base = inits[n].astype(np.float64)
+    for name in names:
+        base = inits[name].astype(np.float64)
         for j in range(base.size):
             p, q = base.copy().ravel(), base.copy().ravel()
             p[j] += eps
             q[j] -= eps
-            yp = our_forward(model, feeds, params={n: p.reshape(base.shape)})
-            ym = our_forward(model, feeds, params={n: q.reshape(base.shape)})
-            cols.append(((yp - ym) / (2 * eps)).reshape(N, -1))
+            yp = our_forward(model, feeds, params={name: p.reshape(base.shape)})
+            ym = our_forward(model, feeds, params={name: q.reshape(base.shape)})
+            cols.append(((yp - ym) / (2 * eps)).reshape(n, -1))
     return np.stack(cols, axis=-1)
 
 

@@ -129,3 +129,36 @@ def test_rows_that_are_a_flattened_sequence(time_major, op):
     assert (r.chunks[0] == 1) == time_major and any("one sample at a time" in n for n in r.notes) == time_major
     one = jaccli.param_jacobian(m, x[:1], dtype=np.float64, return_result=True)  # one sample: probed twice over
     assert rel_err(one.J, want[:1]) < 1e-6
+
+
+@pytest.mark.parametrize("case", ["two_steps", "bidirectional"])
+def test_a_first_axis_as_long_as_the_probe(case):
+    """The probe tells the samples' rows by a run of two samples. A first axis that happens to
+    be two long is not theirs: a time-major sequence of two steps, a bidirectional LSTM's final
+    states (2, N, H), both fed to a MatMul with a weight. The run of one sample tells them
+    apart (that axis keeps its length); such a product runs one sample at a time. Once taken
+    for the samples, these crashed for any other number of samples and were wrong for two."""
+    I, H = 3, 4
+    if case == "two_steps":
+        x_shape, inits = (2, I), {"W": RNG.standard_normal((I, H))}
+        nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]), helper.make_node("MatMul", ["xt", "W"], ["h"]),
+                 helper.make_node("Tanh", ["h"], ["t"]), helper.make_node("Transpose", ["t"], ["y"], perm=[1, 0, 2])]
+    else:
+        x_shape = (5, I)
+        inits = {"Wl": 0.5 * RNG.standard_normal((2, 4 * H, I)), "R": 0.5 * RNG.standard_normal((2, 4 * H, H)),
+                 "W": RNG.standard_normal((H, 2))}
+        nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+                 helper.make_node("LSTM", ["xt", "Wl", "R"], ["", "hn"], hidden_size=H, direction="bidirectional"),
+                 helper.make_node("MatMul", ["hn", "W"], ["z"]), helper.make_node("Transpose", ["z"], ["zt"], perm=[1, 0, 2]),
+                 helper.make_node("Flatten", ["zt"], ["y"])]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    for n in (1, 2, 5):
+        x = RNG.standard_normal((n, *x_shape))
+        r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
+        assert rel_err(r.J, fd_param_jacobian(m, {"x": x}, list(inits), inits, n=n)) < 1e-6, n
+        if n > 1:
+            assert r.chunks[0] == 1 and any("one sample at a time" in note for note in r.notes)
