@@ -273,6 +273,10 @@ CASES += [
     Case("ConvTranspose", [("x", (2, 3, 3)), ("p", (2, 2, 3, 3))], {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}, id="ConvTranspose-stride"),
     Case("ConvTranspose", [("x", (4, 3, 3)), ("p", (4, 1, 2, 2))], {"group": 2, "strides": [2, 2], "dilations": [1, 1]}, id="ConvTranspose-groups"),
     Case("ConvTranspose", [("x", (2, 3, 3)), ("p", (2, 1, 3, 3))], {"strides": [2, 2], "output_shape": [6, 6], "auto_pad": "SAME_UPPER"}, id="ConvTranspose-output-shape"),
+    # an output_shape beyond the canvas (9 x 7): zeros after it, as onnxruntime adds them; SAME padding with strides
+    # wider than the kernel: the canvas (5 x 4), not the strides times the input
+    Case("ConvTranspose", [("x", (2, 3, 3)), ("p", (2, 2, 3, 3))], {"strides": [3, 2], "output_shape": [10, 8]}, id="ConvTranspose-output-shape-beyond"),
+    Case("ConvTranspose", [("x", (2, 2, 2)), ("p", (2, 2, 2, 2))], {"strides": [3, 2], "auto_pad": "SAME_LOWER"}, id="ConvTranspose-same-wide-strides"),
     Case("ConvTranspose", [("x", (2, 5)), ("p", (2, 3, 3))], {"strides": [2], "dilations": [2]}, id="ConvTranspose-1d"),
     Case("Conv", [("x", (2, 4, 4, 4)), ("p", (3, 2, 3, 3, 3)), ("p", (3,))], {"pads": [1, 0, 1, 1, 0, 1]}, id="Conv-3d"),
     Case("MaxPool", [("x", (2, 4, 4, 4))], {"kernel_shape": [2, 2, 2], "strides": [2, 2, 2]}, data="distinct", id="MaxPool-3d"),

@@ -186,6 +186,16 @@ def pad_spatial(X, begin, end, value=0.0):
     return Xp
 
 
+def crop_or_pad(X, begin, end):
+    """X with begin[i] entries cut from the start of its i-th trailing axis and end[i] from its
+    end, where they are positive; zeros added there where they are negative (a transposed
+    convolution whose output_shape is larger than its canvas)."""
+    nd = len(begin)
+    lead = X.ndim - nd
+    X = X[(Ellipsis,) + tuple(slice(max(b, 0), n - max(e, 0)) for b, e, n in zip(begin, end, X.shape[lead:]))]
+    return pad_spatial(X, [max(-b, 0) for b in begin], [max(-e, 0) for e in end])
+
+
 def windows(Xp, kernel, strides, dilations):
     """View of padded Xp (..., C, *sp) as windows (..., C, *out, *kernel); no copy."""
     nd = len(kernel)

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import rule
 from ..errors import UnsupportedOpError
-from ._util import add, conv_geometry, lead_flat, pad_spatial, sum_trailing, unpad, window_slices, windows, windows_adjoint
+from ._util import add, conv_geometry, crop_or_pad, lead_flat, pad_spatial, sum_trailing, unpad, window_slices, windows, windows_adjoint
 
 
 def _cols(X, kernel, strides, dilations, begin, end):
@@ -545,10 +545,14 @@ def _tconv_geometry(x_shape, W, strides, dilations, pads, output_padding, output
     if output_shape or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         target = list(output_shape)[-nd:] if output_shape else [n * s for n, s in zip(sp, strides)]
         total = [f - t for f, t in zip(full, target)]
+        # a target beyond the canvas, as onnxruntime takes it: an output_shape gets zeros after the
+        # canvas; SAME padding with strides wider than the kernel keeps the canvas
+        short = [min(t, 0) if output_shape else 0 for t in total]
+        total = [max(t, 0) for t in total]
         if auto_pad == "SAME_UPPER":
-            begin, end = [t // 2 for t in total], [t - t // 2 for t in total]
+            begin, end = [t // 2 for t in total], [t - t // 2 + e for t, e in zip(total, short)]
         else:
-            begin, end = [t - t // 2 for t in total], [t // 2 for t in total]
+            begin, end = [t - t // 2 for t in total], [t // 2 + e for t, e in zip(total, short)]
     elif auto_pad == "VALID" or not pads:
         begin, end = [0] * nd, [0] * nd
     else:
@@ -568,16 +572,13 @@ def _tconv(X, W, group, s, d, begin, end, full):
     G = np.swapaxes(Xg, -1, -2) @ Wg  # (B, g, S, Cog*k)
     G = G.reshape(B, g, *X.shape[2:], Cog, *k)
     G = np.moveaxis(G, 2 + nd, 2).reshape(B, g * Cog, *X.shape[2:], *k)  # (B, C_out, *sp, *k)
-    canvas = windows_adjoint(G, full, k, s, d)
-    sl = tuple(slice(b, f - e) for b, e, f in zip(begin, end, full))
-    return canvas[(Ellipsis,) + sl]
+    return crop_or_pad(windows_adjoint(G, full, k, s, d), begin, end)
 
 
 def _tconv_windows(Yb, full, begin, end, kernel, s, d, sp):
     """Windows of the cotangent placed back on the canvas: (B, C_out, *sp, *k)."""
     nd = len(kernel)
-    width = [(0, 0)] * (Yb.ndim - nd) + [(b, e) for b, e in zip(begin, end)]
-    canvas = np.pad(Yb, width)
+    canvas = crop_or_pad(Yb, [-b for b in begin], [-e for e in end])
     V = windows(canvas, kernel, s, d)
     return V[(Ellipsis,) + tuple(slice(0, n) for n in sp) + (slice(None),) * nd]
 
