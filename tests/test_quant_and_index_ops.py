@@ -80,6 +80,18 @@ def test_quantize_round_trip_is_piecewise_constant():
     np.testing.assert_array_equal(J, np.broadcast_to(np.eye(4, dtype=np.float32), J.shape))
 
 
+def test_quantize_divides_in_float32():
+    """x / scale is taken in float32, as onnxruntime takes it: 0.5 / float32(5 / 255) is 25.5
+    there, which rounds to the even 26; in float64 it is just below, and rounded to 25 (onnx's
+    test_dynamicquantizelinear_expanded)."""
+    m = one_input_model([helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["y"])],
+                        {"s": np.float32(5 / 255), "zp": np.uint8(153)}, (6,), 13)
+    x = np.array([[0, 2, -3, -2.5, 1.34, 0.5]], np.float32)
+    got = our_forward(m, {"x": x}, np.float32)
+    np.testing.assert_array_equal(got, ort_forward(m, {"x": x})[0])
+    assert got[0, -1] == 179
+
+
 @pytest.mark.parametrize("how", ["input_as_shape", "input", "attribute"])
 def test_constant_fill(how):
     """The experimental ConstantFill of early exports (no oracle has it any more): the shape from the

@@ -904,12 +904,19 @@ def _quantize(x, y_scale, y_zero_point=None, *, axis=1, block_size=0, output_dty
         dt = np.dtype(np.uint8)
     if dt not in _INT_RANGES:
         raise UnsupportedOpError(f"QuantizeLinear to {dt} is not supported (8, 16 and 32-bit integers are)")
-    s = _expand_scale(np.asarray(y_scale, np.float64), 0, x.shape, axis, block_size)
-    v = np.rint(x.astype(np.float64) / s)  # round half to even, as the spec asks
+    v = _rounded_quotient(x, _expand_scale(np.asarray(y_scale, np.float64), 0, x.shape, axis, block_size))
     if y_zero_point is not None:
         v = v + _expand_scale(np.asarray(y_zero_point, np.float64), 0, x.shape, axis, block_size)
     lo, hi = _INT_RANGES[dt]
     return np.clip(v, lo, hi).astype(dt)
+
+
+def _rounded_quotient(x, s):
+    """round(x / scale), half to even as the spec asks, divided in x's precision (float32 for
+    float32 and narrower floats, as onnxruntime and the reference divide): in float64 a level
+    that float32 puts exactly half-way (0.5 / (5 / 255) = 25.5) rounds the other way."""
+    dt = np.float64 if x.dtype == np.float64 else np.float32
+    return np.rint(x.astype(dt) / s.astype(dt)).astype(np.float64)
 
 
 @rule("QuantizeLinear", since=10)
@@ -946,7 +953,7 @@ def _through_partial(cx, attrs):
     x, zp = cx.x[0], padded(cx.x, 3)[2]
     axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
     s = _expand_scale(np.asarray(cx.x[1], np.float64), 0, x.shape, axis, block)
-    v = np.rint(x.astype(np.float64) / s)
+    v = _rounded_quotient(x, s)
     if zp is not None:
         v = v + _expand_scale(np.asarray(zp, np.float64), 0, x.shape, axis, block)
     lo, hi = _INT_RANGES[cx.y[0].dtype]
