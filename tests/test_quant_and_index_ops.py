@@ -226,6 +226,33 @@ def test_integer_bit_operators_match_onnxruntime(op, attrs, dtype):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.uint64, np.float32])
+@pytest.mark.parametrize("largest", [1, 0])
+def test_top_k_of_integers_at_their_extremes(dtype, largest):
+    """TopK of integers, zero and the type's extremes among them: the largest ordered from a key
+    that does not wrap (the negation of 0 is the largest unsigned value's neighbour, of the most
+    negative signed value itself), ties in index order. Against onnxruntime where it has a
+    kernel for the type, else against a stable sort."""
+    from jaccli.rules.shape import TopK
+
+    info = np.iinfo(dtype) if dtype != np.float32 else np.finfo(dtype)
+    x = np.array([[0, 1, info.max, info.min, 3, 1], [info.min, 2, 0, info.max, info.max, 5]], dtype)
+    v, i = TopK.forward(x, np.array([4], np.int64), axis=1, largest=largest)
+    want_i = np.array([sorted(range(6), key=lambda j: (-int(r[j]) if largest else int(r[j]), j))[:4] for r in x])
+    np.testing.assert_array_equal(i, want_i)
+    np.testing.assert_array_equal(v, np.take_along_axis(x, want_i, axis=1))
+    if dtype in (np.int64, np.int32, np.float32):
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        g = helper.make_graph([helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=1, largest=largest)], "topk",
+                              [helper.make_tensor_value_info("x", elem, [2, 6])],
+                              [helper.make_tensor_value_info("v", elem, None), helper.make_tensor_value_info("i", 7, None)],
+                              [numpy_helper.from_array(np.array([4], np.int64), "k")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+        theirs = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        np.testing.assert_array_equal(v, theirs[0])
+        np.testing.assert_array_equal(i, theirs[1])
+
+
 @pytest.mark.parametrize("axis", [0, 2, -2])
 def test_flatten_at_the_rank_and_at_zero_matches_onnxruntime(axis):
     """Flatten's axis runs from -r to r: at r the result is (size, 1), at 0 (1, size). A GPT-2

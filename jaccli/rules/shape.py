@@ -1147,7 +1147,10 @@ class TopK:
     def forward(X, K, *, axis=-1, largest=1, sorted=1):
         k = int(np.ravel(K)[0])
         axis = axis % X.ndim
-        order = np.argsort(-X if largest else X, axis=axis, kind="stable")
+        # descending as ascending keys, ties in index order: ~X for integers (-X wraps an unsigned
+        # value, and the most negative signed one)
+        key = (-X if X.dtype.kind in "fc" else ~X) if largest else X
+        order = np.argsort(key, axis=axis, kind="stable")
         idx = np.take(order, np.arange(k), axis=axis)
         return np.take_along_axis(X, idx, axis=axis), idx.astype(np.int64)
 
