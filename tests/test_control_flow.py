@@ -304,3 +304,25 @@ def test_a_scan_over_a_time_major_sequence():
              helper.make_node("Scan", ["h0", "seq"], ["y", "hs"], body=body, num_scan_inputs=1)]
     inits = [_init(k, 0.5 * rng.standard_normal(s).astype(np.float32)) for k, s in (("W", (2, 3)), ("U", (3, 3)), ("P", (2, 3)))]
     batch_at_once(one_input_model(nodes, inits, (4, 2), opset=11), rng.standard_normal((N, 4, 2)), ["W", "U", "P"])
+
+
+def test_a_float32_initial_state_leaves_a_float64_run_in_float64():
+    """A Scan whose initial state is a ConstantOfShape's zeros, float32 whatever the data: in a
+    float64 run its body runs in float64 too (the widest float type among its inputs), Casts to
+    float included. The body took the first float input's type, float32, its Casts rounded to
+    it, and a float64 Jacobian came out with float32 rounding (onnx's expanded LinearAttention:
+    10% off float64 differences)."""
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["xt", "W"], ["a"]), helper.make_node("MatMul", ["h_in", "U"], ["b_"]),
+         helper.make_node("Add", ["a", "b_"], ["pre"]), helper.make_node("Cast", ["pre"], ["pre32"], to=TensorProto.FLOAT),
+         helper.make_node("Tanh", ["pre32"], ["h_out"]),
+         helper.make_node("Identity", ["h_out"], ["h_scan"])],
+        "body", [helper.make_tensor_value_info(n, F, None) for n in ("h_in", "xt")],
+        [helper.make_tensor_value_info(n, F, None) for n in ("h_out", "h_scan")])
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s", "zero", "one"], ["n"]),
+             helper.make_node("Concat", ["n", "three"], ["shape"], axis=0), helper.make_node("ConstantOfShape", ["shape"], ["h0"]),
+             helper.make_node("Transpose", ["x"], ["seq"], perm=[1, 0, 2]),
+             helper.make_node("Scan", ["h0", "seq"], ["y", "hs"], body=body, num_scan_inputs=1)]
+    inits = [_init(k, 0.5 * rng.standard_normal(s).astype(np.float32)) for k, s in (("W", (2, 3)), ("U", (3, 3)))]
+    inits += [_init(k, np.array([v], np.int64)) for k, v in (("zero", 0), ("one", 1), ("three", 3))]
+    assert check_whole_model(one_input_model(nodes, inits, (4, 2), opset=11), rng.standard_normal((N, 4, 2))) == ["W", "U"]

@@ -29,8 +29,11 @@ def _plan(graph, wrt=(), per_sample=False, unbatched=(), dtype=np.float32):
 
 
 def _dtype(values):
-    """The compute type: that of the first float value among the node's inputs."""
-    return next((v.dtype for v in values if isinstance(v, np.ndarray) and v.dtype.kind == "f"), np.dtype(np.float32))
+    """The compute type: the widest float type among the node's inputs. A float32 constant
+    (a ConstantOfShape's zeros as the initial state) beside float64 data must not make the body
+    of a float64 run compute in float32."""
+    return max((v.dtype for v in values if isinstance(v, np.ndarray) and v.dtype.kind == "f"),
+               key=lambda d: d.itemsize, default=np.dtype(np.float32))
 
 
 def _add(a, b):
