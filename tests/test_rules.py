@@ -297,6 +297,38 @@ def test_a_discarded_branch_stays_zero(mask, mode):
     np.testing.assert_allclose(J, expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_a_row_masked_whole_stays_zero(op, mode):
+    """Attention scores with a row masked whole (every entry -inf, a padded query): the softmax
+    of that row is NaN, and a Where puts zeros in its place, as torch's safe softmax and onnx's
+    Attention function do. Its cotangent row is zero and must stay so: it was NaN in reverse
+    mode (S times the row's sum, 0 * NaN), and spread to every input through the products."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    T, D = 4, 3
+    rng = np.random.default_rng(3)
+    mask = np.zeros((T, T), np.float32)
+    mask[1] = -np.inf
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]), helper.make_node("MatMul", ["x", "xt"], ["s"]),
+             helper.make_node("Add", ["s", "mask"], ["sm"]), helper.make_node(op, ["sm"], ["p"], axis=-1),
+             helper.make_node("IsNaN", ["p"], ["bad"]), helper.make_node("Where", ["bad", "zero", "p"], ["q"]),
+             helper.make_node("MatMul", ["q", "x"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["y"])]
+    inits = {"mask": mask, "zero": np.array(0.0, np.float32), "W": rng.standard_normal((D, 2)).astype(np.float32)}
+    g = helper.make_graph(nodes, "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", T, D])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    x = rng.standard_normal((N, T, D))
+    J = jaccli.input_jacobian(m, x, mode=mode, dtype=np.float64, flat=True)
+    assert np.isfinite(J).all() and rel_err(J, fd_input_jacobian(m, {"x": x}, "x")) < 1e-6
+    if mode == "reverse":
+        G, _ = jaccli.param_jacobian(m, x, dtype=np.float64)
+        fd = fd_param_jacobian(m, {"x": x}, ["W"], inits)
+        assert np.isfinite(G).all() and rel_err(G.reshape(fd.shape), fd) < 1e-6
+
+
 def test_an_integer_exponent_keeps_float32_work_in_float32():
     """torch's x ** 3 exports Pow with an int64 exponent: its partial must not turn the float32
     cotangents into float64, which a per-sample weight cotangent written in place refuses."""

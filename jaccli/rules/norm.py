@@ -8,7 +8,7 @@ import numpy as np
 
 from . import rule
 from ..errors import UnsupportedOpError
-from ._util import add, expand, first_max_mask, neg_axis, need_no_keep, scaled, sum_trailing, unbroadcast
+from ._util import add, expand, first_max_mask, neg_axis, need_no_keep, scaled, sum_trailing, times, unbroadcast
 
 
 def _channel(v, ndim):
@@ -180,7 +180,7 @@ def _softmax_rule(name, since, coerced, log):
 
         def vjp(cx, Ybar, *, axis):
             S = np.exp(cx.y[0])
-            return (np.subtract(Ybar, S * sum_trailing(Ybar, axes(cx.x[0].ndim, axis)), out=Ybar if cx.mine() else None),)
+            return (np.subtract(Ybar, times(sum_trailing(Ybar, axes(cx.x[0].ndim, axis)), S), out=Ybar if cx.mine() else None),)
 
     else:
 
@@ -194,7 +194,9 @@ def _softmax_rule(name, since, coerced, log):
         def vjp(cx, Ybar, *, axis):
             S = cx.y[0]
             P = scaled(cx, Ybar, S)  # S * Ybar, ours to overwrite either way
-            P -= S * sum_trailing(P, axes(cx.x[0].ndim, axis))
+            # a row with no cotangent stays zero where S is NaN: a softmax over a row masked
+            # whole (all -inf) that a Where then replaces, as attention with padding does
+            P -= times(sum_trailing(P, axes(cx.x[0].ndim, axis)), S)
             return (P,)
 
     doc = ("Y = X - log(sum(exp(X)))" if log else "Y = exp(X) / sum(exp(X))") + (
