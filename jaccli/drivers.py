@@ -367,12 +367,19 @@ def _samples_per_run(plan, model, feeds, of, N, env0):
     silently sum cross-sample blocks. A model exported with a batch fixed at 1 runs one sample
     at a time.
     """
+    def one_per_run():
+        """A batch of one baked into the graph (declared or not): one sample per run, whose rows
+        only the run of one can tell (a Squeeze of axis 0 leaves values without them)."""
+        if plan.per_sample:
+            _note_mixed_rows(plan, env0, 1)
+        return 1
+
     if N < 2:
         if plan.per_sample:  # one sample twice: the shapes show whether some rows mix samples
             try:
                 _note_mixed_rows(plan, walk.primal(plan, _copies(feeds, 0, 2)), env1=env0)
-            except JaccliError:  # a batch of one baked into the graph (declared or not) runs one sample only
-                pass
+            except JaccliError:
+                one_per_run()
         return N
     fixed, y0 = model.fixed_batch()[1] == 1, env0[of]
     try:
@@ -385,7 +392,7 @@ def _samples_per_run(plan, model, feeds, of, N, env0):
         paired = False
     if not paired:
         if fixed:
-            return 1
+            return one_per_run()
         _check_sample_axis(y01, 2, of)
         raise SampleAxisError(f"output '{of}' changes shape with the number of samples; it cannot be paired with them")
     if plan.per_sample and _note_mixed_rows(plan, env01, feeds=_slice_samples(feeds, 0, 2), env1=env0):
@@ -396,7 +403,7 @@ def _samples_per_run(plan, model, feeds, of, N, env0):
                 plan, feeds, of, lambda p, f: (walk.primal(p, _slice_samples(f, 0, 2))[of][k],
                                                walk.primal(p, _slice_samples(f, k, k + 1))[of][0])):
             if fixed:
-                return 1
+                return one_per_run()
             raise DataError(
                 f"output '{of}' of sample {k} changes when another sample is in the same batch: the model "
                 f"mixes samples (an operation over axis 0, or BatchNormalization in training mode), so "
@@ -459,8 +466,18 @@ def _rows_mix_samples(plan, env, n=2, steps=None):
     graph runs one sample at a time: per-sample cotangents are then plain ones (see
     walk._one_sample), whatever became of the sample axis. Control flow's outputs stack
     iterations as they may: its bodies' values are what carry the sample axis."""
-    return [s for s in (plan.active_steps if steps is None else steps) if any(s.keep)
-            and not getattr(s.rule, "finds_sample_axis", False) and _row_values(plan, env, n, s)]
+    return [s for s in (plan.active_steps if steps is None else steps) if any(s.keep) and _rows_mix(plan, env, n, s)]
+
+
+def _rows_mix(plan, env, n, s):
+    """Whether step s's rows are not the n samples of env: its batched values' first axis (see
+    _row_values), or, for a rule that keeps per-sample cotangents along an axis of its own (a
+    recurrence's batch axis), that axis (its rule's sample_rows)."""
+    rows = getattr(s.rule, "sample_rows", None)
+    if rows is None:
+        return bool(_row_values(plan, env, n, s))
+    x = env.get(s.inputs[0])
+    return isinstance(x, np.ndarray) and rows(x, **s.attrs) != n
 
 
 def _row_values(plan, env, n, s):

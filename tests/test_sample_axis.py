@@ -489,3 +489,30 @@ def test_inspect_names_an_input_without_a_sample_axis():
     console = Console(record=True, width=200)
     render_inspect(console, info)
     assert "input 'x' has no sample axis" in console.export_text()
+
+
+@pytest.mark.parametrize("inner", ["MatMul", "RNN"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_batch_of_one_squeezed_away(inner, n):
+    """A model traced with a batch of one that squeezes it away: (1, T, B, D) -> (T, B, D). Its
+    values have no sample axis; the first axis, or a recurrence's batch axis, holds rows of
+    the one sample. Per-sample parameter cotangents were kept along them, as if they were
+    samples: a crash, for one sample or several. Now the run of one sample shows it, and each
+    sample runs alone with plain cotangents."""
+    from gradcheck import fd_param_jacobian
+
+    T_, B_, D, H = 2, 3, 4, 2
+    inits = {"W": 0.5 * RNG.standard_normal((D, H)), "axis": np.array([0], np.int64)}
+    if inner == "MatMul":
+        body = [helper.make_node("MatMul", ["s", "W"], ["h"]), helper.make_node("Tanh", ["h"], ["t"])]
+    else:
+        inits.update(Wr=0.5 * RNG.standard_normal((1, H, D)), R=0.5 * RNG.standard_normal((1, H, H)))
+        body = [helper.make_node("RNN", ["s", "Wr", "R"], ["t"], hidden_size=H)]  # (T, 1, B, H)
+    nodes = [helper.make_node("Squeeze", ["x", "axis"], ["s"]), *body, helper.make_node("Unsqueeze", ["t", "axis"], ["y"])]
+    m = model(nodes, [1, T_, B_, D], None, [numpy_helper.from_array(np.asarray(v, np.float32 if v.dtype.kind == "f" else v.dtype), k)
+                                             for k, v in inits.items()])
+    x = RNG.standard_normal((n, T_, B_, D))
+    names = ["W"] if inner == "MatMul" else ["Wr", "R"]
+    r = jaccli.param_jacobian(m, x, params=names, dtype=np.float64, return_result=True)
+    want = np.concatenate([fd_param_jacobian(m, {"x": x[i:i + 1]}, names, inits, n=1) for i in range(n)])
+    assert np.abs(r.J.reshape(want.shape) - want).max() < 1e-6 * np.abs(want).max()

@@ -195,7 +195,11 @@ class _Recurrent:
 
     keeps = True
     n_diff_outputs = None
-    finds_sample_axis = True  # the batch axis is 1 in layout 0: the rule keeps per-sample cotangents along it
+
+    def sample_rows(X, *_, layout=0, **__):
+        """For the drivers' probe: the length of X's batch axis (1 in layout 0, 0 in layout 1),
+        along which the rule keeps per-sample cotangents: it must be the samples'."""
+        return X.shape[1 - layout] if X.ndim == 3 else None
 
     def jvp(cx, *dots, **attrs):  # rules are called on their class: cx.rule is the cell
         return cx.rule._jvp(cx, dots, attrs)
