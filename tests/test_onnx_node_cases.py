@@ -137,3 +137,33 @@ def test_forward_and_reverse_mode_agree(case):
         assert 0 < both.sum() < both.size, UNDEFINED[case.name]
         J = [j[both] for j in J]
     np.testing.assert_allclose(J[1], J[0], rtol=1e-9, atol=1e-12 * scale, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_a_parameter_is_an_input_by_another_path(case):
+    """Each case's second float input (of up to SMALL entries) made a parameter: the
+    per-sample parameter Jacobian of the one sample (the rules' per-sample cotangents, Ctx.keep)
+    equals the input Jacobian with respect to that input (their plain ones), in float64."""
+    inputs = [_array(a) for a in case.data_sets[0][0]]
+    inits = {t.name for t in case.model.graph.initializer}
+    feeds = dict(zip([v.name for v in case.model.graph.input if v.name not in inits], inputs))
+    floats = [k for k, v in feeds.items() if isinstance(v, np.ndarray) and v.dtype in (np.float32, np.float64) and 0 < v.size <= SMALL]
+    if len(floats) < 2 or case.name in DIFFERENT or not all(isinstance(v, np.ndarray) for v in feeds.values()):
+        pytest.skip("fewer than two float inputs of at most SMALL entries, or a sequence input")
+    w = floats[1]
+    feeds = {k: v[None].astype(np.float32) if k == w else v[None] for k, v in feeds.items()}
+    as_param = _one_sample(case.model)
+    as_param.graph.input.remove(next(v for v in as_param.graph.input if v.name == w))
+    as_param.graph.initializer.append(numpy_helper.from_array(feeds[w], w))
+    try:
+        model = jaccli.load(_one_sample(case.model))
+        of = model.output(None).name
+        with np.errstate(all="ignore"):
+            J = jaccli.input_jacobian(model, feeds, wrt=w, of=of, dtype=np.float64, mode="reverse", flat=True)
+            G, _ = jaccli.param_jacobian(as_param, {k: v for k, v in feeds.items() if k != w}, params=[w], of=of,
+                                         dtype=np.float64)
+    except JaccliError as e:
+        assert "\n" not in str(e)
+        return
+    scale = max(np.abs(J[np.isfinite(J)]).max(initial=0.0), 1e-300)
+    np.testing.assert_allclose(np.reshape(G, -1), np.reshape(J, -1), rtol=1e-9, atol=1e-12 * scale, equal_nan=True)
