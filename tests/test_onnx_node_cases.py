@@ -7,7 +7,9 @@ The outputs are the reference implementation's, a second oracle beside onnxrunti
 rule tests use); where the two disagree jaccli follows onnxruntime, and those cases are listed
 with the reason."""
 
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,8 +21,12 @@ from jaccli import walk
 from jaccli.errors import JaccliError
 from jaccli.plan import Plan
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from coverage import wrap_one_sample  # noqa: E402  (the whole input as one sample: most cases have no sample axis)
+
 RTOL, ATOL = 1e-3, 1e-4
 NARROW = {"bfloat16": 1e-2, "float16": 2e-3}  # outputs of narrow float types: their rounding
+SMALL = 200  # entries of an input differentiated, and of the output, at most
 
 # Cases whose outputs jaccli does not reproduce, on purpose.
 DIFFERENT = {
@@ -52,6 +58,23 @@ def _array(a):
     return numpy_helper.to_array(a) if isinstance(a, onnx.TensorProto) else a
 
 
+def _feeds(case):
+    """The case's inputs by name (its graph inputs that are not initializers)."""
+    inits = {t.name for t in case.model.graph.initializer}
+    names = [v.name for v in case.model.graph.input if v.name not in inits]
+    return dict(zip(names, (_array(a) for a in case.data_sets[0][0])))
+
+
+def _small_floats(case, feeds, at_least):
+    """The names of the case's float inputs of at most SMALL entries; the test is skipped with
+    fewer than `at_least`, or with a sequence among the inputs."""
+    floats = [k for k, v in feeds.items()
+              if isinstance(v, np.ndarray) and v.dtype in (np.float32, np.float64) and 0 < v.size <= SMALL]
+    if len(floats) < at_least or case.name in DIFFERENT or not all(isinstance(v, np.ndarray) for v in feeds.values()):
+        pytest.skip(f"fewer than {at_least} float inputs of at most {SMALL} entries, or a sequence input")
+    return floats
+
+
 def _worst(got, want):
     """Largest |got - want| / (atol + rtol |want|) (at most 1 passes), equal NaNs and infinities
     counting as equal; exact equality for strings and booleans."""
@@ -69,13 +92,10 @@ def _worst(got, want):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_forward_gives_the_reference_outputs(case):
-    proto = case.model
-    inputs, outputs = ([_array(a) for a in part] for part in case.data_sets[0])
-    inits = {t.name for t in proto.graph.initializer}
-    feeds = dict(zip([v.name for v in proto.graph.input if v.name not in inits], inputs))
+    feeds, outputs = _feeds(case), [_array(a) for a in case.data_sets[0][1]]
     worst = 0.0
     try:
-        model = jaccli.load(proto)
+        model = jaccli.load(case.model)
         with np.errstate(all="ignore"):
             for v, want in zip(model.outputs, outputs):
                 got = walk.primal(Plan(model, v.name, [], np.float32), dict(feeds))[v.name]
@@ -90,19 +110,6 @@ def test_forward_gives_the_reference_outputs(case):
         assert worst <= 1, worst
 
 
-def _one_sample(proto):
-    """The model with a leading axis of size 1 on its inputs and outputs: the whole tensor is one
-    sample (most operator cases have no sample axis)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from coverage import wrap_one_sample
-
-    return wrap_one_sample(proto)
-
-
-SMALL = 200  # entries of the input differentiated, and of the output, at most
 # where the derivative is undefined, the two modes may say so differently: compared where both are finite
 UNDEFINED = {"test_l2normalization_axis_0": "a zero vector, x / |x|: NaN in reverse mode, 0 in forward mode"}
 
@@ -113,15 +120,11 @@ def test_forward_and_reverse_mode_agree(case):
     float output), as one sample, in float64: forward and reverse mode give the same numbers
     (NaN where the derivative is undefined in both). Their rules are written apart, so a wrong
     one shows, as the softmax of a row masked whole did (NaN in reverse mode only)."""
-    inputs = [_array(a) for a in case.data_sets[0][0]]
-    inits = {t.name for t in case.model.graph.initializer}
-    feeds = dict(zip([v.name for v in case.model.graph.input if v.name not in inits], inputs))
-    floats = [k for k, v in feeds.items() if isinstance(v, np.ndarray) and v.dtype in (np.float32, np.float64) and 0 < v.size <= SMALL]
-    if not floats or case.name in DIFFERENT or not all(isinstance(v, np.ndarray) for v in feeds.values()):
-        pytest.skip("no float input of at most SMALL entries, or a sequence input")
+    feeds = _feeds(case)
+    floats = _small_floats(case, feeds, 1)
     feeds = {k: v[None] for k, v in feeds.items()}
     try:
-        model = jaccli.load(_one_sample(case.model))
+        model = jaccli.load(wrap_one_sample(case.model))
         of = model.output(None).name
         with np.errstate(all="ignore"):
             J = [jaccli.input_jacobian(model, feeds, wrt=floats[0], of=of, dtype=np.float64, mode=mode, flat=True)
@@ -144,19 +147,14 @@ def test_a_parameter_is_an_input_by_another_path(case):
     """Each case's second float input (of up to SMALL entries) made a parameter: the
     per-sample parameter Jacobian of the one sample (the rules' per-sample cotangents, Ctx.keep)
     equals the input Jacobian with respect to that input (their plain ones), in float64."""
-    inputs = [_array(a) for a in case.data_sets[0][0]]
-    inits = {t.name for t in case.model.graph.initializer}
-    feeds = dict(zip([v.name for v in case.model.graph.input if v.name not in inits], inputs))
-    floats = [k for k, v in feeds.items() if isinstance(v, np.ndarray) and v.dtype in (np.float32, np.float64) and 0 < v.size <= SMALL]
-    if len(floats) < 2 or case.name in DIFFERENT or not all(isinstance(v, np.ndarray) for v in feeds.values()):
-        pytest.skip("fewer than two float inputs of at most SMALL entries, or a sequence input")
-    w = floats[1]
+    feeds = _feeds(case)
+    w = _small_floats(case, feeds, 2)[1]
     feeds = {k: v[None].astype(np.float32) if k == w else v[None] for k, v in feeds.items()}
-    as_param = _one_sample(case.model)
+    as_param = wrap_one_sample(case.model)
     as_param.graph.input.remove(next(v for v in as_param.graph.input if v.name == w))
     as_param.graph.initializer.append(numpy_helper.from_array(feeds[w], w))
     try:
-        model = jaccli.load(_one_sample(case.model))
+        model = jaccli.load(wrap_one_sample(case.model))
         of = model.output(None).name
         with np.errstate(all="ignore"):
             J = jaccli.input_jacobian(model, feeds, wrt=w, of=of, dtype=np.float64, mode="reverse", flat=True)
