@@ -9,7 +9,8 @@ import numpy as np
 
 from . import rule
 from ..errors import UnsupportedOpError
-from ._util import add, conv_geometry, crop_or_pad, lead_flat, pad_spatial, sum_trailing, unpad, window_slices, windows, windows_adjoint
+from ._util import (add, conv_geometry, crop_or_pad, lead_flat, pad_spatial, sum_trailing, unpad, window_slices, windows,
+                    windows_adjoint)
 
 
 def _cols(X, kernel, strides, dilations, begin, end):
