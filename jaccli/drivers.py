@@ -359,8 +359,8 @@ def _output_notes(model, of, of_v):
 
 
 def _samples_per_run(plan, model, feeds, of, N, env0):
-    """Probe samples 0 and 1 together and alone: each output must depend on its own sample only.
-    env0: the run of sample 0 alone.
+    """Probe samples 0 and 1 together and alone, and the last beside them and alone: each output
+    must depend on its own sample only. env0: the run of sample 0 alone.
 
     Seeding every sample with the same direction is right only then; a graph that mixes
     samples (a reduction or softmax over axis 0, BatchNormalization in training mode) would
@@ -404,13 +404,26 @@ def _samples_per_run(plan, model, feeds, of, N, env0):
                                                walk.primal(p, _slice_samples(f, k, k + 1))[of][0])):
             if fixed:
                 return one_per_run()
-            raise DataError(
-                f"output '{of}' of sample {k} changes when another sample is in the same batch: the model "
-                f"mixes samples (an operation over axis 0, or BatchNormalization in training mode), so "
-                f"per-sample Jacobians are not defined for it; if axis 0 holds the parts of one instance "
-                f"(a graph's nodes, a set's members), give the data as one sample: --sample-axis '*=none'"
-            )
+            raise _mixing_error(of, k)
+    if N > 2:  # the last sample beside the pair: samples alike there can hide a graph that mixes them (Unique)
+        def last(p, f):  # the last sample's output beside samples 0 and 1, and alone
+            trio = {k: (v[[0, 1, N - 1]] if v.ndim else v) for k, v in f.items()}
+            return walk.primal(p, trio)[of][2], walk.primal(p, _slice_samples(f, N - 1, N))[of][0]
+
+        if not _same(*last(plan, feeds)) and not _same_in_float64(plan, feeds, of, last):
+            if fixed:
+                return one_per_run()
+            raise _mixing_error(of, N - 1)
     return N
+
+
+def _mixing_error(of, k):
+    return DataError(
+        f"output '{of}' of sample {k} changes when another sample is in the same batch: the model "
+        f"mixes samples (an operation over axis 0, or BatchNormalization in training mode), so "
+        f"per-sample Jacobians are not defined for it; if axis 0 holds the parts of one instance "
+        f"(a graph's nodes, a set's members), give the data as one sample: --sample-axis '*=none'"
+    )
 
 
 def _same_in_float64(plan, feeds, of, pair):

@@ -744,3 +744,29 @@ def test_check_spreads_its_rows_over_many_outputs(tmp_path, monkeypatch):
     assert r.exit_code == 0 and "rows" not in json.loads(r.output)["rows"][0] and set(seen) == {"0:5"}
     monkeypatch.undo()
     fails_when_ten_percent_wrong(monkeypatch, model, data)
+
+
+def test_a_graph_that_mixes_samples_the_probe_pair_hides(tmp_path):
+    """x minus its minimum over the batch, with samples 0 and 1 the same: the probe's pair
+    cannot tell (each is its own minimum), the last sample can. Refused in one line, from the
+    API and from the command line, and no output file is left behind."""
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("ReduceMin", ["x"], ["m"], axes=[0], keepdims=1),
+                           helper.make_node("Sub", ["x", "m"], ["d"]), helper.make_node("Mul", ["d", "w"], ["y"])],
+                          "mix", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [helper.make_tensor("w", TensorProto.FLOAT, [3], [0.5, -1.0, 2.0])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    path, data, out = tmp_path / "mix.onnx", tmp_path / "x.npy", tmp_path / "J.npy"
+    path.write_bytes(m.SerializeToString())
+    x = np.array([[1, 0, 0], [1, 0, 0], [2, 3, 3]], np.float32)
+    np.save(data, x)
+    for fn in (jaccli.input_jacobian, jaccli.param_jacobian):
+        with pytest.raises(jaccli.errors.DataError, match="sample 2 changes when another sample is in the same batch"):
+            fn(str(path), x)
+        fn(str(path), x[:2])  # the pair alone is fine: it does not mix
+    r = CliRunner().invoke(main, ["input", str(path), str(data), "-o", str(out)])
+    assert r.exit_code != 0 and "sample 2 changes" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".J.npy")]
