@@ -405,14 +405,13 @@ def _samples_per_run(plan, model, feeds, of, N, env0):
             if fixed:
                 return one_per_run()
             raise _mixing_error(of, k)
-    if N > 2:  # the last sample beside the pair: samples alike there can hide a graph that mixes them (Unique)
+    if N > 2 and not fixed:  # the last sample beside the pair: samples alike there can hide a graph that mixes them
         def last(p, f):  # the last sample's output beside samples 0 and 1, and alone
-            trio = {k: (v[[0, 1, N - 1]] if v.ndim else v) for k, v in f.items()}
-            return walk.primal(p, trio)[of][2], walk.primal(p, _slice_samples(f, N - 1, N))[of][0]
+            y = walk.primal(p, {k: (v[[0, 1, N - 1]] if v.ndim else v) for k, v in f.items()})[of]
+            _check_sample_axis(y, 3, of)  # a first axis of two that the pair took for the samples'
+            return y[2], walk.primal(p, _slice_samples(f, N - 1, N))[of][0]
 
         if not _same(*last(plan, feeds)) and not _same_in_float64(plan, feeds, of, last):
-            if fixed:
-                return one_per_run()
             raise _mixing_error(of, N - 1)
     return N
 

@@ -516,3 +516,18 @@ def test_a_batch_of_one_squeezed_away(inner, n):
     r = jaccli.param_jacobian(m, x, params=names, dtype=np.float64, return_result=True)
     want = np.concatenate([fd_param_jacobian(m, {"x": x[i:i + 1]}, names, inits, n=1) for i in range(n)])
     assert np.abs(r.J.reshape(want.shape) - want).max() < 1e-6 * np.abs(want).max()
+
+
+def test_an_output_of_two_rows_is_not_taken_for_two_samples():
+    """The first two rows of the batch, x[0:2]: for the probe's pair, two rows as two samples;
+    with three or more it stays two. Refused in one line (the probe's run with the last sample
+    beside the pair took it for samples and failed on its third row)."""
+    g = helper.make_graph([helper.make_node("Slice", ["x", "zero", "two", "zero"], ["y"])], "m",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.array([v], np.int64), k) for k, v in (("zero", 0), ("two", 2))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    for n in (3, 5):
+        with pytest.raises(jaccli.errors.SampleAxisError, match=r"has shape \(2, 3\) for 3 sample"):
+            jaccli.input_jacobian(m, RNG.standard_normal((n, 3)))
