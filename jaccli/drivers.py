@@ -452,7 +452,7 @@ def _note_mixed_rows(plan, env, n=2, feeds=None, env1=None):
     time-major sequence of two steps, a bidirectional recurrence's two directions) is told
     from the samples by the run of one, where it keeps its length."""
     runs = [(env, n)] + ([(env1, 1)] if env1 is not None else [])
-    mixed = [s for s in plan.active_steps if any(_rows_mix_samples(plan, e, k, [s]) for e, k in runs)]
+    mixed = [s for s in plan.active_steps if any(s.keep) and any(_rows_mix(plan, e, k, s) for e, k in runs)]
     if mixed and feeds is not None:
         try:  # runs of copies of each sample, which both tests read
             alone = [walk.primal(plan, _copies(feeds, j, n)) for j in range(n)]
@@ -471,14 +471,14 @@ def _note_mixed_rows(plan, env, n=2, feeds=None, env1=None):
     return bool(mixed)
 
 
-def _rows_mix_samples(plan, env, n=2, steps=None):
+def _rows_mix_samples(plan, env, n=2):
     """The steps asked for per-sample cotangents that read or write a batched value whose first
     axis is not the n samples of env (dynamo exports flatten (N, S, D) to (N*S, D) before a
     Gemm; skl2onnx adds a (1, 1) intercept to a GP's (N,) mean, which makes it (1, N)). Such a
     graph runs one sample at a time: per-sample cotangents are then plain ones (see
     walk._one_sample), whatever became of the sample axis. Control flow's outputs stack
     iterations as they may: its bodies' values are what carry the sample axis."""
-    return [s for s in (plan.active_steps if steps is None else steps) if any(s.keep) and _rows_mix(plan, env, n, s)]
+    return [s for s in plan.active_steps if any(s.keep) and _rows_mix(plan, env, n, s)]
 
 
 def _rows_mix(plan, env, n, s):

@@ -199,7 +199,7 @@ class _Recurrent:
     def sample_rows(X, *_, layout=0, **__):
         """For the drivers' probe: the length of X's batch axis (1 in layout 0, 0 in layout 1),
         along which the rule keeps per-sample cotangents: it must be the samples'."""
-        return X.shape[1 - layout] if X.ndim == 3 else None
+        return X.shape[1 - layout]
 
     def jvp(cx, *dots, **attrs):  # rules are called on their class: cx.rule is the cell
         return cx.rule._jvp(cx, dots, attrs)
