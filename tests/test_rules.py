@@ -329,6 +329,33 @@ def test_a_row_masked_whole_stays_zero(op, mode):
         assert np.isfinite(G).all() and rel_err(G.reshape(fd.shape), fd) < 1e-6
 
 
+@pytest.mark.parametrize("p", [1, 2])
+def test_a_zero_vector_normalized_stays_zero(p):
+    """LpNormalization of a zero vector: zero, as onnxruntime gives it (it was 0 / 0, NaN), with
+    a zero derivative in both modes (none exists there; reverse mode said NaN, forward mode 0);
+    the other vectors' derivatives against differences."""
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("LpNormalization", ["x"], ["y"], axis=-1, p=p)], "lp",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    x = np.random.default_rng(4).standard_normal((N, 2, 3)) + 0.1
+    x[1, 0] = 0.0
+    ref, _ = ort_forward(m, {"x": x.astype(np.float32)})
+    ours = our_forward(m, {"x": x}, np.float32)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
+    assert not ours[1, 0].any()
+    fd = fd_input_jacobian(m, {"x": x}, "x")
+    for mode in ("forward", "reverse"):
+        J = jaccli.input_jacobian(m, x, mode=mode, dtype=np.float64, flat=True)
+        assert np.isfinite(J).all() and not J[1, :3].any() and not J[1, :, :3].any()
+        others = np.ones_like(J, bool)
+        others[1, :3] = others[1, :, :3] = False
+        assert rel_err(J[others], fd[others]) < 1e-6
+
+
 def test_an_integer_exponent_keeps_float32_work_in_float32():
     """torch's x ** 3 exports Pow with an int64 exponent: its partial must not turn the float32
     cotangents into float64, which a per-sample weight cotangent written in place refuses."""

@@ -320,6 +320,9 @@ class Einsum:
     keeps = True
 
     def forward(*Inputs, equation):
+        if any(x.dtype.kind == "V" for x in Inputs):  # bfloat16 (ml_dtypes'), which einsum has no loops for
+            narrow = Inputs[0].dtype
+            return Einsum.forward(*(x.astype(np.float32) for x in Inputs), equation=equation).astype(narrow)
         return np.einsum(equation, *Inputs, optimize=len(Inputs) > 2)
 
     def jvp(cx, *Xdots, equation):

@@ -499,33 +499,35 @@ class Hardmax13:
 
 @rule("LpNormalization", since=1)
 class LpNormalization:
-    """Y = X / ||X||_p along axis, p = 1 or 2."""
+    """Y = X / ||X||_p along axis, p = 1 or 2; a zero vector stays zero, as onnxruntime leaves it,
+    with a zero derivative (it has none there)."""
 
     def forward(input, *, axis=-1, p=2):
-        return (input / _lp_norm(input, axis, p)).astype(input.dtype)
+        return (input * _inverse_norm(input, axis, p)).astype(input.dtype)
 
     def jvp(cx, Xdot, *, axis=-1, p=2):
         X, Y = cx.x[0], cx.y[0]
         a = neg_axis(axis, X.ndim)
-        n = _lp_norm(X, axis, p)
         d = Y if p == 2 else np.sign(X)  # the gradient of the norm, times n
-        return (Xdot - Y * (d * Xdot).sum(axis=a, keepdims=True)) / n
+        return (Xdot - Y * (d * Xdot).sum(axis=a, keepdims=True)) * _inverse_norm(X, axis, p)
 
     def vjp(cx, Ybar, *, axis=-1, p=2):
         need_no_keep(cx, "LpNormalization")
         X, Y = cx.x[0], cx.y[0]
         a = neg_axis(axis, X.ndim)
-        n = _lp_norm(X, axis, p)
         d = Y if p == 2 else np.sign(X)
-        return ((Ybar - d * (Ybar * Y).sum(axis=a, keepdims=True)) / n,)
+        return ((Ybar - d * (Ybar * Y).sum(axis=a, keepdims=True)) * _inverse_norm(X, axis, p),)
 
 
-def _lp_norm(X, axis, p):
+def _inverse_norm(X, axis, p):
+    """1 / ||X||_p along axis (kept), 0 for a zero vector."""
     if p == 1:
-        return np.abs(X).sum(axis=axis, keepdims=True)
-    if p == 2:
-        return np.sqrt((X * X).sum(axis=axis, keepdims=True))
-    raise UnsupportedOpError(f"LpNormalization with p={p}: ONNX defines only p = 1 and 2")
+        n = np.abs(X).sum(axis=axis, keepdims=True)
+    elif p == 2:
+        n = np.sqrt((X * X).sum(axis=axis, keepdims=True))
+    else:
+        raise UnsupportedOpError(f"LpNormalization with p={p}: ONNX defines only p = 1 and 2")
+    return np.divide(1, n, out=np.zeros_like(n), where=n != 0)
 
 
 @rule("SimplifiedLayerNormalization", since=1)

@@ -21,9 +21,14 @@ def _offsets(X, kernel_shape, s, d, begin, end, fill=0.0):
     return [Xp[window_slices(off, s, d, out)] for off in np.ndindex(*kernel_shape)]
 
 
+def _lowest(dtype):
+    """What a max pool pads with: -inf, or an integer type's least value (uint8 images)."""
+    return -np.inf if dtype.kind == "f" or dtype.name.startswith(("bfloat", "float")) else np.iinfo(dtype).min
+
+
 def _max_arg(X, kernel_shape, s, d, begin, end):
     """Each window's maximum and the offset (into the flattened kernel) of its first maximum."""
-    views = _offsets(X, kernel_shape, s, d, begin, end, -np.inf)
+    views = _offsets(X, kernel_shape, s, d, begin, end, _lowest(X.dtype))
     Y = views[0].copy()
     idx = np.zeros(Y.shape, np.int32)
     for k, v in enumerate(views[1:], start=1):
@@ -86,7 +91,7 @@ class MaxPool:
         if n_outputs > 1:
             Y, idx = _max_arg(X, kernel_shape, s, d, begin, end)
             return Y, _flat_indices(X.shape, idx, kernel_shape, s, d, begin, storage_order)
-        views = _offsets(X, kernel_shape, s, d, begin, end, -np.inf)
+        views = _offsets(X, kernel_shape, s, d, begin, end, _lowest(X.dtype))
         Y = views[0].copy()
         for v in views[1:]:
             np.maximum(Y, v, out=Y)

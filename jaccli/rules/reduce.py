@@ -45,11 +45,23 @@ def _mean(X, a):
 
 
 def _max(X, a):
-    return X.max(axis=a, keepdims=True)
+    return X.max(axis=a, keepdims=True, **_empty(X, lowest=True))
 
 
 def _min(X, a):
-    return X.min(axis=a, keepdims=True)
+    return X.min(axis=a, keepdims=True, **_empty(X, lowest=False))
+
+
+def _empty(X, lowest):
+    """For a reduction over an empty set, its value (opset 18's): the type's lowest value for a
+    maximum (-inf, or False), its highest for a minimum."""
+    if X.size:
+        return {}
+    if X.dtype == bool:
+        return {"initial": not lowest}
+    if X.dtype.kind == "f":
+        return {"initial": -np.inf if lowest else np.inf}
+    return {"initial": np.iinfo(X.dtype).min if lowest else np.iinfo(X.dtype).max}
 
 
 def _prod(X, a):
@@ -73,7 +85,7 @@ def _log_sum(X, a):
 
 
 def _logsumexp(X, axes):
-    m = X.max(axis=axes, keepdims=True)
+    m = _max(X, axes)
     return m + np.log(np.exp(X - m).sum(axis=axes, keepdims=True))
 
 

@@ -156,15 +156,26 @@ class Dropout(_PassThrough):
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
 
+def _converted(input, dtype, saturate):
+    """input as `dtype`: floats to integers truncated; to a float8 or float4 type (ml_dtypes'),
+    with `saturate`, values beyond its range and infinities to its largest finite value."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer) and np.issubdtype(input.dtype, np.floating):
+        return np.trunc(input).astype(dtype)
+    if saturate and dtype.name.startswith(("float8", "float4")) and input.dtype.kind == "f":
+        import ml_dtypes
+
+        largest = float(ml_dtypes.finfo(dtype).max)
+        input = np.clip(input, -largest, largest)
+    return input.astype(dtype)
+
+
 @rule("Cast", since=6)
 class Cast:
     """Y = X converted to type `to`; float types become jaccli's working float type."""
 
     def forward(input, *, to, saturate=1, round_mode="up"):
-        dtype = helper.tensor_dtype_to_np_dtype(to)  # the plan maps float targets to the working dtype
-        if np.issubdtype(dtype, np.integer) and np.issubdtype(input.dtype, np.floating):
-            return np.trunc(input).astype(dtype)
-        return input.astype(dtype)
+        return _converted(input, helper.tensor_dtype_to_np_dtype(to), saturate)  # the plan maps float targets to the working dtype
 
     def jvp(cx, Xdot, *, to, **_):
         return Xdot if to in _FLOAT_TYPES and np.issubdtype(cx.x[0].dtype, np.floating) else None
@@ -194,9 +205,7 @@ class CastLike:
     nondiff = (1,)
 
     def forward(input, target_type, *, saturate=1, round_mode="up"):
-        if np.issubdtype(target_type.dtype, np.integer) and np.issubdtype(input.dtype, np.floating):
-            return np.trunc(input).astype(target_type.dtype)
-        return input.astype(target_type.dtype)
+        return _converted(input, target_type.dtype, saturate)
 
     def jvp(cx, Xdot, _=None, **__):
         return Xdot if cx.x[0].dtype.kind == "f" and cx.x[1].dtype.kind == "f" else None
