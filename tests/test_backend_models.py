@@ -4,13 +4,9 @@ scripts/coverage.py's checks (forward against the stored outputs, input Jacobian
 onnxruntime's differences) or is refused in one line. Never a crash: the probe's changes have
 broken one of these before anything else noticed."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from coverage import discover, run_one  # noqa: E402
+from coverage import discover, run_one
 
 MODELS = [m for m in discover() if m[0] != "light"]
 

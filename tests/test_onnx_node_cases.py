@@ -1,15 +1,14 @@
 """Every operator test case of the onnx package (onnx.backend.test.case.node, some 1,900 small
 models with inputs and the outputs onnx's reference implementation gives them): jaccli's
-forward kernels give those outputs, or refuse the model in one line that names what is not
-supported (an operator, attribute or type), never fail otherwise.
+forward kernels give those outputs (as scripts/coverage.py compares them: output_error), or
+refuse the model in one line that names what is not supported (an operator, attribute or
+type), never fail otherwise.
 
 The outputs are the reference implementation's, a second oracle beside onnxruntime (which the
 rule tests use); where the two disagree jaccli follows onnxruntime, and those cases are listed
 with the reason."""
 
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,15 +16,10 @@ import pytest
 from onnx import numpy_helper
 
 import jaccli
-from jaccli import walk
 from jaccli.errors import JaccliError, UnsupportedOpError
-from jaccli.plan import Plan
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from coverage import wrap_one_sample  # noqa: E402  (the whole input as one sample: most cases have no sample axis)
+from coverage import forward_error, wrap_one_sample  # the latter: the whole input as one sample
 
-RTOL, ATOL = 1e-3, 1e-4
-NARROW = {"bfloat16": 1e-2, "float16": 2e-3}  # outputs of narrow float types: their rounding
 SMALL = 200  # entries of an input differentiated, and of the output, at most
 
 # Cases whose outputs jaccli does not reproduce, on purpose.
@@ -73,32 +67,10 @@ def _small_floats(case, feeds, at_least):
     return floats
 
 
-def _worst(got, want):
-    """Largest |got - want| / (atol + rtol |want|) (at most 1 passes), equal NaNs and infinities
-    counting as equal; exact equality for strings and booleans."""
-    want, got = np.asarray(want), np.asarray(got)
-    if want.dtype.kind in "OSUb" or got.dtype.kind in "OSU":
-        return 0.0 if got.shape == want.shape and np.array_equal(got.astype(object), want.astype(object)) else np.inf
-    if got.shape != want.shape:
-        return np.inf
-    rtol = NARROW.get(want.dtype.name, RTOL)
-    g, w = got.astype(np.float64), want.astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        err = np.where((g == w) | (np.isnan(g) & np.isnan(w)), 0.0, np.abs(g - w) / (ATOL + rtol * np.abs(w)))
-    return float(np.where(np.isnan(err), np.inf, err).max(initial=0.0))  # NaN on one side only: a mismatch
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_forward_gives_the_reference_outputs(case):
-    feeds, outputs = _feeds(case), [_array(a) for a in case.data_sets[0][1]]
-    worst = 0.0
     try:
-        model = jaccli.load(case.model)
-        with np.errstate(all="ignore"):
-            for v, want in zip(model.outputs, outputs):
-                got = walk.primal(Plan(model, v.name, [], np.float32), dict(feeds))[v.name]
-                if not isinstance(got, list) and not isinstance(want, list) and want is not None:
-                    worst = max(worst, _worst(got, want))
+        worst = forward_error(case.model, _feeds(case), [_array(a) for a in case.data_sets[0][1]])
     except UnsupportedOpError as e:  # refused in one line: an operator, attribute or type it does not support
         assert "\n" not in str(e)
         return

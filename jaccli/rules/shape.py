@@ -175,7 +175,8 @@ class Cast:
     """Y = X converted to type `to`; float types become jaccli's working float type."""
 
     def forward(input, *, to, saturate=1, round_mode="up"):
-        return _converted(input, helper.tensor_dtype_to_np_dtype(to), saturate)  # the plan maps float targets to the working dtype
+        # the plan maps float targets to the working dtype
+        return _converted(input, helper.tensor_dtype_to_np_dtype(to), saturate)
 
     def jvp(cx, Xdot, *, to, **_):
         return Xdot if to in _FLOAT_TYPES and np.issubdtype(cx.x[0].dtype, np.floating) else None
