@@ -182,13 +182,15 @@ class Model:
         return list(self.plans[key])
 
     def _parameters(self, of, scalars):
-        from .rules import lookup
+        from .rules import lookup, straight_through
 
-        reach = set()
-        for node in self.ancestors([of]):
+        reach = {of}  # values a derivative flows back to from `of`
+        for node in reversed(self.ancestors([of])):
+            if not any(o in reach for o in node.outputs):
+                continue  # read on the way to `of` only as a shape, a scale, an index or a count
             try:
-                r = lookup(node.op_type, node.opset, node.domain, node.name)
-                skip = r.nondiff | r.buffers
+                r = straight_through(lookup(node.op_type, node.opset, node.domain, node.name))  # the columns
+                skip = r.nondiff | r.buffers  # are the same with --straight-through and without
             except Exception:
                 skip = frozenset()
             reach.update(v for k, v in enumerate(node.inputs) if v and k not in skip)

@@ -770,3 +770,37 @@ def test_a_graph_that_mixes_samples_the_probe_pair_hides(tmp_path):
     r = CliRunner().invoke(main, ["input", str(path), str(data), "-o", str(out)])
     assert r.exit_code != 0 and "sample 2 changes" in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".J.npy")]
+
+
+def _shape_constants_model():
+    """y = Resize(Reshape(x @ W, shape)) as the TorchScript exporter writes it: the Reshape's
+    shape a float constant cast to int64 (opsets 7 and 8), the Resize's scales concatenated from
+    float constants (opset 11 on). Float initializers of rank 1 that reach y, but only as a shape
+    and a scale."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    f = np.float32
+    inits = {"W": np.random.default_rng(0).standard_normal((6, 8)).astype(f), "shape": np.array([-1, 2, 2, 2], f),
+             "one": np.array([1, 1], f), "two": np.array([2, 2], f), "roi": np.array([], f)}
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "W"], ["m"]), n("Cast", ["shape"], ["shape64"], to=TensorProto.INT64),
+             n("Reshape", ["m", "shape64"], ["r"]), n("Concat", ["one", "two"], ["scales"], axis=0),
+             n("Resize", ["r", "roi", "scales"], ["y"], mode="linear")]
+    g = helper.make_graph(nodes, "shapes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_shape_and_scale_constants_are_no_parameters(tmp_path):
+    """Only W is a parameter; `check --params` passes (it perturbed the shape and the scales,
+    which changed the output's shape, and failed with an internal error)."""
+    import onnx
+
+    onnx.save(_shape_constants_model(), tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((3, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    G, cols = jaccli.param_jacobian(str(tmp_path / "m.onnx"), x)
+    assert [c["name"] for c in cols] == ["W"] and G.shape == (3, 2, 4, 4, 48)
+    r = CliRunner().invoke(main, ["check", "--params", "--json", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")])
+    assert r.exit_code == 0 and json.loads(r.output)["ok"], r.output
