@@ -81,3 +81,22 @@ def test_opset_1_cells_are_their_opset_7_selves(cell, gates):
     G_new, _ = jaccli.param_jacobian(new, x)
     assert [c["name"] for c in cols] == ["W", "R", "B"] and np.abs(G_old).max() > 0
     np.testing.assert_array_equal(G_old, G_new)
+
+
+@pytest.mark.parametrize("op, opset", [("Upsample", 9), ("Resize", 10), ("Resize", 13)])
+def test_scaled_sizes_are_taken_in_float32_as_onnxruntime_does(op, opset):
+    """torch's F.interpolate(size=(5, 7)) of a 3x4 image at opset 9 writes scales 5/3 and 7/4 in
+    float32: 3 x float32(5/3) is 5 in float32 (onnxruntime's size, and torch's), 4.9999999 in
+    float64, floored to 4. Every scale num/den up to 11/7 on axes of 1 to 8, against onnxruntime
+    (Upsample's at least 1, as its spec asks)."""
+    import onnxruntime as ort
+
+    for H in range(1, 9):
+        for s in sorted({np.float32(a / b) for a in range(1, 12) for b in range(1, 8) if a >= b or op == "Resize"}):
+            scales = {"s": np.array([1, 1, s, 1], np.float32)}
+            ins = ["x", "s"] if op == "Upsample" or opset == 10 else ["x", "", "s"]
+            m = one_input_model([helper.make_node(op, ins, ["y"], mode="nearest")], scales, (1, H, 2), opset=opset)
+            x = RNG.standard_normal((1, 1, H, 2)).astype(np.float32)
+            want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            if want.size:
+                assert jaccli.input_jacobian(m, x).shape[1:4] == want.shape[1:], (H, s)

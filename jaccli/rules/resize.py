@@ -145,7 +145,8 @@ def _plan(shape, scales, sizes, axes=None, policy="stretch"):
             out[a], sc[a] = int(n), int(n) / shape[a]
     elif scales is not None and np.size(scales):
         for a, s in zip(axes, np.ravel(scales)):
-            out[a], sc[a] = int(np.floor(shape[a] * float(s))), float(s)
+            out[a], sc[a] = int(np.float32(s) * np.float32(shape[a])), float(s)  # in float32, as onnxruntime:
+            # 3 x float32(5/3) rounds to 5 there, where it is 4.9999999 in float64
     return out, sc
 
 
