@@ -138,6 +138,15 @@ def prepare_feeds(model: Model, x, dtype, source="data", of=None):
     return Feeds(feeds), n
 
 
+def _output_rows(spec, name, out_shape):
+    """The flat output indices that the rows are (see parse_outputs); an output with no elements
+    has no Jacobian (a Resize by a scale under one over a short axis gives one)."""
+    if math.prod(out_shape) == 0:
+        raise DataError(f"output '{name}' is empty for these samples (shape {tuple(out_shape)} a sample): "
+                        f"it has no Jacobian")
+    return parse_outputs(spec, math.prod(out_shape))
+
+
 def parse_outputs(spec, n_out):
     """Flat output indices from a slice like '0:5', '3' or '::2' (None: all)."""
     if spec is None:
@@ -638,7 +647,7 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     out_shape = y1.shape[1:]
     in_shape = feeds[wrt_v.name].shape[1:] if wrt_v.name in feeds else wrt_shapes[wrt_v.name]
     n_out, n_in = math.prod(out_shape), math.prod(in_shape)
-    sel = parse_outputs(outputs, n_out)
+    sel = _output_rows(outputs, of_v.name, out_shape)
     n_sel = sel.size
     if mode not in ("auto", "forward", "reverse"):
         raise UsageError(f"mode must be auto, forward or reverse, not {mode!r}")
@@ -1048,7 +1057,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
         raise DataError(f"output '{of_v.name}' does not depend on the input samples")
     out_shape = y1.shape[1:]
     n_out = math.prod(out_shape)
-    sel = parse_outputs(outputs, n_out)
+    sel = _output_rows(outputs, of_v.name, out_shape)
     n_sel = sel.size
 
     columns, off = [], 0

@@ -804,3 +804,17 @@ def test_shape_and_scale_constants_are_no_parameters(tmp_path):
     assert [c["name"] for c in cols] == ["W"] and G.shape == (3, 2, 4, 4, 48)
     r = CliRunner().invoke(main, ["check", "--params", "--json", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")])
     assert r.exit_code == 0 and json.loads(r.output)["ok"], r.output
+
+
+def test_an_empty_output_is_one_line(tmp_path):
+    """A Resize by 0.4 of an axis of 2 leaves none of it (as onnxruntime has it): no Jacobian,
+    one line, no file."""
+    from gradcheck import one_input_model
+    from onnx import helper, save
+
+    scales = {"s": np.array([1, 1, 0.4, 1], np.float32)}
+    save(one_input_model([helper.make_node("Resize", ["x", "", "s"], ["y"])], scales, (1, 2, 2)), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.ones((3, 1, 2, 2), np.float32))
+    r = CliRunner().invoke(main, ["input", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"), "-o", str(tmp_path / "J.npy")])
+    assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1 and not (tmp_path / "J.npy").exists(), r.output
+    assert "output 'y' is empty for these samples (shape (1, 0, 2) a sample)" in r.output, r.output
