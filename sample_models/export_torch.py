@@ -2,10 +2,11 @@
 
 Needs torch==2.13.0 (the `bench` extra) and, for the torch.export-based exporter, onnxscript:
 
-    pip install torch==2.13.0 onnxscript && python sample_models/export_torch.py
+    pip install torch==2.13.0 onnxscript && python sample_models/export_torch.py [NAME ...]
 
 Writes sample_models/torch/: NAME_opsetK.onnx for the legacy (TorchScript) exporter at opsets
-13 and 17 and the torch.export exporter at opset 18, NAME.npy (4 samples), and NAME_ref.npz with
+13 and 17 and the torch.export exporter at opset 18 (old opsets 7 to 11 for two networks, one
+of them exported with a fixed batch of one), NAME.npy (4 samples), and NAME_ref.npz with
 torch.func's input Jacobian (N, *out, *in) and per-sample parameter Jacobian for the first
 outputs (N, k, P, columns in state_dict order). The tests check jaccli against these and against
 onnxruntime without PyTorch installed.
@@ -39,10 +40,50 @@ class GeluMLP(nn.Module):
         return self.net(x)
 
 
-MODELS = {
-    "gelu_mlp": (GeluMLP, (16,)),
-    "resnet_bn": (ResNet, (3, 16, 16)),
-    "transformer": (Encoder, (6, 16)),
+class PixelCNN(nn.Module):
+    """PixelShuffle: at opsets 7 and 8 a Reshape whose shape the exporter casts from float constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.PixelShuffle(2),
+                                 nn.Conv2d(2, 3, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 7 * 7, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class UpBilinear(nn.Module):
+    """Bilinear upsampling by 2: from opset 11 a Resize whose scales the exporter concatenates
+    from float constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 3, 3), nn.Linear(3 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(nn.functional.interpolate(torch.tanh(self.conv(x)), scale_factor=2, mode="bilinear").flatten(1))
+
+
+class ResizeTo(nn.Module):
+    """F.interpolate to a size, exported with a fixed batch of one: at opset 9 an Upsample by the
+    float32 scales 5/3 and 7/4, whose sizes onnxruntime (and torch) take in float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3 * 5 * 7, 3)
+
+    def forward(self, x):
+        return self.fc(nn.functional.interpolate(torch.tanh(self.conv(x)), size=(5, 7)).flatten(1))
+
+
+DEFAULT_EXPORTS = (("script", 13), ("script", 17), ("dynamo", 18))
+MODELS = {  # name: (network, sample shape, exports: (exporter, opset), "fixed" for a batch of one)
+    "gelu_mlp": (GeluMLP, (16,), DEFAULT_EXPORTS),
+    "resnet_bn": (ResNet, (3, 16, 16), DEFAULT_EXPORTS),
+    "transformer": (Encoder, (6, 16), DEFAULT_EXPORTS),
+    "pixel_cnn": (PixelCNN, (3, 8, 8), (("script", 7), ("script", 11))),
+    "up_bilinear": (UpBilinear, (2, 6, 6), (("script", 11), ("script", 13))),
+    "resize_to": (ResizeTo, (2, 3, 4), (("fixed", 9), ("fixed", 11))),
 }
 
 
@@ -67,31 +108,39 @@ def references(model, x):
     return J_in.detach().numpy(), G.detach().numpy(), list(params), [int(p.numel()) for p in params.values()], values
 
 
-def main():
+def export(model, x, how, opset, path):
+    if how == "dynamo":
+        prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], output_names=["y"],
+                                 dynamic_shapes=({0: torch.export.Dim("N", min=1)},), opset_version=opset)
+        prog.save(path)
+        return
+    # the TorchScript exporter, no constant folding: it would fuse BatchNormalization into the convolutions
+    batch = {} if how == "fixed" else {"dynamic_axes": {"x": {0: "N"}, "y": {0: "N"}}}
+    torch.onnx.export(model, (x[:1] if how == "fixed" else x,), path, opset_version=opset, dynamo=False,
+                      input_names=["x"], output_names=["y"], do_constant_folding=False, **batch)
+
+
+def main(names=None):
     os.makedirs(HERE, exist_ok=True)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    for name, (cls, shape) in MODELS.items():
+    for name, (cls, shape, exports) in MODELS.items():  # each built, named or not: the same weights either way
         model = cls().eval()
         trained_looking_norms(model, g)
         x = torch.randn(N, *shape, generator=g)
+        if names and name not in names:
+            continue
         np.save(os.path.join(HERE, f"{name}.npy"), x.numpy())
-        for opset in (13, 17):
-            # no constant folding: it would fuse BatchNormalization into the convolutions
-            torch.onnx.export(model, (x,), os.path.join(HERE, f"{name}_opset{opset}.onnx"), opset_version=opset,
-                              dynamo=False, input_names=["x"], output_names=["y"], do_constant_folding=False,
-                              dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
-        prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], output_names=["y"],
-                                 dynamic_shapes=({0: torch.export.Dim("N", min=1)},), opset_version=18)
-        prog.save(os.path.join(HERE, f"{name}_opset18.onnx"))
+        for how, opset in exports:
+            export(model, x, how, opset, os.path.join(HERE, f"{name}_opset{opset}.onnx"))
         with torch.no_grad():
             y = model(x)
-        J_in, G, names, sizes, values = references(copy.deepcopy(model), x)
+        J_in, G, names_, sizes, values = references(copy.deepcopy(model), x)
         np.savez_compressed(os.path.join(HERE, f"{name}_ref.npz"), outputs=y.numpy(), input_jacobian=J_in,
-                            param_jacobian=G, param_names=np.array(names), param_sizes=np.array(sizes),
+                            param_jacobian=G, param_names=np.array(names_), param_sizes=np.array(sizes),
                             param_values=values)
-        print(f"{name}: wrote opsets 13, 17 (TorchScript exporter) and 18 (torch.export), data and references")
+        print(f"{name}: wrote {', '.join(f'opset {k} ({h})' for h, k in exports)}, data and references")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

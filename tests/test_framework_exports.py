@@ -4,7 +4,9 @@ with `jaccli check` against onnxruntime.
 
 - PyTorch (sample_models/export_torch.py), torch.func's: the TorchScript exporter at opsets 13
   and 17, torch.export at 18 (which transposes some weights and folds BatchNormalization into
-  the convolutions).
+  the convolutions); and at old opsets, 7 to 11: PixelShuffle's shape cast from float
+  constants, an upsampling's scales concatenated from them, F.interpolate to a size from a
+  model exported with a fixed batch of one (its float32 scales).
 - jax2onnx (sample_models/export_jax.py), from Flax, JAX's vmap(jacrev): NHWC convolutions
   behind Transposes, Loops for fori_loop and scan (a fori_loop's weights kept in the Loop's
   body), opset 23's Gelu, attention written out.
@@ -27,7 +29,9 @@ import jaccli
 from jaccli.cli import main
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_models")
-TORCH = {f"{m}_opset{k}" for m in ("gelu_mlp", "resnet_bn", "transformer") for k in (13, 17, 18)}
+TORCH = {f"{m}_opset{k}" for m in ("gelu_mlp", "resnet_bn", "transformer") for k in (13, 17, 18)} | {
+    "pixel_cnn_opset7", "pixel_cnn_opset11", "up_bilinear_opset11", "up_bilinear_opset13", "resize_to_opset9",
+    "resize_to_opset11"}  # old opsets' shape constants and scales; resize_to exported with a fixed batch of one
 EXPORTS = {  # folder: the models it must hold, and how many of the framework's parameters each stores otherwise
     "torch": (TORCH, {"resnet_bn_opset18": 15, "transformer_opset18": 4}),  # folded, or transposed
     "jax2onnx": ({"mlp", "fori_loop", "scan_rnn", "cnn", "attention"}, {"cnn": 2}),  # two kernels transposed to OIHW
