@@ -204,6 +204,8 @@ CASES += [
     Case("DepthToSpace", [("x", (8, 2, 3))], {"blocksize": 2, "mode": "DCR"}, opset=13, id="DepthToSpace-DCR"),
     Case("DepthToSpace", [("x", (8, 2, 3))], {"blocksize": 2, "mode": "CRD"}, opset=13, id="DepthToSpace-CRD"),
     Case("SpaceToDepth", [("x", (2, 4, 6))], {"blocksize": 2}),
+    Case("SpaceToDepth", [("x", (2, 4, 6))], {"blocksize": 2, "mode": "CRD"}, opset=28, id="SpaceToDepth-CRD"),
+    Case("SpaceToDepth", [("x", (2, 4, 6))], {"blocksize": 2, "mode": "DCR"}, opset=28, id="SpaceToDepth-DCR"),
     Case("GatherElements", [("x", (3, 4)), ("i", ((5, 4), 3))], {"axis": 1}, id="GatherElements-batched-indices"),
     Case("GatherND", [("x", (3, 4)), ("i", ((2, 1), 3))], {"batch_dims": 1}, opset=13, id="GatherND-batch-dims"),
     Case("GatherND", [("x", (3, 4)), ("i", ((5, 2), 3))], {"batch_dims": 1}, opset=13, id="GatherND-batch-pairs"),

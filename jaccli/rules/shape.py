@@ -793,15 +793,19 @@ class DepthToSpace(_Permutation):
 
 @rule("SpaceToDepth", since=1)
 class SpaceToDepth(_Permutation):
-    """Y = blocks of space moved into channels."""
+    """Y = blocks of space moved into channels: block row, block column, then channel (mode DCR,
+    the only one before opset 28), or channel first (CRD), as DepthToSpace takes them back."""
 
-    def forward(input, *, blocksize):
-        return _perm(input, 0, *SpaceToDepth.plan(input.shape, {"blocksize": blocksize}))
+    def forward(input, *, blocksize, mode="DCR"):
+        return _perm(input, 0, *SpaceToDepth.plan(input.shape, {"blocksize": blocksize, "mode": mode}))
 
     def plan(shape, attrs):
-        b = attrs["blocksize"]
+        b, mode = attrs["blocksize"], attrs.get("mode", "DCR")
+        if mode not in ("DCR", "CRD"):
+            raise UnsupportedOpError(f"SpaceToDepth mode {mode!r} is not supported (DCR and CRD are)")
         N, C, H, W = shape
-        return (N, C, H // b, b, W // b, b), (0, 3, 5, 1, 2, 4), (N, C * b * b, H // b, W // b)
+        perm = (0, 3, 5, 1, 2, 4) if mode == "DCR" else (0, 1, 3, 5, 2, 4)
+        return (N, C, H // b, b, W // b, b), perm, (N, C * b * b, H // b, W // b)
 
 
 @rule("GatherElements", since=11)
