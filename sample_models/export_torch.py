@@ -5,8 +5,8 @@ Needs torch==2.13.0 (the `bench` extra) and, for the torch.export-based exporter
     pip install torch==2.13.0 onnxscript && python sample_models/export_torch.py [NAME ...]
 
 Writes sample_models/torch/: NAME_opsetK.onnx for the legacy (TorchScript) exporter at opsets
-13 and 17 and the torch.export exporter at opset 18 (old opsets 7 to 11 for two networks, one
-of them exported with a fixed batch of one), NAME.npy (4 samples), and NAME_ref.npz with
+13 and 17 and the torch.export exporter at opset 18 (old opsets, 7 to 13, for three more
+networks, one of them exported with a fixed batch of one), NAME.npy (4 samples), and NAME_ref.npz with
 torch.func's input Jacobian (N, *out, *in) and per-sample parameter Jacobian for the first
 outputs (N, k, P, columns in state_dict order). The tests check jaccli against these and against
 onnxruntime without PyTorch installed.
@@ -135,9 +135,9 @@ def main(names=None):
             export(model, x, how, opset, os.path.join(HERE, f"{name}_opset{opset}.onnx"))
         with torch.no_grad():
             y = model(x)
-        J_in, G, names_, sizes, values = references(copy.deepcopy(model), x)
+        J_in, G, pnames, sizes, values = references(copy.deepcopy(model), x)
         np.savez_compressed(os.path.join(HERE, f"{name}_ref.npz"), outputs=y.numpy(), input_jacobian=J_in,
-                            param_jacobian=G, param_names=np.array(names_), param_sizes=np.array(sizes),
+                            param_jacobian=G, param_names=np.array(pnames), param_sizes=np.array(sizes),
                             param_values=values)
         print(f"{name}: wrote {', '.join(f'opset {k} ({h})' for h, k in exports)}, data and references")
 

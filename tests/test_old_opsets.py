@@ -2,7 +2,8 @@
 legacy `broadcast`/`axis` attributes, Tile and Split with their old inputs, the experimental
 Upsample, and the recurrent cells with output_sequence. Each against its meaning written out
 in numpy or against the same model at a later opset (whose rules are checked against
-onnxruntime), derivatives against differences."""
+onnxruntime), derivatives against differences. And the sizes that Upsample-9 and Resize take
+from float32 scales, as exporters of opset 9 write them, against onnxruntime."""
 
 import numpy as np
 import pytest

@@ -144,9 +144,9 @@ def _plan(shape, scales, sizes, axes=None, policy="stretch"):
         for a, n in zip(axes, np.ravel(sizes)):
             out[a], sc[a] = int(n), int(n) / shape[a]
     elif scales is not None and np.size(scales):
-        for a, s in zip(axes, np.ravel(scales)):
-            out[a], sc[a] = int(np.float32(s) * np.float32(shape[a])), float(s)  # in float32, as onnxruntime:
-            # 3 x float32(5/3) rounds to 5 there, where it is 4.9999999 in float64
+        for a, s in zip(axes, np.ravel(scales)):  # sizes in float32, as onnxruntime takes them:
+            # 3 x float32(5/3) is 5 there, and 4.9999999 in float64
+            out[a], sc[a] = int(np.float32(s) * np.float32(shape[a])), float(s)
     return out, sc
 
 
