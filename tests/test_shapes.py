@@ -371,6 +371,17 @@ def test_position_embeddings_from_the_sequence_length_are_shared_by_the_samples(
     batch_at_once(one_input_model(nodes, inits, (T, D)), RNG.standard_normal((N, T, D)), ["wpe", "W"])
 
 
+def test_a_parameter_cast_like_the_data_stays_shared():
+    """jax2onnx at opset 23 casts its constants like the data (CastLike's second input): that
+    gives them the data's type, not its samples. They were taken for batched, and the
+    per-sample parameter Jacobian refused the CastLike; it equals differences and runs of one."""
+    D = 3
+    nodes = [helper.make_node("CastLike", ["scale", "x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["h"]),
+             helper.make_node("MatMul", ["h", "W"], ["m"]), helper.make_node("Tanh", ["m"], ["y"])]
+    inits = {"scale": RNG.standard_normal(D).astype(np.float32), "W": RNG.standard_normal((D, 2)).astype(np.float32)}
+    batch_at_once(one_input_model(nodes, inits, (D,), opset=23), RNG.standard_normal((N, D)), ["scale", "W"])
+
+
 def test_local_functions_are_inlined():
     """Newer exporters put repeated blocks into model-local functions."""
     f = helper.make_function("local", "ScaledTanh", ["X", "S"], ["Y"],

@@ -204,6 +204,7 @@ class CastLike:
     """Y = input converted to the type of target_type (whose values are not read)."""
 
     nondiff = (1,)
+    batch_from_data = True  # a batched target_type gives its type, not a sample axis (see _SliceBase)
 
     def forward(input, target_type, *, saturate=1, round_mode="up"):
         return _converted(input, target_type.dtype, saturate)
