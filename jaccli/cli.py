@@ -125,6 +125,7 @@ def _common(f):
                      help="Pass derivatives through QuantizeLinear-DequantizeLinear pairs as the identity inside the "
                           "integer range (quantization-aware training's estimator), not their true derivative, zero."),
         _SAMPLE_AXIS,
+        _ONE_BY_ONE,
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -150,6 +151,11 @@ _SAMPLE_AXIS = click.option("--sample-axis", "sample_axes", multiple=True, metav
                                  "is one sample, with no sample axis (a graph network's atoms; a model exported "
                                  "without a batch), shared by the other inputs' samples. NAME * is every input not "
                                  "named. Repeatable.")
+_ONE_BY_ONE = click.option("--one-by-one", is_flag=True,
+                           help="Run each sample alone, as a batch of one, as if the model were exported with a batch "
+                                "of 1: where its batch statistics mix samples (a dynamically quantized model's scale "
+                                "over the batch, a branch on a batch-wide sum), each sample's Jacobian as the model "
+                                "computes it for that sample alone.")
 
 
 def _console(to_stdout_data):
@@ -158,7 +164,8 @@ def _console(to_stdout_data):
     return Console(stderr=True) if to_stdout_data else Console()
 
 
-def _read(model, data, max_memory, strict, dtype="float64", of=None, wrt=None, every_output=False, sample_axes=None):
+def _read(model, data, max_memory, strict, dtype="float64", of=None, wrt=None, every_output=False, sample_axes=None,
+          one_by_one=False):
     """Load the model, check its operators, then read the data, checked against the inputs that
     the output (or, for a check, every float output) depends on; `wrt` an input among them.
     Returns the model, the data as prepared for it and the data as read."""
@@ -168,7 +175,7 @@ def _read(model, data, max_memory, strict, dtype="float64", of=None, wrt=None, e
     from .model import NO_SAMPLE_AXIS, load
     from .plan import require_rules
 
-    m = load(model, max_bytes=max_memory, sample_axes=sample_axes)
+    m = load(model, max_bytes=max_memory, sample_axes=sample_axes, one_by_one=one_by_one)
     outs = ([v.name for v in m.outputs if v.is_float] if every_output and of is None else []) or [m.output(of).name]
     require_rules(m.ancestors(outs))
     where = "stdin" if data == "-" else data
@@ -187,7 +194,8 @@ def _read(model, data, max_memory, strict, dtype="float64", of=None, wrt=None, e
     return m, x, raw
 
 
-def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute, sample_axes=()):
+def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute, sample_axes=(),
+         one_by_one=False):
     """Read data, compute block by block into a file target (if any), summarize as blocks come,
     commit atomically."""
     from . import io as jio
@@ -197,7 +205,7 @@ def _run(kind, model, data, output, fmt, as_json, quiet, strict, max_memory, dty
     if output == "-" and fmt in (None, "npy", "npz") and sys.stdout.isatty():
         raise UsageError("refusing to write binary data to a terminal; redirect stdout (> J.npy) or use --format csv")
     fmt = jio.output_format(output, fmt) if output else None
-    m, x, _ = _read(model, data, max_memory, strict, dtype, of, sample_axes=_sample_axes(sample_axes))
+    m, x, _ = _read(model, data, max_memory, strict, dtype, of, sample_axes=_sample_axes(sample_axes), one_by_one=one_by_one)
     target = jio.FileTarget(output, fmt) if output else jio.NullTarget()
     console = _console(output == "-")
     summaries = []  # one, made from the result when its first block arrives (none with --quiet)
@@ -272,7 +280,7 @@ class _Progress:
               help="Forward (one pass per input element) or reverse (one per output element); auto picks the cheaper.")
 @click.option("--flat", is_flag=True, help="Shape (N, n_out, n_in) instead of (N, *out_shape, *in_shape).")
 def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as_json, quiet, strict, straight_through,
-              sample_axes, wrt, mode, flat):
+              sample_axes, one_by_one, wrt, mode, flat):
     """Input Jacobian dy/dx for every sample: shape (N, *out_shape, *in_shape).
 
     DATA is .npy (N, *input_shape) or one sample, .npz (one array per model input), or
@@ -291,7 +299,7 @@ def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as
                               max_memory=max_memory, target=target, return_result=True, on_block=on_block,
                               straight_through=straight_through)
 
-    _run("input", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute, sample_axes)
+    _run("input", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute, sample_axes, one_by_one)
 
 
 @main.command("params", context_settings=CONTEXT)
@@ -299,7 +307,7 @@ def input_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as
 @click.option("--param", "params", multiple=True, metavar="GLOB",
               help="Only parameters whose name matches (repeatable), e.g. --param 'fc2.*'.")
 def params_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, as_json, quiet, strict, straight_through,
-               sample_axes, params):
+               sample_axes, one_by_one, params):
     """Per-sample parameter Jacobian dy/dθ: shape (N, *out_shape, P).
 
     Columns follow the model's initializer order, each tensor flattened in C order. A
@@ -318,7 +326,7 @@ def params_cmd(model, data, output, fmt, of, outputs_slice, dtype, max_memory, a
                               max_memory=max_memory, target=target, return_result=True, on_block=on_block,
                               straight_through=straight_through)
 
-    _run("params", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute, sample_axes)
+    _run("params", model, data, output, fmt, as_json, quiet, strict, max_memory, dtype, of, compute, sample_axes, one_by_one)
 
 
 @main.command("inspect", context_settings=CONTEXT)
@@ -362,8 +370,10 @@ def inspect_cmd(model, as_json):
 @click.option("--of", help="Only this output or graph value (default: every float tensor output).")
 @click.option("--wrt", help="The input, or float value in the graph (token embeddings), of the input Jacobian.")
 @_SAMPLE_AXIS
+@_ONE_BY_ONE
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_slice, of, wrt, sample_axes, as_json):
+def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_slice, of, wrt, sample_axes, one_by_one,
+              as_json):
     """Our Jacobian against onnxruntime central differences on a few samples (onnx's reference
     evaluator's where onnxruntime cannot run the model); exit 1 above tolerance.
 
@@ -377,9 +387,9 @@ def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_s
     if wrt and params:
         raise click.UsageError("--wrt names what an input Jacobian is taken with respect to; --params checks parameters")
     axes = _sample_axes(sample_axes)
-    _, _, x = _read(model, data, None, True, of=of, wrt=wrt, every_output=True, sample_axes=axes)
+    _, _, x = _read(model, data, None, True, of=of, wrt=wrt, every_output=True, sample_axes=axes, one_by_one=one_by_one)
     d = check(model, x, params=params, samples=samples, entries=entries, dtype=dtype, tolerance=tolerance,
-              outputs=outputs_slice, of=of, wrt=wrt, sample_axes=axes)
+              outputs=outputs_slice, of=of, wrt=wrt, sample_axes=axes, one_by_one=one_by_one)
     if as_json:
         click.echo(json.dumps(d, indent=1))
     else:

@@ -346,7 +346,9 @@ def _integer_ops(nodes):
 
 
 def _run_notes(model, run_size):
-    """What the summary says of a fixed batch's runs."""
+    """What the summary says of a fixed batch's runs, or of --one-by-one."""
+    if model.one_by_one:
+        return ["one by one: each sample's Jacobian is the model's on that sample alone, a batch of one"]
     if not run_size:
         return []
     return [f"runs of {run_size} samples: input '{model.fixed_batch()[0].name}' is declared with a batch of {run_size}, "
@@ -429,7 +431,8 @@ def _mixing_error(of, k):
     return DataError(
         f"output '{of}' of sample {k} changes when another sample is in the same batch: the model "
         f"mixes samples (an operation over axis 0, or BatchNormalization in training mode), so "
-        f"per-sample Jacobians are not defined for it; if axis 0 holds the parts of one instance "
+        f"per-sample Jacobians are not defined for it; to take each sample as the model computes it "
+        f"alone (a batch of one), use --one-by-one; if axis 0 holds the parts of one instance "
         f"(a graph's nodes, a set's members), give the data as one sample: --sample-axis '*=none'"
     )
 
@@ -621,7 +624,7 @@ def _within_budget(fn):
 @_within_budget
 def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, outputs=None, flat=False,
                    max_memory=DEFAULT_MAX_MEMORY, target=None, return_result=False, on_block=None, straight_through=False,
-                   sample_axes=None):
+                   sample_axes=None, one_by_one=False):
     """Jacobian of output `of` with respect to input `wrt` for every sample.
 
     Shape (N, *out_shape, *in_shape), or (N, n_out, n_in) with `flat`; with `outputs`
@@ -632,10 +635,11 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     `straight_through`: quantize-dequantize pairs pass derivatives as the identity inside the
     integer range (see rules.straight_through), instead of their true derivative, zero.
     `sample_axes` ({input: axis}, for a model given by path) names inputs whose data carries
-    the samples on another axis than the first (see model.load).
+    the samples on another axis than the first; with `one_by_one` each sample runs alone, as a
+    batch of one (see model.load).
     """
     t0 = time.perf_counter()
-    model = load(model, max_bytes=max_memory, sample_axes=sample_axes)
+    model = load(model, max_bytes=max_memory, sample_axes=sample_axes, one_by_one=one_by_one)
     dtype = np.dtype(dtype)
     of_v = model.output(of)
     wrt_v = model.value(wrt) if wrt is not None else _first_float(model, of_v.name)
@@ -1020,9 +1024,10 @@ def _check_sample_axis(y, n, name):
 
 @_within_budget
 def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=None, max_memory=DEFAULT_MAX_MEMORY,
-                   target=None, return_result=False, on_block=None, straight_through=False, sample_axes=None):
+                   target=None, return_result=False, on_block=None, straight_through=False, sample_axes=None,
+                   one_by_one=False):
     """Per-sample Jacobian of output `of` with respect to the parameters: (N, *out_shape, P).
-    `straight_through` and `sample_axes` as for input_jacobian.
+    `straight_through`, `sample_axes` and `one_by_one` as for input_jacobian.
 
     Columns follow the model's initializer order, each tensor flattened in C order. By default
     the parameters are the float initializers of rank >= 1 that reach the output (exporters keep
@@ -1031,7 +1036,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     `on_block` as for input_jacobian.
     """
     t0 = time.perf_counter()
-    model = load(model, max_bytes=max_memory, sample_axes=sample_axes)
+    model = load(model, max_bytes=max_memory, sample_axes=sample_axes, one_by_one=one_by_one)
     dtype = np.dtype(dtype)
     of_v = model.output(of)
     out_notes = _output_notes(model, of, of_v)

@@ -79,6 +79,7 @@ class Model:
     hoisted_weights: int = 0  # float initializers of sub-graphs moved into the main graph (sub_initializers_hoisted)
     nchwc: dict = field(default_factory=dict)  # onnxruntime's NCHWc operators read as standard ones (see jaccli.nchwc)
     sample_axes: dict = field(default_factory=dict)  # input -> the axis of its samples in the model's layout, where not 0
+    one_by_one: bool = False  # each sample runs alone, as a batch of one (load's one_by_one)
 
     def input(self, name):
         return _pick(self.inputs, name, "input")
@@ -166,6 +167,8 @@ class Model:
         whole = [v for v in self.inputs if self.sample_axes.get(v.name) == NO_SAMPLE_AXIS]
         if whole:  # its data is one sample: runs of one, whatever its declared shape (it may have none)
             return whole[0], 1
+        if self.one_by_one and self.inputs:  # as if exported with a batch of one
+            return self.inputs[0], 1
         fixed = [v for v in self.inputs if v.shape and isinstance(v.shape[0], int) and v.shape[0] > 0]  # -1 and 0: unknown
         v = min(fixed, key=lambda v: v.shape[0], default=None)
         return (v, v.shape[0]) if v is not None else (None, None)
@@ -350,20 +353,26 @@ def _pick(items, name, kind):
     raise UsageError(f"the model has no {kind} named '{name}' (it has: {', '.join(v.name for v in items)})")
 
 
-def load(source, max_bytes=None, sample_axes=None) -> Model:
+def load(source, max_bytes=None, sample_axes=None, one_by_one=False) -> Model:
     """A Model from a path, raw bytes or an onnx.ModelProto; ModelError on anything malformed.
 
     Tensors in external data are memory-mapped from files inside the model's folder (any
     location that leaves it is refused); an inline tensor that declares more than
     `max_bytes` is refused before it is allocated. `sample_axes` ({input: axis}) names inputs
     that carry the samples on another axis than the first (see inputs_samples_first); inputs
-    that declare a batch dimension there are found without it.
+    that declare a batch dimension there are found without it. `one_by_one`: each sample runs
+    alone, as a batch of one, as if the model had been exported with a batch fixed at 1: where
+    its batch statistics mix samples (a dynamically quantized model's scale over the batch, a
+    branch on a batch-wide sum), each sample's Jacobian is then that of the model computing it
+    alone.
     """
     if isinstance(source, Model):
-        if sample_axes and _given_axes(sample_axes) != source.sample_axes:
-            from .errors import UsageError
+        from .errors import UsageError
 
+        if sample_axes and _given_axes(sample_axes) != source.sample_axes:
             raise UsageError("sample axes are given when a model is loaded: jaccli.load(path, sample_axes=...)")
+        if one_by_one and not source.one_by_one:
+            raise UsageError("one_by_one is given when a model is loaded: jaccli.load(path, one_by_one=True)")
         return source
     path = None
     if isinstance(source, onnx.ModelProto):
@@ -404,6 +413,7 @@ def load(source, max_bytes=None, sample_axes=None) -> Model:
     model.expanded, model.held_weights, model.sample_axes = expanded, held, _given_axes(axes)
     model.hoisted_weights = hoisted
     model.nchwc = blocked
+    model.one_by_one = bool(one_by_one)
     return model
 
 

@@ -422,7 +422,7 @@ def _max_abs(J, minus=None, block=1 << 18):
 
 @quiet_floats
 def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, seed=0, tolerance=None, of=None,
-          outputs=None, wrt=None, sample_axes=None):
+          outputs=None, wrt=None, sample_axes=None, one_by_one=False):
     """Compare our Jacobian with onnxruntime central differences on a few samples.
 
     Columns (input elements or parameter entries) are sampled when there are more than
@@ -434,7 +434,7 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     Jacobian; a graph value is made an input of the oracle's model for its differences.
     Returns a JSON-ready dict with one row per checked float output.
     """
-    model = load(model_path, sample_axes=sample_axes)
+    model = load(model_path, sample_axes=sample_axes, one_by_one=one_by_one)
     dtype = np.dtype(dtype)
     proto = model_path if isinstance(model_path, onnx.ModelProto) else onnx.load(model_path)
     blocked = proto
