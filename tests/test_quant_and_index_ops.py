@@ -332,6 +332,30 @@ def test_straight_through_from_the_command_line(tmp_path):
         assert bool(np.load(tmp_path / "G.npy").any()) == bool(extra)
 
 
+def test_straight_through_a_pair_with_an_infinite_scale():
+    """onnxruntime's static quantization of a causal attention calibrates the masked scores'
+    pair (-inf among them) to a scale of inf: it dequantizes to NaN, the softmax of NaN is NaN,
+    and the next quantizer makes a level of it. The straight-through derivative of that branch
+    is zero (it was NaN for every input: 0 x inf in the pair, NaN x 0 at the next quantizer),
+    and the model's is its other branch's, both modes, input and parameters."""
+    n = helper.make_node
+    inits = {"W": np.random.default_rng(7).standard_normal((3, 3)).astype(np.float32), "V": np.eye(3, dtype=np.float32),
+             "mask": np.array([[True, False, True]]), "ninf": np.array(-np.inf, np.float32),
+             "s_inf": np.array(np.inf, np.float32), "s": np.array(1 / 255, np.float32), "zp": np.array(0, np.uint8)}
+    nodes = [n("MatMul", ["x", "W"], ["a"]), n("Where", ["mask", "a", "ninf"], ["w"]),
+             n("QuantizeLinear", ["w", "s_inf", "zp"], ["wq"]), n("DequantizeLinear", ["wq", "s_inf", "zp"], ["wd"]),
+             n("Softmax", ["wd"], ["p"]), n("QuantizeLinear", ["p", "s", "zp"], ["pq"]),
+             n("DequantizeLinear", ["pq", "s", "zp"], ["pd"]), n("MatMul", ["x", "V"], ["b"]), n("Add", ["pd", "b"], ["y"])]
+    m = one_input_model(nodes, inits, (3,), opset=13)
+    x = np.random.default_rng(8).standard_normal((4, 3)).astype(np.float32)
+    assert np.isfinite(ort_forward(m, {"x": x})[0]).all()
+    for mode in ("forward", "reverse"):
+        J = jaccli.input_jacobian(m, x, straight_through=True, mode=mode)
+        np.testing.assert_array_equal(J, np.broadcast_to(np.eye(3, dtype=np.float32), J.shape))  # the branch b = x V
+    G, cols = jaccli.param_jacobian(m, x, straight_through=True)
+    assert [c["name"] for c in cols] == ["W", "V"] and np.isfinite(G).all() and not G[..., :9].any()
+
+
 def test_inspect_names_quantized_values(tmp_path):
     """`jaccli inspect` of a QDQ model says where derivatives stop and what passes them."""
     import json

@@ -941,23 +941,27 @@ class QuantizeLinearThrough(QuantizeLinear):
 
     nondiff = (1, 2)
 
+    # zero where it saturates, whatever comes in: a NaN that the quantizer turns into a level
+    # (a softmax of a row that a degenerate scale made NaN) passes nothing on
     def jvp(cx, Xdot, *_, **attrs):
-        return times(Xdot, _through_partial(cx, attrs))
+        return times(_through_partial(cx, attrs), Xdot)
 
     def vjp(cx, Ybar, **attrs):
-        return (Ybar * _through_partial(cx, attrs), None, None)
+        return (times(_through_partial(cx, attrs), Ybar), None, None)
 
 
 def _through_partial(cx, attrs):
-    """1 / scale where round(x / scale) + zero_point is inside the output's integer range, else 0."""
+    """1 / scale where round(x / scale) + zero_point is inside the output's integer range, else 0
+    (for a NaN x too)."""
     x, zp = cx.x[0], padded(cx.x, 3)[2]
     axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
     s = _expand_scale(np.asarray(cx.x[1], np.float64), 0, x.shape, axis, block)
-    v = _rounded_quotient(x, s)
-    if zp is not None:
-        v = v + _expand_scale(np.asarray(zp, np.float64), 0, x.shape, axis, block)
-    lo, hi = _INT_RANGES[cx.y[0].dtype]
-    return ((v >= lo) & (v <= hi)).astype(x.dtype) / s.astype(x.dtype)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        v = _rounded_quotient(x, s)
+        if zp is not None:
+            v = v + _expand_scale(np.asarray(zp, np.float64), 0, x.shape, axis, block)
+        lo, hi = _INT_RANGES[cx.y[0].dtype]
+        return np.where((v >= lo) & (v <= hi), 1 / s, 0).astype(x.dtype)
 
 
 class _DequantizeThrough:
@@ -965,15 +969,15 @@ class _DequantizeThrough:
 
     nondiff = (2,)
 
-    def jvp(cx, Xdot, Sdot=None, _zp=None, **attrs):
+    def jvp(cx, Xdot, Sdot=None, _zp=None, **attrs):  # times: a zero through an infinite scale stays zero
         X, S = cx.x[0], cx.x[1]
-        through = None if Xdot is None else Xdot * _expand_scale(S, 0, X.shape, attrs.get("axis", 1), attrs.get("block_size", 0))
+        through = None if Xdot is None else times(Xdot, _expand_scale(S, 0, X.shape, attrs.get("axis", 1), attrs.get("block_size", 0)))
         return add(through, None if Sdot is None else _Dequantize.jvp(cx, None, Sdot, **attrs))
 
     def vjp(cx, Ybar, **attrs):
         X, S = cx.x[0], cx.x[1]
         Sbar = _Dequantize.vjp(cx, Ybar, **attrs)[1] if cx.need[1] else None
-        Xbar = Ybar * _expand_scale(S, 0, X.shape, attrs.get("axis", 1), attrs.get("block_size", 0)) if cx.need[0] else None
+        Xbar = times(Ybar, _expand_scale(S, 0, X.shape, attrs.get("axis", 1), attrs.get("block_size", 0))) if cx.need[0] else None
         return Xbar, Sbar, None
 
 
