@@ -1030,9 +1030,10 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     `straight_through`, `sample_axes` and `one_by_one` as for input_jacobian.
 
     Columns follow the model's initializer order, each tensor flattened in C order. By default
-    the parameters are the float initializers of rank >= 1 that reach the output (exporters keep
+    the parameters are the float initializers of rank >= 1 that reach the output through
+    differentiable inputs (Model.parameters: not a shape's or a scale's constants; exporters keep
     constants such as 0.5 as 0-d initializers); `params` (glob patterns) selects among all float
-    initializers by name, 0-d ones included. Returns (array, column map). `target` and
+    initializers that reach it so, 0-d ones included. Returns (array, column map). `target` and
     `on_block` as for input_jacobian.
     """
     t0 = time.perf_counter()
