@@ -777,7 +777,8 @@ def _shape_constants_model():
     shape a float constant cast to int64 (opsets 7 and 8), the Resize's scales concatenated from
     float constants (opset 11 on). Float initializers of rank 1 that reach y, but only as a shape
     and a scale."""
-    from onnx import TensorProto, helper, numpy_helper
+    from gradcheck import one_input_model
+    from onnx import TensorProto, helper
 
     f = np.float32
     inits = {"W": np.random.default_rng(0).standard_normal((6, 8)).astype(f), "shape": np.array([-1, 2, 2, 2], f),
@@ -786,10 +787,7 @@ def _shape_constants_model():
     nodes = [n("MatMul", ["x", "W"], ["m"]), n("Cast", ["shape"], ["shape64"], to=TensorProto.INT64),
              n("Reshape", ["m", "shape64"], ["r"]), n("Concat", ["one", "two"], ["scales"], axis=0),
              n("Resize", ["r", "roi", "scales"], ["y"], mode="linear")]
-    g = helper.make_graph(nodes, "shapes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    return one_input_model(nodes, inits, (6,))
 
 
 def test_shape_and_scale_constants_are_no_parameters(tmp_path):

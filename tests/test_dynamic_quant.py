@@ -8,6 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from gradcheck import one_input_model
 from onnx import TensorProto, helper, numpy_helper
 
 import jaccli
@@ -151,11 +152,8 @@ def test_check_one_by_one(tmp_path):
     n = helper.make_node
     nodes = [n("MatMul", ["x", "W"], ["m"]), n("Tanh", ["m"], ["t"]), n("ReduceSumSquare", ["x"], ["s"], keepdims=0),
              n("Add", ["s", "one"], ["d"]), n("Div", ["t", "d"], ["y"])]
-    inits = [numpy_helper.from_array(RNG.standard_normal((5, 3)).astype(np.float32), "W"),
-             numpy_helper.from_array(np.array(1, np.float32), "one")]
-    g = helper.make_graph(nodes, "mix", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    inits = {"W": RNG.standard_normal((5, 3)).astype(np.float32), "one": np.array(1, np.float32)}
+    onnx.save(one_input_model(nodes, inits, (5,)), tmp_path / "m.onnx")
     np.save(tmp_path / "x.npy", RNG.standard_normal((4, 5)).astype(np.float32))
     args = [str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")]
     assert "--one-by-one" in CliRunner().invoke(main, ["check", *args]).output
