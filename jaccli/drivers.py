@@ -474,7 +474,7 @@ def _note_mixed_rows(plan, env, n=2, feeds=None, env1=None):
             shared = _shared_values(plan, env, feeds, alone[-1])
             if any(all(v in shared for e, k in runs for v in _row_values(plan, e, k, s)) for s in mixed):
                 raise _Replan(shared)
-        if alone is not None and _grouped(plan, env, n, alone, mixed):
+        if alone is not None and (_grouped(plan, env, n, alone, mixed) or _samples_inside(plan, env, n, alone, mixed)):
             return False
     if mixed and not plan.rows_mix_samples:
         plan.rows_mix_samples = True
@@ -569,6 +569,54 @@ def _grouped(plan, env, n, alone, steps):
             return False
     for s in steps:
         s.grouped = True
+    return True
+
+
+def _samples_inside(plan, env, n, alone, steps):
+    """Whether each of `steps` reads and writes batched values that hold S slices per sample
+    ahead of the samples: (S, n, ...), a time-major sequence, or merged, (S*n, ...) with a
+    sample's rows n apart, as torch's multi-head attention projects (T, N, E) and (T*N, E);
+    and is a product of such a value with a weight (MatMul, Gemm) or an elementwise operation
+    with a parameter that broadcasts along those axes. If so the steps are marked (Step.inner):
+    the walker moves the samples first for their rules, and the batch runs at once. The slices
+    are checked against runs of copies of each sample, as _grouped's rows."""
+    from .rules.elementwise import _Binary
+
+    marks = []
+    for s in steps:
+        vals = [v for v in s.inputs + s.outputs if v and v in plan.batched and _carries_rows(env.get(v))]
+        layout = {}
+        for v in vals:
+            a = env.get(v)
+            if not isinstance(a, np.ndarray) or a.ndim < 2:
+                return False
+            if a.ndim >= 3 and a.shape[1] == n and a.shape[0] != n:
+                layout[v] = (a.shape[0], False)
+            elif a.shape[0] % n == 0 and a.shape[0] > n:
+                layout[v] = (a.shape[0] // n, True)
+            else:
+                return False
+        if not layout or len({S for S, _ in layout.values()}) != 1:
+            return False
+        others = [env.get(v) for v in s.inputs if v and v not in layout]
+        first = s.inputs[0] in layout and all(v not in layout for v in s.inputs[1:] if v)
+        accepts = getattr(s.rule, "grouped_rows", None)
+        if accepts is not None:  # a product: the batched first operand's leading axes, against a weight matrix
+            if not (first and accepts(s.attrs) and all(np.ndim(w) <= 2 for w in others)):
+                return False
+        elif isinstance(s.rule, type) and issubclass(s.rule, _Binary):  # a parameter broadcast along them
+            if not all(np.ndim(w) <= env[v].ndim - (1 if merged else 2) for v, (_, merged) in layout.items() for w in others):
+                return False
+        else:
+            return False
+        marks.append((s, layout))
+    for s, layout in marks:
+        for v, (S, merged) in layout.items():
+            tail = env[v].shape[1:] if merged else env[v].shape[2:]
+            if not all(_same(env[v].reshape((S, n) + tail)[:, j], alone[j][v].reshape((S, n) + tail)[:, j]) for j in range(n)):
+                return False
+    for s, layout in marks:
+        s.inner = {v: merged for v, (_, merged) in layout.items()}  # S follows each run's shapes
     return True
 
 

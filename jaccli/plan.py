@@ -7,7 +7,7 @@ carry the sample axis, and what one sample and one direction cost in flops and b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from onnx import TensorProto, helper
@@ -29,6 +29,8 @@ class Step:
     keep: tuple = ()  # input k needs a per-sample cotangent (parameter into a batched node)
     grouped: bool = False  # its first input's rows are the samples' merged with another axis, sample by
     # sample, which the rule's per-sample cotangents follow (set by the drivers' probe: drivers._grouped)
+    inner: dict = field(default_factory=dict)  # {batched value: merged}: it holds slices of the samples ahead of
+    # them, (S, N, ...), or merged, (S*N, ...); the walker moves the samples first (drivers._samples_inside)
 
 
 @dataclass(frozen=True)

@@ -204,8 +204,12 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
             inputs, diff_in = step.inputs, step.diff_in
             n_diff = step.rule.n_diff_outputs
             out = tuple(home(v, lead) if d else None for v, d in zip(step.inputs, step.diff_in))
-            cx = _ctx(step, env, step.diff_in, (False,) * len(step.keep) if one else step.keep, out, _owned(bars), samples)
-            res = _guarded(step, "the VJP rule", cx.x, step.rule.vjp, cx, *(bars if n_diff is None else bars[:n_diff]), **step.attrs)
+            if step.inner and not one and samples:
+                res = _vjp_samples_first(step, env, bars, out, samples)
+            else:
+                cx = _ctx(step, env, step.diff_in, (False,) * len(step.keep) if one else step.keep, out, _owned(bars), samples)
+                res = _guarded(step, "the VJP rule", cx.x, step.rule.vjp, cx, *(bars if n_diff is None else bars[:n_diff]),
+                               **step.attrs)
         for name, b, d, dst in zip(inputs, res, diff_in, out):
             if not d or b is None:
                 continue
@@ -226,6 +230,42 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
             else:
                 dst[...] = 0
     return {w: (sinks[w] if w in sinks else cot.get(w)) for w in wrt}
+
+
+def _vjp_samples_first(step, env, bars, out, n):
+    """The VJP of a step whose batched values hold S slices per sample ahead of the samples
+    (Step.inner: (S, n, ...), or merged, (S*n, ...) with a sample's rows n apart, as a
+    time-major sequence and torch's multi-head attention projections have them): its rule sees
+    them with the samples first, (n, S, ...) or sample-major rows (n*S, ...) grouped by S
+    (Ctx.rows), and the batched inputs' cotangents are put back in their own layout."""
+    def layout(v):  # S, and whether the slices are merged with the samples
+        merged = step.inner[v]
+        return env[v].shape[0] // n if merged else env[v].shape[0], merged
+
+    def first(a, v, lead=0):  # a value (or a cotangent of it, after `lead` direction axes) with the samples first
+        S, merged = layout(v)
+        tail = a.shape[lead + 1:] if merged else a.shape[lead + 2:]
+        b = np.moveaxis(a.reshape(a.shape[:lead] + (S, n) + tail), lead + 1, lead)
+        return np.ascontiguousarray(b).reshape(a.shape[:lead] + ((n * S,) if merged else (n, S)) + tail)
+
+    def back(g, v, shape):  # an input's cotangent, (*lead, samples first), in the value's own layout
+        S, merged = layout(v)
+        lead = g.ndim - len(shape)
+        tail = tuple(shape[1:] if merged else shape[2:])
+        b = np.moveaxis(g.reshape(g.shape[:lead] + (n, S) + tail), lead, lead + 1)
+        return np.ascontiguousarray(b).reshape(g.shape[:lead] + tuple(shape))
+
+    ins = _trim(step.inputs)
+    x = tuple((first(env[v], v) if v in step.inner else env[v]) if v else None for v in ins)
+    y = tuple(first(env[o], o) if o in step.inner else env.get(o) for o in step.outputs)
+    moved = tuple(first(b, o, b.ndim - env[o].ndim) if b is not None and o in step.inner else b
+                  for b, o in zip(bars, step.outputs))
+    rows = layout(ins[0])[0] if ins and ins[0] in step.inner and step.inner[ins[0]] else 1
+    out = tuple(None if v in step.inner else d for v, d in zip(step.inputs, out))
+    cx = Ctx(x, y, step.diff_in, step.keep, step.rule, out, (False,) * len(moved), rows)
+    n_diff = step.rule.n_diff_outputs
+    res = _guarded(step, "the VJP rule", x, step.rule.vjp, cx, *(moved if n_diff is None else moved[:n_diff]), **step.attrs)
+    return tuple(back(b, v, env[v].shape) if b is not None and v in step.inner else b for b, v in zip(res, step.inputs))
 
 
 def _in_type(g, dtype):

@@ -97,7 +97,8 @@ def test_rows_that_are_a_flattened_sequence(time_major, op):
     jax2onnx before a Dense's MatMul or Gemm (and a time-major model to (S*N, D)): the product's
     rows are not the samples. Where they are each sample's S rows in turn, the per-sample
     parameter cotangents sum them, the batch at once; where they interleave the samples
-    (time-major), they are taken one sample per run, where they are the plain ones."""
+    (time-major, a sample's rows N apart), the walker moves them first for the rule, the
+    batch at once too (it ran one sample per run before)."""
     S, D, H = 3, 4, 5
     nodes, x_in = [], "x"
     if time_major:
@@ -126,7 +127,7 @@ def test_rows_that_are_a_flattened_sequence(time_major, op):
     r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
     want = fd_param_jacobian(m, {"x": x}, ["W", "b"], inits)
     assert rel_err(r.J, want) < 1e-6
-    assert (r.chunks[0] == 1) == time_major and any("one sample at a time" in n for n in r.notes) == time_major
+    assert r.chunks[0] == N and not any("one sample at a time" in n for n in r.notes)
     one = jaccli.param_jacobian(m, x[:1], dtype=np.float64, return_result=True)  # one sample: probed twice over
     assert rel_err(one.J, want[:1]) < 1e-6
 
