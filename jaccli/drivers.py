@@ -580,8 +580,6 @@ def _samples_inside(plan, env, n, alone, steps):
     with a parameter that broadcasts along those axes. If so the steps are marked (Step.inner):
     the walker moves the samples first for their rules, and the batch runs at once. The slices
     are checked against runs of copies of each sample, as _grouped's rows."""
-    from .rules.elementwise import _Binary
-
     marks = []
     for s in steps:
         vals = [v for v in s.inputs + s.outputs if v and v in plan.batched and _carries_rows(env.get(v))]
@@ -604,7 +602,7 @@ def _samples_inside(plan, env, n, alone, steps):
         if accepts is not None:  # a product: the batched first operand's leading axes, against a weight matrix
             if not (first and accepts(s.attrs) and all(np.ndim(w) <= 2 for w in others)):
                 return False
-        elif isinstance(s.rule, type) and issubclass(s.rule, _Binary):  # a parameter broadcast along them
+        elif getattr(s.rule, "pointwise", False) and getattr(s.rule, "keeps", False):  # a parameter broadcast along them
             if not all(np.ndim(w) <= env[v].ndim - (1 if merged else 2) for v, (_, merged) in layout.items() for w in others):
                 return False
         else:
