@@ -236,8 +236,11 @@ def _vjp_samples_first(step, env, bars, out, n):
     """The VJP of a step whose batched values hold S slices per sample ahead of the samples
     (Step.inner: (S, n, ...), or merged, (S*n, ...) with a sample's rows n apart, as a
     time-major sequence and torch's multi-head attention projections have them): its rule sees
-    them with the samples first, (n, S, ...) or sample-major rows (n*S, ...) grouped by S
-    (Ctx.rows), and the batched inputs' cotangents are put back in their own layout."""
+    them with the samples first, (n, S, ...), or, for a product that follows rows grouped by
+    sample (its rule's grouped_rows), merged ones as sample-major rows (n*S, ...) grouped by S
+    (Ctx.rows); the batched inputs' cotangents are put back in their own layout."""
+    rows_form = hasattr(step.rule, "grouped_rows")
+
     def layout(v):  # S, and whether the slices are merged with the samples
         merged = step.inner[v]
         return env[v].shape[0] // n if merged else env[v].shape[0], merged
@@ -246,11 +249,11 @@ def _vjp_samples_first(step, env, bars, out, n):
         S, merged = layout(v)
         tail = a.shape[lead + 1:] if merged else a.shape[lead + 2:]
         b = np.moveaxis(a.reshape(a.shape[:lead] + (S, n) + tail), lead + 1, lead)
-        return np.ascontiguousarray(b).reshape(a.shape[:lead] + ((n * S,) if merged else (n, S)) + tail)
+        return np.ascontiguousarray(b).reshape(a.shape[:lead] + ((n * S,) if merged and rows_form else (n, S)) + tail)
 
     def back(g, v, shape):  # an input's cotangent, (*lead, samples first), in the value's own layout
         S, merged = layout(v)
-        lead = g.ndim - len(shape)
+        lead = g.ndim - len(shape) - (merged and not rows_form)  # a merged value was shown with S apart
         tail = tuple(shape[1:] if merged else shape[2:])
         b = np.moveaxis(g.reshape(g.shape[:lead] + (n, S) + tail), lead, lead + 1)
         return np.ascontiguousarray(b).reshape(g.shape[:lead] + tuple(shape))
@@ -260,7 +263,7 @@ def _vjp_samples_first(step, env, bars, out, n):
     y = tuple(first(env[o], o) if o in step.inner else env.get(o) for o in step.outputs)
     moved = tuple(first(b, o, b.ndim - env[o].ndim) if b is not None and o in step.inner else b
                   for b, o in zip(bars, step.outputs))
-    rows = layout(ins[0])[0] if ins and ins[0] in step.inner and step.inner[ins[0]] else 1
+    rows = layout(ins[0])[0] if rows_form and ins and ins[0] in step.inner and step.inner[ins[0]] else 1
     out = tuple(None if v in step.inner else d for v, d in zip(step.inputs, out))
     cx = Ctx(x, y, step.diff_in, step.keep, step.rule, out, (False,) * len(moved), rows)
     n_diff = step.rule.n_diff_outputs

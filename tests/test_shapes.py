@@ -410,6 +410,20 @@ def test_samples_on_axis_1_and_interleaved_rows_run_the_batch_at_once(scramble):
     batch_at_once(m, RNG.standard_normal((N, 3, 4)), ["W1", "b1", "W2", "b2"], at_once=not scramble)
 
 
+def test_a_bias_added_to_interleaved_rows():
+    """A time-major sequence flattened to (S*N, D) for a MatMul, its bias added to those rows
+    after it (tf2onnx's Dense, time-major): the Add sees them as (N, S, H), not as N*S samples
+    (which failed, broadcasting the rows against the samples)."""
+    S, D, H = 3, 4, 5
+    n = helper.make_node
+    nodes = [n("Transpose", ["x"], ["xt"], perm=[1, 0, 2]), n("Reshape", ["xt", "rows"], ["r"]), n("MatMul", ["r", "W"], ["p"]),
+             n("Add", ["p", "b"], ["q"]), n("Tanh", ["q"], ["t"]), n("Reshape", ["t", "back"], ["u"]),
+             n("Transpose", ["u"], ["y"], perm=[1, 0, 2])]
+    inits = {"W": RNG.standard_normal((D, H)).astype(np.float32), "b": RNG.standard_normal(H).astype(np.float32),
+             "rows": np.array([-1, D]), "back": np.array([S, -1, H])}
+    batch_at_once(one_input_model(nodes, inits, (S, D)), RNG.standard_normal((N, S, D)), ["W", "b"])
+
+
 def test_local_functions_are_inlined():
     """Newer exporters put repeated blocks into model-local functions."""
     f = helper.make_function("local", "ScaledTanh", ["X", "S"], ["Y"],
