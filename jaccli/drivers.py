@@ -576,8 +576,9 @@ def _samples_inside(plan, env, n, alone, steps):
     """Whether each of `steps` reads and writes batched values that hold S slices per sample
     ahead of the samples: (S, n, ...), a time-major sequence, or merged, (S*n, ...) with a
     sample's rows n apart, as torch's multi-head attention projects (T, N, E) and (T*N, E);
-    and is a product of such a value with a weight (MatMul, Gemm) or an elementwise operation
-    with a parameter that broadcasts along those axes. If so the steps are marked (Step.inner):
+    and is a product of such a value with a weight (MatMul, Gemm), an elementwise operation
+    with a parameter that broadcasts along those axes, or a rule that says it takes them so
+    (its samples_inside: LayerNormalization over trailing axes). If so the steps are marked (Step.inner):
     the walker moves the samples first for their rules, and the batch runs at once. The slices
     are checked against runs of copies of each sample, as _grouped's rows."""
     marks = []
@@ -604,6 +605,9 @@ def _samples_inside(plan, env, n, alone, steps):
                 return False
         elif getattr(s.rule, "pointwise", False) and getattr(s.rule, "keeps", False):  # a parameter broadcast along them
             if not all(np.ndim(w) <= env[v].ndim - (1 if merged else 2) for v, (_, merged) in layout.items() for w in others):
+                return False
+        elif hasattr(s.rule, "samples_inside"):  # a rule that says so itself (a normalization over trailing axes)
+            if not (first and all(s.rule.samples_inside(s.attrs, env[v].ndim, merged) for v, (_, merged) in layout.items())):
                 return False
         else:
             return False

@@ -384,20 +384,23 @@ def test_a_parameter_cast_like_the_data_stays_shared():
 
 def _time_major_projections(T, E, F, H, scramble=False):
     """torch's multi-head attention as TorchScript exports it: the batch-first sequence
-    transposed to (T, N, E), projected by a MatMul and a bias Add there (samples on axis 1),
+    transposed to (T, N, E), normalized there (nn.TransformerEncoderLayer's LayerNorm, as
+    batch_first=False runs it), projected by a MatMul and a bias Add (samples on axis 1),
     flattened to (T*N, F) for a Gemm (a sample's rows N apart), and turned back. `scramble`
     reshapes (N, T, E) to (T, N, E) without the transpose instead: rows of several samples in
     each slice, which only runs of one sample can take."""
     n = helper.make_node
     nodes = [n("Reshape", ["x", "tne"], ["xt"]) if scramble else n("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
-             n("MatMul", ["xt", "W1"], ["p"]), n("Add", ["b1", "p"], ["q"]), n("Tanh", ["q"], ["t"]),
+             n("LayerNormalization", ["xt", "ls", "lb"], ["xn"], axis=-1),
+             n("MatMul", ["xn", "W1"], ["p"]), n("Add", ["b1", "p"], ["q"]), n("Tanh", ["q"], ["t"]),
              n("Reshape", ["t", "rows"], ["r"]), n("Gemm", ["r", "W2", "b2"], ["g"], transB=1),
              n("Reshape", ["g", "back"], ["u"]),
              n("Reshape", ["u", "ntf"], ["y"]) if scramble else n("Transpose", ["u"], ["y"], perm=[1, 0, 2])]
-    inits = {"W1": RNG.standard_normal((E, F)).astype(np.float32), "b1": RNG.standard_normal(F).astype(np.float32),
+    inits = {"ls": 1 + 0.2 * RNG.standard_normal(E).astype(np.float32), "lb": 0.2 * RNG.standard_normal(E).astype(np.float32),
+             "W1": RNG.standard_normal((E, F)).astype(np.float32), "b1": RNG.standard_normal(F).astype(np.float32),
              "W2": RNG.standard_normal((H, F)).astype(np.float32), "b2": RNG.standard_normal(H).astype(np.float32),
              "tne": np.array([T, -1, E]), "rows": np.array([-1, F]), "back": np.array([T, -1, H]), "ntf": np.array([-1, T, H])}
-    return one_input_model(nodes, inits, (T, E))
+    return one_input_model(nodes, inits, (T, E), opset=17)
 
 
 @pytest.mark.parametrize("scramble", [False, True])
@@ -407,7 +410,7 @@ def test_samples_on_axis_1_and_interleaved_rows_run_the_batch_at_once(scramble):
     sample at a time: a ViT with nn.TransformerEncoderLayer, 32 samples, 48 ms against 3.3).
     A layout that only looks so (the scrambled one) still runs one sample at a time."""
     m = _time_major_projections(3, 4, 5, 2, scramble)
-    batch_at_once(m, RNG.standard_normal((N, 3, 4)), ["W1", "b1", "W2", "b2"], at_once=not scramble)
+    batch_at_once(m, RNG.standard_normal((N, 3, 4)), ["ls", "lb", "W1", "b1", "W2", "b2"], at_once=not scramble)
 
 
 def test_a_bias_added_to_interleaved_rows():

@@ -238,6 +238,14 @@ class LayerNormalization:
 
     keeps = True
 
+    def samples_inside(attrs, ndim, merged):
+        """Whether its per-sample cotangents follow an input whose samples the walker moves
+        first from behind a sequence (drivers._samples_inside): the statistics' axes come
+        after the sequence's and the samples' (counted from the end where merged rows are
+        shown as (N, S, ...))."""
+        axis = attrs.get("axis", -1)
+        return (axis < 0 or not merged) and axis % ndim >= (1 if merged else 2)
+
     def forward(X, Scale, B=None, *, axis, epsilon, stash_type=1):
         axes = tuple(range(neg_axis(axis, X.ndim), 0))
         xhat, mu, r = _standardize(X, axes, epsilon)
