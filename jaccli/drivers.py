@@ -578,9 +578,9 @@ def _samples_inside(plan, env, n, alone, steps):
     sample's rows n apart, as torch's multi-head attention projects (T, N, E) and (T*N, E);
     and is a product of such a value with a weight (MatMul, Gemm), an elementwise operation
     with a parameter that broadcasts along those axes, or a rule that says it takes them so
-    (its samples_inside: LayerNormalization over trailing axes). If so the steps are marked (Step.inner):
-    the walker moves the samples first for their rules, and the batch runs at once. The slices
-    are checked against runs of copies of each sample, as _grouped's rows."""
+    (its samples_inside: LayerNormalization over trailing axes). If so the steps are marked
+    (Step.inner): the walker moves the samples first for their rules, and the batch runs at
+    once. The slices are checked against runs of copies of each sample, as _grouped's rows."""
     marks = []
     for s in steps:
         vals = [v for v in s.inputs + s.outputs if v and v in plan.batched and _carries_rows(env.get(v))]
