@@ -204,12 +204,14 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
             inputs, diff_in = step.inputs, step.diff_in
             n_diff = step.rule.n_diff_outputs
             out = tuple(home(v, lead) if d else None for v, d in zip(step.inputs, step.diff_in))
-            if step.inner and not one and samples:
-                res = _vjp_samples_first(step, env, bars, out, samples)
+            given, back = bars, None
+            if step.inner and not one and samples:  # samples behind a sequence, moved first for the rule
+                cx, given, back = _samples_first(step, env, bars, out, samples)
             else:
                 cx = _ctx(step, env, step.diff_in, (False,) * len(step.keep) if one else step.keep, out, _owned(bars), samples)
-                res = _guarded(step, "the VJP rule", cx.x, step.rule.vjp, cx, *(bars if n_diff is None else bars[:n_diff]),
-                               **step.attrs)
+            res = _guarded(step, "the VJP rule", cx.x, step.rule.vjp, cx, *(given if n_diff is None else given[:n_diff]), **step.attrs)
+            if back is not None:
+                res = back(res)
         for name, b, d, dst in zip(inputs, res, diff_in, out):
             if not d or b is None:
                 continue
@@ -232,13 +234,14 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
     return {w: (sinks[w] if w in sinks else cot.get(w)) for w in wrt}
 
 
-def _vjp_samples_first(step, env, bars, out, n):
-    """The VJP of a step whose batched values hold S slices per sample ahead of the samples
+def _samples_first(step, env, bars, out, n):
+    """For a step whose batched values hold S slices per sample ahead of the samples
     (Step.inner: (S, n, ...), or merged, (S*n, ...) with a sample's rows n apart, as a
-    time-major sequence and torch's multi-head attention projections have them): its rule sees
-    them with the samples first, (n, S, ...), or, for a product that follows rows grouped by
-    sample (its rule's grouped_rows), merged ones as sample-major rows (n*S, ...) grouped by S
-    (Ctx.rows); the batched inputs' cotangents are put back in their own layout."""
+    time-major sequence and torch's multi-head attention projections have them): its rule's
+    Ctx and output cotangents with the samples first, (n, S, ...), or, for a product that
+    follows rows grouped by sample (its rule's grouped_rows), merged ones as sample-major rows
+    (n*S, ...) grouped by S (Ctx.rows); and the function that puts the batched inputs'
+    cotangents back in their own layout."""
     rows_form = hasattr(step.rule, "grouped_rows")
 
     def layout(v):  # S, and whether the slices are merged with the samples
@@ -251,12 +254,15 @@ def _vjp_samples_first(step, env, bars, out, n):
         b = np.moveaxis(a.reshape(a.shape[:lead] + (S, n) + tail), lead + 1, lead)
         return np.ascontiguousarray(b).reshape(a.shape[:lead] + ((n * S,) if merged and rows_form else (n, S)) + tail)
 
-    def back(g, v, shape):  # an input's cotangent, (*lead, samples first), in the value's own layout
+    def back_one(g, v, shape):  # an input's cotangent, (*lead, samples first), in the value's own layout
         S, merged = layout(v)
         lead = g.ndim - len(shape) - (merged and not rows_form)  # a merged value was shown with S apart
         tail = tuple(shape[1:] if merged else shape[2:])
         b = np.moveaxis(g.reshape(g.shape[:lead] + (n, S) + tail), lead, lead + 1)
         return np.ascontiguousarray(b).reshape(g.shape[:lead] + tuple(shape))
+
+    def back(res):
+        return tuple(back_one(b, v, env[v].shape) if b is not None and v in step.inner else b for b, v in zip(res, step.inputs))
 
     ins = _trim(step.inputs)
     x = tuple((first(env[v], v) if v in step.inner else env[v]) if v else None for v in ins)
@@ -265,10 +271,7 @@ def _vjp_samples_first(step, env, bars, out, n):
                   for b, o in zip(bars, step.outputs))
     rows = layout(ins[0])[0] if rows_form and ins and ins[0] in step.inner and step.inner[ins[0]] else 1
     out = tuple(None if v in step.inner else d for v, d in zip(step.inputs, out))
-    cx = Ctx(x, y, step.diff_in, step.keep, step.rule, out, (False,) * len(moved), rows)
-    n_diff = step.rule.n_diff_outputs
-    res = _guarded(step, "the VJP rule", x, step.rule.vjp, cx, *(moved if n_diff is None else moved[:n_diff]), **step.attrs)
-    return tuple(back(b, v, env[v].shape) if b is not None and v in step.inner else b for b, v in zip(res, step.inputs))
+    return Ctx(x, y, step.diff_in, step.keep, step.rule, out, (False,) * len(moved), rows), moved, back
 
 
 def _in_type(g, dtype):
