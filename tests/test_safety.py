@@ -245,6 +245,29 @@ def test_training_dropout_is_refused(tmp_path):
     one_error_line(cli("input", tmp_path / "drop.onnx", np_file(tmp_path)), 1, "training_mode", "eval mode")
 
 
+@pytest.mark.parametrize("opset,sizes", [(13, [2, 2]), (13, [1, 1]), (13, [4, -1]), (11, [2, 2])])
+def test_split_sizes_that_do_not_fit_the_axis_are_refused(tmp_path, opset, sizes):
+    """Split sizes that do not add up to the axis (the TorchScript exporter bakes a mixture of
+    experts' token counts for the traced batch into them): onnxruntime refuses to run such a
+    model, and so does jaccli, in one line naming the node, where numpy's split would cut
+    pieces short or leave some empty."""
+    import onnxruntime as ort
+
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "z")]
+    if opset >= 13:
+        node = helper.make_node("Split", ["x", "s"], ["y", "z"], name="cut", axis=1)
+        inits = [numpy_helper.from_array(np.array(sizes, np.int64), "s")]
+    else:
+        node, inits = helper.make_node("Split", ["x"], ["y", "z"], name="cut", axis=1, split=sizes), []
+    m = tiny_model([node], [X], outs, inits, opset=opset)
+    onnx.save(m, tmp_path / "split.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    with pytest.raises(Exception):  # the oracle refuses it too
+        ort.InferenceSession(str(tmp_path / "split.onnx")).run(None, {"x": x})
+    one_error_line(cli("input", tmp_path / "split.onnx", np_file(tmp_path), "--of", "y"), 1, "cut", "Split",
+                   "do not add up to the length 3")
+
+
 def test_cycle(tmp_path):
     nodes = [helper.make_node("Add", ["x", "b"], ["a"], name="n1"), helper.make_node("Relu", ["a"], ["b"], name="n2"),
              helper.make_node("Identity", ["b"], ["y"], name="n3")]

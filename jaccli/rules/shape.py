@@ -619,6 +619,8 @@ class Split13(_SplitBase):
 
 def _split(X, axis, split, num_outputs, count):
     sizes = _split_sizes(X.shape[axis], split, num_outputs, count)
+    if min(sizes) < 0 or sum(sizes) != X.shape[axis]:  # numpy would cut pieces short, or leave some empty
+        raise ValueError(f"split sizes {sizes} do not add up to the length {X.shape[axis]} of axis {axis}")
     return tuple(np.split(X, np.cumsum(sizes)[:-1], axis=axis))
 
 
