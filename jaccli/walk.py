@@ -9,7 +9,7 @@ import numpy as np
 from .errors import JaccliError, ModelError
 from .plan import Plan, _trim, run_forward
 from .rules import Ctx
-from .rules._util import scaled
+from .rules._util import scaled, sweep_guard, times
 
 
 def _guarded(step, what, args, fn, *fn_args, **fn_kwargs):
@@ -59,6 +59,7 @@ def jvp(plan: Plan, env: dict, seeds: dict):
     return jvp_outputs(plan, env, seeds)[0]
 
 
+@sweep_guard()
 def jvp_outputs(plan: Plan, env: dict, seeds: dict):
     """As jvp, for every one of plan.outs: a tuple of tangents (None where inactive)."""
     tan = dict(seeds)
@@ -67,7 +68,7 @@ def jvp_outputs(plan: Plan, env: dict, seeds: dict):
         region = plan.regions.get(id(step))
         if region is not None and _diagonal(plan, env, region, diag) is not None:
             if step is region.steps[0] and tan.get(region.entry) is not None:
-                tan[region.exit] = tan[region.entry] * diag[id(region)]
+                tan[region.exit] = times(tan[region.entry], diag[id(region)])
         else:
             _push(plan, env, tan, step)
         for v in step.inputs:
@@ -153,6 +154,7 @@ def identity_seed(sel, y, dtype):
     return seed.reshape((len(sel),) + y.shape)
 
 
+@sweep_guard()
 def _pull(plan, env, cot, steps, wrt, sinks, one=False):
     """The reverse sweep over `steps` from the cotangents `cot` (see vjp). A diagonal region
     (plan.regions) is one product, at its exit step; its other steps then receive nothing. The

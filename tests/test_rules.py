@@ -329,6 +329,43 @@ def test_a_row_masked_whole_stays_zero(op, mode):
         assert np.isfinite(G).all() and rel_err(G.reshape(fd.shape), fd) < 1e-6
 
 
+@pytest.mark.parametrize("square", ["Mul", "Pow"])
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_the_standard_deviation_of_a_dead_channel(square, mode):
+    """Statistics pooling, as an x-vector ends (transformers' Wav2Vec2ForXVector): mean and
+    standard deviation over time of ReLU features, the deviation exported as
+    Sqrt(ReduceMean((h - mean)^2) * n / (n - 1)). A channel that is dead at every step is
+    constant near the data, so its deviation's derivative is 0; but the square root's
+    derivative at 0 is inf, and every entry of the Jacobian was NaN in reverse mode
+    (inf * 0 at the square's partial), in forward mode too where the pointwise steps are one
+    product (0 * inf). Against differences, in both modes, and the parameters'."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    T, C = 5, 3
+    rng = np.random.default_rng(4)
+    inits = {"W": rng.standard_normal((2, C)).astype(np.float32), "b": np.array([0.1, -50.0, 0.2], np.float32),
+             "n": np.array(T / (T - 1), np.float32), "two": np.array(2.0, np.float32), "V": rng.standard_normal((2 * C, 2)).astype(np.float32)}
+    sq = (helper.make_node("Mul", ["d", "d"], ["d2"]) if square == "Mul" else helper.make_node("Pow", ["d", "two"], ["d2"]))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Add", ["a", "b"], ["ab"]),
+             helper.make_node("Relu", ["ab"], ["h"]),  # (N, T, C), channel 1 dead
+             helper.make_node("ReduceMean", ["h"], ["mu"], axes=[1], keepdims=1), helper.make_node("Sub", ["h", "mu"], ["d"]), sq,
+             helper.make_node("ReduceMean", ["d2"], ["var"], axes=[1], keepdims=0), helper.make_node("Mul", ["var", "n"], ["v"]),
+             helper.make_node("Sqrt", ["v"], ["sd"]), helper.make_node("ReduceMean", ["h"], ["m"], axes=[1], keepdims=0),
+             helper.make_node("Concat", ["m", "sd"], ["stats"], axis=1), helper.make_node("MatMul", ["stats", "V"], ["y"])]
+    g = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", T, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    x = rng.standard_normal((N, T, 2))
+    J = jaccli.input_jacobian(m, x, mode=mode, dtype=np.float64, flat=True)
+    assert np.isfinite(J).all() and rel_err(J, fd_input_jacobian(m, {"x": x}, "x")) < 1e-6
+    if mode == "reverse":
+        G, _ = jaccli.param_jacobian(m, x, dtype=np.float64, params=["W", "b", "V"])
+        fd = fd_param_jacobian(m, {"x": x}, ["W", "b", "V"], inits)
+        assert np.isfinite(G).all() and rel_err(G.reshape(fd.shape), fd) < 1e-6
+
+
 @pytest.mark.parametrize("p", [1, 2])
 def test_a_zero_vector_normalized_stays_zero(p):
     """LpNormalization of a zero vector: zero, as onnxruntime gives it (it was 0 / 0, NaN), with

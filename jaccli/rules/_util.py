@@ -21,17 +21,42 @@ def scaled(cx, G, d, i=0):
 
 
 def times(G, d, out=None):
-    """G * d for a tangent or cotangent G and a derivative d, zero where G is zero even if d is
-    not finite there. A branch that the graph computes and then discards (an Imputer replacing
-    the NaN of a log of a negative number, as scikit-learn's power transform does; a Where's
-    other side) sends back a zero, which must stay zero: IEEE's 0 * NaN is NaN, and autodiff
-    systems return it. One sum of d tells whether it is all finite."""
+    """G * d for a tangent or cotangent G and a derivative d, zero where either is zero even if
+    the other is not finite there.
+
+    A branch that the graph computes and then discards (an Imputer replacing the NaN of a log of
+    a negative number, as scikit-learn's power transform does; a Where's other side) sends back
+    a zero, which must stay zero: IEEE's 0 * NaN is NaN, and autodiff systems return it. One
+    sum of d tells whether it is all finite.
+
+    The other way round: a derivative that is infinite where it is taken (a square root at 0)
+    makes a cotangent infinite, which a zero partial further on must stop. A standard deviation
+    exported as Sqrt(ReduceMean((x - mean)^2)) of a channel that is constant (a ReLU's dead
+    channel, as in an x-vector's statistics pooling) is constant near it, derivative 0; the
+    cotangent of its variance is inf, and the partial of the square, 2 (x - mean), is 0. Once a
+    sweep has made a non-finite value here (sweep_guard), zero partials pass nothing."""
     finite = not (isinstance(d, np.ndarray) and d.dtype.kind == "f") or np.isfinite(d.sum())
     zero = None if finite else G == 0
     r = np.multiply(G, d, out=out) if out is not None else G * d
     if zero is not None:
         np.copyto(r, 0, where=zero)
+        _NONFINITE.set(True)
+    elif _NONFINITE.get():
+        np.copyto(r, 0, where=np.equal(d, 0))
     return r
+
+
+_NONFINITE = contextvars.ContextVar("jaccli_nonfinite", default=False)  # times made a non-finite value in this sweep
+
+
+@contextlib.contextmanager
+def sweep_guard():
+    """A forward or reverse sweep: zero partials in times stop non-finite values made within it."""
+    token = _NONFINITE.set(False)
+    try:
+        yield
+    finally:
+        _NONFINITE.reset(token)
 
 
 def sum_trailing(G, axes, keepdims=True):
