@@ -85,14 +85,18 @@ def build(case, rng=None):
     return m, feeds
 
 
-def ort_forward(model, feeds):
+def ort_forward(model, feeds, fold=True):
     """onnxruntime's output; for opsets it has no kernel for, the model upgraded by onnx's version
-    converter first, and failing that onnx's reference evaluator. Returns (output, oracle name)."""
+    converter first, and failing that onnx's reference evaluator. Returns (output, oracle name).
+    fold=False turns onnxruntime's constant folding off, for a node it folds otherwise than it
+    runs it (BatchNormalization's training form before opset 14, on constants only: folded,
+    its unused outputs are dropped, and with them the training mode)."""
     import onnxruntime as ort
 
     cast = {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in feeds.items()}
     opts = ort.SessionOptions()  # basic optimizations: no fusions (see jaccli.oracle.Oracle)
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if fold
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     try:
         s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return s.run(None, cast)[0], "onnxruntime"
@@ -205,15 +209,15 @@ def check_rule(rule, inputs, attrs, diff, rng, eps=1e-6, T=3):
     assert abs(lhs - rhs) <= 1e-9 * max(1.0, abs(lhs)), f"VJP: <u, Jv> = {lhs}, <J^T u, v> = {rhs}"
 
 
-def check_whole_model(model, x, params=None):
-    """A model of input x (N, ...): its forward against onnxruntime; its input Jacobian in both
-    modes and its per-sample parameter Jacobian against float64 central differences of our
-    forward. Returns the parameter names."""
+def check_whole_model(model, x, params=None, fold=True):
+    """A model of input x (N, ...): its forward against onnxruntime (see ort_forward for fold);
+    its input Jacobian in both modes and its per-sample parameter Jacobian against float64
+    central differences of our forward. Returns the parameter names."""
     import jaccli
     from jaccli.model import load
 
     feeds = {"x": x}
-    ref, oracle = ort_forward(model, feeds)
+    ref, oracle = ort_forward(model, feeds, fold)
     np.testing.assert_allclose(our_forward(model, feeds, np.float32), ref, rtol=1e-5, atol=1e-5, err_msg=oracle)
     fd = fd_input_jacobian(model, feeds, "x")
     for mode in ("forward", "reverse"):

@@ -104,35 +104,50 @@ def test_mixing_the_sample_axis_is_refused(case):
         jaccli.input_jacobian(model, feeds)
 
 
-def test_batch_normalization_in_training_mode():
-    """BatchNormalization with training_mode=1 normalizes by X's own statistics: the rule on
+@pytest.mark.parametrize("opset", [15, 9, 13])
+def test_batch_normalization_in_training_mode(opset):
+    """BatchNormalization in training mode normalizes by X's own statistics: the rule on
     arrays (in X, scale and bias; 2-D and 4-D); and weight standardization as timm's NFNets
     export it (a kernel through it, then a product with the data), against onnxruntime, its
     input Jacobian in both modes and its per-sample parameter Jacobian (the kernel and gains
     through the statistics) against differences. On a batch of samples it mixes them, and
-    is refused."""
+    is refused. From opset 14 the attribute training_mode=1 says so; before, the form with
+    five outputs (the TorchScript exporter's at opsets 9 to 13, which onnxruntime takes for
+    training mode, unless it folds the node as a constant), whose every output is checked
+    against onnxruntime too."""
+    import onnxruntime as ort
     from gradcheck import check_rule, check_whole_model, one_input_model
 
     from jaccli.rules import lookup
 
     rng = np.random.default_rng(2)
-    rule = lookup("BatchNormalization", 15)
+    train = {"training_mode": 1} if opset >= 14 else {}
+    stats = ["rm", "rv"] if opset >= 14 else ["rm", "rv", "sm", "sv"]
+    rule = lookup("BatchNormalization", opset)
     for shape in ((5, 3), (2, 3, 4, 2)):
         args = [rng.standard_normal(shape), rng.uniform(0.5, 1.5, 3), rng.standard_normal(3), np.zeros(3), np.ones(3)]
         check_rule(rule, args, {"epsilon": 1e-3, "training_mode": 1}, diff=(0, 1, 2), rng=rng)
-    nodes = [helper.make_node("BatchNormalization", ["W", "g", "b", "m", "v"], ["Ws", "rm", "rv"], epsilon=1e-5,
-                              training_mode=1, momentum=0.0),
+    nodes = [helper.make_node("BatchNormalization", ["W", "g", "b", "m", "v"], ["Ws"] + stats, epsilon=1e-5,
+                              momentum=0.0, **train),
              helper.make_node("Reshape", ["Ws", "shape"], ["W2"]), helper.make_node("Transpose", ["W2"], ["W2t"]),
              helper.make_node("MatMul", ["x", "W2t"], ["y"])]
     inits = {"W": rng.standard_normal((1, 4, 6)).astype(np.float32), "g": rng.uniform(0.5, 1.5, 4).astype(np.float32),
              "b": np.zeros(4, np.float32), "m": np.zeros(4, np.float32), "v": np.ones(4, np.float32),
              "shape": np.array([4, 6], np.int64)}
-    m = one_input_model(nodes, inits, (6,), opset=15)
-    assert check_whole_model(m, rng.standard_normal((N, 6))) == ["W", "g", "b"]
-    per_sample = one_input_model([helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y", "rm", "rv"],
-                                                   training_mode=1)], inits, (4, 3), opset=15)
+    m = one_input_model(nodes, inits, (6,), opset=opset)
+    assert check_whole_model(m, rng.standard_normal((N, 6)), fold=opset >= 14) == ["W", "g", "b"]
+    outs = [helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in ["y"] + stats]
+    per_sample = one_input_model([helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"] + stats,
+                                                   momentum=0.25, **train)], inits, (4, 3), opset=opset)
+    x = rng.standard_normal((3, 4, 3)).astype(np.float32)
+    del per_sample.graph.output[:]
+    per_sample.graph.output.extend(outs)
+    ours = lookup("BatchNormalization", opset).forward(x, *(inits[k] for k in "gbmv"), epsilon=1e-5, momentum=0.25,
+                                                       n_outputs=len(outs), **train)
+    for a, b in zip(ours, ort.InferenceSession(per_sample.SerializeToString()).run(None, {"x": x}), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(DataError, match="mixes samples"):
-        jaccli.input_jacobian(per_sample, rng.standard_normal((3, 4, 3)))
+        jaccli.input_jacobian(per_sample, x, of="y")
 
 
 @pytest.mark.parametrize("reduction", ["none", "add", "mul", "max", "min"])

@@ -24,9 +24,13 @@ class BatchNormalization:
     any input, for a parameter that reaches them (exporters tie a fresh model's running variance
     to its scale, both ones, through an Identity).
 
-    With training_mode=1 (opset 14 on) the mean and variance are X's own, over every axis but
-    the channel's (see _train): what weight standardization exports (timm's NFNets normalize
-    their kernels so). On a batch of samples it mixes them, and the drivers' probe refuses it."""
+    In training mode the mean and variance are X's own, over every axis but the channel's (see
+    _train): what weight standardization exports (timm's NFNets normalize their kernels so). On
+    a batch of samples it mixes them, and the drivers' probe refuses it. From opset 14 the
+    attribute training_mode says so; before, the form with more than Y (the TorchScript
+    exporter writes five outputs: Y, the running mean and variance updated, the batch's mean
+    and its inverse standard deviation, as onnxruntime computes them), which onnxruntime
+    takes for training mode whatever the opset."""
 
     buffers = (3, 4)
     keeps = True
@@ -36,16 +40,17 @@ class BatchNormalization:
                 n_outputs=1):
         if not spatial:
             raise UnsupportedOpError("BatchNormalization with spatial=0 is not supported")
-        if training_mode:
+        if training_mode or n_outputs > 1:
             xhat, mu, var = _train(X, epsilon)
             Y = xhat * _channel(scale, X.ndim) + _channel(B, X.ndim)
             m = X.dtype.type(momentum)  # the running statistics, as the spec updates them
-            return (Y, input_mean * m + mu * (1 - m), input_var * m + var * (1 - m))[:max(1, n_outputs)]
+            return (Y, input_mean * m + mu * (1 - m), input_var * m + var * (1 - m), mu,
+                    1 / np.sqrt(var + X.dtype.type(epsilon)))[:max(1, n_outputs)]
         a = scale / np.sqrt(input_var + X.dtype.type(epsilon))
         return X * _channel(a, X.ndim) + _channel(B - input_mean * a, X.ndim)
 
-    def jvp(cx, Xdot, sdot, Bdot, mdot=None, vdot=None, *, epsilon, training_mode=0, **__):
-        if training_mode:
+    def jvp(cx, Xdot, sdot, Bdot, mdot=None, vdot=None, *, epsilon, training_mode=0, n_outputs=1, **__):
+        if training_mode or n_outputs > 1:
             return _train_jvp(cx, Xdot, sdot, Bdot, epsilon)
         X, scale, B, mean, var = cx.x
         inv = 1 / np.sqrt(var + X.dtype.type(epsilon))
@@ -62,8 +67,8 @@ class BatchNormalization:
                 out = term if out is None else out + term
         return out
 
-    def vjp(cx, Ybar, *_, epsilon, training_mode=0, **__):
-        if training_mode:
+    def vjp(cx, Ybar, *_, epsilon, training_mode=0, n_outputs=1, **__):
+        if training_mode or n_outputs > 1:
             return _train_vjp(cx, Ybar, epsilon)
         X, scale, B, mean, var = cx.x
         lead = cx.lead(Ybar)
