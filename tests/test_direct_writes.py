@@ -132,6 +132,30 @@ def test_rows_that_are_a_flattened_sequence(time_major, op):
     assert rel_err(one.J, want[:1]) < 1e-6
 
 
+def test_a_batch_of_matrices_that_merges_the_samples_behind_patches():
+    """MobileViT (transformers) unfolds a feature map into patches with the samples behind the
+    pixels of a patch, (P*N, L, D), and its transformer's Linears are MatMuls of that batch of
+    matrices by a weight: the per-sample parameter cotangents sum each sample's P matrices.
+    They were taken per matrix, and the result's block refused them (an internal error)."""
+    P, L, D, H = 4, 3, 5, 2
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2, 3]),  # (P, N, L, D)
+             helper.make_node("Reshape", ["xt", "merged"], ["r"]),  # (P*N, L, D)
+             helper.make_node("MatMul", ["r", "W"], ["p"]), helper.make_node("Tanh", ["p"], ["t"]),
+             helper.make_node("Reshape", ["t", "back"], ["u"]), helper.make_node("Transpose", ["u"], ["y"], perm=[1, 0, 2, 3])]
+    inits = {"W": RNG.standard_normal((D, H))}
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", P, L, D])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", P, L, H])],
+                          [numpy_helper.from_array(inits["W"].astype(np.float32), "W"),
+                           numpy_helper.from_array(np.array([-1, L, D], np.int64), "merged"),
+                           numpy_helper.from_array(np.array([P, -1, L, H], np.int64), "back")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    m.ir_version = 8
+    x = RNG.standard_normal((N, P, L, D))
+    r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
+    assert rel_err(r.J, fd_param_jacobian(m, {"x": x}, ["W"], inits)) < 1e-6
+    assert r.chunks[0] == N and not any("one sample at a time" in n for n in r.notes)
+
+
 @pytest.mark.parametrize("case", ["two_steps", "bidirectional"])
 def test_a_first_axis_as_long_as_the_probe(case):
     """The probe tells the samples' rows by a run of two samples. A first axis that happens to

@@ -235,7 +235,7 @@ class MatMul:
             # a product per batch matrix summed after
             head, K, N = Yb.shape[:lead], A.shape[-1], B.shape[-1]
             if cx.keep[1]:
-                n = A.shape[0] if A.ndim >= 3 else A.shape[0] // cx.rows
+                n = A.shape[0] // cx.rows  # a batch axis or rows: each sample's cx.rows of them together
                 Bbar = grouped_outer(A.reshape(n, -1, K), Yb.reshape(head + (n, -1, N)), False, dest)
             else:
                 Bbar = A.reshape(-1, K).T @ Yb.reshape(head + (-1, N))
