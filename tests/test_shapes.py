@@ -371,6 +371,25 @@ def test_position_embeddings_from_the_sequence_length_are_shared_by_the_samples(
     batch_at_once(one_input_model(nodes, inits, (T, D)), RNG.standard_normal((N, T, D)), ["wpe", "W"])
 
 
+@pytest.mark.parametrize("mode", ["linear", "cubic"])
+def test_position_embeddings_resized_to_the_images_grid_are_shared_by_the_samples(mode):
+    """DINOv2 and YOLOS (transformers) as TorchScript exports them: a grid of position
+    embeddings (1, D, h, w) resized to the images' patch grid, whose size is read from the
+    data's shape, and added to every sample's patches. The Resize's sizes came from the data,
+    so its output was taken for batched, and the per-sample parameter Jacobian refused it
+    ('per-sample parameter cotangents through Resize are not supported'). Its output has a
+    sample axis only if its input has; against differences and runs of one sample."""
+    D, H, W_ = 2, 3, 4
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s", "two", "four"], ["hw"]),
+             helper.make_node("Concat", ["lead", "hw"], ["sizes"], axis=0),
+             helper.make_node("Resize", ["pos", "", "", "sizes"], ["p"], mode=mode),
+             helper.make_node("Add", ["x", "p"], ["h"]), helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 3, 1]),
+             helper.make_node("MatMul", ["ht", "Wm"], ["m"]), helper.make_node("Tanh", ["m"], ["y"])]
+    inits = {"two": np.array([2], np.int64), "four": np.array([4], np.int64), "lead": np.array([1, D], np.int64),
+             "pos": RNG.standard_normal((1, D, 2, 2)).astype(np.float32), "Wm": RNG.standard_normal((D, 2)).astype(np.float32)}
+    batch_at_once(one_input_model(nodes, inits, (D, H, W_)), RNG.standard_normal((N, D, H, W_)), ["pos", "Wm"])
+
+
 def test_a_parameter_cast_like_the_data_stays_shared():
     """jax2onnx at opset 23 casts its constants like the data (CastLike's second input): that
     gives them the data's type, not its samples. They were taken for batched, and the

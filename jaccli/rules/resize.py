@@ -120,6 +120,9 @@ class _ResizeBase:
     """Shared derivative: the interpolation is linear in X."""
 
     nondiff = (1, 2, 3)
+    # the output has a sample axis only if X has: sizes read from the data's shape interpolate a
+    # parameter to the images' grid (a ViT's position embeddings: DINOv2, YOLOS) for all samples alike
+    batch_from_data = True
 
     def jvp(cx, Xdot, *_, **attrs):
         return _apply(Xdot, cx.rule.matrices(cx.x, attrs), cx.x[0].ndim)
