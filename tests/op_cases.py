@@ -106,6 +106,17 @@ CASES = [
     Case("AveragePool", [("x", (2, 5, 5))], {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}, id="AveragePool-ceil"),
     # windows that tile the input: a reshape and a sum, and a broadcast back
     Case("AveragePool", [("x", (2, 7, 8))], {"kernel_shape": [3, 4], "strides": [3, 4]}, id="AveragePool-tiles-remainder"),
+    # a kernel longer than the (padded) input, one window reaching past it (transformers' EfficientNet pools so)
+    Case("AveragePool", [("x", (2, 3, 4))], {"kernel_shape": [9, 9], "strides": [9, 9], "ceil_mode": 1, "count_include_pad": 1},
+         id="AveragePool-kernel-over-input"),
+    Case("AveragePool", [("x", (2, 3, 4))], {"kernel_shape": [6, 7], "strides": [6, 6], "pads": [1, 1, 0, 1], "ceil_mode": 1},
+         id="AveragePool-kernel-over-padded-input"),
+    Case("AveragePool", [("x", (3, 1, 2))], {"kernel_shape": [1 << 16, 1 << 16], "strides": [1 << 16, 1 << 16], "ceil_mode": 1,
+                                               "count_include_pad": 1}, id="AveragePool-kernel-of-65536"),  # a window view of 2^32 per channel
+    Case("MaxPool", [("x", (2, 3, 4))], {"kernel_shape": [5, 6], "strides": [5, 5], "ceil_mode": 1}, data="distinct",
+         id="MaxPool-kernel-over-input"),
+    Case("LpPool", [("x", (2, 3, 4))], {"kernel_shape": [5, 6], "strides": [5, 5], "ceil_mode": 1}, data="away", opset=18,
+         id="LpPool-kernel-over-input"),
     Case("AveragePool", [("x", (2, 3, 4, 5))], {"kernel_shape": [2, 2, 3], "strides": [2, 2, 3], "pads": [1, 0, 1, 0, 0, 1]},
          id="AveragePool-tiles-3d-pad"),
     Case("LpPool", [("x", (2, 9))], {"kernel_shape": [3], "strides": [3], "p": 2}, data="away", opset=18, id="LpPool-tiles-1d"),

@@ -11,7 +11,19 @@ from ._util import conv_geometry, first_max_mask, lead_flat, need_no_keep, pad_s
 
 
 def _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode):
-    return conv_geometry(X.shape, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+    """(kernel, strides, dilations, begin, end, extra) for a pool on X. A kernel longer than the
+    padded input is cut to it: with ceil_mode a window may then reach far past the input (its
+    averages leave that part out, and max pools pad it with the least value), and the part of
+    each window beyond the input holds nothing. transformers' EfficientNet pools its 1x1 map
+    with a kernel of 2560 so, which made a window view of 2560 x 2560 per channel."""
+    s, d, begin, end, extra = conv_geometry(X.shape, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+    kernel = list(kernel_shape)
+    for i, n in enumerate(X.shape[X.ndim - len(kernel):]):
+        inside = n + begin[i] + end[i] - extra[i]  # the padded input, without ceil_mode's extra
+        if d[i] == 1 and kernel[i] > inside:
+            out = (inside + extra[i] - kernel[i]) // s[i] + 1
+            kernel[i], end[i], extra[i] = inside, end[i] - extra[i] + (out - 1) * s[i], (out - 1) * s[i]
+    return kernel, s, d, begin, end, extra
 
 
 def _offsets(X, kernel_shape, s, d, begin, end, fill=0.0):
@@ -87,7 +99,7 @@ class MaxPool:
 
     def forward(X, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, storage_order=0, strides=None,
                 n_outputs=1):
-        s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        kernel_shape, s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
         if n_outputs > 1:
             Y, idx = _max_arg(X, kernel_shape, s, d, begin, end)
             return Y, _flat_indices(X.shape, idx, kernel_shape, s, d, begin, storage_order)
@@ -100,7 +112,7 @@ class MaxPool:
     def jvp(cx, Xdot, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, storage_order=0, strides=None,
             n_outputs=1):
         X = cx.x[0]
-        s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        kernel_shape, s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
         _, idx = _max_arg(X, kernel_shape, s, d, begin, end)
         views = _offsets(Xdot, kernel_shape, s, d, begin, end)
         Ydot = np.empty(views[0].shape, Xdot.dtype)
@@ -112,7 +124,7 @@ class MaxPool:
             n_outputs=1):
         need_no_keep(cx, "MaxPool")
         X = cx.x[0]
-        s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        kernel_shape, s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
         _, idx = _max_arg(X, kernel_shape, s, d, begin, end)
         nd = len(kernel_shape)
         out = idx.shape[2:]
@@ -149,12 +161,12 @@ class AveragePool:
     """Y = mean over each window of X (N, C, *sp), pads counted if count_include_pad."""
 
     def forward(X, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None, pads=None, strides=None):
-        s, d, begin, end, extra = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        kernel_shape, s, d, begin, end, extra = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
         return _avg(X, X.ndim - 1, kernel_shape, s, d, begin, end, extra, count_include_pad)
 
     def jvp(cx, Xdot, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None, pads=None, strides=None):
         X = cx.x[0]
-        s, d, begin, end, extra = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        kernel_shape, s, d, begin, end, extra = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
         flat, head = lead_flat(Xdot, X.ndim - 1)
         Y = _avg(flat, X.ndim - 1, kernel_shape, s, d, begin, end, extra, count_include_pad, like=X)
         return Y.reshape(head + Y.shape[1:])
@@ -162,7 +174,7 @@ class AveragePool:
     def vjp(cx, Ybar, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None, pads=None, strides=None):
         need_no_keep(cx, "AveragePool")
         X = cx.x[0]
-        s, d, begin, end, extra = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        kernel_shape, s, d, begin, end, extra = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
         count = _avg_count(X, kernel_shape, s, d, begin, end, extra, count_include_pad)
         return (_window_sums_adjoint(Ybar / count, X.shape, kernel_shape, s, d, begin, end),)
 
@@ -262,12 +274,12 @@ class LpPool:
     """Y = (sum over each window of |X|^p)^(1/p), X (N, C, *sp); padding adds nothing."""
 
     def forward(X, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, p=2, pads=None, strides=None):
-        s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        kernel_shape, s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
         return (_window_sums(np.abs(X) ** p, kernel_shape, s, d, begin, end) ** (1 / p)).astype(X.dtype)
 
     def jvp(cx, Xdot, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, p=2, pads=None, strides=None):
         X = cx.x[0]
-        s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        kernel_shape, s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
         w, inv = _lp_scale(X, cx.y[0], p)
         flat, head = lead_flat(w * Xdot, X.ndim - 1)
         S = _window_sums(flat, kernel_shape, s, d, begin, end)
@@ -276,7 +288,7 @@ class LpPool:
     def vjp(cx, Ybar, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, p=2, pads=None, strides=None):
         need_no_keep(cx, "LpPool")
         X = cx.x[0]
-        s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        kernel_shape, s, d, begin, end, _ = _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
         w, inv = _lp_scale(X, cx.y[0], p)
         return (w * _window_sums_adjoint(Ybar * inv, X.shape, kernel_shape, s, d, begin, end),)
 
