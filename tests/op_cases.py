@@ -77,6 +77,11 @@ CASES = [
     Case("Conv", [("x", (2, 6, 7)), ("p", (4, 1, 3, 2)), ("p", (4,))], {"group": 2, "dilations": [1, 2], "pads": [1, 2, 0, 1]},
          id="Conv-depthwise-multiplier-dilated"),
     Case("Conv", [("x", (2, 4, 5, 3)), ("p", (4, 1, 2, 3, 2))], {"group": 2, "pads": [0, 1, 1, 1, 0, 0]}, id="Conv-depthwise-3d"),
+    # many channels on a small map (EfficientNet's and ConvNeXt's deep layers): the channels innermost
+    Case("Conv", [("x", (16, 2, 2)), ("p", (16, 1, 3, 3)), ("p", (16,))], {"group": 16, "pads": [1, 1, 1, 1]},
+         id="Conv-depthwise-small-map"),
+    Case("Conv", [("x", (12, 7, 7)), ("p", (12, 1, 3, 3))], {"group": 12, "strides": [2, 2], "dilations": [2, 2], "pads": [2, 1, 1, 2]},
+         id="Conv-depthwise-small-map-strided"),
     Case("Conv", [("x", (2, 7, 7)), ("p", (3, 2, 2, 2))], {"auto_pad": "SAME_LOWER", "strides": [2, 2]}, id="Conv-same-lower"),
     Case("Conv", [("x", (2, 9)), ("p", (3, 2, 3)), ("p", (3,))], {"pads": [1, 1]}, id="Conv-1d"),
     # channels in >= out at stride 1: the input cotangent is a convolution of the cotangent

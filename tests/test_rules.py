@@ -251,6 +251,33 @@ def test_conv_input_cotangent_either_way(case, waste, monkeypatch):
     assert rel_err(J, fd_input_jacobian(model, feeds, "in0")) < 1e-6
 
 
+@pytest.mark.parametrize("few", [0, 1 << 30], ids=["images-one-by-one", "images-as-columns"])
+@pytest.mark.parametrize("last", [1e9, 0], ids=["rows", "channels-last"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.op == "Conv"], ids=repr)
+def test_conv_kernels_either_way(case, few, last, monkeypatch):
+    """A convolution's forward, JVP and VJP kernels, by whichever way the shapes choose: with
+    one group, a GEMM per image or one over the images as columns (few output positions); a
+    depthwise one by rows or with the channels innermost (a small map). Forward against
+    onnxruntime, input Jacobian in both modes and the parameters' against differences."""
+    from gradcheck import ort_forward, our_forward
+
+    from jaccli.rules import conv
+
+    monkeypatch.setattr(conv, "_FEW_OUTPUTS", few)
+    monkeypatch.setattr(conv, "_DW_CHANNELS_LAST", last)
+    model, feeds = build(case)
+    ref, oracle = ort_forward(model, feeds)
+    np.testing.assert_allclose(our_forward(model, feeds, np.float32), ref, rtol=1e-5, atol=1e-5, err_msg=oracle)
+    fd = fd_input_jacobian(model, feeds, "in0")
+    for mode in ("forward", "reverse"):
+        J = jaccli.input_jacobian(model, feeds, wrt="in0", mode=mode, dtype=np.float64, flat=True)
+        assert rel_err(J, fd) < 1e-6, mode
+    G, cols = jaccli.param_jacobian(model, feeds, dtype=np.float64)
+    names = [c["name"] for c in cols]
+    fdp = fd_param_jacobian(model, feeds, names, load(model).initializers)
+    assert rel_err(G.reshape(fdp.shape), fdp) < 1e-6
+
+
 def test_batchnorm_statistics_tied_to_parameters():
     """TorchScript ties a fresh BatchNormalization's running variance to its scale (both ones) and
     its running mean to its bias (both zeros) through Identity nodes: the parameter Jacobian
