@@ -453,7 +453,9 @@ class Conv:
             padded = [n + b + e for n, b, e in zip(X.shape[2:], begin, end)]
             Xb = None
             stride1 = all(v == 1 for v in s)
-            if stride1 and _banded_pays(W, padded, d, _DW_BANDED_WASTE if _depthwise(W, group) else _BANDED_WASTE):
+            dw = _depthwise(W, group)
+            dw_last = dw and _channels_last_pays(group, W.shape[0], _dw_inner(flat.shape[2:], padded, s))  # not banded
+            if stride1 and not dw_last and _banded_pays(W, padded, d, _DW_BANDED_WASTE if dw else _BANDED_WASTE):
                 Xb = unpad(_input_cotangent_banded(flat, W, group, padded, d), begin, end)
             elif group == 1 and stride1:
                 Xb = _input_cotangent_stride1(flat, W, d, begin, end)
@@ -462,7 +464,7 @@ class Conv:
                     Xp = _input_cotangent_shifted(flat, W, padded, d)
                 elif group == 1:
                     Xp = _input_cotangent(flat, W, padded, s, d)
-                elif _depthwise(W, group):
+                elif dw:
                     Xp = _dw_input_cotangent(flat, W, group, padded, s, d)
                 else:
                     G = _cols_adjoint_input(flat, W, group)  # (L, C, *out, *k)
