@@ -241,11 +241,13 @@ def test_one_sample_parameter_jacobian(case):
 @pytest.mark.parametrize("case", [c for c in CASES if c.op == "Conv"], ids=repr)
 def test_conv_input_cotangent_either_way(case, waste, monkeypatch):
     """A 2-D stride-1 convolution's input cotangent (dense or depthwise) by its band matrix, or by
-    the other ways, whichever the input's width would choose."""
+    the other ways, whichever the input's width would choose (small maps' own ways aside)."""
     from jaccli.rules import conv
 
     monkeypatch.setattr(conv, "_BANDED_WASTE", waste)
     monkeypatch.setattr(conv, "_DW_BANDED_WASTE", waste)
+    monkeypatch.setattr(conv, "_FEW_OUTPUTS", 0)
+    monkeypatch.setattr(conv, "_DW_CHANNELS_LAST", 1e9)
     model, feeds = build(case)
     J = jaccli.input_jacobian(model, feeds, wrt="in0", mode="reverse", dtype=np.float64, flat=True)
     assert rel_err(J, fd_input_jacobian(model, feeds, "in0")) < 1e-6
