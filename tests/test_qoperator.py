@@ -136,23 +136,26 @@ def test_straight_through_equals_the_qdq_model(per_channel, tmp_path):
     """Without the AveragePool (whose output the two formats quantize to different scales) the QOperator
     and QDQ models compute the same integers; so their straight-through Jacobians are the same.
 
-    Except where the QDQ model's float convolution, summed in another order than onnxruntime's,
-    puts a value on the other side of a rounding tie: a level flips by one step (seen in one
-    sample of 24, for some of the weights the test order draws). Such a sample is left out of
-    the comparison; every other must be equal."""
+    Both run in float64: the QOperator model's integers exactly, the QDQ model's float operators
+    nearly. Where a value lies within rounding of a tie between two levels, the two still round
+    it apart (seen in one sample of 24 for some of the weights the test order draws; in float32
+    the convolutions' summation order moved it to two): a level flips by one step, at the
+    output or inside, where it changes which levels the straight-through Jacobian passes. One
+    such sample is allowed; every other must be equal."""
     qop = quantized(tmp_path, "QOperator", per_channel, avgpool=False)
     qdq = quantized(tmp_path, "QDQ", per_channel, avgpool=False)
     x = data()
-    a = jaccli.input_jacobian(str(qop), x, straight_through=True, return_result=True)
-    b = jaccli.input_jacobian(str(qdq), x, straight_through=True, return_result=True)
-    np.testing.assert_array_equal(a.outputs, ort_run(qop, x))
-    same = (a.outputs == b.outputs).all(axis=1)
+    a = jaccli.input_jacobian(str(qop), x, straight_through=True, return_result=True, dtype=np.float64)
+    b = jaccli.input_jacobian(str(qdq), x, straight_through=True, return_result=True, dtype=np.float64)
+    np.testing.assert_array_equal(a.outputs.astype(np.float32), ort_run(qop, x))  # float32 levels, rounded once
+    tol = dict(rtol=1e-4, atol=1e-5 * np.abs(b.value).max())
+    same = (a.outputs == b.outputs).all(axis=1) & np.array([np.allclose(u, v, **tol) for u, v in zip(a.value, b.value)])
     assert same.sum() >= len(x) - 1, np.nonzero(~same)[0]
     step = np.abs(np.diff(np.unique(b.outputs))).min()  # the output's quantization step
     assert np.abs(a.outputs - b.outputs).max() <= step * 1.001
     assert np.abs(b.value).max() > 0
     assert any("QLinearConv" in n and "float operators" in n for n in a.notes), a.notes
-    np.testing.assert_allclose(a.value[same], b.value[same], rtol=1e-4, atol=1e-5 * np.abs(b.value).max())
+    np.testing.assert_allclose(a.value[same], b.value[same], **tol)
     fwd = jaccli.input_jacobian(str(qop), x, straight_through=True, mode="forward")
     np.testing.assert_allclose(fwd, a.value, rtol=1e-4, atol=1e-5 * np.abs(b.value).max())
 
