@@ -245,12 +245,17 @@ def _dw_windows_last(off, strides, dilations, out):
     return (slice(None),) + window_slices(off, strides, dilations, out)[1:] + (slice(None),)
 
 
+def _dw_weights_last(W, dtype):
+    """A depthwise kernel (C, 1, *k) as (K, C): offset k's weight for every channel."""
+    return np.ascontiguousarray(W.reshape(W.shape[0], -1).T.astype(dtype, copy=False))
+
+
 def _dw_conv_channels_last(X, W, strides, dilations, begin, end, out, dtype):
     """Depthwise convolution (B, C, *sp) -> (B, C, *out), one output per channel, with the
     channels innermost: per kernel offset, its window (B, *out, C) times the offset's weights (C,)."""
     C, kernel = X.shape[1], W.shape[2:]
     Xc = np.ascontiguousarray(np.moveaxis(pad_spatial(X.astype(dtype, copy=False), begin, end), 1, -1))
-    Wk = np.ascontiguousarray(W.reshape(C, -1).T.astype(dtype, copy=False))  # (K, C)
+    Wk = _dw_weights_last(W, dtype)
     Y = np.empty((X.shape[0], *out, C), dtype)
     t = np.empty_like(Y)
     for k, off in enumerate(np.ndindex(*kernel)):
@@ -307,7 +312,7 @@ def _dw_input_cotangent(Yb, W, group, padded, strides, dilations):
     Mg = M // group
     if _channels_last_pays(group, M, _dw_inner(out, padded, strides)):  # see _dw_conv_channels_last
         Yc = np.ascontiguousarray(np.moveaxis(Yb, 1, -1))
-        Wk = np.ascontiguousarray(W.reshape(M, -1).T.astype(Yb.dtype, copy=False))  # (K, C)
+        Wk = _dw_weights_last(W, Yb.dtype)
         Xc = np.zeros((L, *padded, M), Yb.dtype)
         t = np.empty_like(Yc)
         for k, off in enumerate(np.ndindex(*kernel)):
