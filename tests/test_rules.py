@@ -373,6 +373,33 @@ def test_a_row_masked_whole_stays_zero(op, mode):
         assert np.isfinite(G).all() and rel_err(G.reshape(fd.shape), fd) < 1e-6
 
 
+@pytest.mark.parametrize("lo,hi", [(0.05, 1.0), (-0.5, 1.5)], ids=["slopes-in-0-1", "slopes-beyond"])
+def test_prelu_either_way(lo, hi):
+    """PRelu with per-channel slopes (InsightFace's ResNets): with every slope in (0, 1] its
+    forward is max(X, slope X) and its partials are products by 0 and 1 (numpy's where picks with
+    a branch per element, 13x slower on a random sign); otherwise where. Forward against
+    onnxruntime, both modes and the slopes' per-sample Jacobian against differences; and the
+    same values as where, bit for bit, infinities and NaN included."""
+    from gradcheck import check_whole_model, one_input_model
+
+    from jaccli.rules import lookup
+
+    rng = np.random.default_rng(7)
+    slope = rng.uniform(lo, hi, (4, 1, 1)).astype(np.float32)
+    x = rng.standard_normal((N, 4, 3, 3))
+    x = np.where(np.abs(x) < 0.1, 0.1 + np.abs(x), x)  # away from the kink
+    m = one_input_model([helper.make_node("PRelu", ["x", "slope"], ["y"])], {"slope": slope}, (4, 3, 3), opset=16)
+    assert check_whole_model(m, x) == ["slope"]
+    rule = lookup("PRelu", 16)
+    v = np.concatenate([x.ravel()[:33], [0.0, -0.0, np.inf, -np.inf, np.nan]]).astype(np.float32).reshape(-1, 1, 1)
+    for X in (x.astype(np.float32), v):
+        S = slope if X.ndim == 4 else slope[:1]
+        np.testing.assert_array_equal(rule.forward(X, S), np.where(X > 0, X, X * S))
+        pos = X > 0
+        for got, want in zip(rule.partials(X, S, None, True, True), (np.where(pos, 1, S).astype(X.dtype), np.where(pos, 0, X))):
+            np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("square", ["Mul", "Pow"])
 @pytest.mark.parametrize("mode", ["forward", "reverse"])
 def test_the_standard_deviation_of_a_dead_channel(square, mode):

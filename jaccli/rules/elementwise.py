@@ -56,7 +56,7 @@ class LeakyRelu:
     """Y = X if X > 0 else alpha * X"""
 
     def forward(X, *, alpha):
-        if 0 <= alpha <= 1:  # the larger of X and alpha X: no branch per element (see _sigmoid)
+        if 0 < alpha <= 1:  # the larger of X and alpha X: no branch per element (see _sigmoid); alpha 0: inf * 0
             return np.maximum(X, X * X.dtype.type(alpha))
         return np.where(X > 0, X, X * X.dtype.type(alpha))
 
@@ -650,10 +650,16 @@ class PRelu(_Binary):
     """Y = X if X > 0 else slope * X (slope broadcast to X)."""
 
     def forward(X, slope):
+        if np.all((slope > 0) & (slope <= 1)):  # the larger of X and slope X: no branch per element (see _sigmoid)
+            return np.maximum(X, X * slope)
         return np.where(X > 0, X, X * slope)
 
     def partials(A, B, Y, na, nb):
         pos = A > 0
+        if np.isfinite(B).all() and np.isfinite(A.sum()):  # selects as products by 0 and 1 (see _sigmoid)
+            p = pos.astype(A.dtype)
+            q = 1 - p
+            return ((p + q * B).astype(A.dtype, copy=False) if na else None), (q * A if nb else None)
         return (np.where(pos, 1, B).astype(A.dtype) if na else None), (np.where(pos, 0, A) if nb else None)
 
 
