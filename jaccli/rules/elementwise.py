@@ -426,7 +426,7 @@ class HardSigmoid:
         return np.clip(X * X.dtype.type(alpha) + X.dtype.type(beta), 0, 1)
 
     def deriv(X, Y, *, alpha, beta):
-        return np.where((Y > 0) & (Y < 1), alpha, 0).astype(X.dtype)
+        return np.take(np.array([0, alpha], X.dtype), ((Y > 0) & (Y < 1)).view(np.uint8))  # no where (see _sigmoid)
 
 
 @elementwise("HardSwish", since=14)
@@ -437,6 +437,9 @@ class HardSwish:
         return X * np.clip(X / 6 + 0.5, 0, 1)
 
     def deriv(X, Y):
+        if np.isfinite(X.sum()):  # X / 3 + 1/2 inside (-3, 3), 0 below, 1 above, as products by 0 and 1 (see _sigmoid)
+            inside = ((X > -3) & (X < 3)).astype(X.dtype)
+            return ((X / 3 + 0.5) * inside + (X >= 3)).astype(X.dtype, copy=False)
         return np.where(X <= -3, 0, np.where(X >= 3, 1, X / 3 + 0.5)).astype(X.dtype)
 
 
