@@ -61,7 +61,7 @@ class LeakyRelu:
         return np.where(X > 0, X, X * X.dtype.type(alpha))
 
     def deriv(X, Y, *, alpha):
-        return np.take(np.array([alpha, 1], X.dtype), (X > 0).view(np.uint8))
+        return _pick(X > 0, alpha, 1, X.dtype)
 
 
 @elementwise("Sigmoid", since=1)
@@ -221,6 +221,12 @@ class Elu:
 
     def deriv(X, Y, *, alpha):
         return np.where(X > 0, 1, Y + X.dtype.type(alpha)).astype(X.dtype)
+
+
+def _pick(mask, no, yes, dtype):
+    """`yes` where mask, else `no` (two numbers), as a lookup in a table of the two: numpy's
+    where picks with a branch per element (see _sigmoid)."""
+    return np.take(np.array([no, yes], dtype), mask.view(np.uint8))
 
 
 def _sigmoid(X):
@@ -426,7 +432,7 @@ class HardSigmoid:
         return np.clip(X * X.dtype.type(alpha) + X.dtype.type(beta), 0, 1)
 
     def deriv(X, Y, *, alpha, beta):
-        return np.take(np.array([0, alpha], X.dtype), ((Y > 0) & (Y < 1)).view(np.uint8))  # no where (see _sigmoid)
+        return _pick((Y > 0) & (Y < 1), 0, alpha, X.dtype)
 
 
 @elementwise("HardSwish", since=14)
