@@ -156,7 +156,7 @@ _ERF32_B = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
 
 def _erf(X):
     """erf, elementwise, in X's float type (math.erf per element is 20-50x slower); a large X in
-    pieces that stay in cache through the twenty-odd passes (1.6x on a GELU TCN's activations)."""
+    pieces that stay in cache through the twenty-odd passes (see _ERF_PIECE)."""
     X = np.asarray(X)
     if X.dtype.kind != "f":
         X = X.astype(np.float64)
@@ -187,7 +187,8 @@ def _erf(X):
     return Y
 
 
-_ERF_PIECE = 8192  # elements: a piece's passes stay in L1/L2
+_ERF_PIECE = 32768  # elements: a piece's passes stay in L2; smaller pieces pay a call per pass for little arithmetic
+# (330K float32 values: 0.6 ms, against 1.0 ms in pieces of 8192; measured)
 
 
 @elementwise("Erf", since=9)
