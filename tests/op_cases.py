@@ -77,6 +77,8 @@ CASES = [
     Case("Conv", [("x", (2, 6, 7)), ("p", (4, 1, 3, 2)), ("p", (4,))], {"group": 2, "dilations": [1, 2], "pads": [1, 2, 0, 1]},
          id="Conv-depthwise-multiplier-dilated"),
     Case("Conv", [("x", (2, 4, 5, 3)), ("p", (4, 1, 2, 3, 2))], {"group": 2, "pads": [0, 1, 1, 1, 0, 0]}, id="Conv-depthwise-3d"),
+    Case("Conv", [("x", (3, 3, 4, 3)), ("p", (3, 1, 2, 3, 2))], {"group": 3, "strides": [1, 2, 1], "pads": [1, 0, 2, 0, 1, 1]},
+         id="Conv-depthwise-3d-one-each"),
     # many channels on a small map (EfficientNet's and ConvNeXt's deep layers): the channels innermost
     Case("Conv", [("x", (16, 2, 2)), ("p", (16, 1, 3, 3)), ("p", (16,))], {"group": 16, "pads": [1, 1, 1, 1]},
          id="Conv-depthwise-small-map"),

@@ -248,25 +248,31 @@ def test_conv_input_cotangent_either_way(case, waste, monkeypatch):
     monkeypatch.setattr(conv, "_DW_BANDED_WASTE", waste)
     monkeypatch.setattr(conv, "_FEW_OUTPUTS", 0)
     monkeypatch.setattr(conv, "_DW_CHANNELS_LAST", 1e9)
+    monkeypatch.setattr(conv, "_DW_DENSE_BYTES", 0)
     model, feeds = build(case)
     J = jaccli.input_jacobian(model, feeds, wrt="in0", mode="reverse", dtype=np.float64, flat=True)
     assert rel_err(J, fd_input_jacobian(model, feeds, "in0")) < 1e-6
 
 
 @pytest.mark.parametrize("few", [0, 1 << 30], ids=["images-one-by-one", "images-as-columns"])
-@pytest.mark.parametrize("last", [1e9, 0], ids=["rows", "channels-last"])
+@pytest.mark.parametrize("dw", ["rows", "channels-last", "dense"])
 @pytest.mark.parametrize("case", [c for c in CASES if c.op == "Conv"], ids=repr)
-def test_conv_kernels_either_way(case, few, last, monkeypatch):
+def test_conv_kernels_either_way(case, few, dw, monkeypatch):
     """A convolution's forward, JVP and VJP kernels, by whichever way the shapes choose: with
     one group, a GEMM per image or one over the images as columns (few output positions); a
-    depthwise one by rows or with the channels innermost (a small map). Forward against
-    onnxruntime, input Jacobian in both modes and the parameters' against differences."""
+    depthwise one by rows, with the channels innermost, or as dense per-channel matrices (small
+    maps). Forward against onnxruntime, input Jacobian in both modes and the parameters'
+    against differences."""
     from gradcheck import ort_forward, our_forward
 
     from jaccli.rules import conv
 
     monkeypatch.setattr(conv, "_FEW_OUTPUTS", few)
-    monkeypatch.setattr(conv, "_DW_CHANNELS_LAST", last)
+    monkeypatch.setattr(conv, "_DW_CHANNELS_LAST", 0 if dw == "channels-last" else 1e9)
+    monkeypatch.setattr(conv, "_DW_DENSE_BYTES", 1 << 40 if dw == "dense" else 0)
+    if dw == "dense":  # whatever the cost
+        monkeypatch.setattr(conv, "_DW_BUILD", 0.0)
+        monkeypatch.setattr(conv, "_DW_GEMM", 0.0)
     model, feeds = build(case)
     ref, oracle = ort_forward(model, feeds)
     np.testing.assert_allclose(our_forward(model, feeds, np.float32), ref, rtol=1e-5, atol=1e-5, err_msg=oracle)
