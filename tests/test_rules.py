@@ -600,3 +600,48 @@ def test_a_bfloat16_weight_is_a_parameter():
     want = np.einsum("ni,jk->njik", x, np.eye(2)).reshape(2, 2, 6)
     np.testing.assert_allclose(G, want, rtol=1e-6)
     np.testing.assert_allclose(jaccli.input_jacobian(m, x), np.broadcast_to(numpy_helper.to_array(W).astype(np.float32).T, (2, 2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_max_pool_follows_the_first_maximum(mode):
+    """Each window's derivative follows its first maximum, as onnxruntime's Indices do: windows
+    of tied values (small integers), and windows whose values are all -inf, tied with the padding,
+    where the padding never wins. The input Jacobian is one-hot at onnxruntime's index, in both modes."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, (3, 2, 5, 6)).astype(np.float32)
+    x[0, 0, :2] = -np.inf  # the first row of windows: all -inf, the padding's offsets first
+    node = helper.make_node("MaxPool", ["x"], ["y", "i"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("i", TensorProto.INT64, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 8
+    y, i = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.isneginf(y[0, 0, 0]).all()
+    J = jaccli.input_jacobian(model, {"x": x}, of="y", mode=mode, dtype=np.float64, flat=True)  # (N, 18, 60)
+    want = np.zeros(J.shape)
+    n, j = np.indices(i.reshape(len(x), -1).shape)
+    want[n, j, i.reshape(len(x), -1) - n * x[0].size] = 1
+    np.testing.assert_array_equal(J, want)
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_max_pool_window_of_padding_only(mode):
+    """Pads as large as the kernel (onnxruntime refuses them, the spec does not): a window of
+    padding only is -inf whatever the input, its Jacobian row zero; the others one-hot at their
+    maximum."""
+    x = np.random.default_rng(0).standard_normal((2, 1, 4, 4))
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[1, 1], pads=[2, 0, 0, 0])
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 8
+    J = jaccli.input_jacobian(model, {"x": x}, mode=mode, dtype=np.float64, flat=True)  # (N, 5 * 3, 16)
+    rows = J.reshape(2, 5, 3, 16)
+    assert not rows[:, 0].any()
+    np.testing.assert_array_equal(np.abs(rows[:, 1:]).sum(axis=-1), 1)
+    xp = np.pad(x[:, 0], ((0, 0), (2, 0), (0, 0)), constant_values=-np.inf)
+    y = np.lib.stride_tricks.sliding_window_view(xp, (2, 2), axis=(1, 2)).max(axis=(-2, -1))  # (N, 5, 3)
+    np.testing.assert_array_equal(np.einsum("njk,nk->nj", J, x.reshape(2, -1))[:, 3:], y.reshape(2, -1)[:, 3:])
