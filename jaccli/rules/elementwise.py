@@ -213,15 +213,39 @@ class Softplus:
         return _sigmoid(X)
 
 
+def _elu(X, alpha, scale=1.0):
+    """X if X > 0 else alpha * (exp(X / scale) - 1), as max(X, 0) + alpha * expm1(min(X, 0) / scale):
+    the part not taken is exactly 0, so the values are where's (up to the sign of a zero) without
+    its branch per element, which a random sign mispredicts (see _sigmoid)."""
+    a, Z = X.dtype.type(alpha), np.minimum(X, 0)
+    if not np.isfinite(a):  # a * expm1(0) would not be 0
+        return np.where(X > 0, X, a * np.expm1(Z if scale == 1 else Z / X.dtype.type(scale)))
+    return np.maximum(X, 0) + a * np.expm1(Z if scale == 1 else Z / X.dtype.type(scale))
+
+
+def _elu_deriv(X, alpha, scale=1.0):
+    """1 if X > 0 else (alpha / scale) * exp(X / scale): the slope below as alpha * exp(min(X, 0)),
+    not Y + alpha, which cancels where Y is near -alpha (float32: 0 for X below -17, not 4e-8),
+    picked by products with 0 and 1 (exact: the slope is finite where X > 0)."""
+    c = X.dtype.type(alpha / scale)
+    below = np.exp(np.minimum(X, 0) if scale == 1 else np.minimum(X, 0) / X.dtype.type(scale))
+    if not np.isfinite(c):
+        return np.where(X > 0, X.dtype.type(1), c * below)
+    if c != 1:
+        below *= c
+    up = (X > 0).astype(X.dtype)
+    return up + (1 - up) * below
+
+
 @elementwise("Elu", since=1)
 class Elu:
     """Y = X if X > 0 else alpha * (exp(X) - 1)"""
 
     def forward(X, *, alpha):
-        return np.where(X > 0, X, X.dtype.type(alpha) * np.expm1(np.minimum(X, 0)))
+        return _elu(X, alpha)
 
     def deriv(X, Y, *, alpha):
-        return np.where(X > 0, 1, Y + X.dtype.type(alpha)).astype(X.dtype)
+        return _elu_deriv(X, alpha)
 
 
 def _pick(mask, no, yes, dtype):
@@ -455,10 +479,10 @@ class Selu:
     """Y = gamma * (X if X > 0 else alpha * (exp(X) - 1))"""
 
     def forward(X, *, alpha, gamma):
-        return X.dtype.type(gamma) * np.where(X > 0, X, X.dtype.type(alpha) * np.expm1(np.minimum(X, 0)))
+        return X.dtype.type(gamma) * _elu(X, alpha)
 
     def deriv(X, Y, *, alpha, gamma):
-        return np.where(X > 0, gamma, Y + gamma * alpha).astype(X.dtype)
+        return X.dtype.type(gamma) * _elu_deriv(X, alpha)
 
 
 @elementwise("Gelu", since=20)
@@ -532,11 +556,10 @@ class Celu:
     """Y = max(0, X) + min(0, alpha * (exp(X / alpha) - 1))"""
 
     def forward(X, *, alpha):
-        a = X.dtype.type(alpha)
-        return np.where(X > 0, X, a * np.expm1(np.minimum(X, 0) / a))
+        return _elu(X, alpha, scale=alpha)
 
     def deriv(X, Y, *, alpha):
-        return np.where(X > 0, 1, np.exp(np.minimum(X, 0) / X.dtype.type(alpha))).astype(X.dtype)
+        return _elu_deriv(X, alpha, scale=alpha)
 
 
 @elementwise("Swish", since=24)
