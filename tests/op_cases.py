@@ -107,6 +107,8 @@ CASES = [
     Case("MaxPool", [("x", (2, 5, 7))], {"kernel_shape": [2, 3], "strides": [2, 3]}, data="distinct", id="MaxPool-tiles-remainder"),
     Case("MaxPool", [("x", (2, 7, 7))], {"kernel_shape": [2, 2], "dilations": [2, 2]}, data="distinct", id="MaxPool-dilated"),
     Case("MaxPool", [("x", (2, 8))], {"kernel_shape": [3], "strides": [2], "auto_pad": "SAME_UPPER"}, data="distinct", id="MaxPool-1d-same"),
+    Case("MaxPool", [("x", (3, 2, 2))], {"kernel_shape": [5, 5], "pads": [2, 2, 2, 2]}, data="distinct",
+         id="MaxPool-kernel-beyond-map"),  # SPPF on a detector's 2x2 map: 16 of the 25 offsets read padding only
     Case("AveragePool", [("x", (2, 6, 6))], {"kernel_shape": [2, 2], "strides": [2, 2]}, id="AveragePool-2x2"),
     Case("AveragePool", [("x", (2, 5, 5))], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, id="AveragePool-pad-excluded"),
     Case("AveragePool", [("x", (2, 5, 5))], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1}, id="AveragePool-pad-included"),

@@ -27,10 +27,19 @@ def _geom(X, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode):
 
 
 def _offsets(X, kernel_shape, s, d, begin, end, fill=0.0):
-    """The padded input's slice for each kernel offset, over all outputs: a list of K strided views."""
+    """The padded input's slice for each kernel offset that reaches into X for some output, over
+    all outputs: (k, strided view) pairs, k the offset's index into the flattened kernel, in
+    increasing order. An offset that reads padding only for every output is left out (a large
+    kernel on a small map, as SPPF's 5x5 pools on a detector's 2x2 map: 9 offsets of 25)."""
     Xp = pad_spatial(X, begin, end, fill)
-    out = [(n - (k - 1) * dd - 1) // ss + 1 for n, k, ss, dd in zip(Xp.shape[X.ndim - len(kernel_shape):], kernel_shape, s, d)]
-    return [Xp[window_slices(off, s, d, out)] for off in np.ndindex(*kernel_shape)]
+    nd = len(kernel_shape)
+    sp = X.shape[X.ndim - nd:]
+    out = [(n - (k - 1) * dd - 1) // ss + 1 for n, k, ss, dd in zip(Xp.shape[X.ndim - nd:], kernel_shape, s, d)]
+    reach = [{k for k in range(kn) if any(0 <= o * ss + k * dd - b < n for o in range(on))}
+             for n, kn, ss, dd, b, on in zip(sp, kernel_shape, s, d, begin, out)]
+    pairs = [(k, Xp[window_slices(off, s, d, out)]) for k, off in enumerate(np.ndindex(*kernel_shape))
+             if all(o in r for o, r in zip(off, reach))]
+    return pairs or [(0, Xp[window_slices((0,) * nd, s, d, out)])]  # an empty input: padding only
 
 
 def _lowest(dtype):
@@ -44,11 +53,11 @@ def _max_arg(X, kernel_shape, s, d, begin, end):
     over as max(idx, k * (v > Y)): no masked copy, whose branch per element a random mask
     mispredicts (3x the time)."""
     low = _lowest(X.dtype)
-    views = _offsets(X, kernel_shape, s, d, begin, end, low)
-    Y = views[0].copy()
-    idx = np.zeros(Y.shape, np.int32)
+    (k0, v0), *views = _offsets(X, kernel_shape, s, d, begin, end, low)
+    Y = v0.copy()
+    idx = np.full(Y.shape, k0, np.int32)
     greater, taken = np.empty(Y.shape, bool), np.empty(Y.shape, np.int32)
-    for k, v in enumerate(views[1:], start=1):
+    for k, v in views:
         np.greater(v, Y, out=greater)
         np.maximum(idx, np.multiply(greater, np.int32(k), out=taken), out=idx)
         np.maximum(Y, v, out=Y)
@@ -124,9 +133,9 @@ class MaxPool:
         if n_outputs > 1:
             Y, idx = _max_arg(X, kernel_shape, s, d, begin, end)
             return Y, _flat_indices(X.shape, idx, kernel_shape, s, d, begin, storage_order)
-        views = _offsets(X, kernel_shape, s, d, begin, end, _lowest(X.dtype))
-        Y = views[0].copy()
-        for v in views[1:]:
+        (_, v0), *views = _offsets(X, kernel_shape, s, d, begin, end, _lowest(X.dtype))
+        Y = v0.copy()
+        for _, v in views:
             np.maximum(Y, v, out=Y)
         return Y
 
@@ -139,9 +148,9 @@ class MaxPool:
         if inside and Xdot.shape[Xdot.ndim - X.ndim:] == X.shape:  # each maximum's tangent, gathered in one pass
             lead = Xdot.shape[:Xdot.ndim - X.ndim]
             return np.take(Xdot.reshape(lead + (-1,)), flat, axis=len(lead))
-        views = _offsets(Xdot, kernel_shape, s, d, begin, end)  # a maximum in the padding (all -inf or NaN): its tangent is 0
-        Ydot = np.empty(views[0].shape, Xdot.dtype)
-        for k, v in enumerate(views):
+        views = _offsets(Xdot, kernel_shape, s, d, begin, end)  # a window of padding only: its tangent is 0
+        Ydot = np.zeros(views[0][1].shape, Xdot.dtype)
+        for k, v in views:
             np.copyto(Ydot, v, where=idx == k)
         return Ydot
 
@@ -156,6 +165,10 @@ class MaxPool:
         padded = tuple(n + b + e for n, b, e in zip(X.shape[2:], begin, end))
         if _tiles(padded, kernel_shape, s, d) is not None:  # windows tile the input
             return (unpad(_tiled_max_cotangent(Ybar, idx, kernel_shape, padded), begin, end),)
+        flat, inside = _flat_indices(X.shape, idx, kernel_shape, s, d, begin, 0, inside=True)
+        lead = Ybar.shape[:Ybar.ndim - X.ndim]
+        if inside and Ybar.shape[len(lead):] == idx.shape:
+            return (_scattered(Ybar.reshape(-1, idx.size), flat.ravel(), X.size).reshape(lead + X.shape),)
         Xb = np.zeros(Ybar.shape[: Ybar.ndim - nd] + padded, dtype=Ybar.dtype)
         disjoint = not _overlap(kernel_shape, s, d)
         for k, off in enumerate(np.ndindex(*kernel_shape)):
@@ -165,6 +178,16 @@ class MaxPool:
             else:
                 dst += Ybar * (idx == k)
         return (unpad(Xb, begin, end),)
+
+
+def _scattered(G, flat, size):
+    """(rows, size): each row of G (rows, windows) added at the flat positions of its windows'
+    maxima, np.add.at's unbuffered sums where windows overlap (2-6x the speed of a masked sum
+    per kernel offset: ResNet's 3x3 stride-2 stem pool, 32 directions, 64 -> 11 ms)."""
+    Xb = np.zeros((len(G), size), G.dtype)
+    for row, g in zip(Xb, G):
+        np.add.at(row, flat, g)
+    return Xb
 
 
 def _avg_count(X, kernel_shape, s, d, begin, end, extra, count_include_pad):
