@@ -71,3 +71,28 @@ def test_pad_spatial_is_np_pad(shape, begin, end, value):
     np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError):
         pad_spatial(X, (-1,) + tuple(begin[1:]), end)
+
+
+@pytest.mark.parametrize("kernel, strides, begin, end", [((3, 3), (1, 1), (1, 1), (1, 1)), ((2, 3), (2, 1), (0, 1), (1, 2)),
+                                                         ((3,), (2,), (1,), (0,))])
+def test_channels_last_convolution_in_tiles(kernel, strides, begin, end):
+    """_conv1_channels_last over tiles of images (two, two, then one: the padded input reused
+    from tile to tile, its borders zero) gives one tile's result, which is the sum over offsets."""
+    from jaccli.rules.conv import _conv1_channels_last, _out_size
+
+    B, C, M = 5, 3, 4
+    sp = (4, 5)[:len(kernel)]
+    X = RNG.standard_normal((B, C) + sp)
+    W = RNG.standard_normal((M, C) + kernel)
+    out = _out_size([n + b + e for n, b, e in zip(sp, begin, end)], kernel, strides, [1] * len(kernel))
+    dt = np.dtype(np.float64)
+    whole = _conv1_channels_last(X, W.reshape(M, -1), kernel, strides, [1] * len(kernel), begin, end, out, dt)
+    two = _conv1_channels_last(X, W.reshape(M, -1), kernel, strides, [1] * len(kernel), begin, end, out, dt,
+                               tile_bytes=2 * C * math.prod(kernel) * math.prod(out) * 8)
+    np.testing.assert_allclose(two, whole, rtol=1e-13)
+    Xp = pad_spatial(X, begin, end)
+    want = np.zeros((B, M) + tuple(out))
+    for off in np.ndindex(*kernel):
+        win = Xp[(Ellipsis,) + tuple(slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(off, strides, out))]
+        want += np.einsum("mc,bc...->bm...", W[(slice(None), slice(None)) + off], win)
+    np.testing.assert_allclose(whole, want, rtol=1e-12, atol=1e-12)
