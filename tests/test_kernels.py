@@ -96,3 +96,26 @@ def test_channels_last_convolution_in_tiles(kernel, strides, begin, end):
         win = Xp[(Ellipsis,) + tuple(slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(off, strides, out))]
         want += np.einsum("mc,bc...->bm...", W[(slice(None), slice(None)) + off], win)
     np.testing.assert_allclose(whole, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel, strides, dilations, begin, end", [((3, 3), (2, 2), (1, 1), (1, 1), (1, 1)),
+                                                                    ((2, 3), (1, 2), (2, 1), (0, 1), (1, 2)),
+                                                                    ((3,), (3,), (1,), (2,), (0,))])
+def test_channels_last_input_cotangent_is_the_adjoint(kernel, strides, dilations, begin, end):
+    """_input_cotangent_channels_last is the adjoint of the convolution: <conv(X), G> = <X, cot(G)>,
+    over tiles of rows (two, two, then one) as at once."""
+    from jaccli.rules.conv import _conv1_channels_last, _input_cotangent_channels_last, _out_size
+
+    L, C, M = 5, 3, 4
+    sp = (5, 6)[:len(kernel)]
+    X = RNG.standard_normal((L, C) + sp)
+    W = RNG.standard_normal((M, C) + kernel)
+    out = _out_size([n + b + e for n, b, e in zip(sp, begin, end)], kernel, strides, dilations)
+    G = RNG.standard_normal((L, M) + tuple(out))
+    Y = _conv1_channels_last(X, W.reshape(M, -1), kernel, strides, dilations, begin, end, out, np.dtype(np.float64))
+    whole = _input_cotangent_channels_last(G, W, sp, strides, dilations, begin, end)
+    tiles = _input_cotangent_channels_last(G, W, sp, strides, dilations, begin, end,
+                                           tile_bytes=2 * C * math.prod(kernel) * math.prod(out) * 8)
+    assert whole.shape == X.shape
+    np.testing.assert_allclose(tiles, whole, rtol=1e-13)
+    np.testing.assert_allclose(np.vdot(Y, G), np.vdot(X, whole), rtol=1e-12)

@@ -247,6 +247,7 @@ def test_conv_input_cotangent_either_way(case, waste, monkeypatch):
     monkeypatch.setattr(conv, "_BANDED_WASTE", waste)
     monkeypatch.setattr(conv, "_DW_BANDED_WASTE", waste)
     monkeypatch.setattr(conv, "_FEW_OUTPUTS", 0)
+    monkeypatch.setattr(conv, "_LAST_STRIDE1", 0)
     monkeypatch.setattr(conv, "_DW_CHANNELS_LAST", 1e9)
     monkeypatch.setattr(conv, "_DW_DENSE_BYTES", 0)
     model, feeds = build(case)
@@ -259,7 +260,8 @@ def test_conv_input_cotangent_either_way(case, waste, monkeypatch):
 @pytest.mark.parametrize("case", [c for c in CASES if c.op == "Conv"], ids=repr)
 def test_conv_kernels_either_way(case, few, dw, monkeypatch):
     """A convolution's forward, JVP and VJP kernels, by whichever way the shapes choose: with
-    one group, a GEMM per image or one over the images as columns (few output positions); a
+    one group, a GEMM per image or one over the images as columns (few output positions), and
+    the input cotangent with the channels last (few output positions) or first; a
     depthwise one by rows, with the channels innermost, or as dense per-channel matrices (small
     maps). Forward against onnxruntime, input Jacobian in both modes and the parameters'
     against differences."""
@@ -267,7 +269,9 @@ def test_conv_kernels_either_way(case, few, dw, monkeypatch):
 
     from jaccli.rules import conv
 
-    monkeypatch.setattr(conv, "_FEW_OUTPUTS", few)
+    monkeypatch.setattr(conv, "_FEW_OUTPUTS", few)  # and the input cotangent channels last with it
+    monkeypatch.setattr(conv, "_LAST_CHANNELS", 0)
+    monkeypatch.setattr(conv, "_LAST_STRIDE1", few)
     monkeypatch.setattr(conv, "_DW_CHANNELS_LAST", 0 if dw == "channels-last" else 1e9)
     monkeypatch.setattr(conv, "_DW_DENSE_BYTES", 1 << 40 if dw == "dense" else 0)
     if dw == "dense":  # whatever the cost
