@@ -326,7 +326,7 @@ class _Attn:
         self.h = h = int(attrs["num_heads"])
         sizes = attrs.get("qkv_hidden_sizes")
         self.sizes = [int(s) for s in sizes] if sizes is not None and len(sizes) else [W.shape[1] // 3] * 3
-        self.P = X @ W if b is None else X @ W + b
+        self.P = mm(X, W) if b is None else mm(X, W) + b
         self.Q, self.K, self.V = self.split(self.P)
         scale = self.P.dtype.type(attrs.get("scale") or 1 / np.sqrt(self.sizes[0] // h))
         shape = self.Q.shape[:-1] + self.K.shape[-2:-1]

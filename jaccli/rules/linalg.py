@@ -119,7 +119,7 @@ class Gemm:
         return not attrs.get("transA")
 
     def forward(A, B, C=None, *, alpha, beta, transA, transB):
-        Y = _t(A, transA) @ _t(B, transB)
+        Y = mm(_t(A, transA), _t(B, transB))  # batched A: onnxruntime's FusedMatMul uses this forward
         if alpha != 1:
             Y = Y * Y.dtype.type(alpha)
         if C is not None:
