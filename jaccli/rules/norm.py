@@ -367,14 +367,28 @@ class InstanceNormalization:
         return out
 
     def vjp(cx, Ybar, *, epsilon):
+        """On (rows, D) views, D the spatial positions of a (sample, channel): the sums of Ybar and
+        of Ybar * xhat per row are the bias' and the scale's per-sample cotangents, and the two
+        means of the input cotangent, r * scale * (Ybar - mean(Ybar) - xhat * mean(Ybar * xhat))
+        (the scale is constant along a row): six passes, where the means apart took eleven."""
         X, scale, B = cx.x
         lead = cx.lead(Ybar)
-        axes = tuple(range(2 - X.ndim, 0))
-        xhat, _, r = _standardize(X, axes, epsilon)
-        Xbar = _xhat_cotangent(Ybar * _channel(scale, X.ndim), xhat, r, axes) if cx.need[0] else None
-        spatial = tuple(range(lead + 2, Ybar.ndim))
-        sbar = _per_channel(Ybar * xhat, spatial, lead, cx.keep[1]) if cx.need[1] else None
-        Bbar = _per_channel(Ybar, spatial, lead, cx.keep[2]) if cx.need[2] else None
+        N, C = X.shape[:2]
+        D = math.prod(X.shape[2:])
+        xhat, _, r = _standardize(X, tuple(range(2 - X.ndim, 0)), epsilon)
+        Yr, xr = Ybar.reshape(Ybar.shape[:lead] + (N, C, D)), xhat.reshape(N, C, D)
+        s_y = sum_trailing(np.ascontiguousarray(Yr), (-1,), keepdims=False)  # (*lead, N, C)
+        s_yx = np.einsum("...ncd,ncd->...nc", Yr, xr)
+        Xbar = None
+        if cx.need[0]:
+            inv = Yr.dtype.type(1 / D)
+            Xb = np.multiply(xr, (s_yx * -inv)[..., None])
+            Xb += Yr
+            Xb -= (s_y * inv)[..., None]
+            Xb *= r.reshape(N, C, 1) * scale.reshape(C, 1).astype(Yr.dtype, copy=False)
+            Xbar = Xb.reshape(Ybar.shape)
+        sbar = (s_yx if cx.keep[1] else s_yx.sum(axis=lead)) if cx.need[1] else None
+        Bbar = (s_y if cx.keep[2] else s_y.sum(axis=lead)) if cx.need[2] else None
         return Xbar, sbar, Bbar
 
 
