@@ -119,3 +119,34 @@ def test_channels_last_input_cotangent_is_the_adjoint(kernel, strides, dilations
     assert whole.shape == X.shape
     np.testing.assert_allclose(tiles, whole, rtol=1e-13)
     np.testing.assert_allclose(np.vdot(Y, G), np.vdot(X, whole), rtol=1e-12)
+
+
+def test_depthwise_matrices_are_kept_by_the_kernel_s_values(monkeypatch):
+    """The dense depthwise matrices kept from call to call are found by the kernel's values and
+    the geometry: a kernel changed in place gets new ones; the kept ones stay within their budget,
+    the least recently used dropped first."""
+    from jaccli.rules import conv
+
+    monkeypatch.setattr(conv, "_DW_KEPT", conv.collections.OrderedDict())
+    X = RNG.standard_normal((2, 3, 4, 4))
+    W = RNG.standard_normal((3, 1, 3, 3))
+    geometry = ([1, 1], [1, 1], [1, 1], [4, 4])
+
+    def dense():
+        return conv._dw_dense(X, W, geometry[0], geometry[1], geometry[2], geometry[3], np.dtype(np.float64))
+
+    def direct():
+        Xp = pad_spatial(X, (1, 1), (1, 1))
+        return sum(Xp[:, :, i:i + 4, j:j + 4] * W[:, 0, i, j][:, None, None] for i in range(3) for j in range(3))
+
+    np.testing.assert_allclose(dense(), direct(), rtol=1e-12)
+    assert len(conv._DW_KEPT) == 1
+    np.testing.assert_allclose(dense(), direct(), rtol=1e-12)  # from the kept matrices
+    W[1] += 1.0  # in place: the same array, other values
+    np.testing.assert_allclose(dense(), direct(), rtol=1e-12)
+    assert len(conv._DW_KEPT) == 2
+    first = next(iter(conv._DW_KEPT))
+    monkeypatch.setattr(conv, "_DW_KEPT_BYTES", 2 * 3 * 16 * 16 * 8)  # room for two
+    W[2] -= 1.0
+    dense()
+    assert len(conv._DW_KEPT) == 2 and first not in conv._DW_KEPT

@@ -3,8 +3,10 @@ The input cotangent of a stride-1 convolution is itself a convolution, of the co
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import threading
 
 import numpy as np
 
@@ -301,24 +303,42 @@ def _dw_conv_channels_last(X, W, strides, dilations, begin, end, out, dtype):
 # a batch of small GEMMs, one per channel: forward Y_c = X_c A_c^T, input cotangent X_c = Y_c A_c.
 
 
-def _dw_dense_pays(R, C, M, in_sp, out, kernel, itemsize):
+def _dw_dense_pays(R, C, M, in_sp, out, kernel, itemsize, built=False):
     """Whether a depthwise convolution (one output per channel) of R rows (images, or directions
-    times images) is better taken as dense per-channel matrices: building them and their GEMMs
-    against the sums over kernel offsets, per output position and channel (the constants below),
-    with the matrices small."""
+    times images) is better taken as dense per-channel matrices: building them (unless `built`,
+    kept from an earlier call) and their GEMMs against the sums over kernel offsets, per output
+    position and channel (the constants below), with the matrices small."""
     S, O, K = math.prod(in_sp), math.prod(out), math.prod(kernel)
     if M != C or not S or not O or C * O * S * itemsize > _DW_DENSE_BYTES:
         return False
-    return S * (_DW_BUILD + R * _DW_GEMM) <= R * K * _DW_OFFSET
+    return S * (0.0 if built else _DW_BUILD) + S * R * _DW_GEMM <= R * K * _DW_OFFSET
 
 
 # nanoseconds per output position and channel: per input position to build the matrices (np.take), per
 # input position and row in their GEMMs, per kernel offset and row in the sums over offsets; measured on
 # ConvNeXt's, EfficientNet's and MobileNet's depthwise layers, float32. The matrices pay up to about two
 # input positions per kernel offset for one row, five for eight rows, twelve for 24 (0.04-0.5x the time;
-# a 4x4 map with a 7x7 kernel, 24 rows: 0.04-0.06x).
+# a 4x4 map with a 7x7 kernel, 24 rows: 0.04-0.06x); once built, up to about forty.
 _DW_BUILD, _DW_GEMM, _DW_OFFSET = 0.57, 0.0096, 0.4
 _DW_DENSE_BYTES = 1 << 24  # the matrices' size at most
+
+# Matrices built lately, by the kernel's values and the geometry: a model's depthwise layers are
+# differentiated call after call with the same weights, and building their matrices costs more than their
+# GEMMs (ConvNeXt-atto's 16x16 maps at 64x64 input: 1.4 ms against 0.3). Least recently used dropped first.
+_DW_KEPT, _DW_KEPT_LOCK = collections.OrderedDict(), threading.Lock()
+_DW_KEPT_BYTES = 1 << 25
+
+
+def _dw_key(W, in_sp, begin, strides, dilations, out, dtype):
+    return (W.tobytes(), W.shape, W.dtype.str, np.dtype(dtype).str) + tuple(map(tuple, (in_sp, begin, strides, dilations, out)))
+
+
+def _dw_kept(key):
+    with _DW_KEPT_LOCK:
+        A = _DW_KEPT.get(key)
+        if A is not None:
+            _DW_KEPT.move_to_end(key)
+        return A
 
 
 @functools.lru_cache(maxsize=64)
@@ -338,11 +358,23 @@ def _dw_offsets(in_sp, begin, strides, dilations, out, kernel):
 
 
 def _dw_matrices(W, in_sp, begin, strides, dilations, out, dtype):
-    """A depthwise kernel (C, 1, *k) as its channels' matrices (C, O, S) over the unpadded input."""
+    """A depthwise kernel (C, 1, *k) as its channels' matrices (C, O, S) over the unpadded input,
+    read-only: kept for later calls (_DW_KEPT) while they fit."""
+    key = _dw_key(W, in_sp, begin, strides, dilations, out, dtype)
+    A = _dw_kept(key)
+    if A is not None:
+        return A
     table = _dw_offsets(tuple(in_sp), tuple(begin), tuple(strides), tuple(dilations), tuple(out), tuple(W.shape[2:]))
     Wz = np.zeros((W.shape[0], math.prod(W.shape[2:]) + 1), dtype)  # and a zero for "no offset"
     Wz[:, :-1] = W.reshape(W.shape[0], -1)
-    return np.take(Wz, table, axis=1)
+    A = np.take(Wz, table, axis=1)
+    A.setflags(write=False)
+    if A.nbytes <= _DW_KEPT_BYTES:
+        with _DW_KEPT_LOCK:
+            _DW_KEPT[key] = A
+            while sum(a.nbytes for a in _DW_KEPT.values()) > _DW_KEPT_BYTES:
+                _DW_KEPT.popitem(last=False)
+    return A
 
 
 def _dw_dense(X, W, strides, dilations, begin, out, dtype):
@@ -372,7 +404,8 @@ def _dw_conv(X, W, group, strides, dilations, begin, end):
     dtype = np.result_type(X, W)
     sp = tuple(n + b + e for n, b, e in zip(X.shape[2:], begin, end))
     out = _out_size(sp, kernel, strides, dilations)
-    if _dw_dense_pays(B, C, M, X.shape[2:], out, kernel, dtype.itemsize):
+    built = _dw_kept(_dw_key(W, X.shape[2:], begin, strides, dilations, out, dtype)) is not None
+    if _dw_dense_pays(B, C, M, X.shape[2:], out, kernel, dtype.itemsize, built):
         return _dw_dense(X, W, strides, dilations, begin, out, dtype)
     if _channels_last_pays(C, M, _dw_inner(out, sp, strides)):
         return _dw_conv_channels_last(X, W, strides, dilations, begin, end, out, dtype)
@@ -564,7 +597,9 @@ class Conv:
             # the images as columns (one group: a kernel of 1280 by 320 on a 2x2 map, 0.6-0.8x the time)
             small = (dw and _channels_last_pays(group, W.shape[0], _dw_inner(flat.shape[2:], padded, s))
                      or group == 1 and math.prod(X.shape[2:]) < _FEW_OUTPUTS)
-            if dw and _dw_dense_pays(len(flat), group, W.shape[0], X.shape[2:], flat.shape[2:], kernel, flat.dtype.itemsize):
+            built = dw and _dw_kept(_dw_key(W, X.shape[2:], begin, s, d, flat.shape[2:], flat.dtype)) is not None
+            if dw and _dw_dense_pays(len(flat), group, W.shape[0], X.shape[2:], flat.shape[2:], kernel, flat.dtype.itemsize,
+                                     built):
                 Xb = _dw_dense_input_cotangent(flat, W, X.shape[2:], s, d, begin)
             elif group == 1 and _cotangent_last_pays(W, flat.shape[2:], s):
                 Xb = _input_cotangent_channels_last(flat, W, X.shape[2:], s, d, begin, end)
