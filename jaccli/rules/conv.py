@@ -4,7 +4,6 @@ The input cotangent of a stride-1 convolution is itself a convolution, of the co
 from __future__ import annotations
 
 import collections
-import functools
 import math
 import threading
 
@@ -341,7 +340,6 @@ def _dw_kept(key):
         return A
 
 
-@functools.lru_cache(maxsize=64)
 def _dw_offsets(in_sp, begin, strides, dilations, out, kernel):
     """(O, S) int32: which kernel offset (flat) takes input position s (flat, unpadded) to output
     position o, or K (the number of offsets) where none does."""
@@ -364,7 +362,7 @@ def _dw_matrices(W, in_sp, begin, strides, dilations, out, dtype):
     A = _dw_kept(key)
     if A is not None:
         return A
-    table = _dw_offsets(tuple(in_sp), tuple(begin), tuple(strides), tuple(dilations), tuple(out), tuple(W.shape[2:]))
+    table = _dw_offsets(in_sp, begin, strides, dilations, out, W.shape[2:])
     Wz = np.zeros((W.shape[0], math.prod(W.shape[2:]) + 1), dtype)  # and a zero for "no offset"
     Wz[:, :-1] = W.reshape(W.shape[0], -1)
     A = np.take(Wz, table, axis=1)
