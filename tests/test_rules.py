@@ -643,12 +643,11 @@ def test_max_pool_follows_the_first_maximum(mode):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 3, (3, 2, 5, 6)).astype(np.float32)
     x[0, 0, :2] = -np.inf  # the first row of windows: all -inf, the padding's offsets first
+    from gradcheck import one_input_model
+
     node = helper.make_node("MaxPool", ["x"], ["y", "i"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 6])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
-                           helper.make_tensor_value_info("i", TensorProto.INT64, None)])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)])
-    model.ir_version = 8
+    model = one_input_model([node], {}, (2, 5, 6), opset=12)
+    model.graph.output.append(helper.make_tensor_value_info("i", TensorProto.INT64, None))
     y, i = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     assert np.isneginf(y[0, 0, 0]).all()
     J = jaccli.input_jacobian(model, {"x": x}, of="y", mode=mode, dtype=np.float64, flat=True)  # (N, 18, 60)
@@ -663,12 +662,11 @@ def test_max_pool_window_of_padding_only(mode):
     """Pads as large as the kernel (onnxruntime refuses them, the spec does not): a window of
     padding only is -inf whatever the input, its Jacobian row zero; the others one-hot at their
     maximum."""
+    from gradcheck import one_input_model
+
     x = np.random.default_rng(0).standard_normal((2, 1, 4, 4))
     node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[1, 1], pads=[2, 0, 0, 0])
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)])
-    model.ir_version = 8
+    model = one_input_model([node], {}, (1, 4, 4), opset=12)
     J = jaccli.input_jacobian(model, {"x": x}, mode=mode, dtype=np.float64, flat=True)  # (N, 5 * 3, 16)
     rows = J.reshape(2, 5, 3, 16)
     assert not rows[:, 0].any()

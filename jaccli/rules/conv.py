@@ -302,15 +302,16 @@ def _dw_conv_channels_last(X, W, strides, dilations, begin, end, out, dtype):
 # a batch of small GEMMs, one per channel: forward Y_c = X_c A_c^T, input cotangent X_c = Y_c A_c.
 
 
-def _dw_dense_pays(R, C, M, in_sp, out, kernel, itemsize, built=False):
+def _dw_dense_pays(R, C, M, in_sp, out, kernel, itemsize, kept=lambda: None):
     """Whether a depthwise convolution (one output per channel) of R rows (images, or directions
-    times images) is better taken as dense per-channel matrices: building them (unless `built`,
-    kept from an earlier call) and their GEMMs against the sums over kernel offsets, per output
-    position and channel (the constants below), with the matrices small."""
+    times images) is better taken as dense per-channel matrices: building them (unless `kept()`
+    finds them kept from an earlier call) and their GEMMs against the sums over kernel offsets,
+    per output position and channel (the constants below), with the matrices small."""
     S, O, K = math.prod(in_sp), math.prod(out), math.prod(kernel)
     if M != C or not S or not O or C * O * S * itemsize > _DW_DENSE_BYTES:
         return False
-    return S * (0.0 if built else _DW_BUILD) + S * R * _DW_GEMM <= R * K * _DW_OFFSET
+    build = 0.0 if kept() is not None else _DW_BUILD
+    return S * build + S * R * _DW_GEMM <= R * K * _DW_OFFSET
 
 
 # nanoseconds per output position and channel: per input position to build the matrices (np.take), per
@@ -402,8 +403,8 @@ def _dw_conv(X, W, group, strides, dilations, begin, end):
     dtype = np.result_type(X, W)
     sp = tuple(n + b + e for n, b, e in zip(X.shape[2:], begin, end))
     out = _out_size(sp, kernel, strides, dilations)
-    built = _dw_kept(_dw_key(W, X.shape[2:], begin, strides, dilations, out, dtype)) is not None
-    if _dw_dense_pays(B, C, M, X.shape[2:], out, kernel, dtype.itemsize, built):
+    kept = lambda: _dw_kept(_dw_key(W, X.shape[2:], begin, strides, dilations, out, dtype))  # noqa: E731
+    if _dw_dense_pays(B, C, M, X.shape[2:], out, kernel, dtype.itemsize, kept):
         return _dw_dense(X, W, strides, dilations, begin, out, dtype)
     if _channels_last_pays(C, M, _dw_inner(out, sp, strides)):
         return _dw_conv_channels_last(X, W, strides, dilations, begin, end, out, dtype)
@@ -595,9 +596,9 @@ class Conv:
             # the images as columns (one group: a kernel of 1280 by 320 on a 2x2 map, 0.6-0.8x the time)
             small = (dw and _channels_last_pays(group, W.shape[0], _dw_inner(flat.shape[2:], padded, s))
                      or group == 1 and math.prod(X.shape[2:]) < _FEW_OUTPUTS)
-            built = dw and _dw_kept(_dw_key(W, X.shape[2:], begin, s, d, flat.shape[2:], flat.dtype)) is not None
+            kept = lambda: _dw_kept(_dw_key(W, X.shape[2:], begin, s, d, flat.shape[2:], flat.dtype))  # noqa: E731
             if dw and _dw_dense_pays(len(flat), group, W.shape[0], X.shape[2:], flat.shape[2:], kernel, flat.dtype.itemsize,
-                                     built):
+                                     kept):
                 Xb = _dw_dense_input_cotangent(flat, W, X.shape[2:], s, d, begin)
             elif group == 1 and _cotangent_last_pays(W, flat.shape[2:], s):
                 Xb = _input_cotangent_channels_last(flat, W, X.shape[2:], s, d, begin, end)
