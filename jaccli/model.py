@@ -77,6 +77,7 @@ class Model:
     appended: dict = field(default_factory=dict)  # value -> (NodeProto, initializers) that samples_first added
     held_weights: int = 0  # float Constant nodes made initializers (see weights_as_initializers)
     hoisted_weights: int = 0  # float initializers of sub-graphs moved into the main graph (sub_initializers_hoisted)
+    untied_weights: int = 0  # Identity copies of an initializer made initializers of their own (identities_untied)
     nchwc: dict = field(default_factory=dict)  # onnxruntime's NCHWc operators read as standard ones (see jaccli.nchwc)
     sample_axes: dict = field(default_factory=dict)  # input -> the axis of its samples in the model's layout, where not 0
     one_by_one: bool = False  # each sample runs alone, as a batch of one (load's one_by_one)
@@ -286,6 +287,59 @@ def sub_initializers_hoisted(proto):
     return (m, len(moved)) if moved else (proto, 0)
 
 
+def identities_untied(proto):
+    """The model with every Identity that copies a float initializer read more than once replaced
+    by an initializer of its own, under the Identity's output name, next to its source. The
+    TorchScript exporter keeps one tensor of parameters that are equal when exported (a fresh
+    model's zero biases; a BatchNormalization's scale and running variance, all ones) and ties
+    the others to it by Identity nodes named as the model's parameters: each is then a parameter
+    (or a buffer) apart, as in the model exported, and the columns are the model's parameters.
+    An initializer copied once and read nowhere else keeps its Identity (a renamed weight).
+    Returns (model, count)."""
+    g = proto.graph
+    floats = {t.name for t in g.initializer if t.data_type in FLOAT_TYPES}
+    outputs = {o.name for o in g.output}
+    copies = collections.defaultdict(list)  # initializer -> the Identity nodes that copy it
+    reads = collections.Counter()  # initializer -> other reads, sub-graphs' included
+    for n in g.node:
+        if (n.op_type == "Identity" and n.domain in ("", "ai.onnx") and n.input and n.input[0] in floats
+                and n.output[0] not in outputs):
+            copies[n.input[0]].append(n.output[0])
+            continue
+        reads.update(v for v in n.input if v in floats)
+        for sub in subgraphs(n):
+            reads.update(v for v in _reads(sub) if v in floats)
+    untie = {src: outs for src, outs in copies.items() if len(outs) + (reads[src] > 0) >= 2}
+    if not untie:
+        return proto, 0
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    tied = {o for outs in untie.values() for o in outs}
+    nodes = [n for n in m.graph.node if not (n.op_type == "Identity" and n.output[0] in tied)]
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    inits = []
+    for t in m.graph.initializer:
+        inits.append(t)
+        for out in untie.get(t.name, ()):
+            c = onnx.TensorProto()
+            c.CopyFrom(t)
+            c.name = out
+            inits.append(c)
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(inits)
+    return m, len(tied)
+
+
+def _reads(g):
+    """Every name the nodes of graph g and its sub-graphs read."""
+    names = {v for n in g.node for v in n.input if v}
+    for n in g.node:
+        for sub in subgraphs(n):
+            names |= _reads(sub)
+    return names
+
+
 def _definitions(g):
     """Every name graph g and its sub-graphs define (inputs, initializers, node outputs), once
     per definition."""
@@ -406,12 +460,13 @@ def load(source, max_bytes=None, sample_axes=None, one_by_one=False) -> Model:
     proto, expanded = _expand_functions(proto)
     proto, held = weights_as_initializers(proto)
     proto, hoisted = sub_initializers_hoisted(proto)
+    proto, untied = identities_untied(proto)
     axes = {**declared_sample_axes(proto), **_every_input(proto, sample_axes or {})}
     proto = inputs_samples_first(proto, axes, path or "model")
     base = os.path.dirname(os.path.abspath(path)) if path else None
     model = _build(proto, path, base, max_bytes)
     model.expanded, model.held_weights, model.sample_axes = expanded, held, _given_axes(axes)
-    model.hoisted_weights = hoisted
+    model.hoisted_weights, model.untied_weights = hoisted, untied
     model.nchwc = blocked
     model.one_by_one = bool(one_by_one)
     return model

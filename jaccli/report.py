@@ -113,6 +113,11 @@ def render_inspect(console: Console, info: dict):
         console.print(f"[yellow]note:[/yellow] {info['hoisted_weights']} float initializer(s) kept inside sub-graphs (a Loop's or "
                       f"Scan's body, an If's branches) count as the model's, read by the sub-graph from outside: parameters "
                       f"like the main graph's (by default those of rank 1 and more)")
+    if info.get("untied_weights"):
+        console.print(f"[yellow]note:[/yellow] {info['untied_weights']} Identity copies of a weight read more than once are "
+                      f"tensors of their own, under the copies' names: the TorchScript exporter keeps one tensor of "
+                      f"parameters equal when exported (a fresh model's zero biases, a BatchNorm's scale and running "
+                      f"variance) and ties the others to it by name")
     if info.get("quantized_values"):
         console.print(f"[yellow]note:[/yellow] {info['quantized_values']} QuantizeLinear, DynamicQuantizeLinear, "
                       f"DynamicQuantizeMatMul or MatMulNBits (accuracy_level 4) node(s) quantize values, not weights: an "

@@ -292,8 +292,10 @@ def test_conv_kernels_either_way(case, few, dw, monkeypatch):
 
 def test_batchnorm_statistics_tied_to_parameters():
     """TorchScript ties a fresh BatchNormalization's running variance to its scale (both ones) and
-    its running mean to its bias (both zeros) through Identity nodes: the parameter Jacobian
-    follows those paths too, and the statistics stay buffers when they are initializers."""
+    its running mean to its bias (both zeros) through Identity nodes: the copies are buffers
+    apart (model.identities_untied), as in the model exported, so the parameter Jacobian does
+    not follow them (as torch.func's does not); and the statistics stay buffers when they are
+    initializers."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -310,6 +312,9 @@ def test_batchnorm_statistics_tied_to_parameters():
     assert [c["name"] for c in cols] == ["scale", "bias"]
     fd = fd_param_jacobian(model, feeds, ["scale", "bias"], load(model).initializers)
     assert rel_err(G.reshape(fd.shape), fd) < 1e-6
+    scale, bias = (numpy_helper.to_array(t).astype(np.float64) for t in inits)
+    xhat = (feeds["x"] - bias[:, None]) / np.sqrt(scale[:, None] + 1e-3)  # the statistics held: xhat, not half of it
+    np.testing.assert_allclose(G[..., :3], np.einsum("ncp,cj->ncpj", xhat, np.eye(3)), rtol=1e-6, atol=1e-6)
     J = jaccli.input_jacobian(model, feeds, dtype=np.float64, flat=True)
     assert rel_err(J, fd_input_jacobian(model, feeds, "x")) < 1e-6
     from gradcheck import check_rule

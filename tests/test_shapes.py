@@ -284,8 +284,9 @@ def test_an_output_that_does_not_depend_on_the_input_gives_zeros_and_a_note():
 
 
 def test_identity_wired_shared_weights_constants_and_initializers_listed_as_inputs():
-    # tied weights through Identity, a Constant node, and (as old exports do) the weights also
-    # listed among the graph inputs
+    # equal weights wired through Identity (the TorchScript exporter keeps one tensor of equal
+    # parameters: each copy is a parameter of its own, see model.identities_untied), a Constant
+    # node, and (as old exports do) the weights also listed among the graph inputs
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
     w_in = helper.make_tensor_value_info("W", TensorProto.FLOAT, [4, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
@@ -302,20 +303,13 @@ def test_identity_wired_shared_weights_constants_and_initializers_listed_as_inpu
     xv = RNG.standard_normal((3, 4))
     assert [v.name for v in jaccli.load(m).inputs] == ["x"]
     G, cols = jaccli.param_jacobian(m, xv, dtype="float64")
-    assert [c["name"] for c in cols] == ["W"]
-    eps = 1e-6
-    from gradcheck import our_forward
+    assert [c["name"] for c in cols] == ["W", "W_tied"] and jaccli.load(m).untied_weights == 1
+    from gradcheck import fd_param_jacobian
 
-    def with_weight(Wnew):  # a new model, so that the tied copy moves with W
-        return model(nodes, [x, w_in], [y], [init("W", Wnew)])
-
-    fd = np.zeros((3, 4, 16))
-    for j in range(16):
-        d = np.zeros(16)
-        d[j] = eps
-        fd[:, :, j] = (our_forward(with_weight(Wv + d.reshape(4, 4)), {"x": xv}) -
-                       our_forward(with_weight(Wv - d.reshape(4, 4)), {"x": xv})) / (2 * eps)
+    fd = fd_param_jacobian(m, {"x": xv}, ["W", "W_tied"], {"W": Wv, "W_tied": Wv}, n=3)
     np.testing.assert_allclose(G, fd, rtol=1e-6, atol=1e-9)
+    h = np.tanh(xv @ Wv)  # the second product's weight alone: its column is 0.5 * h outer e_k
+    np.testing.assert_allclose(G[:, :, 16:].reshape(3, 4, 4, 4), 0.5 * np.einsum("ni,kl->nkil", h, np.eye(4)), atol=1e-9)
 
 
 
