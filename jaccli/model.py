@@ -307,8 +307,7 @@ def identities_untied(proto):
             copies[n.input[0]].append(n.output[0])
             continue
         reads.update(v for v in n.input if v in floats)
-        for sub in subgraphs(n):
-            reads.update(v for v in _reads(sub) if v in floats)
+        reads.update(v for v in reads_of_subgraphs(n) if v in floats)
     untie = {src: outs for src, outs in copies.items() if len(outs) + (reads[src] > 0) >= 2}
     if not untie:
         return proto, 0
@@ -331,12 +330,13 @@ def identities_untied(proto):
     return m, len(tied)
 
 
-def _reads(g):
-    """Every name the nodes of graph g and its sub-graphs read."""
-    names = {v for n in g.node for v in n.input if v}
-    for n in g.node:
-        for sub in subgraphs(n):
-            names |= _reads(sub)
+def reads_of_subgraphs(node):
+    """Every name that the nodes of a node's sub-graphs (If, Loop, Scan) read, at any depth."""
+    names = set()
+    for sub in subgraphs(node):
+        for n in sub.node:
+            names.update(i for i in n.input if i)
+            names |= reads_of_subgraphs(n)
     return names
 
 

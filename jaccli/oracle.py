@@ -12,7 +12,8 @@ from onnx import TensorProto, numpy_helper
 
 from .drivers import (DEFAULT_MAX_MEMORY, Feeds, _copies, _first_float, _slice_samples, in_runs, input_jacobian,
                       param_jacobian, parse_outputs, prepare_feeds, quiet_floats, samples_first, samples_in)
-from .model import identities_untied, inputs_samples_first, load, sub_initializers_hoisted, subgraphs, weights_as_initializers
+from .model import (identities_untied, inputs_samples_first, load, reads_of_subgraphs, sub_initializers_hoisted,
+                    weights_as_initializers)
 from .nchwc import plain
 
 TOLERANCE = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
@@ -88,7 +89,7 @@ def _cut_at(proto, value, outputs):
         if any(o in needed for o in node.output if o):
             keep.append(node)
             needed.update(i for i in node.input if i)
-            needed.update(_reads_of_subgraphs(node))
+            needed.update(reads_of_subgraphs(node))
     kept = [onnx.NodeProto() for _ in keep]
     for dst, src in zip(kept, reversed(keep)):
         dst.CopyFrom(src)
@@ -101,16 +102,6 @@ def _cut_at(proto, value, outputs):
                 TensorProto.FLOAT)
     g.input.append(onnx.helper.make_tensor_value_info(value, elem, None))
     return m
-
-
-def _reads_of_subgraphs(node):
-    """Every name that the nodes of a node's sub-graphs (If, Loop, Scan) read, at any depth."""
-    names = set()
-    for sub in subgraphs(node):
-        for n in sub.node:
-            names.update(i for i in n.input if i)
-            names |= _reads_of_subgraphs(n)
-    return names
 
 
 def _params_as_inputs(proto, names):
