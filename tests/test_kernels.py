@@ -150,3 +150,9 @@ def test_depthwise_matrices_are_kept_by_the_kernel_s_values(monkeypatch):
     W[2] -= 1.0
     dense()
     assert len(conv._DW_KEPT) == 2 and first not in conv._DW_KEPT
+    from jaccli.rules._util import memory_limit
+
+    with memory_limit(8 * 3 * 16 * 16 * 8):  # an eighth of --max-memory: room for one
+        W[0] *= 2.0
+        dense()
+    assert len(conv._DW_KEPT) == 1

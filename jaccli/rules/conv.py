@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 
-from . import rule
+from . import _util, rule
 from ..errors import UnsupportedOpError
 from ._util import (add, conv_geometry, crop_or_pad, lead_flat, pad_spatial, sum_trailing, unpad, window_slices, windows,
                     windows_adjoint)
@@ -326,7 +326,12 @@ _DW_DENSE_BYTES = 1 << 24  # the matrices' size at most
 # differentiated call after call with the same weights, and building their matrices costs more than their
 # GEMMs (ConvNeXt-atto's 16x16 maps at 64x64 input: 1.4 ms against 0.3). Least recently used dropped first.
 _DW_KEPT, _DW_KEPT_LOCK = collections.OrderedDict(), threading.Lock()
-_DW_KEPT_BYTES = 1 << 25
+_DW_KEPT_BYTES = 1 << 25  # at most; and an eighth of the call's --max-memory (see _dw_kept_budget)
+
+
+def _dw_kept_budget():
+    limit = _util._MAX_BYTES.get()
+    return _DW_KEPT_BYTES if limit is None else min(_DW_KEPT_BYTES, limit // 8)
 
 
 def _dw_key(W, in_sp, begin, strides, dilations, out, dtype):
@@ -368,10 +373,11 @@ def _dw_matrices(W, in_sp, begin, strides, dilations, out, dtype):
     Wz[:, :-1] = W.reshape(W.shape[0], -1)
     A = np.take(Wz, table, axis=1)
     A.setflags(write=False)
-    if A.nbytes <= _DW_KEPT_BYTES:
+    budget = _dw_kept_budget()
+    if A.nbytes <= budget:
         with _DW_KEPT_LOCK:
             _DW_KEPT[key] = A
-            while sum(a.nbytes for a in _DW_KEPT.values()) > _DW_KEPT_BYTES:
+            while sum(a.nbytes for a in _DW_KEPT.values()) > budget:
                 _DW_KEPT.popitem(last=False)
     return A
 
