@@ -136,7 +136,7 @@ def _conv1_channels_last(X, Wk, kernel, strides, dilations, begin, end, out, dty
     B, C = X.shape[:2]
     M, O, K = Wk.shape[0], math.prod(out), math.prod(kernel)
     padded = [n + b + e for n, b, e in zip(X.shape[2:], begin, end)]
-    inner = (slice(None),) + tuple(slice(b, b + n) for b, n in zip(begin, X.shape[2:])) + (slice(None),)
+    inner = (slice(None),) + _inner(begin, X.shape[2:]) + (slice(None),)  # in a (B, *padded, C) array
     step = _tile(C * K * O * dtype.itemsize, tile_bytes)
     Xc = np.zeros((min(step, B), *padded, C), dtype)  # its borders stay zero from tile to tile
     cols = np.empty((min(step, B), *out, C, K), dtype)
@@ -703,7 +703,7 @@ def _input_cotangent_channels_last(Yb, W, sp, strides, dilations, begin, end, ti
     C, kernel = W.shape[1], W.shape[2:]
     K, O = math.prod(kernel), math.prod(out)
     padded = [n + b + e for n, b, e in zip(sp, begin, end)]
-    inner = (slice(None),) + tuple(slice(b, b + n) for b, n in zip(begin, sp)) + (slice(None),)
+    inner = (slice(None),) + _inner(begin, sp) + (slice(None),)  # in a (L, *padded, C) array
     Wk = W.reshape(M, C * K).astype(Yb.dtype, copy=False)
     step = _tile(C * K * O * Yb.itemsize, tile_bytes)
     Xb = np.empty((L, C) + tuple(sp), Yb.dtype)

@@ -35,10 +35,9 @@ def _offsets(X, kernel_shape, s, d, begin, end, fill=0.0):
     nd = len(kernel_shape)
     sp = X.shape[X.ndim - nd:]
     out = [(n - (k - 1) * dd - 1) // ss + 1 for n, k, ss, dd in zip(Xp.shape[X.ndim - nd:], kernel_shape, s, d)]
-    reach = [{k for k in range(kn) if any(0 <= o * ss + k * dd - b < n for o in range(on))}
-             for n, kn, ss, dd, b, on in zip(sp, kernel_shape, s, d, begin, out)]
+    reach = [inside.any(axis=0) for inside in _in_input(sp, kernel_shape, s, d, begin, out)]  # per axis, (k,)
     pairs = [(k, Xp[window_slices(off, s, d, out)]) for k, off in enumerate(np.ndindex(*kernel_shape))
-             if all(o in r for o, r in zip(off, reach))]
+             if all(r[o] for o, r in zip(off, reach))]
     return pairs or [(0, Xp[window_slices((0,) * nd, s, d, out)])]  # an empty input: padding only
 
 
@@ -67,12 +66,18 @@ def _max_arg(X, kernel_shape, s, d, begin, end):
     return Y, idx
 
 
+def _in_input(sp, kernel, s, d, begin, out):
+    """Per spatial axis, (outputs, kernel offsets): whether the offset reads the input, not its padding."""
+    inside = []
+    for n, k, ss, dd, b, o in zip(sp, kernel, s, d, begin, out):
+        pos = np.arange(o)[:, None] * ss + np.arange(k)[None, :] * dd - b
+        inside.append((pos >= 0) & (pos < n))
+    return inside
+
+
 def _first_inside(sp, kernel, s, d, begin, out):
     """(*out): each window's first kernel offset (flattened) that falls in the input, not in its padding."""
-    first = []
-    for n, k, ss, dd, b, o in zip(sp, kernel, s, d, begin, out):
-        pos = np.arange(o)[:, None] * ss + np.arange(k)[None, :] * dd - b  # (o, k)
-        first.append(np.argmax((pos >= 0) & (pos < n), axis=1))  # a window all padding: offset 0
+    first = [np.argmax(inside, axis=1) for inside in _in_input(sp, kernel, s, d, begin, out)]  # all padding: offset 0
     return np.ravel_multi_index(np.ix_(*first), kernel).astype(np.int32)
 
 
