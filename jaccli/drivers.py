@@ -1112,7 +1112,6 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     if of not in plan.batched:
         raise DataError(f"output '{of_v.name}' does not depend on the input samples")
     out_shape = y1.shape[1:]
-    n_out = math.prod(out_shape)
     sel = _output_rows(outputs, of_v.name, out_shape)
     n_sel = sel.size
 

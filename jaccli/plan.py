@@ -448,7 +448,6 @@ def _flops(s, env, n):
     out = Y.size / n
     op = s.node.op_type
     if op in ("Gemm", "MatMul"):
-        B = env.get(s.inputs[1])
         A = env.get(s.inputs[0])
         k = A.shape[-1] if A is not None and A.ndim else 1
         if op == "Gemm" and s.attrs.get("transA"):

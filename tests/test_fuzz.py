@@ -4,7 +4,6 @@ mutated models and data files that may only ever raise a JaccliError."""
 import os
 
 import numpy as np
-import onnx
 import pytest
 from gradcheck import our_forward
 from hypothesis import HealthCheck, given, settings

@@ -571,7 +571,6 @@ class Conv:
     def jvp(cx, Xdot, Wdot, Bdot=None, *, auto_pad, dilations=None, group, kernel_shape=None, pads=None, strides=None):
         X, W = cx.x[0], cx.x[1]
         s, d, begin, end, _ = _geometry(X, W, auto_pad, dilations, pads, strides)
-        nd = W.ndim - 2
         terms = []
         if Xdot is not None:  # linear in X: the op itself on the tangent, directions folded into B
             flat, head = lead_flat(Xdot, X.ndim - 1)

@@ -435,7 +435,7 @@ class AffineGrid:
 
     def vjp(cx, Ybar, *, align_corners=0):
         need_no_keep(cx, "AffineGrid")
-        theta, Y = cx.x[0], cx.y[0]
+        Y = cx.y[0]
         spatial = Y.shape[1:-1]
         base = _affine_base(spatial, align_corners, Ybar.dtype)
         G = Ybar.reshape(Ybar.shape[: Ybar.ndim - Y.ndim + 1] + (-1, Y.shape[-1]))  # (*lead, N, points, nd)
