@@ -55,6 +55,21 @@ def test_erf_is_math_erf(dtype, tol):
     assert np.signbit(_erf(np.array([-0.0], dtype)))[0] and np.isnan(_erf(np.array([np.nan], dtype)))[0]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("view", ["transposed", "strided", "fortran"])
+def test_erf_in_pieces_of_any_layout(dtype, view):
+    """A large input goes in pieces: a transposed, strided or Fortran-ordered one too (numpy's
+    elementwise results keep a transposed operand's layout, as a GELU's Div does after a
+    Transpose), each element at its own place."""
+    from jaccli.rules.elementwise import _ERF_PIECE
+
+    base = RNG.standard_normal((3, 2 * _ERF_PIECE // 64 + 5, 64)).astype(dtype)
+    X = {"transposed": base.transpose(0, 2, 1), "strided": base[:, ::2, :], "fortran": np.asfortranarray(base)}[view]
+    assert X.size > 2 * _ERF_PIECE
+    np.testing.assert_array_equal(_erf(X), _erf(np.ascontiguousarray(X)))
+    np.testing.assert_allclose(_erf(X), np.vectorize(math.erf)(X.astype(np.float64)), rtol=5e-7, atol=5e-7)
+
+
 @pytest.mark.parametrize("shape, begin, end, value", [
     ((2, 3, 5, 6), (1, 2), (0, 3), 0.0),
     ((2, 3, 5, 6, 4), (1, 0, 2), (2, 1, 0), -np.inf),  # a max pool's padding, 3-D

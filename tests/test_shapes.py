@@ -1,6 +1,8 @@
 """Real-world shapes: fixed batch dimensions, graphs that mix samples, several inputs and outputs,
 outputs that do not depend on the input, and the quirks of old exports."""
 
+import math
+
 import numpy as np
 import pytest
 import onnxruntime as ort
@@ -204,6 +206,35 @@ def test_a_graph_that_mixes_samples_is_refused():
     S = np.exp(data) / np.exp(data).sum(axis=0)
     want = np.einsum("cd,ic,ij->icjd", np.eye(4), S, np.eye(3)) - np.einsum("cd,ic,jc->icjd", np.eye(4), S, S)
     np.testing.assert_allclose(J[0], want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("opset", [13, 20])
+def test_a_gelu_after_a_transpose_of_many_values(opset):
+    """A GELU on a transposed map, as timm's PVT-v2 has it after its depthwise convolution
+    (Transpose, then Div and Erf, or the Gelu op): more values than erf takes at once, so it goes
+    in pieces, on an input whose layout the Transpose set. Each sample's output is onnxruntime's,
+    the model is not taken for mixing samples, and the Jacobian equals runs of one sample."""
+    from gradcheck import ort_forward, our_forward
+
+    S, C = 600, 64  # 2 samples x 38,400 values: over erf's 65,536 at once
+    if opset >= 20:
+        act = [helper.make_node("Gelu", ["t"], ["y"])]
+    else:
+        act = [helper.make_node("Div", ["t", "r2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+               helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["t", "e1"], ["h"]),
+               helper.make_node("Mul", ["h", "half"], ["y"])]
+    consts = {"r2": np.float32(np.sqrt(2)), "one": np.float32(1), "half": np.float32(0.5)} if opset < 20 else {}
+    m = one_input_model([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1])] + act, consts, (S, C), opset)
+    x = RNG.standard_normal((2, S, C)).astype(np.float32)
+    ref, _ = ort_forward(m, {"x": x})
+    np.testing.assert_allclose(our_forward(m, {"x": x}, np.float32), ref, rtol=1e-5, atol=1e-6)
+    J = jaccli.input_jacobian(m, x, outputs="0:3", dtype=np.float64)
+    one = np.concatenate([jaccli.input_jacobian(m, x[i:i + 1], outputs="0:3", dtype=np.float64) for i in range(2)])
+    np.testing.assert_allclose(J, one, rtol=1e-12, atol=0)
+    # y[0, 0, k] = gelu(x[0, k, 0]): its derivative at the input it reads
+    t = x[:, :3, 0].astype(np.float64)
+    want = 0.5 * (1 + np.vectorize(math.erf)(t / np.sqrt(2))) + t * np.exp(-t * t / 2) / np.sqrt(2 * np.pi)
+    np.testing.assert_allclose(J[:, np.arange(3), np.arange(3), 0], want, rtol=1e-6)  # sqrt(2) a float32 constant
 
 
 def test_an_output_that_cancels_is_not_taken_for_mixing_samples():

@@ -161,7 +161,9 @@ def _erf(X):
     if X.dtype.kind != "f":
         X = X.astype(np.float64)
     if X.size > 2 * _ERF_PIECE:
-        Y = np.empty_like(X)
+        # C order, so that y is a view of Y: empty_like would keep the layout of a transposed X,
+        # and Y.reshape(-1) would be a copy, leaving Y unwritten
+        Y = np.empty(X.shape, X.dtype)
         x, y = X.reshape(-1), Y.reshape(-1)
         for a in range(0, x.size, _ERF_PIECE):
             y[a:a + _ERF_PIECE] = _erf(x[a:a + _ERF_PIECE])
