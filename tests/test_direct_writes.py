@@ -187,3 +187,30 @@ def test_a_first_axis_as_long_as_the_probe(case):
         assert rel_err(r.J, fd_param_jacobian(m, {"x": x}, list(inits), inits, n=n)) < 1e-6, n
         if n > 1:
             assert r.chunks[0] == 1 and any("one sample at a time" in note for note in r.notes)
+
+
+def test_a_sample_free_product_of_parameters_in_a_run_of_one_sample():
+    """A Gemm of two parameters, read by batched values (torch's dynamo exporter folds Swin-v2's
+    position MLP up to such a product: its hidden layer becomes an initializer), in a graph
+    that runs one sample at a time (a time-major sequence of two steps). Its cotangent comes
+    plain, and the destination offered for its A, the result's (T, 1, *shape), is not the
+    (T, rows, K) that Gemm writes in place; it crashed there."""
+    I, H, K = 3, 4, 5
+    inits = {"W": RNG.standard_normal((I, H)), "A": RNG.standard_normal((2, K)), "B": RNG.standard_normal((H, K))}
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]), helper.make_node("MatMul", ["xt", "W"], ["h"]),
+             helper.make_node("Gemm", ["A", "B"], ["g"], transB=1), helper.make_node("Unsqueeze", ["g", "one"], ["g1"]),
+             helper.make_node("Add", ["h", "g1"], ["s"]), helper.make_node("Tanh", ["s"], ["t"]),
+             helper.make_node("Transpose", ["t"], ["y"], perm=[1, 0, 2])]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, I])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()]
+                          + [numpy_helper.from_array(np.array([1], np.int64), "one")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    for n in (1, 2, 5):
+        x = RNG.standard_normal((n, 2, I))
+        r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
+        assert [c["name"] for c in r.columns] == ["W", "A", "B"]
+        assert rel_err(r.J, fd_param_jacobian(m, {"x": x}, list(inits), inits, n=n)) < 1e-6, n
+        if n > 1:
+            assert any("one sample at a time" in note for note in r.notes)
