@@ -160,8 +160,11 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
     (plan.regions) is one product, at its exit step; its other steps then receive nothing. The
     cotangent of a split input (plan.pieces) is one array, its pieces written by the readers
     of the outputs, instead of a concatenation at the split. With `one` sample (see
-    _one_sample), the rules are asked for plain cotangents, given a sample axis at the sinks."""
+    _one_sample), the rules are asked for plain cotangents, and the sinks, (T, 1, *shape), are
+    taken without their sample axis: plain too, for the rules that write into them."""
     done = set()
+    if one:
+        sinks = {v: s[:, 0] for v, s in sinks.items()}
     through = _through_transpose(plan, sinks)
     homes = {**sinks, **{v: view for v, (_, view) in through.items()}}
     diag, pieces = {}, {}  # pieces: {id(step): the array its input's cotangent is assembled in}
@@ -220,7 +223,7 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
             b = _in_type(b, plan.dtype)
             if dst is not None:
                 if b is not dst:
-                    np.copyto(dst, _fit_sink(b, dst))
+                    np.copyto(dst, b)
                 done.add(name)
                 if name in through:  # written in the parameter's own place: its Transpose has nothing to do
                     done.add(through[name][0])
@@ -230,7 +233,7 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
     for name, dst in sinks.items():
         if name not in done:
             if name in cot:
-                np.copyto(dst, _fit_sink(cot[name], dst))
+                np.copyto(dst, cot[name])
             else:
                 dst[...] = 0
     return {w: (sinks[w] if w in sinks else cot.get(w)) for w in wrt}
@@ -296,11 +299,6 @@ def accumulate(a, b):
     if isinstance(a, list):
         return [y if x is None else x if y is None else accumulate(x, y) for x, y in zip(a, b)]
     return a + b
-
-
-def _fit_sink(b, dst):
-    """A plain cotangent (T, *shape) for a per-sample sink (T, 1, *shape) of a one-sample run."""
-    return b.reshape(dst.shape) if b.ndim == dst.ndim - 1 and b.size == dst.size else b
 
 
 def _piece(step, k, whole, env):

@@ -192,9 +192,10 @@ def test_a_first_axis_as_long_as_the_probe(case):
 def test_a_sample_free_product_of_parameters_in_a_run_of_one_sample():
     """A Gemm of two parameters, read by batched values (torch's dynamo exporter folds Swin-v2's
     position MLP up to such a product: its hidden layer becomes an initializer), in a graph
-    that runs one sample at a time (a time-major sequence of two steps). Its cotangent comes
-    plain, and the destination offered for its A, the result's (T, 1, *shape), is not the
-    (T, rows, K) that Gemm writes in place; it crashed there."""
+    that runs one sample at a time (a time-major sequence of two steps). The rules give plain
+    cotangents there, and Gemm writes its A's in place into the destination offered: that
+    crashed when it was the result's (T, 1, *shape), with the sample axis; the walker now
+    offers the sinks of such a run without it."""
     I, H, K = 3, 4, 5
     inits = {"W": RNG.standard_normal((I, H)), "A": RNG.standard_normal((2, K)), "B": RNG.standard_normal((H, K))}
     nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]), helper.make_node("MatMul", ["xt", "W"], ["h"]),

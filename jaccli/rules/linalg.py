@@ -150,8 +150,8 @@ class Gemm:
             Ybar_a = Ybar
         Abar = Bbar = Cbar = None
         if cx.need[0]:
-            dest = cx.dest(0)  # (T, rows, K) to write in place; in a run of one sample, a sink may be (T, 1, *A.shape)
-            if dest is not None and not transA and Ybar_a.ndim == 3 and dest.shape == Ybar_a.shape[:2] + A.shape[-1:]:
+            dest = cx.dest(0)
+            if dest is not None and not transA and Ybar_a.ndim == 3:
                 Abar = rows_into(Ybar_a, _t(_t(B, transB)), dest)
             else:
                 Abar = _t(mm(Ybar_a, _t(_t(B, transB))), transA)
