@@ -330,6 +330,19 @@ def identities_untied(proto):
     return m, len(tied)
 
 
+def weights_rewritten(proto):
+    """The rewrites of the weights that load makes, in its order: float Constant nodes made
+    initializers (weights_as_initializers), sub-graphs' float initializers read from the main
+    graph (sub_initializers_hoisted), and Identity copies of an initializer apart
+    (identities_untied). The oracle's model and the tests' are rewritten the same way, so that
+    a parameter has the same name in each. Returns (model, (held, hoisted, untied)), how many
+    of each."""
+    proto, held = weights_as_initializers(proto)
+    proto, hoisted = sub_initializers_hoisted(proto)
+    proto, untied = identities_untied(proto)
+    return proto, (held, hoisted, untied)
+
+
 def reads_of_subgraphs(node):
     """Every name that the nodes of a node's sub-graphs (If, Loop, Scan) read, at any depth."""
     names = set()
@@ -458,9 +471,7 @@ def load(source, max_bytes=None, sample_axes=None, one_by_one=False) -> Model:
     blocked = nchwc.counts(proto)
     proto = nchwc.plain(proto)  # onnxruntime's NCHWc layout, as the standard operators it fuses
     proto, expanded = _expand_functions(proto)
-    proto, held = weights_as_initializers(proto)
-    proto, hoisted = sub_initializers_hoisted(proto)
-    proto, untied = identities_untied(proto)
+    proto, (held, hoisted, untied) = weights_rewritten(proto)
     axes = {**declared_sample_axes(proto), **_every_input(proto, sample_axes or {})}
     proto = inputs_samples_first(proto, axes, path or "model")
     base = os.path.dirname(os.path.abspath(path)) if path else None

@@ -12,8 +12,7 @@ from onnx import TensorProto, numpy_helper
 
 from .drivers import (DEFAULT_MAX_MEMORY, Feeds, _copies, _first_float, _slice_samples, in_runs, input_jacobian,
                       param_jacobian, parse_outputs, prepare_feeds, quiet_floats, samples_first, samples_in)
-from .model import (identities_untied, inputs_samples_first, load, reads_of_subgraphs, sub_initializers_hoisted,
-                    weights_as_initializers)
+from .model import inputs_samples_first, load, reads_of_subgraphs, weights_rewritten
 from .nchwc import plain
 
 TOLERANCE = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
@@ -430,9 +429,7 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     proto = model_path if isinstance(model_path, onnx.ModelProto) else onnx.load(model_path)
     blocked = proto
     proto = plain(proto)  # onnxruntime's NCHWc operators as standard ones: in float64, fed plain weights (model.nchwc)
-    proto = weights_as_initializers(proto)[0]  # as load made them: parameters the oracle can be fed,
-    proto = sub_initializers_hoisted(proto)[0]  # sub-graphs' among them,
-    proto = identities_untied(proto)[0]  # equal parameters apart,
+    proto = weights_rewritten(proto)[0]  # the weights as load made them: parameters the oracle can be fed,
     proto = inputs_samples_first(proto, model.sample_axes)  # and the inputs samples first
     outs = ([v.name for v in model.outputs if v.is_float] if of is None else []) or [model.output(of).name]
     for name in outs:
@@ -492,8 +489,7 @@ def _blocked_forward(blocked, model, feeds, rows, inner, dtype):
     """A model saved in onnxruntime's NCHWc layout is checked as the standard operators jaccli reads
     it as (see jaccli.nchwc); its outputs are compared with onnxruntime's NCHWc kernels (float32)
     too, and each row's forward error is the larger of the two."""
-    proto = inputs_samples_first(identities_untied(sub_initializers_hoisted(weights_as_initializers(blocked)[0])[0])[0],
-                                 model.sample_axes)
+    proto = inputs_samples_first(weights_rewritten(blocked)[0], model.sample_axes)
     names = [r["output"] for r in rows if inner[r["output"]] == r["output"]]
     for name in names:
         if name not in {o.name for o in proto.graph.output}:

@@ -130,14 +130,14 @@ def our_forward(model, feeds, dtype=np.float64, params=None):
 
 def _replace_initializers(model, params):
     """A copy of the model with `params` in place of its initializers, under the names they have
-    once loaded: a sub-graph's float initializers are read from the main graph (see
-    model.sub_initializers_hoisted, the move check_whole_model's forward against onnxruntime
-    vouches for), and an initializer's Identity copies are initializers apart
-    (model.identities_untied): the one replaced moves alone."""
-    from jaccli.model import identities_untied, sub_initializers_hoisted
+    once loaded (model.weights_rewritten): float Constant nodes are initializers, a sub-graph's
+    float initializers are read from the main graph (the move check_whole_model's forward
+    against onnxruntime vouches for), and an initializer's Identity copies are initializers
+    apart: the one replaced moves alone."""
+    from jaccli.model import weights_rewritten
 
     m = onnx.ModelProto()
-    m.CopyFrom(identities_untied(sub_initializers_hoisted(model)[0])[0])
+    m.CopyFrom(weights_rewritten(model)[0])
     for t in m.graph.initializer:
         if t.name in params:
             t.CopyFrom(numpy_helper.from_array(np.asarray(params[t.name], np.float64), t.name))
