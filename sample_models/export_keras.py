@@ -72,11 +72,13 @@ MODELS = {"cnn": cnn, "recurrent": recurrent, "attention": attention, "conv1d": 
 
 def references(make, weights, x):
     """Outputs, input Jacobian and per-sample parameter Jacobian of the network in float64."""
-    keras.config.set_floatx("float64")
+    policy = keras.config.dtype_policy()  # fixed by the first model built: floatx alone no longer changes it
+    keras.config.set_dtype_policy("float64")
     try:
         model, _ = make()
     finally:
-        keras.config.set_floatx("float32")
+        keras.config.set_dtype_policy(policy)
+    assert all(w.dtype == "float64" for w in model.weights)
     model.set_weights([w.astype(np.float64) for w in weights])
     x64 = tf.constant(x, tf.float64)
     with tf.GradientTape() as tape:
