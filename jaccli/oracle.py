@@ -568,10 +568,14 @@ def _passes(row, tol):
 def verdict(row, tol):
     """The row's verdict against the oracle (see _verdict), weighed with the second look
     (row["own"], see _own_look) where there is one: a second look that FAILs is a FAIL; one
-    that passes makes the oracle's FAIL unclear where the forward passes agree (to 1e-4 of
-    the output) and our Jacobian in the dtype asked for is within the tolerance of our
-    float64 one, as the oracle's steps then crossed kinks or rounded (a float32 oracle on a
-    deep ReLU network, its random directions moving every parameter at once)."""
+    that passes makes the oracle's FAIL unclear where the forward passes agree (within the
+    tolerance, of the output's largest value) and our Jacobian in the dtype asked for is
+    within the tolerance of our float64 one, as the oracle's steps then crossed kinks or
+    rounded (a float32 oracle on a deep ReLU network, its random directions moving every
+    parameter at once; onnxruntime's float32 Sigmoid, exact to about 1e-7 absolute, on a
+    detector's map of probabilities near 0: PP-OCRv6's text detector, outputs up to 3.5e-4,
+    forward 1.3e-7 from the oracle's while 9e-11 from the onnx reference evaluator's in
+    float64)."""
     v = _verdict(row, tol)
     own = row.get("own")
     if own is None or v == "pass":
@@ -579,7 +583,7 @@ def verdict(row, tol):
     if own["verdict"] == "FAIL":
         return "FAIL"
     if (v == "FAIL" and own["verdict"] == "pass" and own.get("precision", np.inf) <= tol
-            and row["forward_error"] <= 1e-4 * row.get("forward_scale", 0.0)):
+            and row["forward_error"] < tol * row.get("forward_scale", 0.0)):
         return "unclear"
     return v
 
