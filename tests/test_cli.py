@@ -432,6 +432,9 @@ def test_second_look_weighs_the_oracles_verdict():
     # a float32 oracle's Sigmoid (exact to about 1e-7 absolute) on a map of probabilities near 0
     assert verdict({**failing, "own": own, "forward_error": 1.3e-7, "forward_scale": 3.5e-4}, 1e-3) == "unclear"
     assert verdict({**failing, "own": own, "forward_error": 1e-6, "forward_scale": 3.5e-4}, 1e-3) == "FAIL"
+    tiny = {**failing, "own": own, "forward_scale": 1e-4, "forward_floor": 4 * float(np.finfo(np.float32).eps)}
+    assert verdict({**tiny, "forward_error": 1.1e-7}, 1e-3) == "unclear"  # within 4 float32 ulps of 1
+    assert verdict({**tiny, "forward_error": 1e-6}, 1e-3) == "FAIL"
     assert verdict({**failing, "own": {**own, "precision": 5e-3}}, 1e-3) == "FAIL"  # the float32 Jacobian itself is off
     assert verdict({**failing, "own": {"verdict": "FAIL"}}, 1e-3) == "FAIL"
     unclear = {**failing, "entry_spread": 1.0, "direction_spread": 1.0}
