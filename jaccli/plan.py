@@ -460,7 +460,7 @@ def _flops(s, env, n):
 
 
 # their integer outputs (DynamicQuantizeMatMul's: inside it) stop derivatives (see Plan.quantized)
-QUANTIZERS = ("QuantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeMatMul")
+QUANTIZERS = ("QuantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM")
 
 
 def quantizes(node, constants):

@@ -322,3 +322,101 @@ def test_qattention_equals_attention_on_the_dequantized_input_and_weight(tmp_pat
                              for m in (str(tmp_path / "q.onnx"), ref))
         assert [c["name"] for c in ca] == ["b"] and np.abs(Ge).max() > 0
         np.testing.assert_allclose(Ga, Ge, rtol=1e-6, atol=1e-6 * np.abs(Ge).max())
+
+
+def lstm_quantized(tmp_path, direction, weight_type="QInt8", per_channel=False):
+    """An LSTM (time-major X (5, N, 3), hidden 4, biases and peepholes) and what quantize_dynamic makes
+    of it: a DynamicQuantizeLSTM with W and R as 8-bit integers (transposed, (D, I, 4H))."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    D, H = (2 if direction == "bidirectional" else 1), 4
+    W = {"W": RNG.standard_normal((D, 4 * H, 3)) * 0.6, "R": RNG.standard_normal((D, 4 * H, H)) * 0.6,
+         "B": RNG.standard_normal((D, 8 * H)) * 0.3, "P": RNG.standard_normal((D, 3 * H)) * 0.3}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in W.items()]
+    node = helper.make_node("LSTM", ["x", "W", "R", "B", "", "", "", "P"], ["y"], hidden_size=H, direction=direction)
+    g = helper.make_graph([node], "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    f = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    f.ir_version = 8
+    onnx.save(f, tmp_path / "lstm.onnx")
+    quantize_dynamic(str(tmp_path / "lstm.onnx"), str(tmp_path / "lstm_q.onnx"), weight_type=getattr(QuantType, weight_type),
+                     per_channel=per_channel, op_types_to_quantize=["LSTM"])
+    q = onnx.load(tmp_path / "lstm_q.onnx")
+    assert [n.op_type for n in q.graph.node] == ["DynamicQuantizeLSTM"]
+    return q, f
+
+
+LSTM_DATA = {"sample_axes": {"x": 1}, "one_by_one": True}  # time-major; the hidden states' scale spans the batch
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+@pytest.mark.parametrize("weight_type, per_channel", [("QInt8", False), ("QUInt8", False), ("QInt8", True)])
+def test_dynamic_quantize_lstm_matches_onnxruntime(direction, weight_type, per_channel, tmp_path):
+    """quantize_dynamic's LSTM: onnxruntime quantizes the whole input sequence with one scale and
+    each step's hidden state with its own, and rescales the products of integers; jaccli's
+    forward is the same to float32 rounding. x and h reach the gates only through integers:
+    the input Jacobian is zero and the summary says why."""
+    q, _ = lstm_quantized(tmp_path, direction, weight_type, per_channel)
+    x = RNG.standard_normal((5, 3, 3)).astype(np.float32)
+    s = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    r = jaccli.input_jacobian(q, x, return_result=True, **LSTM_DATA)
+    for i in range(3):
+        want = s.run(None, {"x": x[:, i:i + 1]})[0]
+        np.testing.assert_allclose(r.outputs[i].reshape(want.shape), want, rtol=1e-5, atol=1e-6)
+    assert not r.value.any() and any("DynamicQuantizeLSTM lies on the way" in n for n in r.notes), r.notes
+
+
+def _lstm_inputs(q):
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    return [None if not k else inits.get(k) for k in q.graph.node[0].input], \
+        {a.name: helper.get_attribute_value(a) for a in q.graph.node[0].attribute}
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_dynamic_quantize_lstm_bias_and_peepholes_against_differences(direction, tmp_path, monkeypatch):
+    """The true derivative passes the cell state, the biases and the peepholes (floats), none
+    through the quantized products (as DynamicQuantizeLinear's: the levels piecewise constant,
+    the scale taken as a constant): the per-sample parameter Jacobian against central
+    differences of the rule's own forward (which the test above checks against onnxruntime) in
+    float64, its quantized products held at their values at the point."""
+    from jaccli.rules import recurrent
+
+    q, _ = lstm_quantized(tmp_path, direction, per_channel=True)
+    x = RNG.standard_normal((5, 2, 3))
+    G, cols = jaccli.param_jacobian(q, x, params=["B", "P"], dtype=np.float64, **LSTM_DATA)
+    assert [c["name"] for c in cols] == ["B", "P"] and np.abs(G).max() > 0.01
+    ins, attrs = _lstm_inputs(q)
+    attrs["direction"] = attrs["direction"].decode()
+    B0, P0 = ins[3].astype(np.float64), ins[7].astype(np.float64)
+    real, held = recurrent._QuantizedW.pre, []
+    for n in range(2):
+        def f(B, P, replay):
+            args = [x[:, n:n + 1]] + ins[1:]
+            args[3], args[7] = B, P
+            calls = iter(held) if replay else None
+            monkeypatch.setattr(recurrent._QuantizedW, "pre", (lambda p, a, h: next(calls)) if replay else
+                                (lambda p, a, h: held.append(real(p, a, h)) or held[-1]))
+            return recurrent.DynamicQuantizeLSTM.forward(*args, **attrs)[0].ravel()
+        held.clear()
+        f(B0, P0, replay=False)
+        fd = []
+        for k in range(B0.size + P0.size):
+            e = np.zeros(B0.size + P0.size)
+            e[k] = 1e-6
+            dB, dP = e[:B0.size].reshape(B0.shape), e[B0.size:].reshape(P0.shape)
+            fd.append((f(B0 + dB, P0 + dP, True) - f(B0 - dB, P0 - dP, True)) / 2e-6)
+        np.testing.assert_allclose(G[n].reshape(-1, len(fd)), np.stack(fd, axis=-1), rtol=1e-6, atol=1e-8)
+
+
+def test_dynamic_quantize_lstm_straight_through(tmp_path):
+    """With --straight-through, x and h pass derivatives as the LSTM with the dequantized weights,
+    at the quantized forward's gates: near the float model's Jacobian, and the JVP and VJP
+    (rules written apart) agree."""
+    q, f = lstm_quantized(tmp_path, "bidirectional")
+    x = RNG.standard_normal((5, 3, 3)).astype(np.float32)
+    J = {mode: jaccli.input_jacobian(q, x, straight_through=True, mode=mode, dtype=np.float64, **LSTM_DATA)
+         for mode in ("forward", "reverse")}
+    np.testing.assert_allclose(J["forward"], J["reverse"], rtol=1e-10, atol=1e-12)
+    want = jaccli.input_jacobian(f, x, dtype=np.float64, sample_axes={"x": 1})
+    assert np.abs(J["reverse"] - want).max() < 0.05 * np.abs(want).max()
+    assert np.abs(J["reverse"]).max() > 0.1

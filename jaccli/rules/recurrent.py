@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import rule
+from . import rule, through
 from ..errors import UnsupportedOpError
 from ._util import per_place
 from .elementwise import _sigmoid
+from .quant import _dynamic, _shifted
 
 
 # ---- activations: value and derivative from (pre-activation, value) ---------------------------------
@@ -107,7 +108,8 @@ def _y_from_layout(Y, layout, lead):
     return np.moveaxis(Y, lead, lead + 2) if layout else Y
 
 
-SLOTS = ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P")
+SLOTS = ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P",
+         "W_scale", "W_zero_point", "R_scale", "R_zero_point")  # the last four: DynamicQuantizeLSTM's
 
 
 def _slots(values):
@@ -313,6 +315,10 @@ class _W:
         self.Wb, self.Rb = B[: G * H], B[G * H:]
         self.P = None if v.get("P") is None else v["P"][d]
 
+    def pre(self, x, h):
+        """The gates' products before the biases: x W^T + h R^T."""
+        return x @ self.W.T + h @ self.R.T
+
 
 def _split(A, k):
     return np.split(A, k, axis=-1)
@@ -337,7 +343,7 @@ class LSTM(_Recurrent):
 
     def step(x, h, c, p, acts, st):
         f, g, hh = (a[0] for a in acts)
-        ai, ao, af, ac = _split(x @ p.W.T + h @ p.R.T + p.Wb + p.Rb, 4)
+        ai, ao, af, ac = _split(p.pre(x, h) + p.Wb + p.Rb, 4)
         if p.P is not None:
             pi, po, pf = _split(p.P, 3)
             ai, af = ai + pi * c, af + pf * c
@@ -524,3 +530,74 @@ for _cell in (LSTM, GRU, RNN):
     rule(_cell.key.op_type, since=1)(type(f"{_cell.__name__}1", (_cell,), {
         "__doc__": f"{_cell.__name__} of opsets 1 to 6: output_sequence changes nothing here.",
         "ignored_attrs": ("output_sequence",)}))
+
+
+# ---- onnxruntime's quantized LSTM ----------------------------------------------------------------
+
+
+class _QuantizedW(_W):
+    """One direction's weights of a DynamicQuantizeLSTM. Its products are onnxruntime's: W (I, 4H)
+    and R (H, 4H) are 8-bit integers with a scale and zero point per tensor or per column; the
+    float operand is quantized to uint8 with a scale from its own range (as DynamicQuantizeLinear:
+    the whole input sequence for x, one step's hidden states for h), the product of integers
+    taken exactly, then times the two scales. For the derivatives, W and R are the dequantized
+    weights (straight through) or zero: the true derivative, as the products are piecewise
+    constant in x and h."""
+
+    def __init__(self, v, d, H, dt, through):
+        super().__init__(v, d, 4, H, dt)
+
+        def operand(key):  # (integers - zero point) in float64, exact, and the scale per column
+            zp = v[key + "_zero_point"]
+            return _shifted(v[key][d], None if zp is None else np.asarray(zp)[d]), np.asarray(v[key + "_scale"], np.float32)[d]
+
+        (self.Wq, self.w_scale), (self.Rq, self.r_scale) = operand("W"), operand("R")
+        _, self.x_scale, self.x_zp = _dynamic(np.asarray(v["X"], dt))
+        self.W, self.R = ((self.Wq * self.w_scale).T.astype(dt), (self.Rq * self.r_scale).T.astype(dt)) if through else \
+            (np.zeros(self.Wq.shape[::-1], dt), np.zeros(self.Rq.shape[::-1], dt))
+
+    def pre(self, x, h):
+        _, h_scale, h_zp = _dynamic(h)
+        return _product(x, self.x_scale, self.x_zp, self.Wq, self.w_scale) + _product(h, h_scale, h_zp, self.Rq, self.r_scale)
+
+
+def _product(a, scale, zp, Bq, b_scale):
+    """onnxruntime's quantized product: a's uint8 levels (scale, zp) minus zp, times Bq (integers
+    less their zero point), exact in float64, then times scale * b_scale in float32."""
+    q = np.clip(np.rint(a / scale) + zp, 0, 255) - np.float64(zp)
+    m = np.float32(scale) * b_scale
+    return (q @ Bq).astype(a.dtype) * m.astype(a.dtype)
+
+
+@rule("DynamicQuantizeLSTM", since=1, domain="com.microsoft")
+class DynamicQuantizeLSTM(LSTM):
+    """onnxruntime's LSTM with 8-bit weights, what quantize_dynamic makes of an LSTM: W (D, I, 4H)
+    and R (D, H, 4H), transposed from LSTM's, with scales and zero points per direction or per
+    gate column (see _QuantizedW). x and h reach the gates through integers only, piecewise
+    constant (their scales taken as constants, as DynamicQuantizeLinear's): their derivative is
+    zero (the summary says why), and the cell state, the biases and the peepholes pass theirs. Like DynamicQuantizeLinear, the hidden states' scale spans
+    the batch, so samples mix: a batch fixed at 1 runs one sample at a time."""
+
+    nondiff = (0, 1, 2, 4, 5, 8, 9, 10, 11)
+
+    def forward(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=None, W_scale=None,
+                W_zero_point=None, R_scale=None, R_zero_point=None, *, hidden_size, activation_alpha=None,
+                activation_beta=None, activations=None, clip=None, direction="forward", input_forget=0):
+        attrs = dict(hidden_size=hidden_size, activation_alpha=activation_alpha, activation_beta=activation_beta,
+                     activations=activations, clip=clip, direction=direction, input_forget=input_forget)
+        inputs = (X, W, R, B, sequence_lens, initial_h, initial_c, P, W_scale, W_zero_point, R_scale, R_zero_point)
+        return DynamicQuantizeLSTM._run(inputs, attrs)[0]
+
+    def weights(v, d, H, dt):
+        return _QuantizedW(v, d, H, dt, through=False)
+
+
+@through(DynamicQuantizeLSTM)
+class DynamicQuantizeLSTMThrough(DynamicQuantizeLSTM):
+    """DynamicQuantizeLSTM straight through its quantizers: x and h pass derivatives as the LSTM
+    with the dequantized weights, at the quantized forward's gates."""
+
+    nondiff = (1, 2, 4, 8, 9, 10, 11)
+
+    def weights(v, d, H, dt):
+        return _QuantizedW(v, d, H, dt, through=True)
