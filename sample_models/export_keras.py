@@ -67,7 +67,30 @@ def conv1d():
     return keras.Model(i, L.Dense(2, activation="sigmoid")(h)), (16, 2)
 
 
-MODELS = {"cnn": cnn, "recurrent": recurrent, "attention": attention, "conv1d": conv1d}
+def upsample():
+    """A decoder's layers: GroupNormalization, PReLU, Conv2DTranspose, bilinear and nearest
+    UpSampling2D, ZeroPadding2D and Cropping2D, a strided convolution, UnitNormalization."""
+    i = keras.Input((6, 6, 3))
+    h = L.PReLU()(L.GroupNormalization(3)(L.Conv2D(6, 3, padding="same")(i)))
+    h = L.UpSampling2D(2, interpolation="bilinear")(L.Conv2DTranspose(4, 3, strides=2, padding="same")(h))
+    h = L.Cropping2D(((2, 0), (1, 1)))(L.ZeroPadding2D(((1, 2), (0, 1)))(h))
+    h = L.Conv2D(2, 3, strides=3, activation="elu")(L.UpSampling2D(2)(h))
+    return keras.Model(i, L.Dense(3)(L.UnitNormalization()(L.Flatten()(h)))), (6, 6, 3)
+
+
+def sequence_layers():
+    """Permute, RepeatVector, a bidirectional LSTM, SimpleRNN, GRU without reset_after, dot-product
+    and additive attention."""
+    i = keras.Input((5, 4))
+    h = L.Dense(6, activation="softsign")(L.Permute((2, 1))(L.Dense(5)(i)))
+    r = L.RepeatVector(3)(L.Flatten()(h))
+    r = L.GRU(3, reset_after=False)(L.SimpleRNN(5, return_sequences=True)(L.Bidirectional(L.LSTM(4, return_sequences=True))(r)))
+    a = L.Flatten()(L.Concatenate()([L.Attention()([L.Dense(4)(i), L.Dense(4)(i)]), L.AdditiveAttention()([L.Dense(4)(i), L.Dense(4)(i)])]))
+    return keras.Model(i, L.Dense(2)(L.Concatenate()([r, a]))), (5, 4)
+
+
+MODELS = {"cnn": cnn, "recurrent": recurrent, "attention": attention, "conv1d": conv1d, "upsample": upsample,
+          "sequence_layers": sequence_layers}
 
 
 def references(make, weights, x):

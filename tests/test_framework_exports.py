@@ -11,7 +11,10 @@ with `jaccli check` against onnxruntime.
   behind Transposes, Loops for fori_loop and scan (a fori_loop's weights kept in the Loop's
   body), opset 23's Gelu, attention written out.
 - tf2onnx (sample_models/export_keras.py), from Keras, TensorFlow's GradientTape: NHWC
-  convolutions, LSTM and a GRU written as a Loop, MultiHeadAttention as einsums turned MatMuls.
+  convolutions, LSTM and a GRU written as a Loop, MultiHeadAttention as einsums turned MatMuls;
+  a decoder's layers (GroupNormalization, PReLU, Conv2DTranspose, bilinear UpSampling2D,
+  padding and cropping, UnitNormalization); a bidirectional LSTM, SimpleRNN, a GRU without
+  reset_after, Permute, RepeatVector, dot-product and additive attention.
 - paddle2onnx (sample_models/export_paddle.py), Paddle's paddle.grad: depthwise convolutions,
   hardswish and hardsigmoid, a bidirectional LSTM and a GRU, a transformer encoder layer.
 """
@@ -36,8 +39,9 @@ EXPORTS = {  # folder: the models it must hold, and how many of the framework's 
     "torch": (TORCH, {"resnet_bn_opset18": 15, "transformer_opset18": 4}),  # folded, or transposed
     "jax2onnx": ({"mlp", "fori_loop", "scan_rnn", "cnn", "attention"}, {"cnn": 2}),  # two kernels transposed to OIHW
     # kernels transposed to OIHW (the depthwise ones reshaped), batch norm folded into constants; LSTM's W, R and
-    # B with ONNX's gate order; Conv1D's kernels as 2-D ones
-    "tf2onnx": ({"cnn", "recurrent", "attention", "conv1d"}, {"cnn": 6, "recurrent": 3, "conv1d": 2}),
+    # B with ONNX's gate order (both directions of a Bidirectional); Conv1D's kernels as 2-D ones
+    "tf2onnx": ({"cnn", "recurrent", "attention", "conv1d", "upsample", "sequence_layers"},
+                {"cnn": 6, "recurrent": 3, "conv1d": 2, "upsample": 4, "sequence_layers": 6}),
     "paddle2onnx": ({"mlp", "cnn", "recurrent", "encoder"}, {"recurrent": 12}),  # the RNNs' weights stacked per direction
 }
 FILES = sorted(f for folder in EXPORTS for f in glob.glob(os.path.join(ROOT, folder, "*.onnx")))
