@@ -371,9 +371,11 @@ def inspect_cmd(model, as_json):
 @click.option("--wrt", help="The input, or float value in the graph (token embeddings), of the input Jacobian.")
 @_SAMPLE_AXIS
 @_ONE_BY_ONE
+@click.option("--max-memory", default="2GiB", show_default=True, callback=lambda c, p, v: _memory(v),
+              help="Cap on the working memory of jaccli's Jacobians (the second look's, in float64, takes twice the first's).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_slice, of, wrt, sample_axes, one_by_one,
-              as_json):
+              max_memory, as_json):
     """Our Jacobian against onnxruntime central differences on a few samples (onnx's reference
     evaluator's where onnxruntime cannot run the model); exit 1 above tolerance.
 
@@ -389,7 +391,7 @@ def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_s
     axes = _sample_axes(sample_axes)
     _, _, x = _read(model, data, None, True, of=of, wrt=wrt, every_output=True, sample_axes=axes, one_by_one=one_by_one)
     d = check(model, x, params=params, samples=samples, entries=entries, dtype=dtype, tolerance=tolerance,
-              outputs=outputs_slice, of=of, wrt=wrt, sample_axes=axes, one_by_one=one_by_one)
+              outputs=outputs_slice, of=of, wrt=wrt, sample_axes=axes, one_by_one=one_by_one, max_memory=max_memory)
     if as_json:
         click.echo(json.dumps(d, indent=1))
     else:

@@ -175,6 +175,8 @@ def render_check(console: Console, d: dict):
                           f"at this tolerance")
     for r in d["rows"]:
         own = r.get("own")
+        if r.get("own_skipped"):
+            console.print(f"second look ({r['output']}) skipped, the verdict is the oracle's: in float64 {r['own_skipped']}")
         if own:
             colour_own = colour[own["verdict"]]
             console.print(f"second look ({r['output']}): jaccli's Jacobian in float64 against central differences of its own "

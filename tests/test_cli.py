@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 import jaccli
 from jaccli.cli import main
+from jaccli.errors import MemoryBudgetError
 
 from gradcheck import wrong_by_ten_percent
 
@@ -458,6 +459,33 @@ def test_check_takes_a_second_look_where_the_oracle_cannot_tell(tmp_path, monkey
     r = run(["check", model, data])
     assert r.exit_code == 0 and "second look" in r.output and "unclear" in r.output, r.output
     fails_when_ten_percent_wrong(monkeypatch, model, data)
+
+
+def test_a_second_look_over_the_memory_budget_is_skipped_with_a_line(tmp_path, monkeypatch):
+    """The second look's Jacobian is in float64, twice the first look's memory: over --max-memory
+    (PaddleOCR's layout model at 800x608, 3.2 GiB) it is skipped with a line saying so, and the
+    first look's verdict stands (here a FAIL: steps too large for the oracle), where it used to
+    end the check with that error. --max-memory reaches every Jacobian the check takes; with
+    room, the second look makes the verdict unclear."""
+    import jaccli.oracle as oracle
+
+    model, data = paths("mlp_classifier")
+    monkeypatch.setattr(oracle, "_steps", lambda dtype: (0.8, 0.6, 0.4))  # the oracle cannot tell: a second look
+    seen = []
+    real = oracle.input_jacobian
+
+    def budget(*a, max_memory, **k):
+        seen.append(max_memory)
+        if k.get("dtype") == np.float64 and max_memory < 1 << 30:
+            raise MemoryBudgetError("one sample and one direction need about 3.2 GiB with temporaries, over --max-memory")
+        return real(*a, max_memory=max_memory, **k)
+
+    monkeypatch.setattr(oracle, "input_jacobian", budget)
+    r = run(["check", model, data, "--max-memory", "512MiB"])
+    assert r.exit_code == 1 and "second look (y) skipped, the verdict is the oracle's" in r.output, r.output  # its FAIL
+    assert set(seen) == {512 << 20}
+    r = run(["check", model, data, "--max-memory", "4GiB"])
+    assert r.exit_code == 0 and "skipped" not in r.output and "second look (y): jaccli's" in r.output, r.output
 
 
 def test_the_report_says_when_the_float32_jacobian_is_off_from_the_float64_one():
