@@ -113,7 +113,9 @@ def prepare_feeds(model: Model, x, dtype, source="data", of=None):
         if shape is not None:
             for k, (want, got) in enumerate(zip(shape[1:], a.shape[1:]), start=1):
                 if isinstance(want, int) and want > 0 and want != got:
-                    raise DataError(f"{source}: '{v.name}' expects shape {v.describe()}; axis {k} is {got}, not {want}")
+                    hint = (f"; if axis {k} holds the samples (a recurrent state of a model exported with a batch of "
+                            f"one), name it: --sample-axis {v.name}={k} (sample_axes= in Python)" if want == 1 and not axis else "")
+                    raise DataError(f"{source}: '{v.name}' expects shape {v.describe()}; axis {k} is {got}, not {want}{hint}")
         if v.is_float:
             a = a.astype(dtype, copy=False)
         elif v.elem_type:

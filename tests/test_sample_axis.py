@@ -238,6 +238,18 @@ def test_a_state_left_open_is_refused_with_the_way_out():
         jaccli.input_jacobian(with_state(None), {"x": XS, "state": STATE})
 
 
+def test_a_state_of_a_batch_fixed_at_one_is_refused_with_its_axis_named():
+    """Exported with a batch of one (Silero VAD's OpenVINO export: input [1, 576], state
+    [2, 1, 128]), the state's samples sit on its axis of size 1, which nothing declares: the
+    refusal names --sample-axis with that axis; so named, each sample runs alone and its
+    Jacobians are those of the network that takes the state samples first."""
+    with pytest.raises(DataError, match=r"axis 1 is 5, not 1; if axis 1 holds the samples .* --sample-axis state=1"):
+        jaccli.input_jacobian(with_state(1), {"x": XS, "state": STATE})
+    ref = jaccli.input_jacobian(with_state(samples_first_state=True), {"x": XS, "s": STATE.transpose(1, 0, 2)}, wrt="s")
+    J = jaccli.input_jacobian(with_state(1), {"x": XS, "state": STATE}, wrt="state", sample_axes={"state": 1})
+    np.testing.assert_allclose(J, ref, rtol=1e-6, atol=1e-7)
+
+
 def test_sample_axis_on_the_command_line(tmp_path):
     from click.testing import CliRunner
     from onnx import save
