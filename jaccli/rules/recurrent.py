@@ -14,7 +14,7 @@ from . import rule, through
 from ..errors import UnsupportedOpError
 from ._util import per_place
 from .elementwise import _sigmoid
-from .quant import _dynamic, _shifted
+from .quant import MS, _dynamic, _shifted
 
 
 # ---- activations: value and derivative from (pre-activation, value) ---------------------------------
@@ -569,14 +569,15 @@ def _product(a, scale, zp, Bq, b_scale):
     return (q @ Bq).astype(a.dtype) * m.astype(a.dtype)
 
 
-@rule("DynamicQuantizeLSTM", since=1, domain="com.microsoft")
+@rule("DynamicQuantizeLSTM", since=1, domain=MS)
 class DynamicQuantizeLSTM(LSTM):
     """onnxruntime's LSTM with 8-bit weights, what quantize_dynamic makes of an LSTM: W (D, I, 4H)
     and R (D, H, 4H), transposed from LSTM's, with scales and zero points per direction or per
     gate column (see _QuantizedW). x and h reach the gates through integers only, piecewise
     constant (their scales taken as constants, as DynamicQuantizeLinear's): their derivative is
-    zero (the summary says why), and the cell state, the biases and the peepholes pass theirs. Like DynamicQuantizeLinear, the hidden states' scale spans
-    the batch, so samples mix: a batch fixed at 1 runs one sample at a time."""
+    zero (the summary says why), and the cell state, the biases and the peepholes pass theirs.
+    Like DynamicQuantizeLinear's, the hidden states' scale spans the batch, so samples mix: a
+    batch fixed at 1 runs one sample at a time."""
 
     nondiff = (0, 1, 2, 4, 5, 8, 9, 10, 11)
 
