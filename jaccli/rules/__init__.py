@@ -133,7 +133,7 @@ def lookup(op_type: str, opset: int, domain: str = "", node: str = "?"):
         raise UnsupportedOpError(
             f"node '{node}': {_qual(domain, op_type)} at opset {opset} is older than jaccli supports (from opset {lo})"
         )
-    why = _WHY_NOT.get((domain, op_type))
+    why = _WHY_NOT.get((domain, op_type)) or (_NOT_ONNX if domain in ("", "ai.onnx") and not _known(op_type) else None)
     raise UnsupportedOpError(f"node '{node}': operator {_qual(domain, op_type)} (opset {opset}) is not supported"
                              + (f": {why}" if why else ""))
 
@@ -154,6 +154,18 @@ _WHY_NOT = {  # operators people ask about, and what jaccli would have to say of
                  "model too): keep complex values out of the exported graph, or export from PyTorch, whose stft and "
                  "fft become ONNX's STFT and DFT" for op in ("ComplexAbs", "RFFT", "IRFFT", "Real", "Imag")},
 }
+
+
+_NOT_ONNX = ("not an ONNX operator, in ONNX's own domain: an exporter left one of its framework's operators "
+             "(tf2onnx keeps a TensorFlow function it could not convert as StatefulPartitionedCall), and onnxruntime "
+             "rejects the model too; export it again, or convert that part")
+
+
+def _known(op_type):
+    """Whether ONNX defines op_type in its own domain, at any opset."""
+    from onnx import defs
+
+    return defs.has(op_type, "")
 
 
 def _existed(op_type, opset, domain):
