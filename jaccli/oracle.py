@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -125,6 +126,7 @@ class _Runner:
     types: dict
     batch = None  # the model's declared batch where it is fixed: runs take exactly that many samples
     why = None  # why a lesser oracle stands in (see Ours)
+    point_bytes = 0.0  # the memory numpy held for one sample's run when the oracle was chosen (see _points_per_run)
 
     @staticmethod
     def _model(proto, dtype):
@@ -169,6 +171,7 @@ class Reference(_Runner):
     run, or runs in float32 only (see _oracle)."""
 
     name = "the onnx reference evaluator"
+    budget = DEFAULT_MAX_MEMORY  # bytes a run may add to the process: its numpy kernels can take far more
 
     def __init__(self, proto, dtype):
         from onnx.reference import ReferenceEvaluator
@@ -179,7 +182,8 @@ class Reference(_Runner):
         self.types = {v.name: _ONNX_FLOATS.get(v.type.tensor_type.elem_type) for v in m.graph.input}
 
     def _run(self, outputs, feeds):
-        return self.evaluator.run(outputs, feeds)
+        with _memory_cap(self.budget):
+            return self.evaluator.run(outputs, feeds)
 
 
 class Ours(_Runner):
@@ -261,7 +265,7 @@ def _channel_slopes(m):
                             v.type.tensor_type.shape.dim.add().dim_value = d
 
 
-def _oracle(proto, feeds, out_names, extra=None, model=None):
+def _oracle(proto, feeds, out_names, extra=None, model=None, budget=DEFAULT_MAX_MEMORY):
     """An oracle that runs on one sample, the most precise that can: onnxruntime in float64
     where it has the kernels (on the model, then on it upgraded to a newer opset), else onnx's
     reference evaluator in float64 if it runs one sample within REFERENCE_SECONDS, else
@@ -288,10 +292,13 @@ def _oracle(proto, feeds, out_names, extra=None, model=None):
         for m, kind in candidates():
             try:
                 o = kind(m, dtype)
+                if kind is Reference:  # its runs may add no more than the budget to the process (see _memory_cap)
+                    o.budget = budget
                 t0 = time.perf_counter()
                 o.run(probe, out_names)
                 slow = kind is Reference and dtype == np.float64 and time.perf_counter() - t0 > REFERENCE_SECONDS
-                y = o.run({**jitter, **(extra or {})}, out_names)[0]
+                y, peak = _peak_bytes(lambda: o.run({**jitter, **(extra or {})}, out_names)[0])
+                o.point_bytes = peak / (batch or 1)
             except Exception as e:
                 last = e
                 continue
@@ -647,10 +654,10 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
         feeds = Feeds({**feeds, wrt: _forward(model, feeds, wrt, np.float64, flat=False)})
         proto = _cut_at(proto, wrt, [name])
         model = load(proto)
-    oracle = _own(proto, model) if own else _oracle(proto, feeds, [name], model=model)
+    oracle = _own(proto, model) if own else _oracle(proto, feeds, [name], model=model, budget=max_memory)
     places = oracle.batch and _rows_per_place(oracle, feeds, name)
     x0 = feeds[wrt]
-    run_size = _points_per_run(r.estimate)
+    run_size = _points_per_run(r.estimate, oracle, max_memory // 2)
     pick = _with_largest(_pick(x0[0].size, entries, rng), J)
     ours, fds = [], [[] for _ in _steps(oracle.dtype)]
     for i in range(k):
@@ -680,7 +687,7 @@ def _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, own=Fa
     names = [c["name"] for c in cols]
     theta = {n: model.initializers[n] for n in names}
     as_inputs = _params_as_inputs(proto, set(names))
-    oracle = _own(as_inputs, model) if own else _oracle(as_inputs, feeds, [name], theta, model=model)
+    oracle = _own(as_inputs, model) if own else _oracle(as_inputs, feeds, [name], theta, model=model, budget=max_memory)
     base = np.concatenate([theta[n].astype(np.float64).ravel() for n in names])
 
     def evaluate(thetas):
@@ -722,12 +729,61 @@ def _run_batched(oracle, feeds, name, extra=None, run_size=None):
     return in_runs(run, feeds, 1).astype(np.float64)
 
 
-def _points_per_run(estimate, budget=DEFAULT_MAX_MEMORY // 2):
-    """How many perturbed points one oracle run may take: its float64 intermediates, twice the
-    bytes of our float32 ones a sample, within the budget (a 1-D U-Net on 7500-long signals keeps
-    360 MiB a sample, and 140 points at once were killed for memory)."""
-    per_point = 2 * max(estimate.get("bytes_primal", 0.0), 1.0)
+def _points_per_run(estimate, oracle=None, budget=DEFAULT_MAX_MEMORY // 2):
+    """How many perturbed points one oracle run may take within the budget: its float64
+    intermediates, twice the bytes of our float32 ones a sample (a 1-D U-Net on 7500-long
+    signals keeps 360 MiB a sample, and 140 points at once were killed for memory), or what
+    a point took when the oracle was chosen, if more: the reference evaluator's Conv builds
+    im2col matrices a kernel's width times its input (the same U-Net's spindle detector took
+    over 13 GiB in one run of 32 points)."""
+    per_point = max(2 * estimate.get("bytes_primal", 0.0), oracle.point_bytes if oracle else 0.0, 1.0)
     return max(1, int(budget // per_point))
+
+
+@contextlib.contextmanager
+def _memory_cap(extra):
+    """Let the process's address space grow by at most `extra` bytes while the block runs
+    (RLIMIT_AS, where the platform has it): a run that would take all the machine's memory
+    raises MemoryError instead of having the process killed. The reference evaluator's Conv
+    builds im2col matrices a kernel's width times its input, and on one sample of a 1-D U-Net
+    over 7500-long EEG signals (brainmaze's spindle detector) it took more than 24 GiB."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (ImportError, OSError, StopIteration, ValueError):
+        size = None
+    cap = None if size is None else size + int(extra)
+    if cap is not None and hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    if cap is None or (soft != resource.RLIM_INFINITY and soft <= cap):
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _peak_bytes(run):
+    """run() and the most memory that numpy held at once during it, above what it held before:
+    tracemalloc sees numpy's buffers (the reference evaluator's; not onnxruntime's own)."""
+    import tracemalloc
+
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
+    try:
+        out = run()
+        return out, max(0, tracemalloc.get_traced_memory()[1] - before)
+    finally:
+        if not tracing:
+            tracemalloc.stop()
 
 
 def _rows_per_place(oracle, feeds, name):

@@ -388,7 +388,7 @@ def test_check_runs_its_oracle_on_the_perturbed_points_a_budget_at_a_time(monkey
 
     from jaccli.drivers import samples_in
 
-    monkeypatch.setattr(oracle, "_points_per_run", lambda estimate: 5)
+    monkeypatch.setattr(oracle, "_points_per_run", lambda estimate, *_: 5)
     monkeypatch.setattr(oracle, "_run_batched", spy)
     parts = oracle.check(model, x, samples=2)
     assert sizes and max(sizes) <= 5 and sum(s == 5 for s in sizes) > 10
@@ -486,6 +486,34 @@ def test_a_second_look_over_the_memory_budget_is_skipped_with_a_line(tmp_path, m
     assert set(seen) == {512 << 20}
     r = run(["check", model, data, "--max-memory", "4GiB"])
     assert r.exit_code == 0 and "skipped" not in r.output and "second look (y): jaccli's" in r.output, r.output
+
+
+def test_the_reference_evaluator_is_held_to_the_memory_budget(monkeypatch):
+    """onnx's reference evaluator builds im2col matrices a kernel's width times its input: on one
+    sample of a 1-D U-Net over 7500-long EEG signals it took more than the machine's 24 GiB, and
+    the check was killed. Its runs may now add only the budget to the process (RLIMIT_AS): one
+    that would take more raises MemoryError and the check falls back to onnxruntime in float32.
+    And the oracle's points per run count what one sample's run took when it was chosen."""
+    import onnx.reference
+
+    import jaccli.oracle as oracle
+
+    model, data = paths("cnn")
+    assert oracle.check(model, np.load(data)[:2])["oracle"] == "the onnx reference evaluator"  # no float64 Conv in onnxruntime
+    real = onnx.reference.ReferenceEvaluator.run
+
+    def greedy(self, *a, **k):  # 8 GiB: more than the budget, less than the machine would grant without it
+        np.empty(8 << 30, np.uint8)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(onnx.reference.ReferenceEvaluator, "run", greedy)
+    d = oracle.check(model, np.load(data)[:2])
+    assert d["ok"] and d["oracle"] == "onnxruntime" and d["oracle_dtype"] == "float32", d
+    y, peak = oracle._peak_bytes(lambda: np.ones(10 ** 7))
+    assert 8e7 <= peak < 1.2e8
+    o = oracle.Reference.__new__(oracle.Reference)
+    o.point_bytes = 1e8
+    assert oracle._points_per_run({"bytes_primal": 1e6}, o, 1e9) == 10
 
 
 def test_the_report_says_when_the_float32_jacobian_is_off_from_the_float64_one():
