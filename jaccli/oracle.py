@@ -734,8 +734,7 @@ def _points_per_run(estimate, oracle=None, budget=DEFAULT_MAX_MEMORY // 2):
     intermediates, twice the bytes of our float32 ones a sample (a 1-D U-Net on 7500-long
     signals keeps 360 MiB a sample, and 140 points at once were killed for memory), or what
     a point took when the oracle was chosen, if more: the reference evaluator's Conv builds
-    im2col matrices a kernel's width times its input (the same U-Net's spindle detector took
-    over 13 GiB in one run of 32 points)."""
+    im2col matrices a kernel's width times its input (see _memory_cap)."""
     per_point = max(2 * estimate.get("bytes_primal", 0.0), oracle.point_bytes if oracle else 0.0, 1.0)
     return max(1, int(budget // per_point))
 
