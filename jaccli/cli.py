@@ -104,6 +104,10 @@ def _memory(value):
     return int(n)
 
 
+_MAX_MEMORY = click.option("--max-memory", default="2GiB", show_default=True, callback=lambda c, p, v: _memory(v),
+                           help="Cap on working memory; work is chunked over samples and directions to fit.")
+
+
 def _common(f):
     options = [
         click.argument("model", type=click.Path(dir_okay=False)),
@@ -116,8 +120,7 @@ def _common(f):
                      help="Only these elements of the flattened per-sample output, e.g. 0:5."),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
                      help="Precision of the computation and the result."),
-        click.option("--max-memory", default="2GiB", show_default=True, callback=lambda c, p, v: _memory(v),
-                     help="Cap on working memory; work is chunked over samples and directions to fit."),
+        _MAX_MEMORY,
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of tables."),
         click.option("-q", "--quiet", is_flag=True, help="Print no summary."),
         click.option("--strict", is_flag=True, help="Refuse data with NaN or Inf values instead of warning."),
@@ -371,8 +374,7 @@ def inspect_cmd(model, as_json):
 @click.option("--wrt", help="The input, or float value in the graph (token embeddings), of the input Jacobian.")
 @_SAMPLE_AXIS
 @_ONE_BY_ONE
-@click.option("--max-memory", default="2GiB", show_default=True, callback=lambda c, p, v: _memory(v),
-              help="Cap on the working memory of jaccli's Jacobians (the second look's, in float64, takes twice the first's).")
+@_MAX_MEMORY
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def check_cmd(model, data, params, samples, entries, dtype, tolerance, outputs_slice, of, wrt, sample_axes, one_by_one,
               max_memory, as_json):

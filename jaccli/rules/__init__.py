@@ -133,7 +133,7 @@ def lookup(op_type: str, opset: int, domain: str = "", node: str = "?"):
         raise UnsupportedOpError(
             f"node '{node}': {_qual(domain, op_type)} at opset {opset} is older than jaccli supports (from opset {lo})"
         )
-    why = _WHY_NOT.get((domain, op_type)) or (_NOT_ONNX if domain in ("", "ai.onnx") and not _known(op_type) else None)
+    why = _WHY_NOT.get((domain, op_type)) or (_NOT_ONNX if domain in ("", "ai.onnx") and not _known(op_type, "") else None)
     raise UnsupportedOpError(f"node '{node}': operator {_qual(domain, op_type)} (opset {opset}) is not supported"
                              + (f": {why}" if why else ""))
 
@@ -161,11 +161,11 @@ _NOT_ONNX = ("not an ONNX operator, in ONNX's own domain: an exporter left one o
              "rejects the model too; export it again, or convert that part")
 
 
-def _known(op_type):
-    """Whether ONNX defines op_type in its own domain, at any opset."""
+def _known(op_type, domain):
+    """Whether onnx knows op_type in domain, at any opset."""
     from onnx import defs
 
-    return defs.has(op_type, "")
+    return defs.has(op_type, domain)
 
 
 def _existed(op_type, opset, domain):
@@ -176,7 +176,7 @@ def _existed(op_type, opset, domain):
         defs.get_schema(op_type, opset, domain)
         return True
     except Exception:
-        return not defs.has(op_type, domain)  # an operator onnx does not know: no grounds to guess
+        return not _known(op_type, domain)  # an operator onnx does not know: no grounds to guess
 
 
 def _qual(domain, op_type):

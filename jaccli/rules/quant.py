@@ -38,13 +38,22 @@ class DynamicQuantizeLinear:
 
 
 def _dynamic(x):
+    scale, zp = _dynamic_scale(x)
+    return _levels(x, scale, zp).astype(np.uint8), scale, zp
+
+
+def _dynamic_scale(x):
+    """DynamicQuantizeLinear's scale and zero point for x: its range, 0 included, over 255 levels."""
     lo, hi = min(0.0, float(np.min(x))), max(0.0, float(np.max(x)))
     scale = x.dtype.type((hi - lo) / 255)
     if scale == 0:  # all zeros: scale 1, as onnxruntime has it, and every level is the zero point, 0
-        return np.zeros(x.shape, np.uint8), np.asarray(x.dtype.type(1)), np.asarray(np.uint8(0))
-    zp = np.uint8(np.clip(np.rint(-lo / scale), 0, 255))
-    y = np.clip(np.rint(x / scale) + zp, 0, 255).astype(np.uint8)
-    return y, np.asarray(scale), np.asarray(zp)
+        return np.asarray(x.dtype.type(1)), np.asarray(np.uint8(0))
+    return np.asarray(scale), np.asarray(np.uint8(np.clip(np.rint(-lo / scale), 0, 255)))
+
+
+def _levels(x, scale, zp):
+    """x's uint8 levels for that scale and zero point, as floats: round(x / scale) + zp, saturated."""
+    return np.clip(np.rint(x / scale) + zp, 0, 255)
 
 
 @through(DynamicQuantizeLinear)

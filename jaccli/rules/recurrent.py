@@ -14,7 +14,7 @@ from . import rule, through
 from ..errors import UnsupportedOpError
 from ._util import per_place
 from .elementwise import _sigmoid
-from .quant import MS, _dynamic, _shifted
+from .quant import MS, _dynamic_scale, _levels, _shifted
 
 
 # ---- activations: value and derivative from (pre-activation, value) ---------------------------------
@@ -552,19 +552,18 @@ class _QuantizedW(_W):
             return _shifted(v[key][d], None if zp is None else np.asarray(zp)[d]), np.asarray(v[key + "_scale"], np.float32)[d]
 
         (self.Wq, self.w_scale), (self.Rq, self.r_scale) = operand("W"), operand("R")
-        _, self.x_scale, self.x_zp = _dynamic(np.asarray(v["X"], dt))
+        self.x_scale, self.x_zp = _dynamic_scale(np.asarray(v["X"], dt))
         self.W, self.R = ((self.Wq * self.w_scale).T.astype(dt), (self.Rq * self.r_scale).T.astype(dt)) if through else \
             (np.zeros(self.Wq.shape[::-1], dt), np.zeros(self.Rq.shape[::-1], dt))
 
     def pre(self, x, h):
-        _, h_scale, h_zp = _dynamic(h)
-        return _product(x, self.x_scale, self.x_zp, self.Wq, self.w_scale) + _product(h, h_scale, h_zp, self.Rq, self.r_scale)
+        return _product(x, self.x_scale, self.x_zp, self.Wq, self.w_scale) + _product(h, *_dynamic_scale(h), self.Rq, self.r_scale)
 
 
 def _product(a, scale, zp, Bq, b_scale):
     """onnxruntime's quantized product: a's uint8 levels (scale, zp) minus zp, times Bq (integers
     less their zero point), exact in float64, then times scale * b_scale in float32."""
-    q = np.clip(np.rint(a / scale) + zp, 0, 255) - np.float64(zp)
+    q = _levels(a, scale, zp) - np.float64(zp)
     m = np.float32(scale) * b_scale
     return (q @ Bq).astype(a.dtype) * m.astype(a.dtype)
 
