@@ -178,8 +178,11 @@ class Model:
         """Float initializers that reach output `of` through a differentiable input slot, in file
         order; 0-d ones (exporters store constants such as GELU's 0.5 that way) only with `scalars`,
         and so one-element ones that only Expands read, fill values broadcast to a shape
-        (paddle2onnx writes an RNN's zero initial state so, from paddle.full). Not those holding an
-        infinity or a NaN: an attention mask of 0 and -inf is no parameter."""
+        (paddle2onnx writes an RNN's zero initial state so, from paddle.full), and one-element ones
+        that some node also reads where no derivative flows: a threshold or a bound (optimizers that
+        share constants by value, onnxruntime's and onnxslim's, give GPT-2's mask the same 0 that
+        its Equal compares with). Not those holding an infinity, a NaN or a finite stand-in for
+        one: an attention mask of 0 and -inf, or of torch.finfo(dtype).min, is no parameter."""
         key = ("parameters", of, scalars)
         if key not in self.plans:
             self.plans[key] = self._parameters(of, scalars)
@@ -198,10 +201,10 @@ class Model:
             except Exception:
                 skip = frozenset()
             reach.update(v for k, v in enumerate(node.inputs) if v and k not in skip)
-        fills = set() if scalars else self._fill_values()
+        constants = set() if scalars else self._fill_values() | self._compared()
         return [n for n, a in self.initializers.items()
-                if n in reach and np.issubdtype(a.dtype, np.floating) and (scalars or a.ndim > 0) and n not in fills
-                and np.isfinite(a).all()]
+                if n in reach and np.issubdtype(a.dtype, np.floating) and (scalars or a.ndim > 0) and n not in constants
+                and not _infinite(a)]
 
     def _fill_values(self):
         """One-element initializers that every reader takes as the data of an Expand."""
@@ -209,6 +212,32 @@ class Model:
         other = {v for node in self.nodes for k, v in enumerate(node.inputs) if v in ones and (node.op_type != "Expand" or k != 0)}
         read = {v for node in self.nodes for v in node.inputs if v in ones}
         return read - other
+
+    def _compared(self):
+        """One-element initializers that some node reads in a slot no derivative flows through."""
+        from .rules import lookup
+
+        ones = {n for n, a in self.initializers.items() if a.size == 1}
+        out = set()
+        for node in self.nodes:
+            if ones.isdisjoint(node.inputs):
+                continue
+            try:
+                skip = lookup(node.op_type, node.opset, node.domain, node.name).nondiff
+            except Exception:
+                continue
+            out.update(v for k, v in enumerate(node.inputs) if k in skip and v in ones)
+        return out
+
+
+def _infinite(a):
+    """Whether a float array holds an infinity, a NaN, or a finite stand-in for an infinity:
+    a value beyond half the type's largest (torch.finfo(dtype).min fills attention masks), or
+    beyond 1e30 in the wider types."""
+    if not np.isfinite(a).all():
+        return True
+    limit = min(float(np.finfo(a.dtype).max) / 2, 1e30)
+    return bool(a.size) and float(np.abs(a).max()) >= limit
 
 
 def samples_first_node(of, axis, rank, opset):

@@ -175,15 +175,37 @@ def test_skip_layer_normalization_with_its_sum_read():
     assert check_whole_model(m, rng.standard_normal((3, 2, 6))) == ["g", "b", "c"]
 
 
-def test_a_mask_of_infinities_is_no_parameter():
-    """An additive attention mask stored as a float initializer (0 and -inf, as torch's dynamo
-    exporter writes it) reaches the output through an Add, but is no parameter."""
-    mask = np.triu(np.full((4, 4), -np.inf, np.float32), 1)
+@pytest.mark.parametrize("fill", [-np.inf, np.finfo(np.float32).min])
+def test_a_mask_of_infinities_is_no_parameter(fill):
+    """An additive attention mask stored as a float initializer (0 and -inf, or 0 and
+    torch.finfo(float32).min, as torch's dynamo exporter folds a causal mask) reaches the output
+    through an Add, but is no parameter."""
+    mask = np.triu(np.full((4, 4), fill, np.float32), 1)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["s"]), helper.make_node("Add", ["s", "mask"], ["m"]),
              helper.make_node("Softmax", ["m"], ["y"], axis=-1)]
     m = one_input_model(nodes, {"W": np.eye(4, dtype=np.float32), "mask": mask}, (4, 4))
     G, cols = jaccli.param_jacobian(m, np.random.default_rng(0).standard_normal((3, 4, 4)))
     assert [c["name"] for c in cols] == ["W"] and np.isfinite(G).all()
+
+
+def test_a_zero_shared_by_a_comparison_and_a_mask_is_no_parameter():
+    """GPT-2's causal mask after an optimizer that shares constants by value (onnxslim,
+    onnxruntime): Where(Equal(tril, 0), -inf, 0), the same one-element 0 compared with and
+    taken as the mask's value. It is a constant, not a parameter: as one, the check's random
+    directions moved the comparison with it, and a correct Jacobian FAILed."""
+    tril = np.tril(np.ones((4, 4), np.float32))
+    nodes = [helper.make_node("Equal", ["tril", "zero"], ["masked"]),
+             helper.make_node("Where", ["masked", "ninf", "zero"], ["mask"]),
+             helper.make_node("MatMul", ["x", "W"], ["s"]), helper.make_node("Add", ["s", "mask"], ["m"]),
+             helper.make_node("Softmax", ["m"], ["y"], axis=-1)]
+    W = np.random.default_rng(1).standard_normal((4, 4)).astype(np.float32)
+    m = one_input_model(nodes, {"W": W, "tril": tril, "zero": np.zeros(1, np.float32),
+                                "ninf": np.full(1, -np.inf, np.float32)}, (4, 4))
+    x = np.random.default_rng(0).standard_normal((3, 4, 4)).astype(np.float32)
+    G, cols = jaccli.param_jacobian(m, x)
+    assert [c["name"] for c in cols] == ["W"]
+    assert jaccli.check(m, x, params=True)["ok"]
+    assert [c["name"] for c in jaccli.param_jacobian(m, x, params="*")[1]] == ["W", "zero"]
 
 
 @pytest.mark.parametrize("scale_shape,attrs", [((), {}), ((3,), {"axis": 1}), ((2, 3), {"axis": 0, "block_size": 2})])
