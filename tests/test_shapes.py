@@ -643,6 +643,45 @@ def test_a_fixed_batch_recurrent_state_as_parameters(tmp_path, op, layout):
     assert d["ok"], d
 
 
+@pytest.mark.parametrize("kept", ["updates", "data"])
+def test_a_fixed_batch_state_scattered_in_as_parameters(tmp_path, kept):
+    """HF's RWKV writes its state into the shifted sequence in place (`shifted[:, 0] = state`):
+    the dynamo exporter makes that a ScatterElements along axis 1 whose updates (or, the other
+    way round, whose data) is a folded initializer with a row per place of the fixed batch. Its
+    per-sample cotangent is the sample's row, checked against onnxruntime's differences; a
+    scatter along the samples' own axis is still refused in one line."""
+    from onnx import save
+
+    from jaccli.errors import UnsupportedOpError
+    from jaccli.oracle import check
+
+    B, S, C = 3, 4, 2
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, S, C])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    rows = (B, 1, C) if kept == "updates" else (B, S, C)
+    inits = [init("W", RNG.standard_normal((C, C)).astype(np.float32)),
+             init("state", RNG.standard_normal(rows).astype(np.float32)),
+             init("at", np.zeros((B, 1, C), np.int64) if kept == "updates" else np.ones((B, 1, C), np.int64))]
+    data, updates = ("t", "state") if kept == "updates" else ("state", "t1")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Tanh", ["m"], ["t"]),
+             helper.make_node("Slice", ["t", "zero", "one", "one"], ["t1"]),
+             helper.make_node("ScatterElements", [data, "at", updates], ["s"], axis=1),
+             helper.make_node("Mul", ["s", "t"], ["y"])]
+    inits += [init("zero", np.array([0], np.int64)), init("one", np.array([1], np.int64))]
+    path = str(tmp_path / "scatter.onnx")
+    save(model(nodes, [x], [y], inits, opset=14), path)
+    xs = RNG.standard_normal((5, S, C)).astype(np.float32)
+    G, cols = jaccli.param_jacobian(path, xs)
+    assert [c["name"] for c in cols] == ["W", "state"] and G.shape == (5, S, C, C * C + math.prod(rows))
+    d = check(path, xs, params=True, samples=5)
+    assert d["ok"], d
+    own = init("at", np.broadcast_to(np.arange(B).reshape(B, 1, 1), (B, 1, C)).astype(np.int64))  # row n to row n
+    along = model([n if n.op_type != "ScatterElements" else helper.make_node("ScatterElements", [data, "at", updates], ["s"], axis=0)
+                   for n in nodes], [x], [y], [own if i.name == "at" else i for i in inits], opset=14)
+    with pytest.raises(UnsupportedOpError, match="samples' axis"):
+        jaccli.param_jacobian(along, xs)
+
+
 def test_an_operator_written_before_its_opset():
     """torch's TorchScript exporter at opset 8 writes ConstantOfShape, which ONNX defines from
     opset 9 on: its first version is what it can only mean. An operator whose older version
