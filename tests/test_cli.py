@@ -443,6 +443,38 @@ def test_second_look_weighs_the_oracles_verdict():
     assert verdict({**unclear, "own": {"verdict": "FAIL"}}, 1e-3) == "FAIL"
 
 
+def test_a_quantized_outputs_forward_may_be_one_step_off():
+    """Behind a quantization the oracle runs integer kernels (onnxruntime fuses a QDQ graph),
+    whose rounding may put an output one step of its grid from the float arithmetic of the same
+    graph: a TFLite int8 model's sigmoid (uint8, steps of 1/256) through tf2onnx was one step
+    off, its Jacobian zero, the second look passed, and the check FAILed with exit 1. One step
+    of the output's grid is now within the forward's floor; two are not."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from jaccli.model import load
+    from jaccli.oracle import _level, _quantized, verdict
+
+    assert _level((np.array([3, 7, 8, 200, 8]) - 128) / 256) == 1 / 256
+    assert _level(np.array([0.5])) == 0.0 and _level(np.array([np.nan, 1.0])) == 0.0
+    assert _level(np.random.default_rng(0).standard_normal(50)) == 0.0  # no grid
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    inits = [numpy_helper.from_array(np.array(1 / 256, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z"),
+             numpy_helper.from_array(np.ones((3, 3), np.float32), "W")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Sigmoid", ["m"], ["p"]),
+             helper.make_node("QuantizeLinear", ["p", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    qdq = load(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)]))
+    assert _quantized(qdq, "y", False, None, np.float32) and _quantized(qdq, "y", True, None, np.float32)
+    plain = helper.make_graph(nodes[:2] + [helper.make_node("Identity", ["p"], ["y"])], "g", [x], [y], inits)
+    assert not _quantized(load(helper.make_model(plain, opset_imports=[helper.make_opsetid("", 13)])), "y", False, None, np.float32)
+    row = {"entry_error": 0.8, "directional_error": 0.0, "max_abs_error": 25.0, "max_abs_direction_error": 0.0, "noise": 1e-6,
+           "entry_spread": 1e-3, "direction_spread": 1e-3, "forward_error": 1 / 256, "forward_scale": 0.625,
+           "forward_floor": 1 / 256, "own": {"verdict": "pass", "precision": 0.0}}
+    assert verdict(row, 1e-3) == "unclear"
+    assert verdict({**row, "forward_error": 2 / 256}, 1e-3) == "FAIL"
+    assert verdict({**row, "forward_floor": 4 * float(np.finfo(np.float32).eps)}, 1e-3) == "FAIL"
+
+
 def test_check_takes_a_second_look_where_the_oracle_cannot_tell(tmp_path, monkeypatch):
     """Steps far too large for the oracle (its differences then carry the curvature): the
     check does not pass, the second look at fine steps against our own float64 forward does,
