@@ -158,7 +158,12 @@ def render_check(console: Console, d: dict):
             console.print(f"[yellow]note:[/yellow] {r['output']}: {r['jumps']} of the differences checked (sample by column) "
                           f"cross a jump of the model at the point (differences growing as 1/step: a Cast to an integer, a one-hot category, a "
                           f"threshold met exactly), where no derivative exists; they are not judged")
-        if v == "unclear" and not (r.get("entries_judged", True) or r.get("directions_judged", True)):
+        if v == "unclear" and r.get("quantized_zero"):
+            console.print(f"unclear ({r['output']}): every path to it from what is differentiated passes a "
+                          f"{r['quantized_zero']}, whose output is an integer: the Jacobian is zero where it exists, and "
+                          f"differences only cross the levels' jumps; input and params with --straight-through "
+                          f"differentiate through quantize-dequantize pairs, as quantization-aware training does")
+        elif v == "unclear" and not (r.get("entries_judged", True) or r.get("directions_judged", True)):
             console.print(f"unclear ({r['output']}): every difference crosses a jump of the model")
         elif v == "unclear" and _verdict(r, d["tolerance"]) == "FAIL":
             console.print(f"unclear ({r['output']}): ours is off from the {d['oracle_dtype']} oracle's differences, but the second "
