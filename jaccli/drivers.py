@@ -347,6 +347,14 @@ def _integer_ops(nodes):
     return sorted({n.op_type for n in nodes if n.op_type.startswith(("QLinear", "QGemm"))})
 
 
+def _dequantized_weights(model):
+    """['DequantizeLinear of integer initializers'] where the QDQ format stores the weights as
+    integers that a DequantizeLinear reads, else []."""
+    stored = [n for n in model.nodes if n.op_type == "DequantizeLinear" and n.inputs and n.inputs[0] in model.initializers
+              and not np.issubdtype(model.initializers[n.inputs[0]].dtype, np.floating)]
+    return ["DequantizeLinear of integer initializers"] if stored else []
+
+
 def _run_notes(model, run_size):
     """What the summary says of a fixed batch's runs, or of --one-by-one."""
     if model.one_by_one:
@@ -1100,7 +1108,7 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
         if not names:
             raise UsageError(f"no parameter matches {', '.join(pats)} (see `jaccli inspect` for their names)")
     if not names:
-        integer = _integer_ops(model.nodes)
+        integer = _integer_ops(model.nodes) or _dequantized_weights(model)
         ml = sorted({n.op_type for n in model.ancestors([of_v.name]) if n.domain == "ai.onnx.ml"})
         raise UsageError(f"output '{of_v.name}' depends on no float parameter" + (
             f": its weights are integers, quantized ({', '.join(integer[:3])}{' ...' if len(integer) > 3 else ''}); take "

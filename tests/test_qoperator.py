@@ -87,8 +87,9 @@ def float_cnn(avgpool=True):
     return m
 
 
-def quantized(tmp_path, fmt, per_channel=False, activation="QUInt8", avgpool=True):
-    """The CNN quantized by quantize_static in format `fmt`, calibrated on the same 16 samples."""
+def quantized(tmp_path, fmt, per_channel=False, activation="QUInt8", avgpool=True, contrib=False):
+    """The CNN quantized by quantize_static in format `fmt`, calibrated on the same 16 samples;
+    `contrib`: its QDQ pairs com.microsoft's (extra_options UseQDQContribOps)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -99,11 +100,12 @@ def quantized(tmp_path, fmt, per_channel=False, activation="QUInt8", avgpool=Tru
         def get_next(self):
             return next(self.it, None)
 
-    src, dst = tmp_path / "f.onnx", tmp_path / f"{fmt}_{per_channel}_{activation}_{avgpool}.onnx"
+    src, dst = tmp_path / "f.onnx", tmp_path / f"{fmt}_{per_channel}_{activation}_{avgpool}_{contrib}.onnx"
     if not src.exists():
         onnx.save(float_cnn(avgpool), src)
     quantize_static(str(src), str(dst), Reader(), quant_format=getattr(QuantFormat, fmt), per_channel=per_channel,
-                    activation_type=getattr(QuantType, activation), weight_type=QuantType.QInt8)
+                    activation_type=getattr(QuantType, activation), weight_type=QuantType.QInt8,
+                    extra_options={"UseQDQContribOps": True} if contrib else None)
     return dst
 
 
@@ -158,6 +160,40 @@ def test_straight_through_equals_the_qdq_model(per_channel, tmp_path):
     np.testing.assert_allclose(a.value[same], b.value[same], **tol)
     fwd = jaccli.input_jacobian(str(qop), x, straight_through=True, mode="forward")
     np.testing.assert_allclose(fwd, a.value, rtol=1e-4, atol=1e-5 * np.abs(b.value).max())
+
+
+@pytest.mark.parametrize("activation", ["QUInt8", "QInt16"])
+def test_com_microsofts_qdq_pairs_are_the_standard_ones(activation, tmp_path):
+    """onnxruntime's quantizer writes com.microsoft's QuantizeLinear and DequantizeLinear when
+    asked (UseQDQContribOps) or for types the default domain's opset lacks. They compute what
+    the standard pairs compute: the same outputs and straight-through Jacobians as the model
+    quantized the standard way, a zero Jacobian by default, and parameters refused in one line."""
+    ms = quantized(tmp_path, "QDQ", False, activation, avgpool=False, contrib=True)
+    std = quantized(tmp_path, "QDQ", False, activation, avgpool=False)
+    assert {n.domain for n in onnx.load(ms).graph.node if "Quantize" in n.op_type} == {"com.microsoft"}
+    x = data(8)
+    r = jaccli.input_jacobian(str(ms), x, return_result=True)
+    assert not r.value.any() and any("--straight-through" in n for n in r.notes), r.notes
+    basic = ort.SessionOptions()  # as check runs it: at ORT_ENABLE_ALL its fusions compute another function (16-bit: 10 steps off)
+    basic.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    want = ort.InferenceSession(str(ms), basic, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(r.outputs, want, atol=1e-4)
+    a = jaccli.input_jacobian(str(ms), x, straight_through=True, dtype=np.float64, return_result=True)
+    b = jaccli.input_jacobian(str(std), x, straight_through=True, dtype=np.float64, return_result=True)
+    np.testing.assert_array_equal(a.outputs, b.outputs)
+    np.testing.assert_array_equal(a.value, b.value)
+    assert np.abs(a.value).max() > 0
+
+
+def test_weights_stored_as_integers_are_named_when_no_float_parameter_is_left():
+    """A QDQ model whose weights are integers that a DequantizeLinear reads, with per-tensor (0-d)
+    scales: no float parameter; the refusal says why."""
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "s"], ["W"]), helper.make_node("MatMul", ["x", "W"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(RNG.integers(-9, 9, (4, 3)).astype(np.int8), "Wq"), _scalar("s", 0.1, np.float32)])
+    with pytest.raises(jaccli.errors.UsageError, match=r"weights are integers, quantized \(DequantizeLinear of integer"):
+        jaccli.param_jacobian(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), data(2)[:, 0, 0, :4])
 
 
 # ---- one operator at a time, against its QDQ counterpart: Q -> QLinear op -> DQ  vs  Q -> DQ -> float op -> Q -> DQ

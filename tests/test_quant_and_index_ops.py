@@ -49,18 +49,23 @@ def test_eyelike_mask(k):
     _check(m, rng.standard_normal((3, 3, 4)))
 
 
-@pytest.mark.parametrize("opset,axis,scale_shape", [(10, None, ()), (13, 1, (3,)), (13, 0, (4,)), (21, 0, (2, 3))])
-def test_dequantized_weights(opset, axis, scale_shape):
-    """y = x @ dequantize(Wq): the parameters are the float scales."""
-    Wq = rng.integers(-100, 100, (4, 3)).astype(np.int8)
+@pytest.mark.parametrize("opset,axis,scale_shape,ms", [(10, None, (), False), (13, 1, (3,), False), (13, 0, (4,), False),
+                                                       (21, 0, (2, 3), False), (13, None, (3,), True), (13, 0, (4,), True)])
+def test_dequantized_weights(opset, axis, scale_shape, ms):
+    """y = x @ dequantize(Wq): the parameters are the float scales. Also com.microsoft's
+    DequantizeLinear of int16 weights (onnxruntime's quantizer writes it for 16-bit types), its
+    axis 1 by default."""
+    Wq = rng.integers(-100, 100, (4, 3)).astype(np.int16 if ms else np.int8)
     scale = rng.uniform(0.01, 0.05, scale_shape).astype(np.float32)
-    zp = np.zeros(scale_shape, np.int8) + np.int8(3)
+    zp = np.zeros(scale_shape, Wq.dtype) + Wq.dtype.type(3)
     attrs = {} if axis is None else {"axis": axis}
     if opset == 21:
         attrs["block_size"] = 2
-    nodes = [helper.make_node("DequantizeLinear", ["Wq", "scale", "zp"], ["W"], **attrs),
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "scale", "zp"], ["W"], domain="com.microsoft" if ms else "", **attrs),
              helper.make_node("MatMul", ["x", "W"], ["y"])]
     m = one_input_model(nodes, {"Wq": Wq, "scale": scale, "zp": zp}, (4,), opset)
+    if ms:
+        m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     G, cols = _check(m, X, params="scale")
     assert [c["name"] for c in cols] == ["scale"]
 
@@ -290,9 +295,10 @@ def test_flatten_at_the_rank_and_at_zero_matches_onnxruntime(axis):
     np.testing.assert_array_equal(got, want)
 
 
-def _fake_quant_model(per_channel, clip):
+def _fake_quant_model(per_channel, clip, domain=""):
     """h = tanh(x @ W); y = DequantizeLinear(QuantizeLinear(h)) (uint8, zero point 128, a scale small
-    enough that some h saturate), or, with `clip`, y = clip(h) to the same range: the function
+    enough that some h saturate; in `domain`: com.microsoft's, as onnxruntime's quantizer writes
+    them with UseQDQContribOps), or, with `clip`, y = clip(h) to the same range: the function
     whose derivative the straight-through estimator takes."""
     rng = np.random.default_rng(2)
     s = np.array([0.004, 0.006, 0.005], np.float32) if per_channel else np.array(0.005, np.float32)
@@ -306,22 +312,25 @@ def _fake_quant_model(per_channel, clip):
         inits += [numpy_helper.from_array(lo.astype(np.float32), "lo"), numpy_helper.from_array(hi.astype(np.float32), "hi")]
     else:
         attrs = {"axis": 1} if per_channel else {}
-        nodes += [helper.make_node("QuantizeLinear", ["h", "s", "zp"], ["q"], **attrs),
-                  helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], **attrs)]
+        nodes += [helper.make_node("QuantizeLinear", ["h", "s", "zp"], ["q"], domain=domain, **attrs),
+                  helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], domain=domain, **attrs)]
         inits += [numpy_helper.from_array(s, "s"), numpy_helper.from_array(zp, "zp")]
     g = helper.make_graph(nodes, "fq", [helper.make_tensor_value_info("x", 1, ["N", 4])],
                           [helper.make_tensor_value_info("y", 1, ["N", 3])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)] + ([helper.make_opsetid(domain, 1)] if domain else []))
 
 
+@pytest.mark.parametrize("domain", ["", "com.microsoft"])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_straight_through_quantization(per_channel):
+def test_straight_through_quantization(per_channel, domain):
     """By default a quantize-dequantize pair stops the derivatives (its integer is piecewise
     constant), and the result says so. With straight_through, input and per-sample parameter
     Jacobians are those of the clipped function: identity inside the integer range, zero where
-    it saturates (both occur in this data)."""
-    fq, clipped = _fake_quant_model(per_channel, False), _fake_quant_model(per_channel, True)
+    it saturates (both occur in this data). The same for com.microsoft's pair, whose forward
+    matches onnxruntime's."""
+    fq, clipped = _fake_quant_model(per_channel, False, domain), _fake_quant_model(per_channel, True)
     x = np.random.default_rng(4).standard_normal((6, 4)).astype(np.float32)
+    np.testing.assert_allclose(our_forward(fq, {"x": x}, np.float32), ort_forward(fq, {"x": x})[0], rtol=1e-6)
     r = jaccli.input_jacobian(fq, x, return_result=True)
     assert not r.value.any() and any("--straight-through" in n for n in r.notes)
     J = jaccli.input_jacobian(fq, x, straight_through=True, dtype="float64", return_result=True)

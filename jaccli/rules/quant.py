@@ -20,6 +20,7 @@ from . import Ctx, rule, through
 from ..errors import UnsupportedOpError
 from ._util import add, padded
 from .conv import Conv
+from .elementwise import DequantizeLinear13, QuantizeLinear, QuantizeLinearThrough, _DequantizeThrough
 from .linalg import MatMul
 from .shape import _FLOAT_TYPES, Cast, Gather, _wrap
 
@@ -446,3 +447,28 @@ class MatMulNBitsThrough(MatMulNBits):
     """MatMulNBits at accuracy_level 4 straight through its rounding of A: the float product."""
 
     through_a = True
+
+
+# ---- com.microsoft's QuantizeLinear and DequantizeLinear: what onnxruntime's quantizer writes for
+# types the default domain's opset lacks (16-bit, 4-bit) or when asked (extra_options
+# UseQDQContribOps). The same formulas as the standard operators, axis 1 by default -----------------
+
+
+@rule("DequantizeLinear", since=1, domain="com.microsoft")
+class MsDequantizeLinear(DequantizeLinear13):
+    """y = (x - x_zero_point) * x_scale, per tensor or along `axis` (default 1); linear in the scale."""
+
+
+@through(MsDequantizeLinear)
+class MsDequantizeLinearThrough(_DequantizeThrough, MsDequantizeLinear):
+    """The straight-through variant, as for the standard DequantizeLinear."""
+
+
+@rule("QuantizeLinear", since=1, domain="com.microsoft")
+class MsQuantizeLinear(QuantizeLinear):
+    """y = saturate(round(x / y_scale) + y_zero_point), an integer: piecewise constant."""
+
+
+@through(MsQuantizeLinear)
+class MsQuantizeLinearThrough(QuantizeLinearThrough):
+    """The straight-through variant, as for the standard QuantizeLinear."""
