@@ -196,6 +196,29 @@ def test_weights_stored_as_integers_are_named_when_no_float_parameter_is_left():
         jaccli.param_jacobian(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), data(2)[:, 0, 0, :4])
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_the_nhwc_transformers_qlinear_conv(per_channel, tmp_path):
+    """Saved at ORT_ENABLE_ALL, a quantized CNN's QLinearConv nodes become com.microsoft's with
+    channels_last (Transposes around them): the same integers as onnxruntime's, and the same
+    straight-through Jacobian as the model before."""
+    q = quantized(tmp_path, "QOperator", per_channel, avgpool=False)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "nhwc.onnx")
+    ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
+    nhwc = tmp_path / "nhwc.onnx"
+    convs = [n for n in onnx.load(nhwc).graph.node if n.op_type == "QLinearConv"]
+    assert convs and all(n.domain == "com.microsoft" and helper.get_attribute_value(n.attribute[
+        [a.name for a in n.attribute].index("channels_last")]) == 1 for n in convs)
+    x = data(8)
+    a = jaccli.input_jacobian(str(nhwc), x, straight_through=True, return_result=True, dtype=np.float64)
+    np.testing.assert_array_equal(a.outputs.astype(np.float32), ort_run(nhwc, x))
+    b = jaccli.input_jacobian(str(q), x, straight_through=True, return_result=True, dtype=np.float64)
+    np.testing.assert_array_equal(a.outputs, b.outputs)
+    np.testing.assert_allclose(a.value, b.value, rtol=1e-12, atol=1e-12 * np.abs(b.value).max())
+    assert np.abs(b.value).max() > 0
+
+
 # ---- one operator at a time, against its QDQ counterpart: Q -> QLinear op -> DQ  vs  Q -> DQ -> float op -> Q -> DQ
 
 

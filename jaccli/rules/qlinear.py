@@ -30,7 +30,7 @@ from .conv import Conv
 from .elementwise import _INT_RANGES, Add, LeakyRelu, Mul, Sigmoid, Where
 from .linalg import Gemm, MatMul
 from .norm import Softmax1, Softmax13
-from .pool import AveragePool, GlobalAveragePool
+from .pool import AveragePool, GlobalAveragePool, MaxPool
 from .shape import Concat
 
 MS = "com.microsoft"
@@ -412,23 +412,57 @@ class QLinearAveragePool:
 
 
 def _ChannelsLast(op):
-    """A pooling rule on channels-last data: channels moved second around the NCHW rule."""
+    """A pooling or convolution rule on channels-last data: channels moved second around the NCHW
+    rule. Only the data X is differentiated; the other inputs (a convolution's weight and bias)
+    pass as they are."""
 
     class ChannelsLast:
-        def forward(X, **attrs):
-            return np.moveaxis(op.forward(np.moveaxis(X, -1, 1), **attrs), 1, -1)
+        def forward(X, *rest, **attrs):
+            return np.moveaxis(op.forward(np.moveaxis(X, -1, 1), *rest, **attrs), 1, -1)
 
-        def jvp(cx, Xdot, **attrs):
+        def jvp(cx, Xdot, *_, **attrs):
             lead = Xdot.ndim - cx.x[0].ndim
-            inner = Ctx((np.moveaxis(cx.x[0], -1, 1),), (np.moveaxis(cx.y[0], -1, 1),), rule=op)
-            return np.moveaxis(op.jvp(inner, np.moveaxis(Xdot, -1, lead + 1), **attrs), lead + 1, -1)
+            inner = Ctx((np.moveaxis(cx.x[0], -1, 1), *cx.x[1:]), (np.moveaxis(cx.y[0], -1, 1),), rule=op)
+            return np.moveaxis(op.jvp(inner, np.moveaxis(Xdot, -1, lead + 1), *[None] * (len(cx.x) - 1), **attrs),
+                               lead + 1, -1)
 
         def vjp(cx, Ybar, **attrs):
             lead = Ybar.ndim - cx.y[0].ndim
-            inner = Ctx((np.moveaxis(cx.x[0], -1, 1),), (np.moveaxis(cx.y[0], -1, 1),), cx.need, cx.keep, rule=op)
-            return (np.moveaxis(op.vjp(inner, np.moveaxis(Ybar, -1, lead + 1), **attrs)[0], lead + 1, -1),)
+            rest = len(cx.x) - 1
+            inner = Ctx((np.moveaxis(cx.x[0], -1, 1), *cx.x[1:]), (np.moveaxis(cx.y[0], -1, 1),),
+                        (cx.need[0],) + (False,) * rest, (cx.keep[0],) + (False,) * rest, rule=op)
+            Xbar = op.vjp(inner, np.moveaxis(Ybar, -1, lead + 1), **attrs)[0]
+            return (None if Xbar is None else np.moveaxis(Xbar, lead + 1, -1),) + (None,) * rest
 
     return ChannelsLast
+
+
+@rule("NhwcMaxPool", since=1, domain=MS)
+class NhwcMaxPool(_ChannelsLast(MaxPool)):
+    """MaxPool on channels-last data, as onnxruntime's NHWC transformer writes it for a quantized
+    model's integers at ORT_ENABLE_ALL; taken straight through, the maxima pass their levels'
+    derivatives as MaxPool does."""
+
+    def forward(x, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, strides=None):
+        return np.moveaxis(MaxPool.forward(np.moveaxis(x, -1, 1), kernel_shape=kernel_shape, auto_pad=auto_pad,
+                                           ceil_mode=ceil_mode, dilations=dilations, pads=pads, strides=strides), 1, -1)
+
+
+@rule("QLinearConv", since=1, domain=MS)
+class MsQLinearConv(QLinearConv):
+    """com.microsoft's QLinearConv, which onnxruntime's NHWC transformer writes at ORT_ENABLE_ALL:
+    ONNX's, with `channels_last` (x and y channels last, the weight still OIHW)."""
+
+    def forward(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, B=None, *, channels_last=0,
+                **conv):
+        y = QLinearConv.forward(_nchw(x, channels_last), x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
+                                y_zero_point, B, **conv)
+        return _channels_back(y, channels_last)
+
+    def real(x, attrs, dtype):
+        conv = {k: v for k, v in attrs.items() if k != "channels_last"}
+        op, xs, fattrs, data, out = QLinearConv.real(x, conv, dtype)
+        return (_ChannelsLast(op) if attrs.get("channels_last", 0) else op), xs, fattrs, data, out
 
 
 _ATTN_SLOTS = (0, 1, 2, 5, 8)  # QAttention's input, weight, bias, mask_index and past: Attention's first five
@@ -547,5 +581,5 @@ for _base, _slots in ((QLinearConv, (0,)), (QLinearMatMul, (0, 3)), (QGemm, (0, 
                       (QLinearMul, (0, 3)), (QLinearSigmoid, (0,)), (QLinearLeakyRelu, (0,)), (QLinearSoftmax, (0,)),
                       (QLinearWhere, (1, 4)),
                       (QLinearConcat, tuple(range(2, 1024, 3))), (QLinearGlobalAveragePool, (0,)),
-                      (QLinearAveragePool, (0,))):
+                      (QLinearAveragePool, (0,)), (MsQLinearConv, (0,))):
     _through_variant(_base, _slots)
