@@ -778,3 +778,209 @@ class GroupQueryAttention:
             parts = [t if t is not None else np.zeros(lead + (n * D,), G.dtype) for t, n in ((qb, g.h), (kb, g.hkv), (vb, g.hkv))]
             return (np.concatenate(parts, axis=-1),) + (None,) * (len(cx.x) - 1)
         return (qb, kb, vb) + (None,) * (len(cx.x) - 3)
+
+
+# ---- a diffusion model's UNet and VAE after onnxruntime's transformer optimizer for CUDA
+# (optimize_model(model_type="unet" or "vae"), as Stable Diffusion's optimized exports ship):
+# onnxruntime runs these on CUDA only; here they run as the standard operators they fuse ------------
+
+
+def _first(X, lead=0):
+    """Channels-last data (*lead, N, *sp, C) with its channels second, after the samples."""
+    return np.moveaxis(X, -1, lead + 1)
+
+
+def _last(Y, lead=0):
+    return np.moveaxis(Y, lead + 1, -1)
+
+
+@rule("NhwcConv", since=1, domain=MS)
+class NhwcConv:
+    """Conv on channels-last data: X (N, *sp, C), W (M, *kernel, C/group), B (M,); Y (N, *out, M)."""
+
+    keeps = True
+
+    def forward(X, W, B=None, **conv):
+        from .conv import Conv
+
+        return _last(Conv.forward(_first(X), _first(W), B, **_conv_attrs(conv)))
+
+    def jvp(cx, Xdot, Wdot, Bdot=None, **conv):
+        from .conv import Conv
+
+        X, W = cx.x[0], cx.x[1]
+        inner = Ctx((_first(X), _first(W), *cx.x[2:]), (_first(cx.y[0]),), rule=Conv)
+        lead = next(D.ndim - x.ndim for D, x in zip((Xdot, Wdot, Bdot), cx.x) if D is not None)
+        D = Conv.jvp(inner, None if Xdot is None else _first(Xdot, lead), None if Wdot is None else np.moveaxis(Wdot, -1, -3),
+                     Bdot, **_conv_attrs(conv))
+        return _last(D, lead)
+
+    def vjp(cx, Ybar, **conv):
+        from .conv import Conv
+
+        X, W = cx.x[0], cx.x[1]
+        lead = cx.lead(Ybar)
+        inner = Ctx((_first(X), _first(W), *cx.x[2:]), (_first(cx.y[0]),), cx.need, cx.keep, rule=Conv)
+        Xbar, Wbar, *rest = Conv.vjp(inner, _first(Ybar, lead), **_conv_attrs(conv))
+        return (None if Xbar is None else _last(Xbar, lead), None if Wbar is None else np.moveaxis(Wbar, -3, -1), *rest)
+
+
+def _silu_partial(U):
+    s = _sigmoid(U)
+    return s + U * s * (1 - s)
+
+
+class _MsGroupNorm:
+    """onnxruntime's GroupNorm and SkipGroupNorm: the group normalisation of s = X (+ skip + bias),
+    channels last by default, gamma and beta per channel, then SiLU with activation=1."""
+
+    keeps = True
+    n_diff_outputs = None
+
+    def _norm(S, gamma, beta, epsilon, groups, channels_last):
+        from .norm import GroupNormalization
+
+        Sc = _first(S) if channels_last else S
+        return Sc, GroupNormalization.forward(Sc, gamma, beta, epsilon=epsilon, num_groups=groups)
+
+    def _tangent(S, gamma, beta, Sdot, gdot, bdot, lead, *, activation=0, channels_last=1, epsilon=1e-5, groups):
+        from .norm import GroupNormalization
+
+        Sc, U = _MsGroupNorm._norm(S, gamma, beta, epsilon, groups, channels_last)
+        inner = Ctx((Sc, gamma, beta), (U,), rule=GroupNormalization)
+        D = GroupNormalization.jvp(inner, None if Sdot is None else (_first(Sdot, lead) if channels_last else Sdot), gdot, bdot,
+                                   epsilon=epsilon, num_groups=groups)
+        if activation:
+            D = _silu_partial(U) * D
+        return _last(D, lead) if channels_last else D
+
+    def _cotangent(cx, S, Ybar, need, keep, *, activation=0, channels_last=1, epsilon=1e-5, groups):
+        """(S's, gamma's, beta's) cotangents from Y's."""
+        from .norm import GroupNormalization
+
+        gamma, beta = cx.x[1], cx.x[2]
+        lead = cx.lead(Ybar)
+        Sc, U = _MsGroupNorm._norm(S, gamma, beta, epsilon, groups, channels_last)
+        G = _first(Ybar, lead) if channels_last else Ybar
+        if activation:
+            G = G * _silu_partial(U)
+        inner = Ctx((Sc, gamma, beta), (U,), need, keep, rule=GroupNormalization)
+        Sbar, gbar, bbar = GroupNormalization.vjp(inner, G, epsilon=epsilon, num_groups=groups)
+        return (None if Sbar is None else (_last(Sbar, lead) if channels_last else Sbar)), gbar, bbar
+
+
+def _group_norm_out(S, gamma, beta, activation, channels_last, epsilon, groups):
+    Sc, U = _MsGroupNorm._norm(S, gamma, beta, epsilon, groups, channels_last)
+    Y = U * _sigmoid(U) if activation else U
+    return _last(Y) if channels_last else Y
+
+
+@rule("GroupNorm", since=1, domain=MS)
+class MsGroupNorm(_MsGroupNorm):
+    """Y = GroupNorm(X) * gamma + beta per channel, channels last (channels_last=1, the default),
+    then SiLU where activation=1."""
+
+    n_diff_outputs = 1
+
+    def forward(X, gamma, beta, *, activation=0, channels_last=1, epsilon=1e-5, groups):
+        return _group_norm_out(X, gamma, beta, activation, channels_last, epsilon, groups)
+
+    def jvp(cx, Xdot, gdot, bdot, **attrs):
+        lead = next(D.ndim - x.ndim for D, x in zip((Xdot, gdot, bdot), cx.x) if D is not None)
+        return _MsGroupNorm._tangent(*cx.x, Xdot, gdot, bdot, lead, **attrs)
+
+    def vjp(cx, Ybar, **attrs):
+        return _MsGroupNorm._cotangent(cx, cx.x[0], Ybar, cx.need, cx.keep, **attrs)
+
+
+def _skip_shaped(skip, X):
+    """A SkipGroupNorm's skip, (N, C) or of X's rank, broadcast against X (N, H, W, C)."""
+    return skip.reshape(skip.shape[:1] + (1,) * (X.ndim - 2) + skip.shape[1:]) if skip.ndim == 2 else skip
+
+
+@rule("SkipGroupNorm", since=1, domain=MS)
+class SkipGroupNorm(_MsGroupNorm):
+    """s = X + skip + bias (skip (N, H, W, C), (N, 1, 1, C) or (N, C); bias (C,)), then GroupNorm
+    of s as above; outputs Y and, on request, s (the next residual reads it)."""
+
+    def forward(X, gamma, beta, skip, bias=None, *, activation=0, channels_last=1, epsilon=1e-5, groups, n_outputs=1):
+        S = X + _skip_shaped(skip, X) if bias is None else X + _skip_shaped(skip, X) + bias
+        Y = _group_norm_out(S, gamma, beta, activation, channels_last, epsilon, groups)
+        return (Y, S) if n_outputs > 1 else Y
+
+    def jvp(cx, Xdot, gdot, bdot, skipdot=None, biasdot=None, *, n_outputs=1, **attrs):
+        x = padded(cx.x, 5)
+        X, skip, bias = x[0], x[3], x[4]
+        lead = next(D.ndim - v.ndim for D, v in zip((Xdot, gdot, bdot, skipdot, biasdot), x) if D is not None)
+        K = _skip_shaped(skip, X)
+        S = X + K if bias is None else X + K + bias
+        Kdot = None if skipdot is None else expand(skipdot.reshape(skipdot.shape[:lead] + K.shape), K, S, lead)
+        Sdot = add(Xdot, Kdot, None if biasdot is None else expand(biasdot, bias, S, lead))
+        Ydot = _MsGroupNorm._tangent(S, x[1], x[2], Sdot, gdot, bdot, lead, **attrs)
+        return (Ydot, Sdot) if n_outputs > 1 else Ydot
+
+    def vjp(cx, Ybar, Sbar=None, *, n_outputs=1, **attrs):
+        x, need, keep = padded(cx.x, 5), padded(cx.need, 5, False), padded(cx.keep, 5, False)
+        X, skip, bias = x[0], x[3], x[4]
+        S = X + _skip_shaped(skip, X) if bias is None else X + _skip_shaped(skip, X) + bias
+        lead = cx.lead(Ybar) if Ybar is not None else cx.lead(Sbar)
+        sb, gbar, bbar = Sbar, None, None
+        if Ybar is not None:
+            inner_need = (need[0] or need[3] or need[4], need[1], need[2])
+            Sb, gbar, bbar = _MsGroupNorm._cotangent(cx, S, Ybar, inner_need, (False, keep[1], keep[2]), **attrs)
+            sb = add(Sb, Sbar)
+        skipbar = None
+        if need[3] and sb is not None:
+            K = _skip_shaped(skip, X)
+            skipbar = unbroadcast(sb, K.shape, lead, keep[3])
+            skipbar = skipbar.reshape(skipbar.shape[:skipbar.ndim - K.ndim] + skip.shape)
+        return (sb if need[0] else None, gbar, bbar, skipbar,
+                unbroadcast(sb, bias.shape, lead, keep[4]) if need[4] and sb is not None else None)
+
+
+@rule("BiasSplitGelu", since=1, domain=MS)
+class BiasSplitGelu:
+    """U = X + bias (X (N, S, D), bias (D,)), halved along the last axis into A and B; Y = A * gelu(B),
+    the exact GELU."""
+
+    keeps = True
+
+    def forward(X, bias):
+        A, B = np.split(X + bias, 2, axis=-1)
+        return A * Gelu.forward(B, approximate="none")
+
+    def jvp(cx, Xdot, bdot):
+        X, bias = cx.x
+        A, B = np.split(X + bias, 2, axis=-1)
+        lead = next(D.ndim - x.ndim for D, x in zip((Xdot, bdot), cx.x) if D is not None)
+        Udot = add(Xdot, None if bdot is None else expand(bdot, bias, X, lead))
+        Ad, Bd = np.split(Udot, 2, axis=-1)
+        return Ad * Gelu.forward(B, approximate="none") + A * Gelu.deriv(B, None, approximate="none") * Bd
+
+    def vjp(cx, Ybar):
+        X, bias = cx.x
+        A, B = np.split(X + bias, 2, axis=-1)
+        Ubar = np.concatenate([Ybar * Gelu.forward(B, approximate="none"), Ybar * A * Gelu.deriv(B, None, approximate="none")],
+                              axis=-1)
+        lead = cx.lead(Ybar)
+        return (Ubar if cx.need[0] else None, unbroadcast(Ubar, bias.shape, lead, cx.keep[1]) if cx.need[1] else None)
+
+
+@rule("BiasAdd", since=1, domain=MS)
+class BiasAdd:
+    """Y = X + bias + skip: X and skip (N, S, C), bias (C,)."""
+
+    keeps = True
+
+    def forward(X, bias, skip):
+        return X + bias + skip
+
+    def jvp(cx, Xdot, bdot, sdot):
+        X, bias, skip = cx.x
+        lead = next(D.ndim - x.ndim for D, x in zip((Xdot, bdot, sdot), cx.x) if D is not None)
+        return add(Xdot, None if bdot is None else expand(bdot, bias, X, lead), sdot)
+
+    def vjp(cx, Ybar):
+        lead = cx.lead(Ybar)
+        return (Ybar if cx.need[0] else None, unbroadcast(Ybar, cx.x[1].shape, lead, cx.keep[1]) if cx.need[1] else None,
+                unbroadcast(Ybar, cx.x[2].shape, lead, cx.keep[2]) if cx.need[2] else None)
