@@ -10,7 +10,7 @@ from ._util import add, expand, padded, unbroadcast
 from .elementwise import Gelu, _Binary, _sigmoid, elementwise
 from .linalg import Gemm, MatMul, mm
 from .norm import LayerNormalization, SimplifiedLayerNormalization, _softmax
-from .shape import Gather
+from .shape import Gather, GatherND, Pad11, Range, Trilu, Unsqueeze13
 
 MS = "com.microsoft"
 
@@ -984,3 +984,61 @@ class BiasAdd:
         lead = cx.lead(Ybar)
         return (Ybar if cx.need[0] else None, unbroadcast(Ybar, cx.x[1].shape, lead, cx.keep[1]) if cx.need[1] else None,
                 unbroadcast(Ybar, cx.x[2].shape, lead, cx.keep[2]) if cx.need[2] else None)
+
+
+# ---- contrib operators that the default domain took over later: models exported before it had
+# them (grid_sample below opset 16 through a custom symbolic, onnxruntime's older saves) -------------
+
+
+@rule("TransposeMatMul", since=1, domain=MS)
+class TransposeMatMul(FusedMatMul):
+    """FusedMatMul's older name: Y = alpha * A' @ B'."""
+
+
+@rule("GridSample", since=1, domain=MS)
+class MsGridSample:
+    """ONNX's GridSample of opset 16 (mode bilinear by default, nearest or bicubic; padding zeros,
+    border or reflection)."""
+
+    def forward(X, grid, *, align_corners=0, mode="bilinear", padding_mode="zeros"):
+        from .resize import GridSample
+
+        return GridSample.forward(X, grid, align_corners=align_corners, mode=mode, padding_mode=padding_mode)
+
+    def jvp(cx, Xdot, Gdot, *, align_corners=0, mode="bilinear", padding_mode="zeros"):
+        from .resize import GridSample
+
+        return GridSample.jvp(cx, Xdot, Gdot, align_corners=align_corners, mode=mode, padding_mode=padding_mode)
+
+    def vjp(cx, Ybar, *, align_corners=0, mode="bilinear", padding_mode="zeros"):
+        from .resize import GridSample
+
+        return GridSample.vjp(cx, Ybar, align_corners=align_corners, mode=mode, padding_mode=padding_mode)
+
+
+@rule("Trilu", since=1, domain=MS)
+class MsTrilu(Trilu):
+    """ONNX's Trilu."""
+
+
+@rule("GatherND", since=1, domain=MS)
+class MsGatherND(GatherND):
+    """ONNX's GatherND without batch dimensions."""
+
+
+@rule("Pad", since=1, domain=MS)
+class MsPad(Pad11):
+    """ONNX's Pad of opset 11 (pads (2 * rank) or (1, 2 * rank), then the constant value)."""
+
+
+@rule("Range", since=1, domain=MS)
+class MsRange(Range):
+    """ONNX's Range, its delta optional (1)."""
+
+    def forward(start, limit, delta=None):
+        return Range.forward(start, limit, np.ones_like(start) if delta is None else delta)
+
+
+@rule("ExpandDims", since=1, domain=MS)
+class ExpandDims(Unsqueeze13):
+    """Y = X with a size-1 axis inserted at `axis` (a scalar input; negative counts from the end)."""

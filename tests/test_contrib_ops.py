@@ -1,8 +1,10 @@
-"""onnxruntime's fusions for a diffusion model's UNet and VAE (optimize_model with model_type "unet"
-or "vae", as optimized Stable Diffusion exports ship): NhwcConv, GroupNorm, SkipGroupNorm,
-BiasSplitGelu and BiasAdd, which onnxruntime runs on CUDA only. Each one-node model's forward is
-checked against onnxruntime running the standard operators it fuses, and its input and per-sample
-parameter Jacobians against central differences of jaccli's float64 forward."""
+"""com.microsoft operators. onnxruntime's fusions for a diffusion model's UNet and VAE (optimize_model
+with model_type "unet" or "vae", as optimized Stable Diffusion exports ship): NhwcConv, GroupNorm,
+SkipGroupNorm, BiasSplitGelu and BiasAdd, which onnxruntime runs on CUDA only. Each one-node
+model's forward is checked against onnxruntime running the standard operators it fuses, and its
+input and per-sample parameter Jacobians against central differences of jaccli's float64 forward.
+And the older contrib operators that the default domain took over later, against onnxruntime's
+own kernels of them."""
 
 import numpy as np
 import pytest
@@ -138,3 +140,46 @@ def test_bias_add():
                       [("x", ["N", 3, 4]), ("skip", ["N", 3, 4])], {"bias": bias})
     feeds = {"x": RNG.standard_normal((3, 3, 4)), "skip": RNG.standard_normal((3, 3, 4))}
     assert _check(fused, standard, feeds) == ["bias"]
+
+
+# ---- contrib operators that the default domain took over later --------------------------------------
+
+
+def _contrib(nodes, x_shape, inits, opset=13):
+    """The nodes, their output scaled by a parameter s (so that every case has one)."""
+    nodes = [helper.make_node(n.op_type, list(n.input), ["y0" if o == "y" else o for o in n.output], domain=n.domain,
+                              **{a.name: helper.get_attribute_value(a) for a in n.attribute}) for n in nodes]
+    m = _model(nodes + [helper.make_node("Mul", ["y0", "s"], ["y"])], [("x", ["N", *x_shape])], {"s": [1.5]}, opset)
+    m.graph.initializer.extend([numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return m
+
+
+CONTRIB = {
+    "TransposeMatMul": ([helper.make_node("TransposeMatMul", ["x", "W"], ["y"], domain=MS, transB=1, alpha=0.5)], (3, 4),
+                        {"W": RNG.standard_normal((5, 4)).astype(np.float32)}),
+    "GridSample": ([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]), helper.make_node("Tanh", ["t"], ["grid"]),
+                    helper.make_node("GridSample", ["x", "grid"], ["y"], domain=MS, align_corners=0, padding_mode="border")],
+                   (2, 4, 6), {}),
+    "Trilu": ([helper.make_node("Trilu", ["x", "k"], ["y"], domain=MS, upper=0)], (3, 4), {"k": np.array(1, np.int64)}),
+    "GatherND": ([helper.make_node("Transpose", ["x"], ["t"], perm=[1, 2, 0]),
+                  helper.make_node("GatherND", ["t", "idx"], ["g"], domain=MS), helper.make_node("Transpose", ["g"], ["y"], perm=[1, 0])],
+                 (3, 4), {"idx": np.array([[0, 1], [2, 3], [2, 0]], np.int64)}),
+    "Pad": ([helper.make_node("Pad", ["x", "pads", "v"], ["y"], domain=MS, mode="reflect")], (3, 4),
+            {"pads": np.array([[0, 1, 2, 0, 1, 1]], np.int64), "v": np.array(0.0, np.float32)}),
+    "Range": ([helper.make_node("Range", ["zero", "three"], ["r"], domain=MS), helper.make_node("Cast", ["r"], ["rf"], to=1),
+               helper.make_node("Mul", ["x", "rf"], ["y"])], (3,), {"zero": np.array(0, np.int64), "three": np.array(3, np.int64)}),
+    "ExpandDims": ([helper.make_node("ExpandDims", ["x", "axis"], ["e"], domain=MS), helper.make_node("Mul", ["e", "e"], ["y"])],
+                   (3, 4), {"axis": np.array(-2, np.int32)}),
+}
+
+
+@pytest.mark.parametrize("op", sorted(CONTRIB))
+def test_contrib_operators_the_default_domain_took_over(op):
+    """com.microsoft's older TransposeMatMul, GridSample, Trilu, GatherND, Pad, Range and ExpandDims
+    compute as onnxruntime's kernels of them do, and differentiate as the standard operators."""
+    from gradcheck import check_whole_model
+
+    nodes, shape, inits = CONTRIB[op]
+    m = _contrib(nodes, shape, inits)
+    assert [n.domain for n in m.graph.node if n.op_type == op] == [MS]
+    check_whole_model(m, RNG.standard_normal((3, *shape)))
