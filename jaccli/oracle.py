@@ -529,6 +529,15 @@ def _own(proto, model):
     return o
 
 
+def _quantization(model, name, params, wrt, dtype):
+    """The quantizing operators between what is differentiated and output `name` ('' for
+    none), and whether a derivative reaches the output past them."""
+    from .plan import Plan
+
+    plan = Plan(model, name, model.parameters(name) if params else [wrt or _first_float(model, name).name], dtype)
+    return plan.quantizer_ops, name in plan.active
+
+
 def _own_look(model, proto, feeds, name, k, J, seed, entries, outputs, wrt, params, tol, max_memory=DEFAULT_MAX_MEMORY):
     """Where the oracle does not pass a row, a second look: our Jacobian in float64, on columns
     and directions drawn as for the first, against differences of jaccli's own forward in
@@ -633,16 +642,6 @@ def _verdict(row, tol):
 
 
 FORWARD_ULPS = 4  # the oracle's forward error allowed, in units in the last place of 1 (see verdict)
-
-
-def _quantization(model, name, params, wrt, dtype):
-    """The quantizing operators between what is differentiated and output `name` ('' for
-    none), and whether a derivative reaches the output past them."""
-    from .plan import Plan
-
-    plan = Plan(model, name, model.parameters(name) if params else [wrt or _first_float(model, name).name], dtype)
-    return plan.quantizer_ops, name in plan.active
-
 SPREAD = 2.0  # errors within this many times the oracle's step-to-step spread are beyond what it resolves
 
 

@@ -10,6 +10,7 @@ from ._util import add, expand, padded, unbroadcast
 from .elementwise import Gelu, _Binary, _sigmoid, elementwise
 from .linalg import Gemm, MatMul, mm
 from .norm import LayerNormalization, SimplifiedLayerNormalization, _softmax
+from .resize import GridSample
 from .shape import Gather, GatherND, Pad11, Range, Trilu, Unsqueeze13
 
 MS = "com.microsoft"
@@ -996,24 +997,9 @@ class TransposeMatMul(FusedMatMul):
 
 
 @rule("GridSample", since=1, domain=MS)
-class MsGridSample:
+class MsGridSample(GridSample):
     """ONNX's GridSample of opset 16 (mode bilinear by default, nearest or bicubic; padding zeros,
     border or reflection)."""
-
-    def forward(X, grid, *, align_corners=0, mode="bilinear", padding_mode="zeros"):
-        from .resize import GridSample
-
-        return GridSample.forward(X, grid, align_corners=align_corners, mode=mode, padding_mode=padding_mode)
-
-    def jvp(cx, Xdot, Gdot, *, align_corners=0, mode="bilinear", padding_mode="zeros"):
-        from .resize import GridSample
-
-        return GridSample.jvp(cx, Xdot, Gdot, align_corners=align_corners, mode=mode, padding_mode=padding_mode)
-
-    def vjp(cx, Ybar, *, align_corners=0, mode="bilinear", padding_mode="zeros"):
-        from .resize import GridSample
-
-        return GridSample.vjp(cx, Ybar, align_corners=align_corners, mode=mode, padding_mode=padding_mode)
 
 
 @rule("Trilu", since=1, domain=MS)

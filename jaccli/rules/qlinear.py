@@ -443,10 +443,6 @@ class NhwcMaxPool(_ChannelsLast(MaxPool)):
     model's integers at ORT_ENABLE_ALL; taken straight through, the maxima pass their levels'
     derivatives as MaxPool does."""
 
-    def forward(x, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, strides=None):
-        return np.moveaxis(MaxPool.forward(np.moveaxis(x, -1, 1), kernel_shape=kernel_shape, auto_pad=auto_pad,
-                                           ceil_mode=ceil_mode, dilations=dilations, pads=pads, strides=strides), 1, -1)
-
 
 @rule("QLinearConv", since=1, domain=MS)
 class MsQLinearConv(QLinearConv):

@@ -1044,6 +1044,7 @@ class ScatterElements:
     reduction='add'); indices and updates share a shape, as in GatherElements."""
 
     nondiff = (1,)
+    keeps = True  # data or updates with a row per place of a fixed batch: a recurrent state folded by an exporter
 
     def forward(data, indices, updates, *, axis=0, reduction="none"):
         return _scatter(data.copy(), _elements_index(indices, axis, data.shape), updates, reduction, "ScatterElements")
@@ -1051,14 +1052,13 @@ class ScatterElements:
     def jvp(cx, Ddot, _, Udot, *, axis=0, reduction="none"):
         return _scatter_jvp(cx, Ddot, Udot, _elements_index(cx.x[1], axis, cx.x[0].shape), reduction)
 
-    keeps = True  # data or updates with a row per place of a fixed batch: a recurrent state folded by an exporter
-
     def vjp(cx, Ybar, *, axis=0, reduction="none"):
         bars = _scatter_vjp(cx, Ybar, _elements_index(cx.x[1], axis, cx.x[0].shape), reduction)
         if any(cx.keep):  # sample n's cotangent of such a value is its own row: see per_place
             Y = cx.y[0]
             if axis % Y.ndim == 0 or any(k and x.shape[0] != Y.shape[0] for k, x in zip(cx.keep, cx.x)):
-                need_no_keep(cx, "ScatterElements along the samples' axis, or of fewer rows than samples,")
+                raise UnsupportedOpError("ScatterElements: per-sample parameter cotangents along the samples' axis, or of "
+                                         "fewer rows than samples, are not supported")
             bars = tuple(per_place(b, cx.lead(Ybar)) if k and b is not None else b for b, k in zip(bars, cx.keep))
         return bars
 
