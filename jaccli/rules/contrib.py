@@ -905,7 +905,7 @@ class SkipGroupNorm(_MsGroupNorm):
     of s as above; outputs Y and, on request, s (the next residual reads it)."""
 
     def forward(X, gamma, beta, skip, bias=None, *, activation=0, channels_last=1, epsilon=1e-5, groups, n_outputs=1):
-        S = X + _skip_shaped(skip, X) if bias is None else X + _skip_shaped(skip, X) + bias
+        S = _skip_sum(X, _skip_shaped(skip, X), bias)
         Y = _group_norm_out(S, gamma, beta, activation, channels_last, epsilon, groups)
         return (Y, S) if n_outputs > 1 else Y
 
@@ -914,7 +914,7 @@ class SkipGroupNorm(_MsGroupNorm):
         X, skip, bias = x[0], x[3], x[4]
         lead = next(D.ndim - v.ndim for D, v in zip((Xdot, gdot, bdot, skipdot, biasdot), x) if D is not None)
         K = _skip_shaped(skip, X)
-        S = X + K if bias is None else X + K + bias
+        S = _skip_sum(X, K, bias)
         Kdot = None if skipdot is None else expand(skipdot.reshape(skipdot.shape[:lead] + K.shape), K, S, lead)
         Sdot = add(Xdot, Kdot, None if biasdot is None else expand(biasdot, bias, S, lead))
         Ydot = _MsGroupNorm._tangent(S, x[1], x[2], Sdot, gdot, bdot, lead, **attrs)
@@ -923,7 +923,7 @@ class SkipGroupNorm(_MsGroupNorm):
     def vjp(cx, Ybar, Sbar=None, *, n_outputs=1, **attrs):
         x, need, keep = padded(cx.x, 5), padded(cx.need, 5, False), padded(cx.keep, 5, False)
         X, skip, bias = x[0], x[3], x[4]
-        S = X + _skip_shaped(skip, X) if bias is None else X + _skip_shaped(skip, X) + bias
+        S = _skip_sum(X, _skip_shaped(skip, X), bias)
         lead = cx.lead(Ybar) if Ybar is not None else cx.lead(Sbar)
         sb, gbar, bbar = Sbar, None, None
         if Ybar is not None:
