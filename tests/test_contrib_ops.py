@@ -183,3 +183,23 @@ def test_contrib_operators_the_default_domain_took_over(op):
     m = _contrib(nodes, shape, inits)
     assert [n.domain for n in m.graph.node if n.op_type == op] == [MS]
     check_whole_model(m, RNG.standard_normal((3, *shape)))
+
+
+@pytest.mark.parametrize("metric", [None, "sqeuclidean", "euclidean"])
+def test_cdist(metric):
+    """CDist, as skl2onnx writes a nearest-neighbours model or a Gaussian process with
+    optim="cdist": the distances from each sample to the training points, a parameter whose
+    per-sample cotangents are each sample's own; forward as onnxruntime's kernel."""
+    from gradcheck import check_rule, check_whole_model
+
+    from jaccli.rules.contrib import CDist
+
+    attrs = {} if metric is None else {"metric": metric}
+    nodes = [helper.make_node("CDist", ["x", "train"], ["d"], domain=MS, **attrs), helper.make_node("Neg", ["d"], ["nd"]),
+             helper.make_node("Exp", ["nd"], ["y"])]
+    train = RNG.standard_normal((5, 3))
+    m = _model(nodes, [("x", ["N", 3])], {"train": train}, opset=13)
+    x = RNG.standard_normal((3, 3))  # gradcheck's three samples
+    x[1] = train[3] + 0.1
+    assert check_whole_model(m, x) == ["train"]
+    check_rule(CDist, [x, train], attrs, diff=(0, 1), rng=RNG)  # both tangents at once, and the adjoint

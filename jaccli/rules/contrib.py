@@ -987,6 +987,56 @@ class BiasAdd:
                 unbroadcast(Ybar, cx.x[2].shape, lead, cx.keep[2]) if cx.need[2] else None)
 
 
+# ---- CDist: pairwise distances, as skl2onnx writes a nearest-neighbours model or a Gaussian process
+# with options {"optim": "cdist"} ---------------------------------------------------------------------
+
+
+@rule("CDist", since=1, domain=MS)
+class CDist:
+    """Y[i, j] = sum_k (A[i, k] - B[j, k])^2 (metric sqeuclidean, the default), or its square root
+    (euclidean; where a distance is 0 its derivative is taken as 0). A (N, K), B (M, K)."""
+
+    keeps = True
+
+    def forward(A, B, *, metric="sqeuclidean"):
+        S = np.maximum((A * A).sum(-1)[:, None] - 2 * (A @ B.T) + (B * B).sum(-1)[None, :], 0)
+        if metric == "sqeuclidean":
+            return S
+        if metric == "euclidean":
+            return np.sqrt(S)
+        raise UnsupportedOpError(f"CDist with metric '{metric}' is not supported (sqeuclidean and euclidean are)")
+
+    def jvp(cx, Adot, Bdot, *, metric="sqeuclidean"):
+        A, B = cx.x
+        terms = []
+        if Adot is not None:
+            terms.append(2 * ((A * Adot).sum(-1)[..., None] - Adot @ B.T))
+        if Bdot is not None:
+            terms.append(2 * ((B * Bdot).sum(-1)[..., None, :] - A @ np.swapaxes(Bdot, -1, -2)))
+        return _cdist_outer(cx.y[0], metric) * add(*terms)
+
+    def vjp(cx, Ybar, *, metric="sqeuclidean"):
+        A, B = cx.x
+        if cx.keep[0]:
+            raise UnsupportedOpError("CDist: per-sample cotangents of its first input as a parameter are not supported")
+        G = _cdist_outer(cx.y[0], metric) * Ybar  # the cotangent of the squared distances
+        Abar = 2 * (G.sum(-1)[..., None] * A - G @ B) if cx.need[0] else None
+        Bbar = None
+        if cx.need[1] and cx.keep[1]:  # per sample (A's rows): its row's share alone
+            Bbar = -2 * G[..., None] * (A[:, None, :] - B[None, :, :])
+        elif cx.need[1]:
+            Bbar = 2 * (G.sum(-2)[..., None] * B - np.swapaxes(G, -1, -2) @ A)
+        return Abar, Bbar
+
+
+def _cdist_outer(Y, metric):
+    """The partial of the distance in the squared distance: 1, or 1 / (2 d) (0 where d is 0)."""
+    if metric != "euclidean":
+        return Y.dtype.type(1)
+    with np.errstate(divide="ignore"):
+        return np.where(Y > 0, 0.5 / Y, 0).astype(Y.dtype)
+
+
 # ---- contrib operators that the default domain took over later: models exported before it had
 # them (grid_sample below opset 16 through a custom symbolic, onnxruntime's older saves) -------------
 
