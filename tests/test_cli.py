@@ -477,6 +477,26 @@ def test_a_quantized_output_is_not_judged_by_differences(tmp_path):
     assert "quantized_zero" not in check(path, xs, params=True)["rows"][0]
 
 
+def test_an_oracle_whose_output_has_another_shape_is_passed_over():
+    """A float64 Resize by scales of float32(7 / 6) on a width of 6 (a bicubic tf.image.resize
+    through tf2onnx, in float64): onnxruntime has no double Resize, and onnx's reference
+    evaluator floors 6 * 7/6 in float64 to 6 where onnxruntime (in float32) and jaccli take 7.
+    Its differences cannot judge ours: the check passes over it, to jaccli's own forward with a
+    note why, instead of failing on an index (IndexError before)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from jaccli.oracle import check
+
+    nodes = [helper.make_node("Resize", ["x", "roi", "sc"], ["y"], mode="cubic", cubic_coeff_a=-0.5, exclude_outside=1)]
+    inits = [numpy_helper.from_array(np.array([], np.float64), "roi"),
+             numpy_helper.from_array(np.array([1, 1, 1.5, 7 / 6], np.float32), "sc")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", 2, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    d = check(m, np.random.default_rng(0).standard_normal((3, 2, 6, 6)), dtype=np.float64)
+    assert d["ok"] and d["oracle"] == "jaccli's own forward" and "108 values a sample, jaccli 126" in d["oracle_note"]
+
+
 def test_the_second_looks_jumps_grow_by_its_own_steps():
     """The second look's steps are decades apart (1e-6, 1e-7, 1e-8): a jump there grows tenfold
     from step to step, not fourfold as at the oracle's steps, and is not judged either."""
