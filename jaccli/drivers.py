@@ -350,8 +350,8 @@ def _integer_ops(nodes):
 def _dequantized_weights(model):
     """['DequantizeLinear of integer initializers'] where the QDQ format stores the weights as
     integers that a DequantizeLinear reads, else []."""
-    stored = [n for n in model.nodes if n.op_type == "DequantizeLinear" and n.inputs and n.inputs[0] in model.initializers
-              and not np.issubdtype(model.initializers[n.inputs[0]].dtype, np.floating)]
+    stored = any(n.op_type == "DequantizeLinear" and n.inputs and n.inputs[0] in model.initializers
+                 and not np.issubdtype(model.initializers[n.inputs[0]].dtype, np.floating) for n in model.nodes)
     return ["DequantizeLinear of integer initializers"] if stored else []
 
 

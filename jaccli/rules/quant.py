@@ -454,7 +454,7 @@ class MatMulNBitsThrough(MatMulNBits):
 # UseQDQContribOps). The same formulas as the standard operators, axis 1 by default -----------------
 
 
-@rule("DequantizeLinear", since=1, domain="com.microsoft")
+@rule("DequantizeLinear", since=1, domain=MS)
 class MsDequantizeLinear(DequantizeLinear13):
     """y = (x - x_zero_point) * x_scale, per tensor or along `axis` (default 1); linear in the scale."""
 
@@ -464,7 +464,7 @@ class MsDequantizeLinearThrough(_DequantizeThrough, MsDequantizeLinear):
     """The straight-through variant, as for the standard DequantizeLinear."""
 
 
-@rule("QuantizeLinear", since=1, domain="com.microsoft")
+@rule("QuantizeLinear", since=1, domain=MS)
 class MsQuantizeLinear(QuantizeLinear):
     """y = saturate(round(x / y_scale) + y_zero_point), an integer: piecewise constant."""
 
