@@ -751,12 +751,38 @@ def _inferred(proto, shape_inference):
 
 
 def _value_types(proto, shape_inference):
-    """{name: TypeProto} of the graph's values, from shape inference where it succeeds."""
-    g = _inferred(proto, shape_inference).graph
+    """{name: TypeProto} of the graph's values, from shape inference where it succeeds. Where it
+    fails, it is tried again with every optional output named: some operators' inference
+    writes outputs a node leaves out (onnx 1.23's for LinearAttention without its state)."""
+    inferred = _inferred(proto, shape_inference)
+    if inferred is proto:
+        inferred = _inferred(_outputs_named(proto), shape_inference)
+    g = inferred.graph
     types = {v.name: v.type for v in list(g.input) + list(g.value_info) + list(g.output)}
     for t in g.initializer:
         types.setdefault(t.name, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
     return types
+
+
+def _outputs_named(proto):
+    """A copy of the model whose main-graph nodes name all the outputs their schema allows (the
+    ones they leave out under names of their own), for shape inference only."""
+    from onnx import defs
+
+    proto = _copy(proto)
+    opsets = {(o.domain if o.domain != "ai.onnx" else ""): o.version for o in proto.opset_import}
+    for k, n in enumerate(proto.graph.node):
+        domain = "" if n.domain == "ai.onnx" else n.domain
+        try:
+            schema = defs.get_schema(n.op_type, opsets.get(domain, 1), domain)
+        except Exception:
+            continue
+        if any(o.option == defs.OpSchema.FormalParameterOption.Variadic for o in schema.outputs):
+            continue
+        names = list(n.output) + [""] * (len(schema.outputs) - len(n.output))
+        del n.output[:]
+        n.output.extend(v or f"jaccli.unnamed/{k}/{i}" for i, v in enumerate(names))
+    return proto
 
 
 def _first_line(e):

@@ -447,6 +447,7 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     proto = weights_rewritten(proto)[0]  # the weights as load made them: parameters the oracle can be fed,
     proto = inputs_samples_first(proto, model.sample_axes)  # and the inputs samples first
     outs = ([v.name for v in model.outputs if v.is_float] if of is None else []) or [model.output(of).name]
+    outs, skipped = _checkable(model, outs, params, wrt) if of is None else (outs, [])
     for name in outs:
         if name not in {o.name for o in proto.graph.output}:
             proto = _with_output(proto, name)  # an intermediate value: let onnxruntime return it too
@@ -494,6 +495,8 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     d = {"kind": "parameter" if params else "input", "samples": k, "dtype": dtype.name, "step": _steps(oracle_dtype)[1],
          "oracle": oracle_name, "oracle_dtype": oracle_dtype.name, "tolerance": tol, "rows": rows,
          "ok": all(verdict(r, tol) != "FAIL" for r in rows)}
+    if skipped:
+        d["skipped"] = skipped
     if oracle_why:
         d["oracle_note"] = f"{oracle_why}: the differences are of jaccli's own float64 forward, which checks the " \
                            f"derivative rules against the forward kernels, not the kernels themselves"
@@ -534,6 +537,26 @@ def _own(proto, model):
     o = Ours(proto, np.float64)
     o.batch = model.fixed_batch()[1]
     return o
+
+
+def _checkable(model, outs, params, wrt):
+    """Of every float output, those whose Jacobian there is to check, and a line for each of the
+    others, in the outputs' order: one that is the same for every sample (made of weights
+    alone), and one of no parameter or that the input differentiated does not reach (a
+    recurrent model's state, an output of another input). None left: all of them, for the
+    drivers to say why."""
+    varying = [n for n in outs if model.inputs_of([n])]
+    if not varying:
+        return outs, []
+    w = None if params else wrt or _first_float(model, varying[0]).name
+    why = {n: "depends on no model input, the same for every sample" for n in outs if n not in varying}
+    for n in varying:
+        if params and not model.parameters(n):
+            why[n] = "depends on no float parameter"
+        elif not params and n != w and not any(w in node.inputs for node in model.ancestors([n])):
+            why[n] = f"does not depend on '{w}'"
+    keep = [n for n in outs if n not in why]
+    return (keep, [f"output '{n}' {why[n]}: not checked" for n in outs if n in why]) if keep else (outs, [])
 
 
 def _quantization(model, name, params, wrt, dtype):

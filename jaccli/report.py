@@ -148,6 +148,8 @@ def render_check(console: Console, d: dict):
     console.print(t)
     if d.get("oracle_note"):
         console.print(f"[yellow]note:[/yellow] {d['oracle_note']}")
+    for line in d.get("skipped", ()):
+        console.print(f"[yellow]note:[/yellow] {line}")
     for r in d["rows"]:
         if r.get("rows"):
             c = r["rows"]

@@ -945,3 +945,30 @@ def test_an_empty_output_is_one_line(tmp_path):
     r = CliRunner().invoke(main, ["input", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"), "-o", str(tmp_path / "J.npy")])
     assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1 and not (tmp_path / "J.npy").exists(), r.output
     assert "output 'y' is empty for these samples (shape (1, 0, 2) a sample)" in r.output, r.output
+
+
+def test_check_passes_over_outputs_with_nothing_to_check(tmp_path):
+    """A recurrent cell's state that depends on no parameter, an output made of the weights alone,
+    one of a second input: `check` checks the others and names these, where it stopped at the
+    first with an error (exit 2). With none left, the error stands."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    W = rng.standard_normal((4, 3)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Identity", ["x"], ["state"]),
+         helper.make_node("Tanh", ["W"], ["w"]), helper.make_node("Neg", ["u"], ["v"])], "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]), helper.make_tensor_value_info("u", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "state", "w", "v")], [numpy_helper.from_array(W, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, tmp_path / "m.onnx")
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((3, 4)).astype(np.float32), u=rng.standard_normal((3, 2)).astype(np.float32))
+    for args, checked, skipped in ((["--params"], ["y"], ["state", "w", "v"]), ([], ["y", "state"], ["w", "v"])):
+        r = CliRunner().invoke(main, ["check", "--json", *args, str(tmp_path / "m.onnx"), str(tmp_path / "x.npz")])
+        d = json.loads(r.output)
+        assert r.exit_code == 0 and d["ok"], r.output
+        assert [row["output"] for row in d["rows"]] == checked
+        assert [line.split("'")[1] for line in d["skipped"]] == skipped
+    r = CliRunner().invoke(main, ["check", "--params", "--of", "state", str(tmp_path / "m.onnx"), str(tmp_path / "x.npz")])
+    assert r.exit_code == 2 and "depends on no float parameter" in r.output
