@@ -1,8 +1,9 @@
 """Operators jaccli has no rule for, but which ONNX defines as functions of other operators
 (opset 23's Attention, CenterCropPad, MeanVarianceNormalization, HannWindow, opset 27's
-LinearAttention): the loader replaces them with their function bodies. The forward pass matches
-onnxruntime's own kernels for those operators (onnx's reference evaluator's for an opset
-onnxruntime does not run), and the Jacobians match central differences."""
+LinearAttention and CausalConvWithState, opset 28's SwiGLU): the loader replaces them with
+their function bodies. The forward pass matches onnxruntime's own kernels for those operators
+(onnx's reference evaluator's for an opset onnxruntime does not run), and the Jacobians match
+central differences."""
 
 import numpy as np
 import onnx
@@ -75,9 +76,25 @@ def linear_attention():
     return make(nodes, inits, (5, 8), (5, 8), 27), inits
 
 
+def causal_conv():
+    """Mamba's causal depthwise convolution with its SiLU, no past state given, the state left out."""
+    inits = {"W": RNG.standard_normal((4, 1, 3)), "B": RNG.standard_normal(4)}
+    nodes = [helper.make_node("CausalConvWithState", ["x", "W", "B"], ["y"], activation="silu")]
+    return make(nodes, inits, (4, 7), (4, 7), 27), inits
+
+
+def swiglu():
+    """Llama's gated feed-forward activation on two projections."""
+    inits = {"Wa": RNG.standard_normal((6, 5)) / 2, "Wb": RNG.standard_normal((6, 5)) / 2}
+    nodes = [helper.make_node("MatMul", ["x", "Wa"], ["a"]), helper.make_node("MatMul", ["x", "Wb"], ["b"]),
+             helper.make_node("SwiGLU", ["a", "b"], ["y"], alpha=1.3)]
+    return make(nodes, inits, (6,), (5,), 28), inits
+
+
 CASES = {"CenterCropPad": center_crop_pad, "Attention": attention, "MeanVarianceNormalization": mvn,
-         "HannWindow": hann_window, "LinearAttention": linear_attention}
-NEWER = {"LinearAttention": 27}  # the opset that brought it, which onnx may not know yet
+         "HannWindow": hann_window, "LinearAttention": linear_attention, "CausalConvWithState": causal_conv,
+         "SwiGLU": swiglu}
+NEWER = {"LinearAttention": 27, "CausalConvWithState": 27, "SwiGLU": 28}  # the opsets that brought them, which onnx may not know yet
 
 
 def _case(name):
