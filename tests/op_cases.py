@@ -64,6 +64,12 @@ CASES = [
          {"epsilon": 1e-3}, opset=15, id="BatchNormalization-15"),
     Case("BatchNormalization", [("x", (3, 5)), ("p", (3,)), ("p", (3,)), ("c", f32(0.1, -0.2, 0.3)), ("c", f32(0.5, 1.5, 2.0))],
          opset=9, id="BatchNormalization-9-2d"),
+    # spatial=0 (opsets 1-8): one scale, bias, mean and variance per activation, (C, H, W)
+    *(Case("BatchNormalization", [("x", (3, 4, 4)), ("p", (3, 4, 4)), ("p", (3, 4, 4)),
+                                  ("c", np.linspace(-0.5, 0.5, 48, dtype=np.float32).reshape(3, 4, 4)),
+                                  ("c", np.linspace(0.3, 2.0, 48, dtype=np.float32).reshape(3, 4, 4))],
+           {"spatial": 0, "epsilon": 1e-3, **extra}, opset=opset, id=f"BatchNormalization-{opset}-spatial0")
+      for opset, extra in ((7, {}), (8, {"momentum": 0.9}))),
     # convolution
     Case("Conv", [("x", (2, 6, 6)), ("p", (3, 2, 3, 3)), ("p", (3,))], {"kernel_shape": [3, 3]}, opset=11, id="Conv-2d"),
     Case("Conv", [("x", (2, 7, 7)), ("p", (3, 2, 3, 3))], {"strides": [2, 2], "pads": [1, 1, 1, 1]}, id="Conv-stride-pad"),

@@ -324,6 +324,9 @@ def test_batchnorm_statistics_tied_to_parameters():
     stats = [rng.standard_normal(3), rng.uniform(0.5, 1.5, 3)]
     check_rule(lookup("BatchNormalization", 15), [feeds["x"], rng.uniform(0.5, 1.5, 3), rng.standard_normal(3), *stats],
                {"epsilon": 1e-3}, [0, 1, 2, 3, 4], rng)
+    # spatial=0 (opsets 1-8): every statistic per activation, (C, P)
+    act = [rng.uniform(0.5, 1.5, (3, 2)), rng.standard_normal((3, 2)), rng.standard_normal((3, 2)), rng.uniform(0.5, 1.5, (3, 2))]
+    check_rule(lookup("BatchNormalization", 7), [feeds["x"], *act], {"epsilon": 1e-3, "spatial": 0}, [0, 1, 2, 3, 4], rng)
 
 
 @pytest.mark.parametrize("mask", ["Where", "Imputer", "Mul"])

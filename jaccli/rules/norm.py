@@ -12,8 +12,15 @@ from ._util import add, expand, first_max_mask, neg_axis, need_no_keep, scaled, 
 
 
 def _channel(v, ndim):
-    """(C,) -> (C, 1, ..., 1) to broadcast along axis 1 of an ndim-rank primal."""
-    return v.reshape((-1,) + (1,) * (ndim - 2))
+    """(C,) -> (C, 1, ..., 1) to broadcast along axis 1 of an ndim-rank primal; a statistic per
+    activation, (C, D1, ...) (BatchNormalization's spatial=0), broadcasts as it is."""
+    return v if _per_activation(v, ndim) else v.reshape((-1,) + (1,) * (ndim - 2))
+
+
+def _per_activation(v, ndim):
+    """Whether a BatchNormalization statistic is one per activation, (C, D1, ...) of a rank-ndim
+    input: spatial=0, which opsets 1 to 8 had (in inference, an affine map per activation)."""
+    return 1 < v.ndim == ndim - 1
 
 
 @rule("BatchNormalization", since=1)
@@ -30,7 +37,10 @@ class BatchNormalization:
     attribute training_mode says so; before, the form with more than Y (the TorchScript
     exporter writes five outputs: Y, the running mean and variance updated, the batch's mean
     and its inverse standard deviation, as onnxruntime computes them), which onnxruntime
-    takes for training mode whatever the opset."""
+    takes for training mode whatever the opset.
+
+    With spatial=0 (opsets 1 to 8) the four tensors are (C, D1, ...), one per activation: in
+    inference an affine map per activation (see _per_activation)."""
 
     buffers = (3, 4)
     keeps = True
@@ -38,9 +48,10 @@ class BatchNormalization:
 
     def forward(X, scale, B, input_mean, input_var, *, epsilon, momentum=0.9, spatial=1, is_test=0, training_mode=0,
                 n_outputs=1):
-        if not spatial:
-            raise UnsupportedOpError("BatchNormalization with spatial=0 is not supported")
         if training_mode or n_outputs > 1:
+            if _per_activation(scale, X.ndim):
+                raise UnsupportedOpError("BatchNormalization in training mode with spatial=0 (statistics per "
+                                         "activation) is not supported")
             xhat, mu, var = _train(X, epsilon)
             Y = xhat * _channel(scale, X.ndim) + _channel(B, X.ndim)
             m = X.dtype.type(momentum)  # the running statistics, as the spec updates them
@@ -62,7 +73,7 @@ class BatchNormalization:
         terms = ((sdot, None, xhat), (Bdot, None, None), (mdot, -scale * inv, None), (vdot, -0.5 * scale * inv * inv, xhat))
         for D, c, base in terms:
             if D is not None:
-                term = _channel_tangent(D if c is None else D * c, X)
+                term = _channel_tangent(D if c is None else D * c, X, scale.ndim if _per_activation(scale, X.ndim) else 1)
                 term = term if base is None else term * base
                 out = term if out is None else out + term
         return out
@@ -73,6 +84,8 @@ class BatchNormalization:
         X, scale, B, mean, var = cx.x
         lead = cx.lead(Ybar)
         inv = 1 / np.sqrt(var + X.dtype.type(epsilon))
+        if _per_activation(scale, X.ndim):
+            return _per_activation_vjp(cx, Ybar, lead, inv)
         sbar = Bbar = Xbar = mbar = vbar = None
         if any(cx.need[1:5]):
             # per direction, sample and channel, Ybar summed over space against x-hat (the scale's
@@ -99,6 +112,26 @@ class BatchNormalization:
         if cx.need[0]:  # last: it may overwrite Ybar
             Xbar = scaled(cx, Ybar, _channel(scale * inv, X.ndim))
         return Xbar, sbar, Bbar, mbar, vbar
+
+
+def _per_activation_vjp(cx, Ybar, lead, inv):
+    """BatchNormalization's VJP with spatial=0 (opsets 1 to 8): the scale, bias, mean and variance
+    are (C, D1, ...), one per activation, so their cotangents are Ybar's products summed over
+    the samples only (not where kept), with no sum over space."""
+    X, scale, _, mean, _ = cx.x
+    need, keep = cx.need, cx.keep
+
+    def summed(g, k):
+        return g if keep[k] else g.sum(axis=lead)
+
+    xhat = (X - mean) * inv if need[1] or need[4] else None
+    sx = Ybar * xhat if xhat is not None else None
+    sbar = summed(sx, 1) if need[1] else None
+    Bbar = summed(Ybar, 2) if need[2] else None
+    mbar = summed(Ybar * (-scale * inv), 3) if need[3] else None
+    vbar = summed(sx * (-0.5 * scale * inv * inv), 4) if need[4] else None
+    Xbar = scaled(cx, Ybar, scale * inv) if need[0] else None
+    return Xbar, sbar, Bbar, mbar, vbar
 
 
 def _stat_axes(ndim, lead=0):
@@ -149,9 +182,12 @@ def _train_vjp(cx, Ybar, epsilon):
     return Xbar, sbar, Bbar, None, None
 
 
-def _channel_tangent(D, X):
-    """Tangent of a per-channel vector (*lead, C) spread over X's shape: (*lead, 1, C, 1, ...)."""
-    lead = D.ndim - 1
+def _channel_tangent(D, X, rank=1):
+    """Tangent of a per-channel vector (*lead, C) spread over X's shape: (*lead, 1, C, 1, ...); of
+    a statistic per activation (rank > 1: (*lead, C, D1, ...)), (*lead, 1, C, D1, ...)."""
+    lead = D.ndim - rank
+    if rank > 1:
+        return D.reshape(D.shape[:lead] + (1,) + D.shape[lead:])
     return D.reshape(D.shape[:lead] + (1, -1) + (1,) * (X.ndim - 2))
 
 
