@@ -370,6 +370,19 @@ CASES += [
     Case("LSTM", [("x", (4, 2)), ("p", (2, 4 * H, 2)), ("p", (2, 4 * H, H)), ("p", (2, 8 * H)), ("", None), ("", None), ("", None), ("p", (2, 3 * H))],
          {"hidden_size": H, "layout": 1, "direction": "bidirectional"}, opset=14, id="LSTM-bidirectional-peepholes"),
     Case("LSTM", [("x", (4, 2)), ("p", (1, 4 * H, 2)), ("p", (1, 4 * H, H))], {"hidden_size": H, "layout": 1, "clip": 0.8}, opset=14, data="away", id="LSTM-clip"),
+    # activations with parameters, each alpha and beta taken by the next activation that has one (Keras's
+    # hard_sigmoid gates, as tf2onnx writes them); defaults past the lists' ends
+    Case("LSTM", [("x", (4, 2)), ("p", (2, 4 * H, 2)), ("p", (2, 4 * H, H))],
+         {"hidden_size": H, "layout": 1, "direction": "bidirectional",
+          "activations": ["HardSigmoid", "Elu", "ScaledTanh", "HardSigmoid", "LeakyRelu", "Tanh"],
+          "activation_alpha": [0.25, 0.8, 1.5, 0.15], "activation_beta": [0.45, 0.7, 0.55]}, opset=14, data="away",
+         id="LSTM-parametric-activations"),
+    Case("GRU", [("x", (4, 2)), ("p", (1, 3 * H, 2)), ("p", (1, 3 * H, H))],
+         {"hidden_size": H, "layout": 1, "activations": ["HardSigmoid", "Affine"], "activation_alpha": [0.3, 0.9],
+          "activation_beta": [0.5]}, opset=14, data="away", id="GRU-parametric-activations"),
+    Case("RNN", [("x", (4, 2)), ("p", (1, H, 2)), ("p", (1, H, H))],
+         {"hidden_size": H, "layout": 1, "activations": ["ThresholdedRelu"], "activation_alpha": [0.1]}, opset=14, data="away",
+         id="RNN-thresholded-relu"),
 ]
 
 # embeddings: a parameter table gathered by per-sample token ids (int graph input)

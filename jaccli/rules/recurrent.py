@@ -56,34 +56,79 @@ def _dsoftplus(a, y):
     return _sigmoid(a)
 
 
-def _hardsigmoid(a):
-    return np.clip(0.2 * a + 0.5, 0, 1)
-
-
-def _dhardsigmoid(a, y):
-    return np.where((y > 0) & (y < 1), 0.2, 0).astype(a.dtype)
-
-
 ACTIVATIONS = {
     "sigmoid": (_sigmoid, _dsigmoid),
     "tanh": (_tanh, _dtanh),
     "relu": (_relu, _drelu),
     "softsign": (_softsign, _dsoftsign),
     "softplus": (_softplus, _dsoftplus),
-    "hardsigmoid": (_hardsigmoid, _dhardsigmoid),
+}
+
+
+def _hardsigmoid(alpha, beta):
+    return (lambda a: np.clip(alpha * a + beta, 0, 1),
+            lambda a, y: np.where((y > 0) & (y < 1), alpha, 0).astype(a.dtype))
+
+
+def _leakyrelu(alpha, _):
+    return lambda a: np.where(a >= 0, a, alpha * a), lambda a, y: np.where(a >= 0, 1, alpha).astype(a.dtype)
+
+
+def _thresholdedrelu(alpha, _):
+    return lambda a: np.where(a > alpha, a, 0).astype(a.dtype), lambda a, y: (a > alpha).astype(a.dtype)
+
+
+def _elu(alpha, _):
+    return (lambda a: np.where(a >= 0, a, alpha * np.expm1(np.minimum(a, 0))).astype(a.dtype),
+            lambda a, y: np.where(a >= 0, 1, y + alpha).astype(a.dtype))
+
+
+def _affine(alpha, beta):
+    return lambda a: (alpha * a + beta).astype(a.dtype), lambda a, y: np.full_like(a, alpha)
+
+
+def _scaledtanh(alpha, beta):
+    return (lambda a: (alpha * np.tanh(beta * a)).astype(a.dtype),
+            lambda a, y: (alpha * beta * (1 - np.tanh(beta * a) ** 2)).astype(a.dtype))
+
+
+# the activations with parameters: (alpha's default, beta's default or None where it takes none),
+# and the (value, derivative) pair for given values. The defaults are onnxruntime's, which are the
+# operators' own but for ThresholdedRelu (the operator's is 1), Affine and ScaledTanh (the
+# experimental operators' are 1 and 0, and none): both 0
+PARAMETRIC = {
+    "hardsigmoid": ((0.2, 0.5), _hardsigmoid),
+    "leakyrelu": ((0.01, None), _leakyrelu),
+    "thresholdedrelu": ((0.0, None), _thresholdedrelu),
+    "elu": ((1.0, None), _elu),
+    "affine": ((0.0, 0.0), _affine),
+    "scaledtanh": ((0.0, 0.0), _scaledtanh),
 }
 
 
 def _activations(names, defaults, D, alpha, beta):
-    if alpha or beta:
-        raise UnsupportedOpError("recurrent activation_alpha / activation_beta are not supported")
+    """Per direction, the cell's activations (value, derivative). activation_alpha and
+    activation_beta are consumed in the order of the activations, each value by the next one
+    that takes it (as onnxruntime reads them): HardSigmoid, LeakyRelu, ThresholdedRelu, Elu,
+    Affine and ScaledTanh take an alpha; HardSigmoid, Affine and ScaledTanh a beta; the others
+    none. An activation past the end of a list takes its default."""
     names = list(names) if names else list(defaults) * D
     if len(names) == len(defaults):
         names = names * D
-    try:
-        acts = [ACTIVATIONS[n.lower()] for n in names]
-    except KeyError as e:
-        raise UnsupportedOpError(f"recurrent activation {e.args[0]!r} is not supported") from None
+    alphas, betas = iter(alpha or ()), iter(beta or ())
+    acts = []
+    for n in names:
+        n = n.decode() if isinstance(n, bytes) else n
+        key = n.lower()
+        if key in ACTIVATIONS:
+            acts.append(ACTIVATIONS[key])
+        elif key in PARAMETRIC:
+            (a0, b0), make = PARAMETRIC[key]
+            a = float(next(alphas, a0))
+            b = None if b0 is None else float(next(betas, b0))
+            acts.append(make(a, b))
+        else:
+            raise UnsupportedOpError(f"recurrent activation {n!r} is not supported")
     k = len(defaults)
     return [acts[d * k:(d + 1) * k] for d in range(D)]
 
