@@ -682,3 +682,55 @@ def test_max_pool_window_of_padding_only(mode):
     xp = np.pad(x[:, 0], ((0, 0), (2, 0), (0, 0)), constant_values=-np.inf)
     y = np.lib.stride_tricks.sliding_window_view(xp, (2, 2), axis=(1, 2)).max(axis=(-2, -1))  # (N, 5, 3)
     np.testing.assert_array_equal(np.einsum("njk,nk->nj", J, x.reshape(2, -1))[:, 3:], y.reshape(2, -1)[:, 3:])
+
+
+def _sequences_model(cell, direction, S, I, H):
+    """One recurrent node in layout 0 (onnxruntime's) between Transposes: x (N, S, I), initial
+    states (N, D, H) and per-sample sequence lengths in; out, (N, -1): its output sequence and
+    final states, samples first, flattened and joined."""
+    G, D = {"LSTM": 4, "GRU": 3, "RNN": 1}[cell], 2 if direction == "bidirectional" else 1
+    rng = np.random.default_rng(11)
+    inits = {"W": rng.standard_normal((D, G * H, I)) / 2, "R": rng.standard_normal((D, G * H, H)) / 2,
+             "B": rng.standard_normal((D, 2 * G * H)) / 2}
+    states = ["h0", "c0"] if cell == "LSTM" else ["h0"]
+    outs = ["Y", "Yh", "Yc"] if cell == "LSTM" else ["Y", "Yh"]
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2])]
+    nodes += [helper.make_node("Transpose", [s], [s + "t"], perm=[1, 0, 2]) for s in states]
+    nodes.append(helper.make_node(cell, ["xt", "W", "R", "B", "lens"] + [s + "t" for s in states], [o + "t" for o in outs],
+                                  hidden_size=H, direction=direction))
+    for o in outs:
+        nodes += [helper.make_node("Transpose", [o + "t"], [o + "n"], perm=[2, 0, 1, 3] if o == "Y" else [1, 0, 2]),
+                  helper.make_node("Flatten", [o + "n"], [o + "f"])]
+    nodes.append(helper.make_node("Concat", [o + "f" for o in outs], ["out"], axis=1))
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", S, I]), helper.make_tensor_value_info("lens", TensorProto.INT32, ["N"])]
+    ins += [helper.make_tensor_value_info(s, TensorProto.FLOAT, ["N", D, H]) for s in states]
+    g = helper.make_graph(nodes, "m", ins, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    feeds = {"x": rng.standard_normal((N, S, I)), "lens": np.array([S, 0, S - 2], np.int32)}
+    feeds.update({s: rng.standard_normal((N, D, H)) for s in states})
+    return m, feeds, inits, states
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_recurrent_sequences_shorter_than_the_input(cell, direction):
+    """sequence_lens (tf2onnx writes them for a Keras mask): a sequence takes no step past its
+    end, its state held and its outputs zeros there, the reverse direction starting at its
+    last step; an empty one's final states are zeros, as onnxruntime gives them. Forward
+    against onnxruntime; Jacobians in the input, the initial states and the weights against
+    differences."""
+    m, feeds, inits, states = _sequences_model(cell, direction, S=5, I=3, H=2)
+    want, oracle = ort_forward(m, feeds)
+    assert oracle == "onnxruntime"
+    np.testing.assert_allclose(our_forward(m, feeds, np.float32), want, rtol=1e-5, atol=1e-5)
+    for wrt in ["x", *states]:
+        for mode in ("forward", "reverse"):
+            J = jaccli.input_jacobian(m, feeds, wrt=wrt, mode=mode, dtype=np.float64, flat=True)
+            assert rel_err(J, fd_input_jacobian(m, feeds, wrt)) < 1e-6, (wrt, mode)
+    G, cols = jaccli.param_jacobian(m, feeds, dtype=np.float64)
+    names = [c["name"] for c in cols]
+    assert names == list(inits)
+    fd = fd_param_jacobian(m, feeds, names, load(m).initializers)
+    assert rel_err(G.reshape(fd.shape), fd) < 1e-6

@@ -164,7 +164,11 @@ def _slots(values):
 
 
 class _Setup:
-    """Geometry of one call: layout, sizes, directions, activations, clip."""
+    """Geometry of one call: layout, sizes, directions, activations, clip, and the sequences'
+    lengths. A sequence shorter than the input (sequence_lens, which tf2onnx writes for a Keras
+    mask) takes no step past its end: its state is held, and its outputs there are zeros; the
+    reverse direction starts at its last step (as onnxruntime runs it). An empty one's final
+    states are zeros, as onnxruntime has them."""
 
     def __init__(self, cell, inputs, attrs):
         v = _slots(inputs)
@@ -175,9 +179,14 @@ class _Setup:
         self.H = attrs["hidden_size"]
         self.reverse = {"forward": [False], "foward": [False],  # GRU-1's default, misspelt in the spec
                         "reverse": [True], "bidirectional": [False, True]}[attrs.get("direction", "forward")]
-        seq = v["sequence_lens"]
-        if seq is not None and np.any(np.asarray(seq) != self.S):
-            raise UnsupportedOpError(f"{cell.__name__}: sequence_lens shorter than the sequence are not supported")
+        seq = None if v["sequence_lens"] is None else np.asarray(v["sequence_lens"]).reshape(-1)
+        if seq is not None and (len(seq) != self.N or np.any((seq < 0) | (seq > self.S))):
+            raise UnsupportedOpError(f"{cell.__name__}: sequence_lens {seq.tolist()[:8]} do not fit {self.N} sequences of "
+                                     f"{self.S} steps")
+        # per step, the samples whose sequence it is in (None: all of them, at every step)
+        self.active = None if seq is None or np.all(seq == self.S) else [(t < seq)[:, None] for t in range(self.S)]
+        # the empty sequences, whose final states onnxruntime gives as zeros (not the initial ones)
+        self.empty = (seq == 0)[:, None] if seq is not None and np.any(seq == 0) else None
         if attrs.get("input_forget"):
             raise UnsupportedOpError("LSTM with input_forget=1 is not supported")
         self.acts = _activations(attrs.get("activations"), cell.default_acts, len(self.reverse),
@@ -272,10 +281,10 @@ class _Recurrent:
             c = np.zeros((N, H), dt) if c0 is None else c0[d]
             steps = []
             for t in range(S - 1, -1, -1) if rev else range(S):
-                h, c, cache = cls.step(st.X[t], h, c, p, st.acts[d], st)
-                Y[t, d] = h
+                hn, cn, cache = cls.step(st.X[t], h, c, p, st.acts[d], st)
+                h, c, Y[t, d] = _held(st, t, hn, cn, h, c)
                 steps.append((t, cache))
-            Yh[d], Yc[d] = h, c
+            Yh[d], Yc[d] = _final(st, h), _final(st, c)
             caches.append((p, steps))
         outs = (_y_to_layout(Y, st.layout, 0), _state_canonical(Yh, st.layout, 0), _state_canonical(Yc, st.layout, 0))
         return outs[: cls.n_outputs], caches, st
@@ -299,9 +308,9 @@ class _Recurrent:
             hd = np.zeros((L, N, H), dt) if states["initial_h"] is None else states["initial_h"][:, d]
             cd = np.zeros((L, N, H), dt) if states["initial_c"] is None else states["initial_c"][:, d]
             for t, cache in steps:
-                hd, cd = cls.step_jvp(None if Xd is None else Xd[:, t], hd, cd, p, cache, st.acts[d], st)
-                Yd[:, t, d] = hd
-            Yhd[:, d], Ycd[:, d] = hd, cd
+                hn, cn = cls.step_jvp(None if Xd is None else Xd[:, t], hd, cd, p, cache, st.acts[d], st)
+                hd, cd, Yd[:, t, d] = _held(st, t, hn, cn, hd, cd)
+            Yhd[:, d], Ycd[:, d] = _final(st, hd), _final(st, cd)
         outs = (_y_to_layout(Yd, st.layout, 1), _state_canonical(Yhd, st.layout, 1), _state_canonical(Ycd, st.layout, 1))
         return tuple(o.reshape(head + o.shape[1:]) for o in outs[: cls.n_outputs])
 
@@ -323,12 +332,19 @@ class _Recurrent:
         per_dir = []
         for d, (p, steps) in enumerate(caches):
             grads = _Grads(weights, {k: bool(need[k]) for k in weights}, {k: bool(keep[k]) for k in weights}, L, N, dt)
-            hb = np.zeros((L, N, H), dt) if finals[0] is None else finals[0][:, d].copy()
-            cb = np.zeros((L, N, H), dt) if finals[1] is None else finals[1][:, d].copy()
+            hb = np.zeros((L, N, H), dt) if finals[0] is None else _final(st, finals[0][:, d]).copy()
+            cb = np.zeros((L, N, H), dt) if finals[1] is None else _final(st, finals[1][:, d]).copy()
             for t, cache in reversed(steps):
-                if Yb is not None:
-                    hb = hb + Yb[:, t, d]
+                yb = None if Yb is None else Yb[:, t, d]
+                a = None if st.active is None else st.active[t]
+                if a is None:
+                    hb = hb if yb is None else hb + yb
+                else:  # a sequence past its end: its states' cotangents pass the step by, its output's is lost
+                    held = (np.where(a, 0, hb), np.where(a, 0, cb))
+                    hb, cb = np.where(a, hb if yb is None else hb + yb, 0), np.where(a, cb, 0)
                 xb, hb, cb = cls.step_vjp(hb, cb, p, cache, st.acts[d], st, grads)
+                if a is not None:
+                    hb, cb = hb + held[0], cb + held[1]
                 if Xbar is not None:
                     Xbar[:, t] += xb
             h0bar[:, d], c0bar[:, d] = hb, cb
@@ -346,6 +362,20 @@ class _Recurrent:
                 if keep[k]:  # a state without a sample axis of its own: an initializer in a model whose batch is fixed
                     out[k] = per_place(out[k], 1, axis=1 if st.layout == 0 else 0)
         return tuple(None if k not in out else out[k].reshape(head + out[k].shape[1:]) for k in SLOTS[: len(cx.x)])
+
+
+def _held(st, t, h_new, c_new, h, c):
+    """The states after step t, and its output: the step's, or for a sequence past its end, the
+    states it had and a zero output (on values or on their tangents alike)."""
+    if st.active is None:
+        return h_new, c_new, h_new
+    a = st.active[t]
+    return np.where(a, h_new, h), np.where(a, c_new, c), np.where(a, h_new, 0)
+
+
+def _final(st, h):
+    """A final state (or its tangent or cotangent): zero for an empty sequence."""
+    return h if st.empty is None else np.where(st.empty, 0, h)
 
 
 # ---- the cells ------------------------------------------------------------------------------------
