@@ -7,13 +7,15 @@ import contextlib
 import functools
 import math
 
+from typing import NamedTuple
+
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
 from .drivers import (DEFAULT_MAX_MEMORY, Feeds, _copies, _first_float, _slice_samples, in_runs, input_jacobian,
                       param_jacobian, parse_outputs, prepare_feeds, quiet_floats, samples_first, samples_in)
-from .errors import MemoryBudgetError
+from .errors import JaccliError, MemoryBudgetError
 from .model import inputs_samples_first, load, reads_of_subgraphs, weights_rewritten
 from .nchwc import plain
 
@@ -407,12 +409,26 @@ class _Directions:
         return np.concatenate([J[..., self.pick].astype(np.float64) * self.scale, dense], axis=-1)
 
 
+class _Look(NamedTuple):
+    """What a look at a Jacobian against differences gathered (see _input_fd, _param_fd)."""
+
+    ours: np.ndarray  # J D^T: (k, n_out, sampled entries + directions)
+    fds: list  # the central differences at each step, the same shape
+    evens: list  # the perturbed points' mean outputs less the unperturbed ones, at each step (see _symmetric_jumps)
+    n_entries: int
+    y: np.ndarray  # the oracle's outputs (k, n_out)
+    oracle: object
+    J: np.ndarray
+    branch: tuple | None = None  # (a mask like ours: columns that move a tie, not judged; the comparisons)
+
+
 def _central(evaluate, base, D, h):
     """(evaluate(base + h D_j) - evaluate(base - h D_j)) / 2h for every row D_j: (k, n_out, rows);
-    evaluate maps the 2m perturbed vectors (an iterator) to (2m, k, n_out)."""
+    and the two points' mean (see _symmetric_jumps). evaluate maps the 2m perturbed vectors (an
+    iterator) to (2m, k, n_out)."""
     m = len(D)
     ys = evaluate(D.points(base, h))
-    return ((ys[:m] - ys[m:]) / (2 * h)).transpose(1, 2, 0)
+    return ((ys[:m] - ys[m:]) / (2 * h)).transpose(1, 2, 0), ((ys[:m] + ys[m:]) / 2).transpose(1, 2, 0)
 
 
 def _max_abs(J, minus=None, block=1 << 18):
@@ -467,13 +483,14 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
         y_ours = _forward(model, feeds, v, dtype)
         spec[name] = outputs if outputs is not None else _spread(y_ours.shape[1])
         if params:
-            ours, fds, n_entries, y_ort, oracle, jacobians[name] = _param_fd(model, proto, feeds, v, k, dtype, rng, entries,
-                                                                             spec[name], max_memory=max_memory)
+            look = _param_fd(model, proto, feeds, v, k, dtype, rng, entries, spec[name], max_memory=max_memory)
         else:
-            ours, fds, n_entries, y_ort, oracle, jacobians[name] = _input_fd(model, proto, feeds, v, k, dtype, rng, entries,
-                                                                             spec[name], wrt, max_memory=max_memory)
+            look = _input_fd(model, proto, feeds, v, k, dtype, rng, entries, spec[name], wrt, max_memory=max_memory)
+        y_ort, oracle, jacobians[name] = look.y, look.oracle, look.J
         oracle_dtype, oracle_name, oracle_why = oracle.dtype, oracle.name, oracle.why
-        rows.append(_row(name, ours, fds, n_entries, y_ours, y_ort, _noise(y_ort, oracle.dtype)))
+        steps = _steps(oracle.dtype)
+        rows.append(_row(name, look, y_ours, _noise(y_ort, oracle.dtype), ratio=steps[0] / steps[1],
+                         rounding=_rounding(y_ort, oracle.dtype)))
         rows[-1]["forward_floor"] = FORWARD_ULPS * float(np.finfo(oracle.dtype).eps)
         quantizers, reaches = _quantization(model, v, params, wrt, dtype)
         if quantizers and not reaches:
@@ -578,8 +595,9 @@ def _own_look(model, proto, feeds, name, k, J, seed, entries, outputs, wrt, para
     (float32 rounding in a badly scaled model, or a rule that loses precision in float32)."""
     rng = np.random.default_rng(seed)
     fd = _param_fd if params else functools.partial(_input_fd, wrt=wrt)
-    ours, fds, n, y, _, J64 = fd(model, proto, feeds, name, k, np.float64, rng, entries, outputs, own=True, max_memory=max_memory)
-    row = _row(name, ours, fds, n, y, y, _noise(y, np.float64), ratio=FINE[0] / FINE[1])
+    look = fd(model, proto, feeds, name, k, np.float64, rng, entries, outputs, own=True, max_memory=max_memory)
+    y, J64 = look.y, look.J
+    row = _row(name, look, y, _noise(y, np.float64), ratio=FINE[0] / FINE[1], rounding=_rounding(y, np.float64))
     keys = ("entry_error", "directional_error", "max_abs_error", "max_abs_direction_error", "entries_judged", "directions_judged")
     precision = _max_abs(J.reshape(J64.shape), J64).max(initial=0.0) / max(float(_max_abs(J64).max(initial=0.0)), 1e-300)
     return {"verdict": verdict(row, tol), "steps": list(FINE), "precision": precision, **{key: row[key] for key in keys}}
@@ -589,9 +607,13 @@ def _noise(y, dtype, ulps=4):
     """What the oracle's own rounding can put into a difference at the largest step: a few units
     in the last place of the largest output, over the step. A float32 oracle on an output of
     order 1 cannot resolve derivatives much below 1e-4."""
+    return _rounding(y, dtype, ulps) / _steps(dtype)[0]
+
+
+def _rounding(y, dtype, ulps=4):
+    """A few units in the last place of the largest output: what rounding can put into an output."""
     y = np.abs(np.asarray(y, np.float64))
-    top = float(y[np.isfinite(y)].max(initial=0.0))
-    return ulps * float(np.finfo(dtype).eps) * top / _steps(dtype)[0]
+    return ulps * float(np.finfo(dtype).eps) * float(y[np.isfinite(y)].max(initial=0.0))
 
 
 def _jumps(fds, noise, ratio=4.0):
@@ -607,6 +629,22 @@ def _jumps(fds, noise, ratio=4.0):
     lo, hi = 0.75 * ratio, 1.33 * ratio
     one_sign = (np.sign(fds[0]) == np.sign(fds[1])) & (np.sign(fds[1]) == np.sign(fds[2]))
     return one_sign & (a[0] > 4 * noise) & (r1 > lo) & (r1 < hi) & (r2 > lo) & (r2 < hi)
+
+
+def _symmetric_jumps(evens, rounding, ratio=4.0):
+    """Where the model jumps at the point the same way on both sides, which central differences
+    do not see: a step function of the input that the point sits on (Keras's Masking of an
+    all-zero time step: any move off zero unmasks it). The mean of the two perturbed outputs
+    less the unperturbed one (`evens`, per step) stays the same size from each step to the next
+    (within the square root of their `ratio`), above rounding, with one sign; a smooth
+    function's shrinks as the step squared, a kink's as the step."""
+    ev = evens
+    a = [np.abs(e) for e in ev]
+    lo, hi = ratio ** -0.5, ratio ** 0.5
+    with np.errstate(divide="ignore", invalid="ignore"):
+        flat = [(a[s + 1] / a[s] > lo) & (a[s + 1] / a[s] < hi) for s in range(len(a) - 1)]
+    one_sign = np.logical_and.reduce([np.sign(e) == np.sign(ev[0]) for e in ev[1:]])
+    return one_sign & np.logical_and.reduce([x > 4 * rounding for x in a]) & np.logical_and.reduce(flat)
 
 
 def _passes(row, tol):
@@ -695,6 +733,67 @@ def _with_largest(pick, J):
     return np.union1d(pick, largest)
 
 
+_COMPARISONS = ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual")
+
+
+@quiet_floats
+def _branch_points(model, feeds, name, wrt, seed=0):
+    """Where the checked points sit on a branch of the model: a comparison on the way to output
+    `name` whose operands are equal at a point, one of them moved by `wrt` (Keras's Masking of
+    an all-zero time step: any move off zero unmasks it). jaccli's derivative there is the
+    branch's the point takes, as TensorFlow's and PyTorch's are; differences, both sides off
+    the tie, see the other branch, and where the model is continuous across it (a masked
+    first step from a zero state) no jump gives them away. Returns (per sample, which elements
+    of `wrt` move a tie (k, n): where a random combination of the tied operands' VJPs is not
+    zero), and the comparisons' names; None where there is none, or for a model of a fixed
+    batch."""
+    from . import walk
+    from .plan import Plan
+
+    comps = [n for n in model.ancestors([name]) if n.op_type in _COMPARISONS and n.domain in ("", "ai.onnx")]
+    if not comps or model.fixed_batch()[1] or wrt not in feeds:
+        return None
+    operands = list(dict.fromkeys(v for n in comps for v in n.inputs[:2] if v))
+    f = {n: (v.astype(np.float64) if v.dtype.kind == "f" else v) for n, v in feeds.items()}
+    try:
+        plan = Plan(model, operands, [wrt], np.float64)
+        moved = [v for v in operands if v in plan.active]
+        env = walk.primal(plan, f) if moved else None
+    except JaccliError:  # what the check itself meets, and says, on the way to the output
+        return None
+    if not moved:
+        return None
+    rng = np.random.default_rng(seed)
+    cot, where = {}, []
+    for n in comps:
+        a, b = (env.get(v) if v else None for v in n.inputs[:2])
+        if a is None or b is None or not any(v in moved for v in n.inputs[:2]):
+            continue
+        tie = np.asarray(a) == np.asarray(b)
+        if not tie.any():
+            continue
+        where.append(n.name or n.op_type)
+        for v, x in zip(n.inputs[:2], (a, b)):
+            if v in moved:  # the ties, reduced onto the operand's own (broadcast) shape
+                m = _ties_of(tie, np.shape(x))
+                seed_v = rng.standard_normal((1,) + m.shape) * m
+                cot[v] = cot[v] + seed_v if v in cot else seed_v
+    if not cot:
+        return None
+    xbar = walk._pull(plan, env, cot, plan.active_steps, [wrt], {})[wrt]
+    k = f[wrt].shape[0]
+    touched = np.zeros((k, f[wrt][0].size), bool) if xbar is None else np.asarray(xbar)[0].reshape(k, -1) != 0
+    return touched, where
+
+
+def _ties_of(tie, shape):
+    """A comparison's ties (of the broadcast shape) on one operand's shape, as 0 and 1."""
+    lead = tie.ndim - len(shape)
+    m = tie.any(axis=tuple(range(lead))) if lead else tie
+    axes = tuple(i for i, d in enumerate(shape) if d == 1 and m.shape[i] != 1)
+    return (m.any(axis=axes, keepdims=True) if axes else m).astype(np.float64)
+
+
 def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=None, own=False, max_memory=DEFAULT_MAX_MEMORY):
     wrt = wrt or _first_float(model, name).name
     r = input_jacobian(model, feeds, wrt=wrt, of=name, dtype=dtype, flat=True, outputs=outputs, return_result=True,
@@ -709,7 +808,9 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
     x0 = feeds[wrt]
     run_size = _points_per_run(r.estimate, oracle, max_memory // 2)
     pick = _with_largest(_pick(x0[0].size, entries, rng), J)
-    ours, fds = [], [[] for _ in _steps(oracle.dtype)]
+    steps = FINE if own else _steps(oracle.dtype)
+    ours, fds, means, branch = [], [[] for _ in steps], [[] for _ in steps], []
+    ties = _branch_points(model, _slice_samples(feeds, 0, k), name, wrt)
     for i in range(k):
         def evaluate(points, i=i):
             batch = np.stack(list(points))  # an input's perturbed copies, in one batch
@@ -725,10 +826,17 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
         base = x0[i].ravel().astype(np.float64)
         D = _Directions(base, pick, rng)
         ours.append(D.of(J[i])[None])
-        for s, h in enumerate(FINE if own else _steps(oracle.dtype)):
-            fds[s].append(_central(evaluate, base, D, h))
-    fds = [np.concatenate(f) for f in fds]
-    return np.concatenate(ours), fds, pick.size, _run_batched(oracle, feeds, name).reshape(k, -1), oracle, J
+        if ties is not None:  # the sampled elements that move a tie, and every dense direction if any does
+            t = ties[0][i]
+            branch.append(np.concatenate([t[pick], np.full(DIRECTIONS, t.any())])[None, None])
+        for s, h in enumerate(steps):
+            odd, mean = _central(evaluate, base, D, h)
+            fds[s].append(odd)
+            means[s].append(mean)
+    y = _run_batched(oracle, feeds, name).reshape(k, -1)
+    fds, evens = [np.concatenate(f) for f in fds], [np.concatenate(m) - y[:, sel, None] for m in means]
+    branch = (np.concatenate(branch), ties[1]) if ties is not None else None
+    return _Look(np.concatenate(ours), fds, evens, pick.size, y, oracle, J, branch)
 
 
 def _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, own=False, max_memory=DEFAULT_MAX_MEMORY):
@@ -750,9 +858,9 @@ def _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, own=Fa
     G = G.reshape(k, -1, base.size)
     pick = _with_largest(_pick(base.size, entries, rng), G)
     D = _Directions(base, pick, rng)
-    fds = [_central(evaluate, base, D, h) for h in (FINE if own else _steps(oracle.dtype))]
+    fds, means = zip(*[_central(evaluate, base, D, h) for h in (FINE if own else _steps(oracle.dtype))])
     y_ort = _run_batched(oracle, feeds, name, theta).reshape(k, -1)
-    return D.of(G), fds, pick.size, y_ort, oracle, G
+    return _Look(D.of(G), list(fds), [m - y_ort[:, sel, None] for m in means], pick.size, y_ort, oracle, G)
 
 
 def _run_batched(oracle, feeds, name, extra=None, run_size=None):
@@ -864,18 +972,23 @@ def _forward(model, feeds, name, dtype, params=None, flat=True):
     return y.reshape(n, -1) if flat else y
 
 
-def _row(name, ours, fds, n_entries, y_ours, y_ort, noise=0.0, ratio=4.0):
+def _row(name, look, y_ours, noise=0.0, ratio=4.0, rounding=0.0):
     """Errors of ours (J D^T: the sampled entries, then the random directions) against the
     differences. A column is wrong only if it disagrees with the differences at every step (a
     kink inside one step, or rounding at another, spoils some of them, a wrong derivative all).
     Not judged: columns whose differences are not finite, and every column of a sample whose
     output is not finite (there IEEE's 0 * NaN = NaN spreads NaN through structurally zero
-    entries, in jaccli as in every autodiff system); they are counted. `ratio`: of each step
-    to the next (see _jumps)."""
-    sample_ok = np.isfinite(np.asarray(y_ort, np.float64).reshape(len(ours), -1)).all(axis=1)
+    entries, in jaccli as in every autodiff system); they are counted. Nor columns where the
+    model jumps (see _jumps; and _symmetric_jumps, from the perturbed points' means), nor
+    those that move a comparison tied at the point (see _branch_points). `ratio`: of each
+    step to the next (see _jumps)."""
+    ours, fds, n_entries, y_ort = look.ours, look.fds, look.n_entries, look.y
+    y0 = np.asarray(y_ort, np.float64).reshape(len(ours), -1)
+    sample_ok = np.isfinite(y0).all(axis=1)
     finite = np.logical_and.reduce([np.isfinite(f) for f in fds]) & sample_ok[:, None, None]
-    jumps = finite & _jumps(fds, noise, ratio)
-    judged = finite & ~jumps
+    jumps = finite & (_jumps(fds, noise, ratio) | _symmetric_jumps(look.evens, rounding, ratio))
+    branch = finite & ~jumps & (look.branch[0] if look.branch is not None else False)
+    judged = finite & ~jumps & ~branch
     with np.errstate(invalid="ignore"):
         err = np.where(judged, np.minimum.reduce([np.abs(ours - f) for f in fds]), 0.0)
     err = np.where(judged & ~np.isfinite(ours), np.inf, err)
@@ -898,6 +1011,7 @@ def _row(name, ours, fds, n_entries, y_ours, y_ort, noise=0.0, ratio=4.0):
             "entry_spread": _resolution(spread[:, :, entries]), "direction_spread": _resolution(spread[:, :, directions]),
             "entries_judged": bool(judged[:, :, entries].any()), "directions_judged": bool(judged[:, :, directions].any()),
             "jumps": int(jumps.any(axis=1).sum()),
+            "branch_points": int(branch.any(axis=1).sum()), "ties_at": list(look.branch[1]) if look.branch else [],
             "relative_error": max(rel_e, rel_d), "nan_entries": int((~finite).sum()),
             "forward_error": float(np.nanmax(np.abs(y_ours.astype(np.float64) - y_ort), initial=0.0)),
             "forward_scale": float(np.abs(np.asarray(y_ort, np.float64)[np.isfinite(y_ort)]).max(initial=0.0))}

@@ -160,6 +160,11 @@ def render_check(console: Console, d: dict):
             console.print(f"[yellow]note:[/yellow] {r['output']}: {r['jumps']} of the differences checked (sample by column) "
                           f"cross a jump of the model at the point (differences growing as 1/step: a Cast to an integer, a one-hot category, a "
                           f"threshold met exactly), where no derivative exists; they are not judged")
+        if r.get("branch_points"):
+            console.print(f"[yellow]note:[/yellow] {r['output']}: {r['branch_points']} of the differences checked (sample by "
+                          f"column) move a comparison whose operands are equal at the point ({', '.join(r['ties_at'][:3])}: "
+                          f"a mask of padding, a threshold met exactly); jaccli's derivative is the branch's the point takes, "
+                          f"as TensorFlow's and PyTorch's are, and differences see the other branch: they are not judged")
         if v == "unclear" and r.get("quantized_zero"):
             console.print(f"unclear ({r['output']}): every path to it from what is differentiated passes a "
                           f"{r['quantized_zero']}, whose output is an integer: the Jacobian is zero where it exists, and "

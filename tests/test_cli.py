@@ -50,6 +50,14 @@ def close_to_fd(J, fds, tol):
     return err.max() / np.abs(fds[0]).max() < tol
 
 
+def _look(ours, fds, n_entries, y):
+    """A look at a Jacobian (oracle._Look) from differences alone: the perturbed points' means
+    at the unperturbed outputs (no jump alike on both sides)."""
+    from jaccli.oracle import _Look
+
+    return _Look(ours, fds, [np.zeros(ours.shape)] * len(fds), n_entries, y, None, None)
+
+
 def run(args, input=None):
     r = CliRunner().invoke(main, args, input=input, catch_exceptions=False)
     return r
@@ -408,12 +416,12 @@ def test_check_calls_errors_within_the_oracles_own_step_spread_unclear():
     true = rng.standard_normal((2, 3, 12))  # (samples, outputs, 8 entries + 4 directions)
     fds = [true + 0.01 * rng.standard_normal(true.shape) * w for w in (1.0, 2.0, 4.0)]
     y = np.zeros((2, 3))
-    row = _row("y", true, fds, 8, y, y)
+    row = _row("y", _look(true, fds, 8, y), y)
     assert row["entry_error"] > 1e-3 and row["max_abs_error"] <= row["entry_spread"]
     assert verdict(row, 1e-3) == "unclear"
-    assert verdict(_row("y", 1.3 * true, fds, 8, y, y), 1e-3) == "FAIL"
+    assert verdict(_row("y", _look(1.3 * true, fds, 8, y), y), 1e-3) == "FAIL"
     steady = [true + 1e-7 * k for k in range(3)]  # differences that agree: the same error is a FAIL
-    assert verdict(_row("y", true + 0.05, steady, 8, y, y), 1e-3) == "FAIL"
+    assert verdict(_row("y", _look(true + 0.05, steady, 8, y), y), 1e-3) == "FAIL"
 
 
 def test_second_look_weighs_the_oracles_verdict():
@@ -507,7 +515,7 @@ def test_the_second_looks_jumps_grow_by_its_own_steps():
     jump4 = [np.full((1, 1, 2), 0.5 / (2 * h)) for h in _steps(np.float32)]
     assert _jumps(jump4, 0.0).all() and not _jumps(jump4, 0.0, ratio=10.0).any()
     y = np.zeros((1, 1))
-    assert _row("y", np.zeros((1, 1, 2)), jump, 1, y, y, ratio=FINE[0] / FINE[1])["jumps"] == 2
+    assert _row("y", _look(np.zeros((1, 1, 2)), jump, 1, y), y, ratio=FINE[0] / FINE[1])["jumps"] == 2
 
 
 def test_check_takes_a_second_look_where_the_oracle_cannot_tell(tmp_path, monkeypatch):
@@ -634,6 +642,66 @@ def test_check_leaves_out_where_the_model_jumps(tmp_path, monkeypatch):
     assert row["jumps"] > 0 and row["entries_judged"] and not row["directions_judged"]
     r = run(["check", model, data])
     assert r.exit_code == 0 and "pass" in r.output and "jump" in r.output, r.output
+    fails_when_ten_percent_wrong(monkeypatch, model, data)
+
+
+def _at_zero_model(nodes):
+    """x (N, 4) through `nodes` (which make p) and a weight: y = p @ w."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.array([[1.0, -2.0], [0.5, 3.0], [2.0, 1.0], [-1.0, 0.5]], np.float32), "w")
+    zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
+    g = helper.make_graph(nodes + [helper.make_node("MatMul", ["p", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, zero])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def test_check_leaves_out_what_moves_a_comparison_tied_at_the_point(tmp_path, monkeypatch):
+    """A mask of the padding, x != 0 (Keras's Masking through tf2onnx), on data padded with exact
+    zeros. There the point takes the masked branch, whose derivative jaccli gives (as TensorFlow
+    does); any move off zero unmasks it, and the model is continuous across (sin x + x is 0 at
+    0): differences see the other branch's derivative, 2, with no jump to give it away. Those
+    columns are not judged, and said so; a wrong Jacobian still FAILs on the others."""
+    from onnx import helper, save
+
+    nodes = [helper.make_node("Equal", ["x", "zero"], ["pad"]), helper.make_node("Not", ["pad"], ["mask"]),
+             helper.make_node("Sin", ["x"], ["s"]), helper.make_node("Add", ["s", "x"], ["u"]),
+             helper.make_node("Where", ["mask", "u", "zero"], ["p"])]
+    model, data = str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")
+    save(_at_zero_model(nodes), model)
+    x = np.random.default_rng(0).uniform(0.2, 0.8, (3, 4)).astype(np.float32)
+    x[:, 2:] = 0  # padded
+    np.save(data, x)
+    r = run(["check", model, data, "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)["rows"][0]
+    assert row["branch_points"] > 0 and row["ties_at"] and row["entries_judged"] and not row["directions_judged"]
+    r = run(["check", model, data])
+    assert r.exit_code == 0 and "equal at the point" in r.output, r.output
+    fails_when_ten_percent_wrong(monkeypatch, model, data)
+
+
+def test_check_leaves_out_where_the_model_jumps_alike_on_both_sides(tmp_path, monkeypatch):
+    """A jump that is the same on both sides of the point, with no comparison: whether x is not
+    zero, as a bool cast back to float, times (1 + x). At x = 0 both neighbours are 1 +- h, so
+    central differences are 1 at every step (no growth as 1/step), where jaccli's derivative of
+    the branch taken is 0; the two points' mean stays 1 above the value at every step."""
+    from onnx import TensorProto, helper, save
+
+    nodes = [helper.make_node("Cast", ["x"], ["b"], to=TensorProto.BOOL), helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
+             helper.make_node("Exp", ["x"], ["e"]), helper.make_node("Mul", ["e", "bf"], ["p"])]
+    model, data = str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")
+    save(_at_zero_model(nodes), model)
+    x = np.random.default_rng(0).uniform(0.2, 0.8, (3, 4)).astype(np.float32)
+    x[:, 1] = 0
+    np.save(data, x)
+    r = run(["check", model, data, "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)["rows"][0]
+    assert row["jumps"] > 0 and not row["branch_points"] and row["entries_judged"]
     fails_when_ten_percent_wrong(monkeypatch, model, data)
 
 
