@@ -340,6 +340,7 @@ CASES += [
     Case("Div", [("x", (3, 4)), ("p", (3, 4))], {"broadcast": 1}, data="positive", opset=6, id="Div-6"),
     Case("Sum", [("x", (3, 4)), ("x", (3, 4))], opset=6, id="Sum-6"),
     Case("Concat", [("x", (3, 4)), ("x", (2, 4))], {"axis": 1}, opset=1, id="Concat-1"),
+    Case("Concat", [("x", (3, 4)), ("x", (2, 4))], opset=3, id="Concat-3-default-axis"),  # axis 1, as Caffe2 leaves it
     Case("Reshape", [("x", (3, 4))], {"shape": [0, 12]}, opset=1, id="Reshape-1"),
 ]
 

@@ -241,7 +241,7 @@ def _lead_perm(perm, nd, lead):
     return list(range(lead)) + [lead + a for a in p]
 
 
-@rule("Concat", since=1)
+@rule("Concat", since=4)
 class Concat:
     """Y = the inputs joined along `axis`."""
 
@@ -267,6 +267,20 @@ class Concat:
                 raise UnsupportedOpError("per-sample cotangents of a value joined to the samples along their own axis")
             parts = [per_place(p, cx.lead(Ybar)) if k else p for p, k in zip(parts, cx.keep)]
         return tuple(p if n else None for p, n in zip(parts, cx.need))
+
+
+@rule("Concat", since=1)
+class Concat1(Concat):
+    """Concat of opsets 1 to 3, whose axis defaults to 1 (Caffe2's exports leave it out)."""
+
+    def forward(*inputs, axis=1):
+        return Concat.forward(*inputs, axis=axis)
+
+    def jvp(cx, *Xdots, axis=1):
+        return Concat.jvp(cx, *Xdots, axis=axis)
+
+    def vjp(cx, Ybar, *, axis=1):
+        return Concat.vjp(cx, Ybar, axis=axis)
 
 
 @rule("Gather", since=1)
