@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-
 from typing import NamedTuple
 
 import numpy as np
@@ -638,12 +637,11 @@ def _symmetric_jumps(evens, rounding, ratio=4.0):
     less the unperturbed one (`evens`, per step) stays the same size from each step to the next
     (within the square root of their `ratio`), above rounding, with one sign; a smooth
     function's shrinks as the step squared, a kink's as the step."""
-    ev = evens
-    a = [np.abs(e) for e in ev]
+    a = [np.abs(e) for e in evens]
     lo, hi = ratio ** -0.5, ratio ** 0.5
     with np.errstate(divide="ignore", invalid="ignore"):
         flat = [(a[s + 1] / a[s] > lo) & (a[s + 1] / a[s] < hi) for s in range(len(a) - 1)]
-    one_sign = np.logical_and.reduce([np.sign(e) == np.sign(ev[0]) for e in ev[1:]])
+    one_sign = np.logical_and.reduce([np.sign(e) == np.sign(evens[0]) for e in evens[1:]])
     return one_sign & np.logical_and.reduce([x > 4 * rounding for x in a]) & np.logical_and.reduce(flat)
 
 
