@@ -732,26 +732,71 @@ def _with_largest(pick, J):
 
 
 _COMPARISONS = ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual")
+_KINKS = _COMPARISONS + ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "ThresholdedRelu", "Clip", "HardSigmoid", "HardSwish",
+                         "Shrink", "Max", "Min")
+
+
+def _near(a, b):
+    """Equal, or within a few units in the last place of float64 (a breakpoint of an affine map)."""
+    return np.abs(a - b) <= 8 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(b))
+
+
+def _kinks(node, vals):
+    """{input index: where it sits on a point of `node` that the derivative jumps at}: a
+    comparison's tie, an activation's breakpoint, a bound of Clip met, a tie of Max or Min.
+    `vals`: the node's inputs at the checked points (None where absent)."""
+    op, a, x = node.op_type, node.attrs, vals[0]
+    if op in _COMPARISONS:
+        tie = np.asarray(vals[0]) == np.asarray(vals[1])
+        return {0: tie, 1: tie}
+    if op in ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu"):
+        return {0: x == 0}
+    if op == "ThresholdedRelu":
+        return {0: x == a.get("alpha", 1.0)}
+    if op == "Shrink":
+        return {0: np.abs(x) == a.get("lambd", 0.5)}
+    if op == "HardSwish":
+        return {0: np.abs(x) == 3}
+    if op == "HardSigmoid":
+        z = a.get("alpha", 0.2) * x + a.get("beta", 0.5)
+        return {0: _near(z, 0.0) | _near(z, 1.0)}
+    if op == "Clip":
+        lo = vals[1] if len(vals) > 1 and vals[1] is not None else a.get("min")
+        hi = vals[2] if len(vals) > 2 and vals[2] is not None else a.get("max")
+        tie = np.zeros(np.shape(x), bool)
+        for bound in (lo, hi):
+            if bound is not None:
+                tie = tie | (x == bound)
+        return {0: tie}
+    if op in ("Max", "Min"):
+        present = [(i, np.asarray(v)) for i, v in enumerate(vals) if v is not None]
+        if len(present) < 2:
+            return {}
+        r = (np.maximum if op == "Max" else np.minimum).reduce(np.broadcast_arrays(*[v for _, v in present]))
+        count = sum((v == r).astype(int) for _, v in present)
+        return {i: (v == r) & (count >= 2) for i, v in present}
+    return {}
 
 
 @quiet_floats
 def _branch_points(model, feeds, name, wrt, seed=0):
-    """Where the checked points sit on a branch of the model: a comparison on the way to output
-    `name` whose operands are equal at a point, one of them moved by `wrt` (Keras's Masking of
-    an all-zero time step: any move off zero unmasks it). jaccli's derivative there is the
-    branch's the point takes, as TensorFlow's and PyTorch's are; differences, both sides off
-    the tie, see the other branch, and where the model is continuous across it (a masked
-    first step from a zero state) no jump gives them away. Returns (per sample, which elements
-    of `wrt` move a tie (k, n): where a random combination of the tied operands' VJPs is not
-    zero), and the comparisons' names; None where there is none, or for a model of a fixed
-    batch."""
+    """Where the checked points sit on a kink or a branch of the model that `wrt` moves: a
+    comparison on the way to output `name` whose operands are equal at a point (Keras's Masking
+    of an all-zero time step: any move off zero unmasks it), or an input exactly at a kink of
+    a piecewise activation (a Clip to [0, 1] or a Relu of images with black pixels; a tie of
+    Max). jaccli's derivative there is one side's, as TensorFlow's and PyTorch's are; central
+    differences see the other branch, or the mean of both slopes (a Relu's 0.5), at every
+    step, and where the model is continuous across (a masked first step from a zero state) no
+    jump gives them away. Returns (per sample, which elements of `wrt` move such a point (k,
+    n): where a random combination of the tied values' VJPs is not zero), and the nodes'
+    names; None where there is none, or for a model of a fixed batch."""
     from . import walk
     from .plan import Plan
 
-    comps = [n for n in model.ancestors([name]) if n.op_type in _COMPARISONS and n.domain in ("", "ai.onnx")]
-    if not comps or model.fixed_batch()[1] or wrt not in feeds:
+    nodes = [n for n in model.ancestors([name]) if n.op_type in _KINKS and n.domain in ("", "ai.onnx")]
+    if not nodes or model.fixed_batch()[1] or wrt not in feeds:
         return None
-    operands = list(dict.fromkeys(v for n in comps for v in n.inputs[:2] if v))
+    operands = list(dict.fromkeys(v for n in nodes for v in n.inputs if v))
     f = {n: (v.astype(np.float64) if v.dtype.kind == "f" else v) for n, v in feeds.items()}
     try:
         plan = Plan(model, operands, [wrt], np.float64)
@@ -763,19 +808,18 @@ def _branch_points(model, feeds, name, wrt, seed=0):
         return None
     rng = np.random.default_rng(seed)
     cot, where = {}, []
-    for n in comps:
-        a, b = (env.get(v) if v else None for v in n.inputs[:2])
-        if a is None or b is None or not any(v in moved for v in n.inputs[:2]):
+    for n in nodes:
+        if not any(v in moved for v in n.inputs):
             continue
-        tie = np.asarray(a) == np.asarray(b)
-        if not tie.any():
-            continue
-        where.append(n.name or n.op_type)
-        for v, x in zip(n.inputs[:2], (a, b)):
-            if v in moved:  # the ties, reduced onto the operand's own (broadcast) shape
-                m = _ties_of(tie, np.shape(x))
-                seed_v = rng.standard_normal((1,) + m.shape) * m
-                cot[v] = cot[v] + seed_v if v in cot else seed_v
+        vals = [env.get(v) if v else None for v in n.inputs]
+        ties = {i: t for i, t in _kinks(n, vals).items() if n.inputs[i] in moved and np.any(t)}
+        if ties:
+            where.append(n.name or n.op_type)
+        for i, tie in ties.items():  # the ties, reduced onto the operand's own (broadcast) shape
+            v = n.inputs[i]
+            m = _ties_of(np.asarray(tie), np.shape(vals[i]))
+            seed_v = rng.standard_normal((1,) + m.shape) * m
+            cot[v] = cot[v] + seed_v if v in cot else seed_v
     if not cot:
         return None
     xbar = walk._pull(plan, env, cot, plan.active_steps, [wrt], {})[wrt]

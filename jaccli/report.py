@@ -162,9 +162,10 @@ def render_check(console: Console, d: dict):
                           f"threshold met exactly), where no derivative exists; they are not judged")
         if r.get("branch_points"):
             console.print(f"[yellow]note:[/yellow] {r['output']}: {r['branch_points']} of the differences checked (sample by "
-                          f"column) move a comparison whose operands are equal at the point ({', '.join(r['ties_at'][:3])}: "
-                          f"a mask of padding, a threshold met exactly); jaccli's derivative is the branch's the point takes, "
-                          f"as TensorFlow's and PyTorch's are, and differences see the other branch: they are not judged")
+                          f"column) move a value that sits exactly on a kink or a branch of the model at the point "
+                          f"({', '.join(r['ties_at'][:3])}{' ...' if len(r['ties_at']) > 3 else ''}: a Relu or a Clip of exact "
+                          f"zeros, a mask of padding, a tie of Max); jaccli's derivative there is one side's, as TensorFlow's "
+                          f"and PyTorch's are, and central differences see the other side, or both: they are not judged")
         if v == "unclear" and r.get("quantized_zero"):
             console.print(f"unclear ({r['output']}): every path to it from what is differentiated passes a "
                           f"{r['quantized_zero']}, whose output is an integer: the Jacobian is zero where it exists, and "
