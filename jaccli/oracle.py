@@ -852,7 +852,9 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
     pick = _with_largest(_pick(x0[0].size, entries, rng), J)
     steps = FINE if own else _steps(oracle.dtype)
     ours, fds, means, branch = [], [[] for _ in steps], [[] for _ in steps], []
-    ties = _branch_points(model, _slice_samples(feeds, 0, k), name, wrt)
+    # the search keeps every tested value of k samples in float64: within half the budget, or not made
+    fits = r.estimate.get("bytes_primal", 0.0) * 8 / J.dtype.itemsize * k <= max_memory // 2
+    ties = _branch_points(model, _slice_samples(feeds, 0, k), name, wrt) if fits else None
     for i in range(k):
         def evaluate(points, i=i):
             batch = np.stack(list(points))  # an input's perturbed copies, in one batch
