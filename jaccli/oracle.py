@@ -789,43 +789,49 @@ def _branch_points(model, feeds, name, wrt, seed=0):
     step, and where the model is continuous across (a masked first step from a zero state) no
     jump gives them away. Returns (per sample, which elements of `wrt` move such a point (k,
     n): where a random combination of the tied values' VJPs is not zero), and the nodes'
-    names; None where there is none, or for a model of a fixed batch."""
+    names; None where there is none. A model of a fixed batch runs in runs of it."""
     from . import walk
     from .plan import Plan
 
     nodes = [n for n in model.ancestors([name]) if n.op_type in _KINKS and n.domain in ("", "ai.onnx")]
-    if not nodes or model.fixed_batch()[1] or wrt not in feeds:
+    if not nodes or wrt not in feeds:
         return None
     operands = list(dict.fromkeys(v for n in nodes for v in n.inputs if v))
-    f = {n: (v.astype(np.float64) if v.dtype.kind == "f" else v) for n, v in feeds.items()}
     try:
         plan = Plan(model, operands, [wrt], np.float64)
-        moved = [v for v in operands if v in plan.active]
-        env = walk.primal(plan, f) if moved else None
     except JaccliError:  # what the check itself meets, and says, on the way to the output
         return None
+    moved = {v for v in operands if v in plan.active}
     if not moved:
         return None
     rng = np.random.default_rng(seed)
-    cot, where = {}, []
-    for n in nodes:
-        if not any(v in moved for v in n.inputs):
-            continue
-        vals = [env.get(v) if v else None for v in n.inputs]
-        ties = {i: t for i, t in _kinks(n, vals).items() if n.inputs[i] in moved and np.any(t)}
-        if ties:
-            where.append(n.name or n.op_type)
-        for i, tie in ties.items():  # the ties, reduced onto the operand's own (broadcast) shape
-            v = n.inputs[i]
-            m = _ties_of(np.asarray(tie), np.shape(vals[i]))
-            seed_v = rng.standard_normal((1,) + m.shape) * m
-            cot[v] = cot[v] + seed_v if v in cot else seed_v
-    if not cot:
+    where = {}  # the nodes met at a kink, in order
+
+    def one_run(feeds):
+        f = {n: (v.astype(np.float64) if v.dtype.kind == "f" else v) for n, v in feeds.items()}
+        env = walk.primal(plan, f)
+        cot = {}
+        for n in nodes:
+            if not moved.intersection(n.inputs):
+                continue
+            vals = [env.get(v) if v else None for v in n.inputs]
+            ties = {i: t for i, t in _kinks(n, vals).items() if n.inputs[i] in moved and np.any(t)}
+            if ties:
+                where[n.name or n.op_type] = True
+            for i, tie in ties.items():  # the ties, reduced onto the operand's own (broadcast) shape
+                v = n.inputs[i]
+                m = _ties_of(np.asarray(tie), np.shape(vals[i]))
+                seed_v = rng.standard_normal((1,) + m.shape) * m
+                cot[v] = cot[v] + seed_v if v in cot else seed_v
+        k = f[wrt].shape[0]
+        xbar = walk._pull(plan, env, cot, plan.active_steps, [wrt], {})[wrt] if cot else None
+        return np.zeros((k, f[wrt][0].size), bool) if xbar is None else np.asarray(xbar)[0].reshape(k, -1) != 0
+
+    try:
+        touched = in_runs(one_run, feeds, model.fixed_batch()[1])
+    except JaccliError:
         return None
-    xbar = walk._pull(plan, env, cot, plan.active_steps, [wrt], {})[wrt]
-    k = f[wrt].shape[0]
-    touched = np.zeros((k, f[wrt][0].size), bool) if xbar is None else np.asarray(xbar)[0].reshape(k, -1) != 0
-    return touched, where
+    return (touched, list(where)) if where else None
 
 
 def _ties_of(tie, shape):
