@@ -779,7 +779,7 @@ def _kinks(node, vals):
 
 
 @quiet_floats
-def _branch_points(model, feeds, name, wrt, seed=0):
+def _branch_points(model, feeds, name, wrt, seed=0, params=False):
     """Where the checked points sit on a kink or a branch of the model that `wrt` moves: a
     comparison on the way to output `name` whose operands are equal at a point (Keras's Masking
     of an all-zero time step: any move off zero unmasks it), or an input exactly at a kink of
@@ -789,16 +789,20 @@ def _branch_points(model, feeds, name, wrt, seed=0):
     step, and where the model is continuous across (a masked first step from a zero state) no
     jump gives them away. Returns (per sample, which elements of `wrt` move such a point (k,
     n): where a random combination of the tied values' VJPs is not zero), and the nodes'
-    names; None where there is none. A model of a fixed batch runs in runs of it."""
+    names; None where there is none. A model of a fixed batch runs in runs of it. With
+    `params`, `wrt` are parameters (weights clipped to a bound they sit on, as after
+    quantization-aware training), their entries one after another as the columns, the same
+    for every sample."""
     from . import walk
     from .plan import Plan
 
     nodes = [n for n in model.ancestors([name]) if n.op_type in _KINKS and n.domain in ("", "ai.onnx")]
-    if not nodes or wrt not in feeds:
+    wrt = list(wrt) if params else [wrt]
+    if not nodes or not (params or wrt[0] in feeds):
         return None
     operands = list(dict.fromkeys(v for n in nodes for v in n.inputs if v))
     try:
-        plan = Plan(model, operands, [wrt], np.float64)
+        plan = Plan(model, operands, wrt, np.float64)
     except JaccliError:  # what the check itself meets, and says, on the way to the output
         return None
     moved = {v for v in operands if v in plan.active}
@@ -823,9 +827,14 @@ def _branch_points(model, feeds, name, wrt, seed=0):
                 m = _ties_of(np.asarray(tie), np.shape(vals[i]))
                 seed_v = rng.standard_normal((1,) + m.shape) * m
                 cot[v] = cot[v] + seed_v if v in cot else seed_v
-        k = f[wrt].shape[0]
-        xbar = walk._pull(plan, env, cot, plan.active_steps, [wrt], {})[wrt] if cot else None
-        return np.zeros((k, f[wrt][0].size), bool) if xbar is None else np.asarray(xbar)[0].reshape(k, -1) != 0
+        k = samples_in(f)
+        bars = walk._pull(plan, env, cot, plan.active_steps, wrt, {}) if cot else {}
+        if params:  # summed over the samples: one row for all of them
+            row = np.concatenate([(np.asarray(bars[w])[0] != 0).ravel() if bars.get(w) is not None
+                                  else np.zeros(plan.params[w].size, bool) for w in wrt])
+            return np.broadcast_to(row, (k, row.size))
+        xbar = bars.get(wrt[0])
+        return np.zeros((k, f[wrt[0]][0].size), bool) if xbar is None else np.asarray(xbar)[0].reshape(k, -1) != 0
 
     try:
         touched = in_runs(one_run, feeds, model.fixed_batch()[1])
@@ -858,9 +867,7 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
     pick = _with_largest(_pick(x0[0].size, entries, rng), J)
     steps = FINE if own else _steps(oracle.dtype)
     ours, fds, means, branch = [], [[] for _ in steps], [[] for _ in steps], []
-    # the search keeps every tested value of k samples in float64: within half the budget, or not made
-    fits = r.estimate.get("bytes_primal", 0.0) * 8 / J.dtype.itemsize * k <= max_memory // 2
-    ties = _branch_points(model, _slice_samples(feeds, 0, k), name, wrt) if fits else None
+    ties = _branch_points(model, _slice_samples(feeds, 0, k), name, wrt) if _fits(r, J, k, max_memory) else None
     for i in range(k):
         def evaluate(points, i=i):
             batch = np.stack(list(points))  # an input's perturbed copies, in one batch
@@ -910,7 +917,19 @@ def _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, own=Fa
     D = _Directions(base, pick, rng)
     fds, means = zip(*[_central(evaluate, base, D, h) for h in (FINE if own else _steps(oracle.dtype))])
     y_ort = _run_batched(oracle, feeds, name, theta).reshape(k, -1)
-    return _Look(D.of(G), list(fds), [m - y_ort[:, sel, None] for m in means], pick.size, y_ort, oracle, G)
+    ties = _branch_points(model, feeds, name, names, params=True) if _fits(r, G, k, max_memory) else None
+    branch = None
+    if ties is not None:  # the sampled entries that move a kink, and every dense direction if any does
+        t = ties[0]
+        branch = (np.concatenate([t[:, pick], np.repeat(t.any(axis=1, keepdims=True), DIRECTIONS, axis=1)], axis=1)[:, None],
+                  ties[1])
+    return _Look(D.of(G), list(fds), [m - y_ort[:, sel, None] for m in means], pick.size, y_ort, oracle, G, branch)
+
+
+def _fits(r, J, k, max_memory):
+    """Whether the kink and branch search (which keeps every value it tests for k samples in
+    float64) fits in half the check's budget, from the Jacobian's kept bytes a sample."""
+    return r.estimate.get("bytes_primal", 0.0) * 8 / J.dtype.itemsize * k <= max_memory // 2
 
 
 def _run_batched(oracle, feeds, name, extra=None, run_size=None):

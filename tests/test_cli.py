@@ -712,6 +712,36 @@ def test_check_leaves_out_what_moves_a_kink_at_the_point(tmp_path, monkeypatch, 
     fails_when_ten_percent_wrong(monkeypatch, model, data)
 
 
+def test_check_leaves_out_weights_at_a_kink(tmp_path, monkeypatch):
+    """Weights clipped to [-1, 1] with some exactly at the bounds (as quantization-aware
+    training leaves them), and a Relu of a weight that is exactly 0: `check --params` FAILed
+    there (differences give half the slope). Those entries are not judged, and said so; a
+    wrong parameter Jacobian still FAILs."""
+    from gradcheck import wrong_by_ten_percent
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(0)
+    W = rng.uniform(-0.9, 0.9, (6, 3)).astype(np.float32)
+    W[0, 0], W[1, 2], W[2, 1] = 1, -1, 0
+    nodes = [helper.make_node("Clip", ["W", "lo", "hi"], ["Wc"]), helper.make_node("MatMul", ["x", "Wc"], ["z"]),
+             helper.make_node("Relu", ["W"], ["Wr"]), helper.make_node("ReduceSum", ["Wr"], ["s"], keepdims=0),
+             helper.make_node("Add", ["z", "s"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(W, "W"), numpy_helper.from_array(np.array(-1, np.float32), "lo"),
+                           numpy_helper.from_array(np.array(1, np.float32), "hi")])
+    model, data = str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")
+    save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), model)
+    np.save(data, rng.standard_normal((3, 6)).astype(np.float32))
+    r = run(["check", "--params", model, data, "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)["rows"][0]
+    assert row["branch_points"] > 0 and row["entries_judged"], row
+    wrong_by_ten_percent(monkeypatch, "param_jacobian")
+    r = run(["check", "--params", model, data])
+    assert r.exit_code == 1 and "FAIL" in r.output, r.output
+
+
 def test_check_leaves_out_where_the_model_jumps_alike_on_both_sides(tmp_path, monkeypatch):
     """A jump that is the same on both sides of the point, with no comparison: whether x is not
     zero, as a bool cast back to float, times (1 + x). At x = 0 both neighbours are 1 +- h, so
