@@ -882,10 +882,10 @@ def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=No
 
         base = x0[i].ravel().astype(np.float64)
         D = _Directions(base, pick, rng)
+        if ties is not None:  # the sampled elements that move a kink are not judged; the dense directions leave them be
+            D.V[:, ties[0][i]] = 0
+            branch.append(np.concatenate([ties[0][i][pick], np.zeros(DIRECTIONS, bool)])[None, None])
         ours.append(D.of(J[i])[None])
-        if ties is not None:  # the sampled elements that move a tie, and every dense direction if any does
-            t = ties[0][i]
-            branch.append(np.concatenate([t[pick], np.full(DIRECTIONS, t.any())])[None, None])
         for s, h in enumerate(steps):
             odd, mean = _central(evaluate, base, D, h)
             fds[s].append(odd)
@@ -915,14 +915,13 @@ def _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, own=Fa
     G = G.reshape(k, -1, base.size)
     pick = _with_largest(_pick(base.size, entries, rng), G)
     D = _Directions(base, pick, rng)
-    fds, means = zip(*[_central(evaluate, base, D, h) for h in (FINE if own else _steps(oracle.dtype))])
-    y_ort = _run_batched(oracle, feeds, name, theta).reshape(k, -1)
     ties = _branch_points(model, feeds, name, names, params=True) if _fits(r, G, k, max_memory) else None
     branch = None
-    if ties is not None:  # the sampled entries that move a kink, and every dense direction if any does
-        t = ties[0]
-        branch = (np.concatenate([t[:, pick], np.repeat(t.any(axis=1, keepdims=True), DIRECTIONS, axis=1)], axis=1)[:, None],
-                  ties[1])
+    if ties is not None:  # the sampled entries that move a kink are not judged; the dense directions leave them be
+        D.V[:, ties[0][0]] = 0
+        branch = (np.concatenate([ties[0][:, pick], np.zeros((k, DIRECTIONS), bool)], axis=1)[:, None], ties[1])
+    fds, means = zip(*[_central(evaluate, base, D, h) for h in (FINE if own else _steps(oracle.dtype))])
+    y_ort = _run_batched(oracle, feeds, name, theta).reshape(k, -1)
     return _Look(D.of(G), list(fds), [m - y_ort[:, sel, None] for m in means], pick.size, y_ort, oracle, G, branch)
 
 

@@ -678,7 +678,7 @@ def test_check_leaves_out_what_moves_a_comparison_tied_at_the_point(tmp_path, mo
     r = run(["check", model, data, "--json"])
     assert r.exit_code == 0, r.output
     row = json.loads(r.output)["rows"][0]
-    assert row["branch_points"] > 0 and row["ties_at"] and row["entries_judged"] and not row["directions_judged"]
+    assert row["branch_points"] > 0 and row["ties_at"] and row["entries_judged"] and row["directions_judged"]
     r = run(["check", model, data])
     assert r.exit_code == 0 and "branch of the model" in " ".join(r.output.split()), r.output
     fails_when_ten_percent_wrong(monkeypatch, model, data)
