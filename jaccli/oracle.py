@@ -733,7 +733,7 @@ def _with_largest(pick, J):
 
 _COMPARISONS = ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual")
 _KINKS = _COMPARISONS + ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "ThresholdedRelu", "Clip", "HardSigmoid", "HardSwish",
-                         "Shrink", "Max", "Min")
+                         "Shrink", "Max", "Min", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin")
 
 
 def _near(a, b):
@@ -743,7 +743,8 @@ def _near(a, b):
 
 def _kinks(node, vals):
     """{input index: where it sits on a point of `node` that the derivative jumps at}: a
-    comparison's tie, an activation's breakpoint, a bound of Clip met, a tie of Max or Min.
+    comparison's tie, an activation's breakpoint, a bound of Clip met, a maximum (or minimum)
+    of Max, Min, a max pool or a reduction that another element ties.
     `vals`: the node's inputs at the checked points (None where absent)."""
     op, a, x = node.op_type, node.attrs, vals[0]
     if op in _COMPARISONS:
@@ -775,7 +776,44 @@ def _kinks(node, vals):
         r = (np.maximum if op == "Max" else np.minimum).reduce(np.broadcast_arrays(*[v for _, v in present]))
         count = sum((v == r).astype(int) for _, v in present)
         return {i: (v == r) & (count >= 2) for i, v in present}
+    if op in ("ReduceMax", "ReduceMin", "GlobalMaxPool"):
+        from .rules.reduce import _norm_axes
+
+        if op == "GlobalMaxPool":
+            axes = tuple(range(2 - x.ndim, 0))
+        else:
+            given = vals[1] if len(vals) > 1 and vals[1] is not None else a.get("axes")
+            axes = _norm_axes(given, x.ndim, a.get("noop_with_empty_axes", 0))
+        if not axes:
+            return {}
+        r = (np.max if op != "ReduceMin" else np.min)(x, axis=axes, keepdims=True)
+        hit = x == r
+        return {0: hit & (hit.sum(axis=axes, keepdims=True) >= 2)}
+    if op == "MaxPool":
+        return {0: _pool_ties(x, a)}
     return {}
+
+
+def _pool_ties(X, a):
+    """The elements of X that are the maximum of a MaxPool window together with another."""
+    from .rules._util import pad_spatial, window_slices
+    from .rules.pool import _geom, _lowest
+
+    kernel, s, d, begin, end, _ = _geom(X, a["kernel_shape"], a.get("strides"), a.get("dilations"), a.get("pads"),
+                                        a.get("auto_pad", "NOTSET"), a.get("ceil_mode", 0))
+    low = _lowest(X.dtype)
+    Xp = pad_spatial(X, begin, end, low)
+    nd = len(kernel)
+    out = [(n - (k - 1) * dd - 1) // ss + 1 for n, k, ss, dd in zip(Xp.shape[X.ndim - nd:], kernel, s, d)]
+    views = [(off, Xp[window_slices(off, s, d, out)]) for off in np.ndindex(*kernel)]
+    Y = np.maximum.reduce([v for _, v in views])
+    count = sum((v == Y).astype(int) for _, v in views)
+    tied = count >= 2
+    M = np.zeros(Xp.shape, bool)
+    for off, v in views:
+        M[window_slices(off, s, d, out)] |= (v == Y) & tied & (v != low)
+    sl = tuple(slice(b, M.shape[X.ndim - nd + i] - e) for i, (b, e) in enumerate(zip(begin, end)))
+    return M[(Ellipsis,) + sl]
 
 
 @quiet_floats
@@ -783,8 +821,9 @@ def _branch_points(model, feeds, name, wrt, seed=0, params=False):
     """Where the checked points sit on a kink or a branch of the model that `wrt` moves: a
     comparison on the way to output `name` whose operands are equal at a point (Keras's Masking
     of an all-zero time step: any move off zero unmasks it), or an input exactly at a kink of
-    a piecewise activation (a Clip to [0, 1] or a Relu of images with black pixels; a tie of
-    Max). jaccli's derivative there is one side's, as TensorFlow's and PyTorch's are; central
+    a piecewise activation (a Clip to [0, 1] or a Relu of images with black pixels), or one of
+    several tied for a maximum (a white patch max-pooled). jaccli's derivative there is one
+    side's, as TensorFlow's and PyTorch's are; central
     differences see the other branch, or the mean of both slopes (a Relu's 0.5), at every
     step, and where the model is continuous across (a masked first step from a zero state) no
     jump gives them away. Returns (per sample, which elements of `wrt` move such a point (k,

@@ -712,6 +712,37 @@ def test_check_leaves_out_what_moves_a_kink_at_the_point(tmp_path, monkeypatch, 
     fails_when_ten_percent_wrong(monkeypatch, model, data)
 
 
+@pytest.mark.parametrize("pool", ["MaxPool", "ReduceMax", "GlobalMaxPool"])
+def test_check_leaves_out_ties_of_a_maximum(tmp_path, monkeypatch, pool):
+    """Images with a white patch (exactly 1.0) and a flat channel (0.3 throughout), max-pooled
+    (or their maximum over the map taken): a window's maximum is tied. jaccli's derivative
+    follows the first, as onnxruntime's indices and torch do, and central differences give
+    each tied element half (a raised one takes the maximum, a lowered one leaves it). check
+    FAILed (0.90 off). The tied elements are not judged; a wrong Jacobian still FAILs."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(0)
+    node = {"MaxPool": helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+            "ReduceMax": helper.make_node("ReduceMax", ["x"], ["p"], axes=[2, 3]),
+            "GlobalMaxPool": helper.make_node("GlobalMaxPool", ["x"], ["p"])}[pool]
+    width = 16 if pool == "MaxPool" else 4
+    nodes = [node, helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("MatMul", ["f", "W"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(rng.standard_normal((width, 3)).astype(np.float32), "W")])
+    model, data = str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")
+    save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), model)
+    x = rng.uniform(0, 0.9, (3, 4, 4, 4)).astype(np.float32)
+    x[:, 0, :2, :2] = 1.0  # a white patch
+    x[:, 1] = 0.3  # a flat channel; the others' maxima are their own
+    np.save(data, x)
+    r = run(["check", model, data, "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)["rows"][0]
+    assert row["branch_points"] > 0 and row["entries_judged"] and row["directions_judged"], row
+    fails_when_ten_percent_wrong(monkeypatch, model, data)
+
+
 def test_check_leaves_out_weights_at_a_kink(tmp_path, monkeypatch):
     """Weights clipped to [-1, 1] with some exactly at the bounds (as quantization-aware
     training leaves them), and a Relu of a weight that is exactly 0: `check --params` FAILed
