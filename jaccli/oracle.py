@@ -823,10 +823,9 @@ def _branch_points(model, feeds, name, wrt, seed=0, params=False):
     of an all-zero time step: any move off zero unmasks it), or an input exactly at a kink of
     a piecewise activation (a Clip to [0, 1] or a Relu of images with black pixels), or one of
     several tied for a maximum (a white patch max-pooled). jaccli's derivative there is one
-    side's, as TensorFlow's and PyTorch's are; central
-    differences see the other branch, or the mean of both slopes (a Relu's 0.5), at every
-    step, and where the model is continuous across (a masked first step from a zero state) no
-    jump gives them away. Returns (per sample, which elements of `wrt` move such a point (k,
+    side's, as TensorFlow's and PyTorch's are; central differences see the other branch, or
+    the mean of both slopes (a Relu's 0.5), at every step, and where the model is continuous
+    across (a masked first step from a zero state) no jump gives them away. Returns (per sample, which elements of `wrt` move such a point (k,
     n): where a random combination of the tied values' VJPs is not zero), and the nodes'
     names; None where there is none. A model of a fixed batch runs in runs of it. With
     `params`, `wrt` are parameters (weights clipped to a bound they sit on, as after
@@ -883,7 +882,7 @@ def _branch_points(model, feeds, name, wrt, seed=0, params=False):
 
 
 def _ties_of(tie, shape):
-    """A comparison's ties (of the broadcast shape) on one operand's shape, as 0 and 1."""
+    """A node's ties (of its inputs' broadcast shape) on one input's shape, as 0 and 1."""
     lead = tie.ndim - len(shape)
     m = tie.any(axis=tuple(range(lead))) if lead else tie
     axes = tuple(i for i, d in enumerate(shape) if d == 1 and m.shape[i] != 1)
