@@ -378,6 +378,9 @@ CASES += [
           "activations": ["HardSigmoid", "Elu", "ScaledTanh", "HardSigmoid", "LeakyRelu", "Tanh"],
           "activation_alpha": [0.25, 0.8, 1.5, 0.15], "activation_beta": [0.45, 0.7, 0.55]}, opset=14, data="away",
          id="LSTM-parametric-activations"),
+    Case("LSTM", [("x", (4, 2)), ("p", (2, 4 * H, 2)), ("p", (2, 4 * H, H)), ("p", (2, 8 * H)), ("", None), ("", None), ("", None),
+                  ("p", (2, 3 * H))], {"hidden_size": H, "layout": 1, "direction": "bidirectional", "input_forget": 1}, opset=14,
+         id="LSTM-input-forget-peepholes"),  # f = 1 - i, as onnxruntime couples them
     Case("GRU", [("x", (4, 2)), ("p", (1, 3 * H, 2)), ("p", (1, 3 * H, H))],
          {"hidden_size": H, "layout": 1, "activations": ["HardSigmoid", "Affine"], "activation_alpha": [0.3, 0.9],
           "activation_beta": [0.5]}, opset=14, data="away", id="GRU-parametric-activations"),

@@ -187,8 +187,7 @@ class _Setup:
         self.active = None if seq is None or np.all(seq == self.S) else [(t < seq)[:, None] for t in range(self.S)]
         # the empty sequences, whose final states onnxruntime gives as zeros (not the initial ones)
         self.empty = (seq == 0)[:, None] if seq is not None and np.any(seq == 0) else None
-        if attrs.get("input_forget"):
-            raise UnsupportedOpError("LSTM with input_forget=1 is not supported")
+        self.input_forget = bool(attrs.get("input_forget", 0))  # LSTM's forget gate coupled: 1 - the input gate
         self.acts = _activations(attrs.get("activations"), cell.default_acts, len(self.reverse),
                                  attrs.get("activation_alpha"), attrs.get("activation_beta"))
         self.clip = attrs.get("clip")
@@ -401,7 +400,9 @@ def _split(A, k):
 
 @rule("LSTM", since=7)
 class LSTM(_Recurrent):
-    """Y, Y_h, Y_c of an LSTM: gates i, o, f, c; C' = f*C + i*g(c); H' = o*h(C'); peepholes P."""
+    """Y, Y_h, Y_c of an LSTM: gates i, o, f, c; C' = f*C + i*g(c); H' = o*h(C'); peepholes P.
+    With input_forget, f = 1 - i (as onnxruntime couples them; onnx's reference evaluator
+    ignores the attribute)."""
 
     default_acts = ("sigmoid", "tanh", "tanh")
     n_outputs = 3
@@ -423,7 +424,8 @@ class LSTM(_Recurrent):
             pi, po, pf = _split(p.P, 3)
             ai, af = ai + pi * c, af + pf * c
         (ai, mi), (af, mf), (ac, mc) = (_clipped(a, st.clip) for a in (ai, af, ac))
-        i, fg, cc = f(ai), f(af), g(ac)
+        i, cc = f(ai), g(ac)
+        fg = 1 - i if st.input_forget else f(af)
         cn = fg * c + i * cc
         if p.P is not None:
             ao = ao + po * cn
@@ -441,7 +443,7 @@ class LSTM(_Recurrent):
             pi, po, pf = _split(p.P, 3)
             aid, afd = aid + pi * cd, afd + pf * cd
         idt = df(ai, i) * _masked(aid, mi)
-        fgd = df(af, fg) * _masked(afd, mf)
+        fgd = -idt if st.input_forget else df(af, fg) * _masked(afd, mf)
         ccd = dg(ac, cc) * _masked(acd, mc)
         cnd = fgd * c + fg * cd + idt * cc + i * ccd
         if p.P is not None:
@@ -459,8 +461,12 @@ class LSTM(_Recurrent):
             pi, po, pf = _split(p.P, 3)
             cnb = cnb + aob * po
             grads.vec("P", slice(H, 2 * H), aob * cn)
-        aib = _masked(cnb * cc * df(ai, i), mi)
-        afb = _masked(cnb * c * df(af, fg), mf)
+        if st.input_forget:  # the forget gate is 1 - i: its cotangent goes to i, negated
+            aib = _masked(cnb * (cc - c) * df(ai, i), mi)
+            afb = np.zeros_like(aib)
+        else:
+            aib = _masked(cnb * cc * df(ai, i), mi)
+            afb = _masked(cnb * c * df(af, fg), mf)
         acb = _masked(cnb * i * dg(ac, cc), mc)
         cprev = cnb * fg
         if p.P is not None:
