@@ -139,7 +139,15 @@ class Model:
         return [v for v in self.inputs if v.name in read]
 
     def ancestors(self, targets):
-        """Nodes (topological order) that the values `targets` depend on."""
+        """Nodes (topological order) that the values `targets` depend on; kept per targets (a
+        call walks the graph, and every Jacobian's feeds ask), and per number of nodes (the
+        graph only grows: samples_first appends)."""
+        key = ("ancestors", tuple(targets), len(self.nodes))
+        if key not in self.plans:
+            self.plans[key] = self._ancestors(targets)
+        return list(self.plans[key])
+
+    def _ancestors(self, targets):
         producer = {o: i for i, n in enumerate(self.nodes) for o in n.outputs}
         keep, stack = set(), [producer[t] for t in targets if t in producer]
         while stack:

@@ -183,6 +183,23 @@ def test_the_oracles_model_runs_whatever_the_declared_shape():
     np.testing.assert_allclose(y, np.tanh(X[:1] @ W).reshape(1, 3, 5), rtol=1e-6)
 
 
+
+def test_ancestors_kept_as_the_graph_grows():
+    """Model.ancestors is kept per targets and per number of nodes: the node that samples_first
+    appends is an ancestor of its output at once, and the kept answers stay the graph's."""
+    from jaccli.drivers import prepare_feeds, samples_first
+    from jaccli.model import load
+
+    loaded = load(batch_one((3, 1, 5), [1, "T"]))
+    before = [n.name for n in loaded.ancestors(["y"])]
+    assert before == [n.name for n in loaded._ancestors(["y"])]
+    feeds, _ = prepare_feeds(loaded, X, np.float32)
+    name, _ = samples_first(loaded, "y", feeds)
+    assert [n.name for n in loaded.ancestors(["y"])] == before
+    assert [n.name for n in loaded.ancestors([name])] == [n.name for n in loaded._ancestors([name])] == before + [
+        loaded.nodes[-1].name]
+
+
 # ---- inputs with the samples on another axis: a recurrent state (layers, N, hidden) ----------------
 
 A = RNG.standard_normal((4, 3)).astype(np.float32)
