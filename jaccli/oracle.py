@@ -733,7 +733,7 @@ def _with_largest(pick, J):
 
 _COMPARISONS = ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual")
 _KINKS = _COMPARISONS + ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "ThresholdedRelu", "Clip", "HardSigmoid", "HardSwish",
-                         "Shrink", "Max", "Min", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin")
+                         "Shrink", "Max", "Min", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "TopK")
 
 
 def _near(a, b):
@@ -744,7 +744,8 @@ def _near(a, b):
 def _kinks(node, vals):
     """{input index: where it sits on a point of `node` that the derivative jumps at}: a
     comparison's tie, an activation's breakpoint, a bound of Clip met, a maximum (or minimum)
-    of Max, Min, a max pool or a reduction that another element ties.
+    of Max, Min, a max pool or a reduction that another element ties, an element of TopK's
+    that another ties.
     `vals`: the node's inputs at the checked points (None where absent)."""
     op, a, x = node.op_type, node.attrs, vals[0]
     if op in _COMPARISONS:
@@ -791,7 +792,28 @@ def _kinks(node, vals):
         return {0: hit & (hit.sum(axis=axes, keepdims=True) >= 2)}
     if op == "MaxPool":
         return {0: _pool_ties(x, a)}
+    if op == "TopK":
+        k = int(np.ravel(vals[1])[0]) if len(vals) > 1 and vals[1] is not None else int(a["k"])
+        return {0: _topk_ties(x, k, a.get("axis", -1), a.get("largest", 1))}
     return {}
+
+
+def _topk_ties(X, k, axis, largest):
+    """The elements of X that TopK takes (or that tie with the last it takes) and whose value
+    another element along `axis` has too: which output each goes to is a choice there."""
+    Xm = np.moveaxis(X, axis, -1)
+    if k <= 0 or Xm.shape[-1] == 0:
+        return np.zeros(X.shape, bool)
+    order = np.argsort(-Xm if largest else Xm, axis=-1, kind="stable")
+    s = np.take_along_axis(Xm, order, axis=-1)
+    dup = np.zeros(s.shape, bool)
+    dup[..., 1:] |= s[..., 1:] == s[..., :-1]
+    dup[..., :-1] |= s[..., :-1] == s[..., 1:]
+    kth = s[..., min(k, s.shape[-1]) - 1:min(k, s.shape[-1])]
+    taken = (s >= kth) if largest else (s <= kth)
+    out = np.zeros(Xm.shape, bool)
+    np.put_along_axis(out, order, dup & taken, axis=-1)
+    return np.moveaxis(out, -1, axis)
 
 
 def _pool_ties(X, a):
