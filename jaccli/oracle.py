@@ -818,24 +818,18 @@ def _topk_ties(X, k, axis, largest):
 
 def _pool_ties(X, a):
     """The elements of X that are the maximum of a MaxPool window together with another."""
-    from .rules._util import pad_spatial, window_slices
+    from .rules._util import pad_spatial, unpad, windows, windows_adjoint
     from .rules.pool import _geom, _lowest
 
     kernel, s, d, begin, end, _ = _geom(X, a["kernel_shape"], a.get("strides"), a.get("dilations"), a.get("pads"),
                                         a.get("auto_pad", "NOTSET"), a.get("ceil_mode", 0))
     low = _lowest(X.dtype)
     Xp = pad_spatial(X, begin, end, low)
-    nd = len(kernel)
-    out = [(n - (k - 1) * dd - 1) // ss + 1 for n, k, ss, dd in zip(Xp.shape[X.ndim - nd:], kernel, s, d)]
-    views = [(off, Xp[window_slices(off, s, d, out)]) for off in np.ndindex(*kernel)]
-    Y = np.maximum.reduce([v for _, v in views])
-    count = sum((v == Y).astype(int) for _, v in views)
-    tied = count >= 2
-    M = np.zeros(Xp.shape, bool)
-    for off, v in views:
-        M[window_slices(off, s, d, out)] |= (v == Y) & tied & (v != low)
-    sl = tuple(slice(b, M.shape[X.ndim - nd + i] - e) for i, (b, e) in enumerate(zip(begin, end)))
-    return M[(Ellipsis,) + sl]
+    V = windows(Xp, kernel, s, d)  # (N, C, *out, *kernel)
+    axes = tuple(range(-len(kernel), 0))
+    hit = (V == V.max(axis=axes, keepdims=True)) & (V != low)  # padding never wins
+    tied = hit & (hit.sum(axis=axes, keepdims=True) >= 2)
+    return unpad(windows_adjoint(tied.astype(np.float64), Xp.shape[-len(kernel):], kernel, s, d) > 0, begin, end)
 
 
 @quiet_floats
@@ -855,6 +849,7 @@ def _branch_points(model, feeds, name, wrt, seed=0, params=False):
     for every sample."""
     from . import walk
     from .plan import Plan
+    from .rules._util import unbroadcast
 
     nodes = [n for n in model.ancestors([name]) if n.op_type in _KINKS and n.domain in ("", "ai.onnx")]
     wrt = list(wrt) if params else [wrt]
@@ -882,9 +877,9 @@ def _branch_points(model, feeds, name, wrt, seed=0, params=False):
             ties = {i: t for i, t in _kinks(n, vals).items() if n.inputs[i] in moved and np.any(t)}
             if ties:
                 where[n.name or n.op_type] = True
-            for i, tie in ties.items():  # the ties, reduced onto the operand's own (broadcast) shape
+            for i, tie in ties.items():  # the ties (of the inputs' broadcast shape) on the operand's own
                 v = n.inputs[i]
-                m = _ties_of(np.asarray(tie), np.shape(vals[i]))
+                m = (unbroadcast(np.asarray(tie, np.float64), np.shape(vals[i]), lead=0) > 0).astype(np.float64)
                 seed_v = rng.standard_normal((1,) + m.shape) * m
                 cot[v] = cot[v] + seed_v if v in cot else seed_v
         k = samples_in(f)
@@ -901,14 +896,6 @@ def _branch_points(model, feeds, name, wrt, seed=0, params=False):
     except JaccliError:
         return None
     return (touched, list(where)) if where else None
-
-
-def _ties_of(tie, shape):
-    """A node's ties (of its inputs' broadcast shape) on one input's shape, as 0 and 1."""
-    lead = tie.ndim - len(shape)
-    m = tie.any(axis=tuple(range(lead))) if lead else tie
-    axes = tuple(i for i, d in enumerate(shape) if d == 1 and m.shape[i] != 1)
-    return (m.any(axis=axes, keepdims=True) if axes else m).astype(np.float64)
 
 
 def _input_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, wrt=None, own=False, max_memory=DEFAULT_MAX_MEMORY):
