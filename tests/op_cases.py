@@ -331,6 +331,17 @@ CASES += [
     Case("Resize", [("x", (2, 3, 4)), ("", None), ("c", f32(1, 1, 2, 2))], {"mode": "cubic"}, opset=13, id="Resize-cubic"),
     Case("Resize", [("x", (2, 3, 4)), ("c", f32()), ("c", f32(1, 1, 2, 3))], {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, opset=11, id="Resize-11-asymmetric"),
     Case("Resize", [("x", (2, 3, 4)), ("c", f32(1, 1, 2, 2))], {"mode": "nearest"}, opset=10, id="Resize-10"),
+    # tf_crop_and_resize: a box of the image (reaching past its edges, where the output is the
+    # extrapolation value), resized; an axis resized to one element takes the box's middle
+    Case("Resize", [("x", (2, 4, 6)), ("c", f32(0, 0, 0.2, -0.1, 1, 1, 0.9, 1.3)), ("c", f32(1, 1, 1.5, 1.25))],
+         {"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize", "extrapolation_value": 0.5},
+         opset=11, id="Resize-11-crop-linear"),
+    Case("Resize", [("x", (2, 5, 6)), ("c", f32(0.1, -0.2, 0.8, 1.1)), ("", None), ("c", i64(5, 4))],
+         {"mode": "cubic", "coordinate_transformation_mode": "tf_crop_and_resize", "axes": [2, 3]},
+         opset=18, id="Resize-18-crop-cubic-axes"),
+    Case("Resize", [("x", (2, 5, 6)), ("c", f32(-0.3, 0.2, 1.2, 0.7)), ("", None), ("c", i64(7, 1))],
+         {"mode": "nearest", "coordinate_transformation_mode": "tf_crop_and_resize", "axes": [3, 2],
+          "extrapolation_value": -1.0}, opset=18, id="Resize-18-crop-nearest-one"),
     Case("Upsample", [("x", (2, 3, 4)), ("c", f32(1, 1, 2, 2))], {"mode": "nearest"}, opset=9, id="Upsample-9"),
     Case("Upsample", [("x", (2, 3, 4))], {"mode": "linear", "scales": [1.0, 1.0, 2.0, 2.0]}, opset=7, id="Upsample-7-linear"),
     # old opsets: broadcast and axis attributes, Gemm without optional C

@@ -15,9 +15,16 @@ from ..errors import UnsupportedOpError
 from ._util import check_alloc, need_no_keep
 
 
-def _source_coords(n_in, n_out, scale, mode, roi=None):
-    """Input coordinate of every output index, as the spec's coordinate_transformation_mode."""
+def _source_coords(n_in, n_out, scale, mode, crop=None):
+    """Input coordinate of every output index, as the spec's coordinate_transformation_mode;
+    `crop` is tf_crop_and_resize's (start, end) of the axis, as fractions of its length - 1."""
     x = np.arange(n_out, dtype=np.float64)
+    if mode == "tf_crop_and_resize":  # in float32, as onnxruntime: a nearest pixel can turn on the last bit
+        start, end = np.float32(crop[0]), np.float32(crop[1])
+        if n_out == 1:
+            return np.full(1, np.float32(0.5 * (float(start) + float(end)) * (n_in - 1)), np.float64)
+        n, m = np.float32(n_in - 1), np.float32(n_out - 1)
+        return (start * n + x.astype(np.float32) * (end - start) * n / m).astype(np.float64)
     if mode == "half_pixel":
         return (x + 0.5) / scale - 0.5
     if mode == "half_pixel_symmetric":
@@ -73,11 +80,14 @@ def _antialias_taps(c, scale, mode, a):
     return left[:, None] + offsets[None, :], W / W.sum(axis=1, keepdims=True)
 
 
-def interpolation_matrix(n_in, n_out, scale, mode, ctm, nearest_mode, cubic_coeff_a, exclude_outside, antialias=0):
-    """(n_out, n_in) matrix M with y = M @ x along one axis."""
+def interpolation_matrix(n_in, n_out, scale, mode, ctm, nearest_mode, cubic_coeff_a, exclude_outside, antialias=0,
+                         crop=None):
+    """(n_out, n_in) matrix M with y = M @ x along one axis. With tf_crop_and_resize the rows
+    whose coordinate falls outside the input are zero: those outputs take the extrapolation value."""
     M = np.zeros((n_out, n_in))
     rows = np.arange(n_out)
-    c = _source_coords(n_in, n_out, scale, ctm)
+    c = _source_coords(n_in, n_out, scale, ctm, crop)
+    outside = (c < 0) | (c > n_in - 1) if crop is not None else None
     if antialias and mode in ("linear", "cubic"):
         idx, W = _antialias_taps(c, scale, mode, cubic_coeff_a)
         if exclude_outside:
@@ -105,6 +115,8 @@ def interpolation_matrix(n_in, n_out, scale, mode, ctm, nearest_mode, cubic_coef
             M /= M.sum(axis=1, keepdims=True)
     else:
         raise UnsupportedOpError(f"Resize mode {mode!r} is not supported")
+    if crop is not None:
+        M[outside] = 0
     return M
 
 
@@ -124,12 +136,27 @@ class _ResizeBase:
     # parameter to the images' grid (a ViT's position embeddings: DINOv2, YOLOS) for all samples alike
     batch_from_data = True
 
-    def jvp(cx, Xdot, *_, **attrs):
-        return _apply(Xdot, cx.rule.matrices(cx.x, attrs), cx.x[0].ndim)
+    def jvp(cx, Xdot, *rest, **attrs):
+        _no_roi_derivative(attrs, rest[:1])
+        return None if Xdot is None else _apply(Xdot, cx.rule.matrices(cx.x, attrs), cx.x[0].ndim)
+
+    keeps = True  # a roi that is a parameter, which only tf_crop_and_resize reads (refused there)
 
     def vjp(cx, Ybar, **attrs):
+        _no_roi_derivative(attrs, cx.need[1:2])
+        if cx.keep[0]:
+            need_no_keep(cx, "Resize")
         mats = {a: M.T for a, M in cx.rule.matrices(cx.x, attrs).items()}
-        return (_apply(Ybar, mats, cx.x[0].ndim),) + (None,) * (len(cx.x) - 1)
+        return (_apply(Ybar, mats, cx.x[0].ndim) if cx.need[0] else None,) + (None,) * (len(cx.x) - 1)
+
+
+def _no_roi_derivative(attrs, roi_reached):
+    """Only tf_crop_and_resize reads the roi; its derivative there (the crop box's) is not
+    written: refused, rather than taken as zero, where what is differentiated reaches the roi."""
+    if attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize" and any(
+            r is not None and r is not False for r in roi_reached):
+        raise UnsupportedOpError("Resize tf_crop_and_resize: the derivative in its roi (the crop box) is not supported; "
+                                 "it is supported in the image")
 
 
 def _plan(shape, scales, sizes, axes=None, policy="stretch"):
@@ -153,12 +180,43 @@ def _plan(shape, scales, sizes, axes=None, policy="stretch"):
     return out, sc
 
 
-def _matrices(shape, out, sc, mode, ctm, nearest_mode, a, exclude, antialias=0):
+def _matrices(shape, out, sc, mode, ctm, nearest_mode, a, exclude, antialias=0, crops=None):
+    crops = crops or [None] * len(shape)
     return {
-        ax: interpolation_matrix(n, m, s, mode, ctm, nearest_mode, a, exclude, antialias)
-        for ax, (n, m, s) in enumerate(zip(shape, out, sc))
+        ax: interpolation_matrix(n, m, s, mode, ctm, nearest_mode, a, exclude, antialias, crop)
+        for ax, (n, m, s, crop) in enumerate(zip(shape, out, sc, crops))
         if m != n or s != 1.0
     }
+
+
+def _crops(shape, roi, axes, sc):
+    """tf_crop_and_resize's (start, end) for every axis, from roi: the starts of the axes
+    resized (all of them, or `axes`), then their ends. An axis not among them, or of scale 1, is
+    kept whole (None), as onnxruntime keeps an axis of scale 1 whatever its roi (the spec would
+    crop it)."""
+    nd = len(shape)
+    axes = list(range(nd)) if axes is None or np.size(axes) == 0 else [int(a) % nd for a in np.ravel(axes)]
+    roi = np.ravel(np.asarray([] if roi is None else roi, np.float64))
+    if roi.size != 2 * len(axes):
+        raise UnsupportedOpError(f"Resize tf_crop_and_resize needs a roi of {2 * len(axes)} values (the starts of the "
+                                 f"axes resized, then their ends), not {roi.size}")
+    crops = [None] * nd
+    for k, a in enumerate(axes):
+        if sc[a] != 1.0:
+            crops[a] = (float(roi[k]), float(roi[len(axes) + k]))
+    return crops
+
+
+def _outside(shape, out, crops):
+    """Where tf_crop_and_resize's output falls outside the input on any axis (bool, broadcast to
+    the output), which takes the extrapolation value."""
+    mask = np.zeros((1,) * len(out), bool)
+    for ax, (n, m, crop) in enumerate(zip(shape, out, crops)):
+        if crop is None:
+            continue
+        c = _source_coords(n, m, 1.0, "tf_crop_and_resize", crop)
+        mask = mask | ((c < 0) | (c > n - 1)).reshape((1,) * ax + (m,) + (1,) * (len(out) - ax - 1))
+    return mask
 
 
 @rule("Resize", since=10)
@@ -185,20 +243,32 @@ class Resize11(_ResizeBase):
         attrs = dict(antialias=antialias, axes=axes, coordinate_transformation_mode=coordinate_transformation_mode,
                      cubic_coeff_a=cubic_coeff_a, exclude_outside=exclude_outside,
                      keep_aspect_ratio_policy=keep_aspect_ratio_policy, mode=mode, nearest_mode=nearest_mode)
-        return _apply(X, Resize11.matrices((X, roi, scales, sizes), attrs), X.ndim)
+        _, out, sc, crops = Resize11.plan((X, roi, scales, sizes), attrs)
+        Y = _apply(X, Resize11.matrices((X, roi, scales, sizes), attrs), X.ndim)
+        if crops:  # outside the input: the extrapolation value
+            Y = np.where(_outside(X.shape, out, crops), np.asarray(extrapolation_value, Y.dtype), Y)
+        return Y
 
-    def matrices(x, attrs):
-        x = list(x) + [None] * (4 - len(x))
-        X, roi, scales, sizes = x
+    # the roi is read by tf_crop_and_resize alone, where its derivative is refused (_no_roi_derivative)
+    nondiff = (2, 3)
+
+    def plan(x, attrs):
+        """X, the output's size and scale per axis, and tf_crop_and_resize's crops (or None)."""
+        X, roi, scales, sizes = list(x) + [None] * (4 - len(x))
         policy = attrs.get("keep_aspect_ratio_policy", "stretch")
         if policy not in ("stretch", "not_larger", "not_smaller"):
             raise UnsupportedOpError(f"Resize keep_aspect_ratio_policy {policy!r} is not supported")
         out, sc = _plan(X.shape, scales, sizes, attrs.get("axes"), policy)
         check_alloc(out, X.dtype, "Resize")
+        crop = attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize"
+        return X, out, sc, _crops(X.shape, roi, attrs.get("axes"), sc) if crop else None
+
+    def matrices(x, attrs):
+        X, out, sc, crops = Resize11.plan(x, attrs)
         return _matrices(X.shape, out, sc, attrs.get("mode", "nearest"),
                          attrs.get("coordinate_transformation_mode", "half_pixel"),
                          attrs.get("nearest_mode", "round_prefer_floor"), attrs.get("cubic_coeff_a", -0.75),
-                         attrs.get("exclude_outside", 0), attrs.get("antialias", 0))
+                         attrs.get("exclude_outside", 0), attrs.get("antialias", 0), crops)
 
 
 @rule("Upsample", since=1)
