@@ -403,3 +403,47 @@ def test_inspect_names_quantized_values(tmp_path):
     assert "--straight-through" in r.output
     save(_fake_quant_model(False, True), str(tmp_path / "clip.onnx"))
     assert json.loads(CliRunner().invoke(main, ["inspect", str(tmp_path / "clip.onnx"), "--json"]).output)["quantized_values"] == 0
+
+
+@pytest.mark.parametrize("qtype, scale, zp", [("int4", 0.1, -1), ("uint4", 0.1, 8), ("float8_e4m3fn", 0.002, 0),
+                                              ("float8_e5m2", 1.6e-5, 0)])
+def test_quantize_to_four_bits_and_float8(qtype, scale, zp):
+    """QuantizeLinear to int4 and uint4 (opset 21) and to float8 (19: x / scale rounded by the
+    cast to float8, saturated at its largest finite value), paired with a DequantizeLinear:
+    forward as onnxruntime's. The pair stops the derivatives; straight through, the Jacobian is
+    that of h clipped where its level is inside the type's range (both sides of it occur in
+    this data)."""
+    import ml_dtypes
+
+    t = np.dtype(getattr(ml_dtypes, qtype))
+    rng = np.random.default_rng(5)
+    W = rng.standard_normal((4, 3)).astype(np.float32)
+    x = rng.standard_normal((8, 4)).astype(np.float32)
+    info = ml_dtypes.finfo(t) if qtype.startswith("float") else ml_dtypes.iinfo(t)
+    half = 0 if qtype.startswith("float") else 0.5  # an integer's levels are rounded: h / scale half a level out still in
+    lo, hi = (float(info.min) - zp - half) * scale, (float(info.max) - zp + half) * scale
+    # and a sample whose first h is 0.3 of a level past the largest: in for an integer, out for a float
+    a = np.arctanh((float(info.max) - zp + 0.3) * scale)
+    x = np.concatenate([x, (a * W[:, 0] / (W[:, 0] @ W[:, 0]))[None].astype(np.float32)])
+    h = np.tanh(x @ W)
+    assert (h < lo).any() and (h > hi).any() and ((h > lo) & (h < hi)).any()
+    assert (np.abs(h[:-1] - lo) > 1e-3).all() and (np.abs(h[:-1] - hi) > 1e-3).all()
+
+    def model(pair):
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Tanh", ["m"], ["h"])]
+        if pair:
+            nodes += [helper.make_node("QuantizeLinear", ["h", "s", "zp"], ["q"]),
+                      helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])]
+            inits = {"W": W, "s": np.float32(scale), "zp": np.array(zp).astype(t)}
+        else:
+            nodes += [helper.make_node("Clip", ["h", "lo", "hi"], ["y"])]
+            inits = {"W": W, "lo": np.float32(lo), "hi": np.float32(hi)}
+        return one_input_model(nodes, inits, (4,), 21)
+
+    fq = model(True)
+    np.testing.assert_allclose(our_forward(fq, {"x": x}, np.float32), ort_forward(fq, {"x": x})[0], rtol=1e-6)
+    assert not jaccli.input_jacobian(fq, x).any()
+    want = jaccli.input_jacobian(model(False), x, dtype="float64")
+    for mode in ("forward", "reverse"):
+        J = jaccli.input_jacobian(fq, x, straight_through=True, mode=mode, dtype="float64")
+        np.testing.assert_allclose(J, want, rtol=1e-10, atol=1e-12)

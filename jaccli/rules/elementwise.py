@@ -939,6 +939,20 @@ class DequantizeLinear21(_Dequantize):
 _INT_RANGES = {np.dtype(t): (np.iinfo(t).min, np.iinfo(t).max) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32)}
 
 
+def _quantized_range(dt):
+    """The levels' range of a quantized type: an integer's (8 to 32 bits, or ml_dtypes' 4 and 2
+    bits), a float8's or float4's largest finite values; None for any other type."""
+    if dt in _INT_RANGES:
+        return _INT_RANGES[dt]
+    if dt.name in ("int4", "uint4", "int2", "uint2") or dt.name.startswith(("float8", "float4")):
+        import ml_dtypes
+
+        if dt.name.startswith("float"):
+            return -float(ml_dtypes.finfo(dt).max), float(ml_dtypes.finfo(dt).max)
+        return int(ml_dtypes.iinfo(dt).min), int(ml_dtypes.iinfo(dt).max)
+    return None
+
+
 def _quantize(x, y_scale, y_zero_point=None, *, axis=1, block_size=0, output_dtype=0, saturate=1, precision=0):
     if y_zero_point is not None:
         dt = np.asarray(y_zero_point).dtype
@@ -948,12 +962,20 @@ def _quantize(x, y_scale, y_zero_point=None, *, axis=1, block_size=0, output_dty
         dt = np.dtype(helper.tensor_dtype_to_np_dtype(output_dtype))
     else:
         dt = np.dtype(np.uint8)
-    if dt not in _INT_RANGES:
-        raise UnsupportedOpError(f"QuantizeLinear to {dt} is not supported (8, 16 and 32-bit integers are)")
-    v = _rounded_quotient(x, _expand_scale(np.asarray(y_scale, np.float64), 0, x.shape, axis, block_size))
+    if _quantized_range(dt) is None:
+        raise UnsupportedOpError(f"QuantizeLinear to {dt} is not supported (integers of 2 to 32 bits, float8 and float4 are)")
+    s = _expand_scale(np.asarray(y_scale, np.float64), 0, x.shape, axis, block_size)
+    if dt.name.startswith(("float8", "float4")):  # x / scale + zero point, rounded by the cast (and saturated)
+        from .shape import _converted
+
+        v = x.astype(np.float32) / s.astype(np.float32)
+        if y_zero_point is not None:
+            v = v + _expand_scale(np.asarray(y_zero_point).astype(np.float32), 0, x.shape, axis, block_size)
+        return _converted(v.astype(np.float32), dt, saturate)
+    v = _rounded_quotient(x, s)
     if y_zero_point is not None:
-        v = v + _expand_scale(np.asarray(y_zero_point, np.float64), 0, x.shape, axis, block_size)
-    lo, hi = _INT_RANGES[dt]
+        v = v + _expand_scale(np.asarray(y_zero_point).astype(np.float64), 0, x.shape, axis, block_size)
+    lo, hi = _quantized_range(dt)
     return np.clip(v, lo, hi).astype(dt)
 
 
@@ -997,16 +1019,17 @@ class QuantizeLinearThrough(QuantizeLinear):
 
 
 def _through_partial(cx, attrs):
-    """1 / scale where round(x / scale) + zero_point is inside the output's integer range, else 0
-    (for a NaN x too)."""
+    """1 / scale where round(x / scale) + zero_point is inside the output's integer range (for a
+    float8 or float4 output, x / scale + zero_point inside its finite range), else 0 (for a NaN
+    x too)."""
     x, zp = cx.x[0], padded(cx.x, 3)[2]
     axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
     s = _expand_scale(np.asarray(cx.x[1], np.float64), 0, x.shape, axis, block)
     with np.errstate(invalid="ignore", divide="ignore"):
-        v = _rounded_quotient(x, s)
+        v = x / s if cx.y[0].dtype.name.startswith(("float8", "float4")) else _rounded_quotient(x, s)
         if zp is not None:
-            v = v + _expand_scale(np.asarray(zp, np.float64), 0, x.shape, axis, block)
-        lo, hi = _INT_RANGES[cx.y[0].dtype]
+            v = v + _expand_scale(np.asarray(zp).astype(np.float64), 0, x.shape, axis, block)
+        lo, hi = _quantized_range(cx.y[0].dtype)
         return np.where((v >= lo) & (v <= hi), 1 / s, 0).astype(x.dtype)
 
 
