@@ -409,6 +409,8 @@ def _trim(args):
 
 
 def _as_compute(a, dtype):
+    if a is None:  # an empty optional
+        return None
     if isinstance(a, list):  # a sequence
         return [_as_compute(e, dtype) for e in a]
     a = np.asarray(a)

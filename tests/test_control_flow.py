@@ -326,3 +326,27 @@ def test_a_float32_initial_state_leaves_a_float64_run_in_float64():
     inits = [_init(k, 0.5 * rng.standard_normal(s).astype(np.float32)) for k, s in (("W", (2, 3)), ("U", (3, 3)))]
     inits += [_init(k, np.array([v], np.int64)) for k, v in (("zero", 0), ("one", 1), ("three", 3))]
     assert check_whole_model(one_input_model(nodes, inits, (4, 2), opset=11), rng.standard_normal((N, 4, 2))) == ["W", "U"]
+
+
+@pytest.mark.parametrize("opset", [15, 18])
+@pytest.mark.parametrize("empty", [False, True])
+def test_an_optional_tested_and_unwrapped(empty, opset):
+    """TorchScript's `if v is not None` on an Optional[Tensor]: Optional wraps tanh(x) (or,
+    `empty`, nothing), OptionalHasElement chooses the branch, and OptionalGetElement unwraps it
+    inside: y = tanh(tanh(x) @ W), else tanh(x @ W2). Forward as onnxruntime's; Jacobians as
+    differences; the branch not taken leaves its parameter's columns zero."""
+    tensor = helper.make_tensor_type_proto(F, None)
+    then_g = helper.make_graph([helper.make_node("OptionalGetElement", ["o"], ["e"]), helper.make_node("MatMul", ["e", "W"], ["t"])],
+                               "then", [], [helper.make_tensor_value_info("t", F, ["N", 3])])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["x", "W2"], ["t2"])], "else", [],
+                               [helper.make_tensor_value_info("t2", F, ["N", 3])])
+    wrap = (helper.make_node("Optional", [], ["o"], type=helper.make_optional_type_proto(tensor).optional_type.elem_type)
+            if empty else helper.make_node("Optional", ["a"], ["o"]))
+    nodes = [helper.make_node("Tanh", ["x"], ["a"]), wrap, helper.make_node("OptionalHasElement", ["o"], ["has"]),
+             helper.make_node("If", ["has"], ["y0"], then_branch=then_g, else_branch=else_g), helper.make_node("Tanh", ["y0"], ["y"])]
+    inits = {"W": rng.standard_normal((4, 3)).astype(np.float32), "W2": rng.standard_normal((4, 3)).astype(np.float32)}
+    m = one_input_model(nodes, inits, (4,), opset)
+    x = rng.standard_normal((N, 4))
+    assert check_whole_model(m, x) == ["W", "W2"]
+    G, cols = jaccli.param_jacobian(m, x)
+    assert [bool(G[..., c["offset"]: c["offset"] + c["size"]].any()) for c in cols] == ([False, True] if empty else [True, False])

@@ -218,3 +218,53 @@ def _split(X, lead, split, axis, keepdims):
     else:
         edges = list(np.cumsum(split)[:-1])
     return np.split(X, edges, axis=a)
+
+
+# ---- optionals (opset 15): a tensor or sequence, or nothing. An optional's value is its element,
+# or None when empty, as an input left out is None: OptionalHasElement reads both as empty ----------
+
+
+@rule("Optional", since=15)
+class Optional:
+    """The input as an optional: the value itself, or empty (None) without one."""
+
+    keeps = True
+
+    def forward(input=None, *, type=None):
+        return (input,)
+
+    def jvp(cx, dot=None, **_):
+        return dot
+
+    def vjp(cx, bar, **_):
+        return (bar,)
+
+
+@rule("OptionalHasElement", since=15)
+class OptionalHasElement:
+    """Whether the optional holds an element (a tensor or sequence given as such does, from
+    opset 18; an input left out does not): a boolean, no derivative."""
+
+    nondiff = (0,)
+
+    def forward(input=None):
+        return np.array(input is not None)
+
+
+@rule("OptionalGetElement", since=15)
+class OptionalGetElement:
+    """The optional's element (from opset 18, a tensor or sequence passes as it is); an empty
+    optional has none, and is an error."""
+
+    keeps = True
+
+    def forward(input):
+        if input is None:
+            raise ModelError("OptionalGetElement of an empty optional")
+        return (input,)
+
+    def jvp(cx, dot):
+        return dot
+
+    def vjp(cx, bar):
+        return (bar,)
