@@ -447,3 +447,39 @@ def test_quantize_to_four_bits_and_float8(qtype, scale, zp):
     for mode in ("forward", "reverse"):
         J = jaccli.input_jacobian(fq, x, straight_through=True, mode=mode, dtype="float64")
         np.testing.assert_allclose(J, want, rtol=1e-10, atol=1e-12)
+
+
+def test_bitcast():
+    """BitCast (opset 26) reads a value's bits as another type of the same width, as
+    onnxruntime does, in a float32 run and in a float64 one (where a float32 value is held in
+    float64). Of an integer input, its float is data like any other: y = tanh(x) * f, where
+    f = bitcast(bits), differentiated in x as differences give it. Of a float that depends
+    on x (its sign bit masked: |tanh(x)|) its derivative is not zero: it is refused in one line."""
+    from gradcheck import fd_input_jacobian
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    bits = rng.standard_normal((3, 4)).astype(np.float32).view(np.int32)
+    n = helper.make_node
+    nodes = [n("Tanh", ["x"], ["a"]), n("BitCast", ["bits"], ["f"], to=1), n("Mul", ["a", "f"], ["y"]),
+             n("BitCast", ["a"], ["i"], to=6), n("BitwiseAnd", ["i", "mask"], ["j"]), n("BitCast", ["j"], ["abs"], to=1)]
+    g = helper.make_graph(nodes, "bits", [helper.make_tensor_value_info("x", 1, ["N", 4]), helper.make_tensor_value_info("bits", 6, ["N", 4])],
+                          [helper.make_tensor_value_info("y", 1, ["N", 4]), helper.make_tensor_value_info("abs", 1, ["N", 4])],
+                          [numpy_helper.from_array(np.array(0x7FFFFFFF, np.int32), "mask")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 26)])
+    m.ir_version = 10
+    feeds = {"x": x, "bits": bits}
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_allclose(want[1], np.abs(np.tanh(x)), rtol=1e-6)
+    from jaccli import walk
+    from jaccli.plan import Plan
+
+    for dt in (np.float32, np.float64):
+        for name, w in zip(("y", "abs"), want):
+            env = walk.primal(Plan(load(m), name, [], dt), {"x": x.astype(dt), "bits": bits})
+            np.testing.assert_allclose(env[name], w, rtol=1e-6)
+    J = jaccli.input_jacobian(m, feeds, of="y", wrt="x", dtype=np.float64, flat=True)
+    assert rel_err(J, fd_input_jacobian(m, feeds, "x")) < 1e-6
+    with pytest.raises(UnsupportedOpError, match="BitCast") as e:
+        jaccli.input_jacobian(m, feeds, of="abs", wrt="x")
+    assert "\n" not in str(e.value)

@@ -185,6 +185,26 @@ class Cast:
         return (Ybar if to in _FLOAT_TYPES and np.issubdtype(cx.x[0].dtype, np.floating) else None,)
 
 
+@rule("BitCast", since=26)
+class BitCast:
+    """The input's bits read as type `to`, of the same width (little endian). No value is
+    converted: a float's bits read as an integer are no step function of it that a derivative of
+    zero would describe (masking the sign bit and reading the float back is |x|), so a BitCast
+    of a value that depends on what is differentiated is refused (see Plan)."""
+
+    nondiff = (0,)
+    opaque = True
+
+    def forward(input, *, to):
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(to))
+        if input.dtype.kind == "f" and dtype.itemsize != input.dtype.itemsize:
+            # jaccli computes in its working float type: the model's own float of the width asked
+            input = input.astype({2: np.float16, 4: np.float32, 8: np.float64}.get(dtype.itemsize, input.dtype))
+        if dtype.itemsize != input.dtype.itemsize:
+            raise ModelError(f"BitCast from {input.dtype} to {dtype}: the widths differ")
+        return np.ascontiguousarray(input).astype(input.dtype.newbyteorder("<"), copy=False).view(dtype.newbyteorder("<"))
+
+
 @rule("Cast", since=1)
 class Cast1(Cast):
     """Y = X converted to the type named by `to` (a string in opsets 1-5)."""
