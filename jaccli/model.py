@@ -197,18 +197,7 @@ class Model:
         return list(self.plans[key])
 
     def _parameters(self, of, scalars):
-        from .rules import lookup, straight_through
-
-        reach = {of}  # values a derivative flows back to from `of`
-        for node in reversed(self.ancestors([of])):
-            if not any(o in reach for o in node.outputs):
-                continue  # read on the way to `of` only as a shape, a scale, an index or a count
-            try:
-                r = straight_through(lookup(node.op_type, node.opset, node.domain, node.name))  # the columns
-                skip = r.nondiff | r.buffers  # are the same with --straight-through and without
-            except Exception:
-                skip = frozenset()
-            reach.update(v for k, v in enumerate(node.inputs) if v and k not in skip)
+        reach = _reached(self.ancestors([of]), {of})  # values a derivative flows back to from `of`
         constants = set() if scalars else self._fill_values() | self._compared()
         return [n for n, a in self.initializers.items()
                 if n in reach and np.issubdtype(a.dtype, np.floating) and (scalars or a.ndim > 0) and n not in constants
@@ -236,6 +225,29 @@ class Model:
                 continue
             out.update(v for k, v in enumerate(node.inputs) if k in skip and v in ones)
         return out
+
+
+def _reached(nodes, targets):
+    """The values among `nodes` (in order) that a derivative flows back to from `targets`: not
+    those read only as a shape, a scale, an index or a count. A node's sub-graph passes on the
+    outer values (its `free` inputs) that a derivative reaches from the sub-graph's outputs."""
+    from .rules import lookup, straight_through
+
+    reach = set(targets)
+    for node in reversed(nodes):
+        if not any(o in reach for o in node.outputs):
+            continue
+        try:
+            r = straight_through(lookup(node.op_type, node.opset, node.domain, node.name))  # the columns
+            skip = r.nondiff | r.buffers  # are the same with --straight-through and without
+        except Exception:
+            skip = frozenset()
+        graphs = [g for g in node.attrs.values() if isinstance(g, Graph)]
+        free = {v for g in graphs for v in g.free}
+        inside = set().union(*(_reached(g.nodes, g.outputs) for g in graphs)) if graphs else set()
+        start = len(node.inputs) - len(free) if graphs else len(node.inputs)  # the free values come last
+        reach.update(v for k, v in enumerate(node.inputs) if v and k not in skip and (k < start or v in inside))
+    return reach
 
 
 def _infinite(a):

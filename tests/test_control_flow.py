@@ -350,3 +350,26 @@ def test_an_optional_tested_and_unwrapped(empty, opset):
     assert check_whole_model(m, x) == ["W", "W2"]
     G, cols = jaccli.param_jacobian(m, x)
     assert [bool(G[..., c["offset"]: c["offset"] + c["size"]].any()) for c in cols] == ([False, True] if empty else [True, False])
+
+
+def test_constants_a_body_reads_without_a_derivative_are_no_parameters():
+    """tf2onnx's crop_and_resize: a Loop over the boxes whose body crops with a Resize
+    (tf_crop_and_resize) and builds each box's roi from float constants of the outer graph.
+    Those constants reach the Loop as inputs, but inside they land only in the roi, which
+    carries no derivative: they are no parameters (they were, and the crop box's derivative,
+    not written, then refused the parameter Jacobian). The weights after the Loop are."""
+    n = helper.make_node
+    body = helper.make_graph(
+        [n("Concat", ["lo", "hi"], ["roi"], axis=0),
+         n("Resize", ["x", "roi", "", "sizes"], ["r"], mode="linear", coordinate_transformation_mode="tf_crop_and_resize",
+           axes=[2, 3]),
+         n("Identity", ["c"], ["c_out"])],
+        "body", [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("c", B, [])],
+        [helper.make_tensor_value_info("c_out", B, []), helper.make_tensor_value_info("r", F, None)])
+    nodes = [n("Loop", ["two", ""], ["s"], body=body), n("ReduceSum", ["s", "axis0"], ["t"], keepdims=0),
+             n("Reshape", ["t", "flat"], ["f"]), n("MatMul", ["f", "W"], ["y"])]
+    inits = {"two": np.array(2, np.int64), "axis0": np.array([0], np.int64), "sizes": np.array([3, 4], np.int64),
+             "lo": np.array([0.1, -0.2], np.float32), "hi": np.array([0.9, 1.1], np.float32),
+             "flat": np.array([-1, 12], np.int64), "W": rng.standard_normal((12, 2)).astype(np.float32)}
+    m = one_input_model(nodes, inits, (1, 5, 6), opset=18)
+    assert check_whole_model(m, rng.standard_normal((N, 1, 5, 6))) == ["W"]

@@ -738,28 +738,28 @@ def test_recurrent_sequences_shorter_than_the_input(cell, direction):
 
 @pytest.mark.parametrize("ctm", ["tf_crop_and_resize", "half_pixel"])
 def test_a_resize_roi_that_is_differentiated(ctm):
-    """Only tf_crop_and_resize reads Resize's roi. A roi that is a parameter (or computed from
-    one) has a derivative there, the crop box's, which is not written: the parameter Jacobian
-    refuses it in one line rather than give zero. Any other mode ignores the roi, so its
-    derivative is zero, as differences give it."""
+    """Only tf_crop_and_resize reads Resize's roi. A roi differentiated (here a second input,
+    one box for all the samples) has a derivative there, the crop box's, which is not written:
+    refused in one line rather than given as zero. Any other mode ignores the roi: its
+    derivative is zero. A roi that is a constant is never a parameter (tf2onnx's crop boxes are
+    float constants joined by a Concat), and the image's Jacobian is as differences give it."""
     from gradcheck import one_input_model
 
     rng = np.random.default_rng(3)
-    roi = np.array([0.1, -0.2, 0.8, 1.1], np.float32)
     node = helper.make_node("Resize", ["x", "roi", "", "sizes"], ["r"], mode="linear", axes=[2, 3],
                             coordinate_transformation_mode=ctm)
-    inits = {"roi": roi, "sizes": np.array([4, 5], np.int64), "W": rng.standard_normal((5, 2)).astype(np.float32)}
-    model = one_input_model([node, helper.make_node("MatMul", ["r", "W"], ["y"])], inits, (2, 3, 6), opset=18)
-    x = rng.standard_normal((N, 2, 3, 6))
-    J = jaccli.input_jacobian(model, {"x": x}, dtype=np.float64, flat=True)  # the image: either mode
-    assert rel_err(J, fd_input_jacobian(model, {"x": x}, "x")) < 1e-6
+    inits = {"one": np.array([1.0, 1.0], np.float32), "sizes": np.array([4, 5], np.int64),
+             "W": rng.standard_normal((5, 2)).astype(np.float32)}
+    nodes = [helper.make_node("Concat", ["box", "one"], ["roi"], axis=0), node, helper.make_node("MatMul", ["r", "W"], ["y"])]
+    model = one_input_model(nodes, inits, (2, 3, 6), opset=18)
+    model.graph.input.append(helper.make_tensor_value_info("box", TensorProto.FLOAT, [2]))
+    feeds = {"x": rng.standard_normal((N, 2, 3, 6)), "box": np.array([0.1, -0.2], np.float32)}
+    J = jaccli.input_jacobian(model, feeds, dtype=np.float64, flat=True, sample_axes={"box": None})
+    assert rel_err(J, fd_input_jacobian(model, feeds, "x")) < 1e-6
+    assert [c["name"] for c in jaccli.param_jacobian(model, feeds, sample_axes={"box": None})[1]] == ["W"]
     if ctm == "tf_crop_and_resize":
         with pytest.raises(jaccli.errors.UnsupportedOpError, match="roi") as e:
-            jaccli.param_jacobian(model, {"x": x}, params=["roi", "W"])
+            jaccli.input_jacobian(model, feeds, wrt="box", sample_axes={"box": None})
         assert "\n" not in str(e.value)
     else:
-        G, cols = jaccli.param_jacobian(model, {"x": x}, params=["roi", "W"], dtype=np.float64)
-        assert [c["name"] for c in cols] == ["roi", "W"]
-        fd = fd_param_jacobian(model, {"x": x}, ["roi", "W"], inits)
-        G = G.reshape(fd.shape)
-        assert rel_err(G, fd) < 1e-6 and not G[..., :4].any()
+        assert not jaccli.input_jacobian(model, feeds, wrt="box", sample_axes={"box": None}).any()

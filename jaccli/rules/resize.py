@@ -136,27 +136,12 @@ class _ResizeBase:
     # parameter to the images' grid (a ViT's position embeddings: DINOv2, YOLOS) for all samples alike
     batch_from_data = True
 
-    def jvp(cx, Xdot, *rest, **attrs):
-        _no_roi_derivative(attrs, rest[:1])
-        return None if Xdot is None else _apply(Xdot, cx.rule.matrices(cx.x, attrs), cx.x[0].ndim)
-
-    keeps = True  # a roi that is a parameter, which only tf_crop_and_resize reads (refused there)
+    def jvp(cx, Xdot, *_, **attrs):
+        return _apply(Xdot, cx.rule.matrices(cx.x, attrs), cx.x[0].ndim)
 
     def vjp(cx, Ybar, **attrs):
-        _no_roi_derivative(attrs, cx.need[1:2])
-        if cx.keep[0]:
-            need_no_keep(cx, "Resize")
         mats = {a: M.T for a, M in cx.rule.matrices(cx.x, attrs).items()}
-        return (_apply(Ybar, mats, cx.x[0].ndim) if cx.need[0] else None,) + (None,) * (len(cx.x) - 1)
-
-
-def _no_roi_derivative(attrs, roi_reached):
-    """Only tf_crop_and_resize reads the roi; its derivative there (the crop box's) is not
-    written: refused, rather than taken as zero, where what is differentiated reaches the roi."""
-    if attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize" and any(
-            r is not None and r is not False for r in roi_reached):
-        raise UnsupportedOpError("Resize tf_crop_and_resize: the derivative in its roi (the crop box) is not supported; "
-                                 "it is supported in the image")
+        return (_apply(Ybar, mats, cx.x[0].ndim),) + (None,) * (len(cx.x) - 1)
 
 
 def _plan(shape, scales, sizes, axes=None, policy="stretch"):
@@ -249,8 +234,12 @@ class Resize11(_ResizeBase):
             Y = np.where(_outside(X.shape, out, crops), np.asarray(extrapolation_value, Y.dtype), Y)
         return Y
 
-    # the roi is read by tf_crop_and_resize alone, where its derivative is refused (_no_roi_derivative)
-    nondiff = (2, 3)
+    def opaque(attrs):
+        """tf_crop_and_resize reads the roi, the crop box, where its derivative is not written: a
+        roi that depends on what is differentiated is refused (the other modes ignore it)."""
+        if attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize":
+            return {1: "the derivative in tf_crop_and_resize's roi (the crop box) is not supported; it is in the image"}
+        return {}
 
     def plan(x, attrs):
         """X, the output's size and scale per axis, and tf_crop_and_resize's crops (or None)."""

@@ -193,7 +193,9 @@ class BitCast:
     of a value that depends on what is differentiated is refused (see Plan)."""
 
     nondiff = (0,)
-    opaque = True
+
+    def opaque(attrs):
+        return {0: "the bits of a value that depends on what is differentiated, read as another type, have no derivative"}
 
     def forward(input, *, to):
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(to))
