@@ -344,19 +344,26 @@ class _NBits:
 def _gbq_levels(data, scales, zero_points, bits, block_size, gather_axis, quantize_axis):
     """A GatherBlockQuantized table's codes less their zero points, (R, C) integers, and its
     block size: uint8 codes of `bits` bits packed low-first along the last axis, zero points packed
-    alike (2^(bits-1) when absent), one scale per row and block of the last axis."""
-    if np.asarray(data).dtype != np.uint8:
-        raise UnsupportedOpError(f"GatherBlockQuantized of {np.asarray(data).dtype} data (int4, uint4, FP8 or FP4) is not "
-                                 f"supported; uint8 codes are")
-    if np.ndim(data) != 2 or gather_axis % 2 != 0 or quantize_axis % 2 != 1 or bits not in (2, 4, 8):
+    alike (2^(bits-1) when absent), or int4 or uint4 codes, one a value (zero points of 0 when
+    absent, as onnxruntime takes them); one scale per row and block of the last axis."""
+    dtype = np.asarray(data).dtype
+    four = dtype.name in ("int4", "uint4")
+    if dtype != np.uint8 and not four:
+        raise UnsupportedOpError(f"GatherBlockQuantized of {dtype} data is not supported; uint8, int4 and uint4 codes are")
+    if np.ndim(data) != 2 or gather_axis % 2 != 0 or quantize_axis % 2 != 1 or (bits not in (2, 4, 8) and not four):
         raise UnsupportedOpError("GatherBlockQuantized: only a table of rows (2-D) gathered on axis 0 and quantized along "
                                  "axis 1, in 2, 4 or 8 bits, is supported")
-    R, C = data.shape[0], data.shape[1] * (8 // bits)
+    R, C = data.shape[0], data.shape[1] * (1 if four else 8 // bits)
     blocks = -(-C // block_size)
     if np.shape(scales) != (R, blocks):
         raise UnsupportedOpError(f"GatherBlockQuantized: scales of shape {np.shape(scales)}, not {(R, blocks)}")
-    zp = np.full((R, blocks), 1 << (bits - 1)) if zero_points is None else _unpack(np.asarray(zero_points), bits, blocks)
-    return _unpack(np.asarray(data), bits, C) - np.repeat(zp, block_size, axis=1)[:, :C], block_size
+    if four:
+        codes = np.asarray(data).astype(np.int64)
+        zp = np.zeros((R, blocks), np.int64) if zero_points is None else np.asarray(zero_points).astype(np.int64)
+    else:
+        codes = _unpack(np.asarray(data), bits, C)
+        zp = np.full((R, blocks), 1 << (bits - 1)) if zero_points is None else _unpack(np.asarray(zero_points), bits, blocks)
+    return codes - np.repeat(zp, block_size, axis=1)[:, :C], block_size
 
 
 def _per_block(T, block_size, blocks):
@@ -369,7 +376,7 @@ def _per_block(T, block_size, blocks):
 @rule("GatherBlockQuantized", since=1, domain=MS)
 class GatherBlockQuantized:
     """Y = rows of a block-quantized table at `indices`, dequantized (onnxruntime-genai's int4
-    and int8 embeddings): (codes - zero points) * their block's scale. uint8 codes only. Linear
+    and int8 embeddings): (codes - zero points) * their block's scale; uint8, int4 or uint4 codes. Linear
     in the scales, which are parameters (per sample too, like an embedding table's); the codes
     and zero points are integers."""
 
