@@ -198,7 +198,33 @@ def test_accuracy_level_4_rounds_a_and_straight_through_is_the_float_product(tmp
     assert not jaccli.input_jacobian(one[1], x).any()
 
 
-def test_g_idx_is_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize("level", [0, 4])
+@pytest.mark.parametrize("zp", ["none", "float"])
+def test_g_idx(level, zp):
+    """g_idx (act-order GPTQ): column k's scale and zero point are its block g_idx[k]'s, not
+    k // block_size's. Forward as onnxruntime's (at accuracy_level 4 too, where onnxruntime then
+    does not round A to int8); the derivatives in A, the scales and the bias as differences give
+    them. Integer zero points with g_idx are refused in one line (onnxruntime ignores them)."""
+    rng = np.random.default_rng(5 + level)
+    K, N, bs = 64, 6, 16
+    B, s, z, _ = quantize(rng.standard_normal((K, N)), 4, bs, rng, zp)
+    g = rng.permutation(np.arange(K) // bs).astype(np.int32)
+    m = node_model(K, N, 4, bs, level, B, s, z, None)
+    names = list(m.graph.node[0].input) + [""] * (4 - len(m.graph.node[0].input))
+    m.graph.node[0].ClearField("input")
+    m.graph.node[0].input.extend(names[:4] + ["g"])
+    m.graph.initializer.append(numpy_helper.from_array(g, "g"))
+    A = rng.standard_normal((3, K)).astype(np.float32)
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": A})[0]
+    attrs = dict(K=K, N=N, bits=4, block_size=bs, accuracy_level=level)
+    assert rel_err(MatMulNBits.forward(A, B, s, z, g, **attrs), ref) < 1e-6
+    assert rel_err(MatMulNBits.forward(A, B, s, z, None, **attrs), ref) > 0.1  # the blocks' order matters
+    assert not _int8_product(attrs, z, g)
+    inputs = [rng.standard_normal((3, 2, K)), B, s.astype(np.float64), z, g, rng.standard_normal(N)]
+    check_rule(MatMulNBits, inputs, attrs, diff=(0, 2, 5), rng=rng)
+
+
+def test_g_idx_with_integer_zero_points_is_refused_in_one_line(tmp_path):
     import onnx
     from click.testing import CliRunner
 

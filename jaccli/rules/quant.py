@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import Ctx, rule, through
-from ..errors import UnsupportedOpError
+from ..errors import ModelError, UnsupportedOpError
 from ._util import add, padded
 from .conv import Conv
 from .elementwise import DequantizeLinear13, QuantizeLinear, QuantizeLinearThrough, _DequantizeThrough
@@ -288,7 +288,8 @@ def _unpack(packed, bits, count):
 def _nbits_parts(B, scales, zero_points, g_idx, *, K, N, bits, block_size, dtype):
     """The weight (N, K) as its integer levels less their zero points (float), the scales (N, blocks)
     and each k's block as a one-hot (K, blocks): W = levels * (scales @ onehot.T). A float zero
-    point is subtracted as it is (HQQ's)."""
+    point is subtracted as it is (HQQ's). Column k's scale and zero point are those of block
+    k // block_size, or g_idx[k] (act-order GPTQ: the columns quantized in another order)."""
     blocks = -(-K // block_size)
     q = _unpack(np.asarray(B).reshape(N, blocks, -1), bits, block_size).reshape(N, -1)[:, :K]
     s = np.asarray(scales).reshape(N, blocks)
@@ -298,10 +299,17 @@ def _nbits_parts(B, scales, zero_points, g_idx, *, K, N, bits, block_size, dtype
         zp = np.asarray(zero_points, np.float64).reshape(N, blocks)
     else:
         zp = _unpack(np.asarray(zero_points).reshape(N, -1), bits, blocks)
+    block = np.arange(K) // block_size
     if g_idx is not None and np.size(g_idx):
-        raise UnsupportedOpError("MatMulNBits with g_idx (act-order GPTQ, deprecated in onnxruntime) is not supported")
-    onehot = (np.arange(K)[:, None] // block_size == np.arange(blocks)).astype(dtype)
-    return (q - zp[:, np.arange(K) // block_size]).astype(dtype), s, onehot
+        if zero_points is not None and np.asarray(zero_points).dtype.kind != "f":
+            raise UnsupportedOpError("MatMulNBits with g_idx and integer zero points is not supported: onnxruntime (1.32) "
+                                     "takes them as 2^(bits-1) there, whatever they hold")
+        block = np.ravel(g_idx).astype(np.int64)
+        if block.size != K or block.min() < 0 or block.max() >= blocks:
+            raise ModelError(f"MatMulNBits: g_idx holds {block.size} block indices in [{block.min()}, {block.max()}]; "
+                             f"K = {K} in [0, {blocks - 1}] are expected")
+    onehot = (block[:, None] == np.arange(blocks)).astype(dtype)
+    return (q - zp[:, block]).astype(dtype), s, onehot
 
 
 def _int8_rows(A, block_size):
@@ -318,13 +326,14 @@ def _int8_rows(A, block_size):
     return q.reshape(A.shape[:-1] + (-1,))[..., :K].astype(A.dtype)
 
 
-def _int8_product(attrs, zero_points):
+def _int8_product(attrs, zero_points, g_idx=None):
     """Whether onnxruntime rounds A to int8: at accuracy_level 4 where it has an int8 kernel, as its
     x86 kernels (1.32) have for 4 and 8 bits, and for 2 bits in blocks of 32 to 128; not with float
-    zero points."""
+    zero points, nor with g_idx (it dequantizes W then)."""
     bits, size = attrs.get("bits", 4), attrs["block_size"]
     kernel = bits in (4, 8) or (bits == 2 and 32 <= size <= 128)
-    return attrs.get("accuracy_level") == 4 and kernel and (zero_points is None or np.asarray(zero_points).dtype.kind != "f")
+    return (attrs.get("accuracy_level") == 4 and kernel and (zero_points is None or np.asarray(zero_points).dtype.kind != "f")
+            and (g_idx is None or np.size(g_idx) == 0))
 
 
 class _NBits:
@@ -337,7 +346,7 @@ class _NBits:
         self.levels, s, self.onehot = _nbits_parts(B, scales, zero_points, g_idx, K=attrs["K"], N=attrs["N"],
                                                    bits=attrs.get("bits", 4), block_size=attrs["block_size"], dtype=dtype)
         self.W = self.levels * (s.astype(dtype) @ self.onehot.T)
-        self.rounds = _int8_product(attrs, zero_points)
+        self.rounds = _int8_product(attrs, zero_points, g_idx)
         self.A = (_int8_rows(A, attrs["block_size"]) if self.rounds else A).astype(dtype)
 
 
