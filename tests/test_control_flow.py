@@ -373,3 +373,51 @@ def test_constants_a_body_reads_without_a_derivative_are_no_parameters():
              "flat": np.array([-1, 12], np.int64), "W": rng.standard_normal((12, 2)).astype(np.float32)}
     m = one_input_model(nodes, inits, (1, 5, 6), opset=18)
     assert check_whole_model(m, rng.standard_normal((N, 1, 5, 6))) == ["W"]
+
+
+@pytest.mark.parametrize("directions", [(0, 1), (1, 0)])
+@pytest.mark.parametrize("lengths", [False, True])
+def test_scan_at_opset_8(directions, lengths):
+    """Scan at opset 8 is batched: its state (N, H) and scan inputs (N, T, D) carry the batch on
+    axis 0, and the body (h_t = tanh(x_t W + h U + r_t V), x read forwards and backwards) runs on
+    each element's own slices, without the batch axis. Forward as onnxruntime's; Jacobians,
+    the body's weights' per sample too, as differences. Sequence lengths equal to the inputs'
+    are taken (as ONNX's default); shorter ones are refused in one line."""
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["xt", "W"], ["a"]), helper.make_node("MatMul", ["h_in", "U"], ["b_"]),
+         helper.make_node("MatMul", ["rt", "V"], ["c_"]), helper.make_node("Sum", ["a", "b_", "c_"], ["pre"]),
+         helper.make_node("Tanh", ["pre"], ["h_out"]), helper.make_node("Identity", ["h_out"], ["h_scan"])],
+        "body", [helper.make_tensor_value_info(n, F, None) for n in ("h_in", "xt", "rt")],
+        [helper.make_tensor_value_info(n, F, None) for n in ("h_out", "h_scan")])
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=0), helper.make_node("MatMul", ["m", "P"], ["h0"]),
+             helper.make_node("Scan", ["lens" if lengths else "", "h0", "x", "x"], ["h_last", "hs"], body=body,
+                              num_scan_inputs=2, directions=list(directions)),
+             helper.make_node("Transpose", ["hs"], ["hst"], perm=[0, 2, 1]), helper.make_node("MatMul", ["hst", "steps"], ["s"]),
+             helper.make_node("Add", ["s", "h_last"], ["y"])]
+    inits = [_init(k, 0.5 * rng.standard_normal(s).astype(np.float32)) for k, s in
+             (("W", (2, 3)), ("U", (3, 3)), ("V", (2, 3)), ("P", (2, 3)))] + [_init("steps", np.arange(1.0, 5.0, dtype=np.float32))]
+    m = one_input_model(nodes, inits, (4, 2), opset=8)
+    x = rng.standard_normal((N, 4, 2))
+    if lengths:
+        m.graph.input.append(helper.make_tensor_value_info("lens", I64, ["N"]))
+        for full, ok in ((4, True), (3, False)):
+            feeds = {"x": x, "lens": np.full(N, full, np.int64)}
+            if ok:
+                J = jaccli.input_jacobian(m, feeds, dtype=np.float64)
+                np.testing.assert_allclose(J, jaccli.input_jacobian(_without_lengths(m), x, dtype=np.float64), rtol=1e-12)
+            else:
+                with pytest.raises(jaccli.errors.UnsupportedOpError, match="sequence lengths") as e:
+                    jaccli.input_jacobian(m, feeds)
+                assert "\n" not in str(e.value)
+        return
+    assert check_whole_model(m, x) == ["W", "U", "V", "P", "steps"]
+
+
+def _without_lengths(m):
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    out.graph.node[2].input[0] = ""
+    del out.graph.input[1:]
+    return out

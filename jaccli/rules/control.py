@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import rule
+from . import Ctx, rule
 from ..errors import ModelError, UnsupportedOpError
 
 MAX_ITERATIONS = 1 << 20  # a Loop without a trip count whose condition never turns false
@@ -398,6 +398,81 @@ class Scan:
                 acc[n] = _add(acc[n], res.get(n))
         return tuple(c if d else None for c, d in zip(carried, cx.need[:S])) + tuple(xbars) + \
             tuple(acc.get(n) if d else None for n, d in zip(body.free, cx.need[S + M:]))
+
+
+@rule("Scan", since=8)
+class Scan8:
+    """Scan at opset 8: batched. Its states and scan inputs carry a batch on axis 0 (the scan
+    inputs their sequence on axis 1), and the body runs on each batch element's own slices:
+    opset 9's Scan per element, its outputs stacked along the batch again. A body's outer values
+    are shared by the elements; their cotangents add up (per sample: one element each). Sequence
+    lengths shorter than the inputs' are refused."""
+
+    n_diff_outputs = None
+    keeps = True
+    nondiff = (0,)
+
+    def forward(sequence_lens, *inputs, body, num_scan_inputs, directions=None):
+        n, per = _scan8_batch(sequence_lens, inputs, body, num_scan_inputs)
+        runs = [Scan.forward(*_element(inputs, b, 0, per), body=body, num_scan_inputs=num_scan_inputs,
+                             scan_input_directions=directions) for b in range(n)]
+        return tuple(np.stack(out) for out in zip(*runs))
+
+    def jvp(cx, _lens, *dots, body, num_scan_inputs, directions=None):
+        x = cx.x[1:]
+        n, per = _scan8_batch(cx.x[0], x, body, num_scan_inputs)
+        runs = []
+        for b in range(n):
+            sub = Ctx(tuple(_element(x, b, 0, per)), tuple(_element(cx.y, b, 0, len(cx.y))), rule=Scan)
+            seeds = [d if d is None or i >= per else d[(slice(None),) * (d.ndim - x[i].ndim) + (b,)] for i, d in enumerate(dots)]
+            runs.append(Scan.jvp(sub, *seeds, body=body, num_scan_inputs=num_scan_inputs, scan_input_directions=directions))
+        return tuple(_batch_of(parts, y[0]) for parts, y in zip(zip(*runs), cx.y))
+
+    def vjp(cx, *bars, body, num_scan_inputs, directions=None):
+        x = cx.x[1:]
+        n, per = _scan8_batch(cx.x[0], x, body, num_scan_inputs)
+        if any(cx.keep[1:1 + per]):
+            raise UnsupportedOpError("Scan (opset 8): per-sample cotangents of a state or scan input are not supported")
+        runs = []
+        for b in range(n):
+            sub = Ctx(tuple(_element(x, b, 0, per)), tuple(_element(cx.y, b, 0, len(cx.y))), cx.need[1:],
+                      (False,) * len(x), rule=Scan)
+            seeds = [c if c is None else c[(slice(None),) * (c.ndim - y.ndim) + (b,)] for c, y in zip(bars, cx.y)]
+            runs.append(Scan.vjp(sub, *seeds, body=body, num_scan_inputs=num_scan_inputs, scan_input_directions=directions))
+        out = []
+        for i, parts in enumerate(zip(*runs)):
+            if i < per or cx.keep[1 + i]:  # the batch's own values, or an outer value's cotangent per sample
+                out.append(_batch_of(parts, x[i] if i >= per else x[i][0]))
+            else:
+                out.append(None if all(p is None for p in parts) else sum(p for p in parts if p is not None))
+        return (None,) + tuple(out)
+
+
+def _scan8_batch(sequence_lens, inputs, body, num_scan_inputs):
+    """Scan 8's batch size and how many inputs carry it (the states and scan inputs); sequence
+    lengths shorter than the scan inputs' are refused."""
+    per = len(body.inputs)
+    n = np.shape(inputs[0])[0]
+    if sequence_lens is not None and np.size(sequence_lens):
+        full = np.shape(inputs[per - int(num_scan_inputs)])[1]
+        if (np.ravel(sequence_lens) != full).any():
+            raise UnsupportedOpError("Scan (opset 8) with sequence lengths shorter than the scan inputs' is not supported")
+    return n, per
+
+
+def _element(values, b, lead, per):
+    """Batch element b of the first `per` values (their axis `lead`), the rest as they are."""
+    return [v[(slice(None),) * lead + (b,)] if i < per else v for i, v in enumerate(values)]
+
+
+def _batch_of(parts, like):
+    """Each element's tangent or cotangent stacked along the batch axis, after the lead axes
+    (zeros for an element that has none); None if none has one."""
+    ref = next((p for p in parts if p is not None), None)
+    if ref is None:
+        return None
+    lead = ref.ndim - np.ndim(like)
+    return np.stack([np.zeros_like(ref) if p is None else p for p in parts], axis=lead)
 
 
 class _ScanGeometry:
