@@ -681,7 +681,7 @@ def _expand_functions(proto, rounds=4):
         bodies = {}  # node index: its function body
         for k, n in enumerate(proto.graph.node):
             domain = "" if n.domain == "ai.onnx" else n.domain
-            if domain != "" or domain not in opsets:
+            if domain not in ("", "ai.onnx.preview") or domain not in opsets:  # ONNX's own operators
                 continue
             try:
                 lookup(n.op_type, opsets[domain], domain, n.name)

@@ -1,6 +1,7 @@
 """Operators jaccli has no rule for, but which ONNX defines as functions of other operators
 (opset 23's Attention, CenterCropPad, MeanVarianceNormalization, HannWindow, opset 27's
-LinearAttention and CausalConvWithState, opset 28's SwiGLU): the loader replaces them with
+LinearAttention and CausalConvWithState, opset 28's SwiGLU, ai.onnx.preview's FlexAttention
+with its modifier sub-graphs): the loader replaces them with
 their function bodies. The forward pass matches onnxruntime's own kernels for those operators
 (onnx's reference evaluator's for an opset onnxruntime does not run), and the Jacobians match
 central differences."""
@@ -91,14 +92,42 @@ def swiglu():
     return make(nodes, inits, (6,), (5,), 28), inits
 
 
+def flex_attention():
+    """ai.onnx.preview's FlexAttention (torch's flex_attention): 2 query heads sharing one
+    key-value head, a score modifier that caps the scores softly (tanh, as Gemma's), and a
+    probability modifier that squares them."""
+    inits = {"Wq": RNG.standard_normal((8, 8)) / 3, "Wk": RNG.standard_normal((8, 4)) / 3, "Wv": RNG.standard_normal((8, 4)) / 3,
+             "q_heads": np.array([0, 5, 2, 4], np.int64), "kv_heads": np.array([0, 5, 1, 4], np.int64),
+             "back": np.array([0, 5, 8], np.int64)}
+    nodes = []
+    for c, shape in (("q", "q_heads"), ("k", "kv_heads"), ("v", "kv_heads")):
+        nodes += [helper.make_node("MatMul", ["x", f"W{c}"], [f"{c}0"]), helper.make_node("Reshape", [f"{c}0", shape], [f"{c}1"]),
+                  helper.make_node("Transpose", [f"{c}1"], [c], perm=[0, 2, 1, 3])]
+    score_mod = helper.make_graph(
+        [helper.make_node("Constant", [], ["cap"], value=numpy_helper.from_array(np.array(2.0, np.float32))),
+         helper.make_node("Div", ["s", "cap"], ["s1"]), helper.make_node("Tanh", ["s1"], ["s2"]),
+         helper.make_node("Mul", ["s2", "cap"], ["s_out"])], "score_mod",
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, None)], [helper.make_tensor_value_info("s_out", TensorProto.FLOAT, None)])
+    prob_mod = helper.make_graph([helper.make_node("Mul", ["p", "p"], ["p_out"])], "prob_mod",
+                                 [helper.make_tensor_value_info("p", TensorProto.FLOAT, None)],
+                                 [helper.make_tensor_value_info("p_out", TensorProto.FLOAT, None)])
+    nodes += [helper.make_node("FlexAttention", ["q", "k", "v"], ["a"], domain="ai.onnx.preview", score_mod=score_mod,
+                               prob_mod=prob_mod),
+              helper.make_node("Transpose", ["a"], ["at"], perm=[0, 2, 1, 3]), helper.make_node("Reshape", ["at", "back"], ["y"])]
+    m = make(nodes, inits, (5, 8), (5, 8), 23)
+    m.opset_import.append(helper.make_opsetid("ai.onnx.preview", 1))
+    return m, {k: inits[k] for k in ("Wq", "Wk", "Wv")}
+
+
 CASES = {"CenterCropPad": center_crop_pad, "Attention": attention, "MeanVarianceNormalization": mvn,
          "HannWindow": hann_window, "LinearAttention": linear_attention, "CausalConvWithState": causal_conv,
-         "SwiGLU": swiglu}
+         "SwiGLU": swiglu, "FlexAttention": flex_attention}
 NEWER = {"LinearAttention": 27, "CausalConvWithState": 27, "SwiGLU": 28}  # the opsets that brought them, which onnx may not know yet
+PREVIEW = {"FlexAttention"}  # ai.onnx.preview's, which onnxruntime does not run
 
 
 def _case(name):
-    if onnx.defs.onnx_opset_version() < NEWER.get(name, 0):
+    if onnx.defs.onnx_opset_version() < NEWER.get(name, 0) or (name in PREVIEW and not onnx.defs.has(name, "ai.onnx.preview")):
         pytest.skip(f"onnx {onnx.__version__} has no {name}")
     return CASES[name]()
 
@@ -111,7 +140,7 @@ def test_expanded_forward_matches_onnxruntime(name):
     assert set(loaded.expanded) == set(name.split("+"))  # and said so (jaccli inspect prints it)
     x = RNG.standard_normal((N, *[d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:]]))
     want, oracle = ort_forward(m, {"x": x.astype(np.float32)})
-    assert oracle == "onnxruntime" or name in NEWER
+    assert oracle == "onnxruntime" or name in NEWER or name in PREVIEW
     assert rel_err(our_forward(m, {"x": x}, np.float32), want) < 1e-5
 
 
