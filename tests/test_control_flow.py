@@ -140,16 +140,21 @@ def test_loop_that_never_ends_is_stopped(monkeypatch):
         jaccli.input_jacobian(m, rng.standard_normal((N, 2)))
 
 
-def _scan_model(directions=(0, 0), out_axis=0, out_direction=0):
-    """h_t = tanh(x_t W + h_{t-1} U) scanned over x's time axis (scan axis 1 of (N, T, D), so the
-    slices keep the sample axis); a second scan input, x reversed, adds x_{T-1-t} V; outputs
-    the final state plus the scanned states weighted by time step."""
-    body = helper.make_graph(
+def _recurrence_body():
+    """A Scan body: h_t = tanh(x_t W + h_{t-1} U + r_t V), the new state also scanned out."""
+    return helper.make_graph(
         [helper.make_node("MatMul", ["xt", "W"], ["a"]), helper.make_node("MatMul", ["h_in", "U"], ["b_"]),
          helper.make_node("MatMul", ["rt", "V"], ["c_"]), helper.make_node("Sum", ["a", "b_", "c_"], ["pre"]),
          helper.make_node("Tanh", ["pre"], ["h_out"]), helper.make_node("Identity", ["h_out"], ["h_scan"])],
         "body", [helper.make_tensor_value_info(n, F, None) for n in ("h_in", "xt", "rt")],
         [helper.make_tensor_value_info(n, F, None) for n in ("h_out", "h_scan")])
+
+
+def _scan_model(directions=(0, 0), out_axis=0, out_direction=0):
+    """h_t = tanh(x_t W + h_{t-1} U) scanned over x's time axis (scan axis 1 of (N, T, D), so the
+    slices keep the sample axis); a second scan input, x reversed, adds x_{T-1-t} V; outputs
+    the final state plus the scanned states weighted by time step."""
+    body = _recurrence_body()
     nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=0),
              helper.make_node("MatMul", ["m", "P"], ["h0"]),
              helper.make_node("Scan", ["h0", "x", "x"], ["h_last", "hs"], body=body, num_scan_inputs=2,
@@ -383,12 +388,7 @@ def test_scan_at_opset_8(directions, lengths):
     each element's own slices, without the batch axis. Forward as onnxruntime's; Jacobians,
     the body's weights' per sample too, as differences. Sequence lengths equal to the inputs'
     are taken (as ONNX's default); shorter ones are refused in one line."""
-    body = helper.make_graph(
-        [helper.make_node("MatMul", ["xt", "W"], ["a"]), helper.make_node("MatMul", ["h_in", "U"], ["b_"]),
-         helper.make_node("MatMul", ["rt", "V"], ["c_"]), helper.make_node("Sum", ["a", "b_", "c_"], ["pre"]),
-         helper.make_node("Tanh", ["pre"], ["h_out"]), helper.make_node("Identity", ["h_out"], ["h_scan"])],
-        "body", [helper.make_tensor_value_info(n, F, None) for n in ("h_in", "xt", "rt")],
-        [helper.make_tensor_value_info(n, F, None) for n in ("h_out", "h_scan")])
+    body = _recurrence_body()
     nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=0), helper.make_node("MatMul", ["m", "P"], ["h0"]),
              helper.make_node("Scan", ["lens" if lengths else "", "h0", "x", "x"], ["h_last", "hs"], body=body,
                               num_scan_inputs=2, directions=list(directions)),
