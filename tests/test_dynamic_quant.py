@@ -420,3 +420,57 @@ def test_dynamic_quantize_lstm_straight_through(tmp_path):
     want = jaccli.input_jacobian(f, x, dtype=np.float64, sample_axes={"x": 1})
     assert np.abs(J["reverse"] - want).max() < 0.05 * np.abs(want).max()
     assert np.abs(J["reverse"]).max() > 0.1
+
+
+def _embed_layer_norm_model(segments):
+    """onnxruntime's fused EmbedLayerNormalization (token ids, segment ids, the three tables, gamma,
+    beta, a mask) and its output, float (N, S, 6); the mask index as a second output."""
+    V, P, H = 10, 7, 6
+    names = ["ids", "segs" if segments else "", "word", "pos", "seg" if segments else "", "gamma", "beta", "mask"]
+    tables = {"word": RNG.standard_normal((V, H)), "pos": RNG.standard_normal((P, H)), "seg": RNG.standard_normal((2, H)),
+              "gamma": 1 + 0.3 * RNG.standard_normal(H), "beta": 0.3 * RNG.standard_normal(H)}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in tables.items() if k != "seg" or segments]
+    node = helper.make_node("EmbedLayerNormalization", names, ["y", "mask_index"], domain="com.microsoft", epsilon=1e-5)
+    ins = [helper.make_tensor_value_info(n, TensorProto.INT32, ["N", 5]) for n in ("ids", "segs", "mask") if n in names]
+    g = helper.make_graph([node], "e", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, H]),
+                                             helper.make_tensor_value_info("mask_index", TensorProto.INT32, ["N"])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("segments", [True, False])
+@pytest.mark.parametrize("weight_type", ["QUInt8", "QInt8"])
+def test_quantized_embed_layer_normalization(segments, weight_type, tmp_path):
+    """quantize_dynamic makes the fused EmbedLayerNormalization of an optimized BERT a
+    QEmbedLayerNormalization (its tables, gamma and beta 8-bit, each with a scale and zero
+    point): forward and mask index as onnxruntime's (a mask of 0, 1 and 2: only the ones
+    count), and the per-sample Jacobian in the scales, parameters, as differences give it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from gradcheck import fd_param_jacobian, rel_err
+    from jaccli.model import load
+    from jaccli.rules.quant import QEmbedLayerNormalization
+
+    onnx.save(_embed_layer_norm_model(segments), tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=getattr(QuantType, weight_type),
+                     op_types_to_quantize=["EmbedLayerNormalization"])
+    q = onnx.load(tmp_path / "q.onnx")
+    assert [n.op_type for n in q.graph.node] == ["QEmbedLayerNormalization"]
+    feeds = {"ids": RNG.integers(0, 10, (4, 5)).astype(np.int32), "mask": RNG.integers(0, 3, (4, 5)).astype(np.int32)}
+    if segments:
+        feeds["segs"] = RNG.integers(0, 2, (4, 5)).astype(np.int32)
+    y, count = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    x = [feeds.get(n) if n in feeds else (numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == n)) if n else None)
+         for n in q.graph.node[0].input]
+    ours = QEmbedLayerNormalization.forward(*x, epsilon=1e-5)
+    np.testing.assert_allclose(ours[0], y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ours[1], count)
+    from gradcheck import check_rule
+
+    check_rule(QEmbedLayerNormalization, x, {"epsilon": 1e-5}, [k for k in range(8, 13) if x[k] is not None], RNG)
+    scales = [n for n in q.graph.node[0].input[8:13] if n]
+    G, cols = jaccli.param_jacobian(q, feeds, params=scales, dtype=np.float64)
+    assert [c["name"] for c in cols] == scales
+    fd = fd_param_jacobian(q, feeds, scales, load(q).initializers, n=4)
+    assert np.abs(fd).max() > 0 and rel_err(G.reshape(fd.shape), fd) < 1e-6

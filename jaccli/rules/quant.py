@@ -19,9 +19,11 @@ import numpy as np
 from . import Ctx, rule, through
 from ..errors import ModelError, UnsupportedOpError
 from ._util import add, padded
+from .contrib import EmbedLayerNormalization, _embed_sum
 from .conv import Conv
 from .elementwise import DequantizeLinear13, QuantizeLinear, QuantizeLinearThrough, _DequantizeThrough
 from .linalg import MatMul
+from .norm import LayerNormalization
 from .shape import _FLOAT_TYPES, Cast, Gather, _wrap
 
 
@@ -488,3 +490,81 @@ class MsQuantizeLinear(QuantizeLinear):
 @through(MsQuantizeLinear)
 class MsQuantizeLinearThrough(QuantizeLinearThrough):
     """The straight-through variant, as for the standard QuantizeLinear."""
+
+
+# ---- QEmbedLayerNormalization: quantize_dynamic's EmbedLayerNormalization (a BERT optimized by
+# onnxruntime's transformer optimizer, then quantized, as optimum does it) -------------------------
+
+
+def _qembed_parts(x, dtype):
+    """The tables dequantized, (level - zero point) * scale, each per tensor: (word, position,
+    segment or None, gamma, beta) as floats, and the same as levels (level - zero point)."""
+    (ids, seg, wq, pq, sq, gq, bq, _, ws, ps, ss, gs, bs, wz, pz, sz, gz, bz) = padded(x, 18)
+    levels = [None if q is None else np.asarray(q, np.float64) - np.asarray(z, np.float64).reshape(())
+              for q, z in ((wq, wz), (pq, pz), (sq if seg is not None else None, sz), (gq, gz), (bq, bz))]
+    scales = [None if s is None else np.asarray(s, np.float64).reshape(()) for s in (ws, ps, ss, gs, bs)]
+    tables = [None if L is None else (L * s).astype(dtype) for L, s in zip(levels, scales)]
+    return tables, levels
+
+
+@rule("QEmbedLayerNormalization", since=1, domain=MS)
+class QEmbedLayerNormalization:
+    """EmbedLayerNormalization whose tables, gamma and beta are 8-bit integers, each with its
+    scale and zero point (per tensor): dequantized, then summed at the tokens' rows, positions
+    0..S-1 and segments, and normalized, as onnxruntime computes it; and the mask index (each
+    sample's count of mask values equal to 1). Linear in the scales, which are parameters."""
+
+    nondiff = tuple(range(8)) + tuple(range(13, 18))
+    keeps = True
+    n_diff_outputs = 1
+
+    def forward(input_ids, segment_ids, word_embedding_quant, position_embedding_quant, segment_embedding_quant=None,
+                gamma_quant=None, beta_quant=None, mask=None, *rest, epsilon=1e-12):
+        x = (input_ids, segment_ids, word_embedding_quant, position_embedding_quant, segment_embedding_quant, gamma_quant,
+             beta_quant, mask, *rest)
+        dtype = np.asarray(rest[0]).dtype if np.asarray(rest[0]).dtype.kind == "f" else np.float32
+        (word, pos, segtab, gamma, beta), _ = _qembed_parts(x, dtype)
+        Y = EmbedLayerNormalization.forward(input_ids, segment_ids, word, pos, segtab, gamma, beta, epsilon=epsilon)[0]
+        count = np.zeros(input_ids.shape[0], np.int32) if mask is None else (np.asarray(mask) == 1).sum(axis=1, dtype=np.int32)
+        return Y, count
+
+    def jvp(cx, *dots, epsilon=1e-12):
+        dots = padded(dots, 18)
+        ids, seg = cx.x[0], cx.x[1]
+        (word, pos, segtab, gamma, beta), levels = _qembed_parts(cx.x, cx.y[0].dtype)
+        rows = _qembed_rows(ids, seg, levels)
+        E = _embed_sum(ids, seg, word, pos, segtab, None)
+        lead = next(d.shape[:d.ndim - np.ndim(cx.x[8 + k])] for k, d in enumerate(dots[8:13]) if d is not None)
+        per = lambda d, k: d.reshape(lead + (1,) * (3 if k < 3 else 1))  # noqa: E731  (a scale's tangent, broadcast)
+        Edot = add(*(R * per(dots[8 + k], k) for k, R in enumerate(rows) if R is not None and dots[8 + k] is not None))
+        Gdot, Bdot = (None if dots[8 + k] is None else levels[k] * per(dots[8 + k], k) for k in (3, 4))
+        return LayerNormalization.jvp(Ctx((E, gamma, beta), (cx.y[0],)), Edot, Gdot, Bdot, axis=-1, epsilon=epsilon)[0], None
+
+    def vjp(cx, Ybar, _mbar=None, *, epsilon=1e-12):
+        ids, seg = cx.x[0], cx.x[1]
+        need, keep = padded(cx.need, 18, False), padded(cx.keep, 18, False)
+        (word, pos, segtab, gamma, beta), levels = _qembed_parts(cx.x, Ybar.dtype)
+        E = _embed_sum(ids, seg, word, pos, segtab, None)
+        lead = cx.lead(Ybar)
+        ln = Ctx((E, gamma, beta), (cx.y[0],), (any(need[8:11]), need[11], need[12]), (False, keep[11], keep[12]),
+                 LayerNormalization)
+        Ebar, Gbar, Bbar = LayerNormalization.vjp(ln, Ybar, axis=-1, epsilon=epsilon)
+        out = [None] * 18
+        for k, R in enumerate(_qembed_rows(ids, seg, levels)):
+            if R is not None and need[8 + k]:  # summed over the tokens (and the samples, unless per sample)
+                axes = tuple(range(lead + (1 if keep[8 + k] else 0), Ebar.ndim))
+                out[8 + k] = (Ebar * R).sum(axis=axes)
+        for k, bar in ((3, Gbar), (4, Bbar)):
+            if bar is not None and need[8 + k]:
+                out[8 + k] = (bar * levels[k]).sum(axis=-1)
+        for k in range(8, 13):
+            if out[k] is not None:
+                out[k] = out[k].reshape(out[k].shape + np.shape(cx.x[k])).astype(Ybar.dtype)
+        return tuple(out)
+
+
+def _qembed_rows(ids, seg, levels):
+    """The levels at each token's rows (N, S, H): word, position and segment (None where absent)."""
+    word, pos, segtab = levels[:3]
+    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    return [word[_wrap(ids, word.shape[0])], pos[positions], None if segtab is None else segtab[_wrap(seg, segtab.shape[0])]]
