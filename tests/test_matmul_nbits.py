@@ -11,7 +11,7 @@ from gradcheck import check_rule, rel_err
 from onnx import TensorProto, helper, numpy_helper
 
 import jaccli
-from jaccli.rules.quant import MatMulNBits, MatMulNBitsThrough, _int8_product
+from jaccli.rules.quant import MatMulBnb4, MatMulNBits, MatMulNBitsThrough, _int8_product
 
 MS = "com.microsoft"
 
@@ -240,3 +240,68 @@ def test_g_idx_with_integer_zero_points_is_refused_in_one_line(tmp_path):
     r = CliRunner().invoke(main, ["input", str(tmp_path / "g.onnx"), str(tmp_path / "x.npy"), "-o", str(tmp_path / "J.npy")])
     assert r.exit_code != 0 and "g_idx" in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "J.npy").exists()
+
+
+def bnb4_model(x_shape, W, quant_type, block_size, tmp_path):
+    """A MatMul of weight W (K, N) quantized by onnxruntime's MatMulBnb4Quantizer: (model, quantized)."""
+    import onnx
+    from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+
+    n = helper.make_node
+    g = helper.make_graph([n("MatMul", ["x", "W"], ["m"]), n("Tanh", ["m"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(W, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    q = MatMulBnb4Quantizer(onnx.ModelProto.FromString(m.SerializeToString()), quant_type, block_size)
+    q.process()
+    return m, q.model.model
+
+
+@pytest.mark.parametrize("quant_type", [0, 1])  # FP4, NF4
+@pytest.mark.parametrize("K, N, block_size", [(32, 6, 16), (24, 5, 64)])
+def test_matmul_bnb4(quant_type, K, N, block_size, tmp_path):
+    """onnxruntime's MatMulBnb4Quantizer (QLoRA's 4-bit FP4 and NF4 codes, an absmax per block of
+    the transposed weight's elements; a last block cut short): forward as onnxruntime's, the input
+    Jacobian as the float model's with the dequantized weight, and the per-sample Jacobian in
+    the absmax values, parameters, as differences give it."""
+    from gradcheck import fd_param_jacobian
+    from jaccli.model import load
+
+    rng = np.random.default_rng(quant_type + K)
+    W = (rng.standard_normal((K, N)) * 0.3).astype(np.float32)
+    _, q = bnb4_model((3, K), W, quant_type, block_size, tmp_path)
+    assert [v.op_type for v in q.graph.node] == ["MatMulBnb4", "Tanh"]
+    x = rng.standard_normal((4, 3, K)).astype(np.float32)
+    ref = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    r = jaccli.input_jacobian(q, x, dtype=np.float64, return_result=True)
+    np.testing.assert_allclose(r.outputs, ref, rtol=1e-5, atol=1e-6)
+    inits = load(q).initializers
+    B, absmax = (v for k, v in inits.items() if k.endswith("_Bnb4")), (v for k, v in inits.items() if k.endswith("_absmax"))
+    from jaccli.rules.quant import _bnb4_weight
+
+    Wd = _bnb4_weight(next(B), next(absmax), dict(K=K, N=N, block_size=block_size, quant_type=quant_type), np.float64).T
+    assert np.abs(Wd - W).max() < 0.3 * np.abs(W).max()  # near the weight it quantizes
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "Wd"], ["m"]), helper.make_node("Tanh", ["m"], ["y"])], "f",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(Wd, "Wd")])
+    f = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    f.ir_version = 8
+    for mode in ("forward", "reverse"):
+        J = jaccli.input_jacobian(q, x, dtype=np.float64, mode=mode)
+        assert rel_err(J, jaccli.input_jacobian(f, x, dtype=np.float64)) < 1e-12
+    G, cols = jaccli.param_jacobian(q, x, dtype=np.float64)
+    assert [c["name"] for c in cols] == ["W_absmax"]
+    fd = fd_param_jacobian(q, {"x": x}, ["W_absmax"], inits, n=4)
+    assert np.abs(fd).max() > 0 and rel_err(G.reshape(fd.shape), fd) < 1e-6
+    check_rule(MatMulBnb4, [x[:2].astype(np.float64), *(inits[n] for n in q.graph.node[0].input[1:])],
+               dict(K=K, N=N, block_size=block_size, quant_type=quant_type), (0, 2), rng)
+
+
+def test_matmul_bnb4_transposed_for_training_is_refused():
+    from jaccli.errors import UnsupportedOpError
+
+    with pytest.raises(UnsupportedOpError, match="transB=0") as e:
+        MatMulBnb4.forward(np.ones((2, 6), np.float32), np.zeros(96, np.uint8), np.ones(12, np.float32), K=32, N=6,
+                           block_size=16, quant_type=1, transB=0)
+    assert "\n" not in str(e.value)

@@ -467,6 +467,78 @@ class MatMulNBitsThrough(MatMulNBits):
     through_a = True
 
 
+# ---- MatMulBnb4: weights of 4-bit NormalFloat or FP4 codes (QLoRA's), in blocks with an absmax ---
+
+
+_BNB4_CODES = {  # the value of each code, as onnxruntime's kernel reads it: 0 FP4, 1 NF4 (bitsandbytes')
+    0: [0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
+        0.0, -0.0052083334885537624, -0.6666666865348816, -1.0, -0.3333333432674408, -0.5, -0.1666666716337204, -0.25],
+    1: [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635, -0.18477343022823334,
+        -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0],
+}
+
+
+def _bnb4_parts(B, *, K, N, block_size, quant_type, transB=1):
+    """A MatMulBnb4 weight as its codes' values (N, K) and each element's block (N*K,): the
+    weight, (N, K) in PyTorch's layout, is its codes' values times its block's absmax. The codes
+    are packed two a byte, the first in the high nibble, over the weight flattened."""
+    if int(quant_type) not in _BNB4_CODES:
+        raise UnsupportedOpError(f"MatMulBnb4 with quant_type {quant_type} is not supported (0, FP4, and 1, NF4, are)")
+    if not transB:
+        raise UnsupportedOpError("MatMulBnb4 with transB=0 (a training graph's backward product) is not supported")
+    packed = np.ravel(np.asarray(B))
+    codes = np.stack([packed >> 4, packed & 15], axis=-1).reshape(-1)[:N * K]
+    values = np.asarray(_BNB4_CODES[int(quant_type)], np.float64)[codes].reshape(N, K)
+    return values, np.arange(N * K) // block_size
+
+
+@rule("MatMulBnb4", since=1, domain=MS)
+class MatMulBnb4:
+    """Y = A @ W^T, W (N, K) quantized to 4-bit FP4 or NF4 codes in blocks of block_size over its
+    elements, each block scaled by its absmax (onnxruntime's MatMulBnb4Quantizer). The codes are
+    constants: the derivative in A is exact, and in the absmax values (parameters) linear.
+    transB=0, a training graph's backward product, is refused."""
+
+    nondiff = (1,)
+    keeps = True
+
+    def forward(A, B, absmax, *, K, N, block_size, quant_type, transB=1, training_mode=0):
+        attrs = dict(K=K, N=N, block_size=block_size, quant_type=quant_type, transB=transB)
+        return np.matmul(A, _bnb4_weight(B, absmax, attrs, A.dtype).T)
+
+    def jvp(cx, Adot, _b=None, Mdot=None, *, training_mode=0, **attrs):
+        A, B, absmax = cx.x
+        out = None if Adot is None else np.matmul(Adot, _bnb4_weight(B, absmax, attrs, Adot.dtype).T)
+        if Mdot is not None:
+            values, block = _bnb4_parts(B, **attrs)
+            lead = Mdot.shape[:Mdot.ndim - 1]
+            Wdot = (values * Mdot[..., block].reshape(lead + values.shape)).astype(Mdot.dtype)  # (*lead, N, K)
+            prod = np.einsum("...k,tnk->t...n", A, Wdot.reshape((-1,) + values.shape))
+            out = add(out, prod.reshape(lead + cx.y[0].shape))
+        return out
+
+    def vjp(cx, Ybar, *, training_mode=0, **attrs):
+        A, B, absmax = cx.x
+        Abar = np.matmul(Ybar, _bnb4_weight(B, absmax, attrs, Ybar.dtype)) if cx.need[0] else None
+        Mbar = None
+        if cx.need[2]:
+            values, _ = _bnb4_parts(B, **attrs)
+            lead, per = cx.lead(Ybar), cx.keep[2]
+            S = A.shape[0] if per else 1
+            Yf = Ybar.reshape(Ybar.shape[:lead] + (S, -1, Ybar.shape[-1]))  # (*lead, S, rows, N)
+            Wbar = np.einsum("...srn,srk->...snk", Yf, A.reshape(S, -1, A.shape[-1]))  # (*lead, S, N, K)
+            sums = _per_block((Wbar * values).reshape(Wbar.shape[:-2] + (-1,)), attrs["block_size"], np.size(absmax))
+            Mbar = (sums if per else sums[..., 0, :]).astype(Ybar.dtype)
+        return Abar, None, Mbar
+
+
+def _bnb4_weight(B, absmax, attrs, dtype):
+    """The dequantized weight (N, K)."""
+    values, block = _bnb4_parts(B, **attrs)
+    return (values * np.asarray(absmax, np.float64)[block].reshape(values.shape)).astype(dtype)
+
+
 # ---- com.microsoft's QuantizeLinear and DequantizeLinear: what onnxruntime's quantizer writes for
 # types the default domain's opset lacks (16-bit, 4-bit) or when asked (extra_options
 # UseQDQContribOps). The same formulas as the standard operators, axis 1 by default -----------------
