@@ -733,7 +733,7 @@ def _with_largest(pick, J):
 
 _COMPARISONS = ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual")
 _KINKS = _COMPARISONS + ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "ThresholdedRelu", "Clip", "HardSigmoid", "HardSwish",
-                         "Shrink", "Max", "Min", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "TopK")
+                         "Shrink", "Max", "Min", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "TopK", "Cast")
 
 
 def _near(a, b):
@@ -751,6 +751,8 @@ def _kinks(node, vals):
     if op in _COMPARISONS:
         tie = np.asarray(vals[0]) == np.asarray(vals[1])
         return {0: tie, 1: tie}
+    if op == "Cast":  # a float read as a boolean (torch's x.bool()): a comparison with 0
+        return {0: x == 0} if a.get("to") in (TensorProto.BOOL, "BOOL") and np.asarray(x).dtype.kind == "f" else {}
     if op in ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu"):
         return {0: x == 0}
     if op == "ThresholdedRelu":

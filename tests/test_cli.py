@@ -670,17 +670,20 @@ def _at_zero_model(nodes, batch="N"):
     return m
 
 
-def test_check_leaves_out_what_moves_a_comparison_tied_at_the_point(tmp_path, monkeypatch):
-    """A mask of the padding, x != 0 (Keras's Masking through tf2onnx), on data padded with exact
-    zeros. There the point takes the masked branch, whose derivative jaccli gives (as TensorFlow
-    does); any move off zero unmasks it, and the model is continuous across (sin x + x is 0 at
-    0): differences see the other branch's derivative, 2, with no jump to give it away. Those
-    columns are not judged, and said so; a wrong Jacobian still FAILs on the others."""
-    from onnx import helper, save
+@pytest.mark.parametrize("mask", ["x != 0", "x.bool()"])
+def test_check_leaves_out_what_moves_a_comparison_tied_at_the_point(tmp_path, monkeypatch, mask):
+    """A mask of the padding, x != 0 (Keras's Masking through tf2onnx), or x cast to a boolean
+    (torch's x.bool()), on data padded with exact zeros. There the point takes the masked branch,
+    whose derivative jaccli gives (as TensorFlow does); any move off zero unmasks it, and the
+    model is continuous across (sin x + x is 0 at 0): differences see the other branch's
+    derivative, 2, with no jump to give it away. Those columns are not judged, and said so; a
+    wrong Jacobian still FAILs on the others."""
+    from onnx import TensorProto, helper, save
 
-    nodes = [helper.make_node("Equal", ["x", "zero"], ["pad"]), helper.make_node("Not", ["pad"], ["mask"]),
-             helper.make_node("Sin", ["x"], ["s"]), helper.make_node("Add", ["s", "x"], ["u"]),
-             helper.make_node("Where", ["mask", "u", "zero"], ["p"])]
+    made = ([helper.make_node("Equal", ["x", "zero"], ["pad"]), helper.make_node("Not", ["pad"], ["mask"])] if mask == "x != 0"
+            else [helper.make_node("Cast", ["x"], ["mask"], to=TensorProto.BOOL)])
+    nodes = made + [helper.make_node("Sin", ["x"], ["s"]), helper.make_node("Add", ["s", "x"], ["u"]),
+                    helper.make_node("Where", ["mask", "u", "zero"], ["p"])]
     model, data = str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")
     save(_at_zero_model(nodes), model)
     x = np.random.default_rng(0).uniform(0.2, 0.8, (3, 4)).astype(np.float32)
