@@ -228,8 +228,9 @@ class Resize11(_ResizeBase):
         attrs = dict(antialias=antialias, axes=axes, coordinate_transformation_mode=coordinate_transformation_mode,
                      cubic_coeff_a=cubic_coeff_a, exclude_outside=exclude_outside,
                      keep_aspect_ratio_policy=keep_aspect_ratio_policy, mode=mode, nearest_mode=nearest_mode)
-        _, out, sc, crops = Resize11.plan((X, roi, scales, sizes), attrs)
-        Y = _apply(X, Resize11.matrices((X, roi, scales, sizes), attrs), X.ndim)
+        planned = Resize11.plan((X, roi, scales, sizes), attrs)
+        Y = _apply(X, Resize11.matrices((X, roi, scales, sizes), attrs, planned), X.ndim)
+        _, out, _, crops = planned
         if crops:  # outside the input: the extrapolation value
             Y = np.where(_outside(X.shape, out, crops), np.asarray(extrapolation_value, Y.dtype), Y)
         return Y
@@ -252,8 +253,8 @@ class Resize11(_ResizeBase):
         crop = attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize"
         return X, out, sc, _crops(X.shape, roi, attrs.get("axes"), sc) if crop else None
 
-    def matrices(x, attrs):
-        X, out, sc, crops = Resize11.plan(x, attrs)
+    def matrices(x, attrs, planned=None):
+        X, out, sc, crops = planned or Resize11.plan(x, attrs)
         return _matrices(X.shape, out, sc, attrs.get("mode", "nearest"),
                          attrs.get("coordinate_transformation_mode", "half_pixel"),
                          attrs.get("nearest_mode", "round_prefer_floor"), attrs.get("cubic_coeff_a", -0.75),
