@@ -282,10 +282,13 @@ def _measure(plan, model, feeds, of, N):
         _check_sample_axis(env[of], 1, of)  # a batch baked into an Expand runs, with the wrong rows
         n = 1
     except JaccliError as e:
-        if not size and type(e) is ModelError:  # a kernel fails on one sample: perhaps axis 0 holds none
-            raise ModelError(f"{e} (run on the first sample alone: where the data has no sample axis, one graph or "
-                             f"a model exported without a batch, give it as one sample with --sample-axis NAME=none, "
-                             f"or '*=none' for every input)") from None
+        if not size and type(e) is ModelError:  # a kernel fails on one sample: perhaps axis 0 holds none,
+            model.baked_batch = _baked_batch(plan, feeds, N)  # or the graph bakes in the batch it was exported with
+            if not model.baked_batch:
+                raise ModelError(f"{e} (run on the first sample alone: where the data has no sample axis, one graph or "
+                                 f"a model exported without a batch, give it as one sample with --sample-axis NAME=none, "
+                                 f"or '*=none' for every input)") from None
+            fixed, size = model.fixed_batch()
         if not size or size == 1:
             raise
         try:  # the graph may run on its declared batch only: runs of exactly that many samples
@@ -300,6 +303,38 @@ def _measure(plan, model, feeds, of, N):
     if n > 1:
         return plan.estimate(env, n), y0, _fixed_runs(plan, feeds, of, env, size), size, inner
     return plan.estimate(env, 1), y0, _samples_per_run(plan, model, feeds, of, N, env), 0, inner
+
+
+_BAKED_AT_MOST = 256  # samples of a run tried whole where one sample fails: export batches are smaller
+
+
+def _baked_batch(plan, feeds, N):
+    """N, where the graph runs on all N samples at once though not on one (a constant of the
+    export's batch size: tf2onnx's sequence lengths, a Reshape to it); else None. Not tried
+    above _BAKED_AT_MOST samples, whose forward pass could be of any size."""
+    if not 2 <= N <= _BAKED_AT_MOST:
+        return None
+    try:
+        walk.primal(plan, feeds)
+    except JaccliError:
+        return None
+    return N
+
+
+def settle_batch(model, feeds, of, dtype):
+    """Set model.baked_batch where the graph runs on all the data's samples at once though not on
+    its first alone, and its inputs declare no batch (see _measure): for a caller that runs
+    parts of the data before the drivers do (check's few samples)."""
+    N = samples_in(feeds)
+    if model.fixed_batch()[1] or not 2 <= N <= _BAKED_AT_MOST:
+        return
+    plan = Plan(model, of, [], dtype)
+    try:
+        walk.primal(plan, _slice_samples(feeds, 0, 1))
+    except ModelError:
+        model.baked_batch = _baked_batch(plan, feeds, N) or 0
+    except JaccliError:
+        pass
 
 
 def _fixed_runs(plan, feeds, of, env, size):
@@ -361,6 +396,9 @@ def _run_notes(model, run_size):
         return ["one by one: each sample's Jacobian is the model's on that sample alone, a batch of one"]
     if not run_size:
         return []
+    if model.baked_batch:
+        return [f"runs of {run_size} samples: the graph runs on a batch of {run_size} only, though its inputs declare "
+                f"none (a batch baked in when it was exported); a run short of it is padded with copies of its last sample"]
     return [f"runs of {run_size} samples: input '{model.fixed_batch()[0].name}' is declared with a batch of {run_size}, "
             f"which the graph bakes in; a run short of it is padded with copies of its last sample"]
 

@@ -75,6 +75,7 @@ class Model:
     plans: dict = field(default_factory=dict, repr=False)  # cache of the drivers: plans, probes, parameters
     expanded: dict = field(default_factory=dict)  # operator -> nodes replaced by its ONNX function body
     appended: dict = field(default_factory=dict)  # value -> (NodeProto, initializers) that samples_first added
+    baked_batch: int = 0  # the one batch size a graph with a symbolic batch runs on, once found (see drivers._measure)
     held_weights: int = 0  # float Constant nodes made initializers (see weights_as_initializers)
     hoisted_weights: int = 0  # float initializers of sub-graphs moved into the main graph (sub_initializers_hoisted)
     untied_weights: int = 0  # Identity copies of an initializer made initializers of their own (identities_untied)
@@ -180,6 +181,8 @@ class Model:
             return self.inputs[0], 1
         fixed = [v for v in self.inputs if v.shape and isinstance(v.shape[0], int) and v.shape[0] > 0]  # -1 and 0: unknown
         v = min(fixed, key=lambda v: v.shape[0], default=None)
+        if v is None and self.baked_batch:  # declared symbolic, but the graph runs on one batch size only
+            return self.inputs[0], self.baked_batch
         return (v, v.shape[0]) if v is not None else (None, None)
 
     def parameters(self, of, scalars=False):

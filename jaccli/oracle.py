@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .drivers import (DEFAULT_MAX_MEMORY, Feeds, _copies, _first_float, _slice_samples, in_runs, input_jacobian,
+from .drivers import (DEFAULT_MAX_MEMORY, Feeds, _copies, _first_float, _slice_samples, in_runs, input_jacobian, settle_batch,
                       param_jacobian, parse_outputs, prepare_feeds, quiet_floats, samples_first, samples_in)
 from .errors import JaccliError, MemoryBudgetError
 from .model import inputs_samples_first, load, reads_of_subgraphs, weights_rewritten
@@ -467,6 +467,7 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
         if name not in {o.name for o in proto.graph.output}:
             proto = _with_output(proto, name)  # an intermediate value: let onnxruntime return it too
     feeds, N = prepare_feeds(model, x, np.float64, of=outs + ([] if params else [wrt or _first_float(model, outs[0]).name]))
+    settle_batch(model, feeds, outs, dtype)  # a batch the graph bakes in: the few samples checked run padded to it
     k = min(samples, N)
     feeds = Feeds({n: (v[:k] if v.ndim else v) for n, v in feeds.items()})
     inner = {}  # output -> the value differentiated: itself, or itself with the samples moved first

@@ -98,6 +98,40 @@ def test_a_batch_fixed_above_one_runs_in_runs_of_it(n):
         np.testing.assert_allclose(G[k], np.kron(np.eye(3), np.tanh(x[k].ravel())), rtol=1e-5, atol=1e-7)
 
 
+def _declared_dynamic(m):
+    """The model with its input's batch declared symbolic, though its graph bakes one in."""
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    return m
+
+
+def test_a_batch_baked_in_though_declared_symbolic(tmp_path):
+    """A batch of 4 baked into a Reshape while the input declares a symbolic batch (tf2onnx
+    keeps the signature's None; a TorchScript export given dynamic_axes bakes a Python int):
+    the graph runs on 4 samples at once, not on one. Data of 4 samples runs as one run of 4, as
+    a declared batch does, and said so; its Jacobians and its check are right. Data of another
+    size is refused in one line, as onnxruntime refuses it; samples mixed are still refused."""
+    from onnx import save
+
+    from jaccli.oracle import check
+
+    x = RNG.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    r = jaccli.input_jacobian(_declared_dynamic(batch_of_four()), x, return_result=True)
+    assert r.chunks[0] == 4 and any("though its inputs declare none" in note for note in r.notes), r.notes
+    G, _ = jaccli.param_jacobian(_declared_dynamic(batch_of_four()), x)
+    for k in range(4):
+        d = 1 - np.tanh(x[k].ravel()) ** 2
+        np.testing.assert_allclose(r.value[k].reshape(3, 12), W * d, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(G[k], np.kron(np.eye(3), np.tanh(x[k].ravel())), rtol=1e-5, atol=1e-7)
+    path = str(tmp_path / "baked.onnx")
+    save(_declared_dynamic(batch_of_four()), path)
+    assert check(path, x)["ok"]
+    with pytest.raises(jaccli.errors.ModelError, match="first sample alone") as e:
+        jaccli.input_jacobian(_declared_dynamic(batch_of_four()), RNG.standard_normal((6, 3, 2, 2)).astype(np.float32))
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="mixes samples"):
+        jaccli.input_jacobian(_declared_dynamic(batch_of_four(reduce=True)), x)
+
+
 def test_a_fixed_batch_that_runs_on_one_sample_with_the_wrong_rows():
     """A batch of 4 baked into a constant that the sample is added to (as an Expand to the
     traced batch writes it) runs on one sample, but gives four rows: runs of 4 then."""
