@@ -297,6 +297,9 @@ CASES += [
     Case("Einsum", [("x", (2, 3, 4)), ("x", (2, 5, 4))], {"equation": "bhqd,bhkd->bhqk"}, id="Einsum-attention"),
     Case("Einsum", [("x", (3, 4))], {"equation": "bij->bj"}, id="Einsum-sum"),
     Case("Einsum", [("x", (3, 4)), ("p", (4,))], {"equation": "b...j,j->b..."}, id="Einsum-ellipsis"),
+    # a repeated index reads a diagonal: a trace, torch.einsum("nii->n"), and a diagonal against a parameter
+    Case("Einsum", [("x", (4, 4))], {"equation": "bii->b"}, id="Einsum-trace"),
+    Case("Einsum", [("x", (3, 4, 3)), ("p", (3, 3, 5))], {"equation": "bijk,kkl->bjl"}, id="Einsum-diagonal-both"),
     Case("ConvTranspose", [("x", (2, 4, 4)), ("p", (2, 3, 3, 3)), ("p", (3,))], id="ConvTranspose"),
     Case("ConvTranspose", [("x", (2, 3, 3)), ("p", (2, 2, 3, 3))], {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}, id="ConvTranspose-stride"),
     Case("ConvTranspose", [("x", (4, 3, 3)), ("p", (4, 1, 2, 2))], {"group": 2, "strides": [2, 2], "dilations": [1, 1]}, id="ConvTranspose-groups"),

@@ -352,12 +352,20 @@ class Einsum:
 
 
 def _einsum_cotangent(cx, i, X, subs, out, t, flat, head):
-    """d/dX_i of <Ybar, einsum(...)>: Ybar summed against the other operands, in X_i's layout."""
+    """d/dX_i of <Ybar, einsum(...)>: Ybar summed against the other operands, in X_i's layout.
+    An index repeated in X_i's subscripts (a trace, 'nii') reads its diagonal: the cotangent of
+    that diagonal, written on X_i's diagonal, zeros elsewhere."""
     target = subs[i]
     before, dots, after = target.partition("...")
     letters = before + after
     if len(set(letters)) != len(letters):
-        raise UnsupportedOpError(f"Einsum: the derivative through a repeated index in {target!r} is not supported")
+        once = "".join(c for k, c in enumerate(target) if c == "." or c not in target[:k])
+        diagonal = np.einsum(f"{target}->{once}", X)
+        D = _einsum_cotangent(cx, i, diagonal, subs[:i] + [once] + subs[i + 1:], out, t, flat, head)
+        lead = "".join(_fresh("".join(subs) + out + t, D.ndim - diagonal.ndim))
+        bar = np.zeros(D.shape[:D.ndim - diagonal.ndim] + X.shape, D.dtype)
+        np.einsum(f"{lead}{target}->{lead}{once}", bar)[...] = D  # a view of bar's diagonal
+        return bar
     sample = ""
     if cx.keep[i]:
         if not out or not out[0].isalpha():
