@@ -97,8 +97,7 @@ class Plan:
         # activity: forward from wrt through differentiable slots, backward from `of`
         fwd = set(wrt_set)
         for s in steps:
-            # inputs a rule reads without a derivative that zero would describe (see rules' opaque)
-            for k, why in (s.rule.opaque(s.attrs) if hasattr(s.rule, "opaque") else {}).items():
+            for k, why in s.rule.opaque(s.attrs).items():  # read without a derivative (see rules._finish)
                 if k < len(s.inputs) and s.inputs[k] in fwd:
                     raise UnsupportedOpError(f"node '{s.node.name}': {s.node.op_type} (opset {s.node.opset}): {why}")
             if any(v in fwd for k, v in enumerate(s.inputs) if v and k not in s.rule.nondiff):

@@ -86,6 +86,10 @@ def rule(op_type: str, since: int, domain: str = ""):
     return register
 
 
+def _none_opaque(attrs):
+    return {}
+
+
 def _finish(cls, key):
     cls.key = key
     cls.attrs = _attr_names(cls.forward)
@@ -95,6 +99,9 @@ def _finish(cls, key):
     cls.differentiable = hasattr(cls, "vjp") or hasattr(cls, "jvp")
     cls.n_diff_outputs = getattr(cls, "n_diff_outputs", 1)  # None: every output
     cls.pointwise = getattr(cls, "pointwise", False)  # output element i depends on input elements i only
+    # opaque(attrs) -> {input index: why}: inputs read without a derivative that zero would describe,
+    # refused where what is differentiated reaches them (Resize's crop box, BitCast's bits)
+    cls.opaque = getattr(cls, "opaque", _none_opaque)
 
 
 _THROUGH: dict = {}  # rule -> its straight-through variant (see straight_through)

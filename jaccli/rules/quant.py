@@ -509,9 +509,9 @@ class MatMulBnb4:
 
     def jvp(cx, Adot, _b=None, Mdot=None, *, training_mode=0, **attrs):
         A, B, absmax = cx.x
-        out = None if Adot is None else np.matmul(Adot, _bnb4_weight(B, absmax, attrs, Adot.dtype).T)
+        values, block = _bnb4_parts(B, **attrs)
+        out = None if Adot is None else np.matmul(Adot, _scaled(values, block, absmax, Adot.dtype).T)
         if Mdot is not None:
-            values, block = _bnb4_parts(B, **attrs)
             lead = Mdot.shape[:Mdot.ndim - 1]
             Wdot = (values * Mdot[..., block].reshape(lead + values.shape)).astype(Mdot.dtype)  # (*lead, N, K)
             prod = np.einsum("...k,tnk->t...n", A, Wdot.reshape((-1,) + values.shape))
@@ -520,10 +520,10 @@ class MatMulBnb4:
 
     def vjp(cx, Ybar, *, training_mode=0, **attrs):
         A, B, absmax = cx.x
-        Abar = np.matmul(Ybar, _bnb4_weight(B, absmax, attrs, Ybar.dtype)) if cx.need[0] else None
+        values, block = _bnb4_parts(B, **attrs)
+        Abar = np.matmul(Ybar, _scaled(values, block, absmax, Ybar.dtype)) if cx.need[0] else None
         Mbar = None
         if cx.need[2]:
-            values, _ = _bnb4_parts(B, **attrs)
             lead, per = cx.lead(Ybar), cx.keep[2]
             S = A.shape[0] if per else 1
             Yf = Ybar.reshape(Ybar.shape[:lead] + (S, -1, Ybar.shape[-1]))  # (*lead, S, rows, N)
@@ -533,10 +533,14 @@ class MatMulBnb4:
         return Abar, None, Mbar
 
 
+def _scaled(values, block, absmax, dtype):
+    """The codes' values (N, K) times their blocks' absmax: the weight."""
+    return (values * np.asarray(absmax, np.float64)[block].reshape(values.shape)).astype(dtype)
+
+
 def _bnb4_weight(B, absmax, attrs, dtype):
     """The dequantized weight (N, K)."""
-    values, block = _bnb4_parts(B, **attrs)
-    return (values * np.asarray(absmax, np.float64)[block].reshape(values.shape)).astype(dtype)
+    return _scaled(*_bnb4_parts(B, **attrs), absmax, dtype)
 
 
 # ---- com.microsoft's QuantizeLinear and DequantizeLinear: what onnxruntime's quantizer writes for
