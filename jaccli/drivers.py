@@ -1025,7 +1025,8 @@ def _constant(name):
 def _float_entry(model, of=None):
     """Where the inputs first become floats on the way to output `of`, described for a hint: the
     first Gather from a float table by indices that come from the inputs (token ids looked up
-    in an embedding), or onnxruntime's fused EmbedLayerNormalization, or the first Cast of an
+    in an embedding), or onnxruntime's fused EmbedLayerNormalization, or a text pipeline's
+    TfIdfVectorizer, or the first Cast of an
     input to a float type (an image's integer pixels); failing those, the first Cast to a float
     type of a value made from the inputs (a one-hot Equal, as Magika encodes a file's bytes; a
     transformer's mask cast comes before its embeddings, which are the better answer); None if
@@ -1054,6 +1055,8 @@ def _float_entry(model, of=None):
             derived = derived or f"'{n.outputs[0]}', the first float value made from the inputs (a one-hot encoding of bytes, say)"
         if n.op_type == "EmbedLayerNormalization":  # onnxruntime's optimizer fused the lookup and its norm
             return f"the normalised embeddings '{n.outputs[0]}'"
+        if n.op_type == "TfIdfVectorizer":  # a text pipeline's n-gram counts (scikit-learn's vectorizers)
+            return f"the n-gram counts '{n.outputs[0]}'"
     return derived
 
 

@@ -40,7 +40,9 @@ class ValueInfo:
 
     def describe(self):
         dims = "?" if self.shape is None else "×".join(str(d) if isinstance(d, int) else (d or "?") for d in self.shape)
-        return f"{helper.tensor_dtype_to_np_dtype(self.elem_type).name if self.elem_type else '?'}[{dims}]"
+        kind = "string" if self.elem_type == TensorProto.STRING else (
+            helper.tensor_dtype_to_np_dtype(self.elem_type).name if self.elem_type else "?")
+        return f"{kind}[{dims}]"
 
 
 @dataclass(eq=False)

@@ -127,6 +127,7 @@ class _Runner:
     types: dict
     batch = None  # the model's declared batch where it is fixed: runs take exactly that many samples
     why = None  # why a lesser oracle stands in (see Ours)
+    note = None  # what the report says of how this oracle ran the model
     point_bytes = 0.0  # the memory numpy held for one sample's run when the oracle was chosen (see _points_per_run)
 
     @staticmethod
@@ -165,6 +166,13 @@ class Oracle(_Runner):
 
     def _run(self, outputs, feeds):
         return self.session.run(outputs, feeds)
+
+
+class LocaleOracle(Oracle):
+    """onnxruntime on the model with its StringNormalizers in the C.UTF-8 locale (c_locale)."""
+
+    note = ("onnxruntime ran the model with its StringNormalizers' case mapping in the C.UTF-8 locale: the one "
+            "they name (en_US.UTF-8 by default) is not installed here")
 
 
 class Reference(_Runner):
@@ -245,6 +253,21 @@ def upgraded(proto, feeds, opset=11):
     del up.graph.value_info[:]  # the converter leaves untyped entries that onnxruntime rejects
     _channel_slopes(up)
     return up
+
+
+def c_locale(proto):
+    """The model with every StringNormalizer's case mapping in the C.UTF-8 locale, which every
+    glibc has; None if it has none. onnxruntime builds the node's locale, en_US.UTF-8 unless it
+    names another, and refuses the whole model where that locale is not installed (a Debian
+    image has C.UTF-8 alone); C.UTF-8 maps case by Unicode's simple mappings too."""
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    nodes = [n for n in m.graph.node if n.op_type == "StringNormalizer" and n.domain in ("", "ai.onnx")]
+    for n in nodes:
+        keep = [a for a in n.attribute if a.name != "locale"]
+        del n.attribute[:]
+        n.attribute.extend(keep + [onnx.helper.make_attribute("locale", "C.UTF-8")])
+    return m if nodes else None
 
 
 def _channel_slopes(m):
@@ -352,10 +375,13 @@ def _as_needed(items):
 
 def _candidates(proto, feeds):
     """(model, oracle class), each built only if asked for: onnxruntime on the model as it is,
-    then on it upgraded to opset 11; onnx's reference evaluator on the model as it is, then on
+    then with its StringNormalizers in the C.UTF-8 locale (c_locale), then on it upgraded to opset 11; onnx's reference evaluator on the model as it is, then on
     it upgraded to opset 18 (the evaluator's BatchNormalization of opsets 9 to 13 is wrong in
     onnx 1.23: the float64 agreement test rejects it, the upgraded model passes)."""
     yield proto, Oracle
+    relocaled = c_locale(proto)
+    if relocaled is not None:  # a text model, refused for a locale this machine lacks
+        yield relocaled, LocaleOracle
     for kind, opset in ((Oracle, 11), (Reference, None), (Reference, 18)):
         try:
             yield (proto if opset is None else upgraded(proto, feeds, opset)), kind
@@ -476,7 +502,7 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
         if inner[name] != name:
             proto = _with_appended(proto, inner[name], model.appended[inner[name]])
     rng = np.random.default_rng(seed)
-    rows, jacobians, oracle_dtype, oracle_name, oracle_why = [], {}, None, None, None
+    rows, jacobians, oracle_dtype, oracle_name, oracle_why, oracle_note = [], {}, None, None, None, None
     spec = {}  # output -> the output elements checked (a slice), None for all
     for name in outs:
         v = inner[name]
@@ -487,7 +513,7 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
         else:
             look = _input_fd(model, proto, feeds, v, k, dtype, rng, entries, spec[name], wrt, max_memory=max_memory)
         y_ort, oracle, jacobians[name] = look.y, look.oracle, look.J
-        oracle_dtype, oracle_name, oracle_why = oracle.dtype, oracle.name, oracle.why
+        oracle_dtype, oracle_name, oracle_why, oracle_note = oracle.dtype, oracle.name, oracle.why, oracle.note
         steps = _steps(oracle.dtype)
         rows.append(_row(name, look, y_ours, _noise(y_ort, oracle.dtype), ratio=steps[0] / steps[1],
                          rounding=_rounding(y_ort, oracle.dtype)))
@@ -517,6 +543,8 @@ def check(model_path, x, params=False, samples=3, entries=64, dtype=np.float32, 
     if oracle_why:
         d["oracle_note"] = f"{oracle_why}: the differences are of jaccli's own float64 forward, which checks the " \
                            f"derivative rules against the forward kernels, not the kernels themselves"
+    elif oracle_note:
+        d["oracle_note"] = oracle_note
     return d
 
 

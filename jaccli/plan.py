@@ -113,7 +113,7 @@ class Plan:
             s.keep = tuple(
                 d and per_sample and v not in batched and s.outputs[0] in batched for d, v in zip(s.diff_in, s.inputs)
             )
-            if s.active and not s.rule.differentiable:
+            if s.active and any(s.diff_in) and not s.rule.differentiable:  # not the producer of a value differentiated with respect to
                 raise UnsupportedOpError(
                     f"node '{s.node.name}': {s.node.op_type} (opset {s.node.opset}) has no derivative rule, "
                     f"but lies between the output and what is differentiated"

@@ -206,4 +206,4 @@ def _load_families():
     global _loaded
     if not _loaded:
         _loaded = True
-        from . import contrib, control, conv, deform, detection, elementwise, linalg, ml, norm, pool, qlinear, quant, recurrent, reduce, resize, sequence, shape, spectral  # noqa: F401
+        from . import contrib, control, conv, deform, detection, elementwise, linalg, ml, norm, pool, qlinear, quant, recurrent, reduce, resize, sequence, shape, spectral, text  # noqa: F401
