@@ -47,6 +47,7 @@ class Result:
     estimate: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     dtype: np.dtype = np.dtype(np.float32)
+    labels: dict = field(default_factory=dict)  # input Jacobian: {flat input element: what it stands for}
 
     @property
     def value(self):
@@ -401,6 +402,25 @@ def _run_notes(model, run_size):
                 f"none (a batch baked in when it was exported); a run short of it is padded with copies of its last sample"]
     return [f"runs of {run_size} samples: input '{model.fixed_batch()[0].name}' is declared with a batch of {run_size}, "
             f"which the graph bakes in; a run short of it is padded with copies of its last sample"]
+
+
+def _element_labels(model, name, shape):
+    """{flat element: label} for the elements of a value differentiated with respect to, where
+    they stand for something nameable: a TfIdfVectorizer's columns are n-grams of its pool."""
+    node = next((n for n in model.nodes if name in n.outputs), None)
+    if node is None or node.op_type != "TfIdfVectorizer" or len(shape) != 1:
+        return {}
+    a = node.attrs
+    pool = list(a.get("pool_strings") or a.get("pool_int64s") or [])
+    counts, columns = list(a.get("ngram_counts") or []), list(a.get("ngram_indexes") or [])
+    labels, gid = {}, 0
+    for n, start in enumerate(counts, start=1):
+        end = counts[n] if n < len(counts) else len(pool)
+        for k in range(start, end, n):
+            if gid < len(columns) and columns[gid] < shape[0]:
+                labels.setdefault(int(columns[gid]), " ".join(map(str, pool[k:k + n])))
+            gid += 1
+    return labels
 
 
 def _output_notes(model, of, of_v):
@@ -780,7 +800,9 @@ def input_jacobian(model, x, wrt=None, of=None, mode="auto", dtype=np.float32, o
     if not plan.depends and not plan.quantized:  # a quantizer on the way has its own note
         notes.append(f"output '{of_v.name}' does not depend on input '{wrt_v.name}': the Jacobian is zero")
     res = Result(None, shape, "input", of_v.name, wrt_v.name, mode, out_shape, in_shape, sel,
-                 outputs=np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), estimate=est, notes=notes, dtype=dtype)
+                 outputs=np.empty((N, *out_shape), dtype), chunks=(n_c, t_c), estimate=est, notes=notes, dtype=dtype,
+                 labels=_element_labels(model, wrt_v.name, in_shape))
+
     def fill(env, Jb, s0, s1, t_c, r0):  # directions s0..s1 into block Jb, whose directions start at r0
         n = Jb.shape[0]
         for s in range(s0, s1, t_c):

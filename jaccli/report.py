@@ -47,7 +47,8 @@ def render_summary(console: Console, d: dict):
         t.add_column("mean |J|", justify="right")
         t.add_column("share of Σ|J|", justify="right")
         for e in d["top_inputs"]:
-            t.add_row(f"{d['wrt']}[{', '.join(map(str, e['index']))}]", _fmt(e["mean_abs"]), f"{100 * e['share']:.1f} %")
+            label = f" “{e['label']}”" if "label" in e else ""  # the n-gram a count is of
+            t.add_row(f"{d['wrt']}[{', '.join(map(str, e['index']))}]{label}", _fmt(e["mean_abs"]), f"{100 * e['share']:.1f} %")
         console.print(t)
     else:
         t = Table(title="Parameter tensors: share of the squared gradient norm ‖∂y/∂θ‖²")

@@ -93,7 +93,8 @@ class Summary:
             idx = np.argsort(-self.col_abs)[:top]
             d["top_inputs"] = [
                 {"index": [int(i) for i in np.unravel_index(k, r.in_shape)] if r.in_shape else [],
-                 "mean_abs": float(self.col_abs[k] / (N * rows)), "share": float(share[k])}
+                 "mean_abs": float(self.col_abs[k] / (N * rows)), "share": float(share[k]),
+                 **({"label": r.labels[int(k)]} if int(k) in r.labels else {})}
                 for k in idx
             ]
         else:

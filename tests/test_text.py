@@ -3,6 +3,8 @@ com.microsoft's Tokenizer, TfIdfVectorizer): forward against onnxruntime over th
 and a whole pipeline's parameter Jacobian, and its input Jacobian with respect to the n-gram
 counts, against differences."""
 
+import re
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -210,8 +212,9 @@ def test_text_classifier_through_the_cli(tmp_path):
     assert "against onnxruntime's central differences" in " ".join(r.output.split())  # an independent oracle
     r = CliRunner().invoke(main, ["input", model, data, "-o", str(tmp_path / "J.npy")])
     assert r.exit_code != 0 and "the n-gram counts 'counts'" in r.output
-    r = CliRunner().invoke(main, ["input", model, data, "--wrt", "counts", "-o", str(tmp_path / "J.npy"), "-q"])
+    r = CliRunner().invoke(main, ["input", model, data, "--wrt", "counts", "-o", str(tmp_path / "J.npy")])
     assert r.exit_code == 0, r.output
+    assert re.search(r"counts\[\d+\] “[a-z]+( [a-z]+)?”", r.output)  # the summary names the n-grams
     J = np.load(tmp_path / "J.npy")
     W, idf = inits["W"].astype(np.float64), inits["idf"].astype(np.float64)
     from jaccli.oracle import c_locale  # skl2onnx names no locale: onnxruntime's default, en_US.UTF-8, may be missing
@@ -271,8 +274,6 @@ def test_regex_full_match_as_onnxruntime(pattern):
 def test_tokenizer_with_scikit_learns_unicode_flag():
     """skl2onnx passes a custom token_pattern on as it is: (?u) is Python's flag, which RE2 (and so
     onnxruntime) rejects; jaccli runs it as scikit-learn does, with Unicode word characters."""
-    import re
-
     from jaccli import walk
     from jaccli.plan import Plan
 
@@ -285,3 +286,17 @@ def test_tokenizer_with_scikit_learns_unicode_flag():
     assert got.shape == (len(DOCS), max(map(len, want)))
     assert [[t for t in row if t != "#"] for row in got.tolist()] == want
     assert "déjà" in want[2] and "İstanbul" in want[2]
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+def test_the_counts_columns_are_labelled_with_their_n_grams(permuted):
+    """Each column's label is the n-gram the column counts: a row of just that n-gram counts it there."""
+    from jaccli.drivers import _element_labels
+
+    attrs, _ = _tfidf_attrs(True, "TF", 1, 3, 0, permuted, False)
+    m = _single("TfIdfVectorizer", attrs, _texts([["a"]]), TensorProto.FLOAT, opset=9)
+    labels = _element_labels(jaccli.load(m), "y", (11,))
+    assert len(labels) == 11
+    for col, gram in labels.items():
+        _, got = _both(m, _texts([gram.split()]))
+        assert got[0, col] >= 1, (col, gram)
