@@ -430,7 +430,9 @@ class _Directions:
         lead, n = J.shape[:-1], J.shape[-1]
         dense = np.zeros(lead + (DIRECTIONS,))
         for a in range(0, n, block):
-            dense += J[..., a:a + block].astype(np.float64) @ self.V[:, a:a + block].T
+            Jb, Vb = J[..., a:a + block].astype(np.float64), self.V[:, a:a + block]
+            Jb[..., ~Vb.any(axis=0)] = 0  # columns the directions leave be (a kink's): even a NaN there moves nothing
+            dense += Jb @ Vb.T
         return np.concatenate([J[..., self.pick].astype(np.float64) * self.scale, dense], axis=-1)
 
 
@@ -762,7 +764,11 @@ def _with_largest(pick, J):
 
 _COMPARISONS = ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual")
 _KINKS = _COMPARISONS + ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "ThresholdedRelu", "Clip", "HardSigmoid", "HardSwish",
-                         "Shrink", "Max", "Min", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "TopK", "Cast")
+                         "Shrink", "Max", "Min", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "TopK", "Cast",
+                         "Sqrt")
+
+
+_FLAT_BELOW = ("Sqrt",)  # kinks whose operand is typically flat where they sit (the root of a sum of squares at 0)
 
 
 def _near(a, b):
@@ -783,6 +789,8 @@ def _kinks(node, vals):
     if op == "Cast":  # a float read as a boolean (torch's x.bool()): a comparison with 0
         return {0: x == 0} if a.get("to") in (TensorProto.BOOL, "BOOL") and np.asarray(x).dtype.kind == "f" else {}
     if op in ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu"):
+        return {0: x == 0}
+    if op == "Sqrt":  # of zero: a distance to itself (a nearest-neighbours model's training point), a norm's kink
         return {0: x == 0}
     if op == "ThresholdedRelu":
         return {0: x == a.get("alpha", 1.0)}
@@ -905,13 +913,16 @@ def _branch_points(model, feeds, name, wrt, seed=0, params=False):
             if not moved.intersection(n.inputs):
                 continue
             vals = [env.get(v) if v else None for v in n.inputs]
-            ties = {i: t for i, t in _kinks(n, vals).items() if n.inputs[i] in moved and np.any(t)}
+            ties = {i: t for i, t in _kinks(n, vals).items()  # of floats: an integer (TopK's indices) carries no cotangent
+                    if n.inputs[i] in moved and np.any(t) and np.asarray(vals[i]).dtype.kind == "f"}
             if ties:
                 where[n.name or n.op_type] = True
             for i, tie in ties.items():  # the ties (of the inputs' broadcast shape) on the operand's own
                 v = n.inputs[i]
                 m = (unbroadcast(np.asarray(tie, np.float64), np.shape(vals[i]), lead=0) > 0).astype(np.float64)
                 seed_v = rng.standard_normal((1,) + m.shape) * m
+                if n.op_type in _FLAT_BELOW:  # its operand's own derivative is zero there (a squared distance at 0):
+                    seed_v[:, m > 0] = np.nan  # NaN marks what it depends on at all, as 0 * NaN is NaN
                 cot[v] = cot[v] + seed_v if v in cot else seed_v
         k = samples_in(f)
         bars = walk._pull(plan, env, cot, plan.active_steps, wrt, {}) if cot else {}

@@ -165,8 +165,9 @@ def render_check(console: Console, d: dict):
             console.print(f"[yellow]note:[/yellow] {r['output']}: {r['branch_points']} of the differences checked (sample by "
                           f"column) move a value that sits exactly on a kink or a branch of the model at the point "
                           f"({', '.join(r['ties_at'][:3])}{' ...' if len(r['ties_at']) > 3 else ''}: a Relu or a Clip of exact "
-                          f"zeros, a mask of padding, a window's maximum tied); jaccli's derivative there is one side's, as TensorFlow's "
-                          f"and PyTorch's are, and central differences see the other side, or both: they are not judged")
+                          f"zeros, a mask of padding, a window's maximum tied, the square root of a distance of 0); jaccli's derivative "
+                          f"there is one side's, as TensorFlow's and PyTorch's are (NaN at a distance of 0, where no side has one), and "
+                          f"central differences see the other side, or both: they are not judged")
         if v == "unclear" and r.get("quantized_zero"):
             console.print(f"unclear ({r['output']}): every path to it from what is differentiated passes a "
                           f"{r['quantized_zero']}, whose output is an integer: the Jacobian is zero where it exists, and "
