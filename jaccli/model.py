@@ -84,6 +84,7 @@ class Model:
     nchwc: dict = field(default_factory=dict)  # onnxruntime's NCHWc operators read as standard ones (see jaccli.nchwc)
     sample_axes: dict = field(default_factory=dict)  # input -> the axis of its samples in the model's layout, where not 0
     one_by_one: bool = False  # each sample runs alone, as a batch of one (load's one_by_one)
+    attribute_params: dict = field(default_factory=dict)  # parameter -> (node's first output, attribute): ml_coefficients_as_inputs
 
     def input(self, name):
         return _pick(self.inputs, name, "input")
@@ -397,6 +398,46 @@ def weights_rewritten(proto):
     return proto, (held, hoisted, untied)
 
 
+_ML_LINEAR = ("LinearClassifier", "LinearRegressor")
+
+
+def ml_coefficients_as_inputs(proto):
+    """The coefficients and intercepts of ai.onnx.ml's linear models (scikit-learn's linear and
+    logistic regressions through skl2onnx) moved from attributes into float initializers that
+    the node reads as inputs 1 and 2, so that they are parameters (a per-sample gradient of a
+    logistic regression). Their names: the node's, or its first output's, with .coefficients
+    and .intercepts. Returns (model, {parameter: (the node's first output, attribute)}); the
+    model itself when there are none. onnxruntime runs the original model (see
+    oracle.AttributeOracle)."""
+    nodes = [n for n in proto.graph.node if n.domain == "ai.onnx.ml" and n.op_type in _ML_LINEAR and len(n.input) == 1
+             and any(a.name == "coefficients" for a in n.attribute)]
+    if not nodes:
+        return proto, {}
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    taken = set(_definitions(m.graph))
+    moved = {}
+    for n in m.graph.node:
+        if not (n.domain == "ai.onnx.ml" and n.op_type in _ML_LINEAR and len(n.input) == 1
+                and any(a.name == "coefficients" for a in n.attribute)):
+            continue
+        values = {a.name: np.asarray(a.floats, np.float32) for a in n.attribute if a.name in ("coefficients", "intercepts")}
+        keep = [a for a in n.attribute if a.name not in values]
+        for attr in ("coefficients", "intercepts"):
+            if attr not in values:
+                continue
+            name, k = f"{n.name or n.output[0]}.{attr}", 1
+            while name in taken:
+                name, k = f"{n.name or n.output[0]}.{attr}.{k}", k + 1
+            taken.add(name)
+            m.graph.initializer.append(numpy_helper.from_array(values[attr], name))
+            n.input.append(name)
+            moved[name] = (n.output[0], attr)
+        del n.attribute[:]
+        n.attribute.extend(keep)
+    return m, moved
+
+
 def reads_of_subgraphs(node):
     """Every name that the nodes of a node's sub-graphs (If, Loop, Scan) read, at any depth."""
     names = set()
@@ -526,6 +567,7 @@ def load(source, max_bytes=None, sample_axes=None, one_by_one=False) -> Model:
     proto = nchwc.plain(proto)  # onnxruntime's NCHWc layout, as the standard operators it fuses
     proto, expanded = _expand_functions(proto)
     proto, (held, hoisted, untied) = weights_rewritten(proto)
+    proto, attribute_params = ml_coefficients_as_inputs(proto)
     axes = {**declared_sample_axes(proto), **_every_input(proto, sample_axes or {})}
     proto = inputs_samples_first(proto, axes, path or "model")
     base = os.path.dirname(os.path.abspath(path)) if path else None
@@ -534,6 +576,7 @@ def load(source, max_bytes=None, sample_axes=None, one_by_one=False) -> Model:
     model.hoisted_weights, model.untied_weights = hoisted, untied
     model.nchwc = blocked
     model.one_by_one = bool(one_by_one)
+    model.attribute_params = attribute_params
     return model
 
 
@@ -914,7 +957,7 @@ def _check_arity(schema, n, name, where):
     """Inputs and outputs within what the operator's schema allows."""
     if schema is None:
         return
-    n_in = len(n.input)
+    n_in = len(n.input) - (2 if n.domain == "ai.onnx.ml" and n.op_type in _ML_LINEAR else 0)  # (ml_coefficients_as_inputs)
     if n_in > schema.max_input or n_in < schema.min_input:  # '' counts: exporters pass it for unused inputs
         raise ModelError(
             f"{where}: node '{name}' ({n.op_type}, opset {schema.since_version}) has {n_in} inputs; "

@@ -168,6 +168,56 @@ class Oracle(_Runner):
         return self.session.run(outputs, feeds)
 
 
+class AttributeOracle(Oracle):
+    """onnxruntime on a model whose parameters include coefficients that the model it runs holds
+    as attributes (ai.onnx.ml's linear models; model.attribute_params): a run sets them from the
+    values fed, in a copy of the model, a session per set of values (in float32, as onnxruntime
+    computes those operators)."""
+
+    def __init__(self, proto, moved):
+        super().__init__(proto, np.float32)  # a session at the model's own values: its input types
+        self.proto, self.moved, self.sessions = proto, moved, {}
+
+    def _run(self, outputs, feeds):
+        vals = {k: np.asarray(feeds.pop(k), np.float32).ravel() for k in list(feeds) if k in self.moved}
+        key = tuple((k, v.tobytes()) for k, v in sorted(vals.items()))
+        if key not in self.sessions:
+            if len(self.sessions) > 64:
+                self.sessions.clear()
+            m = onnx.ModelProto()
+            m.CopyFrom(self.proto)
+            at = {}
+            for k, v in vals.items():
+                out, attr = self.moved[k]
+                at.setdefault(out, {})[attr] = v
+            for n in m.graph.node:
+                for attr, v in at.get(n.output[0] if n.output else None, {}).items():
+                    kept = [a for a in n.attribute if a.name != attr]
+                    del n.attribute[:]
+                    n.attribute.extend(kept + [onnx.helper.make_attribute(attr, [float(e) for e in v])])
+            self.sessions[key] = Oracle(m, np.float32).session
+        return self.sessions[key].run(outputs, feeds)
+
+
+def _attribute_oracle(proto, moved, model):
+    """An AttributeOracle on the model, or on it with its StringNormalizers in the C.UTF-8 locale
+    (a text pipeline's logistic regression); else jaccli's own forward, saying why."""
+    last = None
+    for m, note in ((proto, None), (c_locale(proto), LocaleOracle.note)):
+        if m is None:
+            continue
+        try:
+            o = AttributeOracle(m, moved)
+        except Exception as e:
+            last = e
+            continue
+        o.note = note
+        return o
+    o = _own(proto, model)
+    o.why = f"onnxruntime cannot run this model ({_first_line(last)})"
+    return o
+
+
 class LocaleOracle(Oracle):
     """onnxruntime on the model with its StringNormalizers in the C.UTF-8 locale (c_locale)."""
 
@@ -990,8 +1040,14 @@ def _param_fd(model, proto, feeds, name, k, dtype, rng, entries, outputs, own=Fa
     G, cols, sel = r.value, r.columns, r.selection
     names = [c["name"] for c in cols]
     theta = {n: model.initializers[n] for n in names}
-    as_inputs = _params_as_inputs(proto, set(names))
-    oracle = _own(as_inputs, model) if own else _oracle(as_inputs, feeds, [name], theta, model=model, budget=max_memory)
+    moved = {n: model.attribute_params[n] for n in names if n in model.attribute_params}  # attributes to onnxruntime
+    as_inputs = _params_as_inputs(proto, set(names) - set(moved))
+    if own:
+        oracle = _own(as_inputs, model)
+    elif moved:
+        oracle = _attribute_oracle(as_inputs, moved, model)
+    else:
+        oracle = _oracle(as_inputs, feeds, [name], theta, model=model, budget=max_memory)
     base = np.concatenate([theta[n].astype(np.float64).ravel() for n in names])
 
     def evaluate(thetas):

@@ -121,8 +121,10 @@ def test_zipmap_models_differentiate_the_probabilities_it_maps(tmp_path):
                                   "-o", str(tmp_path / "L.npy"), "--json"])
     assert r.exit_code == 0 and "'label' is int64[N], integers" in " ".join(json.loads(r.output)["notes"]), r.output
     assert not np.load(tmp_path / "L.npy").any()
-    r = CliRunner().invoke(main, ["params", str(tmp_path / "zm.onnx"), str(tmp_path / "x.npy")])
-    assert r.exit_code == 2 and "ai.onnx.ml operators (LinearClassifier, Scaler) hold their coefficients" in r.output, r.output
+    r = CliRunner().invoke(main, ["params", str(tmp_path / "zm.onnx"), str(tmp_path / "x.npy"), "-o", str(tmp_path / "G.npy")])
+    assert r.exit_code == 0, r.output  # the linear model's coefficients are parameters; the Scaler's are not
+    names = [c["name"] for c in json.loads((tmp_path / "G.columns.json").read_text())["columns"]]
+    assert names == ["label.coefficients", "label.intercepts"], names  # a node without a name: its first output's
 
 
 def svm_regressor(kernel, n_supports=5, n_features=4, one_class=0):
@@ -662,3 +664,112 @@ def test_category_mapper_and_a_spark_like_pipeline(tmp_path):
         assert np.allclose(np.load(tmp_path / f"J{wrt}.npy"), np.broadcast_to(np.array(want, np.float32), (4, 1, len(want))))
     r = CliRunner().invoke(main, ["check", str(tmp_path / "pipe.onnx"), str(tmp_path / "x.npz"), "--wrt", "b", "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["ok"], r.output
+
+
+# ---- the coefficients of the linear models as parameters --------------------------------------------------------
+
+
+def linear_model(kind, rows, classes, post, n_features=4, rng=None):
+    """A LinearClassifier (or LinearRegressor, `rows` targets) with its coefficients and intercepts
+    as attributes, as skl2onnx writes scikit-learn's linear models."""
+    rng = rng or np.random.default_rng(8)
+    attrs = {"coefficients": list(rng.standard_normal(rows * n_features)), "intercepts": list(rng.standard_normal(rows)),
+             "post_transform": post}
+    if kind == "LinearClassifier":
+        attrs["classlabels_ints"] = list(range(classes))
+        outs = [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+                helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", classes])]
+        node = helper.make_node(kind, ["x"], ["label", "scores"], domain="ai.onnx.ml", name=kind, **attrs)
+    else:
+        attrs["targets"] = rows
+        outs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", rows])]
+        node = helper.make_node(kind, ["x"], ["scores"], domain="ai.onnx.ml", name=kind, **attrs)
+    g = helper.make_graph([node], "lin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_features])], outs)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)])
+    m.ir_version = 8
+    return m
+
+
+LINEAR = [("LinearClassifier", 3, 3, "SOFTMAX"), ("LinearClassifier", 3, 3, "LOGISTIC"), ("LinearClassifier", 3, 3, "NONE"),
+          ("LinearClassifier", 1, 2, "LOGISTIC"), ("LinearClassifier", 1, 2, "NONE"), ("LinearClassifier", 2, 2, "SOFTMAX"),
+          ("LinearRegressor", 1, 0, "NONE"), ("LinearRegressor", 2, 0, "NONE")]
+
+
+@pytest.mark.parametrize("kind,rows,classes,post", LINEAR)
+def test_linear_model_coefficients_are_parameters(kind, rows, classes, post):
+    """The attributes become parameters (a per-sample gradient of a logistic regression): the
+    per-sample Jacobian against float64 differences of jaccli's forward over them, the forward
+    as onnxruntime's; and the input Jacobian, unchanged, against differences."""
+    from jaccli.oracle import _forward
+
+    m = linear_model(kind, rows, classes, post)
+    x = RNG.standard_normal((5, 4))
+    model = jaccli.load(m)
+    assert sorted(model.attribute_params) == [f"{kind}.coefficients", f"{kind}.intercepts"]
+    G, cols = jaccli.param_jacobian(model, x, of="scores", dtype="float64")
+    assert [c["name"] for c in cols] == [f"{kind}.coefficients", f"{kind}.intercepts"]
+    assert [c["size"] for c in cols] == [rows * 4, rows]
+    theta = {c["name"]: model.initializers[c["name"]].astype(np.float64) for c in cols}
+    fd = []
+    for c in cols:
+        for j in range(c["size"]):
+            plus, minus = ({**theta, c["name"]: theta[c["name"]] + s * 1e-6 * np.eye(c["size"])[j]} for s in (1, -1))
+            fd.append((_forward(model, {"x": x}, "scores", np.float64, plus) - _forward(model, {"x": x}, "scores", np.float64, minus)) / 2e-6)
+    fd = np.stack(fd, -1)
+    assert G.shape == fd.shape and rel_err(G, fd) < 1e-7
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["scores"], {"x": x.astype(np.float32)})[0]
+    np.testing.assert_allclose(_forward(model, {"x": x}, "scores", np.float64).reshape(want.shape), want, rtol=1e-5, atol=1e-6)
+    J = jaccli.input_jacobian(model, x, of="scores", dtype="float64")
+    Jfd = np.stack([(_forward(model, {"x": x + e}, "scores", np.float64) - _forward(model, {"x": x - e}, "scores", np.float64)) / 2e-6
+                    for e in (np.eye(4)[j] * 1e-6 for j in range(4))], -1)
+    assert rel_err(J, Jfd) < 1e-7
+
+
+@pytest.mark.parametrize("kind,rows,classes,post", [LINEAR[0], LINEAR[3], LINEAR[6]])
+def test_linear_model_parameters_checked_against_onnxruntime(tmp_path, monkeypatch, kind, rows, classes, post):
+    """check --params perturbs the coefficients where onnxruntime reads them, in the attributes; a
+    Jacobian 10% wrong FAILs."""
+    import onnx
+    from click.testing import CliRunner
+    from gradcheck import wrong_by_ten_percent
+
+    from jaccli.cli import main
+
+    onnx.save(linear_model(kind, rows, classes, post), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", RNG.standard_normal((4, 4)).astype(np.float32))
+    args = ["check", "--params", "--of", "scores", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "against onnxruntime's central differences" in " ".join(r.output.split()), r.output
+    wrong_by_ten_percent(monkeypatch, "param_jacobian")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "FAIL" in r.output, r.output
+
+
+@pytest.mark.parametrize("kind,rows,classes,post", LINEAR)
+def test_linear_model_rules_in_every_input(kind, rows, classes, post):
+    """The rules straight on arrays, the coefficients and intercepts as inputs: the JVP in all
+    three against central differences of the forward, the VJP by <u, J v> = <J^T u, v>."""
+    from jaccli.rules import Ctx, lookup
+
+    rule = lookup(kind, 1, "ai.onnx.ml")
+    rng = np.random.default_rng(9)
+    attrs = {"post_transform": post, **({"classlabels_ints": list(range(classes))} if classes else {"targets": rows})}
+    xs = [rng.standard_normal((5, 4)), rng.standard_normal(rows * 4), rng.standard_normal(rows)]
+
+    def scores(args):
+        out = rule.forward(*args, **attrs)
+        return out[1] if isinstance(out, tuple) else out
+
+    outs = rule.forward(*xs, **attrs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    cx = Ctx(tuple(xs), outs, (True, True, True), (False, False, False), rule)
+    V = [rng.standard_normal((2,) + a.shape) for a in xs]
+    Ydot = rule.jvp(cx, *V, **attrs)
+    Ydot = Ydot[-1] if isinstance(Ydot, tuple) else Ydot
+    for t in range(2):
+        fd = (scores([a + 1e-6 * v[t] for a, v in zip(xs, V)]) - scores([a - 1e-6 * v[t] for a, v in zip(xs, V)])) / 2e-6
+        assert rel_err(Ydot[t], fd) < 1e-6
+    U = rng.standard_normal((2,) + scores(xs).shape)
+    bars = rule.vjp(cx, *((None, U) if classes else (U,)), **attrs)
+    lhs, rhs = (U * Ydot).sum(), sum((b * v).sum() for b, v in zip(bars, V))
+    assert abs(lhs - rhs) <= 1e-9 * max(1.0, abs(lhs))

@@ -3,6 +3,7 @@ com.microsoft's Tokenizer, TfIdfVectorizer): forward against onnxruntime over th
 and a whole pipeline's parameter Jacobian, and its input Jacobian with respect to the n-gram
 counts, against differences."""
 
+import json
 import re
 
 import numpy as np
@@ -300,3 +301,33 @@ def test_the_counts_columns_are_labelled_with_their_n_grams(permuted):
     for col, gram in labels.items():
         _, got = _both(m, _texts([gram.split()]))
         assert got[0, col] >= 1, (col, gram)
+
+
+def test_text_logistic_regression_through_the_cli(tmp_path):
+    """skl2onnx's TfidfVectorizer + LogisticRegression: its coefficients, attributes of a
+    LinearClassifier, are parameters beside the IDF weights; check --params perturbs them in the
+    attributes, with onnxruntime (its StringNormalizer in C.UTF-8 where en_US.UTF-8 is missing)."""
+    import onnx
+
+    m, inits = text_classifier(np.random.default_rng(13))
+    g = m.graph
+    V = inits["idf"].size
+    keep = [n for n in g.node if n.op_type not in ("MatMul", "Add", "Softmax")]
+    clf = helper.make_node("LinearClassifier", ["tfidf"], ["label", "probabilities"], domain="ai.onnx.ml",
+                           name="LinearClassifier", coefficients=list(np.random.default_rng(1).standard_normal(3 * V)),
+                           intercepts=[0.1, -0.2, 0.3], classlabels_ints=[0, 1, 2], post_transform="LOGISTIC")
+    del g.node[:]
+    g.node.extend(keep + [clf])
+    for name in ("W", "b"):
+        g.initializer.remove(next(t for t in g.initializer if t.name == name))
+    g.output.insert(0, helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]))
+    m.opset_import.append(helper.make_opsetid("ai.onnx.ml", 1))
+    onnx.save(m, tmp_path / "lr.onnx")
+    np.save(tmp_path / "docs.npy", np.array(DOCS).reshape(-1, 1))
+    model, data = str(tmp_path / "lr.onnx"), str(tmp_path / "docs.npy")
+    r = CliRunner().invoke(main, ["params", model, data, "--of", "probabilities", "-o", str(tmp_path / "G.npy"), "-q"])
+    assert r.exit_code == 0, r.output
+    names = [c["name"] for c in json.loads((tmp_path / "G.columns.json").read_text())["columns"]]
+    assert names == ["idf", "LinearClassifier.coefficients", "LinearClassifier.intercepts"]
+    r = CliRunner().invoke(main, ["check", model, data, "--params", "--of", "probabilities"])
+    assert r.exit_code == 0 and "against onnxruntime's central differences" in " ".join(r.output.split()), r.output

@@ -297,38 +297,87 @@ class ArrayFeatureExtractor:
         return (Xb if cx.keep[0] else Xb[(slice(None),) * lead + (0,)]), None
 
 
+def _weights(cx, attrs):
+    """(flat coefficients, intercepts or None): the node's inputs 1 and 2 where load made them
+    parameters (model.ml_coefficients_as_inputs), else its attributes."""
+    x = cx.x if not isinstance(cx, tuple) else cx
+    C = x[1] if len(x) > 1 and x[1] is not None else attrs.get("coefficients")
+    b = x[2] if len(x) > 2 and x[2] is not None else attrs.get("intercepts")
+    return C, b
+
+
+def _linear_tangent(cx, Xdot, Cdot, bdot, W):
+    """Zdot of Z = X W^T + b (W from the flat coefficients) along the tangents given."""
+    X = cx.x[0].reshape(len(cx.x[0]), -1)
+    Zdot = None if Xdot is None else Xdot.reshape(Xdot.shape[:Xdot.ndim - cx.x[0].ndim] + X.shape) @ W.T.astype(Xdot.dtype)
+    if Cdot is not None:
+        Wdot = Cdot.reshape(Cdot.shape[:-1] + W.shape)  # (T, rows, F)
+        Zdot = _plus(Zdot, np.matmul(X.astype(Wdot.dtype), np.swapaxes(Wdot, -1, -2)))  # (T, N, rows)
+    if bdot is not None:
+        Zdot = _plus(Zdot, np.broadcast_to(bdot[..., None, :], bdot.shape[:-1] + (len(X), bdot.shape[-1])))
+    return Zdot
+
+
+def _plus(a, b):
+    return b if a is None else a + b
+
+
+def _linear_cotangents(cx, Zbar, W):
+    """(Xbar, Cbar, bbar) from Zbar (*lead, N, rows): the flat coefficients' and the intercepts'
+    per sample where kept (cx.keep), else summed over the samples; None where not needed."""
+    X = cx.x[0].reshape(len(cx.x[0]), -1)
+    need = tuple(cx.need) + (False,) * (3 - len(cx.need))
+    keep = tuple(cx.keep) + (False,) * (3 - len(cx.keep))
+    Xbar = Zbar @ W.astype(Zbar.dtype) if need[0] else None
+    Cbar = bbar = None
+    if need[1]:
+        G = (Zbar[..., :, :, None] * X.astype(Zbar.dtype)[:, None, :]).reshape(Zbar.shape[:-1] + (-1,))  # (*lead, N, rows*F)
+        Cbar = G if keep[1] else G.sum(axis=-2)
+    if need[2]:
+        bbar = Zbar if keep[2] else Zbar.sum(axis=-2)
+    return Xbar, Cbar, bbar
+
+
 @rule("LinearRegressor", since=1, domain=ML)
 class LinearRegressor:
-    """Y = post_transform(X @ coefficients^T + intercepts), `targets` outputs."""
+    """Y = post_transform(X @ coefficients^T + intercepts), `targets` outputs. The coefficients and
+    intercepts are inputs 1 and 2 where load made them parameters."""
 
-    def forward(X, *, coefficients, intercepts=None, post_transform="NONE", targets=1):
-        Z, _ = _linear(X.astype(np.result_type(X.dtype, np.float32)), coefficients, intercepts, targets)
+    keeps = True
+
+    def forward(X, C=None, b=None, *, coefficients=None, intercepts=None, post_transform="NONE", targets=1):
+        C, b = _weights((X, C, b), {"coefficients": coefficients, "intercepts": intercepts})
+        Z, _ = _linear(X.astype(np.result_type(X.dtype, np.float32)), C, b, targets)
         return _post(Z, post_transform)
 
-    def jvp(cx, Xdot, *, coefficients, intercepts=None, post_transform="NONE", targets=1):
-        X = cx.x[0]
-        Z, W = _linear(X, coefficients, intercepts, targets)
-        return _post_derivative(cx.y[0], Xdot @ W.T.astype(Xdot.dtype), post_transform)
+    def jvp(cx, Xdot, Cdot=None, bdot=None, *, post_transform="NONE", targets=1, **attrs):
+        C, b = _weights(cx, attrs)
+        W = np.asarray(C, cx.x[0].dtype).reshape(targets, -1)
+        return _post_derivative(cx.y[0], _linear_tangent(cx, Xdot, Cdot, bdot, W), post_transform)
 
-    def vjp(cx, Ybar, *, coefficients, intercepts=None, post_transform="NONE", targets=1):
-        X = cx.x[0]
-        Z, W = _linear(X, coefficients, intercepts, targets)
-        return (_post_derivative(cx.y[0], Ybar, post_transform) @ W.astype(Ybar.dtype),)
+    def vjp(cx, Ybar, *, post_transform="NONE", targets=1, **attrs):
+        C, b = _weights(cx, attrs)
+        W = np.asarray(C, cx.x[0].dtype).reshape(targets, -1)
+        return _linear_cotangents(cx, _post_derivative(cx.y[0], Ybar, post_transform), W)
 
 
 @rule("LinearClassifier", since=1, domain=ML)
 class LinearClassifier:
-    """(label, scores): scores = post_transform(X @ coefficients^T + intercepts); label not differentiated."""
+    """(label, scores): scores = post_transform(X @ coefficients^T + intercepts); label not
+    differentiated. The coefficients and intercepts are inputs 1 and 2 where load made them
+    parameters."""
 
     n_diff_outputs = 2
+    keeps = True
 
-    def forward(X, *, coefficients, classlabels_ints=None, classlabels_strings=None, intercepts=None,
-                multi_class=0, post_transform="NONE"):
+    def forward(X, C=None, b=None, *, coefficients=None, classlabels_ints=None, classlabels_strings=None,
+                intercepts=None, multi_class=0, post_transform="NONE"):
+        C, b = _weights((X, C, b), {"coefficients": coefficients, "intercepts": intercepts})
         labels = classlabels_ints if classlabels_ints is not None else classlabels_strings
         n = len(labels)
         Xf = X.astype(np.result_type(X.dtype, np.float32))
-        W = np.asarray(coefficients).reshape(-1, Xf.shape[-1])
-        Z, _ = _linear(Xf, coefficients, intercepts, W.shape[0])
+        W = np.asarray(C).reshape(-1, Xf.reshape(len(Xf), -1).shape[-1])
+        Z, _ = _linear(Xf, C, b, W.shape[0])
         S = _post(Z, post_transform)
         if W.shape[0] == 1 and n == 2:  # binary: one column of scores s, reported as [1 - s, s]
             S2 = np.concatenate([1 - S, S], axis=-1)
@@ -339,39 +388,31 @@ class LinearClassifier:
         label = np.asarray(labels)[winner]
         return label, S
 
-    def jvp(cx, Xdot, **attrs):
-        return None, _scores_tangent(cx, Xdot, attrs)
+    def jvp(cx, Xdot, Cdot=None, bdot=None, **attrs):
+        Z, W = _scores_matrix(cx, attrs)
+        post = attrs.get("post_transform", "NONE")
+        D = _post_derivative(_post(Z, post), _linear_tangent(cx, Xdot, Cdot, bdot, W), post)
+        if W.shape[0] == 1 and cx.y[1].shape[-1] == 2:
+            D = np.concatenate([-D, D], axis=-1)
+        return None, D
 
     def vjp(cx, Lbar, Sbar, **attrs):
         if Sbar is None:
-            return (None,)
-        return (_scores_cotangent(cx, Sbar, attrs),)
+            return (None,) * len(cx.x)
+        Z, W = _scores_matrix(cx, attrs)
+        post = attrs.get("post_transform", "NONE")
+        if W.shape[0] == 1 and cx.y[1].shape[-1] == 2:
+            Sbar = Sbar[..., 1:] - Sbar[..., :1]
+        return _linear_cotangents(cx, _post_derivative(_post(Z, post), Sbar, post), W)
 
 
 def _scores_matrix(cx, attrs):
     X = cx.x[0]
-    W = np.asarray(attrs["coefficients"], X.dtype).reshape(-1, X.shape[-1])
-    Z, _ = _linear(X, attrs["coefficients"], attrs.get("intercepts"), W.shape[0])
+    C, b = _weights(cx, attrs)
+    F = X.reshape(len(X), -1).shape[-1]
+    W = np.asarray(C, X.dtype).reshape(-1, F)
+    Z, _ = _linear(X, C, b, W.shape[0])
     return Z, W
-
-
-def _scores_tangent(cx, Xdot, attrs):
-    Z, W = _scores_matrix(cx, attrs)
-    post = attrs.get("post_transform", "NONE")
-    S1 = _post(Z, post)
-    D = _post_derivative(S1, Xdot @ W.T.astype(Xdot.dtype), post)
-    if W.shape[0] == 1 and cx.y[1].shape[-1] == 2:
-        D = np.concatenate([-D, D], axis=-1)
-    return D
-
-
-def _scores_cotangent(cx, Sbar, attrs):
-    Z, W = _scores_matrix(cx, attrs)
-    post = attrs.get("post_transform", "NONE")
-    S1 = _post(Z, post)
-    if W.shape[0] == 1 and cx.y[1].shape[-1] == 2:
-        Sbar = Sbar[..., 1:] - Sbar[..., :1]
-    return _post_derivative(S1, Sbar, post) @ W.astype(Sbar.dtype)
 
 
 @rule("SVMRegressor", since=1, domain=ML)
