@@ -409,17 +409,18 @@ def ml_coefficients_as_inputs(proto):
     and .intercepts. Returns (model, {parameter: (the node's first output, attribute)}); the
     model itself when there are none. onnxruntime runs the original model (see
     oracle.AttributeOracle)."""
-    nodes = [n for n in proto.graph.node if n.domain == "ai.onnx.ml" and n.op_type in _ML_LINEAR and len(n.input) == 1
-             and any(a.name == "coefficients" for a in n.attribute)]
-    if not nodes:
+    def movable(n):
+        return (n.domain == "ai.onnx.ml" and n.op_type in _ML_LINEAR and len(n.input) == 1
+                and any(a.name == "coefficients" for a in n.attribute))
+
+    if not any(movable(n) for n in proto.graph.node):
         return proto, {}
     m = onnx.ModelProto()
     m.CopyFrom(proto)
     taken = set(_definitions(m.graph))
     moved = {}
     for n in m.graph.node:
-        if not (n.domain == "ai.onnx.ml" and n.op_type in _ML_LINEAR and len(n.input) == 1
-                and any(a.name == "coefficients" for a in n.attribute)):
+        if not movable(n):
             continue
         values = {a.name: np.asarray(a.floats, np.float32) for a in n.attribute if a.name in ("coefficients", "intercepts")}
         keep = [a for a in n.attribute if a.name not in values]

@@ -297,10 +297,9 @@ class ArrayFeatureExtractor:
         return (Xb if cx.keep[0] else Xb[(slice(None),) * lead + (0,)]), None
 
 
-def _weights(cx, attrs):
-    """(flat coefficients, intercepts or None): the node's inputs 1 and 2 where load made them
-    parameters (model.ml_coefficients_as_inputs), else its attributes."""
-    x = cx.x if not isinstance(cx, tuple) else cx
+def _weights(x, attrs):
+    """(flat coefficients, intercepts or None) from a node's inputs `x`: its inputs 1 and 2 where
+    load made them parameters (model.ml_coefficients_as_inputs), else its attributes."""
     C = x[1] if len(x) > 1 and x[1] is not None else attrs.get("coefficients")
     b = x[2] if len(x) > 2 and x[2] is not None else attrs.get("intercepts")
     return C, b
@@ -351,12 +350,12 @@ class LinearRegressor:
         return _post(Z, post_transform)
 
     def jvp(cx, Xdot, Cdot=None, bdot=None, *, post_transform="NONE", targets=1, **attrs):
-        C, b = _weights(cx, attrs)
+        C, b = _weights(cx.x, attrs)
         W = np.asarray(C, cx.x[0].dtype).reshape(targets, -1)
         return _post_derivative(cx.y[0], _linear_tangent(cx, Xdot, Cdot, bdot, W), post_transform)
 
     def vjp(cx, Ybar, *, post_transform="NONE", targets=1, **attrs):
-        C, b = _weights(cx, attrs)
+        C, b = _weights(cx.x, attrs)
         W = np.asarray(C, cx.x[0].dtype).reshape(targets, -1)
         return _linear_cotangents(cx, _post_derivative(cx.y[0], Ybar, post_transform), W)
 
@@ -408,7 +407,7 @@ class LinearClassifier:
 
 def _scores_matrix(cx, attrs):
     X = cx.x[0]
-    C, b = _weights(cx, attrs)
+    C, b = _weights(cx.x, attrs)
     F = X.reshape(len(X), -1).shape[-1]
     W = np.asarray(C, X.dtype).reshape(-1, F)
     Z, _ = _linear(X, C, b, W.shape[0])
