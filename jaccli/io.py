@@ -102,7 +102,8 @@ def _read_csv(raw, name):
             out[i] = [float(c) for c in r]
         except ValueError:
             bad = next(c for c in r if not _is_float(c))
-            raise DataError(f"{name}: row {i + 1} holds a non-numeric value {bad.strip()[:20]!r}") from None
+            raise DataError(f"{name}: row {i + 1} holds a non-numeric value {bad.strip()[:20]!r} (CSV data is numbers; text for "
+                            f"a string input, documents or categories, goes in .npy or .npz: np.asarray(texts, dtype=str))") from None
     return out
 
 

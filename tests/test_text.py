@@ -211,6 +211,9 @@ def test_text_classifier_through_the_cli(tmp_path):
     r = CliRunner().invoke(main, ["check", model, data, "--params"])
     assert r.exit_code == 0, r.output
     assert "against onnxruntime's central differences" in " ".join(r.output.split())  # an independent oracle
+    (tmp_path / "docs.csv").write_text("text\nthe cat sat\ndogs and cats\n")  # CSV is numbers: the error says where text goes
+    r = CliRunner().invoke(main, ["params", model, str(tmp_path / "docs.csv"), "-o", str(tmp_path / "G2.npy")])
+    assert r.exit_code != 0 and "np.asarray(texts, dtype=str)" in r.output and "Traceback" not in r.output, r.output
     r = CliRunner().invoke(main, ["input", model, data, "-o", str(tmp_path / "J.npy")])
     assert r.exit_code != 0 and "the n-gram counts 'counts'" in r.output
     r = CliRunner().invoke(main, ["input", model, data, "--wrt", "counts", "-o", str(tmp_path / "J.npy")])
