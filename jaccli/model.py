@@ -398,19 +398,21 @@ def weights_rewritten(proto):
     return proto, (held, hoisted, untied)
 
 
-_ML_LINEAR = ("LinearClassifier", "LinearRegressor")
+_ML_WEIGHTS = {"LinearClassifier": ("coefficients", "intercepts"), "LinearRegressor": ("coefficients", "intercepts"),
+               "SVMRegressor": ("coefficients", "rho")}  # attributes made inputs 1 and 2, in order
 
 
 def ml_coefficients_as_inputs(proto):
-    """The coefficients and intercepts of ai.onnx.ml's linear models (scikit-learn's linear and
-    logistic regressions through skl2onnx) moved from attributes into float initializers that
-    the node reads as inputs 1 and 2, so that they are parameters (a per-sample gradient of a
-    logistic regression). Their names: the node's, or its first output's, with .coefficients
-    and .intercepts. Returns (model, {parameter: (the node's first output, attribute)}); the
-    model itself when there are none. onnxruntime runs the original model (see
-    oracle.AttributeOracle)."""
+    """The trained weights of ai.onnx.ml's linear models and SVM regressor (scikit-learn's linear
+    and logistic regressions through skl2onnx; an SVR's dual coefficients and offset) moved
+    from attributes into float initializers that the node reads as inputs 1 and 2 (_ML_WEIGHTS),
+    so that they are parameters (a per-sample gradient of a logistic regression). Their names:
+    the node's, or its first output's, with .coefficients and .intercepts (or .rho). Returns
+    (model, {parameter: (the node's first output, attribute)}); the model itself when there
+    are none. onnxruntime runs the original model (see oracle.AttributeOracle)."""
+
     def movable(n):
-        return (n.domain == "ai.onnx.ml" and n.op_type in _ML_LINEAR and len(n.input) == 1
+        return (n.domain == "ai.onnx.ml" and n.op_type in _ML_WEIGHTS and len(n.input) == 1
                 and any(a.name == "coefficients" for a in n.attribute))
 
     if not any(movable(n) for n in proto.graph.node):
@@ -422,9 +424,10 @@ def ml_coefficients_as_inputs(proto):
     for n in m.graph.node:
         if not movable(n):
             continue
-        values = {a.name: np.asarray(a.floats, np.float32) for a in n.attribute if a.name in ("coefficients", "intercepts")}
+        names = _ML_WEIGHTS[n.op_type]
+        values = {a.name: np.asarray(a.floats, np.float32) for a in n.attribute if a.name in names}
         keep = [a for a in n.attribute if a.name not in values]
-        for attr in ("coefficients", "intercepts"):
+        for attr in names:
             if attr not in values:
                 continue
             name, k = f"{n.name or n.output[0]}.{attr}", 1
@@ -958,7 +961,7 @@ def _check_arity(schema, n, name, where):
     """Inputs and outputs within what the operator's schema allows."""
     if schema is None:
         return
-    n_in = len(n.input) - (2 if n.domain == "ai.onnx.ml" and n.op_type in _ML_LINEAR else 0)  # (ml_coefficients_as_inputs)
+    n_in = min(len(n.input), 1) if n.domain == "ai.onnx.ml" and n.op_type in _ML_WEIGHTS else len(n.input)  # (ml_coefficients_as_inputs)
     if n_in > schema.max_input or n_in < schema.min_input:  # '' counts: exporters pass it for unused inputs
         raise ModelError(
             f"{where}: node '{name}' ({n.op_type}, opset {schema.since_version}) has {n_in} inputs; "

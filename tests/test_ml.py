@@ -773,3 +773,59 @@ def test_linear_model_rules_in_every_input(kind, rows, classes, post):
     bars = rule.vjp(cx, *((None, U) if classes else (U,)), **attrs)
     lhs, rhs = (U * Ydot).sum(), sum((b * v).sum() for b, v in zip(bars, V))
     assert abs(lhs - rhs) <= 1e-9 * max(1.0, abs(lhs))
+
+
+SVR_CASES = [("RBF", 5, 0), ("POLY", 5, 0), ("SIGMOID", 5, 0), ("LINEAR", 5, 0), ("LINEAR", 0, 0), ("RBF", 5, 1)]
+
+
+@pytest.mark.parametrize("kernel,n_supports,one_class", SVR_CASES)
+def test_svm_regressor_weights_are_parameters(kernel, n_supports, one_class):
+    """An SVR's dual coefficients and rho are parameters: the per-sample Jacobian against float64
+    differences of jaccli's forward over them (zero for a one-class sign), and the rule's JVP and
+    VJP in every input."""
+    from jaccli.oracle import _forward
+    from jaccli.rules import Ctx, lookup
+
+    m = svm_regressor(kernel, n_supports, one_class=one_class)
+    x = RNG.standard_normal((5, 4))
+    model = jaccli.load(m)
+    G, cols = jaccli.param_jacobian(model, x, dtype="float64")
+    names = [c["name"] for c in cols]
+    assert names == ["y.coefficients", "y.rho"]  # a node without a name: its output's
+    theta = {n: model.initializers[n].astype(np.float64) for n in names}
+    fd = np.stack([(_forward(model, {"x": x}, "y", np.float64, {**theta, c["name"]: theta[c["name"]] + 1e-6 * np.eye(c["size"])[j]})
+                    - _forward(model, {"x": x}, "y", np.float64, {**theta, c["name"]: theta[c["name"]] - 1e-6 * np.eye(c["size"])[j]}))
+                   / 2e-6 for c in cols for j in range(c["size"])], -1)
+    assert G.shape == fd.shape and (rel_err(G, fd) < 1e-7 if fd.any() else not G.any())
+    rule, rng = lookup("SVMRegressor", 1, "ai.onnx.ml"), np.random.default_rng(10)
+    attrs = {a.name: helper.get_attribute_value(a) for a in m.graph.node[0].attribute if a.name not in ("coefficients", "rho")}
+    attrs["kernel_type"] = attrs["kernel_type"].decode()
+    xs = [x, theta["y.coefficients"], theta["y.rho"]]
+    cx = Ctx(tuple(xs), (rule.forward(*xs, **attrs),), (True, True, True), (False,) * 3, rule)
+    V = [rng.standard_normal((2,) + a.shape) for a in xs]
+    Ydot = rule.jvp(cx, *V, **attrs)
+    for t in range(2):
+        fd = (rule.forward(*[a + 1e-6 * v[t] for a, v in zip(xs, V)], **attrs)
+              - rule.forward(*[a - 1e-6 * v[t] for a, v in zip(xs, V)], **attrs)) / 2e-6
+        assert np.abs(Ydot[t] - fd).max() <= 1e-6 * max(1.0, np.abs(fd).max())
+    U = rng.standard_normal((2,) + cx.y[0].shape)
+    bars = rule.vjp(cx, U, **attrs)
+    lhs, rhs = (U * Ydot).sum(), sum((b * v).sum() for b, v in zip(bars, V))
+    assert abs(lhs - rhs) <= 1e-9 * max(1.0, abs(lhs))
+
+
+def test_svm_regressor_parameters_checked_against_onnxruntime(tmp_path, monkeypatch):
+    import onnx
+    from click.testing import CliRunner
+    from gradcheck import wrong_by_ten_percent
+
+    from jaccli.cli import main
+
+    onnx.save(svm_regressor("RBF", 5), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", RNG.standard_normal((4, 4)).astype(np.float32))
+    args = ["check", "--params", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "against onnxruntime's central differences" in " ".join(r.output.split()), r.output
+    wrong_by_ten_percent(monkeypatch, "param_jacobian")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "FAIL" in r.output, r.output

@@ -419,20 +419,60 @@ class SVMRegressor:
     """Y (N, 1) = sum_j coefficients_j K(X, support_vector_j) + rho (n_supports > 0), or
     X . coefficients + rho (n_supports = 0); kernels LINEAR (x.s), POLY (gamma x.s + coef0)^degree,
     SIGMOID tanh(gamma x.s + coef0), RBF exp(-gamma |x - s|^2), with kernel_params (gamma, coef0,
-    degree), as onnxruntime computes them. one_class gives the sign, +-1, whose derivative is zero."""
+    degree), as onnxruntime computes them. one_class gives the sign, +-1, whose derivative is zero.
+    The coefficients and rho are inputs 1 and 2 where load made them parameters."""
 
-    def forward(X, *, coefficients, kernel_params=None, kernel_type="LINEAR", n_supports=0, one_class=0,
-                post_transform="NONE", rho=None, support_vectors=None):
+    keeps = True
+
+    def forward(X, C=None, R=None, *, coefficients=None, kernel_params=None, kernel_type="LINEAR", n_supports=0,
+                one_class=0, post_transform="NONE", rho=None, support_vectors=None):
+        coefficients, rho = _weights((X, C, R), {"coefficients": coefficients, "intercepts": rho})
         Xf = X.astype(np.result_type(X.dtype, np.float32))
         Y = _svm_score(Xf, coefficients, kernel_params, kernel_type, n_supports, rho, support_vectors)
         return np.where(Y > 0, 1, -1).astype(Y.dtype) if one_class else Y
 
-    def jvp(cx, Xdot, **attrs):
-        g = _svm_gradient(cx.x[0], **attrs)
-        return (Xdot * g.astype(Xdot.dtype)).sum(axis=-1, keepdims=True)
+    def jvp(cx, Xdot, Cdot=None, Rdot=None, **attrs):
+        attrs = _svm_weights(cx, attrs)
+        Ydot = None
+        if Xdot is not None:
+            Ydot = (Xdot * _svm_gradient(cx.x[0], **attrs).astype(Xdot.dtype)).sum(axis=-1, keepdims=True)
+        flat = 0 if attrs.get("one_class") else 1  # the sign's derivative is zero
+        if Cdot is not None:  # (T, n): parameters carry no sample axis
+            Ydot = _plus(Ydot, flat * np.einsum("nv,tv->tn", _svm_features(cx.x[0], attrs).astype(Cdot.dtype), Cdot)[..., None])
+        if Rdot is not None:  # (T, 1)
+            Ydot = _plus(Ydot, flat * np.broadcast_to(Rdot[:, None, :], (len(Rdot),) + cx.y[0].shape))
+        return Ydot
 
     def vjp(cx, Ybar, **attrs):
-        return (Ybar * _svm_gradient(cx.x[0], **attrs).astype(Ybar.dtype),)
+        attrs = _svm_weights(cx, attrs)
+        need = tuple(cx.need) + (False,) * (3 - len(cx.need))
+        keep = tuple(cx.keep) + (False,) * (3 - len(cx.keep))
+        Xbar = Ybar * _svm_gradient(cx.x[0], **attrs).astype(Ybar.dtype) if need[0] else None
+        flat = 0 if attrs.get("one_class") else 1
+        Cbar = Rbar = None
+        if need[1]:
+            G = flat * Ybar * _svm_features(cx.x[0], attrs).astype(Ybar.dtype)  # (*lead, N, n)
+            Cbar = G if keep[1] else G.sum(axis=-2)
+        if need[2]:
+            Rbar = flat * (Ybar if keep[2] else Ybar.sum(axis=-2))  # (*lead, N, 1) or (*lead, 1)
+        return Xbar, Cbar, Rbar
+
+
+def _svm_weights(cx, attrs):
+    """The attributes with the coefficients and rho that the node reads (its inputs where they are parameters)."""
+    coefficients, rho = _weights(cx.x, {"coefficients": attrs.get("coefficients"), "intercepts": attrs.get("rho")})
+    return {**attrs, "coefficients": coefficients, "rho": rho}
+
+
+def _svm_features(X, attrs):
+    """What the coefficients multiply, per sample: K(X, support vectors) (N, n), or X itself (N, F)
+    for the linear (liblinear) form."""
+    n_supports = attrs.get("n_supports", 0)
+    if not n_supports:
+        return X
+    kind, gamma, coef0, degree = _svm_kernel_parts(attrs.get("kernel_params"), attrs.get("kernel_type", "LINEAR"), n_supports)
+    S = np.asarray(attrs["support_vectors"], X.dtype).reshape(n_supports, -1)
+    return _svm_kernel(X, S, kind, gamma, coef0, degree)[0]
 
 
 def _svm_kernel_parts(kernel_params, kernel_type, n_supports):
