@@ -829,3 +829,17 @@ def test_svm_regressor_parameters_checked_against_onnxruntime(tmp_path, monkeypa
     wrong_by_ten_percent(monkeypatch, "param_jacobian")
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1 and "FAIL" in r.output, r.output
+
+
+def test_linear_model_without_intercepts():
+    """No intercepts attribute: the coefficients alone become a parameter (input 1), and the node
+    still loads (its inputs are counted as the one the schema allows)."""
+    m = linear_model("LinearRegressor", 1, 0, "NONE")
+    node = m.graph.node[0]
+    kept = [a for a in node.attribute if a.name != "intercepts"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    x = RNG.standard_normal((3, 4))
+    G, cols = jaccli.param_jacobian(m, x, dtype="float64")
+    assert [c["name"] for c in cols] == ["LinearRegressor.coefficients"]
+    np.testing.assert_allclose(G[:, 0], x)  # y = x . w: its gradient in w is x
