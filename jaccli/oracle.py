@@ -170,7 +170,7 @@ class Oracle(_Runner):
 
 class AttributeOracle(Oracle):
     """onnxruntime on a model whose parameters include coefficients that the model it runs holds
-    as attributes (ai.onnx.ml's linear models; model.attribute_params): a run sets them from the
+    as attributes (ai.onnx.ml's linear models and SVR; model.attribute_params): a run sets them from the
     values fed, in a copy of the model, a session per set of values (in float32, as onnxruntime
     computes those operators)."""
 
@@ -192,9 +192,7 @@ class AttributeOracle(Oracle):
                 at.setdefault(out, {})[attr] = v
             for n in m.graph.node:
                 for attr, v in at.get(n.output[0] if n.output else None, {}).items():
-                    kept = [a for a in n.attribute if a.name != attr]
-                    del n.attribute[:]
-                    n.attribute.extend(kept + [onnx.helper.make_attribute(attr, [float(e) for e in v])])
+                    _set_attribute(n, attr, [float(e) for e in v])
             self.sessions[key] = Oracle(m, np.float32).session
         return self.sessions[key].run(outputs, feeds)
 
@@ -314,10 +312,15 @@ def c_locale(proto):
     m.CopyFrom(proto)
     nodes = [n for n in m.graph.node if n.op_type == "StringNormalizer" and n.domain in ("", "ai.onnx")]
     for n in nodes:
-        keep = [a for a in n.attribute if a.name != "locale"]
-        del n.attribute[:]
-        n.attribute.extend(keep + [onnx.helper.make_attribute("locale", "C.UTF-8")])
+        _set_attribute(n, "locale", "C.UTF-8")
     return m if nodes else None
+
+
+def _set_attribute(node, name, value):
+    """Give a NodeProto's attribute `name` the value, in place of the one it had, if any."""
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept + [onnx.helper.make_attribute(name, value)])
 
 
 def _channel_slopes(m):
@@ -425,9 +428,10 @@ def _as_needed(items):
 
 def _candidates(proto, feeds):
     """(model, oracle class), each built only if asked for: onnxruntime on the model as it is,
-    then with its StringNormalizers in the C.UTF-8 locale (c_locale), then on it upgraded to opset 11; onnx's reference evaluator on the model as it is, then on
-    it upgraded to opset 18 (the evaluator's BatchNormalization of opsets 9 to 13 is wrong in
-    onnx 1.23: the float64 agreement test rejects it, the upgraded model passes)."""
+    then with its StringNormalizers in the C.UTF-8 locale (c_locale), then on it upgraded to
+    opset 11; onnx's reference evaluator on the model as it is, then on it upgraded to opset 18
+    (the evaluator's BatchNormalization of opsets 9 to 13 is wrong in onnx 1.23: the float64
+    agreement test rejects it, the upgraded model passes)."""
     yield proto, Oracle
     relocaled = c_locale(proto)
     if relocaled is not None:  # a text model, refused for a locale this machine lacks
