@@ -119,6 +119,10 @@ def render_inspect(console: Console, info: dict):
                       f"tensors of their own, under the copies' names: the TorchScript exporter keeps one tensor of "
                       f"parameters equal when exported (a fresh model's zero biases, a BatchNorm's scale and running "
                       f"variance) and ties the others to it by name")
+    if info.get("attribute_params"):
+        console.print(f"[yellow]note:[/yellow] {', '.join(info['attribute_params'])}: weights that ai.onnx.ml operators hold "
+                      f"as attributes, made parameters (a linear model's coefficients and intercepts, an SVR's "
+                      f"coefficients and rho)")
     if info.get("quantized_values"):
         console.print(f"[yellow]note:[/yellow] {info['quantized_values']} QuantizeLinear, DynamicQuantizeLinear, "
                       f"DynamicQuantizeMatMul or MatMulNBits (accuracy_level 4) node(s) quantize values, not weights: an "

@@ -740,6 +740,8 @@ def test_linear_model_parameters_checked_against_onnxruntime(tmp_path, monkeypat
     args = ["check", "--params", "--of", "scores", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0 and "against onnxruntime's central differences" in " ".join(r.output.split()), r.output
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 0 and f"{kind}.coefficients, {kind}.intercepts: weights that ai.onnx.ml" in " ".join(r.output.split())
     wrong_by_ten_percent(monkeypatch, "param_jacobian")
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1 and "FAIL" in r.output, r.output
