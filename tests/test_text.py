@@ -75,6 +75,8 @@ TOKENIZERS = [
     {"tokenexp": "ab|a|abc"},  # alternatives: RE2 takes the longest match
     {"tokenexp": "c?a(b)?"},  # optional parts
     {"tokenexp": "ab|bcd"},  # past a match too short, the search goes on inside it
+    {"tokenexp": "[[:alpha:]]+[[:digit:]]*"},  # RE2's POSIX classes
+    {"separators": ["[[:space:][:punct:]]+"]},
     {"tokenexp": "."},  # characters
     {"separators": [" "]},
     {"separators": [" ", ","]},
@@ -334,3 +336,19 @@ def test_text_logistic_regression_through_the_cli(tmp_path):
     assert names == ["idf", "LinearClassifier.coefficients", "LinearClassifier.intercepts"]
     r = CliRunner().invoke(main, ["check", model, data, "--params", "--of", "probabilities"])
     assert r.exit_code == 0 and "against onnxruntime's central differences" in " ".join(r.output.split()), r.output
+
+
+@pytest.mark.parametrize("pattern", ["\\pL+", "[[:^alpha:]]+", "[[:foo:]]"])
+def test_a_pattern_python_cannot_run_is_refused_in_one_line(pattern):
+    """RE2 syntax that Python's re lacks (Unicode classes, negated or unknown POSIX classes) is
+    refused in one line naming the pattern, not run as something else."""
+    from jaccli import walk
+    from jaccli.errors import JaccliError
+    from jaccli.plan import Plan
+
+    x = _texts(DOCS[:2])
+    m = _single("Tokenizer", {"mark": 0, "pad_value": "#", "mincharnum": 1, "tokenexp": pattern}, x, TensorProto.STRING,
+                domain="com.microsoft")
+    with pytest.raises(JaccliError) as e:
+        walk.primal(Plan(jaccli.load(m), "y", [], np.float32), {"x": x})
+    assert "\n" not in str(e.value) and pattern in str(e.value) and "jaccli can run" in str(e.value)

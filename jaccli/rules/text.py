@@ -91,7 +91,7 @@ class _Regex:
 
     def __init__(self, pattern, what, op="Tokenizer"):
         try:
-            self.rx = re.compile(pattern, 0 if "(?u)" in pattern else re.ASCII)
+            self.rx = re.compile(_posix_classes(pattern), 0 if "(?u)" in pattern else re.ASCII)
         except re.error as e:
             raise ValueError(f"{op}: {what} '{pattern}' is no regular expression jaccli can run ({e})") from None
         self.ambiguous = "|" in pattern or "?" in pattern
@@ -105,6 +105,40 @@ class _Regex:
         if self.ambiguous:
             e = next((k for k in range(len(text), e, -1) if self.rx.fullmatch(text, s, k)), e)
         return s, e
+
+
+_POSIX = {"alnum": "a-zA-Z0-9", "alpha": "a-zA-Z", "ascii": "\\x00-\\x7f", "blank": " \\t", "cntrl": "\\x00-\\x1f\\x7f",
+          "digit": "0-9", "graph": "!-~", "lower": "a-z", "print": " -~", "punct": "!-/:-@\\[-`{-~",
+          "space": " \\t\\n\\r\\f\\v", "upper": "A-Z", "word": "0-9A-Za-z_", "xdigit": "0-9A-Fa-f"}
+
+
+def _posix_classes(pattern):
+    """RE2's POSIX classes inside brackets ([[:alpha:]]), which Python's re would read as a set of
+    characters, spelled as the ranges they stand for."""
+    out, i, inside = [], 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        m = re.match(r"\[:(\^?)([a-z]+):\]", pattern[i:]) if inside else None
+        if m:
+            if m.group(1) or m.group(2) not in _POSIX:
+                raise ValueError(f"the class [:{m.group(1)}{m.group(2)}:] of '{pattern}' is not one jaccli can run")
+            out.append(_POSIX[m.group(2)])
+            i += m.end()
+            continue
+        if c == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if c == "[" and not inside:
+            inside = True
+            out.append(pattern[i:i + 2] if pattern[i + 1:i + 2] in ("]", "^") else c)  # a leading ] or ^ is the set's own
+            i += len(out[-1])
+            continue
+        if c == "]" and inside:
+            inside = False
+        out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def _split(text, sep, mincharnum):
