@@ -410,16 +410,13 @@ def _element_labels(model, name, shape):
     node = next((n for n in model.nodes if name in n.outputs), None)
     if node is None or node.op_type != "TfIdfVectorizer" or len(shape) != 1:
         return {}
-    a = node.attrs
-    pool = list(a.get("pool_strings") or a.get("pool_int64s") or [])
-    counts, columns = list(a.get("ngram_counts") or []), list(a.get("ngram_indexes") or [])
-    labels, gid = {}, 0
-    for n, start in enumerate(counts, start=1):
-        end = counts[n] if n < len(counts) else len(pool)
-        for k in range(start, end, n):
-            if gid < len(columns) and columns[gid] < shape[0]:
-                labels.setdefault(int(columns[gid]), " ".join(map(str, pool[k:k + n])))
-            gid += 1
+    from .rules.text import pool_ngrams
+
+    a, labels = node.attrs, {}
+    columns = list(a.get("ngram_indexes") or [])
+    for gid, gram in pool_ngrams(a.get("pool_int64s"), a.get("pool_strings"), list(a.get("ngram_counts") or [])):
+        if gid < len(columns) and columns[gid] < shape[0]:
+            labels.setdefault(int(columns[gid]), " ".join(map(str, gram)))
     return labels
 
 

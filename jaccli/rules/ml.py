@@ -297,12 +297,18 @@ class ArrayFeatureExtractor:
         return (Xb if cx.keep[0] else Xb[(slice(None),) * lead + (0,)]), None
 
 
-def _weights(x, attrs):
-    """(flat coefficients, intercepts or None) from a node's inputs `x`: its inputs 1 and 2 where
-    load made them parameters (model.ml_coefficients_as_inputs), else its attributes."""
+def _weights(x, attrs, second="intercepts"):
+    """(flat coefficients, intercepts (or rho) or None) from a node's inputs `x`: its inputs 1 and
+    2 where load made them parameters (model.ml_coefficients_as_inputs), else its attributes."""
     C = x[1] if len(x) > 1 and x[1] is not None else attrs.get("coefficients")
-    b = x[2] if len(x) > 2 and x[2] is not None else attrs.get("intercepts")
+    b = x[2] if len(x) > 2 and x[2] is not None else attrs.get(second)
     return C, b
+
+
+def _asks(cx):
+    """(need, keep) of a node's three inputs (X, coefficients, intercepts), False where absent."""
+    pad = (False,) * (3 - len(cx.need))
+    return tuple(cx.need) + pad, tuple(cx.keep) + (False,) * (3 - len(cx.keep))
 
 
 def _linear_tangent(cx, Xdot, Cdot, bdot, W):
@@ -325,8 +331,7 @@ def _linear_cotangents(cx, Zbar, W):
     """(Xbar, Cbar, bbar) from Zbar (*lead, N, rows): the flat coefficients' and the intercepts'
     per sample where kept (cx.keep), else summed over the samples; None where not needed."""
     X = cx.x[0].reshape(len(cx.x[0]), -1)
-    need = tuple(cx.need) + (False,) * (3 - len(cx.need))
-    keep = tuple(cx.keep) + (False,) * (3 - len(cx.keep))
+    need, keep = _asks(cx)
     Xbar = Zbar @ W.astype(Zbar.dtype) if need[0] else None
     Cbar = bbar = None
     if need[1]:
@@ -350,13 +355,11 @@ class LinearRegressor:
         return _post(Z, post_transform)
 
     def jvp(cx, Xdot, Cdot=None, bdot=None, *, post_transform="NONE", targets=1, **attrs):
-        C, b = _weights(cx.x, attrs)
-        W = np.asarray(C, cx.x[0].dtype).reshape(targets, -1)
+        W = np.asarray(_weights(cx.x, attrs)[0], cx.x[0].dtype).reshape(targets, -1)
         return _post_derivative(cx.y[0], _linear_tangent(cx, Xdot, Cdot, bdot, W), post_transform)
 
     def vjp(cx, Ybar, *, post_transform="NONE", targets=1, **attrs):
-        C, b = _weights(cx.x, attrs)
-        W = np.asarray(C, cx.x[0].dtype).reshape(targets, -1)
+        W = np.asarray(_weights(cx.x, attrs)[0], cx.x[0].dtype).reshape(targets, -1)
         return _linear_cotangents(cx, _post_derivative(cx.y[0], Ybar, post_transform), W)
 
 
@@ -426,7 +429,7 @@ class SVMRegressor:
 
     def forward(X, C=None, R=None, *, coefficients=None, kernel_params=None, kernel_type="LINEAR", n_supports=0,
                 one_class=0, post_transform="NONE", rho=None, support_vectors=None):
-        coefficients, rho = _weights((X, C, R), {"coefficients": coefficients, "intercepts": rho})
+        coefficients, rho = _weights((X, C, R), {"coefficients": coefficients, "rho": rho}, "rho")
         Xf = X.astype(np.result_type(X.dtype, np.float32))
         Y = _svm_score(Xf, coefficients, kernel_params, kernel_type, n_supports, rho, support_vectors)
         return np.where(Y > 0, 1, -1).astype(Y.dtype) if one_class else Y
@@ -445,8 +448,7 @@ class SVMRegressor:
 
     def vjp(cx, Ybar, **attrs):
         attrs = _svm_weights(cx, attrs)
-        need = tuple(cx.need) + (False,) * (3 - len(cx.need))
-        keep = tuple(cx.keep) + (False,) * (3 - len(cx.keep))
+        need, keep = _asks(cx)
         Xbar = Ybar * _svm_gradient(cx.x[0], **attrs).astype(Ybar.dtype) if need[0] else None
         flat = 0 if attrs.get("one_class") else 1
         Cbar = Rbar = None
@@ -460,7 +462,7 @@ class SVMRegressor:
 
 def _svm_weights(cx, attrs):
     """The attributes with the coefficients and rho that the node reads (its inputs where they are parameters)."""
-    coefficients, rho = _weights(cx.x, {"coefficients": attrs.get("coefficients"), "intercepts": attrs.get("rho")})
+    coefficients, rho = _weights(cx.x, attrs, "rho")
     return {**attrs, "coefficients": coefficients, "rho": rho}
 
 

@@ -14,17 +14,22 @@ import re
 import numpy as np
 
 from . import rule
+from .ml import _texts
 
 MS = "com.microsoft"
 
 
 def _strings(X):
     """X as an object array of Python strings, of X's shape (bytes read as UTF-8)."""
-    X = np.asarray(X)
-    flat = [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in X.ravel().tolist()]
-    out = np.empty(len(flat), object)
-    out[:] = flat
-    return out.reshape(X.shape)
+    return _texts(X).reshape(np.shape(X))
+
+
+def _padded(rows, width, pad):
+    """Ragged rows as an object array (len(rows), width), filled out with `pad`."""
+    out = np.full((len(rows), width), pad, object)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
 
 
 def _case(s, action):
@@ -76,9 +81,7 @@ class StringNormalizer:
                 row = [c if case_change_action != "NONE" else s for s, c in zip(row, cased) if c not in stop]
                 case_change_action = "NONE"  # already in the output's case
         row = [_case(s, case_change_action) for s in row] or [""]
-        out = np.empty(len(row), object)
-        out[:] = row
-        return out.reshape((1, -1) if X.ndim == 2 else (-1,))
+        return _texts(row).reshape((1, -1) if X.ndim == 2 else (-1,))
 
 
 class _Regex:
@@ -212,11 +215,8 @@ class Tokenizer:
         if T == 0:
             return np.empty(X.shape + (0,), object)
         width = T + 2 * bool(mark)
-        out = np.full((len(rows), width), pad_value, object)
-        for i, r in enumerate(rows):
-            row = ["\x02", *r, "\x03"] if mark else r
-            out[i, :len(row)] = row
-        return out.reshape(X.shape + (width,))
+        rows = [["\x02", *r, "\x03"] for r in rows] if mark else rows
+        return _padded(rows, width, pad_value).reshape(X.shape + (width,))
 
 
 @rule("TfIdfVectorizer", since=9)
@@ -235,7 +235,7 @@ class TfIdfVectorizer:
             raise ValueError(f"TfIdfVectorizer: mode '{mode}' is none of TF, IDF, TFIDF")
         if not 0 < min_gram_length <= max_gram_length <= len(ngram_counts):
             raise ValueError("TfIdfVectorizer: gram lengths out of the range of ngram_counts")
-        pool, find = _pool(pool_int64s, pool_strings, ngram_counts, min_gram_length, max_gram_length)
+        find = _pool(pool_int64s, pool_strings, ngram_counts, min_gram_length, max_gram_length)
         columns = np.asarray(ngram_indexes, np.int64)
         V = int(columns.max()) + 1
         if weights is not None and len(weights) and len(weights) != len(columns):
@@ -257,21 +257,24 @@ class TfIdfVectorizer:
         return Y.reshape((V,) if X.ndim < 2 else (len(rows), V))
 
 
-def _pool(pool_int64s, pool_strings, ngram_counts, lo, hi):
-    """The pool's n-grams of lengths lo..hi as {tuple: id}, ids counting every n-gram of the pool."""
+def pool_ngrams(pool_int64s, pool_strings, ngram_counts):
+    """A TfIdfVectorizer's pool as (id, n-gram) pairs, n-grams as tuples, ids counting every one."""
     items = _strings(pool_strings).tolist() if pool_strings else [int(v) for v in (pool_int64s or [])]
     if not items:
         raise ValueError("TfIdfVectorizer needs pool_strings or pool_int64s")
-    find, gid = {}, 0
+    gid = 0
     for n, start in enumerate(ngram_counts, start=1):
         end = ngram_counts[n] if n < len(ngram_counts) else len(items)
         if end < start or end > len(items) or (end - start) % n:
             raise ValueError(f"TfIdfVectorizer: ngram_counts do not cut the pool into whole {n}-grams")
         for k in range(start, end, n):
-            if lo <= n <= hi:
-                find[tuple(items[k:k + n])] = gid
+            yield gid, tuple(items[k:k + n])
             gid += 1
-    return items, find
+
+
+def _pool(pool_int64s, pool_strings, ngram_counts, lo, hi):
+    """The pool's n-grams of lengths lo..hi as {tuple: id}."""
+    return {g: gid for gid, g in pool_ngrams(pool_int64s, pool_strings, ngram_counts) if lo <= len(g) <= hi}
 
 
 def _ngrams(row, find, lo, hi, max_skip):
@@ -326,9 +329,7 @@ class StringSplit:
             most = max(cut, 0)  # re.split's 0: no limit
             pieces = [(re.split(" +", t, most) if cut else [t]) if (t := s.strip(" ")) else [] for s in X.ravel().tolist()]
         M = max((len(p) for p in pieces), default=0)
-        Y = np.full((len(pieces), M), "", object)
-        for i, p in enumerate(pieces):
-            Y[i, :len(p)] = p
+        Y = _padded(pieces, M, "")
         Z = np.array([len(p) for p in pieces], np.int64)
         return Y.reshape(X.shape + (M,)), Z.reshape(X.shape)
 
