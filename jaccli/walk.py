@@ -41,8 +41,8 @@ def primal(plan: Plan, feeds: dict) -> dict:
 
 
 def _ctx(step, env, need=(), keep=(), out=(), owned=(), samples=None):
-    x = tuple(env[v] if v else None for v in _trim(step.inputs))
-    y = tuple(env.get(o) for o in step.outputs)
+    x = tuple([env[v] if v else None for v in _trim(step.inputs)])
+    y = tuple([env.get(o) for o in step.outputs])
     rows = x[0].shape[0] // samples if samples and step.grouped and any(keep) else 1
     return Ctx(x, y, need, keep, step.rule, out, owned, rows)
 
@@ -50,7 +50,7 @@ def _ctx(step, env, need=(), keep=(), out=(), owned=(), samples=None):
 def _owned(bars):
     """Per cotangent: an array with its own memory that only `bars` refers to (a rule's fresh
     result, not a view, not shared with another value's entry), so the next rule may overwrite it."""
-    return tuple(isinstance(b, np.ndarray) and b.base is None and b.flags.writeable and sys.getrefcount(b) == 3 for b in bars)
+    return tuple([isinstance(b, np.ndarray) and b.base is None and b.flags.writeable and sys.getrefcount(b) == 3 for b in bars])
 
 
 def jvp(plan: Plan, env: dict, seeds: dict):
@@ -190,11 +190,11 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
     for step in reversed(steps):  # a value differentiated with respect to keeps its cotangent from its producer
         bars = [None if o in wrt_set else cot.pop(o, None) for o in step.outputs]
         assembled = pieces.pop(id(step), None)
-        if assembled is None and all(b is None for b in bars):
+        if assembled is None and not [b for b in bars if b is not None]:
             continue
         region = plan.regions.get(id(step))
         dg = None if region is None else _diagonal(plan, env, region, diag)
-        lead = next((_lead(b, env[o]) for b, o in zip(bars, step.outputs) if b is not None and o in plan.batched), None)
+        lead = _bars_lead(plan, env, bars, step.outputs)
         if assembled is not None:  # pieces written by their readers; the rest copied or zero
             for k, (o, b) in enumerate(zip(step.outputs, bars)):
                 if o and o not in done:
@@ -208,7 +208,7 @@ def _pull(plan, env, cot, steps, wrt, sinks, one=False):
         else:
             inputs, diff_in = step.inputs, step.diff_in
             n_diff = step.rule.n_diff_outputs
-            out = tuple(home(v, lead) if d else None for v, d in zip(step.inputs, step.diff_in))
+            out = tuple([home(v, lead) if d else None for v, d in zip(step.inputs, step.diff_in)])
             given, back = bars, None
             if step.inner and not one and samples:  # samples behind a sequence, moved first for the rule
                 cx, given, back = _samples_first(step, env, bars, out, samples)
@@ -285,6 +285,15 @@ def _in_type(g, dtype):
     if isinstance(g, np.ndarray) and g.dtype != dtype and g.dtype.kind == "f":
         return g.astype(dtype)
     return g
+
+
+def _bars_lead(plan, env, bars, outputs):
+    """_lead of the first cotangent of a batched output (None when there is none). A function, so
+    that no reference to a cotangent outlives it (see _owned)."""
+    for b, o in zip(bars, outputs):
+        if b is not None and o in plan.batched:
+            return _lead(b, env[o])
+    return None
 
 
 def _lead(b, value):

@@ -19,10 +19,19 @@ RNG = np.random.default_rng(11)
     ((5, 4, 6), (6, 7)),  # B a matrix
     ((4, 6), (5, 6, 7)),
     ((3, 2, 4, 6), (1, 6, 7)),  # broadcast batch: numpy's matmul
+    ((5, 8, 1), (1, 6)),  # outer products (a contraction over one): multiplied, not through BLAS
+    ((3, 1, 8, 1), (2, 1, 6)),  # ... broadcasting their batch axes as matmul does
+    ((8, 1), (4, 1, 6)),
 ])
 def test_mm_is_matmul(sa, sb):
     A, B = RNG.standard_normal(sa), RNG.standard_normal(sb)
-    np.testing.assert_allclose(mm(A, B), A @ B, rtol=1e-12, atol=1e-12)
+    want = A @ B
+    got = mm(A, B)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    if A.shape[-1] == 1:  # one product per entry: exactly numpy's, in float32 too
+        np.testing.assert_array_equal(mm(A.astype(np.float32), B.astype(np.float32)),
+                                      A.astype(np.float32) @ B.astype(np.float32))
 
 
 @pytest.mark.parametrize("trans", [False, True])

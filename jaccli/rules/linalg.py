@@ -18,6 +18,8 @@ def mm(A, B, small=1 << 18):
     the rows or columns of the other's products: one BLAS call for a matrix B, one per batch
     matrix for a batch of small ones (attention's per-head products), where numpy's matmul
     would make one call per direction and batch matrix."""
+    if A.ndim >= 2 and B.ndim >= 2 and A.shape[-1] == 1 == B.shape[-2]:  # outer products: BLAS packs for nothing (3x)
+        return A * B
     if B.ndim == 2 and A.ndim > 2:
         return (A.reshape(-1, A.shape[-1]) @ B).reshape(A.shape[:-1] + B.shape[-1:])
     if A.ndim > B.ndim > 2 and A.shape[A.ndim - B.ndim:-2] == B.shape[:-2] and A.shape[-2] * A.shape[-1] * B.shape[-1] <= small:
