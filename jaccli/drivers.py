@@ -307,28 +307,57 @@ def _measure(plan, model, feeds, of, N):
 
 
 _BAKED_AT_MOST = 256  # samples of a run tried whole where one sample fails: export batches are smaller
+_BAKED_TRIES = 8  # batch sizes tried at most
 
 
 def _baked_batch(plan, feeds, N):
-    """N, where the graph runs on all N samples at once though not on one (a constant of the
-    export's batch size: tf2onnx's sequence lengths, a Reshape to it); else None. Not tried
-    above _BAKED_AT_MOST samples, whose forward pass could be of any size."""
-    if not 2 <= N <= _BAKED_AT_MOST:
-        return None
-    try:
-        walk.primal(plan, feeds)
-    except JaccliError:
-        return None
-    return N
+    """The batch the graph runs on though not on one sample (a constant of the export's batch
+    size: tf2onnx's sequence lengths, a Reshape to it, as torch writes for x.view(32, -1)), else
+    None. Tried: all N samples at once, then the sizes its constants suggest (_batch_candidates)
+    on the first samples, padded, where the output must have a row per sample and sample 0's row
+    must be its own (the same among copies of it). Not above _BAKED_AT_MOST samples, whose
+    forward pass could be of any size."""
+    for size in _batch_candidates(plan, N):
+        try:
+            y = walk.primal(plan, _pad_samples(_slice_samples(feeds, 0, size), size))[plan.of]
+            if size == N:
+                return N  # the usual checks follow (_measure, _fixed_runs), with their own messages
+            alone = walk.primal(plan, _copies(feeds, 0, size))[plan.of]
+        except JaccliError:
+            continue
+        if isinstance(y, np.ndarray) and y.ndim and len(y) == size and _same(y[0], alone[0]):
+            return size
+    return None
+
+
+_SHAPE_INPUTS = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0, "Tile": 1}  # the input that is a shape
+
+
+def _batch_candidates(plan, N):
+    """Batch sizes the graph may have baked in, in the order tried: the data's N, the first
+    entries of the constant shapes it reshapes, expands or tiles to, then the lengths of its
+    other integer constant vectors (sequence lengths); from 2 to _BAKED_AT_MOST, _BAKED_TRIES
+    at most."""
+    shapes, lengths = [], []
+    for step in plan.steps:
+        for k, v in enumerate(step.inputs):
+            a = plan.consts.get(v) if v else None
+            if isinstance(a, np.ndarray) and a.ndim == 1 and a.size and a.dtype.kind in "iu":
+                if _SHAPE_INPUTS.get(step.node.op_type) == k:
+                    shapes.append(int(a[0]))
+                else:
+                    lengths.append(a.size)
+    sizes = list(dict.fromkeys(c for c in [N] + shapes + lengths if 2 <= c <= _BAKED_AT_MOST))
+    return sizes[:_BAKED_TRIES]
 
 
 def settle_batch(model, feeds, of, dtype):
     """Set model.baked_batch where the graph runs on all the data's samples at once though not on
     its first alone, and its inputs declare no batch (see _measure): for a caller that runs
     parts of the data before the drivers do (check's few samples)."""
-    N = samples_in(feeds)
-    if model.fixed_batch()[1] or not 2 <= N <= _BAKED_AT_MOST:
+    if model.fixed_batch()[1]:
         return
+    N = samples_in(feeds)
     plan = Plan(model, of, [], dtype)
     try:
         walk.primal(plan, _slice_samples(feeds, 0, 1))
