@@ -331,13 +331,14 @@ def _baked_batch(plan, feeds, N):
 
 
 _SHAPE_INPUTS = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0, "Tile": 1}  # the input that is a shape
+_PER_SAMPLE_INPUTS = {"ReverseSequence": 1, "RNN": 4, "GRU": 4, "LSTM": 4}  # a vector with an entry per sample
 
 
 def _batch_candidates(plan, N):
     """Batch sizes the graph may have baked in, in the order tried: the data's N, the first
     entries of the constant shapes it reshapes, expands or tiles to, then the lengths of its
-    other integer constant vectors (sequence lengths); from 2 to _BAKED_AT_MOST, _BAKED_TRIES
-    at most."""
+    constant vectors of one entry per sample (sequence lengths); from 2 to _BAKED_AT_MOST,
+    _BAKED_TRIES at most."""
     shapes, lengths = [], []
     for step in plan.steps:
         for k, v in enumerate(step.inputs):
@@ -345,7 +346,7 @@ def _batch_candidates(plan, N):
             if isinstance(a, np.ndarray) and a.ndim == 1 and a.size and a.dtype.kind in "iu":
                 if _SHAPE_INPUTS.get(step.node.op_type) == k:
                     shapes.append(int(a[0]))
-                else:
+                elif _PER_SAMPLE_INPUTS.get(step.node.op_type) == k:
                     lengths.append(a.size)
     sizes = list(dict.fromkeys(c for c in [N] + shapes + lengths if 2 <= c <= _BAKED_AT_MOST))
     return sizes[:_BAKED_TRIES]

@@ -1028,3 +1028,25 @@ def test_a_parameter_cut_to_the_inputs_length(op):
              "ten": np.array([10]), "four": np.array([4]), "three": np.array([3]), "six": np.array([6])}
     model = one_input_model(nodes, inits, (6, 3), opset=13)
     assert check_whole_model(model, rng.standard_normal((N, 6, 3)).astype(np.float32)) == ["P"]
+
+
+def test_a_batch_baked_into_sequence_lengths():
+    """tf2onnx's reverse_sequence with constant lengths: a vector of one length per place in the
+    batch it was exported with (4), its input declared symbolic. Data of 6 samples runs in runs
+    of 4; sample k is reversed as the length at its place, k % 4, says."""
+    lengths = [5, 3, 4, 2]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 3])
+    nodes = [helper.make_node("ReverseSequence", ["x", "L"], ["r"], batch_axis=0, time_axis=1),
+             helper.make_node("Tanh", ["r"], ["y"])]
+    m = model(nodes, [x], [y], [init("L", np.array(lengths, np.int64))])
+    xs = RNG.standard_normal((6, 5, 3)).astype(np.float32)
+    r = jaccli.input_jacobian(m, xs, return_result=True)
+    assert r.chunks[0] == 4 and any("runs of 4 samples" in note for note in r.notes), r.notes
+    for k in range(6):
+        n = lengths[k % 4]
+        order = list(range(n))[::-1] + list(range(n, 5))  # output step t reads input step order[t]
+        want = np.zeros((5, 3, 5, 3))
+        for t in range(5):
+            want[t, :, order[t], :] = np.diag(1 - np.tanh(xs[k, order[t]]) ** 2)
+        np.testing.assert_allclose(r.value[k], want, rtol=1e-5, atol=1e-7)
