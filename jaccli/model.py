@@ -399,21 +399,24 @@ def weights_rewritten(proto):
 
 
 _ML_WEIGHTS = {"LinearClassifier": ("coefficients", "intercepts"), "LinearRegressor": ("coefficients", "intercepts"),
-               "SVMRegressor": ("coefficients", "rho")}  # attributes made inputs 1 and 2, in order
+               "SVMRegressor": ("coefficients", "rho"),
+               "TreeEnsembleRegressor": ("target_weights", "base_values")}  # attributes made inputs 1 and 2, in order
 
 
 def ml_coefficients_as_inputs(proto):
-    """The trained weights of ai.onnx.ml's linear models and SVM regressor (scikit-learn's linear
-    and logistic regressions through skl2onnx; an SVR's dual coefficients and offset) moved
-    from attributes into float initializers that the node reads as inputs 1 and 2 (_ML_WEIGHTS),
-    so that they are parameters (a per-sample gradient of a logistic regression). Their names:
-    the node's, or its first output's, with .coefficients and .intercepts (or .rho). Returns
+    """The trained weights of ai.onnx.ml's linear models, SVM regressor and tree ensemble
+    regressor (scikit-learn's linear and logistic regressions through skl2onnx; an SVR's dual
+    coefficients and offset; the leaf weights and base values of a gradient-boosted or random
+    forest regressor, XGBoost's and LightGBM's through onnxmltools) moved from attributes into
+    float initializers that the node reads as inputs 1 and 2 (_ML_WEIGHTS), so that they are
+    parameters (a per-sample gradient of a logistic regression). Their names: the node's, or
+    its first output's, with the attribute's (.coefficients, .intercepts, .rho, ...). Returns
     (model, {parameter: (the node's first output, attribute)}); the model itself when there
     are none. onnxruntime runs the original model (see oracle.AttributeOracle)."""
 
     def movable(n):
         return (n.domain == "ai.onnx.ml" and n.op_type in _ML_WEIGHTS and len(n.input) == 1
-                and any(a.name == "coefficients" for a in n.attribute))
+                and any(a.name == _ML_WEIGHTS[n.op_type][0] and a.floats for a in n.attribute))
 
     if not any(movable(n) for n in proto.graph.node):
         return proto, {}

@@ -170,9 +170,9 @@ class Oracle(_Runner):
 
 class AttributeOracle(Oracle):
     """onnxruntime on a model whose parameters include coefficients that the model it runs holds
-    as attributes (ai.onnx.ml's linear models and SVR; model.attribute_params): a run sets them from the
-    values fed, in a copy of the model, a session per set of values (in float32, as onnxruntime
-    computes those operators)."""
+    as attributes (ai.onnx.ml's linear models, SVR and tree regressor; model.attribute_params):
+    a run sets them from the values fed, in a copy of the model, a session per set of values
+    (in float32, as onnxruntime computes those operators)."""
 
     def __init__(self, proto, moved):
         super().__init__(proto, np.float32)  # a session at the model's own values: its input types

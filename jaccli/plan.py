@@ -130,7 +130,8 @@ class Plan:
         self.quantized = not through and len(found) > 0  # a QuantizeLinear stops the derivatives
         self.through = len(found) if through else 0  # those taken straight through
         # piecewise-constant operators (tree ensembles) that the derivatives reach: they pass zero
-        self.flat = sorted({s.node.op_type for s in self.active_steps if getattr(s.rule, "piecewise_constant", False) and any(s.diff_in)})
+        self.flat = sorted({s.node.op_type for s in self.active_steps  # in its data, input 0 (a tree's weights are smooth)
+                            if getattr(s.rule, "piecewise_constant", False) and s.diff_in[:1] == (True,)})
         self.depends = any(o in fwd for o in self.outs)  # False: the output does not depend on wrt at all
         self._liveness()
         self.regions = self._diagonal_regions()

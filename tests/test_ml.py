@@ -383,6 +383,87 @@ def test_tree_ensemble_note(tmp_path):
     assert "TreeEnsembleRegressor lies on the way" in " ".join(r.output.split())
 
 
+TREE_WEIGHT_CASES = [("SUM", 2, True, "NONE"), ("AVERAGE", 2, False, "NONE"), ("MIN", 2, True, "NONE"),
+                     ("MAX", 2, False, "NONE"), ("AVERAGE", 1, True, "PROBIT"), ("SUM", 2, True, "LOGISTIC"),
+                     ("SUM", 2, True, "SOFTMAX"), ("SUM", 1, False, "NONE")]
+
+
+@pytest.mark.parametrize("aggregate,n_targets,base,post", TREE_WEIGHT_CASES)
+def test_tree_regressor_weights_are_parameters(aggregate, n_targets, base, post):
+    """A tree ensemble regressor's leaf weights and base values are parameters (a per-sample
+    gradient of XGBoost's or a random forest's prediction): the per-sample Jacobian against
+    float64 differences of jaccli's forward over them, for every aggregate and post transform;
+    the rule's JVP against the same differences and its VJP by <u, J v> = <J^T u, v>. The input
+    Jacobian is the linear model's beside it, and the summary's note on the trees' zero
+    derivative is for the input Jacobian only."""
+    from jaccli.oracle import _forward
+    from jaccli.rules import Ctx, lookup
+
+    m, W = tree_regressor(aggregate, n_targets, base, post, scale=0.05 if post == "PROBIT" else 1.0)
+    x = RNG.standard_normal((6, 3))
+    model = jaccli.load(m)
+    r = jaccli.param_jacobian(model, x, dtype="float64", return_result=True)
+    G, cols = r.value, r.columns
+    names = [c["name"] for c in cols]
+    assert names == ["W", "t.target_weights"] + ["t.base_values"] * base  # a node without a name: its output's
+    assert not any("lies on the way" in note for note in r.notes), r.notes
+    theta = {n: model.initializers[n].astype(np.float64) for n in names}
+
+    def f(name, j, step):
+        return _forward(model, {"x": x}, "y", np.float64, {**theta, name: theta[name] + step * np.eye(theta[name].size)[j].reshape(theta[name].shape)})
+
+    fd = np.stack([(f(c["name"], j, 1e-6) - f(c["name"], j, -1e-6)) / 2e-6 for c in cols for j in range(c["size"])], -1)
+    assert G.shape == fd.shape and rel_err(G, fd) < 1e-7
+    assert (G[..., cols[1]["offset"]:] != 0).any()
+    J = jaccli.input_jacobian(model, x, dtype="float64", return_result=True)
+    np.testing.assert_allclose(J.value, np.broadcast_to(W.T, J.value.shape), rtol=1e-6)
+    assert any("TreeEnsembleRegressor lies on the way" in note for note in J.notes), J.notes
+
+    rule, rng = lookup("TreeEnsembleRegressor", 1, "ai.onnx.ml"), np.random.default_rng(12)
+    attrs = dict(next(n for n in model.nodes if n.op_type == "TreeEnsembleRegressor").attrs)  # the weights moved out
+    xs = [x] + [theta[n] for n in names[1:]]
+    cx = Ctx(tuple(xs), (rule.forward(*xs, **attrs),), (True,) * len(xs), (False,) * len(xs), rule)
+    V = [rng.standard_normal((2,) + a.shape) for a in xs]
+    Ydot = rule.jvp(cx, *V, **attrs)
+    for t in range(2):
+        fd = (rule.forward(*[a + 1e-6 * v[t] for a, v in zip(xs, V)], **attrs)
+              - rule.forward(*[a - 1e-6 * v[t] for a, v in zip(xs, V)], **attrs)) / 2e-6
+        assert np.abs(Ydot[t] - fd).max() <= 1e-6 * max(1.0, np.abs(fd).max())
+    U = rng.standard_normal((2,) + cx.y[0].shape)
+    bars = rule.vjp(cx, U, **attrs)
+    lhs, rhs = (U * Ydot).sum(), sum((b * v).sum() for b, v in zip(bars, V) if b is not None)
+    assert abs(lhs - rhs) <= 1e-9 * max(1.0, abs(lhs))
+
+
+@pytest.mark.parametrize("aggregate,n_targets,base,post", [TREE_WEIGHT_CASES[0], TREE_WEIGHT_CASES[2], TREE_WEIGHT_CASES[4]])
+def test_tree_regressor_parameters_checked_against_onnxruntime(tmp_path, monkeypatch, aggregate, n_targets, base, post):
+    """check --params perturbs the leaf weights where onnxruntime reads them, in the attributes;
+    a Jacobian 10% wrong FAILs."""
+    import onnx
+    from click.testing import CliRunner
+    from gradcheck import wrong_by_ten_percent
+
+    from jaccli.cli import main
+
+    m, _ = tree_regressor(aggregate, n_targets, base, post, scale=0.05 if post == "PROBIT" else 1.0, linear=False)
+    onnx.save(m, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", RNG.standard_normal((6, 3)).astype(np.float32))
+    args = ["check", "--params", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "against onnxruntime's central differences" in " ".join(r.output.split()), r.output
+    wrong_by_ten_percent(monkeypatch, "param_jacobian")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "FAIL" in r.output, r.output
+
+
+def test_tree_regressor_weights_as_tensors_stay_attributes():
+    """ml opset 3's *_as_tensor forms are not moved (onnxruntime reads them as tensors): the
+    trees' weights are no parameters, the linear model's are."""
+    m, _ = tree_regressor(post="NONE", as_tensor=True)
+    G, cols = jaccli.param_jacobian(m, RNG.standard_normal((3, 3)))
+    assert [c["name"] for c in cols] == ["W"]
+
+
 def svm_classifier(kernel, per_class, labels_out=False, platt=None):
     """A kernel SVC as skl2onnx writes it: support vectors grouped by class, one coefficient row per
     other class, one rho per pair of classes; the scores (and, with labels_out, the labels) out.

@@ -95,6 +95,8 @@ def _post_derivative(S, D, post_transform):
         return S * (1 - S) * D
     if post_transform in ("SOFTMAX", "SOFTMAX_ZERO"):
         return S * (D - (S * D).sum(axis=-1, keepdims=True))
+    if post_transform == "PROBIT":  # d/dz sqrt(2) erfinv(2z - 1) = sqrt(2 pi) exp(S^2 / 2)
+        return math.sqrt(2 * math.pi) * np.exp(S * S / 2) * D
     raise UnsupportedOpError(f"derivative of post_transform {post_transform!r} is not supported")
 
 
@@ -737,14 +739,18 @@ def _tree_leaves(X, attrs):
 @rule("TreeEnsembleRegressor", since=1, domain=ML)
 class TreeEnsembleRegressor:
     """Y (N, n_targets) = the trees' leaf weights aggregated (SUM, AVERAGE, MIN, MAX) plus
-    base_values (a gradient-boosted or random-forest regressor, as skl2onnx writes it).
-    Piecewise constant in X: its derivative is zero wherever it exists, and its weights are
-    attributes, not parameters. Supported so that what flows around it (a VotingRegressor's other
-    models, a stacked linear model) is differentiated; the summary says so."""
+    base_values (a gradient-boosted or random-forest regressor, as skl2onnx and onnxmltools write
+    XGBoost's and LightGBM's). Piecewise constant in X: its derivative is zero wherever it
+    exists, and the summary says so; what flows around it (a VotingRegressor's other models) is
+    differentiated. Linear in its weights, inputs 1 and 2 where load made them parameters
+    (target_weights, base_values): a sample's gradient is 1 at each entry of the leaves it
+    reaches (1/trees for AVERAGE; the leaf picked, for MIN and MAX), through the post transform."""
 
     piecewise_constant = True
+    keeps = True
 
-    def forward(X, **attrs):
+    def forward(X, TW=None, BV=None, **attrs):
+        attrs = _tree_weights((X, TW, BV), attrs)
         leaves, n_nodes = _tree_leaves(X, attrs)
         n = int(attrs.get("n_targets", 1))
         W, has = _leaf_weights(attrs, "target", n, n_nodes)
@@ -762,16 +768,71 @@ class TreeEnsembleRegressor:
         base = _floats(attrs, "base_values")
         if base.size == n:
             Z = Z + base
-        post = attrs.get("post_transform", "NONE")
-        if n == 1 and post != "PROBIT":
-            post = "NONE"  # onnxruntime applies only PROBIT to a single target
-        return _post(Z.astype(_out_dtype(X)), post)
+        return _post(Z.astype(_out_dtype(X)), _tree_post(attrs, n))
 
-    def jvp(cx, Xdot, **attrs):
-        return np.zeros(Xdot.shape[: Xdot.ndim - cx.x[0].ndim] + cx.y[0].shape, Xdot.dtype)
+    def jvp(cx, Xdot, TWdot=None, BVdot=None, **attrs):
+        Zdot = None
+        if TWdot is not None:  # (T, entries): parameters carry no sample axis
+            Zdot = np.einsum("nje,te->tnj", _tree_slopes(cx.x[0], _tree_weights(cx.x, attrs)).astype(TWdot.dtype), TWdot)
+        if BVdot is not None:  # (T, n)
+            Zdot = _plus(Zdot, np.broadcast_to(BVdot[:, None, :], (len(BVdot),) + cx.y[0].shape))
+        if Zdot is None:
+            return np.zeros(Xdot.shape[: Xdot.ndim - cx.x[0].ndim] + cx.y[0].shape, Xdot.dtype)
+        return _post_derivative(cx.y[0], Zdot, _tree_post(attrs, cx.y[0].shape[-1]))  # X's part is zero
 
     def vjp(cx, Ybar, **attrs):
-        return (np.zeros(Ybar.shape[: cx.lead(Ybar)] + cx.x[0].shape, Ybar.dtype),)
+        need, keep = _asks(cx)
+        Xbar = np.zeros(Ybar.shape[: cx.lead(Ybar)] + cx.x[0].shape, Ybar.dtype) if need[0] else None
+        if not (need[1] or need[2]):
+            return Xbar, None, None
+        Zbar = _post_derivative(cx.y[0], Ybar, _tree_post(attrs, cx.y[0].shape[-1]))
+        TWbar = BVbar = None
+        if need[1]:
+            D = _tree_slopes(cx.x[0], _tree_weights(cx.x, attrs)).astype(Zbar.dtype)  # (N, n, entries)
+            TWbar = np.einsum("...nj,nje->...ne", Zbar, D) if keep[1] else np.einsum("...nj,nje->...e", Zbar, D)
+        if need[2]:
+            BVbar = Zbar if keep[2] else Zbar.sum(axis=-2)
+        return Xbar, TWbar, BVbar
+
+
+def _tree_weights(x, attrs):
+    """A TreeEnsembleRegressor's attributes with the target weights and base values it reads:
+    its inputs 1 and 2 where load made them parameters."""
+    TW, BV = _weights(x, {}, "base_values")
+    return {**attrs, **({"target_weights": TW} if TW is not None else {}), **({"base_values": BV} if BV is not None else {})}
+
+
+def _tree_post(attrs, n):
+    """The post transform onnxruntime applies: of a single target, PROBIT only."""
+    post = attrs.get("post_transform", "NONE")
+    return post if n != 1 or post == "PROBIT" else "NONE"
+
+
+def _tree_slopes(X, attrs):
+    """d(aggregate)/d(target weights) per sample, (N, n_targets, entries): 1 where the entry's
+    leaf is one the sample reaches and its target is that column (1/trees for AVERAGE; for MIN
+    and MAX, only the leaf picked)."""
+    leaves, n_nodes = _tree_leaves(X, attrs)
+    n = int(attrs.get("n_targets", 1))
+    index = _node_index(attrs)
+    node = np.array([index[(t, k)] for t, k in zip(attrs["target_treeids"], attrs["target_nodeids"])], np.int64)
+    ids = np.asarray(attrs["target_ids"], np.int64)
+    N, E = len(leaves), len(node)
+    how = attrs.get("aggregate_function", "SUM")
+    if how in ("MIN", "MAX"):  # the tree each (sample, target) takes its weight from
+        W, has = _leaf_weights(attrs, "target", n, n_nodes)
+        S, H = W[leaves], has[leaves]  # (N, trees, n)
+        fill = np.inf if how == "MIN" else -np.inf
+        t = (np.argmin if how == "MIN" else np.argmax)(np.where(H, S, fill), axis=1)  # (N, n)
+        picked = np.where(H.any(axis=1), np.take_along_axis(leaves, t, axis=1), -1)  # its leaf, or none
+        hit = picked[:, ids] == node  # (N, E)
+    else:
+        reached = np.zeros((N, n_nodes), bool)
+        reached[np.arange(N)[:, None], leaves] = True
+        hit = reached[:, node]
+    D = np.zeros((N, n, E))
+    D[:, ids, np.arange(E)] = hit
+    return D / leaves.shape[1] if how == "AVERAGE" else D
 
 
 @rule("TreeEnsembleClassifier", since=1, domain=ML)
