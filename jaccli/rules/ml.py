@@ -773,7 +773,10 @@ class TreeEnsembleRegressor:
     def jvp(cx, Xdot, TWdot=None, BVdot=None, **attrs):
         Zdot = None
         if TWdot is not None:  # (T, entries): parameters carry no sample axis
-            Zdot = np.einsum("nje,te->tnj", _tree_slopes(cx.x[0], _tree_weights(cx.x, attrs)).astype(TWdot.dtype), TWdot)
+            hit, ids, scale = _tree_slopes(cx.x[0], _tree_weights(cx.x, attrs))
+            Zdot = np.zeros((len(TWdot),) + cx.y[0].shape, TWdot.dtype)
+            for j in range(Zdot.shape[-1]):  # each target's entries
+                Zdot[..., j] = scale * (hit[:, ids == j].astype(TWdot.dtype) @ TWdot[:, ids == j].T).T
         if BVdot is not None:  # (T, n)
             Zdot = _plus(Zdot, np.broadcast_to(BVdot[:, None, :], (len(BVdot),) + cx.y[0].shape))
         if Zdot is None:
@@ -787,9 +790,10 @@ class TreeEnsembleRegressor:
             return Xbar, None, None
         Zbar = _post_derivative(cx.y[0], Ybar, _tree_post(attrs, cx.y[0].shape[-1]))
         TWbar = BVbar = None
-        if need[1]:
-            D = _tree_slopes(cx.x[0], _tree_weights(cx.x, attrs)).astype(Zbar.dtype)  # (N, n, entries)
-            TWbar = np.einsum("...nj,nje->...ne", Zbar, D) if keep[1] else np.einsum("...nj,nje->...e", Zbar, D)
+        if need[1]:  # entry e of sample n: its target's cotangent where its leaf is reached
+            hit, ids, scale = _tree_slopes(cx.x[0], _tree_weights(cx.x, attrs))
+            TWbar = Zbar[..., ids] * (hit * Zbar.dtype.type(scale))  # (*lead, N, entries)
+            TWbar = TWbar if keep[1] else TWbar.sum(axis=-2)
         if need[2]:
             BVbar = Zbar if keep[2] else Zbar.sum(axis=-2)
         return Xbar, TWbar, BVbar
@@ -809,15 +813,16 @@ def _tree_post(attrs, n):
 
 
 def _tree_slopes(X, attrs):
-    """d(aggregate)/d(target weights) per sample, (N, n_targets, entries): 1 where the entry's
-    leaf is one the sample reaches and its target is that column (1/trees for AVERAGE; for MIN
-    and MAX, only the leaf picked)."""
+    """d(aggregate)/d(target weights) per sample, as (hit, ids, scale): the aggregate's column
+    ids[e] has slope `scale` in entry e where hit[n, e], the entry's leaf being one that sample n
+    reaches (for MIN and MAX, the one picked for that column), and 0 elsewhere; scale is
+    1/trees for AVERAGE, else 1."""
     leaves, n_nodes = _tree_leaves(X, attrs)
     n = int(attrs.get("n_targets", 1))
     index = _node_index(attrs)
     node = np.array([index[(t, k)] for t, k in zip(attrs["target_treeids"], attrs["target_nodeids"])], np.int64)
     ids = np.asarray(attrs["target_ids"], np.int64)
-    N, E = len(leaves), len(node)
+    N = len(leaves)
     how = attrs.get("aggregate_function", "SUM")
     if how in ("MIN", "MAX"):  # the tree each (sample, target) takes its weight from
         W, has = _leaf_weights(attrs, "target", n, n_nodes)
@@ -830,9 +835,7 @@ def _tree_slopes(X, attrs):
         reached = np.zeros((N, n_nodes), bool)
         reached[np.arange(N)[:, None], leaves] = True
         hit = reached[:, node]
-    D = np.zeros((N, n, E))
-    D[:, ids, np.arange(E)] = hit
-    return D / leaves.shape[1] if how == "AVERAGE" else D
+    return hit, ids, 1 / leaves.shape[1] if how == "AVERAGE" else 1.0
 
 
 @rule("TreeEnsembleClassifier", since=1, domain=ML)
