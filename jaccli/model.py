@@ -400,7 +400,8 @@ def weights_rewritten(proto):
 
 _ML_WEIGHTS = {"LinearClassifier": ("coefficients", "intercepts"), "LinearRegressor": ("coefficients", "intercepts"),
                "SVMRegressor": ("coefficients", "rho"),
-               "TreeEnsembleRegressor": ("target_weights", "base_values")}  # attributes made inputs 1 and 2, in order
+               "TreeEnsembleRegressor": ("target_weights", "base_values"),
+               "TreeEnsembleClassifier": ("class_weights", "base_values")}  # attributes made inputs 1 and 2, in order
 
 
 def ml_coefficients_as_inputs(proto):
@@ -416,7 +417,8 @@ def ml_coefficients_as_inputs(proto):
 
     def movable(n):
         return (n.domain == "ai.onnx.ml" and n.op_type in _ML_WEIGHTS and len(n.input) == 1
-                and any(a.name == _ML_WEIGHTS[n.op_type][0] and a.floats for a in n.attribute))
+                and any(a.name == _ML_WEIGHTS[n.op_type][0] and a.floats for a in n.attribute)
+                and (n.op_type != "TreeEnsembleClassifier" or _classes(n) > 2))  # two classes: see rules.ml
 
     if not any(movable(n) for n in proto.graph.node):
         return proto, {}
@@ -443,6 +445,11 @@ def ml_coefficients_as_inputs(proto):
         del n.attribute[:]
         n.attribute.extend(keep)
     return m, moved
+
+
+def _classes(n):
+    """The number of class labels of a classifier node."""
+    return max((len(a.ints) or len(a.strings) for a in n.attribute if a.name.startswith("classlabels_")), default=0)
 
 
 def reads_of_subgraphs(node):

@@ -557,6 +557,20 @@ def test_tree_ensemble_classifier(classes, weighted, base, post, signs):
     classes and string labels; the scores' Jacobian is zero."""
     from gradcheck import our_forward
 
+    m, k = tree_classifier(classes, weighted, base, post, signs)
+    x = RNG.standard_normal((64, 3)).astype(np.float32)
+    x[:3] = [[0.1, -0.2, 0.3], [np.nan, 1, 1], [-1, 0, np.nan]]
+    scores, label = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    tol = 1e-3 if post == "PROBIT" else 1e-5  # onnxruntime's inverse erf is an approximation (Winitzki's), ours exact
+    np.testing.assert_allclose(our_forward(m, {"x": x}, np.float32), scores, rtol=tol, atol=1e-6)
+    del m.graph.output[0]
+    np.testing.assert_array_equal(our_forward(m, {"x": x}, np.float32), label)
+    m.graph.output.insert(0, helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", k]))
+    assert not jaccli.input_jacobian(m, x[3:8], of="scores").any()
+
+
+def tree_classifier(classes, weighted, base, post, signs):
+    """A tree classifier over _TREE_NODES: (model with outputs scores and label, number of classes)."""
     labels = {"classlabels_strings": ["a", "b", "c"]} if classes == "strings" else {"classlabels_int64s": list(range(5, 5 + classes))}
     w = dict(class_treeids=[], class_nodeids=[], class_ids=[], class_weights=[])
     for n, (t, leaf) in enumerate(_LEAVES):
@@ -575,15 +589,49 @@ def test_tree_ensemble_classifier(classes, weighted, base, post, signs):
                            helper.make_tensor_value_info("label", label_type, ["N"])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
     m.ir_version = 8
-    x = RNG.standard_normal((64, 3)).astype(np.float32)
-    x[:3] = [[0.1, -0.2, 0.3], [np.nan, 1, 1], [-1, 0, np.nan]]
-    scores, label = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    tol = 1e-3 if post == "PROBIT" else 1e-5  # onnxruntime's inverse erf is an approximation (Winitzki's), ours exact
-    np.testing.assert_allclose(our_forward(m, {"x": x}, np.float32), scores, rtol=tol, atol=1e-6)
-    del m.graph.output[0]
-    np.testing.assert_array_equal(our_forward(m, {"x": x}, np.float32), label)
-    m.graph.output.insert(0, helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", k]))
-    assert not jaccli.input_jacobian(m, x[3:8], of="scores").any()
+    return m, k
+
+
+@pytest.mark.parametrize("classes,weighted,base,post", [(3, [0, 1, 2], [0.1, -0.2, 0.3], "SOFTMAX"), (3, [0, 2], [], "NONE"),
+                                                        (4, [0, 1, 2, 3], [0.1, 0.2, -0.1, 0.05], "LOGISTIC")])
+def test_tree_classifier_weights_are_parameters(tmp_path, monkeypatch, classes, weighted, base, post):
+    """A tree classifier's class weights and base values (more than two classes: XGBoost's,
+    LightGBM's, a random forest's) are parameters: the scores' per-sample Jacobian against
+    float64 differences of jaccli's forward over them, and check --params against onnxruntime
+    (a 10% wrong Jacobian FAILs). Two classes' stay attributes (onnxruntime's conventions for
+    them are not differentiated), and their refusal says so in one line."""
+    import onnx
+    from click.testing import CliRunner
+    from gradcheck import wrong_by_ten_percent
+
+    from jaccli.cli import main
+    from jaccli.oracle import _forward
+
+    m, k = tree_classifier(classes, weighted, base, post, 1)
+    x = RNG.standard_normal((6, 3))
+    model = jaccli.load(m)
+    G, cols = jaccli.param_jacobian(model, x, of="scores", dtype="float64")
+    names = [c["name"] for c in cols]
+    assert names == ["label.class_weights"] + ["label.base_values"] * bool(base)  # named after its first output
+    theta = {n: model.initializers[n].astype(np.float64) for n in names}
+
+    def f(name, j, step):
+        return _forward(model, {"x": x}, "scores", np.float64, {**theta, name: theta[name] + step * np.eye(theta[name].size)[j]})
+
+    fd = np.stack([(f(c["name"], j, 1e-6) - f(c["name"], j, -1e-6)) / 2e-6 for c in cols for j in range(c["size"])], -1)
+    assert G.shape == fd.shape and rel_err(G, fd) < 1e-7 and G.any()
+    onnx.save(m, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    args = ["check", "--params", "--of", "scores", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "against onnxruntime's central differences" in " ".join(r.output.split()), r.output
+    two, _ = tree_classifier(2, [0, 1], [], "NONE", 1)
+    assert not jaccli.load(two).attribute_params
+    with pytest.raises(jaccli.errors.UsageError, match="TreeEnsembleClassifier"):
+        jaccli.param_jacobian(two, x, of="scores")
+    wrong_by_ten_percent(monkeypatch, "param_jacobian")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "FAIL" in r.output, r.output
 
 
 def tree_ensemble5(aggregate=1, post=0, n_targets=3, dtype=np.float32, n_trees=4, depth=3, seed=0):

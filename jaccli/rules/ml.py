@@ -750,7 +750,7 @@ class TreeEnsembleRegressor:
     keeps = True
 
     def forward(X, TW=None, BV=None, **attrs):
-        attrs = _tree_weights((X, TW, BV), attrs)
+        attrs = _tree_weights((X, TW, BV), attrs, "target")
         leaves, n_nodes = _tree_leaves(X, attrs)
         n = int(attrs.get("n_targets", 1))
         W, has = _leaf_weights(attrs, "target", n, n_nodes)
@@ -771,39 +771,70 @@ class TreeEnsembleRegressor:
         return _post(Z.astype(_out_dtype(X)), _tree_post(attrs, n))
 
     def jvp(cx, Xdot, TWdot=None, BVdot=None, **attrs):
-        Zdot = None
-        if TWdot is not None:  # (T, entries): parameters carry no sample axis
-            hit, ids, scale = _tree_slopes(cx.x[0], _tree_weights(cx.x, attrs))
-            Zdot = np.zeros((len(TWdot),) + cx.y[0].shape, TWdot.dtype)
-            for j in range(Zdot.shape[-1]):  # each target's entries
-                Zdot[..., j] = scale * (hit[:, ids == j].astype(TWdot.dtype) @ TWdot[:, ids == j].T).T
-        if BVdot is not None:  # (T, n)
-            Zdot = _plus(Zdot, np.broadcast_to(BVdot[:, None, :], (len(BVdot),) + cx.y[0].shape))
+        Zdot = _tree_weights_tangent(cx, TWdot, BVdot, attrs, "target", cx.y[0])
         if Zdot is None:
             return np.zeros(Xdot.shape[: Xdot.ndim - cx.x[0].ndim] + cx.y[0].shape, Xdot.dtype)
         return _post_derivative(cx.y[0], Zdot, _tree_post(attrs, cx.y[0].shape[-1]))  # X's part is zero
 
     def vjp(cx, Ybar, **attrs):
-        need, keep = _asks(cx)
+        need, _ = _asks(cx)
         Xbar = np.zeros(Ybar.shape[: cx.lead(Ybar)] + cx.x[0].shape, Ybar.dtype) if need[0] else None
         if not (need[1] or need[2]):
             return Xbar, None, None
         Zbar = _post_derivative(cx.y[0], Ybar, _tree_post(attrs, cx.y[0].shape[-1]))
-        TWbar = BVbar = None
-        if need[1]:  # entry e of sample n: its target's cotangent where its leaf is reached
-            hit, ids, scale = _tree_slopes(cx.x[0], _tree_weights(cx.x, attrs))
-            TWbar = Zbar[..., ids] * (hit * Zbar.dtype.type(scale))  # (*lead, N, entries)
-            TWbar = TWbar if keep[1] else TWbar.sum(axis=-2)
-        if need[2]:
-            BVbar = Zbar if keep[2] else Zbar.sum(axis=-2)
-        return Xbar, TWbar, BVbar
+        return (Xbar,) + _tree_weights_cotangents(cx, Zbar, attrs, "target")
 
 
-def _tree_weights(x, attrs):
-    """A TreeEnsembleRegressor's attributes with the target weights and base values it reads:
-    its inputs 1 and 2 where load made them parameters."""
-    TW, BV = _weights(x, {}, "base_values")
-    return {**attrs, **({"target_weights": TW} if TW is not None else {}), **({"base_values": BV} if BV is not None else {})}
+def _tree_weights(x, attrs, kind):
+    """A tree ensemble's attributes with the leaf weights (target_ or class_weights, for `kind`)
+    and base values it reads: its inputs 1 and 2 where load made them parameters."""
+    W, B = _weights(x, {}, "base_values")
+    return {**attrs, **({f"{kind}_weights": W} if W is not None else {}), **({"base_values": B} if B is not None else {})}
+
+
+def _base_columns(attrs, kind, n):
+    """How many leading columns of the aggregate the base values are added to: a regressor's all
+    n where it has n of them (else none), a classifier's (of more than two classes) as many as
+    it has."""
+    size = _floats(attrs, "base_values").size
+    return size if kind == "class" else (n if size == n else 0)
+
+
+def _tree_weights_tangent(cx, Wdot, Bdot, attrs, kind, y):
+    """The aggregate's tangent (T, N, n) along the leaf weights' and base values' tangents (no
+    sample axis: parameters), before the post transform; None where neither is given."""
+    attrs = _tree_weights(cx.x, attrs, kind)
+    Zdot = None
+    if Wdot is not None:
+        hit, ids, scale = _tree_slopes(cx.x[0], attrs, kind)
+        Zdot = np.zeros((len(Wdot),) + y.shape, Wdot.dtype)
+        for j in range(y.shape[-1]):  # each column's entries
+            Zdot[..., j] = scale * (hit[:, ids == j].astype(Wdot.dtype) @ Wdot[:, ids == j].T).T
+    if Bdot is not None:
+        m = _base_columns(attrs, kind, y.shape[-1])
+        Bz = np.zeros((len(Bdot),) + y.shape, Bdot.dtype)
+        Bz[..., :m] = Bdot[:, None, :m]
+        Zdot = _plus(Zdot, Bz)
+    return Zdot
+
+
+def _tree_weights_cotangents(cx, Zbar, attrs, kind):
+    """The leaf weights' and base values' cotangents from the aggregate's, Zbar (*lead, N, n):
+    per sample where kept (Ctx.keep). Entry e of sample n takes its column's cotangent where
+    its leaf is reached."""
+    need, keep = _asks(cx)
+    attrs = _tree_weights(cx.x, attrs, kind)
+    Wbar = Bbar = None
+    if need[1]:
+        hit, ids, scale = _tree_slopes(cx.x[0], attrs, kind)
+        Wbar = Zbar[..., ids] * (hit * Zbar.dtype.type(scale))  # (*lead, N, entries)
+        Wbar = Wbar if keep[1] else Wbar.sum(axis=-2)
+    if need[2]:
+        m = _base_columns(attrs, kind, Zbar.shape[-1])
+        Bbar = np.zeros(Zbar.shape[:-1] + (cx.x[2].size,), Zbar.dtype)
+        Bbar[..., :m] = Zbar[..., :m]
+        Bbar = Bbar if keep[2] else Bbar.sum(axis=-2)
+    return Wbar, Bbar
 
 
 def _tree_post(attrs, n):
@@ -812,20 +843,19 @@ def _tree_post(attrs, n):
     return post if n != 1 or post == "PROBIT" else "NONE"
 
 
-def _tree_slopes(X, attrs):
-    """d(aggregate)/d(target weights) per sample, as (hit, ids, scale): the aggregate's column
+def _tree_slopes(X, attrs, kind):
+    """d(aggregate)/d(leaf weights) per sample, as (hit, ids, scale): the aggregate's column
     ids[e] has slope `scale` in entry e where hit[n, e], the entry's leaf being one that sample n
     reaches (for MIN and MAX, the one picked for that column), and 0 elsewhere; scale is
-    1/trees for AVERAGE, else 1."""
+    1/trees for AVERAGE, else 1. `kind`: "target" (a regressor's entries) or "class"."""
     leaves, n_nodes = _tree_leaves(X, attrs)
-    n = int(attrs.get("n_targets", 1))
     index = _node_index(attrs)
-    node = np.array([index[(t, k)] for t, k in zip(attrs["target_treeids"], attrs["target_nodeids"])], np.int64)
-    ids = np.asarray(attrs["target_ids"], np.int64)
+    node = np.array([index[(t, k)] for t, k in zip(attrs[f"{kind}_treeids"], attrs[f"{kind}_nodeids"])], np.int64)
+    ids = np.asarray(attrs[f"{kind}_ids"], np.int64)
     N = len(leaves)
-    how = attrs.get("aggregate_function", "SUM")
+    how = attrs.get("aggregate_function", "SUM") if kind == "target" else "SUM"
     if how in ("MIN", "MAX"):  # the tree each (sample, target) takes its weight from
-        W, has = _leaf_weights(attrs, "target", n, n_nodes)
+        W, has = _leaf_weights(attrs, "target", int(attrs.get("n_targets", 1)), n_nodes)
         S, H = W[leaves], has[leaves]  # (N, trees, n)
         fill = np.inf if how == "MIN" else -np.inf
         t = (np.argmin if how == "MIN" else np.argmax)(np.where(H, S, fill), axis=1)  # (N, n)
@@ -847,8 +877,10 @@ class TreeEnsembleClassifier:
 
     piecewise_constant = True
     n_diff_outputs = None
+    keeps = True
 
-    def forward(X, **attrs):
+    def forward(X, CW=None, BV=None, **attrs):
+        attrs = _tree_weights((X, CW, BV), attrs, "class")
         leaves, n_nodes = _tree_leaves(X, attrs)
         labels = attrs.get("classlabels_int64s")
         labels = np.asarray(labels if labels is not None and len(labels) else attrs["classlabels_strings"])
@@ -865,11 +897,30 @@ class TreeEnsembleClassifier:
         all_positive = bool((_floats(attrs, "class_weights") >= 0).all())
         return _binary_trees(S, H, base, post, labels, len(set(attrs["class_ids"])) == 1, all_positive, _out_dtype(X))
 
-    def jvp(cx, Xdot, **attrs):
-        return None, np.zeros(Xdot.shape[: Xdot.ndim - cx.x[0].ndim] + cx.y[1].shape, Xdot.dtype)
+    def jvp(cx, Xdot, CWdot=None, BVdot=None, **attrs):
+        _binary_weights_refused(cx, CWdot is not None or BVdot is not None)
+        Zdot = _tree_weights_tangent(cx, CWdot, BVdot, attrs, "class", cx.y[1])
+        if Zdot is None:
+            return None, np.zeros(Xdot.shape[: Xdot.ndim - cx.x[0].ndim] + cx.y[1].shape, Xdot.dtype)
+        return None, _post_derivative(cx.y[1], Zdot, attrs.get("post_transform", "NONE"))
 
     def vjp(cx, _labels, Zbar, **attrs):
-        return (np.zeros(Zbar.shape[: cx.lead(Zbar, 1)] + cx.x[0].shape, Zbar.dtype),)
+        need, _ = _asks(cx)
+        Xbar = np.zeros(Zbar.shape[: cx.lead(Zbar, 1)] + cx.x[0].shape, Zbar.dtype) if need[0] else None
+        if not (need[1] or need[2]):
+            return Xbar, None, None
+        _binary_weights_refused(cx, True)
+        Zbar = _post_derivative(cx.y[1], Zbar, attrs.get("post_transform", "NONE"))
+        return (Xbar,) + _tree_weights_cotangents(cx, Zbar, attrs, "class")
+
+
+def _binary_weights_refused(cx, asked):
+    """The class weights of a two-class tree classifier are not differentiated: onnxruntime's
+    conventions for two classes (one weighted class, base values) shape its scores case by case;
+    load leaves them attributes (model.ml_coefficients_as_inputs)."""
+    if asked and cx.y[1].shape[-1] <= 2:
+        raise UnsupportedOpError("TreeEnsembleClassifier: the derivative with respect to the class weights of two classes "
+                                 "is not supported")
 
 
 _AGGREGATES = {0: "AVERAGE", 1: "SUM", 2: "MIN", 3: "MAX"}
