@@ -294,6 +294,44 @@ def test_one_hot_encoder_matches_onnxruntime(cats, dtype, zeros):
     np.testing.assert_array_equal(got, want)
 
 
+def passes_check_params(tmp_path, monkeypatch, m, x, *options):
+    """check --params passes against onnxruntime (perturbing weights where it reads them, in
+    the attributes), and FAILs a Jacobian 10% wrong."""
+    import onnx
+    from click.testing import CliRunner
+    from gradcheck import wrong_by_ten_percent
+
+    from jaccli.cli import main
+
+    onnx.save(m, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    args = ["check", "--params", *options, str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "against onnxruntime's central differences" in " ".join(r.output.split()), r.output
+    wrong_by_ten_percent(monkeypatch, "param_jacobian")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "FAIL" in r.output, r.output
+
+
+def rule_checks_in_every_input(rule, xs, attrs, seed):
+    """A one-output rule straight on arrays xs (its weights among them): its JVP in all of them
+    against central differences of its forward, its VJP by <u, J v> = <J^T u, v>."""
+    from jaccli.rules import Ctx
+
+    rng = np.random.default_rng(seed)
+    cx = Ctx(tuple(xs), (rule.forward(*xs, **attrs),), (True,) * len(xs), (False,) * len(xs), rule)
+    V = [rng.standard_normal((2,) + a.shape) for a in xs]
+    Ydot = rule.jvp(cx, *V, **attrs)
+    for t in range(2):
+        fd = (rule.forward(*[a + 1e-6 * v[t] for a, v in zip(xs, V)], **attrs)
+              - rule.forward(*[a - 1e-6 * v[t] for a, v in zip(xs, V)], **attrs)) / 2e-6
+        assert np.abs(Ydot[t] - fd).max() <= 1e-6 * max(1.0, np.abs(fd).max())
+    U = rng.standard_normal((2,) + cx.y[0].shape)
+    bars = rule.vjp(cx, U, **attrs)
+    lhs, rhs = (U * Ydot).sum(), sum((b * v).sum() for b, v in zip(bars, V) if b is not None)
+    assert abs(lhs - rhs) <= 1e-9 * max(1.0, abs(lhs))
+
+
 _TREE_NODES = dict(
     nodes_treeids=[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
     nodes_nodeids=[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4],
@@ -397,7 +435,7 @@ def test_tree_regressor_weights_are_parameters(aggregate, n_targets, base, post)
     Jacobian is the linear model's beside it, and the summary's note on the trees' zero
     derivative is for the input Jacobian only."""
     from jaccli.oracle import _forward
-    from jaccli.rules import Ctx, lookup
+    from jaccli.rules import lookup
 
     m, W = tree_regressor(aggregate, n_targets, base, post, scale=0.05 if post == "PROBIT" else 1.0)
     x = RNG.standard_normal((6, 3))
@@ -419,41 +457,16 @@ def test_tree_regressor_weights_are_parameters(aggregate, n_targets, base, post)
     np.testing.assert_allclose(J.value, np.broadcast_to(W.T, J.value.shape), rtol=1e-6)
     assert any("TreeEnsembleRegressor lies on the way" in note for note in J.notes), J.notes
 
-    rule, rng = lookup("TreeEnsembleRegressor", 1, "ai.onnx.ml"), np.random.default_rng(12)
     attrs = dict(next(n for n in model.nodes if n.op_type == "TreeEnsembleRegressor").attrs)  # the weights moved out
-    xs = [x] + [theta[n] for n in names[1:]]
-    cx = Ctx(tuple(xs), (rule.forward(*xs, **attrs),), (True,) * len(xs), (False,) * len(xs), rule)
-    V = [rng.standard_normal((2,) + a.shape) for a in xs]
-    Ydot = rule.jvp(cx, *V, **attrs)
-    for t in range(2):
-        fd = (rule.forward(*[a + 1e-6 * v[t] for a, v in zip(xs, V)], **attrs)
-              - rule.forward(*[a - 1e-6 * v[t] for a, v in zip(xs, V)], **attrs)) / 2e-6
-        assert np.abs(Ydot[t] - fd).max() <= 1e-6 * max(1.0, np.abs(fd).max())
-    U = rng.standard_normal((2,) + cx.y[0].shape)
-    bars = rule.vjp(cx, U, **attrs)
-    lhs, rhs = (U * Ydot).sum(), sum((b * v).sum() for b, v in zip(bars, V) if b is not None)
-    assert abs(lhs - rhs) <= 1e-9 * max(1.0, abs(lhs))
+    rule_checks_in_every_input(lookup("TreeEnsembleRegressor", 1, "ai.onnx.ml"), [x] + [theta[n] for n in names[1:]], attrs, 12)
 
 
 @pytest.mark.parametrize("aggregate,n_targets,base,post", [TREE_WEIGHT_CASES[0], TREE_WEIGHT_CASES[2], TREE_WEIGHT_CASES[4]])
 def test_tree_regressor_parameters_checked_against_onnxruntime(tmp_path, monkeypatch, aggregate, n_targets, base, post):
     """check --params perturbs the leaf weights where onnxruntime reads them, in the attributes;
     a Jacobian 10% wrong FAILs."""
-    import onnx
-    from click.testing import CliRunner
-    from gradcheck import wrong_by_ten_percent
-
-    from jaccli.cli import main
-
     m, _ = tree_regressor(aggregate, n_targets, base, post, scale=0.05 if post == "PROBIT" else 1.0, linear=False)
-    onnx.save(m, tmp_path / "m.onnx")
-    np.save(tmp_path / "x.npy", RNG.standard_normal((6, 3)).astype(np.float32))
-    args = ["check", "--params", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")]
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 0 and "against onnxruntime's central differences" in " ".join(r.output.split()), r.output
-    wrong_by_ten_percent(monkeypatch, "param_jacobian")
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 1 and "FAIL" in r.output, r.output
+    passes_check_params(tmp_path, monkeypatch, m, RNG.standard_normal((6, 3)))
 
 
 def test_tree_regressor_weights_as_tensors_stay_attributes():
@@ -600,11 +613,6 @@ def test_tree_classifier_weights_are_parameters(tmp_path, monkeypatch, classes, 
     float64 differences of jaccli's forward over them, and check --params against onnxruntime
     (a 10% wrong Jacobian FAILs). Two classes' stay attributes (onnxruntime's conventions for
     them are not differentiated), and their refusal says so in one line."""
-    import onnx
-    from click.testing import CliRunner
-    from gradcheck import wrong_by_ten_percent
-
-    from jaccli.cli import main
     from jaccli.oracle import _forward
 
     m, k = tree_classifier(classes, weighted, base, post, 1)
@@ -620,18 +628,11 @@ def test_tree_classifier_weights_are_parameters(tmp_path, monkeypatch, classes, 
 
     fd = np.stack([(f(c["name"], j, 1e-6) - f(c["name"], j, -1e-6)) / 2e-6 for c in cols for j in range(c["size"])], -1)
     assert G.shape == fd.shape and rel_err(G, fd) < 1e-7 and G.any()
-    onnx.save(m, tmp_path / "m.onnx")
-    np.save(tmp_path / "x.npy", x.astype(np.float32))
-    args = ["check", "--params", "--of", "scores", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")]
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 0 and "against onnxruntime's central differences" in " ".join(r.output.split()), r.output
     two, _ = tree_classifier(2, [0, 1], [], "NONE", 1)
     assert not jaccli.load(two).attribute_params
     with pytest.raises(jaccli.errors.UsageError, match="TreeEnsembleClassifier"):
         jaccli.param_jacobian(two, x, of="scores")
-    wrong_by_ten_percent(monkeypatch, "param_jacobian")
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 1 and "FAIL" in r.output, r.output
+    passes_check_params(tmp_path, monkeypatch, m, x, "--of", "scores")
 
 
 def tree_ensemble5(aggregate=1, post=0, n_targets=3, dtype=np.float32, n_trees=4, depth=3, seed=0):
@@ -915,7 +916,7 @@ def test_svm_regressor_weights_are_parameters(kernel, n_supports, one_class):
     differences of jaccli's forward over them (zero for a one-class sign), and the rule's JVP and
     VJP in every input."""
     from jaccli.oracle import _forward
-    from jaccli.rules import Ctx, lookup
+    from jaccli.rules import lookup
 
     m = svm_regressor(kernel, n_supports, one_class=one_class)
     x = RNG.standard_normal((5, 4))
@@ -928,38 +929,13 @@ def test_svm_regressor_weights_are_parameters(kernel, n_supports, one_class):
                     - _forward(model, {"x": x}, "y", np.float64, {**theta, c["name"]: theta[c["name"]] - 1e-6 * np.eye(c["size"])[j]}))
                    / 2e-6 for c in cols for j in range(c["size"])], -1)
     assert G.shape == fd.shape and (rel_err(G, fd) < 1e-7 if fd.any() else not G.any())
-    rule, rng = lookup("SVMRegressor", 1, "ai.onnx.ml"), np.random.default_rng(10)
     attrs = {a.name: helper.get_attribute_value(a) for a in m.graph.node[0].attribute if a.name not in ("coefficients", "rho")}
     attrs["kernel_type"] = attrs["kernel_type"].decode()
-    xs = [x, theta["y.coefficients"], theta["y.rho"]]
-    cx = Ctx(tuple(xs), (rule.forward(*xs, **attrs),), (True, True, True), (False,) * 3, rule)
-    V = [rng.standard_normal((2,) + a.shape) for a in xs]
-    Ydot = rule.jvp(cx, *V, **attrs)
-    for t in range(2):
-        fd = (rule.forward(*[a + 1e-6 * v[t] for a, v in zip(xs, V)], **attrs)
-              - rule.forward(*[a - 1e-6 * v[t] for a, v in zip(xs, V)], **attrs)) / 2e-6
-        assert np.abs(Ydot[t] - fd).max() <= 1e-6 * max(1.0, np.abs(fd).max())
-    U = rng.standard_normal((2,) + cx.y[0].shape)
-    bars = rule.vjp(cx, U, **attrs)
-    lhs, rhs = (U * Ydot).sum(), sum((b * v).sum() for b, v in zip(bars, V))
-    assert abs(lhs - rhs) <= 1e-9 * max(1.0, abs(lhs))
+    rule_checks_in_every_input(lookup("SVMRegressor", 1, "ai.onnx.ml"), [x, theta["y.coefficients"], theta["y.rho"]], attrs, 10)
 
 
 def test_svm_regressor_parameters_checked_against_onnxruntime(tmp_path, monkeypatch):
-    import onnx
-    from click.testing import CliRunner
-    from gradcheck import wrong_by_ten_percent
-
-    from jaccli.cli import main
-
-    onnx.save(svm_regressor("RBF", 5), tmp_path / "m.onnx")
-    np.save(tmp_path / "x.npy", RNG.standard_normal((4, 4)).astype(np.float32))
-    args = ["check", "--params", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy")]
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 0 and "against onnxruntime's central differences" in " ".join(r.output.split()), r.output
-    wrong_by_ten_percent(monkeypatch, "param_jacobian")
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 1 and "FAIL" in r.output, r.output
+    passes_check_params(tmp_path, monkeypatch, svm_regressor("RBF", 5), RNG.standard_normal((4, 4)))
 
 
 def test_linear_model_without_intercepts():
