@@ -771,18 +771,29 @@ class TreeEnsembleRegressor:
         return _post(Z.astype(_out_dtype(X)), _tree_post(attrs, n))
 
     def jvp(cx, Xdot, TWdot=None, BVdot=None, **attrs):
-        Zdot = _tree_weights_tangent(cx, TWdot, BVdot, attrs, "target", cx.y[0])
-        if Zdot is None:
-            return np.zeros(Xdot.shape[: Xdot.ndim - cx.x[0].ndim] + cx.y[0].shape, Xdot.dtype)
-        return _post_derivative(cx.y[0], Zdot, _tree_post(attrs, cx.y[0].shape[-1]))  # X's part is zero
+        return _tree_tangent(cx, Xdot, TWdot, BVdot, attrs, "target", 0, _tree_post(attrs, cx.y[0].shape[-1]))
 
     def vjp(cx, Ybar, **attrs):
-        need, _ = _asks(cx)
-        Xbar = np.zeros(Ybar.shape[: cx.lead(Ybar)] + cx.x[0].shape, Ybar.dtype) if need[0] else None
-        if not (need[1] or need[2]):
-            return Xbar, None, None
-        Zbar = _post_derivative(cx.y[0], Ybar, _tree_post(attrs, cx.y[0].shape[-1]))
-        return (Xbar,) + _tree_weights_cotangents(cx, Zbar, attrs, "target")
+        return _tree_cotangents(cx, Ybar, attrs, "target", 0, _tree_post(attrs, cx.y[0].shape[-1]))
+
+
+def _tree_tangent(cx, Xdot, Wdot, Bdot, attrs, kind, out, post):
+    """The tangent of a tree ensemble's output `out` (its scores): its weights' part through
+    the post transform; X's part is zero."""
+    Zdot = _tree_weights_tangent(cx, Wdot, Bdot, attrs, kind, cx.y[out])
+    if Zdot is None:
+        return np.zeros(Xdot.shape[: Xdot.ndim - cx.x[0].ndim] + cx.y[out].shape, Xdot.dtype)
+    return _post_derivative(cx.y[out], Zdot, post)
+
+
+def _tree_cotangents(cx, Ybar, attrs, kind, out, post):
+    """(X's, the leaf weights', the base values') cotangents of a tree ensemble from its output
+    `out`'s, Ybar: X's zero; the weights' through the post transform (_tree_weights_cotangents)."""
+    need, _ = _asks(cx)
+    Xbar = np.zeros(Ybar.shape[: cx.lead(Ybar, out)] + cx.x[0].shape, Ybar.dtype) if need[0] else None
+    if not (need[1] or need[2]):
+        return Xbar, None, None
+    return (Xbar,) + _tree_weights_cotangents(cx, _post_derivative(cx.y[out], Ybar, post), attrs, kind)
 
 
 def _tree_weights(x, attrs, kind):
@@ -899,19 +910,11 @@ class TreeEnsembleClassifier:
 
     def jvp(cx, Xdot, CWdot=None, BVdot=None, **attrs):
         _binary_weights_refused(cx, CWdot is not None or BVdot is not None)
-        Zdot = _tree_weights_tangent(cx, CWdot, BVdot, attrs, "class", cx.y[1])
-        if Zdot is None:
-            return None, np.zeros(Xdot.shape[: Xdot.ndim - cx.x[0].ndim] + cx.y[1].shape, Xdot.dtype)
-        return None, _post_derivative(cx.y[1], Zdot, attrs.get("post_transform", "NONE"))
+        return None, _tree_tangent(cx, Xdot, CWdot, BVdot, attrs, "class", 1, attrs.get("post_transform", "NONE"))
 
     def vjp(cx, _labels, Zbar, **attrs):
-        need, _ = _asks(cx)
-        Xbar = np.zeros(Zbar.shape[: cx.lead(Zbar, 1)] + cx.x[0].shape, Zbar.dtype) if need[0] else None
-        if not (need[1] or need[2]):
-            return Xbar, None, None
-        _binary_weights_refused(cx, True)
-        Zbar = _post_derivative(cx.y[1], Zbar, attrs.get("post_transform", "NONE"))
-        return (Xbar,) + _tree_weights_cotangents(cx, Zbar, attrs, "class")
+        _binary_weights_refused(cx, any(_asks(cx)[0][1:]))
+        return _tree_cotangents(cx, Zbar, attrs, "class", 1, attrs.get("post_transform", "NONE"))
 
 
 def _binary_weights_refused(cx, asked):
