@@ -80,11 +80,12 @@ def prepare_feeds(model: Model, x, dtype, source="data", of=None):
         unknown = [k for k in arrays if k not in {v.name for v in model.inputs}]
         if unknown:
             raise DataError(f"{source}: array '{unknown[0]}' matches no model input ({', '.join(v.name for v in model.inputs)})")
-        missing = [v.name for v in needed if v.name not in arrays]
+        missing = [v.name for v in needed if v.name not in arrays and not v.optional]  # one of optional type: empty
         if missing:
             raise DataError(f"{source}: no array for model input '{missing[0]}' (an .npz needs one array per input "
                             f"the output depends on)")
     else:
+        needed = [v for v in needed if not v.optional] or needed  # an array for the one input that must have one
         if len(needed) != 1:
             names = ", ".join(v.name for v in needed)
             raise DataError(f"{source}: the output depends on {len(needed)} inputs ({names}); give an .npz with one array "

@@ -33,6 +33,7 @@ class ValueInfo:
     name: str
     elem_type: int
     shape: tuple | None  # ints, or None / str for a dimension the file leaves open
+    optional: bool = False  # a graph input of optional type: the data may leave it out (empty)
 
     @property
     def is_float(self):
@@ -42,7 +43,7 @@ class ValueInfo:
         dims = "?" if self.shape is None else "×".join(str(d) if isinstance(d, int) else (d or "?") for d in self.shape)
         kind = "string" if self.elem_type == TensorProto.STRING else (
             helper.tensor_dtype_to_np_dtype(self.elem_type).name if self.elem_type else "?")
-        return f"{kind}[{dims}]"
+        return f"{'optional ' if self.optional else ''}{kind}[{dims}]"
 
 
 @dataclass(eq=False)
@@ -982,11 +983,12 @@ def _check_arity(schema, n, name, where):
 
 
 def _value_info(v) -> ValueInfo:
-    t = v.type.tensor_type
+    optional = v.type.HasField("optional_type")  # an optional tensor: its element's type, and it may be left out
+    t = v.type.optional_type.elem_type.tensor_type if optional else v.type.tensor_type
     shape = None
     if t.HasField("shape"):
         shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
-    return ValueInfo(v.name, t.elem_type, shape)
+    return ValueInfo(v.name, t.elem_type, shape, optional)
 
 
 def _build(proto, path, base=None, max_bytes=None) -> Model:

@@ -61,6 +61,7 @@ class Plan:
         self.notes = []  # what the drivers learn of the graph when they first run it, for the summary
         self.rows_mix_samples = False  # set by the drivers' probe: per-sample cotangents one sample at a time
         data_inputs = {v.name for v in model.inputs}
+        self.optional_inputs = tuple(v.name for v in model.inputs if v.optional)  # graph inputs the data may leave out
         nodes = model.ancestors(self.outs)
         require_rules(nodes)
 

@@ -28,6 +28,7 @@ def primal(plan: Plan, feeds: dict) -> dict:
     """Evaluate every step of the plan; returns the environment of values the walkers need."""
     env = dict(plan.consts)
     env.update(plan.params)
+    env.update(dict.fromkeys(plan.optional_inputs))  # left out of the data: empty (None), unless given
     env.update(feeds)
     for i, step in enumerate(plan.steps):
         args = [env[v] if v else None for v in step.inputs]

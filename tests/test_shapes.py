@@ -1035,3 +1035,36 @@ def test_a_batch_baked_into_sequence_lengths():
         for t in range(5):
             want[t, :, order[t], :] = np.diag(1 - np.tanh(xs[k, order[t]]) ** 2)
         np.testing.assert_allclose(r.value[k], want, rtol=1e-5, atol=1e-7)
+
+
+def optional_input_model():
+    """y = tanh(x + b) where the optional graph input b holds a tensor, else tanh(x): an If on
+    OptionalHasElement, as an exporter writes a forward(x, b=None)."""
+    N3 = ["N", 3]
+    b = helper.make_value_info("b", helper.make_optional_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, N3)))
+    add = helper.make_graph([helper.make_node("OptionalGetElement", ["b"], ["bb"]), helper.make_node("Add", ["x", "bb"], ["s1"])],
+                            "with_b", [], [helper.make_tensor_value_info("s1", TensorProto.FLOAT, N3)])
+    keep = helper.make_graph([helper.make_node("Identity", ["x"], ["s2"])], "without_b", [],
+                             [helper.make_tensor_value_info("s2", TensorProto.FLOAT, N3)])
+    nodes = [helper.make_node("OptionalHasElement", ["b"], ["has"]),
+             helper.make_node("If", ["has"], ["s"], then_branch=add, else_branch=keep), helper.make_node("Tanh", ["s"], ["y"])]
+    return model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, N3), b],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, N3)], opset=18)
+
+
+def test_an_optional_graph_input_left_out(tmp_path):
+    """A graph input of optional type may be left out of the data, as onnxruntime allows: it is
+    empty. Given one array (an .npy), it goes to the input that must have one; given an .npz,
+    the optional one may be there or not. The Jacobians, and `check` against onnxruntime."""
+    from onnx import save
+
+    from jaccli.oracle import check
+
+    m = optional_input_model()
+    x, b = RNG.standard_normal((5, 3)).astype(np.float32), RNG.standard_normal((5, 3)).astype(np.float32)
+    for feeds, s in ((x, x), ({"x": x}, x), ({"x": x, "b": b}, x + b)):
+        J = jaccli.input_jacobian(m, feeds, wrt="x")
+        np.testing.assert_allclose(J, np.stack([np.diag(1 - np.tanh(v) ** 2) for v in s]), rtol=1e-5, atol=1e-7)
+    save(m, str(tmp_path / "opt.onnx"))
+    assert check(str(tmp_path / "opt.onnx"), x)["ok"]
+    assert jaccli.load(m).inputs[1].describe() == "optional float32[N×3]"  # as inspect shows it
