@@ -399,27 +399,38 @@ def weights_rewritten(proto):
     return proto, (held, hoisted, untied)
 
 
-_ML_WEIGHTS = {"LinearClassifier": ("coefficients", "intercepts"), "LinearRegressor": ("coefficients", "intercepts"),
-               "SVMRegressor": ("coefficients", "rho"),
-               "TreeEnsembleRegressor": ("target_weights", "base_values"),
-               "TreeEnsembleClassifier": ("class_weights", "base_values")}  # attributes made inputs 1 and 2, in order
+def _classes(n):
+    """The number of class labels of a classifier node."""
+    return max((len(a.ints) or len(a.strings) for a in n.attribute if a.name.startswith("classlabels_")), default=0)
+
+
+# per operator: the attributes made inputs 1 and 2, in order, and which nodes (all, where None):
+# a tree classifier's of more than two classes (onnxruntime's two-class conventions are not
+# differentiated, see rules.ml)
+_ML_WEIGHTS = {"LinearClassifier": (("coefficients", "intercepts"), None),
+               "LinearRegressor": (("coefficients", "intercepts"), None),
+               "SVMRegressor": (("coefficients", "rho"), None),
+               "TreeEnsembleRegressor": (("target_weights", "base_values"), None),
+               "TreeEnsembleClassifier": (("class_weights", "base_values"), lambda n: _classes(n) > 2)}
 
 
 def ml_coefficients_as_inputs(proto):
-    """The trained weights of ai.onnx.ml's linear models, SVM regressor and tree ensemble
-    regressor (scikit-learn's linear and logistic regressions through skl2onnx; an SVR's dual
-    coefficients and offset; the leaf weights and base values of a gradient-boosted or random
-    forest regressor, XGBoost's and LightGBM's through onnxmltools) moved from attributes into
-    float initializers that the node reads as inputs 1 and 2 (_ML_WEIGHTS), so that they are
-    parameters (a per-sample gradient of a logistic regression). Their names: the node's, or
-    its first output's, with the attribute's (.coefficients, .intercepts, .rho, ...). Returns
-    (model, {parameter: (the node's first output, attribute)}); the model itself when there
-    are none. onnxruntime runs the original model (see oracle.AttributeOracle)."""
+    """The trained weights of ai.onnx.ml's linear models, SVM regressor and tree ensembles
+    (scikit-learn's linear and logistic regressions through skl2onnx; an SVR's dual
+    coefficients and offset; the leaf weights and base values of gradient-boosted and random
+    forest regressors and classifiers of more than two classes, XGBoost's and LightGBM's through
+    onnxmltools) moved from attributes into float initializers that the node reads as inputs 1
+    and 2 (_ML_WEIGHTS), so that they are parameters (a per-sample gradient of a logistic
+    regression). Their names: the node's, or its first output's, with the attribute's
+    (.coefficients, .intercepts, .rho, ...). Returns (model, {parameter: (the node's first
+    output, attribute)}); the model itself when there are none. onnxruntime runs the original
+    model (see oracle.AttributeOracle)."""
 
     def movable(n):
-        return (n.domain == "ai.onnx.ml" and n.op_type in _ML_WEIGHTS and len(n.input) == 1
-                and any(a.name == _ML_WEIGHTS[n.op_type][0] and a.floats for a in n.attribute)
-                and (n.op_type != "TreeEnsembleClassifier" or _classes(n) > 2))  # two classes: see rules.ml
+        if n.domain != "ai.onnx.ml" or n.op_type not in _ML_WEIGHTS or len(n.input) != 1:
+            return False
+        names, when = _ML_WEIGHTS[n.op_type]
+        return any(a.name == names[0] and a.floats for a in n.attribute) and (when is None or when(n))
 
     if not any(movable(n) for n in proto.graph.node):
         return proto, {}
@@ -430,7 +441,7 @@ def ml_coefficients_as_inputs(proto):
     for n in m.graph.node:
         if not movable(n):
             continue
-        names = _ML_WEIGHTS[n.op_type]
+        names = _ML_WEIGHTS[n.op_type][0]
         values = {a.name: np.asarray(a.floats, np.float32) for a in n.attribute if a.name in names}
         keep = [a for a in n.attribute if a.name not in values]
         for attr in names:
@@ -446,11 +457,6 @@ def ml_coefficients_as_inputs(proto):
         del n.attribute[:]
         n.attribute.extend(keep)
     return m, moved
-
-
-def _classes(n):
-    """The number of class labels of a classifier node."""
-    return max((len(a.ints) or len(a.strings) for a in n.attribute if a.name.startswith("classlabels_")), default=0)
 
 
 def reads_of_subgraphs(node):

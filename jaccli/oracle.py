@@ -170,7 +170,7 @@ class Oracle(_Runner):
 
 class AttributeOracle(Oracle):
     """onnxruntime on a model whose parameters include coefficients that the model it runs holds
-    as attributes (ai.onnx.ml's linear models, SVR and tree regressor; model.attribute_params):
+    as attributes (ai.onnx.ml's linear models, SVR and tree ensembles; model.attribute_params):
     a run sets them from the values fed, in a copy of the model, a session per set of values
     (in float32, as onnxruntime computes those operators)."""
 
