@@ -911,17 +911,19 @@ def test_param_glob_selects_tensors():
 
 @pytest.mark.parametrize("dtype,rtol", [("float64", 1e-12), ("float32", 1e-5)])
 def test_tiny_memory_budget_gives_the_same_result(dtype, rtol):
-    # chunks change BLAS blocking, so float32 agrees to rounding, float64 to 1e-12
+    # chunks change BLAS blocking, so float32 agrees to rounding, float64 to 1e-12: relative to
+    # each entry, or, for an entry that is a sum of larger terms cancelling, to the largest
+    # entry (float32's rounding of terms near 1 is 6e-8; a difference of 1.8e-7 was seen)
     model, data = paths("cnn")
     x = np.load(data)
     r_full = jaccli.input_jacobian(model, x, dtype=dtype, return_result=True)
     r_small = jaccli.input_jacobian(model, x, dtype=dtype, max_memory=200_000, return_result=True)
     assert r_small.chunks[0] < r_full.chunks[0]
-    np.testing.assert_allclose(r_small.value, r_full.value, rtol=rtol, atol=rtol * 1e-2)
+    np.testing.assert_allclose(r_small.value, r_full.value, rtol=rtol, atol=rtol * 0.1 * np.abs(r_full.value).max())
     G = jaccli.param_jacobian(model, x, dtype=dtype, return_result=True)
     G2 = jaccli.param_jacobian(model, x, dtype=dtype, max_memory=300_000, return_result=True)
     assert G2.chunks < G.chunks
-    np.testing.assert_allclose(G2.value, G.value, rtol=rtol, atol=rtol * 1e-2)
+    np.testing.assert_allclose(G2.value, G.value, rtol=rtol, atol=rtol * 0.1 * np.abs(G.value).max())
 
 
 # ---- formats ----------------------------------------------------------------------------------
