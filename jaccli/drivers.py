@@ -1227,6 +1227,14 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     shape = (N, *out_shape, P) if outputs is None else (N, n_sel, P)
     notes = (([moved] if moved else []) + out_notes + (list(plan.notes) if N > 1 else []) + _run_notes(model, run_size)
              + _derivative_notes(plan))
+    if not params:
+        marked = sorted(model.exported_constants().intersection(model.parameters(of_v.name, scalars=True)))
+        marked = [n for n in marked if model.initializers[n].ndim > 0]
+        if marked:
+            notes.append(f"{len(marked)} float initializer{'s' if len(marked) > 1 else ''} reaching '{of_v.name}' "
+                         f"{'are buffers or constants' if len(marked) > 1 else 'is a buffer or a constant'} by the marks "
+                         f"torch.export left in the model, not parameters: {', '.join(marked[:4])}"
+                         f"{' ...' if len(marked) > 4 else ''} (--params selects by name)")
     zero = [c["name"] for c in columns if c["name"] not in plan.active]
     if zero:
         notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")

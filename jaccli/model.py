@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import collections
 import heapq
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,6 +88,7 @@ class Model:
     sample_axes: dict = field(default_factory=dict)  # input -> the axis of its samples in the model's layout, where not 0
     one_by_one: bool = False  # each sample runs alone, as a batch of one (load's one_by_one)
     attribute_params: dict = field(default_factory=dict)  # parameter -> (node's first output, attribute): ml_coefficients_as_inputs
+    export_roles: dict = field(default_factory=dict)  # initializer -> "parameter" or "constant", as torch.export marks them
 
     def input(self, name):
         return _pick(self.inputs, name, "input")
@@ -205,10 +208,14 @@ class Model:
 
     def _parameters(self, of, scalars):
         reach = _reached(self.ancestors([of]), {of})  # values a derivative flows back to from `of`
-        constants = set() if scalars else self._fill_values() | self._compared()
+        constants = set() if scalars else self._fill_values() | self._compared() | self.exported_constants()
         return [n for n, a in self.initializers.items()
                 if n in reach and np.issubdtype(a.dtype, np.floating) and (scalars or a.ndim > 0) and n not in constants
                 and not _infinite(a)]
+
+    def exported_constants(self):
+        """Initializers that a torch.export-based export marks as no parameter (see _export_roles)."""
+        return {n for n, role in self.export_roles.items() if role == "constant"}
 
     def _fill_values(self):
         """One-element initializers that every reader takes as the data of an Expand."""
@@ -1027,7 +1034,65 @@ def _build(proto, path, base=None, max_bytes=None) -> Model:
             value_info[v.name] = _value_info(v)
     except Exception:
         pass  # shape inference is advisory: costs fall back to measured shapes
-    return Model(path, opsets, nodes, initializers, inputs, outputs, value_info, proto.producer_name)
+    model = Model(path, opsets, nodes, initializers, inputs, outputs, value_info, proto.producer_name)
+    model.export_roles = _export_roles(g, initializers, {o for n in nodes for o in n.outputs} | {v.name for v in inputs})
+    return model
+
+
+_SIGNATURE_KIND = "pkg.torch.export.graph_signature.InputSpec.kind"
+_FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+_TEMPORARY = re.compile(r"val_\d+$")  # the exporter's name for a value it made (a Constant node's among them)
+
+
+def _export_roles(g, initializers, values):
+    """{initializer: "parameter" or "constant"} for a model that torch.onnx.export wrote from
+    torch.export (dynamo=True, the default since torch 2.9), which records in each value's
+    metadata the kind the exported program's signature gives it: PARAMETER, BUFFER,
+    CONSTANT_TENSOR. Its optimizer folds constant computations into new initializers, named
+    val_<n>, recording the values each was folded from. So: a marked initializer is a parameter
+    if marked PARAMETER; a folded one if it was folded from a parameter (an initializer since
+    folded away, under its module path: a weight transposed for a MatMul, GroupNorm's scale
+    reshaped), not if only from the exporter's own values and shapes of graph values
+    (InstanceNormalization's ones and zeros in a GroupNorm, LayerNorm's ones without an
+    affine weight, an attention's scale); an unmarked val_<n> is a constant. Others (a weight
+    with BatchNormalization folded in, which loses its mark) are left to the usual rule. Empty
+    for a model without those marks."""
+    meta = {}
+    for v in list(g.value_info) + list(g.input) + list(g.initializer):
+        if v.name in initializers and getattr(v, "metadata_props", None):
+            meta.setdefault(v.name, {}).update({p.key: p.value for p in v.metadata_props})
+    if not any(_SIGNATURE_KIND in m for m in meta.values()):
+        return {}
+
+    def origin(root):  # where a folded value came from: a parameter, or a constant
+        if root in initializers:
+            return roles.get(root) or "parameter"
+        return "constant" if root in values or _TEMPORARY.match(root) else "parameter"
+
+    roles = {}
+    for name in initializers:
+        m = meta.get(name, {})
+        if _SIGNATURE_KIND in m:
+            roles[name] = "parameter" if m[_SIGNATURE_KIND] == "PARAMETER" else "constant"
+    for name in initializers:
+        m = meta.get(name, {})
+        if name in roles:
+            continue
+        roots = _folded_from(m.get(_FOLDED_FROM))
+        if roots is not None:
+            roles[name] = "parameter" if any(origin(r) == "parameter" for r in roots if r != name) else "constant"
+        elif _TEMPORARY.match(name):
+            roles[name] = "constant"
+    return roles
+
+
+def _folded_from(text):
+    """The list of names in a folded_from record ("['a', 'b']"), or None."""
+    try:
+        roots = ast.literal_eval(text) if text else None
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return [str(r) for r in roots] if isinstance(roots, (list, tuple)) else None
 
 
 def _nodes(g, opsets, where, base, max_bytes):

@@ -1068,3 +1068,45 @@ def test_an_optional_graph_input_left_out(tmp_path):
     save(m, str(tmp_path / "opt.onnx"))
     assert check(str(tmp_path / "opt.onnx"), x)["ok"]
     assert jaccli.load(m).inputs[1].describe() == "optional float32[N×3]"  # as inspect shows it
+
+
+def _marked(m, name, **props):
+    """Record metadata on value `name` as torch.onnx.export's torch.export path does."""
+    vi = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+    helper.set_metadata_props(vi, props)
+    m.graph.value_info.append(vi)
+
+
+def test_torch_export_marks_say_which_initializers_are_parameters():
+    """torch.onnx.export from torch.export (dynamo=True, the default since torch 2.9) records
+    each initializer's kind in the program's signature, and its optimizer the values a folded
+    one came from. Parameters: those marked PARAMETER, one folded from a parameter (a weight
+    transposed for a MatMul), and an unmarked one under a module path (a weight with a
+    BatchNormalization folded in loses its mark); not a buffer, a val_<n> folded from the
+    exporter's own constants (InstanceNormalization's ones in a GroupNorm) or from a graph
+    value's shape (LayerNorm's ones without an affine weight), nor an unmarked val_<n>. Those
+    are left out with a note, and stay selectable by name; without marks, every one is a
+    parameter as before."""
+    kind, folded = "pkg.torch.export.graph_signature.InputSpec.kind", "pkg.onnxscript.optimizer.folded_from"
+    names = ["val_1", "lin.bias", "val_5", "val_7", "bn.running_var", "fused.weight", "val_9"]
+    nodes = [helper.make_node("MatMul", ["x", "val_1"], ["h"]), helper.make_node("Add", ["h", "lin.bias"], ["a"]),
+             helper.make_node("Tanh", ["a"], ["t"])]
+    for k, n in enumerate(names[2:]):
+        nodes.append(helper.make_node("Mul" if k % 2 == 0 else "Add", [f"t{k}" if k else "t", n], [f"t{k + 1}" if k < 4 else "y"]))
+    inits = {n: RNG.uniform(0.5, 1.5, (4, 3) if n == "val_1" else (3,)).astype(np.float32) for n in names}
+    plain = one_input_model(nodes, inits, (4,))
+    m = one_input_model(nodes, inits, (4,))
+    m.ir_version = 10
+    _marked(m, "lin.bias", **{kind: "PARAMETER"})
+    _marked(m, "bn.running_var", **{kind: "BUFFER"})
+    _marked(m, "val_1", **{folded: "['val_0', 'weight']"})  # the root module's weight, transposed
+    _marked(m, "val_5", **{folded: "['val_2', 'val_3']"})
+    _marked(m, "val_7", **{folded: "['t', 'val_6']"})
+    _marked(m, "x", **{kind: "USER_INPUT"})
+    x = RNG.standard_normal((N, 4))
+    assert check_whole_model(m, x) == ["val_1", "lin.bias", "fused.weight"]
+    r = jaccli.param_jacobian(m, x, return_result=True)
+    assert any("4 float initializers" in n and "bn.running_var, val_5, val_7, val_9" in n for n in r.notes)
+    assert check_whole_model(m, x, params=["val_*"]) == ["val_1", "val_5", "val_7", "val_9"]
+    assert check_whole_model(plain, x) == names
+    assert jaccli.load(plain).export_roles == {}
