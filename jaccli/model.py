@@ -1035,39 +1035,62 @@ def _build(proto, path, base=None, max_bytes=None) -> Model:
     except Exception:
         pass  # shape inference is advisory: costs fall back to measured shapes
     model = Model(path, opsets, nodes, initializers, inputs, outputs, value_info, proto.producer_name)
-    model.export_roles = _export_roles(g, initializers, {o for n in nodes for o in n.outputs} | {v.name for v in inputs})
+    model.export_roles = _export_roles(g, initializers, {o for n in nodes for o in n.outputs} | {v.name for v in inputs},
+                                       _program_names(g))
     return model
 
 
 _SIGNATURE_KIND = "pkg.torch.export.graph_signature.InputSpec.kind"
 _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+_FX_NODE = "pkg.torch.onnx.fx_node"  # a node's call in the exported program: its arguments' names
 _TEMPORARY = re.compile(r"val_\d+$")  # the exporter's name for a value it made (a Constant node's among them)
 
 
-def _export_roles(g, initializers, values):
+def _program_names(g):
+    """The names the exported program's calls give their arguments, from the nodes' fx_node
+    records (%p_blocks_0_weight for parameter blocks.0.weight, %zeros for torch.zeros's value);
+    empty without them."""
+    found = set()
+    for node in g.node:
+        for p in node.metadata_props:
+            if p.key == _FX_NODE:
+                found.update(re.findall(r"%(\w+)", p.value))
+    return found
+
+
+def _export_roles(g, initializers, values, program=frozenset()):
     """{initializer: "parameter" or "constant"} for a model that torch.onnx.export wrote from
-    torch.export (dynamo=True, the default since torch 2.9), which records in each value's
-    metadata the kind the exported program's signature gives it: PARAMETER, BUFFER,
-    CONSTANT_TENSOR. Its optimizer folds constant computations into new initializers, named
-    val_<n>, recording the values each was folded from. So: a marked initializer is a parameter
-    if marked PARAMETER; a folded one if it was folded from a parameter (an initializer since
-    folded away, under its module path: a weight transposed for a MatMul, GroupNorm's scale
-    reshaped), not if only from the exporter's own values and shapes of graph values
-    (InstanceNormalization's ones and zeros in a GroupNorm, LayerNorm's ones without an
-    affine weight, an attention's scale); an unmarked val_<n> is a constant. Others (a weight
-    with BatchNormalization folded in, which loses its mark) are left to the usual rule. Empty
-    for a model without those marks."""
+    torch.export (dynamo=True, the default since torch 2.9). It records in an initializer's
+    metadata the kind the exported program's signature gives it (PARAMETER, BUFFER,
+    CONSTANT_TENSOR); its optimizer (onnxscript's) folds constant computations into new
+    initializers, named val_<n>, recording the values each was folded from (with a batch fixed
+    at export it may fold every parameter so, and no kind is left). Roles:
+
+    - marked: a parameter if PARAMETER, not a buffer or a constant;
+    - folded: a parameter if folded from one (a weight transposed for a MatMul, GroupNorm's
+      scale reshaped, an LSTM's weights reordered, the exp of a logit scale): from an
+      initializer that is one, or from any other name but the exporter's own (val_<n>), a
+      graph value's (read for its shape) and a call's result as the nodes' records of their
+      calls name it (`program`: %zeros; parameter l.weight_ih_l0 is %p_l_weight_ih_l0 there).
+      So not InstanceNormalization's ones and zeros in a GroupNorm, LayerNorm's ones without
+      an affine weight, an attention's scale, an LSTM's initial state from torch.zeros;
+    - an unmarked val_<n>: a constant.
+
+    Others (a weight with BatchNormalization folded in loses its mark) are left to the usual
+    rule. Empty for a model with neither kind of mark."""
     meta = {}
     for v in list(g.value_info) + list(g.input) + list(g.initializer):
         if v.name in initializers and getattr(v, "metadata_props", None):
             meta.setdefault(v.name, {}).update({p.key: p.value for p in v.metadata_props})
-    if not any(_SIGNATURE_KIND in m for m in meta.values()):
+    if not any(_SIGNATURE_KIND in m or _FOLDED_FROM in m for m in meta.values()):
         return {}
 
     def origin(root):  # where a folded value came from: a parameter, or a constant
         if root in initializers:
             return roles.get(root) or "parameter"
-        return "constant" if root in values or _TEMPORARY.match(root) else "parameter"
+        if root in values or _TEMPORARY.match(root) or root in program:  # a parameter is %p_<path> there
+            return "constant"
+        return "parameter"
 
     roles = {}
     for name in initializers:

@@ -1085,8 +1085,9 @@ def test_torch_export_marks_say_which_initializers_are_parameters():
     BatchNormalization folded in loses its mark); not a buffer, a val_<n> folded from the
     exporter's own constants (InstanceNormalization's ones in a GroupNorm) or from a graph
     value's shape (LayerNorm's ones without an affine weight), nor an unmarked val_<n>. Those
-    are left out with a note, and stay selectable by name; without marks, every one is a
-    parameter as before."""
+    are left out with a note, and stay selectable by name. The marks of folding alone (a batch
+    fixed at export) tell as much, with the nodes' records of their calls naming the
+    parameters; without marks, every one is a parameter as before."""
     kind, folded = "pkg.torch.export.graph_signature.InputSpec.kind", "pkg.onnxscript.optimizer.folded_from"
     names = ["val_1", "lin.bias", "val_5", "val_7", "bn.running_var", "fused.weight", "val_9"]
     nodes = [helper.make_node("MatMul", ["x", "val_1"], ["h"]), helper.make_node("Add", ["h", "lin.bias"], ["a"]),
@@ -1110,3 +1111,15 @@ def test_torch_export_marks_say_which_initializers_are_parameters():
     assert check_whole_model(m, x, params=["val_*"]) == ["val_1", "val_5", "val_7", "val_9"]
     assert check_whole_model(plain, x) == names
     assert jaccli.load(plain).export_roles == {}
+    # a batch fixed at export: every parameter folded (an LSTM's weights reordered per gate), no
+    # kind left; a folded initial state of zeros is still a constant
+    folds = one_input_model(nodes, inits, (4,))
+    folds.ir_version = 10
+    for name, roots in (("val_1", "['val_0', 'weight']"), ("val_5", "['val_2', 'zeros']"), ("val_7", "['scale', 'val_6']")):
+        _marked(folds, name, **{folded: roots})
+    assert check_whole_model(folds, x) == ["val_1", "lin.bias", "val_5", "val_7", "bn.running_var", "fused.weight"]
+    # the nodes' records of their calls name their arguments: torch.zeros's value is no
+    # parameter; a parameter that no call left reads (scale, all its uses folded) still is
+    call = "%lstm : [num_users=1] = call_function[target=torch.ops.aten.lstm.input](args = (%x, [%zeros], [%p_weight]))"
+    helper.set_metadata_props(folds.graph.node[0], {"pkg.torch.onnx.fx_node": call})
+    assert check_whole_model(folds, x) == ["val_1", "lin.bias", "val_7", "bn.running_var", "fused.weight"]
