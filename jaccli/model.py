@@ -1044,6 +1044,7 @@ _SIGNATURE_KIND = "pkg.torch.export.graph_signature.InputSpec.kind"
 _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 _FX_NODE = "pkg.torch.onnx.fx_node"  # a node's call in the exported program: its arguments' names
 _TEMPORARY = re.compile(r"val_\d+$")  # the exporter's name for a value it made (a Constant node's among them)
+_RECORD_LIMIT = 1 << 20  # characters of a folded_from record read at most
 
 
 def _program_names(g):
@@ -1098,10 +1099,9 @@ def _export_roles(g, initializers, values, program=frozenset()):
         if _SIGNATURE_KIND in m:
             roles[name] = "parameter" if m[_SIGNATURE_KIND] == "PARAMETER" else "constant"
     for name in initializers:
-        m = meta.get(name, {})
         if name in roles:
             continue
-        roots = _folded_from(m.get(_FOLDED_FROM))
+        roots = _folded_from(meta.get(name, {}).get(_FOLDED_FROM))
         if roots is not None:
             roles[name] = "parameter" if any(origin(r) == "parameter" for r in roots if r != name) else "constant"
         elif _TEMPORARY.match(name):
@@ -1110,9 +1110,12 @@ def _export_roles(g, initializers, values, program=frozenset()):
 
 
 def _folded_from(text):
-    """The list of names in a folded_from record ("['a', 'b']"), or None."""
+    """The list of names in a folded_from record ("['a', 'b']"), or None (none, or not such a
+    list, or too long to be one: the file is untrusted)."""
+    if not text or len(text) > _RECORD_LIMIT:
+        return None
     try:
-        roots = ast.literal_eval(text) if text else None
+        roots = ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         return None
     return [str(r) for r in roots] if isinstance(roots, (list, tuple)) else None

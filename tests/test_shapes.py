@@ -1123,3 +1123,14 @@ def test_torch_export_marks_say_which_initializers_are_parameters():
     call = "%lstm : [num_users=1] = call_function[target=torch.ops.aten.lstm.input](args = (%x, [%zeros], [%p_weight]))"
     helper.set_metadata_props(folds.graph.node[0], {"pkg.torch.onnx.fx_node": call})
     assert check_whole_model(folds, x) == ["val_1", "lin.bias", "val_7", "bn.running_var", "fused.weight"]
+
+
+def test_a_folding_record_is_read_as_a_list_of_names_or_not_at_all():
+    """The record is the file's, so untrusted: only a list (or tuple) of names counts, read as a
+    literal (never evaluated), nested too deep or over a megabyte it is ignored."""
+    from jaccli.model import _folded_from
+
+    assert _folded_from("['val_0', 'weight']") == ["val_0", "weight"]
+    assert _folded_from("('a',)") == ["a"]
+    for bad in ("", "{'a': 1}", "__import__('os').system('true')", "[" * 100_000, repr(["w"] * 300_000)):
+        assert _folded_from(bad) is None
