@@ -1220,6 +1220,8 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
     for n in names:
         p = plan.params[n]
         columns.append({"name": n, "shape": list(p.shape), "offset": off, "size": int(p.size)})
+        if n in model.export_origins:  # torch.export's optimizer made it from these (a weight transposed, say)
+            columns[-1]["folded_from"] = list(model.export_origins[n])
         off += int(p.size)
     P = off
     T = n_sel

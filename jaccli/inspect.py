@@ -35,7 +35,8 @@ def describe(path):
             if name not in seen:
                 seen.add(name)
                 a = model.initializers[name]
-                params.append({"name": name, "shape": list(a.shape), "size": int(a.size)})
+                params.append({"name": name, "shape": list(a.shape), "size": int(a.size),
+                               **({"folded_from": model.export_origins[name]} if name in model.export_origins else {})})
     return {
         "path": str(path),
         "producer": model.producer,

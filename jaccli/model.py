@@ -89,6 +89,7 @@ class Model:
     one_by_one: bool = False  # each sample runs alone, as a batch of one (load's one_by_one)
     attribute_params: dict = field(default_factory=dict)  # parameter -> (node's first output, attribute): ml_coefficients_as_inputs
     export_roles: dict = field(default_factory=dict)  # initializer -> "parameter" or "constant", as torch.export marks them
+    export_origins: dict = field(default_factory=dict)  # a folded parameter -> the parameters it was folded from
 
     def input(self, name):
         return _pick(self.inputs, name, "input")
@@ -1035,8 +1036,8 @@ def _build(proto, path, base=None, max_bytes=None) -> Model:
     except Exception:
         pass  # shape inference is advisory: costs fall back to measured shapes
     model = Model(path, opsets, nodes, initializers, inputs, outputs, value_info, proto.producer_name)
-    model.export_roles = _export_roles(g, initializers, {o for n in nodes for o in n.outputs} | {v.name for v in inputs},
-                                       _program_names(g))
+    model.export_roles, model.export_origins = _export_roles(
+        g, initializers, {o for n in nodes for o in n.outputs} | {v.name for v in inputs}, _program_names(g))
     return model
 
 
@@ -1060,7 +1061,8 @@ def _program_names(g):
 
 
 def _export_roles(g, initializers, values, program=frozenset()):
-    """{initializer: "parameter" or "constant"} for a model that torch.onnx.export wrote from
+    """({initializer: "parameter" or "constant"}, {folded parameter: the names of the
+    parameters it was folded from}) for a model that torch.onnx.export wrote from
     torch.export (dynamo=True, the default since torch 2.9). It records in an initializer's
     metadata the kind the exported program's signature gives it (PARAMETER, BUFFER,
     CONSTANT_TENSOR); its optimizer (onnxscript's) folds constant computations into new
@@ -1078,13 +1080,13 @@ def _export_roles(g, initializers, values, program=frozenset()):
     - an unmarked val_<n>: a constant.
 
     Others (a weight with BatchNormalization folded in loses its mark) are left to the usual
-    rule. Empty for a model with neither kind of mark."""
+    rule. Both empty for a model with neither kind of mark."""
     meta = {}
     for v in list(g.value_info) + list(g.input) + list(g.initializer):
         if v.name in initializers and getattr(v, "metadata_props", None):
             meta.setdefault(v.name, {}).update({p.key: p.value for p in v.metadata_props})
     if not any(_SIGNATURE_KIND in m or _FOLDED_FROM in m for m in meta.values()):
-        return {}
+        return {}, {}
 
     def origin(root):  # where a folded value came from: a parameter, or a constant
         if root in initializers:
@@ -1093,7 +1095,7 @@ def _export_roles(g, initializers, values, program=frozenset()):
             return "constant"
         return "parameter"
 
-    roles = {}
+    roles, origins = {}, {}
     for name in initializers:
         m = meta.get(name, {})
         if _SIGNATURE_KIND in m:
@@ -1103,10 +1105,13 @@ def _export_roles(g, initializers, values, program=frozenset()):
             continue
         roots = _folded_from(meta.get(name, {}).get(_FOLDED_FROM))
         if roots is not None:
-            roles[name] = "parameter" if any(origin(r) == "parameter" for r in roots if r != name) else "constant"
+            sources = [r for r in roots if r != name and origin(r) == "parameter"]
+            roles[name] = "parameter" if sources else "constant"
+            if sources:
+                origins[name] = sources
         elif _TEMPORARY.match(name):
             roles[name] = "constant"
-    return roles
+    return roles, origins
 
 
 def _folded_from(text):

@@ -57,10 +57,15 @@ def render_summary(console: Console, d: dict):
         t.add_column("entries", justify="right")
         t.add_column("share", justify="right")
         for p in sorted(d["parameters"], key=lambda p: -p["grad_norm_share"]):
-            t.add_row(p["name"], _shape(p["shape"]), str(p["size"]), f"{100 * p['grad_norm_share']:.1f} %")
+            t.add_row(_parameter(p), _shape(p["shape"]), str(p["size"]), f"{100 * p['grad_norm_share']:.1f} %")
         console.print(t)
     for note in d["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
+
+
+def _parameter(p):
+    """A parameter's name, with what torch.export's optimizer folded it from (see model._export_roles)."""
+    return p["name"] + (f" (folded from {', '.join(p['folded_from'])})" if p.get("folded_from") else "")
 
 
 def render_inspect(console: Console, info: dict):
@@ -78,7 +83,7 @@ def render_inspect(console: Console, info: dict):
     p.add_column("shape")
     p.add_column("entries", justify="right")
     for q in info["parameters"]:
-        p.add_row(q["name"], _shape(q["shape"]), str(q["size"]))
+        p.add_row(_parameter(q), _shape(q["shape"]), str(q["size"]))
     console.print(p)
     o = Table(title="Operators")
     o.add_column("operator")

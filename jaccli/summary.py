@@ -101,7 +101,8 @@ class Summary:
             total = max(self.col_abs.sum(), 1e-300)
             d["parameters"] = [
                 {"name": c["name"], "shape": c["shape"], "size": c["size"],
-                 "grad_norm_share": float(self.col_abs[c["offset"] : c["offset"] + c["size"]].sum() / total)}
+                 "grad_norm_share": float(self.col_abs[c["offset"] : c["offset"] + c["size"]].sum() / total),
+                 **({"folded_from": c["folded_from"]} if "folded_from" in c else {})}
                 for c in r.columns
             ]
         return d

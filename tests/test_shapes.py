@@ -1077,7 +1077,7 @@ def _marked(m, name, **props):
     m.graph.value_info.append(vi)
 
 
-def test_torch_export_marks_say_which_initializers_are_parameters():
+def test_torch_export_marks_say_which_initializers_are_parameters(tmp_path):
     """torch.onnx.export from torch.export (dynamo=True, the default since torch 2.9) records
     each initializer's kind in the program's signature, and its optimizer the values a folded
     one came from. Parameters: those marked PARAMETER, one folded from a parameter (a weight
@@ -1108,6 +1108,17 @@ def test_torch_export_marks_say_which_initializers_are_parameters():
     assert check_whole_model(m, x) == ["val_1", "lin.bias", "fused.weight"]
     r = jaccli.param_jacobian(m, x, return_result=True)
     assert any("4 float initializers" in n and "bn.running_var, val_5, val_7, val_9" in n for n in r.notes)
+    assert [c.get("folded_from") for c in r.columns] == [["weight"], None, None]  # the column map says whence
+    from click.testing import CliRunner
+
+    from jaccli.cli import main
+
+    (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    for args in (["params", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"), "-o", str(tmp_path / "G.npy")],
+                 ["inspect", str(tmp_path / "m.onnx")]):
+        out = CliRunner().invoke(main, args, terminal_width=200).output
+        assert "val_1 (folded from weight)" in out and "val_5" not in out.split("note:")[0], out
     assert check_whole_model(m, x, params=["val_*"]) == ["val_1", "val_5", "val_7", "val_9"]
     assert check_whole_model(plain, x) == names
     assert jaccli.load(plain).export_roles == {}
