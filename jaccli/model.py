@@ -1036,8 +1036,7 @@ def _build(proto, path, base=None, max_bytes=None) -> Model:
     except Exception:
         pass  # shape inference is advisory: costs fall back to measured shapes
     model = Model(path, opsets, nodes, initializers, inputs, outputs, value_info, proto.producer_name)
-    model.export_roles, model.export_origins = _export_roles(
-        g, initializers, {o for n in nodes for o in n.outputs} | {v.name for v in inputs}, _program_names(g))
+    model.export_roles, model.export_origins = _export_roles(g, initializers, produced)
     return model
 
 
@@ -1060,7 +1059,7 @@ def _program_names(g):
     return found
 
 
-def _export_roles(g, initializers, values, program=frozenset()):
+def _export_roles(g, initializers, values):
     """({initializer: "parameter" or "constant"}, {folded parameter: the names of the
     parameters it was folded from}) for a model that torch.onnx.export wrote from
     torch.export (dynamo=True, the default since torch 2.9). It records in an initializer's
@@ -1073,8 +1072,8 @@ def _export_roles(g, initializers, values, program=frozenset()):
     - folded: a parameter if folded from one (a weight transposed for a MatMul, GroupNorm's
       scale reshaped, an LSTM's weights reordered, the exp of a logit scale): from an
       initializer that is one, or from any other name but the exporter's own (val_<n>), a
-      graph value's (read for its shape) and a call's result as the nodes' records of their
-      calls name it (`program`: %zeros; parameter l.weight_ih_l0 is %p_l_weight_ih_l0 there).
+      graph value's (`values`: read for its shape) and a call's result as the nodes' records
+      of their calls name it (%zeros; parameter l.weight_ih_l0 is %p_l_weight_ih_l0 there).
       So not InstanceNormalization's ones and zeros in a GroupNorm, LayerNorm's ones without
       an affine weight, an attention's scale, an LSTM's initial state from torch.zeros;
     - an unmarked val_<n>: a constant.
@@ -1087,6 +1086,7 @@ def _export_roles(g, initializers, values, program=frozenset()):
             meta.setdefault(v.name, {}).update({p.key: p.value for p in v.metadata_props})
     if not any(_SIGNATURE_KIND in m or _FOLDED_FROM in m for m in meta.values()):
         return {}, {}
+    program = _program_names(g)
 
     def origin(root):  # where a folded value came from: a parameter, or a constant
         if root in initializers:
