@@ -161,6 +161,14 @@ def paired(mine, theirs):
 # ---- the machine's limits ------------------------------------------------------------------------------
 
 
+def limit(flops, nbytes, limits, seconds):
+    """The machine's limit for a Jacobian (its multiply-adds at the matmul peak, or its bytes at
+    the fresh-memory write bandwidth, whichever is larger), which bounds it, and a time over it."""
+    t_flops, t_write = flops / limits["matmul_flops"], nbytes / limits["write_fresh"]
+    bound = max(t_flops, t_write)
+    return {"x_bound": seconds / bound, "limit_s": bound, "bound": "flops" if t_flops > t_write else "write"}
+
+
 def machine_limits():
     """float32 matmul peak (FLOP/s) and the bandwidth of writing fresh and warm memory (B/s)."""
     from jaccli.drivers import allocate
@@ -358,12 +366,10 @@ def run(quick, only=None, memory=True):
         fwd_wins = bool(rest) and np.median(rest[0]) < np.median(b_rev)
         t_j, t_t, ratio, spread = paired(b_j, rest[0] if fwd_wins else b_rev)
         flops, nbytes, mode = work(proto, xn, "input")
-        bound = max(flops / limits["matmul_flops"], nbytes / limits["write_fresh"])
         rows.append({"network": name, "kind": "input", "N": len(x), "jaccli_s": t_j, "torch_s": t_t,
                      "torch_how": "jacfwd" if fwd_wins else "jacrev", "ratio": ratio, "spread": spread,
                      "target": TARGET_INPUT, "agree": agree_in, "jaccli_mode": mode, "output_MiB": nbytes / 2**20,
-                     "x_bound": t_j / bound, "limit_s": bound,
-                     "bound": "flops" if flops / limits["matmul_flops"] > nbytes / limits["write_fresh"] else "write"})
+                     **limit(flops, nbytes, limits, t_j)})
         # per-sample parameter Jacobian
         k, n_out, P = param_outputs(model, x)
         G = jaccli_params(m, xn, k, n_out)()
@@ -373,11 +379,9 @@ def run(quick, only=None, memory=True):
         del G, Gt
         t_j, t_t, ratio, spread = paired(*median_times([jaccli_params(m, xn, k, n_out), torch_params(model, x, k)], repeats))
         flops, nbytes, _ = work(proto, xn, "params", None if k == n_out else k)
-        bound = max(flops / limits["matmul_flops"], nbytes / limits["write_fresh"])
         rows.append({"network": name, "kind": "params", "N": len(x), "jaccli_s": t_j, "torch_s": t_t, "torch_how": "jacrev",
                      "ratio": ratio, "spread": spread, "target": TARGET_PARAMS, "agree": agree_p, "jaccli_mode": "reverse",
-                     "output_MiB": nbytes / 2**20, "outputs": f"{k} of {n_out}", "P": P, "x_bound": t_j / bound, "limit_s": bound,
-                     "bound": "flops" if flops / limits["matmul_flops"] > nbytes / limits["write_fresh"] else "write"})
+                     "output_MiB": nbytes / 2**20, "outputs": f"{k} of {n_out}", "P": P, **limit(flops, nbytes, limits, t_j)})
         print(f"{name}: done", file=sys.stderr)
     for r in rows:
         r["jaccli_peak_MiB"] = peak_memory(r["network"], r["kind"], "jaccli") if memory else float("nan")

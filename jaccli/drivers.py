@@ -1218,11 +1218,8 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
 
     columns, off = [], 0
     for n in names:
-        p = plan.params[n]
-        columns.append({"name": n, "shape": list(p.shape), "offset": off, "size": int(p.size)})
-        if n in model.export_origins:  # torch.export's optimizer made it from these (a weight transposed, say)
-            columns[-1]["folded_from"] = list(model.export_origins[n])
-        off += int(p.size)
+        columns.append({**model.parameter_entry(n), "offset": off})
+        off += columns[-1]["size"]
     P = off
     T = n_sel
     n_c, t_c = choose_chunks(per_run, T, est, max_memory, extra_per_sd=P * dtype.itemsize, run_size=run_size)

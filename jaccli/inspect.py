@@ -34,9 +34,7 @@ def describe(path):
         for name in model.parameters(out.name):
             if name not in seen:
                 seen.add(name)
-                a = model.initializers[name]
-                params.append({"name": name, "shape": list(a.shape), "size": int(a.size),
-                               **({"folded_from": model.export_origins[name]} if name in model.export_origins else {})})
+                params.append(model.parameter_entry(name))
     return {
         "path": str(path),
         "producer": model.producer,

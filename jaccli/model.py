@@ -214,6 +214,15 @@ class Model:
                 if n in reach and np.issubdtype(a.dtype, np.floating) and (scalars or a.ndim > 0) and n not in constants
                 and not _infinite(a)]
 
+    def parameter_entry(self, name):
+        """A parameter's name, shape and size, and, for one torch.export's optimizer folded, the
+        parameters it was folded from: a column map's and `inspect`'s entry."""
+        a = self.initializers[name]
+        entry = {"name": name, "shape": list(a.shape), "size": int(a.size)}
+        if name in self.export_origins:
+            entry["folded_from"] = list(self.export_origins[name])
+        return entry
+
     def exported_constants(self):
         """Initializers that a torch.export-based export marks as no parameter (see _export_roles)."""
         return {n for n, role in self.export_roles.items() if role == "constant"}

@@ -100,9 +100,8 @@ class Summary:
         else:
             total = max(self.col_abs.sum(), 1e-300)
             d["parameters"] = [
-                {"name": c["name"], "shape": c["shape"], "size": c["size"],
-                 "grad_norm_share": float(self.col_abs[c["offset"] : c["offset"] + c["size"]].sum() / total),
-                 **({"folded_from": c["folded_from"]} if "folded_from" in c else {})}
+                {**{k: v for k, v in c.items() if k != "offset"},
+                 "grad_norm_share": float(self.col_abs[c["offset"] : c["offset"] + c["size"]].sum() / total)}
                 for c in r.columns
             ]
         return d
