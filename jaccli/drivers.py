@@ -523,6 +523,16 @@ def _samples_per_run(plan, model, feeds, of, N, env0):
     return N
 
 
+def removed_note(removed):
+    """The note on the parameters of a torch.export model that its file lacks (Model.export_removed)."""
+    k = len(removed)
+    return (f"{k} parameter{'s' if k > 1 else ''} of the model torch.export wrote {'are' if k > 1 else 'is'} not in the "
+            f"file, so {'they have' if k > 1 else 'it has'} no columns: its optimizer removes what it can fold away (a "
+            f"zero bias), and of several equal tensors (a fresh model's) keeps one, whose columns then hold the "
+            f"derivatives of all: {', '.join(removed[:4])}"
+            f"{' ...' if k > 4 else ''}")
+
+
 def _mixing_error(of, k):
     return DataError(
         f"output '{of}' of sample {k} changes when another sample is in the same batch: the model "
@@ -1234,6 +1244,8 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
                          f"{'are buffers or constants' if len(marked) > 1 else 'is a buffer or a constant'} by the marks "
                          f"torch.export left in the model, not parameters: {', '.join(marked[:4])}"
                          f"{' ...' if len(marked) > 4 else ''} (--params selects by name)")
+        if model.export_removed:
+            notes.append(removed_note(model.export_removed))
     zero = [c["name"] for c in columns if c["name"] not in plan.active]
     if zero:
         notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")

@@ -49,6 +49,8 @@ def describe(path):
         "held_weights": model.held_weights,  # float Constant nodes taken as initializers: the model's weights
         "hoisted_weights": model.hoisted_weights,  # sub-graphs' float initializers, read from the main graph
         "untied_weights": model.untied_weights,  # Identity copies of an initializer read more than once, apart
+        "unmerged_weights": model.unmerged_weights,  # parameters torch.export's optimizer merged into an equal one, apart
+        "removed_parameters": model.export_removed,  # parameters of a torch.export model that its file lacks
         "attribute_params": sorted(model.attribute_params),  # ai.onnx.ml weights made parameters from attributes
         "sample_axes": dict(model.sample_axes),  # inputs that declare their batch on another axis than the first
         "fixed_batch": model.fixed_batch()[1],  # the smallest batch an input declares as a number, or None

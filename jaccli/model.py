@@ -84,12 +84,14 @@ class Model:
     held_weights: int = 0  # float Constant nodes made initializers (see weights_as_initializers)
     hoisted_weights: int = 0  # float initializers of sub-graphs moved into the main graph (sub_initializers_hoisted)
     untied_weights: int = 0  # Identity copies of an initializer made initializers of their own (identities_untied)
+    unmerged_weights: int = 0  # parameters torch.export's optimizer merged into an equal one, apart (export_merges_untied)
     nchwc: dict = field(default_factory=dict)  # onnxruntime's NCHWc operators read as standard ones (see jaccli.nchwc)
     sample_axes: dict = field(default_factory=dict)  # input -> the axis of its samples in the model's layout, where not 0
     one_by_one: bool = False  # each sample runs alone, as a batch of one (load's one_by_one)
     attribute_params: dict = field(default_factory=dict)  # parameter -> (node's first output, attribute): ml_coefficients_as_inputs
     export_roles: dict = field(default_factory=dict)  # initializer -> "parameter" or "constant", as torch.export marks them
     export_origins: dict = field(default_factory=dict)  # a folded parameter -> the parameters it was folded from
+    export_removed: list = field(default_factory=list)  # parameters of a torch.export model its file lacks (_removed)
 
     def input(self, name):
         return _pick(self.inputs, name, "input")
@@ -403,17 +405,76 @@ def identities_untied(proto):
     return m, len(tied)
 
 
+def export_merges_untied(proto):
+    """The model with every parameter that torch.export's optimizer merged into an equal one
+    apart again. onnxscript's optimizer keeps one initializer of several equal ones (a fresh
+    model's LayerNorm weights, all ones, and its zero biases), so the nodes of one parameter's
+    call read another's tensor. A node's record of its call names the parameters it takes (see
+    _program_names), and the program's signature their names in the model (see
+    _signature_parameters). Where a node's record names parameters that the file holds no
+    tensor for, nor folded into one, and the node reads as many parameters that its record does
+    not name, they are paired in order, and the node reads a copy of its tensor under the
+    missing parameter's name; the nodes of the same call share that copy. Returns (model, count)."""
+    g = proto.graph
+    signature = _signature_parameters(g)
+    if not signature:
+        return proto, 0
+    held = _with_fold_roots(g, (t.name for t in g.initializer))
+    taken = {o for n in g.node for o in n.output} | {v.name for v in g.input}
+    missing = {fx for fx, target in signature.items() if target not in held and target not in taken}
+    floats = {t.name for t in g.initializer if t.data_type in FLOAT_TYPES}
+    call_of = {target: fx for fx, target in signature.items() if target in floats}
+    renames = []  # per node: {initializer read: the missing parameter it stands for}
+    for n in g.node:
+        named = list(dict.fromkeys(re.findall(r"%(p_\w+)", _metadata(n).get(_FX_NODE, ""))))
+        lacking = [fx for fx in named if fx in missing]
+        others = [v for v in dict.fromkeys(n.input) if v in call_of and call_of[v] not in named]
+        renames.append(dict(zip(others, (signature[fx] for fx in lacking))) if lacking and len(lacking) == len(others) else {})
+    copies = {target: source for r in renames for source, target in r.items()}
+    if not copies:
+        return proto, 0
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    for n, r in zip(m.graph.node, renames):
+        for i, v in enumerate(n.input):
+            n.input[i] = r.get(v, v)
+    tensors = {t.name: t for t in m.graph.initializer}
+    for target, source in copies.items():
+        c = m.graph.initializer.add()
+        c.CopyFrom(tensors[source])
+        c.name = target
+        del c.metadata_props[:]
+    return m, len(copies)
+
+
+def _metadata(item):
+    """An initializer's or node's metadata as a dict (none before IR version 10)."""
+    return {p.key: p.value for p in getattr(item, "metadata_props", ())}
+
+
+def _signature_parameters(g):
+    """{name in the program's calls: name in the model} of the parameters that the exported
+    program's signature lists, as torch.onnx.export records it in the graph's metadata
+    ("p_l_weight: PARAMETER target='l.weight'"); empty without it."""
+    text = _metadata(g).get(_SIGNATURE, "")
+    if len(text) > 64 * _RECORD_LIMIT:
+        return {}
+    return dict(re.findall(r"^(p_\w+): PARAMETER target='([^'\n]*)'", text, re.MULTILINE))
+
+
 def weights_rewritten(proto):
     """The rewrites of the weights that load makes, in its order: float Constant nodes made
     initializers (weights_as_initializers), sub-graphs' float initializers read from the main
     graph (sub_initializers_hoisted), and Identity copies of an initializer apart
-    (identities_untied). The oracle's model and the tests' are rewritten the same way, so that
-    a parameter has the same name in each. Returns (model, (held, hoisted, untied)), how many
-    of each."""
+    (identities_untied), and parameters torch.export's optimizer merged, apart
+    (export_merges_untied). The oracle's model and the tests' are rewritten the same way, so
+    that a parameter has the same name in each. Returns (model, (held, hoisted, untied,
+    unmerged)), how many of each."""
     proto, held = weights_as_initializers(proto)
     proto, hoisted = sub_initializers_hoisted(proto)
     proto, untied = identities_untied(proto)
-    return proto, (held, hoisted, untied)
+    proto, unmerged = export_merges_untied(proto)
+    return proto, (held, hoisted, untied, unmerged)
 
 
 def _classes(n):
@@ -604,14 +665,14 @@ def load(source, max_bytes=None, sample_axes=None, one_by_one=False) -> Model:
     blocked = nchwc.counts(proto)
     proto = nchwc.plain(proto)  # onnxruntime's NCHWc layout, as the standard operators it fuses
     proto, expanded = _expand_functions(proto)
-    proto, (held, hoisted, untied) = weights_rewritten(proto)
+    proto, (held, hoisted, untied, unmerged) = weights_rewritten(proto)
     proto, attribute_params = ml_coefficients_as_inputs(proto)
     axes = {**declared_sample_axes(proto), **_every_input(proto, sample_axes or {})}
     proto = inputs_samples_first(proto, axes, path or "model")
     base = os.path.dirname(os.path.abspath(path)) if path else None
     model = _build(proto, path, base, max_bytes)
     model.expanded, model.held_weights, model.sample_axes = expanded, held, _given_axes(axes)
-    model.hoisted_weights, model.untied_weights = hoisted, untied
+    model.hoisted_weights, model.untied_weights, model.unmerged_weights = hoisted, untied, unmerged
     model.nchwc = blocked
     model.one_by_one = bool(one_by_one)
     model.attribute_params = attribute_params
@@ -1046,10 +1107,12 @@ def _build(proto, path, base=None, max_bytes=None) -> Model:
         pass  # shape inference is advisory: costs fall back to measured shapes
     model = Model(path, opsets, nodes, initializers, inputs, outputs, value_info, proto.producer_name)
     model.export_roles, model.export_origins = _export_roles(g, initializers, produced)
+    model.export_removed = _removed(g, initializers, produced)
     return model
 
 
 _SIGNATURE_KIND = "pkg.torch.export.graph_signature.InputSpec.kind"
+_SIGNATURE = "pkg.torch.export.ExportedProgram.graph_signature"  # the graph's: the program's inputs, kinds and names
 _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 _FX_NODE = "pkg.torch.onnx.fx_node"  # a node's call in the exported program: its arguments' names
 _TEMPORARY = re.compile(r"val_\d+$")  # the exporter's name for a value it made (a Constant node's among them)
@@ -1089,10 +1152,7 @@ def _export_roles(g, initializers, values):
 
     Others (a weight with BatchNormalization folded in loses its mark) are left to the usual
     rule. Both empty for a model with neither kind of mark."""
-    meta = {}
-    for v in list(g.value_info) + list(g.input) + list(g.initializer):
-        if v.name in initializers and getattr(v, "metadata_props", None):
-            meta.setdefault(v.name, {}).update({p.key: p.value for p in v.metadata_props})
+    meta = _initializer_metadata(g, initializers)
     if not any(_SIGNATURE_KIND in m or _FOLDED_FROM in m for m in meta.values()):
         return {}, {}
     program = _program_names(g)
@@ -1121,6 +1181,38 @@ def _export_roles(g, initializers, values):
         elif _TEMPORARY.match(name):
             roles[name] = "constant"
     return roles, origins
+
+
+def _removed(g, initializers, values):
+    """The parameters of a model that torch.export wrote that the file holds no tensor for, nor
+    folded into one, sorted: its optimizer removes what it can fold away (a fresh
+    nn.MultiheadAttention's zero output bias leaves a Gemm without C) and keeps one tensor of
+    several equal ones (see export_merges_untied). Named as the program's signature names
+    them, or else as the nodes' records of their calls do (%p_<path>, the dots made
+    underscores); empty without either."""
+    held = _with_fold_roots(g, initializers)
+    signature = _signature_parameters(g)
+    if signature:
+        return sorted(target for target in signature.values() if target not in held)
+    held = {"p_" + re.sub(r"\W", "_", n) for n in held}
+    return sorted(p for p in _program_names(g) if p.startswith("p_") and p not in held and p not in values)
+
+
+def _with_fold_roots(g, names):
+    """`names` (the initializers) and the names of the values torch.export's optimizer folded
+    any of them from."""
+    names = set(names)
+    return names.union(*(_folded_from(m.get(_FOLDED_FROM)) or () for m in _initializer_metadata(g, names).values()))
+
+
+def _initializer_metadata(g, names):
+    """{initializer: its metadata}, for those of `names` that have any: the exporter writes it
+    on the tensor or on its value_info."""
+    meta = {}
+    for v in list(g.value_info) + list(g.input) + list(g.initializer):
+        if v.name in names and getattr(v, "metadata_props", None):
+            meta.setdefault(v.name, {}).update(_metadata(v))
+    return meta
 
 
 def _folded_from(text):

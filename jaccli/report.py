@@ -124,6 +124,14 @@ def render_inspect(console: Console, info: dict):
                       f"tensors of their own, under the copies' names: the TorchScript exporter keeps one tensor of "
                       f"parameters equal when exported (a fresh model's zero biases, a BatchNorm's scale and running "
                       f"variance) and ties the others to it by name")
+    if info.get("unmerged_weights"):
+        console.print(f"[yellow]note:[/yellow] {info['unmerged_weights']} parameters that torch.export's optimizer merged into "
+                      f"an equal one (it keeps one tensor of several equal ones, as a fresh model's LayerNorm weights) are "
+                      f"tensors of their own again, under their own names, as the records of the calls that read them say")
+    if info.get("removed_parameters"):
+        from .drivers import removed_note
+
+        console.print(f"[yellow]note:[/yellow] {removed_note(info['removed_parameters'])}")
     if info.get("attribute_params"):
         console.print(f"[yellow]note:[/yellow] {', '.join(info['attribute_params'])}: weights that ai.onnx.ml operators hold "
                       f"as attributes, made parameters (a linear model's coefficients and intercepts, an SVR's "

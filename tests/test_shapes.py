@@ -2,6 +2,7 @@
 outputs that do not depend on the input, and the quirks of old exports."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -1134,6 +1135,67 @@ def test_torch_export_marks_say_which_initializers_are_parameters(tmp_path):
     call = "%lstm : [num_users=1] = call_function[target=torch.ops.aten.lstm.input](args = (%x, [%zeros], [%p_weight]))"
     helper.set_metadata_props(folds.graph.node[0], {"pkg.torch.onnx.fx_node": call})
     assert check_whole_model(folds, x) == ["val_1", "lin.bias", "val_7", "bn.running_var", "fused.weight"]
+
+
+def _calls(m, records):
+    """Record the exported program's signature on the graph, and each node's call, as
+    torch.onnx.export's torch.export path does."""
+    params = sorted({p for r in records if r for p in re.findall(r"%(p_\w+)", r)})
+    signature = "\n# inputs\n" + "".join(f"{p}: PARAMETER target='{p[2:].replace('_', '.')}'\n" for p in params)
+    helper.set_metadata_props(m.graph, {"pkg.torch.export.ExportedProgram.graph_signature": signature + "x: USER_INPUT\n"})
+    for node, record in zip(m.graph.node, records):
+        if record:
+            helper.set_metadata_props(node, {"pkg.torch.onnx.fx_node": f"%v = call_function[target=f](args = ({record}))"})
+
+
+def test_parameters_that_torch_export_merged_are_apart_and_those_it_removed_are_named(tmp_path):
+    """torch.export's optimizer keeps one tensor of several equal ones (a fresh model's
+    LayerNorm weights, all ones), and removes what it can fold away (a zero bias). The program's
+    signature lists every parameter, and each node's record names those its call takes: a node
+    whose record names a parameter the file lacks, reading one its record does not name, reads
+    a copy under the lacking one's name, so each has its own columns, as in the model exported.
+    Where the record names more lacking parameters than the node reads others, which stands
+    for which is unknown: nothing changes. Those the file lacks are named, with a note."""
+    from click.testing import CliRunner
+
+    from jaccli.cli import main
+
+    one = RNG.uniform(0.5, 1.5, 3).astype(np.float32)
+    nodes = [helper.make_node("Mul", ["x", "ln1.weight"], ["a"]), helper.make_node("Tanh", ["a"], ["t"]),
+             helper.make_node("Mul", ["t", "ln2.weight"], ["b"]), helper.make_node("Sin", ["b"], ["s"]),
+             helper.make_node("Mul", ["s", "out.weight"], ["c"]), helper.make_node("Mul", ["c", "ln4.weight"], ["d"]),
+             helper.make_node("Mul", ["d", "val_7"], ["e"]), helper.make_node("Mul", ["e", "ln5.weight"], ["y"])]
+    inits = {"ln1.weight": one, "ln2.weight": one.copy(), "out.weight": RNG.uniform(0.5, 1.5, 3).astype(np.float32),
+             "ln4.weight": one.copy(), "val_7": RNG.uniform(0.5, 1.5, 3).astype(np.float32), "ln5.weight": one.copy()}
+    x = RNG.standard_normal((N, 3))
+    G0, cols0 = jaccli.param_jacobian(one_input_model(nodes, inits, (3,)), x, dtype=np.float64)
+    truth = {c["name"]: G0[..., c["offset"]:c["offset"] + c["size"]] for c in cols0}
+    merged = [helper.make_node(n.op_type, ["ln1.weight" if v in ("ln2.weight", "ln4.weight", "ln5.weight") else v for v in n.input],
+                               n.output) for n in nodes]
+    m = one_input_model(merged, {k: v for k, v in inits.items() if k in ("ln1.weight", "out.weight", "val_7")}, (3,))
+    m.ir_version = 10
+    records = ["%x, %p_ln1_weight", None, "%t, %p_ln2_weight", None, "%s, %p_out_weight, %p_out_bias",
+               "%c, %p_ln4_weight, %p_ln4_bias", "%d, %p_lin_weight, %p_ln5_weight", "%d, %p_lin_weight, %p_ln5_weight"]
+    _calls(m, records)
+    _marked(m, "val_7", **{"pkg.onnxscript.optimizer.folded_from": "['lin.weight']"})  # lin.weight transposed, say
+    assert check_whole_model(m, x) == ["ln1.weight", "out.weight", "val_7", "ln2.weight", "ln5.weight"]
+    r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
+    G = {c["name"]: r.J[..., c["offset"]:c["offset"] + c["size"]] for c in r.columns}
+    np.testing.assert_allclose(G["ln2.weight"], truth["ln2.weight"], rtol=1e-12)
+    for name in ("out.weight", "val_7", "ln5.weight"):
+        np.testing.assert_allclose(G[name], truth[name], rtol=1e-12)
+    np.testing.assert_allclose(G["ln1.weight"], truth["ln1.weight"] + truth["ln4.weight"], rtol=1e-12)  # merged still
+    model = jaccli.load(m)
+    assert (model.unmerged_weights, model.export_removed) == (2, ["ln4.bias", "ln4.weight", "out.bias"])
+    assert any("3 parameters of the model torch.export wrote are not in the file" in n and "ln4.bias, ln4.weight, out.bias" in n
+               for n in r.notes), r.notes
+    (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
+    out = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.onnx")], terminal_width=300).output
+    assert "2 parameters that torch.export's optimizer merged" in out and "not in the file" in out and "ln2.weight" in out, out
+    # without the signature, the records of the calls name what the file lacks, as they call it
+    del m.graph.metadata_props[:]
+    assert jaccli.load(m).export_removed == ["p_ln2_weight", "p_ln4_bias", "p_ln4_weight", "p_ln5_weight", "p_out_bias"]
+    assert check_whole_model(m, x) == ["ln1.weight", "out.weight", "val_7"]
 
 
 def test_a_folding_record_is_read_as_a_list_of_names_or_not_at_all():
