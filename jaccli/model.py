@@ -414,7 +414,12 @@ def export_merges_untied(proto):
     _signature_parameters). Where a node's record names parameters that the file holds no
     tensor for, nor folded into one, and the node reads as many parameters that its record does
     not name, they are paired in order, and the node reads a copy of its tensor under the
-    missing parameter's name; the nodes of the same call share that copy. Returns (model, count)."""
+    missing parameter's name; the nodes of the same call share that copy. A node that this
+    leaves undecided (one with no record: a Split the optimizer made of a fresh attention's
+    zero input bias, merged with another attention's) reads the missing parameter of its own
+    module with the same last name, where the read one is another module's: the module is the
+    one the node's record of name scopes gives, or else the one its readers' records share.
+    Returns (model, count)."""
     g = proto.graph
     signature = _signature_parameters(g)
     if not signature:
@@ -424,12 +429,22 @@ def export_merges_untied(proto):
     missing = {fx for fx, target in signature.items() if target not in held and target not in taken}
     floats = {t.name for t in g.initializer if t.data_type in FLOAT_TYPES}
     call_of = {target: fx for fx, target in signature.items() if target in floats}
+    lacked = {signature[fx] for fx in missing}
+    readers = collections.defaultdict(list)
+    for n in g.node:
+        for v in n.input:
+            readers[v].append(n)
     renames = []  # per node: {initializer read: the missing parameter it stands for}
     for n in g.node:
         named = list(dict.fromkeys(re.findall(r"%(p_\w+)", _metadata(n).get(_FX_NODE, ""))))
         lacking = [fx for fx in named if fx in missing]
         others = [v for v in dict.fromkeys(n.input) if v in call_of and call_of[v] not in named]
-        renames.append(dict(zip(others, (signature[fx] for fx in lacking))) if lacking and len(lacking) == len(others) else {})
+        if lacking and len(lacking) == len(others):
+            renames.append(dict(zip(others, (signature[fx] for fx in lacking))))
+            continue
+        module = _module(n, readers)
+        kin = {v: f"{module}.{v.rpartition('.')[2]}".lstrip(".") for v in others} if module is not None else {}
+        renames.append({v: k for v, k in kin.items() if k in lacked})
     copies = {target: source for r in renames for source, target in r.items()}
     if not copies:
         return proto, 0
@@ -445,6 +460,27 @@ def export_merges_untied(proto):
         c.name = target
         del c.metadata_props[:]
     return m, len(copies)
+
+
+def _module(n, readers):
+    """The module whose call node n came from, by torch.export's record of its name scopes (['',
+    'blocks.0', 'blocks.0.norm', 'layer_norm']: the last is the call), or else the module that
+    its readers' records share; None where neither tells."""
+    def scopes(node):
+        names = _folded_from(_metadata(node).get(_NAME_SCOPES))
+        return names[:-1] if names else None
+
+    own = scopes(n)
+    if own is None:
+        theirs = [s for s in (scopes(r) for o in n.output for r in readers.get(o, ())) if s is not None]
+        if not theirs:
+            return None
+        own = []
+        for level in zip(*theirs):  # the scopes they share, outermost first
+            if any(s != level[0] for s in level):
+                break
+            own.append(level[0])
+    return own[-1] if own else None
 
 
 def _metadata(item):
@@ -1115,6 +1151,7 @@ _SIGNATURE_KIND = "pkg.torch.export.graph_signature.InputSpec.kind"
 _SIGNATURE = "pkg.torch.export.ExportedProgram.graph_signature"  # the graph's: the program's inputs, kinds and names
 _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 _FX_NODE = "pkg.torch.onnx.fx_node"  # a node's call in the exported program: its arguments' names
+_NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # a node's modules, outermost first, and last its call
 _TEMPORARY = re.compile(r"val_\d+$")  # the exporter's name for a value it made (a Constant node's among them)
 _RECORD_LIMIT = 1 << 20  # characters of a folded_from record read at most
 
@@ -1216,7 +1253,7 @@ def _initializer_metadata(g, names):
 
 
 def _folded_from(text):
-    """The list of names in a folded_from record ("['a', 'b']"), or None (none, or not such a
+    """The list of names in a record (folded_from's, name_scopes': "['a', 'b']"), or None (none, or not such a
     list, or too long to be one: the file is untrusted)."""
     if not text or len(text) > _RECORD_LIMIT:
         return None

@@ -127,7 +127,8 @@ def render_inspect(console: Console, info: dict):
     if info.get("unmerged_weights"):
         console.print(f"[yellow]note:[/yellow] {info['unmerged_weights']} parameters that torch.export's optimizer merged into "
                       f"an equal one (it keeps one tensor of several equal ones, as a fresh model's LayerNorm weights) are "
-                      f"tensors of their own again, under their own names, as the records of the calls that read them say")
+                      f"tensors of their own again, under their own names, as the exporter's records of the calls and "
+                      f"modules that read them say")
     if info.get("removed_parameters"):
         from .drivers import removed_note
 

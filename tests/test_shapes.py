@@ -1137,15 +1137,16 @@ def test_torch_export_marks_say_which_initializers_are_parameters(tmp_path):
     assert check_whole_model(folds, x) == ["val_1", "lin.bias", "val_7", "bn.running_var", "fused.weight"]
 
 
-def _calls(m, records):
-    """Record the exported program's signature on the graph, and each node's call, as
-    torch.onnx.export's torch.export path does."""
-    params = sorted({p for r in records if r for p in re.findall(r"%(p_\w+)", r)})
+def _calls(m, records, scopes=(), more=()):
+    """Record the exported program's signature on the graph (the parameters the calls name, and
+    `more`), each node's call, and its name scopes, as torch.onnx.export's torch.export path does."""
+    params = sorted({p for r in records if r for p in re.findall(r"%(p_\w+)", r)} | set(more))
     signature = "\n# inputs\n" + "".join(f"{p}: PARAMETER target='{p[2:].replace('_', '.')}'\n" for p in params)
     helper.set_metadata_props(m.graph, {"pkg.torch.export.ExportedProgram.graph_signature": signature + "x: USER_INPUT\n"})
-    for node, record in zip(m.graph.node, records):
-        if record:
-            helper.set_metadata_props(node, {"pkg.torch.onnx.fx_node": f"%v = call_function[target=f](args = ({record}))"})
+    n = len(m.graph.node)
+    for node, record, scope in zip(m.graph.node, list(records) + [None] * n, list(scopes) + [None] * n):
+        props = {"pkg.torch.onnx.fx_node": f"%v = call_function[target=f](args = ({record}))"} if record else {}
+        helper.set_metadata_props(node, {**props, **({"pkg.torch.onnx.name_scopes": repr(scope)} if scope else {})})
 
 
 def test_parameters_that_torch_export_merged_are_apart_and_those_it_removed_are_named(tmp_path):
@@ -1155,7 +1156,9 @@ def test_parameters_that_torch_export_merged_are_apart_and_those_it_removed_are_
     whose record names a parameter the file lacks, reading one its record does not name, reads
     a copy under the lacking one's name, so each has its own columns, as in the model exported.
     Where the record names more lacking parameters than the node reads others, which stands
-    for which is unknown: nothing changes. Those the file lacks are named, with a note."""
+    for which is unknown: nothing changes. A node with no record (a Split the optimizer made)
+    takes its module from its readers' name scopes: the lacking parameter of that module with
+    the read one's last name. Those the file lacks are named, with a note."""
     from click.testing import CliRunner
 
     from jaccli.cli import main
@@ -1164,37 +1167,50 @@ def test_parameters_that_torch_export_merged_are_apart_and_those_it_removed_are_
     nodes = [helper.make_node("Mul", ["x", "ln1.weight"], ["a"]), helper.make_node("Tanh", ["a"], ["t"]),
              helper.make_node("Mul", ["t", "ln2.weight"], ["b"]), helper.make_node("Sin", ["b"], ["s"]),
              helper.make_node("Mul", ["s", "out.weight"], ["c"]), helper.make_node("Mul", ["c", "ln4.weight"], ["d"]),
-             helper.make_node("Mul", ["d", "val_7"], ["e"]), helper.make_node("Mul", ["e", "ln5.weight"], ["y"])]
+             helper.make_node("Mul", ["d", "val_7"], ["e"]), helper.make_node("Mul", ["e", "ln5.weight"], ["f"]),
+             helper.make_node("Mul", ["f", "ln6.weight"], ["g"]), helper.make_node("Sin", ["g"], ["h"]),
+             helper.make_node("Mul", ["h", "ln7.weight"], ["i"]), helper.make_node("Mul", ["i", "ln1.weight"], ["j"]),
+             helper.make_node("Sin", ["j"], ["k"]), helper.make_node("Mul", ["k", "ln8.weight"], ["l"]),
+             helper.make_node("Sin", ["l"], ["l1"]), helper.make_node("Cos", ["l"], ["l2"]), helper.make_node("Add", ["l1", "l2"], ["y"])]
     inits = {"ln1.weight": one, "ln2.weight": one.copy(), "out.weight": RNG.uniform(0.5, 1.5, 3).astype(np.float32),
-             "ln4.weight": one.copy(), "val_7": RNG.uniform(0.5, 1.5, 3).astype(np.float32), "ln5.weight": one.copy()}
+             "ln4.weight": one.copy(), "val_7": RNG.uniform(0.5, 1.5, 3).astype(np.float32), "ln5.weight": one.copy(),
+             "ln6.weight": one.copy(), "ln7.weight": one.copy(), "ln8.weight": one.copy()}
     x = RNG.standard_normal((N, 3))
     G0, cols0 = jaccli.param_jacobian(one_input_model(nodes, inits, (3,)), x, dtype=np.float64)
     truth = {c["name"]: G0[..., c["offset"]:c["offset"] + c["size"]] for c in cols0}
-    merged = [helper.make_node(n.op_type, ["ln1.weight" if v in ("ln2.weight", "ln4.weight", "ln5.weight") else v for v in n.input],
+    merged = [helper.make_node(n.op_type, ["ln1.weight" if v in ("ln2.weight", "ln4.weight", "ln5.weight", "ln6.weight", "ln7.weight",
+                                                              "ln8.weight") else v
+                                           for v in n.input],
                                n.output) for n in nodes]
     m = one_input_model(merged, {k: v for k, v in inits.items() if k in ("ln1.weight", "out.weight", "val_7")}, (3,))
     m.ir_version = 10
     records = ["%x, %p_ln1_weight", None, "%t, %p_ln2_weight", None, "%s, %p_out_weight, %p_out_bias",
-               "%c, %p_ln4_weight, %p_ln4_bias", "%d, %p_lin_weight, %p_ln5_weight", "%d, %p_lin_weight, %p_ln5_weight"]
-    _calls(m, records)
+               "%c, %p_ln4_weight, %p_ln4_bias", "%d, %p_lin_weight, %p_ln5_weight", "%d, %p_lin_weight, %p_ln5_weight",
+               None, "%g", "%h, %p_ln7_weight, %p_ln7_bias"]
+    # readers in module out, which holds its weight: no copy; readers in two modules: no module
+    scopes = [None] * 9 + [["", "ln6", "sin"], ["", "ln7", "mul"], None, ["", "out", "sin"], None, ["", "ln8", "sin"],
+                           ["", "zz", "cos"]]
+    _calls(m, records, scopes, more=["p_ln6_weight", "p_ln8_weight"])
     _marked(m, "val_7", **{"pkg.onnxscript.optimizer.folded_from": "['lin.weight']"})  # lin.weight transposed, say
-    assert check_whole_model(m, x) == ["ln1.weight", "out.weight", "val_7", "ln2.weight", "ln5.weight"]
+    assert check_whole_model(m, x) == ["ln1.weight", "out.weight", "val_7", "ln2.weight", "ln5.weight", "ln6.weight", "ln7.weight"]
     r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
     G = {c["name"]: r.J[..., c["offset"]:c["offset"] + c["size"]] for c in r.columns}
     np.testing.assert_allclose(G["ln2.weight"], truth["ln2.weight"], rtol=1e-12)
-    for name in ("out.weight", "val_7", "ln5.weight"):
+    for name in ("out.weight", "val_7", "ln5.weight", "ln6.weight", "ln7.weight"):
         np.testing.assert_allclose(G[name], truth[name], rtol=1e-12)
-    np.testing.assert_allclose(G["ln1.weight"], truth["ln1.weight"] + truth["ln4.weight"], rtol=1e-12)  # merged still
+    np.testing.assert_allclose(G["ln1.weight"], truth["ln1.weight"] + truth["ln4.weight"] + truth["ln8.weight"],
+                               rtol=1e-12)  # merged still
     model = jaccli.load(m)
-    assert (model.unmerged_weights, model.export_removed) == (2, ["ln4.bias", "ln4.weight", "out.bias"])
-    assert any("3 parameters of the model torch.export wrote are not in the file" in n and "ln4.bias, ln4.weight, out.bias" in n
+    assert (model.unmerged_weights, model.export_removed) == (4, ["ln4.bias", "ln4.weight", "ln7.bias", "ln8.weight", "out.bias"])
+    assert any("5 parameters of the model torch.export wrote are not in the file" in n and "ln4.bias, ln4.weight, ln7.bias, ln8.weight ..." in n
                for n in r.notes), r.notes
     (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
     out = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.onnx")], terminal_width=300).output
-    assert "2 parameters that torch.export's optimizer merged" in out and "not in the file" in out and "ln2.weight" in out, out
+    assert "4 parameters that torch.export's optimizer merged" in out and "not in the file" in out and "ln2.weight" in out, out
     # without the signature, the records of the calls name what the file lacks, as they call it
     del m.graph.metadata_props[:]
-    assert jaccli.load(m).export_removed == ["p_ln2_weight", "p_ln4_bias", "p_ln4_weight", "p_ln5_weight", "p_out_bias"]
+    assert jaccli.load(m).export_removed == ["p_ln2_weight", "p_ln4_bias", "p_ln4_weight", "p_ln5_weight", "p_ln7_bias",
+                                             "p_ln7_weight", "p_out_bias"]
     assert check_whole_model(m, x) == ["ln1.weight", "out.weight", "val_7"]
 
 
