@@ -408,44 +408,63 @@ def identities_untied(proto):
 def export_merges_untied(proto):
     """The model with every parameter that torch.export's optimizer merged into an equal one
     apart again. onnxscript's optimizer keeps one initializer of several equal ones (a fresh
-    model's LayerNorm weights, all ones, and its zero biases), so the nodes of one parameter's
-    call read another's tensor. A node's record of its call names the parameters it takes (see
-    _program_names), and the program's signature their names in the model (see
-    _signature_parameters). Where a node's record names parameters that the file holds no
-    tensor for, nor folded into one, and the node reads as many parameters that its record does
-    not name, they are paired in order, and the node reads a copy of its tensor under the
-    missing parameter's name; the nodes of the same call share that copy. A node that this
-    leaves undecided (one with no record: a Split the optimizer made of a fresh attention's
-    zero input bias, merged with another attention's) reads the missing parameter of its own
-    module with the same last name, where the read one is another module's: the module is the
-    one the node's record of name scopes gives, or else the one its readers' records share.
-    Returns (model, count)."""
+    model's LayerNorm weights, all ones, and its zero biases; every layer of a fresh
+    nn.TransformerEncoder, deep copies of one), so the nodes of one parameter's call read
+    another's tensor, or the value folded from it (a weight transposed).
+
+    The program's signature names every parameter (see _signature_parameters), a node's record
+    of its call those the call takes (see _program_names), and a folding record what a folded
+    initializer came from. A node reads a merged tensor where it reads a tensor (or one folded
+    from it) of another call's parameter, which a node of that call reads too, while its own
+    call takes a parameter of the same last name (weight, bias, in_proj_bias) that the file
+    lacks: it then reads a copy under the lacking one's name (a folded one's copy as
+    `<val>#<k>`, folded from it). A node with no record (a Split the optimizer made of a
+    fresh attention's zero input bias) takes the lacking parameters of its module, by the
+    record of its name scopes or else the one its readers' records share (see _module). A
+    tensor that no node of its own call reads is no merge: BatchNormalization fused into a
+    convolution leaves the convolution's weight under its name, read by a node with the
+    BatchNormalization's record. Where two lacking parameters share the last name, nothing
+    changes. Returns (model, count)."""
     g = proto.graph
     signature = _signature_parameters(g)
     if not signature:
         return proto, 0
-    held = _with_fold_roots(g, (t.name for t in g.initializer))
+    fx_of = {target: fx for fx, target in signature.items()}
+    floats = {t.name: t for t in g.initializer if t.data_type in FLOAT_TYPES}
+    meta = _initializer_metadata(g, floats)
+    stands = {v: [v] if v in fx_of else (_folded_from(meta.get(v, {}).get(_FOLDED_FROM)) or []) for v in floats}
+    stands = {v: fx_of[s[0]] for v, s in stands.items() if len(s) == 1 and s[0] in fx_of}  # the call it is taken by
     taken = {o for n in g.node for o in n.output} | {v.name for v in g.input}
-    missing = {fx for fx, target in signature.items() if target not in held and target not in taken}
-    floats = {t.name for t in g.initializer if t.data_type in FLOAT_TYPES}
-    call_of = {target: fx for fx, target in signature.items() if target in floats}
-    lacked = {signature[fx] for fx in missing}
+    held = _with_fold_roots(g, (t.name for t in g.initializer))
+    lacked = {t for t in fx_of if t not in held and t not in taken}
+    calls = [set(re.findall(r"%(p_\w+)", _metadata(n).get(_FX_NODE, ""))) for n in g.node]
+    owned = {v for n, named in zip(g.node, calls) for v in n.input if v in stands and stands[v] in named}
     readers = collections.defaultdict(list)
     for n in g.node:
         for v in n.input:
             readers[v].append(n)
-    renames = []  # per node: {initializer read: the missing parameter it stands for}
-    for n in g.node:
-        named = list(dict.fromkeys(re.findall(r"%(p_\w+)", _metadata(n).get(_FX_NODE, ""))))
-        lacking = [fx for fx in named if fx in missing]
-        others = [v for v in dict.fromkeys(n.input) if v in call_of and call_of[v] not in named]
-        if lacking and len(lacking) == len(others):
-            renames.append(dict(zip(others, (signature[fx] for fx in lacking))))
-            continue
-        module = _module(n, readers)
-        kin = {v: f"{module}.{v.rpartition('.')[2]}".lstrip(".") for v in others} if module is not None else {}
-        renames.append({v: k for v, k in kin.items() if k in lacked})
-    copies = {target: source for r in renames for source, target in r.items()}
+    leaf = lambda name: name.rpartition(".")[2]  # noqa: E731
+    renames = []  # per node: {initializer read: the lacking parameter it stands for}
+    for n, named in zip(g.node, calls):
+        if named:
+            lacking = [signature[fx] for fx in named if signature.get(fx) in lacked]
+        else:
+            module = _module(n, readers)
+            lacking = [t for t in lacked if module is not None and t.rpartition(".")[0] == module]
+        r = {}
+        for v in dict.fromkeys(n.input):
+            if v in owned and stands[v] not in named:
+                match = [t for t in lacking if leaf(t) == leaf(signature[stands[v]])]
+                if len(match) == 1:
+                    r[v] = match[0]
+        renames.append({v: t for v, t in r.items() if list(r.values()).count(t) == 1})
+    copies, named = {}, {}  # name of the copy -> (source, the parameter it stands for); (source, parameter) -> name
+    for r in renames:
+        for v, t in r.items():
+            if (v, t) not in named:  # a folded value's copy: val_92#1, val_92#2, ...
+                named[v, t] = t if v in fx_of else f"{v}#{sum(u == v for u, _ in named) + 1}"
+            r[v] = named[v, t]
+            copies[r[v]] = (v, t)
     if not copies:
         return proto, 0
     m = onnx.ModelProto()
@@ -453,12 +472,15 @@ def export_merges_untied(proto):
     for n, r in zip(m.graph.node, renames):
         for i, v in enumerate(n.input):
             n.input[i] = r.get(v, v)
-    tensors = {t.name: t for t in m.graph.initializer}
-    for target, source in copies.items():
+    for name, (source, target) in copies.items():
         c = m.graph.initializer.add()
-        c.CopyFrom(tensors[source])
-        c.name = target
+        c.CopyFrom(floats[source])
+        c.name = name
         del c.metadata_props[:]
+        if name != target:  # a folded value's copy: folded from the lacking parameter
+            vi = helper.make_tensor_value_info(name, c.data_type, None)
+            helper.set_metadata_props(vi, {_FOLDED_FROM: repr([target])})
+            m.graph.value_info.append(vi)
     return m, len(copies)
 
 

@@ -1151,67 +1151,82 @@ def _calls(m, records, scopes=(), more=()):
 
 def test_parameters_that_torch_export_merged_are_apart_and_those_it_removed_are_named(tmp_path):
     """torch.export's optimizer keeps one tensor of several equal ones (a fresh model's
-    LayerNorm weights, all ones), and removes what it can fold away (a zero bias). The program's
-    signature lists every parameter, and each node's record names those its call takes: a node
-    whose record names a parameter the file lacks, reading one its record does not name, reads
-    a copy under the lacking one's name, so each has its own columns, as in the model exported.
-    Where the record names more lacking parameters than the node reads others, which stands
-    for which is unknown: nothing changes. A node with no record (a Split the optimizer made)
-    takes its module from its readers' name scopes: the lacking parameter of that module with
-    the read one's last name. Those the file lacks are named, with a note."""
+    LayerNorm weights, all ones; the layers of a fresh nn.TransformerEncoder, deep copies), and
+    removes what it can fold away (a zero bias). The program's signature lists every parameter,
+    each node's record names those its call takes, and a folded initializer what it came from.
+    A node reading another call's tensor (or one folded from it), which a node of that call
+    reads too, while its own call takes a lacking parameter of the same last name, reads a copy
+    under that name (a folded one's as <val>#<k>), so each has its own columns, as in the
+    model exported. Not where two lacking ones share the last name, nor a tensor no node of its
+    own call reads (a convolution with a BatchNormalization fused in, under the normalization's
+    record). A node with no record (a Split the optimizer made) takes the lacking parameters of
+    the module its readers' name scopes share. Those the file lacks are named, with a note."""
     from click.testing import CliRunner
 
     from jaccli.cli import main
 
+    # per step: the tensor the model exported reads, the one the optimized file reads, the
+    # node's record of its call, and the name scopes of the Sin that reads it
+    steps = [("ln1.weight", "ln1.weight", "p_ln1_weight", None),
+             ("ln2.weight", "ln1.weight", "p_ln2_weight", None),
+             ("out.weight", "out.weight", "p_out_weight, %p_out_bias", None),
+             ("ln4.weight", "ln1.weight", "p_ln4_weight, %p_ln9_weight", None),  # two lacking weights: which?
+             ("val_7", "val_7", "p_lin_weight", None),
+             ("ln5.weight", "ln1.weight", "p_lin_weight, %p_ln5_weight", None),
+             ("ln6.weight", "ln1.weight", None, ["", "ln6", "sin"]),
+             ("ln7.weight", "ln1.weight", "p_ln7_weight, %p_ln7_bias", None),
+             ("ln1.weight", "ln1.weight", None, ["", "out", "sin"]),  # module out lacks no weight
+             ("val_8", "val_7", "p_lin2_weight", None),
+             ("conv.weight", "conv.weight", "p_bn_weight", None),  # no call of its own reads it
+             ("ln1.weight", "ln1.weight", "p_ln1_weight, %p_ln10_weight", None),  # its own call's
+             ("pp", "pp", None, None),  # pp = ln1.weight * val_7, its record names ln11.weight: both weights, which?
+             ("ln8.weight", "ln1.weight", None, ["", "ln8", "sin"])]  # and a Cos in module zz reads it too
+    nodes, merged, records, scopes, prev = [], [], [], [], "x"
+    for k, (was, now, record, scope) in enumerate(steps):
+        nodes.append(helper.make_node("Mul", [prev, was], [f"m{k}"]))
+        merged.append(helper.make_node("Mul", [prev, now], [f"m{k}"]))
+        nodes.append(helper.make_node("Sin", [f"m{k}"], [prev := f"s{k}"]))
+        merged.append(nodes[-1])
+        records += [record and f"%{prev}, %{record}", None]
+        scopes += [None, scope]
+    tail = [helper.make_node("Cos", [f"m{k}"], ["c"]), helper.make_node("Add", [prev, "c"], ["y"])]
+    scopes.append(["", "zz", "cos"])
+    product = helper.make_node("Mul", ["ln1.weight", "val_7"], ["pp"])
+    nodes, merged, records, scopes = [product] + nodes, [product] + merged, ["%pp, %p_ln11_weight"] + records, [None] + scopes
     one = RNG.uniform(0.5, 1.5, 3).astype(np.float32)
-    nodes = [helper.make_node("Mul", ["x", "ln1.weight"], ["a"]), helper.make_node("Tanh", ["a"], ["t"]),
-             helper.make_node("Mul", ["t", "ln2.weight"], ["b"]), helper.make_node("Sin", ["b"], ["s"]),
-             helper.make_node("Mul", ["s", "out.weight"], ["c"]), helper.make_node("Mul", ["c", "ln4.weight"], ["d"]),
-             helper.make_node("Mul", ["d", "val_7"], ["e"]), helper.make_node("Mul", ["e", "ln5.weight"], ["f"]),
-             helper.make_node("Mul", ["f", "ln6.weight"], ["g"]), helper.make_node("Sin", ["g"], ["h"]),
-             helper.make_node("Mul", ["h", "ln7.weight"], ["i"]), helper.make_node("Mul", ["i", "ln1.weight"], ["j"]),
-             helper.make_node("Sin", ["j"], ["k"]), helper.make_node("Mul", ["k", "ln8.weight"], ["l"]),
-             helper.make_node("Sin", ["l"], ["l1"]), helper.make_node("Cos", ["l"], ["l2"]), helper.make_node("Add", ["l1", "l2"], ["y"])]
-    inits = {"ln1.weight": one, "ln2.weight": one.copy(), "out.weight": RNG.uniform(0.5, 1.5, 3).astype(np.float32),
-             "ln4.weight": one.copy(), "val_7": RNG.uniform(0.5, 1.5, 3).astype(np.float32), "ln5.weight": one.copy(),
-             "ln6.weight": one.copy(), "ln7.weight": one.copy(), "ln8.weight": one.copy()}
+    inits = {was: one.copy() for was, now, _, _ in steps if now == "ln1.weight"}
+    inits.update({n: RNG.uniform(0.5, 1.5, 3).astype(np.float32) for n in ("out.weight", "val_7", "conv.weight")})
+    inits["val_8"] = inits["val_7"].copy()
     x = RNG.standard_normal((N, 3))
-    G0, cols0 = jaccli.param_jacobian(one_input_model(nodes, inits, (3,)), x, dtype=np.float64)
+    G0, cols0 = jaccli.param_jacobian(one_input_model(nodes + tail, inits, (3,)), x, dtype=np.float64)
     truth = {c["name"]: G0[..., c["offset"]:c["offset"] + c["size"]] for c in cols0}
-    merged = [helper.make_node(n.op_type, ["ln1.weight" if v in ("ln2.weight", "ln4.weight", "ln5.weight", "ln6.weight", "ln7.weight",
-                                                              "ln8.weight") else v
-                                           for v in n.input],
-                               n.output) for n in nodes]
-    m = one_input_model(merged, {k: v for k, v in inits.items() if k in ("ln1.weight", "out.weight", "val_7")}, (3,))
+    m = one_input_model(merged + tail, {k: inits[k] for k in ("ln1.weight", "out.weight", "val_7", "conv.weight")}, (3,))
     m.ir_version = 10
-    records = ["%x, %p_ln1_weight", None, "%t, %p_ln2_weight", None, "%s, %p_out_weight, %p_out_bias",
-               "%c, %p_ln4_weight, %p_ln4_bias", "%d, %p_lin_weight, %p_ln5_weight", "%d, %p_lin_weight, %p_ln5_weight",
-               None, "%g", "%h, %p_ln7_weight, %p_ln7_bias"]
-    # readers in module out, which holds its weight: no copy; readers in two modules: no module
-    scopes = [None] * 9 + [["", "ln6", "sin"], ["", "ln7", "mul"], None, ["", "out", "sin"], None, ["", "ln8", "sin"],
-                           ["", "zz", "cos"]]
-    _calls(m, records, scopes, more=["p_ln6_weight", "p_ln8_weight"])
+    _calls(m, records, scopes, more=["p_ln6_weight", "p_ln8_weight", "p_conv_weight"])
     _marked(m, "val_7", **{"pkg.onnxscript.optimizer.folded_from": "['lin.weight']"})  # lin.weight transposed, say
-    assert check_whole_model(m, x) == ["ln1.weight", "out.weight", "val_7", "ln2.weight", "ln5.weight", "ln6.weight", "ln7.weight"]
+    apart = ["ln2.weight", "ln5.weight", "ln6.weight", "ln7.weight", "val_7#1"]
+    assert check_whole_model(m, x) == ["ln1.weight", "out.weight", "val_7", "conv.weight"] + apart
     r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
     G = {c["name"]: r.J[..., c["offset"]:c["offset"] + c["size"]] for c in r.columns}
-    np.testing.assert_allclose(G["ln2.weight"], truth["ln2.weight"], rtol=1e-12)
-    for name in ("out.weight", "val_7", "ln5.weight", "ln6.weight", "ln7.weight"):
-        np.testing.assert_allclose(G[name], truth[name], rtol=1e-12)
+    for name in ["out.weight", "val_7", "conv.weight"] + apart:
+        np.testing.assert_allclose(G[name], truth[{"val_7#1": "val_8"}.get(name, name)], rtol=1e-12, err_msg=name)
     np.testing.assert_allclose(G["ln1.weight"], truth["ln1.weight"] + truth["ln4.weight"] + truth["ln8.weight"],
                                rtol=1e-12)  # merged still
+    assert [c.get("folded_from") for c in r.columns if c["name"].startswith("val_7")] == [["lin.weight"], ["lin2.weight"]]
     model = jaccli.load(m)
-    assert (model.unmerged_weights, model.export_removed) == (4, ["ln4.bias", "ln4.weight", "ln7.bias", "ln8.weight", "out.bias"])
-    assert any("5 parameters of the model torch.export wrote are not in the file" in n and "ln4.bias, ln4.weight, ln7.bias, ln8.weight ..." in n
+    removed = ["bn.weight", "ln10.weight", "ln11.weight", "ln4.weight", "ln7.bias", "ln8.weight", "ln9.weight", "out.bias"]
+    assert (model.unmerged_weights, model.export_removed) == (5, removed)
+    assert any("8 parameters of the model torch.export wrote are not in the file" in n and ", ".join(removed[:4]) + " ..." in n
                for n in r.notes), r.notes
     (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
     out = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.onnx")], terminal_width=300).output
-    assert "4 parameters that torch.export's optimizer merged" in out and "not in the file" in out and "ln2.weight" in out, out
+    assert "5 parameters that torch.export's optimizer merged" in out and "not in the file" in out and "ln2.weight" in out, out
     # without the signature, the records of the calls name what the file lacks, as they call it
     del m.graph.metadata_props[:]
-    assert jaccli.load(m).export_removed == ["p_ln2_weight", "p_ln4_bias", "p_ln4_weight", "p_ln5_weight", "p_ln7_bias",
-                                             "p_ln7_weight", "p_out_bias"]
-    assert check_whole_model(m, x) == ["ln1.weight", "out.weight", "val_7"]
+    assert jaccli.load(m).export_removed == ["p_bn_weight", "p_lin2_weight", "p_ln10_weight", "p_ln11_weight", "p_ln2_weight",
+                                             "p_ln4_weight", "p_ln5_weight", "p_ln7_bias", "p_ln7_weight", "p_ln9_weight",
+                                             "p_out_bias"]
+    assert check_whole_model(m, x) == ["ln1.weight", "out.weight", "val_7", "conv.weight"]
 
 
 def test_a_folding_record_is_read_as_a_list_of_names_or_not_at_all():
