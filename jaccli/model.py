@@ -420,8 +420,10 @@ def export_merges_untied(proto):
     lacks: it then reads a copy under the lacking one's name (a folded one's copy as
     `<val>#<k>`, folded from it). A node with no record (a Split the optimizer made of a
     fresh attention's zero input bias) takes the lacking parameters of its module, by the
-    record of its name scopes or else the one its readers' records share (see _module). A
-    tensor that no node of its own call reads is no merge: BatchNormalization fused into a
+    record of its name scopes or else the one its readers' records share (see _module); one
+    whose readers lie in like modules of several layers (blocks.0.attn, blocks.1.attn), each
+    lacking such a parameter, is one node the optimizer made of one per layer (a Split of a
+    zero bias): a copy of it per layer reads that layer's. A tensor that no node of its own call reads is no merge: BatchNormalization fused into a
     convolution leaves the convolution's weight under its name, read by a node with the
     BatchNormalization's record. Where two lacking parameters share the last name, nothing
     changes. Returns (model, count)."""
@@ -439,25 +441,35 @@ def export_merges_untied(proto):
     lacked = {t for t in fx_of if t not in held and t not in taken}
     calls = [set(re.findall(r"%(p_\w+)", _metadata(n).get(_FX_NODE, ""))) for n in g.node]
     owned = {v for n, named in zip(g.node, calls) for v in n.input if v in stands and stands[v] in named}
-    readers = collections.defaultdict(list)
-    for n in g.node:
+    readers, readers_at = collections.defaultdict(list), collections.defaultdict(list)
+    for j, n in enumerate(g.node):
         for v in n.input:
             readers[v].append(n)
+            readers_at[v].append(j)
     leaf = lambda name: name.rpartition(".")[2]  # noqa: E731
-    renames = []  # per node: {initializer read: the lacking parameter it stands for}
-    for n, named in zip(g.node, calls):
-        if named:
-            lacking = [signature[fx] for fx in named if signature.get(fx) in lacked]
-        else:
-            module = _module(n, readers)
-            lacking = [t for t in lacked if module is not None and t.rpartition(".")[0] == module]
+    def renamed(n, named, lacking):  # {initializer read: the lacking parameter it stands for}
         r = {}
         for v in dict.fromkeys(n.input):
             if v in owned and stands[v] not in named:
                 match = [t for t in lacking if leaf(t) == leaf(signature[stands[v]])]
                 if len(match) == 1:
                     r[v] = match[0]
-        renames.append({v: t for v, t in r.items() if list(r.values()).count(t) == 1})
+        return {v: t for v, t in r.items() if list(r.values()).count(t) == 1}
+
+    in_module = lambda module: [t for t in lacked if module is not None and t.rpartition(".")[0] == module]  # noqa: E731
+    renames, clones = [], {}  # per node its renames; node index -> [(readers, renames)] of its copies
+    for i, (n, named) in enumerate(zip(g.node, calls)):
+        if named:
+            renames.append(renamed(n, named, [signature[fx] for fx in named if signature.get(fx) in lacked]))
+            continue
+        renames.append(renamed(n, named, in_module(_module(n, readers))))
+        groups = collections.defaultdict(list)  # its readers by module: one node the optimizer shared between layers
+        for j in (j for o in n.output for j in readers_at.get(o, ())):
+            groups[_module(g.node[j], {})].append(j)
+        if not renames[-1] and len(groups) > 1 and None not in groups and len({re.sub(r"\d+", "#", k) for k in groups}) == 1:
+            split = [(js, renamed(n, named, in_module(module))) for module, js in groups.items()]
+            if all(r for _, r in split):  # each layer lacks its own: the optimizer's one node stands for one per layer
+                clones[i] = split
     copies, named = {}, {}  # name of the copy -> (source, the parameter it stands for); (source, parameter) -> name
     for r in renames:
         for v, t in r.items():
@@ -465,6 +477,11 @@ def export_merges_untied(proto):
                 named[v, t] = t if v in fx_of else f"{v}#{sum(u == v for u, _ in named) + 1}"
             r[v] = named[v, t]
             copies[r[v]] = (v, t)
+    for split in clones.values():
+        for _, r in split:
+            for v, t in r.items():
+                copies.setdefault(t, (v, t))  # copies of a parameter itself only: a Split of a zero bias
+                r[v] = t
     if not copies:
         return proto, 0
     m = onnx.ModelProto()
@@ -472,6 +489,8 @@ def export_merges_untied(proto):
     for n, r in zip(m.graph.node, renames):
         for i, v in enumerate(n.input):
             n.input[i] = r.get(v, v)
+    if clones:
+        _clone_per_module(m.graph, clones)
     for name, (source, target) in copies.items():
         c = m.graph.initializer.add()
         c.CopyFrom(floats[source])
@@ -482,6 +501,33 @@ def export_merges_untied(proto):
             helper.set_metadata_props(vi, {_FOLDED_FROM: repr([target])})
             m.graph.value_info.append(vi)
     return m, len(copies)
+
+
+def _clone_per_module(g, clones):
+    """Node k of graph g copied once per group of its readers ({k: [(readers' indices,
+    renames)]}), each copy reading its renamed inputs, under outputs of its own
+    (`<output>#<c>`) that its group reads."""
+    nodes = list(g.node)
+    out = []
+    for k, n in enumerate(nodes):
+        if k not in clones:
+            out.append(n)
+            continue
+        for c, (rs, r) in enumerate(clones[k], 1):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            copy.name = f"{n.name}#{c}"
+            del copy.input[:]
+            copy.input.extend(r.get(v, v) for v in n.input)
+            new = {o: f"{o}#{c}" for o in n.output if o}
+            del copy.output[:]
+            copy.output.extend(new.get(o, o) for o in n.output)
+            for j in rs:
+                for i, v in enumerate(nodes[j].input):
+                    nodes[j].input[i] = new.get(v, v)
+            out.append(copy)
+    del g.node[:]
+    g.node.extend(out)
 
 
 def _module(n, readers):

@@ -1160,7 +1160,8 @@ def test_parameters_that_torch_export_merged_are_apart_and_those_it_removed_are_
     model exported. Not where two lacking ones share the last name, nor a tensor no node of its
     own call reads (a convolution with a BatchNormalization fused in, under the normalization's
     record). A node with no record (a Split the optimizer made) takes the lacking parameters of
-    the module its readers' name scopes share. Those the file lacks are named, with a note."""
+    the module its readers' name scopes share, or, where they lie in like modules of several
+    layers each lacking one, a copy per layer. Those the file lacks are named, with a note."""
     from click.testing import CliRunner
 
     from jaccli.cli import main
@@ -1180,7 +1181,7 @@ def test_parameters_that_torch_export_merged_are_apart_and_those_it_removed_are_
              ("conv.weight", "conv.weight", "p_bn_weight", None),  # no call of its own reads it
              ("ln1.weight", "ln1.weight", "p_ln1_weight, %p_ln10_weight", None),  # its own call's
              ("pp", "pp", None, None),  # pp = ln1.weight * val_7, its record names ln11.weight: both weights, which?
-             ("ln8.weight", "ln1.weight", None, ["", "ln8", "sin"])]  # and a Cos in module zz reads it too
+             ("ln8.weight", "ln1.weight", None, ["", "ln8", "sin"])]  # and a Cos in module zz, lacking one too
     nodes, merged, records, scopes, prev = [], [], [], [], "x"
     for k, (was, now, record, scope) in enumerate(steps):
         nodes.append(helper.make_node("Mul", [prev, was], [f"m{k}"]))
@@ -1189,22 +1190,38 @@ def test_parameters_that_torch_export_merged_are_apart_and_those_it_removed_are_
         merged.append(nodes[-1])
         records += [record and f"%{prev}, %{record}", None]
         scopes += [None, scope]
-    tail = [helper.make_node("Cos", [f"m{k}"], ["c"]), helper.make_node("Add", [prev, "c"], ["y"])]
-    scopes.append(["", "zz", "cos"])
+    tail = [helper.make_node("Cos", [f"m{k}"], ["c"]), helper.make_node("Add", [prev, "c"], ["y0"])]
+    scopes += [["", "zz", "cos"], None]
+    # one node that the optimizer shared (it merged blk.0's weight and blk.1's, then their products,
+    # now alike), read by a Sin and a Cos: the weights the model read for each, the node's own
+    # scopes and its readers'
+    shares = [("blk.0.weight", "blk.1.weight", None, "blk.0", "blk.1"),  # a copy per layer
+              ("ln1.weight", "ln1.weight", None, "blk.2", "blk.3"),  # blk.3 lacks none: one node
+              ("blk.4.weight", "blk.4.weight", "blk.4", "blk.4", "blk.5")]  # its own scope tells
+    truth_tail, merged_tail = list(tail), list(tail)
+    for k, (a, b, own, ra, rb) in enumerate(shares):
+        z, ends = f"y{k}", lambda u0, u1: [helper.make_node("Sin", [u0], [f"a{k}"]), helper.make_node("Cos", [u1], [f"b{k}"]),  # noqa: E731
+                                            helper.make_node("Add", [f"a{k}", f"b{k}"], [f"y{k + 1}" if k < 2 else "y"])]
+        truth_tail += [helper.make_node("Mul", [z, a], [f"u{k}"]), helper.make_node("Mul", [z, b], [f"w{k}"])] + ends(f"u{k}", f"w{k}")
+        merged_tail += [helper.make_node("Mul", [z, "ln1.weight"], [f"u{k}"])] + ends(f"u{k}", f"u{k}")
+        scopes += [own and ["", own, "mul"], ["", ra, "sin"], ["", rb, "cos"], None]
     product = helper.make_node("Mul", ["ln1.weight", "val_7"], ["pp"])
     nodes, merged, records, scopes = [product] + nodes, [product] + merged, ["%pp, %p_ln11_weight"] + records, [None] + scopes
     one = RNG.uniform(0.5, 1.5, 3).astype(np.float32)
     inits = {was: one.copy() for was, now, _, _ in steps if now == "ln1.weight"}
     inits.update({n: RNG.uniform(0.5, 1.5, 3).astype(np.float32) for n in ("out.weight", "val_7", "conv.weight")})
+    inits.update({n: one.copy() for n in ("blk.0.weight", "blk.1.weight", "blk.4.weight")})
     inits["val_8"] = inits["val_7"].copy()
     x = RNG.standard_normal((N, 3))
-    G0, cols0 = jaccli.param_jacobian(one_input_model(nodes + tail, inits, (3,)), x, dtype=np.float64)
+    G0, cols0 = jaccli.param_jacobian(one_input_model(nodes + truth_tail, inits, (3,)), x, dtype=np.float64)
     truth = {c["name"]: G0[..., c["offset"]:c["offset"] + c["size"]] for c in cols0}
-    m = one_input_model(merged + tail, {k: inits[k] for k in ("ln1.weight", "out.weight", "val_7", "conv.weight")}, (3,))
+    m = one_input_model(merged + merged_tail,
+                        {k: inits[k] for k in ("ln1.weight", "out.weight", "val_7", "conv.weight")}, (3,))
     m.ir_version = 10
-    _calls(m, records, scopes, more=["p_ln6_weight", "p_ln8_weight", "p_conv_weight"])
+    more = ["p_ln6_weight", "p_ln8_weight", "p_zz_weight", "p_conv_weight"] + [f"p_blk_{k}_weight" for k in (0, 1, 2, 4, 5)]
+    _calls(m, records, scopes, more)
     _marked(m, "val_7", **{"pkg.onnxscript.optimizer.folded_from": "['lin.weight']"})  # lin.weight transposed, say
-    apart = ["ln2.weight", "ln5.weight", "ln6.weight", "ln7.weight", "val_7#1"]
+    apart = ["ln2.weight", "ln5.weight", "ln6.weight", "ln7.weight", "val_7#1", "blk.4.weight", "blk.0.weight", "blk.1.weight"]
     assert check_whole_model(m, x) == ["ln1.weight", "out.weight", "val_7", "conv.weight"] + apart
     r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
     G = {c["name"]: r.J[..., c["offset"]:c["offset"] + c["size"]] for c in r.columns}
@@ -1214,13 +1231,14 @@ def test_parameters_that_torch_export_merged_are_apart_and_those_it_removed_are_
                                rtol=1e-12)  # merged still
     assert [c.get("folded_from") for c in r.columns if c["name"].startswith("val_7")] == [["lin.weight"], ["lin2.weight"]]
     model = jaccli.load(m)
-    removed = ["bn.weight", "ln10.weight", "ln11.weight", "ln4.weight", "ln7.bias", "ln8.weight", "ln9.weight", "out.bias"]
-    assert (model.unmerged_weights, model.export_removed) == (5, removed)
-    assert any("8 parameters of the model torch.export wrote are not in the file" in n and ", ".join(removed[:4]) + " ..." in n
+    removed = ["blk.2.weight", "blk.5.weight", "bn.weight", "ln10.weight", "ln11.weight", "ln4.weight", "ln7.bias",
+               "ln8.weight", "ln9.weight", "out.bias", "zz.weight"]
+    assert (model.unmerged_weights, model.export_removed) == (8, removed)
+    assert any("11 parameters of the model torch.export wrote are not in the file" in n and ", ".join(removed[:4]) + " ..." in n
                for n in r.notes), r.notes
     (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
     out = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.onnx")], terminal_width=300).output
-    assert "5 parameters that torch.export's optimizer merged" in out and "not in the file" in out and "ln2.weight" in out, out
+    assert "8 parameters that torch.export's optimizer merged" in out and "not in the file" in out and "ln2.weight" in out, out
     # without the signature, the records of the calls name what the file lacks, as they call it
     del m.graph.metadata_props[:]
     assert jaccli.load(m).export_removed == ["p_bn_weight", "p_lin2_weight", "p_ln10_weight", "p_ln11_weight", "p_ln2_weight",
