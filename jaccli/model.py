@@ -423,10 +423,10 @@ def export_merges_untied(proto):
     record of its name scopes or else the one its readers' records share (see _module); one
     whose readers lie in like modules of several layers (blocks.0.attn, blocks.1.attn), each
     lacking such a parameter, is one node the optimizer made of one per layer (a Split of a
-    zero bias): a copy of it per layer reads that layer's. A tensor that no node of its own call reads is no merge: BatchNormalization fused into a
-    convolution leaves the convolution's weight under its name, read by a node with the
-    BatchNormalization's record. Where two lacking parameters share the last name, nothing
-    changes. Returns (model, count)."""
+    zero bias): a copy of it per layer reads that layer's. A tensor that no node of its own
+    call reads is no merge: BatchNormalization fused into a convolution leaves the
+    convolution's weight under its name, read by a node with the BatchNormalization's record.
+    Where two lacking parameters share the last name, nothing changes. Returns (model, count)."""
     g = proto.graph
     signature = _signature_parameters(g)
     if not signature:
@@ -507,7 +507,10 @@ def _clone_per_module(g, clones):
     """Node k of graph g copied once per group of its readers ({k: [(readers' indices,
     renames)]}), each copy reading its renamed inputs, under outputs of its own
     (`<output>#<c>`) that its group reads."""
-    nodes = list(g.node)
+    nodes = []
+    for n in g.node:  # copies, detached from the graph's list that is rewritten below
+        nodes.append(onnx.NodeProto())
+        nodes[-1].CopyFrom(n)
     out = []
     for k, n in enumerate(nodes):
         if k not in clones:
