@@ -434,8 +434,9 @@ def export_merges_untied(proto):
     fx_of = {target: fx for fx, target in signature.items()}
     floats = {t.name: t for t in g.initializer if t.data_type in FLOAT_TYPES}
     meta = _initializer_metadata(g, floats)
-    stands = {v: [v] if v in fx_of else (_folded_from(meta.get(v, {}).get(_FOLDED_FROM)) or []) for v in floats}
-    stands = {v: fx_of[s[0]] for v, s in stands.items() if len(s) == 1 and s[0] in fx_of}  # the call it is taken by
+    stands = {v: [v] if v in fx_of else [r for r in _folded_from(meta.get(v, {}).get(_FOLDED_FROM)) or () if r in fx_of]
+              for v in floats}  # the parameters each is, or was folded from (besides the exporter's constants)
+    stands = {v: fx_of[s[0]] for v, s in stands.items() if len(s) == 1}  # the call that takes it
     taken = {o for n in g.node for o in n.output} | {v.name for v in g.input}
     held = _with_fold_roots(g, (t.name for t in g.initializer))
     lacked = {t for t in fx_of if t not in held and t not in taken}

@@ -1179,6 +1179,8 @@ def test_parameters_that_torch_export_merged_are_apart_and_those_it_removed_are_
              ("ln1.weight", "ln1.weight", None, ["", "out", "sin"]),  # module out lacks no weight
              ("val_8", "val_7", "p_lin2_weight", None),
              ("conv.weight", "conv.weight", "p_bn_weight", None),  # no call of its own reads it
+             ("val_9", "val_9", "p_lin_weight", None),  # folded from two parameters: whose?
+             ("val_10", "val_9", "p_lin6_weight", None),
              ("ln1.weight", "ln1.weight", "p_ln1_weight, %p_ln10_weight", None),  # its own call's
              ("pp", "pp", None, None),  # pp = ln1.weight * val_7, its record names ln11.weight: both weights, which?
              ("ln8.weight", "ln1.weight", None, ["", "ln8", "sin"])]  # and a Cos in module zz, lacking one too
@@ -1209,42 +1211,45 @@ def test_parameters_that_torch_export_merged_are_apart_and_those_it_removed_are_
     nodes, merged, records, scopes = [product] + nodes, [product] + merged, ["%pp, %p_ln11_weight"] + records, [None] + scopes
     one = RNG.uniform(0.5, 1.5, 3).astype(np.float32)
     inits = {was: one.copy() for was, now, _, _ in steps if now == "ln1.weight"}
-    inits.update({n: RNG.uniform(0.5, 1.5, 3).astype(np.float32) for n in ("out.weight", "val_7", "conv.weight")})
+    inits.update({n: RNG.uniform(0.5, 1.5, 3).astype(np.float32) for n in ("out.weight", "val_7", "conv.weight", "val_9")})
+    inits["val_10"] = inits["val_9"].copy()
     inits.update({n: one.copy() for n in ("blk.0.weight", "blk.1.weight", "blk.4.weight")})
     inits["val_8"] = inits["val_7"].copy()
     x = RNG.standard_normal((N, 3))
     G0, cols0 = jaccli.param_jacobian(one_input_model(nodes + truth_tail, inits, (3,)), x, dtype=np.float64)
     truth = {c["name"]: G0[..., c["offset"]:c["offset"] + c["size"]] for c in cols0}
     m = one_input_model(merged + merged_tail,
-                        {k: inits[k] for k in ("ln1.weight", "out.weight", "val_7", "conv.weight")}, (3,))
+                        {k: inits[k] for k in ("ln1.weight", "out.weight", "val_7", "conv.weight", "val_9")}, (3,))
     m.ir_version = 10
     more = ["p_ln6_weight", "p_ln8_weight", "p_zz_weight", "p_conv_weight"] + [f"p_blk_{k}_weight" for k in (0, 1, 2, 4, 5)]
     _calls(m, records, scopes, more)
-    _marked(m, "val_7", **{"pkg.onnxscript.optimizer.folded_from": "['lin.weight']"})  # lin.weight transposed, say
+    _marked(m, "val_7", **{"pkg.onnxscript.optimizer.folded_from": "['lin.weight', 'val_3']"})  # lin.weight transposed, say
+    _marked(m, "val_9", **{"pkg.onnxscript.optimizer.folded_from": "['lin.weight', 'out.weight']"})
     apart = ["ln2.weight", "ln5.weight", "ln6.weight", "ln7.weight", "val_7#1", "blk.4.weight", "blk.0.weight", "blk.1.weight"]
-    assert check_whole_model(m, x) == ["ln1.weight", "out.weight", "val_7", "conv.weight"] + apart
+    assert check_whole_model(m, x) == ["ln1.weight", "out.weight", "val_7", "conv.weight", "val_9"] + apart
     r = jaccli.param_jacobian(m, x, dtype=np.float64, return_result=True)
     G = {c["name"]: r.J[..., c["offset"]:c["offset"] + c["size"]] for c in r.columns}
     for name in ["out.weight", "val_7", "conv.weight"] + apart:
         np.testing.assert_allclose(G[name], truth[{"val_7#1": "val_8"}.get(name, name)], rtol=1e-12, err_msg=name)
     np.testing.assert_allclose(G["ln1.weight"], truth["ln1.weight"] + truth["ln4.weight"] + truth["ln8.weight"],
                                rtol=1e-12)  # merged still
+    np.testing.assert_allclose(G["val_9"], truth["val_9"] + truth["val_10"], rtol=1e-12)
     assert [c.get("folded_from") for c in r.columns if c["name"].startswith("val_7")] == [["lin.weight"], ["lin2.weight"]]
     model = jaccli.load(m)
-    removed = ["blk.2.weight", "blk.5.weight", "bn.weight", "ln10.weight", "ln11.weight", "ln4.weight", "ln7.bias",
-               "ln8.weight", "ln9.weight", "out.bias", "zz.weight"]
+    removed = ["blk.2.weight", "blk.5.weight", "bn.weight", "lin6.weight", "ln10.weight", "ln11.weight", "ln4.weight",
+               "ln7.bias", "ln8.weight", "ln9.weight", "out.bias", "zz.weight"]
     assert (model.unmerged_weights, model.export_removed) == (8, removed)
-    assert any("11 parameters of the model torch.export wrote are not in the file" in n and ", ".join(removed[:4]) + " ..." in n
+    assert any("12 parameters of the model torch.export wrote are not in the file" in n and ", ".join(removed[:4]) + " ..." in n
                for n in r.notes), r.notes
     (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
     out = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.onnx")], terminal_width=300).output
     assert "8 parameters that torch.export's optimizer merged" in out and "not in the file" in out and "ln2.weight" in out, out
     # without the signature, the records of the calls name what the file lacks, as they call it
     del m.graph.metadata_props[:]
-    assert jaccli.load(m).export_removed == ["p_bn_weight", "p_lin2_weight", "p_ln10_weight", "p_ln11_weight", "p_ln2_weight",
+    assert jaccli.load(m).export_removed == ["p_bn_weight", "p_lin2_weight", "p_lin6_weight", "p_ln10_weight", "p_ln11_weight", "p_ln2_weight",
                                              "p_ln4_weight", "p_ln5_weight", "p_ln7_bias", "p_ln7_weight", "p_ln9_weight",
                                              "p_out_bias"]
-    assert check_whole_model(m, x) == ["ln1.weight", "out.weight", "val_7", "conv.weight"]
+    assert check_whole_model(m, x) == ["ln1.weight", "out.weight", "val_7", "conv.weight", "val_9"]
 
 
 def test_a_folding_record_is_read_as_a_list_of_names_or_not_at_all():
