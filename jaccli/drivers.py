@@ -19,7 +19,7 @@ import numpy as np
 from . import parallel, walk
 from .errors import DataError, JaccliError, MemoryBudgetError, ModelError, SampleAxisError, UsageError
 from .io import gib
-from .model import NO_SAMPLE_AXIS, Model, load
+from .model import NO_SAMPLE_AXIS, Model, load, removed_note
 from .plan import Plan
 from .rules._util import memory_limit
 
@@ -521,16 +521,6 @@ def _samples_per_run(plan, model, feeds, of, N, env0):
         if not _same(*last(plan, feeds)) and not _same_in_float64(plan, feeds, of, last):
             raise _mixing_error(of, N - 1)
     return N
-
-
-def removed_note(removed):
-    """The note on the parameters of a torch.export model that its file lacks (Model.export_removed)."""
-    k = len(removed)
-    return (f"{k} parameter{'s' if k > 1 else ''} of the model torch.export wrote {'are' if k > 1 else 'is'} not in the "
-            f"file, so {'they have' if k > 1 else 'it has'} no columns: its optimizer removes what it can fold away (a "
-            f"zero bias), and of several equal tensors (a fresh model's) keeps one, whose columns then hold the "
-            f"derivatives of all: {', '.join(removed[:4])}"
-            f"{' ...' if k > 4 else ''}")
 
 
 def _mixing_error(of, k):

@@ -1307,6 +1307,16 @@ def _removed(g, initializers, values):
     return sorted(p for p in _program_names(g) if p.startswith("p_") and p not in held and p not in values)
 
 
+def removed_note(removed):
+    """The note on parameters of a torch.export model that its file lacks (see _removed)."""
+    k = len(removed)
+    return (f"{k} parameter{'s' if k > 1 else ''} of the model torch.export wrote {'are' if k > 1 else 'is'} not in the "
+            f"file, so {'they have' if k > 1 else 'it has'} no columns: its optimizer removes what it can fold away (a "
+            f"zero bias), and of several equal tensors (a fresh model's) keeps one, whose columns then hold the "
+            f"derivatives of all: {', '.join(removed[:4])}"
+            f"{' ...' if k > 4 else ''}")
+
+
 def _with_fold_roots(g, names):
     """`names` (the initializers) and the names of the values torch.export's optimizer folded
     any of them from."""

@@ -130,7 +130,7 @@ def render_inspect(console: Console, info: dict):
                       f"tensors of their own again, under their own names, as the exporter's records of the calls and "
                       f"modules that read them say")
     if info.get("removed_parameters"):
-        from .drivers import removed_note
+        from .model import removed_note
 
         console.print(f"[yellow]note:[/yellow] {removed_note(info['removed_parameters'])}")
     if info.get("attribute_params"):
