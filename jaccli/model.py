@@ -440,13 +440,13 @@ def export_merges_untied(proto):
     taken = {o for n in g.node for o in n.output} | {v.name for v in g.input}
     held = _with_fold_roots(g, (t.name for t in g.initializer))
     lacked = {t for t in fx_of if t not in held and t not in taken}
-    calls = [set(re.findall(r"%(p_\w+)", _metadata(n).get(_FX_NODE, ""))) for n in g.node]
+    calls = [{p for p in _call_names(n) if p.startswith("p_")} for n in g.node]  # the parameters each node's call takes
     owned = {v for n, named in zip(g.node, calls) for v in n.input if v in stands and stands[v] in named}
-    readers, readers_at = collections.defaultdict(list), collections.defaultdict(list)
+    readers_at = collections.defaultdict(list)  # value -> the indices of the nodes that read it
     for j, n in enumerate(g.node):
         for v in n.input:
-            readers[v].append(n)
             readers_at[v].append(j)
+    readers = {v: [g.node[j] for j in js] for v, js in readers_at.items()}
     leaf = lambda name: name.rpartition(".")[2]  # noqa: E731
     def renamed(n, named, lacking):  # {initializer read: the lacking parameter it stands for}
         r = {}
@@ -485,33 +485,21 @@ def export_merges_untied(proto):
                 r[v] = t
     if not copies:
         return proto, 0
+    return _apart(proto, renames, clones, copies, floats), len(copies)
+
+
+def _apart(proto, renames, clones, copies, tensors):
+    """The model with each node reading its renamed inputs ([{input: copy}] per node), node k
+    of `clones` replaced by a copy per group of its readers ({k: [(readers' indices,
+    renames)]}), each under outputs of its own (`<output>#<c>`) that its group reads, and the
+    copies of tensors ({copy: (source, the parameter it stands for)}) added."""
     m = onnx.ModelProto()
     m.CopyFrom(proto)
-    for n, r in zip(m.graph.node, renames):
-        for i, v in enumerate(n.input):
-            n.input[i] = r.get(v, v)
-    if clones:
-        _clone_per_module(m.graph, clones)
-    for name, (source, target) in copies.items():
-        c = m.graph.initializer.add()
-        c.CopyFrom(floats[source])
-        c.name = name
-        del c.metadata_props[:]
-        if name != target:  # a folded value's copy: folded from the lacking parameter
-            vi = helper.make_tensor_value_info(name, c.data_type, None)
-            helper.set_metadata_props(vi, {_FOLDED_FROM: repr([target])})
-            m.graph.value_info.append(vi)
-    return m, len(copies)
-
-
-def _clone_per_module(g, clones):
-    """Node k of graph g copied once per group of its readers ({k: [(readers' indices,
-    renames)]}), each copy reading its renamed inputs, under outputs of its own
-    (`<output>#<c>`) that its group reads."""
     nodes = []
-    for n in g.node:  # copies, detached from the graph's list that is rewritten below
+    for n, r in zip(m.graph.node, renames):  # detached from the graph's list, rewritten below
         nodes.append(onnx.NodeProto())
         nodes[-1].CopyFrom(n)
+        nodes[-1].input[:] = [r.get(v, v) for v in n.input]
     out = []
     for k, n in enumerate(nodes):
         if k not in clones:
@@ -521,17 +509,24 @@ def _clone_per_module(g, clones):
             copy = onnx.NodeProto()
             copy.CopyFrom(n)
             copy.name = f"{n.name}#{c}"
-            del copy.input[:]
-            copy.input.extend(r.get(v, v) for v in n.input)
+            copy.input[:] = [r.get(v, v) for v in n.input]
             new = {o: f"{o}#{c}" for o in n.output if o}
-            del copy.output[:]
-            copy.output.extend(new.get(o, o) for o in n.output)
+            copy.output[:] = [new.get(o, o) for o in n.output]
             for j in rs:
-                for i, v in enumerate(nodes[j].input):
-                    nodes[j].input[i] = new.get(v, v)
+                nodes[j].input[:] = [new.get(v, v) for v in nodes[j].input]
             out.append(copy)
-    del g.node[:]
-    g.node.extend(out)
+    del m.graph.node[:]
+    m.graph.node.extend(out)
+    for name, (source, target) in copies.items():
+        c = m.graph.initializer.add()
+        c.CopyFrom(tensors[source])
+        c.name = name
+        del c.metadata_props[:]
+        if name != target:  # a folded value's copy: folded from the lacking parameter
+            vi = helper.make_tensor_value_info(name, c.data_type, None)
+            helper.set_metadata_props(vi, {_FOLDED_FROM: repr([target])})
+            m.graph.value_info.append(vi)
+    return m
 
 
 def _module(n, readers):
@@ -1232,12 +1227,12 @@ def _program_names(g):
     """The names the exported program's calls give their arguments, from the nodes' fx_node
     records (%p_blocks_0_weight for parameter blocks.0.weight, %zeros for torch.zeros's value);
     empty without them."""
-    found = set()
-    for node in g.node:
-        for p in node.metadata_props:
-            if p.key == _FX_NODE:
-                found.update(re.findall(r"%(\w+)", p.value))
-    return found
+    return set().union(*(_call_names(n) for n in g.node))
+
+
+def _call_names(node):
+    """The names in a node's record of its call (see _program_names)."""
+    return set(re.findall(r"%(\w+)", _metadata(node).get(_FX_NODE, "")))
 
 
 def _export_roles(g, initializers, values):
