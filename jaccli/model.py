@@ -448,6 +448,7 @@ def export_merges_untied(proto):
             readers_at[v].append(j)
     readers = {v: [g.node[j] for j in js] for v, js in readers_at.items()}
     leaf = lambda name: name.rpartition(".")[2]  # noqa: E731
+
     def renamed(n, named, lacking):  # {initializer read: the lacking parameter it stands for}
         r = {}
         for v in dict.fromkeys(n.input):
@@ -471,18 +472,13 @@ def export_merges_untied(proto):
             split = [(js, renamed(n, named, in_module(module))) for module, js in groups.items()]
             if all(r for _, r in split):  # each layer lacks its own: the optimizer's one node stands for one per layer
                 clones[i] = split
-    copies, named = {}, {}  # name of the copy -> (source, the parameter it stands for); (source, parameter) -> name
-    for r in renames:
+    names, copies = {}, {}  # (source, the parameter it stands for) -> the copy's name; that name -> the pair
+    for r in renames + [r for split in clones.values() for _, r in split]:
         for v, t in r.items():
-            if (v, t) not in named:  # a folded value's copy: val_92#1, val_92#2, ...
-                named[v, t] = t if v in fx_of else f"{v}#{sum(u == v for u, _ in named) + 1}"
-            r[v] = named[v, t]
-            copies[r[v]] = (v, t)
-    for split in clones.values():
-        for _, r in split:
-            for v, t in r.items():
-                copies.setdefault(t, (v, t))  # copies of a parameter itself only: a Split of a zero bias
-                r[v] = t
+            if (v, t) not in names:  # a folded value's copy: val_92#1, val_92#2, ...
+                names[v, t] = t if v in fx_of else f"{v}#{sum(u == v for u, _ in names) + 1}"
+                copies[names[v, t]] = (v, t)
+            r[v] = names[v, t]
     if not copies:
         return proto, 0
     return _apart(proto, renames, clones, copies, floats), len(copies)
