@@ -553,12 +553,19 @@ def _metadata(item):
 
 def _signature_parameters(g):
     """{name in the program's calls: name in the model} of the parameters that the exported
+    program's signature lists (see _signature)."""
+    return {fx: target for fx, (kind, target) in _signature(g).items() if kind == "PARAMETER"}
+
+
+def _signature(g):
+    """{name in the program's calls: (kind, name in the model)} of the inputs that the exported
     program's signature lists, as torch.onnx.export records it in the graph's metadata
-    ("p_l_weight: PARAMETER target='l.weight'"); empty without it."""
+    ("p_l_weight: PARAMETER target='l.weight'", "b_bn_running_var: BUFFER target=..."); empty
+    without it."""
     text = _metadata(g).get(_SIGNATURE, "")
     if len(text) > 64 * _RECORD_LIMIT:
         return {}
-    return dict(re.findall(r"^(p_\w+): PARAMETER target='([^'\n]*)'", text, re.MULTILINE))
+    return {fx: (kind, target) for fx, kind, target in re.findall(r"^(\w+): (\w+) target='([^'\n]*)'", text, re.MULTILINE)}
 
 
 def weights_rewritten(proto):
@@ -1243,9 +1250,11 @@ def _export_roles(g, initializers, values):
     - marked: a parameter if PARAMETER, not a buffer or a constant;
     - folded: a parameter if folded from one (a weight transposed for a MatMul, GroupNorm's
       scale reshaped, an LSTM's weights reordered, the exp of a logit scale): from an
-      initializer that is one, or from any other name but the exporter's own (val_<n>), a
-      graph value's (`values`: read for its shape) and a call's result as the nodes' records
-      of their calls name it (%zeros; parameter l.weight_ih_l0 is %p_l_weight_ih_l0 there).
+      initializer that is one, from a name that the program's signature (in the graph's
+      metadata) gives as a parameter's, not a buffer's or a constant's, or from any other
+      name but the exporter's own (val_<n>), a graph value's (`values`: read for its shape)
+      and a call's result as the nodes' records of their calls name it (%zeros; parameter
+      l.weight_ih_l0 is %p_l_weight_ih_l0 there).
       So not InstanceNormalization's ones and zeros in a GroupNorm, LayerNorm's ones without
       an affine weight, an attention's scale, an LSTM's initial state from torch.zeros;
     - an unmarked val_<n>: a constant.
@@ -1256,10 +1265,13 @@ def _export_roles(g, initializers, values):
     if not any(_SIGNATURE_KIND in m or _FOLDED_FROM in m for m in meta.values()):
         return {}, {}
     program = _program_names(g)
+    kinds = {target: kind for kind, target in _signature(g).values()}
 
     def origin(root):  # where a folded value came from: a parameter, or a constant
         if root in initializers:
             return roles.get(root) or "parameter"
+        if root in kinds:  # the program's signature says (a buffer folded away, a parameter)
+            return "parameter" if kinds[root] == "PARAMETER" else "constant"
         if root in values or _TEMPORARY.match(root) or root in program:  # a parameter is %p_<path> there
             return "constant"
         return "parameter"

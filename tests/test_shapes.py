@@ -1142,6 +1142,7 @@ def _calls(m, records, scopes=(), more=()):
     `more`), each node's call, and its name scopes, as torch.onnx.export's torch.export path does."""
     params = sorted({p for r in records if r for p in re.findall(r"%(p_\w+)", r)} | set(more))
     signature = "\n# inputs\n" + "".join(f"{p}: PARAMETER target='{p[2:].replace('_', '.')}'\n" for p in params)
+    signature += "b_bn_running_var: BUFFER target='bn.running_var'\n"  # a buffer folded away: neither missing nor merged
     helper.set_metadata_props(m.graph, {"pkg.torch.export.ExportedProgram.graph_signature": signature + "x: USER_INPUT\n"})
     n = len(m.graph.node)
     for node, record, scope in zip(m.graph.node, list(records) + [None] * n, list(scopes) + [None] * n):
@@ -1250,6 +1251,27 @@ def test_parameters_that_torch_export_merged_are_apart_and_those_it_removed_are_
                                              "p_ln4_weight", "p_ln5_weight", "p_ln7_bias", "p_ln7_weight", "p_ln9_weight",
                                              "p_out_bias"]
     assert check_whole_model(m, x) == ["ln1.weight", "out.weight", "val_7", "conv.weight", "val_9"]
+
+
+def test_a_value_folded_from_a_buffer_is_no_parameter_by_the_program_signature():
+    """torch.export folds what is computed from a buffer or a parameter alone (exp of a
+    temperature buffer, exp of a scale parameter) into initializers named for the call (exp,
+    exp_1), recording the folded-away names; the program's signature in the graph's metadata
+    says which of those is a buffer. Without it, a name under a module path counts as a
+    parameter, as before."""
+    nodes = [helper.make_node("Mul", ["x", "exp"], ["a"]), helper.make_node("Mul", ["a", "exp_1"], ["y"])]
+    inits = {n: RNG.uniform(0.5, 1.5, 3).astype(np.float32) for n in ("exp", "exp_1")}
+    m = one_input_model(nodes, inits, (3,))
+    m.ir_version = 10
+    for name, root in (("exp", "blk.temp"), ("exp_1", "blk.scale")):
+        _marked(m, name, **{"pkg.onnxscript.optimizer.folded_from": repr([root])})
+    x = RNG.standard_normal((N, 3))
+    assert check_whole_model(m, x) == ["exp", "exp_1"]
+    helper.set_metadata_props(m.graph, {"pkg.torch.export.ExportedProgram.graph_signature":
+                                        "\n# inputs\np_blk_scale: PARAMETER target='blk.scale'\n"
+                                        "b_blk_temp: BUFFER target='blk.temp'\nx: USER_INPUT\n"})
+    assert check_whole_model(m, x) == ["exp_1"]
+    assert jaccli.load(m).export_removed == []  # both folded: neither is missing
 
 
 def test_a_folding_record_is_read_as_a_list_of_names_or_not_at_all():
