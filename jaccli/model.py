@@ -417,7 +417,9 @@ def export_merges_untied(proto):
     initializer came from. A node reads a merged tensor where it reads a tensor (or one folded
     from it) of another call's parameter, which a node of that call reads too, while its own
     call takes a parameter of the same last name (weight, bias, in_proj_bias) that the file
-    lacks: it then reads a copy under the lacking one's name (a folded one's copy as
+    lacks, or, where none has it, the one parameter its call lacks for the one such tensor it
+    reads (a block's layer scale g2, merged with g1): it then reads a copy under the lacking one's
+    name (a folded one's copy as
     `<val>#<k>`, folded from it). A node with no record (a Split the optimizer made of a
     fresh attention's zero input bias) takes the lacking parameters of its module, by the
     record of its name scopes or else the one its readers' records share (see _module); one
@@ -450,12 +452,15 @@ def export_merges_untied(proto):
     leaf = lambda name: name.rpartition(".")[2]  # noqa: E731
 
     def renamed(n, named, lacking):  # {initializer read: the lacking parameter it stands for}
+        foreign = [v for v in dict.fromkeys(n.input) if v in owned and stands[v] not in named]
         r = {}
-        for v in dict.fromkeys(n.input):
-            if v in owned and stands[v] not in named:
-                match = [t for t in lacking if leaf(t) == leaf(signature[stands[v]])]
-                if len(match) == 1:
-                    r[v] = match[0]
+        for v in foreign:
+            match = [t for t in lacking if leaf(t) == leaf(signature[stands[v]])]
+            if len(match) == 1:
+                r[v] = match[0]
+        if named and len(foreign) == len(lacking) == 1:  # one for the other, by a call's record: a layer
+            # scale g2 merged with g1 (not by a module: the one it lacks may be another kind, a bias)
+            r = {foreign[0]: lacking[0]}
         return {v: t for v, t in r.items() if list(r.values()).count(t) == 1}
 
     in_module = lambda module: [t for t in lacked if module is not None and t.rpartition(".")[0] == module]  # noqa: E731
