@@ -1319,10 +1319,11 @@ def removed_note(removed):
     """The note on parameters of a torch.export model that its file lacks (see _removed)."""
     k = len(removed)
     return (f"{k} parameter{'s' if k > 1 else ''} of the model torch.export wrote {'are' if k > 1 else 'is'} not in the "
-            f"file, so {'they have' if k > 1 else 'it has'} no columns: its optimizer removes what it can fold away (a "
-            f"zero bias), and of several equal tensors (a fresh model's) keeps one, whose columns then hold the "
-            f"derivatives of all: {', '.join(removed[:4])}"
-            f"{' ...' if k > 4 else ''}")
+            f"file under {'their' if k > 1 else 'its'} own name, so {'they have' if k > 1 else 'it has'} no columns of "
+            f"{'their' if k > 1 else 'its'} own: its optimizer removes what it can fold away (a zero bias), of several "
+            f"equal tensors (a fresh model's) keeps one, whose columns then hold the derivatives of all, and keeps a "
+            f"tied parameter (an embedding shared with the output layer) under one of its names: "
+            f"{', '.join(removed[:4])}{' ...' if k > 4 else ''}")
 
 
 def _with_fold_roots(g, names):
