@@ -418,9 +418,8 @@ def export_merges_untied(proto):
     from it) of another call's parameter, which a node of that call reads too, while its own
     call takes a parameter of the same last name (weight, bias, in_proj_bias) that the file
     lacks, or, where none has it, the one parameter its call lacks for the one such tensor it
-    reads (a block's layer scale g2, merged with g1): it then reads a copy under the lacking one's
-    name (a folded one's copy as
-    `<val>#<k>`, folded from it). A node with no record (a Split the optimizer made of a
+    reads (a block's layer scale g2, merged with g1): it then reads a copy under the lacking
+    one's name (a folded one's copy as `<val>#<k>`, folded from it). A node with no record (a Split the optimizer made of a
     fresh attention's zero input bias) takes the lacking parameters of its module, by the
     record of its name scopes or else the one its readers' records share (see _module); one
     whose readers lie in like modules of several layers (blocks.0.attn, blocks.1.attn), each
@@ -449,7 +448,11 @@ def export_merges_untied(proto):
         for v in n.input:
             readers_at[v].append(j)
     readers = {v: [g.node[j] for j in js] for v, js in readers_at.items()}
-    leaf = lambda name: name.rpartition(".")[2]  # noqa: E731
+    def leaf(name):
+        return name.rpartition(".")[2]
+
+    def in_module(module):  # the lacking parameters of a module
+        return [t for t in lacked if module is not None and t.rpartition(".")[0] == module]
 
     def renamed(n, named, lacking):  # {initializer read: the lacking parameter it stands for}
         foreign = [v for v in dict.fromkeys(n.input) if v in owned and stands[v] not in named]
@@ -463,7 +466,6 @@ def export_merges_untied(proto):
             r = {foreign[0]: lacking[0]}
         return {v: t for v, t in r.items() if list(r.values()).count(t) == 1}
 
-    in_module = lambda module: [t for t in lacked if module is not None and t.rpartition(".")[0] == module]  # noqa: E731
     renames, clones = [], {}  # per node its renames; node index -> [(readers, renames)] of its copies
     for i, (n, named) in enumerate(zip(g.node, calls)):
         if named:
@@ -472,7 +474,7 @@ def export_merges_untied(proto):
         renames.append(renamed(n, named, in_module(_module(n, readers))))
         groups = collections.defaultdict(list)  # its readers by module: one node the optimizer shared between layers
         for j in (j for o in n.output for j in readers_at.get(o, ())):
-            groups[_module(g.node[j], {})].append(j)
+            groups[_own_module(g.node[j])].append(j)
         if not renames[-1] and len(groups) > 1 and None not in groups and len({re.sub(r"\d+", "#", k) for k in groups}) == 1:
             split = [(js, renamed(n, named, in_module(module))) for module, js in groups.items()]
             if all(r for _, r in split):  # each layer lacks its own: the optimizer's one node stands for one per layer
@@ -531,16 +533,11 @@ def _apart(proto, renames, clones, copies, tensors):
 
 
 def _module(n, readers):
-    """The module whose call node n came from, by torch.export's record of its name scopes (['',
-    'blocks.0', 'blocks.0.norm', 'layer_norm']: the last is the call), or else the module that
-    its readers' records share; None where neither tells."""
-    def scopes(node):
-        names = _folded_from(_metadata(node).get(_NAME_SCOPES))
-        return names[:-1] if names else None
-
-    own = scopes(n)
+    """The module whose call node n came from, by its own record of name scopes (see _scopes),
+    or else the module that its readers' records share; None where neither tells."""
+    own = _scopes(n)
     if own is None:
-        theirs = [s for s in (scopes(r) for o in n.output for r in readers.get(o, ())) if s is not None]
+        theirs = [s for s in (_scopes(r) for o in n.output for r in readers.get(o, ())) if s is not None]
         if not theirs:
             return None
         own = []
@@ -549,6 +546,19 @@ def _module(n, readers):
                 break
             own.append(level[0])
     return own[-1] if own else None
+
+
+def _own_module(n):
+    """The module of node n's call by its own record of name scopes alone, or None."""
+    own = _scopes(n)
+    return own[-1] if own else None
+
+
+def _scopes(n):
+    """The modules of node n's call, outermost first, by torch.export's record of its name
+    scopes (['', 'blocks.0', 'blocks.0.norm', 'layer_norm']: the last is the call), or None."""
+    names = _folded_from(_metadata(n).get(_NAME_SCOPES))
+    return names[:-1] if names else None
 
 
 def _metadata(item):
@@ -1344,8 +1354,8 @@ def _initializer_metadata(g, names):
 
 
 def _folded_from(text):
-    """The list of names in a record (folded_from's, name_scopes': "['a', 'b']"), or None (none, or not such a
-    list, or too long to be one: the file is untrusted)."""
+    """The list of names in a record (folded_from's, name_scopes': "['a', 'b']"), or None
+    (none, or not such a list, or too long to be one: the file is untrusted)."""
     if not text or len(text) > _RECORD_LIMIT:
         return None
     try:
