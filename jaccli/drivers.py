@@ -19,7 +19,7 @@ import numpy as np
 from . import parallel, walk
 from .errors import DataError, JaccliError, MemoryBudgetError, ModelError, SampleAxisError, UsageError
 from .io import gib
-from .model import NO_SAMPLE_AXIS, Model, load, removed_note
+from .model import NO_SAMPLE_AXIS, Model, fused_note, load, removed_note
 from .plan import Plan
 from .rules._util import memory_limit
 
@@ -1236,6 +1236,9 @@ def param_jacobian(model, x, params=None, of=None, dtype=np.float32, outputs=Non
                          f"{' ...' if len(marked) > 4 else ''} (--params selects by name)")
         if model.export_removed:
             notes.append(removed_note(model.export_removed))
+    fused = {n: bn for n, bn in model.export_fused.items() if n in names}
+    if fused:
+        notes.append(fused_note(fused))
     zero = [c["name"] for c in columns if c["name"] not in plan.active]
     if zero:
         notes.append(f"output '{of_v.name}' does not depend on {', '.join(zero)}: their columns are zero")

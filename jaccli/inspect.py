@@ -50,6 +50,8 @@ def describe(path):
         "hoisted_weights": model.hoisted_weights,  # sub-graphs' float initializers, read from the main graph
         "untied_weights": model.untied_weights,  # Identity copies of an initializer read more than once, apart
         "unmerged_weights": model.unmerged_weights,  # parameters torch.export's optimizer merged into an equal one, apart
+        "restored_weights": model.restored_weights,  # parameters an exporter stored transposed or reshaped, in their own layout
+        "batchnorm_folded": dict(model.export_fused),  # weights torch.export's optimizer folded a BatchNorm into
         "removed_parameters": model.export_removed,  # parameters of a torch.export model that its file lacks
         "attribute_params": sorted(model.attribute_params),  # ai.onnx.ml weights made parameters from attributes
         "sample_axes": dict(model.sample_axes),  # inputs that declare their batch on another axis than the first

@@ -85,6 +85,7 @@ class Model:
     hoisted_weights: int = 0  # float initializers of sub-graphs moved into the main graph (sub_initializers_hoisted)
     untied_weights: int = 0  # Identity copies of an initializer made initializers of their own (identities_untied)
     unmerged_weights: int = 0  # parameters torch.export's optimizer merged into an equal one, apart (export_merges_untied)
+    restored_weights: int = 0  # parameters an exporter stored in another layout, in their own (export_layouts_restored)
     nchwc: dict = field(default_factory=dict)  # onnxruntime's NCHWc operators read as standard ones (see jaccli.nchwc)
     sample_axes: dict = field(default_factory=dict)  # input -> the axis of its samples in the model's layout, where not 0
     one_by_one: bool = False  # each sample runs alone, as a batch of one (load's one_by_one)
@@ -92,6 +93,7 @@ class Model:
     export_roles: dict = field(default_factory=dict)  # initializer -> "parameter" or "constant", as torch.export marks them
     export_origins: dict = field(default_factory=dict)  # a folded parameter -> the parameters it was folded from
     export_removed: list = field(default_factory=list)  # parameters of a torch.export model its file lacks (_removed)
+    export_fused: dict = field(default_factory=dict)  # a parameter -> the BatchNorm's tensors folded into it (_batchnorm_folded)
 
     def input(self, name):
         return _pick(self.inputs, name, "input")
@@ -218,11 +220,14 @@ class Model:
 
     def parameter_entry(self, name):
         """A parameter's name, shape and size, and, for one torch.export's optimizer folded, the
-        parameters it was folded from: a column map's and `inspect`'s entry."""
+        parameters it was folded from, or the BatchNorm's tensors it folded into it: a column
+        map's and `inspect`'s entry."""
         a = self.initializers[name]
         entry = {"name": name, "shape": list(a.shape), "size": int(a.size)}
         if name in self.export_origins:
             entry["folded_from"] = list(self.export_origins[name])
+        if name in self.export_fused:
+            entry["batchnorm_folded_in"] = list(self.export_fused[name])
         return entry
 
     def exported_constants(self):
@@ -491,6 +496,135 @@ def export_merges_untied(proto):
     return _apart(proto, renames, clones, copies, floats), len(copies)
 
 
+def export_layouts_restored(proto, base=None):
+    """The model with each parameter that an exporter stored in another layout (folded a
+    Transpose or a Reshape of it into a new initializer) read in its own layout, under its own
+    name, through that Transpose or Reshape: its columns are then the parameter's, in the
+    framework's layout (torch.func's). Two cases:
+
+    - by torch.export's records: the initializer was folded from one parameter (see
+      _export_roles) that the file lacks, and else only from the exporter's constants, and every node that reads it has a record of its call
+      that takes that parameter where _FOLDED_ARGUMENTS says how the exporter stores it: a
+      Linear's weight transposed, read as a MatMul's second input (x @ W^T: a Linear on inputs
+      of rank 3, each of a transformer's); a GroupNorm's or PReLU's vector shaped to broadcast
+      over the channels, (C, 1, 1);
+    - by value: the initializer (torch.export's folded so from one parameter, or a TorchScript
+      export's onnx::<op>_<n>, its name for a folded value) is exactly the transpose of a
+      parameter that the file holds, not all of one value: a tied weight (an embedding shared
+      with the output layer) read through its transpose too, whose derivatives then add up in
+      one parameter's columns.
+
+    Tensors in external data are read from `base` (without it, a transposed one stays as it
+    is). Returns (model, count)."""
+    g = proto.graph
+    floats = {t.name: t for t in g.initializer if t.data_type in _TRANSPOSABLE}
+    signature = _signature_parameters(g)
+    fx_of = {target: fx for fx, target in signature.items()}
+    meta = _initializer_metadata(g, floats)
+    readers = collections.defaultdict(list)
+    for n in g.node:
+        for v in n.input:
+            readers[v].append(n)
+    arrays = {}
+
+    def array(name):  # None where its data cannot be read here
+        if name not in arrays:
+            t = floats[name]
+            try:
+                arrays[name] = (None if t.data_location == TensorProto.EXTERNAL and base is None
+                                else np.asarray(tensor_array(t, "model", base)))
+            except ModelError:
+                arrays[name] = None
+        return arrays[name]
+
+    def transposed(v, r):  # whether v is exactly r transposed, and r not all of one value
+        a, b = array(v), array(r)
+        return (a is not None and b is not None and a.shape == b.shape[::-1] and b.size > 1
+                and bool(np.any(b != b.flat[0])) and np.array_equal(a, b.T))
+
+    def layout(v, r):  # how every reader's call takes parameter r, stored as v: "transposed", "flat" or None
+        ways = set()
+        for n in readers[v]:
+            op, args = _call_arguments(n)
+            ways |= {_FOLDED_ARGUMENTS.get(op, {}).get(k) for k, a in enumerate(args) if a == "%" + fx_of[r]} or {None}
+            if "transposed" in ways and not (n.op_type == "MatMul" and list(n.input).index(v) == 1 and len(floats[v].dims) == 2):
+                return None
+        return ways.pop() if len(ways) == 1 else None
+
+    held = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {v.name for v in g.input}
+    plan = {}  # initializer -> (the parameter it is stored from, "transposed" or "flat", or None where the file holds it)
+    for v, t in floats.items():
+        if v in fx_of or not readers[v]:
+            continue
+        roots = _folded_from(meta.get(v, {}).get(_FOLDED_FROM))
+        if roots is not None:  # one parameter, and the exporter's constants (a Reshape's shape)
+            candidates = [r for r in roots if r in fx_of and r != v]
+            candidates = candidates if len(candidates) == 1 and all(r in candidates or _TEMPORARY.match(r) for r in roots) else []
+        else:
+            candidates = [r for r, u in floats.items() if v.startswith("onnx::") and not r.startswith("onnx::")
+                          and u.data_type == t.data_type and tuple(u.dims) == tuple(t.dims)[::-1]]
+        held_ones = [r for r in candidates if len(t.dims) == 2 and r in floats and transposed(v, r)]
+        if len(held_ones) == 1:
+            plan[v] = (held_ones[0], None)
+        elif len(candidates) == 1 and candidates[0] not in held:
+            way = layout(v, candidates[0])
+            if way == "flat" or (way == "transposed" and array(v) is not None):
+                plan[v] = (candidates[0], way)
+    if not plan:
+        return proto, 0
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    inits, nodes = [], []
+    for t in m.graph.initializer:
+        if t.name not in plan:
+            inits.append(t)
+            continue
+        r, way = plan[t.name]
+        if way == "transposed":
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(array(t.name).T), r))
+        elif way == "flat":  # the same data as a vector, shaped as stored by a Reshape
+            inits += [onnx.TensorProto(), numpy_helper.from_array(np.array(t.dims, np.int64), f"{t.name}.shape")]
+            inits[-2].CopyFrom(t)
+            inits[-2].name = r
+            inits[-2].dims[:] = [int(np.prod(t.dims))]
+            del inits[-2].metadata_props[:]
+        nodes.append(helper.make_node("Reshape", [r, f"{t.name}.shape"], [t.name], name=f"{t.name}.reshaped")
+                     if way == "flat" else
+                     helper.make_node("Transpose", [r], [t.name], name=f"{t.name}.transposed", perm=[1, 0]))
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(inits)
+    inputs = [v for v in m.graph.input if v.name not in plan]  # old exports list initializers among the inputs
+    del m.graph.input[:]
+    m.graph.input.extend(inputs)
+    nodes += list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m, len(plan)
+
+
+_TRANSPOSABLE = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16}
+# per torch call, the arguments its ONNX nodes read in another layout, folded by the exporter
+_FOLDED_ARGUMENTS = {"linear": {1: "transposed"}, "group_norm": {2: "flat", 3: "flat"}, "prelu": {1: "flat"}}
+_CALL = re.compile(r"call_function\[target=torch\.ops\.aten\.(\w+)\.\w+\]\(args = \((.*)\), kwargs = ")
+
+
+def _call_arguments(node):
+    """(the aten operator, its arguments' texts) of a node's record of its call, torch.export's
+    ("%linear = call_function[target=torch.ops.aten.linear.default](args = (%x, %p_l_weight),
+    kwargs = {})": ("linear", ["%x", "%p_l_weight"])), or ("", [])."""
+    m = _CALL.search(_metadata(node).get(_FX_NODE, ""))
+    if not m:
+        return "", []
+    args, depth, start = [], 0, 0
+    text = m.group(2)
+    for k, ch in enumerate(text + ","):
+        depth += (ch in "([") - (ch in ")]")
+        if ch == "," and depth == 0:
+            args.append(text[start:k].strip())
+            start = k + 1
+    return m.group(1), args
+
+
 def _apart(proto, renames, clones, copies, tensors):
     """The model with each node reading its renamed inputs ([{input: copy}] per node), node k
     of `clones` replaced by a copy per group of its readers ({k: [(readers' indices,
@@ -583,19 +717,21 @@ def _signature(g):
     return {fx: (kind, target) for fx, kind, target in re.findall(r"^(\w+): (\w+) target='([^'\n]*)'", text, re.MULTILINE)}
 
 
-def weights_rewritten(proto):
+def weights_rewritten(proto, base=None):
     """The rewrites of the weights that load makes, in its order: float Constant nodes made
     initializers (weights_as_initializers), sub-graphs' float initializers read from the main
     graph (sub_initializers_hoisted), and Identity copies of an initializer apart
-    (identities_untied), and parameters torch.export's optimizer merged, apart
-    (export_merges_untied). The oracle's model and the tests' are rewritten the same way, so
-    that a parameter has the same name in each. Returns (model, (held, hoisted, untied,
-    unmerged)), how many of each."""
+    (identities_untied), parameters torch.export's optimizer merged, apart
+    (export_merges_untied), and parameters an exporter stored transposed or reshaped, in their
+    own layout (export_layouts_restored, reading external data from `base`). The oracle's model and
+    the tests' are rewritten the same way, so that a parameter has the same name in each.
+    Returns (model, (held, hoisted, untied, unmerged, restored)), how many of each."""
     proto, held = weights_as_initializers(proto)
     proto, hoisted = sub_initializers_hoisted(proto)
     proto, untied = identities_untied(proto)
     proto, unmerged = export_merges_untied(proto)
-    return proto, (held, hoisted, untied, unmerged)
+    proto, restored = export_layouts_restored(proto, base)
+    return proto, (held, hoisted, untied, unmerged, restored)
 
 
 def _classes(n):
@@ -786,14 +922,15 @@ def load(source, max_bytes=None, sample_axes=None, one_by_one=False) -> Model:
     blocked = nchwc.counts(proto)
     proto = nchwc.plain(proto)  # onnxruntime's NCHWc layout, as the standard operators it fuses
     proto, expanded = _expand_functions(proto)
-    proto, (held, hoisted, untied, unmerged) = weights_rewritten(proto)
+    base = os.path.dirname(os.path.abspath(path)) if path else None
+    proto, (held, hoisted, untied, unmerged, restored) = weights_rewritten(proto, base)
     proto, attribute_params = ml_coefficients_as_inputs(proto)
     axes = {**declared_sample_axes(proto), **_every_input(proto, sample_axes or {})}
     proto = inputs_samples_first(proto, axes, path or "model")
-    base = os.path.dirname(os.path.abspath(path)) if path else None
     model = _build(proto, path, base, max_bytes)
     model.expanded, model.held_weights, model.sample_axes = expanded, held, _given_axes(axes)
     model.hoisted_weights, model.untied_weights, model.unmerged_weights = hoisted, untied, unmerged
+    model.restored_weights = restored
     model.nchwc = blocked
     model.one_by_one = bool(one_by_one)
     model.attribute_params = attribute_params
@@ -1229,6 +1366,7 @@ def _build(proto, path, base=None, max_bytes=None) -> Model:
     model = Model(path, opsets, nodes, initializers, inputs, outputs, value_info, proto.producer_name)
     model.export_roles, model.export_origins = _export_roles(g, initializers, produced)
     model.export_removed = _removed(g, initializers, produced)
+    model.export_fused = _batchnorm_folded(g, initializers)
     return model
 
 
@@ -1323,6 +1461,39 @@ def _removed(g, initializers, values):
         return sorted(target for target in signature.values() if target not in held)
     held = {"p_" + re.sub(r"\W", "_", n) for n in held}
     return sorted(p for p in _program_names(g) if p.startswith("p_") and p not in held and p not in values)
+
+
+def _batchnorm_folded(g, initializers):
+    """{initializer: the BatchNorm's tensors} for the weights and biases into which torch.export's
+    optimizer folded an eval-mode BatchNorm (a convolution's, a Linear's): the node that reads
+    them keeps the BatchNorm's record of its call, not its own, and the initializers keep the
+    layer's names (conv.weight) though they hold W·γ/√(σ²+ε) and the bias likewise. Named as
+    the program's signature names them (bn.weight, bn.running_mean), or else as the record
+    does (%p_bn_weight)."""
+    targets = {fx: target for fx, (kind, target) in _signature(g).items()}
+    fused = {}
+    for n in g.node:
+        op, args = _call_arguments(n)
+        if _BATCH_NORM.match(op) and n.op_type != "BatchNormalization":
+            names = [targets.get(a[1:], a[1:]) for a in args[1:] if re.fullmatch(r"%\w+", a)]
+            for v in n.input:
+                if v in initializers and np.issubdtype(initializers[v].dtype, np.floating):
+                    fused[v] = names
+    return fused
+
+
+_BATCH_NORM = re.compile(r"_?(native_batch_norm|batch_norm|_native_batch_norm_legit\w*|cudnn_batch_norm|miopen_batch_norm)$")
+
+
+def fused_note(fused):
+    """The note on weights into which torch.export's optimizer folded a BatchNorm (see _batchnorm_folded)."""
+    names = sorted(fused)
+    bns = sorted({n for v in fused.values() for n in v})
+    return (f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: torch.export's optimizer folded a BatchNorm "
+            f"({', '.join(bns[:4])}{' ...' if len(bns) > 4 else ''}) into {'them' if len(names) > 1 else 'it'}, under the "
+            f"layer's own name{'s' if len(names) > 1 else ''}: {'their' if len(names) > 1 else 'its'} columns are the "
+            f"derivatives with respect to the folded values (the weight times γ/√(σ²+ε)), not to the layer's weight, and "
+            f"the file holds neither γ nor σ; torch.onnx.export(..., optimize=False) keeps them apart")
 
 
 def removed_note(removed):

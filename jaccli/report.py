@@ -64,8 +64,15 @@ def render_summary(console: Console, d: dict):
 
 
 def _parameter(p):
-    """A parameter's name, with what torch.export's optimizer folded it from (see model._export_roles)."""
-    return p["name"] + (f" (folded from {', '.join(p['folded_from'])})" if p.get("folded_from") else "")
+    """A parameter's name, with what torch.export's optimizer folded it from (see model._export_roles)
+    or into it (a BatchNorm, see model._batchnorm_folded)."""
+    return p["name"] + (f" (folded from {', '.join(p['folded_from'])})" if p.get("folded_from") else "") + (
+        f" (BatchNorm {_module(p['batchnorm_folded_in'][0])} folded in)" if p.get("batchnorm_folded_in") else "")
+
+
+def _module(name):
+    """The module of a parameter's or buffer's name (bn of bn.running_var), or the name itself."""
+    return name.rpartition(".")[0] or name
 
 
 def render_inspect(console: Console, info: dict):
@@ -129,10 +136,19 @@ def render_inspect(console: Console, info: dict):
                       f"an equal one (it keeps one tensor of several equal ones, as a fresh model's LayerNorm weights) are "
                       f"tensors of their own again, under their own names, as the exporter's records of the calls and "
                       f"modules that read them say")
+    if info.get("restored_weights"):
+        console.print(f"[yellow]note:[/yellow] {info['restored_weights']} parameters that the exporter stored in another layout "
+                      f"(a Linear's weight transposed for a MatMul, a GroupNorm's scale as (C, 1, 1)) are read in their own, "
+                      f"under their own names, through a Transpose or a Reshape: their columns are the framework's "
+                      f"parameters', and a tied weight's derivatives add up in one")
     if info.get("removed_parameters"):
         from .model import removed_note
 
         console.print(f"[yellow]note:[/yellow] {removed_note(info['removed_parameters'])}")
+    if info.get("batchnorm_folded"):
+        from .model import fused_note
+
+        console.print(f"[yellow]note:[/yellow] {fused_note(info['batchnorm_folded'])}")
     if info.get("attribute_params"):
         console.print(f"[yellow]note:[/yellow] {', '.join(info['attribute_params'])}: weights that ai.onnx.ml operators hold "
                       f"as attributes, made parameters (a linear model's coefficients and intercepts, an SVR's "

@@ -3,10 +3,11 @@ the outputs and the Jacobians that the framework itself computed at export time 
 with `jaccli check` against onnxruntime.
 
 - PyTorch (sample_models/export_torch.py), torch.func's: the TorchScript exporter at opsets 13
-  and 17, torch.export at 18 (which transposes some weights and folds BatchNormalization into
-  the convolutions); and at old opsets, 7 to 11: PixelShuffle's shape cast from float
-  constants, an upsampling's scales concatenated from them, F.interpolate to a size from a
-  model exported with a fixed batch of one (its float32 scales).
+  and 17, torch.export at 18 (which folds BatchNormalization into the convolutions, and stores
+  a Linear's weight transposed, which jaccli reads in its own layout, as torch.func does); and
+  at old opsets, 7 to 11: PixelShuffle's shape cast from float constants, an upsampling's
+  scales concatenated from them, F.interpolate to a size from a model exported with a fixed
+  batch of one (its float32 scales).
 - jax2onnx (sample_models/export_jax.py), from Flax, JAX's vmap(jacrev): NHWC convolutions
   behind Transposes, Loops for fori_loop and scan (a fori_loop's weights kept in the Loop's
   body), opset 23's Gelu, attention written out.
@@ -36,7 +37,7 @@ TORCH = {f"{m}_opset{k}" for m in ("gelu_mlp", "resnet_bn", "transformer") for k
     "pixel_cnn_opset7", "pixel_cnn_opset11", "up_bilinear_opset11", "up_bilinear_opset13", "resize_to_opset9",
     "resize_to_opset11"}  # old opsets' shape constants and scales; resize_to exported with a fixed batch of one
 EXPORTS = {  # folder: the models it must hold, and how many of the framework's parameters each stores otherwise
-    "torch": (TORCH, {"resnet_bn_opset18": 15, "transformer_opset18": 4}),  # folded, or transposed
+    "torch": (TORCH, {"resnet_bn_opset18": 15}),  # BatchNormalization folded into the convolutions
     "jax2onnx": ({"mlp", "fori_loop", "scan_rnn", "cnn", "attention"}, {"cnn": 2}),  # two kernels transposed to OIHW
     # kernels transposed to OIHW (the depthwise ones reshaped), batch norm folded into constants; LSTM's W, R and
     # B with ONNX's gate order (both directions of a Bidirectional); Conv1D's kernels as 2-D ones

@@ -5,6 +5,7 @@ import math
 import re
 
 import numpy as np
+import onnx
 import pytest
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
@@ -1285,3 +1286,186 @@ def test_a_folding_record_is_read_as_a_list_of_names_or_not_at_all():
     assert _folded_from("('a',)") == ["a"]
     for bad in ("", "{'a': 1}", "__import__('os').system('true')", "[" * 100_000, repr(["w"] * 300_000)):
         assert _folded_from(bad) is None
+
+
+
+def _blocks(model, x):
+    """{parameter: its per-sample columns, shaped (N, *out, *its shape)} of a model."""
+    G, cols = jaccli.param_jacobian(model, x, dtype=np.float64)
+    return {c["name"]: G[..., c["offset"]:c["offset"] + c["size"]].reshape(G.shape[:-1] + tuple(c["shape"]))
+            for c in cols}
+
+
+def _chain(steps):
+    """Nodes from x to y, u <- Tanh(u @ w) for each step w, or Tanh(w @ u) for ("first", w), or
+    Tanh(u + w) for ("add", w)."""
+    nodes = []
+    for k, step in enumerate(steps):
+        how, w = step if isinstance(step, tuple) else ("second", step)
+        u, v = ("x" if k == 0 else f"u{k}"), ("y" if k == len(steps) - 1 else f"u{k + 1}")
+        op, args = {"second": ("MatMul", [u, w]), "first": ("MatMul", [w, u]), "add": ("Add", [u, w])}[how]
+        nodes += [helper.make_node(op, args, [f"p{k}"]), helper.make_node("Tanh", [f"p{k}"], [v])]
+    return nodes
+
+
+def _copy(m):
+    c = onnx.ModelProto()
+    c.CopyFrom(m)
+    return c
+
+
+def test_weights_an_exporter_stored_transposed_are_read_in_their_own_layout(tmp_path):
+    """torch.export's optimizer folds a Linear's weight transposed (for a MatMul: a Linear on
+    inputs of rank 3, a transformer's) into an initializer val_<n>, recording the parameter it
+    came from; the MatMul's record says its call is linear(x, W). jaccli reads the parameter
+    back in its own layout, under its own name, through a Transpose: its columns are the
+    folded ones transposed. So too a GroupNorm's or a PReLU's vector, folded as (C, 1): read
+    through a Reshape. A folded value that is exactly the transpose of a parameter the file
+    holds (a head tied to the embedding) is read as that parameter's Transpose, so its columns
+    are the sum of both uses. Left as they were: a record of another parameter's call, of
+    another call, or with the parameter where the call takes no weight; a reader that is no
+    MatMul's second input; a value folded from a parameter and a buffer, or from two
+    parameters; one that differs from the held parameter's transpose."""
+    from click.testing import CliRunner
+
+    from jaccli.cli import main
+
+    w = {k: RNG.uniform(-0.6, 0.6, (5, 5)).astype(np.float32) for k in
+         ("val_1", "head.weight", "val_3", "val_4", "q.weight", "val_6", "val_7", "val_8", "k.weight")}
+    w["val_2"] = w["head.weight"].T.copy()  # tied: the head's weight, transposed
+    w["val_9"] = w["k.weight"].T.copy()  # folded from k.weight and a scale of ones, say: no tie
+    w.update({k: RNG.uniform(-0.3, 0.3, (5, 1)).astype(np.float32) for k in ("val_10", "val_11", "val_12", "val_13")})
+    w["val_5"] = w["q.weight"].T.copy()
+    w["val_5"][0, 1] += 1e-3  # not quite the transpose of its root
+    steps = ["val_1", "val_2", "head.weight", "val_3", "val_4", ("add", "val_4"), "val_5", "q.weight", "val_6",
+             ("first", "val_7"), "val_8", "val_9", "k.weight", ("add", "val_10"), ("add", "val_11"), ("add", "val_12"),
+             ("add", "val_13"), ("add", "val_13")]
+    plain = one_input_model(_chain(steps), w, (5, 5))
+    plain.ir_version = 10
+    x = RNG.standard_normal((N, 5, 5))
+    truth = _blocks(plain, x)
+    m = _copy(plain)
+    linear = "%linear = call_function[target=torch.ops.aten.linear.default](args = (%u, %{}), kwargs = {{}})"
+    records = {"val_1": linear.format("p_lin_weight"), "val_2": linear.format("p_head_weight"),
+               "val_3": linear.format("p_lin_weight"),  # another parameter's call
+               "val_4": linear.format("p_w4"), "val_5": linear.format("p_q_weight"), "val_6": linear.format("p_w6"),
+               "val_7": linear.format("p_w7"),
+               "val_8": "%mm = call_function[target=torch.ops.aten.mm.default](args = (%u, %p_w8), kwargs = {})",
+               "val_10": "%g = call_function[target=torch.ops.aten.group_norm.default](args = (%u, 2, %p_gn_weight, "
+                         "%p_gn_bias, 1e-05, False), kwargs = {})",  # a GroupNorm's scale, as (C, 1, 1)
+               "val_11": "%p = call_function[target=torch.ops.aten.prelu.default](args = (%u, %p_pr_weight), kwargs = {})",
+               "val_12": "%g = call_function[target=torch.ops.aten.group_norm.default](args = (%p_w12, 2, %u, %p_gn_bias, "
+                         "1e-05, False), kwargs = {})",  # not where it takes its weight
+               "val_13": "%g = call_function[target=torch.ops.aten.group_norm.default](args = (%u, 2, %p_gn3_weight, "
+                         "%p_gn_bias, 1e-05, False), kwargs = {})"}
+    for n in m.graph.node[:-4]:  # a call's record is on each of its nodes (a linear's Add of its bias too)
+        for v in set(n.input) & set(records):
+            helper.set_metadata_props(n, {"pkg.torch.onnx.fx_node": records[v]})  # not val_13's second Add's
+    roots = {"val_1": ["lin.weight"], "val_2": ["head.weight"], "val_3": ["w3"], "val_4": ["w4"], "val_5": ["q.weight"],
+             "val_6": ["w6", "bn.running_var"], "val_7": ["w7"], "val_8": ["w8"], "val_9": ["k.weight", "k.scale"],
+             "val_10": ["gn.weight", "val_0", "val_1"], "val_11": ["pr.weight"], "val_12": ["w12"], "val_13": ["gn3.weight"]}  # and its shape
+    for v, r in roots.items():
+        _marked(m, v, **{"pkg.onnxscript.optimizer.folded_from": repr(r)})
+    params = ["lin.weight", "head.weight", "q.weight", "w3", "w4", "w6", "w7", "w8", "k.weight", "k.scale",
+              "gn.weight", "pr.weight", "w12", "gn3.weight"]
+    helper.set_metadata_props(m.graph, {"pkg.torch.export.ExportedProgram.graph_signature": "\n# inputs\n" + "".join(
+        f"p_{p.replace('.', '_')}: PARAMETER target='{p}'\n" for p in params) + "x: USER_INPUT\n"})
+    got = check_whole_model(m, x)
+    assert got == ["lin.weight", "head.weight", "val_3", "val_4", "q.weight", "val_6", "val_7", "val_8", "k.weight",
+                   "val_9", "gn.weight", "pr.weight", "val_12", "val_13", "val_5"]
+    ours = _blocks(m, x)
+    np.testing.assert_allclose(ours["lin.weight"], np.swapaxes(truth["val_1"], -1, -2), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(ours["head.weight"], truth["head.weight"] + np.swapaxes(truth["val_2"], -1, -2),
+                               rtol=1e-12, atol=0)
+    for name, v in (("gn.weight", "val_10"), ("pr.weight", "val_11")):  # vectors, (5,) as torch holds them
+        np.testing.assert_allclose(ours[name], truth[v].reshape(truth[v].shape[:-2] + (5,)), rtol=1e-12, atol=0)
+    for name in [n for n in got[2:] if n.startswith(("val_", "q.", "k."))]:
+        np.testing.assert_allclose(ours[name], truth[name], rtol=1e-12, atol=0, err_msg=name)
+    model = jaccli.load(m)
+    assert model.restored_weights == 4 and np.array_equal(model.initializers["lin.weight"], w["val_1"].T)
+    assert model.export_origins == {r: roots[r] for r in got[2:] if r.startswith("val_")}
+    # external data: read from the model's folder
+    onnx.save_model(m, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    external = jaccli.load(str(tmp_path / "m.onnx"))
+    assert external.restored_weights == 4 and np.array_equal(external.initializers["lin.weight"], w["val_1"].T)
+    out = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.onnx")], terminal_width=300).output
+    assert "4 parameters that the exporter stored in another layout" in out, out
+
+
+def test_a_torchscript_fold_that_is_a_held_weight_transposed_is_read_as_its_transpose():
+    """The TorchScript exporter names a folded value onnx::<op>_<n>: where one is exactly the
+    transpose of one parameter the file holds (an output layer tied to the embedding, read
+    through W^T), it is read as that parameter's Transpose, and their derivatives add up in
+    its columns. Not where two parameters are such transposes, nor where it is all of one
+    value (a fresh model's ones), nor under a name of the model's own."""
+    w = {k: RNG.uniform(-0.6, 0.6, (5, 5)).astype(np.float32) for k in ("emb.weight", "a.weight", "own")}
+    w["onnx::MatMul_7"] = w["emb.weight"].T.copy()
+    w["b.weight"] = w["a.weight"].copy()
+    w["onnx::MatMul_8"] = w["a.weight"].T.copy()  # a.weight's transpose and b.weight's alike
+    w["ln.ones"] = np.ones((5, 5), np.float32)
+    w["onnx::MatMul_9"] = np.ones((5, 5), np.float32)
+    w["mine"] = w["own"].T.copy()  # a name of the model's: its own parameter
+    w["onnx::MatMul_10"] = w["own"] + 1
+    w["onnx::MatMul_11"] = w["onnx::MatMul_10"].T.copy()  # both folded: neither is the model's
+    w["bias"] = RNG.uniform(-0.6, 0.6, 5).astype(np.float32)
+    w["onnx::Add_12"] = w["bias"].copy()  # of rank 1: no transpose
+    m = one_input_model(_chain([("add" if v.endswith(("bias", "Add_12")) else "second", v) for v in w]), w, (5, 5))
+    x = RNG.standard_normal((N, 5, 5))
+    got = check_whole_model(m, x)
+    assert got == [r for r in w if r != "onnx::MatMul_7"]
+    plain = _copy(m)
+    for t in plain.graph.initializer:
+        t.name = t.name.replace("onnx::", "folded_")
+    for n in plain.graph.node:
+        n.input[:] = [v.replace("onnx::", "folded_") for v in n.input]
+    truth, ours = _blocks(plain, x), _blocks(m, x)
+    np.testing.assert_allclose(ours["emb.weight"], truth["emb.weight"] + np.swapaxes(truth["folded_MatMul_7"], -1, -2),
+                               rtol=1e-12, atol=0)
+    for name in got[1:]:
+        np.testing.assert_allclose(ours[name], truth[name.replace("onnx::", "folded_")], rtol=1e-12, atol=0, err_msg=name)
+    assert jaccli.load(m).restored_weights == 1
+    listed = _copy(m)  # an old export lists its initializers among the graph's inputs
+    listed.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in m.graph.initializer)
+    assert check_whole_model(listed, x) == got
+
+
+def test_weights_torch_export_folded_a_batchnorm_into_are_named_so(tmp_path):
+    """torch.export's optimizer folds an eval-mode BatchNorm into the convolution before it: the
+    Conv keeps the layer's names (c.weight) for W·γ/√(σ²+ε), and the BatchNorm's record of its
+    call. Their columns are then the derivatives with respect to the folded values, not torch's
+    with respect to c.weight: the column map, the tables and a note say so. Not for a
+    BatchNormalization node (nothing folded), nor a Conv with its own record."""
+    from click.testing import CliRunner
+
+    from jaccli.cli import main
+
+    inits = {"c.weight": RNG.standard_normal((4, 2, 3, 3)).astype(np.float32), "c.bias": np.ones(4, np.float32),
+             "d.weight": RNG.standard_normal((4, 4, 1, 1)).astype(np.float32)}
+    inits.update({f"e.{k}": RNG.uniform(0.5, 1.5, 4).astype(np.float32) for k in ("weight", "bias", "mean", "var")})
+    nodes = [helper.make_node("Conv", ["x", "c.weight", "c.bias"], ["h"]),
+             helper.make_node("Conv", ["h", "d.weight"], ["k"]),
+             helper.make_node("BatchNormalization", ["k", "e.weight", "e.bias", "e.mean", "e.var"], ["y"])]
+    m = one_input_model(nodes, inits, (2, 5, 5))
+    m.ir_version = 10
+    bn = ("%bn = call_function[target=torch.ops.aten._native_batch_norm_legit_no_training.default](args = ({}, %p_{}_weight, "
+          "%p_{}_bias, %b_{}_running_mean, %b_{}_running_var, 0.1, 1e-05), kwargs = {{}})")
+    records = [bn.format("%conv2d", *"bbbb"), "%conv2d_1 = call_function[target=torch.ops.aten.conv2d.default](args = "
+               "(%h, %p_d_weight), kwargs = {})", bn.format("%conv2d_1", *"eeee")]
+    for n, r in zip(m.graph.node, records):
+        helper.set_metadata_props(n, {"pkg.torch.onnx.fx_node": r})
+    signature = "".join(f"p_{k}_weight: PARAMETER target='{k}.weight'\np_{k}_bias: PARAMETER target='{k}.bias'\n" for k in "bcde")
+    signature += "".join(f"b_{k}_running_{s}: BUFFER target='{k}.running_{s}'\n" for k in "be" for s in ("mean", "var"))
+    helper.set_metadata_props(m.graph, {"pkg.torch.export.ExportedProgram.graph_signature": "\n# inputs\n" + signature})
+    x = RNG.standard_normal((N, 2, 5, 5))
+    assert check_whole_model(m, x) == ["c.weight", "c.bias", "d.weight", "e.weight", "e.bias"]
+    folded = ["b.weight", "b.bias", "b.running_mean", "b.running_var"]
+    r = jaccli.param_jacobian(m, x, return_result=True)
+    assert [c.get("batchnorm_folded_in") for c in r.columns] == [folded, folded, None, None, None]
+    assert any(n.startswith("c.bias, c.weight: torch.export's optimizer folded a BatchNorm (b.bias, b.running_mean, "
+                            "b.running_var, b.weight) into them") for n in r.notes), r.notes
+    assert not any("folded a BatchNorm" in n for n in jaccli.param_jacobian(m, x, params=["d.*"], return_result=True).notes)
+    (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
+    out = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.onnx")], terminal_width=300).output
+    assert "c.weight (BatchNorm b folded in)" in out and "d.weight (" not in out and "folded a BatchNorm" in out, out
+    del m.graph.metadata_props[:]  # without the signature: as the record names them
+    assert jaccli.load(m).export_fused["c.weight"] == ["p_b_weight", "p_b_bias", "b_b_running_mean", "b_b_running_var"]
