@@ -1404,9 +1404,12 @@ def _export_roles(g, initializers, values):
     - folded: a parameter if folded from one (a weight transposed for a MatMul, GroupNorm's
       scale reshaped, an LSTM's weights reordered, the exp of a logit scale): from an
       initializer that is one, from a name that the program's signature (in the graph's
-      metadata) gives as a parameter's, not a buffer's or a constant's, or from any other
-      name but the exporter's own (val_<n>), a graph value's (`values`: read for its shape)
-      and a call's result as the nodes' records of their calls name it (%zeros; parameter
+      metadata) gives as a parameter's, not a buffer's or a constant's; where there is a
+      signature, from nothing else (it names every parameter, and the optimizer lists the
+      values a folded one came from at every step: a rotary embedding's cos and sin tables,
+      folded from arange, cos and the like, are constants); without one, from any other name
+      but the exporter's own (val_<n>), a graph value's (`values`: read for its shape) and a
+      call's result as the nodes' records of their calls name it (%zeros; parameter
       l.weight_ih_l0 is %p_l_weight_ih_l0 there).
       So not InstanceNormalization's ones and zeros in a GroupNorm, LayerNorm's ones without
       an affine weight, an attention's scale, an LSTM's initial state from torch.zeros;
@@ -1420,31 +1423,36 @@ def _export_roles(g, initializers, values):
     program = _program_names(g)
     kinds = {target: kind for kind, target in _signature(g).values()}
 
-    def origin(root):  # where a folded value came from: a parameter, or a constant
-        if root in initializers:
-            return roles.get(root) or "parameter"
+    def origin(root, seen):  # where a folded value came from: a parameter, or a constant
+        if root in initializers:  # (a chain deeper than any export's, from an untrusted file: a parameter)
+            return (role(root, seen) if len(seen) < 32 else None) or "parameter"
         if root in kinds:  # the program's signature says (a buffer folded away, a parameter)
             return "parameter" if kinds[root] == "PARAMETER" else "constant"
+        if kinds:  # it names every parameter: this is a value computed on the way, whose own roots are listed too
+            return "constant"
         if root in values or _TEMPORARY.match(root) or root in program:  # a parameter is %p_<path> there
             return "constant"
         return "parameter"
 
+    def role(name, seen=frozenset()):  # an initializer's, by its marks (None: the usual rule), found once
+        if name not in roles:
+            m = meta.get(name, {})
+            roots = _folded_from(m.get(_FOLDED_FROM))
+            if _SIGNATURE_KIND in m:
+                roles[name] = "parameter" if m[_SIGNATURE_KIND] == "PARAMETER" else "constant"
+            elif roots is not None:  # another folded initializer among them: its role first (not round a cycle)
+                sources = [r for r in roots if r != name and r not in seen and origin(r, seen | {name}) == "parameter"]
+                roles[name] = "parameter" if sources else "constant"
+                if sources:
+                    origins[name] = sources
+            else:
+                roles[name] = "constant" if _TEMPORARY.match(name) else None
+        return roles[name]
+
     roles, origins = {}, {}
     for name in initializers:
-        m = meta.get(name, {})
-        if _SIGNATURE_KIND in m:
-            roles[name] = "parameter" if m[_SIGNATURE_KIND] == "PARAMETER" else "constant"
-    for name in initializers:
-        if name in roles:
-            continue
-        roots = _folded_from(meta.get(name, {}).get(_FOLDED_FROM))
-        if roots is not None:
-            sources = [r for r in roots if r != name and origin(r) == "parameter"]
-            roles[name] = "parameter" if sources else "constant"
-            if sources:
-                origins[name] = sources
-        elif _TEMPORARY.match(name):
-            roles[name] = "constant"
+        role(name)
+    roles = {k: v for k, v in roles.items() if v is not None}
     return roles, origins
 
 

@@ -1260,21 +1260,35 @@ def test_a_value_folded_from_a_buffer_is_no_parameter_by_the_program_signature()
     """torch.export folds what is computed from a buffer or a parameter alone (exp of a
     temperature buffer, exp of a scale parameter) into initializers named for the call (exp,
     exp_1), recording the folded-away names; the program's signature in the graph's metadata
-    says which of those is a buffer. Without it, a name under a module path counts as a
-    parameter, as before."""
-    nodes = [helper.make_node("Mul", ["x", "exp"], ["a"]), helper.make_node("Mul", ["a", "exp_1"], ["y"])]
-    inits = {n: RNG.uniform(0.5, 1.5, 3).astype(np.float32) for n in ("exp", "exp_1")}
+    says which of those is a buffer, and names every parameter: a value folded from none (a
+    rotary embedding's cos table, from arange and cos) is a constant. Without it, a name under
+    a module path counts as a parameter, as before, and so does one of a call's result."""
+    nodes = [helper.make_node("Mul", ["x", "exp"], ["a"]), helper.make_node("Mul", ["a", "exp_1"], ["b"]),
+             helper.make_node("Mul", ["b", "cos_1"], ["c"]), helper.make_node("Add", ["c", "val_8"], ["y"])]
+    inits = {n: RNG.uniform(0.5, 1.5, 3).astype(np.float32) for n in ("exp", "exp_1", "cos_1", "val_8")}
     m = one_input_model(nodes, inits, (3,))
     m.ir_version = 10
-    for name, root in (("exp", "blk.temp"), ("exp_1", "blk.scale")):
-        _marked(m, name, **{"pkg.onnxscript.optimizer.folded_from": repr([root])})
+    # a rotary embedding's table: folded from values computed on the way (the optimizer lists them all,
+    # down to the first), and from a constant it folded before (val_8, listed after it)
+    for name, roots in (("exp", ["blk.temp"]), ("exp_1", ["blk.scale"]), ("cos_1", ["arange", "cos", "val_8"]),
+                        ("val_8", ["arange"])):
+        _marked(m, name, **{"pkg.onnxscript.optimizer.folded_from": repr(roots)})
     x = RNG.standard_normal((N, 3))
-    assert check_whole_model(m, x) == ["exp", "exp_1"]
+    assert check_whole_model(m, x) == ["exp", "exp_1", "cos_1", "val_8"]  # without the signature: what is arange?
     helper.set_metadata_props(m.graph, {"pkg.torch.export.ExportedProgram.graph_signature":
                                         "\n# inputs\np_blk_scale: PARAMETER target='blk.scale'\n"
                                         "b_blk_temp: BUFFER target='blk.temp'\nx: USER_INPUT\n"})
     assert check_whole_model(m, x) == ["exp_1"]
     assert jaccli.load(m).export_removed == []  # both folded: neither is missing
+    # records that go round in a circle, or down a chain longer than any export's: no endless search
+    _marked(m, "exp", **{"pkg.onnxscript.optimizer.folded_from": "['val_8', 'exp_1']"})
+    _marked(m, "val_8", **{"pkg.onnxscript.optimizer.folded_from": "['exp', 'cos_1']"})
+    assert {"exp", "exp_1"} <= set(jaccli.load(m).parameters("y"))  # exp from blk.scale, through exp_1
+    chain = one_input_model([helper.make_node("Mul", ["x", "val_0"], ["y"])],
+                            {f"val_{k}": np.ones(3, np.float32) for k in range(2000)}, (3,))
+    for k in range(2000):
+        _marked(chain, f"val_{k}", **{"pkg.onnxscript.optimizer.folded_from": repr([f"val_{k + 1}"])})
+    assert jaccli.load(chain).parameters("y") == ["val_0"]
 
 
 def test_a_folding_record_is_read_as_a_list_of_names_or_not_at_all():
@@ -1383,7 +1397,7 @@ def test_weights_an_exporter_stored_transposed_are_read_in_their_own_layout(tmp_
         np.testing.assert_allclose(ours[name], truth[name], rtol=1e-12, atol=0, err_msg=name)
     model = jaccli.load(m)
     assert model.restored_weights == 4 and np.array_equal(model.initializers["lin.weight"], w["val_1"].T)
-    assert model.export_origins == {r: roots[r] for r in got[2:] if r.startswith("val_")}
+    assert model.export_origins == {r: [p for p in roots[r] if p in params] for r in got[2:] if r.startswith("val_")}
     # external data: read from the model's folder
     onnx.save_model(m, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
     external = jaccli.load(str(tmp_path / "m.onnx"))
