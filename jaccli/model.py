@@ -220,14 +220,24 @@ class Model:
 
     def parameter_entry(self, name):
         """A parameter's name, shape and size, and, for one torch.export's optimizer folded, the
-        parameters it was folded from, or the BatchNorm's tensors it folded into it: a column
-        map's and `inspect`'s entry."""
+        parameters it was folded from, or the BatchNorm's tensors it folded into it; for one the
+        TorchScript exporter folded, the nodes that read it: a column map's and `inspect`'s
+        entry."""
         a = self.initializers[name]
         entry = {"name": name, "shape": list(a.shape), "size": int(a.size)}
         if name in self.export_origins:
             entry["folded_from"] = list(self.export_origins[name])
         if name in self.export_fused:
             entry["batchnorm_folded_in"] = list(self.export_fused[name])
+        if name.startswith("onnx::"):  # the TorchScript exporter's name for a value it folded (a Linear's weight
+            # transposed): the nodes that read it name the module, /bert/encoder/layer.0/attention/self/query/MatMul
+            if "folded" not in self.plans:
+                self.plans["folded"] = collections.defaultdict(list)
+                for n in self.nodes:
+                    for v in dict.fromkeys(n.inputs):
+                        self.plans["folded"][v].append(n.name)
+            if self.plans["folded"].get(name):
+                entry["read_by"] = self.plans["folded"][name][:4]
         return entry
 
     def exported_constants(self):

@@ -65,9 +65,11 @@ def render_summary(console: Console, d: dict):
 
 def _parameter(p):
     """A parameter's name, with what torch.export's optimizer folded it from (see model._export_roles)
-    or into it (a BatchNorm, see model._batchnorm_folded)."""
+    or into it (a BatchNorm, see model._batchnorm_folded), or the node that reads one the
+    TorchScript exporter folded (see Model.parameter_entry)."""
     return p["name"] + (f" (folded from {', '.join(p['folded_from'])})" if p.get("folded_from") else "") + (
-        f" (BatchNorm {_module(p['batchnorm_folded_in'][0])} folded in)" if p.get("batchnorm_folded_in") else "")
+        f" (BatchNorm {_module(p['batchnorm_folded_in'][0])} folded in)" if p.get("batchnorm_folded_in") else "") + (
+        f" (read by {p['read_by'][0]})" if p.get("read_by") else "")
 
 
 def _module(name):

@@ -1344,11 +1344,12 @@ def test_weights_an_exporter_stored_transposed_are_read_in_their_own_layout(tmp_
 
     from jaccli.cli import main
 
-    w = {k: RNG.uniform(-0.6, 0.6, (5, 5)).astype(np.float32) for k in
+    rng = np.random.default_rng(3)  # its own: values that keep a deep chain of Tanh far from saturation
+    w = {k: rng.uniform(-0.6, 0.6, (5, 5)).astype(np.float32) for k in
          ("val_1", "head.weight", "val_3", "val_4", "q.weight", "val_6", "val_7", "val_8", "k.weight")}
     w["val_2"] = w["head.weight"].T.copy()  # tied: the head's weight, transposed
     w["val_9"] = w["k.weight"].T.copy()  # folded from k.weight and a scale of ones, say: no tie
-    w.update({k: RNG.uniform(-0.3, 0.3, (5, 1)).astype(np.float32) for k in ("val_10", "val_11", "val_12", "val_13")})
+    w.update({k: rng.uniform(-0.3, 0.3, (5, 1)).astype(np.float32) for k in ("val_10", "val_11", "val_12", "val_13")})
     w["val_5"] = w["q.weight"].T.copy()
     w["val_5"][0, 1] += 1e-3  # not quite the transpose of its root
     steps = ["val_1", "val_2", "head.weight", "val_3", "val_4", ("add", "val_4"), "val_5", "q.weight", "val_6",
@@ -1356,7 +1357,7 @@ def test_weights_an_exporter_stored_transposed_are_read_in_their_own_layout(tmp_
              ("add", "val_13"), ("add", "val_13")]
     plain = one_input_model(_chain(steps), w, (5, 5))
     plain.ir_version = 10
-    x = RNG.standard_normal((N, 5, 5))
+    x = rng.standard_normal((N, 5, 5))
     truth = _blocks(plain, x)
     m = _copy(plain)
     linear = "%linear = call_function[target=torch.ops.aten.linear.default](args = (%u, %{}), kwargs = {{}})"
@@ -1406,25 +1407,27 @@ def test_weights_an_exporter_stored_transposed_are_read_in_their_own_layout(tmp_
     assert "4 parameters that the exporter stored in another layout" in out, out
 
 
-def test_a_torchscript_fold_that_is_a_held_weight_transposed_is_read_as_its_transpose():
+def test_a_torchscript_fold_that_is_a_held_weight_transposed_is_read_as_its_transpose(tmp_path):
     """The TorchScript exporter names a folded value onnx::<op>_<n>: where one is exactly the
     transpose of one parameter the file holds (an output layer tied to the embedding, read
     through W^T), it is read as that parameter's Transpose, and their derivatives add up in
     its columns. Not where two parameters are such transposes, nor where it is all of one
-    value (a fresh model's ones), nor under a name of the model's own."""
-    w = {k: RNG.uniform(-0.6, 0.6, (5, 5)).astype(np.float32) for k in ("emb.weight", "a.weight", "own")}
+    value (a fresh model's ones), nor under a name of the model's own. The column map names
+    the nodes that read such a value (the exporter names a node for its module's scope)."""
+    rng = np.random.default_rng(4)
+    w = {k: rng.uniform(-0.6, 0.6, (5, 5)).astype(np.float32) for k in ("emb.weight", "a.weight", "own")}
     w["onnx::MatMul_7"] = w["emb.weight"].T.copy()
     w["b.weight"] = w["a.weight"].copy()
     w["onnx::MatMul_8"] = w["a.weight"].T.copy()  # a.weight's transpose and b.weight's alike
-    w["ln.ones"] = np.ones((5, 5), np.float32)
-    w["onnx::MatMul_9"] = np.ones((5, 5), np.float32)
+    w["ln.ones"] = np.full((5, 5), 0.2, np.float32)
+    w["onnx::MatMul_9"] = np.full((5, 5), 0.2, np.float32)
     w["mine"] = w["own"].T.copy()  # a name of the model's: its own parameter
     w["onnx::MatMul_10"] = w["own"] + 1
     w["onnx::MatMul_11"] = w["onnx::MatMul_10"].T.copy()  # both folded: neither is the model's
-    w["bias"] = RNG.uniform(-0.6, 0.6, 5).astype(np.float32)
+    w["bias"] = rng.uniform(-0.6, 0.6, 5).astype(np.float32)
     w["onnx::Add_12"] = w["bias"].copy()  # of rank 1: no transpose
     m = one_input_model(_chain([("add" if v.endswith(("bias", "Add_12")) else "second", v) for v in w]), w, (5, 5))
-    x = RNG.standard_normal((N, 5, 5))
+    x = rng.standard_normal((N, 5, 5))
     got = check_whole_model(m, x)
     assert got == [r for r in w if r != "onnx::MatMul_7"]
     plain = _copy(m)
@@ -1438,6 +1441,19 @@ def test_a_torchscript_fold_that_is_a_held_weight_transposed_is_read_as_its_tran
     for name in got[1:]:
         np.testing.assert_allclose(ours[name], truth[name.replace("onnx::", "folded_")], rtol=1e-12, atol=0, err_msg=name)
     assert jaccli.load(m).restored_weights == 1
+    for k, n in enumerate(m.graph.node):  # the exporter's names: the module's scope, /<module>/MatMul
+        n.name = f"/blk.{k // 2}/{n.op_type}"
+    r = jaccli.param_jacobian(m, x, return_result=True)
+    assert {c["name"]: c.get("read_by") for c in r.columns if "read_by" in c or c["name"] == "own"} == {
+        "onnx::MatMul_8": ["/blk.5/MatMul"], "onnx::MatMul_9": ["/blk.7/MatMul"], "onnx::MatMul_10": ["/blk.9/MatMul"],
+        "onnx::MatMul_11": ["/blk.10/MatMul"], "onnx::Add_12": ["/blk.12/Add"], "own": None}
+    from click.testing import CliRunner
+
+    from jaccli.cli import main
+
+    (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
+    out = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.onnx")], terminal_width=300).output
+    assert "onnx::MatMul_8 (read by /blk.5/MatMul)" in out and "own (" not in out, out
     listed = _copy(m)  # an old export lists its initializers among the graph's inputs
     listed.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in m.graph.initializer)
     assert check_whole_model(listed, x) == got
