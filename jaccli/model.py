@@ -524,8 +524,9 @@ def export_layouts_restored(proto, base=None):
       with the output layer) read through its transpose too, whose derivatives then add up in
       one parameter's columns.
 
-    Tensors in external data are read from `base` (without it, a transposed one stays as it
-    is). Returns (model, count)."""
+    Tensors in external data are compared as read from `base` (without it, not tied); one
+    restored stays where it is, marked to be read as its transpose (see _external): a large
+    model's weights are not copied. Returns (model, count)."""
     g = proto.graph
     floats = {t.name: t for t in g.initializer if t.data_type in _TRANSPOSABLE}
     signature = _signature_parameters(g)
@@ -578,7 +579,7 @@ def export_layouts_restored(proto, base=None):
             plan[v] = (held_ones[0], None)
         elif len(candidates) == 1 and candidates[0] not in held:
             way = layout(v, candidates[0])
-            if way == "flat" or (way == "transposed" and array(v) is not None):
+            if way == "flat" or (way == "transposed" and (t.data_location == TensorProto.EXTERNAL or array(v) is not None)):
                 plan[v] = (candidates[0], way)
     if not plan:
         return proto, 0
@@ -590,7 +591,14 @@ def export_layouts_restored(proto, base=None):
             inits.append(t)
             continue
         r, way = plan[t.name]
-        if way == "transposed":
+        if way == "transposed" and t.data_location == TensorProto.EXTERNAL:  # read in place, as its transpose
+            inits.append(onnx.TensorProto())
+            inits[-1].CopyFrom(t)
+            inits[-1].name = r
+            inits[-1].dims[:] = list(t.dims)[::-1]
+            del inits[-1].metadata_props[:]
+            helper.set_metadata_props(inits[-1], {_STORED_TRANSPOSED: "1"})
+        elif way == "transposed":
             inits.append(numpy_helper.from_array(np.ascontiguousarray(array(t.name).T), r))
         elif way == "flat":  # the same data as a vector, shaped as stored by a Reshape
             inits += [onnx.TensorProto(), numpy_helper.from_array(np.array(t.dims, np.int64), f"{t.name}.shape")]
@@ -613,6 +621,7 @@ def export_layouts_restored(proto, base=None):
 
 
 _TRANSPOSABLE = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16}
+_STORED_TRANSPOSED = "jaccli.stored_transposed"  # an external tensor's mark: its data is its transpose's
 # per torch call, the arguments its ONNX nodes read in another layout, folded by the exporter
 _FOLDED_ARGUMENTS = {"linear": {1: "transposed"}, "group_norm": {2: "flat", 3: "flat"}, "prelu": {1: "flat"}}
 _CALL = re.compile(r"call_function\[target=torch\.ops\.aten\.(\w+)\.\w+\]\(args = \((.*)\), kwargs = ")
@@ -1278,6 +1287,9 @@ def _external(t, name, dims, dtype, nbytes, where, base):
         )
     if nbytes == 0:
         return np.zeros(dims, dtype)
+    if _metadata(t).get(_STORED_TRANSPOSED) and len(dims) == 2:  # a weight its exporter stored transposed (see
+        # export_layouts_restored): read in place, as the transpose of what is stored
+        return np.memmap(full, dtype=dtype.newbyteorder("<"), mode="r", offset=offset, shape=dims[::-1]).T
     return np.memmap(full, dtype=dtype.newbyteorder("<"), mode="r", offset=offset, shape=dims)
 
 

@@ -1400,9 +1400,12 @@ def test_weights_an_exporter_stored_transposed_are_read_in_their_own_layout(tmp_
     assert model.restored_weights == 4 and np.array_equal(model.initializers["lin.weight"], w["val_1"].T)
     assert model.export_origins == {r: [p for p in roots[r] if p in params] for r in got[2:] if r.startswith("val_")}
     # external data: read from the model's folder
-    onnx.save_model(m, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    onnx.save_model(_copy(m), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
     external = jaccli.load(str(tmp_path / "m.onnx"))
     assert external.restored_weights == 4 and np.array_equal(external.initializers["lin.weight"], w["val_1"].T)
+    assert isinstance(external.initializers["lin.weight"], np.memmap)  # read in place: a large model is not copied
+    np.testing.assert_array_equal(jaccli.param_jacobian(external, x, dtype=np.float64)[0],
+                                  jaccli.param_jacobian(m, x, dtype=np.float64)[0])
     out = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.onnx")], terminal_width=300).output
     assert "4 parameters that the exporter stored in another layout" in out, out
 
