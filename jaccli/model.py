@@ -644,6 +644,94 @@ def _call_arguments(node):
     return m.group(1), args
 
 
+def export_recurrent_restored(proto, base=None):
+    """The model with the weights of each LSTM, GRU and RNN that torch.export wrote read as
+    torch holds them, under their own names: its optimizer folds a layer's weight_ih_l<k> (and
+    weight_ih_l<k>_reverse) into the ONNX node's W, (directions, gates x hidden, inputs), with
+    ONNX's order of the gates (LSTM: i, o, f, c for torch's i, f, g, o; GRU: z, r, h for r, z,
+    n); weight_hh into R; bias_ih and bias_hh into B, one row per direction. Where the node's
+    record says its call is torch's lstm, gru or rnn, each of W, R and B read by it alone was
+    folded from exactly those parameters (and the exporter's constants), and its shape is the
+    node's, the parameters are initializers again, gathered into the node's layout by Gather,
+    Concat and Reshape nodes: their columns are torch.func's. Returns (model, count)."""
+    g = proto.graph
+    signature = _signature_parameters(g)
+    if not signature:
+        return proto, 0
+    fx_of = {target: fx for fx, target in signature.items()}
+    kinds = {target: kind for kind, target in _signature(g).values()}
+    floats = {t.name: t for t in g.initializer if t.data_type in _TRANSPOSABLE}
+    meta = _initializer_metadata(g, floats)
+    held = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {v.name for v in g.input}
+    reads = collections.Counter(v for n in g.node for v in n.input)
+    added, nodes, restored = [], [], {}  # new initializers and nodes; folded initializer -> its parameters
+    for n in g.node:
+        op, _ = _call_arguments(n)
+        if n.op_type not in _GATES or n.domain not in ("", "ai.onnx") or op not in _RECURRENT_CALLS:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        D = 2 if attrs.get("direction", b"forward") == b"bidirectional" else 1
+        gates, H = _GATES[n.op_type], attrs.get("hidden_size")
+        for slot, parts in ((1, ("weight_ih",)), (2, ("weight_hh",)), (3, ("bias_ih", "bias_hh"))):
+            v = n.input[slot] if len(n.input) > slot else ""
+            if v not in floats or reads[v] != 1 or v in fx_of or v in restored or not H:
+                continue
+            roots = _folded_from(meta.get(v, {}).get(_FOLDED_FROM)) or []
+            params = sorted(r for r in roots if r in fx_of)
+            if any(r in kinds and r not in fx_of for r in roots) or not params:
+                continue  # a buffer among them, or no parameter
+            stem = next((r for r in params if parts[0] in r), "").rpartition(parts[0])  # (module., weight_ih, _l0...)
+            layer = re.match(r"_l\d+", stem[2])
+            if not stem[1] or not layer:
+                continue
+            names = [[f"{stem[0]}{part}{layer.group(0)}{'_reverse' if d else ''}" for part in parts] for d in range(D)]
+            dims = tuple(floats[v].dims)
+            want = (D, len(gates) * H * len(parts)) if slot == 3 else (D, len(gates) * H)
+            if sorted(x for row in names for x in row) != params or dims[:2] != want or len(dims) != (2 if slot == 3 else 3):
+                continue
+            if any(x in held for row in names for x in row):
+                continue
+            V = np.asarray(tensor_array(floats[v], "model", base)) if (base or floats[v].data_location != TensorProto.EXTERNAL) else None
+            if V is None:
+                continue
+            rows = np.concatenate([np.arange(k * H, (k + 1) * H) for k in gates])  # ONNX's row j is torch's rows[j]
+            pieces = []
+            for d, row in enumerate(names):
+                parts_of_d = []
+                for k, name in enumerate(row):
+                    stored = V[d] if slot != 3 else V[d, k * len(gates) * H:(k + 1) * len(gates) * H]
+                    torch_held = np.empty_like(stored)
+                    torch_held[rows] = stored
+                    added.append(numpy_helper.from_array(np.ascontiguousarray(torch_held), name))
+                    parts_of_d.append(f"{v}.{name}")
+                    nodes.append(helper.make_node("Gather", [name, f"{v}.rows"], [parts_of_d[-1]], axis=0))
+                if len(parts_of_d) > 1:
+                    nodes.append(helper.make_node("Concat", parts_of_d, [f"{v}.{d}.joined"], axis=0))
+                    parts_of_d = [f"{v}.{d}.joined"]
+                pieces.append(f"{v}.{d}" if D > 1 else v)
+                nodes.append(helper.make_node("Reshape", [parts_of_d[0], f"{v}.shape"], [pieces[-1]]))
+            if D > 1:
+                nodes.append(helper.make_node("Concat", pieces, [v], axis=0))
+            added += [numpy_helper.from_array(rows.astype(np.int64), f"{v}.rows"),
+                      numpy_helper.from_array(np.array((1,) + dims[1:], np.int64), f"{v}.shape")]
+            restored[v] = [x for row in names for x in row]
+    if not restored:
+        return proto, 0
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    inits = [t for t in m.graph.initializer if t.name not in restored] + added
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(inits)
+    nodes += list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m, sum(len(p) for p in restored.values())
+
+
+_GATES = {"LSTM": (0, 3, 1, 2), "GRU": (1, 0, 2), "RNN": (0,)}  # ONNX's gates, in order, as torch's blocks
+_RECURRENT_CALLS = {"lstm", "gru", "rnn_tanh", "rnn_relu"}
+
+
 def _apart(proto, renames, clones, copies, tensors):
     """The model with each node reading its renamed inputs ([{input: copy}] per node), node k
     of `clones` replaced by a copy per group of its readers ({k: [(readers' indices,
@@ -742,7 +830,8 @@ def weights_rewritten(proto, base=None):
     graph (sub_initializers_hoisted), and Identity copies of an initializer apart
     (identities_untied), parameters torch.export's optimizer merged, apart
     (export_merges_untied), and parameters an exporter stored transposed or reshaped, in their
-    own layout (export_layouts_restored, reading external data from `base`). The oracle's model and
+    own layout (export_layouts_restored, reading external data from `base`), a recurrent
+    layer's among them (export_recurrent_restored). The oracle's model and
     the tests' are rewritten the same way, so that a parameter has the same name in each.
     Returns (model, (held, hoisted, untied, unmerged, restored)), how many of each."""
     proto, held = weights_as_initializers(proto)
@@ -750,7 +839,8 @@ def weights_rewritten(proto, base=None):
     proto, untied = identities_untied(proto)
     proto, unmerged = export_merges_untied(proto)
     proto, restored = export_layouts_restored(proto, base)
-    return proto, (held, hoisted, untied, unmerged, restored)
+    proto, recurrent = export_recurrent_restored(proto, base)
+    return proto, (held, hoisted, untied, unmerged, restored + recurrent)
 
 
 def _classes(n):

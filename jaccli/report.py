@@ -140,8 +140,8 @@ def render_inspect(console: Console, info: dict):
                       f"modules that read them say")
     if info.get("restored_weights"):
         console.print(f"[yellow]note:[/yellow] {info['restored_weights']} parameters that the exporter stored in another layout "
-                      f"(a Linear's weight transposed for a MatMul, a GroupNorm's scale as (C, 1, 1)) are read in their own, "
-                      f"under their own names, through a Transpose or a Reshape: their columns are the framework's "
+                      f"(a Linear's weight transposed for a MatMul, a GroupNorm's scale as (C, 1, 1), an LSTM's gates reordered) are read in their own, "
+                      f"under their own names, through a Transpose, Reshape or Gather: their columns are the framework's "
                       f"parameters', and a tied weight's derivatives add up in one")
     if info.get("removed_parameters"):
         from .model import removed_note

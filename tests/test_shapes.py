@@ -1502,3 +1502,62 @@ def test_weights_torch_export_folded_a_batchnorm_into_are_named_so(tmp_path):
     assert "c.weight (BatchNorm b folded in)" in out and "d.weight (" not in out and "folded a BatchNorm" in out, out
     del m.graph.metadata_props[:]  # without the signature: as the record names them
     assert jaccli.load(m).export_fused["c.weight"] == ["p_b_weight", "p_b_bias", "b_b_running_mean", "b_b_running_var"]
+
+
+def test_recurrent_weights_torch_export_folded_are_torchs_again():
+    """torch.export's optimizer folds an LSTM layer's weight_ih_l0 and weight_ih_l0_reverse
+    into the node's W, (directions, 4 x hidden, inputs), its gates in ONNX's order (i, o, f, c
+    for torch's i, f, g, o), and bias_ih and bias_hh into B. Where the node's record says its
+    call is torch's lstm, the parameters are initializers again in torch's layout and names,
+    gathered into the node's: their columns are the folded ones, rows in torch's order. Not
+    without the record, nor where the folded weight lacks a direction's parameter, nor where
+    another node reads it."""
+    rng = np.random.default_rng(5)
+    H, I, D = 3, 2, 2
+    w = {"val_1": rng.uniform(-0.5, 0.5, (D, 4 * H, I)), "val_2": rng.uniform(-0.5, 0.5, (D, 4 * H, H)),
+         "val_3": rng.uniform(-0.5, 0.5, (D, 8 * H))}
+    w = {k: v.astype(np.float32) for k, v in w.items()}
+    lstm = helper.make_node("LSTM", ["xt", "val_1", "val_2", "val_3"], ["h"], hidden_size=H, direction="bidirectional")
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]), lstm,
+             helper.make_node("Transpose", ["h"], ["y"], perm=[2, 0, 1, 3])]
+    plain = one_input_model(nodes, w, (4, I), opset=18)
+    plain.ir_version = 10
+    x = rng.standard_normal((N, 4, I))
+    truth = _blocks(plain, x)
+    params = [f"{p}_l0{r}" for r in ("", "_reverse") for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+    def exported(roots):
+        m = _copy(plain)
+        args = ", ".join(f"%p_rnn_{p}" for p in params)
+        helper.set_metadata_props(m.graph.node[1], {"pkg.torch.onnx.fx_node": "%lstm = call_function[target=torch.ops."
+                                                    f"aten.lstm.input](args = (%x, [%zeros, %zeros_1], [{args}], True, 1, "
+                                                    "0.0, False, True, True), kwargs = {})"})
+        for v, r in roots.items():
+            _marked(m, v, **{"pkg.onnxscript.optimizer.folded_from": repr(r + ["val_7", "zeros"])})
+        helper.set_metadata_props(m.graph, {"pkg.torch.export.ExportedProgram.graph_signature": "\n# inputs\n" + "".join(
+            f"p_rnn_{p}: PARAMETER target='rnn.{p}'\n" for p in params) + "x: USER_INPUT\n"})
+        return m
+
+    rows = np.concatenate([np.arange(k * H, (k + 1) * H) for k in (0, 3, 1, 2)])
+    roots = {"val_1": ["rnn.weight_ih_l0", "rnn.weight_ih_l0_reverse"], "val_2": ["rnn.weight_hh_l0", "rnn.weight_hh_l0_reverse"],
+             "val_3": ["rnn.bias_ih_l0", "rnn.bias_hh_l0", "rnn.bias_ih_l0_reverse", "rnn.bias_hh_l0_reverse"]}
+    m = exported(roots)
+    assert check_whole_model(m, x) == ["rnn.weight_ih_l0", "rnn.weight_ih_l0_reverse", "rnn.weight_hh_l0",
+                                       "rnn.weight_hh_l0_reverse", "rnn.bias_ih_l0", "rnn.bias_hh_l0",
+                                       "rnn.bias_ih_l0_reverse", "rnn.bias_hh_l0_reverse"]
+    ours = _blocks(m, x)
+    for d, r in enumerate(("", "_reverse")):
+        for v, name, part in (("val_1", "weight_ih", slice(None)), ("val_2", "weight_hh", slice(None)),
+                              ("val_3", "bias_ih", slice(0, 4 * H)), ("val_3", "bias_hh", slice(4 * H, 8 * H))):
+            if v == "val_3":  # (..., D, 8H): a direction's row is bias_ih then bias_hh
+                np.testing.assert_allclose(ours[f"rnn.{name}_l0{r}"][..., rows], truth[v][..., d, part], rtol=1e-12, atol=0)
+            else:  # (..., D, 4H, inputs)
+                np.testing.assert_allclose(ours[f"rnn.{name}_l0{r}"][..., rows, :], truth[v][..., d, :, :], rtol=1e-12, atol=0)
+    assert jaccli.load(m).restored_weights == 8
+    del m.graph.node[1].metadata_props[:]  # no record of a torch call: what the node's tensors are, untold
+    assert jaccli.load(m).parameters("y") == ["val_1", "val_2", "val_3"]
+    # W lacking its reverse direction's parameter, and R read by another node too: folded values still
+    m = exported({**roots, "val_1": ["rnn.weight_ih_l0"]})
+    m.graph.node.append(helper.make_node("Neg", ["val_2"], ["r_too"]))
+    assert check_whole_model(m, x) == ["val_1", "val_2", "rnn.bias_ih_l0", "rnn.bias_hh_l0",
+                                       "rnn.bias_ih_l0_reverse", "rnn.bias_hh_l0_reverse"]
