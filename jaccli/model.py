@@ -513,11 +513,12 @@ def export_layouts_restored(proto, base=None):
     framework's layout (torch.func's). Two cases:
 
     - by torch.export's records: the initializer was folded from one parameter (see
-      _export_roles) that the file lacks, and else only from the exporter's constants, and every node that reads it has a record of its call
-      that takes that parameter where _FOLDED_ARGUMENTS says how the exporter stores it: a
-      Linear's weight transposed, read as a MatMul's second input (x @ W^T: a Linear on inputs
-      of rank 3, each of a transformer's); a GroupNorm's or PReLU's vector shaped to broadcast
-      over the channels, (C, 1, 1);
+      _export_roles) that the file lacks, and else only from the exporter's constants, and
+      every node that reads it has a record of its call that takes that parameter where
+      _FOLDED_ARGUMENTS says how the exporter stores it: a Linear's weight transposed, read as
+      a MatMul's second input (x @ W^T: a Linear on inputs of rank 3, each of a
+      transformer's); a GroupNorm's or PReLU's vector shaped to broadcast over the channels,
+      (C, 1, 1);
     - by value: the initializer (torch.export's folded so from one parameter, or a TorchScript
       export's onnx::<op>_<n>, its name for a folded value) is exactly the transpose of a
       parameter that the file holds, not all of one value: a tied weight (an embedding shared
@@ -592,20 +593,12 @@ def export_layouts_restored(proto, base=None):
             continue
         r, way = plan[t.name]
         if way == "transposed" and t.data_location == TensorProto.EXTERNAL:  # read in place, as its transpose
-            inits.append(onnx.TensorProto())
-            inits[-1].CopyFrom(t)
-            inits[-1].name = r
-            inits[-1].dims[:] = list(t.dims)[::-1]
-            del inits[-1].metadata_props[:]
-            helper.set_metadata_props(inits[-1], {_STORED_TRANSPOSED: "1"})
+            inits.append(_retitled(t, r, list(t.dims)[::-1], {_STORED_TRANSPOSED: "1"}))
         elif way == "transposed":
             inits.append(numpy_helper.from_array(np.ascontiguousarray(array(t.name).T), r))
         elif way == "flat":  # the same data as a vector, shaped as stored by a Reshape
-            inits += [onnx.TensorProto(), numpy_helper.from_array(np.array(t.dims, np.int64), f"{t.name}.shape")]
-            inits[-2].CopyFrom(t)
-            inits[-2].name = r
-            inits[-2].dims[:] = [int(np.prod(t.dims))]
-            del inits[-2].metadata_props[:]
+            inits += [_retitled(t, r, [int(np.prod(t.dims))]), numpy_helper.from_array(np.array(t.dims, np.int64),
+                                                                                       f"{t.name}.shape")]
         nodes.append(helper.make_node("Reshape", [r, f"{t.name}.shape"], [t.name], name=f"{t.name}.reshaped")
                      if way == "flat" else
                      helper.make_node("Transpose", [r], [t.name], name=f"{t.name}.transposed", perm=[1, 0]))
@@ -618,6 +611,20 @@ def export_layouts_restored(proto, base=None):
     del m.graph.node[:]
     m.graph.node.extend(nodes)
     return m, len(plan)
+
+
+def _retitled(t, name, dims=None, marks=None):
+    """A copy of tensor t (its data, inline or external, as it is) under another name, with
+    other dims, and only `marks` for metadata."""
+    c = onnx.TensorProto()
+    c.CopyFrom(t)
+    c.name = name
+    if dims is not None:
+        c.dims[:] = dims
+    del c.metadata_props[:]
+    if marks:
+        helper.set_metadata_props(c, marks)
+    return c
 
 
 _TRANSPOSABLE = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16}
@@ -762,12 +769,9 @@ def _apart(proto, renames, clones, copies, tensors):
     del m.graph.node[:]
     m.graph.node.extend(out)
     for name, (source, target) in copies.items():
-        c = m.graph.initializer.add()
-        c.CopyFrom(tensors[source])
-        c.name = name
-        del c.metadata_props[:]
+        m.graph.initializer.append(_retitled(tensors[source], name))
         if name != target:  # a folded value's copy: folded from the lacking parameter
-            vi = helper.make_tensor_value_info(name, c.data_type, None)
+            vi = helper.make_tensor_value_info(name, tensors[source].data_type, None)
             helper.set_metadata_props(vi, {_FOLDED_FROM: repr([target])})
             m.graph.value_info.append(vi)
     return m
