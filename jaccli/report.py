@@ -140,9 +140,9 @@ def render_inspect(console: Console, info: dict):
                       f"modules that read them say")
     if info.get("restored_weights"):
         console.print(f"[yellow]note:[/yellow] {info['restored_weights']} parameters that the exporter stored in another layout "
-                      f"(a Linear's weight transposed for a MatMul, a GroupNorm's scale as (C, 1, 1), an LSTM's gates reordered) are read in their own, "
-                      f"under their own names, through a Transpose, Reshape or Gather: their columns are the framework's "
-                      f"parameters', and a tied weight's derivatives add up in one")
+                      f"(a Linear's weight transposed for a MatMul, a GroupNorm's scale as (C, 1, 1), an LSTM's gates "
+                      f"reordered) are read in their own, under their own names, through a Transpose, Reshape or Gather: "
+                      f"their columns are the framework's parameters', and a tied weight's derivatives add up in one")
     if info.get("removed_parameters"):
         from .model import removed_note
 
