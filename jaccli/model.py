@@ -698,9 +698,9 @@ def export_recurrent_restored(proto, base=None):
                 continue
             if any(x in held for row in names for x in row):
                 continue
-            V = np.asarray(tensor_array(floats[v], "model", base)) if (base or floats[v].data_location != TensorProto.EXTERNAL) else None
-            if V is None:
+            if floats[v].data_location == TensorProto.EXTERNAL and base is None:
                 continue
+            V = np.asarray(tensor_array(floats[v], "model", base))
             rows = np.concatenate([np.arange(k * H, (k + 1) * H) for k in gates])  # ONNX's row j is torch's rows[j]
             pieces = []
             for d, row in enumerate(names):
