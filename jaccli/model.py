@@ -552,6 +552,7 @@ def export_layouts_restored(proto, base=None):
     def transposed(v, r):  # whether v is exactly r transposed, and r not all of one value
         a, b = array(v), array(r)
         return (a is not None and b is not None and a.shape == b.shape[::-1] and b.size > 1
+                and np.array_equal(a[0], b[:, 0])  # a row first: many same-shaped weights are compared
                 and bool(np.any(b != b.flat[0])) and np.array_equal(a, b.T))
 
     def layout(v, r):  # how every reader's call takes parameter r, stored as v: "transposed", "flat" or None
