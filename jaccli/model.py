@@ -518,7 +518,8 @@ def export_layouts_restored(proto, base=None):
       _FOLDED_ARGUMENTS says how the exporter stores it: a Linear's weight transposed, read as
       a MatMul's second input (x @ W^T: a Linear on inputs of rank 3, each of a
       transformer's); a GroupNorm's or PReLU's vector shaped to broadcast over the channels,
-      (C, 1, 1);
+      (C, 1, 1). Or, whoever reads it, it is a matrix named for a transpose in the program
+      (t, permute_2: x @ W.t(), W.T), the name that the optimizer keeps;
     - by value: the initializer (torch.export's folded so from one parameter, or a TorchScript
       export's onnx::<op>_<n>, its name for a folded value) is exactly the transpose of a
       parameter that the file holds, not all of one value: a tied weight (an embedding shared
@@ -580,7 +581,7 @@ def export_layouts_restored(proto, base=None):
         if len(held_ones) == 1:
             plan[v] = (held_ones[0], None)
         elif len(candidates) == 1 and candidates[0] not in held:
-            way = layout(v, candidates[0])
+            way = layout(v, candidates[0]) or ("transposed" if len(t.dims) == 2 and _TRANSPOSED.match(v) else None)
             if way == "flat" or (way == "transposed" and (t.data_location == TensorProto.EXTERNAL or array(v) is not None)):
                 plan[v] = (candidates[0], way)
     if not plan:
@@ -630,6 +631,9 @@ def _retitled(t, name, dims=None, marks=None):
 
 _TRANSPOSABLE = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16}
 _STORED_TRANSPOSED = "jaccli.stored_transposed"  # an external tensor's mark: its data is its transpose's
+# the name torch.export gives the value of a transpose in the program (x @ W.t(), W.T, W.transpose(0, 1)),
+# which its optimizer keeps for the initializer it folds it into
+_TRANSPOSED = re.compile(r"(t|permute|transpose)(_\d+)?$")
 # per torch call, the arguments its ONNX nodes read in another layout, folded by the exporter
 _FOLDED_ARGUMENTS = {"linear": {1: "transposed"}, "group_norm": {2: "flat", 3: "flat"}, "prelu": {1: "flat"}}
 _CALL = re.compile(r"call_function\[target=torch\.ops\.aten\.(\w+)\.\w+\]\(args = \((.*)\), kwargs = ")
