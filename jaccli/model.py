@@ -231,13 +231,14 @@ class Model:
             entry["batchnorm_folded_in"] = list(self.export_fused[name])
         if name.startswith("onnx::"):  # the TorchScript exporter's name for a value it folded (a Linear's weight
             # transposed): the nodes that read it name the module, /bert/encoder/layer.0/attention/self/query/MatMul
-            if "folded" not in self.plans:
-                self.plans["folded"] = collections.defaultdict(list)
+            readers = self.plans.get("readers")  # {value: the names of the nodes that read it}, made once
+            if readers is None:
+                readers = self.plans["readers"] = collections.defaultdict(list)
                 for n in self.nodes:
                     for v in dict.fromkeys(n.inputs):
-                        self.plans["folded"][v].append(n.name)
-            if self.plans["folded"].get(name):
-                entry["read_by"] = self.plans["folded"][name][:4]
+                        readers[v].append(n.name)
+            if readers.get(name):
+                entry["read_by"] = readers[name][:4]
         return entry
 
     def exported_constants(self):
