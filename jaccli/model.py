@@ -520,7 +520,10 @@ def export_layouts_restored(proto, base=None):
       a MatMul's second input (x @ W^T: a Linear on inputs of rank 3, each of a
       transformer's); a GroupNorm's or PReLU's vector shaped to broadcast over the channels,
       (C, 1, 1). Or, whoever reads it, it is a matrix named for a transpose in the program
-      (t, permute_2: x @ W.t(), W.T), the name that the optimizer keeps;
+      (t, permute_2: x @ W.t(), W.T), the name that the optimizer keeps, or a value named for
+      a reshape (view_3: a layer scale's gamma.view(1, -1, 1, 1)). A reshaped parameter is
+      read back without the value's unit axes (its own shape is not in the file: a vector's,
+      as torch's layer scales and norms' weights are);
     - by value: the initializer (torch.export's folded so from one parameter, or a TorchScript
       export's onnx::<op>_<n>, its name for a folded value) is exactly the transpose of a
       parameter that the file holds, not all of one value: a tied weight (an embedding shared
@@ -582,7 +585,8 @@ def export_layouts_restored(proto, base=None):
         if len(held_ones) == 1:
             plan[v] = (held_ones[0], None)
         elif len(candidates) == 1 and candidates[0] not in held:
-            way = layout(v, candidates[0]) or ("transposed" if len(t.dims) == 2 and _TRANSPOSED.match(v) else None)
+            way = layout(v, candidates[0]) or ("transposed" if len(t.dims) == 2 and _TRANSPOSED.match(v) else
+                                               "flat" if _RESHAPED.match(v) else None)
             if way == "flat" or (way == "transposed" and (t.data_location == TensorProto.EXTERNAL or array(v) is not None)):
                 plan[v] = (candidates[0], way)
     if not plan:
@@ -599,9 +603,9 @@ def export_layouts_restored(proto, base=None):
             inits.append(_retitled(t, r, list(t.dims)[::-1], {_STORED_TRANSPOSED: "1"}))
         elif way == "transposed":
             inits.append(numpy_helper.from_array(np.ascontiguousarray(array(t.name).T), r))
-        elif way == "flat":  # the same data as a vector, shaped as stored by a Reshape
-            inits += [_retitled(t, r, [int(np.prod(t.dims))]), numpy_helper.from_array(np.array(t.dims, np.int64),
-                                                                                       f"{t.name}.shape")]
+        elif way == "flat":  # the same data without the unit axes (a vector), shaped as stored by a Reshape
+            inits += [_retitled(t, r, [d for d in t.dims if d != 1] or [1]),
+                      numpy_helper.from_array(np.array(t.dims, np.int64), f"{t.name}.shape")]
         nodes.append(helper.make_node("Reshape", [r, f"{t.name}.shape"], [t.name], name=f"{t.name}.reshaped")
                      if way == "flat" else
                      helper.make_node("Transpose", [r], [t.name], name=f"{t.name}.transposed", perm=[1, 0]))
@@ -635,6 +639,7 @@ _STORED_TRANSPOSED = "jaccli.stored_transposed"  # an external tensor's mark: it
 # the name torch.export gives the value of a transpose in the program (x @ W.t(), W.T, W.transpose(0, 1)),
 # which its optimizer keeps for the initializer it folds it into
 _TRANSPOSED = re.compile(r"(t|permute|transpose)(_\d+)?$")
+_RESHAPED = re.compile(r"(view|reshape|_unsafe_view|unsqueeze|squeeze|flatten)(_\d+)?$")  # (a layer scale's gamma.view(1, -1, 1, 1))
 # per torch call, the arguments its ONNX nodes read in another layout, folded by the exporter
 _FOLDED_ARGUMENTS = {"linear": {1: "transposed"}, "group_norm": {2: "flat", 3: "flat"}, "prelu": {1: "flat"}}
 _CALL = re.compile(r"call_function\[target=torch\.ops\.aten\.(\w+)\.\w+\]\(args = \((.*)\), kwargs = ")

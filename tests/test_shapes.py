@@ -1334,8 +1334,9 @@ def test_weights_an_exporter_stored_transposed_are_read_in_their_own_layout(tmp_
     came from; the MatMul's record says its call is linear(x, W). jaccli reads the parameter
     back in its own layout, under its own name, through a Transpose: its columns are the
     folded ones transposed; so too a matrix named for a transpose in the program (t_3: x @
-    W.t()), whoever reads it, and a GroupNorm's or a PReLU's vector, folded as (C, 1), read
-    through a Reshape. A folded value that is exactly the transpose of a parameter the file
+    W.t()), whoever reads it, and a GroupNorm's or a PReLU's vector, folded as (C, 1), or
+    a value named for a reshape (unsqueeze_4: a layer scale's gamma[:, None]), read through
+    a Reshape, without the unit axes. Not a value named for another call (exp_2). A folded value that is exactly the transpose of a parameter the file
     holds (a head tied to the embedding) is read as that parameter's Transpose, so its columns
     are the sum of both uses. Left as they were: a record of another parameter's call, of
     another call, or with the parameter where the call takes no weight; a reader that is no
@@ -1351,12 +1352,13 @@ def test_weights_an_exporter_stored_transposed_are_read_in_their_own_layout(tmp_
     w["val_2"] = w["head.weight"].T.copy()  # tied: the head's weight, transposed
     w["val_9"] = w["k.weight"].T.copy()  # folded from k.weight and a scale of ones, say: no tie
     w.update({k: rng.uniform(-0.3, 0.3, (5, 1)).astype(np.float32) for k in ("val_10", "val_11", "val_12", "val_13")})
-    w.update({k: rng.uniform(-0.6, 0.6, (5, 5)).astype(np.float32) for k in ("t_3", "view_2")})  # x @ W.t(); W.view(5, 5)
+    w.update({k: rng.uniform(-0.6, 0.6, (5, 5)).astype(np.float32) for k in ("t_3", "view_2", "exp_2")})  # x @ W.t()
+    w["unsqueeze_4"] = rng.uniform(-0.3, 0.3, (5, 1)).astype(np.float32)  # a layer scale's gamma[:, None]
     w["val_5"] = w["q.weight"].T.copy()
     w["val_5"][0, 1] += 1e-3  # not quite the transpose of its root
     steps = ["val_1", "val_2", "head.weight", "val_3", "val_4", ("add", "val_4"), "val_5", "q.weight", "val_6",
              ("first", "val_7"), "val_8", "val_9", "k.weight", ("add", "val_10"), ("add", "val_11"), ("add", "val_12"),
-             ("add", "val_13"), ("add", "val_13"), "t_3", "view_2"]
+             ("add", "val_13"), ("add", "val_13"), "t_3", "view_2", "exp_2", ("add", "unsqueeze_4")]
     plain = one_input_model(_chain(steps), w, (5, 5))
     plain.ir_version = 10
     x = rng.standard_normal((N, 5, 5))
@@ -1382,37 +1384,38 @@ def test_weights_an_exporter_stored_transposed_are_read_in_their_own_layout(tmp_
     roots = {"val_1": ["lin.weight"], "val_2": ["head.weight"], "val_3": ["w3"], "val_4": ["w4"], "val_5": ["q.weight"],
              "val_6": ["w6", "bn.running_var"], "val_7": ["w7"], "val_8": ["w8"], "val_9": ["k.weight", "k.scale"],
              "val_10": ["gn.weight", "val_0", "val_1"], "val_11": ["pr.weight"], "val_12": ["w12"], "val_13": ["gn3.weight"],
-             "t_3": ["wt"], "view_2": ["wv"]}  # and its shape
+             "t_3": ["wt"], "view_2": ["wv"], "exp_2": ["we"], "unsqueeze_4": ["ws"]}  # and its shape
     for v, r in roots.items():
         _marked(m, v, **{"pkg.onnxscript.optimizer.folded_from": repr(r)})
     params = ["lin.weight", "head.weight", "q.weight", "w3", "w4", "w6", "w7", "w8", "k.weight", "k.scale",
-              "gn.weight", "pr.weight", "w12", "gn3.weight", "wt", "wv"]
+              "gn.weight", "pr.weight", "w12", "gn3.weight", "wt", "wv", "we", "ws"]
     helper.set_metadata_props(m.graph, {"pkg.torch.export.ExportedProgram.graph_signature": "\n# inputs\n" + "".join(
         f"p_{p.replace('.', '_')}: PARAMETER target='{p}'\n" for p in params) + "x: USER_INPUT\n"})
     got = check_whole_model(m, x)
     assert got == ["lin.weight", "head.weight", "val_3", "val_4", "q.weight", "val_6", "val_7", "val_8", "k.weight",
-                   "val_9", "gn.weight", "pr.weight", "val_12", "val_13", "wt", "view_2", "val_5"]
+                   "val_9", "gn.weight", "pr.weight", "val_12", "val_13", "wt", "wv", "exp_2", "ws", "val_5"]
     ours = _blocks(m, x)
     for name, v in (("lin.weight", "val_1"), ("wt", "t_3")):
         np.testing.assert_allclose(ours[name], np.swapaxes(truth[v], -1, -2), rtol=1e-12, atol=0)
     np.testing.assert_allclose(ours["head.weight"], truth["head.weight"] + np.swapaxes(truth["val_2"], -1, -2),
                                rtol=1e-12, atol=0)
-    for name, v in (("gn.weight", "val_10"), ("pr.weight", "val_11")):  # vectors, (5,) as torch holds them
+    for name, v in (("gn.weight", "val_10"), ("pr.weight", "val_11"), ("ws", "unsqueeze_4")):  # vectors, (5,)
         np.testing.assert_allclose(ours[name], truth[v].reshape(truth[v].shape[:-2] + (5,)), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(ours["wv"], truth["view_2"], rtol=1e-12, atol=0)  # a reshape to its own shape
     for name in [n for n in got[2:] if n.startswith(("val_", "q.", "k."))]:
         np.testing.assert_allclose(ours[name], truth[name], rtol=1e-12, atol=0, err_msg=name)
     model = jaccli.load(m)
-    assert model.restored_weights == 5 and np.array_equal(model.initializers["lin.weight"], w["val_1"].T)
+    assert model.restored_weights == 7 and np.array_equal(model.initializers["lin.weight"], w["val_1"].T)
     assert model.export_origins == {r: [p for p in roots[r] if p in params] for r in got[2:] if r in roots}
     # external data: read from the model's folder
     onnx.save_model(_copy(m), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
     external = jaccli.load(str(tmp_path / "m.onnx"))
-    assert external.restored_weights == 5 and np.array_equal(external.initializers["lin.weight"], w["val_1"].T)
+    assert external.restored_weights == 7 and np.array_equal(external.initializers["lin.weight"], w["val_1"].T)
     assert isinstance(external.initializers["lin.weight"], np.memmap)  # read in place: a large model is not copied
     np.testing.assert_array_equal(jaccli.param_jacobian(external, x, dtype=np.float64)[0],
                                   jaccli.param_jacobian(m, x, dtype=np.float64)[0])
     out = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.onnx")], terminal_width=300).output
-    assert "5 parameters that the exporter stored in another layout" in out, out
+    assert "7 parameters that the exporter stored in another layout" in out, out
 
 
 def test_a_torchscript_fold_that_is_a_held_weight_transposed_is_read_as_its_transpose(tmp_path):
