@@ -585,8 +585,7 @@ def export_layouts_restored(proto, base=None):
         if len(held_ones) == 1:
             plan[v] = (held_ones[0], None)
         elif len(candidates) == 1 and candidates[0] not in held:
-            way = layout(v, candidates[0]) or ("transposed" if len(t.dims) == 2 and _TRANSPOSED.match(v) else
-                                               "flat" if _RESHAPED.match(v) else None)
+            way = layout(v, candidates[0]) or _layout_by_name(v, t.dims)
             if way == "flat" or (way == "transposed" and (t.data_location == TensorProto.EXTERNAL or array(v) is not None)):
                 plan[v] = (candidates[0], way)
     if not plan:
@@ -636,10 +635,20 @@ def _retitled(t, name, dims=None, marks=None):
 
 _TRANSPOSABLE = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16}
 _STORED_TRANSPOSED = "jaccli.stored_transposed"  # an external tensor's mark: its data is its transpose's
-# the name torch.export gives the value of a transpose in the program (x @ W.t(), W.T, W.transpose(0, 1)),
-# which its optimizer keeps for the initializer it folds it into
+# the names torch.export gives the value of a transpose or a reshape in the program (x @ W.t(), W.T;
+# a layer scale's gamma.view(1, -1, 1, 1)), which its optimizer keeps for the initializer it folds it into
 _TRANSPOSED = re.compile(r"(t|permute|transpose)(_\d+)?$")
-_RESHAPED = re.compile(r"(view|reshape|_unsafe_view|unsqueeze|squeeze|flatten)(_\d+)?$")  # (a layer scale's gamma.view(1, -1, 1, 1))
+_RESHAPED = re.compile(r"(view|reshape|_unsafe_view|unsqueeze|squeeze|flatten)(_\d+)?$")
+
+
+def _layout_by_name(name, dims):
+    """How a value folded from one parameter alone holds it, by its name (see _TRANSPOSED):
+    "transposed" (a matrix), "flat" (reshaped), or None."""
+    if len(dims) == 2 and _TRANSPOSED.match(name):
+        return "transposed"
+    return "flat" if _RESHAPED.match(name) else None
+
+
 # per torch call, the arguments its ONNX nodes read in another layout, folded by the exporter
 _FOLDED_ARGUMENTS = {"linear": {1: "transposed"}, "group_norm": {2: "flat", 3: "flat"}, "prelu": {1: "flat"}}
 _CALL = re.compile(r"call_function\[target=torch\.ops\.aten\.(\w+)\.\w+\]\(args = \((.*)\), kwargs = ")
