@@ -569,7 +569,7 @@ def export_layouts_restored(proto, base=None):
                 return None
         return ways.pop() if len(ways) == 1 else None
 
-    held = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {v.name for v in g.input}
+    held = set(_definitions(g))  # names taken: a restored parameter's must be new
     plan = {}  # initializer -> (the parameter it is stored from, "transposed" or "flat", or None where the file holds it)
     for v, t in floats.items():
         if v in fx_of or not readers[v]:
@@ -689,7 +689,7 @@ def export_recurrent_restored(proto, base=None):
     kinds = {target: kind for kind, target in _signature(g).values()}
     floats = {t.name: t for t in g.initializer if t.data_type in _TRANSPOSABLE}
     meta = _initializer_metadata(g, floats)
-    held = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {v.name for v in g.input}
+    held = set(_definitions(g))
     reads = collections.Counter(v for n in g.node for v in n.input)
     added, nodes, restored = [], [], {}  # new initializers and nodes; folded initializer -> its parameters
     for n in g.node:
